@@ -1,0 +1,167 @@
+"""The one exception hierarchy of minibus.
+
+Theory of operation
+-------------------
+Every error that minibus raises on purpose derives from :class:`BusError`.  The tree is
+split by *who is at fault*, as in h11:
+
+* :class:`LocalProtocolError` -- this side misused an API (sent after EOF, fed a finished
+  state machine).  A bug in the caller, never caused by a peer.
+* :class:`RemoteProtocolError` -- the peer sent bytes that break the protocol.  The
+  connection that carried them is finished; nothing else is.
+* :class:`HandshakeError` -- the secret handshake did not complete (bad keys, a refusal,
+  a timeout, garbage).  Subclasses say which.
+* :class:`LimitError` -- a configured limit was exceeded.
+* :class:`KeyFileError` -- an identity file could not be used.
+
+Byte streams reuse trio's errors (``BusyResourceError``, ``ClosedResourceError``,
+``BrokenResourceError``), chaining the minibus error that caused them as ``__cause__``.
+
+Classes whose instances cross the wire carry a ``wire_code``; :func:`error_from_wire` is
+the single place that turns a code received from a peer back into an exception.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "BusError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "FrameError",
+    "FrameTooLarge",
+    "BoxStreamError",
+    "BoxStreamTruncated",
+    "HandshakeError",
+    "HandshakeTimeout",
+    "IdentityRefused",
+    "LimitError",
+    "KeyFileError",
+    "InsecureKeyFile",
+    "RemoteError",
+    "error_from_wire",
+]
+
+
+class BusError(Exception):
+    """Root of every error minibus raises on purpose."""
+
+    #: Stable identifier used when this error is reported to a peer.
+    wire_code: ClassVar[str] = "minibus.Error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(BusError):
+    """Abstract: the protocol was violated, by this side or the peer."""
+
+    wire_code = "minibus.Error.Protocol"
+
+
+class LocalProtocolError(ProtocolError):
+    """This side used an API in a way the protocol does not allow (a caller bug)."""
+
+    wire_code = "minibus.Error.Protocol"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+    wire_code = "minibus.Error.Protocol"
+
+
+class FrameError(RemoteProtocolError):
+    """A frame (header or body) received from the peer is malformed."""
+
+    wire_code = "minibus.Error.Frame"
+
+
+class LimitError(BusError):
+    """A configured limit was exceeded."""
+
+    wire_code = "minibus.Error.Limit"
+
+
+class FrameTooLarge(FrameError, LimitError):
+    """A frame announced (or a caller tried to send) a body over the maximum frame size."""
+
+    wire_code = "minibus.Error.FrameTooLarge"
+
+
+class BoxStreamError(RemoteProtocolError):
+    """A box-stream header or body failed to authenticate, or broke the framing rules."""
+
+    wire_code = "minibus.Error.BoxStream"
+
+
+class BoxStreamTruncated(BoxStreamError):
+    """The transport ended before the box-stream goodbye: the stream was cut short."""
+
+    wire_code = "minibus.Error.BoxStream"
+
+
+class HandshakeError(BusError):
+    """The shs1 secret handshake did not complete."""
+
+    wire_code = "minibus.Error.Handshake"
+
+
+class HandshakeTimeout(HandshakeError):
+    """The peer did not finish the handshake before the deadline."""
+
+    wire_code = "minibus.Error.Handshake"
+
+
+class IdentityRefused(HandshakeError):
+    """The server's authorization refused the client's (verified) identity after msg3."""
+
+    wire_code = "minibus.Error.Denied"
+
+
+class KeyFileError(BusError):
+    """An identity key file is missing, corrupt or of the wrong kind."""
+
+
+class InsecureKeyFile(KeyFileError):
+    """An identity key file can be read by other users, so it is refused."""
+
+
+class RemoteError(BusError):
+    """An error reported by the peer that this version does not know by code."""
+
+    def __init__(self, message: str = "", code: str = "minibus.Error") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def _wire_classes() -> dict[str, type[BusError]]:
+    table: dict[str, type[BusError]] = {}
+    # The most general class owning a code wins, so one code maps to one class.
+    pending: list[type[BusError]] = [BusError]
+    while pending:
+        cls = pending.pop(0)
+        table.setdefault(cls.wire_code, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+def error_from_wire(code: str, message: str) -> BusError:
+    """Turn an error code and message received from a peer into an exception.
+
+    Known codes give their class; unknown ones give :class:`RemoteError` keeping the code,
+    so that a newer peer's errors still surface with their text.
+    """
+    cls = _wire_classes().get(code)
+    if cls is None or cls in (BusError, RemoteError):
+        return RemoteError(message, code)
+    return cls(message)

@@ -1,0 +1,390 @@
+"""SecureStream: the shs1 handshake and box-stream over any trio stream.
+
+Theory of operation
+-------------------
+A :class:`SecureStream` wraps a transport stream (a socket, a memory stream, another
+SecureStream) the way :class:`trio.SSLStream` wraps one around an SSL engine: the protocol
+lives in sans-io objects (:mod:`bus.wire.shs`, :mod:`bus.wire.boxstream`) and this class
+only moves their bytes.
+
+* The handshake runs once, explicitly with :meth:`SecureStream.do_handshake` or lazily on
+  the first send or receive, under a deadline (10 s by default).  Any failure -- a peer
+  error, the deadline, a refusal -- closes the transport and leaves the stream BROKEN.
+  ``do_handshake`` raises the :class:`~bus.errors.HandshakeError`; the lazy path raises
+  :class:`trio.BrokenResourceError` with it chained as ``__cause__``.
+* Afterwards bytes go either through box-stream (``encrypted=True``) or straight through
+  (``encrypted=False``, for Unix sockets, where the kernel keeps the stream private and the
+  handshake still proves both identities).
+* Half-close: :meth:`send_eof` sends the box-stream goodbye (and half-closes the transport
+  when it can); the peer then reads ``b""``.  :meth:`aclose` sends the goodbye too when it
+  can do so without interleaving with a send in progress, so a clean close reads as EOF on
+  the other side and a cut connection reads as :class:`trio.BrokenResourceError`.
+* A send cancelled half-way through an encrypted write would leave half a box on the wire,
+  so it breaks the stream (like SSLStream).
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Callable
+from types import TracebackType
+
+import trio
+
+from ..errors import BoxStreamError, HandshakeError, HandshakeTimeout, LocalProtocolError
+from ..wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
+from ..wire.identity import Identity, PublicKey
+from ..wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake, HandshakeOutcome, ServerHandshake
+
+__all__ = ["SecureStream", "DEFAULT_HANDSHAKE_TIMEOUT"]
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+_RECEIVE_SIZE = 1 << 17
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class _ConflictDetector:
+    """Raises BusyResourceError when two tasks use the same direction at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._held = False
+        self._message = message
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+
+class SecureStream(trio.abc.HalfCloseableStream):
+    """A byte stream whose peer has proven its identity, encrypted or plain.
+
+    Build one with :meth:`client` or :meth:`server`.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        handshake: ClientHandshake | ServerHandshake,
+        *,
+        encrypted: bool = True,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        if not encrypted and not isinstance(transport, trio.abc.HalfCloseableStream):
+            raise TypeError("a plain SecureStream needs a half-closeable transport to carry EOF")
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        self.transport = transport
+        self.encrypted = encrypted
+        self.handshake_timeout = handshake_timeout
+        self._handshake = handshake
+        self._handshake_lock = trio.Lock()
+        self._outcome: HandshakeOutcome | None = None
+        self._state = _State.OK
+        self._broken_by: BaseException | None = None
+        self._send_conflict = _ConflictDetector("another task is sending on this SecureStream")
+        self._receive_conflict = _ConflictDetector("another task is receiving on this SecureStream")
+        self._encoder: BoxStreamEncoder | None = None
+        self._decoder: BoxStreamDecoder | None = None
+        self._incoming = bytearray()  # plaintext received but not yet returned
+        self._eof_sent = False
+        self._eof_received = False
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def client(
+        cls,
+        transport: trio.abc.Stream,
+        identity: Identity,
+        server_key: PublicKey,
+        *,
+        network_key: bytes = DEFAULT_NETWORK_KEY,
+        encrypted: bool = True,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> SecureStream:
+        """The dialling side; it must know the server's key in advance."""
+        return cls(
+            transport,
+            ClientHandshake(identity, server_key, network_key),
+            encrypted=encrypted,
+            handshake_timeout=handshake_timeout,
+        )
+
+    @classmethod
+    def server(
+        cls,
+        transport: trio.abc.Stream,
+        identity: Identity,
+        *,
+        network_key: bytes = DEFAULT_NETWORK_KEY,
+        authorize: Callable[[PublicKey], bool] | None = None,
+        encrypted: bool = True,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> SecureStream:
+        """The accepting side; ``authorize`` may refuse the client's key after msg3."""
+        return cls(
+            transport,
+            ServerHandshake(identity, network_key, authorize=authorize),
+            encrypted=encrypted,
+            handshake_timeout=handshake_timeout,
+        )
+
+    # -- identity ----------------------------------------------------------------------
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._outcome is not None
+
+    @property
+    def peer_key(self) -> PublicKey:
+        """The peer's verified long-term key (after the handshake)."""
+        return self._require_outcome().remote_key
+
+    @property
+    def local_key(self) -> PublicKey:
+        return self._require_outcome().local_key
+
+    def _require_outcome(self) -> HandshakeOutcome:
+        if self._outcome is None:
+            raise LocalProtocolError("the handshake has not completed; await do_handshake() first")
+        return self._outcome
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the handshake if it has not run; raises :class:`HandshakeError` on failure."""
+        if self._outcome is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._handshake_lock:
+            if self._outcome is not None:
+                return
+            self._check_usable()
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    await self._run_handshake()
+            except trio.TooSlowError as exc:
+                err = self._handshake.fail(
+                    HandshakeTimeout(f"the peer did not complete the handshake within {self.handshake_timeout:g} s")
+                )
+                await self._break(err)
+                raise err from exc
+            except HandshakeError as exc:
+                await self._break(exc)
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self._state is _State.CLOSED:
+                    raise trio.ClosedResourceError("the SecureStream was closed during the handshake") from exc
+                err = self._handshake.fail(HandshakeError(f"the transport failed during the handshake: {exc!r}"))
+                await self._break(err)
+                raise err from exc
+            except BaseException as exc:
+                # Cancelled from outside, or a bug: never leave a half-done handshake open.
+                if self._state is _State.OK:
+                    await self._break(exc)
+                raise
+
+    async def _run_handshake(self) -> None:
+        hs = self._handshake
+        transport = self.transport
+        while not hs.is_done:
+            out = hs.data_to_send()
+            if out:
+                await transport.send_all(out)
+            data = await transport.receive_some(hs.bytes_wanted)
+            if not data:
+                hs.end_of_input()  # raises HandshakeError
+            hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            await transport.send_all(out)
+        outcome = hs.outcome
+        if self.encrypted:
+            self._encoder = BoxStreamEncoder(outcome.encrypt_key, outcome.encrypt_nonce)
+            self._decoder = BoxStreamDecoder(outcome.decrypt_key, outcome.decrypt_nonce)
+            self._decoder.receive_data(hs.unused_data)
+        else:
+            self._incoming += hs.unused_data
+        self._outcome = outcome
+
+    async def _ensure_handshake(self) -> None:
+        """The lazy handshake of send/receive: failures surface as BrokenResourceError."""
+        if self._outcome is not None:
+            return
+        try:
+            await self.do_handshake()
+        except HandshakeError as exc:
+            raise trio.BrokenResourceError(f"secure handshake failed: {exc}") from exc
+
+    # -- state helpers -----------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this SecureStream was closed")
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("this SecureStream is broken") from self._broken_by
+
+    async def _break(self, cause: BaseException) -> None:
+        if self._state is _State.OK:
+            self._state = _State.BROKEN
+            self._broken_by = cause
+        await trio.aclose_forcefully(self.transport)
+
+    def _mark_broken(self, cause: BaseException) -> None:
+        if self._state is _State.OK:
+            self._state = _State.BROKEN
+            self._broken_by = cause
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_conflict:
+            self._check_usable()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof()")
+            await self._ensure_handshake()
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            if self._encoder is not None:
+                payload: bytes | bytearray | memoryview = self._encoder.encode(data)
+            else:
+                payload = data
+            await self._transport_send(payload)
+
+    async def _transport_send(self, payload: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport.send_all(payload)
+        except trio.BrokenResourceError as exc:
+            self._mark_broken(exc)
+            raise
+        except trio.ClosedResourceError:
+            self._check_usable()
+            raise
+        except BaseException as exc:
+            if self.encrypted:
+                # Half a box may be on the wire: this direction cannot continue.
+                self._mark_broken(exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            self._check_usable()
+            await self.transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        with self._send_conflict:
+            self._check_usable()
+            await self._ensure_handshake()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            self._eof_sent = True
+            if self._encoder is not None:
+                await self._transport_send(self._encoder.goodbye())
+                if not isinstance(self.transport, trio.abc.HalfCloseableStream):
+                    return
+            assert isinstance(self.transport, trio.abc.HalfCloseableStream)
+            try:
+                await self.transport.send_eof()
+            except trio.BrokenResourceError as exc:
+                self._mark_broken(exc)
+                raise
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._receive_conflict:
+            if max_bytes is not None:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            self._check_usable()
+            await self._ensure_handshake()
+            if not self._incoming:
+                if self._decoder is None:
+                    return await self._transport_receive(max_bytes)
+                await self._fill_from_boxes()
+            else:
+                await trio.lowlevel.checkpoint()
+            incoming = self._incoming
+            if max_bytes is None or max_bytes >= len(incoming):
+                out = bytes(incoming)
+                incoming.clear()
+            else:
+                out = bytes(incoming[:max_bytes])
+                del incoming[:max_bytes]
+            return out
+
+    async def _transport_receive(self, max_bytes: int | None) -> bytes:
+        try:
+            data = await self.transport.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            self._mark_broken(exc)
+            raise
+        except trio.ClosedResourceError:
+            self._check_usable()
+            raise
+        return bytes(data)
+
+    async def _fill_from_boxes(self) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        while not self._incoming:
+            if decoder.ended:
+                await trio.lowlevel.checkpoint()
+                return
+            data = await self._transport_receive(_RECEIVE_SIZE)
+            try:
+                if data:
+                    decoder.receive_data(data)
+                    self._incoming += decoder.read()
+                else:
+                    decoder.end_of_input()
+            except BoxStreamError as exc:
+                self._mark_broken(exc)
+                await trio.aclose_forcefully(self.transport)
+                raise trio.BrokenResourceError(str(exc)) from exc
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        was_ok = self._state is _State.OK
+        self._state = _State.CLOSED
+        try:
+            if (
+                was_ok
+                and self._encoder is not None
+                and not self._eof_sent
+                and not self._send_conflict.held
+            ):
+                # Best effort: a clean close reads as EOF on the other side.
+                self._eof_sent = True
+                with self._send_conflict:
+                    try:
+                        await self.transport.send_all(self._encoder.goodbye())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        finally:
+            await self.transport.aclose()

@@ -1,0 +1,305 @@
+"""The frame codec: how the broker protocol cuts a byte stream into messages (sans-io).
+
+Theory of operation
+-------------------
+Every frame is a 10-byte header followed by a body::
+
+    offset  size  field
+    0       1     kind      1 = CONTROL, 2 = DATA; anything else is a framing violation
+    1       1     flags     0 in this version; anything else is a framing violation
+    2       4     channel   u32 big-endian; 0 is the control channel of the connection
+    6       4     length    u32 big-endian, size of the body in bytes
+    10      len   body
+
+A CONTROL body is exactly one CBOR map in minibus's CBOR profile (below); a DATA body is
+opaque bytes that a relay forwards without looking inside.  The body length is checked
+against the decoder's maximum (1 MiB by default) as soon as the header is complete, before
+any buffer is sized for it, so a peer can never make the decoder hold more than one
+maximum-size frame plus whatever the caller fed it in one call.
+
+The CBOR profile (what :func:`check_cbor` accepts) keeps control messages boring and
+cheap to decode safely: definite lengths only; no tags; simple values false, true and
+null only; floats of any width; integers and lengths in their shortest encoding; map keys
+that are text or integers, unique within their map; nesting at most 32 deep; exactly one
+top-level item, a map.  Every declared length is checked against the bytes that remain
+before anything is decoded, so a 9-byte body cannot claim a four-billion-item array.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from ..errors import FrameError, FrameTooLarge, LimitError, LocalProtocolError
+
+__all__ = [
+    "HEADER",
+    "DEFAULT_MAX_FRAME",
+    "MAX_CBOR_DEPTH",
+    "FrameKind",
+    "ControlFrame",
+    "DataFrame",
+    "Frame",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_control",
+    "encode_data",
+    "decode_control_body",
+    "check_cbor",
+]
+
+HEADER = struct.Struct(">BBII")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 1 << 20
+MAX_CBOR_DEPTH = 32
+MAX_CHANNEL = 0xFFFFFFFF
+
+
+class FrameKind(enum.IntEnum):
+    CONTROL = 1
+    DATA = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ControlFrame:
+    """A control message: one CBOR map, on channel 0 or on a channel it concerns."""
+
+    channel: int
+    message: dict[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DataFrame:
+    """Opaque bytes for a channel."""
+
+    channel: int
+    data: bytes
+
+
+Frame = ControlFrame | DataFrame
+
+
+# -- the CBOR profile ----------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _head(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """Read an item head at ``pos``: (major type, argument, position after the head)."""
+    if pos >= len(buf):
+        raise _Invalid("truncated")
+    initial = buf[pos]
+    major, info = initial >> 5, initial & 0x1F
+    pos += 1
+    if info < 24:
+        return major, info, pos
+    if info > 27:
+        raise _Invalid("indefinite lengths and reserved encodings are not allowed")
+    size = 1 << (info - 24)
+    if pos + size > len(buf):
+        raise _Invalid("truncated")
+    value = int.from_bytes(buf[pos : pos + size], "big")
+    if major != 7:
+        # Shortest form only: each wider encoding must be needed.
+        smallest = (24, 0x100, 0x10000, 0x100000000)[info - 24]
+        if value < smallest:
+            raise _Invalid("integer or length not in its shortest encoding")
+    return major, value, pos + size
+
+
+def _item(buf: bytes, pos: int, depth: int) -> int:
+    """Validate one item starting at ``pos``; return the position after it."""
+    if depth > MAX_CBOR_DEPTH:
+        raise _Invalid(f"nesting deeper than {MAX_CBOR_DEPTH}")
+    start = pos
+    major, arg, pos = _head(buf, pos)
+    if major in (0, 1):
+        return pos
+    if major in (2, 3):
+        if arg > len(buf) - pos:
+            raise _Invalid("a string is longer than the message")
+        return pos + arg
+    if major == 4:
+        if arg > len(buf) - pos:
+            raise _Invalid("an array claims more items than the message can hold")
+        for _ in range(arg):
+            pos = _item(buf, pos, depth + 1)
+        return pos
+    if major == 5:
+        if 2 * arg > len(buf) - pos:
+            raise _Invalid("a map claims more entries than the message can hold")
+        seen: set[bytes] = set()
+        for _ in range(arg):
+            key_start = pos
+            key_major = buf[pos] >> 5 if pos < len(buf) else -1
+            if key_major not in (0, 1, 3):
+                raise _Invalid("map keys must be text or integers")
+            pos = _item(buf, pos, depth + 1)
+            key = bytes(buf[key_start:pos])
+            if key in seen:
+                raise _Invalid("duplicate map key")
+            seen.add(key)
+            pos = _item(buf, pos, depth + 1)
+        return pos
+    if major == 6:
+        raise _Invalid("tags are not allowed")
+    # major 7: simple values and floats
+    info = buf[start] & 0x1F
+    if info in (20, 21, 22) or info in (25, 26, 27):
+        return pos
+    raise _Invalid("only false, true, null and floats are allowed as simple values")
+
+
+def check_cbor(body: bytes) -> None:
+    """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile."""
+    if not body or body[0] >> 5 != 5:
+        raise FrameError("control body is not a CBOR map")
+    try:
+        end = _item(body, 0, 1)
+    except _Invalid as exc:
+        raise FrameError(f"control body is not valid minibus CBOR: {exc}") from None
+    if end != len(body):
+        raise FrameError(f"control body has {len(body) - end} trailing bytes after its CBOR map")
+
+
+def decode_control_body(body: bytes) -> dict[Any, Any]:
+    """Check and decode a CONTROL body into a dict."""
+    check_cbor(body)
+    try:
+        message = cbor2.loads(body)
+    except Exception as exc:  # cbor2 reports bad UTF-8 and friends with several types
+        raise FrameError(f"control body does not decode: {exc}") from exc
+    if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
+        raise FrameError("control body is not a CBOR map")
+    return message
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def _check_channel(channel: int) -> None:
+    if not 0 <= channel <= MAX_CHANNEL:
+        raise LocalProtocolError(f"channel id {channel} is outside 0..{MAX_CHANNEL}")
+
+
+def encode_data(channel: int, data: bytes | bytearray | memoryview, max_body: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Encode a DATA frame."""
+    _check_channel(channel)
+    if len(data) > max_body:
+        raise LimitError(f"a frame body of {len(data)} bytes is over the {max_body}-byte maximum")
+    return HEADER.pack(FrameKind.DATA, 0, channel, len(data)) + data
+
+
+def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Encode a CONTROL frame; the message must fit minibus's CBOR profile."""
+    _check_channel(channel)
+    if not isinstance(message, dict):
+        raise LocalProtocolError("a control message is a dict")
+    try:
+        body = cbor2.dumps(message)
+    except Exception as exc:
+        raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
+    try:
+        check_cbor(body)
+    except FrameError as exc:
+        raise LocalProtocolError(f"control message uses CBOR that peers refuse: {exc}") from None
+    if len(body) > max_body:
+        raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
+    return HEADER.pack(FrameKind.CONTROL, 0, channel, len(body)) + body
+
+
+def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Encode any frame."""
+    if isinstance(frame, DataFrame):
+        return encode_data(frame.channel, frame.data, max_body)
+    return encode_control(frame.channel, frame.message, max_body)
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """Cuts a byte stream into frames; refuses oversized or malformed ones.
+
+    Feed bytes with :meth:`receive_data`, take frames with :meth:`next_frame` until it
+    returns ``None``.  After an error the decoder is finished: the connection is no longer
+    in sync and must be closed.
+    """
+
+    def __init__(self, max_body: int = DEFAULT_MAX_FRAME) -> None:
+        if max_body < 1:
+            raise ValueError("max_body must be positive")
+        self.max_body = max_body
+        self._buffer = bytearray()
+        self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet part of a returned frame."""
+        return len(self._buffer)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or ``None`` if more bytes are needed."""
+        self._check()
+        buf = self._buffer
+        if self._header is None:
+            if len(buf) < HEADER_SIZE:
+                return None
+            kind, flags, channel, length = HEADER.unpack_from(buf)
+            if kind not in (FrameKind.CONTROL, FrameKind.DATA):
+                raise self._fail(FrameError(f"unknown frame kind {kind}"))
+            if flags:
+                raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
+            if length > self.max_body:
+                raise self._fail(
+                    FrameTooLarge(f"a frame announces {length} bytes, over the {self.max_body}-byte maximum")
+                )
+            del buf[:HEADER_SIZE]
+            self._header = (kind, channel, length)
+        kind, channel, length = self._header
+        if len(buf) < length:
+            return None
+        body = bytes(buf[:length])
+        del buf[:length]
+        self._header = None
+        if kind == FrameKind.DATA:
+            return DataFrame(channel, body)
+        try:
+            return ControlFrame(channel, decode_control_body(body))
+        except FrameError as exc:
+            raise self._fail(exc) from exc.__cause__
+
+    def __iter__(self) -> FrameDecoder:
+        return self
+
+    def __next__(self) -> Frame:
+        frame = self.next_frame()
+        if frame is None:
+            raise StopIteration
+        return frame
+
+    def end_of_input(self) -> None:
+        """The stream ended: an error if it ended inside a frame."""
+        self._check()
+        if self._buffer or self._header is not None:
+            raise self._fail(FrameError("the stream ended inside a frame"))
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise LocalProtocolError(f"frame decoder already failed: {self._error}")
+
+    def _fail(self, error: FrameError) -> FrameError:
+        self._error = error
+        self._buffer.clear()
+        return error

@@ -1,0 +1,1 @@
+"""The minibus client library and the busctl command (they arrive with the broker)."""

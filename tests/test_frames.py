@@ -1,0 +1,207 @@
+"""The frame codec (sans-io): round trips, the CBOR profile, and hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bus.errors import FrameError, FrameTooLarge, LimitError, LocalProtocolError
+from bus.wire.frames import (
+    HEADER,
+    ControlFrame,
+    DataFrame,
+    FrameDecoder,
+    check_cbor,
+    encode_control,
+    encode_data,
+    encode_frame,
+)
+
+# Values the CBOR profile allows: what control messages are made of.
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=40) | st.binary(max_size=40)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10) | st.integers(-1000, 1000), inner, max_size=5),
+    max_leaves=30,
+)
+messages = st.dictionaries(st.text(max_size=12), values, max_size=8)
+channels = st.integers(0, 2**32 - 1)
+frames = st.builds(ControlFrame, channels, messages) | st.builds(DataFrame, channels, st.binary(max_size=3000))
+
+
+def decode_all(data: bytes, max_body: int = 1 << 20, step: int | None = None) -> list[Any]:
+    dec = FrameDecoder(max_body)
+    out: list[Any] = []
+    step = step or max(1, len(data))
+    for i in range(0, len(data), step):
+        dec.receive_data(data[i : i + step])
+        out.extend(dec)
+    dec.end_of_input()
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.lists(frames, max_size=6), step=st.integers(1, 700))
+def test_every_frame_round_trips(batch: list[Any], step: int) -> None:
+    wire = b"".join(encode_frame(f) for f in batch)
+    assert decode_all(wire, step=step) == batch
+
+
+def test_header_layout() -> None:
+    wire = encode_data(7, b"abc")
+    assert wire == bytes([2, 0, 0, 0, 0, 7, 0, 0, 0, 3]) + b"abc"
+    wire = encode_control(0, {"op": "ping"})
+    kind, flags, channel, length = HEADER.unpack_from(wire)
+    assert (kind, flags, channel, length) == (1, 0, 0, len(wire) - 10)
+    assert cbor2.loads(wire[10:]) == {"op": "ping"}
+
+
+def test_oversized_frame_is_refused_before_its_body_arrives() -> None:
+    dec = FrameDecoder(max_body=1024)
+    dec.receive_data(HEADER.pack(2, 0, 1, 1025))
+    with pytest.raises(FrameTooLarge, match="1025 bytes"):
+        dec.next_frame()
+    assert dec.buffered == 0
+    with pytest.raises(LocalProtocolError):
+        dec.receive_data(b"more")
+
+
+def test_frame_at_the_limit_is_fine() -> None:
+    assert decode_all(encode_data(1, b"x" * 1024), max_body=1024) == [DataFrame(1, b"x" * 1024)]
+
+
+def test_huge_announced_length_allocates_nothing() -> None:
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.receive_data(HEADER.pack(2, 0, 1, 2**32 - 1))
+        with pytest.raises(FrameTooLarge):
+            dec.next_frame()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+def test_too_large_is_also_a_limit_and_a_remote_error() -> None:
+    from bus.errors import RemoteProtocolError
+
+    assert issubclass(FrameTooLarge, LimitError) and issubclass(FrameTooLarge, RemoteProtocolError)
+
+
+def test_sending_oversized_is_a_local_limit_error() -> None:
+    with pytest.raises(LimitError):
+        encode_data(1, b"x" * 11, max_body=10)
+    with pytest.raises(LimitError):
+        encode_control(0, {"blob": b"x" * 100}, max_body=10)
+
+
+@pytest.mark.parametrize("header", [HEADER.pack(0, 0, 0, 0), HEADER.pack(3, 0, 0, 0), HEADER.pack(255, 0, 0, 0), HEADER.pack(2, 1, 0, 0)])
+def test_unknown_kind_or_flags_is_a_frame_error(header: bytes) -> None:
+    dec = FrameDecoder()
+    dec.receive_data(header)
+    with pytest.raises(FrameError):
+        dec.next_frame()
+
+
+def test_stream_ending_inside_a_frame() -> None:
+    dec = FrameDecoder()
+    dec.receive_data(encode_data(1, b"abcdef")[:-2])
+    assert dec.next_frame() is None
+    with pytest.raises(FrameError, match="inside a frame"):
+        dec.end_of_input()
+
+
+def _control(body: bytes) -> bytes:
+    return HEADER.pack(1, 0, 0, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"", "not a CBOR map"),
+        (cbor2.dumps([1, 2]), "not a CBOR map"),
+        (cbor2.dumps({"a": 1}) + b"\x00", "trailing"),
+        (b"\xbf\x61a\x01\xff", "indefinite"),  # indefinite map
+        (b"\xa1\x61a\x9f\xff", "indefinite"),
+        (b"\xa1\x61a\xc1\x1a\x00\x00\x00\x00", "tags"),  # datetime tag
+        (b"\xa1\x61a\xd8\x23\x61x", "tags"),  # regex tag
+        (b"\xa1\x61a\xf7", "simple"),  # undefined
+        (b"\xa1\x61a\xf8\x20", "simple"),  # simple(32)
+        (b"\xa1\x41a\x01", "keys must be text or integers"),
+        (b"\xa1\x81\x01\x01", "keys must be text or integers"),
+        (b"\xa2\x61a\x01\x61a\x02", "duplicate"),
+        (b"\xa1\x61a\x18\x01", "shortest"),
+        (b"\xa1\x61a\x9b\xff\xff\xff\xff\xff\xff\xff\xff", "array claims"),
+        (b"\xa1\x61a\x5a\xff\xff\xff\xff", "longer than the message"),
+        (b"\xa1\x61a\xbb\x00\x00\x00\x01\x00\x00\x00\x00", "map claims"),
+        (b"\xa1\x61a" + b"\x81" * 40 + b"\x01", "nesting"),
+        (b"\xa1\x61a\x62\xff\xfe", "does not decode"),  # invalid UTF-8
+        (b"\xa1\x61a", "truncated"),
+    ],
+)
+def test_cbor_outside_the_profile_is_a_frame_error(body: bytes, why: str) -> None:
+    dec = FrameDecoder()
+    dec.receive_data(_control(body))
+    with pytest.raises(FrameError, match=why):
+        dec.next_frame()
+
+
+def test_encoding_refuses_what_peers_would_refuse() -> None:
+    import datetime
+
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, {"when": datetime.datetime.now(datetime.timezone.utc)})
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, {"big": 2**70})
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, {"set": {1, 2}})
+    with pytest.raises(LocalProtocolError):
+        encode_control(2**32, {})
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=st.binary(max_size=400), step=st.integers(1, 64))
+def test_arbitrary_bytes_decode_or_raise_frame_error(data: bytes, step: int) -> None:
+    dec = FrameDecoder(max_body=256)
+    try:
+        for i in range(0, len(data), step):
+            dec.receive_data(data[i : i + step])
+            for frame in dec:
+                assert isinstance(frame, (ControlFrame, DataFrame))
+        assert dec.buffered <= 256 + 10 + step
+    except FrameError:
+        pass
+
+
+@settings(max_examples=1000, deadline=None)
+@given(body=st.binary(max_size=300))
+def test_arbitrary_control_bodies_decode_or_raise_frame_error(body: bytes) -> None:
+    try:
+        check_cbor(body)
+    except FrameError:
+        return
+    # What passes the profile check decodes without surprises.
+    dec = FrameDecoder()
+    dec.receive_data(_control(body))
+    try:
+        frame = dec.next_frame()
+    except FrameError:
+        return  # e.g. invalid UTF-8 inside a text string
+    assert isinstance(frame, ControlFrame) and isinstance(frame.message, dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=messages)
+def test_valid_cbor_maps_pass_the_profile(message: dict[str, Any]) -> None:
+    check_cbor(cbor2.dumps(message))
+
+
+def test_header_struct_is_ten_bytes() -> None:
+    assert HEADER.size == 10 == struct.calcsize(">BBII")
