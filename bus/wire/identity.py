@@ -107,7 +107,8 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         """A detached 64-byte Ed25519 signature."""
-        return sodium.crypto_sign(message, self.secret_key)[:64]  # type: ignore[no-any-return]
+        signed: bytes = sodium.crypto_sign(message, self.secret_key)
+        return signed[:64]
 
     def to_secret_file(self) -> str:
         """The SSB secret-file text for this identity."""

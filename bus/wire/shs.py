@@ -221,7 +221,7 @@ class _Handshake:
         self._outbox.clear()
         return out
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; raises :class:`HandshakeError` if they break the handshake."""
         if self._state is State.FAILED:
             raise LocalProtocolError("the handshake already failed; it cannot take more data")
