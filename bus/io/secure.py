@@ -319,13 +319,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
                     raise ValueError("max_bytes must be >= 1")
             self._check_usable()
             await self._ensure_handshake()
-            if not self._incoming:
-                if self._decoder is None:
-                    return await self._transport_receive(max_bytes)
-                await self._fill_from_boxes()
-            else:
-                await trio.lowlevel.checkpoint()
             incoming = self._incoming
+            if incoming:
+                await trio.lowlevel.checkpoint()
+            elif self._decoder is None:
+                return await self._transport_receive(max_bytes)
+            else:
+                data = await self._receive_boxes()
+                if max_bytes is None or len(data) <= max_bytes:
+                    return data
+                incoming += data
             if max_bytes is None or max_bytes >= len(incoming):
                 out = bytes(incoming)
                 incoming.clear()
@@ -345,18 +348,21 @@ class SecureStream(trio.abc.HalfCloseableStream):
             raise
         return bytes(data)
 
-    async def _fill_from_boxes(self) -> None:
+    async def _receive_boxes(self) -> bytes:
+        """Plaintext of the next complete boxes (b"" once the peer's goodbye arrived)."""
         decoder = self._decoder
         assert decoder is not None
-        while not self._incoming:
+        while True:
             if decoder.ended:
                 await trio.lowlevel.checkpoint()
-                return
+                return b""
             data = await self._transport_receive(_RECEIVE_SIZE)
             try:
                 if data:
                     decoder.receive_data(data)
-                    self._incoming += decoder.read()
+                    plain = decoder.read()
+                    if plain:
+                        return plain
                 else:
                     decoder.end_of_input()
             except BoxStreamError as exc:

@@ -69,16 +69,35 @@ class BoxStreamEncoder:
         """Box ``data`` (any length; empty gives nothing)."""
         if self._closed:
             raise LocalProtocolError("box-stream: cannot send after the goodbye")
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        size = len(data)
         key = self._key
         n = self._nonce
-        view = memoryview(data).cast("B")
+        if n + 2 * (size // MAX_BODY + 1) >= _NONCE_MOD:
+            return self._encode_near_wrap(data)
+        box = _box
         parts: list[bytes | memoryview] = []
         append = parts.append
-        for start in range(0, len(view), MAX_BODY):
-            piece = bytes(view[start : start + MAX_BODY])
-            body = _box(piece, ((n + 1) % _NONCE_MOD).to_bytes(24, "big"), key)
-            append(_box(len(piece).to_bytes(2, "big") + body[:_MAC], n.to_bytes(24, "big"), key))
+        for start in range(0, size, MAX_BODY):
+            piece = data[start : start + MAX_BODY]
+            body = box(piece, (n + 1).to_bytes(24, "big"), key)
+            append(box(len(piece).to_bytes(2, "big") + body[:_MAC], n.to_bytes(24, "big"), key))
             append(memoryview(body)[_MAC:])
+            n += 2
+        self._nonce = n
+        return b"".join(parts)
+
+    def _encode_near_wrap(self, data: bytes) -> bytes:
+        # The rare path where the 192-bit counter wraps inside this write.
+        key = self._key
+        n = self._nonce
+        parts: list[bytes] = []
+        for start in range(0, len(data), MAX_BODY):
+            piece = data[start : start + MAX_BODY]
+            body = _box(piece, ((n + 1) % _NONCE_MOD).to_bytes(24, "big"), key)
+            parts.append(_box(len(piece).to_bytes(2, "big") + body[:_MAC], n.to_bytes(24, "big"), key))
+            parts.append(body[_MAC:])
             n = (n + 2) % _NONCE_MOD
         self._nonce = n
         return b"".join(parts)
@@ -130,46 +149,57 @@ class BoxStreamDecoder:
         self._check()
         buf = self._buffer
         key = self._key
+        unbox = _unbox
         out: list[bytes] = []
         n = self._nonce
+        pos = 0  # consumed prefix of buf, dropped once at the end
+        end = len(buf)
+        max_body = self._max_body
+        pending = self._pending
+        # Far from the 192-bit wrap (always, in practice) the counter needs no modulo.
+        fast = n + 2 * end + 4 < _NONCE_MOD
         try:
-            while True:
-                if self._pending is None:
-                    if len(buf) < HEADER_SIZE:
+            with memoryview(buf) as view:
+                while True:
+                    if pending is None:
+                        if end - pos < HEADER_SIZE:
+                            break
+                        try:
+                            header = unbox(bytes(view[pos : pos + HEADER_SIZE]), n.to_bytes(24, "big"), key)
+                        except nacl.exceptions.CryptoError as exc:
+                            raise BoxStreamError("box-stream: a header failed to authenticate") from exc
+                        pos += HEADER_SIZE
+                        if header == _GOODBYE:
+                            self._ended = True
+                            if pos != end:
+                                raise BoxStreamError("box-stream: bytes arrived after the goodbye")
+                            break
+                        length = (header[0] << 8) | header[1]
+                        if not 0 < length <= max_body:
+                            if length == 0:
+                                raise BoxStreamError("box-stream: a header announces an empty body")
+                            raise BoxStreamError(
+                                f"box-stream: a header announces {length} bytes, over the {max_body}-byte limit"
+                            )
+                        pending = (length, header[2:])
+                    length, mac = pending
+                    if end - pos < length:
                         break
+                    body_nonce = n + 1 if fast else (n + 1) % _NONCE_MOD
                     try:
-                        header = _unbox(bytes(buf[:HEADER_SIZE]), n.to_bytes(24, "big"), key)
+                        out.append(unbox(mac + view[pos : pos + length], body_nonce.to_bytes(24, "big"), key))
                     except nacl.exceptions.CryptoError as exc:
-                        raise BoxStreamError("box-stream: a header failed to authenticate") from exc
-                    del buf[:HEADER_SIZE]
-                    if header == _GOODBYE:
-                        self._ended = True
-                        if buf:
-                            raise BoxStreamError("box-stream: bytes arrived after the goodbye")
-                        break
-                    length = int.from_bytes(header[:2], "big")
-                    if length == 0:
-                        raise BoxStreamError("box-stream: a header announces an empty body")
-                    if length > self._max_body:
-                        raise BoxStreamError(
-                            f"box-stream: a header announces {length} bytes, over the {self._max_body}-byte limit"
-                        )
-                    self._pending = (length, header[2:])
-                length, mac = self._pending
-                if len(buf) < length:
-                    break
-                try:
-                    out.append(_unbox(mac + memoryview(buf)[:length], ((n + 1) % _NONCE_MOD).to_bytes(24, "big"), key))
-                except nacl.exceptions.CryptoError as exc:
-                    raise BoxStreamError("box-stream: a body failed to authenticate") from exc
-                del buf[:length]
-                self._pending = None
-                n = (n + 2) % _NONCE_MOD
+                        raise BoxStreamError("box-stream: a body failed to authenticate") from exc
+                    pos += length
+                    pending = None
+                    n = n + 2 if fast else (n + 2) % _NONCE_MOD
         except BoxStreamError as exc:
             raise self._fail(exc) from exc.__cause__
         finally:
             self._nonce = n
-        return b"".join(out)
+            self._pending = pending
+        del buf[:pos]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def end_of_input(self) -> None:
         """The transport reached EOF: fine after the goodbye, a truncation otherwise."""
