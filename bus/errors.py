@@ -18,7 +18,9 @@ Byte streams reuse trio's errors (``BusyResourceError``, ``ClosedResourceError``
 ``BrokenResourceError``), chaining the minibus error that caused them as ``__cause__``.
 
 Classes whose instances cross the wire carry a ``wire_code``; :func:`error_from_wire` is
-the single place that turns a code received from a peer back into an exception.
+the single place that turns a code received from a peer back into an exception: always a
+:class:`RemoteError` (or a typed subclass of it), so an error the peer *reports* is never
+mistaken for one this side *detected*.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class InsecureKeyFile(KeyFileError):
 
 
 class RemoteError(BusError):
-    """An error reported by the peer that this version does not know by code."""
+    """An error reported by the peer; ``code`` is its wire code."""
 
     def __init__(self, message: str = "", code: str = "minibus.Error") -> None:
         super().__init__(message)
@@ -144,24 +146,17 @@ class RemoteError(BusError):
         return f"{self.code}: {self.message}"
 
 
-def _wire_classes() -> dict[str, type[BusError]]:
-    table: dict[str, type[BusError]] = {}
-    # The most general class owning a code wins, so one code maps to one class.
-    pending: list[type[BusError]] = [BusError]
-    while pending:
-        cls = pending.pop(0)
-        table.setdefault(cls.wire_code, cls)
-        pending.extend(cls.__subclasses__())
-    return table
-
-
-def error_from_wire(code: str, message: str) -> BusError:
+def error_from_wire(code: str, message: str) -> RemoteError:
     """Turn an error code and message received from a peer into an exception.
 
-    Known codes give their class; unknown ones give :class:`RemoteError` keeping the code,
-    so that a newer peer's errors still surface with their text.
+    A peer's report is never confused with an error this side detected itself: it is
+    always a :class:`RemoteError`, keeping the code.  Codes that name a subclass of
+    RemoteError (typed remote errors such as "name not found") give that subclass.
     """
-    cls = _wire_classes().get(code)
-    if cls is None or cls in (BusError, RemoteError):
-        return RemoteError(message, code)
-    return cls(message)
+    pending: list[type[RemoteError]] = [RemoteError]
+    while pending:
+        cls = pending.pop(0)
+        if cls is not RemoteError and cls.wire_code == code:
+            return cls(message, code)
+        pending.extend(cls.__subclasses__())
+    return RemoteError(message, code)

@@ -133,10 +133,13 @@ def test_zero_length_header_that_is_not_a_goodbye_is_refused() -> None:
         dec.read()
 
 
-def test_bytes_after_goodbye_are_refused() -> None:
+def test_bytes_after_goodbye_are_refused_but_earlier_data_is_kept() -> None:
     enc, dec = pair()
-    dec.receive_data(enc.goodbye() + b"trailing")
+    dec.receive_data(enc.encode(b"important") + enc.goodbye() + b"trailing")
+    assert dec.read() == b"important"
     with pytest.raises(BoxStreamError, match="after the goodbye"):
+        dec.read()
+    with pytest.raises(LocalProtocolError):
         dec.read()
 
 

@@ -205,3 +205,15 @@ def test_valid_cbor_maps_pass_the_profile(message: dict[str, Any]) -> None:
 
 def test_header_struct_is_ten_bytes() -> None:
     assert HEADER.size == 10 == struct.calcsize(">BBII")
+
+
+def test_control_frames_have_a_tighter_limit() -> None:
+    dec = FrameDecoder(max_body=1 << 20, max_control=64 * 1024)
+    dec.receive_data(HEADER.pack(1, 0, 0, 64 * 1024 + 1))
+    with pytest.raises(FrameTooLarge, match="control frame"):
+        dec.next_frame()
+    dec = FrameDecoder(max_body=1 << 20, max_control=64 * 1024)
+    dec.receive_data(HEADER.pack(2, 0, 3, 64 * 1024 + 1))
+    assert dec.next_frame() is None  # a DATA frame that size is fine; its body is on the way
+    with pytest.raises(LimitError):
+        encode_control(0, {"blob": b"x" * 70_000})

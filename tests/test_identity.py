@@ -162,3 +162,25 @@ def test_signatures_verify() -> None:
     ident = Identity.generate()
     sig = ident.sign(b"message")
     nacl.signing.VerifyKey(ident.public_key.raw).verify(b"message", sig)
+
+
+def test_fifo_at_the_key_path_does_not_hang(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    os.mkfifo(path, 0o600)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_identity(path)
+
+
+def test_deeply_nested_json_is_a_key_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyFileError):
+        load_identity(path)
+
+
+def test_unwritable_directory_is_a_key_file_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(KeyFileError, match="key directory"):
+        save_identity(blocker / "sub" / "secret", Identity.generate())

@@ -448,3 +448,67 @@ async def test_cancelled_encrypted_send_breaks_the_stream() -> None:
         await client.send_all(b"more")
     await client.aclose()
     await server.aclose()
+
+
+class _FailNthSend(_Tap):
+    """Delivers the first ``ok`` sends, then fails like a peer that hung up."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, ok: int) -> None:
+        super().__init__(inner)
+        self.ok = ok
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.ok == 0:
+            raise trio.BrokenResourceError("peer hung up")
+        self.ok -= 1
+        await self.inner.send_all(data)
+
+
+async def test_msg4_that_cannot_be_delivered_fails_the_handshake() -> None:
+    """The server's machine is done once msg4 is made; failing to send it still fails cleanly."""
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    server = SecureStream.server(_FailNthSend(right, ok=1), SERVER)  # msg2 goes, msg4 does not
+    c_err, s_err = await _handshake_both(client, server)
+    assert isinstance(s_err, HandshakeError) and "transport failed" in str(s_err)
+    assert c_err is not None
+    await _assert_closed(right)
+    with pytest.raises(trio.BrokenResourceError):
+        await server.do_handshake()  # no second try on a broken stream
+
+
+async def test_wait_send_during_a_lazy_handshake_is_not_busy() -> None:
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    server = SecureStream.server(right, SERVER)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _append(got, server.receive_some()))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(server.wait_send_all_might_not_block)
+        await client.send_all(b"x")
+    assert got == [b"x"]
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_aclose_gives_up_on_the_goodbye_after_a_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = await secure_pair(trio.testing.lockstep_stream_pair(), encrypted=True)
+    start = trio.current_time()
+    await client.aclose()  # the server never reads: the goodbye cannot be delivered
+    assert trio.current_time() - start == pytest.approx(client.close_timeout)
+    await server.aclose()
+
+
+async def test_encrypted_send_eof_leaves_the_transport_open_both_ways() -> None:
+    """The goodbye is the end signal; a FIN would make SSB peers stop sending too."""
+    left, right = await tcp_stream_pair()
+    client, server = await secure_pair((left, right), encrypted=True)
+    await client.send_eof()
+    assert await server.receive_some() == b""
+    await server.send_all(b"still flowing")
+    assert await client.receive_some() == b"still flowing"
+    await server.send_eof()
+    assert await client.receive_some() == b""
+    await client.aclose()
+    await server.aclose()

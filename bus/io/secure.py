@@ -15,10 +15,10 @@ only moves their bytes.
 * Afterwards bytes go either through box-stream (``encrypted=True``) or straight through
   (``encrypted=False``, for Unix sockets, where the kernel keeps the stream private and the
   handshake still proves both identities).
-* Half-close: :meth:`send_eof` sends the box-stream goodbye (and half-closes the transport
-  when it can); the peer then reads ``b""``.  :meth:`aclose` sends the goodbye too when it
-  can do so without interleaving with a send in progress, so a clean close reads as EOF on
-  the other side and a cut connection reads as :class:`trio.BrokenResourceError`.
+* Half-close: :meth:`send_eof` sends the box-stream goodbye (plain streams half-close the
+  transport instead); the peer then reads ``b""``.  :meth:`aclose` sends the goodbye too,
+  within :attr:`close_timeout` and only when no send is in progress, so a clean close reads
+  as EOF on the other side and a cut connection as :class:`trio.BrokenResourceError`.
 * A send cancelled half-way through an encrypted write would leave half a box on the wire,
   so it breaks the stream (like SSLStream).
 """
@@ -40,6 +40,8 @@ from ..wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake, HandshakeOutcome, S
 __all__ = ["SecureStream", "DEFAULT_HANDSHAKE_TIMEOUT"]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: How long aclose() may spend delivering the goodbye to a peer that does not read.
+DEFAULT_CLOSE_TIMEOUT = 2.0
 _RECEIVE_SIZE = 1 << 17
 
 
@@ -94,6 +96,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.transport = transport
         self.encrypted = encrypted
         self.handshake_timeout = handshake_timeout
+        self.close_timeout = DEFAULT_CLOSE_TIMEOUT
         self._handshake = handshake
         self._handshake_lock = trio.Lock()
         self._outcome: HandshakeOutcome | None = None
@@ -182,7 +185,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 with trio.fail_after(self.handshake_timeout):
                     await self._run_handshake()
             except trio.TooSlowError as exc:
-                err = self._handshake.fail(
+                err = self._fail_handshake(
                     HandshakeTimeout(f"the peer did not complete the handshake within {self.handshake_timeout:g} s")
                 )
                 await self._break(err)
@@ -193,7 +196,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if self._state is _State.CLOSED:
                     raise trio.ClosedResourceError("the SecureStream was closed during the handshake") from exc
-                err = self._handshake.fail(HandshakeError(f"the transport failed during the handshake: {exc!r}"))
+                err = self._fail_handshake(HandshakeError(f"the transport failed during the handshake: {exc!r}"))
                 await self._break(err)
                 raise err from exc
             except BaseException as exc:
@@ -201,6 +204,12 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 if self._state is _State.OK:
                     await self._break(exc)
                 raise
+
+    def _fail_handshake(self, error: HandshakeError) -> HandshakeError:
+        # The machine may already be DONE when only the delivery of msg4 failed.
+        if not self._handshake.is_done:
+            return self._handshake.fail(error)
+        return error
 
     async def _run_handshake(self) -> None:
         hs = self._handshake
@@ -288,6 +297,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_conflict:
             self._check_usable()
+            # A handshake started by a receive uses the transport; wait for it to finish.
+            await self._ensure_handshake()
             await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
@@ -299,9 +310,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 return
             self._eof_sent = True
             if self._encoder is not None:
+                # The goodbye is box-stream's end signal.  The transport stays open both
+                # ways: SSB peers close their own sending side on a TCP FIN.
                 await self._transport_send(self._encoder.goodbye())
-                if not isinstance(self.transport, trio.abc.HalfCloseableStream):
-                    return
+                return
             assert isinstance(self.transport, trio.abc.HalfCloseableStream)
             try:
                 await self.transport.send_eof()
@@ -387,7 +399,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             ):
                 # Best effort: a clean close reads as EOF on the other side.
                 self._eof_sent = True
-                with self._send_conflict:
+                with self._send_conflict, trio.move_on_after(self.close_timeout):
                     try:
                         await self.transport.send_all(self._encoder.goodbye())
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

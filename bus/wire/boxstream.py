@@ -126,6 +126,7 @@ class BoxStreamDecoder:
         self._pending: tuple[int, bytes] | None = None
         self._ended = False
         self._error: BoxStreamError | None = None
+        self._error_raised = False
 
     @property
     def ended(self) -> bool:
@@ -172,7 +173,9 @@ class BoxStreamDecoder:
                         if header == _GOODBYE:
                             self._ended = True
                             if pos != end:
-                                raise BoxStreamError("box-stream: bytes arrived after the goodbye")
+                                # Deliver what was authenticated before it; fail on the next call.
+                                self._error = BoxStreamError("box-stream: bytes arrived after the goodbye")
+                                pos = end
                             break
                         length = (header[0] << 8) | header[1]
                         if not 0 < length <= max_body:
@@ -212,9 +215,13 @@ class BoxStreamDecoder:
 
     def _check(self) -> None:
         if self._error is not None:
+            if not self._error_raised:
+                self._error_raised = True
+                raise self._error
             raise LocalProtocolError(f"box-stream decoder already failed: {self._error}")
 
     def _fail(self, error: BoxStreamError) -> BoxStreamError:
         self._error = error
+        self._error_raised = True
         self._buffer.clear()
         return error

@@ -13,8 +13,8 @@ Every frame is a 10-byte header followed by a body::
 
 A CONTROL body is exactly one CBOR map in minibus's CBOR profile (below); a DATA body is
 opaque bytes that a relay forwards without looking inside.  The body length is checked
-against the decoder's maximum (1 MiB by default) as soon as the header is complete, before
-any buffer is sized for it, so a peer can never make the decoder hold more than one
+against the decoder's maximum (1 MiB for DATA, 64 KiB for CONTROL, by default) as soon as
+the header is complete, before any buffer is sized for it, so a peer can never make the decoder hold more than one
 maximum-size frame plus whatever the caller fed it in one call.
 
 The CBOR profile (what :func:`check_cbor` accepts) keeps control messages boring and
@@ -39,6 +39,7 @@ from ..errors import FrameError, FrameTooLarge, LimitError, LocalProtocolError
 __all__ = [
     "HEADER",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_CONTROL",
     "MAX_CBOR_DEPTH",
     "FrameKind",
     "ControlFrame",
@@ -55,6 +56,9 @@ __all__ = [
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 1 << 20
+#: CONTROL bodies are small by nature; their tighter limit bounds the CPU and memory a
+#: peer can make the CBOR check and decode spend on one message.
+DEFAULT_MAX_CONTROL = 64 * 1024
 MAX_CBOR_DEPTH = 32
 MAX_CHANNEL = 0xFFFFFFFF
 
@@ -196,7 +200,7 @@ def encode_data(channel: int, data: bytes | bytearray | memoryview, max_body: in
     return HEADER.pack(FrameKind.DATA, 0, channel, len(data)) + data
 
 
-def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_FRAME) -> bytes:
+def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_CONTROL) -> bytes:
     """Encode a CONTROL frame; the message must fit minibus's CBOR profile."""
     _check_channel(channel)
     if not isinstance(message, dict):
@@ -214,11 +218,11 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
     return HEADER.pack(FrameKind.CONTROL, 0, channel, len(body)) + body
 
 
-def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME) -> bytes:
+def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
     """Encode any frame."""
     if isinstance(frame, DataFrame):
         return encode_data(frame.channel, frame.data, max_body)
-    return encode_control(frame.channel, frame.message, max_body)
+    return encode_control(frame.channel, frame.message, min(max_control, max_body))
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -232,10 +236,11 @@ class FrameDecoder:
     in sync and must be closed.
     """
 
-    def __init__(self, max_body: int = DEFAULT_MAX_FRAME) -> None:
-        if max_body < 1:
-            raise ValueError("max_body must be positive")
+    def __init__(self, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> None:
+        if max_body < 1 or max_control < 1:
+            raise ValueError("frame size limits must be positive")
         self.max_body = max_body
+        self.max_control = min(max_control, max_body)
         self._buffer = bytearray()
         self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
         self._error: FrameError | None = None
@@ -261,10 +266,10 @@ class FrameDecoder:
                 raise self._fail(FrameError(f"unknown frame kind {kind}"))
             if flags:
                 raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
-            if length > self.max_body:
-                raise self._fail(
-                    FrameTooLarge(f"a frame announces {length} bytes, over the {self.max_body}-byte maximum")
-                )
+            limit = self.max_control if kind == FrameKind.CONTROL else self.max_body
+            if length > limit:
+                what = "control frame" if kind == FrameKind.CONTROL else "frame"
+                raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
             del buf[:HEADER_SIZE]
             self._header = (kind, channel, length)
         kind, channel, length = self._header

@@ -140,7 +140,7 @@ class Identity:
         lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
         try:
             obj = json.loads("\n".join(lines))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise KeyFileError(f"{source}: not a secret file (no JSON object): {exc}") from exc
         if not isinstance(obj, dict):
             raise KeyFileError(f"{source}: not a secret file (JSON is not an object)")
@@ -179,7 +179,8 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     """Load a key file, refusing one that group or others can read."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO planted at the path must not hang us before the checks below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise KeyFileError(f"{path}: no such key file (create one with 'busctl keygen {path}')") from exc
     except OSError as exc:
@@ -188,6 +189,8 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
+        if st.st_uid != os.getuid():
+            raise InsecureKeyFile(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.getuid()})")
         if st.st_mode & 0o077:
             raise InsecureKeyFile(
                 f"{path}: key file is accessible by group or others "
@@ -208,11 +211,17 @@ def save_identity(path: str | os.PathLike[str], identity: Identity, *, overwrite
     leaves half a key.  An existing file is kept unless ``overwrite`` is true.
     """
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"{path.parent}: cannot create the key directory: {exc.strerror}") from exc
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path}: already exists; refusing to overwrite an identity")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot write the key file: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o600)

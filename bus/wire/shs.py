@@ -225,6 +225,8 @@ class _Handshake:
         """Feed bytes from the peer; raises :class:`HandshakeError` if they break the handshake."""
         if self._state is State.FAILED:
             raise LocalProtocolError("the handshake already failed; it cannot take more data")
+        if self._state is State.DONE and data:
+            raise LocalProtocolError("the handshake is complete; feed later bytes to the stream that follows")
         self._inbox += data
         while (expected := _EXPECTED.get(self._state)) is not None:
             event, size = expected
