@@ -36,6 +36,7 @@ import nacl.bindings as sodium  # noqa: E402
 import trio  # noqa: E402
 
 from bus.io.secure import SecureStream  # noqa: E402
+from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair  # noqa: E402
 from bus.wire.identity import Identity  # noqa: E402
 from bus.wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake, ServerHandshake  # noqa: E402
 
@@ -146,38 +147,11 @@ def crypto_ceiling_throughput(total: int) -> float:
     return pieces * PIECE / (time.perf_counter() - start)
 
 
-async def socket_pair(kind: str) -> tuple[trio.SocketStream, trio.SocketStream]:
-    if kind == "unix":
-        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return (
-            trio.SocketStream(trio.socket.from_stdlib_socket(left)),
-            trio.SocketStream(trio.socket.from_stdlib_socket(right)),
-        )
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    accepted: list[trio.SocketStream] = []
-    async with trio.open_nursery() as nursery:
-
-        async def accept() -> None:
-            accepted.append(await listener.accept())
-
-        nursery.start_soon(accept)
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-    await listener.aclose()
-    return client, accepted[0]
-
-
 async def stream_pair(kind: str, mode: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
-    left, right = await socket_pair(kind)
+    transports = unix_stream_pair() if kind == "unix" else await tcp_stream_pair()
     if mode == "raw":
-        return left, right
-    encrypted = mode == "encrypted"
-    c = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
-    s = SecureStream.server(right, SERVER, encrypted=encrypted)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(c.do_handshake)
-        nursery.start_soon(s.do_handshake)
-    return c, s
+        return transports
+    return await secure_stream_pair(transports, CLIENT, SERVER, encrypted=mode == "encrypted")
 
 
 async def throughput(kind: str, mode: str, total: int) -> float:

@@ -7,23 +7,19 @@ import trio
 
 from bus.errors import FrameError, FrameTooLarge
 from bus.io.secure import SecureStream
+from bus.io.testing import secure_stream_pair, tcp_stream_pair
+from bus.io.testing import unix_stream_pair as unix_socket_stream_pair
 from bus.wire.frames import HEADER, ControlFrame, DataFrame, FrameDecoder, encode_control, encode_data
 from bus.wire.identity import Identity
 
-from .conftest import tcp_stream_pair, unix_socket_stream_pair
 
 SERVER = Identity.generate()
 CLIENT = Identity.generate()
 
 
 async def connected(encrypted: bool, tcp: bool) -> tuple[SecureStream, SecureStream]:
-    left, right = await tcp_stream_pair() if tcp else unix_socket_stream_pair()
-    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
-    server = SecureStream.server(right, SERVER, encrypted=encrypted)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
-    return client, server
+    transports = await tcp_stream_pair() if tcp else unix_socket_stream_pair()
+    return await secure_stream_pair(transports, CLIENT, SERVER, encrypted=encrypted)
 
 
 async def read_frames(stream: SecureStream, decoder: FrameDecoder, count: int) -> list[object]:

@@ -12,9 +12,10 @@ import trio.testing
 
 from bus.errors import HandshakeError, HandshakeTimeout, IdentityRefused
 from bus.io.secure import SecureStream
+from bus.io.testing import secure_stream_pair, tcp_stream_pair
+from bus.io.testing import unix_stream_pair as unix_socket_stream_pair
 from bus.wire.identity import Identity, PublicKey
 
-from .conftest import tcp_stream_pair, unix_socket_stream_pair
 
 SERVER = Identity.generate()
 CLIENT = Identity.generate()
@@ -22,15 +23,9 @@ CLIENT = Identity.generate()
 StreamPair = tuple[trio.abc.Stream, trio.abc.Stream]
 
 
-async def secure_pair(transports: StreamPair, *, encrypted: bool, **server_kw: object) -> tuple[SecureStream, SecureStream]:
+async def secure_pair(transports: StreamPair, *, encrypted: bool) -> tuple[SecureStream, SecureStream]:
     """Wrap a transport pair and complete the handshake on both sides."""
-    left, right = transports
-    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
-    server = SecureStream.server(right, SERVER, encrypted=encrypted, **server_kw)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
-    return client, server
+    return await secure_stream_pair(transports, CLIENT, SERVER, encrypted=encrypted)
 
 
 def _fill_socket(stream: trio.SocketStream, secure: SecureStream) -> None:
