@@ -19,8 +19,8 @@ Byte streams reuse trio's errors (``BusyResourceError``, ``ClosedResourceError``
 
 Classes whose instances cross the wire carry a ``wire_code``; :func:`error_from_wire` is
 the single place that turns a code received from a peer back into an exception: always a
-:class:`RemoteError` (or a typed subclass of it), so an error the peer *reports* is never
-mistaken for one this side *detected*.
+:class:`RequestError` (a typed one such as :class:`NameNotFound`, or :class:`RemoteError` for
+unknown codes), so an error the peer *reports* is never mistaken for one this side *detected*.
 """
 
 from __future__ import annotations
@@ -42,7 +42,15 @@ __all__ = [
     "LimitError",
     "KeyFileError",
     "InsecureKeyFile",
+    "RequestError",
     "RemoteError",
+    "UnknownOperation",
+    "BadRequest",
+    "AccessDenied",
+    "NameNotFound",
+    "InvalidName",
+    "QuotaExceeded",
+    "ConnectionLost",
     "error_from_wire",
 ]
 
@@ -135,25 +143,72 @@ class InsecureKeyFile(KeyFileError):
     """An identity key file can be read by other users, so it is refused."""
 
 
-class RemoteError(BusError):
-    """An error reported by the peer; ``code`` is its wire code."""
+class RequestError(BusError):
+    """A request was refused.  Raised by the side that refuses, it travels to the requester
+    as an error reply (code and message) and is raised there as the same class."""
 
-    def __init__(self, message: str = "", code: str = "minibus.Error") -> None:
+    wire_code = "minibus.Error.Failed"
+
+    def __init__(self, message: str = "", code: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code or self.wire_code
 
     def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+        return f"{self.message} [{self.code}]"
 
 
-def error_from_wire(code: str, message: str) -> RemoteError:
-    """Turn an error code and message received from a peer into an exception.
+class RemoteError(RequestError):
+    """An error reply whose code this version does not know; ``code`` keeps it."""
 
-    A peer's report is never confused with an error this side detected itself: it is
-    always a :class:`RemoteError`, keeping the code.  Codes that name a subclass of
-    RemoteError (typed remote errors such as "name not found") give that subclass.
+
+class UnknownOperation(RequestError):
+    """The peer does not implement the requested operation (the connection stays)."""
+
+    wire_code = "minibus.Error.UnknownOperation"
+
+
+class BadRequest(RequestError):
+    """A request's arguments are missing or of the wrong type."""
+
+    wire_code = "minibus.Error.BadRequest"
+
+
+class AccessDenied(RequestError):
+    """Policy refused the request; the message names the rule."""
+
+    wire_code = "minibus.Error.AccessDenied"
+
+
+class NameNotFound(RequestError):
+    """No connection owns that name (or it is not visible to the caller)."""
+
+    wire_code = "minibus.Error.NameNotFound"
+
+
+class InvalidName(RequestError):
+    """A well-known name does not follow the reverse-DNS grammar."""
+
+    wire_code = "minibus.Error.InvalidName"
+
+
+class QuotaExceeded(RequestError, LimitError):
+    """A per-connection or per-identity limit refused the request."""
+
+    wire_code = "minibus.Error.QuotaExceeded"
+
+
+class ConnectionLost(BusError):
+    """The connection to the bus ended while a request was waiting for its reply."""
+
+
+def error_from_wire(code: str, message: str) -> RequestError:
+    """Turn an error reply (code and message) received from a peer into an exception.
+
+    Only :class:`RequestError` classes are ever produced, so an error the peer *reports*
+    is never mistaken for one this side *detected* (a framing or handshake failure).
+    Unknown codes give :class:`RemoteError`, keeping the code.
     """
-    pending: list[type[RemoteError]] = [RemoteError]
+    pending: list[type[RequestError]] = [RequestError]
     while pending:
         cls = pending.pop(0)
         if cls is not RemoteError and cls.wire_code == code:

@@ -31,6 +31,8 @@ def test_reported_errors_are_never_mistaken_for_local_ones() -> None:
         assert type(err) is errors.RemoteError
         assert err.code == code and err.message == "text"
         assert code in str(err) and "text" in str(err)
+    assert type(errors.error_from_wire("minibus.Error.NameNotFound", "x")) is errors.NameNotFound
+    assert isinstance(errors.error_from_wire("minibus.Error.QuotaExceeded", "x"), errors.LimitError)
 
 
 def test_typed_remote_errors_map_by_code() -> None:

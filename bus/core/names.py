@@ -33,7 +33,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from ..errors import BusError, LimitError
+from ..errors import InvalidName, QuotaExceeded
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -48,12 +48,6 @@ __all__ = [
 
 MAX_NAME_LENGTH = 255
 _ELEMENT = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]*\Z")
-
-
-class InvalidName(BusError):
-    """A well-known name does not follow the reverse-DNS grammar."""
-
-    wire_code = "minibus.Error.InvalidName"
 
 
 def validate_name(name: str) -> str:
@@ -226,7 +220,7 @@ class NameRegistry:
     def _charge(self, conn: int, name: str) -> None:
         held = self._by_conn.setdefault(conn, set())
         if len(held) >= self.max_names_per_connection:
-            raise LimitError(
+            raise QuotaExceeded(
                 f"connection {conn} already owns or waits for {len(held)} names "
                 f"(limit {self.max_names_per_connection})"
             )

@@ -1,0 +1,91 @@
+"""Bus addresses: where a broker listens and which key it proves, as one string.
+
+Format (in ``MINIBUS_ADDRESS`` and the address file), alternatives separated by ``;``,
+each a transport followed by ``key=value`` pairs separated by ``,``::
+
+    unix:path=/run/user/1000/minibus/bus.sock,key=@<base64>.ed25519;tcp:host=127.0.0.1,port=7420,key=@<base64>.ed25519
+
+Values may percent-encode ``,``, ``;``, ``=`` and ``%`` (``%2C`` …), as D-Bus addresses do.
+A client tries the alternatives in order.  Every alternative must carry the broker's key:
+the handshake needs it before the first byte is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from .identity import PublicKey
+
+__all__ = ["Endpoint", "parse_address", "format_address", "AddressError"]
+
+
+class AddressError(ValueError):
+    """A bus address that cannot be parsed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    transport: str  # "unix" or "tcp"
+    key: PublicKey
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return format_address([self])
+
+
+def _value(text: str) -> str:
+    return quote(text, safe="/@.:-_+[]")
+
+
+def format_address(endpoints: list[Endpoint]) -> str:
+    parts = []
+    for ep in endpoints:
+        if ep.transport == "unix":
+            fields = [("path", ep.path or "")]
+        else:
+            fields = [("host", ep.host or ""), ("port", str(ep.port))]
+        fields.append(("key", ep.key.id))
+        parts.append(ep.transport + ":" + ",".join(f"{k}={_value(v)}" for k, v in fields))
+    return ";".join(parts)
+
+
+def parse_address(text: str) -> list[Endpoint]:
+    """Parse an address into its endpoints, in order; raises :class:`AddressError`."""
+    endpoints = []
+    for part in text.strip().split(";"):
+        if not part:
+            continue
+        transport, sep, rest = part.partition(":")
+        if not sep:
+            raise AddressError(f"address part {part!r} has no transport (want unix:… or tcp:…)")
+        fields: dict[str, str] = {}
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise AddressError(f"address part {part!r}: {item!r} is not key=value")
+            if key in fields:
+                raise AddressError(f"address part {part!r}: {key!r} given twice")
+            fields[key] = unquote(value)
+        if "key" not in fields:
+            raise AddressError(f"address part {part!r} has no key=@….ed25519 (the broker's identity)")
+        try:
+            public = PublicKey.from_id(fields["key"])
+        except ValueError as exc:
+            raise AddressError(f"address part {part!r}: {exc}") from None
+        if transport == "unix":
+            if not fields.get("path"):
+                raise AddressError(f"address part {part!r} has no path=")
+            endpoints.append(Endpoint("unix", public, path=fields["path"]))
+        elif transport == "tcp":
+            host, port = fields.get("host"), fields.get("port", "")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise AddressError(f"address part {part!r} needs host= and a port= between 1 and 65535")
+            endpoints.append(Endpoint("tcp", public, host=host, port=int(port)))
+        else:
+            raise AddressError(f"unknown transport {transport!r} (want unix or tcp)")
+    if not endpoints:
+        raise AddressError("empty bus address")
+    return endpoints

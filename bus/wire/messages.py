@@ -1,0 +1,137 @@
+"""Control-plane messages: the shapes carried in CONTROL frames (sans-io).
+
+Three shapes, told apart by their keys (see docs/protocol.md, section 5):
+
+* request ``{"op": str, "id": int, ...arguments}`` -- either side may send one; ids are
+  chosen by the sender, unique among its requests still waiting for a reply;
+* reply ``{"re": id, "result": value}`` or ``{"re": id, "error": {"code": str, "message": str}}``
+  -- exactly one per request;
+* event ``{"event": str, ...fields}`` -- pushed, never answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadRequest, FrameError, RequestError
+
+__all__ = [
+    "Request",
+    "Reply",
+    "ErrorReply",
+    "Event",
+    "Message",
+    "parse_message",
+    "MAX_REQUEST_ID",
+]
+
+MAX_REQUEST_ID = 2**53  # stays exact in every language's numbers
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    id: int
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.args, "op": self.op, "id": self.id}
+
+    def arg(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, optional: bool = False) -> Any:
+        """A typed argument; a missing or mistyped one raises :class:`BadRequest`."""
+        if name not in self.args or (optional and self.args[name] is None):
+            if default is not ...:
+                return default
+            raise BadRequest(f"{self.op}: missing argument {name!r}")
+        value = self.args[name]
+        if isinstance(value, bool) and kind in (int, float):
+            raise BadRequest(f"{self.op}: argument {name!r} must be {kind.__name__}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise BadRequest(f"{self.op}: argument {name!r} must be {names}, not {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    re: int
+    result: Any
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"re": self.re, "result": self.result}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    re: int
+    code: str
+    message: str
+
+    @classmethod
+    def from_error(cls, re: int, error: RequestError) -> ErrorReply:
+        return cls(re, error.code, error.message)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"re": self.re, "error": {"code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.fields, "event": self.event}
+
+
+Message = Request | Reply | ErrorReply | Event
+
+
+class MalformedRequest(FrameError):
+    """A message that looks like a request but is not well formed; ``id`` allows a reply."""
+
+    def __init__(self, message: str, request_id: int | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_REQUEST_ID
+
+
+def parse_message(body: dict[Any, Any]) -> Message:
+    """Classify a decoded CONTROL body.
+
+    Raises :class:`MalformedRequest` (with the id, when there is a usable one, so the
+    receiver can answer with an error and keep the connection) or :class:`FrameError`
+    for something that is no message at all.
+    """
+    if "op" in body:
+        rid = body.get("id")
+        request_id = rid if _valid_id(rid) else None
+        if request_id is None:
+            raise MalformedRequest("a request needs an integer 'id' between 1 and 2**53", None)
+        op = body["op"]
+        if not isinstance(op, str) or not op:
+            raise MalformedRequest("a request's 'op' must be a non-empty string", request_id)
+        args = {k: v for k, v in body.items() if k not in ("op", "id")}
+        if not all(isinstance(k, str) for k in args):
+            raise MalformedRequest("request arguments must have string names", request_id)
+        return Request(op, request_id, args)
+    if "re" in body:
+        if not _valid_id(body["re"]):
+            raise FrameError("a reply's 're' must be an integer between 1 and 2**53")
+        if "error" in body:
+            err = body["error"]
+            if not (isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str)):
+                raise FrameError("an error reply needs error.code and error.message strings")
+            return ErrorReply(body["re"], err["code"], err["message"])
+        if "result" not in body:
+            raise FrameError("a reply needs 'result' or 'error'")
+        return Reply(body["re"], body["result"])
+    if "event" in body:
+        if not isinstance(body["event"], str):
+            raise FrameError("an event's name must be a string")
+        return Event(body["event"], {k: v for k, v in body.items() if k != "event"})
+    raise FrameError("a control message needs 'op', 're' or 'event'")

@@ -1,0 +1,84 @@
+"""Policy decisions (sans-io)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from bus.core.policy import Policy, PolicyError, parse_authorized_keys
+from bus.errors import AccessDenied
+from bus.wire.identity import Identity
+
+OWNER, FRIEND, PLUGIN, STRANGER = (Identity.generate().public_key for _ in range(4))
+
+POLICY_TOML = f"""
+[[rule]]
+name = "echo-plugins"
+identities = ["{PLUGIN.id}"]
+connect = true
+own = ["org.example.*"]
+see = ["org.example.*"]
+
+[[rule]]
+name = "everyone-sees-public"
+identities = ["*"]
+see = ["org.public.*"]
+"""
+
+
+def policy() -> Policy:
+    return Policy.from_mapping(OWNER, tomllib.loads(POLICY_TOML), frozenset({FRIEND.id}))
+
+
+def test_owner_and_authorized_keys_may_do_everything() -> None:
+    p = policy()
+    for key in (OWNER, FRIEND):
+        assert p.may_connect(key).allowed
+        assert p.may_own(key, "com.anything.At.All").allowed
+        assert p.may_see(key, "x.y").allowed
+        assert p.is_admin(key)
+    assert p.may_connect(OWNER).rule == "owner"
+    assert p.may_connect(FRIEND).rule == "authorized_keys"
+
+
+def test_unknown_identities_are_refused_by_default() -> None:
+    decision = policy().may_connect(STRANGER)
+    assert not decision.allowed and "default deny" in decision.rule
+
+
+def test_rules_grant_what_they_say_and_denials_name_the_rules() -> None:
+    p = policy()
+    assert p.may_connect(PLUGIN).rule == "echo-plugins"
+    assert p.may_own(PLUGIN, "org.example.Echo").allowed
+    denied = p.may_own(PLUGIN, "org.other.Thing")
+    assert not denied.allowed
+    assert "echo-plugins" in denied.rule and "everyone-sees-public" in denied.rule
+    with pytest.raises(AccessDenied, match="may not own 'org.other.Thing'"):
+        denied.check()
+    assert p.may_see(PLUGIN, "org.public.News").rule == "everyone-sees-public"
+    assert not p.is_admin(PLUGIN)
+
+
+def test_authorized_keys_file_format() -> None:
+    text = f"# the team\n{FRIEND.id}  laptop\n\n   {PLUGIN.id} # ci\n"
+    assert parse_authorized_keys(text) == {FRIEND.id, PLUGIN.id}
+    with pytest.raises(PolicyError, match=":2:"):
+        parse_authorized_keys("# ok\nnot-a-key\n")
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        'rule = "x"',
+        "[[rule]]\nname = 1\nidentities = ['*']",
+        "[[rule]]\nname = 'r'\nidentities = []",
+        "[[rule]]\nname = 'r'\nidentities = ['@bad.ed25519']",
+        "[[rule]]\nname = 'r'\nidentities = ['*']\nown = [1]",
+        "[[rule]]\nname = 'r'\nidentities = ['*']\nconnect = 'yes'",
+        "[[rule]]\nname = 'r'\nidentities = ['*']\nfly = true",
+    ],
+)
+def test_bad_policies_are_refused(toml: str) -> None:
+    with pytest.raises(PolicyError):
+        Policy.from_mapping(OWNER, tomllib.loads(toml))
