@@ -1,0 +1,348 @@
+"""The broker's decisions: connections, names, queries and watches (sans-io).
+
+Theory of operation
+-------------------
+:class:`BrokerCore` is the whole control plane of the broker as a state machine.  The trio
+layer (``bus.broker``) authenticates a connection, then calls :meth:`BrokerCore.connect`,
+feeds every decoded control message to :meth:`BrokerCore.receive`, and calls
+:meth:`BrokerCore.disconnect` exactly once when the connection ends.  Each call returns the
+messages to send, as ``(connection id, message)`` pairs, in the order they must be sent.
+
+Because one call produces a watch's snapshot *and* registers the watch, and every later
+change is emitted by a later call, a watcher sees the snapshot and then every change, with
+no gap and no duplicate, as long as each connection's messages are sent in order (the trio
+layer keeps one ordered queue per connection).
+
+The broker stamps everything: identities, unique ids and names in replies and events come
+from this table, never from what a client claims.  Arguments a request does not define are
+ignored, so a client that sends ``identity`` or ``unique_id`` in its hello changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from ..errors import AccessDenied, BadRequest, NameNotFound, QuotaExceeded, RequestError, UnknownOperation
+from ..wire.identity import PublicKey
+from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
+from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
+from .policy import Policy
+
+__all__ = ["Limits", "Connection", "BrokerCore", "Outgoing", "FLAG_NAMES"]
+
+Outgoing = tuple[int, dict[str, Any]]
+
+FLAG_NAMES = {
+    "allow-replacement": NameFlag.ALLOW_REPLACEMENT,
+    "replace-existing": NameFlag.REPLACE_EXISTING,
+    "do-not-queue": NameFlag.DO_NOT_QUEUE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-broker limits; every one is configurable (see docs/broker.md)."""
+
+    connections_per_identity: int = 256
+    names_per_connection: int = 64
+    watches_per_connection: int = 32
+    patterns_per_watch: int = 32
+    info_bytes: int = 16 * 1024
+
+
+@dataclass(slots=True)
+class Connection:
+    id: int
+    key: PublicKey
+    transport: str
+    pid: int | None
+    uid: int | None
+    connected_since: float
+    admin: bool
+    registered: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    watches: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    next_watch: int = 1
+
+    @property
+    def unique_id(self) -> str:
+        return f":{self.id}"
+
+
+def parse_unique_id(text: str) -> int | None:
+    if text.startswith(":") and text[1:].isdigit():
+        return int(text[1:])
+    return None
+
+
+class BrokerCore:
+    def __init__(self, policy: Policy, limits: Limits | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.limits = limits or Limits()
+        self._clock = clock
+        self.names = NameRegistry(max_names_per_connection=self.limits.names_per_connection)
+        self.connections: dict[int, Connection] = {}
+        self._next_id = 1
+        self._per_identity: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def connect(self, key: PublicKey, transport: str, pid: int | None = None, uid: int | None = None) -> Connection:
+        """Admit an authenticated connection; raises :class:`QuotaExceeded` over the limit."""
+        count = self._per_identity.get(key.id, 0)
+        if count >= self.limits.connections_per_identity:
+            raise QuotaExceeded(
+                f"{key.id} already has {count} connections (limit {self.limits.connections_per_identity})"
+            )
+        conn = Connection(
+            id=self._next_id,
+            key=key,
+            transport=transport,
+            pid=pid,
+            uid=uid,
+            connected_since=self._clock(),
+            admin=self.policy.is_admin(key),
+        )
+        self._next_id += 1  # never reused while the broker runs
+        self._per_identity[key.id] = count + 1
+        self.connections[conn.id] = conn
+        return conn
+
+    def disconnect(self, conn_id: int) -> list[Outgoing]:
+        """Forget a connection; its names pass on and watchers hear of it.  Idempotent."""
+        conn = self.connections.get(conn_id)
+        if conn is None:
+            return []
+        conn.watches.clear()  # it hears nothing more, not even of its own departure
+        out = self._notify(self.names.remove_connection(conn_id))
+        del self.connections[conn_id]
+        left = self._per_identity[conn.key.id] - 1
+        if left:
+            self._per_identity[conn.key.id] = left
+        else:
+            del self._per_identity[conn.key.id]
+        return out
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def receive(self, conn_id: int, body: dict[Any, Any]) -> list[Outgoing]:
+        """Handle one control message from a connection.
+
+        Raises :class:`~bus.errors.FrameError` only for a message that is no message at all
+        (the caller closes that connection); every request gets exactly one reply.
+        """
+        try:
+            message = parse_message(body)
+        except MalformedRequest as exc:
+            if exc.request_id is None:
+                raise
+            return [(conn_id, ErrorReply(exc.request_id, BadRequest.wire_code, str(exc)).to_wire())]
+        if not isinstance(message, Request):
+            return []  # replies (to the broker's pings) and events are the io layer's business
+        conn = self.connections[conn_id]
+        out: list[Outgoing] = []
+        try:
+            handler = self._handlers.get(message.op)
+            if handler is None:
+                raise UnknownOperation(f"unknown operation {message.op!r}")
+            if not conn.registered and message.op not in ("hello", "ping"):
+                raise BadRequest(f"{message.op}: send hello first")
+            result = handler(self, conn, message, out)
+        except RequestError as exc:
+            return [(conn_id, ErrorReply.from_error(message.id, exc).to_wire())]
+        # The reply goes before the events the request caused (the requester learns first).
+        return [(conn_id, Reply(message.id, result).to_wire()), *out]
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _hello(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        if conn.registered:
+            raise BadRequest("hello: already registered")
+        info = req.arg("info", dict, {}, optional=True)
+        self._check_info(info)
+        name = req.arg("name", str, None, optional=True)
+        flags = self._flags(req)
+        metadata = info.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise BadRequest("hello: info.metadata must be a map")
+        conn.info = {
+            "description": str(info.get("description", "")),
+            "version": str(info.get("version", "")),
+            "metadata": metadata,
+        }
+        result: dict[str, Any] = {"unique_id": conn.unique_id, "identity": conn.key.id}
+        if name is not None:
+            result["name_result"] = self._request_name(conn, name, flags, out)
+        conn.registered = True
+        return result
+
+    def _ping(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        return {}
+
+    def _request_name_op(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        return self._request_name(conn, req.arg("name", str), self._flags(req), out)
+
+    def _release_name(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        result, events = self.names.release_name(conn.id, req.arg("name", str))
+        out.extend(self._notify(events))
+        return result.value
+
+    def _list_names(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        everything = req.arg("all", bool, False)
+        if everything and not conn.admin:
+            raise AccessDenied(f"{conn.key.id} may not list all connections: only an admin identity may")
+        entries = [
+            self._entry(name, owner)
+            for name, owner in sorted(self.names.names().items())
+            if everything or self.policy.may_see(conn.key, name).allowed
+        ]
+        if everything:
+            entries += [
+                self._entry(None, c.id)
+                for c in self.connections.values()
+                if c.registered and not self.names.owned_by(c.id)
+            ]
+        return entries
+
+    def _resolve(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        name = validate_name(req.arg("name", str))
+        owner = self.names.owner(name)
+        if owner is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+            raise NameNotFound(f"no connection owns {name!r}")
+        return self._entry(name, owner)
+
+    def _info(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        target = req.arg("target", str)
+        target_id = parse_unique_id(target)
+        if target_id is None:
+            name = validate_name(target)
+            target_id = self.names.owner(name)
+            if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+                raise NameNotFound(f"no connection owns {name!r}")
+        other = self.connections.get(target_id)
+        visible_names = [] if other is None else self._visible_names(conn, other)
+        if other is None or not (conn.admin or other is conn or visible_names):
+            # Nameless connections are hidden from everyone but admins and themselves.
+            raise NameNotFound(f"no visible connection {target!r}")
+        entry = self._entry(visible_names[0] if visible_names else None, other.id)
+        entry["names"] = visible_names
+        entry["queued_for"] = self.names.waiting_for(other.id) if (conn.admin or other is conn) else []
+        return entry
+
+    def _watch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        patterns = req.arg("patterns", list, ["*"])
+        if not patterns:
+            patterns = ["*"]
+        if not all(isinstance(p, str) for p in patterns):
+            raise BadRequest("watch: 'patterns' must be a list of strings")
+        if len(patterns) > self.limits.patterns_per_watch:
+            raise QuotaExceeded(f"watch: at most {self.limits.patterns_per_watch} patterns")
+        if len(conn.watches) >= self.limits.watches_per_connection:
+            raise QuotaExceeded(f"at most {self.limits.watches_per_connection} watches per connection")
+        watch_id = conn.next_watch
+        conn.next_watch += 1
+        conn.watches[watch_id] = tuple(patterns)
+        snapshot = [
+            self._entry(name, owner)
+            for name, owner in sorted(self.names.names().items())
+            if self._matches(conn, conn.watches[watch_id], name)
+        ]
+        return {"watch": watch_id, "snapshot": snapshot}
+
+    def _unwatch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        watch_id = req.arg("watch", int)
+        if conn.watches.pop(watch_id, None) is None:
+            raise BadRequest(f"unwatch: no watch {watch_id}")
+        return {}
+
+    _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {
+        "hello": _hello,
+        "ping": _ping,
+        "request_name": _request_name_op,
+        "release_name": _release_name,
+        "list_names": _list_names,
+        "resolve": _resolve,
+        "info": _info,
+        "watch": _watch,
+        "unwatch": _unwatch,
+    }
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _flags(self, req: Request) -> NameFlag:
+        names = req.arg("flags", list, [])
+        flags = NameFlag.NONE
+        for name in names:
+            if name not in FLAG_NAMES:
+                raise BadRequest(f"{req.op}: unknown flag {name!r} (known: {', '.join(FLAG_NAMES)})")
+            flags |= FLAG_NAMES[name]
+        return flags
+
+    def _request_name(self, conn: Connection, name: str, flags: NameFlag, out: list[Outgoing]) -> str:
+        validate_name(name)
+        self.policy.may_own(conn.key, name).check()
+        result, events = self.names.request_name(conn.id, name, flags)
+        out.extend(self._notify(events))
+        return result.value
+
+    def _check_info(self, info: dict[str, Any]) -> None:
+        # Info is repeated to every lister and watcher: keep it small.
+        if len(cbor2.dumps(info)) > self.limits.info_bytes:
+            raise QuotaExceeded(f"hello: info is larger than {self.limits.info_bytes} bytes")
+
+    def _visible_names(self, viewer: Connection, other: Connection) -> list[str]:
+        return [
+            n
+            for n in self.names.owned_by(other.id)
+            if viewer.admin or viewer is other or self.policy.may_see(viewer.key, n).allowed
+        ]
+
+    def _matches(self, watcher: Connection, patterns: tuple[str, ...], name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns) and (
+            watcher.admin or self.policy.may_see(watcher.key, name).allowed
+        )
+
+    def _entry(self, name: str | None, conn_id: int) -> dict[str, Any]:
+        c = self.connections[conn_id]
+        return {
+            "name": name,
+            "unique_id": c.unique_id,
+            "identity": c.key.id,
+            "info": c.info,
+            "connected_since": c.connected_since,
+            "transport": c.transport,
+            "pid": c.pid,
+            "uid": c.uid,
+        }
+
+    def _notify(self, changes: list[OwnerChanged]) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for change in changes:
+            if change.old is None:
+                kind = "connected"
+            elif change.new is None:
+                kind = "disconnected"
+            else:
+                kind = "owner-changed"
+            owner = self._entry(change.name, change.new) if change.new is not None else None
+            old = self.connections.get(change.old) if change.old is not None else None
+            for watcher in self.connections.values():
+                for watch_id, patterns in watcher.watches.items():
+                    if not self._matches(watcher, patterns, change.name):
+                        continue
+                    fields = {
+                        "watch": watch_id,
+                        "kind": kind,
+                        "name": change.name,
+                        "owner": owner,
+                        "old_owner": f":{change.old}" if change.old is not None else None,
+                        "old_identity": old.key.id if old is not None else None,
+                    }
+                    out.append((watcher.id, Event("name", fields).to_wire()))
+        return out

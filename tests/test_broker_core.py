@@ -1,0 +1,235 @@
+"""BrokerCore (sans-io): registration, names, queries, watches, spoofing, bad requests."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from bus.core.broker import BrokerCore, Limits
+from bus.core.policy import Policy
+from bus.errors import FrameError, QuotaExceeded
+from bus.wire.identity import Identity
+
+OWNER = Identity.generate().public_key
+PLUGIN = Identity.generate().public_key
+VIEWER = Identity.generate().public_key
+
+RULES = f"""
+[[rule]]
+name = "plugin"
+identities = ["{PLUGIN.id}"]
+connect = true
+own = ["org.example.*"]
+see = ["org.example.*"]
+
+[[rule]]
+name = "viewer"
+identities = ["{VIEWER.id}"]
+connect = true
+see = ["org.example.Public*"]
+"""
+
+
+class Harness:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.core = BrokerCore(Policy.from_mapping(OWNER, tomllib.loads(RULES)), limits, clock=lambda: 1000.0)
+        self.sent: dict[int, list[dict[str, Any]]] = {}
+        self._ids = 0
+
+    def connect(self, key: Any = OWNER, transport: str = "unix") -> int:
+        conn = self.core.connect(key, transport, pid=123, uid=1000)
+        self.sent[conn.id] = []
+        return conn.id
+
+    def deliver(self, out: list[tuple[int, dict[str, Any]]]) -> None:
+        for conn_id, msg in out:
+            self.sent[conn_id].append(msg)
+
+    def request(self, conn: int, op: str, **args: Any) -> dict[str, Any]:
+        self._ids += 1
+        self.deliver(self.core.receive(conn, {"op": op, "id": self._ids, **args}))
+        replies = [m for m in self.sent[conn] if m.get("re") == self._ids]
+        assert len(replies) == 1, "every request gets exactly one reply"
+        return replies[0]
+
+    def ok(self, conn: int, op: str, **args: Any) -> Any:
+        reply = self.request(conn, op, **args)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def error(self, conn: int, op: str, **args: Any) -> tuple[str, str]:
+        reply = self.request(conn, op, **args)
+        assert "error" in reply, reply
+        return reply["error"]["code"], reply["error"]["message"]
+
+    def events(self, conn: int) -> list[dict[str, Any]]:
+        evs = [m for m in self.sent[conn] if "event" in m]
+        self.sent[conn] = [m for m in self.sent[conn] if "event" not in m]
+        return evs
+
+    def disconnect(self, conn: int) -> None:
+        self.deliver(self.core.disconnect(conn))
+
+
+def test_hello_registers_with_unique_ids_never_reused() -> None:
+    h = Harness()
+    a = h.connect()
+    first = h.ok(a, "hello", info={"description": "A", "version": "1"})
+    assert first == {"unique_id": f":{a}", "identity": OWNER.id}
+    h.disconnect(a)
+    b = h.connect()
+    assert h.ok(b, "hello")["unique_id"] != first["unique_id"]
+
+
+def test_requests_before_hello_are_refused_but_the_connection_stays() -> None:
+    h = Harness()
+    a = h.connect()
+    assert h.error(a, "list_names")[0] == "minibus.Error.BadRequest"
+    assert h.ok(a, "ping") == {}
+    assert h.ok(a, "hello")["unique_id"] == f":{a}"
+    assert h.error(a, "hello")[0] == "minibus.Error.BadRequest"
+
+
+def test_unknown_operations_and_malformed_requests_get_error_replies() -> None:
+    h = Harness()
+    a = h.connect()
+    h.ok(a, "hello")
+    assert h.error(a, "frobnicate")[0] == "minibus.Error.UnknownOperation"
+    assert h.error(a, "request_name")[0] == "minibus.Error.BadRequest"  # missing name
+    assert h.error(a, "request_name", name=5)[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "request_name", name="org.example.X", flags=["fly"])[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "request_name", name="bad name")[0] == "minibus.Error.InvalidName"
+    out = h.core.receive(a, {"op": 7, "id": 99})
+    assert out[0][1]["re"] == 99 and out[0][1]["error"]["code"] == "minibus.Error.BadRequest"
+    with pytest.raises(FrameError):
+        h.core.receive(a, {"op": "ping"})  # no id: nothing to reply to
+    with pytest.raises(FrameError):
+        h.core.receive(a, {"nonsense": True})
+
+
+def test_spoofing_fields_in_hello_change_nothing() -> None:
+    h = Harness()
+    victim = h.connect(PLUGIN)
+    h.ok(victim, "hello", name="org.example.Echo")
+    attacker = h.connect(OWNER)
+    result = h.ok(attacker, "hello", identity=PLUGIN.id, unique_id=f":{victim}", name="org.example.Other")
+    assert result["identity"] == OWNER.id and result["unique_id"] == f":{attacker}"
+    entry = h.ok(attacker, "resolve", name="org.example.Other")
+    assert entry["identity"] == OWNER.id and entry["unique_id"] == f":{attacker}"
+    assert h.ok(attacker, "resolve", name="org.example.Echo")["identity"] == PLUGIN.id
+
+
+def test_policy_denial_names_the_rule() -> None:
+    h = Harness()
+    p = h.connect(PLUGIN)
+    h.ok(p, "hello")
+    code, message = h.error(p, "request_name", name="com.other.Thing")
+    assert code == "minibus.Error.AccessDenied"
+    assert "may not own 'com.other.Thing'" in message and "plugin" in message
+    code, message = h.error(p, "list_names", all=True)
+    assert code == "minibus.Error.AccessDenied" and "admin" in message
+
+
+def test_queries_hide_nameless_connections_except_from_admins() -> None:
+    h = Harness()
+    named = h.connect(PLUGIN)
+    h.ok(named, "hello", name="org.example.Echo", info={"description": "echo", "version": "2", "metadata": {"k": 1}})
+    nameless = h.connect(VIEWER)
+    h.ok(nameless, "hello")
+    admin = h.connect(OWNER)
+    h.ok(admin, "hello")
+    listed = h.ok(named, "list_names")
+    assert [e["name"] for e in listed] == ["org.example.Echo"]
+    entry = listed[0]
+    assert entry["unique_id"] == f":{named}" and entry["identity"] == PLUGIN.id
+    assert entry["info"] == {"description": "echo", "version": "2", "metadata": {"k": 1}}
+    assert entry["transport"] == "unix" and entry["pid"] == 123 and entry["uid"] == 1000
+    assert entry["connected_since"] == 1000.0
+    assert h.error(named, "info", target=f":{nameless}")[0] == "minibus.Error.NameNotFound"
+    everything = h.ok(admin, "list_names", all=True)
+    assert {e["unique_id"] for e in everything} == {f":{named}", f":{nameless}", f":{admin}"}
+    assert h.ok(admin, "info", target=f":{nameless}")["names"] == []
+    assert h.ok(nameless, "info", target=f":{nameless}")["unique_id"] == f":{nameless}"  # itself
+
+
+def test_see_rules_filter_queries() -> None:
+    h = Harness()
+    p = h.connect(PLUGIN)
+    h.ok(p, "hello", name="org.example.Private")
+    h.ok(p, "request_name", name="org.example.PublicNews")
+    v = h.connect(VIEWER)
+    h.ok(v, "hello")
+    assert [e["name"] for e in h.ok(v, "list_names")] == ["org.example.PublicNews"]
+    assert h.error(v, "resolve", name="org.example.Private")[0] == "minibus.Error.NameNotFound"
+    assert h.ok(v, "info", target="org.example.PublicNews")["names"] == ["org.example.PublicNews"]
+
+
+def test_watch_snapshot_then_deltas_in_order() -> None:
+    h = Harness()
+    w = h.connect()
+    h.ok(w, "hello")
+    a = h.connect(PLUGIN)
+    h.ok(a, "hello", name="org.example.A", flags=["allow-replacement"])
+    result = h.ok(w, "watch", patterns=["org.example.*"])
+    assert [e["name"] for e in result["snapshot"]] == ["org.example.A"]
+    wid = result["watch"]
+    b = h.connect(PLUGIN)
+    h.ok(b, "hello", name="org.example.B")
+    h.ok(b, "request_name", name="org.example.A", flags=["replace-existing"])
+    h.disconnect(b)
+    kinds = [(e["kind"], e["name"], e["owner"]["unique_id"] if e["owner"] else None, e["old_owner"]) for e in h.events(w)]
+    assert kinds == [
+        ("connected", "org.example.B", f":{b}", None),
+        ("owner-changed", "org.example.A", f":{b}", f":{a}"),
+        ("owner-changed", "org.example.A", f":{a}", f":{b}"),  # names are released in sorted order
+        ("disconnected", "org.example.B", None, f":{b}"),
+    ]
+    assert all(e["watch"] == wid for e in h.sent[w] if "event" in e)
+    h.ok(w, "unwatch", watch=wid)
+    h.disconnect(a)
+    assert h.events(w) == []
+    assert h.error(w, "unwatch", watch=wid)[0] == "minibus.Error.BadRequest"
+
+
+def test_watch_patterns_filter_and_several_watches() -> None:
+    h = Harness()
+    w = h.connect()
+    h.ok(w, "hello")
+    one = h.ok(w, "watch", patterns=["org.example.A"])["watch"]
+    two = h.ok(w, "watch", patterns=["org.example.*"])["watch"]
+    p = h.connect(PLUGIN)
+    h.ok(p, "hello", name="org.example.B")
+    h.ok(p, "request_name", name="org.example.A")
+    got = [(e["watch"], e["name"]) for e in h.events(w)]
+    assert got == [(two, "org.example.B"), (one, "org.example.A"), (two, "org.example.A")]
+
+
+def test_limits() -> None:
+    h = Harness(Limits(connections_per_identity=2, watches_per_connection=1, names_per_connection=1))
+    a = h.connect(PLUGIN)
+    h.connect(PLUGIN)
+    with pytest.raises(QuotaExceeded):
+        h.core.connect(PLUGIN, "tcp")
+    h.ok(a, "hello", name="org.example.One")
+    assert h.error(a, "request_name", name="org.example.Two")[0] == "minibus.Error.QuotaExceeded"
+    h.ok(a, "watch", patterns=["*"])
+    assert h.error(a, "watch", patterns=["*"])[0] == "minibus.Error.QuotaExceeded"
+    h.disconnect(a)
+    h.connect(PLUGIN)  # the slot freed
+
+
+def test_disconnect_is_idempotent_and_hands_names_over() -> None:
+    h = Harness()
+    w = h.connect()
+    h.ok(w, "hello")
+    h.ok(w, "watch", patterns=["*"])
+    a, b = h.connect(PLUGIN), h.connect(PLUGIN)
+    h.ok(a, "hello", name="org.example.Svc")
+    h.ok(b, "hello", name="org.example.Svc")
+    assert h.ok(b, "info", target=f":{b}")["queued_for"] == ["org.example.Svc"]
+    h.events(w)
+    h.disconnect(a)
+    h.disconnect(a)
+    assert [(e["kind"], e["owner"]["unique_id"]) for e in h.events(w)] == [("owner-changed", f":{b}")]
