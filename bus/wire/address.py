@@ -37,7 +37,7 @@ class Endpoint:
 
 
 def _value(text: str) -> str:
-    return quote(text, safe="/@.:-_+[]")
+    return quote(text, safe="/@.:-_+=[]")
 
 
 def format_address(endpoints: list[Endpoint]) -> str:

@@ -1,0 +1,409 @@
+"""The broker: accept loops and one session per connection, wiring BrokerCore to sockets.
+
+Theory of operation
+-------------------
+:class:`Broker` listens on a Unix socket and/or a TCP socket.  Each accepted connection
+becomes a :class:`_Session` running three tasks in its own nursery:
+
+* the **reader** decodes frames and hands control messages to :class:`BrokerCore`;
+* the **writer** drains the session's outbound queue, one whole frame at a time;
+* the **keepalive** pings an idle peer and declares it dead when it stays silent.
+
+Every message :class:`BrokerCore` produces is put on its target session's outbound queue
+with ``send_nowait``.  The queue is bounded (``outbound_queue`` messages); when it is full
+the consumer is too slow, and it is disconnected with the reason logged and, when the
+writer is between frames, sent to it: nothing is ever dropped silently and no session can
+make the broker buffer without bound.
+
+When a session ends for any reason (EOF, broken transport, framing violation, keepalive
+timeout, slow consumer, shutdown), ``BrokerCore.disconnect`` runs exactly once and its
+notifications go out to the watchers.  A framing violation ends only that connection,
+after an error event where the stream still allows one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .core.broker import BrokerCore, Limits
+from .core.policy import Policy
+from .errors import FrameError, HandshakeError, QuotaExceeded
+from .io.framed import FramedStream
+from .io.secure import SecureStream
+from .wire.address import Endpoint, format_address
+from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame
+from .wire.identity import Identity, PublicKey
+from .wire.shs import DEFAULT_NETWORK_KEY
+
+__all__ = ["BrokerConfig", "Broker", "BrokerAlreadyRunning", "default_runtime_dir"]
+
+log = logging.getLogger("minibus.broker")
+
+
+class BrokerAlreadyRunning(RuntimeError):
+    """Another broker answers on the Unix socket path."""
+
+
+def default_runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/minibus``, else ``/tmp/minibus-$UID``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "minibus"
+    return Path(f"/tmp/minibus-{os.getuid()}")
+
+
+@dataclass
+class BrokerConfig:
+    identity: Identity
+    policy: Policy
+    unix_path: Path | None = None
+    tcp: tuple[str, int] | None = ("127.0.0.1", 7420)
+    runtime_dir: Path = field(default_factory=default_runtime_dir)
+    network_key: bytes = DEFAULT_NETWORK_KEY
+    limits: Limits = field(default_factory=Limits)
+    encrypt_unix: bool = False
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_control: int = DEFAULT_MAX_CONTROL
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+    outbound_queue: int = 1024
+    close_timeout: float = 2.0
+    write_address_file: bool = True
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self.unix_path
+
+    @property
+    def address_file(self) -> Path:
+        base = self.unix_path.parent if self.unix_path is not None else self.runtime_dir
+        return base / "address"
+
+
+def _peercred(stream: trio.SocketStream) -> tuple[int | None, int | None]:
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None, None
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return pid, uid
+
+
+class _Session:
+    def __init__(self, broker: Broker, conn_id: int, framed: FramedStream, key: PublicKey, transport: str) -> None:
+        self.broker = broker
+        self.conn_id = conn_id
+        self.framed = framed
+        self.key = key
+        self.transport = transport
+        cfg = broker.config
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](cfg.outbound_queue)
+        self.cancel_scope = trio.CancelScope()
+        self.reason = "connection closed"
+        self.last_received = trio.current_time()
+        self.mid_frame = False
+        self.stop_writing = False
+        self.next_ping_id = 1
+
+    # -- outbound ----------------------------------------------------------------------------
+
+    def enqueue(self, message: dict[str, Any]) -> None:
+        """Queue a message; a full queue disconnects this (slow) consumer, never drops."""
+        if self.stop_writing:
+            return  # already being disconnected; it will be told why
+        try:
+            self.send_channel.send_nowait(self.framed.encode_message(message))
+        except trio.WouldBlock:
+            self.overflow()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the session is already ending
+
+    def overflow(self) -> None:
+        """The slow-consumer policy: stop at the next frame boundary, say why, disconnect.
+
+        The writer gets ``close_timeout`` to finish the frame it is in; then the session
+        ends regardless (and the reason can only be logged).
+        """
+        cfg = self.broker.config
+        self.reason = f"slow consumer: {cfg.outbound_queue} messages were waiting to be sent"
+        self.stop_writing = True
+        self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
+        log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)
+
+    def end(self, reason: str) -> None:
+        if not self.cancel_scope.cancel_called:
+            self.reason = reason
+            self.cancel_scope.cancel()
+
+    async def writer(self) -> None:
+        try:
+            async for encoded in self.receive_channel:
+                if self.stop_writing:
+                    self.cancel_scope.cancel()  # at a frame boundary: run() says why
+                    return
+                self.mid_frame = True
+                await self.framed.send_raw(encoded)
+                self.mid_frame = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.end(f"transport broken while sending: {exc}")
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def reader(self) -> None:
+        core = self.broker.core
+        while True:
+            frame = await self.framed.receive_frame()
+            if frame is None:
+                self.reason = "peer closed the connection"
+                return
+            self.last_received = trio.current_time()
+            if not isinstance(frame, ControlFrame) or frame.channel != 0:
+                raise FrameError("channels are not open on this connection (only control frames on channel 0)")
+            self.broker.dispatch(core.receive(self.conn_id, frame.message))
+
+    async def keepalive(self) -> None:
+        cfg = self.broker.config
+        while True:
+            idle = trio.current_time() - self.last_received
+            if idle >= cfg.keepalive_timeout:
+                self.end(f"keepalive: nothing received for {cfg.keepalive_timeout:g} s")
+                return
+            if idle >= cfg.keepalive_interval:
+                self.enqueue({"op": "ping", "id": self.next_ping_id})
+                self.next_ping_id += 1
+                await trio.sleep(min(cfg.keepalive_interval, cfg.keepalive_timeout - idle))
+            else:
+                await trio.sleep(cfg.keepalive_interval - idle)
+
+    # -- the whole session ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        error_event: dict[str, Any] | None = None
+        with self.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.writer)
+                nursery.start_soon(self.keepalive)
+                try:
+                    await self.reader()
+                except FrameError as exc:
+                    self.reason = f"framing violation: {exc}"
+                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.reason = f"transport broken: {exc}"
+                nursery.cancel_scope.cancel()
+        # Say why, where the stream can still carry a whole frame, within a deadline.
+        if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
+            error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
+        if error_event is not None and not self.mid_frame:
+            with trio.move_on_after(self.broker.config.close_timeout):
+                try:
+                    await self.framed.send_message(error_event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.core = BrokerCore(config.policy, config.limits)
+        self.sessions: dict[int, _Session] = {}
+        self.endpoints: list[Endpoint] = []
+        self._listeners: list[trio.SocketListener] = []
+        self._shutting_down = False
+        self._socket_inode: tuple[int, int] | None = None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.endpoints)
+
+    def dispatch(self, out: list[tuple[int, dict[str, Any]]]) -> None:
+        for conn_id, message in out:
+            session = self.sessions.get(conn_id)
+            if session is not None:
+                session.enqueue(message)
+
+    # -- listening ---------------------------------------------------------------------------
+
+    async def _open_unix(self, path: Path) -> trio.SocketListener:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await probe.connect(str(path))
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                    raise
+                log.info("removing stale socket %s left by a broker that is gone", path)
+                path.unlink(missing_ok=True)
+            else:
+                raise BrokerAlreadyRunning(f"another broker is already listening on {path}")
+            finally:
+                probe.close()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(socket.SOMAXCONN)
+        st = path.stat()
+        self._socket_inode = (st.st_dev, st.st_ino)
+        return trio.SocketListener(sock)
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, announce the address through ``task_status``, and serve until cancelled."""
+        cfg = self.config
+        key = cfg.identity.public_key
+        unix_listener = None
+        try:
+            if cfg.unix_path is not None:
+                unix_listener = await self._open_unix(cfg.unix_path)
+                self._listeners.append(unix_listener)
+                self.endpoints.append(Endpoint("unix", key, path=str(cfg.unix_path)))
+            if cfg.tcp is not None:
+                host, port = cfg.tcp
+                tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+                self._listeners += tcp_listeners
+                bound = tcp_listeners[0].socket.getsockname()
+                self.endpoints.append(Endpoint("tcp", key, host=host, port=bound[1]))
+            if not self._listeners:
+                raise ValueError("the broker needs at least one of unix_path and tcp")
+            if cfg.write_address_file:
+                self._write_address_file()
+            async with trio.open_nursery() as nursery:
+                for listener in self._listeners:
+                    kind = "unix" if listener is unix_listener else "tcp"
+                    nursery.start_soon(self._accept_loop, listener, kind, nursery)
+                task_status.started(self.address)
+                log.info("listening: %s", self.address)
+        finally:
+            self._cleanup_files()
+
+    async def _accept_loop(self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed on %s listener: %s", kind, exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._handle, stream, kind)
+
+    def _write_address_file(self) -> None:
+        path = self.config.address_file
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".address.{os.getpid()}.tmp")
+        tmp.write_text(self.address + "\n")
+        os.replace(tmp, path)
+
+    def _cleanup_files(self) -> None:
+        cfg = self.config
+        if cfg.unix_path is not None and self._socket_inode is not None:
+            # Only our own socket: a newer broker may have replaced it already.
+            try:
+                st = cfg.unix_path.stat()
+                if (st.st_dev, st.st_ino) == self._socket_inode:
+                    cfg.unix_path.unlink()
+            except OSError:
+                pass
+        if cfg.write_address_file and self.endpoints:
+            try:
+                if cfg.address_file.read_text().strip() == self.address:
+                    cfg.address_file.unlink()
+            except OSError:
+                pass
+
+    # -- one connection ------------------------------------------------------------------------
+
+    def _authorize(self, key: PublicKey) -> bool:
+        decision = self.config.policy.may_connect(key)
+        if not decision.allowed:
+            log.info("refused in the handshake: %s", decision.rule)
+        return decision.allowed
+
+    async def _handle(self, transport: trio.SocketStream, kind: str) -> None:
+        cfg = self.config
+        pid, uid = _peercred(transport) if kind == "unix" else (None, None)
+        stream = SecureStream.server(
+            transport,
+            cfg.identity,
+            network_key=cfg.network_key,
+            authorize=self._authorize,
+            encrypted=kind == "tcp" or cfg.encrypt_unix,
+            handshake_timeout=cfg.handshake_timeout,
+        )
+        stream.close_timeout = cfg.close_timeout
+        try:
+            await self._serve_connection(stream, kind, pid, uid)
+        finally:
+            # Whatever happened (even a cancellation before the handshake began), the
+            # socket is closed: a graceful close sends the goodbye within close_timeout.
+            with trio.move_on_after(cfg.close_timeout) as scope:
+                scope.shield = True
+                await stream.aclose()
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: SecureStream, kind: str, pid: int | None, uid: int | None) -> None:
+        cfg = self.config
+        try:
+            await stream.do_handshake()
+        except HandshakeError as exc:
+            log.info("%s handshake failed: %s", kind, exc)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("%s connection lost during the handshake: %s", kind, exc)
+            return
+        if self._shutting_down:
+            return
+        framed = FramedStream(stream, max_frame=cfg.max_frame, max_control=cfg.max_control)
+        try:
+            conn = self.core.connect(stream.peer_key, kind, pid, uid)
+        except QuotaExceeded as exc:
+            log.info("refused %s: %s", stream.peer_key, exc)
+            with trio.move_on_after(cfg.close_timeout):
+                try:
+                    await framed.send_message({"event": "error", "code": exc.code, "message": str(exc)})
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            return
+        session = _Session(self, conn.id, framed, stream.peer_key, kind)
+        self.sessions[conn.id] = session
+        log.debug("connection :%d from %s over %s (pid %s)", conn.id, stream.peer_key, kind, pid)
+        try:
+            await session.run()
+        except Exception:
+            # A bug met by one connection ends that connection, never the broker.
+            session.reason = "internal error (logged)"
+            log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
+        finally:
+            del self.sessions[conn.id]
+            self.dispatch(self.core.disconnect(conn.id))
+            log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def begin_shutdown(self, reason: str = "broker shutting down") -> None:
+        """Tell every client and end its session (used on SIGINT/SIGTERM)."""
+        self._shutting_down = True
+        for session in list(self.sessions.values()):
+            session.end(reason)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.sessions),
+            "names": len(self.core.names.names()),
+            "queued": {s.conn_id: s.send_channel.statistics().current_buffer_used for s in self.sessions.values()},
+        }
+

@@ -1,0 +1,620 @@
+"""The minibus client library.
+
+Theory of operation
+-------------------
+:func:`open_bus` connects (Unix socket or TCP, whichever the address lists first and
+answers), runs the secret handshake against the broker key in the address, says hello, and
+yields a :class:`Bus`.  A :class:`Bus` owns a nursery with one *reader* task (replies,
+events and the broker's pings) and one *writer* task (the only one that sends, so a
+cancelled request never leaves half a frame behind).
+
+Requests wait for their reply under a deadline (:attr:`Bus.request_timeout`, 10 s by
+default); callers may add tighter ones with ``trio.fail_after``.
+
+When the connection drops, requests in flight fail with
+:class:`~bus.errors.ConnectionLost` (none is replayed).  With ``reconnect=True`` (the
+default) the bus then dials again with exponential backoff (0.1 s doubling to 5 s), says
+hello again, requests its names again, and restores every watch: a watch that was open
+keeps yielding, and the difference between what it knew and the broker's new snapshot
+arrives as ordinary events.  So the objects a user holds keep working across a broker
+restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from bus.broker import default_runtime_dir
+from bus.errors import BusError, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
+from bus.io.framed import FramedStream
+from bus.io.secure import SecureStream
+from bus.wire.address import Endpoint, parse_address
+from bus.wire.frames import ControlFrame
+from bus.wire.identity import Identity, load_or_create_identity
+from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
+from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
+
+__all__ = [
+    "open_bus",
+    "Bus",
+    "NameInfo",
+    "NameEvent",
+    "Watch",
+    "WatchOverflow",
+    "CannotConnect",
+    "RequestTimeout",
+    "find_address",
+    "network_key_from_env",
+]
+
+log = logging.getLogger("minibus.client")
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+WATCH_BUFFER = 1024
+OUTBOUND_BUFFER = 1024
+
+
+class CannotConnect(BusError):
+    """No endpoint of the bus address accepted a connection and a handshake."""
+
+
+class RequestTimeout(BusError):
+    """The broker did not answer a request before the deadline."""
+
+
+class WatchOverflow(BusError):
+    """A watch's events were not consumed and its buffer filled up; the watch ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class NameInfo:
+    """A connection as the broker reports it (``name`` is None for a nameless one)."""
+
+    name: str | None
+    unique_id: str
+    identity: str
+    info: dict[str, Any]
+    connected_since: float
+    transport: str
+    pid: int | None
+    uid: int | None
+    names: tuple[str, ...] = ()
+    queued_for: tuple[str, ...] = ()
+
+    @classmethod
+    def from_wire(cls, entry: dict[str, Any]) -> NameInfo:
+        return cls(
+            name=entry.get("name"),
+            unique_id=entry["unique_id"],
+            identity=entry["identity"],
+            info=entry.get("info") or {},
+            connected_since=entry.get("connected_since", 0.0),
+            transport=entry.get("transport", ""),
+            pid=entry.get("pid"),
+            uid=entry.get("uid"),
+            names=tuple(entry.get("names", ())),
+            queued_for=tuple(entry.get("queued_for", ())),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "unique_id": self.unique_id,
+            "identity": self.identity,
+            "info": self.info,
+            "connected_since": self.connected_since,
+            "transport": self.transport,
+            "pid": self.pid,
+            "uid": self.uid,
+            **({"names": list(self.names), "queued_for": list(self.queued_for)} if self.names or self.queued_for else {}),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NameEvent:
+    """``present`` (in the snapshot), ``connected``, ``disconnected`` or ``owner-changed``."""
+
+    kind: str
+    name: str
+    owner: NameInfo | None
+    old_owner: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "owner": self.owner.to_json() if self.owner else None,
+            "old_owner": self.old_owner,
+        }
+
+
+def network_key_from_env() -> bytes:
+    text = os.environ.get("MINIBUS_NETWORK_KEY")
+    return parse_network_key(text) if text else DEFAULT_NETWORK_KEY
+
+
+def find_address(address: str | None = None) -> str:
+    """The argument, else ``MINIBUS_ADDRESS``, else the broker's address file."""
+    if address:
+        return address
+    env = os.environ.get("MINIBUS_ADDRESS")
+    if env:
+        return env
+    path = default_runtime_dir() / "address"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise CannotConnect(
+            f"no bus address: pass one, set MINIBUS_ADDRESS, or start busd (no address file at {path})"
+        ) from None
+
+
+class Watch:
+    """Events for names matching some patterns: the snapshot (``present``), then changes.
+
+    Use as ``async with bus.watch([...]) as watch: async for event in watch: ...``.
+    """
+
+    def __init__(self, bus: Bus, patterns: tuple[str, ...]) -> None:
+        self._bus = bus
+        self.patterns = patterns
+        self.watch_id: int | None = None
+        self.known: dict[str, NameInfo] = {}
+        self._send, self._receive = trio.open_memory_channel[NameEvent](WATCH_BUFFER)
+        self._error: BusError | None = None
+
+    def _push(self, event: NameEvent) -> None:
+        if event.owner is None:
+            self.known.pop(event.name, None)
+        else:
+            self.known[event.name] = event.owner
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self._fail(WatchOverflow(f"watch {list(self.patterns)}: {WATCH_BUFFER} events were not consumed"))
+        except trio.ClosedResourceError:
+            pass
+
+    def _fail(self, error: BusError) -> None:
+        self._error = error
+        self._send.close()
+        self._bus._watches.pop(self.watch_id or 0, None)
+
+    def _resync(self, snapshot: list[NameInfo]) -> None:
+        """After a reconnect: report the difference between what we knew and the new snapshot."""
+        fresh = {e.name: e for e in snapshot if e.name is not None}
+        for name in sorted(set(self.known) - set(fresh)):
+            self._push(NameEvent("disconnected", name, None, self.known[name].unique_id))
+        for name in sorted(fresh):
+            old = self.known.get(name)
+            if old is None:
+                self._push(NameEvent("connected", name, fresh[name]))
+            elif old.unique_id != fresh[name].unique_id:
+                self._push(NameEvent("owner-changed", name, fresh[name], old.unique_id))
+
+    async def __aenter__(self) -> Watch:
+        await self._bus._start_watch(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._send.close()
+        if self.watch_id is not None and self._bus._watches.pop(self.watch_id, None) is not None:
+            try:
+                await self._bus.request("unwatch", watch=self.watch_id)
+            except (BusError, trio.TooSlowError):
+                pass
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> NameEvent:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self._error is not None:
+                raise self._error from None
+            raise StopAsyncIteration from None
+
+
+class _Link:
+    """One live connection: the stream, its writer queue, and its pending requests."""
+
+    def __init__(self, framed: FramedStream, unique_id: str) -> None:
+        self.framed = framed
+        self.unique_id = unique_id
+        self.send, self.outbound = trio.open_memory_channel[bytes](OUTBOUND_BUFFER)
+        self.pending: dict[int, _Pending] = {}
+        self.closed = False
+        self.closed_event = trio.Event()
+
+
+class _Pending:
+    __slots__ = ("done", "reply", "on_result")
+
+    def __init__(self, on_result: Callable[[Any], None] | None) -> None:
+        self.done = trio.Event()
+        self.reply: Reply | ErrorReply | BusError | None = None
+        # Runs in the reader, before any later message is handled (watch snapshots need it).
+        self.on_result = on_result
+
+
+class Bus:
+    """A connection to the bus; get one from :func:`open_bus`."""
+
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        network_key: bytes,
+        *,
+        name: str | None,
+        info: dict[str, Any] | None,
+        flags: Iterable[str],
+        reconnect: bool,
+        request_timeout: float,
+    ) -> None:
+        self.address = address
+        self.endpoints = parse_address(address)
+        self.identity = identity
+        self.network_key = network_key
+        self.plugin_info = dict(info or {})
+        self.reconnect = reconnect
+        self.request_timeout = request_timeout
+        self.requested_names: dict[str, list[str]] = {}
+        if name is not None:
+            self.requested_names[name] = list(flags)
+        self._watches: dict[int, Watch] = {}
+        self._link: _Link | None = None
+        self._next_id = 1
+        self._connected = trio.Event()
+        self._closed = False
+        self.reconnects = 0
+        self.endpoint: Endpoint | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def unique_id(self) -> str:
+        if self._link is None:
+            raise ConnectionLost("not connected to the bus right now")
+        return self._link.unique_id
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and not self._link.closed
+
+    async def request(self, op: str, **args: Any) -> Any:
+        """Send a request and return its result; remote errors raise their RequestError class."""
+        return await self._request(op, args, None)
+
+    async def _request(self, op: str, args: dict[str, Any], on_result: Callable[[Any], None] | None) -> Any:
+        link = self._link
+        if link is None or link.closed:
+            raise ConnectionLost("not connected to the bus")
+        request_id = self._next_id
+        self._next_id += 1
+        pending = _Pending(on_result)
+        link.pending[request_id] = pending
+        try:
+            try:
+                link.send.send_nowait(link.framed.encode_message(Request(op, request_id, args).to_wire()))
+            except trio.WouldBlock:
+                raise BusError(f"{OUTBOUND_BUFFER} messages already wait to be sent; the broker is not reading") from None
+            with trio.move_on_after(self.request_timeout) as scope:
+                await pending.done.wait()
+            if scope.cancelled_caught:
+                raise RequestTimeout(f"{op}: no reply from the broker within {self.request_timeout:g} s")
+        finally:
+            link.pending.pop(request_id, None)
+        reply = pending.reply
+        if isinstance(reply, BusError):
+            raise reply
+        if isinstance(reply, ErrorReply):
+            raise error_from_wire(reply.code, reply.message)
+        assert isinstance(reply, Reply)
+        return reply.result
+
+    async def request_name(self, name: str, flags: Iterable[str] = ()) -> str:
+        """Ask for a well-known name; returns primary-owner, in-queue, exists or already-owner.
+
+        The name is requested again after a reconnect (unless the answer was ``exists``).
+        """
+        flags = list(flags)
+        result: str = await self.request("request_name", name=name, flags=flags)
+        if result != "exists":
+            self.requested_names[name] = flags
+        return result
+
+    async def release_name(self, name: str) -> str:
+        self.requested_names.pop(name, None)
+        result: str = await self.request("release_name", name=name)
+        return result
+
+    async def list_names(self, *, all: bool = False) -> list[NameInfo]:
+        return [NameInfo.from_wire(e) for e in await self.request("list_names", all=all)]
+
+    async def resolve(self, name: str) -> NameInfo:
+        return NameInfo.from_wire(await self.request("resolve", name=name))
+
+    async def info(self, target: str) -> NameInfo:
+        """Details of a connection, by well-known name or unique id (``:42``)."""
+        return NameInfo.from_wire(await self.request("info", target=target))
+
+    async def ping(self) -> None:
+        await self.request("ping")
+
+    def watch(self, patterns: Iterable[str] = ("*",)) -> Watch:
+        return Watch(self, tuple(patterns) or ("*",))
+
+    # -- watches ------------------------------------------------------------------------------
+
+    async def _start_watch(self, watch: Watch) -> None:
+        def registered(result: Any) -> None:
+            watch.watch_id = result["watch"]
+            self._watches[result["watch"]] = watch
+            for entry in result["snapshot"]:
+                info = NameInfo.from_wire(entry)
+                watch._push(NameEvent("present", info.name or "", info))
+
+        await self._request("watch", {"patterns": list(watch.patterns)}, registered)
+
+    # -- connection management -----------------------------------------------------------------
+
+    async def _dial(self) -> tuple[SecureStream, Endpoint]:
+        errors = []
+        for ep in self.endpoints:
+            try:
+                if ep.transport == "unix":
+                    assert ep.path is not None
+                    transport: trio.SocketStream = await trio.open_unix_socket(ep.path)
+                else:
+                    assert ep.host is not None and ep.port is not None
+                    transport = await trio.open_tcp_stream(ep.host, ep.port)
+            except OSError as exc:
+                errors.append(f"{ep.transport}: {exc.strerror or exc}")
+                continue
+            stream = SecureStream.client(
+                transport, self.identity, ep.key, network_key=self.network_key, encrypted=ep.transport == "tcp"
+            )
+            try:
+                await stream.do_handshake()
+            except HandshakeError as exc:
+                errors.append(f"{ep.transport}: handshake failed: {exc}")
+                continue
+            return stream, ep
+        raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+
+    async def _connect(self) -> _Link:
+        stream, endpoint = await self._dial()
+        framed = FramedStream(stream)
+        # Hello (and the names) go out before the reader and writer start: no other traffic yet.
+        names = list(self.requested_names.items())
+        first = names[0] if names else None
+        hello: dict[str, Any] = {"info": self.plugin_info}
+        if first is not None:
+            hello.update(name=first[0], flags=first[1])
+        try:
+            with trio.fail_after(self.request_timeout):
+                await framed.send_message(Request("hello", 1, hello).to_wire())
+                reply = await self._await_direct_reply(framed, 1)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
+        if isinstance(reply, ErrorReply):
+            await trio.aclose_forcefully(stream)
+            raise error_from_wire(reply.code, reply.message)
+        self.endpoint = endpoint
+        return _Link(framed, reply.result["unique_id"])
+
+    async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
+        while True:
+            frame = await framed.receive_frame()
+            if frame is None:
+                raise trio.BrokenResourceError("the broker closed the connection during hello")
+            if isinstance(frame, ControlFrame):
+                message = parse_message(frame.message)
+                if isinstance(message, (Reply, ErrorReply)) and message.re == request_id:
+                    return message
+                if isinstance(message, Event) and message.event == "error":
+                    raise trio.BrokenResourceError(f"{message.fields.get('code')}: {message.fields.get('message')}")
+
+    async def _restore(self, link: _Link, nursery: trio.Nursery) -> None:
+        """After (re)connecting: the remaining names and every watch."""
+        for name, flags in list(self.requested_names.items())[1:]:
+            try:
+                await self.request_name(name, flags)
+            except RequestError as exc:
+                log.warning("could not request %s again after reconnecting: %s", name, exc)
+        old = list(self._watches.values())
+        self._watches.clear()  # ids from the old connection mean nothing now
+        for watch in old:
+
+            def restored(result: Any, watch: Watch = watch) -> None:
+                watch.watch_id = result["watch"]
+                self._watches[result["watch"]] = watch
+                watch._resync([NameInfo.from_wire(e) for e in result["snapshot"]])
+
+            try:
+                await self._request("watch", {"patterns": list(watch.patterns)}, restored)
+            except BusError as exc:
+                watch._fail(exc)
+
+    async def _run_link(self, link: _Link) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, link)
+                try:
+                    await self._reader(link)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(link.framed.stream)
+
+    async def _writer(self, link: _Link) -> None:
+        try:
+            async for encoded in link.outbound:
+                await link.framed.send_raw(encoded)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _reader(self, link: _Link) -> None:
+        reason = "the broker closed the connection"
+        try:
+            while True:
+                frame = await link.framed.receive_frame()
+                if frame is None:
+                    break
+                if not isinstance(frame, ControlFrame):
+                    continue  # channels arrive with the next version
+                message = parse_message(frame.message)
+                if isinstance(message, (Reply, ErrorReply)):
+                    pending = link.pending.get(message.re)
+                    if pending is not None:
+                        pending.reply = message
+                        if pending.on_result is not None and isinstance(message, Reply):
+                            pending.on_result(message.result)
+                        pending.done.set()
+                elif isinstance(message, Request):
+                    self._answer(link, message)
+                elif message.event == "name":
+                    self._route_name_event(message)
+                elif message.event == "error":
+                    reason = f"{message.fields.get('code')}: {message.fields.get('message')}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            link.closed = True
+            link.closed_event.set()
+            lost = ConnectionLost(reason)
+            for pending in link.pending.values():
+                pending.reply = lost
+                pending.done.set()
+            link.send.close()
+            log.info("bus connection ended: %s", reason)
+
+    def _answer(self, link: _Link, request: Request) -> None:
+        if request.op == "ping":
+            reply: dict[str, Any] = Reply(request.id, {}).to_wire()
+        else:
+            reply = ErrorReply(request.id, "minibus.Error.UnknownOperation", f"unknown operation {request.op!r}").to_wire()
+        try:
+            link.send.send_nowait(link.framed.encode_message(reply))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # the link is ending or hopelessly behind; the broker will notice
+
+    def _route_name_event(self, event: Event) -> None:
+        watch = self._watches.get(event.fields.get("watch", 0))
+        if watch is None:
+            return
+        owner = event.fields.get("owner")
+        watch._push(
+            NameEvent(
+                kind=event.fields.get("kind", ""),
+                name=event.fields.get("name", ""),
+                owner=NameInfo.from_wire(owner) if owner else None,
+                old_owner=event.fields.get("old_owner"),
+            )
+        )
+
+    async def _serve(self, first: _Link, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        link = first
+        async with trio.open_nursery() as nursery:
+            self._link = link
+            nursery.start_soon(self._run_link, link)
+            await self._restore(link, nursery)
+            task_status.started()
+            while True:
+                await link.closed_event.wait()
+                if not self.reconnect or self._closed:
+                    for watch in list(self._watches.values()):
+                        watch._fail(ConnectionLost("the bus connection ended"))
+                    return
+                link = await self._reconnect()
+                self._link = link
+                nursery.start_soon(self._run_link, link)
+                await self._restore(link, nursery)
+
+    async def _reconnect(self) -> _Link:
+        delay = 0.1
+        while True:
+            await trio.sleep(delay)
+            try:
+                link = await self._connect()
+            except (CannotConnect, RequestError, OSError) as exc:
+                log.info("reconnect failed (next try in %.1f s): %s", min(delay * 2, 5.0), exc)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.reconnects += 1
+            return link
+
+    async def aclose(self) -> None:
+        self._closed = True
+        link = self._link
+        if link is not None:
+            await trio.aclose_forcefully(link.framed.stream)
+
+
+@asynccontextmanager
+async def open_bus(
+    address: str | None = None,
+    *,
+    identity: Identity | None = None,
+    name: str | None = None,
+    info: dict[str, Any] | None = None,
+    flags: Iterable[str] = (),
+    network_key: bytes | None = None,
+    reconnect: bool = True,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> AsyncIterator[Bus]:
+    """Connect to the bus for the duration of the block.
+
+    ``address`` defaults to ``MINIBUS_ADDRESS`` or the broker's address file; ``identity`` to
+    the user's default key (created on first use); ``network_key`` to ``MINIBUS_NETWORK_KEY``
+    or minibus's default.  With ``name``, the connection registers as that well-known name
+    (a service plugin); without, it is a nameless client, hidden from other clients' queries.
+    """
+    bus = Bus(
+        find_address(address),
+        identity if identity is not None else load_or_create_identity(),
+        network_key if network_key is not None else network_key_from_env(),
+        name=name,
+        info=info,
+        flags=flags,
+        reconnect=reconnect,
+        request_timeout=request_timeout,
+    )
+    with trio.move_on_after(connect_timeout) as scope:
+        first = await bus._connect()
+    if scope.cancelled_caught:
+        raise CannotConnect(f"cannot connect to the bus within {connect_timeout:g} s")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus._serve, first)
+            try:
+                yield bus
+            finally:
+                # No await here: after cancelling our own scope, an await would raise a
+                # Cancelled that replaces (and so swallows) the exception leaving the block.
+                bus._closed = True
+                for watch in list(bus._watches.values()):
+                    watch._send.close()
+                nursery.cancel_scope.cancel()  # _run_link closes the stream on its way out
+    except BaseExceptionGroup as group:
+        # The block's own exception comes out as itself, not wrapped by our nursery.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+

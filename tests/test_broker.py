@@ -1,0 +1,355 @@
+"""The broker over real Unix and TCP sockets, with the client library and raw peers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bus.broker import Broker, BrokerAlreadyRunning
+from bus.errors import AccessDenied, NameNotFound, UnknownOperation
+from bus.io.framed import FramedStream
+from bus.io.secure import SecureStream
+from bus.wire.address import parse_address
+from bus.wire.frames import HEADER, ControlFrame
+from clients.bus import Bus, CannotConnect, NameEvent, open_bus
+
+from .brokers import FRIEND, OWNER, PLUGIN, STRANGER, make_config, running_broker, start_broker
+
+
+async def next_event(events: Any) -> NameEvent:
+    with trio.fail_after(10):
+        return await events.__anext__()  # type: ignore[no-any-return]
+
+
+async def raw_connect(address: str, identity: Any = OWNER) -> FramedStream:
+    """A hand-driven client: handshake only, then frames by hand."""
+    ep = parse_address(address)[0]
+    if ep.transport == "unix":
+        transport = await trio.open_unix_socket(ep.path or "")
+    else:
+        transport = await trio.open_tcp_stream(ep.host or "", ep.port or 0)
+    stream = SecureStream.client(transport, identity, ep.key, encrypted=ep.transport == "tcp")
+    await stream.do_handshake()
+    return FramedStream(stream)
+
+
+async def read_until_closed(framed: FramedStream) -> list[dict[str, Any]]:
+    messages = []
+    with trio.fail_after(10):
+        while True:
+            try:
+                frame = await framed.receive_frame()
+            except trio.BrokenResourceError:
+                break
+            if frame is None:
+                break
+            assert isinstance(frame, ControlFrame)
+            messages.append(frame.message)
+    await framed.aclose()
+    return messages
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_register_over_both_transports(tmp_path: Path, transport: str) -> None:
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        async with open_bus(address, identity=PLUGIN, name="org.example.Echo", info={"description": "echo", "version": "1.0"}) as bus:
+            assert bus.unique_id.startswith(":")
+            async with open_bus(address, identity=FRIEND) as other:
+                entry = await other.resolve("org.example.Echo")
+                assert entry.unique_id == bus.unique_id
+                assert entry.identity == PLUGIN.id
+                assert entry.transport == transport
+                assert entry.info["description"] == "echo"
+                if transport == "unix":
+                    assert entry.pid == os.getpid() and entry.uid == os.getuid()
+                else:
+                    assert entry.pid is None
+
+
+async def test_address_file_and_cleanup(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        address_file = tmp_path / "run" / "address"
+        assert address_file.read_text().strip() == rb.address
+        assert (tmp_path / "run" / "bus.sock").exists()
+    assert not address_file.exists()
+    assert not (tmp_path / "run" / "bus.sock").exists()
+
+
+async def test_second_broker_on_the_same_socket_is_refused(tmp_path: Path) -> None:
+    async with running_broker(tmp_path):
+        with pytest.raises(BrokerAlreadyRunning, match="already listening"):
+            await Broker(make_config(tmp_path, tcp=None)).serve()
+
+
+async def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "bus.sock"
+    path.parent.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what a SIGKILLed broker leaves
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER) as bus:
+            await bus.ping()
+
+
+async def test_unknown_identity_is_refused_in_the_handshake(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        for address in (rb.unix_address, rb.tcp_address):
+            with pytest.raises(CannotConnect, match="refused our identity"):
+                async with open_bus(address, identity=STRANGER, reconnect=False):
+                    pass
+
+
+async def test_policy_denial_names_the_rule(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN) as bus:
+            with pytest.raises(AccessDenied, match="may not own 'com.other.Name'.*plugins"):
+                await bus.request_name("com.other.Name")
+            with pytest.raises(AccessDenied, match="admin"):
+                await bus.list_names(all=True)
+        with pytest.raises(AccessDenied, match="may not own"):
+            async with open_bus(rb.unix_address, identity=PLUGIN, name="com.other.Name"):
+                pass
+
+
+async def test_unknown_operation_is_answered_and_the_connection_stays(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.tcp_address, identity=OWNER) as bus:
+            with pytest.raises(UnknownOperation, match="frobnicate"):
+                await bus.request("frobnicate", x=1)
+            await bus.ping()
+            assert bus.connected
+
+
+async def test_name_queue_hand_over_and_replacement(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        addr = rb.unix_address
+        async with open_bus(addr, identity=FRIEND) as watcher, watcher.watch(["org.example.Svc"]) as events:
+            async with open_bus(addr, identity=PLUGIN) as first:
+                assert await first.request_name("org.example.Svc", ["allow-replacement"]) == "primary-owner"
+                ev = await next_event(events)
+                assert (ev.kind, ev.owner and ev.owner.unique_id) == ("connected", first.unique_id)
+                async with open_bus(addr, identity=PLUGIN) as second:
+                    assert await second.request_name("org.example.Svc") == "in-queue"
+                    async with open_bus(addr, identity=PLUGIN) as third:
+                        assert await third.request_name("org.example.Svc", ["replace-existing"]) == "primary-owner"
+                        ev = await next_event(events)
+                        assert (ev.kind, ev.owner and ev.owner.unique_id, ev.old_owner) == ("owner-changed", third.unique_id, first.unique_id)
+                    # third left: first was put back at the head of the queue
+                    ev = await next_event(events)
+                    assert (ev.kind, ev.owner and ev.owner.unique_id) == ("owner-changed", first.unique_id)
+            ev = await next_event(events)
+            assert (ev.kind, ev.owner) == ("disconnected", None)
+            assert await watcher.list_names() == []
+
+
+async def test_watch_snapshot_then_deltas_without_gaps(tmp_path: Path) -> None:
+    """Names keep changing while the watch starts: snapshot + deltas = the truth, no gaps, no doubles."""
+    async with running_broker(tmp_path) as rb:
+        addr = rb.unix_address
+        async with open_bus(addr, identity=PLUGIN) as churner, open_bus(addr, identity=OWNER) as watcher:
+            stop = trio.Event()
+
+            async def churn() -> None:
+                i = 0
+                while not stop.is_set():
+                    name = f"org.example.N{i % 7}"
+                    if await churner.request_name(name) == "already-owner":
+                        await churner.release_name(name)
+                    i += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(churn)
+                await trio.sleep(0.05)
+                async with watcher.watch(["org.example.*"]) as events:
+                    state: dict[str, str] = {}
+                    seen = 0
+                    async for ev in events:
+                        if ev.kind in ("present", "connected"):
+                            assert ev.name not in state, f"duplicate {ev}"
+                            assert ev.owner is not None
+                            state[ev.name] = ev.owner.unique_id
+                        elif ev.kind == "disconnected":
+                            assert ev.name in state, f"gap: {ev}"
+                            del state[ev.name]
+                        seen += 1
+                        if seen == 300:
+                            stop.set()
+                            break
+                    # let the churner finish its last step, then compare with the broker's truth
+                    await trio.sleep(0.05)
+                    while True:
+                        with trio.move_on_after(0.2):
+                            ev = await events.__anext__()
+                            if ev.kind == "connected" and ev.owner:
+                                state[ev.name] = ev.owner.unique_id
+                            elif ev.kind == "disconnected":
+                                del state[ev.name]
+                            continue
+                        break
+                    truth = {e.name: e.unique_id for e in await watcher.list_names()}
+                    assert state == truth
+
+
+async def test_client_killed_hard_is_seen_as_disconnected(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER) as watcher, watcher.watch(["org.example.*"]) as events:
+            victim = await raw_connect(rb.unix_address, PLUGIN)
+            await victim.send_message({"op": "hello", "id": 1, "name": "org.example.Victim"})
+            ev = await next_event(events)
+            assert ev.kind == "connected"
+            # No goodbye, no close handshake: the socket just goes away, as with SIGKILL.
+            assert isinstance(victim.stream, SecureStream)
+            victim.stream.transport.socket.close()  # type: ignore[attr-defined]
+            ev = await next_event(events)
+            assert (ev.kind, ev.name) == ("disconnected", "org.example.Victim")
+            await trio.aclose_forcefully(victim.stream)
+
+
+async def test_spoofing_attempt_changes_nothing(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER) as admin:
+            raw = await raw_connect(rb.unix_address, PLUGIN)
+            await raw.send_message(
+                {"op": "hello", "id": 1, "identity": OWNER.id, "unique_id": admin.unique_id, "name": "org.example.Spoof"}
+            )
+            frame = await raw.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            assert frame.message["result"]["identity"] == PLUGIN.id
+            assert frame.message["result"]["unique_id"] != admin.unique_id
+            entry = await admin.resolve("org.example.Spoof")
+            assert entry.identity == PLUGIN.id
+            await raw.aclose()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_garbage_frame_gets_an_error_frame_then_close(tmp_path: Path, transport: str) -> None:
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        async with open_bus(address, identity=OWNER) as bystander:
+            raw = await raw_connect(address)
+            await raw.stream.send_all(b"\x07this is no frame at all")
+            messages = await read_until_closed(raw)
+            assert messages[-1]["event"] == "error"
+            assert messages[-1]["code"] == "minibus.Error.Frame"
+            assert "unknown frame kind 7" in messages[-1]["message"]
+            await bystander.ping()  # others are untouched
+
+
+async def test_oversized_frame_is_refused_before_its_body(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        raw = await raw_connect(rb.tcp_address)
+        await raw.stream.send_all(HEADER.pack(1, 0, 0, 100 * 1024 * 1024))
+        messages = await read_until_closed(raw)
+        assert messages[-1]["code"] == "minibus.Error.FrameTooLarge"
+
+
+async def test_malformed_requests_keep_the_connection(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        raw = await raw_connect(rb.unix_address)
+        await raw.send_message({"op": "hello", "id": 1})
+        await raw.send_message({"op": 5, "id": 2})
+        await raw.send_message({"op": "request_name", "id": 3, "name": ["not", "a", "string"]})
+        await raw.send_message({"op": "ping", "id": 4})
+        replies = []
+        with trio.fail_after(10):
+            while len(replies) < 4:
+                frame = await raw.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies.append(frame.message)
+        assert [r["re"] for r in replies] == [1, 2, 3, 4]
+        assert replies[1]["error"]["code"] == "minibus.Error.BadRequest"
+        assert replies[2]["error"]["code"] == "minibus.Error.BadRequest"
+        assert replies[3]["result"] == {}
+        await raw.aclose()
+
+
+async def test_silent_peer_is_declared_dead(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, keepalive_interval=0.1, keepalive_timeout=0.3) as rb:
+        raw = await raw_connect(rb.tcp_address)
+        await raw.send_message({"op": "hello", "id": 1})
+        messages = await read_until_closed(raw)  # we never answer the pings
+        assert any(m.get("op") == "ping" for m in messages)
+        assert messages[-1]["code"] == "minibus.Error.Disconnected"
+        assert "keepalive" in messages[-1]["message"]
+
+
+async def test_client_library_answers_pings(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, keepalive_interval=0.05, keepalive_timeout=0.5) as rb:
+        async with open_bus(rb.tcp_address, identity=OWNER, reconnect=False) as bus:
+            await trio.sleep(1.0)
+            assert bus.connected
+            await bus.ping()
+
+
+async def test_slow_consumer_is_disconnected_with_the_reason(tmp_path: Path) -> None:
+    """A watcher that stops reading fills its queue; it is cut off and told why, nothing dropped silently."""
+    async with running_broker(tmp_path, outbound_queue=4) as rb:
+        slow = await raw_connect(rb.unix_address)
+        await slow.send_message({"op": "hello", "id": 1})
+        await slow.send_message({"op": "watch", "id": 2, "patterns": ["*"]})
+        async with open_bus(rb.unix_address, identity=OWNER) as churner:
+            slow_session = min(rb.broker.sessions.values(), key=lambda s: s.conn_id)
+            with trio.fail_after(30):
+                for _ in range(5000):  # bounded: overflow comes long before
+                    await churner.request_name("org.example.Churn")
+                    await churner.release_name("org.example.Churn")
+                    if slow_session.stop_writing:
+                        break
+            assert slow_session.stop_writing
+            # The consumer catches up now: it gets what was queued, then the reason.
+            messages = await read_until_closed(slow)
+            assert messages[-1]["code"] == "minibus.Error.Disconnected"
+            assert "slow consumer" in messages[-1]["message"]
+            names = [m for m in messages if m.get("event") == "name"]
+            assert len(names) >= 4
+            await churner.ping()  # the broker and the other client carry on
+            assert list(rb.broker.sessions) == [int(churner.unique_id[1:])]
+
+
+async def test_broker_restart_client_reconnects_and_restores(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        first = await start_broker(nursery, tmp_path)
+        unix = first.unix_address
+        async with (
+            open_bus(unix, identity=PLUGIN, name="org.example.Survivor") as bus,
+            open_bus(unix, identity=FRIEND) as watcher,
+            watcher.watch(["org.example.*"]) as events,
+        ):
+            assert (await next_event(events)).kind == "present"
+            await bus.request_name("org.example.Second")
+            assert (await next_event(events)).name == "org.example.Second"
+            old_id = bus.unique_id
+            await first.stop()
+            second = await start_broker(nursery, tmp_path)
+            assert second.unix_address == unix
+            with trio.fail_after(15):
+                while not (bus.reconnects and watcher.reconnects and bus.connected and watcher.connected):
+                    await trio.sleep(0.05)
+                # The same objects work: both names are back and the watch goes on.
+                while {e.name for e in await watcher.list_names()} != {"org.example.Survivor", "org.example.Second"}:
+                    await trio.sleep(0.05)
+            assert bus.unique_id != old_id
+            # The watch goes on: what it reports (the restored snapshot diffed against what it
+            # knew, then live changes) converges on the new owners, whichever client came back first.
+            state = {"org.example.Survivor": old_id, "org.example.Second": old_id}
+            kinds = []
+            with trio.fail_after(10):
+                while state != {"org.example.Survivor": bus.unique_id, "org.example.Second": bus.unique_id}:
+                    ev = await next_event(events)
+                    kinds.append(ev.kind)
+                    if ev.kind == "disconnected":
+                        assert state.pop(ev.name) == ev.old_owner
+                    else:
+                        assert ev.kind in ("connected", "owner-changed") and ev.owner is not None
+                        state[ev.name] = ev.owner.unique_id
+            assert "present" not in kinds
+            # Requests in flight at the moment of loss are not replayed; new ones just work.
+            await bus.ping()
+            await second.stop()
