@@ -197,7 +197,8 @@ class Watch:
             old = self.known.get(name)
             if old is None:
                 self._push(NameEvent("connected", name, fresh[name]))
-            elif old.unique_id != fresh[name].unique_id:
+            elif (old.unique_id, old.connected_since) != (fresh[name].unique_id, fresh[name].connected_since):
+                # Unique ids restart with a new broker: a new connection shows in connected_since.
                 self._push(NameEvent("owner-changed", name, fresh[name], old.unique_id))
 
     async def __aenter__(self) -> Watch:
