@@ -39,7 +39,7 @@ from .core.policy import Policy
 from .errors import FrameError, HandshakeError, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
-from .wire.address import Endpoint, format_address
+from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
@@ -51,14 +51,6 @@ log = logging.getLogger("minibus.broker")
 
 class BrokerAlreadyRunning(RuntimeError):
     """Another broker answers on the Unix socket path."""
-
-
-def default_runtime_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/minibus``, else ``/tmp/minibus-$UID``."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return Path(base) / "minibus"
-    return Path(f"/tmp/minibus-{os.getuid()}")
 
 
 @dataclass

@@ -1,1 +1,59 @@
-"""The minibus client library and the busctl command (they arrive with the broker)."""
+"""The minibus client library: connect, register names, query, watch.
+
+Everything a program (or ``busctl``) needs is importable from here::
+
+    from clients import open_bus
+
+    async with open_bus(name="org.example.Echo", info={"description": "echoes"}) as bus:
+        ...
+"""
+
+from bus.errors import (
+    AccessDenied,
+    BadRequest,
+    BusError,
+    ConnectionLost,
+    HandshakeError,
+    InvalidName,
+    KeyFileError,
+    NameNotFound,
+    QuotaExceeded,
+    RemoteError,
+    RequestError,
+    UnknownOperation,
+)
+from bus.wire.identity import Identity, PublicKey, default_identity_path, load_identity, load_or_create_identity, save_identity
+from bus.wire.shs import parse_network_key
+
+from .bus import Bus, CannotConnect, NameEvent, NameInfo, RequestTimeout, Watch, WatchOverflow, find_address, open_bus
+
+__all__ = [
+    "AccessDenied",
+    "BadRequest",
+    "Bus",
+    "BusError",
+    "CannotConnect",
+    "ConnectionLost",
+    "HandshakeError",
+    "Identity",
+    "InvalidName",
+    "KeyFileError",
+    "NameEvent",
+    "NameInfo",
+    "NameNotFound",
+    "PublicKey",
+    "QuotaExceeded",
+    "RemoteError",
+    "RequestError",
+    "RequestTimeout",
+    "UnknownOperation",
+    "Watch",
+    "WatchOverflow",
+    "default_identity_path",
+    "find_address",
+    "load_identity",
+    "load_or_create_identity",
+    "open_bus",
+    "parse_network_key",
+    "save_identity",
+]

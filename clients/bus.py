@@ -31,11 +31,10 @@ from typing import Any
 
 import trio
 
-from bus.broker import default_runtime_dir
 from bus.errors import BusError, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
-from bus.wire.address import Endpoint, parse_address
+from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.frames import ControlFrame
 from bus.wire.identity import Identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
@@ -238,6 +237,7 @@ class _Link:
         self.pending: dict[int, _Pending] = {}
         self.closed = False
         self.closed_event = trio.Event()
+        self.reason = "the broker closed the connection"
 
 
 class _Pending:
@@ -495,6 +495,7 @@ class Bus:
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             reason = f"connection lost: {exc}"
         finally:
+            link.reason = reason
             link.closed = True
             link.closed_event.set()
             lost = ConnectionLost(reason)
@@ -539,7 +540,7 @@ class Bus:
                 await link.closed_event.wait()
                 if not self.reconnect or self._closed:
                     for watch in list(self._watches.values()):
-                        watch._fail(ConnectionLost("the bus connection ended"))
+                        watch._fail(ConnectionLost(f"the bus connection ended: {link.reason}"))
                     return
                 link = await self._reconnect()
                 self._link = link

@@ -12,12 +12,23 @@ the handshake needs it before the first byte is sent.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 from .identity import PublicKey
 
-__all__ = ["Endpoint", "parse_address", "format_address", "AddressError"]
+__all__ = ["Endpoint", "parse_address", "format_address", "AddressError", "default_runtime_dir"]
+
+
+def default_runtime_dir() -> Path:
+    """Where the broker's socket and address file live by default:
+    ``$XDG_RUNTIME_DIR/minibus``, else ``/tmp/minibus-$UID``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "minibus"
+    return Path(f"/tmp/minibus-{os.getuid()}")
 
 
 class AddressError(ValueError):

@@ -1,0 +1,263 @@
+"""busd and busctl as real processes, in an isolated environment (their own XDG dirs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bus.__main__ import build_config, parser
+from bus.wire.identity import Identity, save_identity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    e["XDG_CONFIG_HOME"] = str(tmp_path / "cfg")
+    e["HOME"] = str(tmp_path / "home")
+    e.pop("MINIBUS_ADDRESS", None)
+    e.pop("MINIBUS_NETWORK_KEY", None)
+    (tmp_path / "run").mkdir(mode=0o700)
+    return e
+
+
+def start_busd(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bus", "--tcp", "127.0.0.1:0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("MINIBUS_ADDRESS="), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, line.strip().split("=", 1)[1]
+
+
+@pytest.fixture
+def busd(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc, address = start_busd(env)
+    yield proc, address
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    proc.stdout and proc.stdout.close()
+    proc.stderr and proc.stderr.close()
+
+
+def busctl(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clients.busctl", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+SERVICE = """
+import sys, trio
+from clients import open_bus
+async def main():
+    async with open_bus(name=sys.argv[1], info={"description": "test service", "version": "3.1"}) as bus:
+        print(bus.unique_id, flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+"""
+
+
+def start_service(env: dict[str, str], name: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVICE, name], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_defaults_are_the_documented_ones(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config, level = build_config(parser().parse_args([]))
+    assert config.tcp == ("127.0.0.1", 7420)
+    assert config.unix_path == Path(env["XDG_RUNTIME_DIR"]) / "minibus" / "bus.sock"
+    assert config.address_file == Path(env["XDG_RUNTIME_DIR"]) / "minibus" / "address"
+    assert (Path(env["XDG_CONFIG_HOME"]) / "minibus" / "secret").exists()  # created on first run
+    assert level == "info"
+
+
+def test_busd_prints_address_writes_file_and_cleans_up(env: dict[str, str]) -> None:
+    proc, address = start_busd(env)
+    run = Path(env["XDG_RUNTIME_DIR"]) / "minibus"
+    assert (run / "address").read_text().strip() == address
+    assert (run / "bus.sock").exists()
+    key = Identity.from_secret_file((Path(env["XDG_CONFIG_HOME"]) / "minibus" / "secret").read_text())
+    assert key.id in address
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert not (run / "address").exists() and not (run / "bus.sock").exists()
+    proc.stdout and proc.stdout.close()
+    proc.stderr and proc.stderr.close()
+
+
+def test_second_busd_is_refused(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    second = subprocess.run([sys.executable, "-m", "bus", "--no-tcp"], env=env, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 4
+    assert "already listening" in second.stderr
+
+
+def test_stale_socket_after_sigkill_is_replaced(env: dict[str, str]) -> None:
+    proc, _ = start_busd(env)
+    proc.kill()
+    proc.wait()
+    proc.stdout and proc.stdout.close()
+    proc.stderr and proc.stderr.close()
+    assert (Path(env["XDG_RUNTIME_DIR"]) / "minibus" / "bus.sock").exists()  # left behind
+    again, _ = start_busd(env)
+    assert busctl(env, "list").returncode == 0
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=15) == 0
+    again.stdout and again.stdout.close()
+    again.stderr and again.stderr.close()
+
+
+def test_busctl_list_status_wait_json(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    service, unique_id = start_service(env, "org.example.Echo")
+    try:
+        listed = busctl(env, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "org.example.Echo" in listed.stdout and "test service" in listed.stdout
+        data = json.loads(busctl(env, "--json", "list").stdout)
+        assert data[0]["name"] == "org.example.Echo" and data[0]["unique_id"] == unique_id
+        assert data[0]["pid"] == service.pid
+        status = busctl(env, "status", "org.example.Echo")
+        assert status.returncode == 0 and "version:         3.1" in status.stdout
+        by_id = json.loads(busctl(env, "--json", "status", unique_id).stdout)
+        assert by_id["names"] == ["org.example.Echo"]
+        waited = busctl(env, "wait", "org.example.Echo")
+        assert waited.returncode == 0 and waited.stdout.strip() == unique_id
+    finally:
+        service.kill()
+        service.wait()
+        service.stdout and service.stdout.close()
+
+
+def test_busctl_wait_until_the_name_appears(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "clients.busctl", "--timeout", "20", "wait", "org.example.Late"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    service, unique_id = start_service(env, "org.example.Late")
+    try:
+        out, err = waiter.communicate(timeout=25)
+        assert waiter.returncode == 0, err
+        assert out.strip() == unique_id
+    finally:
+        service.kill()
+        service.wait()
+        service.stdout and service.stdout.close()
+
+
+def test_monitor_sees_a_sigkilled_plugin_leave(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "clients.busctl", "--json", "monitor", "org.example.*"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert monitor.stdout is not None
+    try:
+        time.sleep(0.5)
+        service, unique_id = start_service(env, "org.example.Doomed")
+        first = json.loads(monitor.stdout.readline())
+        assert (first["kind"], first["name"], first["owner"]["unique_id"]) == ("connected", "org.example.Doomed", unique_id)
+        service.kill()  # SIGKILL: no goodbye at all
+        service.wait()
+        service.stdout and service.stdout.close()
+        second = json.loads(monitor.stdout.readline())
+        assert (second["kind"], second["name"], second["old_owner"]) == ("disconnected", "org.example.Doomed", unique_id)
+    finally:
+        monitor.send_signal(signal.SIGINT)
+        assert monitor.wait(timeout=15) == 0
+        monitor.stdout.close()
+        monitor.stderr and monitor.stderr.close()
+
+
+def test_exit_codes(env: dict[str, str], tmp_path: Path, busd: tuple[subprocess.Popen[str], str]) -> None:
+    assert busctl(env, "frobnicate").returncode == 2  # usage
+    assert busctl(env, "--timeout", "-1", "list").returncode == 2
+    not_found = busctl(env, "status", "org.example.Missing")
+    assert not_found.returncode == 5 and not_found.stderr.startswith("busctl: ") and len(not_found.stderr.splitlines()) == 1
+    assert busctl(env, "--timeout", "1", "wait", "org.example.Never").returncode == 5
+    stranger = tmp_path / "stranger"
+    save_identity(stranger, Identity.generate())
+    refused = busctl(env, "--identity", str(stranger), "list")
+    assert refused.returncode == 3 and "refused our identity" in refused.stderr
+    nobody = dict(env, MINIBUS_ADDRESS=busd[1].replace("bus.sock", "nothing.sock").split(";")[0])
+    assert busctl(nobody, "list").returncode == 3
+    empty = dict(env, XDG_RUNTIME_DIR=str(tmp_path / "elsewhere"))
+    no_address = busctl(empty, "list")
+    assert no_address.returncode == 3 and "no bus address" in no_address.stderr
+
+
+def test_denied_exit_code(env: dict[str, str], tmp_path: Path) -> None:
+    plugin = Identity.generate()
+    key = tmp_path / "plugin"
+    save_identity(key, plugin)
+    config = tmp_path / "busd.toml"
+    config.write_text(f'[[rule]]\nname = "plugins"\nidentities = ["{plugin.id}"]\nconnect = true\nsee = ["*"]\n')
+    proc, _ = start_busd(env, "--config", str(config))
+    try:
+        denied = busctl(env, "--identity", str(key), "list", "--all")
+        assert denied.returncode == 4 and "admin" in denied.stderr
+        assert busctl(env, "--identity", str(key), "list").returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        proc.stdout and proc.stdout.close()
+        proc.stderr and proc.stderr.close()
+
+
+def test_id_and_keygen(env: dict[str, str], tmp_path: Path) -> None:
+    target = tmp_path / "keys" / "new"
+    made = busctl(env, "keygen", str(target))
+    assert made.returncode == 0
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    shown = busctl(env, "--identity", str(target), "id")
+    assert shown.stdout.strip() == made.stdout.strip()
+    again = busctl(env, "keygen", str(target))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    target.chmod(0o644)
+    loose = busctl(env, "--identity", str(target), "id")
+    assert loose.returncode == 1 and "chmod 600" in loose.stderr
+
+
+def test_help_lists_every_verb_and_exit_code() -> None:
+    result = subprocess.run([sys.executable, "-m", "clients.busctl", "--help"], capture_output=True, text=True, timeout=30)
+    for word in ("list", "status", "monitor", "wait", "id", "keygen", "--json", "--timeout", "exit codes", "MINIBUS_ADDRESS"):
+        assert word in result.stdout
+
+
+def test_busd_sigterm_tells_clients(env: dict[str, str]) -> None:
+    proc, _ = start_busd(env)
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "clients.busctl", "monitor"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    _, err = monitor.communicate(timeout=15)
+    assert monitor.returncode == 1
+    assert "broker shutting down" in err
+    for p in (proc,):
+        p.stdout and p.stdout.close()
+        p.stderr and p.stderr.close()
