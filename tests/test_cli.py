@@ -261,3 +261,26 @@ def test_busd_sigterm_tells_clients(env: dict[str, str]) -> None:
     for p in (proc,):
         p.stdout and p.stdout.close()
         p.stderr and p.stderr.close()
+
+
+def test_examples_run_against_busd(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    watcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "watch.py"), "org.example.*"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    service = subprocess.Popen([sys.executable, str(ROOT / "examples" / "echo_service.py")], env=env, stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None and service.stdout is not None
+    try:
+        assert "org.example.Echo registered as :" in service.stdout.readline()
+        line = watcher.stdout.readline()
+        assert line.split()[:2] in (["connected", "org.example.Echo"], ["present", "org.example.Echo"])
+        listed = json.loads(busctl(env, "--json", "list").stdout)
+        assert [e["name"] for e in listed] == ["org.example.Echo"]  # the nameless watcher is hidden
+        service.send_signal(signal.SIGINT)
+        assert service.wait(timeout=15) == 0
+        assert watcher.stdout.readline().split()[:2] == ["disconnected", "org.example.Echo"]
+    finally:
+        for p in (service, watcher):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.wait(timeout=15)
+            p.stdout and p.stdout.close()
