@@ -110,11 +110,14 @@ class _Session:
     # -- outbound ----------------------------------------------------------------------------
 
     def enqueue(self, message: dict[str, Any]) -> None:
-        """Queue a message; a full queue disconnects this (slow) consumer, never drops."""
+        self.enqueue_encoded(self.framed.encode_message(message))
+
+    def enqueue_encoded(self, data: bytes) -> None:
+        """Queue a frame; a full queue disconnects this (slow) consumer, never drops."""
         if self.stop_writing:
             return  # already being disconnected; it will be told why
         try:
-            self.send_channel.send_nowait(self.framed.encode_message(message))
+            self.send_channel.send_nowait(data)
         except trio.WouldBlock:
             self.overflow()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -219,10 +222,16 @@ class Broker:
         return format_address(self.endpoints)
 
     def dispatch(self, out: list[tuple[int, dict[str, Any]]]) -> None:
+        # A message object sent to many connections (a watch event) is encoded once.
+        encoded: dict[int, bytes] = {}
         for conn_id, message in out:
             session = self.sessions.get(conn_id)
-            if session is not None:
-                session.enqueue(message)
+            if session is None:
+                continue
+            data = encoded.get(id(message))
+            if data is None:
+                data = encoded[id(message)] = session.framed.encode_message(message)
+            session.enqueue_encoded(data)
 
     # -- listening ---------------------------------------------------------------------------
 

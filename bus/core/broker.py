@@ -332,17 +332,23 @@ class BrokerCore:
                 kind = "owner-changed"
             owner = self._entry(change.name, change.new) if change.new is not None else None
             old = self.connections.get(change.old) if change.old is not None else None
+            # One message object per watch id: watchers with equal ids share it, so the io
+            # layer can encode it once for all of them.
+            shared: dict[int, dict[str, Any]] = {}
             for watcher in self.connections.values():
                 for watch_id, patterns in watcher.watches.items():
                     if not self._matches(watcher, patterns, change.name):
                         continue
-                    fields = {
-                        "watch": watch_id,
-                        "kind": kind,
-                        "name": change.name,
-                        "owner": owner,
-                        "old_owner": f":{change.old}" if change.old is not None else None,
-                        "old_identity": old.key.id if old is not None else None,
-                    }
-                    out.append((watcher.id, Event("name", fields).to_wire()))
+                    message = shared.get(watch_id)
+                    if message is None:
+                        fields = {
+                            "watch": watch_id,
+                            "kind": kind,
+                            "name": change.name,
+                            "owner": owner,
+                            "old_owner": f":{change.old}" if change.old is not None else None,
+                            "old_identity": old.key.id if old is not None else None,
+                        }
+                        message = shared[watch_id] = Event("name", fields).to_wire()
+                    out.append((watcher.id, message))
         return out
