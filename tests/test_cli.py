@@ -284,3 +284,27 @@ def test_examples_run_against_busd(env: dict[str, str], busd: tuple[subprocess.P
                 p.send_signal(signal.SIGINT)
                 p.wait(timeout=15)
             p.stdout and p.stdout.close()
+
+
+def test_authorized_keys_file_lets_a_key_in(env: dict[str, str], tmp_path: Path) -> None:
+    friend = Identity.generate()
+    key = tmp_path / "friend"
+    save_identity(key, friend)
+    proc, _ = start_busd(env)
+    try:
+        assert busctl(env, "--identity", str(key), "list").returncode == 3  # unknown: refused
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        proc.stdout and proc.stdout.close()
+        proc.stderr and proc.stderr.close()
+    (Path(env["XDG_CONFIG_HOME"]) / "minibus" / "authorized_keys").write_text(f"# friends\n{friend.id} laptop\n")
+    proc, _ = start_busd(env)
+    try:
+        allowed = busctl(env, "--identity", str(key), "list", "--all")
+        assert allowed.returncode == 0, allowed.stderr  # every right, admin included
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        proc.stdout and proc.stdout.close()
+        proc.stderr and proc.stderr.close()
