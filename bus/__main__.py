@@ -33,7 +33,15 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_RUNNING = 4
 
-_LIMIT_KEYS = {"connections_per_identity", "names_per_connection", "watches_per_connection", "patterns_per_watch", "info_bytes"}
+_LIMIT_KEYS = {
+    "connections_per_identity",
+    "names_per_connection",
+    "watches_per_connection",
+    "patterns_per_watch",
+    "pattern_length",
+    "info_bytes",
+    "reply_bytes",
+}
 _TIMING_KEYS = {
     "max_frame": int,
     "max_control": int,
@@ -41,6 +49,7 @@ _TIMING_KEYS = {
     "keepalive_interval": float,
     "keepalive_timeout": float,
     "outbound_queue": int,
+    "outbound_bytes": int,
     "close_timeout": float,
 }
 

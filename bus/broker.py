@@ -36,7 +36,7 @@ import trio
 
 from .core.broker import BrokerCore, Limits
 from .core.policy import Policy
-from .errors import FrameError, HandshakeError, QuotaExceeded
+from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .wire.address import Endpoint, default_runtime_dir, format_address
@@ -69,6 +69,7 @@ class BrokerConfig:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     outbound_queue: int = 1024
+    outbound_bytes: int = 1 << 20
     close_timeout: float = 2.0
     write_address_file: bool = True
 
@@ -105,6 +106,7 @@ class _Session:
         self.last_received = trio.current_time()
         self.mid_frame = False
         self.stop_writing = False
+        self.queued_bytes = 0
         self.next_ping_id = 1
 
     # -- outbound ----------------------------------------------------------------------------
@@ -116,8 +118,12 @@ class _Session:
         """Queue a frame; a full queue disconnects this (slow) consumer, never drops."""
         if self.stop_writing:
             return  # already being disconnected; it will be told why
+        if self.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+            self.overflow()
+            return
         try:
             self.send_channel.send_nowait(data)
+            self.queued_bytes += len(data)
         except trio.WouldBlock:
             self.overflow()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -130,7 +136,10 @@ class _Session:
         ends regardless (and the reason can only be logged).
         """
         cfg = self.broker.config
-        self.reason = f"slow consumer: {cfg.outbound_queue} messages were waiting to be sent"
+        self.reason = (
+            f"slow consumer: {self.send_channel.statistics().current_buffer_used} messages "
+            f"({self.queued_bytes} bytes) were waiting to be sent"
+        )
         self.stop_writing = True
         self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
         log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)
@@ -149,6 +158,7 @@ class _Session:
                 self.mid_frame = True
                 await self.framed.send_raw(encoded)
                 self.mid_frame = False
+                self.queued_bytes -= len(encoded)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.end(f"transport broken while sending: {exc}")
 
@@ -230,7 +240,14 @@ class Broker:
                 continue
             data = encoded.get(id(message))
             if data is None:
-                data = encoded[id(message)] = session.framed.encode_message(message)
+                try:
+                    data = encoded[id(message)] = session.framed.encode_message(message)
+                except BusError as exc:
+                    # Our own message cannot be framed (a bug, or a limit set too low):
+                    # that connection cannot be served correctly any more.
+                    log.error("cannot encode a message for :%d: %s", conn_id, exc)
+                    session.end(f"internal error: a message for this connection could not be sent ({exc})")
+                    continue
             session.enqueue_encoded(data)
 
     # -- listening ---------------------------------------------------------------------------
@@ -390,7 +407,10 @@ class Broker:
             log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
         finally:
             del self.sessions[conn.id]
-            self.dispatch(self.core.disconnect(conn.id))
+            try:
+                self.dispatch(self.core.disconnect(conn.id))
+            except Exception:
+                log.exception("cleanup of connection :%d failed", conn.id)
             log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
 
     # -- shutdown ------------------------------------------------------------------------------

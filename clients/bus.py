@@ -160,17 +160,49 @@ class Watch:
     """Events for names matching some patterns: the snapshot (``present``), then changes.
 
     Use as ``async with bus.watch([...]) as watch: async for event in watch: ...``.
+    The buffer holds :data:`WATCH_BUFFER` events; a watch whose events are not consumed
+    ends with :class:`WatchOverflow` rather than losing any silently.
     """
 
     def __init__(self, bus: Bus, patterns: tuple[str, ...]) -> None:
         self._bus = bus
         self.patterns = patterns
+        # The link (connection) this watch is registered on, and its id there.
+        self.link: _Link | None = None
         self.watch_id: int | None = None
         self.known: dict[str, NameInfo] = {}
         self._send, self._receive = trio.open_memory_channel[NameEvent](WATCH_BUFFER)
         self._error: BusError | None = None
+        self._closed = False
+        # While a (re)registration's snapshot arrives in several messages.
+        self._resyncing: list[NameInfo] | None = None
+
+    # -- called by the bus (in its reader) --------------------------------------------------
+
+    def _registered(self, link: _Link, result: dict[str, Any], resync: bool) -> None:
+        if self._closed:
+            self._bus._send_unwatch(link, result["watch"])
+            return
+        self.link = link
+        self.watch_id = result["watch"]
+        link.watches[result["watch"]] = self
+        self._snapshot_part([NameInfo.from_wire(e) for e in result.get("snapshot", [])], bool(result.get("more")), resync)
+
+    def _snapshot_part(self, entries: list[NameInfo], more: bool, resync: bool | None = None) -> None:
+        if resync is None:
+            resync = self._resyncing is not None
+        if resync:
+            self._resyncing = (self._resyncing or []) + entries
+            if not more:
+                complete, self._resyncing = self._resyncing, None
+                self._resync(complete)
+            return
+        for info in entries:
+            self._push(NameEvent("present", info.name or "", info))
 
     def _push(self, event: NameEvent) -> None:
+        if self._closed:
+            return
         if event.owner is None:
             self.known.pop(event.name, None)
         else:
@@ -183,9 +215,19 @@ class Watch:
             pass
 
     def _fail(self, error: BusError) -> None:
+        """End the watch with ``error`` for its consumer, and drop it on the broker."""
+        if self._closed:
+            return
         self._error = error
+        self._forget()
+
+    def _forget(self) -> None:
+        self._closed = True
         self._send.close()
-        self._bus._watches.pop(self.watch_id or 0, None)
+        self._bus._live_watches.discard(self)
+        link, watch_id = self.link, self.watch_id
+        if link is not None and watch_id is not None and link.watches.pop(watch_id, None) is self:
+            self._bus._send_unwatch(link, watch_id)
 
     def _resync(self, snapshot: list[NameInfo]) -> None:
         """After a reconnect: report the difference between what we knew and the new snapshot."""
@@ -200,6 +242,8 @@ class Watch:
                 # Unique ids restart with a new broker: a new connection shows in connected_since.
                 self._push(NameEvent("owner-changed", name, fresh[name], old.unique_id))
 
+    # -- the user's side --------------------------------------------------------------------
+
     async def __aenter__(self) -> Watch:
         await self._bus._start_watch(self)
         return self
@@ -208,12 +252,8 @@ class Watch:
         await self.aclose()
 
     async def aclose(self) -> None:
-        self._send.close()
-        if self.watch_id is not None and self._bus._watches.pop(self.watch_id, None) is not None:
-            try:
-                await self._bus.request("unwatch", watch=self.watch_id)
-            except (BusError, trio.TooSlowError):
-                pass
+        self._forget()
+        await trio.lowlevel.checkpoint()
 
     def __aiter__(self) -> Watch:
         return self
@@ -228,26 +268,31 @@ class Watch:
 
 
 class _Link:
-    """One live connection: the stream, its writer queue, and its pending requests."""
+    """One live connection: the stream, its writer queue, pending requests and watches."""
 
     def __init__(self, framed: FramedStream, unique_id: str) -> None:
         self.framed = framed
         self.unique_id = unique_id
         self.send, self.outbound = trio.open_memory_channel[bytes](OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}
+        self.watches: dict[int, Watch] = {}
         self.closed = False
         self.closed_event = trio.Event()
         self.reason = "the broker closed the connection"
 
 
 class _Pending:
-    __slots__ = ("done", "reply", "on_result")
+    __slots__ = ("done", "reply", "on_result", "on_abandoned")
 
-    def __init__(self, on_result: Callable[[Any], None] | None) -> None:
+    def __init__(
+        self, on_result: Callable[[Any], None] | None, on_abandoned: Callable[[Any], None] | None
+    ) -> None:
         self.done = trio.Event()
         self.reply: Reply | ErrorReply | BusError | None = None
         # Runs in the reader, before any later message is handled (watch snapshots need it).
         self.on_result = on_result
+        # Runs in the reader if the result arrives after the caller gave up (undo it).
+        self.on_abandoned = on_abandoned
 
 
 class Bus:
@@ -275,8 +320,9 @@ class Bus:
         self.requested_names: dict[str, list[str]] = {}
         if name is not None:
             self.requested_names[name] = list(flags)
-        self._watches: dict[int, Watch] = {}
+        self._live_watches: set[Watch] = set()
         self._link: _Link | None = None
+        self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
         self._next_id = 1
         self._connected = trio.Event()
         self._closed = False
@@ -299,14 +345,21 @@ class Bus:
         """Send a request and return its result; remote errors raise their RequestError class."""
         return await self._request(op, args, None)
 
-    async def _request(self, op: str, args: dict[str, Any], on_result: Callable[[Any], None] | None) -> Any:
+    async def _request(
+        self,
+        op: str,
+        args: dict[str, Any],
+        on_result: Callable[[Any], None] | None = None,
+        on_abandoned: Callable[[Any], None] | None = None,
+    ) -> Any:
         link = self._link
         if link is None or link.closed:
-            raise ConnectionLost("not connected to the bus")
+            raise ConnectionLost(f"not connected to the bus{f': {self.failure}' if self.failure else ''}")
         request_id = self._next_id
         self._next_id += 1
-        pending = _Pending(on_result)
+        pending = _Pending(on_result, on_abandoned)
         link.pending[request_id] = pending
+        answered = False
         try:
             try:
                 link.send.send_nowait(link.framed.encode_message(Request(op, request_id, args).to_wire()))
@@ -316,8 +369,13 @@ class Bus:
                 await pending.done.wait()
             if scope.cancelled_caught:
                 raise RequestTimeout(f"{op}: no reply from the broker within {self.request_timeout:g} s")
+            answered = True
         finally:
-            link.pending.pop(request_id, None)
+            if answered or pending.on_abandoned is None or link.closed:
+                link.pending.pop(request_id, None)
+            else:
+                # We stop waiting, but the reply may still come: let the reader undo it then.
+                pending.on_result = pending.on_abandoned
         reply = pending.reply
         if isinstance(reply, BusError):
             raise reply
@@ -343,7 +401,21 @@ class Bus:
         return result
 
     async def list_names(self, *, all: bool = False) -> list[NameInfo]:
-        return [NameInfo.from_wire(e) for e in await self.request("list_names", all=all)]
+        """Every (visible) named plugin; with ``all`` (admins only) nameless connections too.
+
+        Long lists come in pages; this fetches them all (pages are not one atomic snapshot:
+        use :meth:`watch` for that)."""
+        entries: list[NameInfo] = []
+        after: str | None = None
+        while True:
+            args: dict[str, Any] = {"all": all}
+            if after is not None:
+                args["after"] = after
+            page = await self.request("list_names", **args)
+            entries += [NameInfo.from_wire(e) for e in page["entries"]]
+            after = page.get("next")
+            if after is None:
+                return entries
 
     async def resolve(self, name: str) -> NameInfo:
         return NameInfo.from_wire(await self.request("resolve", name=name))
@@ -361,14 +433,30 @@ class Bus:
     # -- watches ------------------------------------------------------------------------------
 
     async def _start_watch(self, watch: Watch) -> None:
-        def registered(result: Any) -> None:
-            watch.watch_id = result["watch"]
-            self._watches[result["watch"]] = watch
-            for entry in result["snapshot"]:
-                info = NameInfo.from_wire(entry)
-                watch._push(NameEvent("present", info.name or "", info))
+        link = self._link
+        self._live_watches.add(watch)
+        try:
+            await self._request(
+                "watch",
+                {"patterns": list(watch.patterns)},
+                lambda result: watch._registered(link, result, resync=False) if link is not None else None,
+                lambda result: self._send_unwatch(link, result["watch"]) if link is not None else None,
+            )
+        except BaseException:
+            self._live_watches.discard(watch)
+            raise
 
-        await self._request("watch", {"patterns": list(watch.patterns)}, registered)
+    def _send_unwatch(self, link: _Link, watch_id: int) -> None:
+        """Drop a watch on the broker without waiting (from the reader or a closing watch)."""
+        link.watches.pop(watch_id, None)
+        if link.closed:
+            return
+        request_id = self._next_id
+        self._next_id += 1
+        try:
+            link.send.send_nowait(link.framed.encode_message(Request("unwatch", request_id, {"watch": watch_id}).to_wire()))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # the link is ending or hopelessly behind; its watches end with it
 
     # -- connection management -----------------------------------------------------------------
 
@@ -430,26 +518,36 @@ class Bus:
                 if isinstance(message, Event) and message.event == "error":
                     raise trio.BrokenResourceError(f"{message.fields.get('code')}: {message.fields.get('message')}")
 
-    async def _restore(self, link: _Link, nursery: trio.Nursery) -> None:
-        """After (re)connecting: the remaining names and every watch."""
+    async def _restore(self, link: _Link) -> None:
+        """After (re)connecting: the remaining names and every watch of older links."""
+        stale = [w for w in self._live_watches if w.link is not link and w.link is not None]
         for name, flags in list(self.requested_names.items())[1:]:
             try:
                 await self.request_name(name, flags)
             except RequestError as exc:
                 log.warning("could not request %s again after reconnecting: %s", name, exc)
-        old = list(self._watches.values())
-        self._watches.clear()  # ids from the old connection mean nothing now
-        for watch in old:
+            except BusError as exc:
+                log.info("restoring names stopped: %s", exc)
+                return  # the link failed too; the serve loop reconnects again
+        for watch in stale:
+            if watch._closed or watch not in self._live_watches:
+                continue
+            watch.link = None  # its old id means nothing on this connection
 
-            def restored(result: Any, watch: Watch = watch) -> None:
-                watch.watch_id = result["watch"]
-                self._watches[result["watch"]] = watch
-                watch._resync([NameInfo.from_wire(e) for e in result["snapshot"]])
+            def registered(result: Any, watch: Watch = watch) -> None:
+                watch._registered(link, result, resync=True)
+
+            def abandoned(result: Any) -> None:
+                self._send_unwatch(link, result["watch"])
 
             try:
-                await self._request("watch", {"patterns": list(watch.patterns)}, restored)
-            except BusError as exc:
+                await self._request("watch", {"patterns": list(watch.patterns)}, registered, abandoned)
+            except RequestError as exc:
                 watch._fail(exc)
+            except BusError as exc:
+                watch.link = link  # not registered; the next restore tries again
+                log.info("restoring watches stopped: %s", exc)
+                return
 
     async def _run_link(self, link: _Link) -> None:
         try:
@@ -489,7 +587,12 @@ class Bus:
                 elif isinstance(message, Request):
                     self._answer(link, message)
                 elif message.event == "name":
-                    self._route_name_event(message)
+                    self._route_name_event(link, message)
+                elif message.event == "snapshot":
+                    watch = link.watches.get(message.fields.get("watch", 0))
+                    if watch is not None:
+                        entries = [NameInfo.from_wire(e) for e in message.fields.get("entries", [])]
+                        watch._snapshot_part(entries, bool(message.fields.get("more")))
                 elif message.event == "error":
                     reason = f"{message.fields.get('code')}: {message.fields.get('message')}"
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
@@ -515,8 +618,8 @@ class Bus:
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass  # the link is ending or hopelessly behind; the broker will notice
 
-    def _route_name_event(self, event: Event) -> None:
-        watch = self._watches.get(event.fields.get("watch", 0))
+    def _route_name_event(self, link: _Link, event: Event) -> None:
+        watch = link.watches.get(event.fields.get("watch", 0))
         if watch is None:
             return
         owner = event.fields.get("owner")
@@ -534,18 +637,28 @@ class Bus:
         async with trio.open_nursery() as nursery:
             self._link = link
             nursery.start_soon(self._run_link, link)
-            await self._restore(link, nursery)
+            await self._restore(link)
             task_status.started()
             while True:
                 await link.closed_event.wait()
                 if not self.reconnect or self._closed:
-                    for watch in list(self._watches.values()):
-                        watch._fail(ConnectionLost(f"the bus connection ended: {link.reason}"))
+                    self._give_up(ConnectionLost(f"the bus connection ended: {link.reason}"))
                     return
-                link = await self._reconnect()
+                try:
+                    link = await self._reconnect()
+                except RequestError as exc:
+                    # The broker answers but refuses us (a changed policy): say so, stop trying.
+                    log.warning("gave up reconnecting: %s", exc)
+                    self._give_up(exc)
+                    return
                 self._link = link
                 nursery.start_soon(self._run_link, link)
-                await self._restore(link, nursery)
+                await self._restore(link)
+
+    def _give_up(self, error: BusError) -> None:
+        self.failure = error
+        for watch in list(self._live_watches):
+            watch._fail(error)
 
     async def _reconnect(self) -> _Link:
         delay = 0.1
@@ -553,7 +666,7 @@ class Bus:
             await trio.sleep(delay)
             try:
                 link = await self._connect()
-            except (CannotConnect, RequestError, OSError) as exc:
+            except (CannotConnect, OSError) as exc:
                 log.info("reconnect failed (next try in %.1f s): %s", min(delay * 2, 5.0), exc)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -610,13 +723,16 @@ async def open_bus(
                 # No await here: after cancelling our own scope, an await would raise a
                 # Cancelled that replaces (and so swallows) the exception leaving the block.
                 bus._closed = True
-                for watch in list(bus._watches.values()):
+                for watch in list(bus._live_watches):
                     watch._send.close()
                 nursery.cancel_scope.cancel()  # _run_link closes the stream on its way out
     except BaseExceptionGroup as group:
-        # The block's own exception comes out as itself, not wrapped by our nursery.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        # The block's own exception comes out as itself, not wrapped by our nursery(s).
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is group:
+            raise
+        raise inner from None
 
 

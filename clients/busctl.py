@@ -104,8 +104,24 @@ def _out(line: str = "") -> None:
     sys.stdout.flush()
 
 
+def _jsonable(value: Any) -> Any:
+    """CBOR allows integer map keys (and bytes); JSON wants text keys."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
 def _json(value: Any) -> None:
-    _out(json.dumps(value, sort_keys=True, default=str))
+    _out(json.dumps(_jsonable(value), sort_keys=True, default=str))
+
+
+def _safe(text: str) -> str:
+    """What a plugin chose to say, made harmless for a terminal (no control characters)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _since(ts: float) -> str:
@@ -169,7 +185,7 @@ async def verb_list(args: argparse.Namespace) -> None:
             e.transport,
             str(e.pid) if e.pid is not None else "-",
             _since(e.connected_since),
-            str(e.info.get("description", "")) or "-",
+            _safe(str(e.info.get("description", ""))) or "-",
         ]
         for e in entries
     ]
@@ -191,19 +207,19 @@ async def verb_status(args: argparse.Namespace) -> None:
         ("pid", str(entry.pid) if entry.pid is not None else "-"),
         ("uid", str(entry.uid) if entry.uid is not None else "-"),
         ("connected since", _since(entry.connected_since)),
-        ("description", str(entry.info.get("description", "")) or "-"),
-        ("version", str(entry.info.get("version", "")) or "-"),
-        ("metadata", json.dumps(entry.info.get("metadata", {}), sort_keys=True)),
+        ("description", _safe(str(entry.info.get("description", ""))) or "-"),
+        ("version", _safe(str(entry.info.get("version", ""))) or "-"),
+        ("metadata", _safe(json.dumps(_jsonable(entry.info.get("metadata", {})), sort_keys=True, default=str))),
     ]
     for key, value in fields:
-        _out(f"{key + ':':17}{value}")
+        _out(f"{key + ':':17}{_safe(value)}")
 
 
 def _event_line(ev: NameEvent) -> str:
     owner = ev.owner
     if owner is None:
-        return f"{ev.kind:13} {ev.name} (was {ev.old_owner})"
-    return f"{ev.kind:13} {ev.name} {owner.unique_id} {owner.identity}"
+        return _safe(f"{ev.kind:13} {ev.name} (was {ev.old_owner})")
+    return _safe(f"{ev.kind:13} {ev.name} {owner.unique_id} {owner.identity}")
 
 
 async def verb_monitor(args: argparse.Namespace) -> None:

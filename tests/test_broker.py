@@ -355,3 +355,48 @@ async def test_broker_restart_client_reconnects_and_restores(tmp_path: Path) -> 
             # Requests in flight at the moment of loss are not replayed; new ones just work.
             await bus.ping()
             await second.stop()
+
+
+async def test_abandoned_and_overflowing_watches_are_dropped_on_the_broker(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+            me = rb.broker.core.connections[int(bus.unique_id[1:])]
+            for _ in range(40):  # more than the 32-watch quota: leaks would hit it
+                with trio.move_on_after(0):  # the caller gives up before the reply
+                    async with bus.watch(["*"]):
+                        pass
+            with trio.fail_after(10):
+                while me.watches:
+                    await trio.sleep(0.01)
+            async with bus.watch(["*"]) as w:
+                assert len(me.watches) == 1
+                await w.aclose()
+            with trio.fail_after(10):
+                while me.watches:
+                    await trio.sleep(0.01)
+
+
+async def test_watch_opened_right_after_a_reconnect_leaves_older_watches_working(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        first = await start_broker(nursery, tmp_path)
+        unix = first.unix_address
+        async with open_bus(unix, identity=FRIEND, name="org.example.A") as bus:
+            for i in range(10):
+                await bus.request_name(f"org.example.B{i}")  # restoring these takes a while
+            async with bus.watch(["org.test.*"]) as old:
+                await first.stop()
+                second = await start_broker(nursery, tmp_path)
+                with trio.fail_after(15):
+                    while not (bus.reconnects and bus.connected):
+                        await trio.sleep(0)
+                async with bus.watch(["org.other.*"]) as new:
+                    async with open_bus(unix, identity=PLUGIN) as plugin:
+                        with pytest.raises(AccessDenied):
+                            await plugin.request_name("org.test.X")  # PLUGIN may own only org.example.*
+                    async with open_bus(unix, identity=OWNER, name="org.test.X"):
+                        ev = await next_event(old)
+                        assert (ev.kind, ev.name) == ("connected", "org.test.X")
+                    async with open_bus(unix, identity=OWNER, name="org.other.Y"):
+                        ev = await next_event(new)
+                        assert (ev.kind, ev.name) == ("connected", "org.other.Y")
+                await second.stop()

@@ -140,7 +140,7 @@ def test_queries_hide_nameless_connections_except_from_admins() -> None:
     h.ok(nameless, "hello")
     admin = h.connect(OWNER)
     h.ok(admin, "hello")
-    listed = h.ok(named, "list_names")
+    listed = h.ok(named, "list_names")["entries"]
     assert [e["name"] for e in listed] == ["org.example.Echo"]
     entry = listed[0]
     assert entry["unique_id"] == f":{named}" and entry["identity"] == PLUGIN.id
@@ -148,7 +148,7 @@ def test_queries_hide_nameless_connections_except_from_admins() -> None:
     assert entry["transport"] == "unix" and entry["pid"] == 123 and entry["uid"] == 1000
     assert entry["connected_since"] == 1000.0
     assert h.error(named, "info", target=f":{nameless}")[0] == "minibus.Error.NameNotFound"
-    everything = h.ok(admin, "list_names", all=True)
+    everything = h.ok(admin, "list_names", all=True)["entries"]
     assert {e["unique_id"] for e in everything} == {f":{named}", f":{nameless}", f":{admin}"}
     assert h.ok(admin, "info", target=f":{nameless}")["names"] == []
     assert h.ok(nameless, "info", target=f":{nameless}")["unique_id"] == f":{nameless}"  # itself
@@ -161,7 +161,7 @@ def test_see_rules_filter_queries() -> None:
     h.ok(p, "request_name", name="org.example.PublicNews")
     v = h.connect(VIEWER)
     h.ok(v, "hello")
-    assert [e["name"] for e in h.ok(v, "list_names")] == ["org.example.PublicNews"]
+    assert [e["name"] for e in h.ok(v, "list_names")["entries"]] == ["org.example.PublicNews"]
     assert h.error(v, "resolve", name="org.example.Private")[0] == "minibus.Error.NameNotFound"
     assert h.ok(v, "info", target="org.example.PublicNews")["names"] == ["org.example.PublicNews"]
 
@@ -233,3 +233,74 @@ def test_disconnect_is_idempotent_and_hands_names_over() -> None:
     h.disconnect(a)
     h.disconnect(a)
     assert [(e["kind"], e["owner"]["unique_id"]) for e in h.events(w)] == [("owner-changed", f":{b}")]
+
+
+def test_hello_info_is_typed_and_bounded() -> None:
+    h = Harness(Limits(info_bytes=1000))
+    a = h.connect()
+    assert h.error(a, "hello", info={"description": [True] * 100})[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "hello", info={"version": 3})[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "hello", info={"metadata": [1]})[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "hello", info={"description": "x" * 2000})[0] == "minibus.Error.QuotaExceeded"
+    assert h.ok(a, "hello", info={"description": "fine", "metadata": {"k": 1, 2: "mixed keys"}})
+
+
+def test_odd_arguments_get_bad_request_not_a_crash() -> None:
+    h = Harness()
+    a = h.connect()
+    h.ok(a, "hello")
+    assert h.error(a, "request_name", name="org.example.X", flags=[["x"]])[0] == "minibus.Error.BadRequest"
+    assert h.error(a, "request_name", name="org.example.X", flags=[{}])[0] == "minibus.Error.BadRequest"
+    for target in (":\u00b2", ":\u0663", ":" + "9" * 40):
+        assert h.error(a, "info", target=target)[0] in ("minibus.Error.InvalidName", "minibus.Error.NameNotFound")
+    assert h.error(a, "watch", patterns=["x" * 300])[0] == "minibus.Error.QuotaExceeded"
+    assert h.error(a, "watch", patterns=[1])[0] == "minibus.Error.BadRequest"
+
+
+def test_long_lists_come_in_pages() -> None:
+    h = Harness(Limits(reply_bytes=2000, names_per_connection=200))
+    p = h.connect(PLUGIN)
+    h.ok(p, "hello", info={"description": "d" * 200})
+    names = [f"org.example.N{i:03}" for i in range(60)]
+    for n in names:
+        h.ok(p, "request_name", name=n)
+    admin = h.connect()
+    h.ok(admin, "hello")
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        page = h.ok(admin, "list_names", **({"after": after} if after else {}))
+        seen += [e["name"] for e in page["entries"]]
+        pages += 1
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == names and pages > 3
+    # with all=True the nameless admin itself comes last, after the names
+    everything, after = [], None
+    while True:
+        page = h.ok(admin, "list_names", all=True, **({"after": after} if after else {}))
+        everything += [e["name"] or e["unique_id"] for e in page["entries"]]
+        after = page["next"]
+        if after is None:
+            break
+    assert everything == names + [f":{admin}"]
+
+
+def test_large_snapshots_arrive_in_parts_before_any_change() -> None:
+    h = Harness(Limits(reply_bytes=2000, names_per_connection=200))
+    p = h.connect(PLUGIN)
+    h.ok(p, "hello", info={"description": "d" * 200})
+    for i in range(40):
+        h.ok(p, "request_name", name=f"org.example.N{i:03}")
+    w = h.connect()
+    h.ok(w, "hello")
+    h._ids += 1
+    out = h.core.receive(w, {"op": "watch", "id": h._ids, "patterns": ["org.example.*"]})
+    reply = out[0][1]
+    assert reply["result"]["more"] is True
+    parts = [m for _, m in out[1:]]
+    assert all(m["event"] == "snapshot" for m in parts) and parts[-1]["more"] is False
+    total = len(reply["result"]["snapshot"]) + sum(len(m["entries"]) for m in parts)
+    assert total == 40

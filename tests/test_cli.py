@@ -308,3 +308,31 @@ def test_authorized_keys_file_lets_a_key_in(env: dict[str, str], tmp_path: Path)
         proc.wait(timeout=15)
         proc.stdout and proc.stdout.close()
         proc.stderr and proc.stderr.close()
+
+
+def test_hostile_plugin_info_cannot_break_busctl(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    script = """
+import trio
+from clients import open_bus
+async def main():
+    info = {"description": "evil\\x1b[2J\\x07", "metadata": {1: "int key", "s": b"\\x00bytes"}}
+    async with open_bus(name="org.example.Evil", info=info):
+        print("up", flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+"""
+    evil = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert evil.stdout is not None
+    try:
+        assert evil.stdout.readline().strip() == "up"
+        listed = busctl(env, "list")
+        assert listed.returncode == 0 and "\x1b" not in listed.stdout and "evil\\x1b[2J\\x07" in listed.stdout
+        as_json = busctl(env, "--json", "list")
+        assert as_json.returncode == 0
+        assert json.loads(as_json.stdout)[0]["info"]["metadata"] == {"1": "int key", "s": b"\x00bytes".hex()}
+        status = busctl(env, "status", "org.example.Evil")
+        assert status.returncode == 0 and "\x1b" not in status.stdout
+    finally:
+        evil.kill()
+        evil.wait()
+        evil.stdout.close()

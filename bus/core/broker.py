@@ -21,6 +21,7 @@ ignored, so a client that sends ``identity`` or ``unique_id`` in its hello chang
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,11 +50,15 @@ FLAG_NAMES = {
 class Limits:
     """Per-broker limits; every one is configurable (see docs/broker.md)."""
 
-    connections_per_identity: int = 256
+    connections_per_identity: int = 64
     names_per_connection: int = 64
     watches_per_connection: int = 32
     patterns_per_watch: int = 32
+    pattern_length: int = 255
     info_bytes: int = 16 * 1024
+    #: Lists and snapshots are cut into messages of about this many bytes (well under the
+    #: 64 KiB control-frame limit; one entry is at most ``info_bytes`` plus ~300 bytes).
+    reply_bytes: int = 40 * 1024
 
 
 @dataclass(slots=True)
@@ -67,7 +72,7 @@ class Connection:
     admin: bool
     registered: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    watches: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    watches: dict[int, re.Pattern[str]] = field(default_factory=dict)
     next_watch: int = 1
 
     @property
@@ -76,8 +81,9 @@ class Connection:
 
 
 def parse_unique_id(text: str) -> int | None:
-    if text.startswith(":") and text[1:].isdigit():
-        return int(text[1:])
+    digits = text[1:]
+    if text.startswith(":") and digits.isascii() and digits.isdigit() and len(digits) <= 18:
+        return int(digits)
     return None
 
 
@@ -165,17 +171,18 @@ class BrokerCore:
         if conn.registered:
             raise BadRequest("hello: already registered")
         info = req.arg("info", dict, {}, optional=True)
-        self._check_info(info)
         name = req.arg("name", str, None, optional=True)
         flags = self._flags(req)
+        description, version = info.get("description", ""), info.get("version", "")
         metadata = info.get("metadata", {})
-        if not isinstance(metadata, dict):
-            raise BadRequest("hello: info.metadata must be a map")
-        conn.info = {
-            "description": str(info.get("description", "")),
-            "version": str(info.get("version", "")),
-            "metadata": metadata,
-        }
+        if not isinstance(description, str) or not isinstance(version, str) or not isinstance(metadata, dict):
+            raise BadRequest("hello: info is {description: text, version: text, metadata: map}")
+        normalized = {"description": description, "version": version, "metadata": metadata}
+        # Info is repeated in every list and event about this connection: keep it small.
+        size = len(cbor2.dumps(normalized))
+        if size > self.limits.info_bytes:
+            raise QuotaExceeded(f"hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
+        conn.info = normalized
         result: dict[str, Any] = {"unique_id": conn.unique_id, "identity": conn.key.id}
         if name is not None:
             result["name_result"] = self._request_name(conn, name, flags, out)
@@ -194,21 +201,38 @@ class BrokerCore:
         return result.value
 
     def _list_names(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """One page of the list: ``{entries, next}``; ask again with ``after=next`` for more.
+
+        Named entries come sorted by name, then (``all``) nameless ones by unique id; the
+        cursor is the last name or unique id of the page."""
         everything = req.arg("all", bool, False)
+        after = req.arg("after", str, None, optional=True)
         if everything and not conn.admin:
             raise AccessDenied(f"{conn.key.id} may not list all connections: only an admin identity may")
-        entries = [
-            self._entry(name, owner)
-            for name, owner in sorted(self.names.names().items())
-            if everything or self.policy.may_see(conn.key, name).allowed
-        ]
+        keyed: list[tuple[tuple[int, str, int], str, dict[str, Any]]] = []
+        for name, owner in sorted(self.names.names().items()):
+            if everything or self.policy.may_see(conn.key, name).allowed:
+                keyed.append(((0, name, 0), name, self._entry(name, owner)))
         if everything:
-            entries += [
-                self._entry(None, c.id)
-                for c in self.connections.values()
-                if c.registered and not self.names.owned_by(c.id)
-            ]
-        return entries
+            for c in sorted(self.connections.values(), key=lambda c: c.id):
+                if c.registered and not self.names.owned_by(c.id):
+                    keyed.append(((1, "", c.id), c.unique_id, self._entry(None, c.id)))
+        start = 0
+        if after is not None:
+            uid = parse_unique_id(after)
+            cursor = (1, "", uid) if uid is not None else (0, after, 0)
+            start = next((i for i, (k, _, _) in enumerate(keyed) if k > cursor), len(keyed))
+        page: list[dict[str, Any]] = []
+        used = 0
+        page_label = ""
+        for _, label, entry in keyed[start:]:
+            size = len(cbor2.dumps(entry))
+            if page and used + size > self.limits.reply_bytes:
+                return {"entries": page, "next": page_label}
+            page.append(entry)
+            used += size
+            page_label = label
+        return {"entries": page, "next": None}
 
     def _resolve(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         name = validate_name(req.arg("name", str))
@@ -236,24 +260,37 @@ class BrokerCore:
         return entry
 
     def _watch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
-        patterns = req.arg("patterns", list, ["*"])
-        if not patterns:
-            patterns = ["*"]
+        """``{watch, snapshot, more}``; with ``more``, ``snapshot`` events follow at once
+        (before any change), the last with ``more: false``."""
+        patterns = req.arg("patterns", list, ["*"]) or ["*"]
         if not all(isinstance(p, str) for p in patterns):
             raise BadRequest("watch: 'patterns' must be a list of strings")
         if len(patterns) > self.limits.patterns_per_watch:
             raise QuotaExceeded(f"watch: at most {self.limits.patterns_per_watch} patterns")
+        if any(len(p) > self.limits.pattern_length for p in patterns):
+            raise QuotaExceeded(f"watch: a pattern is at most {self.limits.pattern_length} characters")
         if len(conn.watches) >= self.limits.watches_per_connection:
             raise QuotaExceeded(f"at most {self.limits.watches_per_connection} watches per connection")
+        # One compiled expression per watch, owned by the watch (no process-wide cache).
+        compiled = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
         watch_id = conn.next_watch
         conn.next_watch += 1
-        conn.watches[watch_id] = tuple(patterns)
-        snapshot = [
-            self._entry(name, owner)
-            for name, owner in sorted(self.names.names().items())
-            if self._matches(conn, conn.watches[watch_id], name)
-        ]
-        return {"watch": watch_id, "snapshot": snapshot}
+        conn.watches[watch_id] = compiled
+        chunks: list[list[dict[str, Any]]] = [[]]
+        used = 0
+        for name, owner in sorted(self.names.names().items()):
+            if self._matches(conn, compiled, name):
+                entry = self._entry(name, owner)
+                size = len(cbor2.dumps(entry))
+                if chunks[-1] and used + size > self.limits.reply_bytes:
+                    chunks.append([])
+                    used = 0
+                chunks[-1].append(entry)
+                used += size
+        for i, chunk in enumerate(chunks[1:], 1):
+            fields = {"watch": watch_id, "entries": chunk, "more": i < len(chunks) - 1}
+            out.append((conn.id, Event("snapshot", fields).to_wire()))
+        return {"watch": watch_id, "snapshot": chunks[0], "more": len(chunks) > 1}
 
     def _unwatch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         watch_id = req.arg("watch", int)
@@ -279,7 +316,7 @@ class BrokerCore:
         names = req.arg("flags", list, [])
         flags = NameFlag.NONE
         for name in names:
-            if name not in FLAG_NAMES:
+            if not isinstance(name, str) or name not in FLAG_NAMES:
                 raise BadRequest(f"{req.op}: unknown flag {name!r} (known: {', '.join(FLAG_NAMES)})")
             flags |= FLAG_NAMES[name]
         return flags
@@ -291,11 +328,6 @@ class BrokerCore:
         out.extend(self._notify(events))
         return result.value
 
-    def _check_info(self, info: dict[str, Any]) -> None:
-        # Info is repeated to every lister and watcher: keep it small.
-        if len(cbor2.dumps(info)) > self.limits.info_bytes:
-            raise QuotaExceeded(f"hello: info is larger than {self.limits.info_bytes} bytes")
-
     def _visible_names(self, viewer: Connection, other: Connection) -> list[str]:
         return [
             n
@@ -303,10 +335,8 @@ class BrokerCore:
             if viewer.admin or viewer is other or self.policy.may_see(viewer.key, n).allowed
         ]
 
-    def _matches(self, watcher: Connection, patterns: tuple[str, ...], name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns) and (
-            watcher.admin or self.policy.may_see(watcher.key, name).allowed
-        )
+    def _matches(self, watcher: Connection, compiled: re.Pattern[str], name: str) -> bool:
+        return (watcher.admin or self.policy.may_see(watcher.key, name).allowed) and compiled.match(name) is not None
 
     def _entry(self, name: str | None, conn_id: int) -> dict[str, Any]:
         c = self.connections[conn_id]
