@@ -34,13 +34,14 @@ from typing import Any
 
 import trio
 
-from .core.broker import BrokerCore, Limits
+from .core.broker import BrokerCore, ChannelMessage, Limits, Outgoing
+from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .wire.address import Endpoint, default_runtime_dir, format_address
-from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame
+from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -71,6 +72,7 @@ class BrokerConfig:
     outbound_queue: int = 1024
     outbound_bytes: int = 1 << 20
     close_timeout: float = 2.0
+    channel_timeout: float = 5.0  # how long a channel's target may take to answer
     write_address_file: bool = True
 
     @property
@@ -107,7 +109,8 @@ class _Session:
         self.mid_frame = False
         self.stop_writing = False
         self.queued_bytes = 0
-        self.next_ping_id = 1
+        # Relayed channels waiting for room in this connection's queue to carry more data.
+        self.blocked: set[int] = set()
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -159,6 +162,8 @@ class _Session:
                 await self.framed.send_raw(encoded)
                 self.mid_frame = False
                 self.queued_bytes -= len(encoded)
+                if self.blocked and self.queued_bytes <= self.broker.relay_threshold:
+                    self.broker.unblock(self)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.end(f"transport broken while sending: {exc}")
 
@@ -172,9 +177,12 @@ class _Session:
                 self.reason = "peer closed the connection"
                 return
             self.last_received = trio.current_time()
-            if not isinstance(frame, ControlFrame) or frame.channel != 0:
-                raise FrameError("channels are not open on this connection (only control frames on channel 0)")
-            self.broker.dispatch(core.receive(self.conn_id, frame.message))
+            if isinstance(frame, ControlFrame) and frame.channel == 0:
+                self.broker.dispatch(core.receive(self.conn_id, frame.message))
+            elif isinstance(frame, ControlFrame):
+                self.broker.channel_control(self, frame.channel, frame.message)
+            else:
+                self.broker.channel_data(self, frame.channel, frame.data)
 
     async def keepalive(self) -> None:
         cfg = self.broker.config
@@ -184,8 +192,7 @@ class _Session:
                 self.end(f"keepalive: nothing received for {cfg.keepalive_timeout:g} s")
                 return
             if idle >= cfg.keepalive_interval:
-                self.enqueue({"op": "ping", "id": self.next_ping_id})
-                self.next_ping_id += 1
+                self.broker.dispatch(self.broker.core.ping(self.conn_id))
                 await trio.sleep(min(cfg.keepalive_interval, cfg.keepalive_timeout - idle))
             else:
                 await trio.sleep(cfg.keepalive_interval - idle)
@@ -226,18 +233,27 @@ class Broker:
         self._listeners: list[trio.SocketListener] = []
         self._shutting_down = False
         self._socket_inode: tuple[int, int] | None = None
+        self._nursery: trio.Nursery | None = None
+        # Relay data is queued for a connection only while its queue holds less than this.
+        self.relay_threshold = config.outbound_bytes // 2
 
     @property
     def address(self) -> str:
         return format_address(self.endpoints)
 
-    def dispatch(self, out: list[tuple[int, dict[str, Any]]]) -> None:
+    def dispatch(self, out: list[Outgoing]) -> None:
         # A message object sent to many connections (a watch event) is encoded once.
         encoded: dict[int, bytes] = {}
-        for conn_id, message in out:
+        for item in out:
+            if isinstance(item, ChannelMessage):
+                self._channel_message(item)
+                continue
+            conn_id, message = item
             session = self.sessions.get(conn_id)
             if session is None:
                 continue
+            if message.get("op") == "channel_request" and self._nursery is not None:
+                self._nursery.start_soon(self._expire_open, conn_id, message["id"])
             data = encoded.get(id(message))
             if data is None:
                 try:
@@ -299,6 +315,7 @@ class Broker:
             if cfg.write_address_file:
                 self._write_address_file()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for listener in self._listeners:
                     kind = "unix" if listener is unix_listener else "tcp"
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
@@ -412,6 +429,86 @@ class Broker:
             except Exception:
                 log.exception("cleanup of connection :%d failed", conn.id)
             log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
+
+    # -- relayed channels ----------------------------------------------------------------------
+
+    async def _expire_open(self, target_id: int, request_id: int) -> None:
+        await trio.sleep(self.config.channel_timeout)
+        self.dispatch(self.core.expire_open(target_id, request_id, self.config.channel_timeout))
+
+    def _channel_message(self, item: ChannelMessage) -> None:
+        session = self.sessions.get(item.conn)
+        if session is not None:
+            session.enqueue_encoded(session.framed.encode_message(item.body, item.channel))
+
+    def channel_data(self, session: _Session, channel: int, data: bytes) -> None:
+        relay = self.core.channels.get((session.conn_id, channel))
+        if relay is None:
+            return  # late bytes for a channel that was just reset or closed: dropped by design
+        try:
+            relay.outgoing((session.conn_id, channel)).push(data)
+        except CreditExceeded as exc:
+            self.reset(relay, f"{session.key} broke the flow control: {exc}")
+            return
+        self.pump(relay, relay.outgoing((session.conn_id, channel)))
+
+    def channel_control(self, session: _Session, channel: int, body: dict[str, Any]) -> None:
+        half = (session.conn_id, channel)
+        relay = self.core.channels.get(half)
+        if relay is None:
+            return  # a late message for a channel already gone
+        if "credit" in body:
+            credit = body["credit"]
+            if not isinstance(credit, int) or isinstance(credit, bool) or not 0 < credit <= 1 << 30:
+                raise FrameError(f"channel {channel}: credit must be an integer from 1 to 2**30")
+            relay.incoming(half).dst_window += credit
+            self.pump(relay, relay.incoming(half))
+        elif body.get("eof") is True or body.get("close") is True:
+            direction = relay.outgoing(half)
+            direction.eof_received = True
+            direction.close = direction.close or body.get("close") is True
+            self.pump(relay, direction)
+        elif "reset" in body:
+            self.reset(relay, f"reset by {session.key}: {body['reset']}", skip=half)
+        else:
+            raise FrameError(f"channel {channel}: unknown channel message {sorted(body)}")
+
+    def pump(self, relay: RelayChannel, direction: Direction) -> None:
+        """Move what the receiver can take into its queue, and credit back to the sender."""
+        src = relay.a if direction is relay.a_to_b else relay.b
+        dst = relay.other(src)
+        dst_session = self.sessions.get(dst[0])
+        src_session = self.sessions.get(src[0])
+        if dst_session is None:
+            return
+        returned = 0
+        while direction.ready():
+            if dst_session.queued_bytes > self.relay_threshold:
+                dst_session.blocked.add(relay.id)
+                break
+            chunk, credit = direction.take(64 * 1024)
+            dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
+            returned += credit
+        if returned and src_session is not None and not direction.eof_received:
+            src_session.enqueue_encoded(src_session.framed.encode_message({"credit": returned}, src[1]))
+        if direction.eof_due():
+            direction.eof_sent = True
+            dst_session.enqueue_encoded(dst_session.framed.encode_message({"close" if direction.close else "eof": True}, dst[1]))
+            if direction.close:
+                self.core.channels.close(relay)
+
+    def unblock(self, session: _Session) -> None:
+        waiting, session.blocked = session.blocked, set()
+        for relay in self.core.channels.of_connection(session.conn_id):
+            if relay.id in waiting:
+                direction = relay.incoming(relay.a if relay.a[0] == session.conn_id else relay.b)
+                self.pump(relay, direction)
+
+    def reset(self, relay: RelayChannel, reason: str, skip: tuple[int, int] | None = None) -> None:
+        self.core.channels.close(relay)
+        for half in (relay.a, relay.b):
+            if half != skip:
+                self._channel_message(ChannelMessage(half[0], half[1], {"reset": reason}))
 
     # -- shutdown ------------------------------------------------------------------------------
 

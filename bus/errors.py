@@ -50,6 +50,7 @@ __all__ = [
     "NameNotFound",
     "InvalidName",
     "QuotaExceeded",
+    "ChannelRejected",
     "ConnectionLost",
     "error_from_wire",
 ]
@@ -189,6 +190,12 @@ class InvalidName(RequestError):
     """A well-known name does not follow the reverse-DNS grammar."""
 
     wire_code = "minibus.Error.InvalidName"
+
+
+class ChannelRejected(RequestError):
+    """The target of a channel refused it (with its reason) or did not answer in time."""
+
+    wire_code = "minibus.Error.ChannelRejected"
 
 
 class QuotaExceeded(RequestError, LimitError):

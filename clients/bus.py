@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from bus.errors import BusError, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
+from bus.errors import BusError, ChannelRejected, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
-from bus.wire.frames import ControlFrame
+from bus.wire.frames import ControlFrame, encode_control
 from bus.wire.identity import Identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
@@ -52,6 +52,8 @@ __all__ = [
     "find_address",
     "network_key_from_env",
 ]
+
+from .channels import DEFAULT_WINDOW, Channel, ChannelRequest, PeerInfo, RelayStream  # noqa: E402
 
 log = logging.getLogger("minibus.client")
 
@@ -276,6 +278,7 @@ class _Link:
         self.send, self.outbound = trio.open_memory_channel[bytes](OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}
         self.watches: dict[int, Watch] = {}
+        self.channels: dict[int, RelayStream] = {}
         self.closed = False
         self.closed_event = trio.Event()
         self.reason = "the broker closed the connection"
@@ -321,6 +324,8 @@ class Bus:
         if name is not None:
             self.requested_names[name] = list(flags)
         self._live_watches: set[Watch] = set()
+        self._handlers: dict[str, tuple[Callable[[Channel], Awaitable[Any]], Callable[[ChannelRequest], str | None] | None]] = {}
+        self._nursery: trio.Nursery | None = None
         self._link: _Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
         self._next_id = 1
@@ -574,8 +579,16 @@ class Bus:
                 frame = await link.framed.receive_frame()
                 if frame is None:
                     break
+                if frame.channel != 0:
+                    relay = link.channels.get(frame.channel)
+                    if relay is not None:
+                        if isinstance(frame, ControlFrame):
+                            relay.on_control(frame.message)
+                        else:
+                            relay.on_data(frame.data)
+                    continue  # late frames of a channel already gone are dropped
                 if not isinstance(frame, ControlFrame):
-                    continue  # channels arrive with the next version
+                    raise FrameError("data frame on the control channel")
                 message = parse_message(frame.message)
                 if isinstance(message, (Reply, ErrorReply)):
                     pending = link.pending.get(message.re)
@@ -601,6 +614,8 @@ class Bus:
             link.reason = reason
             link.closed = True
             link.closed_event.set()
+            for relay in list(link.channels.values()):
+                relay.on_link_lost(reason)
             lost = ConnectionLost(reason)
             for pending in link.pending.values():
                 pending.reply = lost
@@ -611,12 +626,119 @@ class Bus:
     def _answer(self, link: _Link, request: Request) -> None:
         if request.op == "ping":
             reply: dict[str, Any] = Reply(request.id, {}).to_wire()
+        elif request.op == "channel_request":
+            reply = self._channel_request(link, request)
         else:
             reply = ErrorReply(request.id, "minibus.Error.UnknownOperation", f"unknown operation {request.op!r}").to_wire()
         try:
             link.send.send_nowait(link.framed.encode_message(reply))
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass  # the link is ending or hopelessly behind; the broker will notice
+
+    def _channel_request(self, link: _Link, request: Request) -> dict[str, Any]:
+        """Accept (and start serving) or reject a channel someone opens to us."""
+        try:
+            channel = request.arg("channel", int)
+            ask = ChannelRequest(
+                protocol=request.arg("protocol", str),
+                name=request.arg("name", str),
+                opener=PeerInfo.from_wire(request.arg("opener", dict)),
+                route=request.arg("route", str),
+                encrypted=request.arg("encrypted", bool),
+            )
+        except (RequestError, KeyError, TypeError) as exc:
+            return ErrorReply(request.id, "minibus.Error.BadRequest", f"channel_request: {exc}").to_wire()
+        entry = self._handlers.get(ask.protocol)
+        if entry is None or self._nursery is None:
+            reason = f"no handler for protocol {ask.protocol!r}"
+            return ErrorReply(request.id, ChannelRejected.wire_code, reason).to_wire()
+        handler, accept = entry
+        if accept is not None:
+            refusal = accept(ask)
+            if refusal is not None:
+                return ErrorReply(request.id, ChannelRejected.wire_code, refusal).to_wire()
+        relay = RelayStream(link, channel)
+        link.channels[channel] = relay
+        self._nursery.start_soon(self._serve_channel, relay, ask, handler)
+        return Reply(request.id, {}).to_wire()
+
+    async def _serve_channel(self, relay: RelayStream, ask: ChannelRequest, handler: Callable[[Channel], Awaitable[Any]]) -> None:
+        # The broker opens the relay when it reads our acceptance, which precedes this grant.
+        relay.start()
+        opener_key = ask.opener.key
+        secure = SecureStream.server(
+            relay,
+            self.identity,
+            network_key=self.network_key,
+            authorize=lambda key: key == opener_key,
+            encrypted=ask.encrypted,
+        )
+        try:
+            try:
+                await secure.do_handshake()
+            except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("channel from %s failed its handshake: %s", ask.opener.unique_id, exc)
+                return
+            await handler(Channel(secure, relay, ask.opener, ask.protocol, ask.route))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("channel %r from %s ended: %s", ask.protocol, ask.opener.unique_id, exc)
+        finally:
+            await trio.aclose_forcefully(secure)
+
+    def handle_channels(
+        self,
+        protocol: str,
+        handler: Callable[[Channel], Awaitable[Any]],
+        *,
+        accept: Callable[[ChannelRequest], str | None] | None = None,
+    ) -> None:
+        """Serve channels opened to us with this protocol label.
+
+        ``accept`` (optional) sees each request (the opener's verified identity, unique id
+        and names, the label) and returns None to accept or a reason to reject.  Each
+        accepted channel runs ``handler(channel)`` in its own task; the channel is closed
+        when the handler returns.  A label with no handler is rejected.
+        """
+        self._handlers[protocol] = (handler, accept)
+
+    async def open_channel(
+        self, name: str, protocol: str = "raw", route: str = "auto", *, window: int = DEFAULT_WINDOW
+    ) -> Channel:
+        """Open a channel to the plugin owning ``name``; its identity is proven by shs1."""
+        if route not in ("auto", "relay"):
+            raise ValueError(f"route must be 'auto' or 'relay', not {route!r}")
+        link = self._link
+        opened: list[RelayStream] = []
+
+        def on_result(result: Any) -> None:
+            if link is None:
+                return
+            relay = RelayStream(link, result["channel"], window=window)
+            link.channels[result["channel"]] = relay
+            relay.start()
+            opened.append(relay)
+
+        def on_abandoned(result: Any) -> None:
+            if link is not None and not link.closed:
+                try:
+                    link.send.send_nowait(encode_control(result["channel"], {"close": True}))
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass
+
+        result = await self._request(
+            "open_channel", {"name": name, "protocol": protocol, "route": route}, on_result, on_abandoned
+        )
+        relay = opened[0]
+        peer = PeerInfo.from_wire(result["peer"])
+        secure = SecureStream.client(
+            relay, self.identity, peer.key, network_key=self.network_key, encrypted=result["encrypted"]
+        )
+        try:
+            await secure.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(secure)
+            raise
+        return Channel(secure, relay, peer, protocol, result["route"])
 
     def _route_name_event(self, link: _Link, event: Event) -> None:
         watch = link.watches.get(event.fields.get("watch", 0))
@@ -635,6 +757,7 @@ class Bus:
     async def _serve(self, first: _Link, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         link = first
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             self._link = link
             nursery.start_soon(self._run_link, link)
             await self._restore(link)

@@ -25,19 +25,53 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
-from ..errors import AccessDenied, BadRequest, NameNotFound, QuotaExceeded, RequestError, UnknownOperation
+from ..errors import (
+    AccessDenied,
+    BadRequest,
+    ChannelRejected,
+    NameNotFound,
+    QuotaExceeded,
+    RequestError,
+    UnknownOperation,
+)
 from ..wire.identity import PublicKey
 from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
+from .channels import ChannelTable, RelayChannel
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
 
-__all__ = ["Limits", "Connection", "BrokerCore", "Outgoing", "FLAG_NAMES"]
+__all__ = ["Limits", "Connection", "BrokerCore", "Outgoing", "FLAG_NAMES", "PendingOpen", "CHANNEL_PROTOCOL_RE"]
 
-Outgoing = tuple[int, dict[str, Any]]
+#: Protocol labels: short, printable, no spaces (like an SSH subsystem name).
+CHANNEL_PROTOCOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+
+
+@dataclass(slots=True)
+class PendingOpen:
+    opener: int
+    opener_request: int
+    target: int
+    target_request: int
+    protocol: str
+    encrypted: bool
+    a: tuple[int, int]  # (opener, its channel id)
+    b: tuple[int, int]  # (target, its channel id)
+
+class ChannelMessage(NamedTuple):
+    """A CONTROL frame on a channel (not channel 0): credit, eof, close or reset."""
+
+    conn: int
+    channel: int
+    body: dict[str, Any]
+
+
+Outgoing = tuple[int, dict[str, Any]] | ChannelMessage
+
+_DEFERRED = object()
 
 FLAG_NAMES = {
     "allow-replacement": NameFlag.ALLOW_REPLACEMENT,
@@ -59,6 +93,9 @@ class Limits:
     #: Lists and snapshots are cut into messages of about this many bytes (well under the
     #: 64 KiB control-frame limit; one entry is at most ``info_bytes`` plus ~300 bytes).
     reply_bytes: int = 40 * 1024
+    channels_per_connection: int = 256
+    #: Bytes the broker holds at most per relayed channel and direction.
+    relay_credit: int = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -74,6 +111,7 @@ class Connection:
     info: dict[str, Any] = field(default_factory=dict)
     watches: dict[int, re.Pattern[str]] = field(default_factory=dict)
     next_watch: int = 1
+    next_request: int = 1  # ids of the broker's own requests to this connection
 
     @property
     def unique_id(self) -> str:
@@ -96,6 +134,9 @@ class BrokerCore:
         self.connections: dict[int, Connection] = {}
         self._next_id = 1
         self._per_identity: dict[str, int] = {}
+        self.channels = ChannelTable(cap=self.limits.relay_credit, channels_per_connection=self.limits.channels_per_connection)
+        # Channel openings waiting for the target's answer, by (target conn, request id).
+        self.pending_opens: dict[tuple[int, int], PendingOpen] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -127,6 +168,19 @@ class BrokerCore:
             return []
         conn.watches.clear()  # it hears nothing more, not even of its own departure
         out = self._notify(self.names.remove_connection(conn_id))
+        for ch in self.channels.forget_connection(conn_id):
+            other = ch.b if ch.a[0] == conn_id else ch.a
+            out.append(ChannelMessage(other[0], other[1], {"reset": f"{conn.unique_id} disconnected"}))
+        for key, pend in list(self.pending_opens.items()):
+            if pend.target == conn_id and pend.opener == 0:
+                del self.pending_opens[key]
+            elif pend.target == conn_id:
+                del self.pending_opens[key]
+                err = ChannelRejected(f"{conn.unique_id} left before answering the channel request")
+                out.append((pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()))
+            elif pend.opener == conn_id:
+                pend.opener = 0  # the answer, if any, will be undone
+                out.append(ChannelMessage(pend.target, pend.b[1], {"reset": f"{conn.unique_id} disconnected"}))
         del self.connections[conn_id]
         left = self._per_identity[conn.key.id] - 1
         if left:
@@ -149,8 +203,10 @@ class BrokerCore:
             if exc.request_id is None:
                 raise
             return [(conn_id, ErrorReply(exc.request_id, BadRequest.wire_code, str(exc)).to_wire())]
+        if isinstance(message, (Reply, ErrorReply)):
+            return self._reply_from(conn_id, message)
         if not isinstance(message, Request):
-            return []  # replies (to the broker's pings) and events are the io layer's business
+            return []  # no client events are defined
         conn = self.connections[conn_id]
         out: list[Outgoing] = []
         try:
@@ -162,8 +218,73 @@ class BrokerCore:
             result = handler(self, conn, message, out)
         except RequestError as exc:
             return [(conn_id, ErrorReply.from_error(message.id, exc).to_wire())]
+        if result is _DEFERRED:
+            return out  # answered later (a channel opening waits for its target)
         # The reply goes before the events the request caused (the requester learns first).
         return [(conn_id, Reply(message.id, result).to_wire()), *out]
+
+    # -- the broker's own requests and their answers -------------------------------------------
+
+    def next_request_id(self, conn: Connection) -> int:
+        request_id = conn.next_request
+        conn.next_request += 1
+        return request_id
+
+    def ping(self, conn_id: int) -> list[Outgoing]:
+        conn = self.connections[conn_id]
+        return [(conn_id, Request("ping", self.next_request_id(conn), {}).to_wire())]
+
+    def _reply_from(self, conn_id: int, reply: Reply | ErrorReply) -> list[Outgoing]:
+        pend = self.pending_opens.pop((conn_id, reply.re), None)
+        if pend is None:
+            return []  # a ping's answer, or one that came after the deadline (reset below)
+        target = self.connections[conn_id]
+        if isinstance(reply, ErrorReply):
+            if pend.opener == 0:
+                return []
+            err = ChannelRejected(f"{target.unique_id} rejected the channel: {reply.message}")
+            return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+        if pend.opener == 0 or pend.opener not in self.connections:
+            # The opener left meanwhile: the target accepted a channel nobody holds.
+            return [ChannelMessage(target.id, pend.b[1], {"reset": "the opener left"})]
+        opener = self.connections[pend.opener]
+        try:
+            ch = self.channels.open(pend.a, pend.b, pend.protocol)
+        except QuotaExceeded as exc:
+            return [
+                (opener.id, ErrorReply.from_error(pend.opener_request, exc).to_wire()),
+                ChannelMessage(target.id, pend.b[1], {"reset": str(exc)}),
+            ]
+        result = {
+            "channel": pend.a[1],
+            "route": "relay",
+            "encrypted": pend.encrypted,
+            "peer": self._peer(target),
+            "protocol": pend.protocol,
+        }
+        return [(opener.id, Reply(pend.opener_request, result).to_wire()), *self.initial_credit(ch)]
+
+    def expire_open(self, target_id: int, request_id: int, seconds: float) -> list[Outgoing]:
+        """The target did not answer in time: the opener gets an error; a late yes is reset."""
+        pend = self.pending_opens.pop((target_id, request_id), None)
+        if pend is None:
+            return []
+        # Keep a tombstone so a late acceptance gets its channel reset, not ignored.
+        self.pending_opens[(target_id, request_id)] = PendingOpen(
+            0, 0, target_id, request_id, pend.protocol, pend.encrypted, pend.a, pend.b
+        )
+        if pend.opener == 0:
+            return []
+        target = self.connections.get(target_id)
+        who = target.unique_id if target else f":{target_id}"
+        err = ChannelRejected(f"{who} did not answer the channel request within {seconds:g} s")
+        return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+
+    # -- relayed channels (the io layer moves the bytes) ------------------------------------------
+
+    def initial_credit(self, ch: RelayChannel) -> list[Outgoing]:
+        """Each side may send ``relay_credit`` bytes to start with."""
+        return [ChannelMessage(half[0], half[1], {"credit": ch.outgoing(half).grant_initial()}) for half in (ch.a, ch.b)]
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -298,6 +419,42 @@ class BrokerCore:
             raise BadRequest(f"unwatch: no watch {watch_id}")
         return {}
 
+    def _open_channel(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """Ask the target; the opener's reply comes when the target answers (or never does)."""
+        name = validate_name(req.arg("name", str))
+        protocol = req.arg("protocol", str, "raw")
+        route = req.arg("route", str, "auto")
+        if not CHANNEL_PROTOCOL_RE.match(protocol):
+            raise BadRequest(f"open_channel: protocol {protocol!r} is not a valid label")
+        if route not in ("relay", "auto"):
+            raise BadRequest(f"open_channel: route {route!r} is not available (relay, auto)")
+        target_id = self.names.owner(name)
+        if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+            raise NameNotFound(f"no connection owns {name!r}")
+        self.policy.may_open(conn.key, name).check()
+        if target_id == conn.id:
+            raise BadRequest(f"open_channel: {name!r} is this connection itself")
+        target = self.connections[target_id]
+        encrypted = conn.transport == "tcp" or target.transport == "tcp"
+        for c in (conn, target):
+            self.channels.check_quota(c.id)
+        a = (conn.id, self.channels.allocate(conn.id))
+        b = (target.id, self.channels.allocate(target.id))
+        request_id = self.next_request_id(target)
+        self.pending_opens[(target.id, request_id)] = PendingOpen(
+            conn.id, req.id, target.id, request_id, protocol, encrypted, a, b
+        )
+        ask = {
+            "channel": b[1],
+            "protocol": protocol,
+            "route": "relay",
+            "encrypted": encrypted,
+            "name": name,
+            "opener": self._peer(conn),
+        }
+        out.append((target.id, Request("channel_request", request_id, ask).to_wire()))
+        return _DEFERRED
+
     _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {
         "hello": _hello,
         "ping": _ping,
@@ -308,6 +465,7 @@ class BrokerCore:
         "info": _info,
         "watch": _watch,
         "unwatch": _unwatch,
+        "open_channel": _open_channel,
     }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -337,6 +495,9 @@ class BrokerCore:
 
     def _matches(self, watcher: Connection, compiled: re.Pattern[str], name: str) -> bool:
         return (watcher.admin or self.policy.may_see(watcher.key, name).allowed) and compiled.match(name) is not None
+
+    def _peer(self, conn: Connection) -> dict[str, Any]:
+        return {"unique_id": conn.unique_id, "identity": conn.key.id, "names": self.names.owned_by(conn.id)}
 
     def _entry(self, name: str | None, conn_id: int) -> dict[str, Any]:
         c = self.connections[conn_id]

@@ -39,7 +39,8 @@ class Direction:
     buffer: bytearray = field(default_factory=bytearray)
     src_credit: int = 0
     dst_window: int = 0
-    eof_received: bool = False  # the sender sent EOF
+    eof_received: bool = False  # the sender sent EOF (or closed)
+    close: bool = False  # ... and it was a full close: the channel ends once this arrives
     eof_sent: bool = False  # the EOF went on to the receiver
     bytes_total: int = 0
 
@@ -107,18 +108,19 @@ class ChannelTable:
         self._count: dict[int, int] = {}
         self._next_id = 1
 
-    def allocate(self, conn: int) -> int:
-        """A fresh channel id on a connection (never 0, never reused on that connection)."""
+    def check_quota(self, conn: int) -> None:
         if self._count.get(conn, 0) >= self.channels_per_connection:
             raise QuotaExceeded(f"connection :{conn} already has {self.channels_per_connection} channels open")
+
+    def allocate(self, conn: int) -> int:
+        """A fresh channel id on a connection (never 0, never reused on that connection)."""
         channel = self._next_channel.get(conn, 1)
         self._next_channel[conn] = channel + 1
         return channel
 
     def open(self, a: tuple[int, int], b: tuple[int, int], protocol: str) -> RelayChannel:
         for conn, _ in (a, b):
-            if self._count.get(conn, 0) >= self.channels_per_connection:
-                raise QuotaExceeded(f"connection :{conn} already has {self.channels_per_connection} channels open")
+            self.check_quota(conn)
         ch = RelayChannel(self._next_id, a, b, protocol, Direction(self.cap), Direction(self.cap))
         self._next_id += 1
         self._by_half[a] = ch

@@ -1,0 +1,307 @@
+"""Channels between plugins: the relayed byte stream and the channel objects users hold.
+
+Theory of operation
+-------------------
+A relayed channel is multiplexed over each side's broker connection.  :class:`RelayStream`
+is one end of it as a :class:`trio.abc.HalfCloseableStream`:
+
+* sending cuts data into DATA frames of at most 64 KiB and never sends more than the credit
+  the broker granted (``{"credit": n}`` on the channel); with no credit, ``send_all`` waits;
+* receiving buffers at most ``window`` bytes: the stream grants the broker that much credit
+  and grants more only as the application consumes, so a slow reader slows its writer all
+  the way back, and a peer that sends beyond its credit breaks the channel;
+* ``send_eof`` sends ``{"eof": true}``; ``aclose`` sends ``{"close": true}`` (the other side
+  reads EOF, and its sends then fail); ``{"reset": reason}`` from the broker (peer gone,
+  flow-control breach) breaks the stream with that reason.
+
+Every channel then runs an shs1 handshake between the two plugins over this stream (the
+opener as client, knowing the target's key from the broker; the target accepts only the
+opener's key), with box-stream when any hop crosses TCP: see :class:`Channel`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from bus.errors import FrameError
+from bus.io.secure import SecureStream
+from bus.wire.frames import encode_control, encode_data
+from bus.wire.identity import PublicKey
+
+if TYPE_CHECKING:
+    from .bus import _Link
+
+__all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WINDOW"]
+
+DEFAULT_WINDOW = 256 * 1024
+MAX_DATA_FRAME = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """The other end of a channel, as the broker vouches for it."""
+
+    unique_id: str
+    identity: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_wire(cls, peer: dict[str, Any]) -> PeerInfo:
+        return cls(peer["unique_id"], peer["identity"], tuple(peer.get("names", ())))
+
+    @property
+    def key(self) -> PublicKey:
+        return PublicKey.from_id(self.identity)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """What a target sees of a channel someone wants to open to it."""
+
+    protocol: str
+    name: str
+    opener: PeerInfo
+    route: str
+    encrypted: bool
+
+
+class RelayStream(trio.abc.HalfCloseableStream):
+    """One end of a relayed channel (bytes only; the shs1 layer goes on top)."""
+
+    def __init__(self, link: _Link, channel: int, *, window: int = DEFAULT_WINDOW) -> None:
+        self._link = link
+        self.channel = channel
+        self.window = window
+        self._credit = 0
+        self._credit_changed = trio.Event()
+        self._incoming = bytearray()
+        self._incoming_changed = trio.Event()
+        self._granted = 0  # credit given to the broker not yet used by it
+        self._consumed = 0  # bytes read since the last grant
+        self._eof_received = False
+        self._eof_sent = False
+        self._closed = False
+        self._peer_closed = False
+        self._broken: str | None = None
+        self._send_busy = False
+        self._receive_busy = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- fed by the bus's reader ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Grant the initial window (once the broker knows the channel)."""
+        self._grant(self.window)
+
+    def _grant(self, n: int) -> None:
+        self._granted += n
+        self._enqueue(encode_control(self.channel, {"credit": n}))
+
+    def _enqueue(self, data: bytes) -> None:
+        try:
+            self._link.send.send_nowait(data)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._break("the bus connection cannot carry the channel's control messages")
+
+    def on_data(self, data: bytes) -> None:
+        if self._closed or self._broken:
+            return
+        if len(data) > self._granted:
+            self._break(f"the peer sent {len(data)} bytes with {self._granted} bytes of credit")
+            self._enqueue(encode_control(self.channel, {"reset": "flow control broken"}))
+            return
+        self._granted -= len(data)
+        self._incoming += data
+        self.bytes_in += len(data)
+        self._wake_receiver()
+
+    def on_control(self, body: dict[str, Any]) -> None:
+        if "credit" in body:
+            credit = body["credit"]
+            if isinstance(credit, int) and not isinstance(credit, bool) and credit > 0:
+                self._credit += credit
+                self._credit_changed.set()
+                self._credit_changed = trio.Event()
+        elif body.get("eof") is True:
+            self._eof_received = True
+            self._wake_receiver()
+        elif body.get("close") is True:
+            self._eof_received = True
+            self._peer_closed = True
+            self._wake_receiver()
+            self._credit_changed.set()
+        elif "reset" in body:
+            self._break(str(body["reset"]))
+        else:
+            raise FrameError(f"channel {self.channel}: unknown channel message {sorted(body)}")
+
+    def on_link_lost(self, reason: str) -> None:
+        self._break(f"the bus connection was lost: {reason}")
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+        self._link.channels.pop(self.channel, None)
+        self._wake_receiver()
+        self._credit_changed.set()
+
+    def _wake_receiver(self) -> None:
+        self._incoming_changed.set()
+        self._incoming_changed = trio.Event()
+
+    # -- HalfCloseableStream ----------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this channel was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(f"channel broken: {self._broken}")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("cannot send after send_eof()")
+        if self._peer_closed:
+            raise trio.BrokenResourceError("the peer closed the channel")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this channel")
+        self._send_busy = True
+        try:
+            self._check_send()
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            while view:
+                while self._credit == 0:
+                    self._check_send()
+                    await self._credit_changed.wait()
+                self._check_send()
+                n = min(len(view), self._credit, MAX_DATA_FRAME)
+                self._credit -= n
+                self.bytes_out += n
+                # Blocking put: the link's writer sends it whole, so cancelling us here never
+                # leaves half a frame behind (the frame is either queued or not).
+                await self._link.send.send(encode_data(self.channel, view[:n]))
+                view = view[n:]
+        except trio.ClosedResourceError:
+            if self._closed or self._eof_sent:
+                raise
+            raise trio.BrokenResourceError("the bus connection is gone") from None
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this channel")
+        self._send_busy = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("this channel was closed")
+            while self._credit == 0 and self._broken is None and not self._peer_closed and not self._closed:
+                await self._credit_changed.wait()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._send_busy = False
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this channel")
+        if self._closed:
+            raise trio.ClosedResourceError("this channel was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(f"channel broken: {self._broken}")
+        if not self._eof_sent:
+            self._eof_sent = True
+            self._enqueue(encode_control(self.channel, {"eof": True}))
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receive_busy:
+            raise trio.BusyResourceError("another task is receiving on this channel")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        self._receive_busy = True
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("this channel was closed")
+                if self._incoming:
+                    break
+                if self._broken is not None:
+                    raise trio.BrokenResourceError(f"channel broken: {self._broken}")
+                if self._eof_received:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                await self._incoming_changed.wait()
+            if max_bytes is None or max_bytes >= len(self._incoming):
+                out = bytes(self._incoming)
+                self._incoming.clear()
+            else:
+                out = bytes(self._incoming[:max_bytes])
+                del self._incoming[:max_bytes]
+            self._consumed += len(out)
+            if self._consumed >= self.window // 4 and not self._eof_received and self._broken is None:
+                self._grant(self._consumed)
+                self._consumed = 0
+            await trio.lowlevel.checkpoint()
+            return out
+        finally:
+            self._receive_busy = False
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._broken is None and not self._peer_closed:
+                self._enqueue(encode_control(self.channel, {"close": True}))
+            self._link.channels.pop(self.channel, None)
+            self._wake_receiver()
+            self._credit_changed.set()
+        await trio.lowlevel.checkpoint()
+
+
+class Channel(trio.abc.HalfCloseableStream):
+    """A channel to another plugin: a byte stream whose other end proved its identity.
+
+    ``peer`` is who is at the other end (its key was verified by the channel's own shs1
+    handshake), ``route`` how the bytes travel, ``protocol`` the label it was opened with.
+    """
+
+    def __init__(self, stream: SecureStream, raw: RelayStream, peer: PeerInfo, protocol: str, route: str) -> None:
+        self._stream = stream
+        self.raw = raw
+        self.peer = peer
+        self.protocol = protocol
+        self.route = route
+
+    @property
+    def encrypted(self) -> bool:
+        return self._stream.encrypted
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.protocol!r} to {self.peer.unique_id} ({self.peer.identity}) via {self.route}>"
+
+
+ChannelHandler = Callable[[Channel], Any]
