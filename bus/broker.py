@@ -463,11 +463,21 @@ class Broker:
                 raise FrameError(f"channel {channel}: credit must be an integer from 1 to 2**30")
             relay.incoming(half).dst_window += credit
             self.pump(relay, relay.incoming(half))
-        elif body.get("eof") is True or body.get("close") is True:
+        elif body.get("eof") is True:
             direction = relay.outgoing(half)
             direction.eof_received = True
-            direction.close = direction.close or body.get("close") is True
             self.pump(relay, direction)
+        elif body.get("close") is True:
+            # The closer reads nothing more: the other side learns at once that its sends
+            # are over ("closed"), and reads what the closer sent, then EOF.
+            other = relay.other(half)
+            backward = relay.incoming(half)
+            backward.buffer.clear()
+            backward.discard = backward.eof_received = backward.eof_sent = True
+            self._channel_message(ChannelMessage(other[0], other[1], {"closed": True}))
+            forward = relay.outgoing(half)
+            forward.eof_received = forward.close = True
+            self.pump(relay, forward)
         elif "reset" in body:
             self.reset(relay, f"reset by {session.key}: {body['reset']}", skip=half)
         else:
@@ -491,11 +501,13 @@ class Broker:
             returned += credit
         if returned and src_session is not None and not direction.eof_received:
             src_session.enqueue_encoded(src_session.framed.encode_message({"credit": returned}, src[1]))
-        if direction.eof_due():
-            direction.eof_sent = True
-            dst_session.enqueue_encoded(dst_session.framed.encode_message({"close" if direction.close else "eof": True}, dst[1]))
+        if direction.eof_received and not direction.buffer:
+            # The end of this direction travels behind its data.
+            if not direction.eof_sent:
+                dst_session.enqueue_encoded(dst_session.framed.encode_message({"eof": True}, dst[1]))
+                direction.eof_sent = True
             if direction.close:
-                self.core.channels.close(relay)
+                self.core.channels.close(relay)  # the closer's data is all delivered
 
     def unblock(self, session: _Session) -> None:
         waiting, session.blocked = session.blocked, set()

@@ -324,7 +324,9 @@ class Bus:
         if name is not None:
             self.requested_names[name] = list(flags)
         self._live_watches: set[Watch] = set()
-        self._handlers: dict[str, tuple[Callable[[Channel], Awaitable[Any]], Callable[[ChannelRequest], str | None] | None]] = {}
+        self._handlers: dict[
+            str, tuple[Callable[[Channel], Awaitable[Any]], Callable[[ChannelRequest], str | None] | None, int]
+        ] = {}
         self._nursery: trio.Nursery | None = None
         self._link: _Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
@@ -652,12 +654,12 @@ class Bus:
         if entry is None or self._nursery is None:
             reason = f"no handler for protocol {ask.protocol!r}"
             return ErrorReply(request.id, ChannelRejected.wire_code, reason).to_wire()
-        handler, accept = entry
+        handler, accept, window = entry
         if accept is not None:
             refusal = accept(ask)
             if refusal is not None:
                 return ErrorReply(request.id, ChannelRejected.wire_code, refusal).to_wire()
-        relay = RelayStream(link, channel)
+        relay = RelayStream(link, channel, window=window)
         link.channels[channel] = relay
         self._nursery.start_soon(self._serve_channel, relay, ask, handler)
         return Reply(request.id, {}).to_wire()
@@ -691,15 +693,17 @@ class Bus:
         handler: Callable[[Channel], Awaitable[Any]],
         *,
         accept: Callable[[ChannelRequest], str | None] | None = None,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
         """Serve channels opened to us with this protocol label.
 
         ``accept`` (optional) sees each request (the opener's verified identity, unique id
         and names, the label) and returns None to accept or a reason to reject.  Each
         accepted channel runs ``handler(channel)`` in its own task; the channel is closed
-        when the handler returns.  A label with no handler is rejected.
+        when the handler returns.  A label with no handler is rejected.  ``window`` is how
+        many bytes each such channel buffers for reading (its flow-control credit).
         """
-        self._handlers[protocol] = (handler, accept)
+        self._handlers[protocol] = (handler, accept, window)
 
     async def open_channel(
         self, name: str, protocol: str = "raw", route: str = "auto", *, window: int = DEFAULT_WINDOW

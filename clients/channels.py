@@ -10,9 +10,10 @@ is one end of it as a :class:`trio.abc.HalfCloseableStream`:
 * receiving buffers at most ``window`` bytes: the stream grants the broker that much credit
   and grants more only as the application consumes, so a slow reader slows its writer all
   the way back, and a peer that sends beyond its credit breaks the channel;
-* ``send_eof`` sends ``{"eof": true}``; ``aclose`` sends ``{"close": true}`` (the other side
-  reads EOF, and its sends then fail); ``{"reset": reason}`` from the broker (peer gone,
-  flow-control breach) breaks the stream with that reason.
+* ``send_eof`` sends ``{"eof": true}``; ``aclose`` sends ``{"close": true}``: the broker tells
+  the other side at once (``{"closed": true}``: its sends now fail) and delivers what was
+  sent, then EOF; ``{"reset": reason}`` from the broker (peer gone, flow-control breach)
+  breaks the stream with that reason.
 
 Every channel then runs an shs1 handshake between the two plugins over this stream (the
 opener as client, knowing the target's key from the broker; the target accepts only the
@@ -131,10 +132,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
         elif body.get("eof") is True:
             self._eof_received = True
             self._wake_receiver()
-        elif body.get("close") is True:
-            self._eof_received = True
+        elif body.get("closed") is True:
+            # The peer closed its end: nothing we send will be read (its data and EOF follow).
             self._peer_closed = True
-            self._wake_receiver()
             self._credit_changed.set()
         elif "reset" in body:
             self._break(str(body["reset"]))
@@ -205,6 +205,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("this channel was closed")
             while self._credit == 0 and self._broken is None and not self._peer_closed and not self._closed:
                 await self._credit_changed.wait()
+            if self._closed:
+                raise trio.ClosedResourceError("this channel was closed")
             await trio.lowlevel.checkpoint()
         finally:
             self._send_busy = False

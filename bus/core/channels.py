@@ -42,6 +42,7 @@ class Direction:
     eof_received: bool = False  # the sender sent EOF (or closed)
     close: bool = False  # ... and it was a full close: the channel ends once this arrives
     eof_sent: bool = False  # the EOF went on to the receiver
+    discard: bool = False  # the receiver closed: what is still sent this way is dropped
     bytes_total: int = 0
 
     def grant_initial(self) -> int:
@@ -50,6 +51,8 @@ class Direction:
         return self.cap
 
     def push(self, data: bytes) -> None:
+        if self.discard:
+            return  # sent before the sender learned that the receiver closed
         if self.eof_received:
             raise CreditExceeded("data after end-of-file")
         if len(data) > self.src_credit:
@@ -71,9 +74,6 @@ class Direction:
         self.src_credit += n
         assert len(self.buffer) + self.src_credit <= self.cap
         return chunk, n
-
-    def eof_due(self) -> bool:
-        return self.eof_received and not self.eof_sent and not self.buffer
 
 
 @dataclass(slots=True)

@@ -1,0 +1,290 @@
+"""Relayed channels between plugins, through a real broker over real sockets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from bus.errors import AccessDenied, ChannelRejected, NameNotFound
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame
+from clients.bus import Bus, open_bus
+from clients.channels import Channel, ChannelRequest
+
+from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
+from .test_broker import raw_connect
+
+
+async def echo(ch: Channel) -> None:
+    while data := await ch.receive_some():
+        await ch.send_all(data)
+    await ch.send_eof()
+
+
+@asynccontextmanager
+async def pair(tmp: Path, transport: str = "unix", **broker: Any) -> AsyncIterator[tuple[RunningBroker, Bus, Bus]]:
+    async with running_broker(tmp, **broker) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        async with open_bus(address, identity=PLUGIN, name="org.example.Echo") as service, open_bus(address, identity=FRIEND) as client:
+            yield rb, service, client
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_open_echo_and_identities(tmp_path: Path, transport: str) -> None:
+    async with pair(tmp_path, transport) as (rb, service, client):
+        seen: list[ChannelRequest] = []
+
+        def accept(req: ChannelRequest) -> str | None:
+            seen.append(req)
+            return None
+
+        service.handle_channels("raw", echo, accept=accept)
+        ch = await client.open_channel("org.example.Echo")
+        assert ch.route == "relay" and ch.protocol == "raw"
+        assert ch.peer.identity == PLUGIN.id and ch.peer.unique_id == service.unique_id
+        assert ch.encrypted == (transport == "tcp")
+        assert seen[0].opener.identity == FRIEND.id and seen[0].opener.unique_id == client.unique_id
+        blob = os.urandom(3 * 1024 * 1024 + 5)
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await ch.send_all(blob)
+                await ch.send_eof()
+
+            nursery.start_soon(send)
+            got = bytearray()
+            while data := await ch.receive_some():
+                got += data
+        assert got == blob
+        await ch.aclose()
+        with trio.fail_after(10):
+            while len(rb.broker.core.channels):
+                await trio.sleep(0.01)
+
+
+async def test_target_rejects_with_a_reason(tmp_path: Path) -> None:
+    async with pair(tmp_path) as (_, service, client):
+        service.handle_channels("raw", echo, accept=lambda req: "not today")
+        with pytest.raises(ChannelRejected, match="not today"):
+            await client.open_channel("org.example.Echo")
+        with pytest.raises(ChannelRejected, match="no handler for protocol 'rpc'"):
+            await client.open_channel("org.example.Echo", protocol="rpc")
+
+
+async def test_missing_name_nameless_target_and_policy(tmp_path: Path) -> None:
+    async with pair(tmp_path) as (rb, service, client):
+        with pytest.raises(NameNotFound):
+            await client.open_channel("org.example.Nobody")
+        async with open_bus(rb.unix_address, identity=PLUGIN) as plugin:
+            with pytest.raises(AccessDenied, match="may not open"):
+                await plugin.open_channel("org.example.Echo")
+
+
+async def test_target_that_never_answers(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, channel_timeout=0.3) as rb:
+        silent = await raw_connect(rb.unix_address, PLUGIN)
+        await silent.send_message({"op": "hello", "id": 1, "name": "org.example.Silent"})
+        async with open_bus(rb.unix_address, identity=FRIEND) as client:
+            with pytest.raises(ChannelRejected, match="did not answer"):
+                await client.open_channel("org.example.Silent")
+            # A late "yes" gets the channel reset, not a dangling relay.
+            request = None
+            with trio.fail_after(10):
+                while request is None:
+                    frame = await silent.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                        request = frame.message
+            await silent.send_message({"re": request["id"], "result": {}})
+            with trio.fail_after(10):
+                while True:
+                    frame = await silent.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.channel == request["channel"]:
+                        assert "reset" in frame.message
+                        break
+            assert len(rb.broker.core.channels) == 0
+        await silent.aclose()
+
+
+async def test_peer_vanishing_breaks_the_other_end(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as client:
+            async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Doomed") as doomed:
+                holding = trio.Event()
+
+                async def hold(ch: Channel) -> None:
+                    holding.set()
+                    await trio.sleep_forever()
+
+                doomed.handle_channels("raw", hold)
+                ch = await client.open_channel("org.example.Doomed")
+                await holding.wait()
+                await ch.send_all(b"x" * 1000)
+                # The target's connection disappears without a word (as with SIGKILL).
+                assert doomed._link is not None
+                doomed._link.framed.stream.transport.socket.close()  # type: ignore[attr-defined]
+                with trio.fail_after(5):
+                    with pytest.raises(trio.BrokenResourceError, match="disconnected"):
+                        while True:
+                            await ch.receive_some()
+            with trio.fail_after(10):
+                while len(rb.broker.core.channels):
+                    await trio.sleep(0.01)
+
+
+async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -> None:
+    """Both ends are driven by hand: the target accepts and reads nothing, the opener floods."""
+    from bus.wire.frames import encode_data
+
+    async with running_broker(tmp_path) as rb:
+        target = await raw_connect(rb.unix_address, PLUGIN)
+        await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+        cheat = await raw_connect(rb.unix_address, FRIEND)
+        await cheat.send_message({"op": "hello", "id": 1})
+        await cheat.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw"})
+        with trio.fail_after(10):
+            while True:
+                frame = await target.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                    await target.send_message({"re": frame.message["id"], "result": {}})
+                    target_channel = frame.message["channel"]
+                    break
+            while True:
+                frame = await cheat.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
+                    channel = frame.message["result"]["channel"]
+                    break
+        # The broker granted 256 KiB; send more than that without waiting for credit.
+        for _ in range(6):
+            await cheat.stream.send_all(encode_data(channel, b"z" * 60000))
+        resets = {}
+        with trio.fail_after(10):
+            for who, framed, ch in (("opener", cheat, channel), ("target", target, target_channel)):
+                while who not in resets:
+                    frame = await framed.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.channel == ch and "reset" in frame.message:
+                        resets[who] = frame.message["reset"]
+        assert "flow control" in resets["opener"] and "flow control" in resets["target"]
+        assert len(rb.broker.core.channels) == 0
+        for framed in (cheat, target):
+            await framed.aclose()
+
+
+async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
+    """64 MiB through a relay to a reader that reads slowly: the broker never holds more than its cap."""
+    total = 64 * 1024 * 1024
+    async with running_broker(tmp_path) as rb:
+        cap = rb.broker.core.limits.relay_credit
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Slow") as slow:
+            done = trio.Event()
+            received = [0]
+
+            async def dawdle(ch: Channel) -> None:
+                while data := await ch.receive_some(32 * 1024):
+                    received[0] += len(data)
+                    if received[0] % (4 * 1024 * 1024) < 32 * 1024:
+                        await trio.sleep(0.01)
+                done.set()
+
+            slow.handle_channels("raw", dawdle)
+            async with open_bus(rb.unix_address, identity=FRIEND) as fast:
+                ch = await fast.open_channel("org.example.Slow")
+                peak = [0]
+
+                async def watch_broker() -> None:
+                    # Sample what the broker holds for the channel while the transfer runs.
+                    while True:
+                        for session in list(rb.broker.sessions):
+                            for relay in rb.broker.core.channels.of_connection(session):
+                                peak[0] = max(peak[0], len(relay.a_to_b.buffer), len(relay.b_to_a.buffer))
+                        await trio.sleep(0.001)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_broker)
+                    chunk = b"q" * 65536
+                    for _ in range(total // len(chunk)):
+                        await ch.send_all(chunk)
+                    await ch.send_eof()
+                    with trio.fail_after(60):
+                        await done.wait()
+                    nursery.cancel_scope.cancel()
+                assert received[0] == total
+                assert 0 < peak[0] <= cap
+                queued = [s.queued_bytes for s in rb.broker.sessions.values()]
+                assert all(q <= rb.broker.config.outbound_bytes for q in queued)
+                await ch.aclose()
+
+
+async def test_channels_left_open_when_a_plugin_exits_are_freed(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo") as service:
+            service.handle_channels("raw", echo)
+            async with open_bus(rb.unix_address, identity=FRIEND) as client:
+                for _ in range(5):
+                    await client.open_channel("org.example.Echo")  # never closed
+                assert len(rb.broker.core.channels) == 5
+            with trio.fail_after(10):
+                while len(rb.broker.core.channels):
+                    await trio.sleep(0.01)
+
+
+# -- trio's stream conformance, on a channel ---------------------------------------------------
+
+
+def _next_write(credit: int, encrypted: bool) -> int:
+    """Plaintext to send so that the credit can be used up exactly (box-stream adds 34 bytes
+    per piece of up to 4096, so some remainders cannot be hit in one write)."""
+    if not encrypted:
+        return min(credit, 32 * 1024)
+    if credit > 8 * 4130 + 4165:
+        return 8 * 4096
+    if credit > 4130 + 35:
+        return 4096
+    if credit > 4130:
+        return credit - 35 - 34  # leaves exactly 35: one more 1-byte box
+    return credit - 34
+
+
+async def _fill(ch: Channel) -> None:
+    """Send until the channel's credit is used up and nothing moves: a clogged sender."""
+    relay = ch.raw
+    while True:
+        await trio.sleep(0.01)  # let the broker move what it can and return credit
+        if relay._credit == 0:
+            await trio.sleep(0.05)
+            if relay._credit == 0:
+                return
+            continue
+        assert not ch.encrypted or relay._credit >= 35
+        await ch.send_all(b"f" * _next_write(relay._credit, ch.encrypted))
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_channel_conformance(tmp_path: Path, transport: str) -> None:
+    async with pair(tmp_path, transport) as (_, service, client):
+        served: trio.MemorySendChannel[Channel]
+        served, accepted = trio.open_memory_channel[Channel](10)
+
+        async def hand_over(ch: Channel) -> None:
+            await served.send(ch)
+            await trio.sleep_forever()
+
+        service.handle_channels("raw", hand_over, window=64 * 1024)
+
+        async def stream_maker() -> tuple[Channel, Channel]:
+            ch = await client.open_channel("org.example.Echo", window=64 * 1024)
+            return ch, await accepted.receive()
+
+        async def clogged_stream_maker() -> tuple[Channel, Channel]:
+            left, right = await stream_maker()
+            await _fill(left)
+            await _fill(right)
+            return left, right
+
+        await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
