@@ -10,6 +10,7 @@ Everything a program (or ``busctl``) needs is importable from here::
 
 from bus.errors import (
     AccessDenied,
+    ChannelRejected,
     BadRequest,
     BusError,
     ConnectionLost,
@@ -26,6 +27,8 @@ from bus.wire.identity import Identity, PublicKey, default_identity_path, load_i
 from bus.wire.shs import parse_network_key
 
 from .bus import Bus, CannotConnect, NameEvent, NameInfo, RequestTimeout, Watch, WatchOverflow, find_address, open_bus
+from .channels import Channel, ChannelRequest, PeerInfo
+from .rpc import Service
 
 __all__ = [
     "AccessDenied",
@@ -33,6 +36,9 @@ __all__ = [
     "Bus",
     "BusError",
     "CannotConnect",
+    "Channel",
+    "ChannelRejected",
+    "ChannelRequest",
     "ConnectionLost",
     "HandshakeError",
     "Identity",
@@ -41,11 +47,13 @@ __all__ = [
     "NameEvent",
     "NameInfo",
     "NameNotFound",
+    "PeerInfo",
     "PublicKey",
     "QuotaExceeded",
     "RemoteError",
     "RequestError",
     "RequestTimeout",
+    "Service",
     "UnknownOperation",
     "Watch",
     "WatchOverflow",

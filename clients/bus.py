@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 from .channels import DEFAULT_WINDOW, Channel, ChannelRequest, PeerInfo, RelayStream  # noqa: E402
+from .rpc import RPC_PROTOCOL, RpcConnection  # noqa: E402
 
 log = logging.getLogger("minibus.client")
 
@@ -328,6 +329,8 @@ class Bus:
             str, tuple[Callable[[Channel], Awaitable[Any]], Callable[[ChannelRequest], str | None] | None, int]
         ] = {}
         self._nursery: trio.Nursery | None = None
+        self._rpc: dict[str, RpcConnection] = {}
+        self._rpc_locks: dict[str, trio.Lock] = {}
         self._link: _Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
         self._next_id = 1
@@ -684,6 +687,9 @@ class Bus:
             await handler(Channel(secure, relay, ask.opener, ask.protocol, ask.route))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("channel %r from %s ended: %s", ask.protocol, ask.opener.unique_id, exc)
+        except Exception:
+            # A handler's failure ends its channel, not the plugin's bus connection.
+            log.exception("handler for channel %r from %s failed", ask.protocol, ask.opener.unique_id)
         finally:
             await trio.aclose_forcefully(secure)
 
@@ -743,6 +749,38 @@ class Bus:
             await trio.aclose_forcefully(secure)
             raise
         return Channel(secure, relay, peer, protocol, result["route"])
+
+    # -- RPC ----------------------------------------------------------------------------------
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        """Call ``method`` of the service owning ``name`` (one channel per peer, reused).
+
+        Remote errors raise their :class:`~bus.errors.RequestError` class; no reply within
+        :attr:`request_timeout` raises :class:`RequestTimeout`."""
+        connection = await self._rpc_connection(name)
+        with trio.move_on_after(self.request_timeout) as scope:
+            return await connection.call(method, *args)
+        raise RequestTimeout(f"{name}.{method}: no reply within {self.request_timeout:g} s")
+
+    async def introspect(self, name: str) -> dict[str, Any]:
+        """A service's methods (names, parameters, doc text), protocols and info."""
+        connection = await self._rpc_connection(name)
+        with trio.move_on_after(self.request_timeout):
+            return await connection.introspect()
+        raise RequestTimeout(f"{name}: no introspection reply within {self.request_timeout:g} s")
+
+    async def _rpc_connection(self, name: str) -> RpcConnection:
+        lock = self._rpc_locks.setdefault(name, trio.Lock())
+        async with lock:
+            connection = self._rpc.get(name)
+            if connection is None or connection.closed is not None:
+                if self._nursery is None:
+                    raise ConnectionLost("the bus is not running")
+                channel = await self.open_channel(name, RPC_PROTOCOL)
+                connection = RpcConnection(channel)
+                await self._nursery.start(connection.run)
+                self._rpc[name] = connection
+            return connection
 
     def _route_name_event(self, link: _Link, event: Event) -> None:
         watch = link.watches.get(event.fields.get("watch", 0))

@@ -1,0 +1,121 @@
+"""RPC over relayed channels: services, concurrent calls, typed errors, introspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from bus.errors import BadRequest, ConnectionLost, RemoteError, RequestError, UnknownOperation
+from clients import Channel, Service, open_bus
+
+from .brokers import FRIEND, PLUGIN, running_broker
+
+
+def make_service() -> Service:
+    service = Service("org.example.Calc", description="a calculator", version="2.0")
+
+    @service.method
+    async def add(a: int, b: int = 0) -> int:
+        """Add two numbers."""
+        return a + b
+
+    @service.method
+    async def slow_echo(value: object, delay: float) -> object:
+        """Answer after a delay (to show calls overlap)."""
+        await trio.sleep(delay)
+        return value
+
+    @service.method
+    async def fail(kind: str) -> None:
+        """Raise an error of the kind asked for."""
+        if kind == "typed":
+            raise RequestError("no such account", code="org.example.Error.NoAccount")
+        raise ZeroDivisionError("boom")
+
+    @service.channel("raw")
+    async def raw(channel: Channel) -> None:
+        while data := await channel.receive_some():
+            await channel.send_all(data)
+
+    return service
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_calls_errors_and_introspection(tmp_path: Path, transport: str) -> None:
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        service = make_service()
+        async with open_bus(address, identity=PLUGIN, name=service.name, info=service.info) as sbus:
+            service.attach(sbus)
+            async with open_bus(address, identity=FRIEND) as bus:
+                assert await bus.call(service.name, "add", 2, 3) == 5
+                assert await bus.call(service.name, "add", 7) == 7
+                with pytest.raises(RemoteError) as info:
+                    await bus.call(service.name, "fail", "typed")
+                assert info.value.code == "org.example.Error.NoAccount" and "no such account" in info.value.message
+                with pytest.raises(RequestError, match="ZeroDivisionError: boom") as failed:
+                    await bus.call(service.name, "fail", "bug")
+                assert failed.value.code == "minibus.Error.Failed"
+                with pytest.raises(UnknownOperation, match="no method 'nope'"):
+                    await bus.call(service.name, "nope")
+                with pytest.raises(BadRequest, match="add"):
+                    await bus.call(service.name, "add")
+                with pytest.raises(BadRequest, match="cannot be sent"):
+                    await bus.call(service.name, "add", {1, 2})
+                assert await bus.call(service.name, "add", 1, 1) == 2  # the channel survived all that
+                described = await bus.introspect(service.name)
+                assert described["name"] == service.name and described["info"]["version"] == "2.0"
+                add = next(m for m in described["methods"] if m["name"] == "add")
+                assert add["doc"] == "Add two numbers." and [p["name"] for p in add["params"]] == ["a", "b"]
+                assert add["params"][1]["default"] == "0"
+                assert described["protocols"] == ["raw", "rpc"]
+                # One channel per peer, reused.
+                assert len(rb.broker.core.channels) == 1
+
+
+async def test_many_concurrent_calls_on_one_channel(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        service = make_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                results: dict[int, object] = {}
+
+                async def one(i: int) -> None:
+                    results[i] = await bus.call(service.name, "slow_echo", i, 0.2)
+
+                start = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    for i in range(50):
+                        nursery.start_soon(one, i)
+                assert results == {i: i for i in range(50)}
+                assert trio.current_time() - start < 5  # they overlapped (50 x 0.2 s in sequence would be 10 s)
+                assert len(rb.broker.core.channels) == 1
+
+
+async def test_service_going_away_fails_calls_and_a_new_one_is_reached(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+            service = make_service()
+            async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+                service.attach(sbus)
+                assert await bus.call(service.name, "add", 1, 2) == 3
+                async with trio.open_nursery() as nursery:
+                    failures: list[BaseException] = []
+
+                    async def doomed_call() -> None:
+                        try:
+                            await bus.call(service.name, "slow_echo", "x", 30)
+                        except ConnectionLost as exc:
+                            failures.append(exc)
+
+                    nursery.start_soon(doomed_call)
+                    await trio.sleep(0.2)
+                    await sbus.aclose()  # the service vanishes mid-call
+                assert failures
+            again = make_service()
+            async with open_bus(rb.unix_address, identity=PLUGIN, name=again.name) as sbus2:
+                again.attach(sbus2)
+                assert await bus.call(again.name, "add", 40, 2) == 42
