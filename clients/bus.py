@@ -90,6 +90,7 @@ class NameInfo:
     uid: int | None
     names: tuple[str, ...] = ()
     queued_for: tuple[str, ...] = ()
+    channels: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_wire(cls, entry: dict[str, Any]) -> NameInfo:
@@ -104,6 +105,7 @@ class NameInfo:
             uid=entry.get("uid"),
             names=tuple(entry.get("names", ())),
             queued_for=tuple(entry.get("queued_for", ())),
+            channels=tuple(entry.get("channels", ())),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class NameInfo:
             "pid": self.pid,
             "uid": self.uid,
             **({"names": list(self.names), "queued_for": list(self.queued_for)} if self.names or self.queued_for else {}),
+            **({"channels": list(self.channels)} if self.channels else {}),
         }
 
 

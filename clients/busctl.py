@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,6 +21,7 @@ import trio
 
 from . import (
     AccessDenied,
+    ChannelRejected,
     Bus,
     BusError,
     CannotConnect,
@@ -90,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("patterns", metavar="PATTERN", nargs="*", help="name patterns such as 'org.example.*' (default: all)")
     v = verbs.add_parser("wait", help="wait until NAME is on the bus (up to --timeout), print its owner")
     v.add_argument("name", metavar="NAME")
+    v = verbs.add_parser("call", help="call METHOD of the service owning NAME; arguments and result are JSON")
+    v.add_argument("name", metavar="NAME")
+    v.add_argument("method", metavar="METHOD")
+    v.add_argument("args", metavar="ARG", nargs="*", help="one JSON value per argument, e.g. 3 '\"text\"' '[1,2]'")
+    v = verbs.add_parser("introspect", help="show the methods (parameters, doc text) and protocols of a service")
+    v.add_argument("name", metavar="NAME")
+    v = verbs.add_parser("open", help="pipe stdin and stdout through a channel, like netcat (EOF on stdin half-closes)")
+    v.add_argument("name", metavar="NAME")
+    v.add_argument("--protocol", default="raw", metavar="LABEL", help="the channel's protocol label (default: raw)")
+    v.add_argument("--route", default="auto", choices=["auto", "relay"], help="how the bytes travel (default: auto)")
     verbs.add_parser("id", help="print the identity busctl connects as")
     v = verbs.add_parser("keygen", help="create a new identity key file (mode 0600)")
     v.add_argument("file", metavar="FILE")
@@ -213,6 +225,13 @@ async def verb_status(args: argparse.Namespace) -> None:
     ]
     for key, value in fields:
         _out(f"{key + ':':17}{_safe(value)}")
+    for ch in entry.channels:
+        _out(
+            _safe(
+                f"{'channel:':17}{ch.get('channel')} {ch.get('protocol')} via {ch.get('route')} with {ch.get('peer')} "
+                f"(opened by {ch.get('opened_by')}), {ch.get('bytes_in', 0)} bytes in, {ch.get('bytes_out', 0)} bytes out"
+            )
+        )
 
 
 def _event_line(ev: NameEvent) -> str:
@@ -247,6 +266,60 @@ async def verb_wait(args: argparse.Namespace) -> None:
         _out(found.unique_id)
 
 
+def _json_args(texts: list[str]) -> list[Any]:
+    values = []
+    for text in texts:
+        try:
+            values.append(json.loads(text))
+        except ValueError as exc:
+            raise Failure(f"argument {text!r} is not JSON ({exc}); quote strings, e.g. '\"text\"'", EXIT_USAGE) from None
+    return values
+
+
+async def verb_call(args: argparse.Namespace) -> None:
+    values = _json_args(args.args)
+    async with _connect(args) as bus:
+        result = await bus.call(args.name, args.method, *values)
+    _json(result)
+
+
+async def verb_introspect(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        described = await bus.introspect(args.name)
+    if args.json:
+        _json(described)
+        return
+    _out(_safe(f"{described.get('name')}: {described.get('info', {}).get('description', '')}"))
+    _out(_safe(f"protocols: {', '.join(described.get('protocols', []))}"))
+    for method in described.get("methods", []):
+        params = ", ".join(
+            p["name"] + (f": {p['type']}" if "type" in p else "") + (f" = {p['default']}" if "default" in p else "")
+            for p in method.get("params", [])
+        )
+        _out(_safe(f"  {method['name']}({params})"))
+        for line in str(method.get("doc", "")).splitlines():
+            _out(_safe(f"      {line}"))
+
+
+async def verb_open(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        channel = await bus.open_channel(args.name, args.protocol, args.route)
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
+        sys.stdout.flush()
+        async with channel, stdin, stdout:
+
+            async def upstream() -> None:
+                while data := await stdin.receive_some(65536):
+                    await channel.send_all(data)
+                await channel.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upstream)
+                while data := await channel.receive_some(65536):
+                    await stdout.send_all(data)
+
+
 async def verb_id(args: argparse.Namespace) -> None:
     identity = _identity(args)
     if args.json:
@@ -272,6 +345,9 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "status": verb_status,
     "monitor": verb_monitor,
     "wait": verb_wait,
+    "call": verb_call,
+    "introspect": verb_introspect,
+    "open": verb_open,
     "id": verb_id,
     "keygen": verb_keygen,
 }
@@ -284,6 +360,8 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
         return EXIT_DENIED, exc.message
     if isinstance(exc, NameNotFound):
         return EXIT_NOT_FOUND, exc.message
+    if isinstance(exc, ChannelRejected):
+        return EXIT_REMOTE, exc.message
     if isinstance(exc, RequestError):
         return EXIT_REMOTE, str(exc)
     if isinstance(exc, RequestTimeout):
@@ -315,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return EXIT_OK
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        print(f"busctl: the channel broke: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

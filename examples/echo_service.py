@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
-"""A service plugin: registers org.example.Echo and stays until interrupted.
+"""A service plugin: org.example.Echo, with an RPC method and a raw echo channel.
 
-    busd &                                  # the broker, with its defaults
-    python examples/echo_service.py         # this plugin
-    busctl list                             # shows org.example.Echo
-
-Channels (the echo itself) arrive with the next version of minibus; for now the plugin
-shows registration, plugin info, and how a service keeps its name across broker restarts
-(the client library reconnects and requests the name again).
+    busd &                                              # the broker, with its defaults
+    python examples/echo_service.py &                   # this plugin
+    busctl call org.example.Echo echo '"hello"'         # -> "hello"
+    busctl introspect org.example.Echo
+    busctl open org.example.Echo < some_file            # prints some_file back
 """
 
 from __future__ import annotations
 
 import trio
 
-from clients import open_bus
+from clients import Channel, Service, open_bus
 
-NAME = "org.example.Echo"
+service = Service("org.example.Echo", description="echoes what it is sent", version="0.2.0")
+
+
+@service.method
+async def echo(value: object) -> object:
+    """Return the value unchanged."""
+    return value
+
+
+@service.channel("raw")
+async def raw(channel: Channel) -> None:
+    """Send every byte back; half-close when the opener does."""
+    while data := await channel.receive_some():
+        await channel.send_all(data)
+    await channel.send_eof()
 
 
 async def main() -> None:
-    info = {"description": "echoes what it is sent", "version": "0.1.0", "metadata": {"example": True}}
-    async with open_bus(name=NAME, info=info) as bus:
-        print(f"{NAME} registered as {bus.unique_id}; Ctrl-C to stop", flush=True)
-        await trio.sleep_forever()
+    async with open_bus(name=service.name, info=service.info) as bus:
+        print(f"{service.name} registered as {bus.unique_id}; Ctrl-C to stop", flush=True)
+        await service.serve(bus)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,106 @@ def test_busd_sigterm_tells_clients(env: dict[str, str]) -> None:
         p.stderr and p.stderr.close()
 
 
+def _start_example(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "ready" in line or "registered" in line, (line, proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    proc.stdout and proc.stdout.close()
+    proc.stderr and proc.stderr.close()
+
+
+def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path: Path, busd: tuple[subprocess.Popen[str], str]) -> None:
+    echo = _start_example(env, str(ROOT / "examples" / "echo_service.py"))
+    try:
+        called = busctl(env, "call", "org.example.Echo", "echo", '{"a": [1, 2, "x"]}')
+        assert called.returncode == 0, called.stderr
+        assert json.loads(called.stdout) == {"a": [1, 2, "x"]}
+        assert busctl(env, "call", "org.example.Echo", "echo", "not json").returncode == 2
+        missing = busctl(env, "call", "org.example.Echo", "nope")
+        assert missing.returncode == 6 and "no method 'nope'" in missing.stderr
+        assert busctl(env, "call", "org.example.Nobody", "echo", "1").returncode == 5
+        described = busctl(env, "introspect", "org.example.Echo")
+        assert described.returncode == 0 and "echo(value: object)" in described.stdout
+        assert "Return the value unchanged." in described.stdout
+        assert json.loads(busctl(env, "--json", "introspect", "org.example.Echo").stdout)["protocols"] == ["raw", "rpc"]
+        data = os.urandom(300_000)
+        source = tmp_path / "blob"
+        source.write_bytes(data)
+        with source.open("rb") as stdin:
+            piped = subprocess.run(
+                [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo"], env=env, stdin=stdin, capture_output=True, timeout=30
+            )
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stdout == data
+        rejected = subprocess.run(
+            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--protocol", "ssh"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+        assert rejected.returncode == 6 and "no handler for protocol 'ssh'" in rejected.stderr
+        # status shows a live channel with its byte counts
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(b"ping\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == b"ping\n"
+        status = busctl(env, "status", "org.example.Echo")
+        assert "channel:" in status.stdout and "raw via relay" in status.stdout and "bytes in" in status.stdout
+        holder.stdin.close()
+        assert holder.wait(timeout=15) == 0
+        holder.stdout.close()
+    finally:
+        _stop(echo)
+
+
+def test_kv_store_and_chat_examples(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    kv = _start_example(env, str(ROOT / "examples" / "kv_store.py"), "serve")
+    chat = _start_example(env, str(ROOT / "examples" / "chat_room.py"), "serve")
+    members: list[subprocess.Popen[bytes]] = []
+    try:
+        run = lambda *a: subprocess.run([sys.executable, str(ROOT / "examples" / "kv_store.py"), *a], env=env, capture_output=True, text=True, timeout=30)  # noqa: E731
+        assert run("set", "colour", "blue").returncode == 0
+        assert run("get", "colour").stdout.strip() == "blue"
+        assert run("keys").stdout.split() == ["colour"]
+        nokey = run("get", "shape")
+        assert nokey.returncode == 1 and "no key 'shape'" in nokey.stderr
+        assert json.loads(busctl(env, "call", "org.example.KV", "get", '"colour"').stdout) == "blue"
+        def join() -> subprocess.Popen[bytes]:
+            member = subprocess.Popen(
+                [sys.executable, str(ROOT / "examples" / "chat_room.py"), "join"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            members.append(member)
+            assert member.stdout is not None
+            assert member.stdout.readline().startswith(b"* :")  # its own arrival
+            return member
+
+        alice = join()
+        bob = join()
+        assert alice.stdout is not None and bob.stdout is not None and alice.stdin is not None
+        assert b"joined" in alice.stdout.readline()  # bob's arrival
+        alice.stdin.write(b"hello room\n")
+        alice.stdin.flush()
+        assert bob.stdout.readline().endswith(b"> hello room\n")
+        assert len(json.loads(busctl(env, "call", "org.example.Chat", "members").stdout)) == 2
+    finally:
+        for m in members:
+            m.kill()
+            m.wait()
+            m.stdout and m.stdout.close()
+            m.stdin and m.stdin.close()
+        _stop(kv)
+        _stop(chat)
+
+
 def test_examples_run_against_busd(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
     watcher = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "watch.py"), "org.example.*"], env=env, stdout=subprocess.PIPE, text=True

@@ -377,8 +377,28 @@ class BrokerCore:
             raise NameNotFound(f"no visible connection {target!r}")
         entry = self._entry(visible_names[0] if visible_names else None, other.id)
         entry["names"] = visible_names
-        entry["queued_for"] = self.names.waiting_for(other.id) if (conn.admin or other is conn) else []
+        intimate = conn.admin or other is conn
+        entry["queued_for"] = self.names.waiting_for(other.id) if intimate else []
+        entry["channels"] = self._channels_of(other) if intimate else []
         return entry
+
+    def _channels_of(self, conn: Connection) -> list[dict[str, Any]]:
+        listed = []
+        for ch in sorted(self.channels.of_connection(conn.id), key=lambda c: c.id):
+            half = ch.a if ch.a[0] == conn.id else ch.b
+            peer = ch.other(half)
+            listed.append(
+                {
+                    "channel": half[1],
+                    "protocol": ch.protocol,
+                    "route": "relay",
+                    "opened_by": "self" if half == ch.a else "peer",
+                    "peer": f":{peer[0]}",
+                    "bytes_out": ch.outgoing(half).bytes_total,
+                    "bytes_in": ch.incoming(half).bytes_total,
+                }
+            )
+        return listed
 
     def _watch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         """``{watch, snapshot, more}``; with ``more``, ``snapshot`` events follow at once
