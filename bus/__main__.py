@@ -41,6 +41,8 @@ _LIMIT_KEYS = {
     "pattern_length",
     "info_bytes",
     "reply_bytes",
+    "channels_per_connection",
+    "relay_credit",
 }
 _TIMING_KEYS = {
     "max_frame": int,
@@ -51,6 +53,7 @@ _TIMING_KEYS = {
     "outbound_queue": int,
     "outbound_bytes": int,
     "close_timeout": float,
+    "channel_timeout": float,
 }
 
 
