@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Channel benchmarks, side by side in one run: RPC round trips and bulk throughput.
+
+Run:  python benchmarks/channels.py [--quick] [--json FILE]
+
+Rows (all on this machine, loopback only, every loop bounded):
+
+* RPC round trips per second with 64-byte payloads, 1 and 32 calls in flight, over relayed
+  channels: Unix (plain) and TCP (box-stream end to end);
+* bulk throughput with 64 KiB writes over the same routes;
+* the limit: a raw trio socket pair of the same kind (ping-pong of 64 bytes, and bulk);
+* dbus-daemon with jeepney (method-call echo and one-way bulk), when both are installed (the
+  Debian package ``dbus-daemon`` and the PyPI package ``jeepney``): the script starts a private
+  dbus-daemon and stops it.  Otherwise those rows are skipped with the reason printed.
+
+The direct routes (Unix fd passing, direct TCP) are not implemented yet; their rows are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio  # noqa: E402
+
+from bus.broker import Broker, BrokerConfig  # noqa: E402
+from bus.core.policy import Policy  # noqa: E402
+from bus.io.testing import tcp_stream_pair, unix_stream_pair  # noqa: E402
+from bus.wire.identity import Identity  # noqa: E402
+from clients import Channel, Service, open_bus  # noqa: E402
+
+PAYLOAD = b"p" * 64
+WRITE = 64 * 1024
+
+
+async def raw_pingpong(kind: str, seconds: float) -> float:
+    a, b = unix_stream_pair() if kind == "unix" else await tcp_stream_pair()
+    count = 0
+    async with trio.open_nursery() as nursery:
+
+        async def echo() -> None:
+            while data := await b.receive_some():
+                await b.send_all(data)
+
+        nursery.start_soon(echo)
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            await a.send_all(PAYLOAD)
+            got = 0
+            while got < len(PAYLOAD):
+                got += len(await a.receive_some())
+            count += 1
+        elapsed = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
+    await a.aclose()
+    await b.aclose()
+    return count / elapsed
+
+
+async def raw_bulk(kind: str, total: int) -> float:
+    a, b = unix_stream_pair() if kind == "unix" else await tcp_stream_pair()
+    block = os.urandom(WRITE)
+    received = 0
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            for _ in range(total // WRITE):
+                await a.send_all(block)
+
+        nursery.start_soon(send)
+        while received < total // WRITE * WRITE:
+            received += len(await b.receive_some(1 << 18))
+    elapsed = time.perf_counter() - start
+    await a.aclose()
+    await b.aclose()
+    return received / elapsed
+
+
+async def bus_rows(seconds: float, total: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="minibus-bench-"))
+    owner = Identity.generate()
+    config = BrokerConfig(
+        identity=owner,
+        policy=Policy(owner.public_key),
+        unix_path=tmp / "bus.sock",
+        tcp=("127.0.0.1", 0),
+        runtime_dir=tmp,
+        write_address_file=False,
+    )
+    broker = Broker(config)
+    rows: dict[str, float] = {}
+    service = Service("org.bench.Echo")
+
+    @service.method
+    async def echo(value: bytes) -> bytes:
+        return value
+
+    sink_done: dict[int, trio.Event] = {}
+
+    @service.channel("sink")
+    async def sink(channel: Channel) -> None:
+        while await channel.receive_some(1 << 18):
+            pass
+        await channel.send_all(b"done")
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(broker.serve)
+        unix, tcp = address.split(";")
+        for kind, addr in (("unix", unix), ("tcp", tcp)):
+            async with open_bus(addr, identity=owner, name=service.name) as sbus, open_bus(addr, identity=owner) as cbus:
+                service.attach(sbus)
+                await cbus.call(service.name, "echo", PAYLOAD)  # opens the channel
+                for in_flight in (1, 32):
+                    count = 0
+                    start = time.perf_counter()
+
+                    async def caller() -> None:
+                        nonlocal count
+                        while time.perf_counter() - start < seconds:
+                            await cbus.call(service.name, "echo", PAYLOAD)
+                            count += 1
+
+                    async with trio.open_nursery() as callers:
+                        for _ in range(in_flight):
+                            callers.start_soon(caller)
+                    rows[f"rpc {kind} relay x{in_flight}"] = count / (time.perf_counter() - start)
+                channel = await cbus.open_channel(service.name, "sink")
+                block = os.urandom(WRITE)
+                start = time.perf_counter()
+                for _ in range(total // WRITE):
+                    await channel.send_all(block)
+                await channel.send_eof()
+                assert await channel.receive_some() == b"done"
+                rows[f"bulk {kind} relay"] = total // WRITE * WRITE / (time.perf_counter() - start)
+                await channel.aclose()
+        nursery.cancel_scope.cancel()
+    del sink_done
+    return rows
+
+
+def dbus_rows(seconds: float, total: int) -> tuple[dict[str, float], str | None]:
+    """The peer: a private dbus-daemon with a jeepney trio service and client."""
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        return {}, "dbus-daemon is not installed (Debian package dbus-daemon)"
+    try:
+        import jeepney  # noqa: F401
+        import jeepney.io.trio  # noqa: F401
+    except ImportError:
+        return {}, "jeepney is not installed (pip install jeepney)"
+    tmp = Path(tempfile.mkdtemp(prefix="minibus-dbus-"))
+    conf = tmp / "bus.conf"
+    conf.write_text(
+        f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>session</type><listen>unix:path={tmp}/bus</listen>
+<auth>EXTERNAL</auth><policy context="default"><allow send_destination="*" eavesdrop="true"/>
+<allow eavesdrop="true"/><allow own="*"/></policy>
+<limit name="max_message_size">134217728</limit></busconfig>"""
+    )
+    proc = subprocess.Popen([daemon, f"--config-file={conf}", "--nofork", "--print-address"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        return trio.run(_dbus_measure, address, seconds, total), None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+async def _dbus_measure(address: str, seconds: float, total: int) -> dict[str, float]:
+    from jeepney import DBusAddress, MessageType, new_method_call, new_method_return
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.trio import open_dbus_connection, open_dbus_router
+
+    rows: dict[str, float] = {}
+    name = "org.bench.Echo"
+    target = DBusAddress("/echo", bus_name=name, interface=name)
+    async with trio.open_nursery() as nursery:
+        service_conn = await open_dbus_connection(address)
+        await service_conn.send(message_bus.RequestName(name))
+        while (await service_conn.receive()).header.message_type != MessageType.method_return:
+            pass  # the NameAcquired signal may come first
+
+        async def serve() -> None:
+            received = 0
+            while True:
+                msg = await service_conn.receive()
+                if msg.header.message_type != MessageType.method_call:
+                    continue
+                if msg.header.fields.get(3) == "Echo":  # 3 = member
+                    await service_conn.send(new_method_return(msg, "ay", msg.body))
+                else:  # Bulk: one-way, counted
+                    received += len(msg.body[0])
+                    if msg.body[0] == b"":
+                        await service_conn.send(new_method_return(msg, "t", (received,)))
+                        received = 0
+
+        nursery.start_soon(serve)
+        async with open_dbus_router(address) as router:
+            for in_flight in (1, 32):
+                count = 0
+                start = time.perf_counter()
+
+                async def caller() -> None:
+                    nonlocal count
+                    while time.perf_counter() - start < seconds:
+                        await router.send_and_get_reply(new_method_call(target, "Echo", "ay", (PAYLOAD,)))
+                        count += 1
+
+                async with trio.open_nursery() as callers:
+                    for _ in range(in_flight):
+                        callers.start_soon(caller)
+                rows[f"rpc dbus-daemon+jeepney x{in_flight}"] = count / (time.perf_counter() - start)
+            block = os.urandom(WRITE)
+            start = time.perf_counter()
+            for _ in range(total // WRITE):
+                msg = new_method_call(target, "Bulk", "ay", (block,))
+                msg.header.flags |= 1  # NO_REPLY_EXPECTED
+                await router.send(msg)
+            await router.send_and_get_reply(new_method_call(target, "Bulk", "ay", (b"",)))
+            rows["bulk dbus-daemon+jeepney"] = total // WRITE * WRITE / (time.perf_counter() - start)
+        nursery.cancel_scope.cancel()
+        await service_conn.aclose()
+    return rows
+
+
+async def ours(seconds: float, total: int) -> dict[str, float]:
+    rows: dict[str, float] = {}
+    for kind in ("unix", "tcp"):
+        rows[f"rpc raw {kind} socket x1"] = await raw_pingpong(kind, seconds)
+        rows[f"bulk raw {kind} socket"] = await raw_bulk(kind, total * 4)
+    rows.update(await bus_rows(seconds, total))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter rounds (a smoke run)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    args = parser.parse_args()
+    seconds = 0.5 if args.quick else 2.0
+    total = (16 if args.quick else 64) * 1024 * 1024
+    rows = trio.run(ours, seconds, total)
+    peer, skipped = dbus_rows(seconds, total)
+    rows.update(peer)
+    ratios: dict[str, float] = {}
+    for kind in ("unix", "tcp"):
+        for n in (1, 32):
+            ratios[f"rpc {kind} relay x{n} vs raw {kind} ping-pong"] = rows[f"rpc {kind} relay x{n}"] / rows[f"rpc raw {kind} socket x1"]
+            if peer:
+                ratios[f"rpc {kind} relay x{n} vs dbus-daemon+jeepney x{n}"] = rows[f"rpc {kind} relay x{n}"] / rows[f"rpc dbus-daemon+jeepney x{n}"]
+        ratios[f"bulk {kind} relay vs raw {kind}"] = rows[f"bulk {kind} relay"] / rows[f"bulk raw {kind} socket"]
+        if peer:
+            ratios[f"bulk {kind} relay vs dbus-daemon+jeepney"] = rows[f"bulk {kind} relay"] / rows["bulk dbus-daemon+jeepney"]
+    print(f"{'row':44} {'value':>12}")
+    for key, value in rows.items():
+        unit = "calls/s" if key.startswith("rpc") else "MB/s"
+        print(f"{key:44} {value / (1 if unit == 'calls/s' else 1e6):12.0f} {unit}")
+    if skipped:
+        print(f"dbus-daemon rows skipped: {skipped}")
+    print()
+    for key, value in ratios.items():
+        print(f"{key:60} {value:6.2f}")
+    result: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "rows": rows,
+        "ratios": ratios,
+        "skipped": skipped,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
