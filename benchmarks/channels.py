@@ -107,8 +107,6 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
     async def echo(value: bytes) -> bytes:
         return value
 
-    sink_done: dict[int, trio.Event] = {}
-
     @service.channel("sink")
     async def sink(channel: Channel) -> None:
         while await channel.receive_some(1 << 18):
@@ -146,7 +144,6 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
                 rows[f"bulk {kind} relay"] = total // WRITE * WRITE / (time.perf_counter() - start)
                 await channel.aclose()
         nursery.cancel_scope.cancel()
-    del sink_done
     return rows
 
 
