@@ -34,10 +34,11 @@ from typing import Any
 
 import trio
 
-from .core.broker import BrokerCore, ChannelMessage, Limits, Outgoing
+from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
+from .io.fdpass import send_with_fds
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .wire.address import Endpoint, default_runtime_dir, format_address
@@ -102,7 +103,9 @@ class _Session:
         self.key = key
         self.transport = transport
         cfg = broker.config
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](cfg.outbound_queue)
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes | tuple[bytes, socket.socket]](
+            cfg.outbound_queue
+        )
         self.cancel_scope = trio.CancelScope()
         self.reason = "connection closed"
         self.last_received = trio.current_time()
@@ -132,6 +135,22 @@ class _Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the session is already ending
 
+    def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
+        """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
+        if self.stop_writing or self.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+            end.close()
+            if not self.stop_writing:
+                self.overflow()
+            return
+        try:
+            self.send_channel.send_nowait((data, end))
+            self.queued_bytes += len(data)
+        except trio.WouldBlock:
+            end.close()
+            self.overflow()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            end.close()
+
     def overflow(self) -> None:
         """The slow-consumer policy: stop at the next frame boundary, say why, disconnect.
 
@@ -154,18 +173,40 @@ class _Session:
 
     async def writer(self) -> None:
         try:
-            async for encoded in self.receive_channel:
+            async for item in self.receive_channel:
+                if isinstance(item, tuple):
+                    encoded, end = item
+                else:
+                    encoded, end = item, None
                 if self.stop_writing:
+                    if end is not None:
+                        end.close()
                     self.cancel_scope.cancel()  # at a frame boundary: run() says why
                     return
                 self.mid_frame = True
-                await self.framed.send_raw(encoded)
+                if end is None:
+                    await self.framed.send_raw(encoded)
+                else:
+                    try:
+                        await send_with_fds(self.raw_socket(), encoded, [end.fileno()])
+                    except OSError as exc:
+                        raise trio.BrokenResourceError(f"sending a descriptor failed: {exc}") from exc
+                    finally:
+                        end.close()  # the peer has its own copy now
                 self.mid_frame = False
                 self.queued_bytes -= len(encoded)
                 if self.blocked and self.queued_bytes <= self.broker.relay_threshold:
                     self.broker.unblock(self)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.end(f"transport broken while sending: {exc}")
+
+    def raw_socket(self) -> trio.socket.SocketType:
+        """The Unix socket under this (plain) session, for sendmsg with descriptors."""
+        stream = self.framed.stream
+        assert isinstance(stream, SecureStream) and not stream.encrypted
+        transport = stream.transport
+        assert isinstance(transport, trio.SocketStream)
+        return transport.socket
 
     # -- inbound -----------------------------------------------------------------------------
 
@@ -213,6 +254,15 @@ class _Session:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self.reason = f"transport broken: {exc}"
                 nursery.cancel_scope.cancel()
+        # Socket ends still queued for this connection will never be sent: close them.
+        self.send_channel.close()
+        while True:
+            try:
+                item = self.receive_channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(item, tuple):
+                item[1].close()
         # Say why, where the stream can still carry a whole frame, within a deadline.
         if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
             error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
@@ -228,12 +278,15 @@ class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.core = BrokerCore(config.policy, config.limits)
+        self.core.fd_passing = not config.encrypt_unix
         self.sessions: dict[int, _Session] = {}
         self.endpoints: list[Endpoint] = []
         self._listeners: list[trio.SocketListener] = []
         self._shutting_down = False
         self._socket_inode: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
+        # Socketpair ends waiting for the target's answer (unix-fd route), by (target, request).
+        self._kept_ends: dict[tuple[int, int], socket.socket] = {}
         # Relay data is queued for a connection only while its queue holds less than this.
         self.relay_threshold = config.outbound_bytes // 2
 
@@ -247,6 +300,9 @@ class Broker:
         for item in out:
             if isinstance(item, ChannelMessage):
                 self._channel_message(item)
+                continue
+            if isinstance(item, (WithFd, DropFd)):
+                self._fd_message(item)
                 continue
             conn_id, message = item
             session = self.sessions.get(conn_id)
@@ -435,6 +491,31 @@ class Broker:
     async def _expire_open(self, target_id: int, request_id: int) -> None:
         await trio.sleep(self.config.channel_timeout)
         self.dispatch(self.core.expire_open(target_id, request_id, self.config.channel_timeout))
+
+    def _fd_message(self, item: WithFd | DropFd) -> None:
+        """The unix-fd route: make a socketpair, send one end with a frame, keep the other."""
+        if isinstance(item, DropFd):
+            kept = self._kept_ends.pop(item.key, None)
+            if kept is not None:
+                kept.close()
+            return
+        session = self.sessions.get(item.conn)
+        if item.create:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._kept_ends[item.key] = theirs
+        else:
+            maybe = self._kept_ends.pop(item.key, None)
+            if maybe is None:
+                return
+            mine = maybe
+        if session is None:
+            mine.close()
+            if item.create:
+                self._kept_ends.pop(item.key).close()
+            return
+        session.enqueue_with_fd(session.framed.encode_message(item.message), mine)
+        if item.create and self._nursery is not None:
+            self._nursery.start_soon(self._expire_open, item.conn, item.message["id"])
 
     def _channel_message(self, item: ChannelMessage) -> None:
         session = self.sessions.get(item.conn)

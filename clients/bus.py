@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 import trio
 
 from bus.errors import BusError, ChannelRejected, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
+from bus.io.fdpass import FdSocketStream
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
@@ -477,9 +479,11 @@ class Bus:
         errors = []
         for ep in self.endpoints:
             try:
+                transport: trio.abc.HalfCloseableStream
                 if ep.transport == "unix":
                     assert ep.path is not None
-                    transport: trio.SocketStream = await trio.open_unix_socket(ep.path)
+                    # Unix connections can receive socket ends: the unix-fd channel route.
+                    transport = FdSocketStream(await trio.open_unix_socket(ep.path))
                 else:
                     assert ep.host is not None and ep.port is not None
                     transport = await trio.open_tcp_stream(ep.host, ep.port)
@@ -656,23 +660,44 @@ class Bus:
             )
         except (RequestError, KeyError, TypeError) as exc:
             return ErrorReply(request.id, "minibus.Error.BadRequest", f"channel_request: {exc}").to_wire()
+        end = self._take_fd(link) if ask.route == "unix-fd" else None
         entry = self._handlers.get(ask.protocol)
+        refusal = None
         if entry is None or self._nursery is None:
-            reason = f"no handler for protocol {ask.protocol!r}"
-            return ErrorReply(request.id, ChannelRejected.wire_code, reason).to_wire()
-        handler, accept, window = entry
-        if accept is not None:
-            refusal = accept(ask)
-            if refusal is not None:
-                return ErrorReply(request.id, ChannelRejected.wire_code, refusal).to_wire()
-        relay = RelayStream(link, channel, window=window)
-        link.channels[channel] = relay
-        self._nursery.start_soon(self._serve_channel, relay, ask, handler)
+            refusal = f"no handler for protocol {ask.protocol!r}"
+        elif entry[1] is not None:
+            refusal = entry[1](ask)
+        if ask.route == "unix-fd" and end is None:
+            refusal = "the socket for the unix-fd route did not arrive"
+        if refusal is not None or entry is None or self._nursery is None:
+            if end is not None:
+                end.close()
+            return ErrorReply(request.id, ChannelRejected.wire_code, refusal or "rejected").to_wire()
+        handler, _, window = entry
+        transport: trio.abc.HalfCloseableStream
+        if end is not None:
+            transport = trio.SocketStream(trio.socket.from_stdlib_socket(end))
+        else:
+            transport = RelayStream(link, channel, window=window)
+            link.channels[channel] = transport
+        self._nursery.start_soon(self._serve_channel, transport, ask, handler)
         return Reply(request.id, {}).to_wire()
 
-    async def _serve_channel(self, relay: RelayStream, ask: ChannelRequest, handler: Callable[[Channel], Awaitable[Any]]) -> None:
-        # The broker opens the relay when it reads our acceptance, which precedes this grant.
-        relay.start()
+    @staticmethod
+    def _take_fd(link: _Link) -> socket.socket | None:
+        secure = link.framed.stream
+        transport = secure.transport if isinstance(secure, SecureStream) else None
+        if not isinstance(transport, FdSocketStream):
+            return None
+        fd = transport.take_fd()
+        return None if fd is None else socket.socket(fileno=fd)
+
+    async def _serve_channel(
+        self, relay: trio.abc.HalfCloseableStream, ask: ChannelRequest, handler: Callable[[Channel], Awaitable[Any]]
+    ) -> None:
+        if isinstance(relay, RelayStream):
+            # The broker opens the relay when it reads our acceptance, which precedes this grant.
+            relay.start()
         opener_key = ask.opener.key
         secure = SecureStream.server(
             relay,
@@ -718,13 +743,18 @@ class Bus:
         self, name: str, protocol: str = "raw", route: str = "auto", *, window: int = DEFAULT_WINDOW
     ) -> Channel:
         """Open a channel to the plugin owning ``name``; its identity is proven by shs1."""
-        if route not in ("auto", "relay"):
-            raise ValueError(f"route must be 'auto' or 'relay', not {route!r}")
+        if route not in ("auto", "relay", "direct"):
+            raise ValueError(f"route must be 'auto', 'relay' or 'direct', not {route!r}")
         link = self._link
-        opened: list[RelayStream] = []
+        opened: list[trio.abc.HalfCloseableStream] = []
 
         def on_result(result: Any) -> None:
             if link is None:
+                return
+            if result.get("route") == "unix-fd":
+                end = self._take_fd(link)
+                if end is not None:
+                    opened.append(trio.SocketStream(trio.socket.from_stdlib_socket(end)))
                 return
             relay = RelayStream(link, result["channel"], window=window)
             link.channels[result["channel"]] = relay
@@ -732,6 +762,11 @@ class Bus:
             opened.append(relay)
 
         def on_abandoned(result: Any) -> None:
+            if result.get("route") == "unix-fd":
+                end = self._take_fd(link) if link is not None else None
+                if end is not None:
+                    end.close()
+                return
             if link is not None and not link.closed:
                 try:
                     link.send.send_nowait(encode_control(result["channel"], {"close": True}))
@@ -741,6 +776,8 @@ class Bus:
         result = await self._request(
             "open_channel", {"name": name, "protocol": protocol, "route": route}, on_result, on_abandoned
         )
+        if not opened:
+            raise ConnectionLost("the socket for the unix-fd route did not arrive")
         relay = opened[0]
         peer = PeerInfo.from_wire(result["peer"])
         secure = SecureStream.client(

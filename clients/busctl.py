@@ -101,7 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     v = verbs.add_parser("open", help="pipe stdin and stdout through a channel, like netcat (EOF on stdin half-closes)")
     v.add_argument("name", metavar="NAME")
     v.add_argument("--protocol", default="raw", metavar="LABEL", help="the channel's protocol label (default: raw)")
-    v.add_argument("--route", default="auto", choices=["auto", "relay"], help="how the bytes travel (default: auto)")
+    v.add_argument(
+        "--route",
+        default="auto",
+        choices=["auto", "relay", "direct"],
+        help="how the bytes travel: direct (a socket passed by the broker; both ends on its Unix socket), "
+        "relay (through the broker), auto (direct when possible, else relay; the default)",
+    )
     verbs.add_parser("id", help="print the identity busctl connects as")
     v = verbs.add_parser("keygen", help="create a new identity key file (mode 0600)")
     v.add_argument("file", metavar="FILE")

@@ -276,7 +276,9 @@ class Channel(trio.abc.HalfCloseableStream):
     handshake), ``route`` how the bytes travel, ``protocol`` the label it was opened with.
     """
 
-    def __init__(self, stream: SecureStream, raw: RelayStream, peer: PeerInfo, protocol: str, route: str) -> None:
+    def __init__(
+        self, stream: SecureStream, raw: trio.abc.HalfCloseableStream, peer: PeerInfo, protocol: str, route: str
+    ) -> None:
         self._stream = stream
         self.raw = raw
         self.peer = peer

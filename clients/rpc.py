@@ -246,6 +246,7 @@ class RpcConnection:
             self.closed = ConnectionLost(reason)
             for event, _ in self._pending.values():
                 event.set()
+            await trio.aclose_forcefully(self.channel)
 
     async def request(self, op: str, **args: Any) -> Any:
         if self.closed is not None:

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from bus.errors import AccessDenied, ChannelRejected, NameNotFound
+from bus.errors import AccessDenied, BadRequest, ChannelRejected, NameNotFound
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame
 from clients.bus import Bus, open_bus
@@ -46,7 +46,7 @@ async def test_open_echo_and_identities(tmp_path: Path, transport: str) -> None:
             return None
 
         service.handle_channels("raw", echo, accept=accept)
-        ch = await client.open_channel("org.example.Echo")
+        ch = await client.open_channel("org.example.Echo", route="relay")
         assert ch.route == "relay" and ch.protocol == "raw"
         assert ch.peer.identity == PLUGIN.id and ch.peer.unique_id == service.unique_id
         assert ch.encrypted == (transport == "tcp")
@@ -93,7 +93,7 @@ async def test_target_that_never_answers(tmp_path: Path) -> None:
         await silent.send_message({"op": "hello", "id": 1, "name": "org.example.Silent"})
         async with open_bus(rb.unix_address, identity=FRIEND) as client:
             with pytest.raises(ChannelRejected, match="did not answer"):
-                await client.open_channel("org.example.Silent")
+                await client.open_channel("org.example.Silent", route="relay")
             # A late "yes" gets the channel reset, not a dangling relay.
             request = None
             with trio.fail_after(10):
@@ -123,7 +123,7 @@ async def test_peer_vanishing_breaks_the_other_end(tmp_path: Path) -> None:
                     await trio.sleep_forever()
 
                 doomed.handle_channels("raw", hold)
-                ch = await client.open_channel("org.example.Doomed")
+                ch = await client.open_channel("org.example.Doomed", route="relay")
                 await holding.wait()
                 await ch.send_all(b"x" * 1000)
                 # The target's connection disappears without a word (as with SIGKILL).
@@ -147,7 +147,7 @@ async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -
         await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
         cheat = await raw_connect(rb.unix_address, FRIEND)
         await cheat.send_message({"op": "hello", "id": 1})
-        await cheat.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw"})
+        await cheat.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw", "route": "relay"})
         with trio.fail_after(10):
             while True:
                 frame = await target.receive_frame()
@@ -194,7 +194,7 @@ async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
 
             slow.handle_channels("raw", dawdle)
             async with open_bus(rb.unix_address, identity=FRIEND) as fast:
-                ch = await fast.open_channel("org.example.Slow")
+                ch = await fast.open_channel("org.example.Slow", route="relay")
                 peak = [0]
 
                 async def watch_broker() -> None:
@@ -227,7 +227,7 @@ async def test_channels_left_open_when_a_plugin_exits_are_freed(tmp_path: Path) 
             service.handle_channels("raw", echo)
             async with open_bus(rb.unix_address, identity=FRIEND) as client:
                 for _ in range(5):
-                    await client.open_channel("org.example.Echo")  # never closed
+                    await client.open_channel("org.example.Echo", route="relay")  # never closed
                 assert len(rb.broker.core.channels) == 5
             with trio.fail_after(10):
                 while len(rb.broker.core.channels):
@@ -278,7 +278,7 @@ async def test_channel_conformance(tmp_path: Path, transport: str) -> None:
         service.handle_channels("raw", hand_over, window=64 * 1024)
 
         async def stream_maker() -> tuple[Channel, Channel]:
-            ch = await client.open_channel("org.example.Echo", window=64 * 1024)
+            ch = await client.open_channel("org.example.Echo", route="relay", window=64 * 1024)
             return ch, await accepted.receive()
 
         async def clogged_stream_maker() -> tuple[Channel, Channel]:
@@ -288,3 +288,109 @@ async def test_channel_conformance(tmp_path: Path, transport: str) -> None:
             return left, right
 
         await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
+
+
+# -- the unix-fd route ---------------------------------------------------------------------------
+
+
+async def test_unix_fd_route_passes_a_socket_and_the_broker_touches_no_data(tmp_path: Path) -> None:
+    async with pair(tmp_path, "unix") as (rb, service, client):
+        service.handle_channels("raw", echo)
+        for route in ("auto", "direct"):
+            ch = await client.open_channel("org.example.Echo", route=route)
+            assert ch.route == "unix-fd" and not ch.encrypted
+            assert ch.peer.identity == PLUGIN.id
+            assert len(rb.broker.core.channels) == 0  # no relay: the broker holds nothing
+            blob = os.urandom(2 * 1024 * 1024)
+            async with trio.open_nursery() as nursery:
+
+                async def send(ch: Channel = ch) -> None:
+                    await ch.send_all(blob)
+                    await ch.send_eof()
+
+                nursery.start_soon(send)
+                got = bytearray()
+                while data := await ch.receive_some():
+                    got += data
+            assert got == blob
+            await ch.aclose()
+        assert rb.broker._kept_ends == {}
+
+
+async def test_direct_route_over_tcp_is_refused_clearly(tmp_path: Path) -> None:
+    async with pair(tmp_path, "tcp") as (_, service, client):
+        service.handle_channels("raw", echo)
+        with pytest.raises(BadRequest, match="no direct route"):
+            await client.open_channel("org.example.Echo", route="direct")
+        ch = await client.open_channel("org.example.Echo", route="auto")  # auto falls back to the relay
+        assert ch.route == "relay" and ch.encrypted
+        await ch.aclose()
+
+
+async def test_fd_passing_asked_over_a_tcp_connection_uses_the_relay(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo") as service:
+            service.handle_channels("raw", echo)
+            async with open_bus(rb.tcp_address, identity=FRIEND) as remote:
+                with pytest.raises(BadRequest, match="fd passing needs both on the Unix socket"):
+                    await remote.open_channel("org.example.Echo", route="direct")
+                ch = await remote.open_channel("org.example.Echo")
+                assert ch.route == "relay" and ch.encrypted  # one hop crosses TCP
+                await ch.aclose()
+
+
+async def test_unix_fd_rejection_and_leftovers_close_the_passed_sockets(tmp_path: Path) -> None:
+    async with pair(tmp_path, "unix", channel_timeout=0.5) as (rb, service, client):
+        service.handle_channels("raw", echo, accept=lambda req: "busy")
+        with pytest.raises(ChannelRejected, match="busy"):
+            await client.open_channel("org.example.Echo")
+        assert rb.broker._kept_ends == {}
+
+
+async def test_unix_fd_peer_killed_breaks_the_other_end(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as client:
+            async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Doomed") as doomed:
+                holding = trio.Event()
+
+                async def hold(ch: Channel) -> None:
+                    holding.set()
+                    await trio.sleep_forever()
+
+                doomed.handle_channels("raw", hold)
+                ch = await client.open_channel("org.example.Doomed")
+                assert ch.route == "unix-fd"
+                await holding.wait()
+            # The plugin is gone (its tasks cancelled, its sockets closed): the channel ends.
+            with trio.fail_after(5):
+                assert await ch.receive_some() == b""
+            await ch.aclose()
+
+
+@pytest.mark.parametrize("clogged", [False, True])
+async def test_unix_fd_channel_conformance(tmp_path: Path, clogged: bool) -> None:
+    async with pair(tmp_path, "unix") as (_, service, client):
+        served, accepted = trio.open_memory_channel[Channel](10)
+
+        async def hand_over(ch: Channel) -> None:
+            await served.send(ch)
+            await trio.sleep_forever()
+
+        service.handle_channels("raw", hand_over)
+
+        async def stream_maker() -> tuple[Channel, Channel]:
+            ch = await client.open_channel("org.example.Echo", route="direct")
+            return ch, await accepted.receive()
+
+        async def clogged_stream_maker() -> tuple[Channel, Channel]:
+            left, right = await stream_maker()
+            for ch in (left, right):  # fill the socket both ways with plain bytes
+                sock = ch.raw.socket  # type: ignore[attr-defined]
+                while True:
+                    try:
+                        os.write(sock.fileno(), b"x" * 4096)
+                    except BlockingIOError:
+                        break
+            return left, right
+
+        await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker if clogged else None)

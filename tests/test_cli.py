@@ -309,7 +309,8 @@ def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path:
         assert rejected.returncode == 6 and "no handler for protocol 'ssh'" in rejected.stderr
         # status shows a live channel with its byte counts
         holder = subprocess.Popen(
-            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--route", "relay"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         assert holder.stdin is not None and holder.stdout is not None
         holder.stdin.write(b"ping\n")

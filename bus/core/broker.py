@@ -44,7 +44,18 @@ from .channels import ChannelTable, RelayChannel
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
 
-__all__ = ["Limits", "Connection", "BrokerCore", "Outgoing", "FLAG_NAMES", "PendingOpen", "CHANNEL_PROTOCOL_RE"]
+__all__ = [
+    "Limits",
+    "Connection",
+    "BrokerCore",
+    "Outgoing",
+    "ChannelMessage",
+    "WithFd",
+    "DropFd",
+    "FLAG_NAMES",
+    "PendingOpen",
+    "CHANNEL_PROTOCOL_RE",
+]
 
 #: Protocol labels: short, printable, no spaces (like an SSH subsystem name).
 CHANNEL_PROTOCOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
@@ -60,6 +71,7 @@ class PendingOpen:
     encrypted: bool
     a: tuple[int, int]  # (opener, its channel id)
     b: tuple[int, int]  # (target, its channel id)
+    route: str = "relay"
 
 class ChannelMessage(NamedTuple):
     """A CONTROL frame on a channel (not channel 0): credit, eof, close or reset."""
@@ -69,7 +81,25 @@ class ChannelMessage(NamedTuple):
     body: dict[str, Any]
 
 
-Outgoing = tuple[int, dict[str, Any]] | ChannelMessage
+class WithFd(NamedTuple):
+    """A control message that carries one end of a socketpair (the unix-fd route).
+
+    ``create``: the io layer makes the pair, attaches one end here, keeps the other under
+    ``key``; otherwise it attaches the end kept under ``key``."""
+
+    conn: int
+    message: dict[str, Any]
+    key: tuple[int, int]
+    create: bool
+
+
+class DropFd(NamedTuple):
+    """The socket end kept under ``key`` is not needed any more: close it."""
+
+    key: tuple[int, int]
+
+
+Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd
 
 _DEFERRED = object()
 
@@ -137,6 +167,8 @@ class BrokerCore:
         self.channels = ChannelTable(cap=self.limits.relay_credit, channels_per_connection=self.limits.channels_per_connection)
         # Channel openings waiting for the target's answer, by (target conn, request id).
         self.pending_opens: dict[tuple[int, int], PendingOpen] = {}
+        #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
+        self.fd_passing = True
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -172,6 +204,8 @@ class BrokerCore:
             other = ch.b if ch.a[0] == conn_id else ch.a
             out.append(ChannelMessage(other[0], other[1], {"reset": f"{conn.unique_id} disconnected"}))
         for key, pend in list(self.pending_opens.items()):
+            if pend.target == conn_id and pend.route == "unix-fd":
+                out.append(DropFd(key))
             if pend.target == conn_id and pend.opener == 0:
                 del self.pending_opens[key]
             elif pend.target == conn_id:
@@ -239,11 +273,24 @@ class BrokerCore:
         if pend is None:
             return []  # a ping's answer, or one that came after the deadline (reset below)
         target = self.connections[conn_id]
+        key = (conn_id, reply.re)
         if isinstance(reply, ErrorReply):
+            drop: list[Outgoing] = [DropFd(key)] if pend.route == "unix-fd" else []
             if pend.opener == 0:
-                return []
+                return drop
             err = ChannelRejected(f"{target.unique_id} rejected the channel: {reply.message}")
-            return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+            return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
+        if pend.route == "unix-fd":
+            if pend.opener == 0 or pend.opener not in self.connections:
+                return [DropFd(key)]  # the target's end closes with the opener gone: it sees EOF
+            result = {
+                "channel": pend.a[1],
+                "route": "unix-fd",
+                "encrypted": False,
+                "peer": self._peer(target),
+                "protocol": pend.protocol,
+            }
+            return [WithFd(pend.opener, Reply(pend.opener_request, result).to_wire(), key, create=False)]
         if pend.opener == 0 or pend.opener not in self.connections:
             # The opener left meanwhile: the target accepted a channel nobody holds.
             return [ChannelMessage(target.id, pend.b[1], {"reset": "the opener left"})]
@@ -271,14 +318,15 @@ class BrokerCore:
             return []
         # Keep a tombstone so a late acceptance gets its channel reset, not ignored.
         self.pending_opens[(target_id, request_id)] = PendingOpen(
-            0, 0, target_id, request_id, pend.protocol, pend.encrypted, pend.a, pend.b
+            0, 0, target_id, request_id, pend.protocol, pend.encrypted, pend.a, pend.b, pend.route
         )
+        drop: list[Outgoing] = [DropFd((target_id, request_id))] if pend.route == "unix-fd" else []
         if pend.opener == 0:
-            return []
+            return drop
         target = self.connections.get(target_id)
         who = target.unique_id if target else f":{target_id}"
         err = ChannelRejected(f"{who} did not answer the channel request within {seconds:g} s")
-        return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+        return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
 
     # -- relayed channels (the io layer moves the bytes) ------------------------------------------
 
@@ -446,8 +494,8 @@ class BrokerCore:
         route = req.arg("route", str, "auto")
         if not CHANNEL_PROTOCOL_RE.match(protocol):
             raise BadRequest(f"open_channel: protocol {protocol!r} is not a valid label")
-        if route not in ("relay", "auto"):
-            raise BadRequest(f"open_channel: route {route!r} is not available (relay, auto)")
+        if route not in ("relay", "auto", "direct"):
+            raise BadRequest(f"open_channel: route {route!r} is not one of relay, auto, direct")
         target_id = self.names.owner(name)
         if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
             raise NameNotFound(f"no connection owns {name!r}")
@@ -456,23 +504,35 @@ class BrokerCore:
             raise BadRequest(f"open_channel: {name!r} is this connection itself")
         target = self.connections[target_id]
         encrypted = conn.transport == "tcp" or target.transport == "tcp"
+        local = conn.transport == "unix" and target.transport == "unix" and self.fd_passing
+        if route == "direct" and not local:
+            raise BadRequest(
+                f"open_channel: no direct route between {conn.unique_id} ({conn.transport}) and "
+                f"{target.unique_id} ({target.transport}): fd passing needs both on the Unix socket, "
+                "and direct TCP routes are not available yet; use relay or auto"
+            )
+        chosen = "unix-fd" if local and route in ("auto", "direct") else "relay"
         for c in (conn, target):
             self.channels.check_quota(c.id)
         a = (conn.id, self.channels.allocate(conn.id))
         b = (target.id, self.channels.allocate(target.id))
         request_id = self.next_request_id(target)
         self.pending_opens[(target.id, request_id)] = PendingOpen(
-            conn.id, req.id, target.id, request_id, protocol, encrypted, a, b
+            conn.id, req.id, target.id, request_id, protocol, encrypted and chosen == "relay", a, b, chosen
         )
         ask = {
             "channel": b[1],
             "protocol": protocol,
-            "route": "relay",
-            "encrypted": encrypted,
+            "route": chosen,
+            "encrypted": encrypted and chosen == "relay",
             "name": name,
             "opener": self._peer(conn),
         }
-        out.append((target.id, Request("channel_request", request_id, ask).to_wire()))
+        message = Request("channel_request", request_id, ask).to_wire()
+        if chosen == "unix-fd":
+            out.append(WithFd(target.id, message, (target.id, request_id), create=True))
+        else:
+            out.append((target.id, message))
         return _DEFERRED
 
     _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {

@@ -1,0 +1,87 @@
+"""File-descriptor passing over Unix sockets (SCM_RIGHTS), for the unix-fd channel route.
+
+Theory of operation
+-------------------
+The broker hands each end of a fresh socketpair to one of the two plugins, attached to the
+frame that announces the channel (the reply to ``open_channel`` for the opener, the
+``channel_request`` for the target).  Sending: :func:`send_with_fds` puts the descriptors on
+the first ``sendmsg`` of that frame's bytes.  Receiving: :class:`FdSocketStream` reads with
+``recvmsg`` and queues every descriptor that arrives, in order; a frame that announces a
+descriptor takes the next one from the queue (descriptors and frames travel in the same
+order, so the queue lines them up).  Descriptors nobody claims are closed with the stream,
+and at most :data:`MAX_QUEUED_FDS` may wait, so a peer cannot make us hold descriptors.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import os
+import socket
+
+import trio
+
+__all__ = ["FdSocketStream", "send_with_fds", "MAX_QUEUED_FDS"]
+
+MAX_QUEUED_FDS = 64
+_FD_SPACE = socket.CMSG_SPACE(4 * 4)  # up to 4 descriptors per message
+
+
+async def send_with_fds(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
+    """Send ``data`` with ``fds`` attached to its first byte, then the rest of ``data``."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    sent = await sock.sendmsg([data], ancillary)
+    view = memoryview(data)[sent:]
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+class FdSocketStream(trio.abc.HalfCloseableStream):
+    """A Unix socket stream that also receives file descriptors."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self.fds: collections.deque[int] = collections.deque()
+        self._closed = False
+
+    def take_fd(self) -> int | None:
+        """The next descriptor received (the caller owns it), or None."""
+        return self.fds.popleft() if self.fds else None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        size = max_bytes or 65536
+        try:
+            data, ancdata, _flags, _addr = await self.socket.recvmsg(size, _FD_SPACE)
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    if len(self.fds) >= MAX_QUEUED_FDS:
+                        os.close(fd)  # nobody asked for this many: refuse to hold them
+                    else:
+                        self.fds.append(fd)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self.fds:
+            os.close(self.fds.popleft())
+        await self.stream.aclose()
