@@ -13,7 +13,8 @@ Rows (all on this machine, loopback only, every loop bounded):
   Debian package ``dbus-daemon`` and the PyPI package ``jeepney``): the script starts a private
   dbus-daemon and stops it.  Otherwise those rows are skipped with the reason printed.
 
-The direct routes (Unix fd passing, direct TCP) are not implemented yet; their rows are absent.
+Routes measured: relay (Unix and TCP) and unix-fd (a socketpair passed by the broker); the
+direct TCP route is not implemented yet, so it has no rows.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bus.core.policy import Policy  # noqa: E402
 from bus.io.testing import tcp_stream_pair, unix_stream_pair  # noqa: E402
 from bus.wire.identity import Identity  # noqa: E402
 from clients import Channel, Service, open_bus  # noqa: E402
+from clients.rpc import RpcConnection  # noqa: E402
 
 PAYLOAD = b"p" * 64
 WRITE = 64 * 1024
@@ -116,10 +118,13 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
     async with trio.open_nursery() as nursery:
         address = await nursery.start(broker.serve)
         unix, tcp = address.split(";")
-        for kind, addr in (("unix", unix), ("tcp", tcp)):
+        for kind, addr, route in (("unix", unix, "relay"), ("unix", unix, "direct"), ("tcp", tcp, "relay")):
+            label = f"{kind} {'unix-fd' if route == 'direct' else 'relay'}"
             async with open_bus(addr, identity=owner, name=service.name) as sbus, open_bus(addr, identity=owner) as cbus:
                 service.attach(sbus)
-                await cbus.call(service.name, "echo", PAYLOAD)  # opens the channel
+                rpc = RpcConnection(await cbus.open_channel(service.name, "rpc", route))
+                await nursery.start(rpc.run)
+                await rpc.call("echo", PAYLOAD)
                 for in_flight in (1, 32):
                     count = 0
                     start = time.perf_counter()
@@ -127,21 +132,22 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
                     async def caller() -> None:
                         nonlocal count
                         while time.perf_counter() - start < seconds:
-                            await cbus.call(service.name, "echo", PAYLOAD)
+                            await rpc.call("echo", PAYLOAD)
                             count += 1
 
                     async with trio.open_nursery() as callers:
                         for _ in range(in_flight):
                             callers.start_soon(caller)
-                    rows[f"rpc {kind} relay x{in_flight}"] = count / (time.perf_counter() - start)
-                channel = await cbus.open_channel(service.name, "sink")
+                    rows[f"rpc {label} x{in_flight}"] = count / (time.perf_counter() - start)
+                await rpc.aclose()
+                channel = await cbus.open_channel(service.name, "sink", route)
                 block = os.urandom(WRITE)
                 start = time.perf_counter()
                 for _ in range(total // WRITE):
                     await channel.send_all(block)
                 await channel.send_eof()
                 assert await channel.receive_some() == b"done"
-                rows[f"bulk {kind} relay"] = total // WRITE * WRITE / (time.perf_counter() - start)
+                rows[f"bulk {label}"] = total // WRITE * WRITE / (time.perf_counter() - start)
                 await channel.aclose()
         nursery.cancel_scope.cancel()
     return rows
@@ -256,14 +262,14 @@ def main() -> None:
     peer, skipped = dbus_rows(seconds, total)
     rows.update(peer)
     ratios: dict[str, float] = {}
-    for kind in ("unix", "tcp"):
+    for label, kind in (("unix relay", "unix"), ("unix unix-fd", "unix"), ("tcp relay", "tcp")):
         for n in (1, 32):
-            ratios[f"rpc {kind} relay x{n} vs raw {kind} ping-pong"] = rows[f"rpc {kind} relay x{n}"] / rows[f"rpc raw {kind} socket x1"]
+            ratios[f"rpc {label} x{n} vs raw {kind} ping-pong"] = rows[f"rpc {label} x{n}"] / rows[f"rpc raw {kind} socket x1"]
             if peer:
-                ratios[f"rpc {kind} relay x{n} vs dbus-daemon+jeepney x{n}"] = rows[f"rpc {kind} relay x{n}"] / rows[f"rpc dbus-daemon+jeepney x{n}"]
-        ratios[f"bulk {kind} relay vs raw {kind}"] = rows[f"bulk {kind} relay"] / rows[f"bulk raw {kind} socket"]
+                ratios[f"rpc {label} x{n} vs dbus-daemon+jeepney x{n}"] = rows[f"rpc {label} x{n}"] / rows[f"rpc dbus-daemon+jeepney x{n}"]
+        ratios[f"bulk {label} vs raw {kind}"] = rows[f"bulk {label}"] / rows[f"bulk raw {kind} socket"]
         if peer:
-            ratios[f"bulk {kind} relay vs dbus-daemon+jeepney"] = rows[f"bulk {kind} relay"] / rows["bulk dbus-daemon+jeepney"]
+            ratios[f"bulk {label} vs dbus-daemon+jeepney"] = rows[f"bulk {label}"] / rows["bulk dbus-daemon+jeepney"]
     print(f"{'row':44} {'value':>12}")
     for key, value in rows.items():
         unit = "calls/s" if key.startswith("rpc") else "MB/s"
