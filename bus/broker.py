@@ -572,16 +572,18 @@ class Broker:
         src_session = self.sessions.get(src[0])
         if dst_session is None:
             return
-        returned = 0
         while direction.ready():
             if dst_session.queued_bytes > self.relay_threshold:
                 dst_session.blocked.add(relay.id)
                 break
             chunk, credit = direction.take(64 * 1024)
             dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
-            returned += credit
-        if returned and src_session is not None and not direction.eof_received:
-            src_session.enqueue_encoded(src_session.framed.encode_message({"credit": returned}, src[1]))
+            direction.credit_due += credit
+        # Credit goes back in batches (or when the buffer ran dry): no trickle of tiny grants.
+        due = direction.credit_due
+        if due and (due >= 16 * 1024 or not direction.buffer) and src_session is not None and not direction.eof_received:
+            direction.credit_due = 0
+            src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, src[1]))
         if direction.eof_received and not direction.buffer:
             # The end of this direction travels behind its data.
             if not direction.eof_sent:

@@ -41,6 +41,7 @@ __all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WIND
 
 DEFAULT_WINDOW = 256 * 1024
 MAX_DATA_FRAME = 64 * 1024
+MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (unless less is left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +179,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             while view:
-                while self._credit == 0:
+                # Avoid the silly-window syndrome: no tiny frames while more credit is coming.
+                while self._credit < min(len(view), MIN_DATA_FRAME):
                     self._check_send()
                     await self._credit_changed.wait()
                 self._check_send()

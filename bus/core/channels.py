@@ -43,6 +43,7 @@ class Direction:
     close: bool = False  # ... and it was a full close: the channel ends once this arrives
     eof_sent: bool = False  # the EOF went on to the receiver
     discard: bool = False  # the receiver closed: what is still sent this way is dropped
+    credit_due: int = 0  # credit earned by the sender, not yet granted (sent in batches)
     bytes_total: int = 0
 
     def grant_initial(self) -> int:
