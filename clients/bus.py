@@ -22,6 +22,7 @@ restart.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
@@ -61,6 +62,7 @@ from .rpc import RPC_PROTOCOL, RpcConnection  # noqa: E402
 log = logging.getLogger("minibus.client")
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
+DIRECT_TIMEOUT = 5.0  # for a direct TCP channel: the opener to connect and prove itself
 DEFAULT_CONNECT_TIMEOUT = 10.0
 WATCH_BUFFER = 1024
 OUTBOUND_BUFFER = 1024
@@ -639,7 +641,10 @@ class Bus:
         if request.op == "ping":
             reply: dict[str, Any] = Reply(request.id, {}).to_wire()
         elif request.op == "channel_request":
-            reply = self._channel_request(link, request)
+            answer = self._channel_request(link, request)
+            if answer is None:
+                return  # answered later (the tcp route)
+            reply = answer
         else:
             reply = ErrorReply(request.id, "minibus.Error.UnknownOperation", f"unknown operation {request.op!r}").to_wire()
         try:
@@ -647,7 +652,7 @@ class Bus:
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass  # the link is ending or hopelessly behind; the broker will notice
 
-    def _channel_request(self, link: _Link, request: Request) -> dict[str, Any]:
+    def _channel_request(self, link: _Link, request: Request) -> dict[str, Any] | None:
         """Accept (and start serving) or reject a channel someone opens to us."""
         try:
             channel = request.arg("channel", int)
@@ -674,6 +679,13 @@ class Bus:
                 end.close()
             return ErrorReply(request.id, ChannelRejected.wire_code, refusal or "rejected").to_wire()
         handler, _, window = entry
+        if ask.route == "tcp":
+            token = request.args.get("token")
+            if not isinstance(token, bytes) or len(token) != 32:
+                return ErrorReply(request.id, "minibus.Error.BadRequest", "channel_request: tcp route without a token").to_wire()
+            # The answer (host and port) goes out once the listener is open.
+            self._nursery.start_soon(self._serve_direct, link, request.id, ask, token, handler)
+            return None
         transport: trio.abc.HalfCloseableStream
         if end is not None:
             transport = trio.SocketStream(trio.socket.from_stdlib_socket(end))
@@ -682,6 +694,81 @@ class Bus:
             link.channels[channel] = transport
         self._nursery.start_soon(self._serve_channel, transport, ask, handler)
         return Reply(request.id, {}).to_wire()
+
+    def _listen_host(self, link: _Link) -> str:
+        """Where an opener can reach us: our address on a TCP bus connection, else loopback."""
+        secure = link.framed.stream
+        transport = secure.transport if isinstance(secure, SecureStream) else None
+        if isinstance(transport, trio.SocketStream) and transport.socket.family in (socket.AF_INET, socket.AF_INET6):
+            return str(transport.socket.getsockname()[0])
+        return "127.0.0.1"
+
+    async def _serve_direct(
+        self,
+        link: _Link,
+        request_id: int,
+        ask: ChannelRequest,
+        token: bytes,
+        handler: Callable[[Channel], Awaitable[Any]],
+    ) -> None:
+        """The tcp route's target side: listen, tell the broker where, accept the opener only.
+
+        A connection must prove the opener's key (shs1) and then present the one-time token;
+        anything else is closed and the listener keeps waiting, until the opener arrives or
+        the deadline passes.  The token works once: the listener closes after it is used.
+        """
+        host = self._listen_host(link)
+        try:
+            listeners = await trio.open_tcp_listeners(0, host=host)
+        except OSError as exc:
+            self._send_reply(link, ErrorReply(request_id, ChannelRejected.wire_code, f"cannot listen: {exc}").to_wire())
+            return
+        listener = listeners[0]
+        self._send_reply(link, Reply(request_id, {"host": host, "port": listener.socket.getsockname()[1]}).to_wire())
+        opener_key = ask.opener.key
+        chosen: SecureStream | None = None
+        async with listener:
+            with trio.move_on_after(DIRECT_TIMEOUT):
+                while chosen is None:
+                    transport = await listener.accept()
+                    candidate = SecureStream.server(
+                        transport, self.identity, network_key=self.network_key, authorize=lambda key: key == opener_key
+                    )
+                    try:
+                        with trio.fail_after(DIRECT_TIMEOUT):
+                            await candidate.do_handshake()
+                            presented = b""
+                            while len(presented) < 32:
+                                more = await candidate.receive_some(32 - len(presented))
+                                if not more:
+                                    break
+                                presented += more
+                    except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                        log.info("direct channel: refused a connection: %s", exc)
+                        await trio.aclose_forcefully(candidate)
+                        continue
+                    if not hmac.compare_digest(presented, token):
+                        log.info("direct channel: refused a connection with a wrong or used token")
+                        await trio.aclose_forcefully(candidate)
+                        continue
+                    chosen = candidate
+        if chosen is None:
+            log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
+            return
+        try:
+            await handler(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("channel %r from %s ended: %s", ask.protocol, ask.opener.unique_id, exc)
+        except Exception:
+            log.exception("handler for channel %r from %s failed", ask.protocol, ask.opener.unique_id)
+        finally:
+            await trio.aclose_forcefully(chosen)
+
+    def _send_reply(self, link: _Link, reply: dict[str, Any]) -> None:
+        try:
+            link.send.send_nowait(link.framed.encode_message(reply))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
 
     @staticmethod
     def _take_fd(link: _Link) -> socket.socket | None:
@@ -749,8 +836,8 @@ class Bus:
         opened: list[trio.abc.HalfCloseableStream] = []
 
         def on_result(result: Any) -> None:
-            if link is None:
-                return
+            if link is None or result.get("route") == "tcp":
+                return  # the tcp route is dialled after the reply
             if result.get("route") == "unix-fd":
                 end = self._take_fd(link)
                 if end is not None:
@@ -762,6 +849,8 @@ class Bus:
             opened.append(relay)
 
         def on_abandoned(result: Any) -> None:
+            if result.get("route") == "tcp":
+                return  # never dialled: the target's listener gives up at its deadline
             if result.get("route") == "unix-fd":
                 end = self._take_fd(link) if link is not None else None
                 if end is not None:
@@ -776,6 +865,14 @@ class Bus:
         result = await self._request(
             "open_channel", {"name": name, "protocol": protocol, "route": route}, on_result, on_abandoned
         )
+        if result.get("route") == "tcp":
+            try:
+                return await self._dial_direct(result, protocol)
+            except (OSError, HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                if route == "direct":
+                    raise ChannelRejected(f"the direct connection to {name} failed: {exc!r}") from exc
+                log.info("direct connection to %s failed (%r); relaying instead", name, exc)
+                return await self.open_channel(name, protocol, "relay", window=window)
         if not opened:
             raise ConnectionLost("the socket for the unix-fd route did not arrive")
         relay = opened[0]
@@ -821,6 +918,20 @@ class Bus:
                 await self._nursery.start(connection.run)
                 self._rpc[name] = connection
             return connection
+
+    async def _dial_direct(self, result: dict[str, Any], protocol: str) -> Channel:
+        """The tcp route's opener side: connect, prove ourselves, present the token."""
+        peer = PeerInfo.from_wire(result["peer"])
+        with trio.fail_after(DIRECT_TIMEOUT):
+            transport = await trio.open_tcp_stream(result["host"], result["port"])
+            secure = SecureStream.client(transport, self.identity, peer.key, network_key=self.network_key)
+            try:
+                await secure.do_handshake()
+                await secure.send_all(result["token"])
+            except BaseException:
+                await trio.aclose_forcefully(secure)
+                raise
+        return Channel(secure, transport, peer, protocol, "tcp")
 
     def _route_name_event(self, link: _Link, event: Event) -> None:
         watch = link.watches.get(event.fields.get("watch", 0))

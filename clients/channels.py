@@ -279,7 +279,7 @@ class Channel(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, stream: SecureStream, raw: trio.abc.HalfCloseableStream, peer: PeerInfo, protocol: str, route: str
+        self, stream: SecureStream, raw: trio.abc.Stream, peer: PeerInfo, protocol: str, route: str
     ) -> None:
         self._stream = stream
         self.raw = raw

@@ -71,8 +71,9 @@ async def test_calls_errors_and_introspection(tmp_path: Path, transport: str) ->
                 assert add["doc"] == "Add two numbers." and [p["name"] for p in add["params"]] == ["a", "b"]
                 assert add["params"][1]["default"] == "0"
                 assert described["protocols"] == ["raw", "rpc"]
-                # One channel per peer, reused (a relay over TCP; over Unix a passed socket).
-                assert len(rb.broker.core.channels) == (1 if transport == "tcp" else 0)
+                # One channel per peer, reused: a passed socket over Unix, a direct TCP connection over TCP.
+                assert list(bus._rpc) == [service.name]
+                assert bus._rpc[service.name].channel.route == ("unix-fd" if transport == "unix" else "tcp")
 
 
 async def test_many_concurrent_calls_on_one_channel(tmp_path: Path) -> None:

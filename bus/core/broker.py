@@ -21,6 +21,7 @@ ignored, so a client that sends ``identity`` or ``unique_id`` in its hello chang
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class PendingOpen:
     a: tuple[int, int]  # (opener, its channel id)
     b: tuple[int, int]  # (target, its channel id)
     route: str = "relay"
+    token: bytes = b""
 
 class ChannelMessage(NamedTuple):
     """A CONTROL frame on a channel (not channel 0): credit, eof, close or reset."""
@@ -280,6 +282,26 @@ class BrokerCore:
                 return drop
             err = ChannelRejected(f"{target.unique_id} rejected the channel: {reply.message}")
             return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
+        if pend.route == "tcp":
+            if pend.opener == 0 or pend.opener not in self.connections:
+                return []  # the target's listener gives up at its own deadline
+            host, port = reply.result.get("host") if isinstance(reply.result, dict) else None, (
+                reply.result.get("port") if isinstance(reply.result, dict) else None
+            )
+            if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                err = ChannelRejected(f"{target.unique_id} accepted without a usable host and port")
+                return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+            result = {
+                "channel": 0,
+                "route": "tcp",
+                "encrypted": True,
+                "peer": self._peer(target),
+                "protocol": pend.protocol,
+                "host": host,
+                "port": port,
+                "token": pend.token,
+            }
+            return [(pend.opener, Reply(pend.opener_request, result).to_wire())]
         if pend.route == "unix-fd":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return [DropFd(key)]  # the target's end closes with the opener gone: it sees EOF
@@ -505,13 +527,12 @@ class BrokerCore:
         target = self.connections[target_id]
         encrypted = conn.transport == "tcp" or target.transport == "tcp"
         local = conn.transport == "unix" and target.transport == "unix" and self.fd_passing
-        if route == "direct" and not local:
-            raise BadRequest(
-                f"open_channel: no direct route between {conn.unique_id} ({conn.transport}) and "
-                f"{target.unique_id} ({target.transport}): fd passing needs both on the Unix socket, "
-                "and direct TCP routes are not available yet; use relay or auto"
-            )
-        chosen = "unix-fd" if local and route in ("auto", "direct") else "relay"
+        if route == "relay":
+            chosen = "relay"
+        elif local:
+            chosen = "unix-fd"  # both on the Unix socket: a passed socketpair
+        else:
+            chosen = "tcp"  # the target listens, the opener dials it with a one-time token
         for c in (conn, target):
             self.channels.check_quota(c.id)
         a = (conn.id, self.channels.allocate(conn.id))
@@ -528,6 +549,8 @@ class BrokerCore:
             "name": name,
             "opener": self._peer(conn),
         }
+        if chosen == "tcp":
+            ask["token"] = self.pending_opens[(target.id, request_id)].token = os.urandom(32)
         message = Request("channel_request", request_id, ask).to_wire()
         if chosen == "unix-fd":
             out.append(WithFd(target.id, message, (target.id, request_id), create=True))
