@@ -13,8 +13,8 @@ Rows (all on this machine, loopback only, every loop bounded):
   Debian package ``dbus-daemon`` and the PyPI package ``jeepney``): the script starts a private
   dbus-daemon and stops it.  Otherwise those rows are skipped with the reason printed.
 
-Routes measured: relay (Unix and TCP) and unix-fd (a socketpair passed by the broker); the
-direct TCP route is not implemented yet, so it has no rows.
+Routes measured: relay (Unix and TCP), unix-fd (a socketpair passed by the broker) and direct
+TCP (box-stream end to end).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
     async with trio.open_nursery() as nursery:
         address = await nursery.start(broker.serve)
         unix, tcp = address.split(";")
-        for kind, addr, route in (("unix", unix, "relay"), ("unix", unix, "direct"), ("tcp", tcp, "relay")):
-            label = f"{kind} {'unix-fd' if route == 'direct' else 'relay'}"
+        for kind, addr, route in (("unix", unix, "relay"), ("unix", unix, "direct"), ("tcp", tcp, "relay"), ("tcp", tcp, "direct")):
+            label = f"{kind} {'relay' if route == 'relay' else ('unix-fd' if kind == 'unix' else 'direct')}"
             async with open_bus(addr, identity=owner, name=service.name) as sbus, open_bus(addr, identity=owner) as cbus:
                 service.attach(sbus)
                 rpc = RpcConnection(await cbus.open_channel(service.name, "rpc", route))
@@ -262,7 +262,7 @@ def main() -> None:
     peer, skipped = dbus_rows(seconds, total)
     rows.update(peer)
     ratios: dict[str, float] = {}
-    for label, kind in (("unix relay", "unix"), ("unix unix-fd", "unix"), ("tcp relay", "tcp")):
+    for label, kind in (("unix relay", "unix"), ("unix unix-fd", "unix"), ("tcp relay", "tcp"), ("tcp direct", "tcp")):
         for n in (1, 32):
             ratios[f"rpc {label} x{n} vs raw {kind} ping-pong"] = rows[f"rpc {label} x{n}"] / rows[f"rpc raw {kind} socket x1"]
             if peer:
