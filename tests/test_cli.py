@@ -437,3 +437,45 @@ trio.run(main)
         evil.kill()
         evil.wait()
         evil.stdout.close()
+
+
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_target_killed_mid_transfer_breaks_the_other_end(
+    env: dict[str, str], busd: tuple[subprocess.Popen[str], str], route: str
+) -> None:
+    import trio
+
+    from bus.wire.identity import load_identity
+    from clients import open_bus
+
+    identity = load_identity(Path(env["XDG_CONFIG_HOME"]) / "minibus" / "secret")
+    echo = _start_example(env, str(ROOT / "examples" / "echo_service.py"))
+    try:
+        async with open_bus(busd[1], identity=identity, reconnect=False) as bus:
+            ch = await bus.open_channel("org.example.Echo", route=route)
+            await ch.send_all(b"before the kill")
+            got = b""
+            with trio.fail_after(10):
+                while len(got) < len(b"before the kill"):
+                    got += await ch.receive_some()
+            echo.kill()  # SIGKILL, mid-transfer: no goodbye of any kind
+            echo.wait()
+            ended = None
+            with trio.fail_after(5):  # a guard against hanging, not a timing assertion
+                try:
+                    while True:
+                        await ch.send_all(b"x" * 4096)
+                        data = await ch.receive_some()
+                        if data == b"":
+                            ended = "eof"
+                            break
+                except trio.BrokenResourceError as exc:
+                    ended = str(exc)
+            assert ended is not None
+            if route == "relay":
+                assert "disconnected" in ended
+                me = await bus.info(bus.unique_id)
+                assert me.channels == ()  # the broker freed the channel and its buffers
+            await trio.aclose_forcefully(ch)
+    finally:
+        _stop(echo)
