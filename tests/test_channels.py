@@ -177,8 +177,8 @@ async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -
 
 
 async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
-    """64 MiB through a relay to a reader that reads slowly: the broker never holds more than its cap."""
-    total = 64 * 1024 * 1024
+    """1 GiB through a relay to a reader that reads slowly: the broker never holds more than its cap."""
+    total = 1024 * 1024 * 1024
     async with running_broker(tmp_path) as rb:
         cap = rb.broker.core.limits.relay_credit
         async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Slow") as slow:
@@ -188,8 +188,8 @@ async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
             async def dawdle(ch: Channel) -> None:
                 while data := await ch.receive_some(32 * 1024):
                     received[0] += len(data)
-                    if received[0] % (4 * 1024 * 1024) < 32 * 1024:
-                        await trio.sleep(0.01)
+                    if received[0] % (64 * 1024 * 1024) < 32 * 1024:
+                        await trio.sleep(0.05)  # now and then the reader dawdles
                 done.set()
 
             slow.handle_channels("raw", dawdle)
@@ -211,7 +211,7 @@ async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
                     for _ in range(total // len(chunk)):
                         await ch.send_all(chunk)
                     await ch.send_eof()
-                    with trio.fail_after(60):
+                    with trio.fail_after(300):
                         await done.wait()
                     nursery.cancel_scope.cancel()
                 assert received[0] == total
@@ -507,3 +507,31 @@ async def test_direct_tcp_channel_conformance(tmp_path: Path) -> None:
             return ch, await accepted.receive()
 
         await trio.testing.check_half_closeable_stream(stream_maker, None)
+
+
+async def test_opener_vanishing_breaks_the_target_end(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Sink") as service:
+            outcome: list[str] = []
+
+            async def read(ch: Channel) -> None:
+                try:
+                    while await ch.receive_some():
+                        pass
+                    outcome.append("eof")
+                except trio.BrokenResourceError as exc:
+                    outcome.append(str(exc))
+
+            service.handle_channels("raw", read)
+            async with open_bus(rb.unix_address, identity=FRIEND) as opener:
+                ch = await opener.open_channel("org.example.Sink", route="relay")
+                await ch.send_all(b"y" * 100_000)
+                assert opener._link is not None
+                opener._link.framed.stream.transport.socket.close()  # type: ignore[attr-defined]
+            with trio.fail_after(5):
+                while not outcome:
+                    await trio.sleep(0.01)
+            assert "disconnected" in outcome[0]
+            with trio.fail_after(10):
+                while len(rb.broker.core.channels):
+                    await trio.sleep(0.01)
