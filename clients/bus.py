@@ -755,14 +755,19 @@ class Bus:
         if chosen is None:
             log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
             return
+        await self._run_handler(handler, Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"))
+
+    @staticmethod
+    async def _run_handler(handler: Callable[[Channel], Awaitable[Any]], channel: Channel) -> None:
+        """Run a channel handler; its failure ends its channel, not the plugin's bus connection."""
         try:
-            await handler(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"))
+            await handler(channel)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("channel %r from %s ended: %s", ask.protocol, ask.opener.unique_id, exc)
+            log.info("channel %r from %s ended: %s", channel.protocol, channel.peer.unique_id, exc)
         except Exception:
-            log.exception("handler for channel %r from %s failed", ask.protocol, ask.opener.unique_id)
+            log.exception("handler for channel %r from %s failed", channel.protocol, channel.peer.unique_id)
         finally:
-            await trio.aclose_forcefully(chosen)
+            await trio.aclose_forcefully(channel)
 
     def _send_reply(self, link: _Link, reply: dict[str, Any]) -> None:
         try:
@@ -794,19 +799,15 @@ class Bus:
             encrypted=ask.encrypted,
         )
         try:
-            try:
-                await secure.do_handshake()
-            except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("channel from %s failed its handshake: %s", ask.opener.unique_id, exc)
-                return
-            await handler(Channel(secure, relay, ask.opener, ask.protocol, ask.route))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("channel %r from %s ended: %s", ask.protocol, ask.opener.unique_id, exc)
-        except Exception:
-            # A handler's failure ends its channel, not the plugin's bus connection.
-            log.exception("handler for channel %r from %s failed", ask.protocol, ask.opener.unique_id)
-        finally:
+            await secure.do_handshake()
+        except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("channel from %s failed its handshake: %s", ask.opener.unique_id, exc)
             await trio.aclose_forcefully(secure)
+            return
+        except BaseException:
+            await trio.aclose_forcefully(secure)
+            raise
+        await self._run_handler(handler, Channel(secure, relay, ask.opener, ask.protocol, ask.route))
 
     def handle_channels(
         self,

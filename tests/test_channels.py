@@ -28,6 +28,21 @@ async def echo(ch: Channel) -> None:
     await ch.send_eof()
 
 
+def hand_over_channels(service: Bus, window: int | None = None) -> trio.MemoryReceiveChannel[Channel]:
+    """Serve 'raw' channels by handing each to the test (and keeping it open)."""
+    served, accepted = trio.open_memory_channel[Channel](10)
+
+    async def hand_over(ch: Channel) -> None:
+        await served.send(ch)
+        await trio.sleep_forever()
+
+    if window is None:
+        service.handle_channels("raw", hand_over)
+    else:
+        service.handle_channels("raw", hand_over, window=window)
+    return accepted
+
+
 @asynccontextmanager
 async def pair(tmp: Path, transport: str = "unix", **broker: Any) -> AsyncIterator[tuple[RunningBroker, Bus, Bus]]:
     async with running_broker(tmp, **broker) as rb:
@@ -268,14 +283,7 @@ async def _fill(ch: Channel) -> None:
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_channel_conformance(tmp_path: Path, transport: str) -> None:
     async with pair(tmp_path, transport) as (_, service, client):
-        served: trio.MemorySendChannel[Channel]
-        served, accepted = trio.open_memory_channel[Channel](10)
-
-        async def hand_over(ch: Channel) -> None:
-            await served.send(ch)
-            await trio.sleep_forever()
-
-        service.handle_channels("raw", hand_over, window=64 * 1024)
+        accepted = hand_over_channels(service, window=64 * 1024)
 
         async def stream_maker() -> tuple[Channel, Channel]:
             ch = await client.open_channel("org.example.Echo", route="relay", window=64 * 1024)
@@ -463,13 +471,7 @@ async def test_unix_fd_peer_killed_breaks_the_other_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize("clogged", [False, True])
 async def test_unix_fd_channel_conformance(tmp_path: Path, clogged: bool) -> None:
     async with pair(tmp_path, "unix") as (_, service, client):
-        served, accepted = trio.open_memory_channel[Channel](10)
-
-        async def hand_over(ch: Channel) -> None:
-            await served.send(ch)
-            await trio.sleep_forever()
-
-        service.handle_channels("raw", hand_over)
+        accepted = hand_over_channels(service)
 
         async def stream_maker() -> tuple[Channel, Channel]:
             ch = await client.open_channel("org.example.Echo", route="direct")
@@ -494,13 +496,7 @@ async def test_direct_tcp_channel_conformance(tmp_path: Path) -> None:
     socket cannot be held full from the outside (the same SecureStream passes the clogged
     suite over Unix socketpairs in test_secure_stream)."""
     async with pair(tmp_path, "tcp") as (_, service, client):
-        served, accepted = trio.open_memory_channel[Channel](10)
-
-        async def hand_over(ch: Channel) -> None:
-            await served.send(ch)
-            await trio.sleep_forever()
-
-        service.handle_channels("raw", hand_over)
+        accepted = hand_over_channels(service)
 
         async def stream_maker() -> tuple[Channel, Channel]:
             ch = await client.open_channel("org.example.Echo", route="direct")
