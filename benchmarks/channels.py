@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ from clients.rpc import RpcConnection  # noqa: E402
 
 PAYLOAD = b"p" * 64
 WRITE = 64 * 1024
+
+
+async def calls_per_second(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: int) -> float:
+    """Round trips per second with ``in_flight`` callers, each waiting for its reply."""
+    count = 0
+    start = time.perf_counter()
+
+    async def caller() -> None:
+        nonlocal count
+        while time.perf_counter() - start < seconds:
+            await call()
+            count += 1
+
+    async with trio.open_nursery() as callers:
+        for _ in range(in_flight):
+            callers.start_soon(caller)
+    return count / (time.perf_counter() - start)
 
 
 async def raw_pingpong(kind: str, seconds: float) -> float:
@@ -126,19 +144,9 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
                 await nursery.start(rpc.run)
                 await rpc.call("echo", PAYLOAD)
                 for in_flight in (1, 32):
-                    count = 0
-                    start = time.perf_counter()
-
-                    async def caller() -> None:
-                        nonlocal count
-                        while time.perf_counter() - start < seconds:
-                            await rpc.call("echo", PAYLOAD)
-                            count += 1
-
-                    async with trio.open_nursery() as callers:
-                        for _ in range(in_flight):
-                            callers.start_soon(caller)
-                    rows[f"rpc {label} x{in_flight}"] = count / (time.perf_counter() - start)
+                    rows[f"rpc {label} x{in_flight}"] = await calls_per_second(
+                        lambda: rpc.call("echo", PAYLOAD), seconds, in_flight
+                    )
                 await rpc.aclose()
                 channel = await cbus.open_channel(service.name, "sink", route)
                 block = os.urandom(WRITE)
@@ -216,19 +224,11 @@ async def _dbus_measure(address: str, seconds: float, total: int) -> dict[str, f
         nursery.start_soon(serve)
         async with open_dbus_router(address) as router:
             for in_flight in (1, 32):
-                count = 0
-                start = time.perf_counter()
-
-                async def caller() -> None:
-                    nonlocal count
-                    while time.perf_counter() - start < seconds:
-                        await router.send_and_get_reply(new_method_call(target, "Echo", "ay", (PAYLOAD,)))
-                        count += 1
-
-                async with trio.open_nursery() as callers:
-                    for _ in range(in_flight):
-                        callers.start_soon(caller)
-                rows[f"rpc dbus-daemon+jeepney x{in_flight}"] = count / (time.perf_counter() - start)
+                rows[f"rpc dbus-daemon+jeepney x{in_flight}"] = await calls_per_second(
+                    lambda: router.send_and_get_reply(new_method_call(target, "Echo", "ay", (PAYLOAD,))),
+                    seconds,
+                    in_flight,
+                )
             block = os.urandom(WRITE)
             start = time.perf_counter()
             for _ in range(total // WRITE):

@@ -28,6 +28,21 @@ async def echo(ch: Channel) -> None:
     await ch.send_eof()
 
 
+async def round_trip(ch: Channel, blob: bytes) -> bytes:
+    """Send ``blob`` and EOF while reading everything the echo sends back."""
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            await ch.send_all(blob)
+            await ch.send_eof()
+
+        nursery.start_soon(send)
+        while data := await ch.receive_some():
+            got += data
+    return bytes(got)
+
+
 def hand_over_channels(service: Bus, window: int | None = None) -> trio.MemoryReceiveChannel[Channel]:
     """Serve 'raw' channels by handing each to the test (and keeping it open)."""
     served, accepted = trio.open_memory_channel[Channel](10)
@@ -67,16 +82,7 @@ async def test_open_echo_and_identities(tmp_path: Path, transport: str) -> None:
         assert ch.encrypted == (transport == "tcp")
         assert seen[0].opener.identity == FRIEND.id and seen[0].opener.unique_id == client.unique_id
         blob = os.urandom(3 * 1024 * 1024 + 5)
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                await ch.send_all(blob)
-                await ch.send_eof()
-
-            nursery.start_soon(send)
-            got = bytearray()
-            while data := await ch.receive_some():
-                got += data
+        got = await round_trip(ch, blob)
         assert got == blob
         await ch.aclose()
         with trio.fail_after(10):
@@ -310,16 +316,7 @@ async def test_unix_fd_route_passes_a_socket_and_the_broker_touches_no_data(tmp_
             assert ch.peer.identity == PLUGIN.id
             assert len(rb.broker.core.channels) == 0  # no relay: the broker holds nothing
             blob = os.urandom(2 * 1024 * 1024)
-            async with trio.open_nursery() as nursery:
-
-                async def send(ch: Channel = ch) -> None:
-                    await ch.send_all(blob)
-                    await ch.send_eof()
-
-                nursery.start_soon(send)
-                got = bytearray()
-                while data := await ch.receive_some():
-                    got += data
+            got = await round_trip(ch, blob)
             assert got == blob
             await ch.aclose()
         assert rb.broker._kept_ends == {}
@@ -333,16 +330,7 @@ async def test_direct_tcp_route_and_auto(tmp_path: Path) -> None:
             assert ch.route == "tcp" and ch.encrypted and ch.peer.identity == PLUGIN.id
             assert len(rb.broker.core.channels) == 0  # the broker carries nothing
             blob = os.urandom(1024 * 1024)
-            async with trio.open_nursery() as nursery:
-
-                async def send(ch: Channel = ch) -> None:
-                    await ch.send_all(blob)
-                    await ch.send_eof()
-
-                nursery.start_soon(send)
-                got = bytearray()
-                while data := await ch.receive_some():
-                    got += data
+            got = await round_trip(ch, blob)
             assert got == blob
             await ch.aclose()
 
