@@ -39,7 +39,7 @@ import trio  # noqa: E402
 from bus.broker import Broker, BrokerConfig  # noqa: E402
 from bus.core.policy import Policy  # noqa: E402
 from bus.io.testing import tcp_stream_pair, unix_stream_pair  # noqa: E402
-from bus.wire.identity import Identity  # noqa: E402
+from bus.wire.identity import Identity, save_identity  # noqa: E402
 from clients import Channel, Service, open_bus  # noqa: E402
 from clients.rpc import RpcConnection  # noqa: E402
 
@@ -108,18 +108,56 @@ async def raw_bulk(kind: str, total: int) -> float:
     return received / elapsed
 
 
-async def bus_rows(seconds: float, total: int) -> dict[str, float]:
+class Busd:
+    """``busd`` as its own process, as dbus-daemon is for the peer rows."""
+
+    def __init__(self, tmp: Path, identity: Identity) -> None:
+        key_file = tmp / "broker.key"
+        save_identity(key_file, identity)
+        (tmp / "run").mkdir(mode=0o700)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bus", "--tcp", "127.0.0.1:0", "--key", str(key_file), "--runtime-dir", str(tmp / "run"), "--log-level", "warning"],
+            env=dict(os.environ, XDG_CONFIG_HOME=str(tmp / "cfg")),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip().split("=", 1)[1]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+async def bus_rows(seconds: float, total: int, in_process: bool) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="minibus-bench-"))
     owner = Identity.generate()
-    config = BrokerConfig(
-        identity=owner,
-        policy=Policy(owner.public_key),
-        unix_path=tmp / "bus.sock",
-        tcp=("127.0.0.1", 0),
-        runtime_dir=tmp,
-        write_address_file=False,
-    )
-    broker = Broker(config)
+    busd = None if in_process else Busd(tmp, owner)
+    try:
+        async with trio.open_nursery() as nursery:
+            if busd is None:
+                config = BrokerConfig(
+                    identity=owner,
+                    policy=Policy(owner.public_key),
+                    unix_path=tmp / "bus.sock",
+                    tcp=("127.0.0.1", 0),
+                    runtime_dir=tmp,
+                    write_address_file=False,
+                )
+                address = await nursery.start(Broker(config).serve)
+            else:
+                address = busd.address
+            rows = await _bus_measure(address, owner, seconds, total)
+            nursery.cancel_scope.cancel()
+    finally:
+        if busd is not None:
+            busd.stop()
+    return rows
+
+
+async def _bus_measure(address: str, owner: Identity, seconds: float, total: int) -> dict[str, float]:
     rows: dict[str, float] = {}
     service = Service("org.bench.Echo")
 
@@ -133,9 +171,8 @@ async def bus_rows(seconds: float, total: int) -> dict[str, float]:
             pass
         await channel.send_all(b"done")
 
+    unix, tcp = address.split(";")
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(broker.serve)
-        unix, tcp = address.split(";")
         for kind, addr, route in (("unix", unix, "relay"), ("unix", unix, "direct"), ("tcp", tcp, "relay"), ("tcp", tcp, "direct")):
             label = f"{kind} {'relay' if route == 'relay' else ('unix-fd' if kind == 'unix' else 'direct')}"
             async with open_bus(addr, identity=owner, name=service.name) as sbus, open_bus(addr, identity=owner) as cbus:
@@ -242,12 +279,12 @@ async def _dbus_measure(address: str, seconds: float, total: int) -> dict[str, f
     return rows
 
 
-async def ours(seconds: float, total: int) -> dict[str, float]:
+async def ours(seconds: float, total: int, in_process: bool) -> dict[str, float]:
     rows: dict[str, float] = {}
     for kind in ("unix", "tcp"):
         rows[f"rpc raw {kind} socket x1"] = await raw_pingpong(kind, seconds)
         rows[f"bulk raw {kind} socket"] = await raw_bulk(kind, total * 4)
-    rows.update(await bus_rows(seconds, total))
+    rows.update(await bus_rows(seconds, total, in_process))
     return rows
 
 
@@ -255,10 +292,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter rounds (a smoke run)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the broker inside the benchmark's process (for profiling) instead of as busd"
+    )
     args = parser.parse_args()
     seconds = 0.5 if args.quick else 2.0
     total = (16 if args.quick else 64) * 1024 * 1024
-    rows = trio.run(ours, seconds, total)
+    rows = trio.run(ours, seconds, total, args.in_process)
     peer, skipped = dbus_rows(seconds, total)
     rows.update(peer)
     ratios: dict[str, float] = {}

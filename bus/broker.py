@@ -6,11 +6,13 @@ Theory of operation
 becomes a :class:`_Session` running three tasks in its own nursery:
 
 * the **reader** decodes frames and hands control messages to :class:`BrokerCore`;
-* the **writer** drains the session's outbound queue, one whole frame at a time;
+* the **writer** (a :class:`~bus.io.writer.FrameWriter`) sends whole frames: straight to the
+  socket when nothing waits ahead of them, otherwise from the session's outbound queue;
 * the **keepalive** pings an idle peer and declares it dead when it stays silent.
 
-Every message :class:`BrokerCore` produces is put on its target session's outbound queue
-with ``send_nowait``.  The queue is bounded (``outbound_queue`` messages); when it is full
+Every message :class:`BrokerCore` produces is handed to its target session's writer with
+``send_nowait``.  The queue is bounded (``outbound_queue`` messages, ``outbound_bytes``
+bytes); when it is full
 the consumer is too slow, and it is disconnected with the reason logged and, when the
 writer is between frames, sent to it: nothing is ever dropped silently and no session can
 make the broker buffer without bound.
@@ -38,9 +40,9 @@ from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, W
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
-from .io.fdpass import send_with_fds
 from .io.framed import FramedStream
 from .io.secure import SecureStream
+from .io.writer import FrameWriter
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, encode_data
 from .wire.identity import Identity, PublicKey
@@ -103,17 +105,22 @@ class _Session:
         self.key = key
         self.transport = transport
         cfg = broker.config
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes | tuple[bytes, socket.socket]](
-            cfg.outbound_queue
-        )
+        assert isinstance(framed.stream, SecureStream)
+        self.out = FrameWriter(framed.stream, max_frames=cfg.outbound_queue, on_sent=self._on_sent)
         self.cancel_scope = trio.CancelScope()
         self.reason = "connection closed"
         self.last_received = trio.current_time()
-        self.mid_frame = False
         self.stop_writing = False
-        self.queued_bytes = 0
         # Relayed channels waiting for room in this connection's queue to carry more data.
         self.blocked: set[int] = set()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.out.queued_bytes
+
+    def _on_sent(self) -> None:
+        if self.blocked and self.out.queued_bytes <= self.broker.relay_threshold:
+            self.broker.unblock(self)
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -124,32 +131,29 @@ class _Session:
         """Queue a frame; a full queue disconnects this (slow) consumer, never drops."""
         if self.stop_writing:
             return  # already being disconnected; it will be told why
-        if self.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+        if self.out.queued_bytes + len(data) > self.broker.config.outbound_bytes:
             self.overflow()
             return
         try:
-            self.send_channel.send_nowait(data)
-            self.queued_bytes += len(data)
+            self.out.send_nowait(data)
         except trio.WouldBlock:
             self.overflow()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             pass  # the session is already ending
 
     def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
         """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
-        if self.stop_writing or self.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+        if self.stop_writing or self.out.queued_bytes + len(data) > self.broker.config.outbound_bytes:
             end.close()
             if not self.stop_writing:
                 self.overflow()
             return
         try:
-            self.send_channel.send_nowait((data, end))
-            self.queued_bytes += len(data)
+            self.out.send_with_fd(data, end)  # closes ``end`` when it cannot take it
         except trio.WouldBlock:
-            end.close()
             self.overflow()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            end.close()
+        except trio.ClosedResourceError:
+            pass
 
     def overflow(self) -> None:
         """The slow-consumer policy: stop at the next frame boundary, say why, disconnect.
@@ -159,10 +163,11 @@ class _Session:
         """
         cfg = self.broker.config
         self.reason = (
-            f"slow consumer: {self.send_channel.statistics().current_buffer_used} messages "
-            f"({self.queued_bytes} bytes) were waiting to be sent"
+            f"slow consumer: {len(self.out)} messages "
+            f"({self.out.queued_bytes} bytes) were waiting to be sent"
         )
         self.stop_writing = True
+        self.out.stop()
         self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
         log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)
 
@@ -173,40 +178,11 @@ class _Session:
 
     async def writer(self) -> None:
         try:
-            async for item in self.receive_channel:
-                if isinstance(item, tuple):
-                    encoded, end = item
-                else:
-                    encoded, end = item, None
-                if self.stop_writing:
-                    if end is not None:
-                        end.close()
-                    self.cancel_scope.cancel()  # at a frame boundary: run() says why
-                    return
-                self.mid_frame = True
-                if end is None:
-                    await self.framed.send_raw(encoded)
-                else:
-                    try:
-                        await send_with_fds(self.raw_socket(), encoded, [end.fileno()])
-                    except OSError as exc:
-                        raise trio.BrokenResourceError(f"sending a descriptor failed: {exc}") from exc
-                    finally:
-                        end.close()  # the peer has its own copy now
-                self.mid_frame = False
-                self.queued_bytes -= len(encoded)
-                if self.blocked and self.queued_bytes <= self.broker.relay_threshold:
-                    self.broker.unblock(self)
+            await self.out.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.end(f"transport broken while sending: {exc}")
-
-    def raw_socket(self) -> trio.socket.SocketType:
-        """The Unix socket under this (plain) session, for sendmsg with descriptors."""
-        stream = self.framed.stream
-        assert isinstance(stream, SecureStream) and not stream.encrypted
-        transport = stream.transport
-        assert isinstance(transport, trio.SocketStream)
-        return transport.socket
+        else:
+            self.cancel_scope.cancel()  # stopped at a frame boundary: run() says why
 
     # -- inbound -----------------------------------------------------------------------------
 
@@ -255,18 +231,11 @@ class _Session:
                     self.reason = f"transport broken: {exc}"
                 nursery.cancel_scope.cancel()
         # Socket ends still queued for this connection will never be sent: close them.
-        self.send_channel.close()
-        while True:
-            try:
-                item = self.receive_channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if isinstance(item, tuple):
-                item[1].close()
+        self.out.close()
         # Say why, where the stream can still carry a whole frame, within a deadline.
         if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
             error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
-        if error_event is not None and not self.mid_frame:
+        if error_event is not None and not self.out.mid_frame:
             with trio.move_on_after(self.broker.config.close_timeout):
                 try:
                     await self.framed.send_message(error_event)
@@ -579,9 +548,10 @@ class Broker:
             chunk, credit = direction.take(64 * 1024)
             dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
             direction.credit_due += credit
-        # Credit goes back in batches (or when the buffer ran dry): no trickle of tiny grants.
+        # Credit goes back in batches of a quarter of the cap: no grant per small message (it
+        # would wake the sender for nothing), and the sender always keeps three quarters.
         due = direction.credit_due
-        if due and (due >= 16 * 1024 or not direction.buffer) and src_session is not None and not direction.eof_received:
+        if due >= direction.cap // 4 and src_session is not None and not direction.eof_received:
             direction.credit_due = 0
             src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, src[1]))
         if direction.eof_received and not direction.buffer:
@@ -617,6 +587,6 @@ class Broker:
         return {
             "connections": len(self.sessions),
             "names": len(self.core.names.names()),
-            "queued": {s.conn_id: s.send_channel.statistics().current_buffer_used for s in self.sessions.values()},
+            "queued": {s.conn_id: len(s.out) for s in self.sessions.values()},
         }
 

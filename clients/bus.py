@@ -37,6 +37,7 @@ from bus.errors import BusError, ChannelRejected, ConnectionLost, FrameError, Ha
 from bus.io.fdpass import FdSocketStream
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
+from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.frames import ControlFrame, encode_control
 from bus.wire.identity import Identity, load_or_create_identity
@@ -283,7 +284,9 @@ class _Link:
     def __init__(self, framed: FramedStream, unique_id: str) -> None:
         self.framed = framed
         self.unique_id = unique_id
-        self.send, self.outbound = trio.open_memory_channel[bytes](OUTBOUND_BUFFER)
+        assert isinstance(framed.stream, SecureStream)
+        # Frames out: straight to the socket when nothing waits, else queued (bounded).
+        self.send = FrameWriter(framed.stream, max_frames=OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}
         self.watches: dict[int, Watch] = {}
         self.channels: dict[int, RelayStream] = {}
@@ -390,6 +393,11 @@ class Bus:
         finally:
             if answered or pending.on_abandoned is None or link.closed:
                 link.pending.pop(request_id, None)
+            elif pending.reply is not None:
+                # The reply came (and was applied) just before we gave up: undo it now.
+                link.pending.pop(request_id, None)
+                if isinstance(pending.reply, Reply):
+                    pending.on_abandoned(pending.reply.result)
             else:
                 # We stop waiting, but the reply may still come: let the reader undo it then.
                 pending.on_result = pending.on_abandoned
@@ -581,10 +589,10 @@ class Bus:
 
     async def _writer(self, link: _Link) -> None:
         try:
-            async for encoded in link.outbound:
-                await link.framed.send_raw(encoded)
+            await link.send.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            # Nothing more can be sent: end the link (the reader then reports it lost).
+            await trio.aclose_forcefully(link.framed.stream)
 
     async def _reader(self, link: _Link) -> None:
         reason = "the broker closed the connection"
@@ -850,6 +858,14 @@ class Bus:
             opened.append(relay)
 
         def on_abandoned(result: Any) -> None:
+            if opened:  # on_result ran before the caller gave up: close what it opened
+                for stream in opened:
+                    if isinstance(stream, RelayStream):
+                        stream.close_nowait()
+                    elif isinstance(stream, trio.SocketStream):
+                        stream.socket.close()
+                opened.clear()
+                return
             if result.get("route") == "tcp":
                 return  # never dialled: the target's listener gives up at its deadline
             if result.get("route") == "unix-fd":

@@ -174,6 +174,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._send_busy = True
         try:
             self._check_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
             view = memoryview(data).cast("B")
             if not view:
                 await trio.lowlevel.checkpoint()
@@ -183,14 +184,16 @@ class RelayStream(trio.abc.HalfCloseableStream):
                 while self._credit < min(len(view), MIN_DATA_FRAME):
                     self._check_send()
                     await self._credit_changed.wait()
+                await self._link.send.wait_room()
                 self._check_send()
                 n = min(len(view), self._credit, MAX_DATA_FRAME)
+                # From here on nothing waits: the frame goes out whole (written now, or queued
+                # for the link's writer), so a cancellation never leaves half a frame behind.
+                self._link.send.send_nowait(encode_data(self.channel, view[:n]))
                 self._credit -= n
                 self.bytes_out += n
-                # Blocking put: the link's writer sends it whole, so cancelling us here never
-                # leaves half a frame behind (the frame is either queued or not).
-                await self._link.send.send(encode_data(self.channel, view[:n]))
                 view = view[n:]
+            await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.ClosedResourceError:
             if self._closed or self._eof_sent:
                 raise
@@ -260,7 +263,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
         finally:
             self._receive_busy = False
 
-    async def aclose(self) -> None:
+    def close_nowait(self) -> None:
+        """Close this end without waiting (what :meth:`aclose` does before its checkpoint)."""
         if not self._closed:
             self._closed = True
             if self._broken is None and not self._peer_closed:
@@ -268,6 +272,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._link.channels.pop(self.channel, None)
             self._wake_receiver()
             self._credit_changed.set()
+
+    async def aclose(self) -> None:
+        self.close_nowait()
         await trio.lowlevel.checkpoint()
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import operator
+import os
 from collections.abc import Callable
 from types import TracebackType
 
@@ -278,6 +279,42 @@ class SecureStream(trio.abc.HalfCloseableStream):
             else:
                 payload = data
             await self._transport_send(payload)
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """Send ``data`` as far as the transport takes it without waiting (no checkpoint).
+
+        For a stream whose handshake is done.  Returns the wire bytes (ciphertext when
+        encrypted) that were not written: pass them to :meth:`send_wire` before sending
+        anything else.  Only socket transports are written to here; for any other transport
+        all of the wire bytes come back.  A failed socket raises
+        :class:`trio.BrokenResourceError` and breaks the stream.
+        """
+        if self._send_conflict.held:
+            raise trio.BusyResourceError("another task is sending on this SecureStream")
+        self._check_usable()
+        if self._eof_sent:
+            raise trio.ClosedResourceError("cannot send after send_eof()")
+        if self._outcome is None:
+            raise LocalProtocolError("send_nowait needs a completed handshake")
+        wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
+        sock = getattr(self.transport, "socket", None)
+        if not isinstance(sock, trio.socket.SocketType) or not wire:
+            return wire
+        try:
+            sent = os.write(sock.fileno(), wire)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+            self._mark_broken(broken)
+            raise broken from exc
+        return wire[sent:]
+
+    async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
+        """Send wire bytes that :meth:`send_nowait` left over (already encoded)."""
+        with self._send_conflict:
+            self._check_usable()
+            await self._transport_send(wire)
 
     async def _transport_send(self, payload: bytes | bytearray | memoryview) -> None:
         try:

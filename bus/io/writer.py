@@ -1,0 +1,197 @@
+"""The sending side of one connection: whole frames, in order, at once when possible.
+
+Theory of operation
+-------------------
+Several tasks produce frames for one connection (the broker routing messages to it, a
+client's requests and channels), and a frame must never be cut by another or by a
+cancellation.  :class:`FrameWriter` owns the connection's sending direction:
+
+* :meth:`FrameWriter.send_nowait` (synchronous) writes the frame straight to the socket when
+  nothing is waiting ahead of it -- the common case, with no task switch at all -- and queues
+  whatever the socket did not take;
+* the :meth:`FrameWriter.run` task writes queued frames, joining small ones into one write,
+  and finishes any frame the socket took only part of, so a cancelled producer never leaves
+  half a frame behind;
+* the queue is bounded (``max_frames``): ``send_nowait`` raises :class:`trio.WouldBlock` when
+  it is full, and :meth:`FrameWriter.send` waits for room instead; what a full queue means
+  is the owner's policy (the broker disconnects a slow consumer, a client waits or fails);
+* frames that carry a file descriptor (SCM_RIGHTS) always go through the queue, one
+  ``sendmsg`` each, and their descriptors are closed once sent or dropped.
+
+A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
+serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import Callable
+
+import trio
+
+from .fdpass import send_with_fds
+from .secure import SecureStream
+
+__all__ = ["FrameWriter", "COALESCE"]
+
+#: Queued frames are joined into writes of about this size.
+COALESCE = 64 * 1024
+
+
+class FrameWriter:
+    def __init__(
+        self, stream: SecureStream, *, max_frames: int, on_sent: Callable[[], None] | None = None
+    ) -> None:
+        self.stream = stream
+        self.max_frames = max_frames
+        self.on_sent = on_sent
+        #: Bytes of frames accepted but not completely written yet.
+        self.queued_bytes = 0
+        self.closed = False
+        self._queue: collections.deque[bytes | tuple[bytes, socket.socket]] = collections.deque()
+        self._rest: memoryview | None = None  # wire bytes of a frame the socket took only part of
+        self._rest_size = 0
+        self._busy = False  # run() is inside a write (stays set if that write failed half-way)
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._wake = trio.Event()
+        self._room = trio.Event()
+
+    def __len__(self) -> int:
+        """Frames waiting to be written (a partly written one included)."""
+        return len(self._queue) + (self._rest is not None)
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether the wire may hold part of a frame (nothing else can be sent cleanly now)."""
+        return self._rest is not None or self._busy
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Write ``frame`` now if the socket takes it, else queue it.
+
+        Raises :class:`trio.WouldBlock` when ``max_frames`` frames already wait and
+        :class:`trio.ClosedResourceError` after :meth:`close`.
+        """
+        if self.closed:
+            raise trio.ClosedResourceError("this connection's writer is closed")
+        if self._queue or self._rest is not None or self._busy or self._failure is not None:
+            if len(self._queue) >= self.max_frames:
+                raise trio.WouldBlock
+            self._queue.append(frame)
+            self.queued_bytes += len(frame)
+            self._wake.set()
+            return
+        try:
+            rest = self.stream.send_nowait(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            self._failure = exc
+            self._wake.set()
+            return
+        if rest:
+            self._rest = rest
+            self._rest_size = len(frame)
+            self.queued_bytes += len(frame)
+            self._wake.set()
+
+    async def wait_room(self) -> None:
+        """Wait until the queue can take a frame (or the writer is closed)."""
+        while len(self._queue) >= self.max_frames and not self.closed:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+    async def send(self, frame: bytes) -> None:
+        """:meth:`send_nowait`, waiting for room first.
+
+        Cancellation can only strike before the frame is taken: once taken it is sent whole.
+        """
+        await self.wait_room()
+        self.send_nowait(frame)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_with_fd(self, frame: bytes, end: socket.socket) -> None:
+        """Queue a frame that carries a socket end; ``end`` is closed once sent or dropped."""
+        if self.closed or len(self._queue) >= self.max_frames:
+            end.close()
+            if self.closed:
+                raise trio.ClosedResourceError("this connection's writer is closed")
+            raise trio.WouldBlock
+        self._queue.append((frame, end))
+        self.queued_bytes += len(frame)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return at the next frame boundary (nothing more is written)."""
+        self._stopping = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """Drop what is queued (closing queued descriptors); later sends raise."""
+        self.closed = True
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, tuple):
+                item[1].close()
+        self._wake.set()
+        self._room.set()
+
+    async def run(self) -> None:
+        """Write queued frames until stopped or closed.
+
+        Raises :class:`trio.BrokenResourceError` (or ClosedResourceError) when the transport
+        fails.
+        """
+        while True:
+            if self._failure is not None:
+                raise trio.BrokenResourceError(f"sending failed: {self._failure}") from self._failure
+            if self._rest is not None:
+                self._busy = True
+                await self.stream.send_wire(self._rest)
+                self._busy = False
+                self._rest = None
+                self._sent(self._rest_size)
+                continue
+            if self._stopping or self.closed:
+                return
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            item = self._queue.popleft()
+            self._busy = True
+            if isinstance(item, tuple):
+                frame, end = item
+                try:
+                    await send_with_fds(self._socket(), frame, [end.fileno()])
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"sending a descriptor failed: {exc}") from exc
+                finally:
+                    end.close()  # the peer has its own copy now
+                size = len(frame)
+            else:
+                size = len(item)
+                if self._queue and size < COALESCE and not isinstance(self._queue[0], tuple):
+                    batch = [item]
+                    while self._queue and size < COALESCE and not isinstance(self._queue[0], tuple):
+                        more = self._queue.popleft()
+                        assert not isinstance(more, tuple)
+                        batch.append(more)
+                        size += len(more)
+                    item = b"".join(batch)
+                await self.stream.send_all(item)
+            self._busy = False
+            self._sent(size)
+
+    def _sent(self, size: int) -> None:
+        self.queued_bytes -= size
+        if len(self._queue) < self.max_frames:
+            self._room.set()
+        if self.on_sent is not None:
+            self.on_sent()
+
+    def _socket(self) -> trio.socket.SocketType:
+        sock = getattr(self.stream.transport, "socket", None)
+        if not isinstance(sock, trio.socket.SocketType) or self.stream.encrypted:
+            raise trio.BrokenResourceError("descriptors can only be passed over a plain Unix socket")
+        return sock
