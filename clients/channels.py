@@ -201,6 +201,30 @@ class RelayStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the credit and the link's queue allow now, in whole frames (no waiting).
+
+        Returns how many bytes were taken (0 while a ``send_all`` is in progress).  Lets a
+        :class:`~bus.io.writer.FrameWriter` above this stream skip a task switch.
+        """
+        if self._send_busy:
+            return 0
+        self._check_send()
+        view = memoryview(data).cast("B")
+        writer = self._link.send
+        taken = 0
+        try:
+            while view and self._credit >= min(len(view), MIN_DATA_FRAME) and writer.has_room:
+                n = min(len(view), self._credit, MAX_DATA_FRAME)
+                writer.send_nowait(encode_data(self.channel, view[:n]))
+                self._credit -= n
+                self.bytes_out += n
+                taken += n
+                view = view[n:]
+        except trio.ClosedResourceError:
+            raise trio.BrokenResourceError("the bus connection is gone") from None
+        return taken
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this channel")
@@ -236,6 +260,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
         self._receive_busy = True
+        waited = False  # a wait is a checkpoint already: no second yield after it
         try:
             while True:
                 if self._closed:
@@ -248,6 +273,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.checkpoint()
                     return b""
                 await self._incoming_changed.wait()
+                waited = True
             if max_bytes is None or max_bytes >= len(self._incoming):
                 out = bytes(self._incoming)
                 self._incoming.clear()
@@ -258,7 +284,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
             if self._consumed >= self.window // 4 and not self._eof_received and self._broken is None:
                 self._grant(self._consumed)
                 self._consumed = 0
-            await trio.lowlevel.checkpoint()
+            if not waited:
+                await trio.lowlevel.checkpoint()
             return out
         finally:
             self._receive_busy = False
@@ -297,6 +324,11 @@ class Channel(trio.abc.HalfCloseableStream):
     @property
     def encrypted(self) -> bool:
         return self._stream.encrypted
+
+    @property
+    def secure(self) -> SecureStream:
+        """The shs1 layer of this channel (for a :class:`~bus.io.writer.FrameWriter`)."""
+        return self._stream
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)

@@ -59,6 +59,7 @@ from bus.errors import (
     error_from_wire,
 )
 from bus.io.framed import FramedStream
+from bus.io.writer import FrameWriter
 from bus.wire.frames import ControlFrame
 from bus.wire.messages import ErrorReply, Reply, Request, parse_message
 
@@ -107,6 +108,7 @@ class Service:
     metadata: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Callable[..., Awaitable[Any]]] = field(default_factory=dict)
     channels: dict[str, Callable[[Channel], Awaitable[Any]]] = field(default_factory=dict)
+    _signatures: dict[Callable[..., Any], inspect.Signature] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -151,43 +153,56 @@ class Service:
     async def serve_channel(self, channel: Channel) -> None:
         """Answer calls on one RPC channel until the caller closes it."""
         framed = FramedStream(channel)
-        send_lock = trio.Lock()
+        # Replies go out whole and in order, straight to the channel when nothing waits.
+        writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
 
         async def reply(message: dict[str, Any]) -> None:
-            async with send_lock:  # whole messages, one at a time
-                await framed.send_message(message)
+            encoded = framed.encode_message(message)
+            try:
+                if writer.has_room:
+                    writer.send_nowait(encoded)  # the task ends here: no checkpoint needed
+                else:
+                    await writer.send(encoded)
+            except trio.ClosedResourceError:
+                pass  # the caller is gone; nobody is waiting for this reply
 
         async def run(request: Request) -> None:
             async with limiter:
-                answer = await self._answer(request)
-                try:
-                    await reply(answer)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the caller is gone; nobody is waiting for this reply
+                await reply(await self._answer(request))
 
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    frame = await framed.receive_frame()
-                except FrameError as exc:
-                    log.info("rpc channel from %s: %s", channel.peer.unique_id, exc)
-                    break
-                if frame is None:
-                    break
-                if not isinstance(frame, ControlFrame):
-                    log.info("rpc channel from %s sent a data frame", channel.peer.unique_id)
-                    break
-                try:
-                    message = parse_message(frame.message)
-                except FrameError as exc:
-                    request_id = getattr(exc, "request_id", None)
-                    if request_id is None:
+        async def write() -> None:
+            try:
+                await writer.run()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                writer.close()
+                outer.cancel_scope.cancel()  # nobody reads what we answer
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(write)
+            async with trio.open_nursery() as calls:
+                while True:
+                    try:
+                        frame = await framed.receive_frame()
+                    except (FrameError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        log.info("rpc channel from %s: %s", channel.peer.unique_id, exc)
                         break
-                    await reply(ErrorReply(request_id, BadRequest.wire_code, str(exc)).to_wire())
-                    continue
-                if isinstance(message, Request):
-                    nursery.start_soon(run, message)
+                    if frame is None:
+                        break
+                    if not isinstance(frame, ControlFrame):
+                        log.info("rpc channel from %s sent a data frame", channel.peer.unique_id)
+                        break
+                    try:
+                        message = parse_message(frame.message)
+                    except FrameError as exc:
+                        request_id = getattr(exc, "request_id", None)
+                        if request_id is None:
+                            break
+                        await reply(ErrorReply(request_id, BadRequest.wire_code, str(exc)).to_wire())
+                        continue
+                    if isinstance(message, Request):
+                        calls.start_soon(run, message)
+            writer.finish()  # every call is answered: deliver the replies, then end
 
     async def _answer(self, request: Request) -> dict[str, Any]:
         try:
@@ -200,8 +215,11 @@ class Service:
             func = self.methods.get(name)
             if func is None:
                 raise UnknownOperation(f"{self.name} has no method {name!r}")
+            signature = self._signatures.get(func)
+            if signature is None:
+                signature = self._signatures[func] = inspect.signature(func)
             try:
-                inspect.signature(func).bind(*args)
+                signature.bind(*args)
             except TypeError as exc:
                 raise BadRequest(f"{name}: {exc}") from None
             result = await func(*args)
@@ -219,34 +237,53 @@ class RpcConnection:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.framed = FramedStream(channel)
-        self._send_lock = trio.Lock()
+        # Requests go out whole and in order, straight to the channel when nothing waits.
+        self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self._next_id = 1
         self._pending: dict[int, tuple[trio.Event, list[Reply | ErrorReply]]] = {}
         self.closed: BusError | None = None
+        self._write_failure: BaseException | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read replies until the channel ends; then fail whatever still waits."""
         task_status.started()
         reason = "the service closed the channel"
         try:
-            while True:
-                frame = await self.framed.receive_frame()
-                if frame is None:
-                    break
-                if not isinstance(frame, ControlFrame):
-                    raise FrameError("data frame on an rpc channel")
-                message = parse_message(frame.message)
-                if isinstance(message, (Reply, ErrorReply)) and message.re in self._pending:
-                    event, slot = self._pending[message.re]
-                    slot.append(message)
-                    event.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
-            reason = f"the rpc channel broke: {exc}"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, nursery.cancel_scope)
+                try:
+                    await self._read()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+                    reason = f"the rpc channel broke: {exc}"
+                nursery.cancel_scope.cancel()
+            if self._write_failure is not None:
+                reason = f"the rpc channel broke: {self._write_failure}"
         finally:
             self.closed = ConnectionLost(reason)
+            self.writer.close()
             for event, _ in self._pending.values():
                 event.set()
             await trio.aclose_forcefully(self.channel)
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.framed.receive_frame()
+            if frame is None:
+                return
+            if not isinstance(frame, ControlFrame):
+                raise FrameError("data frame on an rpc channel")
+            message = parse_message(frame.message)
+            if isinstance(message, (Reply, ErrorReply)) and message.re in self._pending:
+                event, slot = self._pending[message.re]
+                slot.append(message)
+                event.set()
+
+    async def _write(self, scope: trio.CancelScope) -> None:
+        try:
+            await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._write_failure = exc
+            scope.cancel()  # the reader stops; run() fails what still waits
 
     async def request(self, op: str, **args: Any) -> Any:
         if self.closed is not None:
@@ -261,8 +298,13 @@ class RpcConnection:
                 encoded = self.framed.encode_message(Request(op, request_id, args).to_wire())
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
-            async with self._send_lock:
-                await self.framed.send_raw(encoded)
+            try:
+                if self.writer.has_room:
+                    self.writer.send_nowait(encoded)  # waiting for the reply is the checkpoint
+                else:
+                    await self.writer.send(encoded)
+            except trio.ClosedResourceError:
+                raise self.closed or ConnectionLost("the rpc channel ended") from None
             await event.wait()
         finally:
             self._pending.pop(request_id, None)

@@ -217,3 +217,130 @@ def test_control_frames_have_a_tighter_limit() -> None:
     assert dec.next_frame() is None  # a DATA frame that size is fine; its body is on the way
     with pytest.raises(LimitError):
         encode_control(0, {"blob": b"x" * 70_000})
+
+
+# -- the one-pass profile check against a plain recursive reading of the profile ------------
+
+
+class _Refused(Exception):
+    pass
+
+
+def _reference_item(buf: bytes, pos: int, depth: int) -> int:
+    """The profile as the docs state it, one item at a time (slow and obvious)."""
+    if depth > 32:
+        raise _Refused("too deep")
+    if pos >= len(buf):
+        raise _Refused("truncated")
+    major, info = buf[pos] >> 5, buf[pos] & 0x1F
+    pos += 1
+    if info < 24:
+        arg = info
+    elif info <= 27:
+        size = 1 << (info - 24)
+        if pos + size > len(buf):
+            raise _Refused("truncated")
+        arg = int.from_bytes(buf[pos : pos + size], "big")
+        pos += size
+        if major != 7 and arg < (24, 256, 65536, 2**32)[info - 24]:
+            raise _Refused("not shortest")
+    else:
+        raise _Refused("indefinite or reserved")
+    if major in (0, 1):
+        return pos
+    if major in (2, 3):
+        if pos + arg > len(buf):
+            raise _Refused("string too long")
+        return pos + arg
+    if major == 4:
+        for _ in range(arg):
+            pos = _reference_item(buf, pos, depth + 1)
+        return pos
+    if major == 5:
+        keys = set()
+        for _ in range(arg):
+            if pos >= len(buf) or buf[pos] >> 5 not in (0, 1, 3):
+                raise _Refused("bad key")
+            end = _reference_item(buf, pos, depth + 1)
+            if buf[pos:end] in keys:
+                raise _Refused("duplicate key")
+            keys.add(buf[pos:end])
+            pos = _reference_item(buf, end, depth + 1)
+        return pos
+    if major == 6:
+        raise _Refused("tag")
+    if info in (20, 21, 22, 25, 26, 27):
+        return pos
+    raise _Refused("simple value")
+
+
+def _reference_accepts(body: bytes) -> bool:
+    if not body or body[0] >> 5 != 5:
+        return False
+    try:
+        return _reference_item(body, 0, 1) == len(body)
+    except (_Refused, RecursionError):
+        return False
+
+
+def _accepts(body: bytes) -> bool:
+    try:
+        check_cbor(body)
+    except FrameError:
+        return False
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(message=messages, edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3), cut=st.integers(0, 40))
+def test_profile_check_agrees_with_a_plain_reading_on_damaged_messages(
+    message: dict[str, Any], edits: list[tuple[int, int]], cut: int
+) -> None:
+    body = bytearray(cbor2.dumps(message))
+    for where, byte in edits:
+        body[where % len(body)] = byte
+    damaged = bytes(body[: max(1, len(body) - cut)]) if cut % 3 == 0 else bytes(body)
+    assert _accepts(damaged) == _reference_accepts(damaged)
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=st.binary(max_size=200))
+def test_profile_check_agrees_with_a_plain_reading_on_arbitrary_bytes(body: bytes) -> None:
+    assert _accepts(body) == _reference_accepts(body)
+
+
+@pytest.mark.parametrize("depth", [30, 31, 32, 33, 34])
+@pytest.mark.parametrize("innermost", [b"\x80", b"\xa0", b"\x81\x01", b"\xa1\x01\x02"])
+def test_nesting_limit_is_the_same_for_empty_and_full_containers(depth: int, innermost: bytes) -> None:
+    # A map holding arrays nested ``depth`` deep in total (the top map counts as 1).
+    body = b"\xa1\x01" + b"\x81" * (depth - 2) + innermost
+    assert _accepts(body) == _reference_accepts(body)
+    items_depth = depth + (1 if innermost in (b"\x81\x01", b"\xa1\x01\x02") else 0)
+    assert _accepts(body) == (items_depth <= 32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=messages)
+def test_encoding_fast_path_only_skips_the_check_for_bytes_peers_accept(message: dict[str, Any]) -> None:
+    frame = encode_control(0, message)
+    check_cbor(frame[10:])  # what went out without the byte check passes it anyway
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"key": True, True: 1},  # a bool key: not text or integer
+        {"n": 2**64},  # an integer that needs a bignum tag
+        {"nested": _nested(33)},  # the innermost 1 sits 35 deep (the top map is 1)
+    ],
+)
+def test_encoding_refuses_what_the_fast_path_hands_to_the_byte_check(message: dict[Any, Any]) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, message)

@@ -285,8 +285,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
 
         For a stream whose handshake is done.  Returns the wire bytes (ciphertext when
         encrypted) that were not written: pass them to :meth:`send_wire` before sending
-        anything else.  Only socket transports are written to here; for any other transport
-        all of the wire bytes come back.  A failed socket raises
+        anything else.  A socket transport is written to directly; any other transport is
+        used when it has a synchronous ``send_nowait(data) -> int`` of its own (a relayed
+        channel does), else all of the wire bytes come back.  A failed transport raises
         :class:`trio.BrokenResourceError` and breaks the stream.
         """
         if self._send_conflict.held:
@@ -297,17 +298,27 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._outcome is None:
             raise LocalProtocolError("send_nowait needs a completed handshake")
         wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
+        if not wire:
+            return wire
         sock = getattr(self.transport, "socket", None)
-        if not isinstance(sock, trio.socket.SocketType) or not wire:
+        if isinstance(sock, trio.socket.SocketType):
+            try:
+                sent = os.write(sock.fileno(), wire)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+                self._mark_broken(broken)
+                raise broken from exc
+            return wire[sent:]
+        send_nowait: Callable[[memoryview], int] | None = getattr(self.transport, "send_nowait", None)
+        if send_nowait is None:
             return wire
         try:
-            sent = os.write(sock.fileno(), wire)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
-            self._mark_broken(broken)
-            raise broken from exc
+            sent = send_nowait(wire)
+        except trio.BrokenResourceError as exc:
+            self._mark_broken(exc)
+            raise
         return wire[sent:]
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:

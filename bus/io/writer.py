@@ -54,6 +54,7 @@ class FrameWriter:
         self._rest_size = 0
         self._busy = False  # run() is inside a write (stays set if that write failed half-way)
         self._stopping = False
+        self._finishing = False
         self._failure: BaseException | None = None
         self._wake = trio.Event()
         self._room = trio.Event()
@@ -61,6 +62,11 @@ class FrameWriter:
     def __len__(self) -> int:
         """Frames waiting to be written (a partly written one included)."""
         return len(self._queue) + (self._rest is not None)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`send_nowait` would take a frame now (without WouldBlock)."""
+        return not self.closed and len(self._queue) < self.max_frames
 
     @property
     def mid_frame(self) -> bool:
@@ -126,6 +132,11 @@ class FrameWriter:
         self._stopping = True
         self._wake.set()
 
+    def finish(self) -> None:
+        """Make :meth:`run` return once everything accepted so far is written."""
+        self._finishing = True
+        self._wake.set()
+
     def close(self) -> None:
         """Drop what is queued (closing queued descriptors); later sends raise."""
         self.closed = True
@@ -155,6 +166,8 @@ class FrameWriter:
             if self._stopping or self.closed:
                 return
             if not self._queue:
+                if self._finishing:
+                    return
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue

@@ -94,82 +94,110 @@ class _Invalid(Exception):
     pass
 
 
-def _head(buf: bytes, pos: int) -> tuple[int, int, int]:
-    """Read an item head at ``pos``: (major type, argument, position after the head)."""
-    if pos >= len(buf):
-        raise _Invalid("truncated")
-    initial = buf[pos]
-    major, info = initial >> 5, initial & 0x1F
-    pos += 1
-    if info < 24:
-        return major, info, pos
-    if info > 27:
-        raise _Invalid("indefinite lengths and reserved encodings are not allowed")
-    size = 1 << (info - 24)
-    if pos + size > len(buf):
-        raise _Invalid("truncated")
-    value = int.from_bytes(buf[pos : pos + size], "big")
-    if major != 7:
-        # Shortest form only: each wider encoding must be needed.
-        smallest = (24, 0x100, 0x10000, 0x100000000)[info - 24]
-        if value < smallest:
-            raise _Invalid("integer or length not in its shortest encoding")
-    return major, value, pos + size
-
-
-def _item(buf: bytes, pos: int, depth: int) -> int:
-    """Validate one item starting at ``pos``; return the position after it."""
-    if depth > MAX_CBOR_DEPTH:
-        raise _Invalid(f"nesting deeper than {MAX_CBOR_DEPTH}")
-    start = pos
-    major, arg, pos = _head(buf, pos)
-    if major in (0, 1):
-        return pos
-    if major in (2, 3):
-        if arg > len(buf) - pos:
-            raise _Invalid("a string is longer than the message")
-        return pos + arg
-    if major == 4:
-        if arg > len(buf) - pos:
-            raise _Invalid("an array claims more items than the message can hold")
-        for _ in range(arg):
-            pos = _item(buf, pos, depth + 1)
-        return pos
-    if major == 5:
-        if 2 * arg > len(buf) - pos:
-            raise _Invalid("a map claims more entries than the message can hold")
-        seen: set[bytes] = set()
-        for _ in range(arg):
-            key_start = pos
-            key_major = buf[pos] >> 5 if pos < len(buf) else -1
-            if key_major not in (0, 1, 3):
-                raise _Invalid("map keys must be text or integers")
-            pos = _item(buf, pos, depth + 1)
-            key = bytes(buf[key_start:pos])
-            if key in seen:
-                raise _Invalid("duplicate map key")
-            seen.add(key)
-            pos = _item(buf, pos, depth + 1)
-        return pos
-    if major == 6:
-        raise _Invalid("tags are not allowed")
-    # major 7: simple values and floats
-    info = buf[start] & 0x1F
-    if info in (20, 21, 22) or info in (25, 26, 27):
-        return pos
-    raise _Invalid("only false, true, null and floats are allowed as simple values")
+_SMALLEST = (24, 0x100, 0x10000, 0x100000000)  # the least value each wider head may carry
+_SIMPLE_OK = frozenset((20, 21, 22, 25, 26, 27))  # false, true, null, float16/32/64
 
 
 def check_cbor(body: bytes) -> None:
-    """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile."""
-    if not body or body[0] >> 5 != 5:
+    """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile.
+
+    One pass over the bytes with an explicit stack (no recursion, no decoding): every head
+    is checked as it is read, and every declared length against the bytes that remain.
+    """
+    n = len(body)
+    if not n or body[0] >> 5 != 5:
         raise FrameError("control body is not a CBOR map")
+    stack: list[tuple[int, set[bytes] | None]] = []
+    remaining = 1  # items still to read in the current container (the top level: one map)
+    seen: set[bytes] | None = None  # keys of the current map (None inside an array)
+    pos = 0
     try:
-        end = _item(body, 0, 1)
+        while True:
+            while not remaining:
+                if not stack:
+                    if pos != n:
+                        raise FrameError(f"control body has {n - pos} trailing bytes after its CBOR map")
+                    return
+                remaining, seen = stack.pop()
+            remaining -= 1
+            if pos >= n:
+                raise _Invalid("truncated")
+            start = pos
+            initial = body[pos]
+            major = initial >> 5
+            info = initial & 0x1F
+            pos += 1
+            if info < 24:
+                arg = info
+            elif info < 28:
+                size = 1 << (info - 24)
+                if pos + size > n:
+                    raise _Invalid("truncated")
+                arg = int.from_bytes(body[pos : pos + size], "big")
+                pos += size
+                if major != 7 and arg < _SMALLEST[info - 24]:
+                    raise _Invalid("integer or length not in its shortest encoding")
+            else:
+                raise _Invalid("indefinite lengths and reserved encodings are not allowed")
+            # In a map the items alternate key, value: with an odd count left, this is a key.
+            is_key = seen is not None and remaining & 1
+            if is_key and major not in (0, 1, 3):
+                raise _Invalid("map keys must be text or integers")
+            if major < 2:
+                pass
+            elif major < 4:
+                if arg > n - pos:
+                    raise _Invalid("a string is longer than the message")
+                pos += arg
+            elif major < 6:
+                count = arg if major == 4 else 2 * arg
+                if count > n - pos:
+                    what = "an array claims more items" if major == 4 else "a map claims more entries"
+                    raise _Invalid(f"{what} than the message can hold")
+                # Items sit one deeper than their container (the top-level map is depth 1).
+                if count and len(stack) + 2 > MAX_CBOR_DEPTH:
+                    raise _Invalid(f"nesting deeper than {MAX_CBOR_DEPTH}")
+                stack.append((remaining, seen))
+                remaining = count
+                seen = set() if major == 5 else None
+                continue
+            elif major == 6:
+                raise _Invalid("tags are not allowed")
+            elif info not in _SIMPLE_OK:
+                raise _Invalid("only false, true, null and floats are allowed as simple values")
+            if is_key:
+                assert seen is not None
+                key = bytes(body[start:pos])
+                if key in seen:
+                    raise _Invalid("duplicate map key")
+                seen.add(key)
     except _Invalid as exc:
         raise FrameError(f"control body is not valid minibus CBOR: {exc}") from None
-    if end != len(body):
-        raise FrameError(f"control body has {len(body) - end} trailing bytes after its CBOR map")
+
+
+_INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether cbor2 encodes ``value`` inside the profile: plain types only, no tags."""
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool or kind is float or value is None:
+        return True
+    if kind is int:
+        return bool(_INT_MIN <= value <= _INT_MAX)
+    if depth >= MAX_CBOR_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            key_kind = type(key)
+            if not (key_kind is str or (key_kind is int and _INT_MIN <= key <= _INT_MAX)):
+                return False
+            if not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
 
 
 def decode_control_body(body: bytes) -> dict[Any, Any]:
@@ -209,10 +237,12 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
         body = cbor2.dumps(message)
     except Exception as exc:
         raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
-    try:
-        check_cbor(body)
-    except FrameError as exc:
-        raise LocalProtocolError(f"control message uses CBOR that peers refuse: {exc}") from None
+    if not _plain(message, 1):
+        # Something beyond plain types: let the profile check of the bytes decide.
+        try:
+            check_cbor(body)
+        except FrameError as exc:
+            raise LocalProtocolError(f"control message uses CBOR that peers refuse: {exc}") from None
     if len(body) > max_body:
         raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
     return HEADER.pack(FrameKind.CONTROL, 0, channel, len(body)) + body

@@ -1,0 +1,755 @@
+"""FrameWriter (bus.io.writer) and SecureStream.send_nowait / send_wire, over real sockets.
+
+Covered, plain and encrypted (box-stream), over Unix socketpairs and loopback TCP:
+
+* an idle writer's ``send_nowait`` puts the frame in the kernel synchronously (no task
+  switch, ``run()`` never started) and the peer decodes it;
+* a socket that takes only part of a frame: the rest is kept (``mid_frame``,
+  ``queued_bytes``, ``len``), later frames queue behind it, ``run()`` delivers every byte
+  whole and in order; a producer never writes into the middle of a frame ``run()`` is
+  writing;
+* the bounded queue: ``WouldBlock`` past ``max_frames``, ``send()`` waiting for room (and
+  cancellable before its frame is taken), counters back to 0, ``on_sent`` called;
+* coalescing of many small queued frames into writes of about ``COALESCE`` bytes, in order;
+* ``send_with_fd``: the descriptor travels over a plain Unix stream to an FdSocketStream,
+  works on the other side, in order with the frames around it, and the writer's copy is
+  closed; an encrypted or TCP stream makes ``run()`` raise BrokenResourceError;
+* ``stop()`` (returns at a frame boundary, finishing a partial frame first) and ``close()``
+  (drops queued frames, closes queued descriptors, later sends raise, wakes ``send()``);
+* a vanished peer: ``send_nowait`` never raises to the producer, ``run()`` raises
+  BrokenResourceError;
+* ``SecureStream.send_nowait`` itself: non-socket transports get all wire bytes back,
+  before the handshake LocalProtocolError, after send_eof/aclose ClosedResourceError,
+  during another send BusyResourceError, a dead socket breaks the stream.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import socket
+import termios
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from bus.errors import LocalProtocolError
+from bus.io.fdpass import FdSocketStream
+from bus.io.secure import SecureStream
+from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair
+from bus.io.writer import COALESCE, FrameWriter
+from bus.wire.boxstream import HEADER_SIZE, MAX_BODY
+from bus.wire.identity import Identity
+
+SERVER = Identity.generate()
+CLIENT = Identity.generate()
+
+#: Far more than a shrunken socket buffer (a few KiB) can take at once.
+BIG = 2 * 1024 * 1024
+#: Bound on every wait in this module.
+TIMEOUT = 20
+
+ENCRYPTED = pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+KINDS = pytest.mark.parametrize("kind", ["unix", "tcp"])
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class Resources:
+    """Streams and sockets a test opens; all closed at teardown, even when the test fails."""
+
+    def __init__(self) -> None:
+        self.streams: list[trio.abc.AsyncResource] = []
+        self.sockets: list[socket.socket] = []
+
+    async def pair(self, kind: str = "unix", *, encrypted: bool) -> tuple[SecureStream, SecureStream]:
+        """A handshaken (sender, receiver) pair over a real socket."""
+        transports = unix_stream_pair() if kind == "unix" else await tcp_stream_pair()
+        self.streams.extend(transports)
+        sender, receiver = await secure_stream_pair(transports, CLIENT, SERVER, encrypted=encrypted)
+        self.streams += [sender, receiver]
+        return sender, receiver
+
+    async def fd_pair(self, *, encrypted: bool = False) -> tuple[SecureStream, SecureStream, FdSocketStream]:
+        """A Unix pair whose receiving transport is an FdSocketStream."""
+        left, right = unix_stream_pair()
+        receiving = FdSocketStream(right)
+        self.streams += [left, receiving]
+        sender, receiver = await secure_stream_pair((left, receiving), CLIENT, SERVER, encrypted=encrypted)
+        self.streams += [sender, receiver]
+        return sender, receiver, receiving
+
+    def socketpair(self) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair()
+        self.sockets += [a, b]
+        return a, b
+
+    async def aclose(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        for stream in reversed(self.streams):
+            await trio.aclose_forcefully(stream)
+
+
+@pytest.fixture
+async def res() -> AsyncIterator[Resources]:
+    resources = Resources()
+    try:
+        yield resources
+    finally:
+        await resources.aclose()
+
+
+def _sock(stream: SecureStream) -> trio.socket.SocketType:
+    transport = stream.transport
+    assert isinstance(transport, (trio.SocketStream, FdSocketStream))
+    return transport.socket
+
+
+def _pending(receiver: SecureStream) -> int:
+    """Bytes waiting in the receiving socket (FIONREAD), read without any checkpoint."""
+    count = array.array("i", [0])
+    fcntl.ioctl(_sock(receiver).fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+def _shrink(sender: SecureStream, receiver: SecureStream) -> None:
+    """Make the kernel buffers between the two small (a few KiB)."""
+    _sock(sender).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _sock(receiver).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+def _wire_size(size: int, encrypted: bool) -> int:
+    """Bytes on the wire for ``size`` bytes of plaintext sent in one write."""
+    return size + HEADER_SIZE * -(-size // MAX_BODY) if encrypted else size
+
+
+async def _read_exactly(stream: SecureStream, size: int) -> bytes:
+    """Exactly ``size`` bytes of plaintext (the caller bounds the time)."""
+    got = bytearray()
+    while len(got) < size:
+        chunk = await stream.receive_some(min(size - len(got), 1 << 16))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(got)} of {size} bytes")
+        got += chunk
+    return bytes(got)
+
+
+async def _assert_nothing_more(sender: SecureStream, receiver: SecureStream) -> None:
+    """Half-close the sender: the receiver must see EOF next, not one more byte."""
+    with trio.fail_after(TIMEOUT):
+        await sender.send_eof()
+        assert await receiver.receive_some() == b""
+
+
+class Calls:
+    """An ``on_sent`` callback recording ``queued_bytes`` at each call."""
+
+    def __init__(self) -> None:
+        self.writer: FrameWriter | None = None
+        self.queued: list[int] = []
+
+    def __call__(self) -> None:
+        assert self.writer is not None
+        self.queued.append(self.writer.queued_bytes)
+
+
+def _writer(stream: SecureStream, max_frames: int = 1000) -> tuple[FrameWriter, Calls]:
+    calls = Calls()
+    writer = FrameWriter(stream, max_frames=max_frames, on_sent=calls)
+    calls.writer = writer
+    return writer, calls
+
+
+async def _drain(writer: FrameWriter, receiver: SecureStream, size: int) -> bytes:
+    """Run the writer while the receiver reads ``size`` bytes, then stop it."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            got = await _read_exactly(receiver, size)
+            writer.stop()
+    return got
+
+
+def _fill_with_partial_frame(writer: FrameWriter, sender: SecureStream, receiver: SecureStream) -> bytes:
+    """Shrink the buffers and send_nowait a frame the socket can take only part of."""
+    _shrink(sender, receiver)
+    big = os.urandom(BIG)
+    writer.send_nowait(big)
+    assert writer.mid_frame, "the socket took the whole big frame: the test cannot clog it"
+    assert len(writer) == 1
+    assert writer.queued_bytes == len(big)
+    return big
+
+
+# -- 1. the fast path --------------------------------------------------------------------------
+
+
+@ENCRYPTED
+async def test_idle_writer_writes_straight_to_the_socket(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender)
+    frames = [os.urandom(10_000), os.urandom(5000)]
+    assert _pending(receiver) == 0
+    writer.send_nowait(frames[0])
+    # No checkpoint since send_nowait: no other task ran, yet the kernel already holds it all.
+    assert _pending(receiver) == _wire_size(len(frames[0]), encrypted)
+    writer.send_nowait(frames[1])
+    assert _pending(receiver) == sum(_wire_size(len(f), encrypted) for f in frames)
+    assert len(writer) == 0
+    assert writer.queued_bytes == 0
+    assert not writer.mid_frame
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, 15_000) == b"".join(frames)  # run() never started
+    assert calls.queued == []  # nothing was ever queued
+
+
+@ENCRYPTED
+async def test_idle_writer_over_tcp_needs_no_run(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("tcp", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    frames = [os.urandom(n) for n in (1, 100, 7000, 40_000)]
+    for frame in frames:
+        writer.send_nowait(frame)
+    assert len(writer) == 0 and writer.queued_bytes == 0 and not writer.mid_frame
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, sum(map(len, frames))) == b"".join(frames)
+
+
+# -- 2. a socket that takes only part of a frame --------------------------------------------------
+
+
+@KINDS
+@ENCRYPTED
+async def test_partial_frame_is_kept_and_later_frames_queue_behind_it(
+    res: Resources, kind: str, encrypted: bool
+) -> None:
+    sender, receiver = await res.pair(kind, encrypted=encrypted)
+    writer, calls = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    later = [os.urandom(1000 + i) for i in range(5)] + [os.urandom(300_000)]
+    for i, frame in enumerate(later, 1):
+        writer.send_nowait(frame)
+        assert len(writer) == 1 + i
+        assert writer.queued_bytes == len(big) + sum(map(len, later[:i]))
+        assert writer.mid_frame
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(writer) == 1 + len(later)  # nothing moves without run()
+
+    expected = big + b"".join(later)
+    got = await _drain(writer, receiver, len(expected))
+    assert len(got) == len(expected)
+    assert got == expected
+    assert len(writer) == 0
+    assert writer.queued_bytes == 0
+    assert not writer.mid_frame
+    assert calls.queued and calls.queued[-1] == 0
+    assert calls.queued[0] == sum(map(len, later))  # the partial frame completed first
+    await _assert_nothing_more(sender, receiver)
+
+
+@ENCRYPTED
+async def test_send_nowait_never_cuts_into_a_frame_run_is_writing(res: Resources, encrypted: bool) -> None:
+    """While run() is inside a write (queue empty, no kept rest), new frames still queue."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    first = _fill_with_partial_frame(writer, sender, receiver)
+    second = os.urandom(BIG)  # over COALESCE: written on its own
+    writer.send_nowait(second)
+    small = os.urandom(100)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            head = await _read_exactly(receiver, len(first) + 1000)
+            await trio.testing.wait_all_tasks_blocked()
+            # run() is blocked half-way through ``second``: the wire is mid-frame.
+            assert writer.mid_frame
+            assert writer.queued_bytes == len(second)
+            writer.send_nowait(small)
+            assert writer.queued_bytes == len(second) + len(small)
+            tail = await _read_exactly(receiver, len(first) + len(second) + len(small) - len(head))
+            writer.stop()
+    assert head + tail == first + second + small
+    assert len(writer) == 0 and writer.queued_bytes == 0 and not writer.mid_frame
+    await _assert_nothing_more(sender, receiver)
+
+
+# -- 3. the bounded queue ------------------------------------------------------------------------
+
+
+@ENCRYPTED
+async def test_bounded_queue_send_nowait_refuses_and_send_waits(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender, max_frames=3)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    queued = [os.urandom(500 + i) for i in range(3)]
+    for frame in queued:
+        writer.send_nowait(frame)
+    with pytest.raises(trio.WouldBlock):
+        writer.send_nowait(b"one too many")
+    mine, _theirs = res.socketpair()
+    with pytest.raises(trio.WouldBlock):
+        writer.send_with_fd(b"one too many, with a descriptor", mine)
+    assert mine.fileno() == -1  # refused: its end is closed, not leaked
+    assert len(writer) == 4  # the partial frame and the full queue
+    assert writer.queued_bytes == len(big) + sum(map(len, queued))  # refused frames not counted
+
+    # send() cancelled while waiting for room leaves nothing behind.
+    with trio.move_on_after(0.05) as scope:
+        await writer.send(b"given up before it was taken")
+    assert scope.cancelled_caught
+    assert len(writer) == 4
+    assert writer.queued_bytes == len(big) + sum(map(len, queued))
+
+    late = os.urandom(700)
+    done = trio.Event()
+
+    async def producer() -> None:
+        await writer.send(late)
+        done.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # no room and nobody writing: send() waits
+            assert calls.queued == []
+            nursery.start_soon(writer.run)
+            expected = big + b"".join(queued) + late
+            got = await _read_exactly(receiver, len(expected))
+            await done.wait()
+            writer.stop()
+    assert got == expected
+    assert len(writer) == 0
+    assert writer.queued_bytes == 0
+    assert calls.queued and calls.queued[-1] == 0
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_send_with_room_completes_at_once(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=True)
+    writer, _ = _writer(sender, max_frames=1)
+    frame = os.urandom(2000)
+    with trio.fail_after(TIMEOUT):
+        await writer.send(frame)
+        assert len(writer) == 0
+        assert await _read_exactly(receiver, len(frame)) == frame
+
+
+# -- 4. coalescing -------------------------------------------------------------------------------
+
+
+@KINDS
+@ENCRYPTED
+async def test_many_small_queued_frames_are_coalesced_in_order(res: Resources, kind: str, encrypted: bool) -> None:
+    sender, receiver = await res.pair(kind, encrypted=encrypted)
+    writer, calls = _writer(sender, max_frames=5000)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    size = 100
+    small = [i.to_bytes(4, "big") + os.urandom(size - 4) for i in range(3000)]
+    for frame in small:
+        writer.send_nowait(frame)
+    assert len(writer) == 1 + len(small)
+    total = len(small) * size
+    got = await _drain(writer, receiver, len(big) + total)
+    assert got[: len(big)] == big
+    assert got[len(big) :] == b"".join(small)
+    # on_sent runs once per write: the partial frame, then each joined batch.
+    assert calls.queued[0] == total
+    batches = [a - b for a, b in zip(calls.queued, calls.queued[1:])]
+    assert sum(batches) == total
+    assert len(batches) <= -(-total // COALESCE)  # joined, not one write per frame
+    assert all(COALESCE <= b < COALESCE + size for b in batches[:-1])  # about COALESCE each
+    assert 0 < batches[-1] < COALESCE + size
+
+
+async def test_large_frames_are_not_joined(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, calls = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    frames = [os.urandom(COALESCE + 1) for _ in range(3)]
+    for frame in frames:
+        writer.send_nowait(frame)
+    got = await _drain(writer, receiver, len(big) + sum(map(len, frames)))
+    assert got == big + b"".join(frames)
+    assert len(calls.queued) == 4  # the partial frame, then one write per large frame
+
+
+# -- 5. frames carrying a descriptor -----------------------------------------------------------
+
+
+async def test_send_with_fd_passes_a_working_descriptor(res: Resources) -> None:
+    sender, receiver, receiving = await res.fd_pair()
+    writer, _ = _writer(sender)
+    before = os.urandom(3000)
+    carriers = [b"carrier %d " % i + os.urandom(50) for i in range(3)]
+    between = [os.urandom(200) for _ in range(2)]
+    ends = [res.socketpair() for _ in carriers]
+    writer.send_nowait(before)  # the fast path
+    expected = before
+    for i, (carrier, (mine, _)) in enumerate(zip(carriers, ends)):
+        writer.send_with_fd(carrier, mine)
+        expected += carrier
+        if i < len(between):
+            writer.send_nowait(between[i])  # queued behind the descriptor frame
+            expected += between[i]
+    assert len(writer) == 5
+    assert all(mine.fileno() != -1 for mine, _ in ends)  # still the writer's until sent
+
+    got = await _drain(writer, receiver, len(expected))
+    assert got == expected
+    assert len(writer) == 0 and writer.queued_bytes == 0
+    # The writer closed its copies once sent.
+    assert all(mine.fileno() == -1 for mine, _ in ends)
+    fds = [receiving.take_fd() for _ in ends]
+    assert receiving.take_fd() is None
+    for i, (fd, (_, theirs)) in enumerate(zip(fds, ends)):
+        assert fd is not None
+        theirs.settimeout(TIMEOUT)
+        with socket.socket(fileno=fd) as passed:
+            # The descriptors arrive in frame order: each reaches its own peer.
+            passed.sendall(b"through passed end %d" % i)
+            assert theirs.recv(100) == b"through passed end %d" % i
+            theirs.sendall(b"and back")
+            assert passed.recv(100) == b"and back"
+        # The received copy was the last one (the writer closed its own): EOF.
+        assert theirs.recv(100) == b""
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_send_with_fd_behind_a_partial_frame(res: Resources) -> None:
+    sender, receiver, receiving = await res.fd_pair()
+    writer, _ = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    mine, theirs = res.socketpair()
+    writer.send_with_fd(b"carrier", mine)
+    writer.send_nowait(b"after")
+    got = await _drain(writer, receiver, len(big) + len(b"carrier") + len(b"after"))
+    assert got == big + b"carrier" + b"after"
+    assert mine.fileno() == -1
+    fd = receiving.take_fd()
+    assert fd is not None
+    with socket.socket(fileno=fd) as passed:
+        passed.sendall(b"ok")
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(10) == b"ok"
+
+
+async def test_send_with_fd_over_an_encrypted_stream_breaks_run(res: Resources) -> None:
+    sender, receiver, receiving = await res.fd_pair(encrypted=True)
+    writer, _ = _writer(sender)
+    writer.send_nowait(b"before")
+    mine, _ = res.socketpair()
+    writer.send_with_fd(b"carrier", mine)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(trio.BrokenResourceError):
+            await writer.run()
+        assert await _read_exactly(receiver, 6) == b"before"
+    assert mine.fileno() == -1
+    assert receiving.take_fd() is None
+
+
+async def test_send_with_fd_over_tcp_breaks_run(res: Resources) -> None:
+    sender, _ = await res.pair("tcp", encrypted=False)
+    writer, _ = _writer(sender)
+    mine, _ = res.socketpair()
+    writer.send_with_fd(b"carrier", mine)
+    with trio.fail_after(TIMEOUT), pytest.raises(trio.BrokenResourceError):
+        await writer.run()
+    assert mine.fileno() == -1
+
+
+# -- 6. stop() and close() ----------------------------------------------------------------------
+
+
+@ENCRYPTED
+async def test_stop_finishes_the_partial_frame_then_returns(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    queued = [os.urandom(100) for _ in range(3)]
+    for frame in queued:
+        writer.send_nowait(frame)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.testing.wait_all_tasks_blocked()  # run() is stuck in the partial frame
+            writer.stop()
+            got = await _read_exactly(receiver, len(big))
+        # run() returned by itself (the nursery closed) at the frame boundary.
+    assert got == big
+    assert not writer.mid_frame
+    assert len(writer) == len(queued)  # not written after stop()
+    assert writer.queued_bytes == sum(map(len, queued))
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_stop_returns_from_an_idle_run(res: Resources) -> None:
+    sender, _ = await res.pair("unix", encrypted=False)
+    writer, _ = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.testing.wait_all_tasks_blocked()
+            writer.stop()
+    assert not writer.mid_frame
+
+
+@ENCRYPTED
+async def test_close_drops_queued_frames_and_descriptors(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender, max_frames=4)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    ends = [res.socketpair() for _ in range(2)]
+    writer.send_nowait(b"dropped 1")
+    writer.send_with_fd(b"dropped 2", ends[0][0])
+    writer.send_nowait(b"dropped 3")
+    writer.send_with_fd(b"dropped 4", ends[1][0])
+
+    refused = trio.Event()
+
+    async def producer() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await writer.send(b"waiting for room when closed")
+        refused.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not refused.is_set()
+            writer.close()
+            await refused.wait()  # close() wakes a send() waiting for room
+    assert all(mine.fileno() == -1 for mine, _ in ends)
+    for _, theirs in ends:
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(10) == b""  # the only copy of its peer is gone
+    assert len(writer) == 1  # only the partial frame remains
+    with pytest.raises(trio.ClosedResourceError):
+        writer.send_nowait(b"after close")
+    late, _ = res.socketpair()
+    with pytest.raises(trio.ClosedResourceError):
+        writer.send_with_fd(b"after close", late)
+    assert late.fileno() == -1
+
+    # run() still completes the partial frame (the wire stays clean), then returns.
+    got = await _drain(writer, receiver, len(big))
+    assert got == big
+    assert not writer.mid_frame and len(writer) == 0
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_close_ends_an_idle_run(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=True)
+    writer, _ = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            writer.send_nowait(b"sent")
+            await trio.testing.wait_all_tasks_blocked()
+            writer.close()
+        assert await _read_exactly(receiver, 4) == b"sent"
+    with pytest.raises(trio.ClosedResourceError):
+        writer.send_nowait(b"x")
+    await _assert_nothing_more(sender, receiver)
+
+
+# -- 7. a peer that vanished -----------------------------------------------------------------
+
+
+@ENCRYPTED
+async def test_vanished_peer_breaks_run_not_the_producer(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender, max_frames=10)
+    caught: list[BaseException] = []
+
+    async def runner() -> None:
+        try:
+            await writer.run()
+        except trio.BrokenResourceError as exc:
+            caught.append(exc)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.aclose_forcefully(receiver)
+            for _ in range(5):
+                writer.send_nowait(os.urandom(1000))  # never raises here
+    assert len(caught) == 1
+    with pytest.raises(trio.BrokenResourceError):
+        await sender.send_all(b"x")  # the failed write broke the stream too
+
+
+@ENCRYPTED
+async def test_vanished_peer_before_run_starts(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender, max_frames=10)
+    await trio.aclose_forcefully(receiver)
+    writer.send_nowait(b"into the void")
+    writer.send_nowait(b"and again")
+    with trio.fail_after(TIMEOUT), pytest.raises(trio.BrokenResourceError):
+        await writer.run()
+
+
+@ENCRYPTED
+async def test_vanished_peer_while_a_partial_frame_waits(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    _fill_with_partial_frame(writer, sender, receiver)
+    writer.send_nowait(b"queued")
+    await trio.aclose_forcefully(receiver)
+    with trio.fail_after(TIMEOUT), pytest.raises(trio.BrokenResourceError):
+        await writer.run()
+    writer.send_nowait(b"still not raised to the producer")
+
+
+@ENCRYPTED
+async def test_vanished_tcp_peer_breaks_run(res: Resources, encrypted: bool) -> None:
+    """Over TCP the first writes may still succeed; a later one meets the reset."""
+    sender, receiver = await res.pair("tcp", encrypted=encrypted)
+    writer, _ = _writer(sender, max_frames=10_000)
+    await trio.aclose_forcefully(receiver)
+
+    async def producer() -> None:
+        while True:
+            writer.send_nowait(os.urandom(1000))
+            await trio.sleep(0.005)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            with pytest.raises(trio.BrokenResourceError):
+                await writer.run()
+            nursery.cancel_scope.cancel()
+
+
+# -- 8. SecureStream.send_nowait / send_wire themselves ----------------------------------------
+
+
+@ENCRYPTED
+async def test_secure_send_nowait_over_a_memory_stream_returns_all_wire_bytes(encrypted: bool) -> None:
+    sender, receiver = await secure_stream_pair(trio.testing.memory_stream_pair(), CLIENT, SERVER, encrypted=encrypted)
+    data = os.urandom(10_000)
+    rest = sender.send_nowait(data)
+    assert isinstance(rest, memoryview)
+    assert len(rest) == _wire_size(len(data), encrypted)
+    if encrypted:
+        assert data[:100] not in bytes(rest)  # ciphertext
+    else:
+        assert bytes(rest) == data
+    assert len(sender.send_nowait(b"")) == 0
+    with trio.fail_after(TIMEOUT):
+        await sender.send_wire(rest)
+        await sender.send_all(b"after")
+        await sender.send_eof()
+        got = bytearray()
+        while chunk := await receiver.receive_some():
+            got += chunk
+    assert got == data + b"after"  # delivered once, by send_wire, in order
+    await sender.aclose()
+    await receiver.aclose()
+
+
+@ENCRYPTED
+async def test_frame_writer_over_a_memory_stream_queues_everything(encrypted: bool) -> None:
+    sender, receiver = await secure_stream_pair(trio.testing.memory_stream_pair(), CLIENT, SERVER, encrypted=encrypted)
+    writer, calls = _writer(sender)
+    frames = [os.urandom(n) for n in (10, 5000, 70_000)]
+    for frame in frames:
+        writer.send_nowait(frame)
+    assert writer.mid_frame  # the first frame's wire bytes are kept, nothing written
+    assert len(writer) == 3
+    assert writer.queued_bytes == sum(map(len, frames))
+    got = await _drain(writer, receiver, sum(map(len, frames)))
+    assert got == b"".join(frames)
+    assert writer.queued_bytes == 0 and calls.queued[-1] == 0
+    await sender.aclose()
+    await receiver.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "unix"])
+async def test_secure_send_nowait_before_the_handshake(res: Resources, kind: str) -> None:
+    if kind == "memory":
+        left, right = trio.testing.memory_stream_pair()
+    else:
+        left, right = unix_stream_pair()
+        res.streams += [left, right]
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    with pytest.raises(LocalProtocolError):
+        client.send_nowait(b"too early")
+    if kind == "unix":
+        count = array.array("i", [0])
+        fcntl.ioctl(right.socket.fileno(), termios.FIONREAD, count)
+        assert count[0] == 0  # nothing reached the wire
+    await client.aclose()
+    await right.aclose()
+
+
+@ENCRYPTED
+async def test_secure_send_nowait_after_send_eof_or_aclose(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    await sender.send_eof()
+    with pytest.raises(trio.ClosedResourceError):
+        sender.send_nowait(b"after eof")
+    assert await receiver.receive_some() == b""
+    writer, _ = _writer(sender)
+    writer.send_nowait(b"after eof")  # a writer reports it from run(), not to the producer
+    with trio.fail_after(TIMEOUT), pytest.raises(trio.BrokenResourceError):
+        await writer.run()
+    await receiver.aclose()
+    await sender.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        sender.send_nowait(b"after aclose")
+
+
+async def test_secure_send_nowait_while_another_task_sends(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=True)
+    _shrink(sender, receiver)
+    data = os.urandom(BIG)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send_all, data)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                sender.send_nowait(b"cut in")
+            assert await _read_exactly(receiver, len(data)) == data
+
+
+@KINDS
+@ENCRYPTED
+async def test_secure_send_nowait_partial_write_then_send_wire(res: Resources, kind: str, encrypted: bool) -> None:
+    sender, receiver = await res.pair(kind, encrypted=encrypted)
+    _shrink(sender, receiver)
+    data = os.urandom(BIG)
+    rest = sender.send_nowait(data)
+    wire = _wire_size(len(data), encrypted)
+    assert 0 < len(rest) < wire
+    if not encrypted:
+        assert bytes(rest) == data[len(data) - len(rest) :]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+
+            async def finish() -> None:
+                await sender.send_wire(rest)
+                await sender.send_all(b"next")
+
+            nursery.start_soon(finish)
+            got = await _read_exactly(receiver, len(data) + 4)
+    assert got == data + b"next"
+
+
+@ENCRYPTED
+async def test_secure_send_nowait_on_a_dead_socket_breaks_the_stream(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    await trio.aclose_forcefully(receiver)
+    with pytest.raises(trio.BrokenResourceError):
+        sender.send_nowait(b"x")
+    with pytest.raises(trio.BrokenResourceError):
+        sender.send_nowait(b"y")
+    with pytest.raises(trio.BrokenResourceError):
+        await sender.send_all(b"z")
