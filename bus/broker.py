@@ -492,15 +492,24 @@ class Broker:
             session.enqueue_encoded(session.framed.encode_message(item.body, item.channel))
 
     def channel_data(self, session: _Session, channel: int, data: bytes) -> None:
-        relay = self.core.channels.get((session.conn_id, channel))
+        half = (session.conn_id, channel)
+        relay = self.core.channels.get(half)
         if relay is None:
             return  # late bytes for a channel that was just reset or closed: dropped by design
+        direction = relay.outgoing(half)
+        dst = relay.other(half)
+        dst_session = self.sessions.get(dst[0])
+        if dst_session is not None and dst_session.out.queued_bytes <= self.relay_threshold and direction.forward(data):
+            # Nothing waits ahead and the receiver has room: straight on, no buffering.
+            dst_session.enqueue_encoded(encode_data(dst[1], data, self.config.max_frame))
+            self._return_credit(direction, session, channel)
+            return
         try:
-            relay.outgoing((session.conn_id, channel)).push(data)
+            direction.push(data)
         except CreditExceeded as exc:
             self.reset(relay, f"{session.key} broke the flow control: {exc}")
             return
-        self.pump(relay, relay.outgoing((session.conn_id, channel)))
+        self.pump(relay, direction)
 
     def channel_control(self, session: _Session, channel: int, body: dict[str, Any]) -> None:
         half = (session.conn_id, channel)
@@ -548,12 +557,8 @@ class Broker:
             chunk, credit = direction.take(64 * 1024)
             dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
             direction.credit_due += credit
-        # Credit goes back in batches of a quarter of the cap: no grant per small message (it
-        # would wake the sender for nothing), and the sender always keeps three quarters.
-        due = direction.credit_due
-        if due >= direction.cap // 4 and src_session is not None and not direction.eof_received:
-            direction.credit_due = 0
-            src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, src[1]))
+        if src_session is not None:
+            self._return_credit(direction, src_session, src[1])
         if direction.eof_received and not direction.buffer:
             # The end of this direction travels behind its data.
             if not direction.eof_sent:
@@ -561,6 +566,15 @@ class Broker:
                 direction.eof_sent = True
             if direction.close:
                 self.core.channels.close(relay)  # the closer's data is all delivered
+
+    @staticmethod
+    def _return_credit(direction: Direction, src_session: _Session, channel: int) -> None:
+        # Credit goes back in batches of half the cap: no grant per message (it would wake the
+        # sender for nothing), and the sender always keeps at least half of it.
+        due = direction.credit_due
+        if due >= direction.cap // 2 and not direction.eof_received:
+            direction.credit_due = 0
+            src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, channel))
 
     def unblock(self, session: _Session) -> None:
         waiting, session.blocked = session.blocked, set()

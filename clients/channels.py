@@ -22,6 +22,7 @@ opener's key), with box-stream when any hop crosses TCP: see :class:`Channel`.
 
 from __future__ import annotations
 
+import collections
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self.window = window
         self._credit = 0
         self._credit_changed = trio.Event()
-        self._incoming = bytearray()
+        # Received data frames, kept as they came (handed out without copying when they fit).
+        self._incoming: collections.deque[bytes] = collections.deque()
         self._incoming_changed = trio.Event()
         self._granted = 0  # credit given to the broker not yet used by it
         self._consumed = 0  # bytes read since the last grant
@@ -119,7 +121,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._enqueue(encode_control(self.channel, {"reset": "flow control broken"}))
             return
         self._granted -= len(data)
-        self._incoming += data
+        self._incoming.append(data)
         self.bytes_in += len(data)
         self._wake_receiver()
 
@@ -274,14 +276,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
                     return b""
                 await self._incoming_changed.wait()
                 waited = True
-            if max_bytes is None or max_bytes >= len(self._incoming):
-                out = bytes(self._incoming)
-                self._incoming.clear()
-            else:
-                out = bytes(self._incoming[:max_bytes])
-                del self._incoming[:max_bytes]
+            out = self._take_incoming(max_bytes)
             self._consumed += len(out)
-            if self._consumed >= self.window // 4 and not self._eof_received and self._broken is None:
+            if self._consumed >= self.window // 2 and not self._eof_received and self._broken is None:
                 self._grant(self._consumed)
                 self._consumed = 0
             if not waited:
@@ -299,6 +296,23 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._link.channels.pop(self.channel, None)
             self._wake_receiver()
             self._credit_changed.set()
+
+    def _take_incoming(self, max_bytes: int | None) -> bytes:
+        incoming = self._incoming
+        first = incoming.popleft()
+        limit = max(len(first), DEFAULT_WINDOW) if max_bytes is None else max_bytes
+        if len(first) > limit:
+            incoming.appendleft(first[limit:])
+            return first[:limit]
+        if not incoming or len(first) + len(incoming[0]) > limit:
+            return first
+        parts = [first]
+        size = len(first)
+        while incoming and size + len(incoming[0]) <= limit:
+            part = incoming.popleft()
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
 
     async def aclose(self) -> None:
         self.close_nowait()

@@ -62,6 +62,21 @@ class Direction:
         self.buffer += data
         self.bytes_total += len(data)
 
+    def forward(self, data: bytes) -> bool:
+        """The fast path: account for ``data`` going straight on to the receiver.
+
+        Only when nothing is buffered ahead of it and both the sender's credit and the
+        receiver's window cover it; otherwise returns False and changes nothing (use
+        :meth:`push`, which also reports the errors).
+        """
+        n = len(data)
+        if self.buffer or self.discard or self.eof_received or n > self.src_credit or n > self.dst_window:
+            return False
+        self.dst_window -= n
+        self.bytes_total += n
+        self.credit_due += n
+        return True
+
     def ready(self) -> int:
         """Bytes that may be written to the receiver now."""
         return min(len(self.buffer), self.dst_window)

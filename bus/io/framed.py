@@ -16,7 +16,7 @@ from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDe
 
 __all__ = ["FramedStream"]
 
-_RECEIVE_SIZE = 1 << 16
+_RECEIVE_SIZE = 1 << 18  # a whole 64 KiB data frame and more in one read
 
 
 class FramedStream:
