@@ -271,42 +271,82 @@ class FrameDecoder:
             raise ValueError("frame size limits must be positive")
         self.max_body = max_body
         self.max_control = min(max_control, max_body)
+        # Bytes arrive in chunks.  A chunk is kept as it came and frames are cut straight out
+        # of it (one copy, none for a frame that is the whole chunk); only what is left
+        # unread when more arrives goes into ``_buffer``.  At most one of the two holds bytes.
         self._buffer = bytearray()
+        self._chunk: bytes = b""
+        self._pos = 0
         self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
         self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a returned frame."""
-        return len(self._buffer)
+        return len(self._buffer) + len(self._chunk) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
-        self._buffer += data
+        if not data:
+            return
+        if self._pos < len(self._chunk):
+            self._spill()
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._chunk = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+
+    def _spill(self) -> None:
+        self._buffer += memoryview(self._chunk)[self._pos :]
+        self._chunk = b""
+        self._pos = 0
+
+    def _read_header(self, source: bytes | bytearray, pos: int) -> tuple[int, int, int]:
+        kind, flags, channel, length = HEADER.unpack_from(source, pos)
+        if kind not in (FrameKind.CONTROL, FrameKind.DATA):
+            raise self._fail(FrameError(f"unknown frame kind {kind}"))
+        if flags:
+            raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
+        limit = self.max_control if kind == FrameKind.CONTROL else self.max_body
+        if length > limit:
+            what = "control frame" if kind == FrameKind.CONTROL else "frame"
+            raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
+        return kind, channel, length
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
         self._check()
-        buf = self._buffer
-        if self._header is None:
-            if len(buf) < HEADER_SIZE:
+        if self._buffer:
+            buf = self._buffer
+            if self._header is None:
+                if len(buf) < HEADER_SIZE:
+                    return None
+                self._header = self._read_header(buf, 0)
+                del buf[:HEADER_SIZE]
+            kind, channel, length = self._header
+            if len(buf) < length:
                 return None
-            kind, flags, channel, length = HEADER.unpack_from(buf)
-            if kind not in (FrameKind.CONTROL, FrameKind.DATA):
-                raise self._fail(FrameError(f"unknown frame kind {kind}"))
-            if flags:
-                raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
-            limit = self.max_control if kind == FrameKind.CONTROL else self.max_body
-            if length > limit:
-                what = "control frame" if kind == FrameKind.CONTROL else "frame"
-                raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
-            del buf[:HEADER_SIZE]
-            self._header = (kind, channel, length)
-        kind, channel, length = self._header
-        if len(buf) < length:
-            return None
-        body = bytes(buf[:length])
-        del buf[:length]
+            body = bytes(buf[:length])
+            del buf[:length]
+        else:
+            chunk, pos = self._chunk, self._pos
+            if self._header is None:
+                if len(chunk) - pos < HEADER_SIZE:
+                    if pos < len(chunk):
+                        self._spill()
+                    return None
+                self._header = self._read_header(chunk, pos)
+                pos = self._pos = pos + HEADER_SIZE
+            kind, channel, length = self._header
+            if len(chunk) - pos < length:
+                if pos < len(chunk):
+                    self._spill()
+                return None
+            body = chunk if pos == 0 and length == len(chunk) else chunk[pos : pos + length]
+            self._pos = pos + length
+            if self._pos == len(chunk):
+                self._chunk, self._pos = b"", 0
         self._header = None
         if kind == FrameKind.DATA:
             return DataFrame(channel, body)
@@ -327,7 +367,7 @@ class FrameDecoder:
     def end_of_input(self) -> None:
         """The stream ended: an error if it ended inside a frame."""
         self._check()
-        if self._buffer or self._header is not None:
+        if self.buffered or self._header is not None:
             raise self._fail(FrameError("the stream ended inside a frame"))
 
     def _check(self) -> None:
@@ -337,4 +377,5 @@ class FrameDecoder:
     def _fail(self, error: FrameError) -> FrameError:
         self._error = error
         self._buffer.clear()
+        self._chunk, self._pos = b"", 0
         return error
