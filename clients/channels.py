@@ -330,6 +330,9 @@ class Channel(trio.abc.HalfCloseableStream):
         self, stream: SecureStream, raw: trio.abc.Stream, peer: PeerInfo, protocol: str, route: str
     ) -> None:
         self._stream = stream
+        # A plain channel needs nothing from the shs1 layer after its handshake: bytes go
+        # straight to the transport (a socket, or the relay stream), one layer fewer.
+        self._io: trio.abc.HalfCloseableStream = stream.plain_transport() or stream
         self.raw = raw
         self.peer = peer
         self.protocol = protocol
@@ -345,16 +348,16 @@ class Channel(trio.abc.HalfCloseableStream):
         return self._stream
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        await self._io.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
+        await self._io.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        await self._io.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)
+        return await self._io.receive_some(max_bytes)
 
     async def aclose(self) -> None:
         await self._stream.aclose()

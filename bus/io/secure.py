@@ -166,6 +166,19 @@ class SecureStream(trio.abc.HalfCloseableStream):
     def local_key(self) -> PublicKey:
         return self._require_outcome().local_key
 
+    def plain_transport(self) -> trio.abc.HalfCloseableStream | None:
+        """The transport, when this stream would only pass bytes through to it.
+
+        That is: plain (not encrypted), handshake done, nothing received beyond the
+        handshake still buffered here, and still open both ways.  A caller may then send
+        and receive on the transport directly (its errors and half-close are the same);
+        closing still goes through this stream.
+        """
+        if self.encrypted or self._outcome is None or self._incoming or self._eof_sent or self._state is not _State.OK:
+            return None
+        assert isinstance(self.transport, trio.abc.HalfCloseableStream)
+        return self.transport
+
     def _require_outcome(self) -> HandshakeOutcome:
         if self._outcome is None:
             raise LocalProtocolError("the handshake has not completed; await do_handshake() first")
