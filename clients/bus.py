@@ -67,6 +67,8 @@ DIRECT_TIMEOUT = 5.0  # for a direct TCP channel: the opener to connect and prov
 DEFAULT_CONNECT_TIMEOUT = 10.0
 WATCH_BUFFER = 1024
 OUTBOUND_BUFFER = 1024
+#: How often the byte counts of open direct channels are reported to the broker (seconds).
+CHANNEL_REPORT_INTERVAL = 1.0
 
 
 class CannotConnect(BusError):
@@ -340,6 +342,8 @@ class Bus:
         ] = {}
         self._nursery: trio.Nursery | None = None
         self._rpc: dict[str, RpcConnection] = {}
+        # Open direct channels: (link, channel id there, counts last reported).
+        self._direct: dict[Channel, tuple[_Link, int, tuple[int, int] | None]] = {}
         self._rpc_locks: dict[str, trio.Lock] = {}
         self._link: _Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
@@ -670,6 +674,7 @@ class Bus:
                 opener=PeerInfo.from_wire(request.arg("opener", dict)),
                 route=request.arg("route", str),
                 encrypted=request.arg("encrypted", bool),
+                channel=channel,
             )
         except (RequestError, KeyError, TypeError) as exc:
             return ErrorReply(request.id, "minibus.Error.BadRequest", f"channel_request: {exc}").to_wire()
@@ -700,7 +705,7 @@ class Bus:
         else:
             transport = RelayStream(link, channel, window=window)
             link.channels[channel] = transport
-        self._nursery.start_soon(self._serve_channel, transport, ask, handler)
+        self._nursery.start_soon(self._serve_channel, transport, ask, handler, link)
         return Reply(request.id, {}).to_wire()
 
     def _listen_host(self, link: _Link) -> str:
@@ -759,11 +764,13 @@ class Bus:
                         log.info("direct channel: refused a connection with a wrong or used token")
                         await trio.aclose_forcefully(candidate)
                         continue
+                    candidate.bytes_received = 0  # the token is not the channel's data
                     chosen = candidate
         if chosen is None:
             log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
             return
-        await self._run_handler(handler, Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"))
+        channel = self._track_direct(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"), link, ask.channel)
+        await self._run_handler(handler, channel)
 
     @staticmethod
     async def _run_handler(handler: Callable[[Channel], Awaitable[Any]], channel: Channel) -> None:
@@ -793,7 +800,11 @@ class Bus:
         return None if fd is None else socket.socket(fileno=fd)
 
     async def _serve_channel(
-        self, relay: trio.abc.HalfCloseableStream, ask: ChannelRequest, handler: Callable[[Channel], Awaitable[Any]]
+        self,
+        relay: trio.abc.HalfCloseableStream,
+        ask: ChannelRequest,
+        handler: Callable[[Channel], Awaitable[Any]],
+        link: _Link | None = None,
     ) -> None:
         if isinstance(relay, RelayStream):
             # The broker opens the relay when it reads our acceptance, which precedes this grant.
@@ -811,11 +822,16 @@ class Bus:
         except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("channel from %s failed its handshake: %s", ask.opener.unique_id, exc)
             await trio.aclose_forcefully(secure)
+            if link is not None and ask.route == "unix-fd":
+                self._send_channel_report(link, ask.channel, 0, 0, closed=True)
             return
         except BaseException:
             await trio.aclose_forcefully(secure)
             raise
-        await self._run_handler(handler, Channel(secure, relay, ask.opener, ask.protocol, ask.route))
+        channel = Channel(secure, relay, ask.opener, ask.protocol, ask.route)
+        if link is not None and ask.route == "unix-fd":
+            self._track_direct(channel, link, ask.channel)
+        await self._run_handler(handler, channel)
 
     def handle_channels(
         self,
@@ -884,12 +900,16 @@ class Bus:
         )
         if result.get("route") == "tcp":
             try:
-                return await self._dial_direct(result, protocol)
+                channel = await self._dial_direct(result, protocol)
             except (OSError, HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                if link is not None:
+                    self._send_channel_report(link, result["channel"], 0, 0, closed=True)
                 if route == "direct":
                     raise ChannelRejected(f"the direct connection to {name} failed: {exc!r}") from exc
                 log.info("direct connection to %s failed (%r); relaying instead", name, exc)
                 return await self.open_channel(name, protocol, "relay", window=window)
+            assert link is not None
+            return self._track_direct(channel, link, result["channel"])
         if not opened:
             raise ConnectionLost("the socket for the unix-fd route did not arrive")
         relay = opened[0]
@@ -901,8 +921,47 @@ class Bus:
             await secure.do_handshake()
         except BaseException:
             await trio.aclose_forcefully(secure)
+            if link is not None and result["route"] == "unix-fd":
+                self._send_channel_report(link, result["channel"], 0, 0, closed=True)
             raise
-        return Channel(secure, relay, peer, protocol, result["route"])
+        channel = Channel(secure, relay, peer, protocol, result["route"])
+        if link is not None and result["route"] == "unix-fd":
+            self._track_direct(channel, link, result["channel"])
+        return channel
+
+    # -- direct channels: their byte counts for the broker (it does not see their bytes) ------
+
+    def _track_direct(self, channel: Channel, link: _Link, channel_id: int) -> Channel:
+        self._direct[channel] = (link, channel_id, None)
+
+        def closed() -> None:
+            entry = self._direct.pop(channel, None)
+            if entry is not None:
+                self._send_channel_report(entry[0], entry[1], channel.bytes_in, channel.bytes_out, closed=True)
+
+        channel.on_close = closed
+        return channel
+
+    def _send_channel_report(self, link: _Link, channel_id: int, bytes_in: int, bytes_out: int, *, closed: bool) -> None:
+        """Fire and forget: the broker's answer (or its error, if it forgot us) is not awaited."""
+        if link.closed or link is not self._link:
+            return  # the broker behind that link is gone, and with it its record of the channel
+        request_id = self._next_id
+        self._next_id += 1
+        report = {"channel": channel_id, "bytes_in": bytes_in, "bytes_out": bytes_out, "closed": closed}
+        try:
+            link.send.send_nowait(link.framed.encode_message(Request("channel_report", request_id, report).to_wire()))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+
+    async def _report_direct_channels(self) -> None:
+        while True:
+            await trio.sleep(CHANNEL_REPORT_INTERVAL)
+            for channel, (link, channel_id, last) in list(self._direct.items()):
+                counts = (channel.bytes_in, channel.bytes_out)
+                if counts != last:
+                    self._direct[channel] = (link, channel_id, counts)
+                    self._send_channel_report(link, channel_id, *counts, closed=False)
 
     # -- RPC ----------------------------------------------------------------------------------
 
@@ -945,6 +1004,7 @@ class Bus:
             try:
                 await secure.do_handshake()
                 await secure.send_all(result["token"])
+                secure.bytes_sent = 0  # the token is not the channel's data
             except BaseException:
                 await trio.aclose_forcefully(secure)
                 raise
@@ -970,6 +1030,7 @@ class Bus:
             self._nursery = nursery
             self._link = link
             nursery.start_soon(self._run_link, link)
+            nursery.start_soon(self._report_direct_channels)
             await self._restore(link)
             task_status.started()
             while True:

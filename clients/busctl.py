@@ -232,10 +232,16 @@ async def verb_status(args: argparse.Namespace) -> None:
     for key, value in fields:
         _out(f"{key + ':':17}{_safe(value)}")
     for ch in entry.channels:
+        if "bytes_in" in ch:
+            counted = f"{ch.get('bytes_in')} bytes in, {ch.get('bytes_out')} bytes out"
+            if ch.get("route") != "relay":
+                counted += " (as its end last reported)"
+        else:
+            counted = "bytes not reported yet"
         _out(
             _safe(
                 f"{'channel:':17}{ch.get('channel')} {ch.get('protocol')} via {ch.get('route')} with {ch.get('peer')} "
-                f"(opened by {ch.get('opened_by')}), {ch.get('bytes_in', 0)} bytes in, {ch.get('bytes_out', 0)} bytes out"
+                f"(opened by {ch.get('opened_by')}), {counted}"
             )
         )
 

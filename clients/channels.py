@@ -71,6 +71,7 @@ class ChannelRequest:
     opener: PeerInfo
     route: str
     encrypted: bool
+    channel: int = 0  # the channel's id on our bus connection
 
 
 class RelayStream(trio.abc.HalfCloseableStream):
@@ -333,6 +334,10 @@ class Channel(trio.abc.HalfCloseableStream):
         # A plain channel needs nothing from the shs1 layer after its handshake: bytes go
         # straight to the transport (a socket, or the relay stream), one layer fewer.
         self._io: trio.abc.HalfCloseableStream = stream.plain_transport() or stream
+        self._fast = self._io is not stream
+        self._sent = self._received = 0  # counted here only on the fast path (else by the stream)
+        #: Called once when this end is closed (the bus reports a direct channel's end).
+        self.on_close: Callable[[], None] | None = None
         self.raw = raw
         self.peer = peer
         self.protocol = protocol
@@ -347,8 +352,20 @@ class Channel(trio.abc.HalfCloseableStream):
         """The shs1 layer of this channel (for a :class:`~bus.io.writer.FrameWriter`)."""
         return self._stream
 
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received on this channel (after decryption)."""
+        return self._received + self._stream.bytes_received
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent on this channel (before encryption)."""
+        return self._sent + self._stream.bytes_sent
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._io.send_all(data)
+        if self._fast:
+            self._sent += len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._io.wait_send_all_might_not_block()
@@ -357,9 +374,15 @@ class Channel(trio.abc.HalfCloseableStream):
         await self._io.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._io.receive_some(max_bytes)
+        data = await self._io.receive_some(max_bytes)
+        if self._fast:
+            self._received += len(data)
+        return data
 
     async def aclose(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         await self._stream.aclose()
 
     def __repr__(self) -> str:

@@ -519,3 +519,89 @@ async def test_opener_vanishing_breaks_the_target_end(tmp_path: Path) -> None:
             with trio.fail_after(10):
                 while len(rb.broker.core.channels):
                     await trio.sleep(0.01)
+
+
+# -- direct channels as the broker lists them ----------------------------------------------------
+
+
+async def _listed(rb: RunningBroker, unique_id: str) -> list[dict[str, Any]]:
+    conn = rb.broker.core.connections[int(unique_id[1:])]
+    return rb.broker.core._channels_of(conn)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_direct_channels_are_listed_with_the_byte_counts_their_ends_report(
+    tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clients.bus
+
+    monkeypatch.setattr(clients.bus, "CHANNEL_REPORT_INTERVAL", 0.05)
+    async with pair(tmp_path, transport) as (rb, service, client):
+        accepted = hand_over_channels(service)
+        ch = await client.open_channel("org.example.Echo", route="direct")
+        route = "unix-fd" if transport == "unix" else "tcp"
+        assert ch.route == route
+        theirs = await accepted.receive()
+        # Before any report the broker knows the channel, not its bytes.
+        (mine,) = await _listed(rb, client.unique_id)
+        assert (mine["route"], mine["opened_by"], mine["peer"], mine["reported"]) == (route, "self", service.unique_id, False)
+        await ch.send_all(b"x" * 5000)
+        got = 0
+        while got < 5000:
+            got += len(await theirs.receive_some())
+        await theirs.send_all(b"y" * 300)
+        assert len(await ch.receive_some()) == 300
+        with trio.fail_after(10):
+            while True:
+                (mine,) = await _listed(rb, client.unique_id)
+                (other,) = await _listed(rb, service.unique_id)
+                if mine.get("bytes_out") == 5000 and other.get("bytes_in") == 5000 and other.get("bytes_out") == 300:
+                    break
+                await trio.sleep(0.02)
+        assert mine["bytes_in"] == 300 and other["opened_by"] == "peer" and other["peer"] == client.unique_id
+        # The status an admin sees over the bus carries the same entry.
+        entry = await client.info(client.unique_id)
+        assert [c["route"] for c in entry.channels] == [route]
+        await ch.aclose()
+        with trio.fail_after(10):
+            while await _listed(rb, client.unique_id) or await _listed(rb, service.unique_id):
+                await trio.sleep(0.02)
+        assert rb.broker.core.direct == {}
+
+
+async def test_direct_channel_records_go_when_an_end_leaves_the_bus(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo") as service:
+            accepted = hand_over_channels(service)
+            async with open_bus(rb.unix_address, identity=FRIEND) as client:
+                ch = await client.open_channel("org.example.Echo", route="direct")
+                await accepted.receive()
+                assert len(rb.broker.core.direct) == 2  # one record, under both halves
+            # The opener left the bus (its channel may even live on): the broker forgets it.
+            with trio.fail_after(10):
+                while rb.broker.core.direct:
+                    await trio.sleep(0.02)
+            await trio.aclose_forcefully(ch)
+
+
+async def test_channel_reports_that_do_not_fit_are_refused_and_the_connection_kept(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        conn = await raw_connect(rb.unix_address, FRIEND)
+        await conn.send_message({"op": "hello", "id": 1})
+        await conn.receive_frame()
+        for rid, report in enumerate(
+            [
+                {"channel": 7, "bytes_in": 1, "bytes_out": 2},  # no such direct channel here
+                {"channel": 7, "bytes_in": -1, "bytes_out": 2},
+                {"channel": "7", "bytes_in": 1, "bytes_out": 2},
+            ],
+            start=2,
+        ):
+            await conn.send_message({"op": "channel_report", "id": rid, **report})
+            frame = await conn.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            assert frame.message["re"] == rid and frame.message["error"]["code"] == BadRequest.wire_code
+        await conn.send_message({"op": "ping", "id": 9})
+        frame = await conn.receive_frame()
+        assert isinstance(frame, ControlFrame) and frame.message == {"re": 9, "result": {}}
+        await conn.aclose()

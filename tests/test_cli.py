@@ -318,9 +318,31 @@ def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path:
         assert holder.stdout.readline() == b"ping\n"
         status = busctl(env, "status", "org.example.Echo")
         assert "channel:" in status.stdout and "raw via relay" in status.stdout and "bytes in" in status.stdout
-        holder.stdin.close()
-        assert holder.wait(timeout=15) == 0
-        holder.stdout.close()
+        # A direct (unix-fd) channel: the broker lists it with the counts its ends report.
+        direct = subprocess.Popen(
+            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--route", "direct"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        assert direct.stdin is not None and direct.stdout is not None
+        direct.stdin.write(b"pong\n")
+        direct.stdin.flush()
+        assert direct.stdout.readline() == b"pong\n"
+        deadline = time.monotonic() + 15
+        while "raw via unix-fd" not in status.stdout or "5 bytes in, 5 bytes out (as its end last reported)" not in status.stdout:
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.2)
+            status = busctl(env, "status", "org.example.Echo")
+        for pipe in (holder, direct):
+            assert pipe.stdin is not None and pipe.stdout is not None
+            pipe.stdin.close()
+            assert pipe.wait(timeout=15) == 0
+            pipe.stdout.close()
+        status = busctl(env, "status", "org.example.Echo")
+        deadline = time.monotonic() + 15
+        while "channel:" in status.stdout:  # both ends closed: the broker forgets both channels
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.2)
+            status = busctl(env, "status", "org.example.Echo")
     finally:
         _stop(echo)
 

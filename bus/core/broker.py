@@ -75,6 +75,21 @@ class PendingOpen:
     route: str = "relay"
     token: bytes = b""
 
+@dataclass(slots=True)
+class DirectChannel:
+    """A channel whose bytes bypass the broker (unix-fd or tcp), as its ends report it.
+
+    The broker only negotiated it; each end reports its byte counts with
+    ``channel_report`` (about once a second while they change, and when it closes), and the
+    record goes when either end reports it closed or leaves the bus."""
+
+    a: tuple[int, int]  # (opener, its channel id)
+    b: tuple[int, int]  # (target, its channel id)
+    protocol: str
+    route: str
+    counts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # half -> (in, out)
+
+
 class ChannelMessage(NamedTuple):
     """A CONTROL frame on a channel (not channel 0): credit, eof, close or reset."""
 
@@ -169,6 +184,8 @@ class BrokerCore:
         self.channels = ChannelTable(cap=self.limits.relay_credit, channels_per_connection=self.limits.channels_per_connection)
         # Channel openings waiting for the target's answer, by (target conn, request id).
         self.pending_opens: dict[tuple[int, int], PendingOpen] = {}
+        # Channels negotiated for a direct route, by both halves.
+        self.direct: dict[tuple[int, int], DirectChannel] = {}
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
         self.fd_passing = True
 
@@ -205,6 +222,8 @@ class BrokerCore:
         for ch in self.channels.forget_connection(conn_id):
             other = ch.b if ch.a[0] == conn_id else ch.a
             out.append(ChannelMessage(other[0], other[1], {"reset": f"{conn.unique_id} disconnected"}))
+        for half in [h for h in self.direct if h[0] == conn_id]:
+            self._forget_direct(half)
         for key, pend in list(self.pending_opens.items()):
             if pend.target == conn_id and pend.route == "unix-fd":
                 out.append(DropFd(key))
@@ -291,8 +310,9 @@ class BrokerCore:
             if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 err = ChannelRejected(f"{target.unique_id} accepted without a usable host and port")
                 return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
+            self._add_direct(pend)
             result = {
-                "channel": 0,
+                "channel": pend.a[1],
                 "route": "tcp",
                 "encrypted": True,
                 "peer": self._peer(target),
@@ -305,6 +325,7 @@ class BrokerCore:
         if pend.route == "unix-fd":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return [DropFd(key)]  # the target's end closes with the opener gone: it sees EOF
+            self._add_direct(pend)
             result = {
                 "channel": pend.a[1],
                 "route": "unix-fd",
@@ -349,6 +370,34 @@ class BrokerCore:
         who = target.unique_id if target else f":{target_id}"
         err = ChannelRejected(f"{who} did not answer the channel request within {seconds:g} s")
         return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
+
+    # -- direct channels (their ends report them) ------------------------------------------------
+
+    def _add_direct(self, pend: PendingOpen) -> None:
+        record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route)
+        self.direct[pend.a] = self.direct[pend.b] = record
+
+    def _forget_direct(self, half: tuple[int, int]) -> None:
+        record = self.direct.pop(half, None)
+        if record is not None:
+            for other in (record.a, record.b):
+                self.direct.pop(other, None)
+
+    def _channel_report(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """A direct channel's end reports its byte counts (and whether it closed)."""
+        channel = req.arg("channel", int)
+        counts = (req.arg("bytes_in", int), req.arg("bytes_out", int))
+        if min(counts) < 0:
+            raise BadRequest("channel_report: byte counts cannot be negative")
+        half = (conn.id, channel)
+        record = self.direct.get(half)
+        if record is None:
+            raise BadRequest(f"channel_report: this connection has no direct channel {channel}")
+        if req.arg("closed", bool, False):
+            self._forget_direct(half)
+        else:
+            record.counts[half] = counts
+        return {}
 
     # -- relayed channels (the io layer moves the bytes) ------------------------------------------
 
@@ -468,6 +517,21 @@ class BrokerCore:
                     "bytes_in": ch.incoming(half).bytes_total,
                 }
             )
+        direct = sorted({id(r): (h, r) for h, r in self.direct.items() if h[0] == conn.id}.values(), key=lambda hr: hr[0][1])
+        for half, record in direct:
+            peer = record.b if half == record.a else record.a
+            reported = record.counts.get(half)
+            entry: dict[str, Any] = {
+                "channel": half[1],
+                "protocol": record.protocol,
+                "route": record.route,
+                "opened_by": "self" if half == record.a else "peer",
+                "peer": f":{peer[0]}",
+                "reported": reported is not None,
+            }
+            if reported is not None:
+                entry["bytes_in"], entry["bytes_out"] = reported
+            listed.append(entry)
         return listed
 
     def _watch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
@@ -569,6 +633,7 @@ class BrokerCore:
         "watch": _watch,
         "unwatch": _unwatch,
         "open_channel": _open_channel,
+        "channel_report": _channel_report,
     }
 
     # -- helpers -----------------------------------------------------------------------------

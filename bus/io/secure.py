@@ -110,6 +110,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._incoming = bytearray()  # plaintext received but not yet returned
         self._eof_sent = False
         self._eof_received = False
+        #: Plaintext bytes sent and received after the handshake.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # -- construction ------------------------------------------------------------------
 
@@ -292,6 +295,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             else:
                 payload = data
             await self._transport_send(payload)
+            self.bytes_sent += len(data)
 
     def send_nowait(self, data: bytes | bytearray | memoryview) -> memoryview:
         """Send ``data`` as far as the transport takes it without waiting (no checkpoint).
@@ -311,6 +315,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._outcome is None:
             raise LocalProtocolError("send_nowait needs a completed handshake")
         wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
+        self.bytes_sent += len(data)  # taken: what the socket does not take now follows in send_wire
         if not wire:
             return wire
         sock = getattr(self.transport, "socket", None)
@@ -385,6 +390,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
     # -- receiving ---------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self._receive_some(max_bytes)
+        self.bytes_received += len(data)
+        return data
+
+    async def _receive_some(self, max_bytes: int | None) -> bytes:
         with self._receive_conflict:
             if max_bytes is not None:
                 max_bytes = operator.index(max_bytes)
