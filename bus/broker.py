@@ -427,7 +427,9 @@ class Broker:
             return
         if self._shutting_down:
             return
-        framed = FramedStream(stream, max_frame=cfg.max_frame, max_control=cfg.max_control)
+        framed = FramedStream(
+            stream, max_frame=cfg.max_frame, max_control=cfg.max_control, receive_stream=stream.plain_transport()
+        )
         try:
             conn = self.core.connect(stream.peer_key, kind, pid, uid)
         except QuotaExceeded as exc:

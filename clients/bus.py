@@ -517,7 +517,7 @@ class Bus:
 
     async def _connect(self) -> _Link:
         stream, endpoint = await self._dial()
-        framed = FramedStream(stream)
+        framed = FramedStream(stream, receive_stream=stream.plain_transport())
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
         names = list(self.requested_names.items())
         first = names[0] if names else None

@@ -26,8 +26,12 @@ class FramedStream:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_control: int = DEFAULT_MAX_CONTROL,
+        receive_stream: trio.abc.ReceiveStream | None = None,
     ) -> None:
         self.stream = stream
+        # Where frames are read from: ``stream`` unless a layer below it may be read directly
+        # (a plain SecureStream's transport, see SecureStream.plain_transport).
+        self._receive_stream = receive_stream or stream
         self.max_frame = max_frame
         self.max_control = max_control
         self._decoder = FrameDecoder(max_frame, max_control)
@@ -43,7 +47,7 @@ class FramedStream:
             frame = decoder.next_frame()
             if frame is not None:
                 return frame
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 decoder.end_of_input()
                 return None
