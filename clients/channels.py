@@ -204,7 +204,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+    def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the credit and the link's queue allow now, in whole frames (no waiting).
 
         Returns how many bytes were taken (0 while a ``send_all`` is in progress).  Lets a

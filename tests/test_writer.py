@@ -14,13 +14,17 @@ Covered, plain and encrypted (box-stream), over Unix socketpairs and loopback TC
 * ``send_with_fd``: the descriptor travels over a plain Unix stream to an FdSocketStream,
   works on the other side, in order with the frames around it, and the writer's copy is
   closed; an encrypted or TCP stream makes ``run()`` raise BrokenResourceError;
-* ``stop()`` (returns at a frame boundary, finishing a partial frame first) and ``close()``
-  (drops queued frames, closes queued descriptors, later sends raise, wakes ``send()``);
+* ``stop()`` (returns at a frame boundary, finishing a partial frame first), ``finish()``
+  (returns once everything accepted is written) and ``close()`` (drops queued frames,
+  closes queued descriptors, later sends raise, wakes ``send()``); ``has_room``;
 * a vanished peer: ``send_nowait`` never raises to the producer, ``run()`` raises
   BrokenResourceError;
 * ``SecureStream.send_nowait`` itself: non-socket transports get all wire bytes back,
   before the handshake LocalProtocolError, after send_eof/aclose ClosedResourceError,
   during another send BusyResourceError, a dead socket breaks the stream.
+
+Two tests pin bugs this file found (descriptors over plain TCP; a SecureStream over a
+SecureStream).
 """
 
 from __future__ import annotations
@@ -118,9 +122,15 @@ def _pending(receiver: SecureStream) -> int:
 
 
 def _shrink(sender: SecureStream, receiver: SecureStream) -> None:
-    """Make the kernel buffers between the two small (a few KiB)."""
+    """Make the kernel buffers between the two small (a few KiB; tens of KiB over TCP).
+
+    A TCP receive buffer shrunk after the connection opened slows loopback to a crawl, so
+    over TCP only the sending buffer shrinks.
+    """
     _sock(sender).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    _sock(receiver).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    receiving = _sock(receiver)
+    if receiving.family == socket.AF_UNIX:
+        receiving.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
 
 def _wire_size(size: int, encrypted: bool) -> int:
@@ -288,7 +298,9 @@ async def test_bounded_queue_send_nowait_refuses_and_send_waits(res: Resources, 
     big = _fill_with_partial_frame(writer, sender, receiver)
     queued = [os.urandom(500 + i) for i in range(3)]
     for frame in queued:
+        assert writer.has_room
         writer.send_nowait(frame)
+    assert not writer.has_room
     with pytest.raises(trio.WouldBlock):
         writer.send_nowait(b"one too many")
     mine, _theirs = res.socketpair()
@@ -326,6 +338,7 @@ async def test_bounded_queue_send_nowait_refuses_and_send_waits(res: Resources, 
     assert got == expected
     assert len(writer) == 0
     assert writer.queued_bytes == 0
+    assert writer.has_room
     assert calls.queued and calls.queued[-1] == 0
     await _assert_nothing_more(sender, receiver)
 
@@ -453,14 +466,39 @@ async def test_send_with_fd_over_an_encrypted_stream_breaks_run(res: Resources) 
     assert receiving.take_fd() is None
 
 
-async def test_send_with_fd_over_tcp_breaks_run(res: Resources) -> None:
-    sender, _ = await res.pair("tcp", encrypted=False)
+async def test_send_with_fd_over_plain_tcp_breaks_run(res: Resources) -> None:
+    """Descriptors need a plain Unix socket: over plain TCP ``sendmsg`` would accept
+    SCM_RIGHTS and the kernel silently drop the descriptor.  Like an encrypted stream,
+    run() raises BrokenResourceError and nothing of the frame is sent.
+    """
+    sender, receiver = await res.pair("tcp", encrypted=False)
     writer, _ = _writer(sender)
     mine, _ = res.socketpair()
     writer.send_with_fd(b"carrier", mine)
-    with trio.fail_after(TIMEOUT), pytest.raises(trio.BrokenResourceError):
-        await writer.run()
+    outcome: list[BaseException | None] = []
+
+    async def runner() -> None:
+        try:
+            await writer.run()
+        except trio.BrokenResourceError as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
+            await trio.testing.wait_all_tasks_blocked()  # run() either failed or went idle
+            writer.stop()
+        arrived = b""
+        with trio.move_on_after(0.2):
+            arrived = await receiver.receive_some()
     assert mine.fileno() == -1
+    assert len(outcome) == 1 and isinstance(outcome[0], trio.BrokenResourceError), (
+        f"BUG: over plain TCP the descriptor was silently dropped; the peer got {arrived!r} "
+        "with no descriptor and run() did not fail"
+    )
+    assert arrived == b""
 
 
 # -- 6. stop() and close() ----------------------------------------------------------------------
@@ -488,6 +526,22 @@ async def test_stop_finishes_the_partial_frame_then_returns(res: Resources, encr
     await _assert_nothing_more(sender, receiver)
 
 
+@ENCRYPTED
+async def test_stop_before_run_still_finishes_the_partial_frame(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    writer.send_nowait(b"not after stop")
+    writer.stop()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            got = await _read_exactly(receiver, len(big))
+    assert got == big
+    assert not writer.mid_frame and len(writer) == 1
+    await _assert_nothing_more(sender, receiver)
+
+
 async def test_stop_returns_from_an_idle_run(res: Resources) -> None:
     sender, _ = await res.pair("unix", encrypted=False)
     writer, _ = _writer(sender)
@@ -497,6 +551,37 @@ async def test_stop_returns_from_an_idle_run(res: Resources) -> None:
             await trio.testing.wait_all_tasks_blocked()
             writer.stop()
     assert not writer.mid_frame
+
+
+@ENCRYPTED
+async def test_finish_returns_once_everything_accepted_is_written(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    queued = [os.urandom(100) for _ in range(3)] + [os.urandom(BIG)]
+    for frame in queued:
+        writer.send_nowait(frame)
+    expected = big + b"".join(queued)
+    writer.finish()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            got = await _read_exactly(receiver, len(expected))
+        # run() returned by itself (no stop()), after the last frame.
+    assert got == expected
+    assert len(writer) == 0 and writer.queued_bytes == 0 and not writer.mid_frame
+    assert calls.queued[-1] == 0
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_finish_returns_from_an_idle_run(res: Resources) -> None:
+    sender, _ = await res.pair("unix", encrypted=True)
+    writer, _ = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.testing.wait_all_tasks_blocked()
+            writer.finish()
 
 
 @ENCRYPTED
@@ -529,6 +614,8 @@ async def test_close_drops_queued_frames_and_descriptors(res: Resources, encrypt
         theirs.settimeout(TIMEOUT)
         assert theirs.recv(10) == b""  # the only copy of its peer is gone
     assert len(writer) == 1  # only the partial frame remains
+    assert writer.queued_bytes == len(big)  # the dropped frames no longer count
+    assert not writer.has_room
     with pytest.raises(trio.ClosedResourceError):
         writer.send_nowait(b"after close")
     late, _ = res.socketpair()
@@ -672,22 +759,37 @@ async def test_frame_writer_over_a_memory_stream_queues_everything(encrypted: bo
     await receiver.aclose()
 
 
-@pytest.mark.parametrize("kind", ["memory", "unix"])
-async def test_secure_send_nowait_before_the_handshake(res: Resources, kind: str) -> None:
-    if kind == "memory":
-        left, right = trio.testing.memory_stream_pair()
-    else:
-        left, right = unix_stream_pair()
-        res.streams += [left, right]
+async def test_secure_send_nowait_before_the_handshake_over_memory() -> None:
+    left, right = trio.testing.memory_stream_pair()
     client = SecureStream.client(left, CLIENT, SERVER.public_key)
     with pytest.raises(LocalProtocolError):
         client.send_nowait(b"too early")
-    if kind == "unix":
-        count = array.array("i", [0])
-        fcntl.ioctl(right.socket.fileno(), termios.FIONREAD, count)
-        assert count[0] == 0  # nothing reached the wire
+    # Nothing reached the transport: the handshake and the stream still work.
+    server = SecureStream.server(right, SERVER)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await client.send_all(b"fine")
+        assert await _read_exactly(server, 4) == b"fine"
     await client.aclose()
-    await right.aclose()
+    await server.aclose()
+
+
+@ENCRYPTED
+async def test_secure_send_nowait_before_the_handshake_over_a_socket(res: Resources, encrypted: bool) -> None:
+    left, right = unix_stream_pair()
+    res.streams += [left, right]
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
+    res.streams.append(client)
+    with pytest.raises(LocalProtocolError):
+        client.send_nowait(b"too early")
+    count = array.array("i", [0])
+    fcntl.ioctl(right.socket.fileno(), termios.FIONREAD, count)
+    assert count[0] == 0  # nothing reached the wire
+    writer, _ = _writer(client)
+    with pytest.raises(LocalProtocolError):  # a caller bug: raised to the caller at once
+        writer.send_nowait(b"too early")
 
 
 @ENCRYPTED
@@ -743,13 +845,50 @@ async def test_secure_send_nowait_partial_write_then_send_wire(res: Resources, k
     assert got == data + b"next"
 
 
+async def test_secure_send_nowait_over_another_secure_stream() -> None:
+    """A SecureStream over another SecureStream: the inner one has no synchronous
+    ``send_some_nowait`` (its ``send_nowait`` returns the unsent rest, not a count), so
+    all wire bytes come back and ``send_wire`` delivers them, exactly once, in order.
+    """
+    inner_sender, inner_receiver = await secure_stream_pair(unix_stream_pair(), CLIENT, SERVER, encrypted=True)
+    sender, receiver = await secure_stream_pair((inner_sender, inner_receiver), CLIENT, SERVER, encrypted=True)
+    data = os.urandom(1000)
+    try:
+        with trio.fail_after(TIMEOUT):
+            rest = sender.send_nowait(data)
+            assert len(rest) > len(data)  # every wire byte came back (box headers included)
+            await sender.send_wire(rest)
+            await sender.send_all(b"next")
+            assert await _read_exactly(receiver, len(data) + 4) == data + b"next"
+    finally:
+        for stream in (sender, receiver, inner_sender, inner_receiver):
+            await trio.aclose_forcefully(stream)
+
+
 @ENCRYPTED
 async def test_secure_send_nowait_on_a_dead_socket_breaks_the_stream(res: Resources, encrypted: bool) -> None:
     sender, receiver = await res.pair("unix", encrypted=encrypted)
     await trio.aclose_forcefully(receiver)
     with pytest.raises(trio.BrokenResourceError):
         sender.send_nowait(b"x")
+    # The stream itself is broken now, for calls that would not touch the socket too.
     with pytest.raises(trio.BrokenResourceError):
-        sender.send_nowait(b"y")
+        sender.send_nowait(b"")
+    with pytest.raises(trio.BrokenResourceError):
+        await sender.receive_some()  # not a clean EOF
     with pytest.raises(trio.BrokenResourceError):
         await sender.send_all(b"z")
+
+
+async def test_nothing_is_taken_after_stop(res: Resources) -> None:
+    """After stop() the writer takes no frame, not even on the fast path of an idle socket."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, _ = _writer(sender)
+    writer.send_nowait(b"before")
+    writer.stop()
+    with pytest.raises(trio.ClosedResourceError, match="stopped"):
+        writer.send_nowait(b"after")
+    with trio.fail_after(TIMEOUT):
+        await writer.run()  # returns at once: nothing half-written
+        assert await _read_exactly(receiver, 6) == b"before"
+    await _assert_nothing_more(sender, receiver)

@@ -303,8 +303,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         For a stream whose handshake is done.  Returns the wire bytes (ciphertext when
         encrypted) that were not written: pass them to :meth:`send_wire` before sending
         anything else.  A socket transport is written to directly; any other transport is
-        used when it has a synchronous ``send_nowait(data) -> int`` of its own (a relayed
-        channel does), else all of the wire bytes come back.  A failed transport raises
+        used when it has a synchronous ``send_some_nowait(data) -> int`` (bytes taken) of
+        its own (a relayed channel does), else all of the wire bytes come back.  A failed transport raises
         :class:`trio.BrokenResourceError` and breaks the stream.
         """
         if self._send_conflict.held:
@@ -315,7 +315,6 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._outcome is None:
             raise LocalProtocolError("send_nowait needs a completed handshake")
         wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
-        self.bytes_sent += len(data)  # taken: what the socket does not take now follows in send_wire
         if not wire:
             return wire
         sock = getattr(self.transport, "socket", None)
@@ -328,15 +327,18 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
                 self._mark_broken(broken)
                 raise broken from exc
-            return wire[sent:]
-        send_nowait: Callable[[memoryview], int] | None = getattr(self.transport, "send_nowait", None)
-        if send_nowait is None:
-            return wire
-        try:
-            sent = send_nowait(wire)
-        except trio.BrokenResourceError as exc:
-            self._mark_broken(exc)
-            raise
+        else:
+            send_some: Callable[[memoryview], int] | None = getattr(self.transport, "send_some_nowait", None)
+            if send_some is None:
+                sent = 0  # e.g. another SecureStream: everything goes through send_wire
+            else:
+                try:
+                    sent = send_some(wire)
+                except trio.BrokenResourceError as exc:
+                    self._mark_broken(exc)
+                    raise
+        # Taken: what the transport did not take now follows in send_wire.
+        self.bytes_sent += len(data)
         return wire[sent:]
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:

@@ -60,7 +60,10 @@ class FrameWriter:
         self._room = trio.Event()
 
     def __len__(self) -> int:
-        """Frames waiting to be written (a partly written one included)."""
+        """Frames waiting in the queue, plus one that ``send_nowait`` wrote only part of.
+
+        (Not counted: frames ``run()`` already took and is writing.  ``max_frames`` bounds
+        the queue; the partly written frame is one more.)"""
         return len(self._queue) + (self._rest is not None)
 
     @property
@@ -79,8 +82,8 @@ class FrameWriter:
         Raises :class:`trio.WouldBlock` when ``max_frames`` frames already wait and
         :class:`trio.ClosedResourceError` after :meth:`close`.
         """
-        if self.closed:
-            raise trio.ClosedResourceError("this connection's writer is closed")
+        if self.closed or self._stopping:
+            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
         if self._queue or self._rest is not None or self._busy or self._failure is not None:
             if len(self._queue) >= self.max_frames:
                 raise trio.WouldBlock
@@ -144,6 +147,9 @@ class FrameWriter:
             item = self._queue.popleft()
             if isinstance(item, tuple):
                 item[1].close()
+                self.queued_bytes -= len(item[0])
+            else:
+                self.queued_bytes -= len(item)
         self._wake.set()
         self._room.set()
 
@@ -205,6 +211,7 @@ class FrameWriter:
 
     def _socket(self) -> trio.socket.SocketType:
         sock = getattr(self.stream.transport, "socket", None)
-        if not isinstance(sock, trio.socket.SocketType) or self.stream.encrypted:
+        if not isinstance(sock, trio.socket.SocketType) or self.stream.encrypted or sock.family != socket.AF_UNIX:
+            # (Over TCP, sendmsg would take SCM_RIGHTS and the kernel drop the descriptor.)
             raise trio.BrokenResourceError("descriptors can only be passed over a plain Unix socket")
         return sock
