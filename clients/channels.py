@@ -377,7 +377,7 @@ class Channel(trio.abc.HalfCloseableStream):
         data = await self._io.receive_some(max_bytes)
         if self._fast:
             self._received += len(data)
-        return data
+        return data if type(data) is bytes else bytes(data)
 
     async def aclose(self) -> None:
         on_close, self.on_close = self.on_close, None
