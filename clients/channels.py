@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WINDOW"]
 
-DEFAULT_WINDOW = 256 * 1024
+DEFAULT_WINDOW = 512 * 1024
 MAX_DATA_FRAME = 64 * 1024
 MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (unless less is left)
 

@@ -181,8 +181,8 @@ async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -
                 if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
                     channel = frame.message["result"]["channel"]
                     break
-        # The broker granted 256 KiB; send more than that without waiting for credit.
-        for _ in range(6):
+        # The broker granted relay_credit bytes; send more than that without waiting for credit.
+        for _ in range(rb.broker.config.limits.relay_credit // 60000 + 2):
             await cheat.stream.send_all(encode_data(channel, b"z" * 60000))
         resets = {}
         with trio.fail_after(10):

@@ -142,7 +142,7 @@ class Limits:
     reply_bytes: int = 40 * 1024
     channels_per_connection: int = 256
     #: Bytes the broker holds at most per relayed channel and direction.
-    relay_credit: int = 256 * 1024
+    relay_credit: int = 512 * 1024
 
 
 @dataclass(slots=True)

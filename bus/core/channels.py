@@ -26,7 +26,7 @@ from ..errors import QuotaExceeded
 
 __all__ = ["Direction", "RelayChannel", "ChannelTable", "CreditExceeded", "DEFAULT_RELAY_CAP"]
 
-DEFAULT_RELAY_CAP = 256 * 1024
+DEFAULT_RELAY_CAP = 512 * 1024
 
 
 class CreditExceeded(Exception):
