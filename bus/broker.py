@@ -52,6 +52,10 @@ __all__ = ["BrokerConfig", "Broker", "BrokerAlreadyRunning", "default_runtime_di
 
 log = logging.getLogger("minibus.broker")
 
+#: The largest data frame the broker writes on a relayed channel (bigger ones are cut), so
+#: one frame never comes near a connection's ``outbound_bytes``.
+RELAY_FRAME = 64 * 1024
+
 
 class BrokerAlreadyRunning(RuntimeError):
     """Another broker answers on the Unix socket path."""
@@ -496,12 +500,17 @@ class Broker:
     def channel_data(self, session: _Session, channel: int, data: bytes) -> None:
         half = (session.conn_id, channel)
         relay = self.core.channels.get(half)
-        if relay is None:
-            return  # late bytes for a channel that was just reset or closed: dropped by design
+        if relay is None or not data:
+            return  # late bytes for a channel just reset or closed, or nothing: dropped by design
         direction = relay.outgoing(half)
         dst = relay.other(half)
         dst_session = self.sessions.get(dst[0])
-        if dst_session is not None and dst_session.out.queued_bytes <= self.relay_threshold and direction.forward(data):
+        if (
+            len(data) <= RELAY_FRAME
+            and dst_session is not None
+            and dst_session.out.queued_bytes <= self.relay_threshold
+            and direction.forward(data)
+        ):
             # Nothing waits ahead and the receiver has room: straight on, no buffering.
             dst_session.enqueue_encoded(encode_data(dst[1], data, self.config.max_frame))
             self._return_credit(direction, session, channel)
@@ -556,9 +565,8 @@ class Broker:
             if dst_session.queued_bytes > self.relay_threshold:
                 dst_session.blocked.add(relay.id)
                 break
-            chunk, credit = direction.take(64 * 1024)
+            chunk = direction.take(RELAY_FRAME)
             dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
-            direction.credit_due += credit
         if src_session is not None:
             self._return_credit(direction, src_session, src[1])
         if direction.eof_received and not direction.buffer:
@@ -573,9 +581,10 @@ class Broker:
     def _return_credit(direction: Direction, src_session: _Session, channel: int) -> None:
         # Credit goes back in batches of half the cap: no grant per message (it would wake the
         # sender for nothing), and the sender always keeps at least half of it.
-        due = direction.credit_due
-        if due >= direction.cap // 2 and not direction.eof_received:
-            direction.credit_due = 0
+        if direction.eof_received:
+            return  # the sender sends no more
+        due = direction.release_credit()
+        if due:
             src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, channel))
 
     def unblock(self, session: _Session) -> None:

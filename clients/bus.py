@@ -768,6 +768,7 @@ class Bus:
                     chosen = candidate
         if chosen is None:
             log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
+            self._send_channel_report(link, ask.channel, 0, 0, closed=True)
             return
         channel = self._track_direct(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"), link, ask.channel)
         await self._run_handler(handler, channel)
@@ -882,6 +883,8 @@ class Bus:
                         stream.socket.close()
                 opened.clear()
                 return
+            if result.get("route") in ("tcp", "unix-fd") and link is not None:
+                self._send_channel_report(link, result["channel"], 0, 0, closed=True)  # never used
             if result.get("route") == "tcp":
                 return  # never dialled: the target's listener gives up at its deadline
             if result.get("route") == "unix-fd":
@@ -901,9 +904,13 @@ class Bus:
         if result.get("route") == "tcp":
             try:
                 channel = await self._dial_direct(result, protocol)
-            except (OSError, HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                if link is not None:
+            except BaseException as exc:
+                if link is not None:  # the broker forgets the channel (whatever stopped the dial)
                     self._send_channel_report(link, result["channel"], 0, 0, closed=True)
+                if not isinstance(
+                    exc, (OSError, HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
+                ):
+                    raise
                 if route == "direct":
                     raise ChannelRejected(f"the direct connection to {name} failed: {exc!r}") from exc
                 log.info("direct connection to %s failed (%r); relaying instead", name, exc)

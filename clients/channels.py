@@ -82,6 +82,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self.channel = channel
         self.window = window
         self._credit = 0
+        self._credit_held_max = 0  # the most credit ever held (the broker's cap, in practice)
         self._credit_changed = trio.Event()
         # Received data frames, kept as they came (handed out without copying when they fit).
         self._incoming: collections.deque[bytes] = collections.deque()
@@ -115,8 +116,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._break("the bus connection cannot carry the channel's control messages")
 
     def on_data(self, data: bytes) -> None:
-        if self._closed or self._broken:
-            return
+        if self._closed or self._broken or not data:
+            return  # (an empty frame carries nothing; queued, it would read as an end of file)
         if len(data) > self._granted:
             self._break(f"the peer sent {len(data)} bytes with {self._granted} bytes of credit")
             self._enqueue(encode_control(self.channel, {"reset": "flow control broken"}))
@@ -131,6 +132,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
             credit = body["credit"]
             if isinstance(credit, int) and not isinstance(credit, bool) and credit > 0:
                 self._credit += credit
+                self._credit_held_max = max(self._credit_held_max, self._credit)
                 self._credit_changed.set()
                 self._credit_changed = trio.Event()
         elif body.get("eof") is True:
@@ -184,7 +186,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
                 return
             while view:
                 # Avoid the silly-window syndrome: no tiny frames while more credit is coming.
-                while self._credit < min(len(view), MIN_DATA_FRAME):
+                while self._credit < self._worth_a_frame(len(view)):
                     self._check_send()
                     await self._credit_changed.wait()
                 await self._link.send.wait_room()
@@ -217,7 +219,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         writer = self._link.send
         taken = 0
         try:
-            while view and self._credit >= min(len(view), MIN_DATA_FRAME) and writer.has_room:
+            while view and self._credit >= self._worth_a_frame(len(view)) and writer.has_room:
                 n = min(len(view), self._credit, MAX_DATA_FRAME)
                 writer.send_nowait(encode_data(self.channel, view[:n]))
                 self._credit -= n
@@ -227,6 +229,13 @@ class RelayStream(trio.abc.HalfCloseableStream):
         except trio.ClosedResourceError:
             raise trio.BrokenResourceError("the bus connection is gone") from None
         return taken
+
+    def _worth_a_frame(self, pending: int) -> int:
+        """The credit worth sending a frame for: no tiny frames while more credit is coming.
+
+        Never more than a quarter of what the broker gave at most: it returns credit in
+        batches of half its cap, so waiting for more than that could wait forever."""
+        return min(pending, MIN_DATA_FRAME, max(1, self._credit_held_max // 4))
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:

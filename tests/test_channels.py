@@ -605,3 +605,126 @@ async def test_channel_reports_that_do_not_fit_are_refused_and_the_connection_ke
         frame = await conn.receive_frame()
         assert isinstance(frame, ControlFrame) and frame.message == {"re": 9, "result": {}}
         await conn.aclose()
+
+
+# -- relay edge cases: tiny credit, empty frames, one big frame -----------------------------------
+
+
+async def _raw_relay(rb: RunningBroker) -> tuple[FramedStream, int, FramedStream, int]:
+    """A relayed channel between two hand-driven connections: (opener, its id, target, its id)."""
+    target = await raw_connect(rb.unix_address, PLUGIN)
+    await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+    opener = await raw_connect(rb.unix_address, FRIEND)
+    await opener.send_message({"op": "hello", "id": 1})
+    await opener.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw", "route": "relay"})
+    with trio.fail_after(10):
+        while True:
+            frame = await target.receive_frame()
+            if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                await target.send_message({"re": frame.message["id"], "result": {}})
+                target_channel = frame.message["channel"]
+                break
+        while True:
+            frame = await opener.receive_frame()
+            if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
+                opener_channel = frame.message["result"]["channel"]
+                break
+    return opener, opener_channel, target, target_channel
+
+
+async def test_empty_data_frames_are_dropped_not_passed_on_as_an_end(tmp_path: Path) -> None:
+    from bus.wire.frames import DataFrame, encode_data
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await target.send_message({"credit": 1000}, tch)
+        await opener.stream.send_all(encode_data(och, b"") + encode_data(och, b"x") + encode_data(och, b""))
+        await opener.send_message({"eof": True}, och)
+        seen: list[Any] = []
+        with trio.fail_after(10):
+            while not (seen and seen[-1] == {"eof": True}):
+                frame = await target.receive_frame()
+                if isinstance(frame, DataFrame):
+                    seen.append(frame.data)
+                elif isinstance(frame, ControlFrame) and frame.channel == tch and "credit" not in frame.message:
+                    seen.append(frame.message)
+        assert seen == [b"x", {"eof": True}]  # no empty frame: a reader would take it for EOF
+        for framed in (opener, target):
+            await framed.aclose()
+
+
+async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_path: Path) -> None:
+    """A frame as big as the credit allows must not make the receiver a 'slow consumer'."""
+    from bus.core.broker import Limits
+    from bus.wire.frames import DataFrame, encode_data
+
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024, limits=Limits(relay_credit=256 * 1024)) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await target.send_message({"credit": 256 * 1024}, tch)
+        blob = os.urandom(256 * 1024)
+        await opener.stream.send_all(encode_data(och, blob))
+        got = bytearray()
+        sizes = []
+        with trio.fail_after(10):
+            while len(got) < len(blob):
+                frame = await target.receive_frame()
+                assert frame is not None, "the broker disconnected the receiver"
+                if isinstance(frame, DataFrame):
+                    got += frame.data
+                    sizes.append(len(frame.data))
+        assert bytes(got) == blob and max(sizes) <= 64 * 1024
+        for framed in (opener, target):
+            await framed.aclose()
+
+
+@pytest.mark.parametrize("credit", [1, 1000, 24 * 1024, 40 * 1024])
+async def test_small_relay_credit_never_stalls_a_sender(tmp_path: Path, credit: int) -> None:
+    """The broker returns credit in batches of half its cap; the sender never waits for more."""
+    from bus.core.broker import Limits
+
+    async with pair(tmp_path, "unix", limits=Limits(relay_credit=credit)) as (_, service, client):
+        accepted = hand_over_channels(service)
+        ch = await client.open_channel("org.example.Echo", route="relay")
+        theirs = await accepted.receive()
+        sizes = [8 * 1024, 20000, 1, 70000, 3]
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def send() -> None:
+                    for size in sizes:
+                        await ch.send_all(b"s" * size)
+                    await ch.send_eof()
+
+                nursery.start_soon(send)
+                got = 0
+                while data := await theirs.receive_some():
+                    got += len(data)
+        assert got == sum(sizes)
+        await ch.aclose()
+
+
+async def test_direct_records_go_when_the_opener_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.bus
+
+    monkeypatch.setattr(clients.bus, "DIRECT_TIMEOUT", 1.0)
+    async with pair(tmp_path, "tcp") as (rb, service, client):
+        service.handle_channels("raw", echo)
+
+        async def stalled(self: Bus, result: dict[str, Any], protocol: str) -> Channel:
+            await trio.sleep_forever()  # a dial that never gets anywhere; the caller gives up
+            raise AssertionError
+
+        with monkeypatch.context() as patched:
+            patched.setattr(Bus, "_dial_direct", stalled)
+            with trio.move_on_after(0.5):
+                await client.open_channel("org.example.Echo", route="direct")
+        with trio.fail_after(10):  # the opener reports it; the target's listener gives up too
+            while rb.broker.core.direct:
+                await trio.sleep(0.02)
+        # A caller that gives up before the broker even answers: nothing is left behind either.
+        for _ in range(5):
+            with trio.move_on_after(0):
+                await client.open_channel("org.example.Echo", route="direct")
+        with trio.fail_after(10):
+            while rb.broker.core.direct:
+                await trio.sleep(0.02)

@@ -373,6 +373,9 @@ class BrokerCore:
 
     # -- direct channels (their ends report them) ------------------------------------------------
 
+    def _direct_count(self, conn_id: int) -> int:
+        return sum(1 for half in self.direct if half[0] == conn_id)
+
     def _add_direct(self, pend: PendingOpen) -> None:
         record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route)
         self.direct[pend.a] = self.direct[pend.b] = record
@@ -598,7 +601,7 @@ class BrokerCore:
         else:
             chosen = "tcp"  # the target listens, the opener dials it with a one-time token
         for c in (conn, target):
-            self.channels.check_quota(c.id)
+            self.channels.check_quota(c.id, also=self._direct_count(c.id))
         a = (conn.id, self.channels.allocate(conn.id))
         b = (target.id, self.channels.allocate(target.id))
         request_id = self.next_request_id(target)

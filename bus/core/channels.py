@@ -7,15 +7,19 @@ A relayed channel joins two connections, each of which knows it by its own chann
 :class:`Direction` with a bounded buffer and two credit counters:
 
 * ``src_credit`` -- bytes the sender may still send to the broker.  The broker grants it so
-  that ``buffered + src_credit <= cap`` always holds: whatever the peers do, the broker never
-  holds more than ``cap`` bytes per direction.  A sender that sends beyond its credit gets
-  the channel reset.
+  that ``buffered + src_credit + credit_due <= cap`` always holds: whatever the peers do, the
+  broker never holds more than ``cap`` bytes per direction.  A sender that sends beyond its
+  credit gets the channel reset.
 * ``dst_window`` -- bytes the receiver said it can take (its own credit grants).  The broker
   writes no more than that to the receiver.
+* ``credit_due`` -- bytes written on to the receiver whose credit the sender has not got back
+  yet.  The broker returns it in batches (:meth:`Direction.release_credit`), at least every
+  ``cap // 2`` bytes: a sender that keeps a quarter of its credit in hand never waits for a
+  batch that does not come.
 
-As the broker writes buffered bytes to the receiver, it returns the same amount of credit to
-the sender, so credit flows end to end and a slow reader slows its writer instead of
-filling the broker.  An end-of-file travels behind the buffered bytes.
+So credit flows end to end and a slow reader slows its writer instead of filling the
+broker.  An end-of-file travels behind the buffered bytes.  Empty data frames carry nothing
+and are dropped (passed on, they would read as an end-of-file).
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class Direction:
     credit_due: int = 0  # credit earned by the sender, not yet granted (sent in batches)
     bytes_total: int = 0
 
+    @property
+    def credit_batch(self) -> int:
+        """Credit goes back to the sender once this much is due."""
+        return max(1, self.cap // 2)
+
     def grant_initial(self) -> int:
         """The credit the sender starts with."""
         self.src_credit = self.cap
@@ -72,6 +81,7 @@ class Direction:
         n = len(data)
         if self.buffer or self.discard or self.eof_received or n > self.src_credit or n > self.dst_window:
             return False
+        self.src_credit -= n
         self.dst_window -= n
         self.bytes_total += n
         self.credit_due += n
@@ -81,15 +91,24 @@ class Direction:
         """Bytes that may be written to the receiver now."""
         return min(len(self.buffer), self.dst_window)
 
-    def take(self, limit: int) -> tuple[bytes, int]:
-        """Up to ``limit`` bytes for the receiver, and the credit to return to the sender."""
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes for the receiver (their credit becomes due to the sender)."""
         n = min(limit, self.ready())
         chunk = bytes(self.buffer[:n])
         del self.buffer[:n]
         self.dst_window -= n
-        self.src_credit += n
-        assert len(self.buffer) + self.src_credit <= self.cap
-        return chunk, n
+        self.credit_due += n
+        assert len(self.buffer) + self.src_credit + self.credit_due <= self.cap
+        return chunk
+
+    def release_credit(self) -> int:
+        """The credit due, now that it is being sent back (0 if less than a batch is due)."""
+        due = self.credit_due
+        if due < self.credit_batch:
+            return 0
+        self.credit_due = 0
+        self.src_credit += due
+        return due
 
 
 @dataclass(slots=True)
@@ -124,8 +143,9 @@ class ChannelTable:
         self._count: dict[int, int] = {}
         self._next_id = 1
 
-    def check_quota(self, conn: int) -> None:
-        if self._count.get(conn, 0) >= self.channels_per_connection:
+    def check_quota(self, conn: int, also: int = 0) -> None:
+        """Refuse one more channel for ``conn`` (``also``: its channels kept elsewhere)."""
+        if self._count.get(conn, 0) + also >= self.channels_per_connection:
             raise QuotaExceeded(f"connection :{conn} already has {self.channels_per_connection} channels open")
 
     def allocate(self, conn: int) -> int:
