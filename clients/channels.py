@@ -42,6 +42,7 @@ __all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WIND
 
 DEFAULT_WINDOW = 512 * 1024
 MAX_DATA_FRAME = 64 * 1024
+JOIN_BELOW = 16 * 1024  # received chunks smaller than this are joined into one read
 MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (unless less is left)
 
 
@@ -314,8 +315,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
         if len(first) > limit:
             incoming.appendleft(first[limit:])
             return first[:limit]
-        if not incoming or len(first) + len(incoming[0]) > limit:
-            return first
+        if not incoming or len(first) + len(incoming[0]) > limit or len(first) >= JOIN_BELOW:
+            return first  # big chunks go out as they came: joining them would only copy
         parts = [first]
         size = len(first)
         while incoming and size + len(incoming[0]) <= limit:
