@@ -392,11 +392,6 @@ class SecureStream(trio.abc.HalfCloseableStream):
     # -- receiving ---------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self._receive_some(max_bytes)
-        self.bytes_received += len(data)
-        return data
-
-    async def _receive_some(self, max_bytes: int | None) -> bytes:
         with self._receive_conflict:
             if max_bytes is not None:
                 max_bytes = operator.index(max_bytes)
@@ -408,10 +403,13 @@ class SecureStream(trio.abc.HalfCloseableStream):
             if incoming:
                 await trio.lowlevel.checkpoint()
             elif self._decoder is None:
-                return await self._transport_receive(max_bytes)
+                data = await self._transport_receive(max_bytes)
+                self.bytes_received += len(data)
+                return data
             else:
                 data = await self._receive_boxes()
                 if max_bytes is None or len(data) <= max_bytes:
+                    self.bytes_received += len(data)
                     return data
                 incoming += data
             if max_bytes is None or max_bytes >= len(incoming):
@@ -420,6 +418,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             else:
                 out = bytes(incoming[:max_bytes])
                 del incoming[:max_bytes]
+            self.bytes_received += len(out)
             return out
 
     async def _transport_receive(self, max_bytes: int | None) -> bytes:
