@@ -252,6 +252,7 @@ class Broker:
         self.config = config
         self.core = BrokerCore(config.policy, config.limits)
         self.core.fd_passing = not config.encrypt_unix
+        self.core.encrypt_unix = config.encrypt_unix
         self.sessions: dict[int, _Session] = {}
         self.endpoints: list[Endpoint] = []
         self._listeners: list[trio.SocketListener] = []
@@ -332,7 +333,7 @@ class Broker:
             if cfg.unix_path is not None:
                 unix_listener = await self._open_unix(cfg.unix_path)
                 self._listeners.append(unix_listener)
-                self.endpoints.append(Endpoint("unix", key, path=str(cfg.unix_path)))
+                self.endpoints.append(Endpoint("unix", key, path=str(cfg.unix_path), encrypted=cfg.encrypt_unix))
             if cfg.tcp is not None:
                 host, port = cfg.tcp
                 tcp_listeners = await trio.open_tcp_listeners(port, host=host)

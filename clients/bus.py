@@ -505,7 +505,7 @@ class Bus:
                 errors.append(f"{ep.transport}: {exc.strerror or exc}")
                 continue
             stream = SecureStream.client(
-                transport, self.identity, ep.key, network_key=self.network_key, encrypted=ep.transport == "tcp"
+                transport, self.identity, ep.key, network_key=self.network_key, encrypted=ep.uses_box_stream
             )
             try:
                 await stream.do_handshake()

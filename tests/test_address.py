@@ -18,6 +18,18 @@ def test_round_trip_both_transports() -> None:
     assert parse_address(text) == eps
 
 
+def test_an_encrypted_unix_endpoint_says_so() -> None:
+    ep = Endpoint("unix", KEY, path="/run/bus.sock", encrypted=True)
+    text = format_address([ep])
+    assert text == f"unix:path=/run/bus.sock,encrypted=1,key={KEY.id}"
+    assert parse_address(text) == [ep] and ep.uses_box_stream
+    plain = parse_address(f"unix:path=/run/bus.sock,key={KEY.id}")[0]
+    assert not plain.encrypted and not plain.uses_box_stream
+    assert Endpoint("tcp", KEY, host="h", port=1).uses_box_stream
+    with pytest.raises(AddressError, match="encrypted= is 0 or 1"):
+        parse_address(f"unix:path=/x,encrypted=yes,key={KEY.id}")
+
+
 def test_special_characters_in_paths_are_escaped() -> None:
     ep = Endpoint("unix", KEY, path="/tmp/we,ird;na=me%/bus.sock")
     assert parse_address(format_address([ep])) == [ep]

@@ -728,3 +728,63 @@ async def test_direct_records_go_when_the_opener_gives_up(tmp_path: Path, monkey
         with trio.fail_after(10):
             while rb.broker.core.direct:
                 await trio.sleep(0.02)
+
+
+# -- fd passing asked where it cannot work -------------------------------------------------------
+
+
+async def test_no_descriptor_passing_with_an_end_on_tcp_or_encrypted_unix(tmp_path: Path) -> None:
+    """A descriptor cannot cross TCP (nor an encrypted Unix connection): "direct" between such
+    ends is the tcp route, never unix-fd, and it works."""
+    async with running_broker(tmp_path) as rb:
+        async with (
+            open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo") as service,
+            open_bus(rb.tcp_address, identity=FRIEND) as over_tcp,
+        ):
+            service.handle_channels("raw", echo)
+            ch = await over_tcp.open_channel("org.example.Echo", route="direct")
+            assert ch.route == "tcp" and ch.encrypted
+            assert await round_trip(ch, b"across") == b"across"
+            await ch.aclose()
+    async with running_broker(tmp_path / "enc", encrypt_unix=True) as rb:
+        async with (
+            open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo") as service,
+            open_bus(rb.unix_address, identity=FRIEND) as client,
+        ):
+            service.handle_channels("raw", echo)
+            ch = await client.open_channel("org.example.Echo", route="direct")
+            assert ch.route == "tcp"
+            assert await round_trip(ch, b"local") == b"local"
+            await ch.aclose()
+            relayed = await client.open_channel("org.example.Echo", route="relay")
+            assert relayed.encrypted  # the operator asked for encryption on the Unix socket too
+            assert await round_trip(relayed, b"relayed") == b"relayed"
+            await relayed.aclose()
+
+
+async def test_a_unix_fd_offer_without_a_descriptor_is_refused_not_trusted(tmp_path: Path) -> None:
+    """A broker (or anything speaking for it) that offers the unix-fd route over a connection
+    that cannot carry descriptors gets a refusal; the target stays up."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.tcp_address, identity=PLUGIN, name="org.example.Echo") as service:
+            service.handle_channels("raw", echo)
+            link = service._link
+            assert link is not None
+            from bus.wire.messages import Request
+
+            request = Request(
+                "channel_request",
+                999,
+                {
+                    "channel": 77,
+                    "protocol": "raw",
+                    "route": "unix-fd",
+                    "encrypted": False,
+                    "name": "org.example.Echo",
+                    "opener": {"unique_id": ":9", "identity": FRIEND.id, "names": []},
+                },
+            )
+            answer = service._channel_request(link, request)
+            assert answer is not None and answer["error"]["code"] == ChannelRejected.wire_code
+            assert "did not arrive" in answer["error"]["message"]
+            await service.ping()  # still connected and served

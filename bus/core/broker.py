@@ -188,6 +188,8 @@ class BrokerCore:
         self.direct: dict[tuple[int, int], DirectChannel] = {}
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
         self.fd_passing = True
+        #: Whether Unix connections run box-stream too: then every channel is encrypted end to end.
+        self.encrypt_unix = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -592,7 +594,7 @@ class BrokerCore:
         if target_id == conn.id:
             raise BadRequest(f"open_channel: {name!r} is this connection itself")
         target = self.connections[target_id]
-        encrypted = conn.transport == "tcp" or target.transport == "tcp"
+        encrypted = conn.transport == "tcp" or target.transport == "tcp" or self.encrypt_unix
         local = conn.transport == "unix" and target.transport == "unix" and self.fd_passing
         if route == "relay":
             chosen = "relay"

@@ -6,6 +6,9 @@ each a transport followed by ``key=value`` pairs separated by ``,``::
     unix:path=/run/user/1000/minibus/bus.sock,key=@<base64>.ed25519;tcp:host=127.0.0.1,port=7420,key=@<base64>.ed25519
 
 Values may percent-encode ``,``, ``;``, ``=`` and ``%`` (``%2C`` …), as D-Bus addresses do.
+A Unix alternative may add ``encrypted=1``: that broker runs box-stream on its Unix socket
+too (its ``encrypt_unix`` setting), so clients must.  Other keys are ignored, for later
+versions.
 A client tries the alternatives in order.  Every alternative must carry the broker's key:
 the handshake needs it before the first byte is sent.
 """
@@ -42,6 +45,11 @@ class Endpoint:
     path: str | None = None
     host: str | None = None
     port: int | None = None
+    encrypted: bool = False  # box-stream after the handshake (always so on TCP)
+
+    @property
+    def uses_box_stream(self) -> bool:
+        return self.transport == "tcp" or self.encrypted
 
     def __str__(self) -> str:
         return format_address([self])
@@ -56,6 +64,8 @@ def format_address(endpoints: list[Endpoint]) -> str:
     for ep in endpoints:
         if ep.transport == "unix":
             fields = [("path", ep.path or "")]
+            if ep.encrypted:
+                fields.append(("encrypted", "1"))
         else:
             fields = [("host", ep.host or ""), ("port", str(ep.port))]
         fields.append(("key", ep.key.id))
@@ -89,7 +99,10 @@ def parse_address(text: str) -> list[Endpoint]:
         if transport == "unix":
             if not fields.get("path"):
                 raise AddressError(f"address part {part!r} has no path=")
-            endpoints.append(Endpoint("unix", public, path=fields["path"]))
+            encrypted = fields.get("encrypted", "0")
+            if encrypted not in ("0", "1"):
+                raise AddressError(f"address part {part!r}: encrypted= is 0 or 1")
+            endpoints.append(Endpoint("unix", public, path=fields["path"], encrypted=encrypted == "1"))
         elif transport == "tcp":
             host, port = fields.get("host"), fields.get("port", "")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
