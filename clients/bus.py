@@ -26,6 +26,7 @@ import hmac
 import logging
 import os
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -342,8 +343,11 @@ class Bus:
         ] = {}
         self._nursery: trio.Nursery | None = None
         self._rpc: dict[str, RpcConnection] = {}
-        # Open direct channels: (link, channel id there, counts last reported).
-        self._direct: dict[Channel, tuple[_Link, int, tuple[int, int] | None]] = {}
+        # Open direct channels: (link, channel id there, counts last reported).  Weak: a channel
+        # its user dropped without closing is not kept alive (nor reported) by this table.
+        self._direct: weakref.WeakKeyDictionary[Channel, tuple[_Link, int, tuple[int, int] | None]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._rpc_locks: dict[str, trio.Lock] = {}
         self._link: _Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
