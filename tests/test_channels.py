@@ -479,10 +479,46 @@ async def test_unix_fd_channel_conformance(tmp_path: Path, clogged: bool) -> Non
         await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker if clogged else None)
 
 
-async def test_direct_tcp_channel_conformance(tmp_path: Path) -> None:
-    """Without a clogged maker: loopback TCP moves bytes into the peer's receive buffer, so a
-    socket cannot be held full from the outside (the same SecureStream passes the clogged
-    suite over Unix socketpairs in test_secure_stream)."""
+async def _clog_tcp(ch: Channel) -> None:
+    """Fill a direct TCP channel with valid box-stream data until every send blocks.
+
+    Loopback TCP appends a small write to the last unsent segment without checking for room,
+    so a socket whose peer stopped reading still takes small writes.  Here every filling
+    write is marked MSG_EOR (nothing may be appended to its segment) and TCP_NOTSENT_LOWAT
+    is 1 (a new segment needs everything before it sent): once the peer's small receive
+    buffer is full, nothing is sent, and every later write -- the suite's own -- blocks
+    until the peer reads.  Each write is one box of 1 KiB, made only while poll() reports
+    room, so it goes out whole (the boxes come from the channel's own encoder: the peer
+    decodes them as ordinary data)."""
+    import select
+    import socket
+
+    encoder = ch.secure._encoder
+    assert encoder is not None
+    # A plain socket object on the same connection, for send() with flags.
+    with socket.socket(fileno=os.dup(ch.raw.socket.fileno())) as sock:  # type: ignore[attr-defined]
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 1)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        quiet = 0
+        for _ in range(100_000):
+            if poller.poll(0):
+                quiet = 0
+                box = encoder.encode(b"c" * 1024)
+                assert sock.send(box, socket.MSG_EOR) == len(box)
+            else:
+                quiet += 1
+                if quiet >= 10:  # nothing could be sent for 100 ms: the peer's window is shut
+                    return
+                await trio.sleep(0.01)
+    raise AssertionError("the socket never filled up")
+
+
+@pytest.mark.parametrize("clogged", [False, True])
+async def test_direct_tcp_channel_conformance(tmp_path: Path, clogged: bool) -> None:
+    import socket
+
     async with pair(tmp_path, "tcp") as (_, service, client):
         accepted = hand_over_channels(service)
 
@@ -490,7 +526,15 @@ async def test_direct_tcp_channel_conformance(tmp_path: Path) -> None:
             ch = await client.open_channel("org.example.Echo", route="direct")
             return ch, await accepted.receive()
 
-        await trio.testing.check_half_closeable_stream(stream_maker, None)
+        async def clogged_stream_maker() -> tuple[Channel, Channel]:
+            left, right = await stream_maker()
+            for ch in (left, right):  # small fixed receive buffers: the window shuts soon
+                ch.raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # type: ignore[attr-defined]
+            await _clog_tcp(left)
+            await _clog_tcp(right)
+            return left, right
+
+        await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker if clogged else None)
 
 
 async def test_opener_vanishing_breaks_the_target_end(tmp_path: Path) -> None:
