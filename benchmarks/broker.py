@@ -17,7 +17,6 @@ Everything runs over Unix sockets on this machine (loopback only); every loop is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -33,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
+from _report import emit_json  # noqa: E402
 
 from bus.io.framed import FramedStream  # noqa: E402
 from bus.io.secure import SecureStream  # noqa: E402
@@ -272,10 +272,7 @@ def main() -> None:
     print()
     print(f"owner-changed fan-out to {f['watchers']} watchers ({f['rounds']} rounds): p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, max {f['max_ms']:.1f} ms")
     print(f"broker memory per idle connection ({m['connections']} held): {m['bytes_per_connection'] / 1024:.1f} KiB")
-    text = json.dumps(r, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(r, args.json)
 
 
 if __name__ == "__main__":

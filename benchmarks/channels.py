@@ -20,7 +20,6 @@ TCP (box-stream end to end).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
+from _report import emit_json  # noqa: E402
 
 from bus.broker import Broker, BrokerConfig  # noqa: E402
 from bus.core.policy import Policy  # noqa: E402
@@ -337,10 +337,7 @@ def main() -> None:
         "ratios": ratios,
         "skipped": skipped,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import json
 import os
 import platform
 import socket
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nacl.bindings as sodium  # noqa: E402
 import trio  # noqa: E402
+from _report import emit_json  # noqa: E402
 
 from bus.io.secure import SecureStream  # noqa: E402
 from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair  # noqa: E402
@@ -265,10 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     result = trio.run(main_async, args.quick)
     print_table(result)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

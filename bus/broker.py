@@ -114,13 +114,17 @@ class _Session:
         self.cancel_scope = trio.CancelScope()
         self.reason = "connection closed"
         self.last_received = trio.current_time()
-        self.stop_writing = False
         # Relayed channels waiting for room in this connection's queue to carry more data.
         self.blocked: set[int] = set()
 
     @property
     def queued_bytes(self) -> int:
         return self.out.queued_bytes
+
+    @property
+    def stop_writing(self) -> bool:
+        """Being disconnected as a slow consumer: nothing more is queued or written."""
+        return self.out.stopped
 
     def _on_sent(self) -> None:
         if self.blocked and self.out.queued_bytes <= self.broker.relay_threshold:
@@ -170,7 +174,6 @@ class _Session:
             f"slow consumer: {len(self.out)} messages "
             f"({self.out.queued_bytes} bytes) were waiting to be sent"
         )
-        self.stop_writing = True
         self.out.stop()
         self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
         log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)

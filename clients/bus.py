@@ -484,12 +484,7 @@ class Bus:
         link.watches.pop(watch_id, None)
         if link.closed:
             return
-        request_id = self._next_id
-        self._next_id += 1
-        try:
-            link.send.send_nowait(link.framed.encode_message(Request("unwatch", request_id, {"watch": watch_id}).to_wire()))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass  # the link is ending or hopelessly behind; its watches end with it
+        self._send_request_nowait(link, "unwatch", {"watch": watch_id})  # (lost with a dying link: so is the watch)
 
     # -- connection management -----------------------------------------------------------------
 
@@ -663,10 +658,7 @@ class Bus:
             reply = answer
         else:
             reply = ErrorReply(request.id, "minibus.Error.UnknownOperation", f"unknown operation {request.op!r}").to_wire()
-        try:
-            link.send.send_nowait(link.framed.encode_message(reply))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass  # the link is ending or hopelessly behind; the broker will notice
+        self._send_nowait(link, reply)
 
     def _channel_request(self, link: _Link, request: Request) -> dict[str, Any] | None:
         """Accept (and start serving) or reject a channel someone opens to us."""
@@ -738,10 +730,10 @@ class Bus:
         try:
             listeners = await trio.open_tcp_listeners(0, host=host)
         except OSError as exc:
-            self._send_reply(link, ErrorReply(request_id, ChannelRejected.wire_code, f"cannot listen: {exc}").to_wire())
+            self._send_nowait(link, ErrorReply(request_id, ChannelRejected.wire_code, f"cannot listen: {exc}").to_wire())
             return
         listener = listeners[0]
-        self._send_reply(link, Reply(request_id, {"host": host, "port": listener.socket.getsockname()[1]}).to_wire())
+        self._send_nowait(link, Reply(request_id, {"host": host, "port": listener.socket.getsockname()[1]}).to_wire())
         opener_key = ask.opener.key
         chosen: SecureStream | None = None
         async with listener:
@@ -768,11 +760,10 @@ class Bus:
                         log.info("direct channel: refused a connection with a wrong or used token")
                         await trio.aclose_forcefully(candidate)
                         continue
-                    candidate.bytes_received = 0  # the token is not the channel's data
                     chosen = candidate
         if chosen is None:
             log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
-            self._send_channel_report(link, ask.channel, 0, 0, closed=True)
+            self._forget_direct(link, ask.channel)
             return
         channel = self._track_direct(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"), link, ask.channel)
         await self._run_handler(handler, channel)
@@ -789,11 +780,20 @@ class Bus:
         finally:
             await trio.aclose_forcefully(channel)
 
-    def _send_reply(self, link: _Link, reply: dict[str, Any]) -> None:
+    @staticmethod
+    def _send_nowait(link: _Link, message: dict[str, Any]) -> None:
+        """Send without waiting; a link that is ending or hopelessly behind loses it (its
+        other end notices the link, not the message)."""
         try:
-            link.send.send_nowait(link.framed.encode_message(reply))
+            link.send.send_nowait(link.framed.encode_message(message))
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass
+
+    def _send_request_nowait(self, link: _Link, op: str, args: dict[str, Any]) -> None:
+        """A request whose answer nobody waits for (it arrives with an unknown id: dropped)."""
+        request_id = self._next_id
+        self._next_id += 1
+        self._send_nowait(link, Request(op, request_id, args).to_wire())
 
     @staticmethod
     def _take_fd(link: _Link) -> socket.socket | None:
@@ -828,7 +828,7 @@ class Bus:
             log.info("channel from %s failed its handshake: %s", ask.opener.unique_id, exc)
             await trio.aclose_forcefully(secure)
             if link is not None and ask.route == "unix-fd":
-                self._send_channel_report(link, ask.channel, 0, 0, closed=True)
+                self._forget_direct(link, ask.channel)
             return
         except BaseException:
             await trio.aclose_forcefully(secure)
@@ -888,7 +888,7 @@ class Bus:
                 opened.clear()
                 return
             if result.get("route") in ("tcp", "unix-fd") and link is not None:
-                self._send_channel_report(link, result["channel"], 0, 0, closed=True)  # never used
+                self._forget_direct(link, result["channel"])  # never used
             if result.get("route") == "tcp":
                 return  # never dialled: the target's listener gives up at its deadline
             if result.get("route") == "unix-fd":
@@ -910,7 +910,7 @@ class Bus:
                 channel = await self._dial_direct(result, protocol)
             except BaseException as exc:
                 if link is not None:  # the broker forgets the channel (whatever stopped the dial)
-                    self._send_channel_report(link, result["channel"], 0, 0, closed=True)
+                    self._forget_direct(link, result["channel"])
                 if not isinstance(
                     exc, (OSError, HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
                 ):
@@ -933,7 +933,7 @@ class Bus:
         except BaseException:
             await trio.aclose_forcefully(secure)
             if link is not None and result["route"] == "unix-fd":
-                self._send_channel_report(link, result["channel"], 0, 0, closed=True)
+                self._forget_direct(link, result["channel"])
             raise
         channel = Channel(secure, relay, peer, protocol, result["route"])
         if link is not None and result["route"] == "unix-fd":
@@ -957,13 +957,12 @@ class Bus:
         """Fire and forget: the broker's answer (or its error, if it forgot us) is not awaited."""
         if link.closed or link is not self._link:
             return  # the broker behind that link is gone, and with it its record of the channel
-        request_id = self._next_id
-        self._next_id += 1
         report = {"channel": channel_id, "bytes_in": bytes_in, "bytes_out": bytes_out, "closed": closed}
-        try:
-            link.send.send_nowait(link.framed.encode_message(Request("channel_report", request_id, report).to_wire()))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass
+        self._send_request_nowait(link, "channel_report", report)
+
+    def _forget_direct(self, link: _Link, channel_id: int) -> None:
+        """The broker may forget a direct channel that was never used (or never came)."""
+        self._send_channel_report(link, channel_id, 0, 0, closed=True)
 
     async def _report_direct_channels(self) -> None:
         while True:
@@ -1015,7 +1014,6 @@ class Bus:
             try:
                 await secure.do_handshake()
                 await secure.send_all(result["token"])
-                secure.bytes_sent = 0  # the token is not the channel's data
             except BaseException:
                 await trio.aclose_forcefully(secure)
                 raise

@@ -192,13 +192,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
                     await self._credit_changed.wait()
                 await self._link.send.wait_room()
                 self._check_send()
-                n = min(len(view), self._credit, MAX_DATA_FRAME)
                 # From here on nothing waits: the frame goes out whole (written now, or queued
                 # for the link's writer), so a cancellation never leaves half a frame behind.
-                self._link.send.send_nowait(encode_data(self.channel, view[:n]))
-                self._credit -= n
-                self.bytes_out += n
-                view = view[n:]
+                view = view[self._send_frame(view) :]
             await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.ClosedResourceError:
             if self._closed or self._eof_sent:
@@ -220,16 +216,20 @@ class RelayStream(trio.abc.HalfCloseableStream):
         writer = self._link.send
         taken = 0
         try:
-            while view and self._credit >= self._worth_a_frame(len(view)) and writer.has_room:
-                n = min(len(view), self._credit, MAX_DATA_FRAME)
-                writer.send_nowait(encode_data(self.channel, view[:n]))
-                self._credit -= n
-                self.bytes_out += n
-                taken += n
-                view = view[n:]
+            while taken < len(view) and self._credit >= self._worth_a_frame(len(view) - taken) and writer.has_room:
+                taken += self._send_frame(view[taken:])
         except trio.ClosedResourceError:
             raise trio.BrokenResourceError("the bus connection is gone") from None
         return taken
+
+    def _send_frame(self, view: memoryview) -> int:
+        """One data frame from the start of ``view``, as big as the credit allows (no waiting:
+        the caller made sure of credit and of room on the link); returns its size."""
+        n = min(len(view), self._credit, MAX_DATA_FRAME)
+        self._link.send.send_nowait(encode_data(self.channel, view[:n]))
+        self._credit -= n
+        self.bytes_out += n
+        return n
 
     def _worth_a_frame(self, pending: int) -> int:
         """The credit worth sending a frame for: no tiny frames while more credit is coming.
@@ -346,6 +346,8 @@ class Channel(trio.abc.HalfCloseableStream):
         self._io: trio.abc.HalfCloseableStream = stream.plain_transport() or stream
         self._fast = self._io is not stream
         self._sent = self._received = 0  # counted here only on the fast path (else by the stream)
+        # What the stream carried before it became this channel (the tcp route's token).
+        self._before = (stream.bytes_received, stream.bytes_sent)
         #: Called once when this end is closed (the bus reports a direct channel's end).
         self.on_close: Callable[[], None] | None = None
         self.raw = raw
@@ -365,12 +367,12 @@ class Channel(trio.abc.HalfCloseableStream):
     @property
     def bytes_in(self) -> int:
         """Bytes received on this channel (after decryption)."""
-        return self._received + self._stream.bytes_received
+        return self._received + self._stream.bytes_received - self._before[0]
 
     @property
     def bytes_out(self) -> int:
         """Bytes sent on this channel (before encryption)."""
-        return self._sent + self._stream.bytes_sent
+        return self._sent + self._stream.bytes_sent - self._before[1]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._io.send_all(data)

@@ -158,12 +158,8 @@ class Service:
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
 
         async def reply(message: dict[str, Any]) -> None:
-            encoded = framed.encode_message(message)
             try:
-                if writer.has_room:
-                    writer.send_nowait(encoded)  # the task ends here: no checkpoint needed
-                else:
-                    await writer.send(encoded)
+                await writer.put(framed.encode_message(message))  # the task ends next: no checkpoint
             except trio.ClosedResourceError:
                 pass  # the caller is gone; nobody is waiting for this reply
 
@@ -299,10 +295,7 @@ class RpcConnection:
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
-                if self.writer.has_room:
-                    self.writer.send_nowait(encoded)  # waiting for the reply is the checkpoint
-                else:
-                    await self.writer.send(encoded)
+                await self.writer.put(encoded)  # waiting for the reply is the checkpoint
             except trio.ClosedResourceError:
                 raise self.closed or ConnectionLost("the rpc channel ended") from None
             await event.wait()

@@ -159,28 +159,34 @@ async def test_peer_vanishing_breaks_the_other_end(tmp_path: Path) -> None:
                     await trio.sleep(0.01)
 
 
+async def _raw_relay(rb: RunningBroker) -> tuple[FramedStream, int, FramedStream, int]:
+    """A relayed channel between two hand-driven connections: (opener, its id, target, its id)."""
+    target = await raw_connect(rb.unix_address, PLUGIN)
+    await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+    opener = await raw_connect(rb.unix_address, FRIEND)
+    await opener.send_message({"op": "hello", "id": 1})
+    await opener.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw", "route": "relay"})
+    with trio.fail_after(10):
+        while True:
+            frame = await target.receive_frame()
+            if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                await target.send_message({"re": frame.message["id"], "result": {}})
+                target_channel = frame.message["channel"]
+                break
+        while True:
+            frame = await opener.receive_frame()
+            if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
+                opener_channel = frame.message["result"]["channel"]
+                break
+    return opener, opener_channel, target, target_channel
+
+
 async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -> None:
     """Both ends are driven by hand: the target accepts and reads nothing, the opener floods."""
     from bus.wire.frames import encode_data
 
     async with running_broker(tmp_path) as rb:
-        target = await raw_connect(rb.unix_address, PLUGIN)
-        await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
-        cheat = await raw_connect(rb.unix_address, FRIEND)
-        await cheat.send_message({"op": "hello", "id": 1})
-        await cheat.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw", "route": "relay"})
-        with trio.fail_after(10):
-            while True:
-                frame = await target.receive_frame()
-                if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
-                    await target.send_message({"re": frame.message["id"], "result": {}})
-                    target_channel = frame.message["channel"]
-                    break
-            while True:
-                frame = await cheat.receive_frame()
-                if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
-                    channel = frame.message["result"]["channel"]
-                    break
+        cheat, channel, target, target_channel = await _raw_relay(rb)
         # The broker granted relay_credit bytes; send more than that without waiting for credit.
         for _ in range(rb.broker.config.limits.relay_credit // 60000 + 2):
             await cheat.stream.send_all(encode_data(channel, b"z" * 60000))
@@ -652,28 +658,6 @@ async def test_channel_reports_that_do_not_fit_are_refused_and_the_connection_ke
 
 
 # -- relay edge cases: tiny credit, empty frames, one big frame -----------------------------------
-
-
-async def _raw_relay(rb: RunningBroker) -> tuple[FramedStream, int, FramedStream, int]:
-    """A relayed channel between two hand-driven connections: (opener, its id, target, its id)."""
-    target = await raw_connect(rb.unix_address, PLUGIN)
-    await target.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
-    opener = await raw_connect(rb.unix_address, FRIEND)
-    await opener.send_message({"op": "hello", "id": 1})
-    await opener.send_message({"op": "open_channel", "id": 2, "name": "org.example.Sink", "protocol": "raw", "route": "relay"})
-    with trio.fail_after(10):
-        while True:
-            frame = await target.receive_frame()
-            if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
-                await target.send_message({"re": frame.message["id"], "result": {}})
-                target_channel = frame.message["channel"]
-                break
-        while True:
-            frame = await opener.receive_frame()
-            if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
-                opener_channel = frame.message["result"]["channel"]
-                break
-    return opener, opener_channel, target, target_channel
 
 
 async def test_empty_data_frames_are_dropped_not_passed_on_as_an_end(tmp_path: Path) -> None:

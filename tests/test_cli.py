@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,10 +113,7 @@ def test_second_busd_is_refused(env: dict[str, str], busd: tuple[subprocess.Pope
 
 def test_stale_socket_after_sigkill_is_replaced(env: dict[str, str]) -> None:
     proc, _ = start_busd(env)
-    proc.kill()
-    proc.wait()
-    proc.stdout and proc.stdout.close()
-    proc.stderr and proc.stderr.close()
+    _kill(proc)
     assert (Path(env["XDG_RUNTIME_DIR"]) / "minibus" / "bus.sock").exists()  # left behind
     again, _ = start_busd(env)
     assert busctl(env, "list").returncode == 0
@@ -141,9 +139,7 @@ def test_busctl_list_status_wait_json(env: dict[str, str], busd: tuple[subproces
         waited = busctl(env, "wait", "org.example.Echo")
         assert waited.returncode == 0 and waited.stdout.strip() == unique_id
     finally:
-        service.kill()
-        service.wait()
-        service.stdout and service.stdout.close()
+        _kill(service)
 
 
 def test_busctl_wait_until_the_name_appears(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
@@ -161,9 +157,7 @@ def test_busctl_wait_until_the_name_appears(env: dict[str, str], busd: tuple[sub
         assert waiter.returncode == 0, err
         assert out.strip() == unique_id
     finally:
-        service.kill()
-        service.wait()
-        service.stdout and service.stdout.close()
+        _kill(service)
 
 
 def test_monitor_sees_a_sigkilled_plugin_leave(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
@@ -180,9 +174,7 @@ def test_monitor_sees_a_sigkilled_plugin_leave(env: dict[str, str], busd: tuple[
         service, unique_id = start_service(env, "org.example.Doomed")
         first = json.loads(monitor.stdout.readline())
         assert (first["kind"], first["name"], first["owner"]["unique_id"]) == ("connected", "org.example.Doomed", unique_id)
-        service.kill()  # SIGKILL: no goodbye at all
-        service.wait()
-        service.stdout and service.stdout.close()
+        _kill(service)
         second = json.loads(monitor.stdout.readline())
         assert (second["kind"], second["name"], second["old_owner"]) == ("disconnected", "org.example.Doomed", unique_id)
     finally:
@@ -277,6 +269,15 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=15)
     proc.stdout and proc.stdout.close()
     proc.stderr and proc.stderr.close()
+
+
+def _kill(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL: no goodbye of any kind; then reap it and close its pipes."""
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path: Path, busd: tuple[subprocess.Popen[str], str]) -> None:
@@ -378,10 +379,7 @@ def test_kv_store_and_chat_examples(env: dict[str, str], busd: tuple[subprocess.
         assert len(json.loads(busctl(env, "call", "org.example.Chat", "members").stdout)) == 2
     finally:
         for m in members:
-            m.kill()
-            m.wait()
-            m.stdout and m.stdout.close()
-            m.stdin and m.stdin.close()
+            _kill(m)
         _stop(kv)
         _stop(chat)
 
@@ -456,9 +454,7 @@ trio.run(main)
         status = busctl(env, "status", "org.example.Evil")
         assert status.returncode == 0 and "\x1b" not in status.stdout
     finally:
-        evil.kill()
-        evil.wait()
-        evil.stdout.close()
+        _kill(evil)
 
 
 @pytest.mark.parametrize("route", ["relay", "direct"])

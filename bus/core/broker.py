@@ -306,36 +306,19 @@ class BrokerCore:
         if pend.route == "tcp":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return []  # the target's listener gives up at its own deadline
-            host, port = reply.result.get("host") if isinstance(reply.result, dict) else None, (
-                reply.result.get("port") if isinstance(reply.result, dict) else None
-            )
+            answer = reply.result if isinstance(reply.result, dict) else {}
+            host, port = answer.get("host"), answer.get("port")
             if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 err = ChannelRejected(f"{target.unique_id} accepted without a usable host and port")
                 return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
             self._add_direct(pend)
-            result = {
-                "channel": pend.a[1],
-                "route": "tcp",
-                "encrypted": True,
-                "peer": self._peer(target),
-                "protocol": pend.protocol,
-                "host": host,
-                "port": port,
-                "token": pend.token,
-            }
-            return [(pend.opener, Reply(pend.opener_request, result).to_wire())]
+            opened = self._opened(pend, target, True, host=host, port=port, token=pend.token)
+            return [(pend.opener, opened)]
         if pend.route == "unix-fd":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return [DropFd(key)]  # the target's end closes with the opener gone: it sees EOF
             self._add_direct(pend)
-            result = {
-                "channel": pend.a[1],
-                "route": "unix-fd",
-                "encrypted": False,
-                "peer": self._peer(target),
-                "protocol": pend.protocol,
-            }
-            return [WithFd(pend.opener, Reply(pend.opener_request, result).to_wire(), key, create=False)]
+            return [WithFd(pend.opener, self._opened(pend, target, False), key, create=False)]
         if pend.opener == 0 or pend.opener not in self.connections:
             # The opener left meanwhile: the target accepted a channel nobody holds.
             return [ChannelMessage(target.id, pend.b[1], {"reset": "the opener left"})]
@@ -347,14 +330,19 @@ class BrokerCore:
                 (opener.id, ErrorReply.from_error(pend.opener_request, exc).to_wire()),
                 ChannelMessage(target.id, pend.b[1], {"reset": str(exc)}),
             ]
+        return [(opener.id, self._opened(pend, target, pend.encrypted)), *self.initial_credit(ch)]
+
+    def _opened(self, pend: PendingOpen, target: Connection, encrypted: bool, **route_fields: Any) -> dict[str, Any]:
+        """The opener's reply: its channel id, the route, and who is at the other end."""
         result = {
             "channel": pend.a[1],
-            "route": "relay",
-            "encrypted": pend.encrypted,
+            "route": pend.route,
+            "encrypted": encrypted,
             "peer": self._peer(target),
             "protocol": pend.protocol,
+            **route_fields,
         }
-        return [(opener.id, Reply(pend.opener_request, result).to_wire()), *self.initial_credit(ch)]
+        return Reply(pend.opener_request, result).to_wire()
 
     def expire_open(self, target_id: int, request_id: int, seconds: float) -> list[Outgoing]:
         """The target did not answer in time: the opener gets an error; a late yes is reset."""
@@ -522,8 +510,8 @@ class BrokerCore:
                     "bytes_in": ch.incoming(half).bytes_total,
                 }
             )
-        direct = sorted({id(r): (h, r) for h, r in self.direct.items() if h[0] == conn.id}.values(), key=lambda hr: hr[0][1])
-        for half, record in direct:
+        # (A connection is at most one end of each direct channel: no channels to itself.)
+        for half, record in sorted((hr for hr in self.direct.items() if hr[0][0] == conn.id), key=lambda hr: hr[0][1]):
             peer = record.b if half == record.a else record.a
             reported = record.counts.get(half)
             entry: dict[str, Any] = {

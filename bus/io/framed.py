@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_control, encode_data
+from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_control
 
 __all__ = ["FramedStream"]
 
@@ -56,14 +56,8 @@ class FramedStream:
     def encode_message(self, message: dict[str, Any], channel: int = 0) -> bytes:
         return encode_control(channel, message, self.max_control)
 
-    def encode_data(self, channel: int, data: bytes) -> bytes:
-        return encode_data(channel, data, self.max_frame)
-
     async def send_message(self, message: dict[str, Any], channel: int = 0) -> None:
         await self.stream.send_all(self.encode_message(message, channel))
-
-    async def send_raw(self, encoded: bytes) -> None:
-        await self.stream.send_all(encoded)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

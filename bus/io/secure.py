@@ -304,8 +304,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         encrypted) that were not written: pass them to :meth:`send_wire` before sending
         anything else.  A socket transport is written to directly; any other transport is
         used when it has a synchronous ``send_some_nowait(data) -> int`` (bytes taken) of
-        its own (a relayed channel does), else all of the wire bytes come back.  A failed transport raises
-        :class:`trio.BrokenResourceError` and breaks the stream.
+        its own (a relayed channel does), else all of the wire bytes come back.  A failed
+        transport raises :class:`trio.BrokenResourceError` and breaks the stream.
         """
         if self._send_conflict.held:
             raise trio.BusyResourceError("another task is sending on this SecureStream")

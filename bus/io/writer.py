@@ -67,6 +67,11 @@ class FrameWriter:
         return len(self._queue) + (self._rest is not None)
 
     @property
+    def stopped(self) -> bool:
+        """:meth:`stop` was called: no frame is taken any more."""
+        return self._stopping
+
+    @property
     def has_room(self) -> bool:
         """Whether :meth:`send_nowait` would take a frame now (without WouldBlock)."""
         return not self.closed and len(self._queue) < self.max_frames
@@ -109,6 +114,15 @@ class FrameWriter:
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
+
+    async def put(self, frame: bytes) -> None:
+        """:meth:`send_nowait`, waiting for room first; yields only if it had to wait.
+
+        For callers that wait for something right after (a reply, the end of their task):
+        their wait is the checkpoint, and a second one would cost a scheduler round."""
+        if len(self._queue) >= self.max_frames:
+            await self.wait_room()
+        self.send_nowait(frame)
 
     async def send(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first.
