@@ -16,7 +16,7 @@ from bus.errors import AccessDenied, BadRequest, ChannelRejected, NameNotFound
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame
 from clients.bus import Bus, open_bus
-from clients.channels import Channel, ChannelRequest
+from clients.channels import Channel, ChannelRequest, RelayStream
 
 from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
 from .test_broker import raw_connect
@@ -816,3 +816,65 @@ async def test_a_unix_fd_offer_without_a_descriptor_is_refused_not_trusted(tmp_p
             assert answer is not None and answer["error"]["code"] == ChannelRejected.wire_code
             assert "did not arrive" in answer["error"]["message"]
             await service.ping()  # still connected and served
+
+
+async def test_push_delivery_hands_over_what_was_buffered_then_everything_else(tmp_path: Path) -> None:
+    """Channel.deliver_to on a relayed channel: buffered data first, then each frame as it
+    comes, credit back as it is taken, then the end; receive_some is taken from then on."""
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        handshake = relay.bytes_in
+        await target.send_all(b"early")
+        with trio.fail_after(10):
+            while relay.bytes_in < handshake + 5:  # arrived and buffered, nobody reading yet
+                await trio.sleep(0.01)
+        got: list[bytes] = []
+        ends: list[str | None] = []
+        ended = trio.Event()
+
+        def on_end(reason: str | None) -> None:
+            ends.append(reason)
+            ended.set()
+
+        assert opener.deliver_to(got.append, on_end)
+        assert got == [b"early"]  # handed over before deliver_to returned
+        with pytest.raises(trio.BusyResourceError):
+            await opener.receive_some()
+        blob = os.urandom(3 * relay.window)  # more than the window: credit must come back
+        await target.send_all(blob)
+        await target.send_eof()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert b"".join(got) == b"early" + blob and ends == [None]
+        assert opener.bytes_in == 5 + len(blob)
+
+
+async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tmp_path: Path) -> None:
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        ends: list[str | None] = []
+
+        def refuse(data: bytes) -> None:
+            raise ValueError(f"no thanks to {data!r}")
+
+        assert opener.deliver_to(refuse, ends.append)
+        await target.send_all(b"junk")
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="bad data: no thanks"):
+            while await target.receive_some():
+                pass
+        assert ends == ["ValueError: no thanks to b'junk'"]
+        # Closing locally ends delivery too (once), and a route without push says so.
+        other = await client.open_channel("org.example.Echo", "raw", "relay")
+        closed: list[str | None] = []
+        assert other.deliver_to(lambda data: None, closed.append)
+        await other.aclose()
+        assert closed == ["this channel was closed"]
+        direct = await client.open_channel("org.example.Echo", "raw", "direct")
+        assert direct.route == "unix-fd" and not direct.deliver_to(lambda data: None, closed.append)
+        await direct.aclose()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
 from bus.errors import BadRequest, ConnectionLost, RemoteError, RequestError, UnknownOperation
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame, encode_control, encode_data
 from clients import Channel, Service, open_bus
+from clients.bus import Bus
+from clients.channels import DEFAULT_WINDOW
+from clients.rpc import RpcConnection
 
 from .brokers import FRIEND, PLUGIN, running_broker
 
@@ -133,3 +139,121 @@ async def test_service_going_away_fails_calls_and_a_new_one_is_reached(tmp_path:
                 again.attach(sbus2)
                 with trio.fail_after(10):
                     assert await bus.call(again.name, "add", 40, 2) == 42
+
+
+# -- RPC over relayed channels (the bytes are pushed to RPC from the bus's reader) -----------
+
+
+async def _relay_rpc(bus: Bus, name: str, nursery: trio.Nursery) -> RpcConnection:
+    channel = await bus.open_channel(name, "rpc", "relay")
+    assert channel.route == "relay" and not channel.encrypted
+    connection = RpcConnection(channel)
+    await nursery.start(connection.run)
+    return connection
+
+
+async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
+    """Calls, errors, overlapping calls and several windows' worth of bytes, all relayed."""
+    async with running_broker(tmp_path) as rb:
+        service = make_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 60  # (a hang fails, not stalls)
+                rpc = await _relay_rpc(bus, service.name, nursery)
+                assert await rpc.call("add", 2, 3) == 5
+                with pytest.raises(RemoteError, match="no such account"):
+                    await rpc.call("fail", "typed")
+                with pytest.raises(BadRequest, match="add"):
+                    await rpc.call("add")
+                results: dict[int, object] = {}
+
+                async def one(i: int) -> None:
+                    results[i] = await rpc.call("slow_echo", i, 0.2)
+
+                start = trio.current_time()
+                async with trio.open_nursery() as calls:
+                    for i in range(30):
+                        calls.start_soon(one, i)
+                assert results == {i: i for i in range(30)}
+                assert trio.current_time() - start < 3  # they overlapped
+                # Three windows' worth each way: the credit goes back as RPC consumes.
+                blob = os.urandom(60_000)
+                for _ in range(3 * DEFAULT_WINDOW // len(blob)):
+                    assert await rpc.call("slow_echo", blob, 0) == blob
+                described = await rpc.introspect()
+                assert {m["name"] for m in described["methods"]} >= {"add", "slow_echo", "fail"}
+                await rpc.aclose()  # run() ends with it, and so does the nursery
+            assert not nursery.cancel_scope.cancelled_caught
+
+
+async def test_garbage_on_a_relayed_rpc_channel_resets_it_and_the_service_goes_on(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        service = make_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                for garbage in (
+                    b"\x09\x00\x00\x00\x00\x00\x00\x00\x00\x01x",  # frame kind 9
+                    encode_data(0, b"bytes where a request belongs"),
+                    encode_control(0, {"op": "call", "id": 1, "method": "add", "args": [1]})[:-1] + b"\xff",  # bad CBOR
+                ):
+                    channel = await bus.open_channel(service.name, "rpc", "relay")
+                    await channel.send_all(garbage)
+                    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="bad data"):
+                        while await channel.receive_some():
+                            pass
+                    await channel.aclose()
+                # A malformed request with a usable id is answered with an error; the channel stays.
+                channel = await bus.open_channel(service.name, "rpc", "relay")
+                framed = FramedStream(channel)
+                await framed.send_message({"op": "call", "id": 7, "method": 5})
+                await framed.send_message({"op": "call", "id": 8, "method": "add", "args": [1, 2]})
+                with trio.fail_after(10):
+                    replies = {}
+                    while len(replies) < 2:
+                        frame = await framed.receive_frame()
+                        assert isinstance(frame, ControlFrame)
+                        replies[frame.message["re"]] = frame.message
+                assert replies[7]["error"]["code"] == BadRequest.wire_code
+                assert replies[8]["result"] == 3
+                await channel.aclose()
+                async with trio.open_nursery() as nursery:
+                    rpc = await _relay_rpc(bus, service.name, nursery)
+                    assert await rpc.call("add", 40, 2) == 42
+                    await rpc.aclose()
+
+
+async def test_a_service_sending_garbage_fails_the_callers_calls(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Liar") as sbus:
+
+            async def liar(channel: Channel) -> None:
+                await channel.receive_some()  # the request
+                await channel.send_all(encode_data(0, b"not a reply"))
+                await trio.sleep_forever()
+
+            sbus.handle_channels("rpc", liar)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = await _relay_rpc(bus, "org.example.Liar", nursery)
+                with trio.fail_after(10), pytest.raises(ConnectionLost, match="data frame on an rpc channel"):
+                    await rpc.call("anything")
+                with pytest.raises(ConnectionLost):
+                    await rpc.call("again")
+
+
+async def test_a_relayed_rpc_channel_ending_mid_frame_fails_the_call(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Liar") as sbus:
+
+            async def half(channel: Channel) -> None:
+                await channel.receive_some()
+                await channel.send_all(encode_control(0, {"re": 1, "result": "x" * 100})[:50])
+                await channel.send_eof()
+                await trio.sleep_forever()
+
+            sbus.handle_channels("rpc", half)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = await _relay_rpc(bus, "org.example.Liar", nursery)
+                with trio.fail_after(10), pytest.raises(ConnectionLost, match="inside a frame|truncated|ended"):
+                    await rpc.call("anything")
