@@ -187,7 +187,9 @@ async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
             assert not nursery.cancel_scope.cancelled_caught
 
 
-async def test_garbage_on_a_relayed_rpc_channel_resets_it_and_the_service_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_garbage_on_an_rpc_channel_ends_it_and_the_service_goes_on(tmp_path: Path, route: str) -> None:
+    """Relayed, the channel is reset with the reason; direct (unix-fd), the service closes it."""
     async with running_broker(tmp_path) as rb:
         service = make_service()
         async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
@@ -198,14 +200,19 @@ async def test_garbage_on_a_relayed_rpc_channel_resets_it_and_the_service_goes_o
                     encode_data(0, b"bytes where a request belongs"),
                     encode_control(0, {"op": "call", "id": 1, "method": "add", "args": [1]})[:-1] + b"\xff",  # bad CBOR
                 ):
-                    channel = await bus.open_channel(service.name, "rpc", "relay")
+                    channel = await bus.open_channel(service.name, "rpc", route)
                     await channel.send_all(garbage)
-                    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="bad data"):
-                        while await channel.receive_some():
-                            pass
+                    with trio.fail_after(10):
+                        if route == "relay":
+                            with pytest.raises(trio.BrokenResourceError, match="bad data"):
+                                while await channel.receive_some():
+                                    pass
+                        else:
+                            assert channel.route == "unix-fd"
+                            assert await channel.receive_some() == b""
                     await channel.aclose()
                 # A malformed request with a usable id is answered with an error; the channel stays.
-                channel = await bus.open_channel(service.name, "rpc", "relay")
+                channel = await bus.open_channel(service.name, "rpc", route)
                 framed = FramedStream(channel)
                 await framed.send_message({"op": "call", "id": 7, "method": 5})
                 await framed.send_message({"op": "call", "id": 8, "method": "add", "args": [1, 2]})
