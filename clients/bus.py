@@ -496,7 +496,7 @@ class Bus:
                 if ep.transport == "unix":
                     assert ep.path is not None
                     # Unix connections can receive socket ends: the unix-fd channel route.
-                    transport = FdSocketStream(await trio.open_unix_socket(ep.path))
+                    transport = await FdSocketStream.connect(ep.path)
                 else:
                     assert ep.host is not None and ep.port is not None
                     transport = await trio.open_tcp_stream(ep.host, ep.port)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from bus.errors import FrameError, FrameTooLarge
+from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.io.testing import secure_stream_pair, tcp_stream_pair
 from bus.io.testing import unix_stream_pair as unix_socket_stream_pair
-from bus.wire.frames import HEADER, ControlFrame, DataFrame, FrameDecoder, encode_control, encode_data
+from bus.wire.frames import HEADER, ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
 from bus.wire.identity import Identity
 
 
@@ -22,8 +24,8 @@ async def connected(encrypted: bool, tcp: bool) -> tuple[SecureStream, SecureStr
     return await secure_stream_pair(transports, CLIENT, SERVER, encrypted=encrypted)
 
 
-async def read_frames(stream: SecureStream, decoder: FrameDecoder, count: int) -> list[object]:
-    frames: list[object] = []
+async def read_frames(stream: SecureStream, decoder: FrameDecoder, count: int) -> list[Frame]:
+    frames: list[Frame] = []
     while len(frames) < count:
         data = await stream.receive_some()
         if not data:
@@ -67,3 +69,85 @@ async def test_garbage_frame_inside_box_stream_is_a_frame_error() -> None:
         await read_frames(server, FrameDecoder(), 1)
     await client.aclose()
     await server.aclose()
+
+
+# -- FramedStream reading a socket directly ---------------------------------------------------
+
+
+class _Flood(trio.abc.ReceiveStream):
+    """A stream that always has another frame ready (what a flooding peer looks like)."""
+
+    def __init__(self) -> None:
+        self.frame = encode_data(1, b"f" * 100)
+        self.reads = 0
+
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        self.reads += 1
+        return self.frame
+
+    async def wait_readable(self) -> None:  # never needed: data is always there
+        raise AssertionError("a flood never waits")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise AssertionError("a socket-like stream is read with receive_nowait")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_flooded_frame_reader_still_lets_other_tasks_run() -> None:
+    flood = _Flood()
+    framed = FramedStream(trio.testing.MemoryReceiveStream(), receive_stream=flood)  # type: ignore[arg-type]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()  # the ticker is running (it never blocks)
+        before = ticks
+        for _ in range(100):
+            assert await framed.receive_frame() == DataFrame(1, b"f" * 100)
+        # Every read that found data without waiting is followed by a checkpoint.
+        assert flood.reads == 100 and ticks - before >= 49
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("fd_stream", [False, True])
+async def test_a_frame_reader_on_a_socket_reads_frames_waits_ends_and_can_be_cancelled(fd_stream: bool) -> None:
+    import socket
+
+    from bus.io.fdpass import FdSocketStream
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = FdSocketStream(right) if fd_stream else trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    framed = FramedStream(stream)
+    with left:
+        wire = encode_control(0, {"op": "ping", "id": 1}) + encode_data(3, b"abc")
+        left.sendall(wire[:7])  # half a header: the reader must wait for the rest
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def read_two() -> None:
+                got.append(await framed.receive_frame())
+                got.append(await framed.receive_frame())
+
+            nursery.start_soon(read_two)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            left.sendall(wire[7:])
+        assert got == [ControlFrame(0, {"op": "ping", "id": 1}), DataFrame(3, b"abc")]
+        with trio.move_on_after(0.1) as scope:  # nothing comes: a waiting reader is cancellable
+            await framed.receive_frame()
+        assert scope.cancelled_caught
+        left.sendall(encode_data(3, b"x")[:4])
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(FrameError, match="inside a frame"):
+            await framed.receive_frame()
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await FramedStream(stream).receive_frame()

@@ -80,8 +80,9 @@ class Resources:
 
     async def fd_pair(self, *, encrypted: bool = False) -> tuple[SecureStream, SecureStream, FdSocketStream]:
         """A Unix pair whose receiving transport is an FdSocketStream."""
-        left, right = unix_stream_pair()
-        receiving = FdSocketStream(right)
+        left_sock, right_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        left = trio.SocketStream(trio.socket.from_stdlib_socket(left_sock))
+        receiving = FdSocketStream(right_sock)
         self.streams += [left, receiving]
         sender, receiver = await secure_stream_pair((left, receiving), CLIENT, SERVER, encrypted=encrypted)
         self.streams += [sender, receiver]

@@ -38,26 +38,45 @@ async def send_with_fds(sock: trio.socket.SocketType, data: bytes, fds: list[int
 
 
 class FdSocketStream(trio.abc.HalfCloseableStream):
-    """A Unix socket stream that also receives file descriptors."""
+    """A Unix socket stream that also receives file descriptors.
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.socket = stream.socket
+    Built from a standard library socket (:meth:`connect` makes one), which it keeps to read
+    without waiting: :meth:`receive_nowait` is what a frame reader uses (see
+    :class:`~bus.io.framed.FramedStream`); :meth:`receive_some` is the usual trio stream read.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._raw = sock
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets it non-blocking
+        self.socket = self.stream.socket
         self.fds: collections.deque[int] = collections.deque()
         self._closed = False
+
+    @classmethod
+    async def connect(cls, path: str) -> FdSocketStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream = cls(sock)
+        try:
+            await stream.socket.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return stream
 
     def take_fd(self) -> int | None:
         """The next descriptor received (the caller owns it), or None."""
         return self.fds.popleft() if self.fds else None
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        """Read what is there without waiting (no checkpoint); :class:`trio.WouldBlock` if nothing is."""
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
-        size = max_bytes or 65536
         try:
-            data, ancdata, _flags, _addr = await self.socket.recvmsg(size, _FD_SPACE)
+            data, ancdata, _flags, _addr = self._raw.recvmsg(max_bytes, _FD_SPACE)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
         except OSError as exc:
-            if self._closed:
+            if self._closed or self._raw.fileno() < 0:
                 raise trio.ClosedResourceError("the stream was closed") from exc
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         for level, kind, payload in ancdata:
@@ -69,6 +88,25 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
                         os.close(fd)  # nobody asked for this many: refuse to hold them
                     else:
                         self.fds.append(fd)
+        return data
+
+    async def wait_readable(self) -> None:
+        """Wait until a read may find something (a checkpoint)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        await trio.lowlevel.wait_readable(self.socket)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        size = max_bytes or 65536
+        while True:
+            try:
+                data = self.receive_nowait(size)
+            except trio.WouldBlock:
+                await self.wait_readable()
+            else:
+                break
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

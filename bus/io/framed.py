@@ -1,20 +1,66 @@
 """Frames over a byte stream (trio): receive decoded frames, send encoded ones.
 
 A :class:`FramedStream` owns a :class:`~bus.wire.frames.FrameDecoder` and reads from the
-stream only when the decoder needs more bytes.  Sending is not locked here: each user keeps
+stream only when the decoder needs more bytes.
+
+Reading a socket directly (a plain Unix connection once its handshake is done), it handles
+what a wake-up brought before yielding: trio's ``receive_some`` yields once more after every
+successful read, which puts a whole scheduler pass between a message arriving and its
+handling (the relay's latency is made of such passes).  Fairness is kept: a read that found
+data without waiting is followed by a checkpoint before the next read, so a peer that floods
+the socket cannot keep its reader from yielding.  Sending is not locked here: each user keeps
 exactly one task that sends (the broker's and the client's writer tasks), which also means a
 cancelled caller can never leave half a frame on the wire.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import socket
+from typing import Any, Protocol
 
 import trio
 
 from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_control
 
 __all__ = ["FramedStream"]
+
+
+class _SocketReads(Protocol):
+    def receive_nowait(self, max_bytes: int) -> bytes: ...
+
+    async def wait_readable(self) -> None: ...
+
+
+class _PlainSocketReads:
+    """Reads without waiting from a trio socket stream (the broker's side of a Unix connection)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._socket = stream.socket
+
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._socket)
+
+
+def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
+    """How to read ``stream`` without waiting, if it can (it has ``receive_nowait`` and
+    ``wait_readable``, as :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
+    if hasattr(stream, "receive_nowait") and hasattr(stream, "wait_readable"):
+        return stream
+    if isinstance(stream, trio.SocketStream) and stream.socket.type == socket.SOCK_STREAM:
+        return _PlainSocketReads(stream)
+    return None
 
 _RECEIVE_SIZE = 1 << 18  # a whole 64 KiB data frame and more in one read
 
@@ -35,6 +81,8 @@ class FramedStream:
         self.max_frame = max_frame
         self.max_control = max_control
         self._decoder = FrameDecoder(max_frame, max_control)
+        self._socket_reads = _socket_reads(self._receive_stream)
+        self._owe_checkpoint = False  # the last read did not wait: yield before the next one
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or ``None`` at a clean end of stream.
@@ -47,11 +95,30 @@ class FramedStream:
             frame = decoder.next_frame()
             if frame is not None:
                 return frame
-            data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
+            data: bytes | bytearray
+            if self._socket_reads is not None:
+                data = await self._receive_socket(self._socket_reads)
+            else:
+                data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 decoder.end_of_input()
                 return None
             decoder.receive_data(data)
+
+    async def _receive_socket(self, reads: _SocketReads) -> bytes:
+        if self._owe_checkpoint:
+            self._owe_checkpoint = False
+            await trio.lowlevel.checkpoint()
+        waited = False
+        while True:
+            try:
+                data = reads.receive_nowait(_RECEIVE_SIZE)
+            except trio.WouldBlock:
+                await reads.wait_readable()  # a checkpoint
+                waited = True
+            else:
+                self._owe_checkpoint = not waited
+                return data
 
     def encode_message(self, message: dict[str, Any], channel: int = 0) -> bytes:
         return encode_control(channel, message, self.max_control)
