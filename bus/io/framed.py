@@ -6,9 +6,11 @@ stream only when the decoder needs more bytes.
 Reading a socket directly (a plain Unix connection once its handshake is done), it handles
 what a wake-up brought before yielding: trio's ``receive_some`` yields once more after every
 successful read, which puts a whole scheduler pass between a message arriving and its
-handling (the relay's latency is made of such passes).  Fairness is kept: a read that found
-data without waiting is followed by a checkpoint before the next read, so a peer that floods
-the socket cannot keep its reader from yielding.  Sending is not locked here: each user keeps
+handling (the relay's latency is made of such passes).  After a read that took less than it
+asked for, the socket is empty: the next read waits for it to be readable first rather than
+make a system call that would find nothing.  Fairness is kept: a read that found data
+without waiting is followed by a checkpoint before the next read, so a peer that floods the
+socket cannot keep its reader from yielding.  Sending is not locked here: each user keeps
 exactly one task that sends (the broker's and the client's writer tasks), which also means a
 cancelled caller can never leave half a frame on the wire.
 """
@@ -83,6 +85,7 @@ class FramedStream:
         self._decoder = FrameDecoder(max_frame, max_control)
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
+        self._drained = False  # the last read took less than it asked for
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or ``None`` at a clean end of stream.
@@ -110,6 +113,9 @@ class FramedStream:
             self._owe_checkpoint = False
             await trio.lowlevel.checkpoint()
         waited = False
+        if self._drained:  # the last read emptied the socket: reading now would find nothing
+            await reads.wait_readable()
+            waited = True
         while True:
             try:
                 data = reads.receive_nowait(_RECEIVE_SIZE)
@@ -118,6 +124,7 @@ class FramedStream:
                 waited = True
             else:
                 self._owe_checkpoint = not waited
+                self._drained = len(data) < _RECEIVE_SIZE
                 return data
 
     def encode_message(self, message: dict[str, Any], channel: int = 0) -> bytes:
