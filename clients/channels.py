@@ -26,6 +26,7 @@ opener's key), with box-stream when any hop crosses TCP: see :class:`Channel`.
 from __future__ import annotations
 
 import collections
+import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,14 @@ from bus.wire.identity import PublicKey
 if TYPE_CHECKING:
     from .bus import _Link
 
-__all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WINDOW"]
+__all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WINDOW", "EndCallback"]
+
+log = logging.getLogger("minibus.client")
+
+#: Told how a pushed channel ended: ``None`` after the peer's EOF, else the error a read
+#: would have raised (:class:`trio.BrokenResourceError` with the reason, or
+#: :class:`trio.ClosedResourceError` when this end was closed).
+EndCallback = Callable[[Exception | None], None]
 
 DEFAULT_WINDOW = 512 * 1024
 MAX_DATA_FRAME = 64 * 1024
@@ -102,7 +110,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._receive_busy = False
         # Push delivery (deliver_to): who takes each data frame, and who hears of the end.
         self._consumer: Callable[[bytes], None] | None = None
-        self._on_end: Callable[[str | None], None] | None = None
+        self._on_end: EndCallback | None = None
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -137,14 +145,16 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._incoming.append(data)
         self._wake_receiver()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: Callable[[str | None], None]) -> None:
+    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> None:
         """Hand every data frame to ``consumer`` as it arrives, instead of ``receive_some``.
 
         ``consumer`` runs inside the bus connection's reader, so it must not block; what it
         takes counts as read at once (credit goes back to the sender as for ``receive_some``).
-        If it raises, the channel is reset with that reason.  ``on_end`` is called once with
-        ``None`` after the peer's EOF, or with the reason the channel broke.  Data already
-        received is handed over first, before this returns.
+        If it raises, the channel is reset with that reason.  ``on_end`` is called once, also
+        in the reader: with ``None`` after the peer's EOF, else with the error a read would
+        have raised (see :data:`EndCallback`); it must not block either, and what it raises
+        is logged, never passed on to the bus connection.  Data already received is handed
+        over first, before this returns.
         """
         if self._receive_busy or self._consumer is not None:
             raise trio.BusyResourceError("another task is receiving on this channel")
@@ -155,7 +165,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         while self._incoming and self._consumer is not None:
             self._push(self._incoming.popleft())
         if self._broken is not None or self._eof_received:
-            self._end(self._broken)
+            self._end(self._broken_error())
 
     def _push(self, data: bytes) -> None:
         assert self._consumer is not None
@@ -174,12 +184,18 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._grant(self._consumed)
             self._consumed = 0
 
-    def _end(self, reason: str | None) -> None:
+    def _broken_error(self) -> Exception | None:
+        return None if self._broken is None else trio.BrokenResourceError(f"channel broken: {self._broken}")
+
+    def _end(self, error: Exception | None) -> None:
         """Tell a push consumer the stream ended (once): ``None`` for the peer's EOF."""
         on_end, self._on_end = self._on_end, None
         self._consumer = None
         if on_end is not None:
-            on_end(reason)
+            try:
+                on_end(error)
+            except Exception:  # the bus connection's reader must go on whatever it does
+                log.exception("channel %d: the end callback failed", self.channel)
 
     def on_control(self, body: dict[str, Any]) -> None:
         if "credit" in body:
@@ -213,7 +229,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._wake_receiver()
         self._credit_changed.set()
         if self._on_end is not None:
-            self._end(self._broken)
+            self._end(self._broken_error())
 
     def _wake_receiver(self) -> None:
         self._incoming_changed.set()
@@ -362,7 +378,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self._wake_receiver()
             self._credit_changed.set()
             if self._on_end is not None:
-                self._end("this channel was closed")
+                self._end(trio.ClosedResourceError("this channel was closed"))
 
     def _take_incoming(self, max_bytes: int | None) -> bytes:
         incoming = self._incoming
@@ -438,7 +454,7 @@ class Channel(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._io.wait_send_all_might_not_block()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: Callable[[str | None], None]) -> bool:
+    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> bool:
         """Push delivery where the route allows it (a plain relayed channel): see
         :meth:`RelayStream.deliver_to`.  Returns False, changing nothing, where it does not;
         read with :meth:`receive_some` then."""

@@ -164,6 +164,7 @@ class Service:
                 pass  # the caller is gone; nobody is waiting for this reply
 
         async def run(request: Request) -> None:
+            await trio.lowlevel.checkpoint_if_cancelled()  # (yields only when cancelled)
             try:
                 limiter.acquire_nowait()  # no task switch when there is room (the usual case)
             except trio.WouldBlock:
@@ -201,8 +202,8 @@ class Service:
                 pushed = _PushedFrames(handle)
                 if channel.deliver_to(pushed.feed, pushed.end):
                     await pushed.ended.wait()
-                    if pushed.reason is not None:
-                        log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.reason)
+                    if pushed.error is not None:
+                        log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
                 else:
                     while True:
                         try:
@@ -252,7 +253,7 @@ class _PushedFrames:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
         self._handle = handle
         self.ended = trio.Event()
-        self.reason: str | None = None  # why the channel broke (None: the peer's EOF)
+        self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
 
     def feed(self, data: bytes) -> None:
         decoder = self._decoder
@@ -260,13 +261,13 @@ class _PushedFrames:
         while (frame := decoder.next_frame()) is not None:
             self._handle(frame)
 
-    def end(self, reason: str | None) -> None:
-        if reason is None:
+    def end(self, error: Exception | None) -> None:
+        if error is None:
             try:
                 self._decoder.end_of_input()
             except FrameError as exc:
-                reason = str(exc)
-        self.reason = reason
+                error = exc
+        self.error = error
         self.ended.set()
 
 
@@ -308,8 +309,8 @@ class RpcConnection:
         pushed = _PushedFrames(self._on_frame)
         if self.channel.deliver_to(pushed.feed, pushed.end):
             await pushed.ended.wait()
-            if pushed.reason is not None:
-                raise trio.BrokenResourceError(f"channel broken: {pushed.reason}")
+            if pushed.error is not None:
+                raise pushed.error  # what reading would have raised
             return
         while True:
             frame = await self.framed.receive_frame()

@@ -833,11 +833,11 @@ async def test_push_delivery_hands_over_what_was_buffered_then_everything_else(t
             while relay.bytes_in < handshake + 5:  # arrived and buffered, nobody reading yet
                 await trio.sleep(0.01)
         got: list[bytes] = []
-        ends: list[str | None] = []
+        ends: list[Exception | None] = []
         ended = trio.Event()
 
-        def on_end(reason: str | None) -> None:
-            ends.append(reason)
+        def on_end(error: Exception | None) -> None:
+            ends.append(error)
             ended.set()
 
         assert opener.deliver_to(got.append, on_end)
@@ -858,7 +858,7 @@ async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tm
         accepted = hand_over_channels(service)
         opener = await client.open_channel("org.example.Echo", "raw", "relay")
         target = await accepted.receive()
-        ends: list[str | None] = []
+        ends: list[Exception | None] = []
 
         def refuse(data: bytes) -> None:
             raise ValueError(f"no thanks to {data!r}")
@@ -868,13 +868,29 @@ async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tm
         with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="bad data: no thanks"):
             while await target.receive_some():
                 pass
-        assert ends == ["ValueError: no thanks to b'junk'"]
-        # Closing locally ends delivery too (once), and a route without push says so.
+        [error] = ends
+        assert isinstance(error, trio.BrokenResourceError) and "ValueError: no thanks to b'junk'" in str(error)
+        # Closing locally ends delivery too (once), as a read would have: ClosedResourceError.
         other = await client.open_channel("org.example.Echo", "raw", "relay")
-        closed: list[str | None] = []
+        await accepted.receive()  # (its target end)
+        closed: list[Exception | None] = []
         assert other.deliver_to(lambda data: None, closed.append)
         await other.aclose()
-        assert closed == ["this channel was closed"]
+        assert len(closed) == 1 and isinstance(closed[0], trio.ClosedResourceError)
+        # An end callback that raises is logged; the bus connection and its channels go on.
+        third = await client.open_channel("org.example.Echo", "raw", "relay")
+        far = await accepted.receive()
+
+        def bad_end(error: Exception | None) -> None:
+            raise RuntimeError("oops")
+
+        assert third.deliver_to(lambda data: None, bad_end)
+        await far.send_eof()
+        fourth = await client.open_channel("org.example.Echo", "raw", "relay")
+        await (await accepted.receive()).send_all(b"still here")
+        with trio.fail_after(10):
+            assert await fourth.receive_some() == b"still here"
+        # A route without push says so.
         direct = await client.open_channel("org.example.Echo", "raw", "direct")
         assert direct.route == "unix-fd" and not direct.deliver_to(lambda data: None, closed.append)
         await direct.aclose()

@@ -151,3 +151,13 @@ async def test_a_frame_reader_on_a_socket_reads_frames_waits_ends_and_can_be_can
     await stream.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await FramedStream(stream).receive_frame()
+    # A reader whose last read emptied the socket, on a stream closed since: closed, not a crash.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = FdSocketStream(right) if fd_stream else trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    framed = FramedStream(stream)
+    with left:
+        left.sendall(encode_data(3, b"abc"))
+        assert await framed.receive_frame() == DataFrame(3, b"abc")
+        await stream.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await framed.receive_frame()

@@ -162,6 +162,8 @@ async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
                 nursery.cancel_scope.deadline = trio.current_time() + 60  # (a hang fails, not stalls)
                 rpc = await _relay_rpc(bus, service.name, nursery)
                 assert await rpc.call("add", 2, 3) == 5
+                with pytest.raises(trio.BusyResourceError):  # replies are pushed to the connection
+                    await rpc.channel.receive_some()
                 with pytest.raises(RemoteError, match="no such account"):
                     await rpc.call("fail", "typed")
                 with pytest.raises(BadRequest, match="add"):

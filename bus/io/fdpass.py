@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import collections
+import operator
 import os
 import socket
 
@@ -51,6 +52,7 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         self.socket = self.stream.socket
         self.fds: collections.deque[int] = collections.deque()
         self._closed = False
+        self._receiving = False
 
     @classmethod
     async def connect(cls, path: str) -> FdSocketStream:
@@ -92,22 +94,30 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
 
     async def wait_readable(self) -> None:
         """Wait until a read may find something (a checkpoint)."""
-        if self._closed:
+        if self._closed or self._raw.fileno() < 0:
             raise trio.ClosedResourceError("the stream was closed")
         await trio.lowlevel.wait_readable(self.socket)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        size = max_bytes or 65536
-        while True:
-            try:
-                data = self.receive_nowait(size)
-            except trio.WouldBlock:
-                await self.wait_readable()
-            else:
-                break
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        size = 65536 if max_bytes is None else operator.index(max_bytes)
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                try:
+                    data = self.receive_nowait(size)
+                except trio.WouldBlock:
+                    await self.wait_readable()
+                else:
+                    break
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)

@@ -52,6 +52,8 @@ class _PlainSocketReads:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
     async def wait_readable(self) -> None:
+        if self._socket.fileno() < 0:
+            raise trio.ClosedResourceError("the socket was closed")
         await trio.lowlevel.wait_readable(self._socket)
 
 
@@ -109,13 +111,13 @@ class FramedStream:
             decoder.receive_data(data)
 
     async def _receive_socket(self, reads: _SocketReads) -> bytes:
-        if self._owe_checkpoint:
-            self._owe_checkpoint = False
-            await trio.lowlevel.checkpoint()
         waited = False
         if self._drained:  # the last read emptied the socket: reading now would find nothing
-            await reads.wait_readable()
+            await reads.wait_readable()  # (a checkpoint, which pays any owed)
             waited = True
+        elif self._owe_checkpoint:
+            await trio.lowlevel.checkpoint()
+        self._owe_checkpoint = False
         while True:
             try:
                 data = reads.receive_nowait(_RECEIVE_SIZE)
