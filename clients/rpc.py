@@ -53,7 +53,9 @@ from bus.errors import (
     BusError,
     ConnectionLost,
     FrameError,
+    LimitError,
     LocalProtocolError,
+    QuotaExceeded,
     RequestError,
     UnknownOperation,
     error_from_wire,
@@ -73,7 +75,7 @@ __all__ = ["Service", "MethodInfo", "RpcConnection", "RPC_PROTOCOL"]
 log = logging.getLogger("minibus.rpc")
 
 RPC_PROTOCOL = "rpc"
-MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more wait their turn
+MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +156,9 @@ class Service:
         """Answer calls on one RPC channel until the caller closes it."""
         framed = FramedStream(channel)
         # Replies go out whole and in order, straight to the channel when nothing waits.
-        writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
-        limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        # (Room for every running call's reply, and as many refusals besides.)
+        writer = FrameWriter(channel.secure, max_frames=2 * MAX_IN_FLIGHT)
+        running = 0  # calls being answered, at most MAX_IN_FLIGHT (one task each)
 
         async def reply(message: dict[str, Any]) -> None:
             try:
@@ -164,15 +167,21 @@ class Service:
                 pass  # the caller is gone; nobody is waiting for this reply
 
         async def run(request: Request) -> None:
-            await trio.lowlevel.checkpoint_if_cancelled()  # (yields only when cancelled)
+            nonlocal running
             try:
-                limiter.acquire_nowait()  # no task switch when there is room (the usual case)
-            except trio.WouldBlock:
-                await limiter.acquire()
-            try:
+                await trio.lowlevel.checkpoint_if_cancelled()  # (yields only when cancelled)
                 await reply(await self._answer(request))
             finally:
-                limiter.release()
+                running -= 1
+
+        def refuse(request_id: int, error: RequestError) -> None:
+            """Answer at once, with no task: a caller flooding us costs no memory."""
+            try:
+                writer.send_nowait(framed.encode_message(ErrorReply.from_error(request_id, error).to_wire()))
+            except trio.WouldBlock:
+                raise LimitError("the caller sends calls faster than it reads the answers") from None
+            except trio.ClosedResourceError:
+                pass
 
         async def write() -> None:
             try:
@@ -194,9 +203,14 @@ class Service:
                         request_id = getattr(exc, "request_id", None)
                         if request_id is None:
                             raise
-                        calls.start_soon(reply, ErrorReply(request_id, BadRequest.wire_code, str(exc)).to_wire())
+                        refuse(request_id, BadRequest(str(exc)))
                         return
                     if isinstance(message, Request):
+                        nonlocal running
+                        if running >= MAX_IN_FLIGHT:
+                            refuse(message.id, QuotaExceeded(f"{MAX_IN_FLIGHT} calls are already running on this channel"))
+                            return
+                        running += 1
                         calls.start_soon(run, message)
 
                 pushed = _PushedFrames(handle)
@@ -211,7 +225,7 @@ class Service:
                             if frame is None:
                                 break
                             handle(frame)
-                        except (FrameError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        except (FrameError, LimitError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                             log.info("rpc channel from %s: %s", channel.peer.unique_id, exc)
                             break
             writer.finish()  # every call is answered: deliver the replies, then end

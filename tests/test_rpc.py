@@ -266,3 +266,62 @@ async def test_a_relayed_rpc_channel_ending_mid_frame_fails_the_call(tmp_path: P
                 rpc = await _relay_rpc(bus, "org.example.Liar", nursery)
                 with trio.fail_after(10), pytest.raises(ConnectionLost, match="inside a frame|truncated|ended"):
                     await rpc.call("anything")
+
+
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_calls_beyond_the_per_channel_limit_are_refused_at_once(tmp_path: Path, route: str) -> None:
+    """A caller with more calls running than a channel serves gets QuotaExceeded for the
+    extra ones, straight away (no task or memory held for them); the rest are answered."""
+    from bus.errors import QuotaExceeded
+    from clients.rpc import MAX_IN_FLIGHT
+
+    async with running_broker(tmp_path) as rb:
+        service = make_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                channel = await bus.open_channel(service.name, "rpc", route)
+                connection = RpcConnection(channel)
+                await nursery.start(connection.run)
+                answered: list[object] = []
+                refused: list[float] = []
+                start = trio.current_time()
+
+                async def one(i: int) -> None:
+                    try:
+                        answered.append(await connection.call("slow_echo", i, 2.0))
+                    except QuotaExceeded:
+                        refused.append(trio.current_time() - start)
+
+                with trio.fail_after(30):
+                    async with trio.open_nursery() as calls:
+                        for i in range(MAX_IN_FLIGHT + 40):
+                            calls.start_soon(one, i)
+                assert len(answered) == MAX_IN_FLIGHT and len(refused) == 40
+                assert max(refused) < 1.5  # refused at once, not after the running calls
+                assert await connection.call("add", 1, 2) == 3  # the channel goes on
+                await connection.aclose()
+
+
+async def test_a_caller_that_never_reads_its_answers_gets_its_channel_reset(tmp_path: Path) -> None:
+    """Refusals are answered at once; when even they cannot be sent (the caller reads
+    nothing, so the relay's credit and then the service's queue run out), the service resets
+    the channel instead of holding more."""
+    async with running_broker(tmp_path) as rb:
+        service = make_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                channel = await bus.open_channel(service.name, "rpc", "relay")
+                framed = FramedStream(channel)
+                with trio.fail_after(60), pytest.raises(trio.BrokenResourceError, match="faster than it reads"):
+                    for i in range(1, 100_000):
+                        await framed.send_message({"op": "call", "id": i, "method": "slow_echo", "args": [i, 30]})
+                with pytest.raises(trio.BrokenResourceError, match="faster than it reads"):
+                    while await channel.receive_some():  # (the refusals that did arrive come first)
+                        pass
+                # The service goes on for everyone else.
+                async with trio.open_nursery() as nursery:
+                    rpc = await _relay_rpc(bus, service.name, nursery)
+                    assert await rpc.call("add", 2, 2) == 4
+                    await rpc.aclose()
