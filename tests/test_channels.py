@@ -133,19 +133,25 @@ async def test_target_that_never_answers(tmp_path: Path) -> None:
         await silent.aclose()
 
 
+async def _open_held(client: Bus, target: Bus, route: str) -> Channel:
+    """A 'raw' channel to ``target`` (named org.example.Doomed), whose end is held open."""
+    holding = trio.Event()
+
+    async def hold(ch: Channel) -> None:
+        holding.set()
+        await trio.sleep_forever()
+
+    target.handle_channels("raw", hold)
+    ch = await client.open_channel("org.example.Doomed", route=route)
+    await holding.wait()
+    return ch
+
+
 async def test_peer_vanishing_breaks_the_other_end(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as rb:
         async with open_bus(rb.unix_address, identity=FRIEND) as client:
             async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Doomed") as doomed:
-                holding = trio.Event()
-
-                async def hold(ch: Channel) -> None:
-                    holding.set()
-                    await trio.sleep_forever()
-
-                doomed.handle_channels("raw", hold)
-                ch = await client.open_channel("org.example.Doomed", route="relay")
-                await holding.wait()
+                ch = await _open_held(client, doomed, "relay")
                 await ch.send_all(b"x" * 1000)
                 # The target's connection disappears without a word (as with SIGKILL).
                 assert doomed._link is not None
@@ -446,16 +452,8 @@ async def test_unix_fd_peer_killed_breaks_the_other_end(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as rb:
         async with open_bus(rb.unix_address, identity=FRIEND) as client:
             async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Doomed") as doomed:
-                holding = trio.Event()
-
-                async def hold(ch: Channel) -> None:
-                    holding.set()
-                    await trio.sleep_forever()
-
-                doomed.handle_channels("raw", hold)
-                ch = await client.open_channel("org.example.Doomed")
+                ch = await _open_held(client, doomed, "auto")
                 assert ch.route == "unix-fd"
-                await holding.wait()
             # The plugin is gone (its tasks cancelled, its sockets closed): the channel ends.
             with trio.fail_after(5):
                 assert await ch.receive_some() == b""

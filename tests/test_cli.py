@@ -280,6 +280,19 @@ def _kill(proc: subprocess.Popen[Any]) -> None:
             pipe.close()
 
 
+def _open_echoing(env: dict[str, str], route: str, line: bytes) -> subprocess.Popen[bytes]:
+    """``busctl open`` to the echo service, kept open once a line came back."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--route", route],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line)
+    proc.stdin.flush()
+    assert proc.stdout.readline() == line
+    return proc
+
+
 def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path: Path, busd: tuple[subprocess.Popen[str], str]) -> None:
     echo = _start_example(env, str(ROOT / "examples" / "echo_service.py"))
     try:
@@ -309,25 +322,11 @@ def test_call_introspect_open_and_status_channels(env: dict[str, str], tmp_path:
         )
         assert rejected.returncode == 6 and "no handler for protocol 'ssh'" in rejected.stderr
         # status shows a live channel with its byte counts
-        holder = subprocess.Popen(
-            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--route", "relay"],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(b"ping\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline() == b"ping\n"
+        holder = _open_echoing(env, "relay", b"ping\n")
         status = busctl(env, "status", "org.example.Echo")
         assert "channel:" in status.stdout and "raw via relay" in status.stdout and "bytes in" in status.stdout
         # A direct (unix-fd) channel: the broker lists it with the counts its ends report.
-        direct = subprocess.Popen(
-            [sys.executable, "-m", "clients.busctl", "open", "org.example.Echo", "--route", "direct"],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        assert direct.stdin is not None and direct.stdout is not None
-        direct.stdin.write(b"pong\n")
-        direct.stdin.flush()
-        assert direct.stdout.readline() == b"pong\n"
+        direct = _open_echoing(env, "direct", b"pong\n")
         deadline = time.monotonic() + 15
         while "raw via unix-fd" not in status.stdout or "5 bytes in, 5 bytes out (as its end last reported)" not in status.stdout:
             assert time.monotonic() < deadline, status.stdout
