@@ -288,7 +288,10 @@ def test_long_lists_come_in_pages() -> None:
     assert everything == names + [f":{admin}"]
 
 
-def test_large_snapshots_arrive_in_parts_before_any_change() -> None:
+def test_large_snapshots_arrive_in_parts_merged_with_changes() -> None:
+    """Pages after the first come from pump_watches (as the watcher's queue drains); a change
+    to a name a page already showed is sent at once, one to a name still to come is left to
+    its page: the watcher sees every name exactly once, in its current state."""
     h = Harness(Limits(reply_bytes=2000, names_per_connection=200))
     p = h.connect(PLUGIN)
     h.ok(p, "hello", info={"description": "d" * 200})
@@ -298,9 +301,20 @@ def test_large_snapshots_arrive_in_parts_before_any_change() -> None:
     h.ok(w, "hello")
     h._ids += 1
     out = h.core.receive(w, {"op": "watch", "id": h._ids, "patterns": ["org.example.*"]})
-    reply = out[0][1]
-    assert reply["result"]["more"] is True
-    parts = [m for _, m in out[1:]]
-    assert all(m["event"] == "snapshot" for m in parts) and parts[-1]["more"] is False
-    total = len(reply["result"]["snapshot"]) + sum(len(m["entries"]) for m in parts)
-    assert total == 40
+    assert len(out) == 1  # just the reply: the rest is paced
+    result = out[0][1]["result"]
+    assert result["more"] is True and w in h.core.pumping
+    first = [e["name"] for e in result["snapshot"]]
+    assert first[0] == "org.example.N000"
+    # A change to a name already shown is an event; one to a name still to come is not.
+    h.deliver(h.core.receive(p, {"op": "release_name", "id": 900, "name": "org.example.N000"}))
+    h.deliver(h.core.receive(p, {"op": "release_name", "id": 901, "name": "org.example.N039"}))
+    events = [m for m in h.sent[w] if m.get("event") == "name"]
+    assert [(e["name"], e["kind"]) for e in events] == [("org.example.N000", "disconnected")]
+    names = list(first)
+    while w in h.core.pumping:
+        for conn_id, message in h.core.pump_watches(w):
+            assert conn_id == w and message["event"] == "snapshot"
+            names += [e["name"] for e in message["entries"]]
+    assert names == [f"org.example.N{i:03}" for i in range(39)]  # N039 left before its page
+    assert h.core.pump_watches(w) == []

@@ -20,10 +20,10 @@ ignored, so a client that sends ``identity`` or ``unique_id`` in its hello chang
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -39,9 +39,12 @@ from ..errors import (
     RequestError,
     UnknownOperation,
 )
+from ..wire.frames import MAX_CBOR_DEPTH
 from ..wire.identity import PublicKey
 from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
+from .accounting import Budget, Charge
 from .channels import ChannelTable, RelayChannel
+from .glob import Glob, GlobError, compile_glob
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
 
@@ -56,10 +59,46 @@ __all__ = [
     "FLAG_NAMES",
     "PendingOpen",
     "CHANNEL_PROTOCOL_RE",
+    "bound_text",
+    "RELAY_MIN_CREDIT",
 ]
 
 #: Protocol labels: short, printable, no spaces (like an SSH subsystem name).
 CHANNEL_PROTOCOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+#: A host a target gives for the tcp route: a DNS name or an IP literal, nothing else.
+_HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}\Z")
+#: A relayed channel gets at least this much credit per direction, or is refused.
+RELAY_MIN_CREDIT = 64 * 1024
+#: Late acceptances remembered per target after their opener gave up (oldest forgotten first).
+_TOMBSTONES_PER_TARGET = 64
+
+
+def bound_text(value: object, limit: int) -> str:
+    """A reason or message from a peer, cut to ``limit`` characters where it enters.
+
+    Anything but a string becomes ``"(no reason given)"``: a peer's structure is never
+    turned into text (its ``repr`` could be as large and as slow as the peer likes)."""
+    if not isinstance(value, str):
+        return "(no reason given)"
+    if len(value) <= limit:
+        return value
+    return value[: max(0, limit - 1)] + "\u2026"
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of a plain CBOR value (1 for a scalar), counting no further than ``limit + 1``."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 @dataclass(slots=True)
@@ -74,6 +113,17 @@ class PendingOpen:
     b: tuple[int, int]  # (target, its channel id)
     route: str = "relay"
     token: bytes = b""
+    #: Paid by the opener while the target decides: its pending slots and the target's.
+    pending_charge: Charge = field(default_factory=Charge)
+    #: Paid by the opener for the channel itself; moves to the channel once it is open.
+    channel_charge: Charge = field(default_factory=Charge)
+    #: Relay buffer space for both directions, from the opener's identity (relay route).
+    relay_charge: Charge = field(default_factory=Charge)
+    relay_cap: int = 0
+
+    def release(self) -> None:
+        for charge in (self.pending_charge, self.channel_charge, self.relay_charge):
+            charge.release()
 
 @dataclass(slots=True)
 class DirectChannel:
@@ -88,6 +138,7 @@ class DirectChannel:
     protocol: str
     route: str
     counts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # half -> (in, out)
+    charge: Charge = field(default_factory=Charge)
 
 
 class ChannelMessage(NamedTuple):
@@ -129,20 +180,81 @@ FLAG_NAMES = {
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-broker limits; every one is configurable (see docs/broker.md)."""
+    """Per-broker limits; every one is configurable in ``[limits]`` (see docs/broker.md).
+
+    ``*_per_connection`` and ``*_per_identity`` budgets are paid by whoever asks;
+    ``*_per_target`` budgets belong to a target but are spent by its openers, each of
+    which may hold at most a fair share of what is left (see :mod:`bus.core.accounting`)."""
 
     connections_per_identity: int = 64
     names_per_connection: int = 64
+    names_per_identity: int = 512
     watches_per_connection: int = 32
+    watches_per_identity: int = 256
     patterns_per_watch: int = 32
     pattern_length: int = 255
+    #: Characters of all the patterns of one watch together (bounds matching CPU per change).
+    pattern_chars_per_watch: int = 1024
     info_bytes: int = 16 * 1024
+    #: Nesting depth of a plugin's ``info.metadata`` (so every message repeating it stays
+    #: well inside the CBOR profile's depth limit).
+    info_depth: int = 8
     #: Lists and snapshots are cut into messages of about this many bytes (well under the
     #: 64 KiB control-frame limit; one entry is at most ``info_bytes`` plus ~300 bytes).
     reply_bytes: int = 40 * 1024
+    #: The largest control message the broker builds (an ``info`` reply is paged to fit).
+    message_bytes: int = 60 * 1024
+    #: Reasons and host names from peers are cut to this many characters where they enter.
+    reason_chars: int = 256
+    #: Channels a connection opens (relayed and direct, pending ones included).
     channels_per_connection: int = 256
+    channels_per_identity: int = 1024
+    #: Channels a connection may be the target of, shared fairly among its openers.
+    channels_per_target: int = 1024
+    #: Channel openings waiting for a target's answer.
+    pending_opens_per_connection: int = 32
+    pending_opens_per_identity: int = 64
+    pending_opens_per_target: int = 64
     #: Bytes the broker holds at most per relayed channel and direction.
     relay_credit: int = 512 * 1024
+    #: Relay buffer space (both directions of every relayed channel it opened) per identity.
+    relay_bytes_per_identity: int = 32 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Watch:
+    id: int
+    globs: tuple[Glob, ...]
+    charge: Charge
+    #: While a snapshot is being sent: the last name sent (changes to names after it are left
+    #: to the pages still to come); None once the watch is live.
+    cursor: str | None = None
+    #: Changes were not sent (the watcher's queue was full): a resync is owed.
+    resync: bool = False
+
+    def matches(self, name: str) -> bool:
+        return any(g.match(name) for g in self.globs)
+
+
+@dataclass(slots=True)
+class Account:
+    """What one identity holds across all its connections."""
+
+    key: str
+    connections: set[int] = field(default_factory=set)
+    watches: Budget = field(init=False)
+    channels: Budget = field(init=False)
+    pending: Budget = field(init=False)
+    relay: Budget = field(init=False)
+
+    @classmethod
+    def new(cls, key: str, limits: Limits) -> Account:
+        account = cls(key)
+        account.watches = Budget("watches_per_identity", key, limits.watches_per_identity)
+        account.channels = Budget("channels_per_identity", key, limits.channels_per_identity)
+        account.pending = Budget("pending_opens_per_identity", key, limits.pending_opens_per_identity)
+        account.relay = Budget("relay_bytes_per_identity", key, limits.relay_bytes_per_identity)
+        return account
 
 
 @dataclass(slots=True)
@@ -154,11 +266,27 @@ class Connection:
     uid: int | None
     connected_since: float
     admin: bool
+    account: Account
+    limits: Limits
     registered: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    watches: dict[int, re.Pattern[str]] = field(default_factory=dict)
+    watches: dict[int, Watch] = field(default_factory=dict)
     next_watch: int = 1
     next_request: int = 1  # ids of the broker's own requests to this connection
+    watch_budget: Budget = field(init=False)
+    channel_budget: Budget = field(init=False)  # channels it opens
+    pending_budget: Budget = field(init=False)  # openings it waits for
+    target_budget: Budget = field(init=False)  # channels others open to it (shared)
+    incoming_budget: Budget = field(init=False)  # openings to it awaiting its answer (shared)
+    tombstones: deque[tuple[int, int]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        me, limits = self.unique_id, self.limits
+        self.watch_budget = Budget("watches_per_connection", me, limits.watches_per_connection)
+        self.channel_budget = Budget("channels_per_connection", me, limits.channels_per_connection)
+        self.pending_budget = Budget("pending_opens_per_connection", me, limits.pending_opens_per_connection)
+        self.target_budget = Budget("channels_per_target", me, limits.channels_per_target)
+        self.incoming_budget = Budget("pending_opens_per_target", me, limits.pending_opens_per_target)
 
     @property
     def unique_id(self) -> str:
@@ -180,12 +308,23 @@ class BrokerCore:
         self.names = NameRegistry(max_names_per_connection=self.limits.names_per_connection)
         self.connections: dict[int, Connection] = {}
         self._next_id = 1
-        self._per_identity: dict[str, int] = {}
-        self.channels = ChannelTable(cap=self.limits.relay_credit, channels_per_connection=self.limits.channels_per_connection)
-        # Channel openings waiting for the target's answer, by (target conn, request id).
+        self.accounts: dict[str, Account] = {}
+        self.channels = ChannelTable()
+        # Channel openings waiting for the target's answer, by (target conn, request id),
+        # and the keys of those each connection takes part in (as opener or target).
         self.pending_opens: dict[tuple[int, int], PendingOpen] = {}
-        # Channels negotiated for a direct route, by both halves.
+        self._pending_by_conn: dict[int, set[tuple[int, int]]] = {}
+        # Channels negotiated for a direct route, by both halves, and the halves per connection.
         self.direct: dict[tuple[int, int], DirectChannel] = {}
+        self._direct_by_conn: dict[int, set[tuple[int, int]]] = {}
+        # Connections with at least one watch (the only ones a name change is checked for).
+        self._watchers: set[int] = set()
+        #: Connections whose watches have snapshot pages or a resync to send: the io layer
+        #: calls :meth:`pump_watches` for them while they have room.
+        self.pumping: set[int] = set()
+        #: Whether a connection's outbound queue has room for traffic it did not ask for
+        #: (watch changes, channel requests).  The io layer sets this; without one, always.
+        self.has_room: Callable[[int], bool] = lambda conn_id: True
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
         self.fd_passing = True
         #: Whether Unix connections run box-stream too: then every channel is encrypted end to end.
@@ -195,11 +334,15 @@ class BrokerCore:
 
     def connect(self, key: PublicKey, transport: str, pid: int | None = None, uid: int | None = None) -> Connection:
         """Admit an authenticated connection; raises :class:`QuotaExceeded` over the limit."""
-        count = self._per_identity.get(key.id, 0)
+        account = self.accounts.get(key.id)
+        count = len(account.connections) if account is not None else 0
         if count >= self.limits.connections_per_identity:
             raise QuotaExceeded(
-                f"{key.id} already has {count} connections (limit {self.limits.connections_per_identity})"
+                f"connections_per_identity reached: {key.id} already has {count} connections "
+                f"(limit {self.limits.connections_per_identity})"
             )
+        if account is None:
+            account = self.accounts[key.id] = Account.new(key.id, self.limits)
         conn = Connection(
             id=self._next_id,
             key=key,
@@ -208,42 +351,53 @@ class BrokerCore:
             uid=uid,
             connected_since=self._clock(),
             admin=self.policy.is_admin(key),
+            account=account,
+            limits=self.limits,
         )
         self._next_id += 1  # never reused while the broker runs
-        self._per_identity[key.id] = count + 1
+        account.connections.add(conn.id)
         self.connections[conn.id] = conn
         return conn
 
     def disconnect(self, conn_id: int) -> list[Outgoing]:
-        """Forget a connection; its names pass on and watchers hear of it.  Idempotent."""
+        """Forget a connection; its names pass on and watchers hear of it.  Idempotent.
+
+        Costs what the connection held, not what the broker holds: every table it appears
+        in is indexed by connection."""
         conn = self.connections.get(conn_id)
         if conn is None:
             return []
+        for watch in conn.watches.values():
+            watch.charge.release()
         conn.watches.clear()  # it hears nothing more, not even of its own departure
+        self._watchers.discard(conn_id)
+        self.pumping.discard(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
         for ch in self.channels.forget_connection(conn_id):
             other = ch.b if ch.a[0] == conn_id else ch.a
             out.append(ChannelMessage(other[0], other[1], {"reset": f"{conn.unique_id} disconnected"}))
-        for half in [h for h in self.direct if h[0] == conn_id]:
+        for half in list(self._direct_by_conn.get(conn_id, ())):
             self._forget_direct(half)
-        for key, pend in list(self.pending_opens.items()):
+        for key in list(self._pending_by_conn.get(conn_id, ())):
+            pend = self.pending_opens.get(key)
+            if pend is None:
+                continue
             if pend.target == conn_id and pend.route == "unix-fd":
                 out.append(DropFd(key))
-            if pend.target == conn_id and pend.opener == 0:
-                del self.pending_opens[key]
-            elif pend.target == conn_id:
-                del self.pending_opens[key]
-                err = ChannelRejected(f"{conn.unique_id} left before answering the channel request")
-                out.append((pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()))
+            if pend.target == conn_id:
+                self._drop_pending(key)
+                if pend.opener:
+                    err = ChannelRejected(f"{conn.unique_id} left before answering the channel request")
+                    out.append((pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()))
             elif pend.opener == conn_id:
-                pend.opener = 0  # the answer, if any, will be undone
+                self._make_tombstone(key, pend)
                 out.append(ChannelMessage(pend.target, pend.b[1], {"reset": f"{conn.unique_id} disconnected"}))
+        self._pending_by_conn.pop(conn_id, None)
         del self.connections[conn_id]
-        left = self._per_identity[conn.key.id] - 1
-        if left:
-            self._per_identity[conn.key.id] = left
-        else:
-            del self._per_identity[conn.key.id]
+        account = conn.account
+        account.connections.discard(conn_id)
+        if not account.connections:
+            del self.accounts[conn.key.id]
         return out
 
     # -- messages ----------------------------------------------------------------------------
@@ -269,7 +423,7 @@ class BrokerCore:
         try:
             handler = self._handlers.get(message.op)
             if handler is None:
-                raise UnknownOperation(f"unknown operation {message.op!r}")
+                raise UnknownOperation(f"unknown operation {bound_text(message.op, 64)!r}")
             if not conn.registered and message.op not in ("hello", "ping"):
                 raise BadRequest(f"{message.op}: send hello first")
             result = handler(self, conn, message, out)
@@ -292,23 +446,30 @@ class BrokerCore:
         return [(conn_id, Request("ping", self.next_request_id(conn), {}).to_wire())]
 
     def _reply_from(self, conn_id: int, reply: Reply | ErrorReply) -> list[Outgoing]:
-        pend = self.pending_opens.pop((conn_id, reply.re), None)
+        key = (conn_id, reply.re)
+        pend = self._drop_pending(key)
         if pend is None:
             return []  # a ping's answer, or one that came after the deadline (reset below)
         target = self.connections[conn_id]
-        key = (conn_id, reply.re)
         if isinstance(reply, ErrorReply):
             drop: list[Outgoing] = [DropFd(key)] if pend.route == "unix-fd" else []
             if pend.opener == 0:
                 return drop
-            err = ChannelRejected(f"{target.unique_id} rejected the channel: {reply.message}")
+            reason = bound_text(reply.message, self.limits.reason_chars)
+            err = ChannelRejected(f"{target.unique_id} rejected the channel: {reason}")
             return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
         if pend.route == "tcp":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return []  # the target's listener gives up at its own deadline
             answer = reply.result if isinstance(reply.result, dict) else {}
             host, port = answer.get("host"), answer.get("port")
-            if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            if (
+                not isinstance(host, str)
+                or not _HOST_RE.match(host)
+                or not isinstance(port, int)
+                or isinstance(port, bool)
+                or not 0 < port < 65536
+            ):
                 err = ChannelRejected(f"{target.unique_id} accepted without a usable host and port")
                 return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
             self._add_direct(pend)
@@ -323,22 +484,19 @@ class BrokerCore:
             # The opener left meanwhile: the target accepted a channel nobody holds.
             return [ChannelMessage(target.id, pend.b[1], {"reset": "the opener left"})]
         opener = self.connections[pend.opener]
-        try:
-            ch = self.channels.open(pend.a, pend.b, pend.protocol)
-        except QuotaExceeded as exc:
-            return [
-                (opener.id, ErrorReply.from_error(pend.opener_request, exc).to_wire()),
-                ChannelMessage(target.id, pend.b[1], {"reset": str(exc)}),
-            ]
+        charges = (pend.channel_charge, pend.relay_charge)
+        pend.channel_charge, pend.relay_charge = Charge(), Charge()  # the channel holds them now
+        ch = self.channels.open(pend.a, pend.b, pend.protocol, pend.relay_cap, charges)
         return [(opener.id, self._opened(pend, target, pend.encrypted)), *self.initial_credit(ch)]
 
     def _opened(self, pend: PendingOpen, target: Connection, encrypted: bool, **route_fields: Any) -> dict[str, Any]:
         """The opener's reply: its channel id, the route, and who is at the other end."""
+        opener = self.connections[pend.opener]
         result = {
             "channel": pend.a[1],
             "route": pend.route,
             "encrypted": encrypted,
-            "peer": self._peer(target),
+            "peer": self._peer(target, opener),
             "protocol": pend.protocol,
             **route_fields,
         }
@@ -346,35 +504,82 @@ class BrokerCore:
 
     def expire_open(self, target_id: int, request_id: int, seconds: float) -> list[Outgoing]:
         """The target did not answer in time: the opener gets an error; a late yes is reset."""
-        pend = self.pending_opens.pop((target_id, request_id), None)
-        if pend is None:
+        key = (target_id, request_id)
+        pend = self.pending_opens.get(key)
+        if pend is None or pend.opener == 0:
             return []
+        opener_id, opener_request = pend.opener, pend.opener_request
         # Keep a tombstone so a late acceptance gets its channel reset, not ignored.
-        self.pending_opens[(target_id, request_id)] = PendingOpen(
-            0, 0, target_id, request_id, pend.protocol, pend.encrypted, pend.a, pend.b, pend.route
-        )
-        drop: list[Outgoing] = [DropFd((target_id, request_id))] if pend.route == "unix-fd" else []
-        if pend.opener == 0:
-            return drop
+        out = self._make_tombstone(key, pend)
         target = self.connections.get(target_id)
         who = target.unique_id if target else f":{target_id}"
         err = ChannelRejected(f"{who} did not answer the channel request within {seconds:g} s")
-        return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()), *drop]
+        return [(opener_id, ErrorReply.from_error(opener_request, err).to_wire()), *out]
+
+    # -- pending openings ----------------------------------------------------------------------
+
+    def _add_pending(self, key: tuple[int, int], pend: PendingOpen) -> None:
+        self.pending_opens[key] = pend
+        self._pending_by_conn.setdefault(pend.opener, set()).add(key)
+        self._pending_by_conn.setdefault(pend.target, set()).add(key)
+
+    def _unindex(self, conn_id: int, key: tuple[int, int]) -> None:
+        keys = self._pending_by_conn.get(conn_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._pending_by_conn[conn_id]
+
+    def _drop_pending(self, key: tuple[int, int]) -> PendingOpen | None:
+        """Forget an opening (answered, or its target left) and release what it held."""
+        pend = self.pending_opens.pop(key, None)
+        if pend is not None:
+            pend.release()
+            self._unindex(pend.target, key)
+            if pend.opener:
+                self._unindex(pend.opener, key)
+        return pend
+
+    def _make_tombstone(self, key: tuple[int, int], pend: PendingOpen) -> list[Outgoing]:
+        """The opener gave up or left: keep just enough to reset a late acceptance.
+
+        The opener's charges are released now; a target keeps at most
+        ``_TOMBSTONES_PER_TARGET`` of these (the oldest are forgotten: a very late yes then
+        only costs the target its own channel end)."""
+        pend.release()
+        self._unindex(pend.opener, key)
+        pend.opener = 0
+        target = self.connections.get(pend.target)
+        if target is not None:
+            target.tombstones.append(key)
+            while len(target.tombstones) > _TOMBSTONES_PER_TARGET:
+                old = target.tombstones.popleft()
+                stale = self.pending_opens.get(old)
+                if stale is not None and stale.opener == 0:
+                    self._drop_pending(old)
+        return [DropFd(key)] if pend.route == "unix-fd" else []
 
     # -- direct channels (their ends report them) ------------------------------------------------
 
-    def _direct_count(self, conn_id: int) -> int:
-        return sum(1 for half in self.direct if half[0] == conn_id)
-
     def _add_direct(self, pend: PendingOpen) -> None:
-        record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route)
+        record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route, charge=pend.channel_charge)
+        pend.channel_charge = Charge()  # the record holds it now
         self.direct[pend.a] = self.direct[pend.b] = record
+        for half in (pend.a, pend.b):
+            self._direct_by_conn.setdefault(half[0], set()).add(half)
 
     def _forget_direct(self, half: tuple[int, int]) -> None:
         record = self.direct.pop(half, None)
-        if record is not None:
-            for other in (record.a, record.b):
-                self.direct.pop(other, None)
+        if record is None:
+            return
+        record.charge.release()
+        for other in (record.a, record.b):
+            self.direct.pop(other, None)
+            halves = self._direct_by_conn.get(other[0])
+            if halves is not None:
+                halves.discard(other)
+                if not halves:
+                    del self._direct_by_conn[other[0]]
 
     def _channel_report(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         """A direct channel's end reports its byte counts (and whether it closed)."""
@@ -395,7 +600,7 @@ class BrokerCore:
     # -- relayed channels (the io layer moves the bytes) ------------------------------------------
 
     def initial_credit(self, ch: RelayChannel) -> list[Outgoing]:
-        """Each side may send ``relay_credit`` bytes to start with."""
+        """Each side may send as much as its direction's cap to start with."""
         return [ChannelMessage(half[0], half[1], {"credit": ch.outgoing(half).grant_initial()}) for half in (ch.a, ch.b)]
 
     # -- requests ----------------------------------------------------------------------------
@@ -411,10 +616,14 @@ class BrokerCore:
         if not isinstance(description, str) or not isinstance(version, str) or not isinstance(metadata, dict):
             raise BadRequest("hello: info is {description: text, version: text, metadata: map}")
         normalized = {"description": description, "version": version, "metadata": metadata}
-        # Info is repeated in every list and event about this connection: keep it small.
+        # Info is repeated in every list and event about this connection: keep it small and
+        # shallow, so every message that repeats it can be sent to whoever asks.
+        depth = _depth(metadata, self.limits.info_depth)
+        if depth > self.limits.info_depth:
+            raise QuotaExceeded(f"info_depth: hello: info.metadata is nested deeper than {self.limits.info_depth} levels")
         size = len(cbor2.dumps(normalized))
         if size > self.limits.info_bytes:
-            raise QuotaExceeded(f"hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
+            raise QuotaExceeded(f"info_bytes: hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
         conn.info = normalized
         result: dict[str, Any] = {"unique_id": conn.unique_id, "identity": conn.key.id}
         if name is not None:
@@ -475,7 +684,12 @@ class BrokerCore:
         return self._entry(name, owner)
 
     def _info(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """Who a connection is; for an admin or itself also its queue places and channels.
+
+        Channels come in pages that keep the reply within ``message_bytes``: ask again with
+        ``channels_after`` set to ``channels_next`` for the rest."""
         target = req.arg("target", str)
+        after = req.arg("channels_after", int, 0, optional=True)
         target_id = parse_unique_id(target)
         if target_id is None:
             name = validate_name(target)
@@ -486,17 +700,31 @@ class BrokerCore:
         visible_names = [] if other is None else self._visible_names(conn, other)
         if other is None or not (conn.admin or other is conn or visible_names):
             # Nameless connections are hidden from everyone but admins and themselves.
-            raise NameNotFound(f"no visible connection {target!r}")
+            raise NameNotFound(f"no visible connection {bound_text(target, 64)!r}")
         entry = self._entry(visible_names[0] if visible_names else None, other.id)
         entry["names"] = visible_names
         intimate = conn.admin or other is conn
         entry["queued_for"] = self.names.waiting_for(other.id) if intimate else []
-        entry["channels"] = self._channels_of(other) if intimate else []
+        entry["channels"] = []
+        entry["channels_next"] = None
+        if intimate:
+            room = self.limits.message_bytes - len(cbor2.dumps(entry)) - 64
+            listed = entry["channels"]
+            for item in self._channels_of(other):
+                if item["channel"] <= after:
+                    continue
+                size = len(cbor2.dumps(item))
+                if size > room and listed:
+                    entry["channels_next"] = listed[-1]["channel"]
+                    break
+                listed.append(item)
+                room -= size
         return entry
 
     def _channels_of(self, conn: Connection) -> list[dict[str, Any]]:
-        listed = []
-        for ch in sorted(self.channels.of_connection(conn.id), key=lambda c: c.id):
+        """Every channel of ``conn``, relayed and direct, by its channel id there."""
+        listed: list[dict[str, Any]] = []
+        for ch in self.channels.of_connection(conn.id):
             half = ch.a if ch.a[0] == conn.id else ch.b
             peer = ch.other(half)
             listed.append(
@@ -511,7 +739,8 @@ class BrokerCore:
                 }
             )
         # (A connection is at most one end of each direct channel: no channels to itself.)
-        for half, record in sorted((hr for hr in self.direct.items() if hr[0][0] == conn.id), key=lambda hr: hr[0][1]):
+        for half in self._direct_by_conn.get(conn.id, ()):
+            record = self.direct[half]
             peer = record.b if half == record.a else record.a
             reported = record.counts.get(half)
             entry: dict[str, Any] = {
@@ -525,56 +754,106 @@ class BrokerCore:
             if reported is not None:
                 entry["bytes_in"], entry["bytes_out"] = reported
             listed.append(entry)
+        listed.sort(key=lambda item: item["channel"])
         return listed
 
     def _watch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
-        """``{watch, snapshot, more}``; with ``more``, ``snapshot`` events follow at once
-        (before any change), the last with ``more: false``."""
+        """``{watch, snapshot, more}``; with ``more``, ``snapshot`` events follow (before any
+        change to a name they still hold), the last with ``more: false``.
+
+        The pages after the first go out only while the watcher's queue has room (see
+        :meth:`pump_watches`), so no snapshot is one oversized burst."""
         patterns = req.arg("patterns", list, ["*"]) or ["*"]
+        limits = self.limits
         if not all(isinstance(p, str) for p in patterns):
             raise BadRequest("watch: 'patterns' must be a list of strings")
-        if len(patterns) > self.limits.patterns_per_watch:
-            raise QuotaExceeded(f"watch: at most {self.limits.patterns_per_watch} patterns")
-        if any(len(p) > self.limits.pattern_length for p in patterns):
-            raise QuotaExceeded(f"watch: a pattern is at most {self.limits.pattern_length} characters")
-        if len(conn.watches) >= self.limits.watches_per_connection:
-            raise QuotaExceeded(f"at most {self.limits.watches_per_connection} watches per connection")
-        # One compiled expression per watch, owned by the watch (no process-wide cache).
-        compiled = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+        if len(patterns) > limits.patterns_per_watch:
+            raise QuotaExceeded(f"patterns_per_watch: a watch has at most {limits.patterns_per_watch} patterns")
+        if any(len(p) > limits.pattern_length for p in patterns):
+            raise QuotaExceeded(f"pattern_length: a pattern is at most {limits.pattern_length} characters")
+        if sum(len(p) for p in patterns) > limits.pattern_chars_per_watch:
+            raise QuotaExceeded(f"pattern_chars_per_watch: a watch's patterns have at most {limits.pattern_chars_per_watch} characters")
+        try:
+            globs = tuple(compile_glob(p) for p in patterns)
+        except GlobError as exc:
+            raise BadRequest(f"watch: {exc}") from None
+        charge = Charge.take(1, own=(conn.watch_budget, conn.account.watches))
         watch_id = conn.next_watch
         conn.next_watch += 1
-        conn.watches[watch_id] = compiled
-        chunks: list[list[dict[str, Any]]] = [[]]
+        watch = conn.watches[watch_id] = Watch(watch_id, globs, charge, cursor="")
+        self._watchers.add(conn.id)
+        entries, more = self._snapshot_page(conn, watch)
+        if more:
+            self.pumping.add(conn.id)
+        return {"watch": watch_id, "snapshot": entries, "more": more}
+
+    def _snapshot_page(self, conn: Connection, watch: Watch) -> tuple[list[dict[str, Any]], bool]:
+        """The next page of a watch's snapshot (names after its cursor); moves the cursor."""
+        cursor = watch.cursor or ""
+        page: list[dict[str, Any]] = []
         used = 0
         for name, owner in sorted(self.names.names().items()):
-            if self._matches(conn, compiled, name):
-                entry = self._entry(name, owner)
-                size = len(cbor2.dumps(entry))
-                if chunks[-1] and used + size > self.limits.reply_bytes:
-                    chunks.append([])
-                    used = 0
-                chunks[-1].append(entry)
-                used += size
-        for i, chunk in enumerate(chunks[1:], 1):
-            fields = {"watch": watch_id, "entries": chunk, "more": i < len(chunks) - 1}
-            out.append((conn.id, Event("snapshot", fields).to_wire()))
-        return {"watch": watch_id, "snapshot": chunks[0], "more": len(chunks) > 1}
+            if name <= cursor or not self._matches(conn, watch, name):
+                continue
+            entry = self._entry(name, owner)
+            size = len(cbor2.dumps(entry))
+            if page and used + size > self.limits.reply_bytes:
+                watch.cursor = page[-1]["name"]
+                return page, True
+            page.append(entry)
+            used += size
+        watch.cursor = None  # live from now on
+        return page, False
+
+    def pump_watches(self, conn_id: int) -> list[Outgoing]:
+        """One more message for each watch of ``conn_id`` that owes one: a ``resync`` event,
+        or the next ``snapshot`` page.  The io layer calls this while the connection has room;
+        ``conn_id`` leaves :attr:`pumping` once nothing is owed."""
+        conn = self.connections.get(conn_id)
+        if conn is None:
+            self.pumping.discard(conn_id)
+            return []
+        out: list[Outgoing] = []
+        owed = False
+        for watch in conn.watches.values():
+            if watch.resync:
+                # Changes were lost to a full queue: start over with a fresh snapshot; the
+                # client compares it with what it knew and reports the difference.
+                watch.resync = False
+                watch.cursor = ""
+                out.append((conn_id, Event("resync", {"watch": watch.id}).to_wire()))
+            if watch.cursor is not None:
+                entries, more = self._snapshot_page(conn, watch)
+                out.append((conn_id, Event("snapshot", {"watch": watch.id, "entries": entries, "more": more}).to_wire()))
+                owed = owed or more
+        if not owed:
+            self.pumping.discard(conn_id)
+        return out
 
     def _unwatch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         watch_id = req.arg("watch", int)
-        if conn.watches.pop(watch_id, None) is None:
+        watch = conn.watches.pop(watch_id, None)
+        if watch is None:
             raise BadRequest(f"unwatch: no watch {watch_id}")
+        watch.charge.release()
+        if not conn.watches:
+            self._watchers.discard(conn.id)
         return {}
 
     def _open_channel(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
-        """Ask the target; the opener's reply comes when the target answers (or never does)."""
+        """Ask the target; the opener's reply comes when the target answers (or never does).
+
+        The opener pays: a pending slot of its own and (as a fair share) of the target's while
+        the target decides, a channel slot of its own and of the target's, and for a relayed
+        channel the relay buffer space of both directions.  A target whose queue is full of
+        what it has not read is not asked at all: the opener is refused."""
         name = validate_name(req.arg("name", str))
         protocol = req.arg("protocol", str, "raw")
         route = req.arg("route", str, "auto")
         if not CHANNEL_PROTOCOL_RE.match(protocol):
-            raise BadRequest(f"open_channel: protocol {protocol!r} is not a valid label")
+            raise BadRequest(f"open_channel: protocol {bound_text(protocol, 64)!r} is not a valid label")
         if route not in ("relay", "auto", "direct"):
-            raise BadRequest(f"open_channel: route {route!r} is not one of relay, auto, direct")
+            raise BadRequest(f"open_channel: route {bound_text(route, 16)!r} is not one of relay, auto, direct")
         target_id = self.names.owner(name)
         if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
             raise NameNotFound(f"no connection owns {name!r}")
@@ -590,24 +869,63 @@ class BrokerCore:
             chosen = "unix-fd"  # both on the Unix socket: a passed socketpair
         else:
             chosen = "tcp"  # the target listens, the opener dials it with a one-time token
-        for c in (conn, target):
-            self.channels.check_quota(c.id, also=self._direct_count(c.id))
+        if not self.has_room(target.id):
+            raise QuotaExceeded(
+                f"outbound_bytes: {target.unique_id} is not reading what the broker sends it; channel request not sent"
+            )
+        actor = conn.key.id
+        pending_charge = Charge.take(
+            1, own=(conn.pending_budget, conn.account.pending), shared=(target.incoming_budget,), actor=actor
+        )
+        channel_charge = Charge()
+        try:
+            channel_charge = Charge.take(
+                1, own=(conn.channel_budget, conn.account.channels), shared=(target.target_budget,), actor=actor
+            )
+            relay_charge, relay_cap = Charge(), 0
+            if chosen == "relay":
+                relay_cap = min(self.limits.relay_credit, conn.account.relay.free // 2)
+                if relay_cap < min(RELAY_MIN_CREDIT, self.limits.relay_credit):
+                    raise QuotaExceeded(
+                        f"relay_bytes_per_identity reached: {actor} holds {conn.account.relay.used} of "
+                        f"{conn.account.relay.limit} bytes of relay buffer"
+                    )
+                relay_charge = Charge.take(2 * relay_cap, own=(conn.account.relay,))
+        except QuotaExceeded:
+            pending_charge.release()
+            channel_charge.release()
+            raise
         a = (conn.id, self.channels.allocate(conn.id))
         b = (target.id, self.channels.allocate(target.id))
         request_id = self.next_request_id(target)
-        self.pending_opens[(target.id, request_id)] = PendingOpen(
-            conn.id, req.id, target.id, request_id, protocol, encrypted and chosen == "relay", a, b, chosen
+        relayed_encrypted = encrypted and chosen == "relay"
+        pend = PendingOpen(
+            conn.id,
+            req.id,
+            target.id,
+            request_id,
+            protocol,
+            relayed_encrypted,
+            a,
+            b,
+            chosen,
+            pending_charge=pending_charge,
+            channel_charge=channel_charge,
+            relay_charge=relay_charge,
+            relay_cap=relay_cap,
         )
+        self._add_pending((target.id, request_id), pend)
         ask = {
             "channel": b[1],
             "protocol": protocol,
             "route": chosen,
-            "encrypted": encrypted and chosen == "relay",
+            # Whether the opener runs box-stream on this channel: always on the tcp route.
+            "encrypted": relayed_encrypted or chosen == "tcp",
             "name": name,
-            "opener": self._peer(conn),
+            "opener": self._peer(conn, target),
         }
         if chosen == "tcp":
-            ask["token"] = self.pending_opens[(target.id, request_id)].token = os.urandom(32)
+            ask["token"] = pend.token = os.urandom(32)
         message = Request("channel_request", request_id, ask).to_wire()
         if chosen == "unix-fd":
             out.append(WithFd(target.id, message, (target.id, request_id), create=True))
@@ -636,13 +954,20 @@ class BrokerCore:
         flags = NameFlag.NONE
         for name in names:
             if not isinstance(name, str) or name not in FLAG_NAMES:
-                raise BadRequest(f"{req.op}: unknown flag {name!r} (known: {', '.join(FLAG_NAMES)})")
+                raise BadRequest(f"{req.op}: unknown flag {bound_text(name, 32)!r} (known: {', '.join(FLAG_NAMES)})")
             flags |= FLAG_NAMES[name]
         return flags
 
     def _request_name(self, conn: Connection, name: str, flags: NameFlag, out: list[Outgoing]) -> str:
         validate_name(name)
         self.policy.may_own(conn.key, name).check()
+        if name not in self.names.held_by(conn.id):
+            held = sum(len(self.names.held_by(c)) for c in conn.account.connections)
+            if held >= self.limits.names_per_identity:
+                raise QuotaExceeded(
+                    f"names_per_identity reached: {conn.key.id} owns or waits for {held} names "
+                    f"(limit {self.limits.names_per_identity})"
+                )
         result, events = self.names.request_name(conn.id, name, flags)
         out.extend(self._notify(events))
         return result.value
@@ -654,11 +979,12 @@ class BrokerCore:
             if viewer.admin or viewer is other or self.policy.may_see(viewer.key, n).allowed
         ]
 
-    def _matches(self, watcher: Connection, compiled: re.Pattern[str], name: str) -> bool:
-        return (watcher.admin or self.policy.may_see(watcher.key, name).allowed) and compiled.match(name) is not None
+    def _matches(self, watcher: Connection, watch: Watch, name: str) -> bool:
+        return watch.matches(name) and (watcher.admin or self.policy.may_see(watcher.key, name).allowed)
 
-    def _peer(self, conn: Connection) -> dict[str, Any]:
-        return {"unique_id": conn.unique_id, "identity": conn.key.id, "names": self.names.owned_by(conn.id)}
+    def _peer(self, conn: Connection, viewer: Connection) -> dict[str, Any]:
+        """The other end of a channel as ``viewer`` may see it (names filtered by ``see``)."""
+        return {"unique_id": conn.unique_id, "identity": conn.key.id, "names": self._visible_names(viewer, conn)}
 
     def _entry(self, name: str | None, conn_id: int) -> dict[str, Any]:
         c = self.connections[conn_id]
@@ -674,7 +1000,15 @@ class BrokerCore:
         }
 
     def _notify(self, changes: list[OwnerChanged]) -> list[Outgoing]:
+        """Name events for every watch that matches, except where the watcher has no room.
+
+        A watcher whose queue is full of what it has not read loses no event silently: its
+        watch stops sending changes and owes a resync (a fresh snapshot once it has room), so
+        a peer that churns names costs the watchers a bounded queue, never their connection.
+        A watch still sending its snapshot skips changes to names its next pages will show."""
         out: list[Outgoing] = []
+        if not self._watchers:
+            return out
         for change in changes:
             if change.old is None:
                 kind = "connected"
@@ -687,9 +1021,19 @@ class BrokerCore:
             # One message object per watch id: watchers with equal ids share it, so the io
             # layer can encode it once for all of them.
             shared: dict[int, dict[str, Any]] = {}
-            for watcher in self.connections.values():
-                for watch_id, patterns in watcher.watches.items():
-                    if not self._matches(watcher, patterns, change.name):
+            for watcher_id in self._watchers:
+                watcher = self.connections[watcher_id]
+                room: bool | None = None
+                for watch_id, watch in watcher.watches.items():
+                    if watch.resync or (watch.cursor is not None and change.name > watch.cursor):
+                        continue
+                    if not self._matches(watcher, watch, change.name):
+                        continue
+                    if room is None:
+                        room = self.has_room(watcher_id)
+                    if not room:
+                        watch.resync = True
+                        self.pumping.add(watcher_id)
                         continue
                     message = shared.get(watch_id)
                     if message is None:
@@ -702,5 +1046,5 @@ class BrokerCore:
                             "old_identity": old.key.id if old is not None else None,
                         }
                         message = shared[watch_id] = Event("name", fields).to_wire()
-                    out.append((watcher.id, message))
+                    out.append((watcher_id, message))
         return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import QuotaExceeded
+from .accounting import Charge
 
 __all__ = ["Direction", "RelayChannel", "ChannelTable", "CreditExceeded", "DEFAULT_RELAY_CAP"]
 
@@ -119,6 +119,7 @@ class RelayChannel:
     protocol: str
     a_to_b: Direction
     b_to_a: Direction
+    charges: list[Charge] = field(default_factory=list)
 
     def other(self, half: tuple[int, int]) -> tuple[int, int]:
         return self.b if half == self.a else self.a
@@ -133,20 +134,16 @@ class RelayChannel:
 
 
 class ChannelTable:
-    """Every relayed channel on one broker, indexed by both halves."""
+    """Every relayed channel on one broker, indexed by both halves and by connection.
 
-    def __init__(self, *, cap: int = DEFAULT_RELAY_CAP, channels_per_connection: int = 256) -> None:
-        self.cap = cap
-        self.channels_per_connection = channels_per_connection
+    Quotas are not kept here: each channel holds the :class:`~bus.core.accounting.Charge`
+    objects that paid for it (``charges``), released exactly once when it closes."""
+
+    def __init__(self) -> None:
         self._by_half: dict[tuple[int, int], RelayChannel] = {}
+        self._by_conn: dict[int, dict[int, RelayChannel]] = {}
         self._next_channel: dict[int, int] = {}
-        self._count: dict[int, int] = {}
         self._next_id = 1
-
-    def check_quota(self, conn: int, also: int = 0) -> None:
-        """Refuse one more channel for ``conn`` (``also``: its channels kept elsewhere)."""
-        if self._count.get(conn, 0) + also >= self.channels_per_connection:
-            raise QuotaExceeded(f"connection :{conn} already has {self.channels_per_connection} channels open")
 
     def allocate(self, conn: int) -> int:
         """A fresh channel id on a connection (never 0, never reused on that connection)."""
@@ -154,33 +151,38 @@ class ChannelTable:
         self._next_channel[conn] = channel + 1
         return channel
 
-    def open(self, a: tuple[int, int], b: tuple[int, int], protocol: str) -> RelayChannel:
-        for conn, _ in (a, b):
-            self.check_quota(conn)
-        ch = RelayChannel(self._next_id, a, b, protocol, Direction(self.cap), Direction(self.cap))
+    def open(
+        self, a: tuple[int, int], b: tuple[int, int], protocol: str, cap: int = DEFAULT_RELAY_CAP, charges: tuple[Charge, ...] = ()
+    ) -> RelayChannel:
+        ch = RelayChannel(self._next_id, a, b, protocol, Direction(cap), Direction(cap), list(charges))
         self._next_id += 1
         self._by_half[a] = ch
         self._by_half[b] = ch
         for conn, _ in (a, b):
-            self._count[conn] = self._count.get(conn, 0) + 1
+            self._by_conn.setdefault(conn, {})[ch.id] = ch
         return ch
 
     def get(self, half: tuple[int, int]) -> RelayChannel | None:
         return self._by_half.get(half)
 
     def close(self, ch: RelayChannel) -> None:
+        """Forget a channel and release what it was charged (idempotent)."""
         for half in (ch.a, ch.b):
             if self._by_half.pop(half, None) is not None:
-                self._count[half[0]] -= 1
-                if not self._count[half[0]]:
-                    del self._count[half[0]]
+                mine = self._by_conn.get(half[0])
+                if mine is not None:
+                    mine.pop(ch.id, None)
+                    if not mine:
+                        del self._by_conn[half[0]]
+        charges, ch.charges = ch.charges, []
+        for charge in charges:
+            charge.release()
+        # What was buffered is freed with the channel.
+        ch.a_to_b.buffer.clear()
+        ch.b_to_a.buffer.clear()
 
     def of_connection(self, conn: int) -> list[RelayChannel]:
-        seen: dict[int, RelayChannel] = {}
-        for (c, _), ch in self._by_half.items():
-            if c == conn:
-                seen[ch.id] = ch
-        return list(seen.values())
+        return list(self._by_conn.get(conn, {}).values())
 
     def forget_connection(self, conn: int) -> list[RelayChannel]:
         """Close every channel of a connection that left; returns them (to reset the peers)."""

@@ -141,6 +141,10 @@ class NameRegistry:
         """Every owned name and its owner."""
         return {name: entry.entries[0].conn for name, entry in self._names.items()}
 
+    def held_by(self, conn: int) -> set[str] | frozenset[str]:
+        """Names ``conn`` owns or waits for."""
+        return self._by_conn.get(conn, frozenset())
+
     def owned_by(self, conn: int) -> list[str]:
         return sorted(n for n in self._by_conn.get(conn, ()) if self.owner(n) == conn)
 

@@ -27,13 +27,13 @@ rules were looked at, so a client's error names the rule.  The TOML form::
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AccessDenied
 from ..wire.identity import PublicKey
+from .glob import Glob, GlobError, compile_glob
 
 __all__ = ["Rule", "Decision", "Policy", "PolicyError", "parse_authorized_keys"]
 
@@ -53,13 +53,20 @@ class Rule:
     see: tuple[str, ...] = ()
     open: tuple[str, ...] = ()
     admin: bool = False
+    _globs: dict[str, tuple[Glob, ...]] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        try:
+            globs = {action: tuple(compile_glob(p) for p in getattr(self, action)) for action in _ACTIONS}
+        except GlobError as exc:
+            raise PolicyError(f"rule {self.name!r}: {exc}") from None
+        object.__setattr__(self, "_globs", globs)
 
     def applies_to(self, key: PublicKey) -> bool:
         return "*" in self.identities or key.id in self.identities
 
     def allows(self, action: str, name: str) -> bool:
-        patterns: tuple[str, ...] = getattr(self, action)
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return any(g.match(name) for g in self._globs[action])
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,13 @@ __all__ = [
     "Message",
     "parse_message",
     "MAX_REQUEST_ID",
+    "MAX_ERROR_MESSAGE",
 ]
 
 MAX_REQUEST_ID = 2**53  # stays exact in every language's numbers
+#: An error reply's message is cut to this many characters, whatever it quotes, so every
+#: error reply fits a control frame by construction.
+MAX_ERROR_MESSAGE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,10 @@ class ErrorReply:
 
     @classmethod
     def from_error(cls, re: int, error: RequestError) -> ErrorReply:
-        return cls(re, error.code, error.message)
+        message = error.message
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 1] + "\u2026"
+        return cls(re, error.code[:255], message)
 
     def to_wire(self) -> dict[str, Any]:
         return {"re": self.re, "error": {"code": self.code, "message": self.message}}

@@ -1,0 +1,118 @@
+"""Who pays for what the broker holds: budgets, charges and fair shares (sans-io).
+
+Theory of operation
+-------------------
+Every resource the broker keeps for someone (a channel, a pending channel opening, a watch,
+relay buffer space) is paid for out of :class:`Budget` slots: one per limit, per connection
+and per identity.  Taking a resource makes a :class:`Charge` that records exactly what was
+taken from which budgets, and the object that owns the resource holds it; releasing the
+charge gives everything back, and a second release is a no-op, so release happens exactly
+once by construction (as in dbus-broker's ``user.c``).
+
+Some budgets belong to one party but are spent by others: the channels and pending
+openings a *target* has room for are taken by whoever opens to it.  Those spends name an
+*actor* (the spender's identity), and an actor may never hold more than what is left free
+after its charge: one opener can take at most half of a target's room, two at most about
+two thirds, and so on, so there is always room for someone else and no single peer can lock
+a service.  Charging one's own budgets is never shared out.
+
+A refusal is a :class:`~bus.errors.QuotaExceeded` whose message names the limit (the
+setting in ``[limits]``), who owns the budget and who asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import QuotaExceeded
+
+__all__ = ["Budget", "Charge"]
+
+
+class Budget:
+    """One slot: ``limit`` units of one kind, owned by one connection or identity."""
+
+    __slots__ = ("limit_name", "owner", "limit", "used", "_by_actor")
+
+    def __init__(self, limit_name: str, owner: str, limit: int) -> None:
+        self.limit_name = limit_name
+        self.owner = owner
+        self.limit = limit
+        self.used = 0
+        self._by_actor: dict[str, int] = {}
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def held_by(self, actor: str) -> int:
+        return self._by_actor.get(actor, 0)
+
+    def check(self, amount: int, actor: str | None = None) -> None:
+        """Raise :class:`QuotaExceeded` unless ``amount`` more can be taken (by ``actor``)."""
+        if amount > self.free:
+            raise QuotaExceeded(
+                f"{self.limit_name} reached: {self.owner} holds {self.used} of {self.limit}"
+                + (f" (asked by {actor})" if actor is not None else "")
+            )
+        if actor is not None:
+            mine = self._by_actor.get(actor, 0) + amount
+            if mine > self.free - amount:
+                raise QuotaExceeded(
+                    f"{self.limit_name}: {actor} may hold at most a fair share of what {self.owner} has free "
+                    f"({mine - amount} held, {self.free} of {self.limit} free)"
+                )
+
+    def _take(self, amount: int, actor: str | None) -> None:
+        self.used += amount
+        if actor is not None:
+            self._by_actor[actor] = self._by_actor.get(actor, 0) + amount
+
+    def _give(self, amount: int, actor: str | None) -> None:
+        self.used -= amount
+        if actor is not None:
+            left = self._by_actor[actor] - amount
+            if left:
+                self._by_actor[actor] = left
+            else:
+                del self._by_actor[actor]
+
+
+class Charge:
+    """What one resource took, from which budgets; :meth:`release` gives it back once."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[Budget, int, str | None]] = []
+
+    @classmethod
+    def take(cls, amount: int, own: Iterable[Budget] = (), shared: Iterable[Budget] = (), actor: str = "") -> Charge:
+        """Take ``amount`` from each of ``own`` and (as ``actor``) from each of ``shared``.
+
+        All or nothing: every budget is checked before any is charged."""
+        own, shared = list(own), list(shared)
+        for budget in own:
+            budget.check(amount)
+        for budget in shared:
+            budget.check(amount, actor)
+        charge = cls()
+        for budget in own:
+            budget._take(amount, None)
+            charge._parts.append((budget, amount, None))
+        for budget in shared:
+            budget._take(amount, actor)
+            charge._parts.append((budget, amount, actor))
+        return charge
+
+    @property
+    def amount(self) -> int:
+        return self._parts[0][1] if self._parts else 0
+
+    def release(self) -> None:
+        parts, self._parts = self._parts, []
+        for budget, amount, actor in parts:
+            budget._give(amount, actor)
+
+    def __bool__(self) -> bool:
+        return bool(self._parts)
