@@ -10,11 +10,16 @@ SIGTERM shut it down gracefully: clients are told, sockets and the address file 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
 import logging
+import math
 import os
 import signal
 import sys
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, default_runtime_
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
 from .errors import KeyFileError
+from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
 from .wire.shs import parse_network_key
 
@@ -33,28 +39,37 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_RUNNING = 4
 
-_LIMIT_KEYS = {
-    "connections_per_identity",
-    "names_per_connection",
-    "watches_per_connection",
-    "patterns_per_watch",
-    "pattern_length",
-    "info_bytes",
-    "reply_bytes",
-    "channels_per_connection",
-    "relay_credit",
+#: The config file's top-level keys, and its [broker] keys with what each expects.  The
+#: [limits] keys are the int and float fields of ``Limits`` and ``BrokerConfig`` (below).
+_TOP_KEYS = ("broker", "limits", "rule", "authorized_keys")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_BROKER_KEYS = {
+    "unix": "a path (string)",
+    "runtime_dir": "a path (string)",
+    "key": "a path (string)",
+    "authorized_keys": "a path (string)",
+    "network_key": "a string of 64 hex digits",
+    "tcp": 'a string "HOST:PORT", or false',
+    "encrypt_unix": "true or false",
+    "log_level": " or ".join(f'"{level}"' for level in _LOG_LEVELS),
 }
-_TIMING_KEYS = {
-    "max_frame": int,
-    "max_control": int,
-    "handshake_timeout": float,
-    "keepalive_interval": float,
-    "keepalive_timeout": float,
-    "outbound_queue": int,
-    "outbound_bytes": int,
-    "close_timeout": float,
-    "channel_timeout": float,
-}
+
+
+def _numeric_fields(cls: Any) -> dict[str, type]:
+    """The int and float fields of a dataclass (bool ones excluded), by name."""
+    kinds: dict[object, type] = {"int": int, "float": float, int: int, float: float}
+    found = {}
+    for f in dataclasses.fields(cls):
+        kind = kinds.get(f.type)
+        if kind is not None:
+            found[f.name] = kind
+    return found
+
+
+#: [limits] keys that go to ``Limits`` (sizes and counts), and to ``BrokerConfig`` (frame
+#: sizes, queue sizes and timeouts), with their types: every int or float field of each.
+_LIMIT_KEYS = _numeric_fields(Limits)
+_TIMING_KEYS = {k: v for k, v in _numeric_fields(BrokerConfig).items() if k not in _LIMIT_KEYS}
 
 
 class ConfigError(Exception):
@@ -80,31 +95,132 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_hostport(text: str) -> tuple[str, int]:
+def _parse_hostport(text: str, what: str = "--tcp") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--tcp wants HOST:PORT, got {text!r}")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{what} wants HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def _show(value: object) -> str:
+    """A config value as TOML would write it, short and on one line."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, str):
+        text = json.dumps(value)
+    else:
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unknown(key: str, known: Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(known))
+    return ConfigError(f"{where}: unknown key {key!r} ({hint})")
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """The config file, parsed, once it passes the trusted-file checks."""
+    try:
+        raw = read_trusted_file(path, "config file")
+        return tomllib.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except LocalFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _is_path(value: object) -> bool:
+    return isinstance(value, str) and value != "" and "\0" not in value
+
+
+def _check_config(data: dict[str, Any], source: str) -> None:
+    """Refuse unknown keys and wrongly typed values: a typo must never be ignored silently."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown(key, _TOP_KEYS, f"{source}: top level")
+    for table in ("broker", "limits"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{source}: [{table}] must be a table")
+    top_keys = data.get("authorized_keys")
+    if top_keys is not None and not _is_path(top_keys):
+        raise ConfigError(f"{source}: authorized_keys = {_show(top_keys)}: expected a path (string)")
+    for key, value in data.get("broker", {}).items():
+        if key not in _BROKER_KEYS:
+            raise _unknown(key, _BROKER_KEYS, f"{source}: [broker]")
+        if key == "tcp":
+            ok = value is False or (isinstance(value, str) and bool(value))
+        elif key == "encrypt_unix":
+            ok = isinstance(value, bool)
+        elif key == "log_level":
+            ok = isinstance(value, str) and value in _LOG_LEVELS
+        else:
+            ok = _is_path(value) if key != "network_key" else isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"{source}: [broker] {key} = {_show(value)}: expected {_BROKER_KEYS[key]}")
+    for key, value in data.get("limits", {}).items():
+        kind = _LIMIT_KEYS.get(key) or _TIMING_KEYS.get(key)
+        if kind is None:
+            raise _unknown(key, [*_LIMIT_KEYS, *_TIMING_KEYS], f"{source}: [limits]")
+        numeric = isinstance(value, int) or (kind is float and isinstance(value, float) and math.isfinite(value))
+        if isinstance(value, bool) or not numeric or value <= 0:
+            expected = "an integer" if kind is int else "a number (seconds)"
+            raise ConfigError(f"{source}: [limits] {key} = {_show(value)}: expected {expected} greater than 0")
+
+
+def _read_authorized_keys(path: Path, explicit: bool) -> frozenset[str]:
+    """Keys with every right; the default file may be absent, a configured one may not."""
+    try:
+        raw = read_trusted_file(path, "authorized_keys file")
+        return parse_authorized_keys(raw.decode("utf-8"), str(path))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such authorized_keys file") from None
+        return frozenset()
+    except (LocalFileError, PolicyError) as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the authorized_keys file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the authorized_keys file is not UTF-8 text") from None
+
+
+def _check_runtime_dir(directory: Path) -> None:
+    """Refuse a socket directory that is not ours alone; a missing one busd creates 0700."""
+    try:
+        check_private_dir(directory)
+    except FileNotFoundError:
+        pass
+    except LocalFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{directory}: cannot check the runtime directory: {exc}") from None
 
 
 def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
     data: dict[str, Any] = {}
     if args.config:
-        try:
-            data = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{args.config}: {exc}") from exc
-    section = data.get("broker", {})
-    limits_section = data.get("limits", {})
-    if not isinstance(section, dict) or not isinstance(limits_section, dict):
-        raise ConfigError("[broker] and [limits] must be tables")
+        data = _read_config(args.config)
+        _check_config(data, args.config)
+    section: dict[str, Any] = data.get("broker", {})
+    limits_section: dict[str, Any] = data.get("limits", {})
     runtime_dir = Path(args.runtime_dir or section.get("runtime_dir") or default_runtime_dir())
     unix_path = Path(args.unix or section.get("unix") or runtime_dir / "bus.sock")
-    tcp: tuple[str, int] | None
+    # The directory busd writes its socket and address file in (``BrokerConfig.address_file``).
+    _check_runtime_dir(unix_path.parent)
+    tcp: tuple[str, int] | None = ("127.0.0.1", 7420)
+    if isinstance(section.get("tcp"), str):  # checked even when the command line overrides it
+        tcp = _parse_hostport(section["tcp"], f"{args.config}: [broker] tcp")
     if args.no_tcp or section.get("tcp") is False:
         tcp = None
-    else:
-        tcp = _parse_hostport(args.tcp or section.get("tcp") or "127.0.0.1:7420")
+    if args.tcp:
+        tcp = _parse_hostport(args.tcp)
     key_path = args.key or section.get("key")
     try:
         identity = load_identity(key_path) if key_path else load_or_create_identity(default_identity_path())
@@ -115,20 +231,17 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
         network_key = parse_network_key(net_text) if net_text else None
     except ValueError as exc:
         raise ConfigError(f"network key: {exc}") from exc
-    ak_path = args.authorized_keys or section.get("authorized_keys") or default_identity_path().parent / "authorized_keys"
+    ak_given = args.authorized_keys or section.get("authorized_keys") or data.get("authorized_keys")
+    ak_path = Path(ak_given) if ak_given else default_identity_path().parent / "authorized_keys"
+    authorized = _read_authorized_keys(ak_path, explicit=bool(ak_given))
     try:
-        authorized = parse_authorized_keys(Path(ak_path).read_text(), str(ak_path)) if Path(ak_path).exists() else frozenset()
         policy = Policy.from_mapping(identity.public_key, data, authorized)
-    except (PolicyError, OSError) as exc:
+    except PolicyError as exc:
         raise ConfigError(str(exc)) from exc
-    unknown = set(limits_section) - _LIMIT_KEYS - set(_TIMING_KEYS)
-    if unknown:
-        raise ConfigError(f"[limits]: unknown keys {sorted(unknown)}")
     try:
-        limits = Limits(**{k: int(v) for k, v in limits_section.items() if k in _LIMIT_KEYS})
-        timing = {k: kind(limits_section[k]) for k, kind in _TIMING_KEYS.items() if k in limits_section}
+        limits = Limits(**{k: v for k, v in limits_section.items() if k in _LIMIT_KEYS})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[limits]: {exc}") from exc
+        raise ConfigError(f"{args.config}: [limits]: {exc}") from exc
     config = BrokerConfig(
         identity=identity,
         policy=policy,
@@ -136,13 +249,14 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
         tcp=tcp,
         runtime_dir=runtime_dir,
         limits=limits,
-        encrypt_unix=bool(section.get("encrypt_unix", False)),
+        encrypt_unix=section.get("encrypt_unix", False),
     )
     if network_key is not None:
         config.network_key = network_key
-    for key, value in timing.items():
-        setattr(config, key, value)
-    level = args.log_level or section.get("log_level") or "info"
+    for key, kind in _TIMING_KEYS.items():
+        if key in limits_section:
+            setattr(config, key, kind(limits_section[key]))
+    level: str = args.log_level or section.get("log_level") or "info"
     return config, level
 
 
@@ -168,20 +282,32 @@ async def run(config: BrokerConfig) -> None:
         serve_scope.cancel()
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         config, level = build_config(args)
     except ConfigError as exc:
-        print(f"busd: {exc}", file=sys.stderr)
+        print(f"busd: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=level.upper(), format="busd: %(levelname)s %(message)s", stream=sys.stderr)
+    if not os.environ.get("XDG_RUNTIME_DIR") and config.address_file.parent == default_runtime_dir():
+        log.warning(
+            "XDG_RUNTIME_DIR is not set: falling back to %s (it must be yours, mode 0700); set XDG_RUNTIME_DIR",
+            config.address_file.parent,
+        )
     status = 0
     try:
         trio.run(run, config)
     except* BrokerAlreadyRunning as group:
         print(f"busd: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_RUNNING
+    except* LocalFileError as group:  # the runtime directory changed under us since build_config
+        print(f"busd: {_one_line(group.exceptions[0])}", file=sys.stderr)
+        status = EXIT_CONFIG
     except* OSError as group:
         print(f"busd: cannot listen: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_CONFIG

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd
+from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
@@ -44,6 +44,7 @@ from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.writer import FrameWriter
 from .wire.address import Endpoint, default_runtime_dir, format_address
+from .wire.files import ensure_private_dir, replace_file
 from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
@@ -73,7 +74,15 @@ class BrokerConfig:
     encrypt_unix: bool = False
     max_frame: int = DEFAULT_MAX_FRAME
     max_control: int = DEFAULT_MAX_CONTROL
-    handshake_timeout: float = 10.0
+    #: Data items (keys, values, container heads) one CONTROL frame from a peer may hold:
+    #: checking them costs Python time per item, so this bounds the CPU a message can cost.
+    max_control_items: int = 4096
+    #: Seconds a connection has to complete shs1 (the pre-auth deadline).
+    handshake_timeout: float = 3.0
+    #: Connections still in the handshake, per listener (Unix, TCP) and per source (a TCP
+    #: peer's IP address, a Unix peer's uid); more are closed at once.
+    max_handshakes: int = 128
+    max_handshakes_per_source: int = 16
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     outbound_queue: int = 1024
@@ -90,6 +99,13 @@ class BrokerConfig:
     def address_file(self) -> Path:
         base = self.unix_path.parent if self.unix_path is not None else self.runtime_dir
         return base / "address"
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _peercred(stream: trio.SocketStream) -> tuple[int | None, int | None]:
@@ -127,7 +143,7 @@ class _Session:
         return self.out.stopped
 
     def _on_sent(self) -> None:
-        if self.blocked and self.out.queued_bytes <= self.broker.relay_threshold:
+        if (self.blocked or self.conn_id in self.broker.core.pumping) and self.out.queued_bytes <= self.broker.relay_threshold:
             self.broker.unblock(self)
 
     # -- outbound ----------------------------------------------------------------------------
@@ -257,6 +273,13 @@ class Broker:
         self.core.fd_passing = not config.encrypt_unix
         self.core.encrypt_unix = config.encrypt_unix
         self.sessions: dict[int, _Session] = {}
+        self.core.has_room = self._has_room
+        self._pumping_now = False
+        # Connections in the handshake, per listener kind and per (kind, source).
+        self._handshaking: dict[str, int] = {}
+        self._handshaking_from: dict[tuple[str, str], int] = {}
+        self._refused_since_log = 0
+        self._refusal_logged_at = -1e9
         self.endpoints: list[Endpoint] = []
         self._listeners: list[trio.SocketListener] = []
         self._shutting_down = False
@@ -270,6 +293,26 @@ class Broker:
     @property
     def address(self) -> str:
         return format_address(self.endpoints)
+
+    def _has_room(self, conn_id: int) -> bool:
+        """Room for traffic a connection did not ask for (the core's ``has_room``)."""
+        session = self.sessions.get(conn_id)
+        return session is not None and not session.stop_writing and session.out.queued_bytes <= self.relay_threshold
+
+    def _pump_watches(self) -> None:
+        """Send the snapshot pages and resyncs watches owe, while their connections have room."""
+        if self._pumping_now:
+            return
+        self._pumping_now = True
+        try:
+            core = self.core
+            for conn_id in list(core.pumping):
+                while conn_id in core.pumping and self._has_room(conn_id):
+                    self.dispatch(core.pump_watches(conn_id))
+                if conn_id not in self.sessions:
+                    core.pumping.discard(conn_id)
+        finally:
+            self._pumping_now = False
 
     def dispatch(self, out: list[Outgoing]) -> None:
         # A message object sent to many connections (a watch event) is encoded once.
@@ -298,11 +341,14 @@ class Broker:
                     session.end(f"internal error: a message for this connection could not be sent ({exc})")
                     continue
             session.enqueue_encoded(data)
+        if self.core.pumping and not self._pumping_now:
+            self._pump_watches()
 
     # -- listening ---------------------------------------------------------------------------
 
     async def _open_unix(self, path: Path) -> trio.SocketListener:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The socket's directory is ours alone (created 0700, or refused: LocalFileError).
+        ensure_private_dir(path.parent)
         if path.exists() or path.is_symlink():
             probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -358,22 +404,60 @@ class Broker:
             self._cleanup_files()
 
     async def _accept_loop(self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery) -> None:
+        """Accept, admit within the handshake caps, and hand each connection its own task.
+
+        Nothing here waits on a peer, so one listener's peers never stall another's.  Over a
+        cap, the new socket is closed at once (no byte is read from it); running out of
+        descriptors (EMFILE) backs off for a moment instead of spinning."""
+        cfg = self.config
         async with listener:
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    log.warning("accept failed on %s listener: %s", kind, exc)
+                    self._log_refusal(f"accept failed on the {kind} listener: {exc}")
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._handle, stream, kind)
+                pid, uid = _peercred(stream) if kind == "unix" else (None, None)
+                source = (kind, str(uid) if kind == "unix" else _peer_host(stream))
+                total = self._handshaking.get(kind, 0)
+                from_source = self._handshaking_from.get(source, 0)
+                if total >= cfg.max_handshakes or from_source >= cfg.max_handshakes_per_source:
+                    limit = "max_handshakes" if total >= cfg.max_handshakes else "max_handshakes_per_source"
+                    stream.socket.close()
+                    self._log_refusal(
+                        f"refused a {kind} connection from {source[1]}: {limit} reached "
+                        f"({total} handshakes in progress on {kind}, {from_source} from this source)"
+                    )
+                    continue
+                self._handshaking[kind] = total + 1
+                self._handshaking_from[source] = from_source + 1
+                nursery.start_soon(self._handle, stream, kind, pid, uid, source)
+
+    def _handshake_done(self, source: tuple[str, str]) -> None:
+        kind = source[0]
+        self._handshaking[kind] -= 1
+        left = self._handshaking_from[source] - 1
+        if left:
+            self._handshaking_from[source] = left
+        else:
+            del self._handshaking_from[source]
+
+    def _log_refusal(self, message: str) -> None:
+        """Log refusals at most once a second, with how many there were since (a flood of
+        them must not cost the broker a log line each)."""
+        self._refused_since_log += 1
+        now = trio.current_time()
+        if now - self._refusal_logged_at >= 1.0:
+            more = self._refused_since_log - 1
+            log.warning("%s%s", message, f" (and {more} more refusals in the last second)" if more else "")
+            self._refused_since_log = 0
+            self._refusal_logged_at = now
 
     def _write_address_file(self) -> None:
         path = self.config.address_file
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".address.{os.getpid()}.tmp")
-        tmp.write_text(self.address + "\n")
-        os.replace(tmp, path)
+        ensure_private_dir(path.parent)
+        replace_file(path, (self.address + "\n").encode())
 
     def _cleanup_files(self) -> None:
         cfg = self.config
@@ -400,9 +484,10 @@ class Broker:
             log.info("refused in the handshake: %s", decision.rule)
         return decision.allowed
 
-    async def _handle(self, transport: trio.SocketStream, kind: str) -> None:
+    async def _handle(
+        self, transport: trio.SocketStream, kind: str, pid: int | None, uid: int | None, source: tuple[str, str]
+    ) -> None:
         cfg = self.config
-        pid, uid = _peercred(transport) if kind == "unix" else (None, None)
         stream = SecureStream.server(
             transport,
             cfg.identity,
@@ -413,7 +498,7 @@ class Broker:
         )
         stream.close_timeout = cfg.close_timeout
         try:
-            await self._serve_connection(stream, kind, pid, uid)
+            await self._serve_connection(stream, kind, pid, uid, source)
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
@@ -423,7 +508,9 @@ class Broker:
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: SecureStream, kind: str, pid: int | None, uid: int | None) -> None:
+    async def _serve_connection(
+        self, stream: SecureStream, kind: str, pid: int | None, uid: int | None, source: tuple[str, str]
+    ) -> None:
         cfg = self.config
         try:
             await stream.do_handshake()
@@ -433,10 +520,16 @@ class Broker:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s connection lost during the handshake: %s", kind, exc)
             return
+        finally:
+            self._handshake_done(source)
         if self._shutting_down:
             return
         framed = FramedStream(
-            stream, max_frame=cfg.max_frame, max_control=cfg.max_control, receive_stream=stream.plain_transport()
+            stream,
+            max_frame=cfg.max_frame,
+            max_control=cfg.max_control,
+            receive_stream=stream.plain_transport(),
+            max_items=cfg.max_control_items,
         )
         try:
             conn = self.core.connect(stream.peer_key, kind, pid, uid)
@@ -517,7 +610,7 @@ class Broker:
         ):
             # Nothing waits ahead and the receiver has room: straight on, no buffering.
             dst_session.enqueue_encoded(encode_data(dst[1], data, self.config.max_frame))
-            self._return_credit(direction, session, channel)
+            self._return_credit(relay, direction, session, channel)
             return
         try:
             direction.push(data)
@@ -553,7 +646,8 @@ class Broker:
             forward.eof_received = forward.close = True
             self.pump(relay, forward)
         elif "reset" in body:
-            self.reset(relay, f"reset by {session.key}: {body['reset']}", skip=half)
+            reason = bound_text(body["reset"], self.core.limits.reason_chars)
+            self.reset(relay, f"reset by {session.key}: {reason}", skip=half)
         else:
             raise FrameError(f"channel {channel}: unknown channel message {sorted(body)}")
 
@@ -572,7 +666,7 @@ class Broker:
             chunk = direction.take(RELAY_FRAME)
             dst_session.enqueue_encoded(encode_data(dst[1], chunk, self.config.max_frame))
         if src_session is not None:
-            self._return_credit(direction, src_session, src[1])
+            self._return_credit(relay, direction, src_session, src[1])
         if direction.eof_received and not direction.buffer:
             # The end of this direction travels behind its data.
             if not direction.eof_sent:
@@ -581,22 +675,27 @@ class Broker:
             if direction.close:
                 self.core.channels.close(relay)  # the closer's data is all delivered
 
-    @staticmethod
-    def _return_credit(direction: Direction, src_session: _Session, channel: int) -> None:
+    def _return_credit(self, relay: RelayChannel, direction: Direction, src_session: _Session, channel: int) -> None:
         # Credit goes back in batches of half the cap: no grant per message (it would wake the
-        # sender for nothing), and the sender always keeps at least half of it.
+        # sender for nothing), and the sender always keeps at least half of it.  A batch
+        # coming back means the receiver keeps up: the cap may grow with it.
         if direction.eof_received:
             return  # the sender sends no more
         due = direction.release_credit()
         if due:
+            due += self.core.grow_relay(relay, direction)
             src_session.enqueue_encoded(src_session.framed.encode_message({"credit": due}, channel))
 
     def unblock(self, session: _Session) -> None:
+        """The connection's queue has room again: relayed data and watch pages may go on."""
         waiting, session.blocked = session.blocked, set()
-        for relay in self.core.channels.of_connection(session.conn_id):
-            if relay.id in waiting:
-                direction = relay.incoming(relay.a if relay.a[0] == session.conn_id else relay.b)
-                self.pump(relay, direction)
+        if waiting:
+            for relay in self.core.channels.of_connection(session.conn_id):
+                if relay.id in waiting:
+                    direction = relay.incoming(relay.a if relay.a[0] == session.conn_id else relay.b)
+                    self.pump(relay, direction)
+        if session.conn_id in self.core.pumping:
+            self._pump_watches()
 
     def reset(self, relay: RelayChannel, reason: str, skip: tuple[int, int] | None = None) -> None:
         self.core.channels.close(relay)

@@ -34,14 +34,24 @@ from typing import Any
 
 import trio
 
-from bus.errors import BusError, ChannelRejected, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
-from bus.io.fdpass import FdSocketStream
+from bus.errors import (
+    BusError,
+    ChannelRejected,
+    ConnectionLost,
+    FrameError,
+    HandshakeError,
+    RemoteProtocolError,
+    RequestError,
+    error_from_wire,
+)
+from bus.io.fdpass import FdSocketStream, UnixChannelStream
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
+from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
 from bus.wire.frames import ControlFrame, encode_control
-from bus.wire.identity import Identity, load_or_create_identity
+from bus.wire.identity import Identity, PublicKey, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
 
@@ -65,6 +75,14 @@ log = logging.getLogger("minibus.client")
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DIRECT_TIMEOUT = 5.0  # for a direct TCP channel: the opener to connect and prove itself
+#: Each connection to a direct channel's listener has this long to prove the opener's key and
+#: present the token; at most MAX_DIRECT_CANDIDATES are checked at once, more are closed at once.
+DIRECT_CANDIDATE_TIMEOUT = 2.0
+MAX_DIRECT_CANDIDATES = 16
+PLAIN_RELAY_REFUSED = (
+    "refused a plain relayed channel over an encrypted bus connection (TCP, or Unix with box-stream): "
+    "its bytes would cross in plaintext"
+)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 WATCH_BUFFER = 1024
 OUTBOUND_BUFFER = 1024
@@ -155,19 +173,34 @@ def network_key_from_env() -> bytes:
 
 
 def find_address(address: str | None = None) -> str:
-    """The argument, else ``MINIBUS_ADDRESS``, else the broker's address file."""
+    """The argument, else ``MINIBUS_ADDRESS``, else the broker's address file.
+
+    The address file is trusted only when nobody else could have planted or changed it: its
+    directory is a real directory of ours that only we may write, and the file itself (not
+    followed if a symlink) is a regular file of ours or root's that only its owner may write.
+    Otherwise :class:`CannotConnect` says which and why.
+    """
     if address:
         return address
     env = os.environ.get("MINIBUS_ADDRESS")
     if env:
         return env
-    path = default_runtime_dir() / "address"
+    directory = default_runtime_dir()
+    path = directory / "address"
+    missing = f"no bus address: pass one, set MINIBUS_ADDRESS, or start busd (no address file at {path})"
     try:
-        return path.read_text().strip()
-    except OSError:
-        raise CannotConnect(
-            f"no bus address: pass one, set MINIBUS_ADDRESS, or start busd (no address file at {path})"
-        ) from None
+        check_owned_dir(directory, "runtime directory")
+        data = read_trusted_file(path, "address file", follow_symlinks=False, max_bytes=64 * 1024)
+    except FileNotFoundError:
+        raise CannotConnect(missing) from None
+    except LocalFileError as exc:
+        raise CannotConnect(f"refusing the address file: {exc}") from None
+    except OSError as exc:
+        raise CannotConnect(f"{path}: cannot read the address file: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CannotConnect(f"{path}: the address file is not UTF-8 text") from None
 
 
 class Watch:
@@ -188,8 +221,10 @@ class Watch:
         self._send, self._receive = trio.open_memory_channel[NameEvent](WATCH_BUFFER)
         self._error: BusError | None = None
         self._closed = False
-        # While a (re)registration's snapshot arrives in several messages.
-        self._resyncing: list[NameInfo] | None = None
+        # While a resync's snapshot (after a reconnect, or after the broker said ``resync``)
+        # arrives in several messages: the names it holds so far, by name, with the changes
+        # that came meanwhile applied (they concern names its earlier pages held).
+        self._resyncing: dict[str, NameInfo] | None = None
 
     # -- called by the bus (in its reader) --------------------------------------------------
 
@@ -206,13 +241,29 @@ class Watch:
         if resync is None:
             resync = self._resyncing is not None
         if resync:
-            self._resyncing = (self._resyncing or []) + entries
+            if self._resyncing is None:
+                self._resyncing = {}
+            self._resyncing.update((e.name, e) for e in entries if e.name is not None)
             if not more:
                 complete, self._resyncing = self._resyncing, None
-                self._resync(complete)
+                self._resync(list(complete.values()))
             return
         for info in entries:
             self._push(NameEvent("present", info.name or "", info))
+
+    def _begin_resync(self) -> None:
+        """The broker could not send some changes (our queue was full): a fresh snapshot
+        follows, and what differs from what we knew is reported as ordinary events."""
+        self._resyncing = {}
+
+    def _change(self, event: NameEvent) -> None:
+        if self._resyncing is not None:
+            if event.owner is None:
+                self._resyncing.pop(event.name, None)
+            else:
+                self._resyncing[event.name] = event.owner
+            return
+        self._push(event)
 
     def _push(self, event: NameEvent) -> None:
         if self._closed:
@@ -454,8 +505,16 @@ class Bus:
         return NameInfo.from_wire(await self.request("resolve", name=name))
 
     async def info(self, target: str) -> NameInfo:
-        """Details of a connection, by well-known name or unique id (``:42``)."""
-        return NameInfo.from_wire(await self.request("info", target=target))
+        """Details of a connection, by well-known name or unique id (``:42``).
+
+        Its channels may come in several pages (each reply stays under a control frame's
+        size); this fetches them all."""
+        entry = await self.request("info", target=target)
+        while isinstance(entry, dict) and entry.get("channels_next") is not None:
+            more = await self.request("info", target=target, channels_after=entry["channels_next"])
+            entry["channels"] = [*entry.get("channels", []), *more.get("channels", [])]
+            entry["channels_next"] = more.get("channels_next")
+        return NameInfo.from_wire(entry)
 
     async def ping(self) -> None:
         await self.request("ping")
@@ -626,6 +685,10 @@ class Bus:
                     self._answer(link, message)
                 elif message.event == "name":
                     self._route_name_event(link, message)
+                elif message.event == "resync":
+                    watch = link.watches.get(message.fields.get("watch", 0))
+                    if watch is not None:
+                        watch._begin_resync()
                 elif message.event == "snapshot":
                     watch = link.watches.get(message.fields.get("watch", 0))
                     if watch is not None:
@@ -674,6 +737,9 @@ class Bus:
             )
         except (RequestError, KeyError, TypeError) as exc:
             return ErrorReply(request.id, "minibus.Error.BadRequest", f"channel_request: {exc}").to_wire()
+        if ask.route not in ("unix-fd", "tcp") and not ask.encrypted and self._link_is_encrypted(link):
+            log.warning("channel from %s: %s", ask.opener.unique_id, PLAIN_RELAY_REFUSED)
+            return ErrorReply(request.id, ChannelRejected.wire_code, PLAIN_RELAY_REFUSED).to_wire()
         end = self._take_fd(link) if ask.route == "unix-fd" else None
         entry = self._handlers.get(ask.protocol)
         refusal = None
@@ -697,12 +763,23 @@ class Bus:
             return None
         transport: trio.abc.HalfCloseableStream
         if end is not None:
-            transport = trio.SocketStream(trio.socket.from_stdlib_socket(end))
+            transport = UnixChannelStream(end)
         else:
             transport = RelayStream(link, channel, window=window)
             link.channels[channel] = transport
         self._nursery.start_soon(self._serve_channel, transport, ask, handler, link)
         return Reply(request.id, {}).to_wire()
+
+    @staticmethod
+    def _link_is_encrypted(link: _Link) -> bool:
+        """Whether our link to the broker is TCP or runs box-stream: then every channel relayed
+        over it must be encrypted end to end (the broker's word that one is plain is refused)."""
+        secure = link.framed.stream
+        if not isinstance(secure, SecureStream):
+            return False
+        transport = secure.transport
+        over_tcp = isinstance(transport, trio.SocketStream) and transport.socket.family in (socket.AF_INET, socket.AF_INET6)
+        return secure.encrypted or over_tcp
 
     def _listen_host(self, link: _Link) -> str:
         """Where an opener can reach us: our address on a TCP bus connection, else loopback."""
@@ -722,9 +799,9 @@ class Bus:
     ) -> None:
         """The tcp route's target side: listen, tell the broker where, accept the opener only.
 
-        A connection must prove the opener's key (shs1) and then present the one-time token;
-        anything else is closed and the listener keeps waiting, until the opener arrives or
-        the deadline passes.  The token works once: the listener closes after it is used.
+        A connection must prove the opener's key (shs1) and then present the one-time token:
+        see :meth:`_take_direct_opener`.  Nobody within :data:`DIRECT_TIMEOUT`: the broker
+        forgets the channel.  The token works once: the listener closes after it is used.
         """
         host = self._listen_host(link)
         try:
@@ -734,33 +811,8 @@ class Bus:
             return
         listener = listeners[0]
         self._send_nowait(link, Reply(request_id, {"host": host, "port": listener.socket.getsockname()[1]}).to_wire())
-        opener_key = ask.opener.key
-        chosen: SecureStream | None = None
         async with listener:
-            with trio.move_on_after(DIRECT_TIMEOUT):
-                while chosen is None:
-                    transport = await listener.accept()
-                    candidate = SecureStream.server(
-                        transport, self.identity, network_key=self.network_key, authorize=lambda key: key == opener_key
-                    )
-                    try:
-                        with trio.fail_after(DIRECT_TIMEOUT):
-                            await candidate.do_handshake()
-                            presented = b""
-                            while len(presented) < 32:
-                                more = await candidate.receive_some(32 - len(presented))
-                                if not more:
-                                    break
-                                presented += more
-                    except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                        log.info("direct channel: refused a connection: %s", exc)
-                        await trio.aclose_forcefully(candidate)
-                        continue
-                    if not hmac.compare_digest(presented, token):
-                        log.info("direct channel: refused a connection with a wrong or used token")
-                        await trio.aclose_forcefully(candidate)
-                        continue
-                    chosen = candidate
+            chosen = await self._take_direct_opener(listener, ask.opener.key, token)
         if chosen is None:
             log.info("direct channel from %s: the opener never came", ask.opener.unique_id)
             self._forget_direct(link, ask.channel)
@@ -768,17 +820,96 @@ class Bus:
         channel = self._track_direct(Channel(chosen, chosen.transport, ask.opener, ask.protocol, "tcp"), link, ask.channel)
         await self._run_handler(handler, channel)
 
+    async def _take_direct_opener(
+        self, listener: trio.SocketListener, opener_key: PublicKey, token: bytes
+    ) -> SecureStream | None:
+        """The first connection to ``listener`` that proves ``opener_key`` and presents
+        ``token``, within :data:`DIRECT_TIMEOUT`; None if none does.
+
+        Connections are checked concurrently, each within :data:`DIRECT_CANDIDATE_TIMEOUT`,
+        so a silent or wrong one (a local process that connects first, a wrong key or token)
+        holds up nobody: it is closed when its time is up or it fails.  At most
+        :data:`MAX_DIRECT_CANDIDATES` are checked at once; a connection beyond that is
+        closed as soon as it is accepted.  The winner stops the others (they are closed).
+        """
+        chosen: list[SecureStream] = []
+        checking = 0
+
+        async def check(transport: trio.SocketStream) -> None:
+            nonlocal checking
+            candidate = SecureStream.server(
+                transport, self.identity, network_key=self.network_key, authorize=lambda key: key == opener_key
+            )
+            try:
+                with trio.fail_after(DIRECT_CANDIDATE_TIMEOUT):
+                    await candidate.do_handshake()
+                    presented = b""
+                    while len(presented) < len(token):
+                        more = await candidate.receive_some(len(token) - len(presented))
+                        if not more:
+                            break
+                        presented += more
+                if chosen or not hmac.compare_digest(presented, token):
+                    log.info("direct channel: refused a connection with a wrong or used token")
+                    await trio.aclose_forcefully(candidate)
+                    return
+                chosen.append(candidate)
+                checks.cancel_scope.cancel()  # the others (and the accept loop) stop here
+            except (HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                log.info("direct channel: refused a connection: %s", exc)
+                await trio.aclose_forcefully(candidate)
+            except BaseException:
+                await trio.aclose_forcefully(candidate)
+                raise
+            finally:
+                checking -= 1
+
+        try:
+            with trio.move_on_after(DIRECT_TIMEOUT):
+                async with trio.open_nursery() as checks:
+                    while True:
+                        try:
+                            transport = await listener.accept()
+                        except OSError as exc:  # out of descriptors, say: retry later, without spinning
+                            log.warning("direct channel: cannot accept: %s", exc)
+                            await trio.sleep(0.1)
+                            continue
+                        if checking >= MAX_DIRECT_CANDIDATES:
+                            log.info("direct channel: refused a connection: %d others are being checked", checking)
+                            await trio.aclose_forcefully(transport)
+                            continue
+                        checking += 1
+                        checks.start_soon(check, transport)
+        except BaseException:
+            for stream in chosen:  # cancelled from outside just as the opener got through
+                await trio.aclose_forcefully(stream)
+            raise
+        return chosen[0] if chosen else None
+
     @staticmethod
     async def _run_handler(handler: Callable[[Channel], Awaitable[Any]], channel: Channel) -> None:
-        """Run a channel handler; its failure ends its channel, not the plugin's bus connection."""
+        """Run a channel handler; its failure ends its channel, not the plugin's bus connection.
+
+        A handler that returns closes its channel gracefully (the peer reads the end after
+        everything sent); one that fails or is cancelled aborts it (on a direct route the
+        peer's reads then raise :class:`trio.BrokenResourceError`, as for a dead peer).
+        """
+        returned = False
         try:
             await handler(channel)
+            returned = True
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("channel %r from %s ended: %s", channel.protocol, channel.peer.unique_id, exc)
         except Exception:
             log.exception("handler for channel %r from %s failed", channel.protocol, channel.peer.unique_id)
         finally:
-            await trio.aclose_forcefully(channel)
+            if returned:
+                try:
+                    await channel.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            else:
+                await trio.aclose_forcefully(channel)
 
     @staticmethod
     def _send_nowait(link: _Link, message: dict[str, Any]) -> None:
@@ -871,7 +1002,7 @@ class Bus:
             if result.get("route") == "unix-fd":
                 end = self._take_fd(link)
                 if end is not None:
-                    opened.append(trio.SocketStream(trio.socket.from_stdlib_socket(end)))
+                    opened.append(UnixChannelStream(end))
                 return
             relay = RelayStream(link, result["channel"], window=window)
             link.channels[result["channel"]] = relay
@@ -883,7 +1014,7 @@ class Bus:
                 for stream in opened:
                     if isinstance(stream, RelayStream):
                         stream.close_nowait()
-                    elif isinstance(stream, trio.SocketStream):
+                    elif isinstance(stream, UnixChannelStream):
                         stream.socket.close()
                 opened.clear()
                 return
@@ -905,6 +1036,12 @@ class Bus:
         result = await self._request(
             "open_channel", {"name": name, "protocol": protocol, "route": route}, on_result, on_abandoned
         )
+        relayed = result.get("route") not in ("tcp", "unix-fd")
+        if relayed and not result.get("encrypted") and link is not None and self._link_is_encrypted(link):
+            for stream in opened:
+                if isinstance(stream, RelayStream):
+                    stream.close_nowait()  # the broker frees the channel; the target's handshake fails
+            raise RemoteProtocolError(f"channel to {name}: {PLAIN_RELAY_REFUSED}")
         if result.get("route") == "tcp":
             try:
                 channel = await self._dial_direct(result, protocol)
@@ -1024,7 +1161,7 @@ class Bus:
         if watch is None:
             return
         owner = event.fields.get("owner")
-        watch._push(
+        watch._change(
             NameEvent(
                 kind=event.fields.get("kind", ""),
                 name=event.fields.get("name", ""),

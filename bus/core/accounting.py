@@ -109,6 +109,13 @@ class Charge:
     def amount(self) -> int:
         return self._parts[0][1] if self._parts else 0
 
+    def move(self) -> Charge:
+        """A new charge holding what this one held (this one is left empty): for handing a
+        resource's payment to the object that owns it next."""
+        moved = Charge()
+        moved._parts, self._parts = self._parts, []
+        return moved
+
     def release(self) -> None:
         parts, self._parts = self._parts, []
         for budget, amount, actor in parts:

@@ -43,7 +43,7 @@ from ..wire.frames import MAX_CBOR_DEPTH
 from ..wire.identity import PublicKey
 from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
 from .accounting import Budget, Charge
-from .channels import ChannelTable, RelayChannel
+from .channels import ChannelTable, Direction, RelayChannel
 from .glob import Glob, GlobError, compile_glob
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
@@ -67,7 +67,10 @@ __all__ = [
 CHANNEL_PROTOCOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 #: A host a target gives for the tcp route: a DNS name or an IP literal, nothing else.
 _HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}\Z")
-#: A relayed channel gets at least this much credit per direction, or is refused.
+#: A relayed channel starts with this much credit per direction (less if ``relay_credit``
+#: is smaller) and is refused when its opener's identity cannot pay for that; the cap then
+#: doubles, up to ``relay_credit``, each time the receiver has taken half of it, as long as
+#: the identity's ``relay_bytes_per_identity`` has room (like a TCP window opening up).
 RELAY_MIN_CREDIT = 64 * 1024
 #: Late acceptances remembered per target after their opener gave up (oldest forgotten first).
 _TOMBSTONES_PER_TARGET = 64
@@ -390,7 +393,7 @@ class BrokerCore:
                     err = ChannelRejected(f"{conn.unique_id} left before answering the channel request")
                     out.append((pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire()))
             elif pend.opener == conn_id:
-                self._make_tombstone(key, pend)
+                out.extend(self._make_tombstone(key, pend))
                 out.append(ChannelMessage(pend.target, pend.b[1], {"reset": f"{conn.unique_id} disconnected"}))
         self._pending_by_conn.pop(conn_id, None)
         del self.connections[conn_id]
@@ -447,10 +450,24 @@ class BrokerCore:
 
     def _reply_from(self, conn_id: int, reply: Reply | ErrorReply) -> list[Outgoing]:
         key = (conn_id, reply.re)
-        pend = self._drop_pending(key)
+        pend = self.pending_opens.get(key)
         if pend is None:
             return []  # a ping's answer, or one that came after the deadline (reset below)
-        target = self.connections[conn_id]
+        # What pays for the channel itself goes to the channel (or is released below); only
+        # the pending slots are given back now.
+        kept = (pend.channel_charge, pend.relay_charge)
+        pend.channel_charge, pend.relay_charge = Charge(), Charge()
+        self._drop_pending(key)
+        try:
+            return self._answered(pend, key, reply, *kept)
+        finally:
+            for charge in kept:
+                charge.release()  # a no-op for the charges the new channel took over
+
+    def _answered(
+        self, pend: PendingOpen, key: tuple[int, int], reply: Reply | ErrorReply, channel_charge: Charge, relay_charge: Charge
+    ) -> list[Outgoing]:
+        target = self.connections[key[0]]
         if isinstance(reply, ErrorReply):
             drop: list[Outgoing] = [DropFd(key)] if pend.route == "unix-fd" else []
             if pend.opener == 0:
@@ -472,21 +489,19 @@ class BrokerCore:
             ):
                 err = ChannelRejected(f"{target.unique_id} accepted without a usable host and port")
                 return [(pend.opener, ErrorReply.from_error(pend.opener_request, err).to_wire())]
-            self._add_direct(pend)
+            self._add_direct(pend, channel_charge)
             opened = self._opened(pend, target, True, host=host, port=port, token=pend.token)
             return [(pend.opener, opened)]
         if pend.route == "unix-fd":
             if pend.opener == 0 or pend.opener not in self.connections:
                 return [DropFd(key)]  # the target's end closes with the opener gone: it sees EOF
-            self._add_direct(pend)
+            self._add_direct(pend, channel_charge)
             return [WithFd(pend.opener, self._opened(pend, target, False), key, create=False)]
         if pend.opener == 0 or pend.opener not in self.connections:
             # The opener left meanwhile: the target accepted a channel nobody holds.
             return [ChannelMessage(target.id, pend.b[1], {"reset": "the opener left"})]
         opener = self.connections[pend.opener]
-        charges = (pend.channel_charge, pend.relay_charge)
-        pend.channel_charge, pend.relay_charge = Charge(), Charge()  # the channel holds them now
-        ch = self.channels.open(pend.a, pend.b, pend.protocol, pend.relay_cap, charges)
+        ch = self.channels.open(pend.a, pend.b, pend.protocol, pend.relay_cap, (channel_charge.move(), relay_charge.move()), opener.account.relay)
         return [(opener.id, self._opened(pend, target, pend.encrypted)), *self.initial_credit(ch)]
 
     def _opened(self, pend: PendingOpen, target: Connection, encrypted: bool, **route_fields: Any) -> dict[str, Any]:
@@ -561,9 +576,8 @@ class BrokerCore:
 
     # -- direct channels (their ends report them) ------------------------------------------------
 
-    def _add_direct(self, pend: PendingOpen) -> None:
-        record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route, charge=pend.channel_charge)
-        pend.channel_charge = Charge()  # the record holds it now
+    def _add_direct(self, pend: PendingOpen, charge: Charge) -> None:
+        record = DirectChannel(pend.a, pend.b, pend.protocol, pend.route, charge=charge.move())
         self.direct[pend.a] = self.direct[pend.b] = record
         for half in (pend.a, pend.b):
             self._direct_by_conn.setdefault(half[0], set()).add(half)
@@ -598,6 +612,18 @@ class BrokerCore:
         return {}
 
     # -- relayed channels (the io layer moves the bytes) ------------------------------------------
+
+    def grow_relay(self, ch: RelayChannel, direction: Direction) -> int:
+        """More room for a direction whose receiver keeps up: its cap doubles (up to
+        ``relay_credit``) if the opener's identity can pay; returns the extra credit."""
+        extra = min(direction.cap, self.limits.relay_credit - direction.cap)
+        payer = ch.payer
+        if extra <= 0 or payer is None or payer.free < extra or not ch.charges:
+            return 0
+        ch.charges.append(Charge.take(extra, own=(payer,)))
+        direction.cap += extra
+        direction.src_credit += extra
+        return extra
 
     def initial_credit(self, ch: RelayChannel) -> list[Outgoing]:
         """Each side may send as much as its direction's cap to start with."""
@@ -884,12 +910,7 @@ class BrokerCore:
             )
             relay_charge, relay_cap = Charge(), 0
             if chosen == "relay":
-                relay_cap = min(self.limits.relay_credit, conn.account.relay.free // 2)
-                if relay_cap < min(RELAY_MIN_CREDIT, self.limits.relay_credit):
-                    raise QuotaExceeded(
-                        f"relay_bytes_per_identity reached: {actor} holds {conn.account.relay.used} of "
-                        f"{conn.account.relay.limit} bytes of relay buffer"
-                    )
+                relay_cap = min(RELAY_MIN_CREDIT, self.limits.relay_credit)
                 relay_charge = Charge.take(2 * relay_cap, own=(conn.account.relay,))
         except QuotaExceeded:
             pending_charge.release()

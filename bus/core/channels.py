@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .accounting import Charge
+from .accounting import Budget, Charge
 
 __all__ = ["Direction", "RelayChannel", "ChannelTable", "CreditExceeded", "DEFAULT_RELAY_CAP"]
 
@@ -120,6 +120,8 @@ class RelayChannel:
     a_to_b: Direction
     b_to_a: Direction
     charges: list[Charge] = field(default_factory=list)
+    #: The budget relay space is charged to (the opener's identity), when it grows.
+    payer: Budget | None = None
 
     def other(self, half: tuple[int, int]) -> tuple[int, int]:
         return self.b if half == self.a else self.a
@@ -152,9 +154,15 @@ class ChannelTable:
         return channel
 
     def open(
-        self, a: tuple[int, int], b: tuple[int, int], protocol: str, cap: int = DEFAULT_RELAY_CAP, charges: tuple[Charge, ...] = ()
+        self,
+        a: tuple[int, int],
+        b: tuple[int, int],
+        protocol: str,
+        cap: int = DEFAULT_RELAY_CAP,
+        charges: tuple[Charge, ...] = (),
+        payer: Budget | None = None,
     ) -> RelayChannel:
-        ch = RelayChannel(self._next_id, a, b, protocol, Direction(cap), Direction(cap), list(charges))
+        ch = RelayChannel(self._next_id, a, b, protocol, Direction(cap), Direction(cap), list(charges), payer)
         self._next_id += 1
         self._by_half[a] = ch
         self._by_half[b] = ch

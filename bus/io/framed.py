@@ -77,6 +77,7 @@ class FramedStream:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_control: int = DEFAULT_MAX_CONTROL,
         receive_stream: trio.abc.ReceiveStream | None = None,
+        max_items: int | None = None,
     ) -> None:
         self.stream = stream
         # Where frames are read from: ``stream`` unless a layer below it may be read directly
@@ -84,7 +85,7 @@ class FramedStream:
         self._receive_stream = receive_stream or stream
         self.max_frame = max_frame
         self.max_control = max_control
-        self._decoder = FrameDecoder(max_frame, max_control)
+        self._decoder = FrameDecoder(max_frame, max_control, max_items)
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = False  # the last read took less than it asked for

@@ -27,7 +27,11 @@ __all__ = ["Endpoint", "parse_address", "format_address", "AddressError", "defau
 
 def default_runtime_dir() -> Path:
     """Where the broker's socket and address file live by default:
-    ``$XDG_RUNTIME_DIR/minibus``, else ``/tmp/minibus-$UID``."""
+    ``$XDG_RUNTIME_DIR/minibus``, else ``/tmp/minibus-$UID``.
+
+    Only a path: whoever uses it checks it first, since in ``/tmp`` another user may have
+    created it (busd: :func:`~bus.wire.files.ensure_private_dir`; clients:
+    :func:`~bus.wire.files.check_owned_dir`)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return Path(base) / "minibus"

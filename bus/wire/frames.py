@@ -98,13 +98,16 @@ _SMALLEST = (24, 0x100, 0x10000, 0x100000000)  # the least value each wider head
 _SIMPLE_OK = frozenset((20, 21, 22, 25, 26, 27))  # false, true, null, float16/32/64
 
 
-def check_cbor(body: bytes) -> None:
+def check_cbor(body: bytes, max_items: int | None = None) -> None:
     """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile.
 
     One pass over the bytes with an explicit stack (no recursion, no decoding): every head
     is checked as it is read, and every declared length against the bytes that remain.
+    With ``max_items``, a body holding more data items than that (keys, values and
+    container heads all count) is refused too, which bounds the CPU one message can cost.
     """
     n = len(body)
+    budget = max_items if max_items is not None else n + 1  # no body holds more items than bytes
     if not n or body[0] >> 5 != 5:
         raise FrameError("control body is not a CBOR map")
     stack: list[tuple[int, set[bytes] | None]] = []
@@ -120,6 +123,9 @@ def check_cbor(body: bytes) -> None:
                     return
                 remaining, seen = stack.pop()
             remaining -= 1
+            budget -= 1
+            if budget < 0:
+                raise _Invalid(f"more than {max_items} data items")
             if pos >= n:
                 raise _Invalid("truncated")
             start = pos
@@ -200,9 +206,9 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
-def decode_control_body(body: bytes) -> dict[Any, Any]:
+def decode_control_body(body: bytes, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict."""
-    check_cbor(body)
+    check_cbor(body, max_items)
     try:
         message = cbor2.loads(body)
     except Exception as exc:  # cbor2 reports bad UTF-8 and friends with several types
@@ -266,11 +272,14 @@ class FrameDecoder:
     in sync and must be closed.
     """
 
-    def __init__(self, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> None:
+    def __init__(
+        self, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL, max_items: int | None = None
+    ) -> None:
         if max_body < 1 or max_control < 1:
             raise ValueError("frame size limits must be positive")
         self.max_body = max_body
         self.max_control = min(max_control, max_body)
+        self.max_items = max_items
         # Bytes arrive in chunks.  A chunk is kept as it came and frames are cut straight out
         # of it (one copy, none for a frame that is the whole chunk); only what is left
         # unread when more arrives goes into ``_buffer``.  At most one of the two holds bytes.
@@ -351,7 +360,7 @@ class FrameDecoder:
         if kind == FrameKind.DATA:
             return DataFrame(channel, body)
         try:
-            return ControlFrame(channel, decode_control_body(body))
+            return ControlFrame(channel, decode_control_body(body, self.max_items))
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import nacl.bindings as sodium
 
 from ..errors import InsecureKeyFile, KeyFileError
+from .files import LocalFileError, check_file_stat, create_temp_file
 
 __all__ = [
     "PublicKey",
@@ -189,13 +190,10 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
-        if st.st_uid != os.getuid():
-            raise InsecureKeyFile(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.getuid()})")
-        if st.st_mode & 0o077:
-            raise InsecureKeyFile(
-                f"{path}: key file is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with 'chmod 600 {path}'"
-            )
+        try:
+            check_file_stat(st, path, "key file", secret=True)
+        except LocalFileError as exc:
+            raise InsecureKeyFile(str(exc)) from None
         data = f.read(65536)
     try:
         text = data.decode("utf-8")
@@ -217,9 +215,8 @@ def save_identity(path: str | os.PathLike[str], identity: Identity, *, overwrite
         raise KeyFileError(f"{path.parent}: cannot create the key directory: {exc.strerror}") from exc
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path}: already exists; refusing to overwrite an identity")
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, tmp = create_temp_file(path)
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot write the key file: {exc.strerror}") from exc
     try:

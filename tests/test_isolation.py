@@ -1,0 +1,490 @@
+"""Isolation: each attack of issue 9, repeated against a real broker over real sockets.
+
+Every test has an attacker and an innocent party.  It shows the innocent party unaffected
+(names kept, calls answered, no disconnect) and the attacker refused or disconnected, with
+the reason naming the limit.  No test asserts a timing: the CPU findings are measured in
+benchmarks/isolation.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bus.core.broker import Limits
+from bus.errors import ChannelRejected, QuotaExceeded
+from bus.io.framed import FramedStream
+from bus.wire.address import parse_address
+from bus.wire.frames import ControlFrame, encode_control, encode_data
+from clients.bus import Bus, open_bus
+from clients.channels import Channel
+
+from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
+from .test_broker import raw_connect
+
+
+async def echo(ch: Channel) -> None:
+    while data := await ch.receive_some():
+        await ch.send_all(data)
+
+
+async def reply_to(framed: FramedStream, request_id: int, channel: int = 0) -> dict[str, Any]:
+    """Read until the reply to ``request_id`` (other frames are skipped)."""
+    with trio.fail_after(10):
+        while True:
+            frame = await framed.receive_frame()
+            assert frame is not None, "the broker closed this connection"
+            if isinstance(frame, ControlFrame) and frame.channel == channel and frame.message.get("re") == request_id:
+                return frame.message
+
+
+async def still_served(bus: Bus) -> None:
+    """The innocent party: connected, answered."""
+    with trio.fail_after(10):
+        await bus.ping()
+    assert bus.connected
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+# -- 1. before authentication ------------------------------------------------------------------
+
+
+async def test_handshake_flood_from_one_source_locks_out_nobody_else(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "minibus.broker")
+    async with running_broker(tmp_path, max_handshakes=32, max_handshakes_per_source=8, handshake_timeout=30) as rb:
+        ep = parse_address(rb.tcp_address)[0]
+        silent = []
+        try:
+            for _ in range(200):  # keyless, silent, from 127.0.0.2
+                sock = trio.socket.socket()
+                await sock.bind(("127.0.0.2", 0))
+                await sock.connect((ep.host, ep.port))
+                silent.append(sock)
+            # The owner on the Unix socket, and a client from another address over TCP, get in.
+            async with open_bus(rb.unix_address, identity=OWNER) as owner, open_bus(rb.tcp_address, identity=FRIEND) as friend:
+                await still_served(owner)
+                await still_served(friend)
+            assert rb.broker._handshaking_from.get(("tcp", "127.0.0.2"), 0) <= 8
+            # Those over the cap were closed at once (a read sees the end, nothing was held).
+            closed = 0
+            with trio.fail_after(10):
+                for sock in silent:
+                    with trio.move_on_after(0.01):
+                        if await sock.recv(1) == b"":
+                            closed += 1
+            assert closed >= 200 - 8
+        finally:
+            for sock in silent:
+                sock.close()
+    assert "max_handshakes_per_source reached" in caplog.text
+
+
+async def test_a_silent_peer_is_dropped_at_the_pre_auth_deadline(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, handshake_timeout=0.5) as rb:
+        ep = parse_address(rb.tcp_address)[0]
+        sock = trio.socket.socket()
+        await sock.connect((ep.host, ep.port))
+        with trio.fail_after(10):
+            assert await sock.recv(1) == b""  # closed by the broker, nothing said
+        sock.close()
+        with trio.fail_after(10):  # and its handshake slot is free again
+            while rb.broker._handshaking.get("tcp", 0):
+                await trio.sleep(0.01)
+
+
+# -- 2. content that would make someone else's message unsendable --------------------------------
+
+
+async def test_deep_info_is_refused_where_it_enters_and_watchers_keep_their_connection(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb, open_bus(rb.unix_address, identity=OWNER) as watcher:
+        async with watcher.watch(["org.example.*"]) as events:
+            attacker = await raw_connect(rb.unix_address, FRIEND)
+            await attacker.send_message(
+                {"op": "hello", "id": 1, "name": "org.example.Deep", "info": {"metadata": {"x": nested(25)}}}
+            )
+            reply = await reply_to(attacker, 1)
+            assert reply["error"]["code"] == QuotaExceeded.wire_code and "info_depth" in reply["error"]["message"]
+            # As deep as the limit allows is fine, and every watcher hears of it.
+            await attacker.send_message(
+                {"op": "hello", "id": 2, "name": "org.example.Deep", "info": {"metadata": {"x": nested(7)}}}
+            )
+            assert "result" in await reply_to(attacker, 2)
+            with trio.fail_after(10):
+                event = await events.__anext__()
+            assert event.name == "org.example.Deep" and event.kind == "connected"
+            await still_served(watcher)
+            await attacker.aclose()
+
+
+async def test_huge_rejection_reason_reaches_the_opener_cut_short(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Rude") as rude:
+            rude.handle_channels("raw", echo, accept=lambda req: "no" * 30000)
+            async with open_bus(rb.unix_address, identity=FRIEND) as opener:
+                with pytest.raises(ChannelRejected) as caught:
+                    await opener.open_channel("org.example.Rude", route="relay")
+                assert len(str(caught.value)) < 1200
+                await still_served(opener)
+
+
+async def test_huge_tcp_host_from_a_target_is_refused_and_the_opener_kept(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        target = await raw_connect(rb.tcp_address, PLUGIN)
+        await target.send_message({"op": "hello", "id": 1, "name": "org.example.Liar"})
+        await reply_to(target, 1)
+        async with open_bus(rb.tcp_address, identity=FRIEND) as opener:
+            async with trio.open_nursery() as nursery:
+
+                async def answer() -> None:
+                    with trio.fail_after(10):
+                        while True:
+                            frame = await target.receive_frame()
+                            if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                                await target.send_message({"re": frame.message["id"], "result": {"host": "h" * 60000, "port": 9}})
+                                return
+
+                nursery.start_soon(answer)
+                with pytest.raises(ChannelRejected, match="usable host"):
+                    await opener.open_channel("org.example.Liar", route="direct")
+            await still_served(opener)
+        await target.aclose()
+
+
+async def test_huge_reset_reason_is_cut_and_both_sessions_stay(tmp_path: Path) -> None:
+    from .test_channels import _raw_relay
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await opener.send_message({"reset": "r" * 60000}, och)
+        with trio.fail_after(10):
+            while True:
+                frame = await target.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.channel == tch and "reset" in frame.message:
+                    break
+        assert len(frame.message["reset"]) < 400
+        for framed in (opener, target):  # both sessions still answer
+            await framed.send_message({"op": "ping", "id": 50})
+            assert "result" in await reply_to(framed, 50)
+            await framed.aclose()
+
+
+async def test_info_about_a_plugin_with_everything_at_its_limit_is_paged(tmp_path: Path) -> None:
+    """16 KiB of info, 64 long names, 255 channels: the admin's ``info`` comes in pages,
+    none over a control frame, and the admin stays connected (pages held to 40 KiB here)."""
+    async with running_broker(tmp_path, limits=Limits(message_bytes=40 * 1024)) as rb:
+        target = await raw_connect(rb.unix_address, PLUGIN)  # accepts every channel
+        await target.send_message({"op": "hello", "id": 1, "name": "org.example.Target"})
+        await reply_to(target, 1)
+        plugin = await raw_connect(rb.unix_address, FRIEND)
+        info = {"description": "d" * 1000, "version": "1", "metadata": {"blob": "m" * 15000}}
+        await plugin.send_message({"op": "hello", "id": 1, "info": info})
+        plugin_id = (await reply_to(plugin, 1))["result"]["unique_id"]
+        for i in range(64):
+            await plugin.send_message({"op": "request_name", "id": 10 + i, "name": f"org.example.{'n' * 200}{i:02}"})
+            await reply_to(plugin, 10 + i)
+        async with trio.open_nursery() as nursery:
+
+            async def accept_all() -> None:
+                while True:
+                    frame = await target.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                        await target.send_message({"re": frame.message["id"], "result": {}})
+
+            nursery.start_soon(accept_all)
+            for i in range(255):
+                await plugin.send_message({"op": "open_channel", "id": 200 + i, "name": "org.example.Target", "route": "relay"})
+                assert "result" in await reply_to(plugin, 200 + i)
+            nursery.cancel_scope.cancel()
+        admin = await raw_connect(rb.unix_address, OWNER)
+        await admin.send_message({"op": "hello", "id": 1})
+        await reply_to(admin, 1)
+        await admin.send_message({"op": "info", "id": 2, "target": plugin_id})
+        first = (await reply_to(admin, 2))["result"]
+        assert first["channels_next"] is not None and len(first["names"]) == 64
+        await admin.aclose()
+        async with open_bus(rb.unix_address, identity=OWNER) as bus:
+            described = await bus.info(plugin_id)
+            assert len(described.channels) == 255
+            await still_served(bus)
+        for framed in (plugin, target):
+            await framed.aclose()
+
+
+# -- 3. relay memory ---------------------------------------------------------------------------
+
+
+async def test_relay_memory_is_charged_to_the_openers_identity(tmp_path: Path) -> None:
+    """Channels whose receiver never reads: what the broker holds stays within the opener's
+    relay_bytes_per_identity, more openings are refused naming it, and another identity's
+    channel to the same service still works."""
+    limits = Limits(relay_bytes_per_identity=2 * 1024 * 1024, relay_credit=256 * 1024)
+    async with running_broker(tmp_path, limits=limits) as rb:
+        sink = await raw_connect(rb.unix_address, PLUGIN)  # accepts everything, reads nothing
+        await sink.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+        await reply_to(sink, 1)
+        hog = await raw_connect(rb.unix_address, FRIEND)
+        await hog.send_message({"op": "hello", "id": 1})
+        await reply_to(hog, 1)
+        refused = ""
+        channels = []
+        async with trio.open_nursery() as nursery:
+
+            async def accept_all() -> None:
+                while True:
+                    frame = await sink.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                        await sink.send_message({"re": frame.message["id"], "result": {}})
+
+            nursery.start_soon(accept_all)
+            for i in range(100):
+                await hog.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Sink", "route": "relay"})
+                reply = await reply_to(hog, 10 + i)
+                if "error" in reply:
+                    refused = reply["error"]["message"]
+                    break
+                channels.append(reply["result"]["channel"])
+                await hog.stream.send_all(encode_data(channels[-1], b"x" * 64 * 1024))  # its whole starting credit
+            assert "relay_bytes_per_identity" in refused
+            held = sum(len(d.buffer) for ch in rb.broker.core.channels._by_half.values() for d in (ch.a_to_b, ch.b_to_a))
+            assert held <= limits.relay_bytes_per_identity
+            account = rb.broker.core.accounts[FRIEND.id]
+            assert account.relay.used <= limits.relay_bytes_per_identity
+            nursery.cancel_scope.cancel()
+        # Someone else is not affected.
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Echo2") as service:
+            service.handle_channels("raw", echo)
+            async with open_bus(rb.unix_address, identity=OWNER) as user:
+                ch = await user.open_channel("org.example.Echo2", route="relay")
+                await ch.send_all(b"hello")
+                with trio.fail_after(10):
+                    assert await ch.receive_some() == b"hello"
+                await ch.aclose()
+        await hog.aclose()
+        # Everything is released when the hog leaves.
+        with trio.fail_after(10):
+            while FRIEND.id in rb.broker.core.accounts:
+                await trio.sleep(0.01)
+        await sink.aclose()
+
+
+# -- 4. costs charged to the wrong party -------------------------------------------------------
+
+
+async def test_name_churn_never_disconnects_a_watcher_that_reads_slowly(tmp_path: Path) -> None:
+    """A churner with 16 KiB of info; a watcher that reads nothing for a while: its watch
+    resyncs (the changes it missed become a fresh snapshot), its connection stays."""
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024) as rb:
+        watcher = await raw_connect(rb.unix_address, OWNER)
+        await watcher.send_message({"op": "hello", "id": 1, "name": "org.example.Watcher"})
+        await watcher.send_message({"op": "watch", "id": 2, "patterns": ["org.example.Churn*"]})
+        await reply_to(watcher, 2)
+        churner = await raw_connect(rb.unix_address, FRIEND)
+        await churner.send_message({"op": "hello", "id": 1, "info": {"metadata": {"b": "i" * 15000}}})
+        await reply_to(churner, 1)
+        for i in range(200):  # ~6 MiB of events: many times the watcher's queue
+            await churner.send_message({"op": "request_name", "id": 100 + 2 * i, "name": "org.example.Churn"})
+            await churner.send_message({"op": "release_name", "id": 101 + 2 * i, "name": "org.example.Churn"})
+        await churner.send_message({"op": "request_name", "id": 9999, "name": "org.example.Churn"})
+        await reply_to(churner, 9999)
+        # Now the watcher reads: it was never cut, it got a resync, and ends knowing the truth.
+        seen_resync = False
+        present: set[str] = set()
+        with trio.fail_after(20):
+            while True:
+                frame = await watcher.receive_frame()
+                assert frame is not None, "the watcher was disconnected"
+                assert isinstance(frame, ControlFrame)
+                message = frame.message
+                if message.get("event") == "resync":
+                    seen_resync = True
+                    present = set()
+                elif message.get("event") == "snapshot":
+                    present |= {e["name"] for e in message["entries"]}
+                    if not message["more"] and seen_resync:
+                        break
+                elif message.get("event") == "name":
+                    (present.add if message["kind"] != "disconnected" else present.discard)(message["name"])
+                assert message.get("event") != "error", message
+        assert seen_resync and present == {"org.example.Churn"}
+        assert rb.broker.core.names.owner("org.example.Watcher") is not None
+        for framed in (watcher, churner):
+            await framed.aclose()
+
+
+async def test_a_big_snapshot_does_not_cut_its_own_watcher(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024) as rb:
+        owners = []
+        for who in (FRIEND, PLUGIN):
+            framed = await raw_connect(rb.unix_address, who)
+            await framed.send_message({"op": "hello", "id": 1, "info": {"metadata": {"b": "i" * 15000}}})
+            await reply_to(framed, 1)
+            for i in range(64):
+                await framed.send_message({"op": "request_name", "id": 10 + i, "name": f"org.example.{'A' if who is FRIEND else 'B'}{i:02}"})
+                await reply_to(framed, 10 + i)
+            owners.append(framed)
+        async with open_bus(rb.unix_address, identity=OWNER) as watcher:
+            async with watcher.watch(["*"]) as events:
+                names = set()
+                with trio.fail_after(20):
+                    while len(names) < 128:
+                        event = await events.__anext__()
+                        names.add(event.name)
+            await still_served(watcher)
+        for framed in owners:
+            await framed.aclose()
+
+
+async def test_pipelined_channel_openings_cost_the_opener_not_the_target(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Target") as target:
+            target.handle_channels("raw", echo)
+            flooder = await raw_connect(rb.unix_address, FRIEND)
+            await flooder.send_message({"op": "hello", "id": 1})
+            await reply_to(flooder, 1)
+            burst = b"".join(
+                encode_control(0, {"op": "open_channel", "id": 10 + i, "name": "org.example.Target", "route": "relay"})
+                for i in range(4000)
+            )
+            await flooder.stream.send_all(burst)
+            refused = opened = 0
+            with trio.fail_after(60):
+                while refused + opened < 4000:
+                    frame = await flooder.receive_frame()
+                    if frame is None:
+                        break
+                    if isinstance(frame, ControlFrame) and frame.channel == 0 and "re" in frame.message:
+                        if "error" in frame.message:
+                            refused += 1
+                            assert frame.message["error"]["code"] == QuotaExceeded.wire_code
+                        else:
+                            opened += 1
+            assert refused > 0 and opened <= rb.broker.core.limits.channels_per_connection
+            # The target kept its name and its connection.
+            assert rb.broker.core.names.owner("org.example.Target") is not None
+            await still_served(target)
+            await flooder.aclose()
+
+
+async def test_one_caller_cannot_take_all_of_a_targets_channels(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, limits=Limits(channels_per_target=16)) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Service") as service:
+            service.handle_channels("raw", echo)
+            held = []
+            async with open_bus(rb.unix_address, identity=FRIEND) as greedy:
+                with pytest.raises(QuotaExceeded, match="fair share"):
+                    while True:
+                        held.append(await greedy.open_channel("org.example.Service", route="relay"))
+                assert len(held) <= 8  # at most half of what the target has
+                async with open_bus(rb.unix_address, identity=OWNER) as other:
+                    ch = await other.open_channel("org.example.Service", route="relay")
+                    await ch.send_all(b"ok")
+                    with trio.fail_after(10):
+                        assert await ch.receive_some() == b"ok"
+                    await ch.aclose()
+                for ch in held:
+                    await ch.aclose()
+
+
+async def test_unanswered_direct_openings_are_bounded_per_opener(tmp_path: Path) -> None:
+    """A target that never answers: the opener's pending openings (each holding a socket end
+    in the broker on the unix-fd route) stop at its quota; the target is not charged."""
+    async with running_broker(tmp_path, channel_timeout=30) as rb:
+        mute = await raw_connect(rb.unix_address, PLUGIN)
+        await mute.send_message({"op": "hello", "id": 1, "name": "org.example.Mute"})
+        await reply_to(mute, 1)
+        opener = await raw_connect(rb.unix_address, FRIEND)
+        await opener.send_message({"op": "hello", "id": 1})
+        await reply_to(opener, 1)
+        limit = rb.broker.core.limits.pending_opens_per_connection
+        for i in range(limit + 10):
+            await opener.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Mute", "route": "auto"})
+        errors = []
+        with trio.fail_after(10):
+            while len(errors) < 10:
+                frame = await opener.receive_frame()
+                if isinstance(frame, ControlFrame) and "error" in frame.message:
+                    errors.append(frame.message["error"]["message"])
+        assert all("pending_opens_per_connection" in e for e in errors)
+        assert len(rb.broker._kept_ends) == limit
+        await opener.aclose()
+        with trio.fail_after(10):  # the opener left: its pending openings' sockets are closed
+            while rb.broker._kept_ends:
+                await trio.sleep(0.01)
+        await mute.aclose()
+
+
+# -- 5. CPU ------------------------------------------------------------------------------------
+
+
+async def test_control_frames_with_too_many_items_end_only_that_connection(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb, open_bus(rb.unix_address, identity=OWNER) as innocent:
+        attacker = await raw_connect(rb.unix_address, FRIEND)
+        await attacker.send_message({"op": "hello", "id": 1})
+        await reply_to(attacker, 1)
+        import cbor2
+
+        body = cbor2.dumps({"op": "ping", "id": 2, "x": [0] * 60000})
+        from bus.wire.frames import HEADER
+
+        await attacker.stream.send_all(HEADER.pack(1, 0, 0, len(body)) + body)
+        with trio.fail_after(10):
+            while True:
+                frame = await attacker.receive_frame()
+                if frame is None:
+                    break
+                if isinstance(frame, ControlFrame) and frame.message.get("event") == "error":
+                    assert "data items" in frame.message["message"]
+        await still_served(innocent)
+        await attacker.aclose()
+
+
+async def test_bad_watch_patterns_are_refused_and_patterns_cost_no_regex(tmp_path: Path) -> None:
+    import re
+
+    async with running_broker(tmp_path) as rb, open_bus(rb.unix_address, identity=OWNER) as bus:
+        with pytest.raises(Exception, match="never closed"):
+            async with bus.watch(["bad[pattern"]):
+                pass
+        before = len(re._cache)  # type: ignore[attr-defined]
+        for i in range(50):
+            async with bus.watch([f"*a*a*a*a*a*a*a*a*a*a*a*b{i}"]):
+                pass
+        assert len(re._cache) <= before + 2  # type: ignore[attr-defined]
+        await still_served(bus)
+
+
+async def test_many_connections_closing_at_once_are_all_processed(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=400)) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Canary") as canary:
+            async with canary.watch(["org.example.Crowd*"]) as events:
+                crowd = []
+                for i in range(300):
+                    framed = await raw_connect(rb.unix_address, FRIEND)
+                    await framed.send_message({"op": "hello", "id": 1, "name": f"org.example.Crowd{i}"})
+                    crowd.append(framed)
+                here: set[str] = set()
+                with trio.fail_after(60):
+                    while len(here) < 300:
+                        here.add((await events.__anext__()).name)
+                for framed in crowd:
+                    await trio.aclose_forcefully(framed.stream)
+                with trio.fail_after(60):
+                    while here:
+                        event = await events.__anext__()
+                        assert event.kind == "disconnected"
+                        here.discard(event.name)
+            await still_served(canary)
+            with trio.fail_after(10):
+                while len(rb.broker.sessions) > 1:
+                    await trio.sleep(0.01)
