@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import tomllib
@@ -286,6 +287,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).splitlines())
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit (the usual soft 1,024 is what a
+    crowd of connections runs into first); returns the (old, new) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -299,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             "XDG_RUNTIME_DIR is not set: falling back to %s (it must be yours, mode 0700); set XDG_RUNTIME_DIR",
             config.address_file.parent,
         )
+    old_limit, new_limit = raise_fd_limit()
+    if new_limit != old_limit:
+        log.info("open-file limit raised from %d to %d", old_limit, new_limit)
     status = 0
     try:
         trio.run(run, config)

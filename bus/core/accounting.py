@@ -56,8 +56,9 @@ class Budget:
                 + (f" (asked by {actor})" if actor is not None else "")
             )
         if actor is not None:
-            mine = self._by_actor.get(actor, 0) + amount
-            if mine > self.free - amount:
+            held = self._by_actor.get(actor, 0)
+            mine = held + amount
+            if held and mine > self.free - amount:
                 raise QuotaExceeded(
                     f"{self.limit_name}: {actor} may hold at most a fair share of what {self.owner} has free "
                     f"({mine - amount} held, {self.free} of {self.limit} free)"
