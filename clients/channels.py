@@ -407,6 +407,10 @@ class Channel(trio.abc.HalfCloseableStream):
 
     ``peer`` is who is at the other end (its key was verified by the channel's own shs1
     handshake), ``route`` how the bytes travel, ``protocol`` the label it was opened with.
+    Every route ends explicitly (the relay's ``{"eof": true}``, box-stream's goodbye on tcp,
+    :class:`~bus.io.fdpass.UnixChannelStream`'s end mark on unix-fd): ``receive_some`` returns
+    ``b""`` only after the peer's :meth:`send_eof` or :meth:`aclose`, and a peer that vanished
+    raises :class:`trio.BrokenResourceError`.
     """
 
     def __init__(

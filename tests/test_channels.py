@@ -454,9 +454,11 @@ async def test_unix_fd_peer_killed_breaks_the_other_end(tmp_path: Path) -> None:
             async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Doomed") as doomed:
                 ch = await _open_held(client, doomed, "auto")
                 assert ch.route == "unix-fd"
-            # The plugin is gone (its tasks cancelled, its sockets closed): the channel ends.
+            # The plugin is gone (its tasks cancelled, its sockets closed) without ending the
+            # stream: the channel breaks, it does not read as a clean end of file.
             with trio.fail_after(5):
-                assert await ch.receive_some() == b""
+                with pytest.raises(trio.BrokenResourceError, match="truncated"):
+                    await ch.receive_some()
             await ch.aclose()
 
 
@@ -684,10 +686,14 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
     from bus.core.broker import Limits
     from bus.wire.frames import DataFrame, encode_data
 
-    async with running_broker(tmp_path, outbound_bytes=256 * 1024, limits=Limits(relay_credit=256 * 1024)) as rb:
+    async with running_broker(tmp_path, outbound_bytes=128 * 1024, limits=Limits(relay_credit=256 * 1024)) as rb:
         opener, och, target, tch = await _raw_relay(rb)
         await target.send_message({"credit": 256 * 1024}, tch)
-        blob = os.urandom(256 * 1024)
+        with trio.fail_after(10):  # the broker's grant: the channel's starting credit
+            while not (isinstance(frame := await opener.receive_frame(), ControlFrame) and "credit" in frame.message):
+                pass
+        blob = os.urandom(frame.message["credit"])
+        assert len(blob) > 32 * 1024  # more than the receiver's queue takes before relayed data waits
         await opener.stream.send_all(encode_data(och, blob))
         got = bytearray()
         sizes = []

@@ -10,6 +10,16 @@ the first ``sendmsg`` of that frame's bytes.  Receiving: :class:`FdSocketStream`
 descriptor takes the next one from the queue (descriptors and frames travel in the same
 order, so the queue lines them up).  Descriptors nobody claims are closed with the stream,
 and at most :data:`MAX_QUEUED_FDS` may wait, so a peer cannot make us hold descriptors.
+
+Each plugin then holds one end of a unix-fd channel as a :class:`UnixChannelStream`, whose
+end of stream is explicit: a socket end of file alone is also what a killed peer leaves, and
+must not pass for a complete transfer.  The bytes stay untouched (no header per write, so
+bulk data costs what a raw socket costs); the clean end is one more byte, :data:`END_MARK`,
+sent with a descriptor attached (SCM_RIGHTS, one for ``/dev/null``), then ``shutdown(SHUT_WR)``.
+A descriptor splits a Unix stream: the kernel ends any read at the byte that carries one, so
+a read that brings descriptors ends with the mark and nothing is mistaken for it.  The reader
+closes what it was passed at once; a socket end of file without the mark is
+:class:`trio.BrokenResourceError` (the peer vanished: the transfer was truncated).
 """
 
 from __future__ import annotations
@@ -22,10 +32,16 @@ import socket
 
 import trio
 
-__all__ = ["FdSocketStream", "send_with_fds", "MAX_QUEUED_FDS"]
+__all__ = ["FdSocketStream", "UnixChannelStream", "send_with_fds", "MAX_QUEUED_FDS", "END_MARK"]
 
 MAX_QUEUED_FDS = 64
 _FD_SPACE = socket.CMSG_SPACE(4 * 4)  # up to 4 descriptors per message
+#: The byte that ends a unix-fd channel cleanly; it always travels with a descriptor attached.
+END_MARK = b"\x00"
+#: How long a graceful close may wait to deliver the end mark to a peer that does not read.
+DEFAULT_CLOSE_TIMEOUT = 2.0
+TRUNCATED = "the peer vanished without ending the stream (truncated)"
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 async def send_with_fds(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
@@ -71,12 +87,20 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
 
     def receive_nowait(self, max_bytes: int) -> bytes:
         """Read what is there without waiting (no checkpoint); :class:`trio.WouldBlock` if nothing is."""
+        data = self._try_receive(max_bytes)
+        if data is None:
+            raise trio.WouldBlock
+        return data
+
+    def _try_receive(self, max_bytes: int) -> bytes | None:
+        """What is there (no checkpoint), or None if nothing is: the one read of both
+        :meth:`receive_nowait` and :meth:`receive_some`."""
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         try:
             data, ancdata, _flags, _addr = self._raw.recvmsg(max_bytes, _FD_SPACE)
         except BlockingIOError:
-            raise trio.WouldBlock from None
+            return None
         except OSError as exc:
             if self._closed or self._raw.fileno() < 0:
                 raise trio.ClosedResourceError("the stream was closed") from exc
@@ -107,15 +131,15 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            while True:
-                try:
-                    data = self.receive_nowait(size)
-                except trio.WouldBlock:
-                    await self.wait_readable()
-                else:
-                    break
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            data = self._try_receive(size)
+            if data is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            while True:  # a wait is a checkpoint already: no second yield after it
+                await self.wait_readable()
+                data = self._try_receive(size)
+                if data is not None:
+                    return data
         finally:
             self._receiving = False
 
@@ -133,3 +157,140 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         while self.fds:
             os.close(self.fds.popleft())
         await self.stream.aclose()
+
+
+def _close_passed(ancdata: list[tuple[int, int, bytes]]) -> None:
+    """Close every descriptor that came with a read (the end mark's, or a peer's junk)."""
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                os.close(fd)
+
+
+def _mark_descriptor() -> int:
+    """A descriptor to carry the end mark (it means nothing; the reader closes it)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+        return read_end
+
+
+class UnixChannelStream(FdSocketStream):
+    """One end of a unix-fd channel: a Unix socket whose clean end is explicit.
+
+    Data goes through untouched.  :meth:`send_eof` and a graceful :meth:`aclose` send the
+    end mark (see the module's notes); the reader returns ``b""`` only after it.  A socket
+    end of file without it, or a descriptor on anything but the mark, raises
+    :class:`trio.BrokenResourceError`.  :meth:`aclose` waits at most :attr:`close_timeout`
+    for room to send the mark, and not at all when cancelled (:func:`trio.aclose_forcefully`):
+    a forced close is an abort, which the peer reads as broken, as with box-stream.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.close_timeout = DEFAULT_CLOSE_TIMEOUT
+        self._ended = False  # the peer's end mark arrived
+        self._broken: str | None = None  # why reading failed for good
+        self._eof_sent = False
+        self._sending = False
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _try_receive(self, max_bytes: int) -> bytes | None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        if self._ended:
+            return b""
+        try:
+            data, ancdata, flags, _addr = self._raw.recvmsg(max_bytes, _FD_SPACE, _CMSG_CLOEXEC)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if self._closed or self._raw.fileno() < 0:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            self._broken = f"socket error: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if ancdata or flags & socket.MSG_CTRUNC:  # (CTRUNC: the kernel had to drop them)
+            _close_passed(ancdata)
+            if data[-1:] != END_MARK:
+                self._broken = "the peer passed a descriptor that does not end the stream"
+                raise trio.BrokenResourceError(self._broken)
+            self._ended = True
+            return data[:-1]
+        if not data:
+            self._broken = TRUNCATED
+            raise trio.BrokenResourceError(TRUNCATED)
+        return data
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _begin_send(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._begin_send()
+        try:
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof()")
+            await self.stream.send_all(data)
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._begin_send()
+        try:
+            await self.stream.wait_send_all_might_not_block()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        self._begin_send()
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._send_end_mark()
+        finally:
+            self._sending = False
+
+    async def _send_end_mark(self) -> None:
+        """The mark, then the half-close (a cancelled caller sends nothing)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        fd = _mark_descriptor()
+        try:
+            await self.socket.sendmsg([END_MARK], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        except OSError as exc:
+            if self._closed or self._raw.fileno() < 0:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+        finally:
+            os.close(fd)
+        self._eof_sent = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone: it had everything it will ever read
+
+    async def aclose(self) -> None:
+        try:
+            if not (self._closed or self._eof_sent or self._sending or self._broken is not None):
+                self._sending = True
+                try:
+                    with trio.move_on_after(self.close_timeout):
+                        await self._send_end_mark()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # nobody left to tell
+                finally:
+                    self._sending = False
+        finally:
+            await super().aclose()
