@@ -58,6 +58,10 @@ log = logging.getLogger("minibus.broker")
 RELAY_FRAME = 64 * 1024
 
 
+#: Control requests one connection's reader handles before it lets other tasks run.
+REQUESTS_PER_SLICE = 16
+
+
 class BrokerAlreadyRunning(RuntimeError):
     """Another broker answers on the Unix socket path."""
 
@@ -211,6 +215,7 @@ class _Session:
 
     async def reader(self) -> None:
         core = self.broker.core
+        requests = 0
         while True:
             frame = await self.framed.receive_frame()
             if frame is None:
@@ -218,6 +223,12 @@ class _Session:
                 return
             self.last_received = trio.current_time()
             if isinstance(frame, ControlFrame) and frame.channel == 0:
+                # Requests cost the broker CPU: one read full of them (a pipelining peer) is
+                # handled in slices, yielding to everyone else between them.
+                requests += 1
+                if requests >= REQUESTS_PER_SLICE:
+                    requests = 0
+                    await trio.lowlevel.checkpoint()
                 self.broker.dispatch(core.receive(self.conn_id, frame.message))
             elif isinstance(frame, ControlFrame):
                 self.broker.channel_control(self, frame.channel, frame.message)
