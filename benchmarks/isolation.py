@@ -127,7 +127,7 @@ COUNTS = {
     "array_max": (20_000, 8_000),
     "array_items": (65_500, 65_500),
     "reset_max": (200, 100),
-    "mass_close": (2000, 900),
+    "mass_close": (10_000, 900),
 }
 
 

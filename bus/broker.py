@@ -60,6 +60,8 @@ RELAY_FRAME = 64 * 1024
 
 #: Control requests one connection's reader handles before it lets other tasks run.
 REQUESTS_PER_SLICE = 16
+#: Connections torn down at the same time when many end at once.
+TEARDOWNS_AT_ONCE = 32
 
 
 class BrokerAlreadyRunning(RuntimeError):
@@ -136,6 +138,7 @@ class _Session:
         self.last_received = trio.current_time()
         # Relayed channels waiting for room in this connection's queue to carry more data.
         self.blocked: set[int] = set()
+        self.holds_teardown = False  # one of the broker's teardown turns (see run)
 
     @property
     def queued_bytes(self) -> int:
@@ -263,6 +266,11 @@ class _Session:
                     error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self.reason = f"transport broken: {exc}"
+                # Connections that end on their own take turns to be torn down, so a crowd
+                # closing at once is spread over many scheduler passes and everyone else is
+                # served in between (the turn is given back once the socket is closed).
+                await self.broker.teardown.acquire_on_behalf_of(self)
+                self.holds_teardown = True
                 nursery.cancel_scope.cancel()
         # Socket ends still queued for this connection will never be sent: close them.
         self.out.close()
@@ -284,6 +292,8 @@ class Broker:
         self.core.fd_passing = not config.encrypt_unix
         self.core.encrypt_unix = config.encrypt_unix
         self.sessions: dict[int, _Session] = {}
+        #: How many ending connections are torn down at once (see _Session.run).
+        self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
         self.core.has_room = self._has_room
         self._pumping_now = False
         # Connections in the handshake, per listener kind and per (kind, source).
@@ -568,6 +578,12 @@ class Broker:
             except Exception:
                 log.exception("cleanup of connection :%d failed", conn.id)
             log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
+            if session.holds_teardown:
+                self.teardown.release_on_behalf_of(session)
+            # The writer calls back into the session: break that cycle, so the session's
+            # objects are freed as soon as this task ends (by reference counting, not by a
+            # full garbage collection, whose pause grows with every live connection).
+            session.out.on_sent = None
 
     # -- relayed channels ----------------------------------------------------------------------
 

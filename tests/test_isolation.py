@@ -488,3 +488,51 @@ async def test_many_connections_closing_at_once_are_all_processed(tmp_path: Path
             with trio.fail_after(10):
                 while len(rb.broker.sessions) > 1:
                     await trio.sleep(0.01)
+
+
+async def test_ended_connections_leave_no_cycles_for_the_garbage_collector(tmp_path: Path) -> None:
+    """busd freezes long-lived objects out of the cyclic collector's sight (so its pauses stay
+    short with many connections); that is only safe because an ended connection's broker
+    objects are freed by reference counting.  Checked with names, watches and channels."""
+    import gc
+
+    from bus.broker import _Session
+    from bus.core import accounting, broker as core_broker, channels as core_channels
+
+    broker_types = (
+        _Session,
+        core_broker.Connection,
+        core_broker.Watch,
+        core_broker.Account,
+        core_broker.PendingOpen,
+        core_broker.DirectChannel,
+        core_channels.RelayChannel,
+        accounting.Budget,
+        accounting.Charge,
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        async with running_broker(tmp_path) as rb:
+            async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Svc") as service:
+                service.handle_channels("raw", echo)
+                for _ in range(5):
+                    async with open_bus(rb.unix_address, identity=FRIEND) as client:
+                        async with client.watch(["*"]):
+                            for route in ("relay", "auto"):
+                                ch = await client.open_channel("org.example.Svc", route=route)
+                                await ch.send_all(b"x")
+                                with trio.fail_after(10):
+                                    assert await ch.receive_some() == b"x"
+                                await ch.aclose()
+                with trio.fail_after(10):
+                    while len(rb.broker.sessions) > 1:
+                        await trio.sleep(0.01)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leftovers = [type(o).__name__ for o in gc.garbage if isinstance(o, broker_types)]
+        assert leftovers == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
