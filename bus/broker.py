@@ -299,8 +299,9 @@ class Broker:
         # Connections in the handshake, per listener kind and per (kind, source).
         self._handshaking: dict[str, int] = {}
         self._handshaking_from: dict[tuple[str, str], int] = {}
-        self._refused_since_log = 0
-        self._refusal_logged_at = -1e9
+        # The handshakes in progress per listener kind, oldest first (to drop one when full).
+        self._handshake_scopes: dict[str, dict[trio.CancelScope, trio.CancelScope]] = {}
+        self._refusals: dict[str, tuple[int, float]] = {}  # limit -> (unlogged count, last logged)
         self.endpoints: list[Endpoint] = []
         self._listeners: list[trio.SocketListener] = []
         self._shutting_down = False
@@ -436,27 +437,40 @@ class Broker:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    self._log_refusal(f"accept failed on the {kind} listener: {exc}")
+                    self._log_refusal("accept", f"accept failed on the {kind} listener: {exc}")
                     await trio.sleep(0.1)
                     continue
                 pid, uid = _peercred(stream) if kind == "unix" else (None, None)
                 source = (kind, str(uid) if kind == "unix" else _peer_host(stream))
                 total = self._handshaking.get(kind, 0)
                 from_source = self._handshaking_from.get(source, 0)
-                if total >= cfg.max_handshakes or from_source >= cfg.max_handshakes_per_source:
-                    limit = "max_handshakes" if total >= cfg.max_handshakes else "max_handshakes_per_source"
+                if from_source >= cfg.max_handshakes_per_source:
                     stream.socket.close()
                     self._log_refusal(
-                        f"refused a {kind} connection from {source[1]}: {limit} reached "
-                        f"({total} handshakes in progress on {kind}, {from_source} from this source)"
+                        "max_handshakes_per_source",
+                        f"refused a {kind} connection from {source[1]}: max_handshakes_per_source reached "
+                        f"({from_source} handshakes in progress from this source)"
                     )
                     continue
+                in_progress = self._handshake_scopes.setdefault(kind, {})
+                if total >= cfg.max_handshakes and in_progress:
+                    # Full of handshakes from many sources: the oldest makes room.  An honest
+                    # peer finishes in milliseconds, so a flood has to keep replacing the
+                    # whole pool that fast to keep it out, not merely hold it.
+                    oldest = next(iter(in_progress))
+                    in_progress.pop(oldest).cancel()
+                    self._log_refusal(
+                        "max_handshakes", f"dropped the oldest {kind} handshake: max_handshakes reached ({total} in progress)"
+                    )
                 self._handshaking[kind] = total + 1
                 self._handshaking_from[source] = from_source + 1
-                nursery.start_soon(self._handle, stream, kind, pid, uid, source)
+                scope = trio.CancelScope()
+                in_progress[scope] = scope
+                nursery.start_soon(self._handle, stream, kind, pid, uid, source, scope)
 
-    def _handshake_done(self, source: tuple[str, str]) -> None:
+    def _handshake_done(self, source: tuple[str, str], scope: trio.CancelScope) -> None:
         kind = source[0]
+        self._handshake_scopes.get(kind, {}).pop(scope, None)
         self._handshaking[kind] -= 1
         left = self._handshaking_from[source] - 1
         if left:
@@ -464,16 +478,18 @@ class Broker:
         else:
             del self._handshaking_from[source]
 
-    def _log_refusal(self, message: str) -> None:
-        """Log refusals at most once a second, with how many there were since (a flood of
-        them must not cost the broker a log line each)."""
-        self._refused_since_log += 1
+    def _log_refusal(self, limit: str, message: str) -> None:
+        """Log refusals at most once a second per limit, with how many there were since (a
+        flood of them must not cost the broker a log line each)."""
         now = trio.current_time()
-        if now - self._refusal_logged_at >= 1.0:
-            more = self._refused_since_log - 1
-            log.warning("%s%s", message, f" (and {more} more refusals in the last second)" if more else "")
-            self._refused_since_log = 0
-            self._refusal_logged_at = now
+        count, logged_at = self._refusals.get(limit, (0, -1e9))
+        count += 1
+        if now - logged_at >= 1.0:
+            more = count - 1
+            log.warning("%s%s", message, f" (and {more} more in the last second)" if more else "")
+            self._refusals[limit] = (0, now)
+        else:
+            self._refusals[limit] = (count, logged_at)
 
     def _write_address_file(self) -> None:
         path = self.config.address_file
@@ -506,7 +522,13 @@ class Broker:
         return decision.allowed
 
     async def _handle(
-        self, transport: trio.SocketStream, kind: str, pid: int | None, uid: int | None, source: tuple[str, str]
+        self,
+        transport: trio.SocketStream,
+        kind: str,
+        pid: int | None,
+        uid: int | None,
+        source: tuple[str, str],
+        scope: trio.CancelScope,
     ) -> None:
         cfg = self.config
         stream = SecureStream.server(
@@ -519,7 +541,7 @@ class Broker:
         )
         stream.close_timeout = cfg.close_timeout
         try:
-            await self._serve_connection(stream, kind, pid, uid, source)
+            await self._serve_connection(stream, kind, pid, uid, source, scope)
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
@@ -530,11 +552,18 @@ class Broker:
                 await trio.aclose_forcefully(stream)
 
     async def _serve_connection(
-        self, stream: SecureStream, kind: str, pid: int | None, uid: int | None, source: tuple[str, str]
+        self,
+        stream: SecureStream,
+        kind: str,
+        pid: int | None,
+        uid: int | None,
+        source: tuple[str, str],
+        scope: trio.CancelScope,
     ) -> None:
         cfg = self.config
         try:
-            await stream.do_handshake()
+            with scope:
+                await stream.do_handshake()
         except HandshakeError as exc:
             log.info("%s handshake failed: %s", kind, exc)
             return
@@ -542,9 +571,9 @@ class Broker:
             log.info("%s connection lost during the handshake: %s", kind, exc)
             return
         finally:
-            self._handshake_done(source)
-        if self._shutting_down:
-            return
+            self._handshake_done(source, scope)
+        if scope.cancelled_caught or self._shutting_down:
+            return  # dropped to make room for a newer handshake (or shutting down)
         framed = FramedStream(
             stream,
             max_frame=cfg.max_frame,

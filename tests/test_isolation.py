@@ -71,6 +71,12 @@ async def test_handshake_flood_from_one_source_locks_out_nobody_else(tmp_path: P
                 await sock.bind(("127.0.0.2", 0))
                 await sock.connect((ep.host, ep.port))
                 silent.append(sock)
+            spread = []
+            for i in range(40):  # and from 40 more addresses: more than max_handshakes in all
+                sock = trio.socket.socket()
+                await sock.bind((f"127.0.1.{i + 1}", 0))
+                await sock.connect((ep.host, ep.port))
+                spread.append(sock)
             # The owner on the Unix socket, and a client from another address over TCP, get in.
             async with open_bus(rb.unix_address, identity=OWNER) as owner, open_bus(rb.tcp_address, identity=FRIEND) as friend:
                 await still_served(owner)
@@ -84,10 +90,12 @@ async def test_handshake_flood_from_one_source_locks_out_nobody_else(tmp_path: P
                         if await sock.recv(1) == b"":
                             closed += 1
             assert closed >= 200 - 8
+            assert rb.broker._handshaking.get("tcp", 0) <= 32 + 1
         finally:
-            for sock in silent:
+            for sock in silent + spread:
                 sock.close()
     assert "max_handshakes_per_source reached" in caplog.text
+    assert "dropped the oldest tcp handshake: max_handshakes reached" in caplog.text
 
 
 async def test_a_silent_peer_is_dropped_at_the_pre_auth_deadline(tmp_path: Path) -> None:
