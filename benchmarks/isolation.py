@@ -103,7 +103,7 @@ TARGET_P99_MS = 50.0
 TARGET_MASS_CLOSE_P99_MS = 250.0
 # docs/broker.md: what one identity can make the broker hold is bounded by
 # connections_per_identity (64) times outbound_bytes (1 MiB).
-DOCUMENTED_PER_IDENTITY_BOUND_MIB = 64
+DOCUMENTED_PER_IDENTITY_BOUND_MIB = 32  # relay_bytes_per_identity (docs/broker.md, Limits)
 INFO_BYTES = 16 * 1024  # the default [limits] info_bytes
 MAX_CONTROL = 64 * 1024
 PER_SOURCE = 8  # pre-auth connections per loopback source address
@@ -1909,7 +1909,7 @@ def print_tables(r: dict[str, Any]) -> None:
         print()
         print(
             f"relay memory: busd grew {grew:.0f} MiB for one identity (documented bound {DOCUMENTED_PER_IDENTITY_BOUND_MIB} MiB per "
-            f"identity: connections_per_identity x outbound_bytes); {fmt_mib(relay['rss_kib']['after'])} MiB resident after"
+            f"identity of relay buffers: relay_bytes_per_identity); {fmt_mib(relay['rss_kib']['after'])} MiB resident after"
         )
     print()
 

@@ -225,7 +225,7 @@ class NameRegistry:
         held = self._by_conn.setdefault(conn, set())
         if len(held) >= self.max_names_per_connection:
             raise QuotaExceeded(
-                f"connection {conn} already owns or waits for {len(held)} names "
+                f"names_per_connection reached: connection :{conn} already owns or waits for {len(held)} names "
                 f"(limit {self.max_names_per_connection})"
             )
         held.add(name)
