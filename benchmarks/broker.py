@@ -80,7 +80,7 @@ def rss_kib(pid: int) -> int:
 class Busd:
     def __init__(self, tmp: Path, identity_file: Path) -> None:
         config = tmp / "busd.toml"
-        config.write_text("[limits]\nconnections_per_identity = 100000\n")
+        config.write_text("[limits]\nconnections_per_identity = 100000\nwatches_per_identity = 100000\n")
         env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp / "run"), XDG_CONFIG_HOME=str(tmp / "cfg"))
         (tmp / "run").mkdir(mode=0o700, exist_ok=True)
         self.proc = subprocess.Popen(

@@ -3,12 +3,14 @@
 Theory of operation
 -------------------
 :class:`Broker` listens on a Unix socket and/or a TCP socket.  Each accepted connection
-becomes a :class:`_Session` running three tasks in its own nursery:
+becomes a :class:`_Session` running two tasks in its own nursery:
 
 * the **reader** decodes frames and hands control messages to :class:`BrokerCore`;
 * the **writer** (a :class:`~bus.io.writer.FrameWriter`) sends whole frames: straight to the
-  socket when nothing waits ahead of them, otherwise from the session's outbound queue;
-* the **keepalive** pings an idle peer and declares it dead when it stays silent.
+  socket when nothing waits ahead of them, otherwise from the session's outbound queue.
+
+One broker-wide **keepalive** task sweeps the sessions: it pings an idle peer and declares it
+dead when it stays silent (one task for all, rather than one sleeping task per connection).
 
 Every message :class:`BrokerCore` produces is handed to its target session's writer with
 ``send_nowait``.  The queue is bounded (``outbound_queue`` messages, ``outbound_bytes``
@@ -39,7 +41,7 @@ import trio
 from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
-from .errors import BusError, FrameError, HandshakeError, QuotaExceeded
+from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.writer import FrameWriter
@@ -139,6 +141,7 @@ class _Session:
         # Relayed channels waiting for room in this connection's queue to carry more data.
         self.blocked: set[int] = set()
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
+        self.last_ping = -1e9  # when the keepalive sweep last pinged it
 
     @property
     def queued_bytes(self) -> int:
@@ -238,19 +241,6 @@ class _Session:
             else:
                 self.broker.channel_data(self, frame.channel, frame.data)
 
-    async def keepalive(self) -> None:
-        cfg = self.broker.config
-        while True:
-            idle = trio.current_time() - self.last_received
-            if idle >= cfg.keepalive_timeout:
-                self.end(f"keepalive: nothing received for {cfg.keepalive_timeout:g} s")
-                return
-            if idle >= cfg.keepalive_interval:
-                self.broker.dispatch(self.broker.core.ping(self.conn_id))
-                await trio.sleep(min(cfg.keepalive_interval, cfg.keepalive_timeout - idle))
-            else:
-                await trio.sleep(cfg.keepalive_interval - idle)
-
     # -- the whole session ---------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -258,7 +248,6 @@ class _Session:
         with self.cancel_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.writer)
-                nursery.start_soon(self.keepalive)
                 try:
                     await self.reader()
                 except FrameError as exc:
@@ -420,6 +409,7 @@ class Broker:
                 for listener in self._listeners:
                     kind = "unix" if listener is unix_listener else "tcp"
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
+                nursery.start_soon(self._keepalive)
                 task_status.started(self.address)
                 log.info("listening: %s", self.address)
         finally:
@@ -467,6 +457,29 @@ class Broker:
                 scope = trio.CancelScope()
                 in_progress[scope] = scope
                 nursery.start_soon(self._handle, stream, kind, pid, uid, source, scope)
+
+    async def _keepalive(self) -> None:
+        """Ping connections idle for ``keepalive_interval`` (again each interval while they
+        stay idle) and end those silent for ``keepalive_timeout``; one sweep over all sessions
+        at most every second, in slices so a large broker stays responsive."""
+        cfg = self.config
+        period = max(0.01, min(1.0, cfg.keepalive_interval / 4, cfg.keepalive_timeout / 4))
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for i, session in enumerate(list(self.sessions.values())):
+                if i and not i % 1000:
+                    await trio.lowlevel.checkpoint()
+                idle = now - session.last_received
+                if idle >= cfg.keepalive_timeout:
+                    session.end(f"keepalive: nothing received for {cfg.keepalive_timeout:g} s")
+                elif (
+                    idle >= cfg.keepalive_interval
+                    and now - session.last_ping >= cfg.keepalive_interval
+                    and session.conn_id in self.core.connections
+                ):
+                    session.last_ping = now
+                    self.dispatch(self.core.ping(session.conn_id))
 
     def _handshake_done(self, source: tuple[str, str], scope: trio.CancelScope) -> None:
         kind = source[0]
@@ -518,7 +531,7 @@ class Broker:
     def _authorize(self, key: PublicKey) -> bool:
         decision = self.config.policy.may_connect(key)
         if not decision.allowed:
-            log.info("refused in the handshake: %s", decision.rule)
+            self._log_refusal("connect", f"refused in the handshake: {decision.rule}")
         return decision.allowed
 
     async def _handle(
@@ -565,7 +578,8 @@ class Broker:
             with scope:
                 await stream.do_handshake()
         except HandshakeError as exc:
-            log.info("%s handshake failed: %s", kind, exc)
+            # (A refused identity was logged by _authorize, rate-limited: not again here.)
+            log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s connection lost during the handshake: %s", kind, exc)
@@ -593,7 +607,7 @@ class Broker:
             return
         session = _Session(self, conn.id, framed, stream.peer_key, kind)
         self.sessions[conn.id] = session
-        log.debug("connection :%d from %s over %s (pid %s)", conn.id, stream.peer_key, kind, pid)
+        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, stream.peer_key, kind, pid)
         try:
             await session.run()
         except Exception:
