@@ -8,6 +8,8 @@ Rows (all on this machine, loopback only, every loop bounded):
 * RPC round trips per second with 64-byte payloads, 1 and 32 calls in flight, over relayed
   channels: Unix (plain) and TCP (box-stream end to end);
 * bulk throughput with 64 KiB writes over the same routes;
+* RPC with 1 MiB arguments and 1 MiB results (an echo, one call in flight) on the Unix relay
+  and unix-fd routes, in MB/s of argument and result bytes carried, beside the raw socket's bulk;
 * the limit: a raw trio socket pair of the same kind (ping-pong of 64 bytes, and bulk);
 * dbus-daemon with jeepney (method-call echo and one-way bulk), when both are installed (the
   Debian package ``dbus-daemon`` and the PyPI package ``jeepney``): the script starts a private
@@ -45,6 +47,7 @@ from clients.rpc import RpcConnection  # noqa: E402
 
 PAYLOAD = b"p" * 64
 WRITE = 64 * 1024
+BIG = 1024 * 1024  # the large RPC rows' argument (and result)
 
 
 async def calls_per_second(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: int) -> float:
@@ -184,6 +187,11 @@ async def _bus_measure(address: str, owner: Identity, seconds: float, total: int
                     rows[f"rpc {label} x{in_flight}"] = await calls_per_second(
                         lambda: rpc.call("echo", PAYLOAD), seconds, in_flight
                     )
+                if kind == "unix":  # 1 MiB each way: a header and the body in DATA frames
+                    big = os.urandom(BIG)
+                    assert await rpc.call("echo", big) == big
+                    calls = await calls_per_second(lambda: rpc.call("echo", big), seconds, 1)
+                    rows[f"rpc 1MiB {label}"] = calls * 2 * BIG  # bytes carried per second, both ways
                 await rpc.aclose()
                 channel = await cbus.open_channel(service.name, "sink", route)
                 block = os.urandom(WRITE)
@@ -319,11 +327,13 @@ def main() -> None:
             if peer:
                 ratios[f"rpc {label} x{n} vs dbus-daemon+jeepney x{n}"] = rows[f"rpc {label} x{n}"] / rows[f"rpc dbus-daemon+jeepney x{n}"]
         ratios[f"bulk {label} vs raw {kind}"] = rows[f"bulk {label}"] / rows[f"bulk raw {kind} socket"]
+        if f"rpc 1MiB {label}" in rows:
+            ratios[f"rpc 1MiB {label} vs bulk raw {kind}"] = rows[f"rpc 1MiB {label}"] / rows[f"bulk raw {kind} socket"]
         if peer:
             ratios[f"bulk {label} vs dbus-daemon+jeepney"] = rows[f"bulk {label}"] / rows["bulk dbus-daemon+jeepney"]
     print(f"{'row':44} {'value':>12}")
     for key, value in rows.items():
-        unit = "calls/s" if key.startswith("rpc") else "MB/s"
+        unit = "calls/s" if key.startswith("rpc") and "MiB" not in key else "MB/s"
         print(f"{key:44} {value / (1 if unit == 'calls/s' else 1e6):12.0f} {unit}")
     if skipped:
         print(f"dbus-daemon rows skipped: {skipped}")

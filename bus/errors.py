@@ -50,6 +50,7 @@ __all__ = [
     "NameNotFound",
     "InvalidName",
     "QuotaExceeded",
+    "MessageTooLarge",
     "ChannelRejected",
     "ConnectionLost",
     "error_from_wire",
@@ -202,6 +203,15 @@ class QuotaExceeded(RequestError, LimitError):
     """A per-connection or per-identity limit refused the request."""
 
     wire_code = "minibus.Error.QuotaExceeded"
+
+
+class MessageTooLarge(RequestError, LimitError):
+    """An RPC message (a call's arguments or its result) is over the size limit of the side
+    that refuses it; the message names the limit.  The caller gets it before sending
+    arguments over its own limit, and from the service for a call or a result over the
+    service's; either way only that call fails."""
+
+    wire_code = "minibus.Error.MessageTooLarge"
 
 
 class ConnectionLost(BusError):

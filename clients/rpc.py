@@ -10,6 +10,20 @@ channel 0), so size limits and validation come for free:
   ``{"op": "introspect", "id": n}``;
 * reply ``{"re": n, "result": value}`` or ``{"re": n, "error": {"code", "message"}}``.
 
+A message too big for one CONTROL frame (64 KiB) is cut in two: a CONTROL frame with the
+fields that say what it is (``op`` and ``id``, or ``re``) and ``"follows": n``, then the other
+fields as one CBOR map of n bytes, in DATA frames of at most :data:`MESSAGE_PART` bytes right
+behind it, with nothing in between (each message goes to the channel's writer as one piece,
+so no other message and no cancellation can come between its frames).  The receiver checks n
+against its ``max_message`` (16 MiB by default) from the header alone, before it keeps a
+byte: over it, the body is skipped as it arrives and only that call fails (a request is
+answered with :class:`~bus.errors.MessageTooLarge`; a reply fails the call waiting for it),
+so the channel stays in step.  A sender refuses its own message over its limit before
+sending anything.  A stream that ends, or a CONTROL frame that comes, before the announced
+bytes are in, and a DATA frame that runs past them, break the channel as any framing error
+does.  The body is decoded by the task that wants it (the call's, the caller's), not by the
+reader, and a body that does not decode fails only its call.
+
 Many calls may be in flight on one channel; replies are matched by id.  A method that raises
 a :class:`~bus.errors.RequestError` (or a subclass, or one with its own ``code``) sends that
 code and message; any other exception is reported as ``minibus.Error.Failed`` with its type
@@ -35,7 +49,8 @@ Service side, about fifteen lines::
         await service.serve(bus)
 
 Caller side: ``await bus.call("org.example.Echo", "echo", "hi")`` (one channel per peer,
-opened on first use and reused).
+opened on first use and reused), or an :class:`RpcConnection` of one's own (to choose its
+``max_message``).
 """
 
 from __future__ import annotations
@@ -48,6 +63,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+import cbor2
+
 from bus.errors import (
     BadRequest,
     BusError,
@@ -55,6 +72,7 @@ from bus.errors import (
     FrameError,
     LimitError,
     LocalProtocolError,
+    MessageTooLarge,
     QuotaExceeded,
     RequestError,
     UnknownOperation,
@@ -62,20 +80,158 @@ from bus.errors import (
 )
 from bus.io.framed import FramedStream
 from bus.io.writer import FrameWriter
-from bus.wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, Frame, FrameDecoder
-from bus.wire.messages import ErrorReply, Reply, Request, parse_message
+from bus.wire.frames import (
+    DEFAULT_MAX_CONTROL,
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    ControlFrame,
+    DataFrame,
+    Frame,
+    FrameDecoder,
+    FrameKind,
+    decode_control_body,
+    encode_control,
+)
+from bus.wire.messages import MAX_REQUEST_ID, ErrorReply, Reply, Request, parse_message
 
 from .channels import Channel
 
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["Service", "MethodInfo", "RpcConnection", "RPC_PROTOCOL"]
+__all__ = ["Service", "MethodInfo", "RpcConnection", "RPC_PROTOCOL", "DEFAULT_MAX_MESSAGE", "MESSAGE_PART"]
 
 log = logging.getLogger("minibus.rpc")
 
 RPC_PROTOCOL = "rpc"
 MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
+#: The largest message body (bytes of CBOR) sent or taken, unless a side chooses another.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+#: The most body bytes one DATA frame of a large message carries (under the frame maximum).
+MESSAGE_PART = 256 * 1024
+#: Bodies of the calls running on one channel may hold this many times ``max_message``.
+HELD_MESSAGES = 4
+#: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
+#: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
+#: decoding one message can cost.
+BYTES_PER_ITEM = 16
+_HEAD_KEYS = ("op", "id", "re")  # what a large message's header keeps; the rest is its body
+
+
+def _check_max_message(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < DEFAULT_MAX_CONTROL:
+        raise ValueError(f"max_message must be an integer of at least {DEFAULT_MAX_CONTROL} (one control frame)")
+    return value
+
+
+def _what(request: Request) -> str:
+    """What a call's message carries, for error messages."""
+    return repr(request.args.get("method", request.op))
+
+
+def _encode_message(message: dict[str, Any], max_message: int, answering: Request | None = None) -> bytes:
+    """The wire bytes of one RPC message: a CONTROL frame, or a header and DATA frames.
+
+    Raises :class:`MessageTooLarge` for a body over ``max_message`` and
+    :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
+    request a reply answers (for the error message)."""
+    try:
+        return encode_control(0, message)  # the common case: one frame
+    except LimitError:
+        pass  # (encode_control checked the profile before the size)
+    head = {key: message[key] for key in _HEAD_KEYS if key in message}
+    body = cbor2.dumps({key: value for key, value in message.items() if key not in _HEAD_KEYS})
+    size = len(body)
+    if size > max_message:
+        if answering is None:
+            what, whose = "the arguments of " + repr(message.get("method", message.get("op"))), "this caller's"
+        else:
+            what, whose = "the results of " + _what(answering), "the service's"
+        raise MessageTooLarge(
+            f"{what} take {size} bytes, over {whose} {max_message}-byte limit for one RPC message (max_message)"
+        )
+    pieces: list[bytes | memoryview] = [encode_control(0, {**head, "follows": size})]
+    view = memoryview(body)
+    for start in range(0, size, MESSAGE_PART):
+        part = view[start : start + MESSAGE_PART]
+        pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
+        pieces.append(part)
+    return b"".join(pieces)
+
+
+class _Body:
+    """The body of a message announced with ``"follows": size``, collected or skipped."""
+
+    __slots__ = ("header", "size", "missing", "parts")
+
+    def __init__(self, header: dict[str, Any], size: int) -> None:
+        self.header = header  # the announcing CONTROL frame's map, without "follows"
+        self.size = size
+        self.missing = size  # bytes still to come
+        self.parts: list[bytes] | None = None  # the bytes so far when kept; None: skipped
+
+    def message(self, max_items: int) -> dict[str, Any]:
+        """The whole message: the header's fields and the body's (a body that does not
+        decode, or repeats a header field, raises :class:`FrameError`)."""
+        assert self.parts is not None and not self.missing
+        parts, self.parts = self.parts, None
+        rest = decode_control_body(parts[0] if len(parts) == 1 else b"".join(parts), max_items)
+        del parts
+        if any(key in rest for key in self.header):
+            raise FrameError("a message body repeats a field of its header")
+        rest.update(self.header)
+        return rest
+
+
+class _MessageFrames:
+    """One direction of an RPC channel, cut into messages (sans-io).
+
+    :meth:`feed` takes each frame in turn and returns a whole message (a CONTROL frame's
+    map), a completed :class:`_Body`, or ``None``.  For a header, ``announce(header, size)``
+    says at once whether its body is kept; a skipped body's bytes are counted and dropped.
+    """
+
+    def __init__(self, announce: Callable[[dict[str, Any], int], bool]) -> None:
+        self._announce = announce
+        self.body: _Body | None = None  # the body being received
+
+    def feed(self, frame: Frame) -> dict[str, Any] | _Body | None:
+        body = self.body
+        if body is not None:
+            if type(frame) is not DataFrame:
+                raise FrameError(
+                    f"a control frame where {body.missing} more bytes of a {body.size}-byte message body were due"
+                )
+            data = frame.data
+            if len(data) > body.missing:
+                raise FrameError(f"a data frame runs {len(data) - body.missing} bytes past the end of a message body")
+            body.missing -= len(data)
+            if body.parts is not None:
+                body.parts.append(data)
+            if body.missing:
+                return None
+            self.body = None
+            return body if body.parts is not None else None
+        if type(frame) is not ControlFrame:
+            raise FrameError("a data frame on an rpc channel outside a message body")
+        message = frame.message
+        if "follows" not in message:
+            return message
+        size = message.pop("follows")
+        if type(size) is not int or size < 1:
+            raise FrameError("'follows' must be a positive integer: the byte length of the message body")
+        self.body = _Body(message, size)
+        if self._announce(message, size):
+            self.body.parts = []
+        return None
+
+    def end_of_input(self) -> None:
+        """The stream ended: an error if it ended inside a message body."""
+        body = self.body
+        if body is not None:
+            raise FrameError(
+                f"the stream ended inside a message body ({body.size - body.missing} of {body.size} bytes)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +239,27 @@ class MethodInfo:
     name: str
     params: list[dict[str, Any]]
     doc: str
+    returns: str | None = None  # the return annotation, when the method has one
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "params": self.params, "doc": self.doc}
+        wire = {"name": self.name, "params": self.params, "doc": self.doc}
+        if self.returns is not None:
+            wire["returns"] = self.returns
+        return wire
+
+
+def _type_name(annotation: Any) -> str:
+    """An annotation as text: as written (string annotations), a class's name, else its repr."""
+    if isinstance(annotation, str):
+        return annotation
+    if annotation is None:
+        return "None"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+def _returns(func: Callable[..., Any]) -> str | None:
+    annotation = inspect.signature(func).return_annotation
+    return None if annotation is inspect.Signature.empty else _type_name(annotation)
 
 
 def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
@@ -93,7 +267,7 @@ def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
     for p in inspect.signature(func).parameters.values():
         entry: dict[str, Any] = {"name": p.name, "kind": p.kind.name.lower()}
         if p.annotation is not inspect.Parameter.empty:
-            entry["type"] = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+            entry["type"] = _type_name(p.annotation)
         if p.default is not inspect.Parameter.empty:
             entry["default"] = repr(p.default)
         params.append(entry)
@@ -102,7 +276,14 @@ def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
 
 @dataclass
 class Service:
-    """A named service: RPC methods plus handlers for other channel protocols."""
+    """A named service: RPC methods plus handlers for other channel protocols.
+
+    ``max_message`` bounds one call's arguments and one result, in bytes of CBOR (16 MiB by
+    default, at least 64 KiB): a bigger call is answered with
+    :class:`~bus.errors.MessageTooLarge` without being kept, and so is a call whose result
+    is bigger.  The calls running on one channel hold at most :data:`HELD_MESSAGES` times
+    that in arguments; a call beyond it is refused with :class:`~bus.errors.QuotaExceeded`.
+    """
 
     name: str
     description: str = ""
@@ -110,7 +291,11 @@ class Service:
     metadata: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Callable[..., Awaitable[Any]]] = field(default_factory=dict)
     channels: dict[str, Callable[[Channel], Awaitable[Any]]] = field(default_factory=dict)
+    max_message: int = DEFAULT_MAX_MESSAGE
     _signatures: dict[Callable[..., Any], inspect.Signature] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_max_message(self.max_message)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -137,7 +322,8 @@ class Service:
 
     def introspect(self) -> dict[str, Any]:
         methods = [
-            MethodInfo(name, _describe(func), inspect.getdoc(func) or "").to_wire() for name, func in sorted(self.methods.items())
+            MethodInfo(name, _describe(func), inspect.getdoc(func) or "", _returns(func)).to_wire()
+            for name, func in sorted(self.methods.items())
         ]
         return {"name": self.name, "info": self.info, "methods": methods, "protocols": sorted([RPC_PROTOCOL, *self.channels])}
 
@@ -158,11 +344,24 @@ class Service:
         # Replies go out whole and in order, straight to the channel when nothing waits.
         # (Room for every running call's reply, and as many refusals besides.)
         writer = FrameWriter(channel.secure, max_frames=2 * MAX_IN_FLIGHT)
-        running = 0  # calls being answered, at most MAX_IN_FLIGHT (one task each)
+        max_message = self.max_message
+        max_held = HELD_MESSAGES * max_message
+        max_items = max_message // BYTES_PER_ITEM
+        running = 0  # calls being answered (or whose body is coming), at most MAX_IN_FLIGHT
+        held = 0  # bytes of the bodies of those calls, at most max_held
 
-        async def reply(message: dict[str, Any]) -> None:
+        async def reply(message: dict[str, Any], request: Request) -> None:
             try:
-                await writer.put(framed.encode_message(message))  # the task ends next: no checkpoint
+                encoded = _encode_message(message, max_message, request)
+            except MessageTooLarge as exc:
+                encoded = framed.encode_message(ErrorReply.from_error(request.id, exc).to_wire())
+            except LocalProtocolError as exc:
+                what = "the results of " + _what(request)
+                log.warning("%s cannot be sent: %s", what, exc)
+                error = RequestError(f"{what} cannot be sent: {exc}")
+                encoded = framed.encode_message(ErrorReply.from_error(request.id, error).to_wire())
+            try:
+                await writer.put(encoded)  # the task ends next: no checkpoint
             except trio.ClosedResourceError:
                 pass  # the caller is gone; nobody is waiting for this reply
 
@@ -170,9 +369,27 @@ class Service:
             nonlocal running
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()  # (yields only when cancelled)
-                await reply(await self._answer(request))
+                await reply(await self._answer(request), request)
             finally:
                 running -= 1
+
+        async def run_announced(body: _Body) -> None:
+            """A call whose body came in DATA frames: decoded here, in the call's own task."""
+            nonlocal running, held
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    request = parse_message(body.message(max_items))
+                except FrameError as exc:
+                    request = Request(body.header["op"], body.header["id"])
+                    message = ErrorReply.from_error(request.id, BadRequest(f"the call's body: {exc}")).to_wire()
+                else:
+                    assert isinstance(request, Request)  # (the header's "op" and "id" are kept)
+                    message = await self._answer(request)
+                await reply(message, request)
+            finally:
+                running -= 1
+                held -= body.size
 
         def refuse(request_id: int, error: RequestError) -> None:
             """Answer at once, with no task: a caller flooding us costs no memory."""
@@ -182,6 +399,45 @@ class Service:
                 raise LimitError("the caller sends calls faster than it reads the answers") from None
             except trio.ClosedResourceError:
                 pass
+
+        def refuse_busy(request_id: int) -> None:
+            refuse(request_id, QuotaExceeded(f"{MAX_IN_FLIGHT} calls are already running on this channel"))
+
+        def announce(header: dict[str, Any], size: int) -> bool:
+            """A call announced its body: keep it, or answer now and skip it as it comes."""
+            nonlocal running, held
+            if "op" not in header:
+                return False  # (not a call: ignored, as a one-frame reply or event would be)
+            try:
+                message = parse_message(header)
+            except FrameError as exc:
+                request_id = getattr(exc, "request_id", None)
+                if request_id is None:
+                    raise
+                refuse(request_id, BadRequest(str(exc)))
+                return False
+            assert isinstance(message, Request)  # (it has an "op")
+            if size > max_message:
+                limit = f"the service's {max_message}-byte limit for one RPC message (max_message)"
+                refuse(message.id, MessageTooLarge(f"a call of {size} bytes is over {limit}"))
+                return False
+            if running >= MAX_IN_FLIGHT:
+                refuse_busy(message.id)
+                return False
+            if held + size > max_held:
+                refuse(
+                    message.id,
+                    QuotaExceeded(
+                        f"the calls running on this channel hold {held} bytes of arguments; {size} more would pass"
+                        f" the {max_held}-byte limit ({HELD_MESSAGES} x max_message)"
+                    ),
+                )
+                return False
+            running += 1
+            held += size
+            return True
+
+        frames = _MessageFrames(announce)
 
         async def write() -> None:
             try:
@@ -195,10 +451,19 @@ class Service:
             async with trio.open_nursery() as calls:
 
                 def handle(frame: Frame) -> None:
-                    if not isinstance(frame, ControlFrame):
-                        raise FrameError("a data frame on an rpc channel")
+                    nonlocal running
+                    if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
+                        item: dict[str, Any] | _Body | None = frame.message  # (a message in one frame)
+                    else:
+                        item = frames.feed(frame)
+                        if item is None:
+                            return
+                        if type(item) is _Body:
+                            calls.start_soon(run_announced, item)  # (admitted and counted when announced)
+                            return
+                    assert type(item) is dict
                     try:
-                        message = parse_message(frame.message)
+                        message = parse_message(item)
                     except FrameError as exc:
                         request_id = getattr(exc, "request_id", None)
                         if request_id is None:
@@ -206,14 +471,13 @@ class Service:
                         refuse(request_id, BadRequest(str(exc)))
                         return
                     if isinstance(message, Request):
-                        nonlocal running
                         if running >= MAX_IN_FLIGHT:
-                            refuse(message.id, QuotaExceeded(f"{MAX_IN_FLIGHT} calls are already running on this channel"))
+                            refuse_busy(message.id)
                             return
                         running += 1
                         calls.start_soon(run, message)
 
-                pushed = _PushedFrames(handle)
+                pushed = _PushedFrames(handle, frames.end_of_input)
                 if channel.deliver_to(pushed.feed, pushed.end):
                     await pushed.ended.wait()
                     if pushed.error is not None:
@@ -223,6 +487,7 @@ class Service:
                         try:
                             frame = await framed.receive_frame()
                             if frame is None:
+                                frames.end_of_input()
                                 break
                             handle(frame)
                         except (FrameError, LimitError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -263,9 +528,10 @@ class _PushedFrames:
     Where the route allows it, RPC takes its bytes this way: the bus's reader cuts the
     frames and hands them on, with no reader task of its own in between."""
 
-    def __init__(self, handle: Callable[[Frame], None]) -> None:
+    def __init__(self, handle: Callable[[Frame], None], at_end: Callable[[], None]) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
         self._handle = handle
+        self._at_end = at_end  # raises FrameError if the stream may not end here
         self.ended = trio.Event()
         self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
 
@@ -279,6 +545,7 @@ class _PushedFrames:
         if error is None:
             try:
                 self._decoder.end_of_input()
+                self._at_end()
             except FrameError as exc:
                 error = exc
         self.error = error
@@ -286,15 +553,23 @@ class _PushedFrames:
 
 
 class RpcConnection:
-    """The caller's side of one RPC channel: concurrent calls matched by id."""
+    """The caller's side of one RPC channel: concurrent calls matched by id.
 
-    def __init__(self, channel: Channel) -> None:
+    ``max_message`` bounds one call's arguments (refused with
+    :class:`~bus.errors.MessageTooLarge` before anything is sent) and one reply (over it, the
+    call fails with MessageTooLarge and the reply is skipped as it arrives), in bytes of
+    CBOR: 16 MiB by default, at least 64 KiB.
+    """
+
+    def __init__(self, channel: Channel, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.channel = channel
+        self.max_message = _check_max_message(max_message)
         self.framed = FramedStream(channel)
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self._next_id = 1
-        self._pending: dict[int, tuple[trio.Event, list[Reply | ErrorReply]]] = {}
+        self._pending: dict[int, tuple[trio.Event, list[Reply | ErrorReply | _Body | BusError]]] = {}
+        self._frames = _MessageFrames(self._announce)
         self.closed: BusError | None = None
         self._write_failure: BaseException | None = None
 
@@ -320,7 +595,7 @@ class RpcConnection:
             await trio.aclose_forcefully(self.channel)
 
     async def _read(self) -> None:
-        pushed = _PushedFrames(self._on_frame)
+        pushed = _PushedFrames(self._on_frame, self._frames.end_of_input)
         if self.channel.deliver_to(pushed.feed, pushed.end):
             await pushed.ended.wait()
             if pushed.error is not None:
@@ -329,17 +604,51 @@ class RpcConnection:
         while True:
             frame = await self.framed.receive_frame()
             if frame is None:
+                self._frames.end_of_input()
                 return
             self._on_frame(frame)
 
     def _on_frame(self, frame: Frame) -> None:
-        if not isinstance(frame, ControlFrame):
-            raise FrameError("data frame on an rpc channel")
-        message = parse_message(frame.message)
+        frames = self._frames
+        if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
+            item: dict[str, Any] | _Body | None = frame.message  # (a message in one frame)
+        else:
+            item = frames.feed(frame)
+            if item is None:
+                return
+            if type(item) is _Body:
+                waiting = self._pending.get(item.header["re"])
+                if waiting is not None:
+                    waiting[1].append(item)  # decoded by the caller's task
+                    waiting[0].set()
+                return
+        assert type(item) is dict
+        message = parse_message(item)
         if isinstance(message, (Reply, ErrorReply)) and message.re in self._pending:
             event, slot = self._pending[message.re]
             slot.append(message)
             event.set()
+
+    def _announce(self, header: dict[str, Any], size: int) -> bool:
+        """A reply announced its body: keep it if its call still waits and it is not too big."""
+        if "re" not in header:
+            return False  # (not a reply: ignored, as a one-frame request or event would be)
+        re = header["re"]
+        if type(re) is not int or not 0 < re <= MAX_REQUEST_ID:
+            raise FrameError("a reply's 're' must be an integer between 1 and 2**53")
+        waiting = self._pending.get(re)
+        if waiting is None:
+            return False  # its caller gave up: skipped as it comes
+        if size > self.max_message:
+            waiting[1].append(
+                MessageTooLarge(
+                    f"the reply takes {size} bytes, over this caller's {self.max_message}-byte limit"
+                    " for one RPC message (max_message)"
+                )
+            )
+            waiting[0].set()
+            return False
+        return True
 
     async def _write(self, scope: trio.CancelScope) -> None:
         try:
@@ -354,23 +663,37 @@ class RpcConnection:
         request_id = self._next_id
         self._next_id += 1
         event = trio.Event()
-        slot: list[Reply | ErrorReply] = []
+        slot: list[Reply | ErrorReply | _Body | BusError] = []
         self._pending[request_id] = (event, slot)
         try:
             try:
-                encoded = self.framed.encode_message(Request(op, request_id, args).to_wire())
+                encoded = _encode_message(Request(op, request_id, args).to_wire(), self.max_message)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
                 await self.writer.put(encoded)  # waiting for the reply is the checkpoint
             except trio.ClosedResourceError:
                 raise self.closed or ConnectionLost("the rpc channel ended") from None
+            del encoded  # (the writer holds it until it is sent)
             await event.wait()
         finally:
             self._pending.pop(request_id, None)
+            body = self._frames.body
+            if body is not None and body.header.get("re") == request_id:
+                body.parts = None  # its reply is on its way: the rest is skipped, not kept
         if not slot:
             raise self.closed or ConnectionLost("the rpc channel ended")
         reply = slot[0]
+        if isinstance(reply, BusError):
+            raise reply
+        if isinstance(reply, _Body):
+            try:
+                message = parse_message(reply.message(self.max_message // BYTES_PER_ITEM))
+            except FrameError as exc:
+                raise FrameError(f"the reply does not decode: {exc}") from exc
+            if not isinstance(message, (Reply, ErrorReply)):
+                raise FrameError("the reply's body turned it into something else than a reply")
+            reply = message
         if isinstance(reply, ErrorReply):
             raise error_from_wire(reply.code, reply.message)
         return reply.result

@@ -1,0 +1,506 @@
+"""RPC messages bigger than one control frame: a header, the body in DATA frames, limits, lies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+
+from bus.errors import (
+    BadRequest,
+    ConnectionLost,
+    FrameError,
+    LimitError,
+    MessageTooLarge,
+    QuotaExceeded,
+    RequestError,
+)
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
+from clients import Channel, Service, open_bus
+from clients.bus import Bus
+from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, RpcConnection, _encode_message, _MessageFrames
+
+from .brokers import FRIEND, PLUGIN, RunningBroker, running_broker
+
+MiB = 1 << 20
+NAME = "org.example.Big"
+
+# (how both sides reach the broker, the route asked for, the route taken)
+ROUTES = {
+    "relay": ("unix", "relay", "relay"),  # plain: the bytes are pushed to RPC by the bus's reader
+    "unix-fd": ("unix", "direct", "unix-fd"),
+    "tcp": ("tcp", "direct", "tcp"),
+    "tcp-relay": ("tcp", "relay", "relay"),  # box-stream end to end, read by RPC's own task
+}
+
+
+def make_service(**options: Any) -> Service:
+    service = Service(NAME, **options)
+
+    @service.method
+    async def echo(value: object) -> object:
+        return value
+
+    @service.method
+    async def reverse(data: bytes) -> bytes:
+        return data[::-1]
+
+    @service.method
+    async def make(size: int, delay: float = 0) -> bytes:
+        await trio.sleep(delay)
+        return bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+
+    @service.method
+    async def length(data: bytes, delay: float = 0) -> int:
+        await trio.sleep(delay)
+        return len(data)
+
+    return service
+
+
+def address_of(rb: RunningBroker, transport: str) -> str:
+    return rb.unix_address if transport == "unix" else rb.tcp_address
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, transport: str, service: Service | None = None) -> AsyncIterator[tuple[Bus, trio.Nursery]]:
+    """A broker, the service on it, and a caller's bus (with a nursery for its connections)."""
+    service = service or make_service()
+    async with running_broker(tmp_path) as rb:
+        address = address_of(rb, transport)
+        async with open_bus(address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 60  # (a hang fails, not stalls)
+                yield bus, nursery
+                nursery.cancel_scope.cancel()
+
+
+async def connect(bus: Bus, nursery: trio.Nursery, route: str, **options: Any) -> RpcConnection:
+    transport, asked, taken = ROUTES[route]
+    channel = await bus.open_channel(NAME, "rpc", asked)
+    assert channel.route == taken and channel.encrypted == (transport == "tcp")
+    connection = RpcConnection(channel, **options)
+    await nursery.start(connection.run)
+    return connection
+
+
+# -- the wire format, sans-io ------------------------------------------------------------------
+
+
+def frames_of(wire: bytes) -> list[Frame]:
+    decoder = FrameDecoder()
+    decoder.receive_data(wire)
+    frames = list(decoder)
+    decoder.end_of_input()
+    return frames
+
+
+def test_a_small_message_is_one_control_frame_as_before() -> None:
+    message = {"op": "call", "id": 3, "method": "echo", "args": ["x" * 1000]}
+    assert _encode_message(message, DEFAULT_MAX_MESSAGE) == encode_control(0, message)
+
+
+def test_a_large_message_is_a_header_then_its_body_in_data_frames() -> None:
+    # The exact bytes of a reply whose result is 70,000 zero bytes.
+    wire = _encode_message({"re": 7, "result": bytes(70_000)}, DEFAULT_MAX_MESSAGE)
+    body = bytes.fromhex("a1 66 726573756c74 5a 00011170") + bytes(70_000)  # {"result": h'00…'}
+    header = bytes.fromhex("a2 62 7265 07 67 666f6c6c6f7773 1a 0001117d")  # {"re": 7, "follows": 70013}
+    assert len(body) == 70_013
+    assert wire == (
+        bytes.fromhex("01 00 00000000 00000012") + header + bytes.fromhex("02 00 00000000 0001117d") + body
+    )
+    call = _encode_message({"op": "call", "id": 1, "method": "echo", "args": [bytes(70_000)]}, DEFAULT_MAX_MESSAGE)
+    assert call.startswith(  # {"op": "call", "id": 1, "follows": 70024}, then {"method": "echo", "args": [h'00…']}
+        bytes.fromhex("01 00 00000000 0000001a  a3 62 6f70 64 63616c6c 62 6964 01 67 666f6c6c6f7773 1a 00011188")
+        + bytes.fromhex("02 00 00000000 00011188  a2 66 6d6574686f64 64 6563686f 64 61726773 81 5a 00011170")
+    )
+    # Bigger bodies are cut into DATA frames of MESSAGE_PART bytes (the last one shorter).
+    value = os.urandom(3 * MESSAGE_PART)
+    message = {"op": "call", "id": 9, "method": "echo", "args": [value]}
+    frames = frames_of(_encode_message(message, DEFAULT_MAX_MESSAGE))
+    head, parts = frames[0], frames[1:]
+    assert isinstance(head, ControlFrame) and head.message == {"op": "call", "id": 9, "follows": head.message["follows"]}
+    assert all(isinstance(part, DataFrame) and part.channel == 0 for part in parts)
+    sizes = [len(part.data) for part in parts if isinstance(part, DataFrame)]
+    assert sizes[:-1] == [MESSAGE_PART] * (len(sizes) - 1) and 0 < sizes[-1] <= MESSAGE_PART
+    assert sum(sizes) == head.message["follows"]
+    # And they come together again.
+    cutter = _MessageFrames(lambda header, size: True)
+    results = [cutter.feed(frame) for frame in frames]
+    assert results[:-1] == [None] * (len(frames) - 1)
+    body_in = results[-1]
+    assert body_in is not None and not isinstance(body_in, dict)
+    assert body_in.message(DEFAULT_MAX_MESSAGE) == message
+    cutter.end_of_input()
+
+
+def test_a_message_over_the_senders_limit_is_refused_naming_it() -> None:
+    too_large = r"the arguments of 'echo' take \d+ bytes, over this caller's 65536-byte limit .*max_message"
+    with pytest.raises(MessageTooLarge, match=too_large):
+        _encode_message({"op": "call", "id": 1, "method": "echo", "args": [bytes(70_000)]}, 65536)
+    with pytest.raises(ValueError, match="at least 65536"):
+        RpcConnection(None, max_message=1000)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 65536"):
+        Service(NAME, max_message=65535)
+
+
+def test_a_skipped_body_is_counted_and_dropped() -> None:
+    announced: list[tuple[dict[str, Any], int]] = []
+
+    def announce(header: dict[str, Any], size: int) -> bool:
+        announced.append((header, size))
+        return False
+
+    cutter = _MessageFrames(announce)
+    assert cutter.feed(ControlFrame(0, {"re": 4, "follows": 5})) is None
+    assert announced == [({"re": 4}, 5)]
+    assert cutter.feed(DataFrame(0, b"abc")) is None and cutter.body is not None and cutter.body.parts is None
+    assert cutter.feed(DataFrame(0, b"de")) is None and cutter.body is None
+    assert cutter.feed(ControlFrame(0, {"re": 5, "result": 1})) == {"re": 5, "result": 1}
+
+
+@pytest.mark.parametrize(
+    ("frames", "error"),
+    [
+        ([ControlFrame(0, {"re": 1, "follows": 0})], "'follows' must be a positive integer"),
+        ([ControlFrame(0, {"re": 1, "follows": "10"})], "'follows' must be a positive integer"),
+        ([DataFrame(0, b"x")], "data frame on an rpc channel outside a message body"),
+        ([ControlFrame(0, {"re": 1, "follows": 4}), DataFrame(0, b"12345")], "runs 1 bytes past the end"),
+        ([ControlFrame(0, {"re": 1, "follows": 4}), ControlFrame(0, {"re": 2, "result": 0})], "4 more bytes of a 4-byte"),
+    ],
+    ids=["zero", "text", "stray-data", "overrun", "control-inside"],
+)
+def test_frames_that_break_a_message_body_are_framing_errors(frames: list[Frame], error: str) -> None:
+    cutter = _MessageFrames(lambda header, size: True)
+    with pytest.raises(FrameError, match=error):
+        for frame in frames:
+            cutter.feed(frame)
+
+
+def test_a_stream_that_ends_inside_a_body_is_a_framing_error() -> None:
+    cutter = _MessageFrames(lambda header, size: True)
+    cutter.feed(ControlFrame(0, {"re": 1, "follows": 1000}))
+    cutter.feed(DataFrame(0, bytes(500)))
+    with pytest.raises(FrameError, match=r"ended inside a message body \(500 of 1000 bytes\)"):
+        cutter.end_of_input()
+
+
+def test_a_body_with_too_many_items_or_a_repeated_field_does_not_decode() -> None:
+    for body, error in ((encode_control(0, {"result": [0] * 100})[10:], "more than 64 data items"),
+                        (encode_control(0, {"re": 2, "result": 0})[10:], "repeats a field of its header")):
+        cutter = _MessageFrames(lambda header, size: True)
+        cutter.feed(ControlFrame(0, {"re": 1, "follows": len(body)}))
+        done = cutter.feed(DataFrame(0, body))
+        assert done is not None and not isinstance(done, dict)
+        with pytest.raises(FrameError, match=error):
+            done.message(64)
+
+
+# -- real brokers, real sockets ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_megabyte_arguments_and_results_round_trip(tmp_path: Path, route: str) -> None:
+    transport = ROUTES[route][0]
+    async with serving(tmp_path, transport) as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        blob = os.urandom(MiB)
+        assert await rpc.call("reverse", blob) == blob[::-1]  # 1 MiB each way
+        assert await rpc.call("length", blob) == MiB
+        made = await rpc.call("make", MiB)
+        assert len(made) == MiB and made[:3] == b"\x00\x01\x02"
+        # Big and small calls at once on the one channel: each message arrives whole.
+        results: dict[int, object] = {}
+        blobs = [os.urandom(MiB + i) for i in range(3)]
+
+        async def big(i: int) -> None:
+            results[i] = await rpc.call("reverse", blobs[i])
+
+        async def small(i: int) -> None:
+            results[100 + i] = await rpc.call("echo", i)
+
+        async with trio.open_nursery() as calls:
+            for i in range(3):
+                calls.start_soon(big, i)
+            for i in range(20):
+                calls.start_soon(small, i)
+        assert results == {**{i: blobs[i][::-1] for i in range(3)}, **{100 + i: i for i in range(20)}}
+        assert rpc.channel.bytes_out > 5 * MiB and rpc.channel.bytes_in > 5 * MiB
+        await rpc.aclose()
+        # The bus's own calls (its reused channel, route "auto") carry them too.
+        assert await bus.call(NAME, "reverse", blob) == blob[::-1]
+
+
+async def test_arguments_over_the_callers_limit_are_refused_before_sending(tmp_path: Path) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        rpc = await connect(bus, nursery, "relay")
+        assert await rpc.call("echo", 1) == 1
+        sent = rpc.channel.bytes_out
+        huge = bytes(32 * MiB)
+        too_large = r"the arguments of 'length' take \d+ bytes, over this caller's 16777216-byte limit"
+        with pytest.raises(MessageTooLarge, match=too_large) as info:
+            await rpc.call("length", huge)
+        assert isinstance(info.value, LimitError) and info.value.code == "minibus.Error.MessageTooLarge"
+        assert rpc.channel.bytes_out == sent  # nothing went out
+        assert await rpc.call("length", bytes(MiB)) == MiB  # the channel goes on
+        with pytest.raises(MessageTooLarge, match="16777216-byte limit"):
+            await bus.call(NAME, "length", huge)
+        assert await bus.call(NAME, "length", b"ok") == 2
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_result_over_the_services_limit_is_a_typed_error(tmp_path: Path, route: str) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        received = rpc.channel.bytes_in
+        too_large = r"the results of 'make' take \d+ bytes, over the service's 16777216-byte limit"
+        with pytest.raises(MessageTooLarge, match=too_large) as info:
+            await rpc.call("make", 32 * MiB)
+        assert isinstance(info.value, LimitError)
+        assert rpc.channel.bytes_in - received < 4096  # an error reply, not the result
+        assert len(await rpc.call("make", MiB)) == MiB  # the channel goes on
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd", "tcp-relay"])
+async def test_a_reply_over_the_callers_limit_fails_that_call_only(tmp_path: Path, route: str) -> None:
+    """The reply is refused from its header, skipped as it arrives; other calls go on."""
+    service = make_service(max_message=64 * MiB)
+    async with serving(tmp_path, ROUTES[route][0], service) as (bus, nursery):
+        rpc = await connect(bus, nursery, route, max_message=MiB)
+        outcomes: list[object] = []
+
+        async def too_big() -> None:
+            with pytest.raises(MessageTooLarge, match=r"the reply takes \d+ bytes, over this caller's 1048576-byte limit"):
+                await rpc.call("make", 3 * MiB)
+            outcomes.append("refused")
+
+        async def small() -> None:
+            outcomes.append(await rpc.call("echo", "small"))
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(too_big)
+            await trio.sleep(0.05)
+            calls.start_soon(small)
+        assert sorted(map(str, outcomes)) == ["refused", "small"]
+        assert len(await rpc.call("make", MiB - 64)) == MiB - 64  # just under the limit
+        assert rpc.closed is None
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_call_over_the_services_limit_is_answered_at_once_and_skipped(tmp_path: Path, route: str) -> None:
+    """Driven by hand: the refusal comes from the header alone, before any of the body is sent;
+    the body is then skipped, and calls small and large go on on the same channel."""
+    service = make_service(max_message=MiB)
+    async with serving(tmp_path, "unix", service) as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        with pytest.raises(MessageTooLarge, match="over the service's 1048576-byte limit"):
+            await rpc.call("length", bytes(2 * MiB))
+        assert await rpc.call("length", bytes(MiB // 2)) == MiB // 2
+        await rpc.aclose()
+
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        framed = FramedStream(channel)
+        await framed.send_message({"op": "call", "id": 1, "follows": 2 * MiB})
+        with trio.fail_after(10):
+            frame = await framed.receive_frame()
+        assert isinstance(frame, ControlFrame) and frame.message["re"] == 1
+        assert frame.message["error"]["code"] == MessageTooLarge.wire_code
+        assert "a call of 2097152 bytes is over the service's 1048576-byte limit" in frame.message["error"]["message"]
+        for _ in range(2):
+            await channel.send_all(encode_data(0, bytes(MiB)))  # the announced body, skipped
+        await framed.send_message({"op": "call", "id": 2, "method": "echo", "args": ["after"]})
+        body = cbor2.dumps({"method": "length", "args": [bytes(100_000)]})
+        await framed.send_message({"op": "call", "id": 3, "follows": len(body)})
+        await channel.send_all(encode_data(0, body[:50_000]) + encode_data(0, body[50_000:]))
+        replies: dict[int, dict[str, Any]] = {}
+        with trio.fail_after(10):
+            while len(replies) < 2:
+                frame = await framed.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies[frame.message["re"]] = frame.message
+        assert replies == {2: {"re": 2, "result": "after"}, 3: {"re": 3, "result": 100_000}}
+        await channel.aclose()
+
+
+async def test_the_bodies_of_running_calls_are_bounded_per_channel(tmp_path: Path) -> None:
+    service = make_service(max_message=MiB)
+    async with serving(tmp_path, "unix", service) as (bus, nursery):
+        rpc = await connect(bus, nursery, "unix-fd")
+        answered: list[int] = []
+        refused: list[QuotaExceeded] = []
+
+        async def one(i: int) -> None:
+            try:
+                answered.append(await rpc.call("length", bytes(MiB - 100), 1.0))
+            except QuotaExceeded as exc:
+                refused.append(exc)
+
+        async with trio.open_nursery() as calls:
+            for i in range(HELD_MESSAGES + 1):
+                calls.start_soon(one, i)
+                await trio.sleep(0.02)  # (in this order)
+        assert answered == [MiB - 100] * HELD_MESSAGES and len(refused) == 1
+        assert f"the {HELD_MESSAGES * MiB}-byte limit ({HELD_MESSAGES} x max_message)" in refused[0].message
+        assert await rpc.call("length", bytes(MiB - 100)) == MiB - 100
+
+
+async def test_a_caller_giving_up_on_a_big_reply_leaves_the_channel_in_step(tmp_path: Path) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        for route in ("relay", "unix-fd"):
+            rpc = await connect(bus, nursery, route)
+            with trio.move_on_after(0.2) as scope:
+                await rpc.call("make", 8 * MiB, 0.4)
+            assert scope.cancelled_caught
+            assert await rpc.call("length", b"x", 0.5) == 1  # answered after the skipped reply
+            assert rpc.closed is None
+            await rpc.aclose()
+
+
+async def test_a_caller_giving_up_while_its_reply_arrives_keeps_none_of_the_rest(tmp_path: Path) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        rpc = await connect(bus, nursery, "relay")
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(rpc.call, "make", 12 * MiB)
+                with trio.fail_after(10):
+                    while (body := rpc._frames.body) is None or not body.parts:
+                        await trio.sleep(0.001)
+                scope.cancel()  # the reply is on its way
+        body = rpc._frames.body
+        assert body is None or body.parts is None  # (None: it was all in before the cancel took)
+        assert await rpc.call("echo", "after") == "after"
+        assert rpc.closed is None
+
+
+# -- peers that lie about a body ----------------------------------------------------------------
+
+
+def lies(head: dict[str, Any], inside: dict[str, Any]) -> dict[str, tuple[bytes, bool, str]]:
+    """Ways to lie about a body announced with the fields ``head``: (bytes, EOF after, reason)."""
+
+    def header(size: int) -> bytes:
+        return encode_control(0, {**head, "follows": size})
+
+    short, ended = header(1000) + encode_data(0, bytes(500)), r"ended inside a message body \(500 of 1000 bytes\)"
+    return {
+        "short-then-eof": (short, True, ended),
+        "control-inside": (short + encode_control(0, inside), False, "a control frame where 500 more bytes"),
+        "overrun": (header(100) + encode_data(0, bytes(200)), False, "runs 100 bytes past the end"),
+        "no-length": (header(-5), False, "'follows' must be a positive integer"),
+    }
+
+
+REPLY_LIES = lies({"re": 1}, {"re": 1, "result": 0})
+CALL_LIES = lies({"op": "call", "id": 1}, {"op": "call", "id": 2, "method": "echo", "args": [0]})
+
+
+@pytest.mark.parametrize("lie", list(REPLY_LIES))
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_service_lying_about_a_body_fails_the_callers_calls(tmp_path: Path, route: str, lie: str) -> None:
+    answer, eof, reason = REPLY_LIES[lie]
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+
+            async def liar(channel: Channel) -> None:
+                await FramedStream(channel).receive_frame()  # the request
+                await channel.send_all(answer)
+                if eof:
+                    await channel.send_eof()
+                await trio.sleep_forever()
+
+            sbus.handle_channels("rpc", liar)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = await connect(bus, nursery, route)
+                with trio.fail_after(10), pytest.raises(ConnectionLost, match=reason):
+                    await rpc.call("anything")
+                with pytest.raises(ConnectionLost):
+                    await rpc.call("again")
+
+
+async def test_a_reply_body_that_does_not_decode_fails_that_call_only(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+
+            async def garbler(channel: Channel) -> None:
+                framed = FramedStream(channel)
+                while (frame := await framed.receive_frame()) is not None:
+                    assert isinstance(frame, ControlFrame)
+                    request_id = frame.message["id"]
+                    if request_id == 1:  # announced properly, but the body is no CBOR map
+                        await channel.send_all(encode_control(0, {"re": 1, "follows": 3}) + encode_data(0, b"\xff\xff\xff"))
+                    else:
+                        await framed.send_message({"re": request_id, "result": "fine"})
+
+            sbus.handle_channels("rpc", garbler)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = await connect(bus, nursery, "relay")
+                with trio.fail_after(10), pytest.raises(FrameError, match="the reply does not decode"):
+                    await rpc.call("anything")
+                assert await rpc.call("again") == "fine"
+                await rpc.aclose()
+
+
+@pytest.mark.parametrize("lie", list(CALL_LIES))
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_caller_lying_about_a_body_loses_its_channel_and_the_service_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, route: str, lie: str
+) -> None:
+    caplog.set_level(logging.INFO, "minibus.rpc")
+    garbage, eof, reason = CALL_LIES[lie]
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        await channel.send_all(garbage)
+        if eof:
+            await channel.send_eof()
+        with trio.fail_after(10):
+            try:
+                while await channel.receive_some():
+                    pass
+            except trio.BrokenResourceError as exc:  # the relay resets the channel with the reason
+                assert route == "relay" and not eof and "bad data" in str(exc)
+        assert any(re.search(reason, record.getMessage()) for record in caplog.records), caplog.text
+        await channel.aclose()
+        rpc = await connect(bus, nursery, route)
+        assert await rpc.call("length", bytes(MiB)) == MiB
+
+
+async def test_a_call_body_that_does_not_decode_is_answered_with_bad_request(tmp_path: Path) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        channel = await bus.open_channel(NAME, "rpc", "relay")
+        framed = FramedStream(channel)
+        await channel.send_all(encode_control(0, {"op": "call", "id": 1, "follows": 2}) + encode_data(0, b"\xa1\xff"))
+        await framed.send_message({"op": "call", "id": 2, "method": "echo", "args": [2]})
+        replies: dict[int, dict[str, Any]] = {}
+        with trio.fail_after(10):
+            while len(replies) < 2:
+                frame = await framed.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies[frame.message["re"]] = frame.message
+        assert replies[1]["error"]["code"] == BadRequest.wire_code and "the call's body" in replies[1]["error"]["message"]
+        assert replies[2]["result"] == 2
+        await channel.aclose()
+
+
+async def test_a_result_that_cannot_be_encoded_is_an_error_reply(tmp_path: Path) -> None:
+    service = make_service()
+
+    @service.method
+    async def odd() -> object:
+        return {1, 2}  # a set: outside minibus's CBOR profile
+
+    async with serving(tmp_path, "unix", service) as (bus, nursery):
+        rpc = await connect(bus, nursery, "relay")
+        with pytest.raises(RequestError, match="the results of 'odd' cannot be sent"):
+            await rpc.call("odd")
+        assert await rpc.call("echo", 5) == 5
+
