@@ -544,3 +544,38 @@ async def test_ended_connections_leave_no_cycles_for_the_garbage_collector(tmp_p
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+async def test_a_resync_reaches_the_user_as_the_difference(tmp_path: Path) -> None:
+    """The client library's side of ``resync``: snapshot pages and the changes that arrive
+    between them are merged, and the user sees only what differs from what it knew."""
+    from clients.bus import NameEvent, NameInfo
+
+    def entry(name: str, uid: str) -> NameInfo:
+        return NameInfo(name, uid, FRIEND.id, {}, 1.0, "unix", None, None)
+
+    async with running_broker(tmp_path) as rb, open_bus(rb.unix_address, identity=OWNER) as bus:
+        watch = bus.watch(["org.*"])
+        for name, uid in (("org.a.A", ":5"), ("org.b.B", ":6"), ("org.c.C", ":7")):
+            watch._push(NameEvent("present", name, entry(name, uid)))
+        watch._begin_resync()
+        watch._snapshot_part([entry("org.a.A", ":5"), entry("org.c.C", ":9")], more=True)
+        watch._change(NameEvent("connected", "org.a.Z", entry("org.a.Z", ":10")))  # between pages
+        watch._change(NameEvent("disconnected", "org.a.A", None, ":5"))
+        watch._snapshot_part([entry("org.d.D", ":11")], more=False)
+        seen = []
+        with trio.move_on_after(1):
+            while len(seen) < 8:
+                event = await watch.__anext__()
+                seen.append((event.kind, event.name))
+        assert seen[:3] == [("present", "org.a.A"), ("present", "org.b.B"), ("present", "org.c.C")]
+        assert sorted(seen[3:]) == sorted(
+            [
+                ("disconnected", "org.a.A"),
+                ("disconnected", "org.b.B"),
+                ("owner-changed", "org.c.C"),
+                ("connected", "org.a.Z"),
+                ("connected", "org.d.D"),
+            ]
+        )
+        await watch.aclose()
