@@ -27,11 +27,13 @@ after an error event where the stream still allows one.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +62,12 @@ log = logging.getLogger("minibus.broker")
 RELAY_FRAME = 64 * 1024
 
 
-#: Control requests one connection's reader handles before it lets other tasks run.
-REQUESTS_PER_SLICE = 16
+#: Seconds of control requests one connection's reader handles before it lets others run.
+REQUEST_SLICE = 0.002
 #: Connections torn down at the same time when many end at once.
 TEARDOWNS_AT_ONCE = 32
+#: Socket ends (unix-fd channel requests) queued for one connection before it counts as full.
+QUEUED_FDS_PER_CONNECTION = 16
 
 
 class BrokerAlreadyRunning(RuntimeError):
@@ -221,7 +225,7 @@ class _Session:
 
     async def reader(self) -> None:
         core = self.broker.core
-        requests = 0
+        busy = 0.0  # seconds spent on control requests since this reader last yielded
         while True:
             frame = await self.framed.receive_frame()
             if frame is None:
@@ -230,12 +234,14 @@ class _Session:
             self.last_received = trio.current_time()
             if isinstance(frame, ControlFrame) and frame.channel == 0:
                 # Requests cost the broker CPU: one read full of them (a pipelining peer) is
-                # handled in slices, yielding to everyone else between them.
-                requests += 1
-                if requests >= REQUESTS_PER_SLICE:
-                    requests = 0
-                    await trio.lowlevel.checkpoint()
+                # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
+                # else between them.
+                started = time.perf_counter()
                 self.broker.dispatch(core.receive(self.conn_id, frame.message))
+                busy += time.perf_counter() - started
+                if busy >= REQUEST_SLICE:
+                    busy = 0.0
+                    await trio.lowlevel.checkpoint()
             elif isinstance(frame, ControlFrame):
                 self.broker.channel_control(self, frame.channel, frame.message)
             else:
@@ -283,7 +289,10 @@ class Broker:
         self.sessions: dict[int, _Session] = {}
         #: How many ending connections are torn down at once (see _Session.run).
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
-        self.core.has_room = self._has_room
+        self.core.room_for = self._room_for
+        # Channel requests' deadlines, oldest first: (when, target, request id).
+        self._open_deadlines: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._deadline_added = trio.Event()
         self._pumping_now = False
         # Connections in the handshake, per listener kind and per (kind, source).
         self._handshaking: dict[str, int] = {}
@@ -305,10 +314,16 @@ class Broker:
     def address(self) -> str:
         return format_address(self.endpoints)
 
-    def _has_room(self, conn_id: int) -> bool:
-        """Room for traffic a connection did not ask for (the core's ``has_room``)."""
+    def _room_for(self, conn_id: int) -> int:
+        """Bytes of room for traffic a connection did not ask for (the core's ``room_for``):
+        what is left below half its queue, and none while descriptors it has not taken pile up."""
         session = self.sessions.get(conn_id)
-        return session is not None and not session.stop_writing and session.out.queued_bytes <= self.relay_threshold
+        if session is None or session.stop_writing or session.out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
+            return 0
+        return self.relay_threshold - session.out.queued_bytes
+
+    def _has_room(self, conn_id: int) -> bool:
+        return self._room_for(conn_id) > 0
 
     def _pump_watches(self) -> None:
         """Send the snapshot pages and resyncs watches owe, while their connections have room."""
@@ -339,8 +354,8 @@ class Broker:
             session = self.sessions.get(conn_id)
             if session is None:
                 continue
-            if message.get("op") == "channel_request" and self._nursery is not None:
-                self._nursery.start_soon(self._expire_open, conn_id, message["id"])
+            if message.get("op") == "channel_request":
+                self._open_deadline(conn_id, message["id"])
             data = encoded.get(id(message))
             if data is None:
                 try:
@@ -410,6 +425,7 @@ class Broker:
                     kind = "unix" if listener is unix_listener else "tcp"
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
                 nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._expire_opens)
                 task_status.started(self.address)
                 log.info("listening: %s", self.address)
         finally:
@@ -431,7 +447,8 @@ class Broker:
                     await trio.sleep(0.1)
                     continue
                 pid, uid = _peercred(stream) if kind == "unix" else (None, None)
-                source = (kind, str(uid) if kind == "unix" else _peer_host(stream))
+                # A Unix peer is its process (every one is the owner's uid: the socket is 0600).
+                source = (kind, f"pid {pid}" if kind == "unix" else _peer_host(stream))
                 total = self._handshaking.get(kind, 0)
                 from_source = self._handshaking_from.get(source, 0)
                 if from_source >= cfg.max_handshakes_per_source:
@@ -630,9 +647,26 @@ class Broker:
 
     # -- relayed channels ----------------------------------------------------------------------
 
-    async def _expire_open(self, target_id: int, request_id: int) -> None:
-        await trio.sleep(self.config.channel_timeout)
-        self.dispatch(self.core.expire_open(target_id, request_id, self.config.channel_timeout))
+    def _open_deadline(self, target_id: int, request_id: int) -> None:
+        """Remember when a channel request's answer is due (one small record, not a task)."""
+        self._open_deadlines.append((trio.current_time() + self.config.channel_timeout, target_id, request_id))
+        self._deadline_added.set()
+
+    async def _expire_opens(self) -> None:
+        """One task for every channel request's deadline: they come due in the order they
+        were made (one ``channel_timeout`` for all); one answered in time is a no-op here."""
+        timeout = self.config.channel_timeout
+        while True:
+            if not self._open_deadlines:
+                self._deadline_added = trio.Event()
+                await self._deadline_added.wait()
+                continue
+            due, target_id, request_id = self._open_deadlines[0]
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            self._open_deadlines.popleft()
+            self.dispatch(self.core.expire_open(target_id, request_id, timeout))
 
     def _fd_message(self, item: WithFd | DropFd) -> None:
         """The unix-fd route: make a socketpair, send one end with a frame, keep the other."""
@@ -656,8 +690,8 @@ class Broker:
                 self._kept_ends.pop(item.key).close()
             return
         session.enqueue_with_fd(session.framed.encode_message(item.message), mine)
-        if item.create and self._nursery is not None:
-            self._nursery.start_soon(self._expire_open, item.conn, item.message["id"])
+        if item.create:
+            self._open_deadline(item.conn, item.message["id"])
 
     def _channel_message(self, item: ChannelMessage) -> None:
         session = self.sessions.get(item.conn)

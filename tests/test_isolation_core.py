@@ -267,3 +267,51 @@ def test_worst_case_state_every_reply_and_event_is_sendable(depth: int) -> None:
     again = core.connect(PLUGIN, "tcp").id
     out = core.receive(again, {"op": "hello", "id": 1, "info": {"metadata": deep(depth, "m")}})
     assert out[0][1]["error"]["code"] == QuotaExceeded.wire_code
+
+
+def test_however_many_spenders_join_an_eighth_stays_for_newcomers() -> None:
+    target = Budget("pending_opens_per_target", ":1", 64)
+    held = []
+    for n in range(40):  # forty greedy identities, each taking all it may
+        while True:
+            try:
+                held.append(Charge.take(1, shared=(target,), actor=f"greedy{n}"))
+            except QuotaExceeded:
+                break
+        if target.free <= 64 // 8:
+            break
+    assert target.free >= 64 // 8 - 1
+    newcomer = Charge.take(1, shared=(target,), actor="newcomer")  # still gets in
+    assert newcomer
+
+
+@given(
+    patterns=st.lists(st.text(alphabet="ab.*?[]!-", max_size=14), min_size=1, max_size=4),
+    name=st.text(alphabet="ab.-", max_size=14),
+)
+@settings(max_examples=2000, deadline=None)
+def test_glob_sets_with_complex_patterns_agree_with_fnmatch(patterns: list[str], name: str) -> None:
+    from bus.core.glob import GlobSet
+
+    try:
+        globs = tuple(compile_glob(p) for p in patterns)
+    except GlobError:
+        return
+    assert GlobSet(globs).match(name) == any(fnmatch.fnmatchcase(name, p) for p in patterns), (patterns, name)
+
+
+def test_complex_watches_are_counted_and_plain_ones_are_not() -> None:
+    from bus.core.glob import GlobSet
+
+    assert GlobSet((compile_glob("*[!b]?b*"),)).complex == 1
+    assert GlobSet((compile_glob("org.example.*"), compile_glob("*a*a*b"), compile_glob("?rg.*"))).complex == 0
+    core = new_core(Limits(complex_watches_per_connection=2))
+    conn = core.connect(PLUGIN, "unix").id
+    core.receive(conn, {"op": "hello", "id": 1})
+    for i in range(5):  # plain watches: not counted
+        assert "result" in core.receive(conn, {"op": "watch", "id": 10 + i, "patterns": ["org.*", "*x*y*"]})[0][1]
+    replies = [core.receive(conn, {"op": "watch", "id": 20 + i, "patterns": ["*[!b]?b*"]})[0][1] for i in range(3)]
+    assert ["result" in r for r in replies] == [True, True, False]
+    assert "complex_watches_per_connection" in replies[2]["error"]["message"]
+    core.receive(conn, {"op": "unwatch", "id": 30, "watch": replies[0]["result"]["watch"]})
+    assert "result" in core.receive(conn, {"op": "watch", "id": 31, "patterns": ["*[!b]?b*"]})[0][1]

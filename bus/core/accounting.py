@@ -11,10 +11,12 @@ once by construction (as in dbus-broker's ``user.c``).
 
 Some budgets belong to one party but are spent by others: the channels and pending
 openings a *target* has room for are taken by whoever opens to it.  Those spends name an
-*actor* (the spender's identity), and an actor may never hold more than what is left free
-after its charge: one opener can take at most half of a target's room, two at most about
-two thirds, and so on, so there is always room for someone else and no single peer can lock
-a service.  Charging one's own budgets is never shared out.
+*actor* (the spender's identity), and an actor that already holds some may never hold more
+than what is left free after its charge, nor take any of the last eighth of the budget: one
+opener can take at most half of a target's room, and however many join in, an eighth stays
+for openers that hold nothing yet (an actor's first unit is granted while any is free).  So
+no peer, nor any group of them, can lock a service against a newcomer until an eighth of the
+budget's worth of newcomers came.  Charging one's own budgets is never shared out.
 
 A refusal is a :class:`~bus.errors.QuotaExceeded` whose message names the limit (the
 setting in ``[limits]``), who owns the budget and who asked.
@@ -57,11 +59,10 @@ class Budget:
             )
         if actor is not None:
             held = self._by_actor.get(actor, 0)
-            mine = held + amount
-            if held and mine > self.free - amount:
+            if held and self.free - amount < max(held + amount, self.limit // 8):
                 raise QuotaExceeded(
                     f"{self.limit_name}: {actor} may hold at most a fair share of what {self.owner} has free "
-                    f"({mine - amount} held, {self.free} of {self.limit} free)"
+                    f"({held} held, {self.free} of {self.limit} free, the last eighth kept for newcomers)"
                 )
 
     def _take(self, amount: int, actor: str | None) -> None:
@@ -109,6 +110,11 @@ class Charge:
     @property
     def amount(self) -> int:
         return self._parts[0][1] if self._parts else 0
+
+    def add(self, other: Charge) -> None:
+        """Take over what ``other`` holds (released together from now on)."""
+        self._parts += other._parts
+        other._parts = []
 
     def move(self) -> Charge:
         """A new charge holding what this one held (this one is left empty): for handing a

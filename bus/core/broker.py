@@ -20,6 +20,7 @@ ignored, so a client that sends ``identity`` or ``unique_id`` in its hello chang
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import time
@@ -44,7 +45,7 @@ from ..wire.identity import PublicKey
 from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
 from .accounting import Budget, Charge
 from .channels import ChannelTable, Direction, RelayChannel
-from .glob import Glob, GlobError, compile_glob
+from .glob import GlobError, GlobSet, compile_glob
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
 
@@ -74,6 +75,10 @@ _HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}\Z")
 RELAY_MIN_CREDIT = 64 * 1024
 #: Late acceptances remembered per target after their opener gave up (oldest forgotten first).
 _TOMBSTONES_PER_TARGET = 64
+#: Names one snapshot page looks at, at most (bounds the matching work of one page).
+_NAMES_PER_PAGE = 256
+#: Bytes a name event takes beyond its owner entry (an upper bound).
+_EVENT_OVERHEAD = 512
 
 
 def bound_text(value: object, limit: int) -> str:
@@ -134,7 +139,7 @@ class DirectChannel:
 
     The broker only negotiated it; each end reports its byte counts with
     ``channel_report`` (about once a second while they change, and when it closes), and the
-    record goes when either end reports it closed or leaves the bus."""
+    record goes when both ends have reported it closed, or either leaves the bus."""
 
     a: tuple[int, int]  # (opener, its channel id)
     b: tuple[int, int]  # (target, its channel id)
@@ -142,6 +147,9 @@ class DirectChannel:
     route: str
     counts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # half -> (in, out)
     charge: Charge = field(default_factory=Charge)
+    #: The ends that reported it closed: the record (and what it was charged) goes when both
+    #: have, or when either leaves the bus (one end's word cannot free the other's budget).
+    closed: set[tuple[int, int]] = field(default_factory=set)
 
 
 class ChannelMessage(NamedTuple):
@@ -198,6 +206,10 @@ class Limits:
     pattern_length: int = 255
     #: Characters of all the patterns of one watch together (bounds matching CPU per change).
     pattern_chars_per_watch: int = 1024
+    #: Watches with a *complex* pattern (``?`` or a set between two stars), whose matching
+    #: costs a pass of Python code over each name rather than a string search.
+    complex_watches_per_connection: int = 4
+    complex_watches_per_identity: int = 16
     info_bytes: int = 16 * 1024
     #: Nesting depth of a plugin's ``info.metadata`` (so every message repeating it stays
     #: well inside the CBOR profile's depth limit).
@@ -227,7 +239,7 @@ class Limits:
 @dataclass(slots=True)
 class Watch:
     id: int
-    globs: tuple[Glob, ...]
+    globs: GlobSet
     charge: Charge
     #: While a snapshot is being sent: the last name sent (changes to names after it are left
     #: to the pages still to come); None once the watch is live.
@@ -236,7 +248,7 @@ class Watch:
     resync: bool = False
 
     def matches(self, name: str) -> bool:
-        return any(g.match(name) for g in self.globs)
+        return self.globs.match(name)
 
 
 @dataclass(slots=True)
@@ -246,6 +258,7 @@ class Account:
     key: str
     connections: set[int] = field(default_factory=set)
     watches: Budget = field(init=False)
+    complex_watches: Budget = field(init=False)
     channels: Budget = field(init=False)
     pending: Budget = field(init=False)
     relay: Budget = field(init=False)
@@ -254,6 +267,7 @@ class Account:
     def new(cls, key: str, limits: Limits) -> Account:
         account = cls(key)
         account.watches = Budget("watches_per_identity", key, limits.watches_per_identity)
+        account.complex_watches = Budget("complex_watches_per_identity", key, limits.complex_watches_per_identity)
         account.channels = Budget("channels_per_identity", key, limits.channels_per_identity)
         account.pending = Budget("pending_opens_per_identity", key, limits.pending_opens_per_identity)
         account.relay = Budget("relay_bytes_per_identity", key, limits.relay_bytes_per_identity)
@@ -277,6 +291,7 @@ class Connection:
     next_watch: int = 1
     next_request: int = 1  # ids of the broker's own requests to this connection
     watch_budget: Budget = field(init=False)
+    complex_watch_budget: Budget = field(init=False)
     channel_budget: Budget = field(init=False)  # channels it opens
     pending_budget: Budget = field(init=False)  # openings it waits for
     target_budget: Budget = field(init=False)  # channels others open to it (shared)
@@ -286,6 +301,7 @@ class Connection:
     def __post_init__(self) -> None:
         me, limits = self.unique_id, self.limits
         self.watch_budget = Budget("watches_per_connection", me, limits.watches_per_connection)
+        self.complex_watch_budget = Budget("complex_watches_per_connection", me, limits.complex_watches_per_connection)
         self.channel_budget = Budget("channels_per_connection", me, limits.channels_per_connection)
         self.pending_budget = Budget("pending_opens_per_connection", me, limits.pending_opens_per_connection)
         self.target_budget = Budget("channels_per_target", me, limits.channels_per_target)
@@ -325,9 +341,12 @@ class BrokerCore:
         #: Connections whose watches have snapshot pages or a resync to send: the io layer
         #: calls :meth:`pump_watches` for them while they have room.
         self.pumping: set[int] = set()
-        #: Whether a connection's outbound queue has room for traffic it did not ask for
-        #: (watch changes, channel requests).  The io layer sets this; without one, always.
-        self.has_room: Callable[[int], bool] = lambda conn_id: True
+        #: How many bytes a connection's outbound queue may still take of traffic it did not
+        #: ask for (watch changes, channel requests): 0 or less is none.  The io layer sets
+        #: this; without one, always plenty.
+        self.room_for: Callable[[int], int] = lambda conn_id: 1 << 30
+        # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
+        self._sorted_names: list[str] | None = None
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
         self.fd_passing = True
         #: Whether Unix connections run box-stream too: then every channel is encrypted end to end.
@@ -605,10 +624,11 @@ class BrokerCore:
         record = self.direct.get(half)
         if record is None:
             raise BadRequest(f"channel_report: this connection has no direct channel {channel}")
+        record.counts[half] = counts
         if req.arg("closed", bool, False):
-            self._forget_direct(half)
-        else:
-            record.counts[half] = counts
+            record.closed.add(half)
+            if len(record.closed) == 2:
+                self._forget_direct(half)
         return {}
 
     # -- relayed channels (the io layer moves the bytes) ------------------------------------------
@@ -800,10 +820,16 @@ class BrokerCore:
         if sum(len(p) for p in patterns) > limits.pattern_chars_per_watch:
             raise QuotaExceeded(f"pattern_chars_per_watch: a watch's patterns have at most {limits.pattern_chars_per_watch} characters")
         try:
-            globs = tuple(compile_glob(p) for p in patterns)
+            globs = GlobSet(tuple(compile_glob(p) for p in patterns))
         except GlobError as exc:
             raise BadRequest(f"watch: {exc}") from None
         charge = Charge.take(1, own=(conn.watch_budget, conn.account.watches))
+        if globs.complex:
+            try:
+                charge.add(Charge.take(1, own=(conn.complex_watch_budget, conn.account.complex_watches)))
+            except QuotaExceeded:
+                charge.release()
+                raise
         watch_id = conn.next_watch
         conn.next_watch += 1
         watch = conn.watches[watch_id] = Watch(watch_id, globs, charge, cursor="")
@@ -814,45 +840,63 @@ class BrokerCore:
         return {"watch": watch_id, "snapshot": entries, "more": more}
 
     def _snapshot_page(self, conn: Connection, watch: Watch) -> tuple[list[dict[str, Any]], bool]:
-        """The next page of a watch's snapshot (names after its cursor); moves the cursor."""
+        """The next page of a watch's snapshot (names after its cursor); moves the cursor.
+
+        A page holds at most ``reply_bytes`` of entries and looks at no more than
+        ``_NAMES_PER_PAGE`` names, so the work one page costs is bounded whatever the patterns
+        and however many names there are (a page may then hold nothing and say ``more``)."""
+        if self._sorted_names is None:
+            self._sorted_names = sorted(self.names.names())
+        names = self._sorted_names
         cursor = watch.cursor or ""
+        start = bisect.bisect_right(names, cursor) if cursor else 0
         page: list[dict[str, Any]] = []
         used = 0
-        for name, owner in sorted(self.names.names().items()):
-            if name <= cursor or not self._matches(conn, watch, name):
+        for name in names[start : start + _NAMES_PER_PAGE]:
+            owner = self.names.owner(name)
+            if owner is None or not self._matches(conn, watch, name):
+                cursor = name
                 continue
             entry = self._entry(name, owner)
             size = len(cbor2.dumps(entry))
             if page and used + size > self.limits.reply_bytes:
-                watch.cursor = page[-1]["name"]
+                watch.cursor = cursor
                 return page, True
             page.append(entry)
             used += size
+            cursor = name
+        if start + _NAMES_PER_PAGE < len(names):
+            watch.cursor = cursor
+            return page, True
         watch.cursor = None  # live from now on
         return page, False
 
     def pump_watches(self, conn_id: int) -> list[Outgoing]:
-        """One more message for each watch of ``conn_id`` that owes one: a ``resync`` event,
-        or the next ``snapshot`` page.  The io layer calls this while the connection has room;
-        ``conn_id`` leaves :attr:`pumping` once nothing is owed."""
+        """The next message a watch of ``conn_id`` owes: a ``resync`` event and the first page
+        of its fresh snapshot, or the next ``snapshot`` page; one watch per call, in turn.  The
+        io layer calls this while the connection has room; ``conn_id`` leaves :attr:`pumping`
+        once nothing is owed."""
         conn = self.connections.get(conn_id)
         if conn is None:
             self.pumping.discard(conn_id)
             return []
         out: list[Outgoing] = []
-        owed = False
-        for watch in conn.watches.values():
+        owing = [w for w in conn.watches.values() if w.resync or w.cursor is not None]
+        if owing:
+            watch = owing[0]
             if watch.resync:
                 # Changes were lost to a full queue: start over with a fresh snapshot; the
                 # client compares it with what it knew and reports the difference.
                 watch.resync = False
                 watch.cursor = ""
                 out.append((conn_id, Event("resync", {"watch": watch.id}).to_wire()))
-            if watch.cursor is not None:
-                entries, more = self._snapshot_page(conn, watch)
-                out.append((conn_id, Event("snapshot", {"watch": watch.id, "entries": entries, "more": more}).to_wire()))
-                owed = owed or more
-        if not owed:
+            entries, more = self._snapshot_page(conn, watch)
+            out.append((conn_id, Event("snapshot", {"watch": watch.id, "entries": entries, "more": more}).to_wire()))
+            if more:
+                # Round robin: this watch goes behind the others that owe something.
+                del conn.watches[watch.id]
+                conn.watches[watch.id] = watch
+        if not any(w.resync or w.cursor is not None for w in conn.watches.values()):
             self.pumping.discard(conn_id)
         return out
 
@@ -895,7 +939,7 @@ class BrokerCore:
             chosen = "unix-fd"  # both on the Unix socket: a passed socketpair
         else:
             chosen = "tcp"  # the target listens, the opener dials it with a one-time token
-        if not self.has_room(target.id):
+        if self.room_for(target.id) <= 0:
             raise QuotaExceeded(
                 f"outbound_bytes: {target.unique_id} is not reading what the broker sends it; channel request not sent"
             )
@@ -1001,7 +1045,7 @@ class BrokerCore:
         ]
 
     def _matches(self, watcher: Connection, watch: Watch, name: str) -> bool:
-        return watch.matches(name) and (watcher.admin or self.policy.may_see(watcher.key, name).allowed)
+        return (watcher.admin or self.policy.may_see(watcher.key, name).allowed) and watch.matches(name)
 
     def _peer(self, conn: Connection, viewer: Connection) -> dict[str, Any]:
         """The other end of a channel as ``viewer`` may see it (names filtered by ``see``)."""
@@ -1021,15 +1065,20 @@ class BrokerCore:
         }
 
     def _notify(self, changes: list[OwnerChanged]) -> list[Outgoing]:
-        """Name events for every watch that matches, except where the watcher has no room.
+        """Name events for every watch that matches, within the room each watcher has.
 
-        A watcher whose queue is full of what it has not read loses no event silently: its
-        watch stops sending changes and owes a resync (a fresh snapshot once it has room), so
-        a peer that churns names costs the watchers a bounded queue, never their connection.
-        A watch still sending its snapshot skips changes to names its next pages will show."""
+        A watcher whose queue cannot take them loses no event silently: each watch that has
+        no room left stops sending changes and owes a resync (a fresh snapshot once it has
+        room), so a peer that churns names costs the watchers a bounded queue, never their
+        connection.  Room is counted in bytes across every change and watch of this call.  A
+        watch still sending its snapshot skips changes to names its next pages will show."""
         out: list[Outgoing] = []
+        if not changes:
+            return out
+        self._sorted_names = None  # owners changed
         if not self._watchers:
             return out
+        room: dict[int, int] = {}
         for change in changes:
             if change.old is None:
                 kind = "connected"
@@ -1039,23 +1088,26 @@ class BrokerCore:
                 kind = "owner-changed"
             owner = self._entry(change.name, change.new) if change.new is not None else None
             old = self.connections.get(change.old) if change.old is not None else None
+            size = _EVENT_OVERHEAD + (len(cbor2.dumps(owner)) if owner is not None else 0)
             # One message object per watch id: watchers with equal ids share it, so the io
             # layer can encode it once for all of them.
             shared: dict[int, dict[str, Any]] = {}
             for watcher_id in self._watchers:
                 watcher = self.connections[watcher_id]
-                room: bool | None = None
                 for watch_id, watch in watcher.watches.items():
                     if watch.resync or (watch.cursor is not None and change.name > watch.cursor):
                         continue
                     if not self._matches(watcher, watch, change.name):
                         continue
-                    if room is None:
-                        room = self.has_room(watcher_id)
-                    if not room:
+                    left = room.get(watcher_id)
+                    if left is None:
+                        left = self.room_for(watcher_id)
+                    if left < size:
                         watch.resync = True
                         self.pumping.add(watcher_id)
+                        room[watcher_id] = left
                         continue
+                    room[watcher_id] = left - size
                     message = shared.get(watch_id)
                     if message is None:
                         fields = {

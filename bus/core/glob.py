@@ -12,6 +12,12 @@ after the previous one.  Leftmost placement is always right for globs (a star ca
 whatever a later placement would have skipped), so nothing is ever retried: a match is one
 left-to-right pass, each segment found with ``str.find``/``startswith`` when it is plain text.
 
+A middle segment that is not plain text (it holds ``?`` or a set) would have to be tried
+at every position; such patterns are matched instead by a bit-parallel automaton
+(:class:`GlobSet` runs all of a watch's complex patterns as one): one pass over the name,
+a few integer operations per character, whatever the patterns hold.  Those *complex*
+patterns are what a broker may want to count (see ``GlobSet.complex``).
+
 Syntax: ``*`` any run of characters (also none), ``?`` any one character, ``[abc]``,
 ``[a-z]``, ``[!abc]`` one character from (or not from) a set; everything else stands for
 itself.  An unclosed ``[`` is an error (:class:`GlobError`), not a literal.
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Glob", "GlobError", "compile_glob"]
+__all__ = ["Glob", "GlobError", "GlobSet", "compile_glob"]
 
 
 class GlobError(ValueError):
@@ -83,6 +89,11 @@ class Glob:
     pattern: str
     segments: tuple[_Segment, ...]
     starred: bool  # at least one ``*``: segments[0] is anchored at the start, [-1] at the end
+
+    @property
+    def complex(self) -> bool:
+        """Whether a middle segment holds ``?`` or a set (it would need a search per position)."""
+        return any(seg.text is None for seg in self.segments[1:-1])
 
     def match(self, name: str) -> bool:
         segments = self.segments
@@ -159,3 +170,79 @@ def compile_glob(pattern: str) -> Glob:
         i += 1
     close_segment()
     return Glob(pattern, tuple(segments), starred)
+
+
+class GlobSet:
+    """Several patterns matched as one: plain ones with string searches, complex ones by one
+    bit-parallel automaton (state bit *j* of a pattern: its first *j* tokens matched; each
+    character of the name moves all states of all patterns at once)."""
+
+    __slots__ = ("globs", "_plain", "_tokens", "_start", "_accept", "_star_loop", "_star_skip", "_masks")
+
+    def __init__(self, globs: tuple[Glob, ...]) -> None:
+        self.globs = globs
+        self._plain = tuple(g for g in globs if not g.complex)
+        # Tokens of the complex patterns, one bit each, with one more bit per pattern for
+        # "all matched": (absolute bit, atom or "*").
+        self._tokens: list[tuple[int, _Atom | str]] = []
+        start = accept = star_loop = star_skip = 0
+        bit = 0
+        for glob in globs:
+            if not glob.complex:
+                continue
+            start |= 1 << bit
+            tokens: list[_Atom | str] = []
+            for i, segment in enumerate(glob.segments):
+                if i:
+                    tokens.append("*")
+                tokens.extend(segment.atoms)
+            for token in tokens:
+                if token == "*":
+                    star_skip |= 1 << bit  # a star may match nothing: state bit -> bit + 1
+                    star_loop |= 1 << (bit + 1)  # ... or one more character: stay after it
+                else:
+                    self._tokens.append((bit, token))
+                bit += 1
+            accept |= 1 << bit
+            bit += 1
+        self._start = start
+        self._accept = accept
+        self._star_loop = star_loop
+        self._star_skip = star_skip
+        # Which tokens accept a character, worked out the first time it is seen (names use
+        # at most 66 distinct characters, so this holds at most that many entries).
+        self._masks: dict[str, int] = {}
+
+    @property
+    def complex(self) -> int:
+        """How many of the patterns are complex (run by the automaton)."""
+        return sum(1 for g in self.globs if g.complex)
+
+    def _mask(self, ch: str) -> int:
+        mask = 0
+        for bit, atom in self._tokens:
+            if atom is None or (type(atom) is str and atom == ch) or (type(atom) is _Set and atom.accepts(ch)):
+                mask |= 1 << bit
+        if len(self._masks) < 256:
+            self._masks[ch] = mask
+        return mask
+
+    def match(self, name: str) -> bool:
+        for glob in self._plain:
+            if glob.match(name):
+                return True
+        if not self._start:
+            return False
+        skip, loop = self._star_skip, self._star_loop
+        state = self._start
+        state |= (state & skip) << 1
+        masks = self._masks
+        for ch in name:
+            mask = masks.get(ch)
+            if mask is None:
+                mask = self._mask(ch)
+            state = ((state & mask) << 1) | (state & loop)
+            if not state:
+                return False
+            state |= (state & skip) << 1
+        return bool(state & self._accept)

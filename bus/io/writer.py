@@ -48,6 +48,8 @@ class FrameWriter:
         self.on_sent = on_sent
         #: Bytes of frames accepted but not completely written yet.
         self.queued_bytes = 0
+        #: Descriptors queued with their frames, not sent yet (each is open in this process).
+        self.queued_fds = 0
         self.closed = False
         self._queue: collections.deque[bytes | tuple[bytes, socket.socket]] = collections.deque()
         self._rest: memoryview | None = None  # wire bytes of a frame the socket took only part of
@@ -142,6 +144,7 @@ class FrameWriter:
             raise trio.WouldBlock
         self._queue.append((frame, end))
         self.queued_bytes += len(frame)
+        self.queued_fds += 1
         self._wake.set()
 
     def stop(self) -> None:
@@ -161,6 +164,7 @@ class FrameWriter:
             item = self._queue.popleft()
             if isinstance(item, tuple):
                 item[1].close()
+                self.queued_fds -= 1
                 self.queued_bytes -= len(item[0])
             else:
                 self.queued_bytes -= len(item)
@@ -201,6 +205,7 @@ class FrameWriter:
                     raise trio.BrokenResourceError(f"sending a descriptor failed: {exc}") from exc
                 finally:
                     end.close()  # the peer has its own copy now
+                    self.queued_fds -= 1
                 size = len(frame)
             else:
                 size = len(item)
