@@ -13,20 +13,23 @@ import argparse
 import gc
 import dataclasses
 import difflib
+import errno
 import json
 import logging
 import math
 import os
 import resource
 import signal
+import socket
 import sys
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
+from . import __version__
 from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, default_runtime_dir
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
@@ -78,12 +81,22 @@ class ConfigError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"busd: {message} (see 'busd --help')\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="busd",
         description="Run the minibus broker. With no arguments it uses its embedded defaults.",
-        epilog="Environment: MINIBUS_NETWORK_KEY (hex) sets the network key when --network-key is not given.",
+        epilog="Environment: MINIBUS_NETWORK_KEY (hex) sets the network key when --network-key is not given. "
+        "Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM), 2 usage, 3 a configuration problem "
+        "or cannot listen, 4 another broker already listens on the socket.",
     )
+    p.add_argument("--version", action="version", version=f"busd (minibus) {__version__}")
     p.add_argument("--unix", metavar="PATH", help="Unix socket path (default: RUNTIME_DIR/bus.sock)")
     tcp = p.add_mutually_exclusive_group()
     tcp.add_argument("--tcp", metavar="HOST:PORT", help="TCP address to listen on (default 127.0.0.1:7420; port 0 picks one)")
@@ -316,6 +329,35 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).splitlines())
 
 
+def _raised_in(error: BaseException, function: str) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _cannot_listen(error: OSError, config: BrokerConfig) -> str:
+    """Why busd cannot listen, naming the address, and what to do about it."""
+    reason = error.strerror or str(error)
+    if config.tcp is not None and (
+        isinstance(error, socket.gaierror)
+        or error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)  # (a Unix socket in use is another busd)
+        or _raised_in(error, "open_tcp_listeners")
+    ):
+        host, port = config.tcp
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if error.errno == errno.EADDRINUSE:
+            reason = "the address is already in use (another busd, or another program, has that port)"
+            fix = f"pick a free port with --tcp {where.rpartition(':')[0]}:0"
+        else:
+            fix = "listen on an address of this machine (--tcp 127.0.0.1:0 picks a free port)"
+        return f"cannot listen on TCP {where}: {reason}; {fix}, or run without TCP: --no-tcp"
+    path = error.filename or config.unix_path
+    return f"cannot listen{f' on {path}' if path else ''}: {reason}"
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft limit on open files to the hard limit (the usual soft 1,024 is what a
     crowd of connections runs into first); returns the (old, new) soft limits."""
@@ -337,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"busd: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=level.upper(), format="busd: %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s.%(msecs)03d busd: %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
     if not os.environ.get("XDG_RUNTIME_DIR") and config.address_file.parent == default_runtime_dir():
         log.warning(
             "XDG_RUNTIME_DIR is not set: falling back to %s (it must be yours, mode 0700); set XDG_RUNTIME_DIR",
@@ -356,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"busd: {_one_line(group.exceptions[0])}", file=sys.stderr)
         status = EXIT_CONFIG
     except* OSError as group:
-        print(f"busd: cannot listen: {group.exceptions[0]}", file=sys.stderr)
+        error = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        print(f"busd: {_cannot_listen(error, config)}", file=sys.stderr)
         status = EXIT_CONFIG
     return status
 

@@ -250,6 +250,14 @@ class _Session:
     # -- the whole session ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run_tasks_and_say_why()
+        finally:
+            # Socket ends still queued for this connection will never be sent: close them,
+            # however the session ended (also when the broker itself is cancelled).
+            self.out.close()
+
+    async def _run_tasks_and_say_why(self) -> None:
         error_event: dict[str, Any] | None = None
         with self.cancel_scope:
             async with trio.open_nursery() as nursery:
@@ -267,7 +275,6 @@ class _Session:
                 await self.broker.teardown.acquire_on_behalf_of(self)
                 self.holds_teardown = True
                 nursery.cancel_scope.cancel()
-        # Socket ends still queued for this connection will never be sent: close them.
         self.out.close()
         # Say why, where the stream can still carry a whole frame, within a deadline.
         if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
@@ -430,6 +437,10 @@ class Broker:
                 log.info("listening: %s", self.address)
         finally:
             self._cleanup_files()
+            # Socket ends kept for openings nobody answered before the broker stopped.
+            for end in self._kept_ends.values():
+                end.close()
+            self._kept_ends.clear()
 
     async def _accept_loop(self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery) -> None:
         """Accept, admit within the handshake caps, and hand each connection its own task.

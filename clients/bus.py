@@ -332,6 +332,14 @@ class Watch:
             raise StopAsyncIteration from None
 
 
+class _Refused(Exception):
+    """The broker's error event in place of the answer to hello: why it will not serve us."""
+
+    def __init__(self, code: str, message: str) -> None:
+        suffix = f" [{code}]"
+        super().__init__(message if message.endswith(suffix) else message + suffix)
+
+
 class _Link:
     """One live connection: the stream, its writer queue, pending requests and watches."""
 
@@ -584,8 +592,23 @@ class Bus:
             hello.update(name=first[0], flags=first[1])
         try:
             with trio.fail_after(self.request_timeout):
-                await framed.send_message(Request("hello", 1, hello).to_wire())
-                reply = await self._await_direct_reply(framed, 1)
+                try:
+                    await framed.send_message(Request("hello", 1, hello).to_wire())
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    # The broker may have refused us (a quota) and hung up before our hello
+                    # arrived: its reason may still wait to be read.
+                    send_failure: BaseException | None = exc
+                else:
+                    send_failure = None
+                try:
+                    reply = await self._await_direct_reply(framed, 1)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if send_failure is not None:
+                        raise send_failure from None
+                    raise
+        except _Refused as exc:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"the broker refused the connection: {exc}") from None
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             await trio.aclose_forcefully(stream)
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
@@ -605,7 +628,7 @@ class Bus:
                 if isinstance(message, (Reply, ErrorReply)) and message.re == request_id:
                     return message
                 if isinstance(message, Event) and message.event == "error":
-                    raise trio.BrokenResourceError(f"{message.fields.get('code')}: {message.fields.get('message')}")
+                    raise _Refused(str(message.fields.get("code")), str(message.fields.get("message")))
 
     async def _restore(self, link: _Link) -> None:
         """After (re)connecting: the remaining names and every watch of older links."""
@@ -647,6 +670,9 @@ class Bus:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            # Leaving on purpose (cancelled: the bus is closing) or after the broker ended the
+            # link: over box-stream, say goodbye (unless a frame is half-sent), then close.
+            self._goodbye_nowait(link)
             await trio.aclose_forcefully(link.framed.stream)
 
     async def _writer(self, link: _Link) -> None:
@@ -709,7 +735,7 @@ class Bus:
                 pending.reply = lost
                 pending.done.set()
             link.send.close()
-            log.info("bus connection ended: %s", reason)
+            log.debug("bus connection ended: %s", reason)
 
     def _answer(self, link: _Link, request: Request) -> None:
         if request.op == "ping":
@@ -1181,6 +1207,10 @@ class Bus:
             task_status.started()
             while True:
                 await link.closed_event.wait()
+                if not self._closed:
+                    log.warning(
+                        "lost the bus connection (%s)%s", link.reason, "; reconnecting" if self.reconnect else ""
+                    )
                 if not self.reconnect or self._closed:
                     self._give_up(ConnectionLost(f"the bus connection ended: {link.reason}"))
                     return
@@ -1191,6 +1221,9 @@ class Bus:
                     log.warning("gave up reconnecting: %s", exc)
                     self._give_up(exc)
                     return
+                ep = self.endpoint
+                where = "" if ep is None else f" ({ep.path if ep.transport == 'unix' else f'{ep.host}:{ep.port}'})"
+                log.warning("reconnected to the bus%s as %s", where, link.unique_id)
                 self._link = link
                 nursery.start_soon(self._run_link, link)
                 await self._restore(link)
@@ -1217,7 +1250,17 @@ class Bus:
         self._closed = True
         link = self._link
         if link is not None:
+            self._goodbye_nowait(link)
             await trio.aclose_forcefully(link.framed.stream)
+
+    @staticmethod
+    def _goodbye_nowait(link: _Link) -> None:
+        """We are leaving, cleanly, and may not wait: over box-stream (TCP) the goodbye goes
+        out now, so the broker reads an end of stream, not a truncation (a forced close of the
+        stream alone is an abort)."""
+        secure = link.framed.stream
+        if isinstance(secure, SecureStream):
+            secure.goodbye_nowait()
 
 
 @asynccontextmanager

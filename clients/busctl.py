@@ -3,31 +3,49 @@
 One function per verb, one helper that connects, arguments checked before connecting, and
 exit codes scripts can rely on (see ``busctl --help``).  Everything goes through the public
 client library; no protocol logic lives here.
+
+Global options go before or after the verb (``busctl --json list`` or ``busctl list --json``),
+as with systemd's busctl.  Whatever the input, a failure is one line on stderr and a
+documented exit code, never a traceback.  SIGINT and SIGTERM end a verb cleanly (its bus
+connection says goodbye) with 130 and 143; ``monitor``, which runs until stopped, with 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import re
+import signal
 import sys
+import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import FrameType
+from typing import Any, NoReturn
 
 import trio
 
+from bus import __version__
+from bus.core.broker import CHANNEL_PROTOCOL_RE
+from bus.core.glob import GlobError, compile_glob
+from bus.core.names import validate_name
+
 from . import (
     AccessDenied,
-    ChannelRejected,
+    BadRequest,
     Bus,
     BusError,
     CannotConnect,
+    ChannelRejected,
     ConnectionLost,
     HandshakeError,
     Identity,
+    InvalidName,
     KeyFileError,
     NameEvent,
     NameInfo,
@@ -48,20 +66,40 @@ EXIT_CONNECT = 3
 EXIT_DENIED = 4
 EXIT_NOT_FOUND = 5
 EXIT_REMOTE = 6
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: what a shell reports for a process the signal ended
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
-EXIT_CODES_HELP = f"""exit codes:
-  {EXIT_OK}  success
-  {EXIT_ERROR}  other error (a bad key file, an interrupted connection)
-  {EXIT_USAGE}  usage error (bad arguments)
-  {EXIT_CONNECT}  cannot connect to the bus (no address, nothing listening, handshake refused)
-  {EXIT_DENIED}  denied by the bus's policy
-  {EXIT_NOT_FOUND}  not found (no such name or connection; 'wait' timed out)
-  {EXIT_REMOTE}  any other error reported by the bus
+#: The verbs that print data, and so honour --json ('call' prints JSON anyway).  'open' passes
+#: a channel's bytes through and refuses --json.
+JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "id", "keygen")
+
+_OPTIONS_HELP = textwrap.fill(
+    "global options (--address, --identity, --network-key, --timeout, --json) go before or after "
+    f"the verb. --json is honoured by {', '.join(JSON_VERBS)}; 'open' refuses it.",
+    width=79,
+)
+
+EXIT_CODES_HELP = f"""{_OPTIONS_HELP}
+
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_ERROR}    other error (a bad key file, a connection that ended)
+  {EXIT_USAGE}    usage error (bad arguments, name or pattern; a malformed address or network key)
+  {EXIT_CONNECT}    cannot connect to the bus (no address, nothing listening, identity refused,
+       connection refused by a quota, no answer in time)
+  {EXIT_DENIED}    denied by the bus's policy
+  {EXIT_NOT_FOUND}    not found (no such name or connection; 'wait' timed out)
+  {EXIT_REMOTE}    any other error reported by the bus
+  {EXIT_SIGINT}  interrupted (SIGINT, Ctrl-C); 'monitor' exits 0
+  {EXIT_SIGTERM}  terminated (SIGTERM); 'monitor' exits 0
 
 environment:
-  MINIBUS_ADDRESS      the bus address when --address is not given (else the broker's address file)
+  MINIBUS_ADDRESS      the bus address when --address is not given (else the address file)
   MINIBUS_NETWORK_KEY  the network key (hex) when --network-key is not given
 """
+
+ADDRESS_HINT = "an address looks like unix:path=PATH,key=@….ed25519;tcp:host=HOST,port=PORT,key=@….ed25519 (busd prints it)"
+_UNIQUE_ID = re.compile(r":[0-9]{1,20}\Z")
 
 
 class Failure(Exception):
@@ -70,35 +108,86 @@ class Failure(Exception):
         self.code = code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"busctl: {message} (see '{self.prog} --help')\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _add_global_options(p: argparse.ArgumentParser, *, after_verb: bool) -> None:
+    """The options of every verb.  After the verb they default to "not given", so what came
+    before the verb (or the default) stands unless the option is repeated there."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_verb else value
+
+    group = p.add_argument_group("global options (before or after the verb)") if after_verb else p
+    group.add_argument(
+        "--address", metavar="A", default=default(None), help="bus address (default: MINIBUS_ADDRESS, else the address file)"
+    )
+    group.add_argument(
+        "--identity", metavar="FILE", default=default(None), help="key file to connect as (default: your key, created on first use)"
+    )
+    group.add_argument(
+        "--network-key",
+        metavar="HEX",
+        default=default(None),
+        help="network key, 64 hex digits (default: MINIBUS_NETWORK_KEY or minibus's own)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=default(10.0),
+        help="deadline in seconds for connecting, each request, and 'wait' (default 10)",
+    )
+    group.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON (one object per line for 'monitor')"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="busctl",
         description="Inspect and use a minibus: list plugins, watch them come and go, wait for one.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--address", metavar="A", help="bus address (default: MINIBUS_ADDRESS, else the address file)")
-    p.add_argument("--identity", metavar="FILE", help="key file to connect as (default: your key, created on first use)")
-    p.add_argument("--network-key", metavar="HEX", help="network key, 64 hex digits (default: MINIBUS_NETWORK_KEY or minibus's own)")
-    p.add_argument("--timeout", metavar="S", type=float, default=10.0, help="deadline in seconds for connecting, each request, and 'wait' (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON (one object per line for 'monitor')")
+    p.add_argument("--version", action="version", version=f"busctl (minibus) {__version__}")
+    _add_global_options(p, after_verb=False)
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    v = verbs.add_parser("list", help="list the named plugins on the bus")
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        v = verbs.add_parser(name, help=help, description=help)
+        _add_global_options(v, after_verb=True)
+        return v
+
+    v = verb("list", "list the named plugins on the bus")
     v.add_argument("--all", action="store_true", help="also nameless connections (admin identities only)")
-    v = verbs.add_parser("status", help="show one connection, by well-known name or unique id (:42)")
+    v = verb("status", "show one connection, by well-known name or unique id (:42)")
     v.add_argument("target", metavar="NAME|ID")
-    v = verbs.add_parser("monitor", help="print named plugins as they connect and disconnect, until interrupted")
-    v.add_argument("patterns", metavar="PATTERN", nargs="*", help="name patterns such as 'org.example.*' (default: all)")
-    v = verbs.add_parser("wait", help="wait until NAME is on the bus (up to --timeout), print its owner")
+    v = verb("monitor", "print named plugins as they connect and disconnect, until interrupted")
+    v.add_argument("patterns", metavar="PATTERN", nargs="*", default=[], help="name patterns such as 'org.example.*' (default: all)")
+    v = verb("wait", "wait until NAME is on the bus (up to --timeout), print its owner")
     v.add_argument("name", metavar="NAME")
-    v = verbs.add_parser("call", help="call METHOD of the service owning NAME; arguments and result are JSON")
+    v = verb("call", "call METHOD of the service owning NAME; arguments and result are JSON")
     v.add_argument("name", metavar="NAME")
     v.add_argument("method", metavar="METHOD")
-    v.add_argument("args", metavar="ARG", nargs="*", help="one JSON value per argument, e.g. 3 '\"text\"' '[1,2]'")
-    v = verbs.add_parser("introspect", help="show the methods (parameters, doc text) and protocols of a service")
+    v.add_argument("args", metavar="ARG", nargs="*", default=[], help="one JSON value per argument, e.g. 3 '\"text\"' '[1,2]'")
+    v = verb("introspect", "show the methods (parameters, return type, doc text) and protocols of a service")
     v.add_argument("name", metavar="NAME")
-    v = verbs.add_parser("open", help="pipe stdin and stdout through a channel, like netcat (EOF on stdin half-closes)")
+    v = verb("open", "pipe stdin and stdout through a channel, like netcat (EOF on stdin half-closes)")
     v.add_argument("name", metavar="NAME")
     v.add_argument("--protocol", default="raw", metavar="LABEL", help="the channel's protocol label (default: raw)")
     v.add_argument(
@@ -108,8 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how the bytes travel: direct (a socket passed by the broker; both ends on its Unix socket), "
         "relay (through the broker), auto (direct when possible, else relay; the default)",
     )
-    verbs.add_parser("id", help="print the identity busctl connects as")
-    v = verbs.add_parser("keygen", help="create a new identity key file (mode 0600)")
+    verb("id", "print the identity busctl connects as")
+    v = verb("keygen", "create a new identity key file (mode 0600)")
     v.add_argument("file", metavar="FILE")
     return p
 
@@ -155,6 +244,55 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
         _out("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+# -- arguments, checked before connecting ------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    try:
+        validate_name(name)
+    except InvalidName as exc:
+        raise Failure(f"bad name: {_safe(exc.message)}", EXIT_USAGE) from None
+
+
+def _json_args(texts: list[str]) -> list[Any]:
+    values = []
+    for text in texts:
+        try:
+            values.append(json.loads(text))
+        except ValueError as exc:
+            raise Failure(f"argument {_safe(text)!r} is not JSON ({exc}); quote strings, e.g. '\"text\"'", EXIT_USAGE) from None
+    return values
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse what the bus would refuse (or, for a pattern, never match) before connecting."""
+    if args.verb == "status":
+        if args.target.startswith(":"):
+            if not _UNIQUE_ID.match(args.target):
+                raise Failure(f"bad unique id {_safe(args.target)!r}: a unique id is ':' and digits, like :42", EXIT_USAGE)
+        else:
+            _check_name(args.target)
+    elif args.verb in ("wait", "call", "introspect", "open"):
+        _check_name(args.name)
+    if args.verb == "monitor":
+        for pattern in args.patterns:
+            try:
+                compile_glob(pattern)
+            except GlobError as exc:
+                raise Failure(f"bad pattern {_safe(pattern)!r}: {exc}", EXIT_USAGE) from None
+    elif args.verb == "call":
+        args.values = _json_args(args.args)
+    elif args.verb == "open":
+        if args.json:
+            raise Failure("open passes the channel's bytes through and prints no JSON: drop --json", EXIT_USAGE)
+        if not CHANNEL_PROTOCOL_RE.match(args.protocol):
+            raise Failure(
+                f"bad protocol label {_safe(args.protocol)!r}: 1 to 64 letters, digits and '._+-', "
+                "starting with a letter or digit",
+                EXIT_USAGE,
+            )
+
+
 # -- connecting ------------------------------------------------------------------------------
 
 
@@ -163,27 +301,47 @@ def _identity(args: argparse.Namespace) -> Identity:
         return load_identity(args.identity) if args.identity else load_or_create_identity()
     except KeyFileError as exc:
         raise Failure(str(exc), EXIT_ERROR) from exc
+    except OSError as exc:
+        raise Failure(f"{exc.filename or args.identity or 'key file'}: {exc.strerror or exc}", EXIT_ERROR) from exc
+
+
+def _network_key(args: argparse.Namespace) -> bytes | None:
+    source, text = "--network-key", args.network_key
+    if not text:
+        source, text = "MINIBUS_NETWORK_KEY", os.environ.get("MINIBUS_NETWORK_KEY")
+    try:
+        return parse_network_key(text) if text else None
+    except ValueError as exc:
+        raise Failure(f"{source}: {exc}", EXIT_USAGE) from exc
+
+
+def _address_source(args: argparse.Namespace) -> str:
+    if args.address:
+        return "--address"
+    return "MINIBUS_ADDRESS" if os.environ.get("MINIBUS_ADDRESS") else "the address file"
 
 
 @asynccontextmanager
 async def _connect(args: argparse.Namespace) -> AsyncIterator[Bus]:
     identity = _identity(args)
-    try:
-        network_key = parse_network_key(args.network_key) if args.network_key else None
-    except ValueError as exc:
-        raise Failure(f"--network-key: {exc}", EXIT_USAGE) from exc
-    try:
-        async with open_bus(
-            args.address,
-            identity=identity,
-            network_key=network_key,
-            reconnect=False,
-            request_timeout=args.timeout,
-            connect_timeout=args.timeout,
-        ) as bus:
-            yield bus
-    except (CannotConnect, HandshakeError, OSError) as exc:
-        raise Failure(str(exc), EXIT_CONNECT) from exc
+    network_key = _network_key(args)
+    async with AsyncExitStack() as stack:
+        try:
+            bus = await stack.enter_async_context(
+                open_bus(
+                    args.address,
+                    identity=identity,
+                    network_key=network_key,
+                    reconnect=False,
+                    request_timeout=args.timeout,
+                    connect_timeout=args.timeout,
+                )
+            )
+        except ValueError as exc:  # a malformed address, or a broker key that is no Ed25519 point
+            raise Failure(f"bad bus address ({_address_source(args)}): {_safe(str(exc))}; {ADDRESS_HINT}", EXIT_USAGE) from exc
+        except (CannotConnect, HandshakeError, OSError) as exc:
+            raise Failure(str(exc), EXIT_CONNECT) from exc
+        yield bus
 
 
 # -- verbs -----------------------------------------------------------------------------------
@@ -278,21 +436,19 @@ async def verb_wait(args: argparse.Namespace) -> None:
         _out(found.unique_id)
 
 
-def _json_args(texts: list[str]) -> list[Any]:
-    values = []
-    for text in texts:
-        try:
-            values.append(json.loads(text))
-        except ValueError as exc:
-            raise Failure(f"argument {text!r} is not JSON ({exc}); quote strings, e.g. '\"text\"'", EXIT_USAGE) from None
-    return values
-
-
 async def verb_call(args: argparse.Namespace) -> None:
-    values = _json_args(args.args)
     async with _connect(args) as bus:
-        result = await bus.call(args.name, args.method, *values)
+        result = await bus.call(args.name, args.method, *args.values)
     _json(result)
+
+
+def _method_line(method: dict[str, Any]) -> str:
+    params = ", ".join(
+        str(p.get("name")) + (f": {p['type']}" if "type" in p else "") + (f" = {p['default']}" if "default" in p else "")
+        for p in method.get("params", [])
+    )
+    returns = f" -> {method['returns']}" if "returns" in method else ""
+    return f"  {method.get('name')}({params}){returns}"
 
 
 async def verb_introspect(args: argparse.Namespace) -> None:
@@ -302,13 +458,9 @@ async def verb_introspect(args: argparse.Namespace) -> None:
         _json(described)
         return
     _out(_safe(f"{described.get('name')}: {described.get('info', {}).get('description', '')}"))
-    _out(_safe(f"protocols: {', '.join(described.get('protocols', []))}"))
+    _out(_safe(f"protocols: {', '.join(map(str, described.get('protocols', [])))}"))
     for method in described.get("methods", []):
-        params = ", ".join(
-            p["name"] + (f": {p['type']}" if "type" in p else "") + (f" = {p['default']}" if "default" in p else "")
-            for p in method.get("params", [])
-        )
-        _out(_safe(f"  {method['name']}({params})"))
+        _out(_safe(_method_line(method)))
         for line in str(method.get("doc", "")).splitlines():
             _out(_safe(f"      {line}"))
 
@@ -329,7 +481,11 @@ async def verb_open(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(upstream)
                 while data := await channel.receive_some(65536):
-                    await stdout.send_all(data)
+                    try:
+                        await stdout.send_all(data)
+                    except trio.BrokenResourceError:  # whoever read our output is gone (| head)
+                        nursery.cancel_scope.cancel()
+                        break
 
 
 async def verb_id(args: argparse.Namespace) -> None:
@@ -346,6 +502,8 @@ async def verb_keygen(args: argparse.Namespace) -> None:
         save_identity(args.file, identity)
     except KeyFileError as exc:
         raise Failure(str(exc), EXIT_ERROR) from exc
+    except (OSError, ValueError) as exc:
+        raise Failure(f"{args.file}: cannot write the key file: {getattr(exc, 'strerror', None) or exc}", EXIT_ERROR) from exc
     if args.json:
         _json({"identity": identity.id, "file": args.file})
     else:
@@ -365,13 +523,58 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
 }
 
 
-def _exit_code(exc: BaseException) -> tuple[int, str]:
+# -- running a verb: signals, errors and exit codes ----------------------------------------------
+
+
+async def _run(args: argparse.Namespace, handled: list[int], early: list[int]) -> int | None:
+    """Run the verb until it ends or one of the ``handled`` signals cancels it; returns that
+    signal, if one came (one that came before the receiver was in place is in ``early``)."""
+    if not handled:
+        await VERBS[args.verb](args)
+        return None
+    caught: list[int] = []
+    with trio.open_signal_receiver(*handled) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        caught.append(signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(on_signal)
+                if early:
+                    caught.append(early[0])
+                    nursery.cancel_scope.cancel()
+                await VERBS[args.verb](args)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            if caught:
+                return caught[0]  # asked to stop: what stopping broke does not matter
+            raise
+    return caught[0] if caught else None
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception to report: from a group, the first busctl or bus error, else the first."""
+    if isinstance(exc, BaseExceptionGroup):
+        known = exc.subgroup(lambda e: isinstance(e, (Failure, BusError)))
+        exc = known if known is not None else exc
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+    return exc
+
+
+def _exit_code(exc: BaseException, verb: str) -> tuple[int, str]:
     if isinstance(exc, Failure):
         return exc.code, str(exc)
     if isinstance(exc, AccessDenied):
         return EXIT_DENIED, exc.message
     if isinstance(exc, NameNotFound):
         return EXIT_NOT_FOUND, exc.message
+    if isinstance(exc, InvalidName) or (isinstance(exc, BadRequest) and verb not in ("call", "introspect")):
+        return EXIT_USAGE, str(exc)  # the broker found fault with what we passed on from the command line
     if isinstance(exc, ChannelRejected):
         return EXIT_REMOTE, exc.message
     if isinstance(exc, RequestError):
@@ -380,35 +583,63 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
         return EXIT_CONNECT, str(exc)
     if isinstance(exc, (ConnectionLost, BusError)):
         return EXIT_ERROR, str(exc)
-    raise exc
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        return EXIT_ERROR, f"the connection broke: {exc}"
+    if isinstance(exc, OSError):
+        return EXIT_ERROR, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    return EXIT_ERROR, f"internal error (please report it): {type(exc).__name__}: {exc}"
+
+
+def _quiet_stdout() -> None:
+    """Whoever read our output left (``busctl monitor | head -1``): drop what remains, so
+    the interpreter's last flush does not complain on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
+    # busctl reports failures itself, on one line: the library's log lines stay out of it.
+    logging.getLogger("minibus").addHandler(logging.NullHandler())
+    early: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        early.append(signum)
+
+    # A signal ignored when we started (SIGINT for a job a script put in the background)
+    # stays ignored, as shells do; off the main thread, signals are the program's business.
+    handled: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    if signal.SIGTERM in handled:
+        signal.signal(signal.SIGTERM, remember)
     args = _parser().parse_args(argv)
-    if not (args.timeout > 0 and math.isfinite(args.timeout)):
-        print("busctl: --timeout must be a positive number of seconds", file=sys.stderr)
-        return EXIT_USAGE
+    signum: int | None = None
     try:
-        trio.run(VERBS[args.verb], args)
+        _check_args(args)
+        signum = trio.run(_run, args, handled, early)
     except KeyboardInterrupt:
-        return EXIT_OK if args.verb == "monitor" else 130
-    except (BusError, Failure) as exc:
-        code, message = _exit_code(exc)
-        print(f"busctl: {message}", file=sys.stderr)
-        return code
-    except BaseExceptionGroup as group:
-        errors = [e for e in group.exceptions if isinstance(e, (BusError, Failure))]
-        if not errors:
-            raise
-        code, message = _exit_code(errors[0])
-        print(f"busctl: {message}", file=sys.stderr)
-        return code
+        signum = signal.SIGINT
     except BrokenPipeError:
+        _quiet_stdout()
         return EXIT_OK
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        print(f"busctl: the channel broke: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    except Exception as exc:  # incl. groups; anything unexpected still ends as one line
+        cause = _cause(exc)
+        if isinstance(cause, BrokenPipeError):
+            _quiet_stdout()
+            return EXIT_OK
+        code, message = _exit_code(cause, args.verb)
+        print(f"busctl: {' '.join(message.splitlines())}", file=sys.stderr)
+        return code
+    signum = signum or (early[0] if early else None)
+    if signum is None:
+        return EXIT_OK
+    if args.verb == "monitor":
+        return EXIT_OK
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
 
 
 if __name__ == "__main__":

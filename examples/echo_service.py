@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from clients import Channel, Service, open_bus
@@ -38,6 +40,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # The client library logs at WARNING when it loses the broker and when it is back.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         trio.run(main)
     except KeyboardInterrupt:

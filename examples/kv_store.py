@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import trio
@@ -69,6 +70,8 @@ async def client(args: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # The client library logs at WARNING when it loses the broker and when it is back.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if sys.argv[1:2] == ["serve"]:
         try:
             trio.run(serve)

@@ -10,6 +10,7 @@ snapshot (``present``), then every change, with no gap in between.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import trio
@@ -25,6 +26,8 @@ async def main(patterns: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # The client library logs at WARNING when it loses the broker and when it is back.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         trio.run(main, sys.argv[1:])
     except KeyboardInterrupt:

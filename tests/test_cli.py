@@ -359,22 +359,29 @@ def test_kv_store_and_chat_examples(env: dict[str, str], busd: tuple[subprocess.
         nokey = run("get", "shape")
         assert nokey.returncode == 1 and "no key 'shape'" in nokey.stderr
         assert json.loads(busctl(env, "call", "org.example.KV", "get", '"colour"').stdout) == "blue"
-        def join() -> subprocess.Popen[bytes]:
+        def join(*nick: str) -> subprocess.Popen[bytes]:
             member = subprocess.Popen(
-                [sys.executable, str(ROOT / "examples" / "chat_room.py"), "join"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                [sys.executable, str(ROOT / "examples" / "chat_room.py"), "join", *nick],
+                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )
             members.append(member)
             assert member.stdout is not None
-            assert member.stdout.readline().startswith(b"* :")  # its own arrival
+            arrival = member.stdout.readline()  # its own
+            assert arrival.startswith(f"* {nick[0]} (:".encode() if nick else b"* :") and arrival.endswith(b" joined\n")
             return member
 
-        alice = join()
-        bob = join()
-        assert alice.stdout is not None and bob.stdout is not None and alice.stdin is not None
+        alice = join("alice")
+        bob = join()  # no nickname: shown by its unique id
+        assert alice.stdout is not None and bob.stdout is not None and alice.stdin is not None and bob.stdin is not None
         assert b"joined" in alice.stdout.readline()  # bob's arrival
         alice.stdin.write(b"hello room\n")
         alice.stdin.flush()
-        assert bob.stdout.readline().endswith(b"> hello room\n")
+        assert bob.stdout.readline() == b"<alice> hello room\n"  # the nickname, not alice's unique id
+        bob.stdin.write(b"hi\n")
+        bob.stdin.flush()
+        assert alice.stdout.readline() == b"<alice> hello room\n"  # (her own line comes back too)
+        mine, theirs = alice.stdout.readline().split(b"> ")
+        assert mine.startswith(b"<:") and mine[2:].isdigit() and theirs == b"hi\n"
         assert len(json.loads(busctl(env, "call", "org.example.Chat", "members").stdout)) == 2
     finally:
         for m in members:

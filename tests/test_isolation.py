@@ -579,3 +579,127 @@ async def test_a_resync_reaches_the_user_as_the_difference(tmp_path: Path) -> No
             ]
         )
         await watch.aclose()
+
+
+async def test_a_watcher_with_many_watches_is_not_cut_by_the_resyncs_others_caused(tmp_path: Path) -> None:
+    """32 watches owe a resync at once: their pages go out one at a time as the queue has room,
+    and the watcher that reads again is never cut."""
+    async with running_broker(tmp_path) as rb:
+        watcher = await raw_connect(rb.unix_address, OWNER)
+        await watcher.send_message({"op": "hello", "id": 1})
+        await reply_to(watcher, 1)
+        for i in range(32):
+            await watcher.send_message({"op": "watch", "id": 10 + i, "patterns": ["org.example.*"]})
+            await reply_to(watcher, 10 + i)
+        attacker = await raw_connect(rb.unix_address, FRIEND)
+        await attacker.send_message({"op": "hello", "id": 1, "info": {"metadata": {"b": "i" * 13000}}})
+        await reply_to(attacker, 1)
+        for i in range(8):  # the watcher does not read meanwhile
+            await attacker.send_message({"op": "request_name", "id": 10 + i, "name": f"org.example.Big{i}"})
+            await reply_to(attacker, 10 + i)
+        owing = sum(w.resync for w in rb.broker.core.connections[min(rb.broker.sessions)].watches.values())
+        assert owing > 0  # the queue filled up: some watches owe a resync
+        # The watcher reads again: everything owed arrives (one page at a time), no error.
+        resynced: set[int] = set()
+        await watcher.send_message({"op": "ping", "id": 99})
+        with trio.fail_after(30):
+            while True:
+                frame = await watcher.receive_frame()
+                assert frame is not None, "the watcher was cut"
+                assert isinstance(frame, ControlFrame)
+                assert frame.message.get("event") != "error", frame.message
+                if frame.message.get("event") == "resync":
+                    resynced.add(frame.message["watch"])
+                if frame.message.get("re") == 99:
+                    break  # the ping was answered behind everything queued before it
+        with trio.fail_after(30):
+            while len(resynced) < owing or rb.broker.core.pumping:
+                frame = await watcher.receive_frame()
+                assert frame is not None, "the watcher was cut"
+                assert isinstance(frame, ControlFrame)
+                assert frame.message.get("event") != "error", frame.message
+                if frame.message.get("event") == "resync":
+                    resynced.add(frame.message["watch"])
+        assert len(resynced) == owing
+        for framed in (watcher, attacker):
+            await framed.aclose()
+
+
+async def test_one_end_saying_a_direct_channel_closed_frees_nothing_of_the_other(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, limits=Limits(channels_per_connection=8)) as rb:
+        target = await raw_connect(rb.unix_address, PLUGIN)
+        await target.send_message({"op": "hello", "id": 1, "name": "org.example.Victim"})
+        await reply_to(target, 1)
+        liar = await raw_connect(rb.unix_address, FRIEND)
+        await liar.send_message({"op": "hello", "id": 1})
+        liar_id = (await reply_to(liar, 1))["result"]["unique_id"]
+        opened = 0
+        refused = ""
+        async with trio.open_nursery() as nursery:
+
+            async def accept_all() -> None:
+                while True:
+                    frame = await target.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                        await target.send_message({"re": frame.message["id"], "result": {}})
+
+            nursery.start_soon(accept_all)
+            for i in range(20):
+                await liar.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Victim", "route": "auto"})
+                reply = await reply_to(liar, 10 + i)
+                if "error" in reply:
+                    refused = reply["error"]["message"]
+                    break
+                opened += 1
+                await liar.send_message({"op": "channel_report", "id": 100 + i, "channel": reply["result"]["channel"], "bytes_in": 0, "bytes_out": 0, "closed": True})
+                await reply_to(liar, 100 + i)
+            nursery.cancel_scope.cancel()
+        assert opened == 8 and "channels_per_connection" in refused
+        conn = rb.broker.core.connections[int(liar_id[1:])]
+        assert conn.channel_budget.used == 8
+        for framed in (liar, target):
+            await framed.aclose()
+
+
+async def test_socket_ends_for_a_target_that_does_not_read_stay_bounded(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, channel_timeout=0.2) as rb:
+        sink = await raw_connect(rb.unix_address, PLUGIN)  # never reads after its hello
+        await sink.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+        await reply_to(sink, 1)
+        opener = await raw_connect(rb.unix_address, FRIEND)
+        await opener.send_message({"op": "hello", "id": 1})
+        await reply_to(opener, 1)
+        sink_session = rb.broker.sessions[rb.broker.core.names.owner("org.example.Sink") or 0]
+        rid = 10
+        refusals = []
+        for _ in range(8):
+            for _ in range(32):
+                await opener.send_message({"op": "open_channel", "id": rid, "name": "org.example.Sink", "route": "auto"})
+                rid += 1
+            got = 0
+            with trio.fail_after(30):
+                while got < 32:
+                    frame = await opener.receive_frame()
+                    if isinstance(frame, ControlFrame) and "error" in frame.message:
+                        got += 1
+                        if frame.message["error"]["code"] == QuotaExceeded.wire_code:
+                            refusals.append(frame.message["error"]["message"])
+            assert sink_session.out.queued_fds <= 16
+        assert refusals and all("not reading" in r for r in refusals)
+        for framed in (opener, sink):
+            await framed.aclose()
+
+
+async def test_channel_request_deadlines_cost_no_task_each(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, channel_timeout=30) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name="org.example.No") as service:
+            service.handle_channels("raw", echo, accept=lambda req: "no")
+            async with open_bus(rb.unix_address, identity=FRIEND) as client:
+                nursery = rb.broker._nursery
+                assert nursery is not None
+                before = len(nursery.child_tasks)
+                for _ in range(300):
+                    with pytest.raises(ChannelRejected):
+                        await client.open_channel("org.example.No", route="relay")
+                assert len(nursery.child_tasks) <= before + 2
+                assert len(rb.broker._open_deadlines) == 300  # small records, each gone when due

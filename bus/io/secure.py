@@ -18,7 +18,12 @@ only moves their bytes.
 * Half-close: :meth:`send_eof` sends the box-stream goodbye (plain streams half-close the
   transport instead); the peer then reads ``b""``.  :meth:`aclose` sends the goodbye too,
   within :attr:`close_timeout` and only when no send is in progress, so a clean close reads
-  as EOF on the other side and a cut connection as :class:`trio.BrokenResourceError`.
+  as EOF on the other side and a cut connection as :class:`trio.BrokenResourceError`.  A
+  forced close (:func:`trio.aclose_forcefully`, a cancelled task) sends nothing: it is an
+  abort, and reads as one.  An owner ending cleanly where it cannot wait (a connection shut
+  down from a cancelled scope) calls :meth:`goodbye_nowait` first: the goodbye goes straight
+  to the socket.  No goodbye ever follows part of a box (wire bytes from :meth:`send_nowait`
+  still owed, or a send in progress): the peer then sees the truncation that it is.
 * A send cancelled half-way through an encrypted write would leave half a box on the wire,
   so it breaks the stream (like SSLStream).
 """
@@ -110,6 +115,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._incoming = bytearray()  # plaintext received but not yet returned
         self._eof_sent = False
         self._eof_received = False
+        # Wire bytes send_nowait() left for send_wire(): until they are sent, the wire ends
+        # mid-box and no goodbye may follow.
+        self._wire_owed = 0
+        self._goodbye_rest = b""  # what the socket did not take of goodbye_nowait()'s goodbye
         #: Plaintext bytes sent and received after the handshake.
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -274,6 +283,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
             self._broken_by = cause
         await trio.aclose_forcefully(self.transport)
 
+    def _socket(self) -> trio.socket.SocketType | None:
+        """The transport's socket, when it is one (written to directly, without waiting)."""
+        sock = getattr(self.transport, "socket", None)
+        return sock if isinstance(sock, trio.socket.SocketType) else None
+
     def _mark_broken(self, cause: BaseException) -> None:
         if self._state is _State.OK:
             self._state = _State.BROKEN
@@ -317,8 +331,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
         if not wire:
             return wire
-        sock = getattr(self.transport, "socket", None)
-        if isinstance(sock, trio.socket.SocketType):
+        sock = self._socket()
+        if sock is not None:
             try:
                 sent = os.write(sock.fileno(), wire)
             except BlockingIOError:
@@ -339,6 +353,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                     raise
         # Taken: what the transport did not take now follows in send_wire.
         self.bytes_sent += len(data)
+        self._wire_owed += len(wire) - sent
         return wire[sent:]
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
@@ -346,6 +361,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         with self._send_conflict:
             self._check_usable()
             await self._transport_send(wire)
+            self._wire_owed = max(0, self._wire_owed - len(wire))
 
     async def _transport_send(self, payload: bytes | bytearray | memoryview) -> None:
         try:
@@ -468,6 +484,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 and self._encoder is not None
                 and not self._eof_sent
                 and not self._send_conflict.held
+                and not self._wire_owed
             ):
                 # Best effort: a clean close reads as EOF on the other side.
                 self._eof_sent = True
@@ -476,5 +493,45 @@ class SecureStream(trio.abc.HalfCloseableStream):
                         await self.transport.send_all(self._encoder.goodbye())
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
+            elif was_ok and self._goodbye_rest and not self._send_conflict.held:
+                # What the socket did not take of goodbye_nowait's goodbye (a graceful close only).
+                rest, self._goodbye_rest = self._goodbye_rest, b""
+                with self._send_conflict, trio.move_on_after(self.close_timeout):
+                    try:
+                        await self.transport.send_all(rest)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
         finally:
             await self.transport.aclose()
+
+    def goodbye_nowait(self) -> None:
+        """End our sending direction cleanly, now, without waiting (no checkpoint).
+
+        For an owner that is closing cleanly but may not wait (its scope is being
+        cancelled): the box-stream goodbye is written straight to a socket transport, so a
+        forced close that follows reads as an end of stream, not a truncation.  Nothing is
+        sent, and the stream is left as it was, when the handshake has not completed, the
+        stream is plain (closing it is its clean end) or not OK, a send is in progress, part
+        of a box is still owed, or the transport is not a socket.  Afterwards sends raise
+        :class:`trio.ClosedResourceError`, as after :meth:`send_eof`; what the socket did not
+        take at once goes out in a graceful :meth:`aclose` (a forced one drops it).
+        """
+        sock = self._socket()
+        if (
+            self._encoder is None
+            or self._state is not _State.OK
+            or self._eof_sent
+            or self._send_conflict.held
+            or self._wire_owed
+            or sock is None
+        ):
+            return
+        self._eof_sent = True
+        goodbye = self._encoder.goodbye()
+        try:
+            sent = os.write(sock.fileno(), goodbye)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the peer is gone: nobody left to tell
+        self._goodbye_rest = goodbye[sent:]
