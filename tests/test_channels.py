@@ -613,6 +613,14 @@ async def test_direct_channels_are_listed_with_the_byte_counts_their_ends_report
         entry = await client.info(client.unique_id)
         assert [c["route"] for c in entry.channels] == [route]
         await ch.aclose()
+        # One end's word does not free the other's budget: the record stays while the target
+        # holds its end, and goes once both ends said they closed.
+        my_half = (int(client.unique_id[1:]), mine["channel"])
+        with trio.fail_after(10):
+            while my_half not in rb.broker.core.direct[my_half].closed:
+                await trio.sleep(0.02)
+        assert await _listed(rb, service.unique_id)
+        await theirs.aclose()
         with trio.fail_after(10):
             while await _listed(rb, client.unique_id) or await _listed(rb, service.unique_id):
                 await trio.sleep(0.02)
