@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, default_runtime_dir
+from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, check_settings, default_runtime_dir
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
 from .errors import KeyFileError
@@ -271,6 +271,10 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
     for key, kind in _TIMING_KEYS.items():
         if key in limits_section:
             setattr(config, key, kind(limits_section[key]))
+    try:
+        check_settings(config)
+    except ValueError as exc:
+        raise ConfigError(f"{args.config or 'busd'}: [limits]: {exc}") from exc
     level: str = args.log_level or section.get("log_level") or "info"
     return config, level
 

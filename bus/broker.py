@@ -53,7 +53,7 @@ from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, e
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
-__all__ = ["BrokerConfig", "Broker", "BrokerAlreadyRunning", "default_runtime_dir"]
+__all__ = ["BrokerConfig", "Broker", "BrokerAlreadyRunning", "check_settings", "default_runtime_dir"]
 
 log = logging.getLogger("minibus.broker")
 
@@ -287,8 +287,30 @@ class _Session:
                     pass
 
 
+def check_settings(config: BrokerConfig) -> None:
+    """Refuse sizes that contradict each other (ValueError, one line naming the settings):
+    every message the broker builds must fit a control frame and a queue."""
+    limits = config.limits
+    rules = [
+        (config.max_frame >= RELAY_FRAME + 1024, f"max_frame must be at least {RELAY_FRAME + 1024} (a relayed frame and its head)"),
+        (config.max_control >= limits.message_bytes + 1024, "max_control must be at least message_bytes + 1024"),
+        (limits.message_bytes >= limits.reply_bytes, "message_bytes must be at least reply_bytes"),
+        (limits.reply_bytes >= limits.info_bytes + 1024, "reply_bytes must be at least info_bytes + 1024 (one entry per page)"),
+        (
+            config.outbound_bytes >= max(2 * (RELAY_FRAME + 64), limits.message_bytes + 1024),
+            "outbound_bytes must be at least 2 x 65600 (relayed data stops at half of it) and message_bytes + 1024",
+        ),
+        (limits.info_depth <= 16, "info_depth must be at most 16 (events and lists nest it further, up to the CBOR limit of 32)"),
+        (limits.relay_bytes_per_identity >= 2 * min(65536, limits.relay_credit), "relay_bytes_per_identity must pay for one relayed channel"),
+    ]
+    for ok, why in rules:
+        if not ok:
+            raise ValueError(why)
+
+
 class Broker:
     def __init__(self, config: BrokerConfig) -> None:
+        check_settings(config)
         self.config = config
         self.core = BrokerCore(config.policy, config.limits)
         self.core.fd_passing = not config.encrypt_unix
@@ -629,7 +651,7 @@ class Broker:
             log.info("refused %s: %s", stream.peer_key, exc)
             with trio.move_on_after(cfg.close_timeout):
                 try:
-                    await framed.send_message({"event": "error", "code": exc.code, "message": str(exc)})
+                    await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             return

@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 from .channels import DEFAULT_WINDOW, Channel, ChannelRequest, PeerInfo, RelayStream  # noqa: E402
-from .rpc import RPC_PROTOCOL, RpcConnection  # noqa: E402
+from .rpc import DEFAULT_MAX_MESSAGE, RPC_PROTOCOL, RpcConnection  # noqa: E402
 
 log = logging.getLogger("minibus.client")
 
@@ -385,8 +385,11 @@ class Bus:
         flags: Iterable[str],
         reconnect: bool,
         request_timeout: float,
+        rpc_max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         self.address = address
+        #: The largest RPC message (argument or result) this bus's calls send or accept.
+        self.rpc_max_message = rpc_max_message
         self.endpoints = parse_address(address)
         self.identity = identity
         self.network_key = network_key
@@ -1163,7 +1166,7 @@ class Bus:
                 if self._nursery is None:
                     raise ConnectionLost("the bus is not running")
                 channel = await self.open_channel(name, RPC_PROTOCOL)
-                connection = RpcConnection(channel)
+                connection = RpcConnection(channel, max_message=self.rpc_max_message)
                 await self._nursery.start(connection.run)
                 self._rpc[name] = connection
             return connection
@@ -1275,6 +1278,7 @@ async def open_bus(
     reconnect: bool = True,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    rpc_max_message: int = DEFAULT_MAX_MESSAGE,
 ) -> AsyncIterator[Bus]:
     """Connect to the bus for the duration of the block.
 
@@ -1282,6 +1286,7 @@ async def open_bus(
     the user's default key (created on first use); ``network_key`` to ``MINIBUS_NETWORK_KEY``
     or minibus's default.  With ``name``, the connection registers as that well-known name
     (a service plugin); without, it is a nameless client, hidden from other clients' queries.
+    ``rpc_max_message`` bounds the RPC messages :meth:`Bus.call` sends and accepts (16 MiB).
     """
     bus = Bus(
         find_address(address),
@@ -1292,6 +1297,7 @@ async def open_bus(
         flags=flags,
         reconnect=reconnect,
         request_timeout=request_timeout,
+        rpc_max_message=rpc_max_message,
     )
     with trio.move_on_after(connect_timeout) as scope:
         first = await bus._connect()

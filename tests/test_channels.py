@@ -694,14 +694,14 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
     from bus.core.broker import Limits
     from bus.wire.frames import DataFrame, encode_data
 
-    async with running_broker(tmp_path, outbound_bytes=128 * 1024, limits=Limits(relay_credit=256 * 1024)) as rb:
+    async with running_broker(tmp_path, outbound_bytes=160 * 1024, limits=Limits(relay_credit=256 * 1024)) as rb:
         opener, och, target, tch = await _raw_relay(rb)
         await target.send_message({"credit": 256 * 1024}, tch)
         with trio.fail_after(10):  # the broker's grant: the channel's starting credit
             while not (isinstance(frame := await opener.receive_frame(), ControlFrame) and "credit" in frame.message):
                 pass
         blob = os.urandom(frame.message["credit"])
-        assert len(blob) > 32 * 1024  # more than the receiver's queue takes before relayed data waits
+        assert len(blob) == 64 * 1024  # a channel's starting credit: one whole relayed frame
         await opener.stream.send_all(encode_data(och, blob))
         got = bytearray()
         sizes = []

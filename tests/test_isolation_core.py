@@ -315,3 +315,26 @@ def test_complex_watches_are_counted_and_plain_ones_are_not() -> None:
     assert "complex_watches_per_connection" in replies[2]["error"]["message"]
     core.receive(conn, {"op": "unwatch", "id": 30, "watch": replies[0]["result"]["watch"]})
     assert "result" in core.receive(conn, {"op": "watch", "id": 31, "patterns": ["*[!b]?b*"]})[0][1]
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"max_frame": 1}, "max_frame"),
+        ({"max_control": 10}, "max_control"),
+        ({"outbound_bytes": 4096}, "outbound_bytes"),
+        ({"limits": Limits(info_bytes=60_000)}, "reply_bytes"),
+        ({"limits": Limits(info_depth=30)}, "info_depth"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(overrides: dict[str, Any], named: str, tmp_path: Any) -> None:
+    from bus.broker import Broker, check_settings
+
+    from .brokers import make_config
+
+    config = make_config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=named):
+        check_settings(config)
+    with pytest.raises(ValueError, match=named):
+        Broker(config)
+    check_settings(make_config(tmp_path))  # the defaults agree

@@ -504,3 +504,17 @@ async def test_a_result_that_cannot_be_encoded_is_an_error_reply(tmp_path: Path)
             await rpc.call("odd")
         assert await rpc.call("echo", 5) == 5
 
+
+
+async def test_bus_call_takes_the_callers_limit_from_open_bus(tmp_path: Path) -> None:
+    service = make_service()
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND, rpc_max_message=256 * 1024) as bus:
+                assert await bus.call(NAME, "length", bytes(200 * 1024)) == 200 * 1024
+                with pytest.raises(MessageTooLarge, match="262144-byte limit"):
+                    await bus.call(NAME, "length", bytes(MiB))
+                with pytest.raises(MessageTooLarge):  # a reply over our limit fails that call only
+                    await bus.call(NAME, "make", MiB)
+                assert await bus.call(NAME, "echo", "still here") == "still here"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import nacl.bindings as sodium
+
 from .identity import PublicKey
 
 __all__ = ["Endpoint", "parse_address", "format_address", "AddressError", "default_runtime_dir"]
@@ -98,8 +100,13 @@ def parse_address(text: str) -> list[Endpoint]:
             raise AddressError(f"address part {part!r} has no key=@….ed25519 (the broker's identity)")
         try:
             public = PublicKey.from_id(fields["key"])
+            # The handshake needs the key as a curve25519 point: check that here, not after
+            # a socket is open.
+            sodium.crypto_sign_ed25519_pk_to_curve25519(public.raw)
         except ValueError as exc:
             raise AddressError(f"address part {part!r}: {exc}") from None
+        except Exception:
+            raise AddressError(f"address part {part!r}: the key is not a valid Ed25519 point") from None
         if transport == "unix":
             if not fields.get("path"):
                 raise AddressError(f"address part {part!r} has no path=")
