@@ -1052,6 +1052,49 @@ async def attack_watch_patterns(ctx: AttackContext) -> None:
     )
 
 
+async def attack_complex_watches(ctx: AttackContext) -> None:
+    """Complex watch patterns (``?`` and sets between stars, run by the broker's automaton),
+    as many as one identity may hold, then names of 250 characters churned under them: every
+    change is matched against every one of them."""
+    r = ctx.result
+    stats = collections.Counter[str]()
+    attacker = Identity.generate()
+    pattern = "*" + "[!b]" * 8 + "b*"
+    patterns = [pattern] * (1024 // len(pattern))
+    async with trio.open_nursery() as nursery:
+        watchers = []
+        for _ in range(4):  # complex_watches_per_connection x 4 = complex_watches_per_identity
+            c = await ctx.raw(identity=attacker)
+            nursery.start_soon(c.run)
+            await c.request("hello")
+            watchers.append(c)
+            for _ in range(8):
+                reply = await c.request("watch", patterns=patterns, timeout=10)
+                stats[f"watch {reply_label(reply)}"] += 1
+        churner = await ctx.raw(identity=attacker)
+        nursery.start_soon(churner.run)
+        await churner.request("hello")
+        for i in range(60):  # names present for every snapshot page too
+            await churner.request("request_name", name=f"org.attack.{'a' * 236}{i:03}")
+        ctx.ready()
+        long_name = "org.attack." + "a" * 243
+        while ctx.remaining() > 0:
+            for op in ("request_name", "release_name"):
+                try:
+                    reply = await churner.request(op, name=long_name, timeout=10)
+                except Exception as exc:
+                    stats[error_label(exc)] += 1
+                    break
+                stats[f"{op} {reply_label(reply)}"] += 1
+        r["attackers_disconnected"] = [c.reason for c in watchers + [churner] if c.closed.is_set()]
+        nursery.cancel_scope.cancel()
+    r["outcomes"] = dict(stats)
+    r["summary"] = (
+        f"{stats['watch ok']} complex watches held ({len(patterns)} x {len(pattern)} chars), "
+        f"{stats['watch QuotaExceeded']} refused; {stats['request_name ok']} name changes of 254-char names under them"
+    )
+
+
 def array_frame(rid: int, items: int) -> bytes:
     """A ping of about 64 KiB whose ``pad`` holds ``items`` items (small items when many)."""
     width = max(0, 65_400 // items - 1)
@@ -1208,6 +1251,7 @@ ATTACKS = [
     AttackSpec("pipelined-opens", 4, lambda q: f"wrong party: {count('pipelined_opens', q)} opens in 1 write", attack_pipelined_opens),
     AttackSpec("idle-channels", 4, lambda q: f"wrong party: {count('idle_channels', q)} idle chans to canary", attack_idle_channels),
     AttackSpec("watch-patterns", 5, lambda q: "CPU: worst-case watch patterns", attack_watch_patterns),
+    AttackSpec("watch-complex", 5, lambda q: "CPU: complex watches, long names churned", attack_complex_watches),
     AttackSpec("big-arrays", 5, lambda q: "CPU: 64 KiB frames, most items allowed", attack_big_arrays),
     AttackSpec(
         "mass-close", 5, lambda q: f"CPU: {count('mass_close', q)} conns closing at once", attack_mass_close,
