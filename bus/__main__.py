@@ -302,6 +302,8 @@ async def pace_garbage_collection() -> None:
             gc.unfreeze()
             gc.collect()
             last_full = trio.current_time()
+        # Young garbage first (cheap: only what is new), so no cycle is frozen alive.
+        gc.collect(1)
         gc.freeze()
 
 

@@ -613,6 +613,7 @@ class Broker:
                 await stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(stream)
+            stream.forget_failure_frames()  # however the connection ended (see there)
 
     async def _serve_connection(
         self,
@@ -636,6 +637,9 @@ class Broker:
             return
         finally:
             self._handshake_done(source, scope)
+            # A failed handshake's error keeps its frames, which keep the stream: let the
+            # stream go by reference counting instead of a full garbage collection.
+            stream.forget_failure_frames()
         if scope.cancelled_caught or self._shutting_down:
             return  # dropped to make room for a newer handshake (or shutting down)
         framed = FramedStream(

@@ -703,3 +703,57 @@ async def test_channel_request_deadlines_cost_no_task_each(tmp_path: Path) -> No
                         await client.open_channel("org.example.No", route="relay")
                 assert len(nursery.child_tasks) <= before + 2
                 assert len(rb.broker._open_deadlines) == 300  # small records, each gone when due
+
+
+async def test_failed_and_hostile_connections_leave_no_cycles_either(tmp_path: Path) -> None:
+    """Handshakes that time out, are dropped for newer ones or get garbage, and sessions that
+    end in a framing violation or a cut box-stream: none leaves a reference cycle behind."""
+    import gc
+
+    from bus.broker import _Session
+    from bus.io.secure import SecureStream
+    from bus.wire.frames import FrameDecoder
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with running_broker(tmp_path, handshake_timeout=0.3, max_handshakes=8) as rb:
+            ep = parse_address(rb.tcp_address)[0]
+            socks = []
+            for i in range(20):  # silent, from many sources: some dropped for newer, the rest time out
+                sock = trio.socket.socket()
+                await sock.bind((f"127.0.2.{i + 1}", 0))
+                await sock.connect((ep.host, ep.port))
+                socks.append(sock)
+            garbage = trio.socket.socket()
+            await garbage.connect((ep.host, ep.port))
+            await garbage.send(os.urandom(64))  # a msg1 that fails its hmac
+            with trio.fail_after(10):
+                while rb.broker._handshaking.get("tcp", 0):
+                    await trio.sleep(0.05)
+            for sock in [*socks, garbage]:
+                sock.close()
+            for address in (rb.unix_address, rb.tcp_address):
+                framed = await raw_connect(address, FRIEND)
+                await framed.send_message({"op": "hello", "id": 1})
+                await reply_to(framed, 1)
+                await framed.stream.send_all(b"\x09" + b"\x00" * 9)  # an unknown frame kind
+                with trio.fail_after(10):
+                    while await framed.receive_frame() is not None:
+                        pass
+                await framed.aclose()
+            framed = await raw_connect(rb.tcp_address, FRIEND)  # a box-stream cut short
+            await framed.send_message({"op": "hello", "id": 1})
+            await reply_to(framed, 1)
+            await trio.aclose_forcefully(framed.stream.transport)
+            with trio.fail_after(10):
+                while rb.broker.sessions:
+                    await trio.sleep(0.02)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leftovers = [type(o).__name__ for o in gc.garbage if isinstance(o, (_Session, SecureStream, FrameDecoder))]
+        assert leftovers == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

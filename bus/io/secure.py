@@ -288,6 +288,23 @@ class SecureStream(trio.abc.HalfCloseableStream):
         sock = getattr(self.transport, "socket", None)
         return sock if isinstance(sock, trio.socket.SocketType) else None
 
+    def forget_failure_frames(self) -> None:
+        """Drop the tracebacks of the error that broke this stream (and of its causes).
+
+        The stream keeps that error to chain it to later ones; its traceback holds the frames
+        it went through, and they hold this stream: a reference cycle that only the cyclic
+        garbage collector could free.  An owner that is done with a failed stream calls this,
+        so the stream goes by reference counting (the messages and types stay)."""
+        seen: set[int] = set()
+        pending = [self._broken_by]
+        while pending:
+            exc = pending.pop()
+            if exc is None or id(exc) in seen:
+                continue
+            seen.add(id(exc))
+            exc.__traceback__ = None
+            pending += [exc.__cause__, exc.__context__]
+
     def _mark_broken(self, cause: BaseException) -> None:
         if self._state is _State.OK:
             self._state = _State.BROKEN

@@ -287,7 +287,9 @@ class FrameDecoder:
         self._chunk: bytes = b""
         self._pos = 0
         self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
-        self._error: FrameError | None = None
+        # Why it failed, as text: keeping the error itself would keep, through its traceback,
+        # the frames that raised it, which keep this decoder (a reference cycle).
+        self._error: str | None = None
 
     @property
     def buffered(self) -> int:
@@ -384,7 +386,7 @@ class FrameDecoder:
             raise LocalProtocolError(f"frame decoder already failed: {self._error}")
 
     def _fail(self, error: FrameError) -> FrameError:
-        self._error = error
+        self._error = str(error)
         self._buffer.clear()
         self._chunk, self._pos = b"", 0
         return error
