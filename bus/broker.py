@@ -608,10 +608,10 @@ class Broker:
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
-            with trio.move_on_after(cfg.close_timeout) as scope:
-                scope.shield = True
+            with trio.move_on_after(cfg.close_timeout) as closing:
+                closing.shield = True
                 await stream.aclose()
-            if scope.cancelled_caught:
+            if closing.cancelled_caught:
                 await trio.aclose_forcefully(stream)
             stream.forget_failure_frames()  # however the connection ended (see there)
 

@@ -50,6 +50,14 @@ async def still_served(bus: Bus) -> None:
     assert bus.connected
 
 
+async def accept_every_channel(target: FramedStream) -> None:
+    """A hand-driven target that accepts every channel request and reads nothing else."""
+    while True:
+        frame = await target.receive_frame()
+        if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+            await target.send_message({"re": frame.message["id"], "result": {}})
+
+
 def nested(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth - 1):
@@ -203,13 +211,7 @@ async def test_info_about_a_plugin_with_everything_at_its_limit_is_paged(tmp_pat
             await reply_to(plugin, 10 + i)
         async with trio.open_nursery() as nursery:
 
-            async def accept_all() -> None:
-                while True:
-                    frame = await target.receive_frame()
-                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
-                        await target.send_message({"re": frame.message["id"], "result": {}})
-
-            nursery.start_soon(accept_all)
+            nursery.start_soon(accept_every_channel, target)
             for i in range(255):
                 await plugin.send_message({"op": "open_channel", "id": 200 + i, "name": "org.example.Target", "route": "relay"})
                 assert "result" in await reply_to(plugin, 200 + i)
@@ -248,13 +250,7 @@ async def test_relay_memory_is_charged_to_the_openers_identity(tmp_path: Path) -
         channels = []
         async with trio.open_nursery() as nursery:
 
-            async def accept_all() -> None:
-                while True:
-                    frame = await sink.receive_frame()
-                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
-                        await sink.send_message({"re": frame.message["id"], "result": {}})
-
-            nursery.start_soon(accept_all)
+            nursery.start_soon(accept_every_channel, sink)
             for i in range(100):
                 await hog.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Sink", "route": "relay"})
                 reply = await reply_to(hog, 10 + i)
@@ -637,13 +633,7 @@ async def test_one_end_saying_a_direct_channel_closed_frees_nothing_of_the_other
         refused = ""
         async with trio.open_nursery() as nursery:
 
-            async def accept_all() -> None:
-                while True:
-                    frame = await target.receive_frame()
-                    if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
-                        await target.send_message({"re": frame.message["id"], "result": {}})
-
-            nursery.start_soon(accept_all)
+            nursery.start_soon(accept_every_channel, target)
             for i in range(20):
                 await liar.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Victim", "route": "auto"})
                 reply = await reply_to(liar, 10 + i)
