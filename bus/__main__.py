@@ -252,7 +252,7 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
     try:
         policy = Policy.from_mapping(identity.public_key, data, authorized)
     except PolicyError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(f"{args.config}: {exc}" if args.config else str(exc)) from exc
     try:
         limits = Limits(**{k: v for k, v in limits_section.items() if k in _LIMIT_KEYS})
     except (TypeError, ValueError) as exc:
