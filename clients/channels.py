@@ -40,7 +40,7 @@ from bus.wire.frames import encode_control, encode_data
 from bus.wire.identity import PublicKey
 
 if TYPE_CHECKING:
-    from .bus import _Link
+    from .link import Link
 
 __all__ = ["RelayStream", "Channel", "ChannelRequest", "PeerInfo", "DEFAULT_WINDOW", "EndCallback"]
 
@@ -89,7 +89,7 @@ class ChannelRequest:
 class RelayStream(trio.abc.HalfCloseableStream):
     """One end of a relayed channel (bytes only; the shs1 layer goes on top)."""
 
-    def __init__(self, link: _Link, channel: int, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, link: Link, channel: int, *, window: int = DEFAULT_WINDOW) -> None:
         self._link = link
         self.channel = channel
         self.window = window

@@ -59,7 +59,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -95,11 +95,18 @@ from bus.wire.frames import (
 from bus.wire.messages import MAX_REQUEST_ID, ErrorReply, Reply, Request, parse_message
 
 from .channels import Channel
+from .link import BusConnection, RequestTimeout
 
-if TYPE_CHECKING:
-    from .bus import Bus
-
-__all__ = ["Service", "MethodInfo", "RpcConnection", "RPC_PROTOCOL", "DEFAULT_MAX_MESSAGE", "MESSAGE_PART"]
+__all__ = [
+    "Service",
+    "MethodInfo",
+    "RpcConnection",
+    "RpcCalls",
+    "ChannelHost",
+    "RPC_PROTOCOL",
+    "DEFAULT_MAX_MESSAGE",
+    "MESSAGE_PART",
+]
 
 log = logging.getLogger("minibus.rpc")
 
@@ -274,6 +281,12 @@ def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
     return params
 
 
+class ChannelHost(Protocol):
+    """Where a service registers its channel handlers: a :class:`~clients.bus.Bus`."""
+
+    def handle_channels(self, protocol: str, handler: Callable[[Channel], Awaitable[Any]]) -> None: ...
+
+
 @dataclass
 class Service:
     """A named service: RPC methods plus handlers for other channel protocols.
@@ -327,13 +340,13 @@ class Service:
         ]
         return {"name": self.name, "info": self.info, "methods": methods, "protocols": sorted([RPC_PROTOCOL, *self.channels])}
 
-    def attach(self, bus: Bus) -> None:
+    def attach(self, bus: ChannelHost) -> None:
         """Register this service's channel handlers on a bus."""
         bus.handle_channels(RPC_PROTOCOL, self.serve_channel)
         for protocol, handler in self.channels.items():
             bus.handle_channels(protocol, handler)
 
-    async def serve(self, bus: Bus) -> None:
+    async def serve(self, bus: ChannelHost) -> None:
         """Attach and serve until cancelled."""
         self.attach(bus)
         await trio.sleep_forever()
@@ -707,3 +720,50 @@ class RpcConnection:
 
     async def aclose(self) -> None:
         await self.channel.aclose()
+
+
+class RpcCalls:
+    """A bus's calls to services: one :class:`RpcConnection` per peer, opened on first use
+    (under a lock per name) and reused while it lasts."""
+
+    def __init__(
+        self,
+        connection: BusConnection,
+        open_channel: Callable[[str, str], Awaitable[Channel]],
+        *,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self._connection = connection
+        self._open_channel = open_channel
+        #: The largest RPC message (argument or result) these calls send or accept.
+        self.max_message = max_message
+        self.connections: dict[str, RpcConnection] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        connection = await self._connect(name)
+        timeout = self._connection.request_timeout
+        with trio.move_on_after(timeout):
+            return await connection.call(method, *args)
+        raise RequestTimeout(f"{name}.{method}: no reply within {timeout:g} s")
+
+    async def introspect(self, name: str) -> dict[str, Any]:
+        connection = await self._connect(name)
+        timeout = self._connection.request_timeout
+        with trio.move_on_after(timeout):
+            return await connection.introspect()
+        raise RequestTimeout(f"{name}: no introspection reply within {timeout:g} s")
+
+    async def _connect(self, name: str) -> RpcConnection:
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            connection = self.connections.get(name)
+            if connection is None or connection.closed is not None:
+                nursery = self._connection.nursery
+                if nursery is None:
+                    raise ConnectionLost("the bus is not running")
+                channel = await self._open_channel(name, RPC_PROTOCOL)
+                connection = RpcConnection(channel, max_message=self.max_message)
+                await nursery.start(connection.run)
+                self.connections[name] = connection
+            return connection

@@ -583,9 +583,9 @@ async def _listed(rb: RunningBroker, unique_id: str) -> list[dict[str, Any]]:
 async def test_direct_channels_are_listed_with_the_byte_counts_their_ends_report(
     tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clients.bus
+    import clients.channel_routes
 
-    monkeypatch.setattr(clients.bus, "CHANNEL_REPORT_INTERVAL", 0.05)
+    monkeypatch.setattr(clients.channel_routes, "CHANNEL_REPORT_INTERVAL", 0.05)
     async with pair(tmp_path, transport) as (rb, service, client):
         accepted = hand_over_channels(service)
         ch = await client.open_channel("org.example.Echo", route="direct")
@@ -744,18 +744,19 @@ async def test_small_relay_credit_never_stalls_a_sender(tmp_path: Path, credit: 
 
 
 async def test_direct_records_go_when_the_opener_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clients.bus
+    import clients.channel_routes
+    from clients.channel_routes import ChannelRoutes
 
-    monkeypatch.setattr(clients.bus, "DIRECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(clients.channel_routes, "DIRECT_TIMEOUT", 1.0)
     async with pair(tmp_path, "tcp") as (rb, service, client):
         service.handle_channels("raw", echo)
 
-        async def stalled(self: Bus, result: dict[str, Any], protocol: str) -> Channel:
+        async def stalled(self: ChannelRoutes, result: dict[str, Any], protocol: str) -> Channel:
             await trio.sleep_forever()  # a dial that never gets anywhere; the caller gives up
             raise AssertionError
 
         with monkeypatch.context() as patched:
-            patched.setattr(Bus, "_dial_direct", stalled)
+            patched.setattr(ChannelRoutes, "_dial_direct", stalled)
             with trio.move_on_after(0.5):
                 await client.open_channel("org.example.Echo", route="direct")
         with trio.fail_after(10):  # the opener reports it; the target's listener gives up too
@@ -824,7 +825,7 @@ async def test_a_unix_fd_offer_without_a_descriptor_is_refused_not_trusted(tmp_p
                     "opener": {"unique_id": ":9", "identity": FRIEND.id, "names": []},
                 },
             )
-            answer = service._channel_request(link, request)
+            answer = service._routes._channel_request(link, request)
             assert answer is not None and answer["error"]["code"] == ChannelRejected.wire_code
             assert "did not arrive" in answer["error"]["message"]
             await service.ping()  # still connected and served

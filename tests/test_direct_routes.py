@@ -26,7 +26,7 @@ import pytest
 import trio
 import trio.testing
 
-import clients.bus
+import clients.channel_routes
 from bus.errors import ChannelRejected, HandshakeError, RemoteProtocolError
 from bus.io.fdpass import END_MARK, UnixChannelStream
 from bus.io.framed import FramedStream
@@ -272,7 +272,7 @@ async def test_silent_local_connections_do_not_stop_a_direct_channel(
     async with pair(tmp_path, "tcp") as (_, service, client):
         service.handle_channels("raw", echo)
         squatters: list[trio.SocketStream] = []
-        dial = client._dial_direct
+        dial = client._routes._dial_direct
 
         async def squat_then_dial(result: dict[str, Any], protocol: str) -> Channel:
             for _ in range(5):
@@ -281,7 +281,7 @@ async def test_silent_local_connections_do_not_stop_a_direct_channel(
             await trio.testing.wait_all_tasks_blocked()  # the listener has taken them in
             return await dial(result, protocol)
 
-        monkeypatch.setattr(client, "_dial_direct", squat_then_dial)
+        monkeypatch.setattr(client._routes, "_dial_direct", squat_then_dial)
         with trio.fail_after(20):
             ch = await client.open_channel("org.example.Echo", route="direct")
         assert ch.route == "tcp"
@@ -296,7 +296,7 @@ async def test_silent_local_connections_do_not_stop_a_direct_channel(
 async def test_wrong_key_and_wrong_token_are_refused_while_the_opener_gets_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(clients.bus, "DIRECT_TIMEOUT", 30.0)  # this test is about the order, not the clock
+    monkeypatch.setattr(clients.channel_routes, "DIRECT_TIMEOUT", 30.0)  # this test is about the order, not the clock
     async with pair(tmp_path, "tcp") as (rb, service, _):
         reached: list[Channel] = []
 
@@ -331,8 +331,8 @@ async def test_wrong_key_and_wrong_token_are_refused_while_the_opener_gets_throu
 
 
 async def test_candidates_beyond_the_bound_are_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clients.bus, "DIRECT_TIMEOUT", 30.0)
-    bound = clients.bus.MAX_DIRECT_CANDIDATES
+    monkeypatch.setattr(clients.channel_routes, "DIRECT_TIMEOUT", 30.0)
+    bound = clients.channel_routes.MAX_DIRECT_CANDIDATES
     async with pair(tmp_path, "tcp") as (rb, service, _):
         service.handle_channels("raw", echo)
         raw, offer = await _offer(rb.tcp_address)

@@ -78,8 +78,8 @@ async def test_calls_errors_and_introspection(tmp_path: Path, transport: str) ->
                 assert add["params"][1]["default"] == "0"
                 assert described["protocols"] == ["raw", "rpc"]
                 # One channel per peer, reused: a passed socket over Unix, a direct TCP connection over TCP.
-                assert list(bus._rpc) == [service.name]
-                assert bus._rpc[service.name].channel.route == ("unix-fd" if transport == "unix" else "tcp")
+                assert list(bus._rpc_calls.connections) == [service.name]
+                assert bus._rpc_calls.connections[service.name].channel.route == ("unix-fd" if transport == "unix" else "tcp")
 
 
 async def test_many_concurrent_calls_on_one_channel(tmp_path: Path) -> None:

@@ -1,0 +1,503 @@
+"""The link to the broker: connect, say hello, requests and replies, reconnect.
+
+Theory of operation
+-------------------
+:class:`BusConnection` dials the bus address (Unix socket or TCP, whichever the address
+lists first and answers), runs the secret handshake against the broker key in the address
+and says hello: that makes a :class:`Link`, one live connection.  While the bus is open,
+:meth:`BusConnection.serve` owns a nursery with one *reader* task per link (replies,
+events, the broker's requests and pings) and one *writer* task (the only one that sends,
+so a cancelled request never leaves half a frame behind).
+
+Requests wait for their reply under a deadline (``request_timeout``, 10 s by default);
+callers may add tighter ones with ``trio.fail_after``.
+
+When the link drops, requests in flight fail with :class:`~bus.errors.ConnectionLost`
+(none is replayed).  With ``reconnect=True`` the connection then dials again with
+exponential backoff (0.1 s doubling to 5 s), says hello again and lets the capabilities
+above it restore their state (names, watches) through its ``restore`` hook.
+
+This module knows nothing of names, watches or channels: the reader hands control events
+and the broker's requests to the handlers registered for them, and data on other channel
+ids to the :class:`ChannelEnd` registered in :attr:`Link.channels`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import trio
+
+from bus.errors import BusError, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
+from bus.io.fdpass import FdSocketStream
+from bus.io.framed import FramedStream
+from bus.io.secure import SecureStream
+from bus.io.writer import FrameWriter
+from bus.wire.address import Endpoint, default_runtime_dir, parse_address
+from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
+from bus.wire.frames import ControlFrame
+from bus.wire.identity import Identity
+from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
+from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
+
+__all__ = [
+    "BusConnection",
+    "CannotConnect",
+    "ChannelEnd",
+    "Link",
+    "RequestTimeout",
+    "find_address",
+    "network_key_from_env",
+]
+
+log = logging.getLogger("minibus.client")
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+OUTBOUND_BUFFER = 1024
+
+#: Answers a request the broker sends us: the reply to send now, or None if it is sent later.
+RequestHandler = Callable[["Link", Request], "dict[str, Any] | None"]
+#: Takes an event the broker pushes on the control channel.
+EventHandler = Callable[["Link", Event], None]
+
+
+class CannotConnect(BusError):
+    """No endpoint of the bus address accepted a connection and a handshake."""
+
+
+class RequestTimeout(BusError):
+    """The broker did not answer a request before the deadline."""
+
+
+def network_key_from_env() -> bytes:
+    text = os.environ.get("MINIBUS_NETWORK_KEY")
+    return parse_network_key(text) if text else DEFAULT_NETWORK_KEY
+
+
+def find_address(address: str | None = None) -> str:
+    """The argument, else ``MINIBUS_ADDRESS``, else the broker's address file.
+
+    The address file is trusted only when nobody else could have planted or changed it: its
+    directory is a real directory of ours that only we may write, and the file itself (not
+    followed if a symlink) is a regular file of ours or root's that only its owner may write.
+    Otherwise :class:`CannotConnect` says which and why.
+    """
+    if address:
+        return address
+    env = os.environ.get("MINIBUS_ADDRESS")
+    if env:
+        return env
+    directory = default_runtime_dir()
+    path = directory / "address"
+    missing = f"no bus address: pass one, set MINIBUS_ADDRESS, or start busd (no address file at {path})"
+    try:
+        check_owned_dir(directory, "runtime directory")
+        data = read_trusted_file(path, "address file", follow_symlinks=False, max_bytes=64 * 1024)
+    except FileNotFoundError:
+        raise CannotConnect(missing) from None
+    except LocalFileError as exc:
+        raise CannotConnect(f"refusing the address file: {exc}") from None
+    except OSError as exc:
+        raise CannotConnect(f"{path}: cannot read the address file: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CannotConnect(f"{path}: the address file is not UTF-8 text") from None
+
+
+class ChannelEnd(Protocol):
+    """What the reader feeds the frames of a relayed channel to (a relay stream)."""
+
+    def on_control(self, body: dict[str, Any]) -> None: ...
+
+    def on_data(self, data: bytes) -> None: ...
+
+    def on_link_lost(self, reason: str) -> None: ...
+
+
+class _Refused(Exception):
+    """The broker's error event in place of the answer to hello: why it will not serve us."""
+
+    def __init__(self, code: str, message: str) -> None:
+        suffix = f" [{code}]"
+        super().__init__(message if message.endswith(suffix) else message + suffix)
+
+
+class Link:
+    """One live connection: the stream, its writer queue, pending requests and relayed channels."""
+
+    def __init__(self, framed: FramedStream, unique_id: str) -> None:
+        self.framed = framed
+        self.unique_id = unique_id
+        assert isinstance(framed.stream, SecureStream)
+        # Frames out: straight to the socket when nothing waits, else queued (bounded).
+        self.send = FrameWriter(framed.stream, max_frames=OUTBOUND_BUFFER)
+        self.pending: dict[int, _Pending] = {}
+        self.channels: dict[int, ChannelEnd] = {}
+        self.closed = False
+        self.closed_event = trio.Event()
+        self.reason = "the broker closed the connection"
+
+
+class _Pending:
+    __slots__ = ("done", "reply", "on_result", "on_abandoned")
+
+    def __init__(
+        self, on_result: Callable[[Any], None] | None, on_abandoned: Callable[[Any], None] | None
+    ) -> None:
+        self.done = trio.Event()
+        self.reply: Reply | ErrorReply | BusError | None = None
+        # Runs in the reader, before any later message is handled (watch snapshots need it).
+        self.on_result = on_result
+        # Runs in the reader if the result arrives after the caller gave up (undo it).
+        self.on_abandoned = on_abandoned
+
+
+async def _restore_nothing(link: Link) -> None:
+    pass
+
+
+class BusConnection:
+    """The connection to the broker across reconnects: one :class:`Link` at a time.
+
+    The capabilities above it plug in through :attr:`request_handlers` (requests the broker
+    sends us, by operation), :attr:`event_handlers` (events, by name), :attr:`restore`
+    (after every (re)connect), :attr:`on_give_up` (when it stops reconnecting) and
+    :attr:`background` (tasks that run beside the link for as long as the bus is open).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        network_key: bytes,
+        *,
+        name: str | None,
+        info: dict[str, Any] | None,
+        flags: Iterable[str],
+        reconnect: bool,
+        request_timeout: float,
+    ) -> None:
+        self.address = address
+        self.endpoints = parse_address(address)
+        self.identity = identity
+        self.network_key = network_key
+        self.plugin_info = dict(info or {})
+        self.reconnect = reconnect
+        self.request_timeout = request_timeout
+        #: Names to hold: the first goes with hello, the rest are requested again by the names.
+        self.requested_names: dict[str, list[str]] = {}
+        if name is not None:
+            self.requested_names[name] = list(flags)
+        self.request_handlers: dict[str, RequestHandler] = {}
+        self.event_handlers: dict[str, EventHandler] = {}
+        self.restore: Callable[[Link], Awaitable[None]] = _restore_nothing
+        self.on_give_up: Callable[[BusError], None] = lambda error: None
+        self.background: list[Callable[[], Awaitable[None]]] = []
+        self.nursery: trio.Nursery | None = None
+        self.link: Link | None = None
+        self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
+        self._next_id = 1
+        self.closed = False
+        self.reconnects = 0
+        self.endpoint: Endpoint | None = None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def request(
+        self,
+        op: str,
+        args: dict[str, Any],
+        on_result: Callable[[Any], None] | None = None,
+        on_abandoned: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Send a request and return its result; remote errors raise their RequestError class.
+
+        ``on_result`` runs in the reader when the result arrives, before any later message;
+        ``on_abandoned`` undoes it if the caller gave up by then (or runs when a late result
+        comes)."""
+        link = self.link
+        if link is None or link.closed:
+            raise ConnectionLost(f"not connected to the bus{f': {self.failure}' if self.failure else ''}")
+        request_id = self._next_id
+        self._next_id += 1
+        pending = _Pending(on_result, on_abandoned)
+        link.pending[request_id] = pending
+        answered = False
+        try:
+            try:
+                link.send.send_nowait(link.framed.encode_message(Request(op, request_id, args).to_wire()))
+            except trio.WouldBlock:
+                raise BusError(f"{OUTBOUND_BUFFER} messages already wait to be sent; the broker is not reading") from None
+            with trio.move_on_after(self.request_timeout) as scope:
+                await pending.done.wait()
+            if scope.cancelled_caught:
+                raise RequestTimeout(f"{op}: no reply from the broker within {self.request_timeout:g} s")
+            answered = True
+        finally:
+            if answered or pending.on_abandoned is None or link.closed:
+                link.pending.pop(request_id, None)
+            elif pending.reply is not None:
+                # The reply came (and was applied) just before we gave up: undo it now.
+                link.pending.pop(request_id, None)
+                if isinstance(pending.reply, Reply):
+                    pending.on_abandoned(pending.reply.result)
+            else:
+                # We stop waiting, but the reply may still come: let the reader undo it then.
+                pending.on_result = pending.on_abandoned
+        reply = pending.reply
+        if isinstance(reply, BusError):
+            raise reply
+        if isinstance(reply, ErrorReply):
+            raise error_from_wire(reply.code, reply.message)
+        assert isinstance(reply, Reply)
+        return reply.result
+
+    @staticmethod
+    def send_nowait(link: Link, message: dict[str, Any]) -> None:
+        """Send without waiting; a link that is ending or hopelessly behind loses it (its
+        other end notices the link, not the message)."""
+        try:
+            link.send.send_nowait(link.framed.encode_message(message))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+
+    def send_request_nowait(self, link: Link, op: str, args: dict[str, Any]) -> None:
+        """A request whose answer nobody waits for (it arrives with an unknown id: dropped)."""
+        request_id = self._next_id
+        self._next_id += 1
+        self.send_nowait(link, Request(op, request_id, args).to_wire())
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    async def _dial(self) -> tuple[SecureStream, Endpoint]:
+        errors = []
+        for ep in self.endpoints:
+            try:
+                transport: trio.abc.HalfCloseableStream
+                if ep.transport == "unix":
+                    assert ep.path is not None
+                    # Unix connections can receive socket ends: the unix-fd channel route.
+                    transport = await FdSocketStream.connect(ep.path)
+                else:
+                    assert ep.host is not None and ep.port is not None
+                    transport = await trio.open_tcp_stream(ep.host, ep.port)
+            except OSError as exc:
+                errors.append(f"{ep.transport}: {exc.strerror or exc}")
+                continue
+            stream = SecureStream.client(
+                transport, self.identity, ep.key, network_key=self.network_key, encrypted=ep.uses_box_stream
+            )
+            try:
+                await stream.do_handshake()
+            except HandshakeError as exc:
+                errors.append(f"{ep.transport}: handshake failed: {exc}")
+                continue
+            return stream, ep
+        raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+
+    async def connect(self) -> Link:
+        """Dial, handshake and say hello (with the first requested name): a new link."""
+        stream, endpoint = await self._dial()
+        framed = FramedStream(stream, receive_stream=stream.plain_transport())
+        # Hello (and the names) go out before the reader and writer start: no other traffic yet.
+        names = list(self.requested_names.items())
+        first = names[0] if names else None
+        hello: dict[str, Any] = {"info": self.plugin_info}
+        if first is not None:
+            hello.update(name=first[0], flags=first[1])
+        try:
+            with trio.fail_after(self.request_timeout):
+                try:
+                    await framed.send_message(Request("hello", 1, hello).to_wire())
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    # The broker may have refused us (a quota) and hung up before our hello
+                    # arrived: its reason may still wait to be read.
+                    send_failure: BaseException | None = exc
+                else:
+                    send_failure = None
+                try:
+                    reply = await self._await_direct_reply(framed, 1)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if send_failure is not None:
+                        raise send_failure from None
+                    raise
+        except _Refused as exc:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"the broker refused the connection: {exc}") from None
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
+        if isinstance(reply, ErrorReply):
+            await trio.aclose_forcefully(stream)
+            raise error_from_wire(reply.code, reply.message)
+        self.endpoint = endpoint
+        return Link(framed, reply.result["unique_id"])
+
+    async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
+        while True:
+            frame = await framed.receive_frame()
+            if frame is None:
+                raise trio.BrokenResourceError("the broker closed the connection during hello")
+            if isinstance(frame, ControlFrame):
+                message = parse_message(frame.message)
+                if isinstance(message, (Reply, ErrorReply)) and message.re == request_id:
+                    return message
+                if isinstance(message, Event) and message.event == "error":
+                    raise _Refused(str(message.fields.get("code")), str(message.fields.get("message")))
+
+    # -- running a link -------------------------------------------------------------------------
+
+    async def _run_link(self, link: Link) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, link)
+                try:
+                    await self._reader(link)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Leaving on purpose (cancelled: the bus is closing) or after the broker ended the
+            # link: over box-stream, say goodbye (unless a frame is half-sent), then close.
+            self._goodbye_nowait(link)
+            await trio.aclose_forcefully(link.framed.stream)
+
+    async def _writer(self, link: Link) -> None:
+        try:
+            await link.send.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Nothing more can be sent: end the link (the reader then reports it lost).
+            await trio.aclose_forcefully(link.framed.stream)
+
+    async def _reader(self, link: Link) -> None:
+        reason = "the broker closed the connection"
+        try:
+            while True:
+                frame = await link.framed.receive_frame()
+                if frame is None:
+                    break
+                if frame.channel != 0:
+                    relay = link.channels.get(frame.channel)
+                    if relay is not None:
+                        if isinstance(frame, ControlFrame):
+                            relay.on_control(frame.message)
+                        else:
+                            relay.on_data(frame.data)
+                    continue  # late frames of a channel already gone are dropped
+                if not isinstance(frame, ControlFrame):
+                    raise FrameError("data frame on the control channel")
+                message = parse_message(frame.message)
+                if isinstance(message, (Reply, ErrorReply)):
+                    pending = link.pending.get(message.re)
+                    if pending is not None:
+                        pending.reply = message
+                        if pending.on_result is not None and isinstance(message, Reply):
+                            pending.on_result(message.result)
+                        pending.done.set()
+                elif isinstance(message, Request):
+                    self._answer(link, message)
+                elif message.event == "error":
+                    reason = f"{message.fields.get('code')}: {message.fields.get('message')}"
+                else:
+                    handler = self.event_handlers.get(message.event)
+                    if handler is not None:
+                        handler(link, message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            link.reason = reason
+            link.closed = True
+            link.closed_event.set()
+            for relay in list(link.channels.values()):
+                relay.on_link_lost(reason)
+            lost = ConnectionLost(reason)
+            for pending in link.pending.values():
+                pending.reply = lost
+                pending.done.set()
+            link.send.close()
+            log.debug("bus connection ended: %s", reason)
+
+    def _answer(self, link: Link, request: Request) -> None:
+        handler = self.request_handlers.get(request.op)
+        if request.op == "ping":
+            reply: dict[str, Any] = Reply(request.id, {}).to_wire()
+        elif handler is not None:
+            answer = handler(link, request)
+            if answer is None:
+                return  # answered later
+            reply = answer
+        else:
+            reply = ErrorReply(request.id, "minibus.Error.UnknownOperation", f"unknown operation {request.op!r}").to_wire()
+        self.send_nowait(link, reply)
+
+    # -- the bus's lifetime: serve, reconnect, close --------------------------------------------
+
+    async def serve(self, first: Link, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        link = first
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self.link = link
+            nursery.start_soon(self._run_link, link)
+            for task in self.background:
+                nursery.start_soon(task)
+            await self.restore(link)
+            task_status.started()
+            while True:
+                await link.closed_event.wait()
+                if not self.closed:
+                    log.warning(
+                        "lost the bus connection (%s)%s", link.reason, "; reconnecting" if self.reconnect else ""
+                    )
+                if not self.reconnect or self.closed:
+                    self._give_up(ConnectionLost(f"the bus connection ended: {link.reason}"))
+                    return
+                try:
+                    link = await self._reconnect()
+                except RequestError as exc:
+                    # The broker answers but refuses us (a changed policy): say so, stop trying.
+                    log.warning("gave up reconnecting: %s", exc)
+                    self._give_up(exc)
+                    return
+                ep = self.endpoint
+                where = "" if ep is None else f" ({ep.path if ep.transport == 'unix' else f'{ep.host}:{ep.port}'})"
+                log.warning("reconnected to the bus%s as %s", where, link.unique_id)
+                self.link = link
+                nursery.start_soon(self._run_link, link)
+                await self.restore(link)
+
+    def _give_up(self, error: BusError) -> None:
+        self.failure = error
+        self.on_give_up(error)
+
+    async def _reconnect(self) -> Link:
+        delay = 0.1
+        while True:
+            await trio.sleep(delay)
+            try:
+                link = await self.connect()
+            except (CannotConnect, OSError) as exc:
+                log.info("reconnect failed (next try in %.1f s): %s", min(delay * 2, 5.0), exc)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.reconnects += 1
+            return link
+
+    async def aclose(self) -> None:
+        self.closed = True
+        link = self.link
+        if link is not None:
+            self._goodbye_nowait(link)
+            await trio.aclose_forcefully(link.framed.stream)
+
+    @staticmethod
+    def _goodbye_nowait(link: Link) -> None:
+        """We are leaving, cleanly, and may not wait: over box-stream (TCP) the goodbye goes
+        out now, so the broker reads an end of stream, not a truncation (a forced close of the
+        stream alone is an abort)."""
+        secure = link.framed.stream
+        if isinstance(secure, SecureStream):
+            secure.goodbye_nowait()
