@@ -301,6 +301,7 @@ def check_settings(config: BrokerConfig) -> None:
             "outbound_bytes must be at least 2 x 65600 (relayed data stops at half of it) and message_bytes + 1024",
         ),
         (limits.info_depth <= 16, "info_depth must be at most 16 (events and lists nest it further, up to the CBOR limit of 32)"),
+        (limits.event_bytes + 1024 <= limits.message_bytes, "event_bytes must be at most message_bytes - 1024"),
         (limits.relay_bytes_per_identity >= 2 * min(65536, limits.relay_credit), "relay_bytes_per_identity must pay for one relayed channel"),
     ]
     for ok, why in rules:

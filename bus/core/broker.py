@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -79,6 +79,8 @@ _TOMBSTONES_PER_TARGET = 64
 _NAMES_PER_PAGE = 256
 #: Bytes a name event takes beyond its owner entry (an upper bound).
 _EVENT_OVERHEAD = 512
+#: An event's member: an identifier, like a D-Bus signal name.
+_MEMBER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 
 
 def bound_text(value: object, limit: int) -> str:
@@ -230,6 +232,11 @@ class Limits:
     pending_opens_per_connection: int = 32
     pending_opens_per_identity: int = 64
     pending_opens_per_target: int = 64
+    #: Event subscriptions (``subscribe``), paid by the subscriber.
+    subscriptions_per_connection: int = 32
+    subscriptions_per_identity: int = 256
+    #: An event's payload, as CBOR (it is repeated to every subscriber that matches).
+    event_bytes: int = 32 * 1024
     #: Bytes the broker holds at most per relayed channel and direction.
     relay_credit: int = 512 * 1024
     #: Relay buffer space (both directions of every relayed channel it opened) per identity.
@@ -252,6 +259,22 @@ class Watch:
 
 
 @dataclass(slots=True)
+class Subscription:
+    """Events a connection asked for: source and member patterns (as watches have)."""
+
+    id: int
+    source: GlobSet
+    member: GlobSet
+    charge: Charge
+    #: Events that matched but could not be queued (no room): announced by a ``gap`` event
+    #: before the next one this connection gets, or as soon as it has room.
+    missed: int = 0
+
+    def matches(self, source: str, member: str) -> bool:
+        return self.member.match(member) and self.source.match(source)
+
+
+@dataclass(slots=True)
 class Account:
     """What one identity holds across all its connections."""
 
@@ -259,6 +282,7 @@ class Account:
     connections: set[int] = field(default_factory=set)
     watches: Budget = field(init=False)
     complex_watches: Budget = field(init=False)
+    subscriptions: Budget = field(init=False)
     channels: Budget = field(init=False)
     pending: Budget = field(init=False)
     relay: Budget = field(init=False)
@@ -268,6 +292,7 @@ class Account:
         account = cls(key)
         account.watches = Budget("watches_per_identity", key, limits.watches_per_identity)
         account.complex_watches = Budget("complex_watches_per_identity", key, limits.complex_watches_per_identity)
+        account.subscriptions = Budget("subscriptions_per_identity", key, limits.subscriptions_per_identity)
         account.channels = Budget("channels_per_identity", key, limits.channels_per_identity)
         account.pending = Budget("pending_opens_per_identity", key, limits.pending_opens_per_identity)
         account.relay = Budget("relay_bytes_per_identity", key, limits.relay_bytes_per_identity)
@@ -289,9 +314,12 @@ class Connection:
     info: dict[str, Any] = field(default_factory=dict)
     watches: dict[int, Watch] = field(default_factory=dict)
     next_watch: int = 1
+    subscriptions: dict[int, Subscription] = field(default_factory=dict)
+    next_subscription: int = 1
     next_request: int = 1  # ids of the broker's own requests to this connection
     watch_budget: Budget = field(init=False)
     complex_watch_budget: Budget = field(init=False)
+    subscription_budget: Budget = field(init=False)
     channel_budget: Budget = field(init=False)  # channels it opens
     pending_budget: Budget = field(init=False)  # openings it waits for
     target_budget: Budget = field(init=False)  # channels others open to it (shared)
@@ -302,6 +330,7 @@ class Connection:
         me, limits = self.unique_id, self.limits
         self.watch_budget = Budget("watches_per_connection", me, limits.watches_per_connection)
         self.complex_watch_budget = Budget("complex_watches_per_connection", me, limits.complex_watches_per_connection)
+        self.subscription_budget = Budget("subscriptions_per_connection", me, limits.subscriptions_per_connection)
         self.channel_budget = Budget("channels_per_connection", me, limits.channels_per_connection)
         self.pending_budget = Budget("pending_opens_per_connection", me, limits.pending_opens_per_connection)
         self.target_budget = Budget("channels_per_target", me, limits.channels_per_target)
@@ -336,8 +365,10 @@ class BrokerCore:
         # Channels negotiated for a direct route, by both halves, and the halves per connection.
         self.direct: dict[tuple[int, int], DirectChannel] = {}
         self._direct_by_conn: dict[int, set[tuple[int, int]]] = {}
-        # Connections with at least one watch (the only ones a name change is checked for).
+        # Connections with at least one watch (the only ones a name change is checked for),
+        # and with at least one event subscription (the only ones an event is checked for).
         self._watchers: set[int] = set()
+        self._subscribers: set[int] = set()
         #: Connections whose watches have snapshot pages or a resync to send: the io layer
         #: calls :meth:`pump_watches` for them while they have room.
         self.pumping: set[int] = set()
@@ -393,6 +424,10 @@ class BrokerCore:
             watch.charge.release()
         conn.watches.clear()  # it hears nothing more, not even of its own departure
         self._watchers.discard(conn_id)
+        for sub in conn.subscriptions.values():
+            sub.charge.release()
+        conn.subscriptions.clear()
+        self._subscribers.discard(conn_id)
         self.pumping.discard(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
         for ch in self.channels.forget_connection(conn_id):
@@ -896,6 +931,7 @@ class BrokerCore:
                 # Round robin: this watch goes behind the others that owe something.
                 del conn.watches[watch.id]
                 conn.watches[watch.id] = watch
+        out.extend(self._gaps(conn))
         if not any(w.resync or w.cursor is not None for w in conn.watches.values()):
             self.pumping.discard(conn_id)
         return out
@@ -998,6 +1034,112 @@ class BrokerCore:
             out.append((target.id, message))
         return _DEFERRED
 
+    # -- events -------------------------------------------------------------------------------
+
+    def _subscribe(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """``{subscription}``: events whose source and member match the patterns follow as
+        ``event`` messages (at most one per event and connection, whatever number of its
+        subscriptions match: the client hands it to each)."""
+        patterns = {part: req.arg(part, str, "*") for part in ("source", "member")}
+        for part, pattern in patterns.items():
+            if len(pattern) > self.limits.pattern_length:
+                raise QuotaExceeded(f"pattern_length: a {part} pattern is at most {self.limits.pattern_length} characters")
+        try:
+            source, member = (GlobSet((compile_glob(patterns[part]),)) for part in ("source", "member"))
+        except GlobError as exc:
+            raise BadRequest(f"subscribe: {exc}") from None
+        charge = Charge.take(1, own=(conn.subscription_budget, conn.account.subscriptions))
+        if source.complex or member.complex:
+            try:
+                charge.add(Charge.take(1, own=(conn.complex_watch_budget, conn.account.complex_watches)))
+            except QuotaExceeded:
+                charge.release()
+                raise
+        sub_id = conn.next_subscription
+        conn.next_subscription += 1
+        conn.subscriptions[sub_id] = Subscription(sub_id, source, member, charge)
+        self._subscribers.add(conn.id)
+        return {"subscription": sub_id}
+
+    def _unsubscribe(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        sub_id = req.arg("subscription", int)
+        sub = conn.subscriptions.pop(sub_id, None)
+        if sub is None:
+            raise BadRequest(f"unsubscribe: no subscription {sub_id}")
+        sub.charge.release()
+        if not conn.subscriptions:
+            self._subscribers.discard(conn.id)
+        return {}
+
+    def _emit(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """``{delivered: n}``: the event went to n connections (queued for them, in order).
+
+        The source is the emitter's unique id, or a well-known name it owns as primary owner
+        and policy lets it emit as; the broker stamps the sender and its identity.  A
+        subscriber that has no room misses the event and is told so (``gap``) before the next
+        one: it is never cut for traffic it did not ask for, and the emitter is never slowed."""
+        member = req.arg("member", str)
+        if not _MEMBER_RE.match(member):
+            raise BadRequest(f"emit: member {bound_text(member, 64)!r} is not an identifier (letters, digits, '_')")
+        source = req.arg("source", str, conn.unique_id)
+        named = source != conn.unique_id
+        if named:
+            if parse_unique_id(source) is not None:
+                raise AccessDenied(f"{conn.unique_id} may emit as its own unique id only, not as {bound_text(source, 32)}")
+            validate_name(source)
+            if self.names.owner(source) != conn.id:
+                raise AccessDenied(f"{conn.unique_id} does not own {source!r}: only its primary owner may emit as it")
+            self.policy.may_emit(conn.key, source).check()
+        payload = req.args.get("payload")
+        size = len(cbor2.dumps(payload))
+        if size > self.limits.event_bytes:
+            raise QuotaExceeded(f"event_bytes: the payload is {size} bytes, over the {self.limits.event_bytes}-byte limit")
+        if _depth(payload, 16) > 16:
+            raise QuotaExceeded("event_bytes: the payload is nested deeper than 16 levels")
+        targets: Iterable[int] = self._subscribers
+        destination = req.arg("destination", str, None, optional=True)
+        if destination is not None:
+            dest_id = parse_unique_id(destination)
+            if dest_id is None:
+                dest_id = self.names.owner(validate_name(destination))
+            if dest_id is None or dest_id not in self.connections:
+                raise NameNotFound(f"no connection {bound_text(destination, 64)!r} to send the event to")
+            targets = (dest_id,) if dest_id in self._subscribers else ()
+        if not targets:
+            return {"delivered": 0}  # nobody listens: it costs nothing more
+        message = Event(
+            "event",
+            {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": conn.key.id},
+        ).to_wire()
+        needed = size + _EVENT_OVERHEAD
+        delivered = 0
+        for sub_conn_id in targets:
+            subscriber = self.connections[sub_conn_id]
+            matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
+            if not matching:
+                continue
+            if named and not (subscriber.admin or self.policy.may_see(subscriber.key, source).allowed):
+                continue
+            if self.room_for(sub_conn_id) < needed:
+                for sub in matching:
+                    sub.missed += 1
+                self.pumping.add(sub_conn_id)
+                continue
+            out.extend(self._gaps(subscriber))
+            out.append((sub_conn_id, message))
+            delivered += 1
+        return {"delivered": delivered}
+
+    def _gaps(self, conn: Connection) -> list[Outgoing]:
+        """``gap`` events for the subscriptions of ``conn`` that missed events."""
+        gaps: list[Outgoing] = []
+        for sub in conn.subscriptions.values():
+            if sub.missed:
+                fields = {"subscription": sub.id, "missed": sub.missed, "reason": "overflow"}
+                gaps.append((conn.id, Event("gap", fields).to_wire()))
+                sub.missed = 0
+        return gaps
+
     _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {
         "hello": _hello,
         "ping": _ping,
@@ -1010,6 +1152,9 @@ class BrokerCore:
         "unwatch": _unwatch,
         "open_channel": _open_channel,
         "channel_report": _channel_report,
+        "subscribe": _subscribe,
+        "unsubscribe": _unsubscribe,
+        "emit": _emit,
     }
 
     # -- helpers -----------------------------------------------------------------------------

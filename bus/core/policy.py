@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 Policy is a list of *allow* rules; anything no rule allows is denied.  A rule names the
 identities it applies to (``@….ed25519`` keys, or ``*`` for every identity that got in)
-and what they may do: ``connect``, ``own`` / ``see`` / ``open`` name patterns (shell
-globs such as ``org.example.*``), and ``admin``.  Two rules are always there first:
+and what they may do: ``connect``, ``own`` / ``see`` / ``open`` / ``emit`` name patterns
+(shell globs such as ``org.example.*``), and ``admin``.  Two rules are always there first:
 
 * ``owner`` -- the broker's own identity (the user's default key) may do everything;
 * ``authorized_keys`` -- every key listed in the authorized-keys file may do everything.
@@ -22,6 +22,7 @@ rules were looked at, so a client's error names the rule.  The TOML form::
     own = ["org.example.*"]
     see = ["*"]
     open = ["org.example.*"]
+    emit = ["org.example.*"]        # may emit events as these names (when it owns them)
     admin = false
 """
 
@@ -37,7 +38,7 @@ from .glob import Glob, GlobError, compile_glob
 
 __all__ = ["Rule", "Decision", "Policy", "PolicyError", "parse_authorized_keys"]
 
-_ACTIONS = ("own", "see", "open")
+_ACTIONS = ("own", "see", "open", "emit")
 
 
 class PolicyError(ValueError):
@@ -52,6 +53,7 @@ class Rule:
     own: tuple[str, ...] = ()
     see: tuple[str, ...] = ()
     open: tuple[str, ...] = ()
+    emit: tuple[str, ...] = ()
     admin: bool = False
     _globs: dict[str, tuple[Glob, ...]] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -95,7 +97,7 @@ def parse_authorized_keys(text: str, source: str = "authorized_keys") -> frozens
 
 
 def _everything(name: str, identities: Iterable[str]) -> Rule:
-    return Rule(name, frozenset(identities), connect=True, own=("*",), see=("*",), open=("*",), admin=True)
+    return Rule(name, frozenset(identities), connect=True, own=("*",), see=("*",), open=("*",), emit=("*",), admin=True)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,10 @@ class Policy:
 
     def may_see(self, key: PublicKey, name: str) -> Decision:
         return self._may("see", key, name)
+
+    def may_emit(self, key: PublicKey, name: str) -> Decision:
+        """Whether ``key`` may emit events as the well-known ``name`` (owning it is needed too)."""
+        return self._may("emit", key, name)
 
     def may_open(self, key: PublicKey, name: str) -> Decision:
         return self._may("open", key, name)

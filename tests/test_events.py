@@ -1,0 +1,234 @@
+"""Events between plugins, at the broker: emit, subscribe, stamping, policy, gaps (issue 11).
+
+The sans-io core first, then a real broker over real sockets with hand-driven peers (the
+client library's side comes with its own tests)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bus.core.broker import BrokerCore
+from bus.core.policy import Policy
+from bus.errors import AccessDenied, BadRequest, NameNotFound, QuotaExceeded
+from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, encode_control
+from bus.wire.identity import Identity
+
+from .brokers import FRIEND, OWNER, running_broker
+from .test_broker import raw_connect
+from .test_isolation import reply_to
+
+ADMIN = Identity.from_seed(b"A" * 32).public_key
+EMITTER = Identity.from_seed(b"E" * 32).public_key
+MUTE = Identity.from_seed(b"M" * 32).public_key
+LISTENER = Identity.from_seed(b"L" * 32).public_key
+
+RULES = f"""
+[[rule]]
+name = "emitters"
+identities = ["{EMITTER.id}"]
+connect = true
+own = ["org.example.*"]
+see = ["*"]
+emit = ["org.example.*"]
+
+[[rule]]
+name = "owners-without-emit"
+identities = ["{MUTE.id}"]
+connect = true
+own = ["org.mute.*"]
+see = ["*"]
+
+[[rule]]
+name = "listeners"
+identities = ["{LISTENER.id}"]
+connect = true
+see = ["org.example.Public*"]
+"""
+
+
+class Core:
+    def __init__(self) -> None:
+        self.core = BrokerCore(Policy.from_mapping(ADMIN, tomllib.loads(RULES)), clock=lambda: 1.0)
+        self.got: dict[int, list[dict[str, Any]]] = {}
+        self.ids = 100
+
+    def connect(self, key: Any, name: str | None = None) -> int:
+        conn = self.core.connect(key, "unix").id
+        self.got[conn] = []
+        self.ok(conn, "hello", **({"name": name} if name else {}))
+        return conn
+
+    def send(self, conn: int, op: str, **args: Any) -> dict[str, Any]:
+        self.ids += 1
+        reply: dict[str, Any] = {}
+        for target, message in self.core.receive(conn, {"op": op, "id": self.ids, **args}):  # type: ignore[misc]
+            encode_control(0, message, DEFAULT_MAX_CONTROL)  # every message is sendable
+            if target == conn and message.get("re") == self.ids:
+                reply = message
+            else:
+                self.got[target].append(message)
+        return reply
+
+    def ok(self, conn: int, op: str, **args: Any) -> Any:
+        reply = self.send(conn, op, **args)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def error(self, conn: int, op: str, **args: Any) -> str:
+        reply = self.send(conn, op, **args)
+        assert "error" in reply, reply
+        return str(reply["error"]["code"]) + ": " + str(reply["error"]["message"])
+
+    def events(self, conn: int) -> list[dict[str, Any]]:
+        got, self.got[conn] = self.got[conn], []
+        return got
+
+
+def test_events_reach_matching_subscriptions_in_emission_order_stamped_by_the_broker() -> None:
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Ticker")
+    listener = c.connect(ADMIN)
+    other = c.connect(ADMIN)
+    c.ok(listener, "subscribe", source="org.example.*", member="Tick*")
+    c.ok(other, "subscribe", member="Other")
+    for i in range(5):
+        assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload={"n": i}) == {"delivered": 1}
+    c.ok(emitter, "emit", source="org.example.Ticker", member="Tock", payload=None)
+    got = c.events(listener)
+    assert [e["payload"]["n"] for e in got] == [0, 1, 2, 3, 4]
+    first = got[0]
+    assert first["event"] == "event" and first["source"] == "org.example.Ticker" and first["member"] == "Tick"
+    assert first["sender"] == f":{emitter}" and first["identity"] == EMITTER.id
+    assert c.events(other) == []
+    # As its unique id, nameless or not; nobody listening costs nothing and says so.
+    assert c.ok(emitter, "emit", member="Tick") == {"delivered": 0}
+
+
+def test_nobody_can_emit_as_a_name_it_does_not_own_or_may_not_emit_as() -> None:
+    c = Core()
+    owner = c.connect(EMITTER, "org.example.Real")
+    impostor = c.connect(EMITTER)
+    mute = c.connect(MUTE, "org.mute.Quiet")
+    listener = c.connect(ADMIN)
+    c.ok(listener, "subscribe")
+    assert "does not own 'org.example.Real'" in c.error(impostor, "emit", source="org.example.Real", member="Fake")
+    assert "own unique id only" in c.error(impostor, "emit", source=f":{owner}", member="Fake")
+    assert c.error(mute, "emit", source="org.mute.Quiet", member="Hello").startswith(AccessDenied.wire_code)
+    assert c.error(impostor, "emit", member="bad-member").startswith(BadRequest.wire_code)
+    assert c.events(listener) == []
+    c.ok(mute, "emit", member="Hello")  # its own unique id needs no right
+    assert [e["sender"] for e in c.events(listener)] == [f":{mute}"]
+
+
+def test_subscribers_see_only_sources_they_may_see_and_unicast_goes_to_one() -> None:
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Secret")
+    c.ok(emitter, "request_name", name="org.example.Public")
+    listener = c.connect(LISTENER)
+    admin = c.connect(ADMIN)
+    for conn in (listener, admin):
+        c.ok(conn, "subscribe")
+    c.ok(emitter, "emit", source="org.example.Secret", member="Hush")
+    c.ok(emitter, "emit", source="org.example.Public", member="Hello")
+    assert [e["member"] for e in c.events(listener)] == ["Hello"]
+    assert [e["member"] for e in c.events(admin)] == ["Hush", "Hello"]
+    assert c.ok(emitter, "emit", source="org.example.Public", member="Direct", destination=f":{admin}") == {"delivered": 1}
+    assert c.events(listener) == [] and [e["member"] for e in c.events(admin)] == ["Direct"]
+    assert c.error(emitter, "emit", member="X", destination=":999").startswith(NameNotFound.wire_code)
+
+
+def test_subscriptions_are_budgeted_and_payloads_bounded() -> None:
+    c = Core()
+    conn = c.connect(EMITTER, "org.example.Big")
+    for _ in range(32):
+        c.ok(conn, "subscribe")
+    assert "subscriptions_per_connection" in c.error(conn, "subscribe")
+    assert c.error(conn, "subscribe", source="bad[").startswith(BadRequest.wire_code)
+    assert "event_bytes" in c.error(conn, "emit", member="Big", payload="x" * 40000)
+    assert c.error(conn, "emit", member="Deep", payload=[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]).startswith(QuotaExceeded.wire_code)
+    assert c.ok(conn, "unsubscribe", subscription=1) == {}
+    assert c.error(conn, "unsubscribe", subscription=1).startswith(BadRequest.wire_code)
+    account = c.core.accounts[EMITTER.id]
+    assert account.subscriptions.used == 31
+    c.core.disconnect(conn)
+    assert account.subscriptions.used == 0 and EMITTER.id not in c.core.accounts
+
+
+def test_a_subscriber_without_room_gets_a_gap_then_the_rest() -> None:
+    c = Core()
+    room = {"ok": True}
+    c.core.room_for = lambda conn_id: 1 << 30 if room["ok"] else 0
+    emitter = c.connect(EMITTER, "org.example.Fast")
+    listener = c.connect(ADMIN)
+    first = c.ok(listener, "subscribe")["subscription"]
+    second = c.ok(listener, "subscribe", member="Tick")["subscription"]
+    c.ok(emitter, "emit", source="org.example.Fast", member="Tick", payload=1)
+    room["ok"] = False
+    for i in range(7):
+        assert c.ok(emitter, "emit", source="org.example.Fast", member="Tick", payload=i) == {"delivered": 0}
+    assert listener in c.core.pumping
+    room["ok"] = True
+    c.ok(emitter, "emit", source="org.example.Fast", member="Tick", payload="after")
+    got = c.events(listener)
+    assert [e["event"] for e in got] == ["event", "gap", "gap", "event"]
+    gaps = {g["subscription"]: g for g in got[1:3]}
+    assert set(gaps) == {first, second} and all(g["missed"] == 7 and g["reason"] == "overflow" for g in gaps.values())
+    # Missed events with nothing after them are announced as soon as there is room.
+    room["ok"] = False
+    c.ok(emitter, "emit", source="org.example.Fast", member="Tick")
+    room["ok"] = True
+    pumped = [m for _, m in c.core.pump_watches(listener)]  # type: ignore[misc]
+    assert [(m["event"], m["missed"]) for m in pumped] == [("gap", 1), ("gap", 1)] and listener not in c.core.pumping
+
+
+async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_path: Path) -> None:
+    """Over real sockets: an emitter floods 24 KiB events; a subscriber that does not read
+    is never cut and learns how many it missed; one that reads gets every event, in order."""
+    async with running_broker(tmp_path) as rb:
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.Flood"})
+        await reply_to(emitter, 1)
+        slow = await raw_connect(rb.unix_address, FRIEND)
+        await slow.send_message({"op": "hello", "id": 1})
+        await slow.send_message({"op": "subscribe", "id": 2, "source": "org.example.Flood"})
+        await reply_to(slow, 2)
+        fast = await raw_connect(rb.unix_address, FRIEND)
+        await fast.send_message({"op": "hello", "id": 1})
+        await fast.send_message({"op": "subscribe", "id": 2, "member": "Chunk"})
+        await reply_to(fast, 2)
+        total = 200
+        received: list[int] = []
+
+        async def read_fast() -> None:
+            while len(received) < total:
+                frame = await fast.receive_frame()
+                assert frame is not None, "the reading subscriber was cut"
+                if isinstance(frame, ControlFrame) and frame.message.get("event") == "event":
+                    received.append(frame.message["payload"]["n"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_fast)
+            for n in range(total):  # ~4.8 MiB: far more than the slow one's queue takes
+                await emitter.send_message(
+                    {"op": "emit", "id": 10 + n, "source": "org.example.Flood", "member": "Chunk", "payload": {"n": n, "b": "x" * 24000}}
+                )
+                assert "result" in await reply_to(emitter, 10 + n)
+        assert received == list(range(total))
+        # The slow subscriber reads now: events, a gap with the count it missed, never an error.
+        seen = missed = 0
+        with trio.fail_after(30):
+            while seen + missed < total:
+                frame = await slow.receive_frame()
+                assert frame is not None, "the slow subscriber was cut"
+                assert isinstance(frame, ControlFrame) and frame.message.get("event") != "error", frame
+                if frame.message.get("event") == "event":
+                    seen += 1
+                elif frame.message.get("event") == "gap":
+                    missed += frame.message["missed"]
+        assert missed > 0 and seen + missed == total
+        for framed in (emitter, slow, fast):
+            await framed.aclose()
