@@ -28,6 +28,7 @@ from bus.wire.shs import parse_network_key
 
 from .bus import Bus, CannotConnect, NameEvent, NameInfo, RequestTimeout, Watch, WatchOverflow, find_address, open_bus
 from .channels import Channel, ChannelRequest, PeerInfo
+from .events import Event, Gap, Subscription
 from .rpc import Service
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "BusError",
     "CannotConnect",
     "Channel",
+    "Event",
+    "Gap",
+    "Subscription",
     "ChannelRejected",
     "ChannelRequest",
     "ConnectionLost",

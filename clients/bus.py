@@ -53,6 +53,10 @@ from .channels import Channel as Channel
 from .channels import ChannelRequest as ChannelRequest
 from .channels import PeerInfo as PeerInfo
 from .channels import RelayStream as RelayStream
+from .events import Event as Event
+from .events import Events
+from .events import Gap as Gap
+from .events import Subscription as Subscription
 from .link import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from .link import DEFAULT_REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT
 from .link import OUTBOUND_BUFFER as OUTBOUND_BUFFER
@@ -119,8 +123,13 @@ class Bus:
         self._names = Names(self._connection)
         self._routes = ChannelRoutes(self._connection)
         self._rpc_calls = RpcCalls(self._connection, self._routes.open_channel, max_message=rpc_max_message)
-        self._connection.restore = self._names.restore
+        self._events = Events(self._connection)
+        self._connection.restore = self._restore
         self._connection.on_give_up = self._names.fail_all
+
+    async def _restore(self, link: Link) -> None:
+        await self._names.restore(link)
+        await self._events.restore(link)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -245,6 +254,21 @@ class Bus:
     def watch(self, patterns: Iterable[str] = ("*",)) -> Watch:
         return self._names.watch(patterns)
 
+    # -- events -------------------------------------------------------------------------------
+
+    def subscribe(self, source_pattern: str = "*", member_pattern: str = "*") -> Subscription:
+        """Events whose source and member match (shell globs, as for watches): use as
+        ``async with bus.subscribe(...) as events: async for item in events`` -- each item is
+        an :class:`~clients.events.Event` or, where some were missed, a
+        :class:`~clients.events.Gap` with the count and the reason.  Restored after a
+        reconnect (with a gap for the time the link was down)."""
+        return self._events.subscribe(source_pattern, member_pattern)
+
+    async def emit(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> int:
+        """Emit an event as ``source`` (a name this connection owns, or by default its unique
+        id); returns to how many connections the broker queued it."""
+        return await self._events.emit(member, payload, source=source, destination=destination)
+
     # -- channels -------------------------------------------------------------------------------
 
     def handle_channels(
@@ -333,6 +357,7 @@ async def open_bus(
                 # Cancelled that replaces (and so swallows) the exception leaving the block.
                 connection.closed = True
                 bus._names.close_all_nowait()
+                bus._events.close_all_nowait()
                 nursery.cancel_scope.cancel()  # the link's task closes the stream on its way out
     except BaseExceptionGroup as group:
         # The block's own exception comes out as itself, not wrapped by our nursery(s).

@@ -232,3 +232,60 @@ async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_p
         assert missed > 0 and seen + missed == total
         for framed in (emitter, slow, fast):
             await framed.aclose()
+
+
+# -- the client library ------------------------------------------------------------------------
+
+
+async def test_the_library_subscribes_emits_and_hands_each_event_to_every_matching_subscription(tmp_path: Path) -> None:
+    from clients.bus import open_bus
+    from clients.events import Event
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                async with listener.subscribe("org.example.*", "Tick") as ticks, listener.subscribe() as everything:
+                    for n in range(3):
+                        assert await ticker.emit("Tick", {"n": n}, source="org.example.Ticker") == 1
+                    assert await ticker.emit("Tock") == 1  # as its unique id: only "everything" matches
+                    with trio.fail_after(10):
+                        got_ticks = [await ticks.__anext__() for _ in range(3)]
+                        got_all = [await everything.__anext__() for _ in range(4)]
+                    assert all(isinstance(e, Event) for e in got_ticks + got_all)
+                    assert [e.payload["n"] for e in got_ticks] == [0, 1, 2]  # type: ignore[union-attr]
+                    assert [e.member for e in got_all] == ["Tick", "Tick", "Tick", "Tock"]  # type: ignore[union-attr]
+                    last = got_all[-1]
+                    assert isinstance(last, Event) and last.source == ticker.unique_id == last.sender
+                    assert last.identity == OWNER.id
+
+
+async def test_subscriptions_are_restored_after_a_broker_restart_with_the_gap_announced(tmp_path: Path) -> None:
+    from clients.bus import open_bus
+    from clients.events import Event, Gap
+
+    from .brokers import start_broker
+
+    async with trio.open_nursery() as nursery:
+        first = await start_broker(nursery, tmp_path)
+        unix = first.unix_address
+        async with (
+            open_bus(unix, identity=OWNER, name="org.example.Ticker") as ticker,
+            open_bus(unix, identity=FRIEND) as listener,
+            listener.subscribe("org.example.Ticker") as events,
+        ):
+            await ticker.emit("Tick", 1, source="org.example.Ticker")
+            with trio.fail_after(10):
+                assert isinstance(await events.__anext__(), Event)
+            await first.stop()
+            second = await start_broker(nursery, tmp_path)
+            with trio.fail_after(15):
+                while not (ticker.reconnects and listener.reconnects and ticker.connected and listener.connected):
+                    await trio.sleep(0.05)
+                while await ticker.emit("Tick", 2, source="org.example.Ticker") == 0:
+                    await trio.sleep(0.05)  # until the subscription is back (and the name)
+                items = [await events.__anext__()]
+                while not isinstance(items[-1], Event):
+                    items.append(await events.__anext__())
+            assert items[0] == Gap(None, "link down")
+            assert isinstance(items[-1], Event) and items[-1].payload == 2
+            await second.stop()

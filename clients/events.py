@@ -1,0 +1,244 @@
+"""Events between plugins, the client's side: subscriptions and emitting.
+
+Theory of operation
+-------------------
+The broker sends each connection one ``event`` message per event, however many of its
+subscriptions match; :class:`Events` hands it to every local :class:`Subscription` whose
+patterns match (the same globs the broker uses), in the order they arrive.  What could not
+be delivered is never lost silently: each subscription yields a :class:`Gap` instead, with a
+count and a reason --
+
+* ``overflow``: the broker's queue for us was full (it said so with a ``gap`` event);
+* ``slow consumer``: this subscription's own buffer (:data:`SUBSCRIPTION_BUFFER` items) was
+  full, because its consumer does not keep up;
+* ``link down``: the connection to the broker was lost and made again; events emitted
+  meanwhile were not counted by anyone (``missed`` is None).
+
+Subscriptions are registered again after a reconnect, like watches.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from bus.core.glob import GlobSet, compile_glob
+from bus.errors import BusError, RequestError
+from bus.wire.messages import Event as WireEvent
+
+from .link import BusConnection, Link
+
+__all__ = ["Event", "Gap", "Subscription", "Events", "SUBSCRIPTION_BUFFER"]
+
+log = logging.getLogger("minibus.client")
+
+#: Items (events and gaps) one subscription buffers for its consumer.
+SUBSCRIPTION_BUFFER = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event, as the broker stamped it."""
+
+    source: str  # a well-known name its sender owns, or the sender's unique id
+    member: str
+    payload: Any
+    sender: str  # the sender's unique id
+    identity: str  # the sender's verified key
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "member": self.member, "payload": self.payload, "sender": self.sender, "identity": self.identity}
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events this subscription did not get: ``missed`` of them (None: not counted), and why."""
+
+    missed: int | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gap": True, "missed": self.missed, "reason": self.reason}
+
+
+class Subscription:
+    """Events whose source and member match two patterns, then more, as an async iterator
+    (``async with bus.subscribe("org.example.*", "New*") as events: async for e in events``);
+    it yields :class:`Event` and, where some were missed, :class:`Gap` items."""
+
+    def __init__(self, events: Events, source_pattern: str, member_pattern: str) -> None:
+        self._events = events
+        self.source_pattern = source_pattern
+        self.member_pattern = member_pattern
+        self._source = GlobSet((compile_glob(source_pattern),))
+        self._member = GlobSet((compile_glob(member_pattern),))
+        self.link: Link | None = None
+        self.subscription_id: int | None = None
+        self._send, self._receive = trio.open_memory_channel[Event | Gap](SUBSCRIPTION_BUFFER)
+        self._closed = False
+        self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
+
+    def matches(self, source: str, member: str) -> bool:
+        return self._member.match(member) and self._source.match(source)
+
+    # -- called by the events (in the link's reader) ----------------------------------------
+
+    def _registered(self, link: Link, result: dict[str, Any]) -> None:
+        if self._closed:
+            self._events.send_unsubscribe(link, result["subscription"])
+            return
+        self.link = link
+        self.subscription_id = result["subscription"]
+        self._events.on_link(link)[result["subscription"]] = self
+
+    def _put(self, item: Event | Gap) -> None:
+        if self._closed:
+            return
+        if self._dropped:
+            try:
+                self._send.send_nowait(Gap(self._dropped, "slow consumer"))
+            except trio.WouldBlock:
+                self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
+                return
+            self._dropped = 0
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
+        except trio.ClosedResourceError:
+            pass
+
+    def _forget(self) -> None:
+        self._closed = True
+        self._send.close()
+        self._events.live.discard(self)
+        link, sub_id = self.link, self.subscription_id
+        if link is not None and sub_id is not None and self._events.on_link(link).pop(sub_id, None) is self:
+            self._events.send_unsubscribe(link, sub_id)
+
+    # -- the user's side --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Subscription:
+        await self._events.start(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._forget()
+        await trio.lowlevel.checkpoint()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event | Gap:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+class Events:
+    """Subscriptions and emitting on one :class:`~clients.link.BusConnection`."""
+
+    def __init__(self, connection: BusConnection) -> None:
+        self._connection = connection
+        self.live: set[Subscription] = set()
+        self._by_link: weakref.WeakKeyDictionary[Link, dict[int, Subscription]] = weakref.WeakKeyDictionary()
+        connection.event_handlers["event"] = self._on_event
+        connection.event_handlers["gap"] = self._on_gap
+
+    def on_link(self, link: Link) -> dict[int, Subscription]:
+        table = self._by_link.get(link)
+        if table is None:
+            table = self._by_link[link] = {}
+        return table
+
+    def subscribe(self, source_pattern: str = "*", member_pattern: str = "*") -> Subscription:
+        return Subscription(self, source_pattern, member_pattern)
+
+    async def start(self, sub: Subscription) -> None:
+        link = self._connection.link
+        self.live.add(sub)
+        try:
+            await self._connection.request(
+                "subscribe",
+                {"source": sub.source_pattern, "member": sub.member_pattern},
+                lambda result: sub._registered(link, result) if link is not None else None,
+                lambda result: self.send_unsubscribe(link, result["subscription"]) if link is not None else None,
+            )
+        except BaseException:
+            self.live.discard(sub)
+            raise
+
+    def send_unsubscribe(self, link: Link, sub_id: int) -> None:
+        self.on_link(link).pop(sub_id, None)
+        if not link.closed:
+            self._connection.send_request_nowait(link, "unsubscribe", {"subscription": sub_id})
+
+    async def emit(
+        self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None
+    ) -> int:
+        """Emit an event; returns to how many connections the broker queued it."""
+        args: dict[str, Any] = {"member": member, "payload": payload}
+        if source is not None:
+            args["source"] = source
+        if destination is not None:
+            args["destination"] = destination
+        result = await self._connection.request("emit", args)
+        return int(result.get("delivered", 0)) if isinstance(result, dict) else 0
+
+    # -- in the reader ------------------------------------------------------------------------
+
+    def _on_event(self, link: Link, message: WireEvent) -> None:
+        fields = message.fields
+        source, member = fields.get("source"), fields.get("member")
+        if not isinstance(source, str) or not isinstance(member, str):
+            return
+        event = Event(source, member, fields.get("payload"), str(fields.get("sender", "")), str(fields.get("identity", "")))
+        for sub in list(self.on_link(link).values()):
+            if sub.matches(source, member):
+                sub._put(event)
+
+    def _on_gap(self, link: Link, message: WireEvent) -> None:
+        sub = self.on_link(link).get(message.fields.get("subscription", 0))
+        missed = message.fields.get("missed")
+        if sub is not None:
+            sub._put(Gap(missed if isinstance(missed, int) else None, str(message.fields.get("reason", "overflow"))))
+
+    # -- across reconnects ----------------------------------------------------------------------
+
+    async def restore(self, link: Link) -> None:
+        """After a reconnect: register every subscription again, each told of the gap."""
+        for sub in [s for s in self.live if s.link is not link and s.link is not None]:
+            if sub._closed:
+                continue
+            sub.link = None
+            sub._put(Gap(None, "link down"))
+
+            def registered(result: Any, sub: Subscription = sub) -> None:
+                sub._registered(link, result)
+
+            def abandoned(result: Any) -> None:
+                self.send_unsubscribe(link, result["subscription"])
+
+            try:
+                await self._connection.request(
+                    "subscribe", {"source": sub.source_pattern, "member": sub.member_pattern}, registered, abandoned
+                )
+            except RequestError as exc:
+                log.warning("could not subscribe again after reconnecting: %s", exc)
+                sub._forget()
+            except BusError as exc:
+                sub.link = link  # not registered; the next restore tries again
+                log.info("restoring subscriptions stopped: %s", exc)
+                return
+
+    def close_all_nowait(self) -> None:
+        for sub in list(self.live):
+            sub._send.close()
