@@ -43,6 +43,8 @@ from . import (
     CannotConnect,
     ChannelRejected,
     ConnectionLost,
+    Event,
+    Gap,
     HandshakeError,
     Identity,
     InvalidName,
@@ -71,7 +73,7 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 #: The verbs that print data, and so honour --json ('call' prints JSON anyway).  'open' passes
 #: a channel's bytes through and refuses --json.
-JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "id", "keygen")
+JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "subscribe", "emit", "id", "keygen")
 
 _OPTIONS_HELP = textwrap.fill(
     "global options (--address, --identity, --network-key, --timeout, --json) go before or after "
@@ -100,6 +102,7 @@ environment:
 
 ADDRESS_HINT = "an address looks like unix:path=PATH,key=@….ed25519;tcp:host=HOST,port=PORT,key=@….ed25519 (busd prints it)"
 _UNIQUE_ID = re.compile(r":[0-9]{1,20}\Z")
+_MEMBER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 
 
 class Failure(Exception):
@@ -179,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("target", metavar="NAME|ID")
     v = verb("monitor", "print named plugins as they connect and disconnect, until interrupted")
     v.add_argument("patterns", metavar="PATTERN", nargs="*", default=[], help="name patterns such as 'org.example.*' (default: all)")
+    v.add_argument("--events", action="store_true", help="also print the events whose source matches the patterns")
     v = verb("wait", "wait until NAME is on the bus (up to --timeout), print its owner")
     v.add_argument("name", metavar="NAME")
     v = verb("call", "call METHOD of the service owning NAME; arguments and result are JSON")
@@ -187,6 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("args", metavar="ARG", nargs="*", default=[], help="one JSON value per argument, e.g. 3 '\"text\"' '[1,2]'")
     v = verb("introspect", "show the methods (parameters, return type, doc text) and protocols of a service")
     v.add_argument("name", metavar="NAME")
+    v = verb("emit", "emit event MEMBER as NAME (owned for the moment if nobody owns it); arguments are JSON")
+    v.add_argument("name", metavar="NAME", help="the source: a well-known name (or ':self' for this connection's unique id)")
+    v.add_argument("member", metavar="MEMBER", help="the event, an identifier such as NewOtx")
+    v.add_argument("args", metavar="ARG", nargs="*", default=[], help="the payload: one JSON value, or a list of several")
+    v = verb("subscribe", "print events as they come, one line each, until interrupted (or --count N)")
+    v.add_argument("source", metavar="SOURCE", nargs="?", default="*", help="source pattern (default: *)")
+    v.add_argument("member", metavar="MEMBER", nargs="?", default="*", help="member pattern (default: *)")
+    v.add_argument("--count", type=int, metavar="N", default=None, help="exit after N events")
     v = verb("open", "pipe stdin and stdout through a channel, like netcat (EOF on stdin half-closes)")
     v.add_argument("name", metavar="NAME")
     v.add_argument("--protocol", default="raw", metavar="LABEL", help="the channel's protocol label (default: raw)")
@@ -282,6 +294,21 @@ def _check_args(args: argparse.Namespace) -> None:
                 raise Failure(f"bad pattern {_safe(pattern)!r}: {exc}", EXIT_USAGE) from None
     elif args.verb == "call":
         args.values = _json_args(args.args)
+    elif args.verb == "emit":
+        if args.name != ":self":
+            _check_name(args.name)
+        if not _MEMBER.match(args.member):
+            raise Failure(f"bad member {_safe(args.member)!r}: an identifier (letters, digits, '_'), like NewOtx", EXIT_USAGE)
+        values = _json_args(args.args)
+        args.payload = values[0] if len(values) == 1 else (values or None)
+    elif args.verb == "subscribe":
+        for pattern in (args.source, args.member):
+            try:
+                compile_glob(pattern)
+            except GlobError as exc:
+                raise Failure(f"bad pattern {_safe(pattern)!r}: {exc}", EXIT_USAGE) from None
+        if args.count is not None and args.count < 1:
+            raise Failure("--count wants a number of events, 1 or more", EXIT_USAGE)
     elif args.verb == "open":
         if args.json:
             raise Failure("open passes the channel's bytes through and prints no JSON: drop --json", EXIT_USAGE)
@@ -411,13 +438,58 @@ def _event_line(ev: NameEvent) -> str:
     return _safe(f"{ev.kind:13} {ev.name} {owner.unique_id} {owner.identity}")
 
 
+def _bus_event_line(item: Event | Gap) -> str:
+    if isinstance(item, Gap):
+        return _safe(f"gap           {item.missed if item.missed is not None else 'an unknown number of'} events missed ({item.reason})")
+    payload = json.dumps(_jsonable(item.payload), sort_keys=True, default=str)
+    return _safe(f"event         {item.source} {item.member} {payload} (from {item.sender})")
+
+
 async def verb_monitor(args: argparse.Namespace) -> None:
-    async with _connect(args) as bus, bus.watch(args.patterns or ["*"]) as watch:
+    patterns = args.patterns or ["*"]
+    async with _connect(args) as bus, bus.watch(patterns) as watch, trio.open_nursery() as nursery:
+        if args.events:
+            for pattern in patterns:
+                nursery.start_soon(_print_events, bus, pattern, "*", None, args.json)
         async for ev in watch:
             if args.json:
                 _json(ev.to_json())
             else:
                 _out(_event_line(ev))
+
+
+async def _print_events(bus: Bus, source: str, member: str, count: int | None, as_json: bool) -> None:
+    printed = 0
+    async with bus.subscribe(source, member) as events:
+        async for item in events:
+            if as_json:
+                _json(item.to_json())
+            else:
+                _out(_bus_event_line(item))
+            if isinstance(item, Event):
+                printed += 1
+                if count is not None and printed >= count:
+                    return
+
+
+async def verb_subscribe(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        await _print_events(bus, args.source, args.member, args.count, args.json)
+
+
+async def verb_emit(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        source = None if args.name == ":self" else args.name
+        if source is not None:
+            result = await bus.request_name(source, ["do-not-queue"])
+            if result not in ("primary-owner", "already-owner"):
+                owner = await bus.resolve(source)
+                raise Failure(f"{source} is owned by {owner.unique_id} ({owner.identity}): only its owner may emit as it", EXIT_DENIED)
+        delivered = await bus.emit(args.member, args.payload, source=source)
+    if args.json:
+        _json({"delivered": delivered})
+    else:
+        _out(f"delivered to {delivered} connection{'s' if delivered != 1 else ''}")
 
 
 async def verb_wait(args: argparse.Namespace) -> None:
@@ -462,6 +534,10 @@ async def verb_introspect(args: argparse.Namespace) -> None:
     for method in described.get("methods", []):
         _out(_safe(_method_line(method)))
         for line in str(method.get("doc", "")).splitlines():
+            _out(_safe(f"      {line}"))
+    for event in described.get("events", []):
+        _out(_safe(f"  event {event.get('member')}"))
+        for line in str(event.get("doc", "")).splitlines():
             _out(_safe(f"      {line}"))
 
 
@@ -518,6 +594,8 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "call": verb_call,
     "introspect": verb_introspect,
     "open": verb_open,
+    "emit": verb_emit,
+    "subscribe": verb_subscribe,
     "id": verb_id,
     "keygen": verb_keygen,
 }

@@ -57,9 +57,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -281,10 +282,16 @@ def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
     return params
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_MEMBER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
+
+
 class ChannelHost(Protocol):
-    """Where a service registers its channel handlers: a :class:`~clients.bus.Bus`."""
+    """Where a service registers its channel handlers and emits: a :class:`~clients.bus.Bus`."""
 
     def handle_channels(self, protocol: str, handler: Callable[[Channel], Awaitable[Any]]) -> None: ...
+
+    async def emit(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> int: ...
 
 
 @dataclass
@@ -304,8 +311,11 @@ class Service:
     metadata: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Callable[..., Awaitable[Any]]] = field(default_factory=dict)
     channels: dict[str, Callable[[Channel], Awaitable[Any]]] = field(default_factory=dict)
+    #: Events this service declares (member -> doc text), for introspection.
+    events: dict[str, str] = field(default_factory=dict)
     max_message: int = DEFAULT_MAX_MESSAGE
     _signatures: dict[Callable[..., Any], inspect.Signature] = field(default_factory=dict, init=False, repr=False)
+    _bus: ChannelHost | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_max_message(self.max_message)
@@ -333,15 +343,46 @@ class Service:
 
         return register
 
+    def event(self, member: str, doc: str = "") -> Callable[[_F], _F]:
+        """Decorator (or call ``service.event("NewOtx", "doc")``): declare an event this
+        service emits, with its doc text, for introspection."""
+        if not _MEMBER.match(member):
+            raise ValueError(f"{member!r} is not an event member (an identifier: letters, digits, '_')")
+        self.events[member] = doc
+
+        def declare(func: _F) -> _F:
+            if not doc:
+                self.events[member] = inspect.getdoc(func) or ""
+            return func
+
+        return declare
+
+    async def emit(self, member: str, payload: Any = None, *, destination: str | None = None) -> int:
+        """Emit a declared event as this service's name (the bus it is attached to must own
+        it); returns to how many connections the broker queued it."""
+        if member not in self.events:
+            raise ValueError(f"{self.name}: event {member!r} is not declared (use @service.event({member!r}))")
+        if self._bus is None:
+            raise ConnectionLost(f"{self.name} is not attached to a bus")
+        return await self._bus.emit(member, payload, source=self.name, destination=destination)
+
     def introspect(self) -> dict[str, Any]:
         methods = [
             MethodInfo(name, _describe(func), inspect.getdoc(func) or "", _returns(func)).to_wire()
             for name, func in sorted(self.methods.items())
         ]
-        return {"name": self.name, "info": self.info, "methods": methods, "protocols": sorted([RPC_PROTOCOL, *self.channels])}
+        events = [{"member": member, "doc": doc} for member, doc in sorted(self.events.items())]
+        return {
+            "name": self.name,
+            "info": self.info,
+            "methods": methods,
+            "events": events,
+            "protocols": sorted([RPC_PROTOCOL, *self.channels]),
+        }
 
     def attach(self, bus: ChannelHost) -> None:
-        """Register this service's channel handlers on a bus."""
+        """Register this service's channel handlers on a bus (and emit through it)."""
+        self._bus = bus
         bus.handle_channels(RPC_PROTOCOL, self.serve_channel)
         for protocol, handler in self.channels.items():
             bus.handle_channels(protocol, handler)

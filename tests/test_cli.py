@@ -503,3 +503,30 @@ async def test_target_killed_mid_transfer_breaks_the_other_end(
             await trio.aclose_forcefully(ch)
     finally:
         _stop(echo)
+
+
+def test_event_examples_run_against_busd(env: dict[str, str], busd: tuple[subprocess.Popen[str], str]) -> None:
+    """examples/watch_events.py hears what examples/ticker.py emits; introspect lists the event."""
+    listener = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "watch_events.py"), "org.example.*", "Tick", "--count", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert listener.stdout is not None
+    ticker = None
+    try:
+        assert listener.stdout.readline().startswith("listening for Tick from org.example.*")
+        ticker = _start_example(env, str(ROOT / "examples" / "ticker.py"), "--interval", "0.2")
+        described = busctl(env, "introspect", "org.example.Ticker").stdout
+        assert "event Tick" in described and "Once a second" in described
+        lines = [listener.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("org.example.Ticker Tick {'n': ") for line in lines), lines
+        assert listener.wait(timeout=15) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+        listener.stdout.close()
+        if ticker is not None:
+            _stop(ticker)

@@ -289,3 +289,76 @@ async def test_subscriptions_are_restored_after_a_broker_restart_with_the_gap_an
             assert items[0] == Gap(None, "link down")
             assert isinstance(items[-1], Event) and items[-1].payload == 2
             await second.stop()
+
+
+async def test_busctl_emit_and_subscribe_with_count_as_subprocesses(tmp_path: Path) -> None:
+    """busctl subscribe --count N prints N events (JSON with --json) and exits; busctl emit
+    owns the name for the moment, or says who does."""
+    import json
+    import os
+    import sys
+
+    from bus.wire.identity import save_identity
+    from clients.bus import open_bus
+
+    async with running_broker(tmp_path) as rb:
+        env = dict(os.environ, MINIBUS_ADDRESS=rb.unix_address)
+        key = tmp_path / "owner.key"
+        save_identity(key, OWNER)
+        busctl = [sys.executable, "-m", "clients.busctl", "--identity", str(key)]
+        async with trio.open_nursery() as nursery:
+            listening = await nursery.start(_run_subscriber, busctl, env)
+            with trio.fail_after(20):
+                while not rb.broker.core._subscribers:  # until busctl subscribe has subscribed
+                    await trio.sleep(0.05)
+            for n in range(2):
+                done = await trio.run_process([*busctl, "emit", "org.example.Shout", "Said", json.dumps({"n": n})], env=env, capture_stdout=True)
+                assert done.stdout.decode().strip() == "delivered to 1 connection"
+            with trio.fail_after(20):
+                lines = await listening.receive()
+        assert [json.loads(line)["payload"] for line in lines] == [{"n": 0}, {"n": 1}]
+        assert all(json.loads(line)["source"] == "org.example.Shout" for line in lines)
+        # Someone else owns the name: busctl says who, and emits nothing.
+        async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Taken") as holder:
+            refused = await trio.run_process(
+                [*busctl, "emit", "org.example.Taken", "Said"], env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+            err = refused.stderr.decode().strip().splitlines()
+            assert refused.returncode == 4 and len(err) == 1 and holder.unique_id in err[0]
+        bad = await trio.run_process([*busctl, "subscribe", "bad["], env=env, capture_stderr=True, check=False)
+        assert bad.returncode == 2 and b"never closed" in bad.stderr
+
+
+async def _run_subscriber(busctl: list[str], env: dict[str, str], task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    send, receive = trio.open_memory_channel[list[str]](1)
+    task_status.started(receive)
+    done = await trio.run_process([*busctl, "--json", "subscribe", "org.example.*", "--count", "2"], env=env, capture_stdout=True)
+    await send.send(done.stdout.decode().strip().splitlines())
+
+
+async def test_a_service_declares_its_events_and_emits_them_as_its_name(tmp_path: Path) -> None:
+    import pytest
+
+    from clients.bus import open_bus
+    from clients.rpc import Service
+
+    service = Service("org.example.Pool")
+
+    @service.event("NewOtx")
+    def new_otx() -> None:
+        """A transaction entered the pool: {"hash": text}."""
+
+    with pytest.raises(ValueError, match="not an event member"):
+        service.event("no-dashes")
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name=service.name) as bus:
+            service.attach(bus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener, listener.subscribe(member_pattern="NewOtx") as events:
+                assert await service.emit("NewOtx", {"hash": "ab"}) == 1
+                with pytest.raises(ValueError, match="not declared"):
+                    await service.emit("Undeclared")
+                with trio.fail_after(10):
+                    item = await events.__anext__()
+                assert getattr(item, "source", None) == "org.example.Pool" and getattr(item, "payload", None) == {"hash": "ab"}
+                described = await listener.introspect(service.name)
+                assert described["events"] == [{"member": "NewOtx", "doc": 'A transaction entered the pool: {"hash": text}.'}]
