@@ -738,9 +738,9 @@ def role_dbus_service(address: str, flavour: str, name: str) -> None:
         from jeepney.io.trio import open_dbus_connection as open_trio
 
         async def main() -> None:
-            conn = await open_trio(address)
-            await conn.send(message_bus.RequestName(name))
             with trio.fail_after(10):
+                conn = await open_trio(address)
+                await conn.send(message_bus.RequestName(name))
                 while (await conn.receive()).header.message_type != MessageType.method_return:
                     pass  # NameAcquired may come first
             say("ready")
@@ -1031,8 +1031,9 @@ class DbusDaemon:
             '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
             ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
             f"<busconfig><type>session</type><listen>unix:path={tmp}/dbus-daemon.sock</listen>\n"
-            '<auth>EXTERNAL</auth><policy context="default"><allow send_destination="*"/>\n'
-            '<allow own="*"/></policy><limit name="max_message_size">134217728</limit>\n'
+            # the session bus's default policy: anyone may own, send and receive anything
+            '<auth>EXTERNAL</auth><policy context="default"><allow send_destination="*" eavesdrop="true"/>\n'
+            '<allow eavesdrop="true"/><allow own="*"/></policy><limit name="max_message_size">134217728</limit>\n'
             '<limit name="max_incoming_bytes">1000000000</limit><limit name="max_outgoing_bytes">1000000000</limit>\n'
             "</busconfig>\n"
         )
