@@ -593,7 +593,7 @@ class ProfileSwitch:
         if path:
             import cProfile
 
-            self.profile = cProfile.Profile()
+            self.profile = cProfile.Profile(time.thread_time)  # CPU time: waiting is not cost
             signal.signal(signal.SIGUSR1, lambda *_: self.profile.enable())
             signal.signal(signal.SIGUSR2, lambda *_: self.stop())
 
@@ -668,7 +668,7 @@ def role_minibus_worker(address: str, key_file: str) -> None:
                         if cmd.get("profile") == "on":
                             import cProfile
 
-                            profile = cProfile.Profile()
+                            profile = cProfile.Profile(time.thread_time)
                             profile.enable()
                             result: dict[str, Any] = {"ok": True}
                         elif cmd.get("profile") == "off":
@@ -1337,7 +1337,7 @@ CATEGORIES = (
 
 def categorise(filename: str, func: str) -> str:
     if filename == "~":  # builtins: name them by what they are
-        if "coroutine" in func and "send" in func:
+        if ("coroutine" in func or "generator" in func) and "send" in func:
             return "trio"  # stepping a task
         if "select.epoll" in func:
             return "trio"
@@ -1354,7 +1354,7 @@ def categorise(filename: str, func: str) -> str:
 
 
 NOTABLE = {
-    "task steps (coroutine.send)": lambda f, fn: f == "~" and "send' of 'coroutine" in fn,
+    "task steps": lambda f, fn: f == "~" and ("send' of 'coroutine" in fn or "send' of 'generator" in fn),
     "epoll waits": lambda f, fn: f == "~" and "poll' of 'select.epoll" in fn,
     "check_cbor": lambda f, fn: f.endswith("frames.py") and fn == "check_cbor",
     "cbor2 loads": lambda f, fn: f == "~" and "loads" in fn and "cbor2" in fn,
@@ -1390,94 +1390,137 @@ def profile_summary(path: Path, calls: int) -> dict[str, Any]:
     }
 
 
+BUDGET_ROWS = {
+    # minibus row: (the limit row it is held against, that limit's process for each hop)
+    "mb-relay-x1": ("limit3-x1", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
+    "mb-relay-x32": ("limit3-x32", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
+    "mb-fd-x1": ("limit2-x1", {"caller": "limit caller", "busd": None, "service": "limit server"}),
+    "mb-fd-big-x8": ("bulk-raw", {"caller": "limit caller", "busd": None, "service": "limit server"}),
+    "mb-relay-big-x8": ("bulk-3p", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
+}
+
+
+def window(ask: Callable[[dict[str, Any]], dict[str, Any]], row: str, procs: dict[str, Proc], seconds: float) -> dict[str, Any]:
+    """One measuring window: the row's rate, and each process's CPU time and context switches per call."""
+    cpu0 = {k: cpu_ns(p.pid) for k, p in procs.items()}
+    sw0 = {k: switches(p.pid) for k, p in procs.items()}
+    answer = ask({"row": row, "seconds": seconds, "warmup": 0.0})
+    if "error" in answer:
+        raise RuntimeError(f"{row}: {answer['error']}")
+    calls = answer["calls"] if "calls" in answer else answer["bytes"] / BIG  # bulk: per MiB
+    return {
+        "calls": calls,
+        "per_s": calls / answer["elapsed"],
+        "wall_us_per_call": answer["elapsed"] / calls * 1e6,
+        "cpu_us_per_call": {k: (cpu_ns(p.pid) - cpu0[k]) / calls / 1000 for k, p in procs.items()},
+        "context_switches_per_call": {k: (switches(p.pid) - sw0[k]) / calls for k, p in procs.items()},
+    }
+
+
+def strace_window(ask: Callable[[dict[str, Any]], dict[str, Any]], row: str, procs: dict[str, Proc], seconds: float, tmp: Path) -> dict[str, Any]:
+    """The same window with ``strace -c`` attached to every process at once."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"skipped": "strace is not installed (apt-get install strace)"}
+    tracers = {}
+    for k, p in procs.items():
+        out = tmp / f"strace-{p.pid}.txt"
+        tracers[k] = (subprocess.Popen([strace, "-c", "-f", "-q", "-o", str(out), "-p", str(p.pid)], stderr=subprocess.DEVNULL), out)
+    try:
+        time.sleep(0.5)  # attached
+        answer = ask({"row": row, "seconds": seconds, "warmup": 0.0})
+    finally:
+        for tracer, _ in tracers.values():
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+    calls = answer["calls"] if "calls" in answer else answer["bytes"] / BIG
+    per: dict[str, Any] = {}
+    for k, (_, out) in tracers.items():
+        counts = parse_strace(out.read_text())
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1]["calls"])
+        per[k] = {
+            "syscalls_per_call": sum(c["calls"] for c in counts.values()) / calls,
+            "by_syscall": {name: round(c["calls"] / calls, 2) for name, c in ranked if c["calls"] / calls >= 0.05},
+            "failed_per_call": {name: round(c["errors"] / calls, 2) for name, c in ranked if c["errors"] / calls >= 0.05},
+        }
+    return {"calls": calls, "per_s_traced": calls / answer["elapsed"], "per_process": per}
+
+
 def run_budget(args: argparse.Namespace) -> None:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
+    row = args.budget_row
+    limit_row, hops = BUDGET_ROWS[row]
     tmp = Path(tempfile.mkdtemp(prefix="minibus-budget-"))
     profile_dir = tmp / "prof"
     profile_dir.mkdir()
-    minibus = None
-    result: dict[str, Any] = {"row": "RPC 64 B, 1 in flight, relay", "seconds_per_window": seconds}
+    minibus = limits = None
+    result: dict[str, Any] = {"row": row, "limit_row": limit_row, "seconds_per_window": seconds}
     try:
         minibus = Minibus(tmp, profile_dir)
+        limits = Limits(tmp, minibus.owner.seed.hex())
         procs = {"caller": minibus.worker, "busd": minibus.busd, "service": minibus.service}
+        by_name = {p.name: p for p in limits.procs}
+        limit_procs = {hop: by_name[name] for hop, name in hops.items() if name}
         ask = lambda cmd: minibus.worker.ask(cmd, seconds * 3 + ROW_GRACE)  # noqa: E731
-        ask({"row": "mb-relay-x1", "seconds": 0.5, "warmup": 0.0})
-
-        # 1. clean: CPU time and context switches per call, no tool attached
-        cpu0 = {k: cpu_ns(p.pid) for k, p in procs.items()}
-        sw0 = {k: switches(p.pid) for k, p in procs.items()}
-        answer = ask({"row": "mb-relay-x1", "seconds": seconds, "warmup": 0.0})
-        calls = answer["calls"]
-        cpu = {k: (cpu_ns(p.pid) - cpu0[k]) / calls / 1000 for k, p in procs.items()}
-        sw = {k: (switches(p.pid) - sw0[k]) / calls for k, p in procs.items()}
-        result["clean"] = {"calls_per_s": answer["value"], "wall_us_per_call": 1e6 / answer["value"],
-                           "cpu_us_per_call": cpu, "context_switches_per_call": sw}
-
-        # 2. strace -c on each process at once: system calls per call
-        strace = shutil.which("strace")
-        if strace is None:
-            result["strace"] = {"skipped": "strace is not installed (apt-get install strace)"}
-        else:
-            tracers = {}
-            for k, p in procs.items():
-                out = tmp / f"strace-{k}.txt"
-                tracers[k] = (subprocess.Popen([strace, "-c", "-f", "-q", "-o", str(out), "-p", str(p.pid)],
-                                               stderr=subprocess.DEVNULL), out)
-            time.sleep(0.5)  # attached
-            answer = ask({"row": "mb-relay-x1", "seconds": seconds, "warmup": 0.0})
-            traced_calls = answer["calls"]
-            per: dict[str, Any] = {}
-            for k, (tracer, out) in tracers.items():
-                tracer.send_signal(signal.SIGINT)
-                tracer.wait(timeout=30)
-                counts = parse_strace(out.read_text())
-                total = sum(c["calls"] for c in counts.values())
-                per[k] = {
-                    "syscalls_per_call": total / traced_calls,
-                    "by_syscall": {name: round(c["calls"] / traced_calls, 2) for name, c in sorted(counts.items(), key=lambda kv: -kv[1]["calls"]) if c["calls"] / traced_calls >= 0.05},
-                    "errors_per_call": {name: round(c["errors"] / traced_calls, 2) for name, c in counts.items() if c["errors"]},
-                }
-            result["strace"] = {"calls": traced_calls, "calls_per_s_traced": answer["value"], "per_process": per}
-
-        # 3. cProfile in each process: where the time goes, counts per call
+        ask_limit = lambda cmd: limits.worker.ask(cmd, seconds * 3 + ROW_GRACE)  # noqa: E731
+        ask({"row": row, "seconds": 0.5, "warmup": 0.0})
+        ask_limit({"row": limit_row, "seconds": 0.5, "warmup": 0.0})
+        # clean windows, minibus and limit alternating, best (least CPU) of two each
+        runs = [window(ask, row, procs, seconds), window(ask_limit, limit_row, limit_procs, seconds),
+                window(ask, row, procs, seconds), window(ask_limit, limit_row, limit_procs, seconds)]
+        result["clean"] = min(runs[0::2], key=lambda r: r["wall_us_per_call"])
+        result["limit_clean"] = min(runs[1::2], key=lambda r: r["wall_us_per_call"])
+        result["strace"] = strace_window(ask, row, procs, seconds, tmp)
+        result["limit_strace"] = strace_window(ask_limit, limit_row, limit_procs, seconds, tmp)
+        # cProfile in each minibus process (CPU time, not wall: waiting in epoll is not cost)
         for k in ("busd", "service"):
             os.kill(procs[k].pid, signal.SIGUSR1)
         ask({"profile": "on"})
         time.sleep(0.2)
-        answer = ask({"row": "mb-relay-x1", "seconds": seconds, "warmup": 0.0})
+        answer = ask({"row": row, "seconds": seconds, "warmup": 0.0})
         ask({"profile": "off", "path": str(profile_dir / "caller.prof")})
         for k in ("busd", "service"):
             os.kill(procs[k].pid, signal.SIGUSR2)
         deadline = time.monotonic() + 30
         while not all((profile_dir / f"{k}.prof").exists() for k in procs) and time.monotonic() < deadline:
             time.sleep(0.1)
-        profiled_calls = answer["calls"]
-        result["profile"] = {"calls": profiled_calls, "calls_per_s_profiled": answer["value"],
-                             "per_process": {k: profile_summary(profile_dir / f"{k}.prof", profiled_calls) for k in procs}}
+        calls = answer["calls"] if "calls" in answer else answer["bytes"] / BIG
+        result["profile"] = {"calls": calls, "per_s_profiled": calls / answer["elapsed"],
+                             "per_process": {k: profile_summary(profile_dir / f"{k}.prof", calls) for k in procs}}
     finally:
-        if minibus is not None:
-            minibus.stop()
+        for part in (limits, minibus):
+            if part is not None:
+                part.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    clean = result["clean"]
-    print(f"relayed RPC, 64 B, 1 in flight: {clean['calls_per_s']:,.0f} calls/s, {clean['wall_us_per_call']:.0f} us per call (wall)")
-    print(f"{'process':8} {'CPU us/call':>12} {'ctx sw/call':>12} {'syscalls/call':>14}  top system calls per call")
+    clean, lclean = result["clean"], result["limit_clean"]
+    unit = "MiB" if "big" in row else "call"
+    print(f"{row}: minibus {clean['per_s']:,.0f} {unit}/s ({clean['wall_us_per_call']:.0f} us per {unit}, wall); "
+          f"limit {limit_row} {lclean['per_s']:,.0f} {unit}/s ({lclean['wall_us_per_call']:.0f} us)")
+    st, lst = result["strace"].get("per_process", {}), result["limit_strace"].get("per_process", {})
+    print(f"{'hop':8} {'CPU us/' + unit:>13} {'limit':>7} {'ctx sw':>7} {'limit':>6} {'syscalls':>9} {'limit':>6}  minibus system calls per {unit}")
     for k in ("caller", "busd", "service"):
-        st = result.get("strace", {}).get("per_process", {}).get(k)
-        sys_cell = f"{st['syscalls_per_call']:14.1f}" if st else f"{'-':>14}"
-        top = ", ".join(f"{n} {v:g}" for n, v in list(st["by_syscall"].items())[:6]) if st else ""
-        print(f"{k:8} {clean['cpu_us_per_call'][k]:12.1f} {clean['context_switches_per_call'][k]:12.2f} {sys_cell}  {top}")
-    if "skipped" in result.get("strace", {}):
-        print(f"system calls: {result['strace']['skipped']}")
+        lcpu = lclean["cpu_us_per_call"].get(k)
+        lsw = lclean["context_switches_per_call"].get(k)
+        sc = st.get(k, {}).get("syscalls_per_call")
+        lsc = lst.get(k, {}).get("syscalls_per_call")
+        top = ", ".join(f"{n} {v:g}" for n, v in list(st.get(k, {}).get("by_syscall", {}).items())[:6])
+        print(f"{k:8} {clean['cpu_us_per_call'][k]:13.1f} {lcpu if lcpu is not None else float('nan'):7.1f} "
+              f"{clean['context_switches_per_call'][k]:7.2f} {lsw if lsw is not None else float('nan'):6.2f} "
+              f"{sc if sc is not None else float('nan'):9.1f} {lsc if lsc is not None else float('nan'):6.1f}  {top}")
+    for what in ("strace", "limit_strace"):
+        if "skipped" in result[what]:
+            print(f"system calls: {result[what]['skipped']}")
+    print("(busd's hop in the limit is the forwarder; on the unix-fd route busd is idle)")
     print()
     for k in ("caller", "busd", "service"):
         prof = result["profile"]["per_process"][k]
         cpu = clean["cpu_us_per_call"][k]
-        print(f"{k}: CPU {cpu:.0f} us/call; by part (profile shares applied to it):")
-        print("   " + ", ".join(f"{cat} {share * cpu:.0f}" for cat, share in prof["share_by_category"].items() if share >= 0.02))
-        print("   per call: " + ", ".join(f"{n} {v:.2f}" for n, v in prof["counts_per_call"].items()))
-        for entry in prof["top_functions"][:8]:
-            print(f"     {entry['share'] * 100:5.1f}%  {entry['calls_per_call']:5.2f}/call  {entry['function']}")
+        print(f"{k}: {cpu:.0f} us CPU per {unit}, by part (profile shares of CPU time applied to it):")
+        print("   " + ", ".join(f"{cat} {share * cpu:.1f}" for cat, share in prof["share_by_category"].items() if share >= 0.01))
+        print(f"   per {unit}: " + ", ".join(f"{n} {v:.2f}" for n, v in prof["counts_per_call"].items() if v))
+        for entry in prof["top_functions"][:10]:
+            print(f"     {entry['share'] * 100:5.1f}%  {entry['calls_per_call']:6.2f}/{unit}  {entry['function']}")
     print()
     from _report import emit_json
 
@@ -1516,7 +1559,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds, best of each row kept (default 3; 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="measuring window per row (default 1.2 s; 0.3 with --quick)")
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
-    parser.add_argument("--budget", action="store_true", help="profile each process of the relayed call instead")
+    parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
+    parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = parser.parse_args()
     if args.budget:
