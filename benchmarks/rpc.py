@@ -2,13 +2,14 @@
 """RPC benchmark for the performance issue: minibus beside D-Bus and beside the Python + trio limits.
 
 Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--json FILE]
-      python benchmarks/rpc.py --budget [--quick]      # the per-hop budget of the relayed call
+      python benchmarks/rpc.py --budget [--budget-row ROW] [--quick]   # the per-hop budget of one row
 
 Every party is its own process, as a D-Bus user has them: ``busd``, the service (a
 ``clients.rpc.Service``), the caller; the limits' ends and forwarder; the D-Bus daemons, their
 jeepney services and callers.  The script only starts them, sends each caller one row at a
-time and collects what it measured.  Rows alternate round by round (minibus, limits, D-Bus)
-and each keeps its best round, so a slow moment of this shared machine costs no side alone.
+time over a pipe and collects what it measured.  In each round a table row's minibus, limit
+and D-Bus sides run back to back, and each keeps its best round, so a slow moment of this
+shared machine costs no side alone.
 
 Rows (64-byte payloads are ``bytes``; the service's ``echo`` returns its argument, ``take``
 returns the length of its 1 MiB argument):
@@ -51,11 +52,13 @@ is its controller (``dbus-broker --controller FD``; see benchmarks/README.md).
 ``apt-get install dbus-daemon dbus-broker`` (or ``dbus``) and ``pip install jeepney`` bring
 them; neither the tests nor minibus need them.
 
-``--budget`` runs the 1-in-flight relayed call alone for three windows: a clean one (CPU time
-per call of each process from /proc/PID/task/*/schedstat, context switches per call), one under
-``strace -c`` (system calls per call, each process; skipped when strace is missing) and one
-under cProfile (started and stopped by signal in busd and the service: where each process's
-time goes, and counts per call such as task steps).
+``--budget`` runs one row alone (the 1-in-flight relayed call unless ``--budget-row`` says
+another) beside its limit, in windows: clean ones (CPU time per call of each process from
+/proc/PID/task/*/schedstat, context switches per call; best of two each side), one under
+``strace -c`` for each side (system calls per call, each process; skipped when strace is
+missing) and one under cProfile with a CPU-time clock for minibus (switched by SIGUSR1/SIGUSR2
+in busd and the service, by command in the caller: where each process's time goes, and counts
+per call such as task steps).
 """
 
 from __future__ import annotations
@@ -273,7 +276,7 @@ async def stdin_lines():  # type: ignore[no-untyped-def]
         yield json.loads(line)
 
 
-async def rate(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: int, warmup: float) -> dict[str, float]:
+async def rate(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: int, warmup: float) -> dict[str, Any]:
     """Calls per second with ``in_flight`` tasks each calling in a loop until the deadline."""
     import trio
 
@@ -491,7 +494,7 @@ class LimitClient:
         self.sock.close()
 
 
-async def limit_bulk(path: str, framed: bool, seconds: float) -> dict[str, float]:
+async def limit_bulk(path: str, framed: bool, seconds: float) -> dict[str, Any]:
     import trio
 
     sock = unix_connect(path)
@@ -524,7 +527,7 @@ async def limit_bulk(path: str, framed: bool, seconds: float) -> dict[str, float
         sock.close()
 
 
-async def bare_connects(path: str, seed_hex: str, seconds: float, warmup: float) -> dict[str, float]:
+async def bare_connects(path: str, seed_hex: str, seconds: float, warmup: float) -> dict[str, Any]:
     import trio
 
     from bus.io.secure import SecureStream
@@ -777,7 +780,7 @@ def role_dbus_worker(address: str, flavour: str, name: str) -> None:
 
         conn = open_dbus_connection(address)
 
-        def pipelined(make, in_flight: int, seconds: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        def pipelined(make, in_flight: int, seconds: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             """``in_flight`` calls kept outstanding on one connection, no threads."""
             for _ in range(in_flight):
                 conn.send(make())
@@ -798,7 +801,7 @@ def role_dbus_worker(address: str, flavour: str, name: str) -> None:
             elapsed = time.perf_counter() - start
             return {"value": count / elapsed, "calls": count, "elapsed": elapsed}
 
-        def connect_rate(seconds: float) -> dict[str, float]:
+        def connect_rate(seconds: float) -> dict[str, Any]:
             count = 0
             start = time.perf_counter()
             while time.perf_counter() - start < seconds:
@@ -983,7 +986,7 @@ class DbusBroker:
                 [(True, 1, "", "", "", "", 0, 0, 0, anything)],  # send: anything
                 [(True, 1, "", "", "", "", 0, 0, 0, anything)],  # receive: anything
             )
-            policy = ([(0xFFFFFFFF, batch)], [], [], False, "")  # default batch only; no AppArmor
+            policy: tuple[Any, ...] = ([(0xFFFFFFFF, batch)], [], [], False, "")  # default batch only; no AppArmor
             header = Header(
                 Endianness.little, MessageType.method_call, flags=0, protocol_version=1, body_length=-1, serial=-1,
                 fields={
@@ -1037,12 +1040,15 @@ class DbusDaemon:
             '<limit name="max_incoming_bytes">1000000000</limit><limit name="max_outgoing_bytes">1000000000</limit>\n'
             "</busconfig>\n"
         )
-        self.proc = subprocess.Popen([binary, f"--config-file={conf}", "--nofork", "--print-address"], stdout=subprocess.PIPE, text=True)
+        log = tmp / "dbus-daemon.log"  # (it may warn that it cannot raise its fd limit)
+        with log.open("w") as errors:
+            self.proc = subprocess.Popen([binary, f"--config-file={conf}", "--nofork", "--print-address"],
+                                         stdout=subprocess.PIPE, stderr=errors, text=True)
         assert self.proc.stdout is not None
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
             self.stop()
-            raise RuntimeError("dbus-daemon did not start")
+            raise RuntimeError(f"dbus-daemon did not start: {log.read_text().strip()[-500:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -1156,8 +1162,7 @@ class Peers:
 # The orchestrator: the run and the table
 # ------------------------------------------------------------------------------------------
 
-MINIBUS_ROWS = ["mb-fd-x1", "mb-relay-x1", "mb-relay-x32", "mb-fd-big-x8", "mb-relay-big-x8", "mb-connect"]
-LIMIT_ROWS = ["limit2-x1", "limit3-x1", "limit3-x32", "bulk-raw", "bulk-3p", "bare-shs", "limit2c-x1", "limit3c-x1"]
+EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1"]  # the limits with the project's codec (printed under the table)
 PEER_ROWS = ["x1", "x32", "big-x8", "connect"]
 
 TABLE = [
@@ -1180,9 +1185,9 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
-    seconds = args.seconds or (0.3 if args.quick else 1.2)
+    seconds = args.seconds or (0.3 if args.quick else 1.0)
     warmup = 0.1 if args.quick else 0.2
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 4)
     timeout = seconds * 2 + warmup + ROW_GRACE
     tmp = Path(tempfile.mkdtemp(prefix="minibus-rpc-"))
     values: dict[str, list[float]] = {}
@@ -1205,14 +1210,18 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 values.setdefault(key, []).append(answer["value"])
 
         for round_no in range(rounds):
-            for row in MINIBUS_ROWS:
-                measure(row, minibus.worker, row)
-            for row in LIMIT_ROWS:
+            # a table row's three sides back to back, so that a slow moment hits them alike
+            # (each peer row once a round: two table rows share x1 and big-x8)
+            peer_done: set[str] = set()
+            for _label, ours, peer_row, limit_row, *_ in TABLE:
+                measure(ours, minibus.worker, ours)
+                measure(limit_row, limits.worker, limit_row)
+                if peers and peer_row not in peer_done:
+                    peer_done.add(peer_row)
+                    for label, worker in peers.workers.items():
+                        measure(f"{label} {peer_row}", worker, peer_row)
+            for row in EXTRA_LIMIT_ROWS:
                 measure(row, limits.worker, row)
-            if peers:
-                for label, worker in peers.workers.items():
-                    for row in PEER_ROWS:
-                        measure(f"{label} {row}", worker, row)
             print(f"round {round_no + 1}/{rounds} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
         route = minibus.route
     finally:
@@ -1390,7 +1399,7 @@ def profile_summary(path: Path, calls: int) -> dict[str, Any]:
     }
 
 
-BUDGET_ROWS = {
+BUDGET_ROWS: dict[str, tuple[str, dict[str, str | None]]] = {
     # minibus row: (the limit row it is held against, that limit's process for each hop)
     "mb-relay-x1": ("limit3-x1", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
     "mb-relay-x32": ("limit3-x32", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
@@ -1556,8 +1565,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run, under a minute)")
-    parser.add_argument("--rounds", type=int, help="rounds, best of each row kept (default 3; 1 with --quick)")
-    parser.add_argument("--seconds", type=float, help="measuring window per row (default 1.2 s; 0.3 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds, best of each row kept (default 4; 1 with --quick)")
+    parser.add_argument("--seconds", type=float, help="measuring window per row (default 1 s; 0.3 with --quick)")
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
