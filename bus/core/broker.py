@@ -75,6 +75,8 @@ _HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}\Z")
 RELAY_MIN_CREDIT = 64 * 1024
 #: Late acceptances remembered per target after their opener gave up (oldest forgotten first).
 _TOMBSTONES_PER_TARGET = 64
+#: Policy answers to "may this key see this name" remembered at most (see BrokerCore._sees).
+_SEE_MEMO = 8192
 #: Names one snapshot page looks at, at most (bounds the matching work of one page).
 _NAMES_PER_PAGE = 256
 #: Bytes a name event takes beyond its owner entry (an upper bound).
@@ -376,6 +378,7 @@ class BrokerCore:
         #: ask for (watch changes, channel requests): 0 or less is none.  The io layer sets
         #: this; without one, always plenty.
         self.room_for: Callable[[int], int] = lambda conn_id: 1 << 30
+        self._see_memo: dict[tuple[str, str], bool] = {}
         # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
         self._sorted_names: list[str] | None = None
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
@@ -734,7 +737,7 @@ class BrokerCore:
             raise AccessDenied(f"{conn.key.id} may not list all connections: only an admin identity may")
         keyed: list[tuple[tuple[int, str, int], str, dict[str, Any]]] = []
         for name, owner in sorted(self.names.names().items()):
-            if everything or self.policy.may_see(conn.key, name).allowed:
+            if everything or self._sees(conn.key, name):
                 keyed.append(((0, name, 0), name, self._entry(name, owner)))
         if everything:
             for c in sorted(self.connections.values(), key=lambda c: c.id):
@@ -760,7 +763,7 @@ class BrokerCore:
     def _resolve(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         name = validate_name(req.arg("name", str))
         owner = self.names.owner(name)
-        if owner is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+        if owner is None or not (conn.admin or self._sees(conn.key, name)):
             raise NameNotFound(f"no connection owns {name!r}")
         return self._entry(name, owner)
 
@@ -775,7 +778,7 @@ class BrokerCore:
         if target_id is None:
             name = validate_name(target)
             target_id = self.names.owner(name)
-            if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+            if target_id is None or not (conn.admin or self._sees(conn.key, name)):
                 raise NameNotFound(f"no connection owns {name!r}")
         other = self.connections.get(target_id)
         visible_names = [] if other is None else self._visible_names(conn, other)
@@ -961,7 +964,7 @@ class BrokerCore:
         if route not in ("relay", "auto", "direct"):
             raise BadRequest(f"open_channel: route {bound_text(route, 16)!r} is not one of relay, auto, direct")
         target_id = self.names.owner(name)
-        if target_id is None or not (conn.admin or self.policy.may_see(conn.key, name).allowed):
+        if target_id is None or not (conn.admin or self._sees(conn.key, name)):
             raise NameNotFound(f"no connection owns {name!r}")
         self.policy.may_open(conn.key, name).check()
         if target_id == conn.id:
@@ -1118,7 +1121,7 @@ class BrokerCore:
             matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
             if not matching:
                 continue
-            if named and not (subscriber.admin or self.policy.may_see(subscriber.key, source).allowed):
+            if named and not (subscriber.admin or self._sees(subscriber.key, source)):
                 continue
             if self.room_for(sub_conn_id) < needed:
                 for sub in matching:
@@ -1182,15 +1185,27 @@ class BrokerCore:
         out.extend(self._notify(events))
         return result.value
 
+    def _sees(self, key: PublicKey, name: str) -> bool:
+        """``policy.may_see``, remembered: it is asked for every watcher or subscriber on every
+        change or event.  The policy does not change while the broker runs; the memo holds at
+        most ``_SEE_MEMO`` answers (it starts over when full), so no peer can grow it."""
+        memo_key = (key.id, name)
+        seen = self._see_memo.get(memo_key)
+        if seen is None:
+            if len(self._see_memo) >= _SEE_MEMO:
+                self._see_memo.clear()
+            seen = self._see_memo[memo_key] = self.policy.may_see(key, name).allowed
+        return seen
+
     def _visible_names(self, viewer: Connection, other: Connection) -> list[str]:
         return [
             n
             for n in self.names.owned_by(other.id)
-            if viewer.admin or viewer is other or self.policy.may_see(viewer.key, n).allowed
+            if viewer.admin or viewer is other or self._sees(viewer.key, n)
         ]
 
     def _matches(self, watcher: Connection, watch: Watch, name: str) -> bool:
-        return (watcher.admin or self.policy.may_see(watcher.key, name).allowed) and watch.matches(name)
+        return (watcher.admin or self._sees(watcher.key, name)) and watch.matches(name)
 
     def _peer(self, conn: Connection, viewer: Connection) -> dict[str, Any]:
         """The other end of a channel as ``viewer`` may see it (names filtered by ``see``)."""
