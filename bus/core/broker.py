@@ -861,13 +861,7 @@ class BrokerCore:
             globs = GlobSet(tuple(compile_glob(p) for p in patterns))
         except GlobError as exc:
             raise BadRequest(f"watch: {exc}") from None
-        charge = Charge.take(1, own=(conn.watch_budget, conn.account.watches))
-        if globs.complex:
-            try:
-                charge.add(Charge.take(1, own=(conn.complex_watch_budget, conn.account.complex_watches)))
-            except QuotaExceeded:
-                charge.release()
-                raise
+        charge = self._pattern_charge(conn, (conn.watch_budget, conn.account.watches), bool(globs.complex))
         watch_id = conn.next_watch
         conn.next_watch += 1
         watch = conn.watches[watch_id] = Watch(watch_id, globs, charge, cursor="")
@@ -938,6 +932,19 @@ class BrokerCore:
         if not any(w.resync or w.cursor is not None for w in conn.watches.values()):
             self.pumping.discard(conn_id)
         return out
+
+    @staticmethod
+    def _pattern_charge(conn: Connection, budgets: tuple[Budget, Budget], complex_patterns: bool) -> Charge:
+        """What a watch or a subscription pays: one of ``budgets``, and one complex-pattern
+        slot too when its patterns need the automaton (all or nothing)."""
+        charge = Charge.take(1, own=budgets)
+        if complex_patterns:
+            try:
+                charge.add(Charge.take(1, own=(conn.complex_watch_budget, conn.account.complex_watches)))
+            except QuotaExceeded:
+                charge.release()
+                raise
+        return charge
 
     def _unwatch(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         watch_id = req.arg("watch", int)
@@ -1051,13 +1058,9 @@ class BrokerCore:
             source, member = (GlobSet((compile_glob(patterns[part]),)) for part in ("source", "member"))
         except GlobError as exc:
             raise BadRequest(f"subscribe: {exc}") from None
-        charge = Charge.take(1, own=(conn.subscription_budget, conn.account.subscriptions))
-        if source.complex or member.complex:
-            try:
-                charge.add(Charge.take(1, own=(conn.complex_watch_budget, conn.account.complex_watches)))
-            except QuotaExceeded:
-                charge.release()
-                raise
+        charge = self._pattern_charge(
+            conn, (conn.subscription_budget, conn.account.subscriptions), bool(source.complex or member.complex)
+        )
         sub_id = conn.next_subscription
         conn.next_subscription += 1
         conn.subscriptions[sub_id] = Subscription(sub_id, source, member, charge)
