@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd, bound_text
+from .core.broker import BrokerCore, ChannelMessage, DropFd, FanOut, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
@@ -146,6 +146,12 @@ class _Session:
         self.blocked: set[int] = set()
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
+        # Events queued for this connection, by the identity that emitted them (each has a
+        # fair share of the queue): bytes held per identity, and (identity, end, size) per
+        # event not written yet, where ``end`` counts the bytes accepted up to its end.
+        self.accepted = 0  # bytes of frames the writer accepted, ever
+        self.event_held: dict[str, int] = {}
+        self.event_marks: collections.deque[tuple[str, int, int]] = collections.deque()
 
     @property
     def queued_bytes(self) -> int:
@@ -157,6 +163,16 @@ class _Session:
         return self.out.stopped
 
     def _on_sent(self) -> None:
+        if self.event_marks:
+            written = self.accepted - self.out.queued_bytes
+            marks, held = self.event_marks, self.event_held
+            while marks and marks[0][1] <= written:
+                payer, _, size = marks.popleft()
+                left = held[payer] - size
+                if left > 0:
+                    held[payer] = left
+                else:
+                    del held[payer]
         if (self.blocked or self.conn_id in self.broker.core.pumping) and self.out.queued_bytes <= self.broker.relay_threshold:
             self.broker.unblock(self)
 
@@ -165,19 +181,35 @@ class _Session:
     def enqueue(self, message: dict[str, Any]) -> None:
         self.enqueue_encoded(self.framed.encode_message(message))
 
-    def enqueue_encoded(self, data: bytes) -> None:
-        """Queue a frame; a full queue disconnects this (slow) consumer, never drops."""
+    def enqueue_encoded(self, data: bytes) -> bool:
+        """Queue a frame; a full queue disconnects this (slow) consumer, never drops.  Returns
+        whether the writer took it."""
         if self.stop_writing:
-            return  # already being disconnected; it will be told why
+            return False  # already being disconnected; it will be told why
         if self.out.queued_bytes + len(data) > self.broker.config.outbound_bytes:
             self.overflow()
-            return
+            return False
+        broker = self.broker
+        if broker.corking and not self.out.corked:
+            self.out.cork()
+            broker.corked.append(self)
         try:
             self.out.send_nowait(data)
         except trio.WouldBlock:
             self.overflow()
+            return False
         except trio.ClosedResourceError:
-            pass  # the session is already ending
+            return False  # the session is already ending
+        self.accepted += len(data)
+        return True
+
+    def enqueue_event(self, data: bytes, payer: str) -> None:
+        """Queue an event ``payer`` emitted; until written, it counts against payer's share."""
+        if self.enqueue_encoded(data):
+            end = self.accepted
+            if end - self.out.queued_bytes < end:  # not all written at once
+                self.event_marks.append((payer, end, len(data)))
+                self.event_held[payer] = self.event_held.get(payer, 0) + len(data)
 
     def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
         """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
@@ -224,28 +256,42 @@ class _Session:
     # -- inbound -----------------------------------------------------------------------------
 
     async def reader(self) -> None:
-        core = self.broker.core
+        broker = self.broker
+        core = broker.core
+        framed = self.framed
         busy = 0.0  # seconds spent on control requests since this reader last yielded
-        while True:
-            frame = await self.framed.receive_frame()
-            if frame is None:
-                self.reason = "peer closed the connection"
-                return
-            self.last_received = trio.current_time()
-            if isinstance(frame, ControlFrame) and frame.channel == 0:
-                # Requests cost the broker CPU: one read full of them (a pipelining peer) is
-                # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
-                # else between them.
-                started = time.perf_counter()
-                self.broker.dispatch(core.receive(self.conn_id, frame.message))
-                busy += time.perf_counter() - started
-                if busy >= REQUEST_SLICE:
-                    busy = 0.0
-                    await trio.lowlevel.checkpoint()
-            elif isinstance(frame, ControlFrame):
-                self.broker.channel_control(self, frame.channel, frame.message)
-            else:
-                self.broker.channel_data(self, frame.channel, frame.data)
+        try:
+            while True:
+                frame = framed.receive_frame_nowait()
+                if frame is None:
+                    # What this read's frames queued for others goes out now, one write per
+                    # connection (see Broker.corking), before this task waits.
+                    if broker.corking:
+                        broker.uncork()
+                    frame = await framed.receive_frame()
+                    if frame is None:
+                        self.reason = "peer closed the connection"
+                        return
+                    self.last_received = trio.current_time()
+                broker.corking = True
+                if isinstance(frame, ControlFrame) and frame.channel == 0:
+                    # Requests cost the broker CPU: one read full of them (a pipelining peer) is
+                    # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
+                    # else between them.
+                    started = time.perf_counter()
+                    broker.dispatch(core.receive(self.conn_id, frame.message))
+                    busy += time.perf_counter() - started
+                    if busy >= REQUEST_SLICE:
+                        busy = 0.0
+                        broker.uncork()
+                        await trio.lowlevel.checkpoint()
+                elif isinstance(frame, ControlFrame):
+                    broker.channel_control(self, frame.channel, frame.message)
+                else:
+                    broker.channel_data(self, frame.channel, frame.data)
+        finally:
+            if broker.corking:
+                broker.uncork()
 
     # -- the whole session ---------------------------------------------------------------------
 
@@ -339,6 +385,14 @@ class Broker:
         self._kept_ends: dict[tuple[int, int], socket.socket] = {}
         # Relay data is queued for a connection only while its queue holds less than this.
         self.relay_threshold = config.outbound_bytes // 2
+        self.core.room_for_event = self._room_for_event
+        #: Set while a reader handles the frames one read brought: the writers it sends to are
+        #: corked (listed in ``corked``) and written once, by :meth:`uncork`, when the reader
+        #: has handled them all or yields -- one write per receiving connection per burst
+        #: rather than per message.  Readers run one at a time between checkpoints, and each
+        #: uncorks before it waits, so the flag is never seen by another task.
+        self.corking = False
+        self.corked: list[_Session] = []
 
     @property
     def address(self) -> str:
@@ -350,7 +404,31 @@ class Broker:
         session = self.sessions.get(conn_id)
         if session is None or session.stop_writing or session.out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
             return 0
+        if len(session.out) >= session.out.max_frames // 2:
+            return 0  # many small messages: half the queue's frames count as full too
         return self.relay_threshold - session.out.queued_bytes
+
+    def _room_for_event(self, conn_id: int, payer: str) -> int:
+        """Room for one more event from identity ``payer`` (the core's ``room_for_event``):
+        the connection's room, and no more than payer's fair share of it -- each identity with
+        events queued there, and one newcomer, get equal parts of half the queue; so a fast
+        emitter fills at most its part, and a slow subscriber misses only the fast one's events."""
+        room = self._room_for(conn_id)
+        if room <= 0:
+            return room
+        held = self.sessions[conn_id].event_held
+        if not held:
+            return min(room, self.relay_threshold // 2)
+        mine = held.get(payer, 0)
+        others = len(held) - (1 if mine else 0)
+        return min(room, self.relay_threshold // (others + 2) - mine)
+
+    def uncork(self) -> None:
+        """Write what the corked writers queued (see :attr:`corking`)."""
+        self.corking = False
+        corked, self.corked = self.corked, []
+        for session in corked:
+            session.out.uncork()
 
     def _has_room(self, conn_id: int) -> bool:
         return self._room_for(conn_id) > 0
@@ -374,6 +452,9 @@ class Broker:
         # A message object sent to many connections (a watch event) is encoded once.
         encoded: dict[int, bytes] = {}
         for item in out:
+            if isinstance(item, FanOut):
+                self._fan_out(item)
+                continue
             if isinstance(item, ChannelMessage):
                 self._channel_message(item)
                 continue
@@ -399,6 +480,23 @@ class Broker:
             session.enqueue_encoded(data)
         if self.core.pumping and not self._pumping_now:
             self._pump_watches()
+
+    def _fan_out(self, item: FanOut) -> None:
+        """One event to its subscribers: encoded once, each copy charged to the emitter."""
+        sessions = self.sessions
+        data = b""
+        for conn_id in item.conns:
+            session = sessions.get(conn_id)
+            if session is None:
+                continue
+            if not data:
+                try:
+                    # An event is made of checked frames' values and the broker's own text.
+                    data = session.framed.encode_message(item.message, checked=True)
+                except BusError as exc:
+                    log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
+                    return
+            session.enqueue_event(data, item.payer)
 
     # -- listening ---------------------------------------------------------------------------
 

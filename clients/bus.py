@@ -269,6 +269,13 @@ class Bus:
         id); returns to how many connections the broker queued it."""
         return await self._events.emit(member, payload, source=source, destination=destination)
 
+    async def publish(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> None:
+        """Emit an event one-way (like a D-Bus signal or a NATS publish): no round trip, it
+        returns once the event is queued to be sent.  A refusal (say, ``source`` is not ours)
+        is logged and raised by the next ``publish``.  Use :meth:`emit` to wait for the
+        broker's answer."""
+        await self._events.publish(member, payload, source=source, destination=destination)
+
     # -- channels -------------------------------------------------------------------------------
 
     def handle_channels(

@@ -15,6 +15,14 @@ count and a reason --
   meanwhile were not counted by anyone (``missed`` is None).
 
 Subscriptions are registered again after a reconnect, like watches.
+
+Emitting comes in two kinds.  :meth:`Events.emit` waits for the broker's answer (to how many
+connections it queued the event).  :meth:`Events.publish` is one-way, like a D-Bus signal or
+a NATS publish: it sends a *quiet* emit and returns once the event is in the connection's
+outbound queue (it waits only for room there), so an emitter can send event after event
+without a round trip each.  The broker answers a quiet emit only when it refuses it, with an
+``emit_refused`` event; the refusal is logged and raised by the next ``publish``, as a socket
+reports an earlier send's failure.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from typing import Any
 import trio
 
 from bus.core.glob import GlobSet, compile_glob
-from bus.errors import BusError, RequestError
+from bus.errors import BusError, ConnectionLost, RequestError, error_from_wire
 from bus.wire.messages import Event as WireEvent
+from bus.wire.messages import Request
 
 from .link import BusConnection, Link
 
@@ -152,6 +161,9 @@ class Events:
         self._by_link: weakref.WeakKeyDictionary[Link, dict[int, Subscription]] = weakref.WeakKeyDictionary()
         connection.event_handlers["event"] = self._on_event
         connection.event_handlers["gap"] = self._on_gap
+        connection.event_handlers["emit_refused"] = self._on_refused
+        self._refused: RequestError | None = None  # a quiet emit's refusal, not raised yet
+        self._published = 0
 
     def on_link(self, link: Link) -> dict[int, Subscription]:
         table = self._by_link.get(link)
@@ -193,7 +205,44 @@ class Events:
         result = await self._connection.request("emit", args)
         return int(result.get("delivered", 0)) if isinstance(result, dict) else 0
 
+    async def publish(
+        self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None
+    ) -> None:
+        """Emit an event without waiting for the broker (see the module's notes).  Raises the
+        refusal of an earlier ``publish`` if one came since the last call."""
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            raise refused
+        connection = self._connection
+        link = connection.link
+        if link is None or link.closed:
+            raise ConnectionLost(f"not connected to the bus{f': {connection.failure}' if connection.failure else ''}")
+        args: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
+        if source is not None:
+            args["source"] = source
+        if destination is not None:
+            args["destination"] = destination
+        frame = link.framed.encode_message(Request("emit", connection.take_request_id(), args).to_wire())
+        self._published += 1
+        try:
+            # The frame goes to the writer task, which sends what was queued in one write
+            # when this task yields: every 16th call does (a scheduler pass each time would
+            # halve an emitter's rate), and any other wait of the caller's does too.  Every
+            # call can be cancelled.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await link.send.put_later(frame)
+            if not self._published & 15:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except trio.ClosedResourceError:
+            raise ConnectionLost(f"the link to the bus closed: {link.reason or 'connection lost'}") from None
+
     # -- in the reader ------------------------------------------------------------------------
+
+    def _on_refused(self, link: Link, message: WireEvent) -> None:
+        fields = message.fields
+        error = error_from_wire(str(fields.get("code", "")), str(fields.get("message", "")))
+        log.warning("an event published earlier was refused: %s", error)
+        self._refused = error
 
     def _on_event(self, link: Link, message: WireEvent) -> None:
         fields = message.fields

@@ -266,11 +266,15 @@ class BusConnection:
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass
 
-    def send_request_nowait(self, link: Link, op: str, args: dict[str, Any]) -> None:
-        """A request whose answer nobody waits for (it arrives with an unknown id: dropped)."""
+    def take_request_id(self) -> int:
+        """An id for a request nobody waits for the answer of."""
         request_id = self._next_id
         self._next_id += 1
-        self.send_nowait(link, Request(op, request_id, args).to_wire())
+        return request_id
+
+    def send_request_nowait(self, link: Link, op: str, args: dict[str, Any]) -> None:
+        """A request whose answer nobody waits for (it arrives with an unknown id: dropped)."""
+        self.send_nowait(link, Request(op, self.take_request_id(), args).to_wire())
 
     # -- connecting ---------------------------------------------------------------------------
 

@@ -293,6 +293,8 @@ class ChannelHost(Protocol):
 
     async def emit(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> int: ...
 
+    async def publish(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> None: ...
+
 
 @dataclass
 class Service:
@@ -365,6 +367,14 @@ class Service:
         if self._bus is None:
             raise ConnectionLost(f"{self.name} is not attached to a bus")
         return await self._bus.emit(member, payload, source=self.name, destination=destination)
+
+    async def publish(self, member: str, payload: Any = None, *, destination: str | None = None) -> None:
+        """Emit a declared event as this service's name, one-way (see ``Bus.publish``)."""
+        if member not in self.events:
+            raise ValueError(f"{self.name}: event {member!r} is not declared (use @service.event({member!r}))")
+        if self._bus is None:
+            raise ConnectionLost(f"{self.name} is not attached to a bus")
+        await self._bus.publish(member, payload, source=self.name, destination=destination)
 
     def introspect(self) -> dict[str, Any]:
         methods = [

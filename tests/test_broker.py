@@ -289,17 +289,19 @@ async def test_client_library_answers_pings(tmp_path: Path) -> None:
 
 
 async def test_slow_consumer_is_disconnected_with_the_reason(tmp_path: Path) -> None:
-    """A watcher that stops reading fills its queue; it is cut off and told why, nothing dropped silently."""
+    """A client that asks and asks but stops reading the answers fills its queue: it is cut
+    off and told why, nothing dropped silently, and nobody else notices."""
     async with running_broker(tmp_path, outbound_queue=4) as rb:
         slow = await raw_connect(rb.unix_address)
-        await slow.send_message({"op": "hello", "id": 1})
-        await slow.send_message({"op": "watch", "id": 2, "patterns": ["*"]})
-        async with open_bus(rb.unix_address, identity=OWNER) as churner:
+        big = {"description": "d" * 12000}
+        await slow.send_message({"op": "hello", "id": 1, "info": big})
+        async with open_bus(rb.unix_address, identity=OWNER) as other:
             slow_session = min(rb.broker.sessions.values(), key=lambda s: s.conn_id)
+            target = f":{slow_session.conn_id}"
             with trio.fail_after(30):
-                for _ in range(5000):  # bounded: overflow comes long before
-                    await churner.request_name("org.example.Churn")
-                    await churner.release_name("org.example.Churn")
+                for n in range(2, 5000):  # bounded: overflow comes long before
+                    await slow.send_message({"op": "info", "id": n, "target": target})
+                    await other.ping()  # (lets the broker run)
                     if slow_session.stop_writing:
                         break
             assert slow_session.stop_writing
@@ -307,10 +309,11 @@ async def test_slow_consumer_is_disconnected_with_the_reason(tmp_path: Path) -> 
             messages = await read_until_closed(slow)
             assert messages[-1]["code"] == "minibus.Error.Disconnected"
             assert "slow consumer" in messages[-1]["message"]
-            names = [m for m in messages if m.get("event") == "name"]
-            assert len(names) >= 4
-            await churner.ping()  # the broker and the other client carry on
-            assert list(rb.broker.sessions) == [int(churner.unique_id[1:])]
+            answers = [m for m in messages if "re" in m]
+            assert [m["re"] for m in answers] == list(range(1, len(answers) + 1))  # in order, none lost in between
+            assert len(answers) >= 4
+            await other.ping()  # the broker and the other client carry on
+            assert list(rb.broker.sessions) == [int(other.unique_id[1:])]
 
 
 async def test_broker_restart_client_reconnects_and_restores(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bus.core.broker import BrokerCore, Limits
+from bus.core.broker import BrokerCore, Limits, flatten
 from bus.core.policy import Policy
 from bus.errors import FrameError, QuotaExceeded
 from bus.wire.identity import Identity
@@ -43,8 +43,8 @@ class Harness:
         self.sent[conn.id] = []
         return conn.id
 
-    def deliver(self, out: list[tuple[int, dict[str, Any]]]) -> None:
-        for conn_id, msg in out:
+    def deliver(self, out: list[Any]) -> None:
+        for conn_id, msg in flatten(out):
             self.sent[conn_id].append(msg)
 
     def request(self, conn: int, op: str, **args: Any) -> dict[str, Any]:

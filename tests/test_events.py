@@ -9,11 +9,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from bus.core.broker import BrokerCore
+from bus.core.broker import BrokerCore, flatten
 from bus.core.policy import Policy
-from bus.errors import AccessDenied, BadRequest, NameNotFound, QuotaExceeded
+from bus.errors import AccessDenied, BadRequest, ConnectionLost, NameNotFound, QuotaExceeded
 from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, encode_control
 from bus.wire.identity import Identity
 
@@ -65,7 +66,7 @@ class Core:
     def send(self, conn: int, op: str, **args: Any) -> dict[str, Any]:
         self.ids += 1
         reply: dict[str, Any] = {}
-        for target, message in self.core.receive(conn, {"op": op, "id": self.ids, **args}):  # type: ignore[misc]
+        for target, message in flatten(self.core.receive(conn, {"op": op, "id": self.ids, **args})):  # type: ignore[misc]
             encode_control(0, message, DEFAULT_MAX_CONTROL)  # every message is sendable
             if target == conn and message.get("re") == self.ids:
                 reply = message
@@ -185,6 +186,47 @@ def test_a_subscriber_without_room_gets_a_gap_then_the_rest() -> None:
     assert [(m["event"], m["missed"]) for m in pumped] == [("gap", 1), ("gap", 1)] and listener not in c.core.pumping
 
 
+def test_a_quiet_emit_has_no_reply_and_a_refused_one_is_told_by_an_event() -> None:
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Quiet")
+    listener = c.connect(ADMIN)
+    c.ok(listener, "subscribe")
+    assert c.send(emitter, "emit", source="org.example.Quiet", member="Tick", payload=1, quiet=True) == {}
+    assert c.events(emitter) == []  # done: nothing comes back
+    assert [e["payload"] for e in c.events(listener)] == [1]
+    # Refused (not its name): no reply either, an emit_refused event with the request's id.
+    assert c.send(emitter, "emit", source="org.example.Other", member="Tick", quiet=True) == {}
+    refused = c.events(emitter)
+    assert len(refused) == 1 and refused[0]["event"] == "emit_refused" and refused[0]["id"] == c.ids
+    assert refused[0]["code"] == AccessDenied.wire_code and "does not own" in refused[0]["message"]
+    assert c.events(listener) == []
+    # ``quiet`` must be a bool; a bad one is refused like any bad argument (with a reply).
+    assert c.error(emitter, "emit", member="Tick", quiet=1).startswith(BadRequest.wire_code)
+
+
+def test_each_emitter_is_held_to_its_share_of_a_subscribers_room() -> None:
+    """The core asks ``room_for_event`` per emitting identity: an emitter out of its share
+    makes the subscriber miss its events only; another emitter's still go through."""
+    c = Core()
+    fast = c.connect(EMITTER, "org.example.Fast")
+    slow_emitter = c.connect(ADMIN)
+    listener = c.connect(ADMIN)
+    sub = c.ok(listener, "subscribe")["subscription"]
+    asked: list[str] = []
+
+    def room(conn_id: int, payer: str) -> int:
+        asked.append(payer)
+        return 0 if payer == EMITTER.id else 1 << 20
+
+    c.core.room_for_event = room
+    for i in range(5):
+        assert c.ok(fast, "emit", source="org.example.Fast", member="Tick", payload=i) == {"delivered": 0}
+    assert c.ok(slow_emitter, "emit", member="Tock", payload="still here") == {"delivered": 1}
+    got = c.events(listener)
+    assert [(e["event"], e.get("missed"), e.get("payload")) for e in got] == [("gap", 5, None), ("event", None, "still here")]
+    assert got[0]["subscription"] == sub and set(asked) == {EMITTER.id, ADMIN.id}
+
+
 async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_path: Path) -> None:
     """Over real sockets: an emitter floods 24 KiB events; a subscriber that does not read
     is never cut and learns how many it missed; one that reads gets every event, in order."""
@@ -234,6 +276,58 @@ async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_p
             await framed.aclose()
 
 
+async def test_a_fast_emitter_fills_only_its_share_of_a_slow_subscribers_queue(tmp_path: Path) -> None:
+    """Over real sockets: one emitter floods a subscriber that does not read; the flood takes
+    its share of that subscriber's queue and then misses; another emitter's events are still
+    queued for it (``delivered: 1``) and arrive, every one, in order, with no gap of their own."""
+    async with running_broker(tmp_path) as rb:
+        flood = await raw_connect(rb.unix_address, OWNER)
+        await flood.send_message({"op": "hello", "id": 1, "name": "org.example.Flood"})
+        await reply_to(flood, 1)
+        other = await raw_connect(rb.unix_address, FRIEND)
+        await other.send_message({"op": "hello", "id": 1, "name": "org.example.Other"})
+        await reply_to(other, 1)
+        slow = await raw_connect(rb.unix_address, FRIEND)
+        await slow.send_message({"op": "hello", "id": 1})
+        await slow.send_message({"op": "subscribe", "id": 2, "source": "org.example.Flood"})
+        flood_sub = (await reply_to(slow, 2))["result"]["subscription"]
+        await slow.send_message({"op": "subscribe", "id": 3, "source": "org.example.Other"})
+        other_sub = (await reply_to(slow, 3))["result"]["subscription"]
+        total = 120
+        delivered = []
+        for n in range(total):  # ~2.9 MiB: far more than the slow subscriber's queue takes
+            await flood.send_message(
+                {"op": "emit", "id": 10 + n, "source": "org.example.Flood", "member": "Chunk", "payload": {"n": n, "b": "x" * 24000}}
+            )
+            delivered.append((await reply_to(flood, 10 + n))["result"]["delivered"])
+        assert delivered[-1] == 0  # the flood's share is full: it misses from here on
+        for n in range(5):
+            # (bigger than the flood's: under one shared room, what the flood left would not take them)
+            note = {"n": n, "b": "y" * 30000}
+            await other.send_message({"op": "emit", "id": 10 + n, "source": "org.example.Other", "member": "Note", "payload": note})
+            assert (await reply_to(other, 10 + n))["result"] == {"delivered": 1}
+        # The slow subscriber reads now: the flood's events and gaps, and all of the others'.
+        notes: list[int] = []
+        seen = missed = 0
+        with trio.fail_after(30):
+            while len(notes) < 5 or seen + missed < total:
+                frame = await slow.receive_frame()
+                assert frame is not None, "the slow subscriber was cut"
+                assert isinstance(frame, ControlFrame) and frame.message.get("event") != "error", frame
+                message = frame.message
+                if message.get("event") == "event":
+                    if message["source"] == "org.example.Other":
+                        notes.append(message["payload"]["n"])
+                    else:
+                        seen += 1
+                elif message.get("event") == "gap":
+                    assert message["subscription"] == flood_sub != other_sub
+                    missed += message["missed"]
+        assert notes == [0, 1, 2, 3, 4] and missed > 0 and seen + missed == total
+        for framed in (flood, other, slow):
+            await framed.aclose()
+
+
 # -- the client library ------------------------------------------------------------------------
 
 
@@ -257,6 +351,47 @@ async def test_the_library_subscribes_emits_and_hands_each_event_to_every_matchi
                     last = got_all[-1]
                     assert isinstance(last, Event) and last.source == ticker.unique_id == last.sender
                     assert last.identity == OWNER.id
+
+
+async def test_publish_is_one_way_in_order_and_a_refusal_is_raised_by_the_next_publish(tmp_path: Path) -> None:
+    from clients.bus import open_bus
+    from clients.events import Event
+    from clients.rpc import Service
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                async with listener.subscribe("org.example.Ticker") as ticks:
+                    total = 500  # a burst: sent in few writes, fanned out in few more
+                    for n in range(total):
+                        await ticker.publish("Tick", n, source="org.example.Ticker")
+                    with trio.fail_after(10):
+                        got = [await ticks.__anext__() for _ in range(total)]
+                    assert all(isinstance(e, Event) for e in got)
+                    assert [e.payload for e in got] == list(range(total))  # type: ignore[union-attr]
+                    # Not its name: nothing comes back at once; the refusal is raised next time.
+                    await ticker.publish("Tick", "spoofed", source="org.example.NotMine")
+                    with trio.fail_after(10):
+                        while ticker._events._refused is None:
+                            await trio.sleep(0.01)
+                    with pytest.raises(AccessDenied, match="does not own"):
+                        await ticker.publish("Tick", "next", source="org.example.Ticker")
+                    await ticker.publish("Tick", "after", source="org.example.Ticker")  # raised once
+                    with trio.fail_after(10):
+                        after = await ticks.__anext__()
+                    assert isinstance(after, Event) and after.payload == "after"
+                    # A service publishes its declared events as its name.
+                    service = Service("org.example.Ticker")
+                    service.event("Tock", "a declared event")
+                    service.attach(ticker)
+                    await service.publish("Tock", {"ok": True})
+                    with trio.fail_after(10):
+                        tock = await ticks.__anext__()
+                    assert isinstance(tock, Event) and tock.member == "Tock" and tock.source == "org.example.Ticker"
+                    with pytest.raises(ValueError, match="not declared"):
+                        await service.publish("Undeclared")
+        with pytest.raises(ConnectionLost):
+            await ticker.publish("Tick")
 
 
 async def test_subscriptions_are_restored_after_a_broker_restart_with_the_gap_announced(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bus.__main__ import raise_fd_limit
 from bus.core.accounting import Budget, Charge
-from bus.core.broker import BrokerCore, ChannelMessage, DropFd, Limits, WithFd
+from bus.core.broker import BrokerCore, ChannelMessage, DropFd, Limits, WithFd, flatten
 from bus.core.glob import GlobError, compile_glob
 from bus.core.policy import Policy
 from bus.errors import QuotaExceeded
@@ -50,7 +50,7 @@ def new_core(limits: Limits | None = None) -> BrokerCore:
 
 def sendable(out: list[Any]) -> None:
     """Every message the core produced encodes into one control frame of the default size."""
-    for item in out:
+    for item in flatten(out):
         if isinstance(item, DropFd):
             continue
         if isinstance(item, ChannelMessage):

@@ -113,6 +113,23 @@ def _depth(value: object, limit: int) -> int:
     return deepest
 
 
+#: How deep an event's payload may nest (a scalar is 1).
+EVENT_DEPTH = 16
+
+
+def _payload_size(payload: object) -> int:
+    """An event payload's encoded size in bytes (at most 8 over, for text and bytes, which are
+    not encoded again); raises :class:`QuotaExceeded` when it nests deeper than EVENT_DEPTH."""
+    kind = type(payload)
+    if kind is bytes:
+        return len(payload) + 9  # type: ignore[arg-type]
+    if kind is str:
+        return len(payload.encode("utf-8", "surrogatepass")) + 9  # type: ignore[attr-defined]
+    if _depth(payload, EVENT_DEPTH) > EVENT_DEPTH:
+        raise QuotaExceeded(f"event_bytes: the payload is nested deeper than {EVENT_DEPTH} levels")
+    return len(cbor2.dumps(payload))
+
+
 @dataclass(slots=True)
 class PendingOpen:
     opener: int
@@ -182,9 +199,32 @@ class DropFd(NamedTuple):
     key: tuple[int, int]
 
 
-Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd
+class FanOut(NamedTuple):
+    """One message for several connections (an event): the io layer encodes it once.
+
+    ``payer`` is the emitter's identity: the bytes it occupies in each receiver's queue count
+    against that identity's share of the queue (see :attr:`BrokerCore.room_for_event`)."""
+
+    conns: list[int]
+    message: dict[str, Any]
+    payer: str
+
+
+Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut
+
+
+def flatten(out: list[Outgoing]) -> list[Outgoing]:
+    """``out`` with each :class:`FanOut` spelled out as one ``(conn, message)`` per receiver."""
+    flat: list[Outgoing] = []
+    for item in out:
+        if isinstance(item, FanOut):
+            flat.extend((conn, item.message) for conn in item.conns)
+        else:
+            flat.append(item)
+    return flat
 
 _DEFERRED = object()
+_QUIET = object()  # a request answered by nothing (a quiet emit that was done)
 
 FLAG_NAMES = {
     "allow-replacement": NameFlag.ALLOW_REPLACEMENT,
@@ -318,6 +358,7 @@ class Connection:
     next_watch: int = 1
     subscriptions: dict[int, Subscription] = field(default_factory=dict)
     next_subscription: int = 1
+    gaps_owed: bool = False  # a subscription of it missed events: ``gap`` events are owed
     next_request: int = 1  # ids of the broker's own requests to this connection
     watch_budget: Budget = field(init=False)
     complex_watch_budget: Budget = field(init=False)
@@ -378,7 +419,12 @@ class BrokerCore:
         #: ask for (watch changes, channel requests): 0 or less is none.  The io layer sets
         #: this; without one, always plenty.
         self.room_for: Callable[[int], int] = lambda conn_id: 1 << 30
-        self._see_memo: dict[tuple[str, str], bool] = {}
+        #: How many bytes of events from one identity a connection's queue may still take:
+        #: ``room_for`` and that identity's fair share of the room (each identity with events
+        #: queued there, and one more, get equal shares; see docs/events.md).  The io layer
+        #: sets this; without one, ``room_for``.
+        self.room_for_event: Callable[[int, str], int] = lambda conn_id, payer: self.room_for(conn_id)
+        self._see_memo: dict[tuple[str, str, str], bool] = {}
         # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
         self._sorted_names: list[str] | None = None
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
@@ -488,7 +534,15 @@ class BrokerCore:
                 raise BadRequest(f"{message.op}: send hello first")
             result = handler(self, conn, message, out)
         except RequestError as exc:
+            if message.op == "emit" and message.args.get("quiet") is True:
+                # A quiet emit has no reply; a refused one is told by an event (its id
+                # lets the client match it), and what it did not do costs nobody else.
+                refused = ErrorReply.from_error(message.id, exc)
+                fields = {"id": message.id, "code": refused.code, "message": refused.message}
+                return [(conn_id, Event("emit_refused", fields).to_wire())]
             return [(conn_id, ErrorReply.from_error(message.id, exc).to_wire())]
+        if result is _QUIET:
+            return out
         if result is _DEFERRED:
             return out  # answered later (a channel opening waits for its target)
         # The reply goes before the events the request caused (the requester learns first).
@@ -1078,33 +1132,44 @@ class BrokerCore:
         return {}
 
     def _emit(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
-        """``{delivered: n}``: the event went to n connections (queued for them, in order).
+        """``{delivered: n}``: the event went to n connections (queued for them, in order);
+        with ``quiet: true``, no reply at all (a refusal comes as an ``emit_refused`` event).
 
         The source is the emitter's unique id, or a well-known name it owns as primary owner
         and policy lets it emit as; the broker stamps the sender and its identity.  A
-        subscriber that has no room misses the event and is told so (``gap``) before the next
-        one: it is never cut for traffic it did not ask for, and the emitter is never slowed."""
-        member = req.arg("member", str)
-        if not _MEMBER_RE.match(member):
+        subscriber that has no room for it (in its queue, or in the emitter identity's share
+        of it) misses the event and is told so (``gap``) before the next one it gets: it is
+        never cut for traffic it did not ask for, and the emitter is never slowed."""
+        args = req.args
+        member = args.get("member")
+        if type(member) is not str or not _MEMBER_RE.match(member):
+            if not isinstance(member, str):
+                req.arg("member", str)  # raises the usual BadRequest
             raise BadRequest(f"emit: member {bound_text(member, 64)!r} is not an identifier (letters, digits, '_')")
-        source = req.arg("source", str, conn.unique_id)
+        quiet = args.get("quiet", False)
+        if type(quiet) is not bool:
+            raise BadRequest("emit: argument 'quiet' must be bool")
+        source = args.get("source", conn.unique_id)
         named = source != conn.unique_id
         if named:
+            if type(source) is not str:
+                req.arg("source", str)
             if parse_unique_id(source) is not None:
                 raise AccessDenied(f"{conn.unique_id} may emit as its own unique id only, not as {bound_text(source, 32)}")
-            validate_name(source)
             if self.names.owner(source) != conn.id:
+                validate_name(source)
                 raise AccessDenied(f"{conn.unique_id} does not own {source!r}: only its primary owner may emit as it")
-            self.policy.may_emit(conn.key, source).check()
-        payload = req.args.get("payload")
-        size = len(cbor2.dumps(payload))
+            if not self._policy_allows("emit", conn.key, source):
+                self.policy.may_emit(conn.key, source).check()  # raises, with the reason
+        payload = args.get("payload")
+        size = _payload_size(payload)
         if size > self.limits.event_bytes:
             raise QuotaExceeded(f"event_bytes: the payload is {size} bytes, over the {self.limits.event_bytes}-byte limit")
-        if _depth(payload, 16) > 16:
-            raise QuotaExceeded("event_bytes: the payload is nested deeper than 16 levels")
         targets: Iterable[int] = self._subscribers
-        destination = req.arg("destination", str, None, optional=True)
+        destination = args.get("destination")
         if destination is not None:
+            if type(destination) is not str:
+                req.arg("destination", str)
             dest_id = parse_unique_id(destination)
             if dest_id is None:
                 dest_id = self.names.owner(validate_name(destination))
@@ -1112,33 +1177,39 @@ class BrokerCore:
                 raise NameNotFound(f"no connection {bound_text(destination, 64)!r} to send the event to")
             targets = (dest_id,) if dest_id in self._subscribers else ()
         if not targets:
-            return {"delivered": 0}  # nobody listens: it costs nothing more
-        message = Event(
-            "event",
-            {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": conn.key.id},
-        ).to_wire()
+            return _QUIET if quiet else {"delivered": 0}  # nobody listens: it costs nothing more
         needed = size + _EVENT_OVERHEAD
-        delivered = 0
+        payer = conn.key.id
+        room_for_event = self.room_for_event
+        connections = self.connections
+        receivers: list[int] = []
         for sub_conn_id in targets:
-            subscriber = self.connections[sub_conn_id]
+            subscriber = connections[sub_conn_id]
             matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
             if not matching:
                 continue
             if named and not (subscriber.admin or self._sees(subscriber.key, source)):
                 continue
-            if self.room_for(sub_conn_id) < needed:
+            if room_for_event(sub_conn_id, payer) < needed:
                 for sub in matching:
                     sub.missed += 1
+                subscriber.gaps_owed = True
                 self.pumping.add(sub_conn_id)
                 continue
-            out.extend(self._gaps(subscriber))
-            out.append((sub_conn_id, message))
-            delivered += 1
-        return {"delivered": delivered}
+            if subscriber.gaps_owed:
+                out.extend(self._gaps(subscriber))
+            receivers.append(sub_conn_id)
+        if receivers:
+            message = Event(
+                "event", {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": payer}
+            ).to_wire()
+            out.append(FanOut(receivers, message, payer))
+        return _QUIET if quiet else {"delivered": len(receivers)}
 
     def _gaps(self, conn: Connection) -> list[Outgoing]:
         """``gap`` events for the subscriptions of ``conn`` that missed events."""
         gaps: list[Outgoing] = []
+        conn.gaps_owed = False
         for sub in conn.subscriptions.values():
             if sub.missed:
                 fields = {"subscription": sub.id, "missed": sub.missed, "reason": "overflow"}
@@ -1192,13 +1263,17 @@ class BrokerCore:
         """``policy.may_see``, remembered: it is asked for every watcher or subscriber on every
         change or event.  The policy does not change while the broker runs; the memo holds at
         most ``_SEE_MEMO`` answers (it starts over when full), so no peer can grow it."""
-        memo_key = (key.id, name)
-        seen = self._see_memo.get(memo_key)
-        if seen is None:
+        return self._policy_allows("see", key, name)
+
+    def _policy_allows(self, action: str, key: PublicKey, name: str) -> bool:
+        """Whether the policy allows ``action`` (see, emit) on ``name`` to ``key``, remembered."""
+        memo_key = (action, key.id, name)
+        allowed = self._see_memo.get(memo_key)
+        if allowed is None:
             if len(self._see_memo) >= _SEE_MEMO:
                 self._see_memo.clear()
-            seen = self._see_memo[memo_key] = self.policy.may_see(key, name).allowed
-        return seen
+            allowed = self._see_memo[memo_key] = self.policy.may(action, key, name).allowed
+        return allowed
 
     def _visible_names(self, viewer: Connection, other: Connection) -> list[str]:
         return [

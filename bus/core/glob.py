@@ -177,10 +177,12 @@ class GlobSet:
     bit-parallel automaton (state bit *j* of a pattern: its first *j* tokens matched; each
     character of the name moves all states of all patterns at once)."""
 
-    __slots__ = ("globs", "_plain", "_tokens", "_start", "_accept", "_star_loop", "_star_skip", "_masks")
+    __slots__ = ("globs", "everything", "_plain", "_tokens", "_start", "_accept", "_star_loop", "_star_skip", "_masks")
 
     def __init__(self, globs: tuple[Glob, ...]) -> None:
         self.globs = globs
+        #: A lone ``*`` (or a run of them): every name matches, nothing to look at.
+        self.everything = any(g.starred and all(not seg.atoms for seg in g.segments) for g in globs)
         self._plain = tuple(g for g in globs if not g.complex)
         # Tokens of the complex patterns, one bit each, with one more bit per pattern for
         # "all matched": (absolute bit, atom or "*").
@@ -228,6 +230,8 @@ class GlobSet:
         return mask
 
     def match(self, name: str) -> bool:
+        if self.everything:
+            return True
         for glob in self._plain:
             if glob.match(name):
                 return True

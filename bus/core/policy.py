@@ -173,6 +173,10 @@ class Policy:
     def is_admin(self, key: PublicKey) -> bool:
         return any(r.admin for r in self._applicable(key))
 
+    def may(self, action: str, key: PublicKey, name: str) -> Decision:
+        """Whether ``key`` may ``action`` (own, see, open, emit) ``name``, and which rule says so."""
+        return self._may(action, key, name)
+
     def _may(self, action: str, key: PublicKey, name: str) -> Decision:
         applicable = self._applicable(key)
         for rule in applicable:

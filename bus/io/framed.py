@@ -95,6 +95,12 @@ class FramedStream:
         self._drained = False  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
 
+    def receive_frame_nowait(self) -> Frame | None:
+        """The next frame if the bytes already read hold one, else ``None`` (no I/O).
+
+        Raises :class:`~bus.errors.FrameError` as :meth:`receive_frame` does."""
+        return self._decoder.next_frame()
+
     async def receive_frame(self) -> Frame | None:
         """The next frame, or ``None`` at a clean end of stream.
 
@@ -137,8 +143,8 @@ class FramedStream:
                 self._read_size = _SMALL_RECEIVE if self._drained else _RECEIVE_SIZE
                 return data
 
-    def encode_message(self, message: dict[str, Any], channel: int = 0) -> bytes:
-        return encode_control(channel, message, self.max_control)
+    def encode_message(self, message: dict[str, Any], channel: int = 0, *, checked: bool = False) -> bytes:
+        return encode_control(channel, message, self.max_control, checked=checked)
 
     async def send_message(self, message: dict[str, Any], channel: int = 0) -> None:
         await self.stream.send_all(self.encode_message(message, channel))

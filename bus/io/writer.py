@@ -16,7 +16,12 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
   it is full, and :meth:`FrameWriter.send` waits for room instead; what a full queue means
   is the owner's policy (the broker disconnects a slow consumer, a client waits or fails);
 * frames that carry a file descriptor (SCM_RIGHTS) always go through the queue, one
-  ``sendmsg`` each, and their descriptors are closed once sent or dropped.
+  ``sendmsg`` each, and their descriptors are closed once sent or dropped;
+* while *corked* (:meth:`FrameWriter.cork`), ``send_nowait`` only queues; :meth:`uncork`
+  then writes what was queued with one system call.  The broker corks the writers a burst of
+  requests writes to (one read of an emitter's events fanned out to its subscribers) so that
+  each subscriber gets one write per burst, not one per event.  A corked writer still writes
+  once :data:`CORK_FRAMES` frames or :data:`COALESCE` bytes wait, so corking never fills it.
 
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
@@ -33,10 +38,12 @@ import trio
 from .fdpass import send_with_fds
 from .secure import SecureStream
 
-__all__ = ["FrameWriter", "COALESCE"]
+__all__ = ["FrameWriter", "COALESCE", "CORK_FRAMES"]
 
 #: Queued frames are joined into writes of about this size.
 COALESCE = 64 * 1024
+#: A corked writer writes anyway once this many frames wait.
+CORK_FRAMES = 128
 
 
 class FrameWriter:
@@ -56,6 +63,8 @@ class FrameWriter:
         self._rest_size = 0
         self._busy = False  # run() is inside a write (stays set if that write failed half-way)
         self._stopping = False
+        self._corked = False
+        self._corked_bytes = 0  # bytes queued while corked (so not handed to run() yet)
         self._finishing = False
         self._failure: BaseException | None = None
         self._wake = trio.Event()
@@ -91,6 +100,15 @@ class FrameWriter:
         """
         if self.closed or self._stopping:
             raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
+        if self._corked:
+            if len(self._queue) >= self.max_frames:
+                raise trio.WouldBlock
+            self._queue.append(frame)
+            self.queued_bytes += len(frame)
+            self._corked_bytes += len(frame)
+            if self._corked_bytes >= COALESCE or len(self._queue) >= CORK_FRAMES:
+                self._write_queued()
+            return
         if self._queue or self._rest is not None or self._busy or self._failure is not None:
             if len(self._queue) >= self.max_frames:
                 raise trio.WouldBlock
@@ -110,6 +128,55 @@ class FrameWriter:
             self.queued_bytes += len(frame)
             self._wake.set()
 
+    @property
+    def corked(self) -> bool:
+        return self._corked
+
+    def cork(self) -> None:
+        """Queue what :meth:`send_nowait` gets, without writing, until :meth:`uncork`."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Write what was queued while corked, joined into as few system calls as it takes."""
+        self._corked = False
+        if self._corked_bytes:
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Write the frames queued while corked now, if nothing else is being written (else
+        the ``run`` task writes them, in order, with whatever was ahead of them)."""
+        self._corked_bytes = 0
+        if self._rest is not None or self._busy or self._failure is not None or self.closed:
+            self._wake.set()
+            return
+        queue = self._queue
+        batch: list[bytes] = []
+        size = 0
+        while queue and not isinstance(queue[0], tuple):
+            frame = queue.popleft()
+            assert not isinstance(frame, tuple)
+            batch.append(frame)
+            size += len(frame)
+        if not batch:
+            self._wake.set()
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        try:
+            rest = self.stream.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            self._failure = exc
+            self._wake.set()
+            return
+        if rest:
+            # Counted in queued_bytes already; run() writes the rest, then the queue.
+            self._rest = rest
+            self._rest_size = size
+            self._wake.set()
+        else:
+            self._sent(size)
+            if queue:
+                self._wake.set()
+
     async def wait_room(self) -> None:
         """Wait until the queue can take a frame (or the writer is closed)."""
         while len(self._queue) >= self.max_frames and not self.closed:
@@ -125,6 +192,18 @@ class FrameWriter:
         if len(self._queue) >= self.max_frames:
             await self.wait_room()
         self.send_nowait(frame)
+
+    async def put_later(self, frame: bytes) -> None:
+        """Queue ``frame`` for the :meth:`run` task, waiting for room first (yields only if it
+        had to wait).  Frames put this way by a task that does not yield in between go out in
+        one write when it does: for a burst of one-way messages (a publishing loop)."""
+        if len(self._queue) >= self.max_frames:
+            await self.wait_room()
+        if self.closed or self._stopping:
+            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
+        self._queue.append(frame)
+        self.queued_bytes += len(frame)
+        self._wake.set()
 
     async def send(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first.

@@ -234,8 +234,11 @@ def encode_data(channel: int, data: bytes | bytearray | memoryview, max_body: in
     return HEADER.pack(FrameKind.DATA, 0, channel, len(data)) + data
 
 
-def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_CONTROL) -> bytes:
-    """Encode a CONTROL frame; the message must fit minibus's CBOR profile."""
+def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_CONTROL, *, checked: bool = False) -> bytes:
+    """Encode a CONTROL frame; the message must fit minibus's CBOR profile.
+
+    ``checked``: the caller knows it does (built of values decoded from checked frames and
+    plain ones of its own), so the walk over it that proves so is skipped."""
     _check_channel(channel)
     if not isinstance(message, dict):
         raise LocalProtocolError("a control message is a dict")
@@ -243,7 +246,7 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
         body = cbor2.dumps(message)
     except Exception as exc:
         raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
-    if not _plain(message, 1):
+    if not checked and not _plain(message, 1):
         # Something beyond plain types: let the profile check of the bytes decide.
         try:
             check_cbor(body)

@@ -44,10 +44,13 @@ class PublicKey:
     """A verified-format Ed25519 public key (32 bytes)."""
 
     raw: bytes
+    _id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.raw, bytes) or len(self.raw) != 32:
             raise ValueError("an Ed25519 public key is exactly 32 bytes")
+        # The text form is asked for on hot paths (stamping events, policy memos): made once.
+        object.__setattr__(self, "_id", "@" + base64.b64encode(self.raw).decode("ascii") + _SUFFIX)
 
     @classmethod
     def from_id(cls, text: str) -> PublicKey:
@@ -61,7 +64,7 @@ class PublicKey:
     @property
     def id(self) -> str:
         """The text form, ``@<base64>.ed25519``."""
-        return "@" + base64.b64encode(self.raw).decode("ascii") + _SUFFIX
+        return self._id
 
     def __str__(self) -> str:
         return self.id

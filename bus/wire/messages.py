@@ -5,7 +5,7 @@ Three shapes, told apart by their keys (see docs/protocol.md, section 5):
 * request ``{"op": str, "id": int, ...arguments}`` -- either side may send one; ids are
   chosen by the sender, unique among its requests still waiting for a reply;
 * reply ``{"re": id, "result": value}`` or ``{"re": id, "error": {"code": str, "message": str}}``
-  -- exactly one per request;
+  -- exactly one per request (but a quiet ``emit``, answered only if refused, by an event);
 * event ``{"event": str, ...fields}`` -- pushed, never answered.
 """
 
