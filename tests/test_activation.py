@@ -432,3 +432,14 @@ def test_the_admin_right_and_the_open_right(busd: Busd) -> None:
     assert not (busd.tmp / "thing.launches").exists()
     listed = json.loads(busd.busctl("--json", "list", "--activatable", identity=user).stdout)
     assert [e["name"] for e in listed] == ["org.example.Echo"] and "exec" not in listed[0]
+
+
+def test_the_example_service_file_starts_the_echo_example(busd: Busd) -> None:
+    busd.services = ROOT / "examples" / "services"  # busd --services examples/services
+    busd.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + busd.env.get("PATH", "")
+    busd.start()
+    assert busd.services_json()["org.example.Echo"]["state"] == "not running"
+    called = busd.busctl("call", "org.example.Echo", "echo", '"hello"')
+    assert called.returncode == 0, called.stderr + busd.log()[-2000:]
+    assert json.loads(called.stdout) == "hello"
+    assert busd.services_json()["org.example.Echo"]["state"] == "running"
