@@ -34,6 +34,7 @@ from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, check_settings, 
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
 from .errors import KeyFileError
+from .supervisor import default_service_dir
 from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
 from .wire.shs import parse_network_key
@@ -57,6 +58,7 @@ _BROKER_KEYS = {
     "tcp": 'a string "HOST:PORT", or false',
     "encrypt_unix": "true or false",
     "log_level": " or ".join(f'"{level}"' for level in _LOG_LEVELS),
+    "services": "a list of paths (directories of service files)",
 }
 
 
@@ -93,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         prog="busd",
         description="Run the minibus broker. With no arguments it uses its embedded defaults.",
         epilog="Environment: MINIBUS_NETWORK_KEY (hex) sets the network key when --network-key is not given. "
+        "Signals: SIGINT and SIGTERM stop busd (and its plugins); SIGHUP reads the service files again. "
         "Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM), 2 usage, 3 a configuration problem "
         "or cannot listen, 4 another broker already listens on the socket.",
     )
@@ -106,6 +109,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration: [broker], [limits] and [[rule]] tables")
     p.add_argument("--runtime-dir", metavar="DIR", help="where the socket and address file live (default: $XDG_RUNTIME_DIR/minibus)")
     p.add_argument("--authorized-keys", metavar="FILE", help="keys with every right (default: $XDG_CONFIG_HOME/minibus/authorized_keys)")
+    p.add_argument(
+        "--services",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a directory of service files (installed plugins; repeatable); also [broker] services and "
+        "$XDG_DATA_HOME/minibus/services (see docs/activation.md)",
+    )
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default: info")
     return p
 
@@ -175,6 +186,8 @@ def _check_config(data: dict[str, Any], source: str) -> None:
             ok = isinstance(value, bool)
         elif key == "log_level":
             ok = isinstance(value, str) and value in _LOG_LEVELS
+        elif key == "services":
+            ok = isinstance(value, list) and all(_is_path(v) for v in value)
         else:
             ok = _is_path(value) if key != "network_key" else isinstance(value, str)
         if not ok:
@@ -257,7 +270,10 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
         limits = Limits(**{k: v for k, v in limits_section.items() if k in _LIMIT_KEYS})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{args.config}: [limits]: {exc}") from exc
+    service_dirs = [(Path(d), True) for d in [*args.services, *section.get("services", [])]]
+    service_dirs.append((default_service_dir(), False))
     config = BrokerConfig(
+        service_dirs=service_dirs,
         identity=identity,
         policy=policy,
         unix_path=unix_path,
@@ -317,12 +333,19 @@ async def run(config: BrokerConfig) -> None:
             with serve_scope:
                 await broker.serve(task_status=task_status)
 
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             address = await nursery.start(serve)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reading the service files again")
+                    broker.reload_services()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
+        # Plugins first (SIGTERM, then SIGKILL after their stop_timeout), while they can still
+        # say goodbye; then the clients.
+        await broker.supervisor.stop_all()
         broker.begin_shutdown()
         with trio.move_on_after(config.close_timeout + 1):
             while broker.sessions:

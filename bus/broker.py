@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from .core.activation import ServiceAction
 from .core.broker import BrokerCore, ChannelMessage, DropFd, FanOut, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
@@ -47,6 +48,7 @@ from .errors import BusError, FrameError, HandshakeError, IdentityRefused, Quota
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.writer import FrameWriter
+from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
 from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, encode_data
@@ -102,6 +104,19 @@ class BrokerConfig:
     close_timeout: float = 2.0
     channel_timeout: float = 5.0  # how long a channel's target may take to answer
     write_address_file: bool = True
+    #: Directories of service files (installed plugins), each with whether it was asked for
+    #: explicitly (a missing default one is no error); see docs/activation.md.
+    service_dirs: list[tuple[Path, bool]] = field(default_factory=list)
+    #: Seconds an activated plugin has to take its name (held openings wait that long).
+    activation_timeout: float = 8.0
+    #: Restart backoff: the first delay, doubling up to the max; back to the first once a
+    #: process ran ``restart_reset`` seconds.
+    restart_delay: float = 0.5
+    restart_delay_max: float = 30.0
+    restart_reset: float = 60.0
+    #: More restarts than this within ``crash_loop_window`` seconds: stopped, marked failed.
+    crash_loop_restarts: int = 5
+    crash_loop_window: float = 60.0
 
     @property
     def socket_path(self) -> Path | None:
@@ -393,6 +408,16 @@ class Broker:
         #: uncorks before it waits, so the flag is never seen by another task.
         self.corking = False
         self.corked: list[_Session] = []
+        settings = SupervisorSettings(
+            dirs=list(config.service_dirs),
+            activation_timeout=config.activation_timeout,
+            restart_delay=config.restart_delay,
+            restart_delay_max=config.restart_delay_max,
+            restart_reset=config.restart_reset,
+            crash_loop_restarts=config.crash_loop_restarts,
+            crash_loop_window=config.crash_loop_window,
+        )
+        self.supervisor = Supervisor(self.core, self.dispatch, self._plugin_environment, settings)
 
     @property
     def address(self) -> str:
@@ -430,6 +455,14 @@ class Broker:
         for session in corked:
             session.out.uncork()
 
+    def _plugin_environment(self) -> dict[str, str]:
+        """What a launched plugin needs to find this bus (see docs/activation.md)."""
+        return {"MINIBUS_ADDRESS": self.address, "MINIBUS_NETWORK_KEY": self.config.network_key.hex()}
+
+    def reload_services(self) -> list[str]:
+        """Read the service files again (SIGHUP); returns one line per problem."""
+        return self.supervisor.load()
+
     def _has_room(self, conn_id: int) -> bool:
         return self._room_for(conn_id) > 0
 
@@ -460,6 +493,9 @@ class Broker:
                 continue
             if isinstance(item, (WithFd, DropFd)):
                 self._fd_message(item)
+                continue
+            if isinstance(item, ServiceAction):
+                self.supervisor.action(item)
                 continue
             conn_id, message = item
             session = self.sessions.get(conn_id)
@@ -547,6 +583,7 @@ class Broker:
                 raise ValueError("the broker needs at least one of unix_path and tcp")
             if cfg.write_address_file:
                 self._write_address_file()
+            self.supervisor.load()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for listener in self._listeners:
@@ -554,6 +591,7 @@ class Broker:
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
                 nursery.start_soon(self._keepalive)
                 nursery.start_soon(self._expire_opens)
+                await nursery.start(self.supervisor.run)
                 task_status.started(self.address)
                 log.info("listening: %s", self.address)
         finally:

@@ -52,6 +52,7 @@ __all__ = [
     "QuotaExceeded",
     "MessageTooLarge",
     "ChannelRejected",
+    "ActivationFailed",
     "ConnectionLost",
     "error_from_wire",
 ]
@@ -197,6 +198,13 @@ class ChannelRejected(RequestError):
     """The target of a channel refused it (with its reason) or did not answer in time."""
 
     wire_code = "minibus.Error.ChannelRejected"
+
+
+class ActivationFailed(RequestError):
+    """busd could not start the plugin of an activatable name, or the plugin did not take its
+    name in time; the message says why (the exit status, the last lines of its stderr)."""
+
+    wire_code = "minibus.Error.ActivationFailed"
 
 
 class QuotaExceeded(RequestError, LimitError):

@@ -10,6 +10,7 @@ Everything a program (or ``busctl``) needs is importable from here::
 
 from bus.errors import (
     AccessDenied,
+    ActivationFailed,
     ChannelRejected,
     BadRequest,
     BusError,
@@ -26,13 +27,26 @@ from bus.errors import (
 from bus.wire.identity import Identity, PublicKey, default_identity_path, load_identity, load_or_create_identity, save_identity
 from bus.wire.shs import parse_network_key
 
-from .bus import Bus, CannotConnect, NameEvent, NameInfo, RequestTimeout, Watch, WatchOverflow, find_address, open_bus
+from .bus import (
+    Bus,
+    CannotConnect,
+    NameEvent,
+    NameInfo,
+    RequestTimeout,
+    ServiceInfo,
+    Watch,
+    WatchOverflow,
+    find_address,
+    identity_from_env,
+    open_bus,
+)
 from .channels import Channel, ChannelRequest, PeerInfo
 from .events import Event, Gap, Subscription
 from .rpc import Service
 
 __all__ = [
     "AccessDenied",
+    "ActivationFailed",
     "BadRequest",
     "Bus",
     "BusError",
@@ -58,11 +72,13 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "Service",
+    "ServiceInfo",
     "UnknownOperation",
     "Watch",
     "WatchOverflow",
     "default_identity_path",
     "find_address",
+    "identity_from_env",
     "load_identity",
     "load_or_create_identity",
     "open_bus",

@@ -38,7 +38,7 @@ import trio
 
 from bus.errors import BusError, ConnectionLost
 from bus.wire.address import Endpoint
-from bus.wire.identity import Identity, load_or_create_identity
+from bus.wire.identity import Identity
 
 # Names importable from here before the library was split into modules stay importable (the
 # ``X as X`` form marks a re-export); the tunables are read where they live.
@@ -55,12 +55,15 @@ from .channels import PeerInfo as PeerInfo
 from .channels import RelayStream as RelayStream
 from .events import Event as Event
 from .events import Events
+from .services import ServiceInfo as ServiceInfo
+from .services import Services
 from .events import Gap as Gap
 from .events import Subscription as Subscription
 from .link import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from .link import DEFAULT_REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT
 from .link import OUTBOUND_BUFFER as OUTBOUND_BUFFER
 from .link import BusConnection, Link
+from .link import identity_from_env as identity_from_env
 from .link import CannotConnect as CannotConnect
 from .link import RequestTimeout as RequestTimeout
 from .link import _Pending as _Pending
@@ -124,6 +127,7 @@ class Bus:
         self._routes = ChannelRoutes(self._connection)
         self._rpc_calls = RpcCalls(self._connection, self._routes.open_channel, max_message=rpc_max_message)
         self._events = Events(self._connection)
+        self._services = Services(self._connection)
         self._connection.restore = self._restore
         self._connection.on_give_up = self._names.fail_all
 
@@ -276,6 +280,32 @@ class Bus:
         broker's answer."""
         await self._events.publish(member, payload, source=source, destination=destination)
 
+    # -- installed plugins (service files) -----------------------------------------------------
+
+    async def list_services(self) -> list[ServiceInfo]:
+        """The installed plugins this connection may see, running or not (every page)."""
+        return await self._services.list()
+
+    async def service_status(self, name: str) -> ServiceInfo:
+        """One installed plugin: its state, pid, restarts and last exit."""
+        return await self._services.status(name)
+
+    async def start_service(self, name: str) -> dict[str, Any]:
+        """Start an installed plugin and wait until it owns its name (admin only)."""
+        return await self._services.command("start", name)
+
+    async def stop_service(self, name: str) -> dict[str, Any]:
+        """Stop an installed plugin: SIGTERM, then SIGKILL after its stop_timeout (admin only)."""
+        return await self._services.command("stop", name)
+
+    async def restart_service(self, name: str) -> dict[str, Any]:
+        """Stop, then start an installed plugin, waiting until it owns its name (admin only)."""
+        return await self._services.command("restart", name)
+
+    async def reload_services(self) -> dict[str, Any]:
+        """Make the broker read its service files again: ``{services, errors}`` (admin only)."""
+        return await self._services.command("reload")
+
     # -- channels -------------------------------------------------------------------------------
 
     def handle_channels(
@@ -333,14 +363,14 @@ async def open_bus(
     """Connect to the bus for the duration of the block.
 
     ``address`` defaults to ``MINIBUS_ADDRESS`` or the broker's address file; ``identity`` to
-    the user's default key (created on first use); ``network_key`` to ``MINIBUS_NETWORK_KEY``
+    the key file named by ``MINIBUS_IDENTITY``, else the user's default key (created on first use); ``network_key`` to ``MINIBUS_NETWORK_KEY``
     or minibus's default.  With ``name``, the connection registers as that well-known name
     (a service plugin); without, it is a nameless client, hidden from other clients' queries.
     ``rpc_max_message`` bounds the RPC messages :meth:`Bus.call` sends and accepts (16 MiB).
     """
     bus = Bus(
         find_address(address),
-        identity if identity is not None else load_or_create_identity(),
+        identity if identity is not None else identity_from_env(),
         network_key if network_key is not None else network_key_from_env(),
         name=name,
         info=info,

@@ -53,9 +53,10 @@ from . import (
     NameInfo,
     NameNotFound,
     RequestError,
+    ServiceInfo,
     RequestTimeout,
+    identity_from_env,
     load_identity,
-    load_or_create_identity,
     open_bus,
     parse_network_key,
     save_identity,
@@ -73,7 +74,22 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 #: The verbs that print data, and so honour --json ('call' prints JSON anyway).  'open' passes
 #: a channel's bytes through and refuses --json.
-JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "subscribe", "emit", "id", "keygen")
+JSON_VERBS = (
+    "list",
+    "status",
+    "monitor",
+    "wait",
+    "call",
+    "introspect",
+    "subscribe",
+    "emit",
+    "start",
+    "stop",
+    "restart",
+    "reload",
+    "id",
+    "keygen",
+)
 
 _OPTIONS_HELP = textwrap.fill(
     "global options (--address, --identity, --network-key, --timeout, --json) go before or after "
@@ -98,6 +114,8 @@ exit codes:
 environment:
   MINIBUS_ADDRESS      the bus address when --address is not given (else the address file)
   MINIBUS_NETWORK_KEY  the network key (hex) when --network-key is not given
+  MINIBUS_IDENTITY     the key file to connect as when --identity is not given
+                       (busd sets it for a plugin whose service file names one)
 """
 
 ADDRESS_HINT = "an address looks like unix:path=PATH,key=@….ed25519;tcp:host=HOST,port=PORT,key=@….ed25519 (busd prints it)"
@@ -176,9 +194,14 @@ def _parser() -> argparse.ArgumentParser:
         _add_global_options(v, after_verb=True)
         return v
 
-    v = verb("list", "list the named plugins on the bus")
+    v = verb("list", "list the named plugins on the bus (or, with --activatable, the installed ones)")
     v.add_argument("--all", action="store_true", help="also nameless connections (admin identities only)")
-    v = verb("status", "show one connection, by well-known name or unique id (:42)")
+    v.add_argument(
+        "--activatable",
+        action="store_true",
+        help="the installed plugins (service files), running or not: state, pid, restarts, description, version",
+    )
+    v = verb("status", "show one connection, by well-known name or unique id (:42); for an installed plugin also its pid, restarts, last exit")
     v.add_argument("target", metavar="NAME|ID")
     v = verb("monitor", "print named plugins as they connect and disconnect, until interrupted")
     v.add_argument("patterns", metavar="PATTERN", nargs="*", default=[], help="name patterns such as 'org.example.*' (default: all)")
@@ -209,6 +232,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how the bytes travel: direct (a socket passed by the broker; both ends on its Unix socket), "
         "relay (through the broker), auto (direct when possible, else relay; the default)",
     )
+    for name, what in (
+        ("start", "start an installed plugin and wait until it owns NAME (admin identities only)"),
+        ("stop", "stop an installed plugin: SIGTERM, then SIGKILL after its stop_timeout (admin identities only)"),
+        ("restart", "stop, then start an installed plugin, waiting until it owns NAME (admin identities only)"),
+    ):
+        v = verb(name, what)
+        v.add_argument("name", metavar="NAME")
+    verb("reload", "make busd read its service files again, as SIGHUP does; prints the problems found (admin identities only)")
     verb("id", "print the identity busctl connects as")
     v = verb("keygen", "create a new identity key file (mode 0600)")
     v.add_argument("file", metavar="FILE")
@@ -284,8 +315,10 @@ def _check_args(args: argparse.Namespace) -> None:
                 raise Failure(f"bad unique id {_safe(args.target)!r}: a unique id is ':' and digits, like :42", EXIT_USAGE)
         else:
             _check_name(args.target)
-    elif args.verb in ("wait", "call", "introspect", "open"):
+    elif args.verb in ("wait", "call", "introspect", "open", "start", "stop", "restart"):
         _check_name(args.name)
+    if args.verb == "list" and args.all and args.activatable:
+        raise Failure("--all lists connections and --activatable installed plugins: give one of them", EXIT_USAGE)
     if args.verb == "monitor":
         for pattern in args.patterns:
             try:
@@ -325,7 +358,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _identity(args: argparse.Namespace) -> Identity:
     try:
-        return load_identity(args.identity) if args.identity else load_or_create_identity()
+        return load_identity(args.identity) if args.identity else identity_from_env()
     except KeyFileError as exc:
         raise Failure(str(exc), EXIT_ERROR) from exc
     except OSError as exc:
@@ -375,6 +408,9 @@ async def _connect(args: argparse.Namespace) -> AsyncIterator[Bus]:
 
 
 async def verb_list(args: argparse.Namespace) -> None:
+    if args.activatable:
+        await _list_activatable(args)
+        return
     async with _connect(args) as bus:
         entries = await bus.list_names(all=args.all)
     if args.json:
@@ -395,11 +431,74 @@ async def verb_list(args: argparse.Namespace) -> None:
     _table(rows, ["NAME", "UNIQUE-ID", "IDENTITY", "TRANSPORT", "PID", "SINCE", "DESCRIPTION"])
 
 
+def _state_text(svc: ServiceInfo) -> str:
+    if svc.state == "failed" and svc.failure:
+        return f"failed ({svc.failure})"
+    return svc.state
+
+
+async def _list_activatable(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        services = await bus.list_services()
+    if args.json:
+        _json([svc.to_json() for svc in services])
+        return
+    rows = [
+        [
+            svc.name,
+            svc.state,
+            str(svc.pid) if svc.pid is not None else "-",
+            str(svc.restarts),
+            svc.activation,
+            _safe(svc.version) or "-",
+            _safe(svc.description) or "-",
+        ]
+        for svc in services
+    ]
+    _table(rows, ["NAME", "STATE", "PID", "RESTARTS", "ACTIVATION", "VERSION", "DESCRIPTION"])
+
+
+def _service_lines(svc: ServiceInfo) -> list[tuple[str, str]]:
+    lines = [
+        ("installed", f"activation {svc.activation}, restart {svc.restart}" + (f", {svc.details['file']}" if "file" in svc.details else "")),
+        ("plugin state", _state_text(svc)),
+        ("plugin pid", str(svc.pid) if svc.pid is not None else "-"),
+        ("restarts", str(svc.restarts)),
+        ("last exit", svc.last_exit or "-"),
+    ]
+    if "exec" in svc.details:
+        lines.append(("command", " ".join(map(str, svc.details["exec"]))))
+    return lines
+
+
 async def verb_status(args: argparse.Namespace) -> None:
     async with _connect(args) as bus:
-        entry = await bus.info(args.target)
+        service: ServiceInfo | None = None
+        if not args.target.startswith(":"):
+            try:
+                service = await bus.service_status(args.target)
+            except NameNotFound:
+                pass
+        try:
+            entry = await bus.info(args.target)
+        except NameNotFound:
+            if service is None:
+                raise
+            # Installed, but nobody owns the name now: what busd knows of the plugin.
+            if args.json:
+                _json({"name": args.target, "service": service.to_json()})
+            else:
+                _out(f"{'name:':17}{_safe(args.target)} (not on the bus now)")
+                _out(f"{'description:':17}{_safe(service.description) or '-'}")
+                _out(f"{'version:':17}{_safe(service.version) or '-'}")
+                for key, value in _service_lines(service):
+                    _out(f"{key + ':':17}{_safe(value)}")
+            return
     if args.json:
-        _json(entry.to_json())
+        data = entry.to_json()
+        if service is not None:
+            data["service"] = service.to_json()
+        _json(data)
         return
     fields = [
         ("unique id", entry.unique_id),
@@ -414,6 +513,8 @@ async def verb_status(args: argparse.Namespace) -> None:
         ("version", _safe(str(entry.info.get("version", ""))) or "-"),
         ("metadata", _safe(json.dumps(_jsonable(entry.info.get("metadata", {})), sort_keys=True, default=str))),
     ]
+    if service is not None:
+        fields += _service_lines(service)
     for key, value in fields:
         _out(f"{key + ':':17}{_safe(value)}")
     for ch in entry.channels:
@@ -564,6 +665,32 @@ async def verb_open(args: argparse.Namespace) -> None:
                         break
 
 
+async def verb_service(args: argparse.Namespace) -> None:
+    """start, stop, restart NAME (an installed plugin)."""
+    async with _connect(args) as bus:
+        command = {"start": bus.start_service, "stop": bus.stop_service, "restart": bus.restart_service}[args.verb]
+        result = await command(args.name)
+    if args.json:
+        _json(result)
+        return
+    if args.verb == "stop":
+        _out(_safe(f"stopped {args.name} (was {result.get('was', '?')})"))
+    else:
+        _out(_safe(f"{args.verb}ed {args.name} (pid {result.get('pid')})"))
+
+
+async def verb_reload(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        result = await bus.reload_services()
+    if args.json:
+        _json(result)
+        return
+    count = result.get("services", 0)
+    _out(f"{count} installed plugin{'s' if count != 1 else ''}")
+    for line in result.get("errors", []):
+        _out(_safe(f"error: {line}"))
+
+
 async def verb_id(args: argparse.Namespace) -> None:
     identity = _identity(args)
     if args.json:
@@ -596,6 +723,10 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "open": verb_open,
     "emit": verb_emit,
     "subscribe": verb_subscribe,
+    "start": verb_service,
+    "stop": verb_service,
+    "restart": verb_service,
+    "reload": verb_reload,
     "id": verb_id,
     "keygen": verb_keygen,
 }

@@ -54,6 +54,10 @@ PLAIN_RELAY_REFUSED = (
     "refused a plain relayed channel over an encrypted bus connection (TCP, or Unix with box-stream): "
     "its bytes would cross in plaintext"
 )
+#: A channel request for a protocol with no handler yet, in a link's first seconds, waits this
+#: long from the link's start for one (a plugin started on demand gets the requests held for
+#: its name right after its hello, before its code had a chance to register its handlers).
+HANDLER_GRACE = 2.0
 #: How often the byte counts of open direct channels are reported to the broker (seconds).
 CHANNEL_REPORT_INTERVAL = 1.0
 
@@ -68,6 +72,7 @@ class ChannelRoutes:
     def __init__(self, connection: BusConnection) -> None:
         self._connection = connection
         self._handlers: dict[str, tuple[Handler, AcceptCheck | None, int]] = {}
+        self._handler_added = trio.Event()
         # Open direct channels: (link, channel id there, counts last reported).  Weak: a channel
         # its user dropped without closing is not kept alive (nor reported) by this table.
         self._direct: weakref.WeakKeyDictionary[Channel, tuple[Link, int, tuple[int, int] | None]] = (
@@ -82,6 +87,8 @@ class ChannelRoutes:
         self, protocol: str, handler: Handler, *, accept: AcceptCheck | None = None, window: int = DEFAULT_WINDOW
     ) -> None:
         self._handlers[protocol] = (handler, accept, window)
+        self._handler_added.set()
+        self._handler_added = trio.Event()
 
     def _channel_request(self, link: Link, request: Request) -> dict[str, Any] | None:
         """Accept (and start serving) or reject a channel someone opens to us."""
@@ -102,6 +109,28 @@ class ChannelRoutes:
             log.warning("channel from %s: %s", ask.opener.unique_id, PLAIN_RELAY_REFUSED)
             return ErrorReply(request.id, ChannelRejected.wire_code, PLAIN_RELAY_REFUSED).to_wire()
         end = self._take_fd(link) if ask.route == "unix-fd" else None
+        if ask.protocol not in self._handlers and nursery is not None and trio.current_time() < link.started + HANDLER_GRACE:
+            nursery.start_soon(self._answer_when_handled, link, request, ask, end)
+            return None
+        return self._decide(link, request, ask, end)
+
+    async def _answer_when_handled(self, link: Link, request: Request, ask: ChannelRequest, end: socket.socket | None) -> None:
+        """Wait (within the link's first HANDLER_GRACE seconds) for a handler of the label."""
+        try:
+            with trio.move_on_at(link.started + HANDLER_GRACE):
+                while ask.protocol not in self._handlers:
+                    await self._handler_added.wait()
+        except BaseException:
+            if end is not None:
+                end.close()  # cancelled: the bus is closing
+            raise
+        reply = self._decide(link, request, ask, end)
+        if reply is not None:
+            self._connection.send_nowait(link, reply)
+
+    def _decide(self, link: Link, request: Request, ask: ChannelRequest, end: socket.socket | None) -> dict[str, Any] | None:
+        """Accept (and start serving) or reject the request, now that it is known who serves."""
+        nursery = self._connection.nursery
         entry = self._handlers.get(ask.protocol)
         refusal = None
         if entry is None or nursery is None:
@@ -126,8 +155,8 @@ class ChannelRoutes:
         if end is not None:
             transport = UnixChannelStream(end)
         else:
-            transport = RelayStream(link, channel, window=window)
-            link.channels[channel] = transport
+            transport = RelayStream(link, ask.channel, window=window)
+            link.channels[ask.channel] = transport
         nursery.start_soon(self._serve_channel, transport, ask, handler, link)
         return Reply(request.id, {}).to_wire()
 

@@ -39,7 +39,7 @@ from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
 from bus.wire.frames import ControlFrame
-from bus.wire.identity import Identity
+from bus.wire.identity import Identity, load_identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
 
@@ -50,6 +50,7 @@ __all__ = [
     "Link",
     "RequestTimeout",
     "find_address",
+    "identity_from_env",
     "network_key_from_env",
 ]
 
@@ -71,6 +72,13 @@ class CannotConnect(BusError):
 
 class RequestTimeout(BusError):
     """The broker did not answer a request before the deadline."""
+
+
+def identity_from_env() -> Identity:
+    """``MINIBUS_IDENTITY`` (the path of a key file: busd sets it for a plugin whose service
+    file names an identity), else the user's default key (created on first use)."""
+    path = os.environ.get("MINIBUS_IDENTITY")
+    return load_identity(path) if path else load_or_create_identity()
 
 
 def network_key_from_env() -> bytes:
@@ -141,6 +149,7 @@ class Link:
         self.closed = False
         self.closed_event = trio.Event()
         self.reason = "the broker closed the connection"
+        self.started = trio.current_time()
 
 
 class _Pending:
@@ -214,8 +223,11 @@ class BusConnection:
         args: dict[str, Any],
         on_result: Callable[[Any], None] | None = None,
         on_abandoned: Callable[[Any], None] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Any:
         """Send a request and return its result; remote errors raise their RequestError class.
+        ``timeout`` replaces ``request_timeout`` for this request (one that takes long by design).
 
         ``on_result`` runs in the reader when the result arrives, before any later message;
         ``on_abandoned`` undoes it if the caller gave up by then (or runs when a late result
@@ -233,10 +245,11 @@ class BusConnection:
                 link.send.send_nowait(link.framed.encode_message(Request(op, request_id, args).to_wire()))
             except trio.WouldBlock:
                 raise BusError(f"{OUTBOUND_BUFFER} messages already wait to be sent; the broker is not reading") from None
-            with trio.move_on_after(self.request_timeout) as scope:
+            deadline = self.request_timeout if timeout is None else timeout
+            with trio.move_on_after(deadline) as scope:
                 await pending.done.wait()
             if scope.cancelled_caught:
-                raise RequestTimeout(f"{op}: no reply from the broker within {self.request_timeout:g} s")
+                raise RequestTimeout(f"{op}: no reply from the broker within {deadline:g} s")
             answered = True
         finally:
             if answered or pending.on_abandoned is None or link.closed:

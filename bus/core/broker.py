@@ -33,6 +33,7 @@ import cbor2
 
 from ..errors import (
     AccessDenied,
+    ActivationFailed,
     BadRequest,
     ChannelRejected,
     NameNotFound,
@@ -44,10 +45,12 @@ from ..wire.frames import MAX_CBOR_DEPTH
 from ..wire.identity import PublicKey
 from ..wire.messages import ErrorReply, Event, MalformedRequest, Reply, Request, parse_message
 from .accounting import Budget, Charge
+from .activation import HeldRequest, ServiceAction, ServiceTable
 from .channels import ChannelTable, Direction, RelayChannel
 from .glob import GlobError, GlobSet, compile_glob
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
+from .services import ServiceSpec
 
 __all__ = [
     "Limits",
@@ -210,7 +213,7 @@ class FanOut(NamedTuple):
     payer: str
 
 
-Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut
+Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut | ServiceAction
 
 
 def flatten(out: list[Outgoing]) -> list[Outgoing]:
@@ -431,6 +434,8 @@ class BrokerCore:
         self.fd_passing = True
         #: Whether Unix connections run box-stream too: then every channel is encrypted end to end.
         self.encrypt_unix = False
+        #: Installed plugins (service files), their states, and requests held for them.
+        self.services = ServiceTable(self.limits.pending_opens_per_target)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -478,6 +483,7 @@ class BrokerCore:
         conn.subscriptions.clear()
         self._subscribers.discard(conn_id)
         self.pumping.discard(conn_id)
+        self.services.drop_connection(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
         for ch in self.channels.forget_connection(conn_id):
             other = ch.b if ch.a[0] == conn_id else ch.a
@@ -1025,6 +1031,9 @@ class BrokerCore:
         if route not in ("relay", "auto", "direct"):
             raise BadRequest(f"open_channel: route {bound_text(route, 16)!r} is not one of relay, auto, direct")
         target_id = self.names.owner(name)
+        if target_id is None and name in self.services.specs and (conn.admin or self._sees(conn.key, name)):
+            self.policy.may_open(conn.key, name).check()
+            return self._hold_open(conn, req, name, out)  # an installed plugin starts on demand
         if target_id is None or not (conn.admin or self._sees(conn.key, name)):
             raise NameNotFound(f"no connection owns {name!r}")
         self.policy.may_open(conn.key, name).check()
@@ -1217,6 +1226,124 @@ class BrokerCore:
                 sub.missed = 0
         return gaps
 
+    # -- installed plugins (service files, activation) ---------------------------------------
+
+    def set_services(self, specs: dict[str, ServiceSpec]) -> tuple[list[str], list[Outgoing]]:
+        """Take the service files read at start or on reload; returns the names that are gone
+        (the supervisor stops their plugins) and the errors for openings held for them."""
+        gone = self.services.replace(specs)
+        out: list[Outgoing] = []
+        for name in gone:
+            err = NameNotFound(f"{name!r} is no longer an installed plugin (its service file is gone)")
+            for item in self.services.release(name):
+                out.append((item.conn, ErrorReply.from_error(item.request.id, err).to_wire()))
+        return gone, out
+
+    def _hold_open(self, conn: Connection, req: Request, name: str, out: list[Outgoing]) -> Any:
+        """Hold an opening to an activatable name nobody owns, until its plugin takes it.
+
+        Charged as a pending opening: a pending slot of the opener (connection and identity)
+        and a fair share of the name's ``pending_opens_per_target``."""
+        charge = Charge.take(
+            1,
+            own=(conn.pending_budget, conn.account.pending),
+            shared=(self.services.budget(name),),
+            actor=conn.key.id,
+        )
+        if self.services.hold(HeldRequest(conn.id, req, name, charge)):
+            out.append(ServiceAction("activate", name))
+        return _DEFERRED
+
+    def _activated(self, changes: list[OwnerChanged]) -> list[Outgoing]:
+        """Names of installed plugins that got an owner: replay what was held for them."""
+        out: list[Outgoing] = []
+        for change in changes:
+            if change.new is None or change.name not in self.services.specs:
+                continue
+            out.append(ServiceAction("owned", change.name))
+            for item in self.services.release(change.name):
+                opener = self.connections.get(item.conn)
+                if opener is None:
+                    continue
+                try:
+                    self._open_channel(opener, item.request, out)
+                except RequestError as exc:
+                    out.append((item.conn, ErrorReply.from_error(item.request.id, exc).to_wire()))
+        return out
+
+    def activation_failed(self, name: str, why: str) -> list[Outgoing]:
+        """The plugin of ``name`` did not start, or did not take its name in time: every
+        opening held for it gets :class:`~bus.errors.ActivationFailed` with ``why``."""
+        err = ActivationFailed(f"cannot activate {name!r}: {why}")
+        return [
+            (item.conn, ErrorReply.from_error(item.request.id, err).to_wire())
+            for item in self.services.release(name)
+            if item.conn in self.connections
+        ]
+
+    def service_reply(self, conn_id: int, request_id: int, result: Any = None, error: RequestError | None = None) -> list[Outgoing]:
+        """The supervisor's answer to an admin command (a result, or an error)."""
+        item = self.services.commands.pop((conn_id, request_id), None)
+        if item is None:
+            return []  # its connection left meanwhile
+        item.charge.release()
+        if error is not None:
+            return [(conn_id, ErrorReply.from_error(request_id, error).to_wire())]
+        return [(conn_id, Reply(request_id, result if result is not None else {}).to_wire())]
+
+    def _service_entry(self, conn: Connection, name: str) -> dict[str, Any]:
+        spec = self.services.specs[name]
+        entry = spec.to_wire(details=conn.admin)
+        entry.update(self.services.state(name).to_wire())
+        owner = self.names.owner(name)
+        entry["owner"] = f":{owner}" if owner is not None else None
+        return entry
+
+    def _visible_service(self, conn: Connection, req: Request) -> str:
+        name = validate_name(req.arg("name", str))
+        if name not in self.services.specs or not (conn.admin or self._sees(conn.key, name)):
+            raise NameNotFound(f"no installed plugin {name!r}")
+        return name
+
+    def _list_services(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """One page of the installed plugins the asker may see: ``{entries, next}``, sorted by
+        name; ask again with ``after=next`` for more."""
+        after = req.arg("after", str, None, optional=True)
+        page: list[dict[str, Any]] = []
+        used = 0
+        last = ""
+        for name in sorted(self.services.specs):
+            if after is not None and name <= after:
+                continue
+            if not (conn.admin or self._sees(conn.key, name)):
+                continue
+            entry = self._service_entry(conn, name)
+            size = len(cbor2.dumps(entry))
+            if page and used + size > self.limits.reply_bytes:
+                return {"entries": page, "next": last}
+            page.append(entry)
+            used += size
+            last = name
+        return {"entries": page, "next": None}
+
+    def _service_status(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        return self._service_entry(conn, self._visible_service(conn, req))
+
+    def _service_command(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """start, stop, restart (an installed plugin) and reload (the service files): admin
+        only; the supervisor carries them out and answers (:meth:`service_reply`)."""
+        verb = req.op.split("_")[0]
+        if not conn.admin:
+            raise AccessDenied(f"{conn.key.id} may not {verb} installed plugins: only an admin identity may")
+        name = "" if req.op == "reload_services" else self._visible_service(conn, req)
+        key = (conn.id, req.id)
+        if key in self.services.commands:
+            raise BadRequest(f"{req.op}: request id {req.id} is still waiting for its answer")
+        charge = Charge.take(1, own=(conn.pending_budget, conn.account.pending))
+        self.services.commands[key] = HeldRequest(conn.id, req, name, charge)
+        out.append(ServiceAction(verb, name, conn.id, req.id))
+        return _DEFERRED
+
     _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {
         "hello": _hello,
         "ping": _ping,
@@ -1232,6 +1359,12 @@ class BrokerCore:
         "subscribe": _subscribe,
         "unsubscribe": _unsubscribe,
         "emit": _emit,
+        "list_services": _list_services,
+        "service_status": _service_status,
+        "start_service": _service_command,
+        "stop_service": _service_command,
+        "restart_service": _service_command,
+        "reload_services": _service_command,
     }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -1314,6 +1447,8 @@ class BrokerCore:
         if not changes:
             return out
         self._sorted_names = None  # owners changed
+        if self.services.specs:
+            out.extend(self._activated(changes))
         if not self._watchers:
             return out
         room: dict[int, int] = {}
