@@ -5,6 +5,7 @@ key (created on first run), the Unix socket ``$XDG_RUNTIME_DIR/minibus/bus.sock`
 ``/tmp/minibus-$UID/bus.sock``), TCP ``127.0.0.1:7420``, and an address file beside the
 socket.  Once it listens it prints ``MINIBUS_ADDRESS=<address>`` on stdout.  SIGINT and
 SIGTERM shut it down gracefully: clients are told, sockets and the address file removed.
+Started by systemd, it serves the sockets systemd passes and notifies it (``bus.io.systemd``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from . import __version__
 from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, check_settings, default_runtime_dir
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
-from .errors import KeyFileError
+from .errors import ActivationError, KeyFileError
+from .io.systemd import SystemdNotifier, adopt_listen_fds, use_journal_priorities
 from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
 from .wire.shs import parse_network_key
+from .wire.systemd import status_line
 
 log = logging.getLogger("minibus.busd")
 
@@ -93,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
         prog="busd",
         description="Run the minibus broker. With no arguments it uses its embedded defaults.",
         epilog="Environment: MINIBUS_NETWORK_KEY (hex) sets the network key when --network-key is not given. "
+        "Under systemd: LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES (socket activation), NOTIFY_SOCKET, WATCHDOG_USEC "
+        "(sd_notify; see docs/operations.md). "
         "Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM), 2 usage, 3 a configuration problem "
         "or cannot listen, 4 another broker already listens on the socket.",
     )
@@ -307,8 +312,9 @@ async def pace_garbage_collection() -> None:
         gc.freeze()
 
 
-async def run(config: BrokerConfig) -> None:
+async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> None:
     broker = Broker(config)
+    notifier = notifier or SystemdNotifier()  # (one that does nothing)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pace_garbage_collection)
         serve_scope = trio.CancelScope()
@@ -320,9 +326,12 @@ async def run(config: BrokerConfig) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             address = await nursery.start(serve)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
+            await notifier.notify(ready=True, status=status_line(broker.endpoints, len(broker.sessions)))
+            nursery.start_soon(notifier.keep_informed, lambda: status_line(broker.endpoints, len(broker.sessions)))
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
+        await notifier.stopping()
         broker.begin_shutdown()
         with trio.move_on_after(config.close_timeout + 1):
             while broker.sessions:
@@ -391,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
+    use_journal_priorities(logging.getLogger())
+    try:  # systemd's sockets and notification settings (docs/operations.md#systemd)
+        config.inherited = adopt_listen_fds()
+        notifier = SystemdNotifier.from_environ()
+    except ActivationError as exc:
+        print(f"busd: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    for adopted in config.inherited:
+        log.info("socket activation: %s", adopted)
     if not os.environ.get("XDG_RUNTIME_DIR") and config.address_file.parent == default_runtime_dir():
         log.warning(
             "XDG_RUNTIME_DIR is not set: falling back to %s (it must be yours, mode 0700); set XDG_RUNTIME_DIR",
@@ -401,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("open-file limit raised from %d to %d", old_limit, new_limit)
     status = 0
     try:
-        trio.run(run, config)
+        trio.run(run, config, notifier)
     except* BrokerAlreadyRunning as group:
         print(f"busd: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_RUNNING
@@ -414,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             error = error.exceptions[0]
         print(f"busd: {_cannot_listen(error, config)}", file=sys.stderr)
         status = EXIT_CONFIG
+    finally:
+        notifier.close()
     return status
 
 

@@ -46,6 +46,7 @@ from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
+from .io.systemd import InheritedListener
 from .io.writer import FrameWriter
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
@@ -102,14 +103,20 @@ class BrokerConfig:
     close_timeout: float = 2.0
     channel_timeout: float = 5.0  # how long a channel's target may take to answer
     write_address_file: bool = True
+    #: Listening sockets systemd passed (socket activation): busd binds no socket of its own
+    #: for a kind (unix, tcp) it received, and never removes an inherited socket's path.
+    inherited: list[InheritedListener] = field(default_factory=list)
 
     @property
     def socket_path(self) -> Path | None:
-        return self.unix_path
+        """The Unix socket served: the first one systemd passed, else ``unix_path``."""
+        inherited = [Path(a.path) for a in self.inherited if a.path is not None]
+        return inherited[0] if inherited else self.unix_path
 
     @property
     def address_file(self) -> Path:
-        base = self.unix_path.parent if self.unix_path is not None else self.runtime_dir
+        socket_path = self.socket_path
+        base = socket_path.parent if socket_path is not None else self.runtime_dir
         return base / "address"
 
 
@@ -433,13 +440,15 @@ class Broker:
         """Listen, announce the address through ``task_status``, and serve until cancelled."""
         cfg = self.config
         key = cfg.identity.public_key
-        unix_listener = None
+        inherited_kinds = {adopted.kind for adopted in cfg.inherited}
         try:
-            if cfg.unix_path is not None:
-                unix_listener = await self._open_unix(cfg.unix_path)
-                self._listeners.append(unix_listener)
-                self.endpoints.append(Endpoint("unix", key, path=str(cfg.unix_path), encrypted=cfg.encrypt_unix))
-            if cfg.tcp is not None:
+            for adopted in sorted(cfg.inherited, key=lambda a: a.kind != "unix"):  # Unix first
+                self._listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(adopted.sock)))
+                self.endpoints.append(adopted.endpoint(key, encrypt_unix=cfg.encrypt_unix))
+            if cfg.unix_path is not None and "unix" not in inherited_kinds:
+                self._listeners.insert(0, await self._open_unix(cfg.unix_path))
+                self.endpoints.insert(0, Endpoint("unix", key, path=str(cfg.unix_path), encrypted=cfg.encrypt_unix))
+            if cfg.tcp is not None and "tcp" not in inherited_kinds:
                 host, port = cfg.tcp
                 tcp_listeners = await trio.open_tcp_listeners(port, host=host)
                 self._listeners += tcp_listeners
@@ -452,7 +461,7 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for listener in self._listeners:
-                    kind = "unix" if listener is unix_listener else "tcp"
+                    kind = "unix" if listener.socket.family == socket.AF_UNIX else "tcp"
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
                 nursery.start_soon(self._keepalive)
                 nursery.start_soon(self._expire_opens)
