@@ -314,7 +314,7 @@ async def pace_garbage_collection() -> None:
 
 async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> None:
     broker = Broker(config)
-    notifier = notifier or SystemdNotifier()  # (one that does nothing)
+    notifier = notifier or SystemdNotifier.from_environ()  # NOTIFY_SOCKET, WATCHDOG_* (systemd)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pace_garbage_collection)
         serve_scope = trio.CancelScope()
@@ -338,6 +338,7 @@ async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> 
                 await trio.sleep(0.01)
         serve_scope.cancel()
         nursery.cancel_scope.cancel()
+    notifier.close()
 
 
 def _one_line(error: BaseException) -> str:
@@ -401,9 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     use_journal_priorities(logging.getLogger())
-    try:  # systemd's sockets and notification settings (docs/operations.md#systemd)
+    try:  # the sockets systemd passed (docs/operations.md#systemd)
         config.inherited = adopt_listen_fds()
-        notifier = SystemdNotifier.from_environ()
     except ActivationError as exc:
         print(f"busd: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("open-file limit raised from %d to %d", old_limit, new_limit)
     status = 0
     try:
-        trio.run(run, config, notifier)
+        trio.run(run, config)
     except* BrokerAlreadyRunning as group:
         print(f"busd: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_RUNNING
@@ -432,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
             error = error.exceptions[0]
         print(f"busd: {_cannot_listen(error, config)}", file=sys.stderr)
         status = EXIT_CONFIG
-    finally:
-        notifier.close()
     return status
 
 

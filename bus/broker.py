@@ -104,7 +104,8 @@ class BrokerConfig:
     channel_timeout: float = 5.0  # how long a channel's target may take to answer
     write_address_file: bool = True
     #: Listening sockets systemd passed (socket activation): busd binds no socket of its own
-    #: for a kind (unix, tcp) it received, and never removes an inherited socket's path.
+    #: for a kind (unix, tcp) it received, and never removes an inherited socket's path (nor,
+    #: when it received a Unix socket, the address file beside it).
     inherited: list[InheritedListener] = field(default_factory=list)
 
     @property
@@ -579,7 +580,9 @@ class Broker:
                     cfg.unix_path.unlink()
             except OSError:
                 pass
-        if cfg.write_address_file and self.endpoints:
+        # A Unix socket systemd holds outlives busd: the address file keeps pointing at it, so
+        # a client's first connection starts busd again (socket activation).
+        if cfg.write_address_file and self.endpoints and not any(a.kind == "unix" for a in cfg.inherited):
             try:
                 if cfg.address_file.read_text().strip() == self.address:
                     cfg.address_file.unlink()

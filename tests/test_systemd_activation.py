@@ -180,8 +180,10 @@ def test_activated_unix_and_tcp_serve_clients_and_notify(
         stopping = receive_until(manager, lambda m: b"STOPPING=1" in m)[-1]
         assert stopping == b"STOPPING=1\nSTATUS=shutting down\n"
         assert proc.wait(timeout=DEADLINE) == 0
-        assert path.exists()  # systemd's socket: busd did not create it, so does not remove it
-        assert not (run / "address").exists()  # its own address file is removed
+        # systemd's socket outlives busd: busd does not remove it, nor the address file that
+        # leads clients to it (their first connection starts busd again).
+        assert path.exists()
+        assert (run / "address").read_text().strip() == f"{unix};{tcp}"
         log = stderr_of(tmp_path)
         assert "socket activation: descriptor 3 (unix): unix " + str(path) in log
         assert f"socket activation: descriptor 4 (tcp): tcp 127.0.0.1:{port}" in log
@@ -199,7 +201,8 @@ def test_only_the_kinds_received_are_not_bound(env: dict[str, str], tmp_path: Pa
     """A Unix socket from systemd and no TCP one: busd binds its configured TCP address itself,
     and no Unix socket of its own (not even at an explicit --unix)."""
     path, other = tmp_path / "run" / "minibus" / "bus.sock", tmp_path / "run" / "minibus" / "own.sock"
-    proc = socket_activate(env, tmp_path, [str(path)], "unix", "--unix", str(other), "--tcp", "127.0.0.1:0")
+    # Any name but "unix" and "tcp" is only logged (the example unit names both "minibus").
+    proc = socket_activate(env, tmp_path, [str(path)], "minibus", "--unix", str(other), "--tcp", "127.0.0.1:0")
     try:
         unix = f"unix:path={path},key={identity.id}"
         assert busctl(env, "--address", unix, "list").returncode == 0  # starts busd (no NOTIFY_SOCKET: none sent)
@@ -320,3 +323,19 @@ def test_log_lines_go_to_the_journal_with_their_priority(env: dict[str, str], tm
     assert any(line.startswith("<6>INFO listening: unix:path=") for line in lines), lines
     assert "<4>WARNING NOTIFY_SOCKET='not-a-path': expected an absolute path or an @abstract name: not notifying systemd" in lines
     assert all(line[:3] in ("<3>", "<4>", "<6>") for line in lines), lines
+
+
+def test_example_units_pass_systemd_analyze(tmp_path: Path, env: dict[str, str]) -> None:
+    """examples/systemd/ as systemd itself reads them: no unknown key, no bad value.  Only
+    ExecStart= changes: verify wants the command to exist, and busd here is where pip put it."""
+    busd = shutil.which("busd") or str(Path(sys.executable).parent / "busd")
+    assert Path(busd).exists(), "busd is not installed (pip install -e .)"
+    for unit in ("minibus.socket", "minibus.service"):
+        text = (ROOT / "examples" / "systemd" / unit).read_text()
+        assert unit == "minibus.socket" or "\nExecStart=busd\n" in text
+        (tmp_path / unit).write_text(text.replace("\nExecStart=busd\n", f"\nExecStart={busd}\n"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--user", str(tmp_path / "minibus.socket"), str(tmp_path / "minibus.service")],
+        env=env, capture_output=True, text=True, timeout=DEADLINE,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
