@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 import trio.testing
 
 from bus.errors import ActivationError, BusError
@@ -77,6 +79,23 @@ def test_listen_variables_systemd_would_never_set_are_an_error(env: dict[str, st
         parse_listen_fds(env, PID)
     assert str(info.value).startswith(message)
     assert isinstance(info.value, BusError) and "\n" not in str(info.value)
+
+
+_values = st.one_of(st.none(), st.text(max_size=12), st.integers(-3, 300).map(str), st.just(str(PID)))
+
+
+@given(pid=_values, fds=_values, names=_values)
+def test_any_listen_variables_give_a_plan_or_an_activation_error(pid: str | None, fds: str | None, names: str | None) -> None:
+    env = {k: v for k, v in (("LISTEN_PID", pid), ("LISTEN_FDS", fds), ("LISTEN_FDNAMES", names)) if v is not None}
+    try:
+        plan = parse_listen_fds(env, PID)
+    except ActivationError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    if plan:
+        assert pid is not None and int(pid) == PID and fds is not None and int(fds) == len(plan)
+        assert [item.fd for item in plan] == list(range(3, 3 + len(plan)))
+        assert names is None or names.split(":") == [item.name for item in plan]
 
 
 def test_adopting_removes_the_variables_whoever_they_were_for() -> None:
