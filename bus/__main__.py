@@ -5,6 +5,7 @@ key (created on first run), the Unix socket ``$XDG_RUNTIME_DIR/minibus/bus.sock`
 ``/tmp/minibus-$UID/bus.sock``), TCP ``127.0.0.1:7420``, and an address file beside the
 socket.  Once it listens it prints ``MINIBUS_ADDRESS=<address>`` on stdout.  SIGINT and
 SIGTERM shut it down gracefully: clients are told, sockets and the address file removed.
+Started by systemd, it serves the sockets systemd passes and notifies it (``bus.io.systemd``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from . import __version__
 from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, check_settings, default_runtime_dir
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
-from .errors import KeyFileError
+from .errors import SocketActivationError, KeyFileError
+from .io.systemd import SystemdNotifier, adopt_listen_fds, use_journal_priorities
 from .supervisor import default_service_dir
 from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
 from .wire.shs import parse_network_key
+from .wire.systemd import status_line
 
 log = logging.getLogger("minibus.busd")
 
@@ -96,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
         description="Run the minibus broker. With no arguments it uses its embedded defaults.",
         epilog="Environment: MINIBUS_NETWORK_KEY (hex) sets the network key when --network-key is not given. "
         "Signals: SIGINT and SIGTERM stop busd (and its plugins); SIGHUP reads the service files again. "
+        "Under systemd: LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES (socket activation), NOTIFY_SOCKET, WATCHDOG_USEC "
+        "(sd_notify; see docs/operations.md). "
         "Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM), 2 usage, 3 a configuration problem "
         "or cannot listen, 4 another broker already listens on the socket.",
     )
@@ -323,8 +328,9 @@ async def pace_garbage_collection() -> None:
         gc.freeze()
 
 
-async def run(config: BrokerConfig) -> None:
+async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> None:
     broker = Broker(config)
+    notifier = notifier or SystemdNotifier.from_environ()  # NOTIFY_SOCKET, WATCHDOG_* (systemd)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pace_garbage_collection)
         serve_scope = trio.CancelScope()
@@ -336,6 +342,8 @@ async def run(config: BrokerConfig) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             address = await nursery.start(serve)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
+            await notifier.notify(ready=True, status=status_line(broker.endpoints, len(broker.sessions)))
+            nursery.start_soon(notifier.keep_informed, lambda: status_line(broker.endpoints, len(broker.sessions)))
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reading the service files again")
@@ -343,6 +351,7 @@ async def run(config: BrokerConfig) -> None:
                     continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
+        await notifier.stopping()
         # Plugins first (SIGTERM, then SIGKILL after their stop_timeout), while they can still
         # say goodbye; then the clients.
         await broker.supervisor.stop_all()
@@ -352,6 +361,7 @@ async def run(config: BrokerConfig) -> None:
                 await trio.sleep(0.01)
         serve_scope.cancel()
         nursery.cancel_scope.cancel()
+    notifier.close()
 
 
 def _one_line(error: BaseException) -> str:
@@ -414,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
+    use_journal_priorities(logging.getLogger())
+    try:  # the sockets systemd passed (docs/operations.md#systemd)
+        config.inherited = adopt_listen_fds()
+    except SocketActivationError as exc:
+        print(f"busd: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    for adopted in config.inherited:
+        log.info("socket activation: %s", adopted)
     if not os.environ.get("XDG_RUNTIME_DIR") and config.address_file.parent == default_runtime_dir():
         log.warning(
             "XDG_RUNTIME_DIR is not set: falling back to %s (it must be yours, mode 0700); set XDG_RUNTIME_DIR",

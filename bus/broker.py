@@ -47,6 +47,7 @@ from .core.policy import Policy
 from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
+from .io.systemd import InheritedListener
 from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
@@ -117,14 +118,21 @@ class BrokerConfig:
     #: More restarts than this within ``crash_loop_window`` seconds: stopped, marked failed.
     crash_loop_restarts: int = 5
     crash_loop_window: float = 60.0
+    #: Listening sockets systemd passed (socket activation): busd binds no socket of its own
+    #: for a kind (unix, tcp) it received, and never removes an inherited socket's path (nor,
+    #: when it received a Unix socket, the address file beside it).
+    inherited: list[InheritedListener] = field(default_factory=list)
 
     @property
     def socket_path(self) -> Path | None:
-        return self.unix_path
+        """The Unix socket served: the first one systemd passed, else ``unix_path``."""
+        inherited = [Path(a.path) for a in self.inherited if a.path is not None]
+        return inherited[0] if inherited else self.unix_path
 
     @property
     def address_file(self) -> Path:
-        base = self.unix_path.parent if self.unix_path is not None else self.runtime_dir
+        socket_path = self.socket_path
+        base = socket_path.parent if socket_path is not None else self.runtime_dir
         return base / "address"
 
 
@@ -567,13 +575,15 @@ class Broker:
         """Listen, announce the address through ``task_status``, and serve until cancelled."""
         cfg = self.config
         key = cfg.identity.public_key
-        unix_listener = None
+        inherited_kinds = {adopted.kind for adopted in cfg.inherited}
         try:
-            if cfg.unix_path is not None:
-                unix_listener = await self._open_unix(cfg.unix_path)
-                self._listeners.append(unix_listener)
-                self.endpoints.append(Endpoint("unix", key, path=str(cfg.unix_path), encrypted=cfg.encrypt_unix))
-            if cfg.tcp is not None:
+            for adopted in sorted(cfg.inherited, key=lambda a: a.kind != "unix"):  # Unix first
+                self._listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(adopted.sock)))
+                self.endpoints.append(adopted.endpoint(key, encrypt_unix=cfg.encrypt_unix))
+            if cfg.unix_path is not None and "unix" not in inherited_kinds:
+                self._listeners.insert(0, await self._open_unix(cfg.unix_path))
+                self.endpoints.insert(0, Endpoint("unix", key, path=str(cfg.unix_path), encrypted=cfg.encrypt_unix))
+            if cfg.tcp is not None and "tcp" not in inherited_kinds:
                 host, port = cfg.tcp
                 tcp_listeners = await trio.open_tcp_listeners(port, host=host)
                 self._listeners += tcp_listeners
@@ -587,7 +597,7 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for listener in self._listeners:
-                    kind = "unix" if listener is unix_listener else "tcp"
+                    kind = "unix" if listener.socket.family == socket.AF_UNIX else "tcp"
                     nursery.start_soon(self._accept_loop, listener, kind, nursery)
                 nursery.start_soon(self._keepalive)
                 nursery.start_soon(self._expire_opens)
@@ -706,7 +716,9 @@ class Broker:
                     cfg.unix_path.unlink()
             except OSError:
                 pass
-        if cfg.write_address_file and self.endpoints:
+        # A Unix socket systemd holds outlives busd: the address file keeps pointing at it, so
+        # a client's first connection starts busd again (socket activation).
+        if cfg.write_address_file and self.endpoints and not any(a.kind == "unix" for a in cfg.inherited):
             try:
                 if cfg.address_file.read_text().strip() == self.address:
                     cfg.address_file.unlink()

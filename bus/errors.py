@@ -13,6 +13,7 @@ split by *who is at fault*, as in h11:
   a timeout, garbage).  Subclasses say which.
 * :class:`LimitError` -- a configured limit was exceeded.
 * :class:`KeyFileError` -- an identity file could not be used.
+* :class:`SocketActivationError` -- what systemd passed (sockets, notification settings) cannot be used.
 
 Byte streams reuse trio's errors (``BusyResourceError``, ``ClosedResourceError``,
 ``BrokenResourceError``), chaining the minibus error that caused them as ``__cause__``.
@@ -42,6 +43,7 @@ __all__ = [
     "LimitError",
     "KeyFileError",
     "InsecureKeyFile",
+    "SocketActivationError",
     "RequestError",
     "RemoteError",
     "UnknownOperation",
@@ -144,6 +146,11 @@ class KeyFileError(BusError):
 
 class InsecureKeyFile(KeyFileError):
     """An identity key file can be read by other users, so it is refused."""
+
+
+class SocketActivationError(BusError):
+    """The socket activation or notification environment (``LISTEN_*``, ``NOTIFY_SOCKET``,
+    ``WATCHDOG_*``) or a descriptor it names cannot be used; the message says which."""
 
 
 class RequestError(BusError):
