@@ -34,6 +34,7 @@ from .broker import Broker, BrokerAlreadyRunning, BrokerConfig, check_settings, 
 from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
 from .errors import KeyFileError
+from .metrics import CannotServeMetrics, MetricsServer
 from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
 from .wire.shs import parse_network_key
@@ -57,6 +58,7 @@ _BROKER_KEYS = {
     "tcp": 'a string "HOST:PORT", or false',
     "encrypt_unix": "true or false",
     "log_level": " or ".join(f'"{level}"' for level in _LOG_LEVELS),
+    "metrics": 'a string "HOST:PORT"',
 }
 
 
@@ -106,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration: [broker], [limits] and [[rule]] tables")
     p.add_argument("--runtime-dir", metavar="DIR", help="where the socket and address file live (default: $XDG_RUNTIME_DIR/minibus)")
     p.add_argument("--authorized-keys", metavar="FILE", help="keys with every right (default: $XDG_CONFIG_HOME/minibus/authorized_keys)")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; port 0 picks one)",
+    )
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default: info")
     return p
 
@@ -175,6 +182,8 @@ def _check_config(data: dict[str, Any], source: str) -> None:
             ok = isinstance(value, bool)
         elif key == "log_level":
             ok = isinstance(value, str) and value in _LOG_LEVELS
+        elif key == "metrics":
+            ok = isinstance(value, str) and bool(value)
         else:
             ok = _is_path(value) if key != "network_key" else isinstance(value, str)
         if not ok:
@@ -268,6 +277,10 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
     )
     if network_key is not None:
         config.network_key = network_key
+    if isinstance(section.get("metrics"), str):  # checked even when the command line overrides it
+        config.metrics = _parse_hostport(section["metrics"], f"{args.config}: [broker] metrics")
+    if args.metrics:
+        config.metrics = _parse_hostport(args.metrics, "--metrics")
     for key, kind in _TIMING_KEYS.items():
         if key in limits_section:
             setattr(config, key, kind(limits_section[key]))
@@ -307,6 +320,23 @@ async def pace_garbage_collection() -> None:
         gc.freeze()
 
 
+async def _start_metrics(broker: Broker, nursery: trio.Nursery) -> str | None:
+    """Serve /metrics when configured; its URL (with the port bound), else None."""
+    config = broker.config
+    if config.metrics is None:
+        return None
+    server = MetricsServer(
+        broker,
+        timeout=config.metrics_timeout,
+        max_scrapers=config.metrics_scrapers,
+        max_request_bytes=config.metrics_request_bytes,
+    )
+    host, port = await nursery.start(server.serve, *config.metrics)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    log.info("serving metrics at %s", url)
+    return url
+
+
 async def run(config: BrokerConfig) -> None:
     broker = Broker(config)
     async with trio.open_nursery() as nursery:
@@ -319,7 +349,10 @@ async def run(config: BrokerConfig) -> None:
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             address = await nursery.start(serve)
+            metrics_url = await _start_metrics(broker, nursery)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
+            if metrics_url is not None:
+                print(f"MINIBUS_METRICS={metrics_url}", flush=True)
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
@@ -405,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except* BrokerAlreadyRunning as group:
         print(f"busd: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_RUNNING
+    except* CannotServeMetrics as group:
+        print(f"busd: {_one_line(group.exceptions[0])}; pick a free port (--metrics HOST:0 picks one)", file=sys.stderr)
+        status = EXIT_CONFIG
     except* LocalFileError as group:  # the runtime directory changed under us since build_config
         print(f"busd: {_one_line(group.exceptions[0])}", file=sys.stderr)
         status = EXIT_CONFIG

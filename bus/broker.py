@@ -43,7 +43,8 @@ import trio
 from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
-from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
+from .core.stats import ConnectionIo
+from .errors import BusError, FrameError, HandshakeError, HandshakeHangup, HandshakeTimeout, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.writer import FrameWriter
@@ -101,6 +102,13 @@ class BrokerConfig:
     outbound_bytes: int = 1 << 20
     close_timeout: float = 2.0
     channel_timeout: float = 5.0  # how long a channel's target may take to answer
+    #: Where busd serves Prometheus metrics (``--metrics HOST:PORT``; None: nowhere), and the
+    #: endpoint's limits: a scraper connection's lifetime in seconds, scrapers served at once,
+    #: and the largest request head in bytes (see bus/metrics.py).
+    metrics: tuple[str, int] | None = None
+    metrics_timeout: float = 10.0
+    metrics_scrapers: int = 4
+    metrics_request_bytes: int = 8192
     write_address_file: bool = True
 
     @property
@@ -146,6 +154,17 @@ class _Session:
         self.blocked: set[int] = set()
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
+        # Traffic, for the operators' figures (bytes in are counted by ``framed``).
+        self.messages_in = 0
+        self.messages_out = 0
+        self.bytes_out = 0
+
+    def io(self) -> ConnectionIo:
+        """This connection's traffic and queue, as ``stats`` and ``/metrics`` show them."""
+        out = self.out
+        return ConnectionIo(
+            self.framed.bytes_received, self.bytes_out, self.messages_in, self.messages_out, out.queued_bytes, len(out)
+        )
 
     @property
     def queued_bytes(self) -> int:
@@ -178,6 +197,9 @@ class _Session:
             self.overflow()
         except trio.ClosedResourceError:
             pass  # the session is already ending
+        else:
+            self.messages_out += 1
+            self.bytes_out += len(data)
 
     def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
         """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
@@ -192,6 +214,9 @@ class _Session:
             self.overflow()
         except trio.ClosedResourceError:
             pass
+        else:
+            self.messages_out += 1
+            self.bytes_out += len(data)
 
     def overflow(self) -> None:
         """The slow-consumer policy: stop at the next frame boundary, say why, disconnect.
@@ -205,6 +230,7 @@ class _Session:
             f"({self.out.queued_bytes} bytes) were waiting to be sent"
         )
         self.out.stop()
+        self.broker.core.stats.slow_consumer_disconnects += 1
         self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
         log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)
 
@@ -232,6 +258,7 @@ class _Session:
                 self.reason = "peer closed the connection"
                 return
             self.last_received = trio.current_time()
+            self.messages_in += 1
             if isinstance(frame, ControlFrame) and frame.channel == 0:
                 # Requests cost the broker CPU: one read full of them (a pipelining peer) is
                 # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
@@ -320,6 +347,7 @@ class Broker:
         #: How many ending connections are torn down at once (see _Session.run).
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
         self.core.room_for = self._room_for
+        self.core.io_view = self  # per-connection figures for ``stats`` and /metrics
         # Channel requests' deadlines, oldest first: (when, target, request id).
         self._open_deadlines: collections.deque[tuple[float, int, int]] = collections.deque()
         self._deadline_added = trio.Event()
@@ -351,6 +379,14 @@ class Broker:
         if session is None or session.stop_writing or session.out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
             return 0
         return self.relay_threshold - session.out.queued_bytes
+
+    def connection_io(self, conn_id: int) -> ConnectionIo:
+        """A connection's traffic and queue (the core's :class:`~bus.core.stats.IoView`)."""
+        session = self.sessions.get(conn_id)
+        return session.io() if session is not None else ConnectionIo()
+
+    def handshakes_in_progress(self) -> dict[str, int]:
+        return dict(self._handshaking)
 
     def _has_room(self, conn_id: int) -> bool:
         return self._room_for(conn_id) > 0
@@ -487,6 +523,7 @@ class Broker:
                 from_source = self._handshaking_from.get(source, 0)
                 if from_source >= cfg.max_handshakes_per_source:
                     stream.socket.close()
+                    self.core.stats.refused("max_handshakes_per_source")
                     self._log_refusal(
                         "max_handshakes_per_source",
                         f"refused a {kind} connection from {source[1]}: max_handshakes_per_source reached "
@@ -500,6 +537,7 @@ class Broker:
                     # whole pool that fast to keep it out, not merely hold it.
                     oldest = next(iter(in_progress))
                     in_progress.pop(oldest).cancel()
+                    self.core.stats.refused("max_handshakes")
                     self._log_refusal(
                         "max_handshakes", f"dropped the oldest {kind} handshake: max_handshakes reached ({total} in progress)"
                     )
@@ -630,10 +668,20 @@ class Broker:
             with scope:
                 await stream.do_handshake()
         except HandshakeError as exc:
+            self.core.stats.handshake_failed(
+                "timeout"
+                if isinstance(exc, HandshakeTimeout)
+                else "refused"
+                if isinstance(exc, IdentityRefused)
+                else "lost"
+                if isinstance(exc, HandshakeHangup)
+                else "protocol"
+            )
             # (A refused identity was logged by _authorize, rate-limited: not again here.)
             log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.core.stats.handshake_failed("lost")
             log.info("%s connection lost during the handshake: %s", kind, exc)
             return
         finally:
@@ -642,7 +690,10 @@ class Broker:
             # stream go by reference counting instead of a full garbage collection.
             stream.forget_failure_frames()
         if scope.cancelled_caught or self._shutting_down:
+            if scope.cancelled_caught:
+                self.core.stats.handshake_failed("dropped")
             return  # dropped to make room for a newer handshake (or shutting down)
+        self.core.stats.handshakes += 1
         framed = FramedStream(
             stream,
             max_frame=cfg.max_frame,
@@ -670,6 +721,7 @@ class Broker:
             session.reason = "internal error (logged)"
             log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
         finally:
+            self.core.stats.connection_ended(session.io())
             del self.sessions[conn.id]
             try:
                 self.dispatch(self.core.disconnect(conn.id))

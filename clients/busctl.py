@@ -73,7 +73,7 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 #: The verbs that print data, and so honour --json ('call' prints JSON anyway).  'open' passes
 #: a channel's bytes through and refuses --json.
-JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "subscribe", "emit", "id", "keygen")
+JSON_VERBS = ("list", "status", "monitor", "wait", "call", "introspect", "subscribe", "emit", "stats", "id", "keygen")
 
 _OPTIONS_HELP = textwrap.fill(
     "global options (--address, --identity, --network-key, --timeout, --json) go before or after "
@@ -208,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "relay", "direct"],
         help="how the bytes travel: direct (a socket passed by the broker; both ends on its Unix socket), "
         "relay (through the broker), auto (direct when possible, else relay; the default)",
+    )
+    verb(
+        "stats",
+        "show the broker's figures (connections, handshakes, names, channels, traffic, queues, refusals, plugins) "
+        "and per-connection traffic and queues: every connection's for an admin identity, your own otherwise",
     )
     verb("id", "print the identity busctl connects as")
     v = verb("keygen", "create a new identity key file (mode 0600)")
@@ -564,6 +569,68 @@ async def verb_open(args: argparse.Namespace) -> None:
                         break
 
 
+def _counts(values: dict[str, Any], unit: str = "") -> str:
+    """``a 1, b 2`` (sorted by label), or ``none``."""
+    shown = [f"{label} {value}{unit}" for label, value in sorted(values.items())]
+    return ", ".join(shown) or "none"
+
+
+async def verb_stats(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        stats = await bus.stats()
+    if args.json:
+        _json(stats)
+        return
+    t: dict[str, Any] = stats["totals"]
+    connections, admitted = t["connections"], t["connections_admitted"]
+    in_progress = sum(t["handshakes_in_progress"].values())
+    plugins = t["plugins"]
+    fields = [
+        ("since", _since(t["started"])),
+        ("connections", f"{sum(connections.values())} now ({_counts(connections)}); {sum(admitted.values())} admitted since start"),
+        ("handshakes", f"{t['handshakes']} completed, {in_progress} in progress; failed: {_counts(t['handshake_failures'])}"),
+        ("names", str(t["names"])),
+        ("watches", str(t["watches"])),
+        ("subscriptions", str(t["subscriptions"])),
+        ("channels", f"{sum(t['channels'].values())} ({_counts(t['channels'])}), {t['channels_pending']} opening"),
+        ("traffic in", f"{t['bytes_in']} bytes in {t['messages_in']} messages"),
+        ("traffic out", f"{t['bytes_out']} bytes in {t['messages_out']} messages"),
+        ("queued", f"{t['queued_bytes']} bytes in {t['queued_messages']} messages (fullest queue {t['queued_bytes_max']} bytes)"),
+        ("slow consumers", f"{t['slow_consumer_disconnects']} disconnected"),
+        ("limit refusals", _counts(t["refusals"])),
+        (
+            "plugins",
+            "; ".join(
+                f"{name}: {c['launches']} launches, {c['restarts']} restarts, {c['failures']} failures"
+                for name, c in sorted(plugins.items())
+            )
+            or "none",
+        ),
+    ]
+    for key, value in fields:
+        _out(_safe(f"{key + ':':17}{value}"))
+    _out()
+    rows = [
+        [
+            c["unique_id"],
+            c["name"] or "-",
+            c["transport"],
+            str(c["bytes_in"]),
+            str(c["bytes_out"]),
+            str(c["messages_in"]),
+            str(c["messages_out"]),
+            str(c["queued_bytes"]),
+            str(c["channels"]),
+            str(c["watches"]),
+            str(c["subscriptions"]),
+            c["identity"],
+        ]
+        for c in stats["connections"]
+    ]
+    headers = ["UNIQUE-ID", "NAME", "TRANSPORT", "BYTES-IN", "BYTES-OUT", "MSGS-IN", "MSGS-OUT", "QUEUED", "CHANNELS", "WATCHES", "SUBS", "IDENTITY"]
+    _table([[_safe(cell) for cell in row] for row in rows], headers)
+
+
 async def verb_id(args: argparse.Namespace) -> None:
     identity = _identity(args)
     if args.json:
@@ -596,6 +663,7 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "open": verb_open,
     "emit": verb_emit,
     "subscribe": verb_subscribe,
+    "stats": verb_stats,
     "id": verb_id,
     "keygen": verb_keygen,
 }

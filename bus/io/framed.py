@@ -94,6 +94,8 @@ class FramedStream:
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = False  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
+        #: Bytes of frames read so far (one addition per read, not per frame).
+        self.bytes_received = 0
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or ``None`` at a clean end of stream.
@@ -114,6 +116,7 @@ class FramedStream:
             if not data:
                 decoder.end_of_input()
                 return None
+            self.bytes_received += len(data)
             decoder.receive_data(data)
 
     async def _receive_socket(self, reads: _SocketReads) -> bytes:
