@@ -348,8 +348,8 @@ async def run(config: BrokerConfig) -> None:
                 await broker.serve(task_status=task_status)
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            metrics_url = await _start_metrics(broker, nursery)  # first: a bad address stops busd before the bus is up
             address = await nursery.start(serve)
-            metrics_url = await _start_metrics(broker, nursery)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
             if metrics_url is not None:
                 print(f"MINIBUS_METRICS={metrics_url}", flush=True)
