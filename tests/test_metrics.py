@@ -18,8 +18,14 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from bus.core.broker import BrokerCore, Limits
+from bus.core.policy import Policy
+from bus.core.stats import MAX_LABELS, ConnectionIo
+from bus.metrics import MetricsServer
 from bus.wire.identity import Identity, save_identity
 from clients import Channel, QuotaExceeded, open_bus
+from tests.brokers import OWNER as BROKER_OWNER, running_broker
+from tests.test_broker import raw_connect, read_until_closed
 
 OWNER = Identity.from_seed(b"m" * 32)  # the broker's key: every right, admin
 PLUGIN = Identity.from_seed(b"q" * 32)  # may connect and own org.example.*, no admin
@@ -419,9 +425,6 @@ async def test_stats_request_by_hand(env: dict[str, str], tmp_path: Path) -> Non
 
 async def test_slow_consumer_and_plugin_counters_in_process(tmp_path: Path) -> None:
     """The counters the supervisor and the slow-consumer policy bump show up on /metrics."""
-    from bus.metrics import MetricsServer
-    from tests.brokers import OWNER as BROKER_OWNER, running_broker
-    from tests.test_broker import raw_connect, read_until_closed
 
     async with running_broker(tmp_path, outbound_queue=4) as rb, trio.open_nursery() as nursery:
         server = MetricsServer(rb.broker, timeout=5)
@@ -458,9 +461,6 @@ async def test_slow_consumer_and_plugin_counters_in_process(tmp_path: Path) -> N
 
 
 def test_stats_pages_and_admin_rows_sans_io() -> None:
-    from bus.core.broker import BrokerCore, Limits
-    from bus.core.policy import Policy
-    from bus.core.stats import MAX_LABELS, ConnectionIo
 
     owner, plugin = OWNER.public_key, PLUGIN.public_key
     rules = {"rule": [{"name": "plugins", "identities": [PLUGIN.id], "connect": True, "own": ["org.example.*"]}]}
@@ -488,7 +488,7 @@ def test_stats_pages_and_admin_rows_sans_io() -> None:
         return reply["result"]
 
     for conn in ids:
-        core.receive(conn, {"op": "hello", "id": 1_000_000})
+        core.receive(conn, {"op": "hello", "id": 1_000_000})  # (its reply is not looked at)
     pages, after = [], None
     while True:
         page = ask(ids[0], **({"after": after} if after is not None else {}))
