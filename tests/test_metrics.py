@@ -165,8 +165,11 @@ async def scrape_until(port: int, check: Callable[[dict[Any, float]], bool], sec
     """Scrape until ``check`` holds (the page is refreshed at most every 0.1 s)."""
     with trio.fail_after(seconds):
         while True:
-            found = await scrape(port)
-            if check(found):
+            try:
+                found = await scrape(port)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError):
+                found = None  # turned away (all scraper slots still taken): try again
+            if found is not None and check(found):
                 return found
             await trio.sleep(0.05)
 
@@ -357,13 +360,17 @@ async def test_scrapers_over_the_cap_are_closed_at_once(env: dict[str, str], tmp
     with running_busd(env, tmp_path) as busd:
         idle = [await trio.open_tcp_stream("127.0.0.1", busd.port) for _ in range(3)]  # metrics_scrapers = 3
         try:
-            with trio.fail_after(1.5):  # well inside metrics_timeout: closed because busy
-                assert await raw_exchange(busd.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n") == b""
+            async with await trio.open_tcp_stream("127.0.0.1", busd.port) as extra:
+                with trio.fail_after(10):
+                    try:
+                        assert await extra.receive_some(100) == b""  # closed unread, no answer
+                    except trio.BrokenResourceError:
+                        pass  # (or reset: the same)
         finally:
             for stream in idle:
                 await stream.aclose()
         found = await scrape_until(busd.port, lambda f: value(f, "minibus_metrics_dropped_total", reason="busy") >= 1)
-        assert value(found, "minibus_metrics_dropped_total", reason="busy") == 1
+        assert value(found, "minibus_metrics_dropped_total", reason="timeout") == 0  # closed for being busy, not late
 
 
 # -- busctl stats ---------------------------------------------------------------------------------
