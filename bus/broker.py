@@ -44,7 +44,7 @@ from .core.broker import BrokerCore, ChannelMessage, DropFd, Limits, Outgoing, W
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .core.stats import ConnectionIo
-from .errors import BusError, FrameError, HandshakeError, HandshakeHangup, HandshakeTimeout, IdentityRefused, QuotaExceeded
+from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.writer import FrameWriter
@@ -668,15 +668,7 @@ class Broker:
             with scope:
                 await stream.do_handshake()
         except HandshakeError as exc:
-            self.core.stats.handshake_failed(
-                "timeout"
-                if isinstance(exc, HandshakeTimeout)
-                else "refused"
-                if isinstance(exc, IdentityRefused)
-                else "lost"
-                if isinstance(exc, HandshakeHangup)
-                else "protocol"
-            )
+            self.core.stats.handshake_error(exc)
             # (A refused identity was logged by _authorize, rate-limited: not again here.)
             log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
             return

@@ -569,9 +569,9 @@ async def verb_open(args: argparse.Namespace) -> None:
                         break
 
 
-def _counts(values: dict[str, Any], unit: str = "") -> str:
+def _counts(values: dict[str, Any]) -> str:
     """``a 1, b 2`` (sorted by label), or ``none``."""
-    shown = [f"{label} {value}{unit}" for label, value in sorted(values.items())]
+    shown = [f"{label} {value}" for label, value in sorted(values.items())]
     return ", ".join(shown) or "none"
 
 

@@ -280,7 +280,8 @@ async def test_scrape_while_traffic_flows(env: dict[str, str], tmp_path: Path) -
 
 
 async def test_handshake_failures_by_reason(env: dict[str, str], tmp_path: Path) -> None:
-    with running_busd(env, tmp_path) as busd:
+    config = CONFIG.replace("[limits]\n", "[limits]\nhandshake_timeout = 1.0\nmax_handshakes = 2\n")
+    with running_busd(env, tmp_path, config=config) as busd:
         stranger = Identity.from_seed(b"z" * 32)  # no rule lets it in
         with pytest.raises(Exception, match="refused|denied|Denied"):
             async with open_bus(busd.unix, identity=stranger, reconnect=False):
@@ -301,6 +302,24 @@ async def test_handshake_failures_by_reason(env: dict[str, str], tmp_path: Path)
         )
         assert value(found, "minibus_handshake_failures_total", reason="timeout") == 0
         assert value(found, "minibus_handshakes_total") == 0
+        # Three silent TCP connections with room for two handshakes: the oldest is dropped to
+        # make room, the other two time out (handshake_timeout = 1 s).
+        silent = [socket.create_connection((host, port)) for _ in range(3)]
+        try:
+            for s in silent:
+                s.settimeout(20)
+                try:
+                    assert s.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            for s in silent:
+                s.close()
+        found = await scrape_until(busd.port, lambda f: value(f, "minibus_handshake_failures_total", reason="timeout") >= 2)
+        assert value(found, "minibus_handshake_failures_total", reason="timeout") == 2
+        assert value(found, "minibus_handshake_failures_total", reason="dropped") == 1
+        assert value(found, "minibus_limit_refusals_total", limit="max_handshakes") == 1
+        assert value(found, "minibus_handshakes_in_progress", transport="tcp") == 0
 
 
 # -- a hostile scraper ----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from ..errors import HandshakeError, HandshakeHangup, HandshakeTimeout, IdentityRefused
+
 __all__ = [
     "BrokerStats",
     "ConnectionIo",
@@ -153,6 +155,18 @@ class BrokerStats:
 
     def handshake_failed(self, reason: str) -> None:
         _bump(self.handshake_failures, reason)
+
+    def handshake_error(self, exc: HandshakeError) -> None:
+        """Count a handshake that failed with ``exc``, under the reason its class says."""
+        if isinstance(exc, HandshakeTimeout):
+            reason = "timeout"
+        elif isinstance(exc, IdentityRefused):
+            reason = "refused"
+        elif isinstance(exc, HandshakeHangup):
+            reason = "lost"
+        else:
+            reason = "protocol"  # bytes that are no shs1 for this broker (another key, garbage)
+        self.handshake_failed(reason)
 
     def refused(self, message: str) -> None:
         """Count a refusal; ``message`` begins with the limit's name (as QuotaExceeded's does)."""
