@@ -36,6 +36,7 @@ from .core.broker import Limits
 from .core.policy import Policy, PolicyError, parse_authorized_keys
 from .errors import SocketActivationError, KeyFileError
 from .io.systemd import SystemdNotifier, adopt_listen_fds, use_journal_priorities
+from .metrics import CannotServeMetrics, MetricsServer
 from .supervisor import default_service_dir
 from .wire.files import LocalFileError, check_private_dir, read_trusted_file
 from .wire.identity import default_identity_path, load_identity, load_or_create_identity
@@ -62,6 +63,7 @@ _BROKER_KEYS = {
     "encrypt_unix": "true or false",
     "log_level": " or ".join(f'"{level}"' for level in _LOG_LEVELS),
     "services": "a list of paths (directories of service files)",
+    "metrics": 'a string "HOST:PORT"',
 }
 
 
@@ -121,6 +123,11 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="a directory of service files (installed plugins; repeatable); also [broker] services and "
         "$XDG_DATA_HOME/minibus/services (see docs/activation.md)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; port 0 picks one)",
     )
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default: info")
     return p
@@ -193,6 +200,8 @@ def _check_config(data: dict[str, Any], source: str) -> None:
             ok = isinstance(value, str) and value in _LOG_LEVELS
         elif key == "services":
             ok = isinstance(value, list) and all(_is_path(v) for v in value)
+        elif key == "metrics":
+            ok = isinstance(value, str) and bool(value)
         else:
             ok = _is_path(value) if key != "network_key" else isinstance(value, str)
         if not ok:
@@ -289,6 +298,10 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
     )
     if network_key is not None:
         config.network_key = network_key
+    if isinstance(section.get("metrics"), str):  # checked even when the command line overrides it
+        config.metrics = _parse_hostport(section["metrics"], f"{args.config}: [broker] metrics")
+    if args.metrics:
+        config.metrics = _parse_hostport(args.metrics, "--metrics")
     for key, kind in _TIMING_KEYS.items():
         if key in limits_section:
             setattr(config, key, kind(limits_section[key]))
@@ -328,6 +341,23 @@ async def pace_garbage_collection() -> None:
         gc.freeze()
 
 
+async def _start_metrics(broker: Broker, nursery: trio.Nursery) -> str | None:
+    """Serve /metrics when configured; its URL (with the port bound), else None."""
+    config = broker.config
+    if config.metrics is None:
+        return None
+    server = MetricsServer(
+        broker,
+        timeout=config.metrics_timeout,
+        max_scrapers=config.metrics_scrapers,
+        max_request_bytes=config.metrics_request_bytes,
+    )
+    host, port = await nursery.start(server.serve, *config.metrics)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    log.info("serving metrics at %s", url)
+    return url
+
+
 async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> None:
     broker = Broker(config)
     notifier = notifier or SystemdNotifier.from_environ()  # NOTIFY_SOCKET, WATCHDOG_* (systemd)
@@ -340,8 +370,11 @@ async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> 
                 await broker.serve(task_status=task_status)
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            metrics_url = await _start_metrics(broker, nursery)  # first: a bad address stops busd before the bus is up
             address = await nursery.start(serve)
             print(f"MINIBUS_ADDRESS={address}", flush=True)
+            if metrics_url is not None:
+                print(f"MINIBUS_METRICS={metrics_url}", flush=True)
             await notifier.notify(ready=True, status=status_line(broker.endpoints, len(broker.sessions)))
             nursery.start_soon(notifier.keep_informed, lambda: status_line(broker.endpoints, len(broker.sessions)))
             async for signum in signals:
@@ -446,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     except* BrokerAlreadyRunning as group:
         print(f"busd: {group.exceptions[0]}", file=sys.stderr)
         status = EXIT_RUNNING
+    except* CannotServeMetrics as group:
+        print(f"busd: {_one_line(group.exceptions[0])}; pick a free port (--metrics HOST:0 picks one)", file=sys.stderr)
+        status = EXIT_CONFIG
     except* LocalFileError as group:  # the runtime directory changed under us since build_config
         print(f"busd: {_one_line(group.exceptions[0])}", file=sys.stderr)
         status = EXIT_CONFIG

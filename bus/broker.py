@@ -44,6 +44,7 @@ from .core.activation import ServiceAction
 from .core.broker import BrokerCore, ChannelMessage, DropFd, FanOut, Limits, Outgoing, WithFd, bound_text
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
+from .core.stats import ConnectionIo
 from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
@@ -104,6 +105,13 @@ class BrokerConfig:
     outbound_bytes: int = 1 << 20
     close_timeout: float = 2.0
     channel_timeout: float = 5.0  # how long a channel's target may take to answer
+    #: Where busd serves Prometheus metrics (``--metrics HOST:PORT``; None: nowhere), and the
+    #: endpoint's limits: a scraper connection's lifetime in seconds, scrapers served at once,
+    #: and the largest request head in bytes (see bus/metrics.py).
+    metrics: tuple[str, int] | None = None
+    metrics_timeout: float = 10.0
+    metrics_scrapers: int = 4
+    metrics_request_bytes: int = 8192
     write_address_file: bool = True
     #: Directories of service files (installed plugins), each with whether it was asked for
     #: explicitly (a missing default one is no error); see docs/activation.md.
@@ -171,10 +179,21 @@ class _Session:
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
         # Events queued for this connection, by the identity that emitted them (each has a
         # fair share of the queue): bytes held per identity, and (identity, end, size) per
-        # event not written yet, where ``end`` counts the bytes accepted up to its end.
-        self.accepted = 0  # bytes of frames the writer accepted, ever
+        # event not written yet, where ``end`` is ``bytes_out`` up to its end.
         self.event_held: dict[str, int] = {}
         self.event_marks: collections.deque[tuple[str, int, int]] = collections.deque()
+        # Traffic, for the operators' figures (bytes in are counted by ``framed``); bytes_out
+        # counts every frame the writer took, ever (the event shares above use it too).
+        self.messages_in = 0
+        self.messages_out = 0
+        self.bytes_out = 0
+
+    def io(self) -> ConnectionIo:
+        """This connection's traffic and queue, as ``stats`` and ``/metrics`` show them."""
+        out = self.out
+        return ConnectionIo(
+            self.framed.bytes_received, self.bytes_out, self.messages_in, self.messages_out, out.queued_bytes, len(out)
+        )
 
     @property
     def queued_bytes(self) -> int:
@@ -187,7 +206,7 @@ class _Session:
 
     def _on_sent(self) -> None:
         if self.event_marks:
-            written = self.accepted - self.out.queued_bytes
+            written = self.bytes_out - self.out.queued_bytes
             marks, held = self.event_marks, self.event_held
             while marks and marks[0][1] <= written:
                 payer, _, size = marks.popleft()
@@ -223,13 +242,14 @@ class _Session:
             return False
         except trio.ClosedResourceError:
             return False  # the session is already ending
-        self.accepted += len(data)
+        self.messages_out += 1
+        self.bytes_out += len(data)
         return True
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
         """Queue an event ``payer`` emitted; until written, it counts against payer's share."""
         if self.enqueue_encoded(data):
-            end = self.accepted
+            end = self.bytes_out
             if end - self.out.queued_bytes < end:  # not all written at once
                 self.event_marks.append((payer, end, len(data)))
                 self.event_held[payer] = self.event_held.get(payer, 0) + len(data)
@@ -247,6 +267,9 @@ class _Session:
             self.overflow()
         except trio.ClosedResourceError:
             pass
+        else:
+            self.messages_out += 1
+            self.bytes_out += len(data)
 
     def overflow(self) -> None:
         """The slow-consumer policy: stop at the next frame boundary, say why, disconnect.
@@ -260,6 +283,7 @@ class _Session:
             f"({self.out.queued_bytes} bytes) were waiting to be sent"
         )
         self.out.stop()
+        self.broker.core.stats.slow_consumer_disconnects += 1
         self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + cfg.close_timeout)
         log.warning("connection :%d (%s): %s", self.conn_id, self.key, self.reason)
 
@@ -296,6 +320,7 @@ class _Session:
                         self.reason = "peer closed the connection"
                         return
                     self.last_received = trio.current_time()
+                self.messages_in += 1
                 broker.corking = True
                 if isinstance(frame, ControlFrame) and frame.channel == 0:
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
@@ -389,6 +414,7 @@ class Broker:
         #: How many ending connections are torn down at once (see _Session.run).
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
         self.core.room_for = self._room_for
+        self.core.io_view = self  # per-connection figures for ``stats`` and /metrics
         # Channel requests' deadlines, oldest first: (when, target, request id).
         self._open_deadlines: collections.deque[tuple[float, int, int]] = collections.deque()
         self._deadline_added = trio.Event()
@@ -470,6 +496,14 @@ class Broker:
     def reload_services(self) -> list[str]:
         """Read the service files again (SIGHUP); returns one line per problem."""
         return self.supervisor.load()
+
+    def connection_io(self, conn_id: int) -> ConnectionIo:
+        """A connection's traffic and queue (the core's :class:`~bus.core.stats.IoView`)."""
+        session = self.sessions.get(conn_id)
+        return session.io() if session is not None else ConnectionIo()
+
+    def handshakes_in_progress(self) -> dict[str, int]:
+        return dict(self._handshaking)
 
     def _has_room(self, conn_id: int) -> bool:
         return self._room_for(conn_id) > 0
@@ -633,6 +667,7 @@ class Broker:
                 from_source = self._handshaking_from.get(source, 0)
                 if from_source >= cfg.max_handshakes_per_source:
                     stream.socket.close()
+                    self.core.stats.refused("max_handshakes_per_source")
                     self._log_refusal(
                         "max_handshakes_per_source",
                         f"refused a {kind} connection from {source[1]}: max_handshakes_per_source reached "
@@ -646,6 +681,7 @@ class Broker:
                     # whole pool that fast to keep it out, not merely hold it.
                     oldest = next(iter(in_progress))
                     in_progress.pop(oldest).cancel()
+                    self.core.stats.refused("max_handshakes")
                     self._log_refusal(
                         "max_handshakes", f"dropped the oldest {kind} handshake: max_handshakes reached ({total} in progress)"
                     )
@@ -778,10 +814,12 @@ class Broker:
             with scope:
                 await stream.do_handshake()
         except HandshakeError as exc:
+            self.core.stats.handshake_error(exc)
             # (A refused identity was logged by _authorize, rate-limited: not again here.)
             log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.core.stats.handshake_failed("lost")
             log.info("%s connection lost during the handshake: %s", kind, exc)
             return
         finally:
@@ -790,7 +828,10 @@ class Broker:
             # stream go by reference counting instead of a full garbage collection.
             stream.forget_failure_frames()
         if scope.cancelled_caught or self._shutting_down:
+            if scope.cancelled_caught:
+                self.core.stats.handshake_failed("dropped")
             return  # dropped to make room for a newer handshake (or shutting down)
+        self.core.stats.handshakes += 1
         framed = FramedStream(
             stream,
             max_frame=cfg.max_frame,
@@ -818,6 +859,7 @@ class Broker:
             session.reason = "internal error (logged)"
             log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
         finally:
+            self.core.stats.connection_ended(session.io())
             del self.sessions[conn.id]
             try:
                 self.dispatch(self.core.disconnect(conn.id))

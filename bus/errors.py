@@ -39,6 +39,7 @@ __all__ = [
     "BoxStreamTruncated",
     "HandshakeError",
     "HandshakeTimeout",
+    "HandshakeHangup",
     "IdentityRefused",
     "LimitError",
     "KeyFileError",
@@ -130,6 +131,12 @@ class HandshakeError(BusError):
 
 class HandshakeTimeout(HandshakeError):
     """The peer did not finish the handshake before the deadline."""
+
+    wire_code = "minibus.Error.Handshake"
+
+
+class HandshakeHangup(HandshakeError):
+    """The peer closed the transport before the handshake was done."""
 
     wire_code = "minibus.Error.Handshake"
 

@@ -215,6 +215,7 @@ class Supervisor:
             log.error("service file: %s", line)
         gone, out = self.core.set_services(specs)
         for name, spec in specs.items():
+            self.core.stats.plugins.known(name)  # shown at 0 in the metrics from now on
             plugin = self.plugins.get(name)
             if plugin is None:
                 self.plugins[name] = _Plugin(spec, self.core.services.state(name))
@@ -396,6 +397,7 @@ class Supervisor:
             await trio.sleep(delay)
             delay = min(delay * 2, settings.restart_delay_max)
             plugin.state.restarts += 1
+            self.core.stats.plugins.restarted(plugin.name)
 
     def _environment(self, spec: ServiceSpec) -> dict[str, str]:
         env = dict(os.environ)
@@ -412,6 +414,7 @@ class Supervisor:
         spec, state = plugin.spec, plugin.state
         plugin.tail.clear()
         state.launches += 1
+        self.core.stats.plugins.launched(plugin.name)
         try:
             process = await trio.lowlevel.open_process(
                 list(spec.exec),
@@ -425,6 +428,7 @@ class Supervisor:
         except OSError as exc:
             state.last_exit = f"could not be started: {spec.exec[0]}: {exc.strerror or exc}"
             log.error("plugin %s %s", plugin.name, state.last_exit)
+            self.core.stats.plugins.failed(plugin.name)
             plugin.exits += 1
             plugin.notify()
             return None
@@ -454,7 +458,10 @@ class Supervisor:
             state.last_exit = describe_exit(process.returncode) if process.returncode is not None else "ended"
             plugin.exits += 1
             plugin.notify()
-        level = logging.INFO if process.returncode == 0 or not plugin.wanted else logging.WARNING
+        failed = process.returncode != 0 and plugin.wanted
+        if failed:
+            self.core.stats.plugins.failed(plugin.name)
+        level = logging.WARNING if failed else logging.INFO
         log.log(level, "plugin %s (pid %d) %s", plugin.name, process.pid, state.last_exit)
         return process.returncode
 

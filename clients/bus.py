@@ -255,6 +255,12 @@ class Bus:
         size); this fetches them all."""
         return await self._names.info(target)
 
+    async def stats(self) -> dict[str, Any]:
+        """The broker's figures, as ``busctl stats`` shows them: ``{totals, connections}``.
+
+        Every connection's row for an admin identity; only this connection's own otherwise."""
+        return await self._names.stats()
+
     def watch(self, patterns: Iterable[str] = ("*",)) -> Watch:
         return self._names.watch(patterns)
 

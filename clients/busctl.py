@@ -87,6 +87,7 @@ JSON_VERBS = (
     "stop",
     "restart",
     "reload",
+    "stats",
     "id",
     "keygen",
 )
@@ -240,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
         v = verb(name, what)
         v.add_argument("name", metavar="NAME")
     verb("reload", "make busd read its service files again, as SIGHUP does; prints the problems found (admin identities only)")
+    verb(
+        "stats",
+        "show the broker's figures (connections, handshakes, names, channels, traffic, queues, refusals, plugins) "
+        "and per-connection traffic and queues: every connection's for an admin identity, your own otherwise",
+    )
     verb("id", "print the identity busctl connects as")
     v = verb("keygen", "create a new identity key file (mode 0600)")
     v.add_argument("file", metavar="FILE")
@@ -691,6 +697,68 @@ async def verb_reload(args: argparse.Namespace) -> None:
         _out(_safe(f"error: {line}"))
 
 
+def _counts(values: dict[str, Any]) -> str:
+    """``a 1, b 2`` (sorted by label), or ``none``."""
+    shown = [f"{label} {value}" for label, value in sorted(values.items())]
+    return ", ".join(shown) or "none"
+
+
+async def verb_stats(args: argparse.Namespace) -> None:
+    async with _connect(args) as bus:
+        stats = await bus.stats()
+    if args.json:
+        _json(stats)
+        return
+    t: dict[str, Any] = stats["totals"]
+    connections, admitted = t["connections"], t["connections_admitted"]
+    in_progress = sum(t["handshakes_in_progress"].values())
+    plugins = t["plugins"]
+    fields = [
+        ("since", _since(t["started"])),
+        ("connections", f"{sum(connections.values())} now ({_counts(connections)}); {sum(admitted.values())} admitted since start"),
+        ("handshakes", f"{t['handshakes']} completed, {in_progress} in progress; failed: {_counts(t['handshake_failures'])}"),
+        ("names", str(t["names"])),
+        ("watches", str(t["watches"])),
+        ("subscriptions", str(t["subscriptions"])),
+        ("channels", f"{sum(t['channels'].values())} ({_counts(t['channels'])}), {t['channels_pending']} opening"),
+        ("traffic in", f"{t['bytes_in']} bytes in {t['messages_in']} messages"),
+        ("traffic out", f"{t['bytes_out']} bytes in {t['messages_out']} messages"),
+        ("queued", f"{t['queued_bytes']} bytes in {t['queued_messages']} messages (fullest queue {t['queued_bytes_max']} bytes)"),
+        ("slow consumers", f"{t['slow_consumer_disconnects']} disconnected"),
+        ("limit refusals", _counts(t["refusals"])),
+        (
+            "plugins",
+            "; ".join(
+                f"{name}: {c['launches']} launches, {c['restarts']} restarts, {c['failures']} failures"
+                for name, c in sorted(plugins.items())
+            )
+            or "none",
+        ),
+    ]
+    for key, value in fields:
+        _out(_safe(f"{key + ':':17}{value}"))
+    _out()
+    rows = [
+        [
+            c["unique_id"],
+            c["name"] or "-",
+            c["transport"],
+            str(c["bytes_in"]),
+            str(c["bytes_out"]),
+            str(c["messages_in"]),
+            str(c["messages_out"]),
+            str(c["queued_bytes"]),
+            str(c["channels"]),
+            str(c["watches"]),
+            str(c["subscriptions"]),
+            c["identity"],
+        ]
+        for c in stats["connections"]
+    ]
+    headers = ["UNIQUE-ID", "NAME", "TRANSPORT", "BYTES-IN", "BYTES-OUT", "MSGS-IN", "MSGS-OUT", "QUEUED", "CHANNELS", "WATCHES", "SUBS", "IDENTITY"]
+    _table([[_safe(cell) for cell in row] for row in rows], headers)
+
+
 async def verb_id(args: argparse.Namespace) -> None:
     identity = _identity(args)
     if args.json:
@@ -727,6 +795,7 @@ VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "stop": verb_service,
     "restart": verb_service,
     "reload": verb_reload,
+    "stats": verb_stats,
     "id": verb_id,
     "keygen": verb_keygen,
 }

@@ -90,6 +90,7 @@ class Subscription:
         self._send, self._receive = trio.open_memory_channel[Event | Gap](SUBSCRIPTION_BUFFER)
         self._closed = False
         self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
+        self._taken = 0  # items handed to the consumer
 
     def matches(self, source: str, member: str) -> bool:
         return self._member.match(member) and self._source.match(source)
@@ -146,10 +147,23 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event | Gap:
+        # What is buffered already is handed over without a scheduler pass each time (one
+        # per item would cost as much as the item): every call can be cancelled (before it
+        # takes anything), and every 16th lets the other tasks run.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            return await self._receive.receive()
+            item = self._receive.receive_nowait()
+        except trio.WouldBlock:
+            try:
+                return await self._receive.receive()
+            except trio.EndOfChannel:
+                raise StopAsyncIteration from None
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+        self._taken += 1
+        if not self._taken & 15:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return item
 
 
 class Events:

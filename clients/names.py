@@ -290,6 +290,20 @@ class Names:
             entry["channels_next"] = more.get("channels_next")
         return NameInfo.from_wire(entry)
 
+    async def stats(self) -> dict[str, Any]:
+        """The broker's figures: ``{totals, connections}`` (docs/protocol.md, ``stats``).
+
+        ``connections`` holds every connection's row for an admin identity, only this
+        connection's own otherwise; long lists come in pages, fetched here one after another
+        (the totals are those of the first page: the pages are not one atomic snapshot)."""
+        request = self._connection.request
+        reply = await request("stats", {})
+        totals, rows = reply["totals"], list(reply["connections"])
+        while reply.get("next") is not None:
+            reply = await request("stats", {"after": reply["next"]})
+            rows += reply["connections"]
+        return {"totals": totals, "connections": rows}
+
     # -- watches --------------------------------------------------------------------------------
 
     def watch(self, patterns: Iterable[str] = ("*",)) -> Watch:

@@ -366,6 +366,11 @@ def test_always_plugins_restart_with_backoff_until_a_crash_loop_stops_them(busd:
     assert "stopped and marked failed: crash loop" in log
     listed = busd.busctl("list", "--activatable")
     assert "org.example.Crashy" in listed.stdout and "failed" in listed.stdout
+    # The operators' figures count the same: 4 launches, 3 restarts, 4 failed runs.
+    stats = busd.busctl("--json", "stats")
+    assert stats.returncode == 0, stats.stderr
+    plugins = json.loads(stats.stdout)["totals"]["plugins"]
+    assert plugins["org.example.Crashy"] == {"launches": 4, "restarts": 3, "failures": 4}
 
 
 def test_an_always_plugin_that_dies_is_restarted(busd: Busd) -> None:

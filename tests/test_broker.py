@@ -288,23 +288,28 @@ async def test_client_library_answers_pings(tmp_path: Path) -> None:
             await bus.ping()
 
 
+async def fill_until_cut(rb: Any, slow: FramedStream, other: Bus) -> None:
+    """Make ``slow`` a slow consumer: it asks for 12 KiB answers and never reads them (the
+    broker must run meanwhile: ``other`` pings it)."""
+    await slow.send_message({"op": "hello", "id": 1, "info": {"description": "d" * 12000}})
+    slow_session = min(rb.broker.sessions.values(), key=lambda s: s.conn_id)
+    target = f":{slow_session.conn_id}"
+    with trio.fail_after(30):
+        for n in range(2, 5000):  # bounded: overflow comes long before
+            await slow.send_message({"op": "info", "id": n, "target": target})
+            await other.ping()
+            if slow_session.stop_writing:
+                break
+    assert slow_session.stop_writing
+
+
 async def test_slow_consumer_is_disconnected_with_the_reason(tmp_path: Path) -> None:
     """A client that asks and asks but stops reading the answers fills its queue: it is cut
     off and told why, nothing dropped silently, and nobody else notices."""
     async with running_broker(tmp_path, outbound_queue=4) as rb:
         slow = await raw_connect(rb.unix_address)
-        big = {"description": "d" * 12000}
-        await slow.send_message({"op": "hello", "id": 1, "info": big})
         async with open_bus(rb.unix_address, identity=OWNER) as other:
-            slow_session = min(rb.broker.sessions.values(), key=lambda s: s.conn_id)
-            target = f":{slow_session.conn_id}"
-            with trio.fail_after(30):
-                for n in range(2, 5000):  # bounded: overflow comes long before
-                    await slow.send_message({"op": "info", "id": n, "target": target})
-                    await other.ping()  # (lets the broker run)
-                    if slow_session.stop_writing:
-                        break
-            assert slow_session.stop_writing
+            await fill_until_cut(rb, slow, other)
             # The consumer catches up now: it gets what was queued, then the reason.
             messages = await read_until_closed(slow)
             assert messages[-1]["code"] == "minibus.Error.Disconnected"

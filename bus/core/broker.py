@@ -51,6 +51,7 @@ from .glob import GlobError, GlobSet, compile_glob
 from .names import NameFlag, NameRegistry, OwnerChanged, validate_name
 from .policy import Policy
 from .services import ServiceSpec
+from .stats import BrokerStats, ConnectionIo, IoView, NoIo
 
 __all__ = [
     "Limits",
@@ -436,6 +437,10 @@ class BrokerCore:
         self.encrypt_unix = False
         #: Installed plugins (service files), their states, and requests held for them.
         self.services = ServiceTable(self.limits.pending_opens_per_target)
+        #: The operators' counters (``stats`` requests, ``/metrics``); see :mod:`bus.core.stats`.
+        self.stats = BrokerStats(started=clock())
+        #: Where per-connection traffic and queue figures come from (the io layer sets it).
+        self.io_view: IoView = NoIo()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -444,6 +449,7 @@ class BrokerCore:
         account = self.accounts.get(key.id)
         count = len(account.connections) if account is not None else 0
         if count >= self.limits.connections_per_identity:
+            self.stats.refused("connections_per_identity")
             raise QuotaExceeded(
                 f"connections_per_identity reached: {key.id} already has {count} connections "
                 f"(limit {self.limits.connections_per_identity})"
@@ -464,6 +470,7 @@ class BrokerCore:
         self._next_id += 1  # never reused while the broker runs
         account.connections.add(conn.id)
         self.connections[conn.id] = conn
+        self.stats.admitted[transport] = self.stats.admitted.get(transport, 0) + 1
         return conn
 
     def disconnect(self, conn_id: int) -> list[Outgoing]:
@@ -540,6 +547,8 @@ class BrokerCore:
                 raise BadRequest(f"{message.op}: send hello first")
             result = handler(self, conn, message, out)
         except RequestError as exc:
+            if isinstance(exc, QuotaExceeded):
+                self.stats.refused(exc.message)
             if message.op == "emit" and message.args.get("quiet") is True:
                 # A quiet emit has no reply; a refused one is told by an event (its id
                 # lets the client match it), and what it did not do costs nobody else.
@@ -1343,6 +1352,105 @@ class BrokerCore:
         self.services.commands[key] = HeldRequest(conn.id, req, name, charge)
         out.append(ServiceAction(verb, name, conn.id, req.id))
         return _DEFERRED
+    # -- figures for operators (``stats``, and the metrics endpoint) ---------------------------
+
+    def stats_totals(self) -> dict[str, Any]:
+        """The broker's totals, read now (see :mod:`bus.core.stats` and docs/operations.md).
+
+        Costs a pass over the connections and the direct channels: for a scrape or a
+        ``stats`` request, never per message."""
+        stats, io_view = self.stats, self.io_view
+        by_transport = dict.fromkeys(("unix", "tcp"), 0)
+        watches = subscriptions = queued_bytes = queued_messages = queued_max = 0
+        live = [0, 0, 0, 0]
+        for conn in self.connections.values():
+            by_transport[conn.transport] = by_transport.get(conn.transport, 0) + 1
+            watches += len(conn.watches)
+            subscriptions += len(conn.subscriptions)
+            io = io_view.connection_io(conn.id)
+            live[0] += io.bytes_in
+            live[1] += io.bytes_out
+            live[2] += io.messages_in
+            live[3] += io.messages_out
+            queued_bytes += io.queued_bytes
+            queued_messages += io.queued_messages
+            queued_max = max(queued_max, io.queued_bytes)
+        channels = {"relay": len(self.channels), "unix-fd": 0, "tcp": 0}
+        for half, record in self.direct.items():
+            if half == record.a:
+                channels[record.route] = channels.get(record.route, 0) + 1
+        gone = stats.gone
+        return {
+            "started": stats.started,
+            "connections": by_transport,
+            "connections_admitted": {k: stats.admitted.get(k, 0) for k in sorted({"unix", "tcp", *stats.admitted})},
+            "handshakes": stats.handshakes,
+            "handshakes_in_progress": {"unix": 0, "tcp": 0, **io_view.handshakes_in_progress()},
+            "handshake_failures": dict(stats.handshake_failures),
+            "names": len(self.names.names()),
+            "watches": watches,
+            "subscriptions": subscriptions,
+            "channels": channels,
+            "channels_pending": sum(1 for pend in self.pending_opens.values() if pend.opener),
+            "bytes_in": gone.bytes_in + live[0],
+            "bytes_out": gone.bytes_out + live[1],
+            "messages_in": gone.messages_in + live[2],
+            "messages_out": gone.messages_out + live[3],
+            "queued_bytes": queued_bytes,
+            "queued_messages": queued_messages,
+            "queued_bytes_max": queued_max,
+            "slow_consumer_disconnects": stats.slow_consumer_disconnects,
+            "refusals": dict(stats.refusals),
+            "plugins": {
+                name: {"launches": c.launches, "restarts": c.restarts, "failures": c.failures}
+                for name, c in stats.plugins.plugins.items()
+            },
+        }
+
+    def _connection_row(self, conn: Connection) -> dict[str, Any]:
+        """One connection's figures, as ``stats`` lists them (like NATS's ``connz``)."""
+        io: ConnectionIo = self.io_view.connection_io(conn.id)
+        owned = self.names.owned_by(conn.id)
+        return {
+            "unique_id": conn.unique_id,
+            "identity": conn.key.id,
+            "transport": conn.transport,
+            "name": owned[0] if owned else None,
+            "names": len(owned),
+            "connected_since": conn.connected_since,
+            "bytes_in": io.bytes_in,
+            "bytes_out": io.bytes_out,
+            "messages_in": io.messages_in,
+            "messages_out": io.messages_out,
+            "queued_bytes": io.queued_bytes,
+            "queued_messages": io.queued_messages,
+            "channels": len(self.channels.of_connection(conn.id)) + len(self._direct_by_conn.get(conn.id, ())),
+            "watches": len(conn.watches),
+            "subscriptions": len(conn.subscriptions),
+        }
+
+    def _stats(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
+        """``{totals, connections, next}``: the broker's totals, and per-connection figures:
+        every connection's for an admin (by unique id, paged within ``message_bytes``: ask
+        again with ``after`` set to ``next``), only the asker's own for anyone else."""
+        after = req.arg("after", int, 0, optional=True)
+        totals = self.stats_totals()
+        if conn.admin:
+            others = sorted(c for c in self.connections if c > after)
+        else:
+            others = [conn.id] if conn.id > after else []
+        rows: list[dict[str, Any]] = []
+        room = self.limits.message_bytes - len(cbor2.dumps(totals)) - 128
+        following: int | None = None
+        for index, conn_id in enumerate(others):
+            row = self._connection_row(self.connections[conn_id])
+            size = len(cbor2.dumps(row))
+            if size > room and rows:
+                following = others[index - 1]
+                break
+            rows.append(row)
+            room -= size
+        return {"totals": totals, "connections": rows, "next": following}
 
     _handlers: dict[str, Callable[[BrokerCore, Connection, Request, list[Outgoing]], Any]] = {
         "hello": _hello,
@@ -1365,6 +1473,7 @@ class BrokerCore:
         "stop_service": _service_command,
         "restart_service": _service_command,
         "reload_services": _service_command,
+        "stats": _stats,
     }
 
     # -- helpers -----------------------------------------------------------------------------

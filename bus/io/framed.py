@@ -94,6 +94,8 @@ class FramedStream:
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = False  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
+        #: Bytes of frames read so far (one addition per read, not per frame).
+        self.bytes_received = 0
 
     def receive_frame_nowait(self) -> Frame | None:
         """The next frame if the bytes already read hold one, else ``None`` (no I/O).
@@ -120,6 +122,7 @@ class FramedStream:
             if not data:
                 decoder.end_of_input()
                 return None
+            self.bytes_received += len(data)
             decoder.receive_data(data)
 
     async def _receive_socket(self, reads: _SocketReads) -> bytes:

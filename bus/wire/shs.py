@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import nacl.bindings as sodium
 import nacl.exceptions
 
-from ..errors import HandshakeError, IdentityRefused, LocalProtocolError
+from ..errors import HandshakeError, HandshakeHangup, IdentityRefused, LocalProtocolError
 from .identity import Identity, PublicKey
 
 __all__ = [
@@ -252,7 +252,7 @@ class _Handshake:
         """The peer closed the transport; an unfinished handshake fails."""
         if self._state in (State.DONE, State.FAILED):
             return
-        raise self.fail(HandshakeError(self._hangup_reason()))
+        raise self.fail(HandshakeHangup(self._hangup_reason()))
 
     # -- internals --------------------------------------------------------------------
 
