@@ -448,3 +448,14 @@ def test_the_example_service_file_starts_the_echo_example(busd: Busd) -> None:
     assert called.returncode == 0, called.stderr + busd.log()[-2000:]
     assert json.loads(called.stdout) == "hello"
     assert busd.services_json()["org.example.Echo"]["state"] == "running"
+    # The key-value store starts on demand too, and keeps what it is given while it runs.
+    assert busd.services_json()["org.example.KV"]["state"] == "not running"
+    stored = busd.busctl("call", "org.example.KV", "set", '"colour"', '"green"')
+    assert stored.returncode == 0, stored.stderr + busd.log()[-2000:]
+    got = busd.busctl("call", "org.example.KV", "get", '"colour"')
+    assert got.returncode == 0 and json.loads(got.stdout) == "green", got.stderr
+    # The ticker is always on: busd started it with itself, and its events arrive.
+    ticks = busd.busctl("--json", "subscribe", "org.example.Ticker", "Tick", "--count", "2")
+    assert ticks.returncode == 0, ticks.stderr + busd.log()[-2000:]
+    assert [json.loads(line)["member"] for line in ticks.stdout.splitlines()] == ["Tick", "Tick"]
+    assert busd.services_json()["org.example.Ticker"]["state"] == "running"
