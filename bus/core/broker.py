@@ -80,6 +80,8 @@ RELAY_MIN_CREDIT = 64 * 1024
 #: Late acceptances remembered per target after their opener gave up (oldest forgotten first).
 _TOMBSTONES_PER_TARGET = 64
 #: Policy answers to "may this key see this name" remembered at most (see BrokerCore._sees).
+_ROUTE_MEMO = 1024  # kinds of event (source, member) whose receivers are remembered
+_ROUTE_ENTRIES = 1 << 16  # ... and receivers listed for them all together, at most
 _SEE_MEMO = 8192
 #: Names one snapshot page looks at, at most (bounds the matching work of one page).
 _NAMES_PER_PAGE = 256
@@ -429,6 +431,12 @@ class BrokerCore:
         #: sets this; without one, ``room_for``.
         self.room_for_event: Callable[[int, str], int] = lambda conn_id, payer: self.room_for(conn_id)
         self._see_memo: dict[tuple[str, str, str], bool] = {}
+        # Who gets an event, by (source, member): each subscribing connection whose
+        # subscriptions match and that may see the source, with those subscriptions.  Made on
+        # the first event of a kind, forgotten whenever any subscription comes or goes (and
+        # when full: at most _ROUTE_MEMO kinds), so no peer can grow it.
+        self._routes: dict[tuple[str, str], list[tuple[int, list[Subscription]]]] = {}
+        self._route_entries = 0  # receivers listed in _routes, all kinds together
         # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
         self._sorted_names: list[str] | None = None
         #: Whether the io layer can pass descriptors (false when Unix connections are encrypted).
@@ -488,7 +496,9 @@ class BrokerCore:
         for sub in conn.subscriptions.values():
             sub.charge.release()
         conn.subscriptions.clear()
-        self._subscribers.discard(conn_id)
+        if conn_id in self._subscribers:
+            self._subscribers.discard(conn_id)
+            self._routes.clear()
         self.pumping.discard(conn_id)
         self.services.drop_connection(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
@@ -1137,11 +1147,13 @@ class BrokerCore:
         conn.next_subscription += 1
         conn.subscriptions[sub_id] = Subscription(sub_id, source, member, charge)
         self._subscribers.add(conn.id)
+        self._routes.clear()
         return {"subscription": sub_id}
 
     def _unsubscribe(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         sub_id = req.arg("subscription", int)
         sub = conn.subscriptions.pop(sub_id, None)
+        self._routes.clear()
         if sub is None:
             raise BadRequest(f"unsubscribe: no subscription {sub_id}")
         sub.charge.release()
@@ -1168,13 +1180,14 @@ class BrokerCore:
         if type(quiet) is not bool:
             raise BadRequest("emit: argument 'quiet' must be bool")
         source = args.get("source", conn.unique_id)
-        named = source != conn.unique_id
-        if named:
+        if source != conn.unique_id:
+            # Owned names are valid well-known names (never unique ids): owning it is the
+            # quick test, the others only tell why not.
             if type(source) is not str:
                 req.arg("source", str)
-            if parse_unique_id(source) is not None:
-                raise AccessDenied(f"{conn.unique_id} may emit as its own unique id only, not as {bound_text(source, 32)}")
             if self.names.owner(source) != conn.id:
+                if parse_unique_id(source) is not None:
+                    raise AccessDenied(f"{conn.unique_id} may emit as its own unique id only, not as {bound_text(source, 32)}")
                 validate_name(source)
                 raise AccessDenied(f"{conn.unique_id} does not own {source!r}: only its primary owner may emit as it")
             if not self._policy_allows("emit", conn.key, source):
@@ -1183,7 +1196,6 @@ class BrokerCore:
         size = _payload_size(payload)
         if size > self.limits.event_bytes:
             raise QuotaExceeded(f"event_bytes: the payload is {size} bytes, over the {self.limits.event_bytes}-byte limit")
-        targets: Iterable[int] = self._subscribers
         destination = args.get("destination")
         if destination is not None:
             if type(destination) is not str:
@@ -1193,27 +1205,25 @@ class BrokerCore:
                 dest_id = self.names.owner(validate_name(destination))
             if dest_id is None or dest_id not in self.connections:
                 raise NameNotFound(f"no connection {bound_text(destination, 64)!r} to send the event to")
-            targets = (dest_id,) if dest_id in self._subscribers else ()
-        if not targets:
+        if not self._subscribers:
             return _QUIET if quiet else {"delivered": 0}  # nobody listens: it costs nothing more
+        route = self._routes.get((source, member))
+        if route is None:
+            route = self._route(source, member, named=source != conn.unique_id)
         needed = size + _EVENT_OVERHEAD
         payer = conn.key.id
         room_for_event = self.room_for_event
-        connections = self.connections
         receivers: list[int] = []
-        for sub_conn_id in targets:
-            subscriber = connections[sub_conn_id]
-            matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
-            if not matching:
-                continue
-            if named and not (subscriber.admin or self._sees(subscriber.key, source)):
+        for sub_conn_id, matching in route:
+            if destination is not None and sub_conn_id != dest_id:
                 continue
             if room_for_event(sub_conn_id, payer) < needed:
                 for sub in matching:
                     sub.missed += 1
-                subscriber.gaps_owed = True
+                self.connections[sub_conn_id].gaps_owed = True
                 self.pumping.add(sub_conn_id)
                 continue
+            subscriber = self.connections[sub_conn_id]
             if subscriber.gaps_owed:
                 out.extend(self._gaps(subscriber))
             receivers.append(sub_conn_id)
@@ -1223,6 +1233,26 @@ class BrokerCore:
             ).to_wire()
             out.append(FanOut(receivers, message, payer))
         return _QUIET if quiet else {"delivered": len(receivers)}
+
+    def _route(self, source: str, member: str, named: bool) -> list[tuple[int, list[Subscription]]]:
+        """Who gets an event of ``source`` and ``member`` (see ``_routes``), worked out and kept."""
+        route: list[tuple[int, list[Subscription]]] = []
+        for sub_conn_id in self._subscribers:
+            subscriber = self.connections[sub_conn_id]
+            matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
+            if not matching:
+                continue
+            if named and not (subscriber.admin or self._sees(subscriber.key, source)):
+                continue
+            route.append((sub_conn_id, matching))
+        if len(self._routes) >= _ROUTE_MEMO or self._route_entries + len(route) > _ROUTE_ENTRIES:
+            self._routes.clear()
+        if len(route) <= _ROUTE_ENTRIES:
+            if not self._routes:
+                self._route_entries = 0
+            self._routes[(source, member)] = route
+            self._route_entries += len(route)
+        return route
 
     def _gaps(self, conn: Connection) -> list[Outgoing]:
         """``gap`` events for the subscriptions of ``conn`` that missed events."""

@@ -103,6 +103,9 @@ class MalformedRequest(FrameError):
         self.request_id = request_id
 
 
+_STR_ONLY = {str}
+
+
 def _valid_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_REQUEST_ID
 
@@ -122,8 +125,9 @@ def parse_message(body: dict[Any, Any]) -> Message:
         op = body["op"]
         if not isinstance(op, str) or not op:
             raise MalformedRequest("a request's 'op' must be a non-empty string", request_id)
-        args = {k: v for k, v in body.items() if k not in ("op", "id")}
-        if not all(isinstance(k, str) for k in args):
+        args = body.copy()
+        del args["op"], args["id"]
+        if args and not set(map(type, args)) <= _STR_ONLY:
             raise MalformedRequest("request arguments must have string names", request_id)
         return Request(op, request_id, args)
     if "re" in body:
@@ -140,5 +144,7 @@ def parse_message(body: dict[Any, Any]) -> Message:
     if "event" in body:
         if not isinstance(body["event"], str):
             raise FrameError("an event's name must be a string")
-        return Event(body["event"], {k: v for k, v in body.items() if k != "event"})
+        fields = body.copy()
+        del fields["event"]
+        return Event(body["event"], fields)
     raise FrameError("a control message needs 'op', 're' or 'event'")
