@@ -283,6 +283,7 @@ def _describe(func: Callable[..., Any]) -> list[dict[str, Any]]:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_M = TypeVar("_M", bound=Callable[..., Any])
 _MEMBER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 
 
@@ -312,11 +313,13 @@ class Service:
     version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Callable[..., Awaitable[Any]]] = field(default_factory=dict)
+    #: Methods declared synchronous (plain functions): answered inline by the reader.
+    sync_methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
     channels: dict[str, Callable[[Channel], Awaitable[Any]]] = field(default_factory=dict)
     #: Events this service declares (member -> doc text), for introspection.
     events: dict[str, str] = field(default_factory=dict)
     max_message: int = DEFAULT_MAX_MESSAGE
-    _signatures: dict[Callable[..., Any], inspect.Signature] = field(default_factory=dict, init=False, repr=False)
+    _arities: dict[Callable[..., Any], tuple[int, int] | inspect.Signature] = field(default_factory=dict, init=False, repr=False)
     _bus: ChannelHost | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -327,11 +330,23 @@ class Service:
         """Plugin info for ``open_bus(info=...)``."""
         return {"description": self.description, "version": self.version, "metadata": self.metadata}
 
-    def method(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        """Decorator: expose an async function as an RPC method under its own name."""
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"{func.__name__}: RPC methods are async functions")
-        self.methods[func.__name__] = func
+    def method(self, func: _M) -> _M:
+        """Decorator: expose a function as an RPC method under its own name.
+
+        An ``async def`` method runs in a task of its own per call.  A plain ``def`` method is
+        *declared synchronous*: it is answered inline by the channel's reader, in the order the
+        calls came, with no task; it must not block (it holds up the channel's reader, and on
+        a relayed channel the bus connection's, while it runs)."""
+        name = func.__name__
+        if inspect.iscoroutinefunction(func):
+            self.sync_methods.pop(name, None)
+            self.methods[name] = func
+        elif inspect.isfunction(func) or inspect.ismethod(func):
+            self.methods.pop(name, None)
+            self.sync_methods[name] = func
+        else:
+            raise TypeError(f"{getattr(func, '__name__', func)!r}: RPC methods are functions (async or plain)")
+        self._arities.pop(func, None)
         return func
 
     def channel(self, protocol: str) -> Callable[[Callable[[Channel], Awaitable[Any]]], Callable[[Channel], Awaitable[Any]]]:
@@ -379,7 +394,7 @@ class Service:
     def introspect(self) -> dict[str, Any]:
         methods = [
             MethodInfo(name, _describe(func), inspect.getdoc(func) or "", _returns(func)).to_wire()
-            for name, func in sorted(self.methods.items())
+            for name, func in sorted({**self.methods, **self.sync_methods}.items())
         ]
         events = [{"member": member, "doc": doc} for member, doc in sorted(self.events.items())]
         return {
@@ -414,16 +429,19 @@ class Service:
         running = 0  # calls being answered (or whose body is coming), at most MAX_IN_FLIGHT
         held = 0  # bytes of the bodies of those calls, at most max_held
 
-        async def reply(message: dict[str, Any], request: Request) -> None:
+        def encode_reply(message: dict[str, Any], request: Request) -> bytes:
             try:
-                encoded = _encode_message(message, max_message, request)
+                return _encode_message(message, max_message, request)
             except MessageTooLarge as exc:
-                encoded = framed.encode_message(ErrorReply.from_error(request.id, exc).to_wire())
+                return framed.encode_message(ErrorReply.from_error(request.id, exc).to_wire())
             except LocalProtocolError as exc:
                 what = "the results of " + _what(request)
                 log.warning("%s cannot be sent: %s", what, exc)
                 error = RequestError(f"{what} cannot be sent: {exc}")
-                encoded = framed.encode_message(ErrorReply.from_error(request.id, error).to_wire())
+                return framed.encode_message(ErrorReply.from_error(request.id, error).to_wire())
+
+        async def reply(message: dict[str, Any], request: Request) -> None:
+            encoded = encode_reply(message, request)
             try:
                 await writer.put(encoded)  # the task ends next: no checkpoint
             except trio.ClosedResourceError:
@@ -538,6 +556,17 @@ class Service:
                         if running >= MAX_IN_FLIGHT:
                             refuse_busy(message.id)
                             return
+                        if writer.has_room:
+                            # A method declared synchronous (or an answer that needs no
+                            # method) is answered here, in order, with no task; while the
+                            # writer is full, calls wait for room in tasks of their own.
+                            answer = self._answer_now(message)
+                            if answer is not None:
+                                try:
+                                    writer.send_nowait(encode_reply(answer, message))
+                                except trio.ClosedResourceError:
+                                    pass  # the caller is gone; nobody is waiting for this reply
+                                return
                         running += 1
                         calls.start_soon(run, message)
 
@@ -559,7 +588,29 @@ class Service:
                             break
             writer.finish()  # every call is answered: deliver the replies, then end
 
-    async def _answer(self, request: Request) -> dict[str, Any]:
+    def _check_arity(self, name: str, func: Callable[..., Any], args: list[Any]) -> None:
+        """Raise :class:`BadRequest` unless ``func`` takes ``args`` (positionally).
+
+        A signature of plain parameters is checked by counting (what ``Signature.bind`` would
+        decide, without its cost per call); any other by ``bind`` itself."""
+        arity = self._arities.get(func)
+        if arity is None:
+            arity = self._arities[func] = _arity(func)
+        if type(arity) is tuple:
+            if arity[0] <= len(args) <= arity[1]:
+                return
+            signature = inspect.signature(func)  # (rare: the error's text, as bind words it)
+        else:
+            assert isinstance(arity, inspect.Signature)
+            signature = arity
+        try:
+            signature.bind(*args)
+        except TypeError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+
+    def _answer_now(self, request: Request) -> dict[str, Any] | None:
+        """The reply to ``request`` if it needs no waiting (a method declared synchronous,
+        introspection, an error), else ``None``: an async method, for :meth:`_answer`."""
         try:
             if request.op == "introspect":
                 return Reply(request.id, self.introspect()).to_wire()
@@ -567,23 +618,56 @@ class Service:
                 raise UnknownOperation(f"unknown operation {request.op!r}")
             name = request.arg("method", str)
             args = request.arg("args", list, [])
-            func = self.methods.get(name)
+            func = self.sync_methods.get(name)
             if func is None:
+                if name in self.methods:
+                    return None
                 raise UnknownOperation(f"{self.name} has no method {name!r}")
-            signature = self._signatures.get(func)
-            if signature is None:
-                signature = self._signatures[func] = inspect.signature(func)
-            try:
-                signature.bind(*args)
-            except TypeError as exc:
-                raise BadRequest(f"{name}: {exc}") from None
-            result = await func(*args)
-            return Reply(request.id, result).to_wire()
+            self._check_arity(name, func, args)
+            return Reply(request.id, func(*args)).to_wire()
         except RequestError as exc:
             return ErrorReply.from_error(request.id, exc).to_wire()
         except Exception as exc:  # a method's bug is reported, not fatal to the service
             log.exception("method %r failed", request.args.get("method"))
             return ErrorReply(request.id, "minibus.Error.Failed", f"{type(exc).__name__}: {exc}").to_wire()
+
+    async def _answer(self, request: Request) -> dict[str, Any]:
+        answer = self._answer_now(request)
+        if answer is not None:
+            return answer
+        name = request.args["method"]
+        args = request.args.get("args", [])
+        try:
+            func = self.methods.get(name)
+            if func is None:  # (re-declared synchronous meanwhile)
+                raise UnknownOperation(f"{self.name} has no async method {name!r}")
+            self._check_arity(name, func, args)
+            result = await func(*args)
+            return Reply(request.id, result).to_wire()
+        except RequestError as exc:
+            return ErrorReply.from_error(request.id, exc).to_wire()
+        except Exception as exc:  # a method's bug is reported, not fatal to the service
+            log.exception("method %r failed", name)
+            return ErrorReply(request.id, "minibus.Error.Failed", f"{type(exc).__name__}: {exc}").to_wire()
+
+
+def _arity(func: Callable[..., Any]) -> tuple[int, int] | inspect.Signature:
+    """How many positional arguments ``func`` takes, (least, most), when its parameters are
+    plain enough for counting to say whether a call binds; else its signature."""
+    signature = inspect.signature(func)
+    least = most = 0
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if p.default is p.empty:
+                if least != most - 1:
+                    return signature  # (cannot happen in Python; counted only when it cannot)
+                least = most
+        elif p.kind is p.VAR_POSITIONAL:
+            most = 1 << 62
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return signature  # never binds positionally: bind says why
+    return least, most
 
 
 class _PushedFrames:

@@ -344,3 +344,39 @@ def _nested(levels: int) -> Any:
 def test_encoding_refuses_what_the_fast_path_hands_to_the_byte_check(message: dict[Any, Any]) -> None:
     with pytest.raises(LocalProtocolError):
         encode_control(0, message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(frames | st.builds(DataFrame, channels, st.binary(min_size=2000, max_size=70_000)), max_size=6),
+    cuts=st.lists(st.integers(1, 90_000), max_size=12),
+    as_bytearray=st.booleans(),
+)
+def test_frames_round_trip_whatever_the_reads(batch: list[Any], cuts: list[int], as_bytearray: bool) -> None:
+    """Reads of any sizes (a frame straddling many reads, many frames in one, a header cut
+    in two): the frames come out whole and unchanged, and nothing is left over."""
+    wire = b"".join(encode_frame(f) for f in batch)
+    dec = FrameDecoder()
+    out: list[Any] = []
+    pos = 0
+    for cut in [*cuts, len(wire)]:
+        piece = wire[pos : pos + cut]
+        pos += len(piece)
+        dec.receive_data(bytearray(piece) if as_bytearray else piece)
+        out.extend(dec)
+        assert dec.buffered <= pos - len(b"".join(encode_frame(f) for f in out))
+    dec.end_of_input()
+    assert out == batch and all(type(f.data) is bytes for f in out if isinstance(f, DataFrame))
+
+
+def test_a_reused_buffer_fed_to_the_decoder_does_not_change_what_it_holds() -> None:
+    """The decoder keeps what it was given only as bytes of its own (a caller may reuse a
+    bytearray for the next read)."""
+    wire = encode_data(1, b"a" * 5000) + encode_data(2, b"b" * 10)
+    dec = FrameDecoder()
+    buf = bytearray(wire[:3000])
+    dec.receive_data(buf)
+    assert dec.next_frame() is None
+    buf[:] = b"z" * 3000  # reused
+    dec.receive_data(bytearray(wire[3000:]))
+    assert list(dec) == [DataFrame(1, b"a" * 5000), DataFrame(2, b"b" * 10)]

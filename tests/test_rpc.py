@@ -318,3 +318,152 @@ async def test_a_caller_that_never_reads_its_answers_gets_its_channel_reset(tmp_
                     rpc = await _relay_rpc(bus, service.name, nursery)
                     assert await rpc.call("add", 2, 2) == 4
                     await rpc.aclose()
+
+
+def make_sync_service() -> Service:
+    """Methods declared synchronous (plain functions), beside an async one."""
+    service = Service("org.example.Sync")
+    log: list[int] = []
+
+    @service.method
+    def note(i: int) -> int:
+        """Record i; answered inline by the reader."""
+        log.append(i)
+        return len(log)
+
+    @service.method
+    def join(*parts: str, sep: str = "-") -> str:
+        return sep.join(parts)
+
+    @service.method
+    def needs_keyword(*, key: str) -> str:
+        return key
+
+    @service.method
+    def broken(kind: str) -> None:
+        if kind == "typed":
+            raise RequestError("no such thing", code="org.example.Error.NoThing")
+        raise KeyError(kind)
+
+    @service.method
+    async def slow(delay: float) -> str:
+        await trio.sleep(delay)
+        return "slow"
+
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def bump(self, by: int = 1) -> int:
+            self.n += by
+            return self.n
+
+    service.method(Counter().bump)
+    return service
+
+
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_methods_declared_synchronous_are_answered_inline(tmp_path: Path, route: str) -> None:
+    """Plain-function methods: results, errors, argument checks as for async ones; they are
+    answered at once while an async call on the same channel is still running; more of them
+    than the per-channel limit of running calls may be in flight (none is held)."""
+    async with running_broker(tmp_path) as rb:
+        service = make_sync_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                channel = await bus.open_channel(service.name, "rpc", route)
+                assert channel.route == ("relay" if route == "relay" else "unix-fd")
+                rpc = RpcConnection(channel)
+                await nursery.start(rpc.run)
+                assert await rpc.call("note", 7) == 1
+                assert await rpc.call("join", "a", "b", "c") == "a-b-c"
+                assert await rpc.call("join") == ""
+                assert await rpc.call("bump") == 1 and await rpc.call("bump", 5) == 6
+                with pytest.raises(BadRequest, match="note: missing a required argument: 'i'"):
+                    await rpc.call("note")
+                with pytest.raises(BadRequest, match="note: too many positional arguments"):
+                    await rpc.call("note", 1, 2)
+                with pytest.raises(BadRequest, match="needs_keyword: missing a required argument: 'key'"):
+                    await rpc.call("needs_keyword")
+                with pytest.raises(BadRequest, match="bump: too many positional arguments"):
+                    await rpc.call("bump", 1, 2)
+                with pytest.raises(RemoteError, match="no such thing") as typed:
+                    await rpc.call("broken", "typed")
+                assert typed.value.code == "org.example.Error.NoThing"
+                with pytest.raises(RequestError, match="KeyError: 'bug'") as failed:
+                    await rpc.call("broken", "bug")
+                assert failed.value.code == "minibus.Error.Failed"
+                with pytest.raises(BadRequest, match="cannot be sent"):
+                    await rpc.call("note", {1})
+
+                # A synchronous call is not queued behind a running async one.
+                slow_done: list[float] = []
+
+                async def slow_call() -> None:
+                    assert await rpc.call("slow", 1.0) == "slow"
+                    slow_done.append(trio.current_time())
+
+                async with trio.open_nursery() as calls:
+                    calls.start_soon(slow_call)
+                    await trio.sleep(0.05)
+                    assert await rpc.call("note", 8) == 2
+                    assert not slow_done  # answered while the async call still ran
+
+                # More in flight than MAX_IN_FLIGHT: all answered, none refused.
+                from clients.rpc import MAX_IN_FLIGHT
+
+                answers: list[int] = []
+
+                async def one(i: int) -> None:
+                    answers.append(await rpc.call("note", i))
+
+                async with trio.open_nursery() as calls:
+                    for i in range(MAX_IN_FLIGHT + 100):
+                        calls.start_soon(one, i)
+                assert sorted(answers) == list(range(3, MAX_IN_FLIGHT + 103))
+                described = await rpc.introspect()
+                names = {m["name"] for m in described["methods"]}
+                assert names == {"note", "join", "needs_keyword", "broken", "slow", "bump"}
+                note = next(m for m in described["methods"] if m["name"] == "note")
+                assert note["doc"] == "Record i; answered inline by the reader." and note["params"][0]["name"] == "i"
+                await rpc.aclose()
+
+
+async def test_a_caller_flooding_synchronous_methods_without_reading_is_reset(tmp_path: Path) -> None:
+    """Inline answers need room in the channel's writer: once it is full, calls wait in
+    tasks (at most MAX_IN_FLIGHT), then are refused, and then the channel is reset."""
+    async with running_broker(tmp_path) as rb:
+        service = make_sync_service()
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                channel = await bus.open_channel(service.name, "rpc", "relay")
+                framed = FramedStream(channel)
+                blob = "x" * 4000
+                with trio.fail_after(60), pytest.raises(trio.BrokenResourceError, match="faster than it reads"):
+                    for i in range(1, 100_000):
+                        await framed.send_message({"op": "call", "id": i, "method": "join", "args": [blob]})
+                async with trio.open_nursery() as nursery:
+                    rpc = await _relay_rpc(bus, service.name, nursery)
+                    assert await rpc.call("join", "a", "b") == "a-b"
+                    await rpc.aclose()
+
+
+def test_method_declarations() -> None:
+    service = Service("org.example.Decl")
+    with pytest.raises(TypeError, match="RPC methods are functions"):
+        service.method(len)  # type: ignore[arg-type]
+
+    @service.method
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    assert "twice" in service.methods and "twice" not in service.sync_methods
+
+    @service.method  # type: ignore[no-redef]
+    def twice(x: int) -> int:  # re-declared synchronous: replaces the async one
+        return 2 * x
+
+    assert "twice" in service.sync_methods and "twice" not in service.methods

@@ -27,6 +27,7 @@ before anything is decoded, so a 9-byte body cannot claim a four-billion-item ar
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from dataclasses import dataclass
@@ -284,9 +285,12 @@ class FrameDecoder:
         self.max_control = min(max_control, max_body)
         self.max_items = max_items
         # Bytes arrive in chunks.  A chunk is kept as it came and frames are cut straight out
-        # of it (one copy, none for a frame that is the whole chunk); only what is left
-        # unread when more arrives goes into ``_buffer``.  At most one of the two holds bytes.
-        self._buffer = bytearray()
+        # of it (one copy, none for a frame that is the whole chunk).  What is left unread
+        # when more arrives goes into ``_parts`` (with what arrives after it, as it came), and
+        # a frame is then taken from there with one join: a frame that straddles reads is
+        # copied once, whatever its size.  At most one of ``_chunk`` and ``_parts`` holds bytes.
+        self._parts: collections.deque[bytes | memoryview] = collections.deque()
+        self._parts_size = 0
         self._chunk: bytes = b""
         self._pos = 0
         self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
@@ -297,7 +301,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a returned frame."""
-        return len(self._buffer) + len(self._chunk) - self._pos
+        return self._parts_size + len(self._chunk) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
@@ -305,16 +309,43 @@ class FrameDecoder:
             return
         if self._pos < len(self._chunk):
             self._spill()
-        if self._buffer:
-            self._buffer += data
+        if self._parts:
+            self._parts.append(data if type(data) is bytes else bytes(data))
+            self._parts_size += len(data)
         else:
             self._chunk = data if type(data) is bytes else bytes(data)
             self._pos = 0
 
     def _spill(self) -> None:
-        self._buffer += memoryview(self._chunk)[self._pos :]
+        chunk, pos = self._chunk, self._pos
+        rest = len(chunk) - pos
+        # A view keeps the whole chunk alive: worth it only for most of one (no copy of a big
+        # remainder); a small remainder is copied, so a spent chunk is not held for it.
+        self._parts.append(memoryview(chunk)[pos:] if pos == 0 or rest * 2 >= len(chunk) else chunk[pos:])
+        self._parts_size += rest
         self._chunk = b""
         self._pos = 0
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` bytes of ``_parts`` (which holds at least that many), joined once."""
+        parts = self._parts
+        self._parts_size -= n
+        first = parts[0]
+        if len(first) == n and type(first) is bytes:
+            parts.popleft()
+            return first
+        taken: list[bytes | memoryview] = []
+        while n:
+            part = parts[0]
+            if len(part) <= n:
+                taken.append(parts.popleft())
+                n -= len(part)
+            else:
+                view = part if type(part) is memoryview else memoryview(part)
+                taken.append(view[:n])
+                parts[0] = view[n:]
+                n = 0
+        return b"".join(taken)
 
     def _read_header(self, source: bytes | bytearray, pos: int) -> tuple[int, int, int]:
         kind, flags, channel, length = HEADER.unpack_from(source, pos)
@@ -331,18 +362,15 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
         self._check()
-        if self._buffer:
-            buf = self._buffer
+        if self._parts:
             if self._header is None:
-                if len(buf) < HEADER_SIZE:
+                if self._parts_size < HEADER_SIZE:
                     return None
-                self._header = self._read_header(buf, 0)
-                del buf[:HEADER_SIZE]
+                self._header = self._read_header(self._take(HEADER_SIZE), 0)
             kind, channel, length = self._header
-            if len(buf) < length:
+            if self._parts_size < length:
                 return None
-            body = bytes(buf[:length])
-            del buf[:length]
+            body = self._take(length) if length else b""
         else:
             chunk, pos = self._chunk, self._pos
             if self._header is None:
@@ -390,6 +418,7 @@ class FrameDecoder:
 
     def _fail(self, error: FrameError) -> FrameError:
         self._error = str(error)
-        self._buffer.clear()
+        self._parts.clear()
+        self._parts_size = 0
         self._chunk, self._pos = b"", 0
         return error
