@@ -27,6 +27,7 @@ reports an earlier send's failure.
 
 from __future__ import annotations
 
+import collections
 import logging
 import weakref
 from dataclasses import dataclass
@@ -87,7 +88,11 @@ class Subscription:
         self._member = GlobSet((compile_glob(member_pattern),))
         self.link: Link | None = None
         self.subscription_id: int | None = None
-        self._send, self._receive = trio.open_memory_channel[Event | Gap](SUBSCRIPTION_BUFFER)
+        # Items for the consumer (at most SUBSCRIPTION_BUFFER), and where it waits for more:
+        # a deque and a parking lot cost a fraction of a memory channel per item.
+        self._buffer: collections.deque[Event | Gap] = collections.deque()
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._ended = False  # no more items will come (unsubscribed, or the bus closed)
         self._closed = False
         self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
         self._taken = 0  # items handed to the consumer
@@ -108,23 +113,23 @@ class Subscription:
     def _put(self, item: Event | Gap) -> None:
         if self._closed:
             return
+        buffer = self._buffer
         if self._dropped:
-            try:
-                self._send.send_nowait(Gap(self._dropped, "slow consumer"))
-            except trio.WouldBlock:
+            if len(buffer) >= SUBSCRIPTION_BUFFER:
                 self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
                 return
+            buffer.append(Gap(self._dropped, "slow consumer"))
             self._dropped = 0
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
+        if len(buffer) >= SUBSCRIPTION_BUFFER:
             self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
-        except trio.ClosedResourceError:
-            pass
+            return
+        buffer.append(item)
+        if self._waiting:
+            self._waiting.unpark()
 
     def _forget(self) -> None:
         self._closed = True
-        self._send.close()
+        self._end()
         self._events.live.discard(self)
         link, sub_id = self.link, self.subscription_id
         if link is not None and sub_id is not None and self._events.on_link(link).pop(sub_id, None) is self:
@@ -150,20 +155,24 @@ class Subscription:
         # What is buffered already is handed over without a scheduler pass each time (one
         # per item would cost as much as the item): every call can be cancelled (before it
         # takes anything), and every 16th lets the other tasks run.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            item = self._receive.receive_nowait()
-        except trio.WouldBlock:
-            try:
-                return await self._receive.receive()
-            except trio.EndOfChannel:
-                raise StopAsyncIteration from None
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-        self._taken += 1
-        if not self._taken & 15:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return item
+        buffer = self._buffer
+        if buffer:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            item = buffer.popleft()
+            self._taken += 1
+            if not self._taken & 15:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        while not buffer:
+            if self._ended:
+                raise StopAsyncIteration
+            await self._waiting.park()  # cancellable; nothing was taken yet
+        return buffer.popleft()
+
+    def _end(self) -> None:
+        """No more items: the consumer gets what is buffered, then the end."""
+        self._ended = True
+        self._waiting.unpark_all()
 
 
 class Events:
@@ -304,4 +313,4 @@ class Events:
 
     def close_all_nowait(self) -> None:
         for sub in list(self.live):
-            sub._send.close()
+            sub._end()

@@ -17,6 +17,7 @@ from bus.wire.frames import (
     ControlFrame,
     DataFrame,
     FrameDecoder,
+    FrameKind,
     check_cbor,
     encode_control,
     encode_data,
@@ -380,3 +381,22 @@ def test_a_reused_buffer_fed_to_the_decoder_does_not_change_what_it_holds() -> N
     buf[:] = b"z" * 3000  # reused
     dec.receive_data(bytearray(wire[3000:]))
     assert list(dec) == [DataFrame(1, b"a" * 5000), DataFrame(2, b"b" * 10)]
+
+
+def test_a_trusted_decoder_skips_the_profile_check_but_not_cbor_itself() -> None:
+    """A client's link trusts its broker to have checked what it relays (docs/protocol.md):
+    its decoder takes CBOR the profile would refuse, but never malformed CBOR or a non-map."""
+    outside_profile = bytes([0xA1, 0x61, 0x6B, 0x18, 0x01])  # {"k": 1} with 1 not in its shortest form
+    frame = HEADER.pack(FrameKind.CONTROL, 0, 0, len(outside_profile)) + outside_profile
+    strict = FrameDecoder()
+    strict.receive_data(frame)
+    with pytest.raises(FrameError, match="shortest"):
+        strict.next_frame()
+    trusted = FrameDecoder(trusted=True)
+    trusted.receive_data(frame)
+    assert trusted.next_frame() == ControlFrame(0, {"k": 1})
+    for body in (bytes([0x81, 0x01]), bytes([0xA1, 0x61]), bytes([0xA1, 0x62, 0xFF, 0xFE, 0x01])):  # a list; cut; bad UTF-8
+        decoder = FrameDecoder(trusted=True)
+        decoder.receive_data(HEADER.pack(FrameKind.CONTROL, 0, 0, len(body)) + body)
+        with pytest.raises(FrameError):
+            decoder.next_frame()

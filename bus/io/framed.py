@@ -82,6 +82,7 @@ class FramedStream:
         max_control: int = DEFAULT_MAX_CONTROL,
         receive_stream: trio.abc.ReceiveStream | None = None,
         max_items: int | None = None,
+        trusted: bool = False,
     ) -> None:
         self.stream = stream
         # Where frames are read from: ``stream`` unless a layer below it may be read directly
@@ -89,7 +90,9 @@ class FramedStream:
         self._receive_stream = receive_stream or stream
         self.max_frame = max_frame
         self.max_control = max_control
-        self._decoder = FrameDecoder(max_frame, max_control, max_items)
+        # ``trusted``: CONTROL frames come from a party that checked their content already
+        # (a client's broker, see FrameDecoder.trusted).
+        self._decoder = FrameDecoder(max_frame, max_control, max_items, trusted=trusted)
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = False  # the last read took less than it asked for
