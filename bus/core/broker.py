@@ -374,8 +374,10 @@ class Connection:
     target_budget: Budget = field(init=False)  # channels others open to it (shared)
     incoming_budget: Budget = field(init=False)  # openings to it awaiting its answer (shared)
     tombstones: deque[tuple[int, int]] = field(default_factory=deque)
+    _unique_id: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._unique_id = f":{self.id}"
         me, limits = self.unique_id, self.limits
         self.watch_budget = Budget("watches_per_connection", me, limits.watches_per_connection)
         self.complex_watch_budget = Budget("complex_watches_per_connection", me, limits.complex_watches_per_connection)
@@ -387,7 +389,7 @@ class Connection:
 
     @property
     def unique_id(self) -> str:
-        return f":{self.id}"
+        return self._unique_id
 
 
 def parse_unique_id(text: str) -> int | None:

@@ -207,13 +207,69 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
+def _items_within(value: Any, depth: int, budget: int) -> int:
+    """What is left of ``budget`` after the data items of ``value`` (keys, values and
+    container heads count, as in :func:`check_cbor`), or -1 when it runs out or ``value`` is
+    not plain (see :func:`_plain`) or nests deeper than MAX_CBOR_DEPTH."""
+    budget -= 1
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool or kind is float or value is None:
+        return budget
+    if kind is int:
+        return budget if _INT_MIN <= value <= _INT_MAX else -1
+    if depth >= MAX_CBOR_DEPTH or budget < 0:
+        return -1
+    if kind is dict:
+        for key, item in value.items():
+            budget -= 1
+            key_kind = type(key)
+            if not (key_kind is str or (key_kind is int and _INT_MIN <= key <= _INT_MAX)):
+                return -1
+            budget = _items_within(item, depth + 1, budget)
+            if budget < 0:
+                return -1
+        return budget
+    if kind is list:
+        for item in value:
+            budget = _items_within(item, depth + 1, budget)
+            if budget < 0:
+                return -1
+        return budget
+    return -1
+
+
 def decode_control_body(body: bytes, max_items: int | None = None) -> dict[Any, Any]:
-    """Check and decode a CONTROL body into a dict."""
-    check_cbor(body, max_items)
+    """Check and decode a CONTROL body into a dict.
+
+    The quick way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of the
+    bytes it has, and refuses nesting past 400), then one walk over what it built (plain
+    types, depth, the item budget) and cbor2's own encoding of it compared with the body:
+    equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
+    tags).  Anything else -- including bodies in the profile that cbor2 writes differently,
+    such as a float in half precision -- goes through :func:`check_cbor`, which decides, and
+    says why.
+
+    A body longer than ``max_items`` bytes could hold more items than that: it is checked
+    first (check_cbor stops at the budget) and decoded after, so that a body of too many
+    items costs no more than before."""
+    if max_items is not None and len(body) > max_items:
+        check_cbor(body, max_items)
+        try:
+            message = cbor2.loads(body)
+        except Exception as exc:
+            raise FrameError(f"control body does not decode: {exc}") from exc
+        if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
+            raise FrameError("control body is not a CBOR map")
+        return message
     try:
         message = cbor2.loads(body)
-    except Exception as exc:  # cbor2 reports bad UTF-8 and friends with several types
+    except Exception as exc:  # cbor2 reports bad CBOR with several types
+        check_cbor(body, max_items)  # the profile's own reason, when it has one
         raise FrameError(f"control body does not decode: {exc}") from exc
+    budget = max_items if max_items is not None else len(body) + 1
+    if type(message) is dict and _items_within(message, 1, budget) >= 0 and cbor2.dumps(message) == body:
+        return message
+    check_cbor(body, max_items)
     if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
         raise FrameError("control body is not a CBOR map")
     return message
