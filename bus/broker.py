@@ -181,7 +181,8 @@ class _Session:
         # fair share of the queue): bytes held per identity, and (identity, end, size) per
         # event not written yet, where ``end`` is ``bytes_out`` up to its end.
         self.event_held: dict[str, int] = {}
-        self.event_marks: collections.deque[tuple[str, int, int]] = collections.deque()
+        # (made when first needed: an idle connection keeps no deque)
+        self.event_marks: collections.deque[tuple[str, int, int]] | None = None
         # Traffic, for the operators' figures (bytes in are counted by ``framed``); bytes_out
         # counts every frame the writer took, ever (the event shares above use it too).
         self.messages_in = 0
@@ -251,6 +252,8 @@ class _Session:
         if self.enqueue_encoded(data):
             end = self.bytes_out
             if end - self.out.queued_bytes < end:  # not all written at once
+                if self.event_marks is None:
+                    self.event_marks = collections.deque()
                 self.event_marks.append((payer, end, len(data)))
                 self.event_held[payer] = self.event_held.get(payer, 0) + len(data)
 
@@ -469,13 +472,18 @@ class Broker:
 
     def _room_for_event(self, conn_id: int, payer: str) -> int:
         """Room for one more event from identity ``payer`` (the core's ``room_for_event``):
-        the connection's room, and no more than payer's fair share of it -- each identity with
-        events queued there, and one newcomer, get equal parts of half the queue; so a fast
-        emitter fills at most its part, and a slow subscriber misses only the fast one's events."""
-        room = self._room_for(conn_id)
-        if room <= 0:
-            return room
-        held = self.sessions[conn_id].event_held
+        the connection's room (as ``_room_for``), and no more than payer's fair share of it --
+        each identity with events queued there, and one newcomer, get equal parts of half the
+        queue; so a fast emitter fills at most its part, and a slow subscriber misses only the
+        fast one's events.  (``_room_for`` written out: it is asked per subscriber per event.)"""
+        session = self.sessions.get(conn_id)
+        if session is None:
+            return 0
+        out = session.out
+        if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
+            return 0
+        room = self.relay_threshold - out.queued_bytes
+        held = session.event_held
         if not held:
             return min(room, self.relay_threshold // 2)
         mine = held.get(payer, 0)
