@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import cbor2
 
@@ -1174,14 +1174,16 @@ class BrokerCore:
         never cut for traffic it did not ask for, and the emitter is never slowed."""
         args = req.args
         member = args.get("member")
-        if type(member) is not str or not _MEMBER_RE.match(member):
+        source = args.get("source", conn.unique_id)
+        route = self._routes.get((source, member)) if type(member) is str and type(source) is str else None
+        # (A kind of event with a route was checked already: its member is an identifier.)
+        if route is None and (type(member) is not str or not _MEMBER_RE.match(member)):
             if not isinstance(member, str):
                 req.arg("member", str)  # raises the usual BadRequest
             raise BadRequest(f"emit: member {bound_text(member, 64)!r} is not an identifier (letters, digits, '_')")
         quiet = args.get("quiet", False)
         if type(quiet) is not bool:
             raise BadRequest("emit: argument 'quiet' must be bool")
-        source = args.get("source", conn.unique_id)
         if source != conn.unique_id:
             # Owned names are valid well-known names (never unique ids): owning it is the
             # quick test, the others only tell why not.
@@ -1209,9 +1211,8 @@ class BrokerCore:
                 raise NameNotFound(f"no connection {bound_text(destination, 64)!r} to send the event to")
         if not self._subscribers:
             return _QUIET if quiet else {"delivered": 0}  # nobody listens: it costs nothing more
-        route = self._routes.get((source, member))
         if route is None:
-            route = self._route(source, member, named=source != conn.unique_id)
+            route = self._route(source, cast(str, member), named=source != conn.unique_id)
         needed = size + _EVENT_OVERHEAD
         payer = conn.key.id
         room_for_event = self.room_for_event
@@ -1230,9 +1231,7 @@ class BrokerCore:
                 out.extend(self._gaps(subscriber))
             receivers.append(sub_conn_id)
         if receivers:
-            message = Event(
-                "event", {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": payer}
-            ).to_wire()
+            message = {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": payer, "event": "event"}
             out.append(FanOut(receivers, message, payer))
         return _QUIET if quiet else {"delivered": len(receivers)}
 

@@ -207,31 +207,43 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
+_SCALARS = frozenset({str, bytes, bool, float, type(None)})
+
+
 def _items_within(value: Any, depth: int, budget: int) -> int:
     """What is left of ``budget`` after the data items of ``value`` (keys, values and
     container heads count, as in :func:`check_cbor`), or -1 when it runs out or ``value`` is
-    not plain (see :func:`_plain`) or nests deeper than MAX_CBOR_DEPTH."""
+    not plain (see :func:`_plain`) or nests deeper than MAX_CBOR_DEPTH.  (Scalars inside a
+    container are checked in its loop: a call each would double the cost of a flat map.)"""
     budget -= 1
     kind = type(value)
-    if kind is str or kind is bytes or kind is bool or kind is float or value is None:
+    if kind in _SCALARS:
         return budget
     if kind is int:
         return budget if _INT_MIN <= value <= _INT_MAX else -1
     if depth >= MAX_CBOR_DEPTH or budget < 0:
         return -1
+    scalars = _SCALARS
     if kind is dict:
         for key, item in value.items():
-            budget -= 1
             key_kind = type(key)
             if not (key_kind is str or (key_kind is int and _INT_MIN <= key <= _INT_MAX)):
                 return -1
-            budget = _items_within(item, depth + 1, budget)
+            item_kind = type(item)
+            if item_kind in scalars or (item_kind is int and _INT_MIN <= item <= _INT_MAX):
+                budget -= 2
+            else:
+                budget = _items_within(item, depth + 1, budget - 1)
             if budget < 0:
                 return -1
         return budget
     if kind is list:
         for item in value:
-            budget = _items_within(item, depth + 1, budget)
+            item_kind = type(item)
+            if item_kind in scalars or (item_kind is int and _INT_MIN <= item <= _INT_MAX):
+                budget -= 1
+            else:
+                budget = _items_within(item, depth + 1, budget)
             if budget < 0:
                 return -1
         return budget
