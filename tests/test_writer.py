@@ -11,6 +11,8 @@ Covered, plain and encrypted (box-stream), over Unix socketpairs and loopback TC
 * the bounded queue: ``WouldBlock`` past ``max_frames``, ``send()`` waiting for room (and
   cancellable before its frame is taken), counters back to 0, ``on_sent`` called;
 * coalescing of many small queued frames into writes of about ``COALESCE`` bytes, in order;
+* corking: queued without a write until ``uncork()`` (one write), written anyway at
+  ``CORK_FRAMES``, and never ahead of a partly written frame;
 * ``send_with_fd``: the descriptor travels over a plain Unix stream to an FdSocketStream,
   works on the other side, in order with the frames around it, and the writer's copy is
   closed; an encrypted or TCP stream makes ``run()`` raise BrokenResourceError;
@@ -44,7 +46,7 @@ from bus.errors import LocalProtocolError
 from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
 from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair
-from bus.io.writer import COALESCE, FrameWriter
+from bus.io.writer import COALESCE, CORK_FRAMES, FrameWriter
 from bus.wire.boxstream import HEADER_SIZE, MAX_BODY
 from bus.wire.identity import Identity
 
@@ -391,6 +393,49 @@ async def test_large_frames_are_not_joined(res: Resources) -> None:
     got = await _drain(writer, receiver, len(big) + sum(map(len, frames)))
     assert got == big + b"".join(frames)
     assert len(calls.queued) == 4  # the partial frame, then one write per large frame
+
+
+@ENCRYPTED
+async def test_a_corked_writer_queues_then_writes_once_and_in_order(res: Resources, encrypted: bool) -> None:
+    """cork(): send_nowait only queues (nothing reaches the kernel); uncork() writes it all
+    with one write; CORK_FRAMES frames write at once even while corked; order holds."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender, max_frames=5000)
+    writer.cork()
+    frames = [i.to_bytes(4, "big") + os.urandom(60) for i in range(CORK_FRAMES - 1)]
+    for frame in frames:
+        writer.send_nowait(frame)
+    assert _pending(receiver) == 0 and len(writer) == len(frames)
+    assert writer.queued_bytes == sum(map(len, frames))
+    writer.uncork()
+    assert not writer.corked and len(writer) == 0 and writer.queued_bytes == 0
+    assert calls.queued == [0]  # one write, all of it
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, sum(map(len, frames))) == b"".join(frames)
+    # Corked, the CORK_FRAMES-th frame writes what waits (a cork never fills the queue).
+    writer.cork()
+    more = [os.urandom(10) for _ in range(CORK_FRAMES + 5)]
+    for frame in more:
+        writer.send_nowait(frame)
+    assert len(writer) == 5 and len(calls.queued) == 2
+    writer.uncork()
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, sum(map(len, more))) == b"".join(more)
+    assert writer.queued_bytes == 0
+
+
+async def test_uncork_behind_a_partial_frame_leaves_the_queue_to_run(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, _ = _writer(sender)
+    big = _fill_with_partial_frame(writer, sender, receiver)
+    writer.cork()
+    frames = [os.urandom(100) for _ in range(10)]
+    for frame in frames:
+        writer.send_nowait(frame)
+    writer.uncork()  # the socket is full and a frame is half written: nothing jumps ahead
+    assert len(writer) == 1 + len(frames)
+    got = await _drain(writer, receiver, len(big) + 1000)
+    assert got == big + b"".join(frames)
 
 
 # -- 5. frames carrying a descriptor -----------------------------------------------------------

@@ -116,17 +116,7 @@ class FrameWriter:
             self.queued_bytes += len(frame)
             self._wake.set()
             return
-        try:
-            rest = self.stream.send_nowait(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-            self._failure = exc
-            self._wake.set()
-            return
-        if rest:
-            self._rest = rest
-            self._rest_size = len(frame)
-            self.queued_bytes += len(frame)
-            self._wake.set()
+        self._write_now(frame, len(frame), counted=False)
 
     @property
     def corked(self) -> bool:
@@ -160,7 +150,12 @@ class FrameWriter:
         if not batch:
             self._wake.set()
             return
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        self._write_now(batch[0] if len(batch) == 1 else b"".join(batch), size, counted=True)
+
+    def _write_now(self, data: bytes, size: int, *, counted: bool) -> None:
+        """Write ``data`` (``size`` bytes of frames) as far as the socket takes it now; the
+        rest is left to :meth:`run`.  ``counted``: the frames are in ``queued_bytes`` already
+        (taken from the queue), so they are reported sent when all of it went."""
         try:
             rest = self.stream.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
@@ -168,13 +163,14 @@ class FrameWriter:
             self._wake.set()
             return
         if rest:
-            # Counted in queued_bytes already; run() writes the rest, then the queue.
             self._rest = rest
             self._rest_size = size
+            if not counted:
+                self.queued_bytes += size
             self._wake.set()
-        else:
+        elif counted:
             self._sent(size)
-            if queue:
+            if self._queue:
                 self._wake.set()
 
     async def wait_room(self) -> None:
