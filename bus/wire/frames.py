@@ -183,12 +183,14 @@ def check_cbor(body: bytes, max_items: int | None = None) -> None:
 
 
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
+_SCALAR_TYPES = frozenset({str, bytes, bool, float, type(None)})
 
 
 def _plain(value: Any, depth: int) -> bool:
-    """Whether cbor2 encodes ``value`` inside the profile: plain types only, no tags."""
+    """Whether cbor2 encodes ``value`` inside the profile: plain types only, no tags.
+    (Scalars inside a container are looked at in its loop, without a call each.)"""
     kind = type(value)
-    if kind is str or kind is bytes or kind is bool or kind is float or value is None:
+    if kind in _SCALAR_TYPES:
         return True
     if kind is int:
         return bool(_INT_MIN <= value <= _INT_MAX)
@@ -199,15 +201,21 @@ def _plain(value: Any, depth: int) -> bool:
             key_kind = type(key)
             if not (key_kind is str or (key_kind is int and _INT_MIN <= key <= _INT_MAX)):
                 return False
+            item_kind = type(item)
+            if item_kind in _SCALAR_TYPES or (item_kind is int and _INT_MIN <= item <= _INT_MAX):
+                continue
             if not _plain(item, depth + 1):
                 return False
         return True
     if kind is list or kind is tuple:
-        return all(_plain(item, depth + 1) for item in value)
+        for item in value:
+            item_kind = type(item)
+            if item_kind in _SCALAR_TYPES or (item_kind is int and _INT_MIN <= item <= _INT_MAX):
+                continue
+            if not _plain(item, depth + 1):
+                return False
+        return True
     return False
-
-
-_SCALARS = frozenset({str, bytes, bool, float, type(None)})
 
 
 def _items_within(value: Any, depth: int, budget: int) -> int:
@@ -217,13 +225,13 @@ def _items_within(value: Any, depth: int, budget: int) -> int:
     container are checked in its loop: a call each would double the cost of a flat map.)"""
     budget -= 1
     kind = type(value)
-    if kind in _SCALARS:
+    if kind in _SCALAR_TYPES:
         return budget
     if kind is int:
         return budget if _INT_MIN <= value <= _INT_MAX else -1
     if depth >= MAX_CBOR_DEPTH or budget < 0:
         return -1
-    scalars = _SCALARS
+    scalars = _SCALAR_TYPES
     if kind is dict:
         for key, item in value.items():
             key_kind = type(key)
