@@ -284,7 +284,9 @@ def build_config(args: argparse.Namespace) -> tuple[BrokerConfig, str]:
         limits = Limits(**{k: v for k, v in limits_section.items() if k in _LIMIT_KEYS})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{args.config}: [limits]: {exc}") from exc
-    service_dirs = [(Path(d), True) for d in [*args.services, *section.get("services", [])]]
+    # Made absolute now: a plugin's relative paths are resolved against its file's directory,
+    # and it is started from there, so a relative directory would be counted twice.
+    service_dirs = [(Path(d).absolute(), True) for d in [*args.services, *section.get("services", [])]]
     service_dirs.append((default_service_dir(), False))
     config = BrokerConfig(
         service_dirs=service_dirs,
@@ -384,14 +386,17 @@ async def run(config: BrokerConfig, notifier: SystemdNotifier | None = None) -> 
                     continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
-        await notifier.stopping()
-        # Plugins first (SIGTERM, then SIGKILL after their stop_timeout), while they can still
-        # say goodbye; then the clients.
-        await broker.supervisor.stop_all()
-        broker.begin_shutdown()
-        with trio.move_on_after(config.close_timeout + 1):
-            while broker.sessions:
-                await trio.sleep(0.01)
+            # Still inside the signal receiver: a second SIGTERM (or a SIGHUP) while plugins
+            # are being stopped is taken and ignored here, not left to its default action,
+            # which would end busd at once and leave its plugins running.
+            await notifier.stopping()
+            # Plugins first (SIGTERM, then SIGKILL after their stop_timeout), while they can
+            # still say goodbye; then the clients.
+            await broker.supervisor.stop_all()
+            broker.begin_shutdown()
+            with trio.move_on_after(config.close_timeout + 1):
+                while broker.sessions:
+                    await trio.sleep(0.01)
         serve_scope.cancel()
         nursery.cancel_scope.cancel()
     notifier.close()

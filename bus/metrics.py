@@ -214,10 +214,13 @@ class MetricsServer:
                 nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request_bytes)
         try:
             with trio.move_on_after(self.timeout) as deadline:
-                await self._converse(stream)
-            if deadline.cancelled_caught:
+                await self._converse(conn, stream)
+            # Counted only when a request was under way: a kept-alive connection that was
+            # merely idle between scrapes at its deadline is the normal end of one.
+            if deadline.cancelled_caught and (conn.their_state is not h11.IDLE or conn.trailing_data[0]):
                 self.dropped["timeout"] = self.dropped.get("timeout", 0) + 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the scraper went away
@@ -228,9 +231,8 @@ class MetricsServer:
             self.active -= 1
             stream.socket.close()
 
-    async def _converse(self, stream: trio.SocketStream) -> None:
+    async def _converse(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
         """Answer requests on one connection until it closes, errs, or must close."""
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request_bytes)
         while True:
             try:
                 request = await self._next_event(conn, stream)

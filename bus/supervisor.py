@@ -164,6 +164,14 @@ class _Plugin:
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.wakeup = trio.Event()
         self.activation: _Activation | None = None
+        #: An administrator stopped it (busctl stop): nothing but busctl start runs it again
+        #: (not a reload, not an opener).
+        self.stopped_by_admin = False
+        #: After a failed activation (on-demand plugins): openers get that failure without a
+        #: new launch until ``retry_at`` (trio time), the pause doubling up to restart_delay_max.
+        self.retry_at = 0.0
+        self.retry_delay = 0.0
+        self.last_failure = ""
 
     @property
     def name(self) -> str:
@@ -239,9 +247,11 @@ class Supervisor:
             self.core.services.forget(plugin.name)
 
     def _start_always(self) -> None:
+        if self.closing:
+            return
         for plugin in self.plugins.values():
             if plugin.spec.activation == "always" and plugin.name in self.core.services.specs and plugin.scope is None:
-                if plugin.state.state != "failed":
+                if plugin.state.state != "failed" and not plugin.stopped_by_admin:
                     self._start_runner(plugin)
 
     # -- running ---------------------------------------------------------------------------------
@@ -263,6 +273,9 @@ class Supervisor:
                 plugin.notify()
             return
         if item.op == "reload":
+            if self.closing:
+                self.dispatch(self.core.service_reply(item.conn, item.request, error=ActivationFailed("busd is shutting down")))
+                return
             errors = self.load()
             self.dispatch(self.core.service_reply(item.conn, item.request, {"services": len(self.core.services.specs), "errors": errors}))
             return
@@ -280,9 +293,39 @@ class Supervisor:
             nursery.start_soon(self._command, plugin, item)
 
     async def _activate_for_held(self, plugin: _Plugin) -> None:
-        error = await self.activate(plugin)
+        """An opener asked for a plugin nobody owns.  Only an on-demand plugin is launched
+        for it, and not while it is marked failed, stopped by an administrator, or pausing
+        after a failed activation: openers cannot undo a crash-loop stop or fork a failing
+        plugin at their own pace.  An always-on plugin that runs is waited for."""
+        error = self._refusal(plugin)
+        if error is None:
+            if plugin.spec.activation == "always" and plugin.scope is None:
+                error = f"{plugin.name} is an always-on plugin that is not running (busctl start runs it)"
+            else:
+                error = await self.activate(plugin)
+                now = trio.current_time()
+                if error is None:
+                    plugin.retry_delay = 0.0
+                elif plugin.spec.activation == "on-demand":
+                    settings = self.settings
+                    plugin.retry_delay = min(max(plugin.retry_delay * 2, settings.restart_delay), settings.restart_delay_max)
+                    plugin.retry_at = now + plugin.retry_delay
+                    plugin.last_failure = error
         if error is not None:
             self.dispatch(self.core.activation_failed(plugin.name, error))
+
+    def _refusal(self, plugin: _Plugin) -> str | None:
+        """Why an opener may not launch ``plugin`` now, if it may not."""
+        if self.core.names.owner(plugin.name) is not None:
+            return None
+        if plugin.state.state == "failed":
+            return f"it is marked failed ({plugin.state.failure}); an administrator can start it again (busctl start)"
+        if plugin.stopped_by_admin:
+            return "an administrator stopped it (busctl start runs it again)"
+        wait = plugin.retry_at - trio.current_time()
+        if wait > 0 and plugin.activation is None:
+            return f"it failed to start {plugin.retry_delay - wait:.1f} s ago and is not tried again for {wait:.1f} s: {plugin.last_failure}"
+        return None
 
     async def _command(self, plugin: _Plugin, item: ServiceAction) -> None:
         error: RequestError | None = None
@@ -290,8 +333,13 @@ class Supervisor:
         try:
             if item.op in ("stop", "restart"):
                 result["was"] = plugin.state.state
+                plugin.stopped_by_admin = item.op == "stop"
                 await self.stop(plugin)
             if item.op in ("start", "restart"):
+                plugin.stopped_by_admin = False
+                plugin.retry_at = plugin.retry_delay = 0.0
+                if plugin.scope is not None and plugin.process is None and self.core.names.owner(plugin.name) is None:
+                    await self.stop(plugin)  # waiting out a restart backoff: start it now instead
                 why = await self.activate(plugin)
                 if why is not None:
                     error = ActivationFailed(f"cannot start {plugin.name!r}: {why}")
@@ -327,6 +375,7 @@ class Supervisor:
         with trio.move_on_after(timeout):
             while True:
                 if self.core.names.owner(plugin.name) is not None:
+                    self._check_owner(plugin)
                     return None
                 if plugin.exits > exits:
                     why = plugin.failure_text(plugin.state.last_exit or "it exited")
@@ -337,15 +386,38 @@ class Supervisor:
                 await plugin.wakeup.wait()
         if self.core.names.owner(plugin.name) is not None:
             return None
+        on_demand = plugin.spec.activation == "on-demand"
         if plugin.exits == exits and plugin.scope is not None:
-            why = plugin.failure_text(f"it did not take its name within {timeout:g} s (the activation deadline); it was stopped")
+            then = "it was stopped" if on_demand else "it keeps running"
+            why = plugin.failure_text(f"it did not take its name within {timeout:g} s (the activation deadline); {then}")
         log.warning("activation of %s failed: %s", plugin.name, why)
-        if plugin.spec.activation == "on-demand":
+        if on_demand:
             await self.stop(plugin)  # no restarts after a failed activation
         return why
 
+    def _check_owner(self, plugin: _Plugin) -> None:
+        """Log it when the name went to a connection other than the launched plugin's process
+        group: owning is the policy's business (whoever may own the name may take it, and then
+        gets what was held for it), but the operator should know."""
+        owner_id = self.core.names.owner(plugin.name)
+        owner = self.core.connections.get(owner_id) if owner_id is not None else None
+        process = plugin.process
+        if owner is None or process is None:
+            return
+        try:
+            ours = owner.pid is not None and os.getpgid(owner.pid) == process.pid
+        except OSError:
+            ours = False
+        if not ours:
+            log.warning(
+                "%s was taken by :%d (%s, pid %s), not by the plugin busd launched (pid %d); what was held for it goes there",
+                plugin.name, owner.id, owner.key, owner.pid, process.pid,
+            )
+
     def _start_runner(self, plugin: _Plugin) -> None:
         assert self._nursery is not None
+        if self.closing:
+            return  # stop_all has its list: nothing new starts behind it
         plugin.wanted = True
         plugin.scope = trio.CancelScope()
         plugin.runner_done = trio.Event()

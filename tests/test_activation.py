@@ -93,7 +93,7 @@ trio.run(main)
 
 CONFIG = f"""
 [limits]
-activation_timeout = 4.0
+activation_timeout = 9.0
 restart_delay = 0.05
 restart_delay_max = 0.2
 crash_loop_restarts = 3
@@ -162,10 +162,10 @@ class Busd:
         self.install(name, self.script("echo", ECHO), name, str(launches), **fields)
         return launches
 
-    def start(self) -> None:
+    def start(self, services: str | None = None) -> None:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bus", "--tcp", "127.0.0.1:0", "--services", str(self.services), "--config", str(self.config)],
+                [sys.executable, "-m", "bus", "--tcp", "127.0.0.1:0", "--services", services or str(self.services), "--config", str(self.config)],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -321,7 +321,7 @@ def test_a_plugin_that_never_takes_its_name_fails_at_the_deadline_and_is_stopped
     busd.start()
     started = busd.busctl("start", "org.example.Shy")
     assert started.returncode == 6, started.stderr
-    assert "did not take its name within 4 s" in started.stderr and "connected without a name" in started.stderr
+    assert "did not take its name within 9 s" in started.stderr and "connected without a name" in started.stderr
     entry = busd.services_json()["org.example.Shy"]
     assert entry["state"] == "not running" and entry["pid"] is None and entry["launches"] == 1
 
@@ -366,6 +366,10 @@ def test_always_plugins_restart_with_backoff_until_a_crash_loop_stops_them(busd:
     assert "stopped and marked failed: crash loop" in log
     listed = busd.busctl("list", "--activatable")
     assert "org.example.Crashy" in listed.stdout and "failed" in listed.stdout
+    # An opener cannot undo the crash-loop stop: no launch, the failure says why.
+    opened = busd.busctl("call", "org.example.Crashy", "echo", "1", identity=busd.tmp / "user.key")
+    assert opened.returncode == 6 and "marked failed" in opened.stderr and "busctl start" in opened.stderr
+    assert busd.services_json()["org.example.Crashy"]["launches"] == 4
     # The operators' figures count the same: 4 launches, 3 restarts, 4 failed runs.
     stats = busd.busctl("--json", "stats")
     assert stats.returncode == 0, stats.stderr
@@ -385,6 +389,28 @@ def test_an_always_plugin_that_dies_is_restarted(busd: Busd) -> None:
     assert entry["restarts"] == 1 and entry["last_exit"] == "killed by SIGKILL"
     assert launches.read_text().split() == [str(first), str(second)]
     assert trio.run(busd.call, "org.example.Echo", "echo", "still here") == "still here"
+
+
+def test_a_plugin_an_administrator_stopped_stays_stopped(busd: Busd) -> None:
+    """busctl stop holds: a reload does not start an always-on plugin again, and an opener
+    does not start an on-demand one; busctl start does."""
+    always = busd.echo("org.example.Always", activation="always", restart="always")
+    busd.echo("org.example.Echo")
+    busd.start()
+    busd.wait_for(lambda: busd.services_json()["org.example.Always"]["owner"])
+    assert trio.run(busd.call, "org.example.Echo", "echo", 1) == 1
+    for name in ("org.example.Always", "org.example.Echo"):
+        stopped = busd.busctl("stop", name)
+        assert stopped.returncode == 0, stopped.stderr
+    assert busd.busctl("reload").returncode == 0
+    entries = busd.services_json()
+    assert entries["org.example.Always"]["state"] == entries["org.example.Echo"]["state"] == "not running"
+    opened = busd.busctl("call", "org.example.Echo", "echo", "1", identity=busd.tmp / "user.key")
+    assert opened.returncode == 6 and "an administrator stopped it" in opened.stderr
+    launched = len(always.read_text().split())
+    assert busd.busctl("start", "org.example.Always").returncode == 0
+    assert len(always.read_text().split()) == launched + 1
+    assert trio.run(busd.call, "org.example.Always", "echo", 2) == 2
 
 
 def test_shutdown_stops_every_plugin(busd: Busd) -> None:
@@ -459,3 +485,22 @@ def test_the_example_service_file_starts_the_echo_example(busd: Busd) -> None:
     assert ticks.returncode == 0, ticks.stderr + busd.log()[-2000:]
     assert [json.loads(line)["member"] for line in ticks.stdout.splitlines()] == ["Tick", "Tick"]
     assert busd.services_json()["org.example.Ticker"]["state"] == "running"
+
+
+def test_a_relative_services_directory_and_a_relative_program(busd: Busd) -> None:
+    """``busd --services DIR`` with DIR relative to busd's working directory, and a file whose
+    program is ``./echo.sh`` beside it: the program is found (relative to the file's
+    directory, which is also where it runs), however busd was given the directory."""
+    launches = busd.tmp / "relative.launches"
+    script = busd.script("echo", ECHO)
+    wrapper = busd.services / "echo.sh"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    wrapper.chmod(0o755)
+    (busd.services / "org.example.Relative.toml").write_text(
+        'name = "org.example.Relative"\n'
+        f'exec = ["./echo.sh", "org.example.Relative", {json.dumps(str(launches))}]\n'
+    )
+    busd.start(services=os.path.relpath(busd.services, ROOT))  # busd runs in ROOT
+    called = busd.busctl("call", "org.example.Relative", "echo", '"hi"')
+    assert called.returncode == 0, called.stderr + busd.log()[-2000:]
+    assert json.loads(called.stdout) == "hi"

@@ -1466,6 +1466,9 @@ class BrokerCore:
         again with ``after`` set to ``next``), only the asker's own for anyone else."""
         after = req.arg("after", int, 0, optional=True)
         totals = self.stats_totals()
+        if not conn.admin:
+            # Plugin names are names: only those this connection may see (as list_services).
+            totals["plugins"] = {name: counts for name, counts in totals["plugins"].items() if self._sees(conn.key, name)}
         if conn.admin:
             others = sorted(c for c in self.connections if c > after)
         else:
