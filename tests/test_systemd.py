@@ -251,6 +251,22 @@ async def test_a_missing_manager_is_logged_once_and_never_raises(tmp_path: Path,
     notifier.close()
 
 
+async def test_a_ready_that_did_not_get_through_goes_with_the_next_notification(tmp_path: Path) -> None:
+    """READY=1 is sent once; if the manager was not there then, the next notification (a
+    status or a ping from keep_informed) carries it, until one gets through."""
+    path = tmp_path / "late-manager"
+    notifier = SystemdNotifier(str(path))
+    assert not await notifier.notify(ready=True, status="listening")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(path))
+        manager.setblocking(False)
+        assert await notifier.notify(watchdog=True)
+        assert await receive(manager) == b"READY=1\nWATCHDOG=1\n"
+        assert await notifier.notify(watchdog=True)
+        assert await receive(manager) == b"WATCHDOG=1\n"  # once through, not again
+    notifier.close()
+
+
 def test_a_manager_that_stops_reading_costs_at_most_the_timeout(
     manager: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -146,6 +146,7 @@ class SystemdNotifier:
         self._sock: socket.socket | None = None
         self._failing = False
         self._stopping = False
+        self._ready_owed = False  # READY=1 was asked for and not sent yet
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> SystemdNotifier:
@@ -180,7 +181,9 @@ class SystemdNotifier:
         """Send one notification; True when it was sent (never raises for a failed send)."""
         if self.address is None:
             return False
+        ready = ready or self._ready_owed  # a READY=1 that did not get through goes again
         data = notify_message(ready=ready, stopping=stopping, watchdog=watchdog, status=status)
+        self._ready_owed = ready
         try:
             if self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -199,6 +202,7 @@ class SystemdNotifier:
                     except BlockingIOError:  # the manager's queue is full: wait for room
                         await trio.lowlevel.wait_writable(self._sock)
                 self._sent()
+                self._ready_owed = False
                 return True
             self._failed(f"NOTIFY_SOCKET stayed full for {NOTIFY_TIMEOUT:g} s")
         except OSError as exc:
@@ -241,7 +245,7 @@ class SystemdNotifier:
             ping = self.watchdog_interval is not None and now >= next_ping
             text = None if self._stopping else status()
             changed = text is not None and text != last_status
-            if ping or changed:
+            if ping or changed or (self._ready_owed and not self._stopping):
                 await self.notify(watchdog=ping, status=text if changed else None)
                 last_status = text if changed else last_status
             if ping and self.watchdog_interval is not None:
