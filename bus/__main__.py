@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     old_limit, new_limit = raise_fd_limit()
     if new_limit != old_limit:
         log.info("open-file limit raised from %d to %d", old_limit, new_limit)
+        config = dataclasses.replace(config, plugin_nofile=old_limit)  # plugins get the old one
     status = 0
     try:
         trio.run(run, config)

@@ -116,6 +116,9 @@ class BrokerConfig:
     #: Directories of service files (installed plugins), each with whether it was asked for
     #: explicitly (a missing default one is no error); see docs/activation.md.
     service_dirs: list[tuple[Path, bool]] = field(default_factory=list)
+    #: The soft open-file limit plugins get (busd raises its own for its connections, and a
+    #: child would inherit that; most programs expect the usual 1,024).  None: leave it.
+    plugin_nofile: int | None = None
     #: Seconds an activated plugin has to take its name (held openings wait that long).
     activation_timeout: float = 8.0
     #: Restart backoff: the first delay, doubling up to the max; back to the first once a
@@ -453,6 +456,7 @@ class Broker:
             restart_reset=config.restart_reset,
             crash_loop_restarts=config.crash_loop_restarts,
             crash_loop_window=config.crash_loop_window,
+            plugin_nofile=config.plugin_nofile,
         )
         self.supervisor = Supervisor(self.core, self.dispatch, self._plugin_environment, settings)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -141,6 +142,8 @@ class SupervisorSettings:
     restart_reset: float = 60.0
     crash_loop_restarts: int = 5
     crash_loop_window: float = 60.0
+    #: The soft open-file limit a plugin gets (busd's own raised one is not passed on).
+    plugin_nofile: int | None = None
 
 
 class _Activation:
@@ -505,6 +508,12 @@ class Supervisor:
             plugin.notify()
             return None
         plugin.process = process
+        if self.settings.plugin_nofile is not None:
+            try:  # back to what busd was given, not what it raised its own limit to
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (self.settings.plugin_nofile, hard))
+            except (OSError, ValueError) as exc:
+                log.debug("plugin %s: open-file limit left as it is: %s", plugin.name, exc)
         state.pid, state.since = process.pid, time.time()
         state.state = "running"
         log.info("plugin %s started (pid %d): %s", plugin.name, process.pid, " ".join(spec.exec))

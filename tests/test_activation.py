@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -162,10 +163,15 @@ class Busd:
         self.install(name, self.script("echo", ECHO), name, str(launches), **fields)
         return launches
 
-    def start(self, services: str | None = None) -> None:
+    def start(self, services: str | None = None, nofile: int | None = None) -> None:
+        def lower_nofile() -> None:  # (in the child, before busd runs: as a login shell's ulimit)
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bus", "--tcp", "127.0.0.1:0", "--services", services or str(self.services), "--config", str(self.config)],
+                preexec_fn=lower_nofile if nofile is not None else None,
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -504,3 +510,29 @@ def test_a_relative_services_directory_and_a_relative_program(busd: Busd) -> Non
     called = busd.busctl("call", "org.example.Relative", "echo", '"hi"')
     assert called.returncode == 0, called.stderr + busd.log()[-2000:]
     assert json.loads(called.stdout) == "hi"
+
+
+LIMITS = """
+import resource, sys, trio
+from clients import open_bus
+async def main():
+    with open(sys.argv[2], "w") as out:
+        out.write(" ".join(map(str, resource.getrlimit(resource.RLIMIT_NOFILE))))
+    async with open_bus(name=sys.argv[1]):
+        await trio.sleep_forever()
+trio.run(main)
+"""
+
+
+def test_a_plugin_gets_the_open_file_limit_busd_was_given_not_the_one_it_raised(busd: Busd) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.fail(f"this machine's hard open-file limit ({hard}) leaves busd nothing to raise")
+    seen = busd.tmp / "limits"
+    busd.install("org.example.Limits", busd.script("limits", LIMITS), "org.example.Limits", str(seen), identity=str(busd.tmp / "plugin.key"))
+    busd.start(nofile=512)
+    assert "open-file limit raised from 512" in busd.wait_for(lambda: "raised from" in busd.log() and busd.log())
+    started = busd.busctl("start", "org.example.Limits")
+    assert started.returncode == 0, started.stderr + busd.log()[-2000:]
+    soft, plugin_hard = map(int, seen.read_text().split())
+    assert soft == 512 and plugin_hard == hard
