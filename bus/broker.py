@@ -176,8 +176,9 @@ class _Session:
         self.cancel_scope = trio.CancelScope()
         self.reason = "connection closed"
         self.last_received = trio.current_time()
-        # Relayed channels waiting for room in this connection's queue to carry more data.
-        self.blocked: set[int] = set()
+        # Relayed channels waiting for room in this connection's queue to carry more data
+        # (a set made when one first has to wait).
+        self.blocked: set[int] | None = None
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
         # Events queued for this connection, by the identity that emitted them (each has a
@@ -1005,6 +1006,8 @@ class Broker:
             return
         while direction.ready():
             if dst_session.queued_bytes > self.relay_threshold:
+                if dst_session.blocked is None:
+                    dst_session.blocked = set()
                 dst_session.blocked.add(relay.id)
                 break
             chunk = direction.take(RELAY_FRAME)
@@ -1032,7 +1035,7 @@ class Broker:
 
     def unblock(self, session: _Session) -> None:
         """The connection's queue has room again: relayed data and watch pages may go on."""
-        waiting, session.blocked = session.blocked, set()
+        waiting, session.blocked = session.blocked, None
         if waiting:
             for relay in self.core.channels.of_connection(session.conn_id):
                 if relay.id in waiting:

@@ -184,3 +184,17 @@ def test_unwritable_directory_is_a_key_file_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(KeyFileError, match="key directory"):
         save_identity(blocker / "sub" / "secret", Identity.generate())
+
+
+def test_curve25519_public_is_the_conversion_and_never_remembers_a_refusal() -> None:
+    import nacl.bindings as sodium
+
+    from bus.wire.identity import curve25519_public
+
+    key = Identity.generate().public_key.raw
+    assert curve25519_public(key) == sodium.crypto_sign_ed25519_pk_to_curve25519(key)
+    assert curve25519_public(key) == curve25519_public(bytes(key))  # remembered or not, the same
+    not_a_point = b"\xff" * 32
+    for _ in range(2):  # refused each time it is asked, never answered from memory
+        with pytest.raises(Exception):
+            curve25519_public(not_a_point)

@@ -438,6 +438,51 @@ async def test_uncork_behind_a_partial_frame_leaves_the_queue_to_run(res: Resour
     assert got == big + b"".join(frames)
 
 
+@ENCRYPTED
+async def test_corked_frames_go_out_in_one_write_at_uncork(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender)
+    frames = [b"corked %d " % i + os.urandom(40) for i in range(5)]
+    writer.cork()
+    for frame in frames:
+        writer.send_nowait(frame)
+    assert len(writer) == 5 and writer.queued_bytes == sum(map(len, frames))
+    writer.uncork()  # written now, without run(): one write, one on_sent
+    assert len(writer) == 0 and writer.queued_bytes == 0
+    assert calls.queued == [0]
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, sum(map(len, frames))) == b"".join(frames)
+    # The writer is usable as before: the next frame goes straight to the socket.
+    writer.send_nowait(b"after")
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, 5) == b"after"
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_uncork_writes_up_to_a_descriptor_frame_and_run_the_rest_in_order(res: Resources) -> None:
+    sender, receiver, receiving = await res.fd_pair()
+    writer, calls = _writer(sender)
+    mine, theirs = res.socketpair()
+    writer.cork()
+    writer.send_nowait(b"one,")
+    writer.send_nowait(b"two,")
+    writer.send_with_fd(b"carrier,", mine)
+    writer.send_nowait(b"three")
+    writer.uncork()
+    # What came before the descriptor's frame is written at once; the rest waits for run().
+    assert len(writer) == 2 and calls.queued == [len(b"carrier,three")]
+    assert mine.fileno() != -1
+    got = await _drain(writer, receiver, len(b"one,two,carrier,three"))
+    assert got == b"one,two,carrier,three"
+    assert len(writer) == 0 and writer.queued_bytes == 0 and writer.queued_fds == 0
+    assert mine.fileno() == -1
+    fd = receiving.take_fd()
+    assert fd is not None
+    with socket.socket(fileno=fd) as passed:
+        passed.sendall(b"ok")
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(10) == b"ok"
+
 # -- 5. frames carrying a descriptor -----------------------------------------------------------
 
 

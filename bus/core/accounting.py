@@ -41,14 +41,16 @@ class Budget:
         self.owner = owner
         self.limit = limit
         self.used = 0
-        self._by_actor: dict[str, int] = {}
+        # Units held per actor, for a shared budget (made when an actor first takes some:
+        # most budgets never have one, and a broker holds seven per connection).
+        self._by_actor: dict[str, int] | None = None
 
     @property
     def free(self) -> int:
         return self.limit - self.used
 
     def held_by(self, actor: str) -> int:
-        return self._by_actor.get(actor, 0)
+        return self._by_actor.get(actor, 0) if self._by_actor else 0
 
     def check(self, amount: int, actor: str | None = None) -> None:
         """Raise :class:`QuotaExceeded` unless ``amount`` more can be taken (by ``actor``)."""
@@ -58,7 +60,7 @@ class Budget:
                 + (f" (asked by {actor})" if actor is not None else "")
             )
         if actor is not None:
-            held = self._by_actor.get(actor, 0)
+            held = self._by_actor.get(actor, 0) if self._by_actor else 0
             if held and self.free - amount < max(held + amount, self.limit // 8):
                 raise QuotaExceeded(
                     f"{self.limit_name}: {actor} may hold at most a fair share of what {self.owner} has free "
@@ -68,16 +70,22 @@ class Budget:
     def _take(self, amount: int, actor: str | None) -> None:
         self.used += amount
         if actor is not None:
+            if self._by_actor is None:
+                self._by_actor = {}
             self._by_actor[actor] = self._by_actor.get(actor, 0) + amount
 
     def _give(self, amount: int, actor: str | None) -> None:
         self.used -= amount
         if actor is not None:
-            left = self._by_actor[actor] - amount
+            by_actor = self._by_actor
+            assert by_actor is not None  # (it took some)
+            left = by_actor[actor] - amount
             if left:
-                self._by_actor[actor] = left
+                by_actor[actor] = left
             else:
-                del self._by_actor[actor]
+                del by_actor[actor]
+                if not by_actor:
+                    self._by_actor = None
 
 
 class Charge:

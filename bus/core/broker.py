@@ -373,7 +373,8 @@ class Connection:
     pending_budget: Budget = field(init=False)  # openings it waits for
     target_budget: Budget = field(init=False)  # channels others open to it (shared)
     incoming_budget: Budget = field(init=False)  # openings to it awaiting its answer (shared)
-    tombstones: deque[tuple[int, int]] = field(default_factory=deque)
+    # Openings to it whose opener gave up (made when first needed: most never have one).
+    tombstones: deque[tuple[int, int]] | None = None
     _unique_id: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -704,6 +705,8 @@ class BrokerCore:
         pend.opener = 0
         target = self.connections.get(pend.target)
         if target is not None:
+            if target.tombstones is None:
+                target.tombstones = deque()
             target.tombstones.append(key)
             while len(target.tombstones) > _TOMBSTONES_PER_TARGET:
                 old = target.tombstones.popleft()

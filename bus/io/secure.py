@@ -103,8 +103,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.encrypted = encrypted
         self.handshake_timeout = handshake_timeout
         self.close_timeout = DEFAULT_CLOSE_TIMEOUT
-        self._handshake = handshake
-        self._handshake_lock = trio.Lock()
+        # Both are dropped once the handshake is done (the machine's buffers and keys are
+        # not needed any more: a broker holds thousands of idle streams).
+        self._handshake: ClientHandshake | ServerHandshake | None = handshake
+        self._handshake_lock: trio.Lock | None = trio.Lock()
         self._outcome: HandshakeOutcome | None = None
         self._state = _State.OK
         self._broken_by: BaseException | None = None
@@ -203,7 +205,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
         if self._outcome is not None:
             await trio.lowlevel.checkpoint()
             return
-        async with self._handshake_lock:
+        lock = self._handshake_lock
+        assert lock is not None  # (dropped only once the outcome is set)
+        async with lock:
             if self._outcome is not None:
                 return
             self._check_usable()
@@ -233,12 +237,14 @@ class SecureStream(trio.abc.HalfCloseableStream):
 
     def _fail_handshake(self, error: HandshakeError) -> HandshakeError:
         # The machine may already be DONE when only the delivery of msg4 failed.
-        if not self._handshake.is_done:
-            return self._handshake.fail(error)
+        hs = self._handshake
+        if hs is not None and not hs.is_done:
+            return hs.fail(error)
         return error
 
     async def _run_handshake(self) -> None:
         hs = self._handshake
+        assert hs is not None
         transport = self.transport
         while not hs.is_done:
             out = hs.data_to_send()
@@ -259,6 +265,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         else:
             self._incoming += hs.unused_data
         self._outcome = outcome
+        self._handshake = self._handshake_lock = None
 
     async def _ensure_handshake(self) -> None:
         """The lazy handshake of send/receive: failures surface as BrokenResourceError."""

@@ -29,9 +29,9 @@ serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourc
 
 from __future__ import annotations
 
-import collections
 import socket
 from collections.abc import Callable
+from typing import cast
 
 import trio
 
@@ -58,7 +58,9 @@ class FrameWriter:
         #: Descriptors queued with their frames, not sent yet (each is open in this process).
         self.queued_fds = 0
         self.closed = False
-        self._queue: collections.deque[bytes | tuple[bytes, socket.socket]] = collections.deque()
+        # A list, not a deque: an empty deque holds a 64-slot block (760 bytes), and a broker
+        # has a writer per connection, mostly idle.  Frames leave it in batches (one slice).
+        self._queue: list[bytes | tuple[bytes, socket.socket]] = []
         self._rest: memoryview | None = None  # wire bytes of a frame the socket took only part of
         self._rest_size = 0
         self._busy = False  # run() is inside a write (stays set if that write failed half-way)
@@ -140,16 +142,23 @@ class FrameWriter:
             self._wake.set()
             return
         queue = self._queue
-        batch: list[bytes] = []
-        size = 0
-        while queue and not isinstance(queue[0], tuple):
-            frame = queue.popleft()
-            assert not isinstance(frame, tuple)
-            batch.append(frame)
-            size += len(frame)
-        if not batch:
-            self._wake.set()
+        if not queue:
             return
+        if self.queued_fds:  # frames up to the first one that carries a descriptor
+            count = 0
+            for item in queue:
+                if isinstance(item, tuple):
+                    break
+                count += 1
+            if not count:
+                self._wake.set()
+                return
+            batch = cast("list[bytes]", queue[:count])
+            del queue[:count]
+        else:
+            batch = cast("list[bytes]", queue)
+            self._queue = queue = []
+        size = sum(map(len, batch))
         self._write_now(batch[0] if len(batch) == 1 else b"".join(batch), size, counted=True)
 
     def _write_now(self, data: bytes, size: int, *, counted: bool) -> None:
@@ -235,8 +244,8 @@ class FrameWriter:
     def close(self) -> None:
         """Drop what is queued (closing queued descriptors); later sends raise."""
         self.closed = True
-        while self._queue:
-            item = self._queue.popleft()
+        queue, self._queue = self._queue, []
+        for item in queue:
             if isinstance(item, tuple):
                 item[1].close()
                 self.queued_fds -= 1
@@ -270,9 +279,11 @@ class FrameWriter:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            item = self._queue.popleft()
+            queue = self._queue
+            item = queue[0]
             self._busy = True
             if isinstance(item, tuple):
+                del queue[0]
                 frame, end = item
                 try:
                     await send_with_fds(self._socket(), frame, [end.fileno()])
@@ -283,15 +294,18 @@ class FrameWriter:
                     self.queued_fds -= 1
                 size = len(frame)
             else:
+                # This frame and the ones after it, up to about COALESCE bytes, in one write.
                 size = len(item)
-                if self._queue and size < COALESCE and not isinstance(self._queue[0], tuple):
-                    batch = [item]
-                    while self._queue and size < COALESCE and not isinstance(self._queue[0], tuple):
-                        more = self._queue.popleft()
-                        assert not isinstance(more, tuple)
-                        batch.append(more)
-                        size += len(more)
-                    item = b"".join(batch)
+                count, queued = 1, len(queue)
+                while count < queued and size < COALESCE:
+                    more = queue[count]
+                    if isinstance(more, tuple):
+                        break
+                    size += len(more)
+                    count += 1
+                if count > 1:
+                    item = b"".join(cast("list[bytes]", queue[:count]))
+                del queue[:count]
                 await self.stream.send_all(item)
             self._busy = False
             self._sent(size)

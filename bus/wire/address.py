@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-import nacl.bindings as sodium
 
-from .identity import PublicKey
+from .identity import PublicKey, curve25519_public
 
 __all__ = ["Endpoint", "parse_address", "format_address", "AddressError", "default_runtime_dir"]
 
@@ -102,7 +101,7 @@ def parse_address(text: str) -> list[Endpoint]:
             public = PublicKey.from_id(fields["key"])
             # The handshake needs the key as a curve25519 point: check that here, not after
             # a socket is open.
-            sodium.crypto_sign_ed25519_pk_to_curve25519(public.raw)
+            curve25519_public(public.raw)
         except ValueError as exc:
             raise AddressError(f"address part {part!r}: {exc}") from None
         except Exception:

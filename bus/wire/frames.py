@@ -385,7 +385,9 @@ class FrameDecoder:
         # when more arrives goes into ``_parts`` (with what arrives after it, as it came), and
         # a frame is then taken from there with one join: a frame that straddles reads is
         # copied once, whatever its size.  At most one of ``_chunk`` and ``_parts`` holds bytes.
-        self._parts: collections.deque[bytes | memoryview] = collections.deque()
+        # (``_parts`` is made when a frame first straddles reads, and dropped once empty: an
+        # idle connection holds none.)
+        self._parts: collections.deque[bytes | memoryview] | None = None
         self._parts_size = 0
         self._chunk: bytes = b""
         self._pos = 0
@@ -415,6 +417,8 @@ class FrameDecoder:
     def _spill(self) -> None:
         chunk, pos = self._chunk, self._pos
         rest = len(chunk) - pos
+        if self._parts is None:
+            self._parts = collections.deque()
         # A view keeps the whole chunk alive: worth it only for most of one (no copy of a big
         # remainder); a small remainder is copied, so a spent chunk is not held for it.
         self._parts.append(memoryview(chunk)[pos:] if pos == 0 or rest * 2 >= len(chunk) else chunk[pos:])
@@ -425,10 +429,13 @@ class FrameDecoder:
     def _take(self, n: int) -> bytes:
         """The next ``n`` bytes of ``_parts`` (which holds at least that many), joined once."""
         parts = self._parts
+        assert parts is not None
         self._parts_size -= n
         first = parts[0]
         if len(first) == n and type(first) is bytes:
             parts.popleft()
+            if not parts:
+                self._parts = None
             return first
         taken: list[bytes | memoryview] = []
         while n:
@@ -441,6 +448,8 @@ class FrameDecoder:
                 taken.append(view[:n])
                 parts[0] = view[n:]
                 n = 0
+        if not parts:
+            self._parts = None
         return b"".join(taken)
 
     def _read_header(self, source: bytes | bytearray, pos: int) -> tuple[int, int, int]:
@@ -516,7 +525,7 @@ class FrameDecoder:
 
     def _fail(self, error: FrameError) -> FrameError:
         self._error = str(error)
-        self._parts.clear()
+        self._parts = None
         self._parts_size = 0
         self._chunk, self._pos = b"", 0
         return error

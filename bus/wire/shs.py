@@ -37,7 +37,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 
 from ..errors import HandshakeError, HandshakeHangup, IdentityRefused, LocalProtocolError
-from .identity import Identity, PublicKey
+from .identity import Identity, PublicKey, curve25519_public
 
 __all__ = [
     "DEFAULT_NETWORK_KEY",
@@ -323,7 +323,7 @@ class ClientHandshake(_Handshake):
         super().__init__(identity, network_key, ephemeral_secret, State.AWAIT_SERVER_HELLO)
         self._server_key = server_key
         try:
-            self._server_curve = sodium.crypto_sign_ed25519_pk_to_curve25519(server_key.raw)
+            self._server_curve = curve25519_public(server_key.raw)
         except _CRYPTO_FAILURES as exc:
             raise ValueError(f"server key {server_key.id} is not a valid Ed25519 point") from exc
         self._msg1 = self._hello()
@@ -419,7 +419,7 @@ class ServerHandshake(_Handshake):
         except _CRYPTO_FAILURES as exc:
             raise HandshakeError("client authenticate (msg3) carries a bad signature") from exc
         client = PublicKey(a_pub)
-        Ab = sodium.crypto_scalarmult(self._eph_secret, sodium.crypto_sign_ed25519_pk_to_curve25519(a_pub))
+        Ab = sodium.crypto_scalarmult(self._eph_secret, curve25519_public(a_pub))
         self.client_key = client
         if self._authorize is not None:
             try:
