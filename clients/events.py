@@ -48,6 +48,8 @@ log = logging.getLogger("minibus.client")
 
 #: Items (events and gaps) one subscription buffers for its consumer.
 SUBSCRIPTION_BUFFER = 1000
+#: Kinds of event (source, member) whose matching subscriptions are remembered.
+ROUTE_CACHE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class Subscription:
         self.link = link
         self.subscription_id = result["subscription"]
         self._events.on_link(link)[result["subscription"]] = self
+        self._events.routes_changed()
 
     def _put(self, item: Event | Gap) -> None:
         if self._closed:
@@ -132,6 +135,7 @@ class Subscription:
         self._end()
         self._events.live.discard(self)
         link, sub_id = self.link, self.subscription_id
+        self._events.routes_changed()
         if link is not None and sub_id is not None and self._events.on_link(link).pop(sub_id, None) is self:
             self._events.send_unsubscribe(link, sub_id)
 
@@ -187,6 +191,14 @@ class Events:
         connection.event_handlers["emit_refused"] = self._on_refused
         self._refused: RequestError | None = None  # a quiet emit's refusal, not raised yet
         self._published = 0
+        # Which subscriptions an event of (source, member) goes to, on ``_routes_link``: worked
+        # out once per kind (at most ROUTE_CACHE kinds), forgotten when a subscription comes
+        # or goes or the link changes.
+        self._routes: dict[tuple[str, str], list[Subscription]] = {}
+        self._routes_link: Link | None = None
+
+    def routes_changed(self) -> None:
+        self._routes.clear()
 
     def on_link(self, link: Link) -> dict[int, Subscription]:
         table = self._by_link.get(link)
@@ -213,6 +225,7 @@ class Events:
 
     def send_unsubscribe(self, link: Link, sub_id: int) -> None:
         self.on_link(link).pop(sub_id, None)
+        self._routes.clear()
         if not link.closed:
             self._connection.send_request_nowait(link, "unsubscribe", {"subscription": sub_id})
 
@@ -273,9 +286,17 @@ class Events:
         if not isinstance(source, str) or not isinstance(member, str):
             return
         event = Event(source, member, fields.get("payload"), str(fields.get("sender", "")), str(fields.get("identity", "")))
-        for sub in list(self.on_link(link).values()):
-            if sub.matches(source, member):
-                sub._put(event)
+        if link is not self._routes_link:
+            self._routes.clear()
+            self._routes_link = link
+        route = self._routes.get((source, member))
+        if route is None:
+            route = [sub for sub in self.on_link(link).values() if sub.matches(source, member)]
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[(source, member)] = route
+        for sub in route:
+            sub._put(event)
 
     def _on_gap(self, link: Link, message: WireEvent) -> None:
         sub = self.on_link(link).get(message.fields.get("subscription", 0))

@@ -497,3 +497,28 @@ async def test_a_service_declares_its_events_and_emits_them_as_its_name(tmp_path
                 assert getattr(item, "source", None) == "org.example.Pool" and getattr(item, "payload", None) == {"hash": "ab"}
                 described = await listener.introspect(service.name)
                 assert described["events"] == [{"member": "NewOtx", "doc": 'A transaction entered the pool: {"hash": text}.'}]
+
+
+async def test_subscriptions_that_come_and_go_between_events_get_exactly_theirs(tmp_path: Path) -> None:
+    """The client remembers which subscriptions a kind of event goes to: one made, or ended,
+    between two events of the same kind changes who gets the next."""
+    from clients.bus import open_bus
+    from clients.events import Event
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                first = listener.subscribe("org.example.Ticker", "Tick")
+                await first.__aenter__()
+                assert await ticker.emit("Tick", 1, source="org.example.Ticker") == 1
+                async with listener.subscribe("org.example.*") as second:
+                    assert await ticker.emit("Tick", 2, source="org.example.Ticker") == 1
+                    with trio.fail_after(10):
+                        got_second = [await second.__anext__()]  # (the reader handed 2 to both)
+                    await first.aclose()
+                    assert await ticker.emit("Tick", 3, source="org.example.Ticker") == 1
+                    with trio.fail_after(10):
+                        got_second.append(await second.__anext__())
+                    assert [e.payload for e in got_second if isinstance(e, Event)] == [2, 3]
+                got_first = [item async for item in first]
+                assert [e.payload for e in got_first if isinstance(e, Event)] == [1, 2]
