@@ -419,7 +419,7 @@ class Service:
 
     async def serve_channel(self, channel: Channel) -> None:
         """Answer calls on one RPC channel until the caller closes it."""
-        framed = FramedStream(channel)
+        framed = FramedStream(channel, receive_stream=channel.socket_reads())
         # Replies go out whole and in order, straight to the channel when nothing waits.
         # (Room for every running call's reply, and as many refusals besides.)
         writer = FrameWriter(channel.secure, max_frames=2 * MAX_IN_FLIGHT)
@@ -700,6 +700,21 @@ class _PushedFrames:
         self.ended.set()
 
 
+class _Call:
+    """One call waiting for its reply: what came for it, and how its task is woken."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Reply | ErrorReply | _Body | BusError | None = None
+
+    def resolve(self, result: Reply | ErrorReply | _Body | BusError) -> None:
+        if self.result is None:  # (the first answer counts; a repeated id is ignored)
+            self.result = result
+            self.event.set()
+
+
 class RpcConnection:
     """The caller's side of one RPC channel: concurrent calls matched by id.
 
@@ -707,54 +722,136 @@ class RpcConnection:
     :class:`~bus.errors.MessageTooLarge` before anything is sent) and one reply (over it, the
     call fails with MessageTooLarge and the reply is skipped as it arrives), in bytes of
     CBOR: 16 MiB by default, at least 64 KiB.
+
+    Who reads the replies depends on the route.  A plain relayed channel pushes its bytes
+    from the bus connection's reader (:meth:`Channel.deliver_to`).  A channel that is a
+    plain socket of its own (unix-fd) is read by the calls themselves, taking turns: the
+    first call that finds nobody reading reads until its own reply has come, handing on
+    every other reply it reads (their tasks wake with it), then passes the turn to a call
+    still waiting.  A lone call thus reads its own reply, with no task in between.  A call
+    cancelled while it reads loses nothing: what was read stays in the frame decoder for the
+    next reader.  While no call waits nobody reads; :meth:`poll` reads, without waiting,
+    what came meanwhile (the service's end of the channel).  Any other route (tcp,
+    box-stream) is read by a task of :meth:`run`.
     """
 
     def __init__(self, channel: Channel, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.channel = channel
         self.max_message = _check_max_message(max_message)
-        self.framed = FramedStream(channel)
+        self.framed = FramedStream(channel, receive_stream=channel.socket_reads())
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self._next_id = 1
-        self._pending: dict[int, tuple[trio.Event, list[Reply | ErrorReply | _Body | BusError]]] = {}
+        self._pending: dict[int, _Call] = {}
         self._frames = _MessageFrames(self._announce)
         self.closed: BusError | None = None
         self._write_failure: BaseException | None = None
+        self._turns = False  # the calls read their own replies (decided by run())
+        self._reader: _Call | None = None  # the call reading now (turns)
+        self._ended = trio.Event()  # no more replies will come (set by _stop)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read replies until the channel ends; then fail whatever still waits."""
+        """Keep the channel until it ends (its writer, and its reader unless the calls read);
+        then fail whatever still waits and close it."""
+        pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
+        assert pushed is not None
+        if not self.channel.deliver_to(pushed.feed, pushed.end):
+            pushed = None
+            self._turns = self.channel.socket_reads() is not None
         task_status.started()
         reason = "the service closed the channel"
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, nursery.cancel_scope)
                 try:
-                    await self._read()
+                    if pushed is not None:
+                        await pushed.ended.wait()
+                        if pushed.error is not None:
+                            raise pushed.error  # what reading would have raised
+                    elif self._turns:
+                        await self._ended.wait()
+                    else:
+                        await self._read()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
                     reason = f"the rpc channel broke: {exc}"
                 nursery.cancel_scope.cancel()
             if self._write_failure is not None:
                 reason = f"the rpc channel broke: {self._write_failure}"
         finally:
-            self.closed = ConnectionLost(reason)
+            self._stop(reason)
             self.writer.close()
-            for event, _ in self._pending.values():
-                event.set()
             await trio.aclose_forcefully(self.channel)
 
+    def _stop(self, reason: str) -> None:
+        """No more replies will come: fail every call still waiting (the first reason stays)."""
+        if self.closed is None:
+            self.closed = ConnectionLost(reason)
+        for call in self._pending.values():
+            call.event.set()
+        self._ended.set()
+
     async def _read(self) -> None:
-        pushed = _PushedFrames(self._on_frame, self._frames.end_of_input)
-        if self.channel.deliver_to(pushed.feed, pushed.end):
-            await pushed.ended.wait()
-            if pushed.error is not None:
-                raise pushed.error  # what reading would have raised
-            return
+        """Read replies until the channel ends (a route the calls do not read themselves)."""
         while True:
             frame = await self.framed.receive_frame()
             if frame is None:
                 self._frames.end_of_input()
                 return
             self._on_frame(frame)
+
+    async def _read_for(self, call: _Call) -> None:
+        """Read (as this call's turn) until its reply has come or the channel ended."""
+        framed = self.framed
+        try:
+            while call.result is None:
+                frame = await framed.receive_frame()
+                if frame is None:
+                    self._frames.end_of_input()
+                    self._stop("the service closed the channel")
+                    return
+                self._on_frame(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            self._stop(f"the rpc channel broke: {exc}")
+
+    async def _wait_for(self, call: _Call) -> None:
+        """Wait for the call's reply, reading when it is this call's turn (turns)."""
+        while call.result is None and self.closed is None:
+            if self._reader is None:
+                self._reader = call
+                try:
+                    await self._read_for(call)
+                finally:
+                    self._reader = None
+            else:
+                if call.event.is_set():  # (woken to take a turn that another call took first)
+                    call.event = trio.Event()
+                await call.event.wait()
+
+    def _pass_turn(self) -> None:
+        """Nobody reads: wake a call still waiting, to read (turns)."""
+        if self._reader is None and self.closed is None:
+            for call in self._pending.values():
+                if call.result is None:
+                    call.event.set()
+                    return
+
+    def poll(self) -> None:
+        """Take what the channel brought while no call was reading (the service's end, replies
+        to calls given up), without waiting.  Afterwards :attr:`closed` says whether the
+        channel ended.  (Only where the calls read themselves; elsewhere a task reads.)"""
+        if not self._turns or self._reader is not None or self.closed is not None:
+            return
+        framed = self.framed
+        try:
+            while framed.read_nowait():
+                while (frame := framed.receive_frame_nowait()) is not None:
+                    self._on_frame(frame)
+                if framed.at_end:
+                    self._frames.end_of_input()
+                    self._stop("the service closed the channel")
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            self._stop(f"the rpc channel broke: {exc}")
 
     def _on_frame(self, frame: Frame) -> None:
         frames = self._frames
@@ -767,15 +864,14 @@ class RpcConnection:
             if type(item) is _Body:
                 waiting = self._pending.get(item.header["re"])
                 if waiting is not None:
-                    waiting[1].append(item)  # decoded by the caller's task
-                    waiting[0].set()
+                    waiting.resolve(item)  # decoded by the caller's task
                 return
         assert type(item) is dict
         message = parse_message(item)
-        if isinstance(message, (Reply, ErrorReply)) and message.re in self._pending:
-            event, slot = self._pending[message.re]
-            slot.append(message)
-            event.set()
+        if isinstance(message, (Reply, ErrorReply)):
+            waiting = self._pending.get(message.re)
+            if waiting is not None:
+                waiting.resolve(message)
 
     def _announce(self, header: dict[str, Any], size: int) -> bool:
         """A reply announced its body: keep it if its call still waits and it is not too big."""
@@ -788,13 +884,12 @@ class RpcConnection:
         if waiting is None:
             return False  # its caller gave up: skipped as it comes
         if size > self.max_message:
-            waiting[1].append(
+            waiting.resolve(
                 MessageTooLarge(
                     f"the reply takes {size} bytes, over this caller's {self.max_message}-byte limit"
                     " for one RPC message (max_message)"
                 )
             )
-            waiting[0].set()
             return False
         return True
 
@@ -810,9 +905,8 @@ class RpcConnection:
             raise self.closed
         request_id = self._next_id
         self._next_id += 1
-        event = trio.Event()
-        slot: list[Reply | ErrorReply | _Body | BusError] = []
-        self._pending[request_id] = (event, slot)
+        call = _Call()
+        self._pending[request_id] = call
         try:
             try:
                 encoded = _encode_message(Request(op, request_id, args).to_wire(), self.max_message)
@@ -823,15 +917,20 @@ class RpcConnection:
             except trio.ClosedResourceError:
                 raise self.closed or ConnectionLost("the rpc channel ended") from None
             del encoded  # (the writer holds it until it is sent)
-            await event.wait()
+            if self._turns:
+                await self._wait_for(call)
+            else:
+                await call.event.wait()
         finally:
-            self._pending.pop(request_id, None)
+            del self._pending[request_id]
             body = self._frames.body
             if body is not None and body.header.get("re") == request_id:
                 body.parts = None  # its reply is on its way: the rest is skipped, not kept
-        if not slot:
+            if self._turns and self._reader is None:
+                self._pass_turn()  # (it may have been given the turn just before it left)
+        reply = call.result
+        if reply is None:
             raise self.closed or ConnectionLost("the rpc channel ended")
-        reply = slot[0]
         if isinstance(reply, BusError):
             raise reply
         if isinstance(reply, _Body):
@@ -854,6 +953,7 @@ class RpcConnection:
         return result
 
     async def aclose(self) -> None:
+        self._stop("this side closed the channel")
         await self.channel.aclose()
 
 
@@ -890,9 +990,16 @@ class RpcCalls:
         raise RequestTimeout(f"{name}: no introspection reply within {timeout:g} s")
 
     async def _connect(self, name: str) -> RpcConnection:
+        connection = self.connections.get(name)
+        if connection is not None:
+            connection.poll()  # (whether the service ended the channel while it was idle)
+            if connection.closed is None:
+                return connection  # (no lock, no checkpoint: the call's wait is one)
         lock = self._locks.setdefault(name, trio.Lock())
         async with lock:
             connection = self.connections.get(name)
+            if connection is not None:
+                connection.poll()  # (whether the service ended the channel while it was idle)
             if connection is None or connection.closed is not None:
                 nursery = self._connection.nursery
                 if nursery is None:

@@ -1,0 +1,225 @@
+"""RPC over a unix-fd channel: the calls read their own replies, taking turns.
+
+No reader task sits between the socket and the calls (see ``RpcConnection``): these tests
+hold the turn-taking to its promises with a real broker and real sockets: replies out of
+order, a reader cancelled between two halves of a frame, the service's end seen while no
+call waits, the service's call limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from bus.errors import ConnectionLost, QuotaExceeded
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame, encode_control
+from clients import Channel, Service, open_bus
+from clients.rpc import MAX_IN_FLIGHT, RpcConnection
+
+from .brokers import FRIEND, PLUGIN, running_broker
+
+NAME = "org.example.Turns"
+
+
+async def _unix_fd_rpc(bus: Any, nursery: trio.Nursery) -> RpcConnection:
+    channel = await bus.open_channel(NAME, "rpc")
+    assert channel.route == "unix-fd"
+    connection = RpcConnection(channel)
+    await nursery.start(connection.run)
+    assert connection._turns  # the calls read (no reader task)
+    return connection
+
+
+async def test_concurrent_calls_get_their_own_replies_out_of_order(tmp_path: Path) -> None:
+    service = Service(NAME)
+
+    @service.method
+    async def later(value: int, delay: float) -> int:
+        await trio.sleep(delay)
+        return value
+
+    @service.method
+    def now(value: int) -> int:
+        return value
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                connection = await _unix_fd_rpc(bus, nursery)
+                results: dict[int, int] = {}
+
+                async def one(i: int) -> None:
+                    # The first calls answer last: whoever reads hands the others their replies.
+                    if i % 3:
+                        results[i] = await connection.call("later", i, (40 - i) * 0.01)
+                    else:
+                        results[i] = await connection.call("now", i)
+
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as calls:
+                        for i in range(40):
+                            calls.start_soon(one, i)
+                assert results == {i: i for i in range(40)}
+                assert connection._reader is None and not connection._pending
+                assert await connection.call("now", 7) == 7  # and the channel goes on
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_cancelled_between_two_halves_of_a_frame_loses_nothing(tmp_path: Path) -> None:
+    """The reading call is cancelled after reading half of another call's reply: the waiting
+    call takes the turn and reads the rest from where it stopped."""
+    requests: list[int] = []
+    got_requests = trio.Event()
+    go_on = trio.Event()
+
+    async def handler(channel: Channel) -> None:
+        framed = FramedStream(channel)
+        while len(requests) < 2:
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            requests.append(frame.message["id"])
+        got_requests.set()
+        first, second = requests
+        reply_second = encode_control(0, {"re": second, "result": "second"})
+        await channel.send_all(reply_second[:7])  # half a frame: the reader takes it in, then waits
+        await go_on.wait()
+        await channel.send_all(reply_second[7:] + encode_control(0, {"re": first, "result": "first"}))
+        while (frame := await framed.receive_frame()) is not None:  # later calls: echo the id
+            assert isinstance(frame, ControlFrame)
+            await channel.send_all(encode_control(0, {"re": frame.message["id"], "result": frame.message["id"]}))
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            sbus.handle_channels("rpc", handler)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                connection = await _unix_fd_rpc(bus, nursery)
+                outcome: dict[str, Any] = {}
+                first_scope = trio.CancelScope()
+
+                async def first_call() -> None:
+                    with first_scope:
+                        outcome["first"] = await connection.call("any")
+                    outcome["first cancelled"] = first_scope.cancelled_caught
+
+                async def second_call() -> None:
+                    outcome["second"] = await connection.call("any")
+
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as calls:
+                        calls.start_soon(first_call)
+                        await trio.testing.wait_all_tasks_blocked()
+                        assert connection._reader is not None  # the first call reads
+                        calls.start_soon(second_call)
+                        await got_requests.wait()
+                        await trio.testing.wait_all_tasks_blocked()
+                        assert connection.framed.bytes_received >= 7  # the half frame is read
+                        first_scope.cancel()
+                        await trio.testing.wait_all_tasks_blocked()
+                        go_on.set()
+                    assert outcome == {"first cancelled": True, "second": "second"}
+                    assert await connection.call("any") == 3  # the stream is still in step
+                nursery.cancel_scope.cancel()
+
+
+async def test_the_service_ending_the_channel_while_no_call_waits_is_seen(tmp_path: Path) -> None:
+    """Nobody reads an idle channel; the next bus.call polls it, sees its end, and opens a new one."""
+    served = 0
+
+    async def handler(channel: Channel) -> None:
+        nonlocal served
+        served += 1
+        framed = FramedStream(channel)
+        frame = await framed.receive_frame()
+        assert isinstance(frame, ControlFrame)
+        await channel.send_all(encode_control(0, {"re": frame.message["id"], "result": served}))
+        # returning closes the channel (gracefully: the end mark)
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            sbus.handle_channels("rpc", handler)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                with trio.fail_after(20):
+                    assert await bus.call(NAME, "any") == 1
+                    first = bus._rpc_calls.connections[NAME]
+                    await trio.testing.wait_all_tasks_blocked()  # the service's end has come
+                    assert await bus.call(NAME, "any") == 2  # a new channel, not a failed call
+                    assert bus._rpc_calls.connections[NAME] is not first
+                    assert isinstance(first.closed, ConnectionLost)
+
+
+async def test_the_service_call_limit_holds_with_callers_reading(tmp_path: Path) -> None:
+    """More calls than a channel may run at once: the service refuses the surplus, every other
+    call is answered, and each caller gets its own outcome."""
+    release = trio.Event()
+    service = Service(NAME)
+
+    @service.method
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                connection = await _unix_fd_rpc(bus, nursery)
+                outcomes: list[object] = []
+
+                async def one() -> None:
+                    try:
+                        outcomes.append(await connection.call("hold"))
+                    except QuotaExceeded as exc:
+                        outcomes.append(type(exc))
+
+                with trio.fail_after(30):
+                    async with trio.open_nursery() as calls:
+                        for _ in range(MAX_IN_FLIGHT + 10):
+                            calls.start_soon(one)
+                        while len(outcomes) < 10:  # the refusals come while the others are held
+                            await trio.sleep(0.01)
+                        assert outcomes == [QuotaExceeded] * 10
+                        release.set()
+                assert outcomes.count("held") == MAX_IN_FLIGHT and len(outcomes) == MAX_IN_FLIGHT + 10
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("closer", ["caller", "service"])
+async def test_waiting_calls_fail_when_the_channel_ends(tmp_path: Path, closer: str) -> None:
+    """Every call still waiting fails with ConnectionLost, the reading one and the others."""
+    stop_service = trio.Event()
+
+    async def handler(channel: Channel) -> None:
+        await stop_service.wait()  # reads nothing, answers nothing; returning closes the channel
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            sbus.handle_channels("rpc", handler)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                connection = await _unix_fd_rpc(bus, nursery)
+                failures: list[BaseException] = []
+
+                async def one() -> None:
+                    with pytest.raises(ConnectionLost) as info:
+                        await connection.call("any")
+                    failures.append(info.value)
+
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as calls:
+                        for _ in range(5):
+                            calls.start_soon(one)
+                        await trio.testing.wait_all_tasks_blocked()
+                        if closer == "caller":
+                            await connection.aclose()
+                        else:
+                            stop_service.set()
+                assert len(failures) == 5
+                with pytest.raises(ConnectionLost):
+                    await connection.call("any")
+                stop_service.set()
+                nursery.cancel_scope.cancel()
