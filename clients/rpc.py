@@ -137,14 +137,40 @@ def _what(request: Request) -> str:
     return repr(request.args.get("method", request.op))
 
 
-def _encode_message(message: dict[str, Any], max_message: int, answering: Request | None = None) -> bytes:
+_INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
+_SCALARS = frozenset({str, bytes, bool, float, type(None)})
+
+
+def _flat(values: Any) -> bool:
+    """Whether every value is a scalar inside the CBOR profile (a plain str, bytes, bool,
+    float, None, or an int of at most 64 bits): a message of such values, with string keys,
+    needs no walk to prove it is in the profile.  (Anything else is walked as usual.)"""
+    scalars = _SCALARS
+    for value in values:
+        kind = type(value)
+        if kind in scalars or (kind is int and _INT_MIN <= value <= _INT_MAX):
+            continue
+        if kind is list:
+            for item in value:
+                kind = type(item)
+                if not (kind in scalars or (kind is int and _INT_MIN <= item <= _INT_MAX)):
+                    return False
+            continue
+        return False
+    return True
+
+
+def _encode_message(
+    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False
+) -> bytes:
     """The wire bytes of one RPC message: a CONTROL frame, or a header and DATA frames.
 
     Raises :class:`MessageTooLarge` for a body over ``max_message`` and
     :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
-    request a reply answers (for the error message)."""
+    request a reply answers (for the error message).  ``flat``: the caller found the
+    message's values :func:`_flat` (and its keys strings)."""
     try:
-        return encode_control(0, message)  # the common case: one frame
+        return encode_control(0, message, checked=flat)  # the common case: one frame
     except LimitError:
         pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
@@ -431,7 +457,8 @@ class Service:
 
         def encode_reply(message: dict[str, Any], request: Request) -> bytes:
             try:
-                return _encode_message(message, max_message, request)
+                flat = "result" in message and _flat((message["result"],))  # ("re": the request's id)
+                return _encode_message(message, max_message, request, flat=flat)
             except MessageTooLarge as exc:
                 return framed.encode_message(ErrorReply.from_error(request.id, exc).to_wire())
             except LocalProtocolError as exc:
@@ -856,7 +883,14 @@ class RpcConnection:
     def _on_frame(self, frame: Frame) -> None:
         frames = self._frames
         if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
-            item: dict[str, Any] | _Body | None = frame.message  # (a message in one frame)
+            whole = frame.message  # (a message in one frame)
+            if len(whole) == 2 and "result" in whole:  # (a result: what parse_message would make)
+                re: Any = whole.get("re")
+                waiting = self._pending.get(re) if type(re) is int else None  # (pending: valid ids)
+                if waiting is not None:
+                    waiting.resolve(Reply(re, whole["result"]))
+                    return
+            item: dict[str, Any] | _Body | None = whole
         else:
             item = frames.feed(frame)
             if item is None:
@@ -909,7 +943,8 @@ class RpcConnection:
         self._pending[request_id] = call
         try:
             try:
-                encoded = _encode_message(Request(op, request_id, args).to_wire(), self.max_message)
+                wire = {**args, "op": op, "id": request_id}  # (Request(...).to_wire())
+                encoded = _encode_message(wire, self.max_message, flat=_flat(args.values()))
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:

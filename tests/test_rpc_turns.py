@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from bus.errors import ConnectionLost, QuotaExceeded
+from bus.errors import BadRequest, ConnectionLost, QuotaExceeded, RequestError
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 from clients import Channel, Service, open_bus
@@ -222,4 +222,51 @@ async def test_waiting_calls_fail_when_the_channel_ends(tmp_path: Path, closer: 
                 with pytest.raises(ConnectionLost):
                     await connection.call("any")
                 stop_service.set()
+                nursery.cancel_scope.cancel()
+
+
+async def test_values_outside_the_profile_are_still_refused_on_the_quick_paths(tmp_path: Path) -> None:
+    """Flat arguments and results skip the profile walk; anything else is still walked."""
+    service = Service(NAME)
+
+    @service.method
+    def give(kind: str) -> Any:
+        return {"huge": 2**70, "nested huge": [[2**70]], "set": {1}, "ok": [1, "a", b"b", None, 1.5]}[kind]
+
+    @service.method
+    def echo(*values: Any) -> Any:
+        return list(values)
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                with trio.fail_after(20):
+                    for bad in (2**70, [2**70], [[2**70]], {1}, [object()]):
+                        with pytest.raises(BadRequest, match="cannot be sent"):
+                            await bus.call(NAME, "echo", bad)
+                    for kind in ("huge", "nested huge", "set"):
+                        with pytest.raises(RequestError, match="cannot be sent"):
+                            await bus.call(NAME, "give", kind)
+                    assert await bus.call(NAME, "give", "ok") == [1, "a", b"b", None, 1.5]
+                    assert await bus.call(NAME, "echo", -(2**64), 2**64 - 1, True) == [-(2**64), 2**64 - 1, True]
+
+
+async def test_a_reply_whose_id_is_not_an_integer_answers_no_call(tmp_path: Path) -> None:
+    """``{"re": true, "result": ...}`` is not a reply to call 1 (True == 1 in Python): the
+    channel breaks as for any malformed reply, and the call fails instead of taking it."""
+
+    async def handler(channel: Channel) -> None:
+        framed = FramedStream(channel)
+        await framed.receive_frame()
+        await channel.send_all(encode_control(0, {"re": True, "result": "forged"}))
+        await trio.sleep_forever()
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            sbus.handle_channels("rpc", handler)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                connection = await _unix_fd_rpc(bus, nursery)
+                with trio.fail_after(20), pytest.raises(ConnectionLost, match="re"):
+                    await connection.call("any")
                 nursery.cancel_scope.cancel()
