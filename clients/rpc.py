@@ -597,7 +597,7 @@ class Service:
                         running += 1
                         calls.start_soon(run, message)
 
-                pushed = _PushedFrames(handle, frames.end_of_input)
+                pushed = _PushedFrames(handle, frames.end_of_input, writer)
                 if channel.deliver_to(pushed.feed, pushed.end):
                     await pushed.ended.wait()
                     if pushed.error is not None:
@@ -703,9 +703,12 @@ class _PushedFrames:
     Where the route allows it, RPC takes its bytes this way: the bus's reader cuts the
     frames and hands them on, with no reader task of its own in between."""
 
-    def __init__(self, handle: Callable[[Frame], None], at_end: Callable[[], None]) -> None:
+    def __init__(
+        self, handle: Callable[[Frame], None], at_end: Callable[[], None], writer: FrameWriter | None = None
+    ) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
         self._handle = handle
+        self._writer = writer  # corked while a burst of frames is handled (their answers: one write)
         self._at_end = at_end  # raises FrameError if the stream may not end here
         self.ended = trio.Event()
         self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
@@ -713,8 +716,27 @@ class _PushedFrames:
     def feed(self, data: bytes) -> None:
         decoder = self._decoder
         decoder.receive_data(data)
-        while (frame := decoder.next_frame()) is not None:
+        frame = decoder.next_frame()
+        if frame is None:
+            return
+        more = decoder.next_frame()
+        if more is None:
             self._handle(frame)
+            return
+        writer = self._writer
+        corked = writer is not None and not writer.corked
+        if corked:
+            assert writer is not None
+            writer.cork()
+        try:
+            self._handle(frame)
+            while more is not None:
+                self._handle(more)
+                more = decoder.next_frame()
+        finally:
+            if corked:
+                assert writer is not None
+                writer.uncork()
 
     def end(self, error: Exception | None) -> None:
         if error is None:
@@ -948,7 +970,12 @@ class RpcConnection:
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
-                await self.writer.put(encoded)  # waiting for the reply is the checkpoint
+                if len(self._pending) > 1:
+                    # Other calls are in flight: their tasks, woken by one read, send theirs
+                    # too; the writer task sends them all at once (one frame on a relay).
+                    await self.writer.put_later(encoded)
+                else:
+                    await self.writer.put(encoded)  # waiting for the reply is the checkpoint
             except trio.ClosedResourceError:
                 raise self.closed or ConnectionLost("the rpc channel ended") from None
             del encoded  # (the writer holds it until it is sent)

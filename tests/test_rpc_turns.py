@@ -270,3 +270,65 @@ async def test_a_reply_whose_id_is_not_an_integer_answers_no_call(tmp_path: Path
                 with trio.fail_after(20), pytest.raises(ConnectionLost, match="re"):
                     await connection.call("any")
                 nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_calls_sent_in_bursts_are_answered_in_order_and_cancelled_ones_cost_nobody(
+    tmp_path: Path, route: str
+) -> None:
+    """Calls made while others are in flight are queued for the writer task and go out
+    together; the service's reader answers a burst of synchronous calls in the order sent,
+    in one write.  Calls cancelled after queuing still go out whole; the others are answered."""
+    order: list[int] = []
+    service = Service(NAME)
+
+    @service.method
+    def seq(i: int) -> int:
+        order.append(i)
+        return len(order)
+
+    @service.method
+    async def later(i: int) -> int:
+        await trio.sleep(0.05)
+        return i
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                channel = await bus.open_channel(NAME, "rpc", "relay" if route == "relay" else "auto")
+                assert channel.route == route
+                connection = RpcConnection(channel)
+                await nursery.start(connection.run)
+                sent: list[int] = []
+                answers: dict[int, int] = {}
+
+                async def one(i: int) -> None:
+                    for round_ in range(3):
+                        sent.append(i * 10 + round_)  # (the call's id is taken before its first await)
+                        answers[i * 10 + round_] = await connection.call("seq", i * 10 + round_)
+
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as calls:
+                        for i in range(40):
+                            calls.start_soon(one, i)
+                    assert order == sent  # answered in the order sent
+                    assert sorted(answers.values()) == list(range(1, 121))
+                    assert all(order[answers[key] - 1] == key for key in answers)
+
+                    done: list[int] = []
+
+                    async def maybe_cancelled(i: int, scope: trio.CancelScope) -> None:
+                        with scope:
+                            done.append(await connection.call("later", i))
+
+                    async with trio.open_nursery() as calls:
+                        scopes = [trio.CancelScope() for _ in range(20)]
+                        for i, scope in enumerate(scopes):
+                            calls.start_soon(maybe_cancelled, i, scope)
+                        await trio.testing.wait_all_tasks_blocked()
+                        for scope in scopes[::2]:
+                            scope.cancel()
+                    assert sorted(done) == list(range(1, 20, 2))
+                    assert await connection.call("later", 99) == 99  # the channel is still in step
+                nursery.cancel_scope.cancel()
