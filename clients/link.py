@@ -402,7 +402,7 @@ class BusConnection:
                 frame = await framed.receive_frame()
                 if frame is None:
                     break
-                more = framed.receive_frame_nowait()
+                more = framed.receive_frame_nowait() if framed.buffered else None
                 if more is None:
                     error = self._dispatch(link, frame)
                 else:

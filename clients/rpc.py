@@ -141,6 +141,21 @@ _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _SCALARS = frozenset({str, bytes, bool, float, type(None)})
 
 
+def _surely_big(values: Any) -> bool:
+    """Whether the strings and bytes among ``values`` (flat ones: see :func:`_flat`) alone
+    pass the size of one control frame: no use encoding the message as one frame first."""
+    size = 0
+    for value in values:
+        kind = type(value)
+        if kind is bytes or kind is str:
+            size += len(value)
+        elif kind is list:
+            for item in value:
+                if type(item) is bytes or type(item) is str:
+                    size += len(item)
+    return size > DEFAULT_MAX_CONTROL
+
+
 def _flat(values: Any) -> bool:
     """Whether every value is a scalar inside the CBOR profile (a plain str, bytes, bool,
     float, None, or an int of at most 64 bits): a message of such values, with string keys,
@@ -169,10 +184,11 @@ def _encode_message(
     :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
     request a reply answers (for the error message).  ``flat``: the caller found the
     message's values :func:`_flat` (and its keys strings)."""
-    try:
-        return encode_control(0, message, checked=flat)  # the common case: one frame
-    except LimitError:
-        pass  # (encode_control checked the profile before the size)
+    if not (flat and _surely_big(message.values())):  # (a flat message is in the profile)
+        try:
+            return encode_control(0, message, checked=flat)  # the common case: one frame
+        except LimitError:
+            pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
     body = cbor2.dumps({key: value for key, value in message.items() if key not in _HEAD_KEYS})
     size = len(body)
@@ -571,6 +587,25 @@ class Service:
                             calls.start_soon(run_announced, item)  # (admitted and counted when announced)
                             return
                     assert type(item) is dict
+                    if len(item) == 4 and item.get("op") == "call" and running < MAX_IN_FLIGHT and writer.has_room:
+                        # The common call, {"op", "id", "method", "args"}: what parse_message
+                        # would make of it, without its copy and checks of every key.
+                        request_id, method, args = item.get("id"), item.get("method"), item.get("args")
+                        if (
+                            type(request_id) is int
+                            and 0 < request_id <= MAX_REQUEST_ID
+                            and type(method) is str
+                            and type(args) is list
+                            and method in self.sync_methods
+                        ):
+                            call = Request("call", request_id, {"method": method, "args": args})
+                            answer = self._answer_now(call)
+                            assert answer is not None  # (a method declared synchronous)
+                            try:
+                                writer.send_nowait(encode_reply(answer, call))
+                            except trio.ClosedResourceError:
+                                pass  # the caller is gone; nobody is waiting for this reply
+                            return
                     try:
                         message = parse_message(item)
                     except FrameError as exc:
@@ -719,7 +754,7 @@ class _PushedFrames:
         frame = decoder.next_frame()
         if frame is None:
             return
-        more = decoder.next_frame()
+        more = decoder.next_frame() if decoder.buffered else None
         if more is None:
             self._handle(frame)
             return

@@ -332,3 +332,42 @@ async def test_calls_sent_in_bursts_are_answered_in_order_and_cancelled_ones_cos
                     assert sorted(done) == list(range(1, 20, 2))
                     assert await connection.call("later", 99) == 99  # the channel is still in step
                 nursery.cancel_scope.cancel()
+
+
+async def test_synchronous_calls_on_the_quick_path_are_checked_as_any_other(tmp_path: Path) -> None:
+    """A plain {"op", "id", "method", "args"} call to a synchronous method is answered without
+    parse_message: its arguments are still counted, and anything unusual takes the long way."""
+    service = Service(NAME)
+
+    @service.method
+    def pair(a: int, b: int = 2) -> list[int]:
+        return [a, b]
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                with trio.fail_after(20):
+                    assert await bus.call(NAME, "pair", 1) == [1, 2]
+                    with pytest.raises(BadRequest, match="pair"):
+                        await bus.call(NAME, "pair", 1, 2, 3)
+                    with pytest.raises(BadRequest, match="pair"):
+                        await bus.call(NAME, "pair")
+                    channel = await bus.open_channel(NAME, "rpc")
+                    framed = FramedStream(channel)
+                    odd_calls = [
+                        {"op": "call", "id": 5, "method": "pair", "args": "12"},  # args not a list
+                        {"op": "call", "id": 6, "method": "pair", "args": [1], "extra": True},  # a fifth field
+                        {"op": "call", "id": 7, "method": "nope", "args": []},  # no such method
+                    ]
+                    for message in odd_calls:
+                        await channel.send_all(encode_control(0, message))
+                    replies = {}
+                    for _ in odd_calls:
+                        frame = await framed.receive_frame()
+                        assert isinstance(frame, ControlFrame)
+                        replies[frame.message["re"]] = frame.message
+                    assert replies[5]["error"]["code"] == BadRequest.wire_code
+                    assert replies[6] == {"re": 6, "result": [1, 2]}
+                    assert replies[7]["error"]["code"] == "minibus.Error.UnknownOperation"
+                    await channel.aclose()

@@ -102,6 +102,11 @@ class FramedStream:
         #: The stream's end was read.
         self.at_end = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes read and not yet returned in a frame (0: the next frame needs a read)."""
+        return self._decoder.buffered
+
     def receive_frame_nowait(self) -> Frame | None:
         """The next frame if the bytes already read hold one, else ``None`` (no I/O).
 
