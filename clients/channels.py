@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from bus.errors import FrameError
+from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
 from bus.wire.frames import encode_control, encode_data
 from bus.wire.identity import PublicKey
@@ -473,6 +474,15 @@ class Channel(trio.abc.HalfCloseableStream):
         relay.deliver_to(counted, on_end)
         return True
 
+    def socket_reads(self) -> _SocketReads | None:
+        """Reads straight from this channel's socket, for a frame reader that reads without
+        waiting (see :class:`~bus.io.framed.FramedStream`): where the route is a plain socket
+        (unix-fd), else ``None``.  What they read counts as received by this channel."""
+        io = self._io
+        if not self._fast or not isinstance(io, FdSocketStream):
+            return None
+        return _SocketReads(self, io)
+
     async def send_eof(self) -> None:
         await self._io.send_eof()
 
@@ -490,6 +500,31 @@ class Channel(trio.abc.HalfCloseableStream):
 
     def __repr__(self) -> str:
         return f"<Channel {self.protocol!r} to {self.peer.unique_id} ({self.peer.identity}) via {self.route}>"
+
+
+class _SocketReads(trio.abc.ReceiveStream):
+    """A channel's socket read directly (:meth:`Channel.socket_reads`), bytes counted."""
+
+    __slots__ = ("_channel", "_io")
+
+    def __init__(self, channel: Channel, io: FdSocketStream) -> None:
+        self._channel = channel
+        self._io = io
+
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        """What the socket holds now (no checkpoint); :class:`trio.WouldBlock` if nothing."""
+        data = self._io.receive_nowait(max_bytes)
+        self._channel._received += len(data)
+        return data
+
+    async def wait_readable(self) -> None:
+        await self._io.wait_readable()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._channel.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._channel.aclose()
 
 
 ChannelHandler = Callable[[Channel], Any]

@@ -38,7 +38,7 @@ from bus.io.secure import SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
-from bus.wire.frames import ControlFrame
+from bus.wire.frames import ControlFrame, DataFrame, Frame
 from bus.wire.identity import Identity, load_identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
@@ -397,36 +397,27 @@ class BusConnection:
     async def _reader(self, link: Link) -> None:
         reason = "the broker closed the connection"
         try:
+            framed = link.framed
             while True:
-                frame = await link.framed.receive_frame()
+                frame = await framed.receive_frame()
                 if frame is None:
                     break
-                if frame.channel != 0:
-                    relay = link.channels.get(frame.channel)
-                    if relay is not None:
-                        if isinstance(frame, ControlFrame):
-                            relay.on_control(frame.message)
-                        else:
-                            relay.on_data(frame.data)
-                    continue  # late frames of a channel already gone are dropped
-                if not isinstance(frame, ControlFrame):
-                    raise FrameError("data frame on the control channel")
-                message = parse_message(frame.message)
-                if isinstance(message, (Reply, ErrorReply)):
-                    pending = link.pending.get(message.re)
-                    if pending is not None:
-                        pending.reply = message
-                        if pending.on_result is not None and isinstance(message, Reply):
-                            pending.on_result(message.result)
-                        pending.done.set()
-                elif isinstance(message, Request):
-                    self._answer(link, message)
-                elif message.event == "error":
-                    reason = f"{message.fields.get('code')}: {message.fields.get('message')}"
+                more = framed.receive_frame_nowait() if framed.buffered else None
+                if more is None:
+                    error = self._dispatch(link, frame)
                 else:
-                    handler = self.event_handlers.get(message.event)
-                    if handler is not None:
-                        handler(link, message)
+                    # A burst (replies, relayed calls): what handling it sends goes out in one
+                    # write at its end (channel frames, answers), not one write per frame.
+                    link.send.cork()
+                    try:
+                        error = self._dispatch(link, frame)
+                        while more is not None:
+                            error = self._dispatch(link, more) or error
+                            more = framed.receive_frame_nowait()
+                    finally:
+                        link.send.uncork()
+                if error is not None:
+                    reason = error
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             reason = f"connection lost: {exc}"
         finally:
@@ -441,6 +432,38 @@ class BusConnection:
                 pending.done.set()
             link.send.close()
             log.debug("bus connection ended: %s", reason)
+
+    def _dispatch(self, link: Link, frame: Frame) -> str | None:
+        """Hand one frame from the broker to whoever it is for (no waiting); returns the
+        reason of a broker's error event (the connection ends after it), else None."""
+        if frame.channel != 0:
+            relay = link.channels.get(frame.channel)
+            if relay is not None:
+                if type(frame) is DataFrame:
+                    relay.on_data(frame.data)
+                else:
+                    assert isinstance(frame, ControlFrame)
+                    relay.on_control(frame.message)
+            return None  # (late frames of a channel already gone are dropped)
+        if not isinstance(frame, ControlFrame):
+            raise FrameError("data frame on the control channel")
+        message = parse_message(frame.message)
+        if isinstance(message, (Reply, ErrorReply)):
+            pending = link.pending.get(message.re)
+            if pending is not None:
+                pending.reply = message
+                if pending.on_result is not None and isinstance(message, Reply):
+                    pending.on_result(message.result)
+                pending.done.set()
+        elif isinstance(message, Request):
+            self._answer(link, message)
+        elif message.event == "error":
+            return f"{message.fields.get('code')}: {message.fields.get('message')}"
+        else:
+            handler = self.event_handlers.get(message.event)
+            if handler is not None:
+                handler(link, message)
+        return None
 
     def _answer(self, link: Link, request: Request) -> None:
         handler = self.request_handlers.get(request.op)

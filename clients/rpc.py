@@ -137,16 +137,58 @@ def _what(request: Request) -> str:
     return repr(request.args.get("method", request.op))
 
 
-def _encode_message(message: dict[str, Any], max_message: int, answering: Request | None = None) -> bytes:
+_INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
+_SCALARS = frozenset({str, bytes, bool, float, type(None)})
+
+
+def _surely_big(values: Any) -> bool:
+    """Whether the strings and bytes among ``values`` (flat ones: see :func:`_flat`) alone
+    pass the size of one control frame: no use encoding the message as one frame first."""
+    size = 0
+    for value in values:
+        kind = type(value)
+        if kind is bytes or kind is str:
+            size += len(value)
+        elif kind is list:
+            for item in value:
+                if type(item) is bytes or type(item) is str:
+                    size += len(item)
+    return size > DEFAULT_MAX_CONTROL
+
+
+def _flat(values: Any) -> bool:
+    """Whether every value is a scalar inside the CBOR profile (a plain str, bytes, bool,
+    float, None, or an int of at most 64 bits): a message of such values, with string keys,
+    needs no walk to prove it is in the profile.  (Anything else is walked as usual.)"""
+    scalars = _SCALARS
+    for value in values:
+        kind = type(value)
+        if kind in scalars or (kind is int and _INT_MIN <= value <= _INT_MAX):
+            continue
+        if kind is list:
+            for item in value:
+                kind = type(item)
+                if not (kind in scalars or (kind is int and _INT_MIN <= item <= _INT_MAX)):
+                    return False
+            continue
+        return False
+    return True
+
+
+def _encode_message(
+    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False
+) -> bytes:
     """The wire bytes of one RPC message: a CONTROL frame, or a header and DATA frames.
 
     Raises :class:`MessageTooLarge` for a body over ``max_message`` and
     :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
-    request a reply answers (for the error message)."""
-    try:
-        return encode_control(0, message)  # the common case: one frame
-    except LimitError:
-        pass  # (encode_control checked the profile before the size)
+    request a reply answers (for the error message).  ``flat``: the caller found the
+    message's values :func:`_flat` (and its keys strings)."""
+    if not (flat and _surely_big(message.values())):  # (a flat message is in the profile)
+        try:
+            return encode_control(0, message, checked=flat)  # the common case: one frame
+        except LimitError:
+            pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
     body = cbor2.dumps({key: value for key, value in message.items() if key not in _HEAD_KEYS})
     size = len(body)
@@ -419,7 +461,7 @@ class Service:
 
     async def serve_channel(self, channel: Channel) -> None:
         """Answer calls on one RPC channel until the caller closes it."""
-        framed = FramedStream(channel)
+        framed = FramedStream(channel, receive_stream=channel.socket_reads())
         # Replies go out whole and in order, straight to the channel when nothing waits.
         # (Room for every running call's reply, and as many refusals besides.)
         writer = FrameWriter(channel.secure, max_frames=2 * MAX_IN_FLIGHT)
@@ -431,7 +473,8 @@ class Service:
 
         def encode_reply(message: dict[str, Any], request: Request) -> bytes:
             try:
-                return _encode_message(message, max_message, request)
+                flat = "result" in message and _flat((message["result"],))  # ("re": the request's id)
+                return _encode_message(message, max_message, request, flat=flat)
             except MessageTooLarge as exc:
                 return framed.encode_message(ErrorReply.from_error(request.id, exc).to_wire())
             except LocalProtocolError as exc:
@@ -544,6 +587,25 @@ class Service:
                             calls.start_soon(run_announced, item)  # (admitted and counted when announced)
                             return
                     assert type(item) is dict
+                    if len(item) == 4 and item.get("op") == "call" and running < MAX_IN_FLIGHT and writer.has_room:
+                        # The common call, {"op", "id", "method", "args"}: what parse_message
+                        # would make of it, without its copy and checks of every key.
+                        request_id, method, args = item.get("id"), item.get("method"), item.get("args")
+                        if (
+                            type(request_id) is int
+                            and 0 < request_id <= MAX_REQUEST_ID
+                            and type(method) is str
+                            and type(args) is list
+                            and method in self.sync_methods
+                        ):
+                            call = Request("call", request_id, {"method": method, "args": args})
+                            answer = self._answer_now(call)
+                            assert answer is not None  # (a method declared synchronous)
+                            try:
+                                writer.send_nowait(encode_reply(answer, call))
+                            except trio.ClosedResourceError:
+                                pass  # the caller is gone; nobody is waiting for this reply
+                            return
                     try:
                         message = parse_message(item)
                     except FrameError as exc:
@@ -570,7 +632,7 @@ class Service:
                         running += 1
                         calls.start_soon(run, message)
 
-                pushed = _PushedFrames(handle, frames.end_of_input)
+                pushed = _PushedFrames(handle, frames.end_of_input, writer)
                 if channel.deliver_to(pushed.feed, pushed.end):
                     await pushed.ended.wait()
                     if pushed.error is not None:
@@ -676,9 +738,12 @@ class _PushedFrames:
     Where the route allows it, RPC takes its bytes this way: the bus's reader cuts the
     frames and hands them on, with no reader task of its own in between."""
 
-    def __init__(self, handle: Callable[[Frame], None], at_end: Callable[[], None]) -> None:
+    def __init__(
+        self, handle: Callable[[Frame], None], at_end: Callable[[], None], writer: FrameWriter | None = None
+    ) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
         self._handle = handle
+        self._writer = writer  # corked while a burst of frames is handled (their answers: one write)
         self._at_end = at_end  # raises FrameError if the stream may not end here
         self.ended = trio.Event()
         self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
@@ -686,8 +751,27 @@ class _PushedFrames:
     def feed(self, data: bytes) -> None:
         decoder = self._decoder
         decoder.receive_data(data)
-        while (frame := decoder.next_frame()) is not None:
+        frame = decoder.next_frame()
+        if frame is None:
+            return
+        more = decoder.next_frame() if decoder.buffered else None
+        if more is None:
             self._handle(frame)
+            return
+        writer = self._writer
+        corked = writer is not None and not writer.corked
+        if corked:
+            assert writer is not None
+            writer.cork()
+        try:
+            self._handle(frame)
+            while more is not None:
+                self._handle(more)
+                more = decoder.next_frame()
+        finally:
+            if corked:
+                assert writer is not None
+                writer.uncork()
 
     def end(self, error: Exception | None) -> None:
         if error is None:
@@ -700,6 +784,21 @@ class _PushedFrames:
         self.ended.set()
 
 
+class _Call:
+    """One call waiting for its reply: what came for it, and how its task is woken."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Reply | ErrorReply | _Body | BusError | None = None
+
+    def resolve(self, result: Reply | ErrorReply | _Body | BusError) -> None:
+        if self.result is None:  # (the first answer counts; a repeated id is ignored)
+            self.result = result
+            self.event.set()
+
+
 class RpcConnection:
     """The caller's side of one RPC channel: concurrent calls matched by id.
 
@@ -707,48 +806,76 @@ class RpcConnection:
     :class:`~bus.errors.MessageTooLarge` before anything is sent) and one reply (over it, the
     call fails with MessageTooLarge and the reply is skipped as it arrives), in bytes of
     CBOR: 16 MiB by default, at least 64 KiB.
+
+    Who reads the replies depends on the route.  A plain relayed channel pushes its bytes
+    from the bus connection's reader (:meth:`Channel.deliver_to`).  A channel that is a
+    plain socket of its own (unix-fd) is read by the calls themselves, taking turns: the
+    first call that finds nobody reading reads until its own reply has come, handing on
+    every other reply it reads (their tasks wake with it), then passes the turn to a call
+    still waiting.  A lone call thus reads its own reply, with no task in between.  A call
+    cancelled while it reads loses nothing: what was read stays in the frame decoder for the
+    next reader.  While no call waits nobody reads; :meth:`poll` reads, without waiting,
+    what came meanwhile (the service's end of the channel).  Any other route (tcp,
+    box-stream) is read by a task of :meth:`run`.
     """
 
     def __init__(self, channel: Channel, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.channel = channel
         self.max_message = _check_max_message(max_message)
-        self.framed = FramedStream(channel)
+        self.framed = FramedStream(channel, receive_stream=channel.socket_reads())
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self._next_id = 1
-        self._pending: dict[int, tuple[trio.Event, list[Reply | ErrorReply | _Body | BusError]]] = {}
+        self._pending: dict[int, _Call] = {}
         self._frames = _MessageFrames(self._announce)
         self.closed: BusError | None = None
         self._write_failure: BaseException | None = None
+        self._turns = False  # the calls read their own replies (decided by run())
+        self._reader: _Call | None = None  # the call reading now (turns)
+        self._ended = trio.Event()  # no more replies will come (set by _stop)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read replies until the channel ends; then fail whatever still waits."""
+        """Keep the channel until it ends (its writer, and its reader unless the calls read);
+        then fail whatever still waits and close it."""
+        pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
+        assert pushed is not None
+        if not self.channel.deliver_to(pushed.feed, pushed.end):
+            pushed = None
+            self._turns = self.channel.socket_reads() is not None
         task_status.started()
         reason = "the service closed the channel"
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, nursery.cancel_scope)
                 try:
-                    await self._read()
+                    if pushed is not None:
+                        await pushed.ended.wait()
+                        if pushed.error is not None:
+                            raise pushed.error  # what reading would have raised
+                    elif self._turns:
+                        await self._ended.wait()
+                    else:
+                        await self._read()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
                     reason = f"the rpc channel broke: {exc}"
                 nursery.cancel_scope.cancel()
             if self._write_failure is not None:
                 reason = f"the rpc channel broke: {self._write_failure}"
         finally:
-            self.closed = ConnectionLost(reason)
+            self._stop(reason)
             self.writer.close()
-            for event, _ in self._pending.values():
-                event.set()
             await trio.aclose_forcefully(self.channel)
 
+    def _stop(self, reason: str) -> None:
+        """No more replies will come: fail every call still waiting (the first reason stays)."""
+        if self.closed is None:
+            self.closed = ConnectionLost(reason)
+        for call in self._pending.values():
+            call.event.set()
+        self._ended.set()
+
     async def _read(self) -> None:
-        pushed = _PushedFrames(self._on_frame, self._frames.end_of_input)
-        if self.channel.deliver_to(pushed.feed, pushed.end):
-            await pushed.ended.wait()
-            if pushed.error is not None:
-                raise pushed.error  # what reading would have raised
-            return
+        """Read replies until the channel ends (a route the calls do not read themselves)."""
         while True:
             frame = await self.framed.receive_frame()
             if frame is None:
@@ -756,10 +883,71 @@ class RpcConnection:
                 return
             self._on_frame(frame)
 
+    async def _read_for(self, call: _Call) -> None:
+        """Read (as this call's turn) until its reply has come or the channel ended."""
+        framed = self.framed
+        try:
+            while call.result is None:
+                frame = await framed.receive_frame()
+                if frame is None:
+                    self._frames.end_of_input()
+                    self._stop("the service closed the channel")
+                    return
+                self._on_frame(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            self._stop(f"the rpc channel broke: {exc}")
+
+    async def _wait_for(self, call: _Call) -> None:
+        """Wait for the call's reply, reading when it is this call's turn (turns)."""
+        while call.result is None and self.closed is None:
+            if self._reader is None:
+                self._reader = call
+                try:
+                    await self._read_for(call)
+                finally:
+                    self._reader = None
+            else:
+                if call.event.is_set():  # (woken to take a turn that another call took first)
+                    call.event = trio.Event()
+                await call.event.wait()
+
+    def _pass_turn(self) -> None:
+        """Nobody reads: wake a call still waiting, to read (turns)."""
+        if self._reader is None and self.closed is None:
+            for call in self._pending.values():
+                if call.result is None:
+                    call.event.set()
+                    return
+
+    def poll(self) -> None:
+        """Take what the channel brought while no call was reading (the service's end, replies
+        to calls given up), without waiting.  Afterwards :attr:`closed` says whether the
+        channel ended.  (Only where the calls read themselves; elsewhere a task reads.)"""
+        if not self._turns or self._reader is not None or self.closed is not None:
+            return
+        framed = self.framed
+        try:
+            while framed.read_nowait():
+                while (frame := framed.receive_frame_nowait()) is not None:
+                    self._on_frame(frame)
+                if framed.at_end:
+                    self._frames.end_of_input()
+                    self._stop("the service closed the channel")
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+            self._stop(f"the rpc channel broke: {exc}")
+
     def _on_frame(self, frame: Frame) -> None:
         frames = self._frames
         if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
-            item: dict[str, Any] | _Body | None = frame.message  # (a message in one frame)
+            whole = frame.message  # (a message in one frame)
+            if len(whole) == 2 and "result" in whole:  # (a result: what parse_message would make)
+                re: Any = whole.get("re")
+                waiting = self._pending.get(re) if type(re) is int else None  # (pending: valid ids)
+                if waiting is not None:
+                    waiting.resolve(Reply(re, whole["result"]))
+                    return
+            item: dict[str, Any] | _Body | None = whole
         else:
             item = frames.feed(frame)
             if item is None:
@@ -767,15 +955,14 @@ class RpcConnection:
             if type(item) is _Body:
                 waiting = self._pending.get(item.header["re"])
                 if waiting is not None:
-                    waiting[1].append(item)  # decoded by the caller's task
-                    waiting[0].set()
+                    waiting.resolve(item)  # decoded by the caller's task
                 return
         assert type(item) is dict
         message = parse_message(item)
-        if isinstance(message, (Reply, ErrorReply)) and message.re in self._pending:
-            event, slot = self._pending[message.re]
-            slot.append(message)
-            event.set()
+        if isinstance(message, (Reply, ErrorReply)):
+            waiting = self._pending.get(message.re)
+            if waiting is not None:
+                waiting.resolve(message)
 
     def _announce(self, header: dict[str, Any], size: int) -> bool:
         """A reply announced its body: keep it if its call still waits and it is not too big."""
@@ -788,13 +975,12 @@ class RpcConnection:
         if waiting is None:
             return False  # its caller gave up: skipped as it comes
         if size > self.max_message:
-            waiting[1].append(
+            waiting.resolve(
                 MessageTooLarge(
                     f"the reply takes {size} bytes, over this caller's {self.max_message}-byte limit"
                     " for one RPC message (max_message)"
                 )
             )
-            waiting[0].set()
             return False
         return True
 
@@ -810,28 +996,38 @@ class RpcConnection:
             raise self.closed
         request_id = self._next_id
         self._next_id += 1
-        event = trio.Event()
-        slot: list[Reply | ErrorReply | _Body | BusError] = []
-        self._pending[request_id] = (event, slot)
+        call = _Call()
+        self._pending[request_id] = call
         try:
             try:
-                encoded = _encode_message(Request(op, request_id, args).to_wire(), self.max_message)
+                wire = {**args, "op": op, "id": request_id}  # (Request(...).to_wire())
+                encoded = _encode_message(wire, self.max_message, flat=_flat(args.values()))
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
-                await self.writer.put(encoded)  # waiting for the reply is the checkpoint
+                if len(self._pending) > 1:
+                    # Other calls are in flight: their tasks, woken by one read, send theirs
+                    # too; the writer task sends them all at once (one frame on a relay).
+                    await self.writer.put_later(encoded)
+                else:
+                    await self.writer.put(encoded)  # waiting for the reply is the checkpoint
             except trio.ClosedResourceError:
                 raise self.closed or ConnectionLost("the rpc channel ended") from None
             del encoded  # (the writer holds it until it is sent)
-            await event.wait()
+            if self._turns:
+                await self._wait_for(call)
+            else:
+                await call.event.wait()
         finally:
-            self._pending.pop(request_id, None)
+            del self._pending[request_id]
             body = self._frames.body
             if body is not None and body.header.get("re") == request_id:
                 body.parts = None  # its reply is on its way: the rest is skipped, not kept
-        if not slot:
+            if self._turns and self._reader is None:
+                self._pass_turn()  # (it may have been given the turn just before it left)
+        reply = call.result
+        if reply is None:
             raise self.closed or ConnectionLost("the rpc channel ended")
-        reply = slot[0]
         if isinstance(reply, BusError):
             raise reply
         if isinstance(reply, _Body):
@@ -854,6 +1050,7 @@ class RpcConnection:
         return result
 
     async def aclose(self) -> None:
+        self._stop("this side closed the channel")
         await self.channel.aclose()
 
 
@@ -890,9 +1087,16 @@ class RpcCalls:
         raise RequestTimeout(f"{name}: no introspection reply within {timeout:g} s")
 
     async def _connect(self, name: str) -> RpcConnection:
+        connection = self.connections.get(name)
+        if connection is not None:
+            connection.poll()  # (whether the service ended the channel while it was idle)
+            if connection.closed is None:
+                return connection  # (no lock, no checkpoint: the call's wait is one)
         lock = self._locks.setdefault(name, trio.Lock())
         async with lock:
             connection = self.connections.get(name)
+            if connection is not None:
+                connection.poll()  # (whether the service ended the channel while it was idle)
             if connection is None or connection.closed is not None:
                 nursery = self._connection.nursery
                 if nursery is None:

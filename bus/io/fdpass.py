@@ -41,7 +41,8 @@ END_MARK = b"\x00"
 #: How long a graceful close may wait to deliver the end mark to a peer that does not read.
 DEFAULT_CLOSE_TIMEOUT = 2.0
 TRUNCATED = "the peer vanished without ending the stream (truncated)"
-_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (a plain int: the enum's ``&`` costs a microsecond a read)
 
 
 async def send_with_fds(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
@@ -216,7 +217,7 @@ class UnixChannelStream(FdSocketStream):
                 raise trio.ClosedResourceError("the stream was closed") from exc
             self._broken = f"socket error: {exc}"
             raise trio.BrokenResourceError(self._broken) from exc
-        if ancdata or flags & socket.MSG_CTRUNC:  # (CTRUNC: the kernel had to drop them)
+        if ancdata or flags & _MSG_CTRUNC:  # (CTRUNC: the kernel had to drop them)
             _close_passed(ancdata)
             if data[-1:] != END_MARK:
                 self._broken = "the peer passed a descriptor that does not end the stream"

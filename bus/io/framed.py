@@ -99,12 +99,44 @@ class FramedStream:
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
         #: Bytes of frames read so far (one addition per read, not per frame).
         self.bytes_received = 0
+        #: The stream's end was read.
+        self.at_end = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read and not yet returned in a frame (0: the next frame needs a read)."""
+        return self._decoder.buffered
 
     def receive_frame_nowait(self) -> Frame | None:
         """The next frame if the bytes already read hold one, else ``None`` (no I/O).
 
         Raises :class:`~bus.errors.FrameError` as :meth:`receive_frame` does."""
         return self._decoder.next_frame()
+
+    def read_nowait(self) -> bool:
+        """Read what the stream holds now into the decoder, without waiting (no checkpoint).
+
+        For a stream read directly (a socket: see the module's notes); any other reads
+        nothing.  Returns whether anything came: bytes (take the frames with
+        :meth:`receive_frame_nowait`) or the end of the stream (then :attr:`at_end` is set,
+        after which :meth:`receive_frame` returns what is buffered, then ``None`` without
+        reading).  Raises trio's stream errors for a broken transport, as
+        :meth:`receive_frame` does."""
+        reads = self._socket_reads
+        if reads is None or self.at_end:
+            return False
+        try:
+            data = reads.receive_nowait(_SMALL_RECEIVE)
+        except trio.WouldBlock:
+            self._drained = True  # the next read waits for the socket first
+            return False
+        self._drained = len(data) < _SMALL_RECEIVE
+        if not data:
+            self.at_end = True  # (receive_frame returns the frames still buffered, then the end)
+            return True
+        self.bytes_received += len(data)
+        self._decoder.receive_data(data)
+        return True
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or ``None`` at a clean end of stream.
@@ -117,12 +149,16 @@ class FramedStream:
             frame = decoder.next_frame()
             if frame is not None:
                 return frame
+            if self.at_end:
+                decoder.end_of_input()
+                return None
             data: bytes | bytearray
             if self._socket_reads is not None:
                 data = await self._receive_socket(self._socket_reads)
             else:
                 data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
             if not data:
+                self.at_end = True
                 decoder.end_of_input()
                 return None
             self.bytes_received += len(data)
