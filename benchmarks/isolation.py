@@ -38,7 +38,10 @@ Attack classes (issue 9's numbered findings):
 3. relay memory: pairs of connections of one identity, 255 relayed channels each; the senders
    send every byte of credit busd grants them, the receivers never read (grant no credit).
 4. wrong party: a name carrying 16 KiB info churned in bursts under watchers; thousands of
-   ``open_channel`` requests to the canary service in one write; 256 idle channels held to it.
+   ``open_channel`` requests to the canary service in one write; 256 idle channels held to it;
+   an event flood (32 KiB quiet emits as fast as the socket takes them) to a subscriber of the
+   attacker's that never reads, while an honest emitter's events must all reach an honest
+   subscriber with no gap.
 5. CPU: watch/unwatch with distinct worst-case glob patterns; 64 KiB control frames holding
    64k-item arrays (or as many items as busd accepts); many connections closing at once.
 
@@ -121,6 +124,7 @@ COUNTS = {
     "churn_watchers": (3, 3),
     "pipelined_opens": (4000, 4000),
     "idle_channels": (256, 256),
+    "flood_batch": (64, 64),  # 32 KiB events per write of the event flood
     "watch_conns": (2, 2),
     "watch_max": (20_000, 10_000),
     "array_conns": (4, 4),
@@ -948,6 +952,70 @@ async def attack_churn(ctx: AttackContext) -> None:
     r["summary"] = f"{bursts['bursts']} bursts of {2 * ctx.n('churn_pairs')} owner changes; {len(victims)} watchers reconnected {lost}x in all"
 
 
+async def attack_event_flood(ctx: AttackContext) -> None:
+    """An emitter publishes 32 KiB events as fast as its socket takes them, to a subscriber of
+    its own that never reads; an honest emitter's event every 0.1 s must still reach an honest
+    subscriber, every one, with no gap (the flood pays from its own share of each queue)."""
+    from clients.events import Gap
+
+    r = ctx.result
+    victim = Victim()
+    got: list[int] = []
+    gaps = collections.Counter[str]()
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        sink = await ctx.raw()  # subscribes to everything, never reads
+        await sink.send_raw(encode_control(0, {"op": "hello", "id": 1}) + encode_control(0, {"op": "subscribe", "id": 2}))
+        flood = await ctx.raw()
+        nursery.start_soon(flood.run)
+        await flood.request("hello")
+        async with open_bus(ctx.unix_address, identity=Identity.generate(), network_key=ctx.network_key) as honest, open_bus(
+            ctx.unix_address, identity=Identity.generate(), network_key=ctx.network_key
+        ) as listener:
+            victim.bus = listener
+
+            async def listen(subscription: Any) -> None:
+                async for item in subscription:
+                    if isinstance(item, Gap):
+                        gaps[item.reason] += 1
+                    else:
+                        got.append(item.payload)
+
+            subscription = listener.subscribe(honest.unique_id)
+            await subscription.__aenter__()
+            nursery.start_soon(listen, subscription)
+            await trio.sleep(0.3)
+            ctx.ready()
+
+            async def flood_loop() -> None:
+                payload = b"f" * 32000
+                batch = b"".join(
+                    encode_control(0, {"op": "emit", "id": 1000 + i, "member": "Flood", "payload": payload, "quiet": True})
+                    for i in range(ctx.n("flood_batch"))
+                )
+                while not flood.closed.is_set():
+                    await flood.send_raw(batch)
+                    r["flood_bytes"] = r.get("flood_bytes", 0) + len(batch)
+
+            nursery.start_soon(flood_loop)
+            while ctx.remaining() > 0.3:
+                await honest.publish("Honest", sent)
+                sent += 1
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)  # the last honest events arrive
+            await subscription.aclose()
+        r["flood_cut"] = flood.reason if flood.closed.is_set() else None
+        nursery.cancel_scope.cancel()
+    r["honest"] = {"sent": sent, "received": len(got), "in_order": got == sorted(got), "gaps": dict(gaps)}
+    r["victims"] = {"listener": victim.report()}
+    mib = r.get("flood_bytes", 0) / (1 << 20)
+    lost = sent - len(got)
+    r["summary"] = (
+        f"flood {mib:.0f} MiB of events to a sink that never reads; honest events {len(got)}/{sent}"
+        + (f" (LOST {lost})" if lost else "") + (f", gaps {dict(gaps)}" if gaps else ", no gap")
+    )
+
+
 async def attack_pipelined_opens(ctx: AttackContext) -> None:
     r = ctx.result
     n = ctx.n("pipelined_opens")
@@ -1250,6 +1318,7 @@ ATTACKS = [
     AttackSpec("churn", 4, lambda q: "wrong party: 16K-info name churn", attack_churn),
     AttackSpec("pipelined-opens", 4, lambda q: f"wrong party: {count('pipelined_opens', q)} opens in 1 write", attack_pipelined_opens),
     AttackSpec("idle-channels", 4, lambda q: f"wrong party: {count('idle_channels', q)} idle chans to canary", attack_idle_channels),
+    AttackSpec("event-flood", 4, lambda q: "wrong party: event flood, sink unread", attack_event_flood),
     AttackSpec("watch-patterns", 5, lambda q: "CPU: worst-case watch patterns", attack_watch_patterns),
     AttackSpec("watch-complex", 5, lambda q: "CPU: complex watches, long names churned", attack_complex_watches),
     AttackSpec("big-arrays", 5, lambda q: "CPU: 64 KiB frames, most items allowed", attack_big_arrays),
