@@ -477,18 +477,13 @@ class Broker:
 
     def _room_for_event(self, conn_id: int, payer: str) -> int:
         """Room for one more event from identity ``payer`` (the core's ``room_for_event``):
-        the connection's room (as ``_room_for``), and no more than payer's fair share of it --
-        each identity with events queued there, and one newcomer, get equal parts of half the
-        queue; so a fast emitter fills at most its part, and a slow subscriber misses only the
-        fast one's events.  (``_room_for`` written out: it is asked per subscriber per event.)"""
-        session = self.sessions.get(conn_id)
-        if session is None:
-            return 0
-        out = session.out
-        if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
-            return 0
-        room = self.relay_threshold - out.queued_bytes
-        held = session.event_held
+        the connection's room, and no more than payer's fair share of it -- each identity with
+        events queued there, and one newcomer, get equal parts of half the queue; so a fast
+        emitter fills at most its part, and a slow subscriber misses only the fast one's events."""
+        room = self._room_for(conn_id)
+        if room <= 0:
+            return room
+        held = self.sessions[conn_id].event_held
         if not held:
             return min(room, self.relay_threshold // 2)
         mine = held.get(payer, 0)

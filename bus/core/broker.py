@@ -832,10 +832,16 @@ class BrokerCore:
             uid = parse_unique_id(after)
             cursor = (1, "", uid) if uid is not None else (0, after, 0)
             start = next((i for i, (k, _, _) in enumerate(keyed) if k > cursor), len(keyed))
+        return self._page((label, entry) for _, label, entry in keyed[start:])
+
+    def _page(self, labelled: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """``{entries, next}``: the entries that fit ``reply_bytes`` (at least one), and the
+        label of the last one as the cursor when more follow (else None).  The entries are
+        made as the page needs them: ``labelled`` may be a generator."""
         page: list[dict[str, Any]] = []
         used = 0
         page_label = ""
-        for _, label, entry in keyed[start:]:
+        for label, entry in labelled:
             size = len(cbor2.dumps(entry))
             if page and used + size > self.limits.reply_bytes:
                 return {"entries": page, "next": page_label}
@@ -1352,22 +1358,11 @@ class BrokerCore:
         """One page of the installed plugins the asker may see: ``{entries, next}``, sorted by
         name; ask again with ``after=next`` for more."""
         after = req.arg("after", str, None, optional=True)
-        page: list[dict[str, Any]] = []
-        used = 0
-        last = ""
-        for name in sorted(self.services.specs):
-            if after is not None and name <= after:
-                continue
-            if not (conn.admin or self._sees(conn.key, name)):
-                continue
-            entry = self._service_entry(conn, name)
-            size = len(cbor2.dumps(entry))
-            if page and used + size > self.limits.reply_bytes:
-                return {"entries": page, "next": last}
-            page.append(entry)
-            used += size
-            last = name
-        return {"entries": page, "next": None}
+        return self._page(
+            (name, self._service_entry(conn, name))
+            for name in sorted(self.services.specs)
+            if (after is None or name > after) and (conn.admin or self._sees(conn.key, name))
+        )
 
     def _service_status(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         return self._service_entry(conn, self._visible_service(conn, req))
