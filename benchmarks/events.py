@@ -56,7 +56,13 @@ Rows (per subscriber count and payload size), all measured in the same run:
   lets it make at once -- and sends them with one ``send`` per socket; it is reported, not
   judged: busd also writes a subscriber one burst per read of the emitter's socket, but how
   many events a read brings depends on the emitter, and a limit that picks its own batch has no
-  such input.  It obeys the same lead rule as every emitter (the shared page, polled every
+  such input.  A third, ``limit fed`` (reported, not judged), has minibus's topology: an
+  emitter process sends each event's pre-encoded quiet-``emit`` frame (one ``send`` each) to a
+  trio forwarder process that, per read of the emitter's socket, cuts the frames,
+  ``cbor2.loads`` each body, ``cbor2.dumps`` the event map busd would send, and writes the
+  read's events with one ``send`` per subscriber socket (as busd writes once per read burst):
+  what a broker between an emitter and its subscribers must do at the least.  The limit
+  obeys the same lead rule as every emitter (the shared page, polled every
   0.2 ms while ahead), and its subscribers are laid out like the others (same processes, same
   slots).  Each subscriber connection is a minimal trio client: ``await sock.recv(65536)`` on a
   ``trio.socket`` socket, frames cut by the 10-byte header, each body ``cbor2.loads``-ed (no
@@ -694,6 +700,19 @@ def limit_frame_parts(size: int) -> tuple[bytes, bytes]:
     return frame[:at], frame[at + size :]
 
 
+async def send_rest(sock: socket.socket, data: bytes, sent: int) -> None:
+    """What a socket did not take of ``data`` at once (``sent`` bytes did go): wait until it can."""
+    import trio
+
+    view = memoryview(data)[sent:]
+    while view:
+        await trio.lowlevel.wait_writable(sock)
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            pass
+
+
 def role_limit_broker(listen_fd: int, n: int, shm: str) -> None:
     """The limit: accept ``n`` subscriber sockets on the listening socket it is given, then run
     windows on command, writing each event's frame to every socket (see the module docstring)."""
@@ -709,16 +728,6 @@ def role_limit_broker(listen_fd: int, n: int, shm: str) -> None:
         socks.append(conn)
     listener.close()
 
-    async def rest(sock: socket.socket, data: bytes, sent: int) -> None:
-        """The part of a frame (or batch) the socket did not take at once: wait until it can."""
-        view = memoryview(data)[sent:]
-        while view:
-            await trio.lowlevel.wait_writable(sock)
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                pass
-
     async def write_all(data: bytes) -> None:
         """One ``send`` of ``data`` per socket, in subscriber order."""
         for sock in socks:
@@ -727,7 +736,7 @@ def role_limit_broker(listen_fd: int, n: int, shm: str) -> None:
             except BlockingIOError:
                 sent = 0
             if sent != len(data):
-                await rest(sock, data, sent)
+                await send_rest(sock, data, sent)
 
     async def main() -> None:
         reply({"ready": True})
@@ -767,6 +776,129 @@ def role_limit_broker(listen_fd: int, n: int, shm: str) -> None:
     try:
         trio.run(main)
     finally:
+        for sock in socks:
+            sock.close()
+
+
+def limit_emit_parts(size: int) -> tuple[bytes, bytes]:
+    """Like :func:`limit_frame_parts`, for the frame minibus's ``publish`` sends busd: a quiet
+    ``emit`` request (member, payload, quiet, source, op, id; a 3-byte id)."""
+    from bus.wire.frames import encode_control
+
+    marker = b"\xa5" * size
+    frame = encode_control(0, {"member": MEMBER, "payload": marker, "quiet": True, "source": EMITTER_NAME, "op": "emit", "id": 1000})
+    at = frame.index(marker)
+    return frame[:at], frame[at + size :]
+
+
+def role_emit_limit(path: str, shm: str) -> None:
+    """The fed limit's emitter: each event's pre-encoded quiet-emit frame, one ``send`` each."""
+    import trio
+
+    progress = Progress(shm)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.setblocking(False)
+
+    async def main() -> None:
+        reply({"ready": True})
+        async for line in trio_lines():
+            cmd = json.loads(line)
+            if cmd["cmd"] != "run":
+                return
+            before, after = limit_emit_parts(cmd["size"])
+            em = Emitter(progress, cmd)
+
+            async def send(payload: bytes) -> None:
+                frame = before + payload + after
+                try:
+                    sent = sock.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(frame):
+                    await send_rest(sock, frame, sent)
+
+            await emit_async(em, send, trio_pause)
+            reply(em.result())
+
+    try:
+        trio.run(main)
+    finally:
+        sock.close()
+
+
+def role_limit_forward(sub_fd: int, emit_fd: int, n: int) -> None:
+    """The fed limit's middle: what a broker must do at the least.  Per read of the emitter's
+    socket: cut the frames, ``cbor2.loads`` each body, build the event map busd sends (source,
+    member, payload from the emit; sender and identity its own), ``cbor2.dumps`` it once with a
+    10-byte header, then one ``send`` per subscriber socket of all the read's events joined (busd
+    too writes a subscriber once per read burst).  No checks, no routing, no queues."""
+    import cbor2
+    import trio
+
+    from bus.wire.frames import HEADER
+    from bus.wire.identity import Identity
+
+    socks = []
+    with socket.socket(fileno=sub_fd) as listener:
+        listener.setblocking(True)
+        for _ in range(n):
+            conn, _ = listener.accept()
+            conn.setblocking(False)
+            socks.append(conn)
+    with socket.socket(fileno=emit_fd) as listener:
+        listener.setblocking(True)
+        emitter, _ = listener.accept()
+        emitter.setblocking(False)
+    identity = Identity.generate().id
+
+    async def pump() -> None:
+        loads, dumps, pack, unpack = cbor2.loads, cbor2.dumps, HEADER.pack, HEADER.unpack_from
+        rest = b""
+        while True:
+            await trio.lowlevel.wait_readable(emitter)
+            try:
+                data = emitter.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            if rest:
+                data = rest + data
+            pos, end_of_data = 0, len(data)
+            frames = []
+            while end_of_data - pos >= 10:
+                end = pos + 10 + unpack(data, pos)[3]
+                if end > end_of_data:
+                    break
+                m = loads(data[pos + 10 : end])
+                body = dumps({"source": m["source"], "member": m["member"], "payload": m["payload"], "sender": ":10",
+                              "identity": identity, "event": "event"})
+                frames.append(pack(1, 0, 0, len(body)) + body)
+                pos = end
+            rest = data[pos:]
+            if frames:
+                out = frames[0] if len(frames) == 1 else b"".join(frames)
+                for sock in socks:
+                    try:
+                        sent = sock.send(out)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != len(out):
+                        await send_rest(sock, out, sent)
+
+    async def main() -> None:
+        reply({"ready": True})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            async for _line in trio_lines():  # until "quit" or EOF
+                break
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        emitter.close()
         for sock in socks:
             sock.close()
 
@@ -833,6 +965,8 @@ ROLES: dict[str, Callable[..., None]] = {
     "sub-nats": role_sub_nats,
     "emit-nats": role_emit_nats,
     "limit-broker": role_limit_broker,
+    "limit-forward": role_limit_forward,
+    "emit-limit": role_emit_limit,
     "sub-limit": role_sub_limit,
 }
 
@@ -1193,29 +1327,43 @@ class Setup:
         self.bench, self.system, self.flavour, self.broker, self.n = bench, system, flavour, broker, n
         self.procs: list[Proc] = []
         self.emitter: Proc | None = None
+        self.middle: Proc | None = None  # the fed limit's forwarder
         role = {"minibus": "minibus", "dbus-daemon": f"dbus-{flavour}", "dbus-broker": f"dbus-{flavour}", "nats": "nats",
                 "limit": "limit"}[system]
         try:
             if system == "limit":
-                # The limit process is broker and emitter at once: it gets a listening socket
-                # made here (so the subscribers can connect before it runs), one per setup.
+                # The limit's processes get listening sockets made here (so that subscribers
+                # and emitter can connect before it runs), new ones for each setup.
                 path = bench.tmp / f"limit-{n}-{uuid.uuid4().hex[:6]}.sock"
+                emit_path = path.with_suffix(".emit")
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                emit_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     listener.bind(str(path))
                     listener.listen(256)
-                    self.emitter = Proc("limit broker", me("limit-broker", listener.fileno(), n, bench.shm), bench.tmp,
-                                        pass_fds=(listener.fileno(),))
+                    if flavour == "fed":
+                        # 3 processes, like minibus: emitter -> forwarder -> subscribers
+                        emit_listener.bind(str(emit_path))
+                        emit_listener.listen(1)
+                        fds = (listener.fileno(), emit_listener.fileno())
+                        self.middle = Proc("limit forwarder", me("limit-forward", *fds, n), bench.tmp, pass_fds=fds)
+                        self.broker = LimitHandle(self.middle.pid, str(path))
+                    else:
+                        # 1 process: broker and emitter at once
+                        self.emitter = Proc("limit broker", me("limit-broker", listener.fileno(), n, bench.shm), bench.tmp,
+                                            pass_fds=(listener.fileno(),))
+                        self.broker = LimitHandle(self.emitter.pid, str(path))
                 finally:
                     listener.close()
-                self.broker = LimitHandle(self.emitter.pid, str(path))
+                    emit_listener.close()
             slot = 0
             for i, count in enumerate(split(n)):
                 self.procs.append(Proc(f"{system} {flavour} sub{i}", me(f"sub-{role}", self.broker.address, count, slot, bench.shm),
                                        bench.tmp))
                 slot += count
             if self.emitter is None:
-                self.emitter = Proc(f"{system} {flavour} emitter", me(f"emit-{role}", broker.address, bench.shm), bench.tmp)
+                address = str(emit_path) if system == "limit" else broker.address
+                self.emitter = Proc(f"{system} {flavour} emitter", me(f"emit-{role}", address, bench.shm), bench.tmp)
         except BaseException:
             self.stop()
             raise
@@ -1223,7 +1371,7 @@ class Setup:
     def ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         assert self.emitter is not None
-        for proc in [*self.procs, self.emitter]:
+        for proc in [*self.procs, self.emitter, *([self.middle] if self.middle else [])]:
             first = proc.answer(max(1.0, deadline - time.monotonic()))
             if not first.get("ready"):
                 raise RuntimeError(f"{proc.name}: {first}")
@@ -1296,7 +1444,7 @@ class Setup:
         }
 
     def stop(self) -> None:
-        for proc in [*self.procs, *([self.emitter] if self.emitter is not None else [])]:
+        for proc in [*self.procs, *([self.emitter] if self.emitter is not None else []), *([self.middle] if self.middle else [])]:
             proc.stop()
 
 
@@ -1312,6 +1460,7 @@ def variants_list() -> list[tuple[str, str, int, str]]:
         ("nats", "asyncio", 1, "nats"),
         ("limit", "trio", 1, "limit"),
         *([("limit", "trio", LIMIT_BATCH, f"limit batched x{LIMIT_BATCH}")] if LIMIT_BATCH > 1 else []),
+        ("limit", "fed", 1, "limit fed"),
     ]
 
 
@@ -1483,13 +1632,14 @@ def summarise(cells: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     header = (f"{'subs x size':>12} | {'minibus':>9} {'p99':>6} | {'emit x' + str(PIPELINE):>9} {'p99':>6} | "
               f"{'best D-Bus':>9} {'p99':>6} {'(which)':<21}| {'ratio':>5} {'x' + str(PIPELINE):>5} | "
               f"{'NATS':>9} {'p99':>6} | {'ratio':>5} {'x' + str(PIPELINE):>5} | target | "
-              f"{'trio limit':>10} {'p99':>6} | {'ratio':>5} | {'batch x' + str(LIMIT_BATCH):>10} {'ratio':>5} | >= {LIMIT_TARGET}")
+              f"{'trio limit':>10} {'p99':>6} | {'ratio':>5} | {'batch x' + str(LIMIT_BATCH):>10} {'ratio':>5} | "
+              f"{'fed (3 p.)':>10} {'ratio':>5} | >= {LIMIT_TARGET}")
     lines.append(header)
     lines.append("-" * len(header))
     for key, cell in cells.items():
         n, size = key.split("x")
         mb, mbp, nats = cell.get("minibus"), cell.get(f"minibus emit x{PIPELINE}"), cell.get("nats")
-        limit, batched = cell.get("limit"), cell.get(f"limit batched x{LIMIT_BATCH}")
+        limit, batched, fed = cell.get("limit"), cell.get(f"limit batched x{LIMIT_BATCH}"), cell.get("limit fed")
         dbus = [(label, r) for label, r in cell.items() if label.startswith("dbus")]
         best_label, best = max(dbus, key=lambda lr: lr[1]["events_per_s"], default=(None, None))
 
@@ -1510,6 +1660,7 @@ def summarise(cells: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], l
         row.update({
             "limit": limit and limit["events_per_s"], "limit_p99_ms": limit and limit["p99_ms"], "ratio_limit": ratio(mb, limit),
             "limit_batched": batched and batched["events_per_s"], "ratio_limit_batched": ratio(mb, batched),
+            "limit_fed": fed and fed["events_per_s"], "ratio_limit_fed": ratio(mb, fed),
         })
         best_ratio = row["ratio_dbus"]  # publish, one-way like a signal: the column judged
         row["target_met"] = None if best_ratio is None else best_ratio >= TARGET
@@ -1529,7 +1680,8 @@ def summarise(cells: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             f"{fmt_rate(row['nats']):>9} {fmt_ms(row['nats_p99_ms']):>6} | "
             f"{r(row['ratio_nats']):>5} {r(row['ratio_nats_pipelined']):>5} | {verdict:<6} | "
             f"{fmt_rate(row['limit']):>10} {fmt_ms(row['limit_p99_ms']):>6} | {r(row['ratio_limit']):>5} | "
-            f"{fmt_rate(row['limit_batched']):>10} {r(row['ratio_limit_batched']):>5} | {limit_verdict}"
+            f"{fmt_rate(row['limit_batched']):>10} {r(row['ratio_limit_batched']):>5} | "
+            f"{fmt_rate(row['limit_fed']):>10} {r(row['ratio_limit_fed']):>5} | {limit_verdict}"
         )
     return rows, lines
 
