@@ -1304,6 +1304,12 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def user_system(pid: int) -> tuple[int, int]:
+    """The process's user and system CPU time, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def switches(pid: int) -> int:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -1394,6 +1400,8 @@ def profile_summary(path: Path, calls: int) -> dict[str, Any]:
     rows.sort(reverse=True)
     return {
         "profiled_us_per_call": total / calls * 1e6,
+        # Function calls (Python and built-in) per call: unlike time, the same in every run.
+        "function_calls_per_call": sum(v[1] for v in stats.values()) / calls,
         "share_by_category": {k: v / total for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         "top_functions": [{"function": name, "share": tt / total, "calls_per_call": per} for tt, name, per in rows[:12]],
         "counts_per_call": notable,
@@ -1414,7 +1422,9 @@ def window(ask: Callable[[dict[str, Any]], dict[str, Any]], row: str, procs: dic
     """One measuring window: the row's rate, and each process's CPU time and context switches per call."""
     cpu0 = {k: cpu_ns(p.pid) for k, p in procs.items()}
     sw0 = {k: switches(p.pid) for k, p in procs.items()}
+    us0 = {k: user_system(p.pid) for k, p in procs.items()}
     answer = ask({"row": row, "seconds": seconds, "warmup": 0.0})
+    us1 = {k: user_system(p.pid) for k, p in procs.items()}
     if "error" in answer:
         raise RuntimeError(f"{row}: {answer['error']}")
     calls = answer["calls"] if "calls" in answer else answer["bytes"] / BIG  # bulk: per MiB
@@ -1424,6 +1434,10 @@ def window(ask: Callable[[dict[str, Any]], dict[str, Any]], row: str, procs: dic
         "wall_us_per_call": answer["elapsed"] / calls * 1e6,
         "cpu_us_per_call": {k: (cpu_ns(p.pid) - cpu0[k]) / calls / 1000 for k, p in procs.items()},
         "context_switches_per_call": {k: (switches(p.pid) - sw0[k]) / calls for k, p in procs.items()},
+        # The share of that CPU time spent in the kernel (from clock ticks: coarse, not exact).
+        "system_share": {
+            k: (us1[k][1] - us0[k][1]) / max(1, (us1[k][0] - us0[k][0]) + (us1[k][1] - us0[k][1])) for k in procs
+        },
     }
 
 
@@ -1508,14 +1522,16 @@ def run_budget(args: argparse.Namespace) -> None:
     print(f"{row}: minibus {clean['per_s']:,.0f} {unit}/s ({clean['wall_us_per_call']:.0f} us per {unit}, wall); "
           f"limit {limit_row} {lclean['per_s']:,.0f} {unit}/s ({lclean['wall_us_per_call']:.0f} us)")
     st, lst = result["strace"].get("per_process", {}), result["limit_strace"].get("per_process", {})
-    print(f"{'hop':8} {'CPU us/' + unit:>13} {'limit':>7} {'ctx sw':>7} {'limit':>6} {'syscalls':>9} {'limit':>6}  minibus system calls per {unit}")
+    print(f"{'hop':8} {'CPU us/' + unit:>13} {'limit':>7} {'kernel':>7} {'limit':>6} {'ctx sw':>7} {'limit':>6} {'syscalls':>9} {'limit':>6}  minibus system calls per {unit}")
     for k in ("caller", "busd", "service"):
         lcpu = lclean["cpu_us_per_call"].get(k)
         lsw = lclean["context_switches_per_call"].get(k)
         sc = st.get(k, {}).get("syscalls_per_call")
         lsc = lst.get(k, {}).get("syscalls_per_call")
         top = ", ".join(f"{n} {v:g}" for n, v in list(st.get(k, {}).get("by_syscall", {}).items())[:6])
+        lsys = lclean["system_share"].get(k)
         print(f"{k:8} {clean['cpu_us_per_call'][k]:13.1f} {lcpu if lcpu is not None else float('nan'):7.1f} "
+              f"{clean['system_share'][k]:7.0%} {lsys if lsys is not None else float('nan'):6.0%} "
               f"{clean['context_switches_per_call'][k]:7.2f} {lsw if lsw is not None else float('nan'):6.2f} "
               f"{sc if sc is not None else float('nan'):9.1f} {lsc if lsc is not None else float('nan'):6.1f}  {top}")
     for what in ("strace", "limit_strace"):
@@ -1526,7 +1542,8 @@ def run_budget(args: argparse.Namespace) -> None:
     for k in ("caller", "busd", "service"):
         prof = result["profile"]["per_process"][k]
         cpu = clean["cpu_us_per_call"][k]
-        print(f"{k}: {cpu:.0f} us CPU per {unit}, by part (profile shares of CPU time applied to it):")
+        print(f"{k}: {cpu:.0f} us CPU per {unit}, {prof['function_calls_per_call']:.1f} function calls per {unit};"
+              " by part (profile shares of CPU time applied to it):")
         print("   " + ", ".join(f"{cat} {share * cpu:.1f}" for cat, share in prof["share_by_category"].items() if share >= 0.01))
         print(f"   per {unit}: " + ", ".join(f"{n} {v:.2f}" for n, v in prof["counts_per_call"].items() if v))
         for entry in prof["top_functions"][:10]:

@@ -328,7 +328,10 @@ class _Session:
                         return
                     self.last_received = trio.current_time()
                 self.messages_in += 1
-                broker.corking = True
+                if not broker.corking and framed.buffered:
+                    # More frames came with this one: what they send is written per burst.
+                    # (A frame that came alone is written at once: nothing to join it with.)
+                    broker.corking = True
                 if isinstance(frame, ControlFrame) and frame.channel == 0:
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
                     # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
@@ -442,7 +445,8 @@ class Broker:
         # Relay data is queued for a connection only while its queue holds less than this.
         self.relay_threshold = config.outbound_bytes // 2
         self.core.room_for_event = self._room_for_event
-        #: Set while a reader handles the frames one read brought: the writers it sends to are
+        #: Set while a reader handles the frames one read brought (when it brought more than
+        #: one; what a lone frame sends is written at once): the writers it sends to are
         #: corked (listed in ``corked``) and written once, by :meth:`uncork`, when the reader
         #: has handled them all or yields -- one write per receiving connection per burst
         #: rather than per message.  Readers run one at a time between checkpoints, and each

@@ -37,7 +37,7 @@ import trio
 from bus.errors import FrameError
 from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
-from bus.wire.frames import encode_control, encode_data
+from bus.wire.frames import HEADER, FrameKind, encode_control, encode_data
 from bus.wire.identity import PublicKey
 
 if TYPE_CHECKING:
@@ -286,8 +286,18 @@ class RelayStream(trio.abc.HalfCloseableStream):
         if self._send_busy:
             return 0
         self._check_send()
-        view = memoryview(data).cast("B")
         writer = self._link.send
+        size = len(data)
+        if type(data) is bytes and 0 < size <= self._credit and size <= MAX_DATA_FRAME and writer.has_room:
+            # The common case, a message that fits the credit: one frame of all of it.
+            try:
+                writer.send_nowait(HEADER.pack(FrameKind.DATA, 0, self.channel, size) + data)
+            except trio.ClosedResourceError:
+                raise trio.BrokenResourceError("the bus connection is gone") from None
+            self._credit -= size
+            self.bytes_out += size
+            return size
+        view = memoryview(data).cast("B")
         taken = 0
         try:
             while taken < len(view) and self._credit >= self._worth_a_frame(len(view) - taken) and writer.has_room:

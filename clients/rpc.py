@@ -139,6 +139,9 @@ def _what(request: Request) -> str:
 
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _SCALARS = frozenset({str, bytes, bool, float, type(None)})
+_FIXED_SCALARS = frozenset({bool, float, type(None)})
+#: A str or bytes result up to this size surely fits one control frame with its reply.
+_SMALL_RESULT = DEFAULT_MAX_CONTROL // 8
 
 
 def _surely_big(values: Any) -> bool:
@@ -598,11 +601,21 @@ class Service:
                             and type(args) is list
                             and method in self.sync_methods
                         ):
-                            call = Request("call", request_id, {"method": method, "args": args})
-                            answer = self._answer_now(call)
-                            assert answer is not None  # (a method declared synchronous)
+                            answer = self._call_now(request_id, method, args)
+                            result = answer.get("result", answer)  # (an error reply: not small)
+                            kind = type(result)
                             try:
-                                writer.send_nowait(encode_reply(answer, call))
+                                if (
+                                    kind in _FIXED_SCALARS
+                                    or (kind is int and _INT_MIN <= result <= _INT_MAX)
+                                    or ((kind is bytes or kind is str) and len(result) <= _SMALL_RESULT)
+                                ):
+                                    # A small scalar: one frame, in the profile by construction.
+                                    encoded = encode_control(0, answer, checked=True)
+                                else:
+                                    call = Request("call", request_id, {"method": method, "args": args})
+                                    encoded = encode_reply(answer, call)
+                                writer.send_nowait(encoded)
                             except trio.ClosedResourceError:
                                 pass  # the caller is gone; nobody is waiting for this reply
                             return
@@ -622,10 +635,10 @@ class Service:
                             # A method declared synchronous (or an answer that needs no
                             # method) is answered here, in order, with no task; while the
                             # writer is full, calls wait for room in tasks of their own.
-                            answer = self._answer_now(message)
-                            if answer is not None:
+                            now = self._answer_now(message)
+                            if now is not None:
                                 try:
-                                    writer.send_nowait(encode_reply(answer, message))
+                                    writer.send_nowait(encode_reply(now, message))
                                 except trio.ClosedResourceError:
                                     pass  # the caller is gone; nobody is waiting for this reply
                                 return
@@ -669,6 +682,19 @@ class Service:
             signature.bind(*args)
         except TypeError as exc:
             raise BadRequest(f"{name}: {exc}") from None
+
+    def _call_now(self, request_id: int, name: str, args: list[Any]) -> dict[str, Any]:
+        """The reply to a call of the synchronous method ``name`` (what :meth:`_answer_now`
+        makes of it, without building the request first)."""
+        func = self.sync_methods[name]
+        try:
+            self._check_arity(name, func, args)
+            return {"re": request_id, "result": func(*args)}
+        except RequestError as exc:
+            return ErrorReply.from_error(request_id, exc).to_wire()
+        except Exception as exc:  # a method's bug is reported, not fatal to the service
+            log.exception("method %r failed", name)
+            return ErrorReply(request_id, "minibus.Error.Failed", f"{type(exc).__name__}: {exc}").to_wire()
 
     def _answer_now(self, request: Request) -> dict[str, Any] | None:
         """The reply to ``request`` if it needs no waiting (a method declared synchronous,
@@ -750,8 +776,7 @@ class _PushedFrames:
 
     def feed(self, data: bytes) -> None:
         decoder = self._decoder
-        decoder.receive_data(data)
-        frame = decoder.next_frame()
+        frame = decoder.next_frame_from(data)
         if frame is None:
             return
         more = decoder.next_frame() if decoder.buffered else None

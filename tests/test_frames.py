@@ -447,3 +447,62 @@ def test_the_quick_decode_refuses_duplicates_tags_long_forms_and_too_many_items(
             decode_control_body(body, 3 if "items" in reason else None)
     # In the profile but not as cbor2 writes it (a half-precision float): still taken.
     assert decode_control_body(bytes([0xA1, 0x61, 0x6B, 0xF9, 0x3C, 0x00])) == {"k": 1.0}
+
+
+def _frames_the_usual_way(pieces: list[bytes]) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    out: list[Any] = []
+    try:
+        for piece in pieces:
+            dec.receive_data(piece)
+            out.extend(dec)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+def _frames_from_pieces(pieces: list[bytes]) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    out: list[Any] = []
+    try:
+        for piece in pieces:
+            frame = dec.next_frame_from(piece)
+            if frame is not None:
+                out.append(frame)
+                out.extend(dec)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    batch=st.lists(frames, max_size=5),
+    cuts=st.lists(st.integers(1, 600), max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+    whole=st.booleans(),
+)
+def test_next_frame_from_decides_as_receive_data_and_next_frame(
+    batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], whole: bool
+) -> None:
+    """The shortcut for bytes that are exactly one frame (a relayed message) gives the same
+    frames and the same errors as feeding the bytes and cutting, whatever the pieces: one
+    frame per piece, frames straddling pieces, several in one, a header cut in two, damaged
+    headers and bodies, frames over the limits."""
+    encoded = [encode_frame(f) for f in batch]
+    wire = bytearray(b"".join(encoded))
+    for where, value in damage:
+        if wire:
+            wire[where % len(wire)] = value
+    if whole and not damage:
+        pieces = encoded  # one frame per piece: the shortcut's case
+    else:
+        pieces, pos = [], 0
+        for cut in [*cuts, len(wire)]:
+            piece = bytes(wire[pos : pos + cut])
+            pos += len(piece)
+            if piece:
+                pieces.append(piece)
+    assert _frames_from_pieces(pieces) == _frames_the_usual_way(pieces)

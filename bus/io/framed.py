@@ -145,10 +145,8 @@ class FramedStream:
         out of sync) and trio's stream errors for a broken transport.
         """
         decoder = self._decoder
-        while True:
-            frame = decoder.next_frame()
-            if frame is not None:
-                return frame
+        frame = decoder.next_frame()
+        while frame is None:
             if self.at_end:
                 decoder.end_of_input()
                 return None
@@ -162,7 +160,8 @@ class FramedStream:
                 decoder.end_of_input()
                 return None
             self.bytes_received += len(data)
-            decoder.receive_data(data)
+            frame = decoder.next_frame_from(data)  # (bytearray: fed, then cut)
+        return frame
 
     async def _receive_socket(self, reads: _SocketReads) -> bytes:
         waited = False

@@ -35,6 +35,7 @@ import operator
 import os
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import trio
 
@@ -81,11 +82,20 @@ class _ConflictDetector:
         return self._held
 
 
+_UNKNOWN: Any = object()
+_NOTHING = memoryview(b"")
+
+
 class SecureStream(trio.abc.HalfCloseableStream):
     """A byte stream whose peer has proven its identity, encrypted or plain.
 
     Build one with :meth:`client` or :meth:`server`.
     """
+
+    #: Where :meth:`send_nowait` writes: the transport's socket, its ``send_some_nowait``,
+    #: or None (neither); looked up on first use.
+    _send_target: Any = _UNKNOWN
+    _send_to_socket = False
 
     def __init__(
         self,
@@ -345,40 +355,46 @@ class SecureStream(trio.abc.HalfCloseableStream):
         its own (a relayed channel does), else all of the wire bytes come back.  A failed
         transport raises :class:`trio.BrokenResourceError` and breaks the stream.
         """
-        if self._send_conflict.held:
+        if self._send_conflict._held:
             raise trio.BusyResourceError("another task is sending on this SecureStream")
-        self._check_usable()
+        if self._state is not _State.OK:
+            self._check_usable()
         if self._eof_sent:
             raise trio.ClosedResourceError("cannot send after send_eof()")
         if self._outcome is None:
             raise LocalProtocolError("send_nowait needs a completed handshake")
-        wire = memoryview(self._encoder.encode(data) if self._encoder is not None else data)
-        if not wire:
-            return wire
-        sock = self._socket()
-        if sock is not None:
+        wire = self._encoder.encode(data) if self._encoder is not None else data
+        size = len(wire)
+        if not size:
+            return _NOTHING
+        target = self._send_target
+        if target is _UNKNOWN:  # (looked up once: the transport stays the same)
+            sock = self._socket()
+            self._send_to_socket = sock is not None
+            target = self._send_target = sock if sock is not None else getattr(self.transport, "send_some_nowait", None)
+        if self._send_to_socket:
             try:
-                sent = os.write(sock.fileno(), wire)
+                sent = os.write(target.fileno(), wire)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
                 broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
                 self._mark_broken(broken)
                 raise broken from exc
+        elif target is None:
+            sent = 0  # e.g. another SecureStream: everything goes through send_wire
         else:
-            send_some: Callable[[memoryview], int] | None = getattr(self.transport, "send_some_nowait", None)
-            if send_some is None:
-                sent = 0  # e.g. another SecureStream: everything goes through send_wire
-            else:
-                try:
-                    sent = send_some(wire)
-                except trio.BrokenResourceError as exc:
-                    self._mark_broken(exc)
-                    raise
+            try:
+                sent = target(wire)
+            except trio.BrokenResourceError as exc:
+                self._mark_broken(exc)
+                raise
         # Taken: what the transport did not take now follows in send_wire.
         self.bytes_sent += len(data)
-        self._wire_owed += len(wire) - sent
-        return wire[sent:]
+        if sent == size:
+            return _NOTHING
+        self._wire_owed += size - sent
+        return memoryview(wire)[sent:]
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
         """Send wire bytes that :meth:`send_nowait` left over (already encoded)."""

@@ -464,6 +464,34 @@ class FrameDecoder:
             raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
         return kind, channel, length
 
+    def next_frame_from(self, data: bytes | bytearray | memoryview) -> Frame | None:
+        """:meth:`receive_data` then :meth:`next_frame`, with less work in the common case
+        of bytes that are exactly one frame while nothing is buffered (a relayed message)."""
+        if (
+            self._header is None
+            and not self._chunk
+            and not self._parts
+            and self._error is None
+            and type(data) is bytes
+            and len(data) >= HEADER_SIZE
+        ):
+            kind, channel, length = self._read_header(data, 0)
+            if length == len(data) - HEADER_SIZE:
+                body = data[HEADER_SIZE:]
+                if kind == FrameKind.DATA:
+                    return DataFrame(channel, body)
+                try:
+                    if self.trusted:
+                        return ControlFrame(channel, decode_trusted_body(body))
+                    return ControlFrame(channel, decode_control_body(body, self.max_items))
+                except FrameError as exc:
+                    raise self._fail(exc) from exc.__cause__
+            self._header = (kind, channel, length)  # (checked: the rest goes the usual way)
+            self._chunk, self._pos = data, HEADER_SIZE
+            return self.next_frame()
+        self.receive_data(data)
+        return self.next_frame()
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
         self._check()
