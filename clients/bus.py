@@ -392,8 +392,9 @@ async def open_bus(
         raise CannotConnect(f"cannot connect to the bus within {connect_timeout:g} s")
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(connection.serve, first)
+            connection.start(nursery, first)
             try:
+                await connection.restore(first)  # (nothing to restore on a first connect)
                 yield bus
             finally:
                 # No await here: after cancelling our own scope, an await would raise a
