@@ -485,6 +485,11 @@ class BusConnection:
         """Read each link until it ends; then reconnect (if asked to) or give up."""
         while True:
             try:
+                if self.closed:
+                    # The bus was left before this task first ran (a connect that did nothing
+                    # that waits): nothing was read, nothing is read now.
+                    self._end_unread(link)
+                    return
                 await self._reader(link)
             finally:
                 # Leaving on purpose (cancelled: the bus is closing) or after the broker ended
@@ -512,6 +517,20 @@ class BusConnection:
             self.nursery.start_soon(self._writer, link)
             # Names and watches are restored beside this task, which reads their answers.
             self.nursery.start_soon(self.restore, link)
+
+    @staticmethod
+    def _end_unread(link: Link) -> None:
+        """End a link whose reader never ran (what its reader does on its way out)."""
+        link.reason = "the bus was closed"
+        link.closed = True
+        link.closed_event.set()
+        lost = ConnectionLost(link.reason)
+        for relay in list(link.channels.values()):
+            relay.on_link_lost(link.reason)
+        for pending in link.pending.values():
+            pending.reply = lost
+            pending.done.set()
+        link.send.close()
 
     def _give_up(self, error: BusError) -> None:
         self.failure = error
