@@ -805,9 +805,11 @@ class Broker:
             await self._serve_connection(stream, kind, pid, uid, source, scope)
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
-            # socket is closed: a graceful close sends the goodbye within close_timeout.
-            with trio.move_on_after(cfg.close_timeout) as closing:
-                closing.shield = True
+            # socket is closed: a graceful close sends the goodbye within close_timeout.  A
+            # plain stream has no goodbye to send (its close waits for nothing): no deadline.
+            with trio.CancelScope(shield=True) as closing:
+                if stream.encrypted:
+                    closing.deadline = trio.current_time() + cfg.close_timeout
                 await stream.aclose()
             if closing.cancelled_caught:
                 await trio.aclose_forcefully(stream)
