@@ -53,12 +53,13 @@ is its controller (``dbus-broker --controller FD``; see benchmarks/README.md).
 them; neither the tests nor minibus need them.
 
 ``--budget`` runs one row alone (the 1-in-flight relayed call unless ``--budget-row`` says
-another) beside its limit, in windows: clean ones (CPU time per call of each process from
-/proc/PID/task/*/schedstat, context switches per call; best of two each side), one under
-``strace -c`` for each side (system calls per call, each process; skipped when strace is
-missing) and one under cProfile with a CPU-time clock for minibus (switched by SIGUSR1/SIGUSR2
-in busd and the service, by command in the caller: where each process's time goes, and counts
-per call such as task steps).
+another; ``mb-connect`` is a connect beside the bare shs1 connect) beside its limit, in
+windows: clean ones (CPU time per call of each process from /proc/PID/task/*/schedstat,
+context switches per call; best of two each side), one under ``strace -c`` for each side
+(system calls per call, each process; skipped when strace is missing) and one under cProfile
+with a CPU-time clock for minibus (switched by SIGUSR1/SIGUSR2 in busd and the service, by
+command in the caller: where each process's time goes, and counts per call such as task
+steps).
 """
 
 from __future__ import annotations
@@ -1415,6 +1416,8 @@ BUDGET_ROWS: dict[str, tuple[str, dict[str, str | None]]] = {
     "mb-fd-x1": ("limit2-x1", {"caller": "limit caller", "busd": None, "service": "limit server"}),
     "mb-fd-big-x8": ("bulk-raw", {"caller": "limit caller", "busd": None, "service": "limit server"}),
     "mb-relay-big-x8": ("bulk-3p", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
+    # a connect: the client (open_bus entered and left) and busd, against a bare shs1 client and server
+    "mb-connect": ("bare-shs", {"caller": "limit caller", "busd": "bare shs1 server", "service": None}),
 }
 
 
@@ -1537,7 +1540,10 @@ def run_budget(args: argparse.Namespace) -> None:
     for what in ("strace", "limit_strace"):
         if "skipped" in result[what]:
             print(f"system calls: {result[what]['skipped']}")
-    print("(busd's hop in the limit is the forwarder; on the unix-fd route busd is idle)")
+    if row == "mb-connect":
+        print("(a connect: the limit's caller is a bare shs1 client, its busd the bare shs1 server; the service is idle)")
+    else:
+        print("(busd's hop in the limit is the forwarder; on the unix-fd route busd is idle)")
     print()
     for k in ("caller", "busd", "service"):
         prof = result["profile"]["per_process"][k]

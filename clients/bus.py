@@ -392,13 +392,20 @@ async def open_bus(
         raise CannotConnect(f"cannot connect to the bus within {connect_timeout:g} s")
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(connection.serve, first)
+            connection.start(nursery, first)
             try:
+                await connection.restore(first)  # (nothing to restore on a first connect)
                 yield bus
             finally:
                 # No await here: after cancelling our own scope, an await would raise a
                 # Cancelled that replaces (and so swallows) the exception leaving the block.
                 connection.closed = True
+                link = connection.link
+                if link is not None:
+                    # Queued frames are dropped, as a cancelled writer drops them; a writer
+                    # that has not run yet then ends at its first step, not by cancellation
+                    # (which costs trio a good deal more: a short-lived bus pays it).
+                    link.send.close()
                 bus._names.close_all_nowait()
                 bus._events.close_all_nowait()
                 nursery.cancel_scope.cancel()  # the link's task closes the stream on its way out

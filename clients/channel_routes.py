@@ -79,7 +79,7 @@ class ChannelRoutes:
             weakref.WeakKeyDictionary()
         )
         connection.request_handlers["channel_request"] = self._channel_request
-        connection.background.append(self._report_direct_channels)
+        self._reporting = False  # the reporting task runs (started with the first direct channel)
 
     # -- the target's side ------------------------------------------------------------------------
 
@@ -453,6 +453,11 @@ class ChannelRoutes:
 
     def _track_direct(self, channel: Channel, link: Link, channel_id: int) -> Channel:
         self._direct[channel] = (link, channel_id, None)
+        nursery = self._connection.nursery
+        if not self._reporting and nursery is not None:
+            # (A bus that never opens a direct channel never runs this task.)
+            nursery.start_soon(self._report_direct_channels)
+            self._reporting = True
 
         def closed() -> None:
             entry = self._direct.pop(channel, None)

@@ -5,9 +5,9 @@ Theory of operation
 :class:`BusConnection` dials the bus address (Unix socket or TCP, whichever the address
 lists first and answers), runs the secret handshake against the broker key in the address
 and says hello: that makes a :class:`Link`, one live connection.  While the bus is open,
-:meth:`BusConnection.serve` owns a nursery with one *reader* task per link (replies,
-events, the broker's requests and pings) and one *writer* task (the only one that sends,
-so a cancelled request never leaves half a frame behind).
+:meth:`BusConnection.start` runs, in the bus's nursery, a *reader* task (replies, events,
+the broker's requests and pings; it reconnects when its link ends) and one *writer* task per
+link (the only one that sends, so a cancelled request never leaves half a frame behind).
 
 Requests wait for their reply under a deadline (``request_timeout``, 10 s by default);
 callers may add tighter ones with ``trio.fail_after``.
@@ -175,8 +175,8 @@ class BusConnection:
 
     The capabilities above it plug in through :attr:`request_handlers` (requests the broker
     sends us, by operation), :attr:`event_handlers` (events, by name), :attr:`restore`
-    (after every (re)connect), :attr:`on_give_up` (when it stops reconnecting) and
-    :attr:`background` (tasks that run beside the link for as long as the bus is open).
+    (after every (re)connect) and :attr:`on_give_up` (when it stops reconnecting); tasks that
+    run for as long as the bus is open go in :attr:`nursery`, started when first needed.
     """
 
     def __init__(
@@ -206,7 +206,6 @@ class BusConnection:
         self.event_handlers: dict[str, EventHandler] = {}
         self.restore: Callable[[Link], Awaitable[None]] = _restore_nothing
         self.on_give_up: Callable[[BusError], None] = lambda error: None
-        self.background: list[Callable[[], Awaitable[None]]] = []
         self.nursery: trio.Nursery | None = None
         self.link: Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
@@ -334,7 +333,11 @@ class BusConnection:
         try:
             with trio.fail_after(self.request_timeout):
                 try:
-                    await framed.send_message(Request("hello", 1, hello).to_wire())
+                    # Straight to the socket (it has room: nothing was sent since the
+                    # handshake); only what it did not take waits.
+                    rest = stream.send_nowait(framed.encode_message(Request("hello", 1, hello).to_wire()))
+                    if rest:
+                        await stream.send_wire(rest)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     # The broker may have refused us (a quota) and hung up before our hello
                     # arrived: its reason may still wait to be read.
@@ -373,19 +376,17 @@ class BusConnection:
 
     # -- running a link -------------------------------------------------------------------------
 
-    async def _run_link(self, link: Link) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, link)
-                try:
-                    await self._reader(link)
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            # Leaving on purpose (cancelled: the bus is closing) or after the broker ended the
-            # link: over box-stream, say goodbye (unless a frame is half-sent), then close.
-            self._goodbye_nowait(link)
-            await trio.aclose_forcefully(link.framed.stream)
+    def start(self, nursery: trio.Nursery, first: Link) -> None:
+        """Run the bus in ``nursery`` from the link :meth:`connect` made, without waiting: the
+        link's writer, and one task that reads the link and, when it ends, reconnects.
+
+        Two tasks, no nursery of their own: a short-lived bus (connect, one request, leave)
+        pays for no more.  The caller then awaits :attr:`restore` for ``first`` (a no-op on
+        a first connect) while the reader runs."""
+        self.nursery = nursery
+        self.link = first
+        nursery.start_soon(self._writer, first)
+        nursery.start_soon(self._serve, first)
 
     async def _writer(self, link: Link) -> None:
         try:
@@ -480,38 +481,56 @@ class BusConnection:
 
     # -- the bus's lifetime: serve, reconnect, close --------------------------------------------
 
-    async def serve(self, first: Link, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        link = first
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
+    async def _serve(self, link: Link) -> None:
+        """Read each link until it ends; then reconnect (if asked to) or give up."""
+        while True:
+            try:
+                if self.closed:
+                    # The bus was left before this task first ran (a connect that did nothing
+                    # that waits): nothing was read, nothing is read now.
+                    self._end_unread(link)
+                    return
+                await self._reader(link)
+            finally:
+                # Leaving on purpose (cancelled: the bus is closing) or after the broker ended
+                # the link: over box-stream, say goodbye (unless a frame is half-sent), then
+                # close (the writer, if it is still writing, then ends too).
+                self._goodbye_nowait(link)
+                await trio.aclose_forcefully(link.framed.stream)
+            if not self.closed:
+                log.warning("lost the bus connection (%s)%s", link.reason, "; reconnecting" if self.reconnect else "")
+            if not self.reconnect or self.closed:
+                self._give_up(ConnectionLost(f"the bus connection ended: {link.reason}"))
+                return
+            try:
+                link = await self._reconnect()
+            except RequestError as exc:
+                # The broker answers but refuses us (a changed policy): say so, stop trying.
+                log.warning("gave up reconnecting: %s", exc)
+                self._give_up(exc)
+                return
+            ep = self.endpoint
+            where = "" if ep is None else f" ({ep.path if ep.transport == 'unix' else f'{ep.host}:{ep.port}'})"
+            log.warning("reconnected to the bus%s as %s", where, link.unique_id)
             self.link = link
-            nursery.start_soon(self._run_link, link)
-            for task in self.background:
-                nursery.start_soon(task)
-            await self.restore(link)
-            task_status.started()
-            while True:
-                await link.closed_event.wait()
-                if not self.closed:
-                    log.warning(
-                        "lost the bus connection (%s)%s", link.reason, "; reconnecting" if self.reconnect else ""
-                    )
-                if not self.reconnect or self.closed:
-                    self._give_up(ConnectionLost(f"the bus connection ended: {link.reason}"))
-                    return
-                try:
-                    link = await self._reconnect()
-                except RequestError as exc:
-                    # The broker answers but refuses us (a changed policy): say so, stop trying.
-                    log.warning("gave up reconnecting: %s", exc)
-                    self._give_up(exc)
-                    return
-                ep = self.endpoint
-                where = "" if ep is None else f" ({ep.path if ep.transport == 'unix' else f'{ep.host}:{ep.port}'})"
-                log.warning("reconnected to the bus%s as %s", where, link.unique_id)
-                self.link = link
-                nursery.start_soon(self._run_link, link)
-                await self.restore(link)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._writer, link)
+            # Names and watches are restored beside this task, which reads their answers.
+            self.nursery.start_soon(self.restore, link)
+
+    @staticmethod
+    def _end_unread(link: Link) -> None:
+        """End a link whose reader never ran (what its reader does on its way out)."""
+        link.reason = "the bus was closed"
+        link.closed = True
+        link.closed_event.set()
+        lost = ConnectionLost(link.reason)
+        for relay in list(link.channels.values()):
+            relay.on_link_lost(link.reason)
+        for pending in link.pending.values():
+            pending.reply = lost
+            pending.done.set()
+        link.send.close()
 
     def _give_up(self, error: BusError) -> None:
         self.failure = error

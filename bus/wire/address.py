@@ -15,6 +15,7 @@ the handshake needs it before the first byte is sent.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,15 @@ def format_address(endpoints: list[Endpoint]) -> str:
 
 
 def parse_address(text: str) -> list[Endpoint]:
-    """Parse an address into its endpoints, in order; raises :class:`AddressError`."""
+    """Parse an address into its endpoints, in order; raises :class:`AddressError`.
+
+    A client parses the same address at every connect: the (immutable) endpoints of the
+    last few addresses are remembered (an address that fails is not)."""
+    return list(_parse_address(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_address(text: str) -> tuple[Endpoint, ...]:
     endpoints = []
     for part in text.strip().split(";"):
         if not part:
@@ -122,4 +131,4 @@ def parse_address(text: str) -> list[Endpoint]:
             raise AddressError(f"unknown transport {transport!r} (want unix or tcp)")
     if not endpoints:
         raise AddressError("empty bus address")
-    return endpoints
+    return tuple(endpoints)

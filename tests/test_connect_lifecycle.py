@@ -1,0 +1,85 @@
+"""A bus's life from open_bus to leaving it, against a real broker over real sockets: what a
+short-lived connection runs, and that leaving at once (before the bus read anything) still
+ends everything cleanly on both sides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from bus.broker import Broker
+from bus.errors import ConnectionLost
+from clients.bus import open_bus
+from tests.brokers import FRIEND, OWNER, running_broker
+
+
+async def wait_for_no_sessions(broker: Broker) -> None:
+    with trio.fail_after(10):
+        while broker.sessions:
+            await trio.sleep(0.01)
+
+
+async def test_a_short_lived_bus_runs_two_tasks_and_no_reporter(tmp_path: Path) -> None:
+    """The link's writer and the reader (that would reconnect): nothing else until it is needed."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Short", reconnect=False) as bus:
+            nursery = bus._connection.nursery
+            assert nursery is not None
+            await bus.ping()
+            names = sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
+            assert names == ["_serve", "_writer"]
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_leaving_at_once_again_and_again_frees_the_name_and_the_connection(tmp_path: Path, transport: str) -> None:
+    """Entered and left with nothing awaited in between (the bus's tasks never run before it is
+    left): each time the broker sees the connection end and the name released, so the next
+    connect may take the same name."""
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        for _ in range(20):
+            async with open_bus(address, identity=FRIEND, name="org.example.Again", reconnect=False) as bus:
+                assert bus.unique_id.startswith(":")
+        await wait_for_no_sessions(rb.broker)
+        async with open_bus(address, identity=OWNER, reconnect=False) as watcher:
+            assert [n.name for n in await watcher.list_names()] == []
+            # (and the name is free: a plain request gets it at once)
+            assert await watcher.request_name("org.example.Again") == "primary-owner"
+
+
+async def test_a_bus_left_at_once_ends_its_link_and_rejects_later_use(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+            link = bus._link
+            assert link is not None
+        # Its reader never ran: the link was ended for it, with the same bookkeeping.
+        assert link.closed and link.closed_event.is_set() and link.send.closed
+        assert not bus.connected
+        with pytest.raises(ConnectionLost):
+            await bus.ping()
+        with pytest.raises(trio.ClosedResourceError):
+            link.send.send_nowait(b"x")
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_publish_then_leave_at_once_does_not_fail(tmp_path: Path) -> None:
+    """A one-way message sent just before leaving: leaving neither raises nor hangs."""
+    async with running_broker(tmp_path) as rb:
+        with trio.fail_after(10):
+            async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Pub", reconnect=False) as bus:
+                await bus.publish("Tick", b"x", source="org.example.Pub")
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_watch_left_open_ends_cleanly_when_the_bus_is_left(tmp_path: Path) -> None:
+    """Leaving the block ends a watch's iteration without an error (the bus did not give up)."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+            watch = bus.watch()
+            await watch.__aenter__()
+        assert bus.failure is None
+        with trio.fail_after(10):
+            async for _event in watch:  # the snapshot's events, then the end: no error raised
+                pass
