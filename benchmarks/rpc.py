@@ -556,7 +556,7 @@ def role_limit_worker(config_json: str) -> None:
         async for cmd in stdin_lines():
             row, seconds, warmup = cmd["row"], cmd["seconds"], cmd["warmup"]
             try:
-                if row in ("limit2-x1", "limit2c-x1", "limit3-x1", "limit3c-x1", "limit3-x32"):
+                if row in ("limit2-x1", "limit2c-x1", "limit3-x1", "limit3c-x1", "limit3-x32", "limit3c-x32"):
                     path = config["limit2"] if row.startswith("limit2") else config["limit3"]
                     client = LimitClient(path, project_codec=row[6] == "c")
                     try:
@@ -1164,7 +1164,7 @@ class Peers:
 # The orchestrator: the run and the table
 # ------------------------------------------------------------------------------------------
 
-EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1"]  # the limits with the project's codec (printed under the table)
+EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1", "limit3c-x32"]  # the limits with the project's codec (printed under the table)
 PEER_ROWS = ["x1", "x32", "big-x8", "connect"]
 
 TABLE = [
@@ -1256,10 +1256,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print("\n".join(lines))
     print()
     print(f"bus.call took the {route} route. Limits: raw length-prefixed CBOR (minibus's 10-byte header, cbor2, no profile check).")
-    for row, what in (("limit2c-x1", "2-process"), ("limit3c-x1", "3-process")):
+    for row, what in (("limit2c-x1", "2-process x1"), ("limit3c-x1", "3-process x1"), ("limit3c-x32", "3-process x32")):
         raw = best.get(row.replace("c-", "-"))
         if row in best and raw:
-            print(f"  with the project's codec (encode_control + FrameDecoder) at both ends, {what} x1: {best[row]:,.0f}/s ({best[row] / raw:.2f} of raw)")
+            print(f"  with the project's codec (encode_control + FrameDecoder) at both ends, {what}: {best[row]:,.0f}/s ({best[row] / raw:.2f} of raw)")
     if peers and peers.workers:
         print("D-Bus, every pairing (best of rounds):")
         for label in peers.workers:

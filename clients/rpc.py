@@ -1051,6 +1051,8 @@ class RpcConnection:
             if self._turns and self._reader is None:
                 self._pass_turn()  # (it may have been given the turn just before it left)
         reply = call.result
+        if type(reply) is Reply:  # (the common case first)
+            return reply.result
         if reply is None:
             raise self.closed or ConnectionLost("the rpc channel ended")
         if isinstance(reply, BusError):

@@ -33,7 +33,8 @@ MAX_REQUEST_ID = 2**53  # stays exact in every language's numbers
 MAX_ERROR_MESSAGE = 1024
 
 
-@dataclass(frozen=True, slots=True)
+# (Slotted, not frozen: built for every message; see the note on the frames.)
+@dataclass(slots=True)
 class Request:
     op: str
     id: int
@@ -57,7 +58,7 @@ class Request:
         return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     re: int
     result: Any
@@ -66,7 +67,7 @@ class Reply:
         return {"re": self.re, "result": self.result}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorReply:
     re: int
     code: str
@@ -83,7 +84,7 @@ class ErrorReply:
         return {"re": self.re, "error": {"code": self.code, "message": self.message}}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     event: str
     fields: dict[str, Any] = field(default_factory=dict)
