@@ -115,8 +115,9 @@ RPC_PROTOCOL = "rpc"
 MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
 #: The largest message body (bytes of CBOR) sent or taken, unless a side chooses another.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
-#: The most body bytes one DATA frame of a large message carries (under the frame maximum).
-MESSAGE_PART = 256 * 1024
+#: The most body bytes one DATA frame of a large message carries: the frame maximum, so that
+#: a receiver reading big frames on their own (FramedStream) gets a 1 MiB argument in few reads.
+MESSAGE_PART = DEFAULT_MAX_FRAME
 #: Bodies of the calls running on one channel may hold this many times ``max_message``.
 HELD_MESSAGES = 4
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
@@ -190,8 +191,13 @@ def _encode_message(
         except LimitError:
             pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
-    body = cbor2.dumps({key: value for key, value in message.items() if key not in _HEAD_KEYS})
-    size = len(body)
+    fields = {key: value for key, value in message.items() if key not in _HEAD_KEYS}
+    flat_pieces: list[bytes] | None = None
+    if flat:
+        flat_pieces, size = _flat_body(fields)
+    else:
+        body = cbor2.dumps(fields)
+        size = len(body)
     if size > max_message:
         if answering is None:
             what, whose = "the arguments of " + repr(message.get("method", message.get("op"))), "this caller's"
@@ -201,12 +207,83 @@ def _encode_message(
             f"{what} take {size} bytes, over {whose} {max_message}-byte limit for one RPC message (max_message)"
         )
     pieces: list[bytes | memoryview] = [encode_control(0, {**head, "follows": size})]
+    if flat_pieces is not None:
+        _cut_into_parts(flat_pieces, size, pieces)
+        return b"".join(pieces)
     view = memoryview(body)
     for start in range(0, size, MESSAGE_PART):
         part = view[start : start + MESSAGE_PART]
         pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
         pieces.append(part)
     return b"".join(pieces)
+
+
+def _cut_into_parts(body: list[bytes], size: int, out: list[bytes | memoryview]) -> None:
+    """Append to ``out`` the DATA frames of a body of ``size`` bytes given as pieces: each
+    frame's header, then the pieces (or views of them) that make its bytes."""
+    left_in_part = 0
+    left = size
+    for piece in body:
+        view: bytes | memoryview = piece
+        while view:
+            if not left_in_part:
+                left_in_part = min(MESSAGE_PART, left)
+                out.append(HEADER.pack(FrameKind.DATA, 0, 0, left_in_part))
+            if len(view) <= left_in_part:
+                out.append(view)
+                taken = len(view)
+                view = b""
+            else:
+                whole = view if type(view) is memoryview else memoryview(view)
+                out.append(whole[:left_in_part])
+                taken = left_in_part
+                view = whole[left_in_part:]
+            left_in_part -= taken
+            left -= taken
+
+
+#: A bytes value this big is put into a flat message's wire bytes by reference (see
+#: :func:`_flat_body`); smaller values are encoded by cbor2.
+_BY_REFERENCE = 4096
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    """A CBOR head in its shortest form (what cbor2 writes)."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _flat_body(fields: dict[str, Any]) -> tuple[list[bytes], int]:
+    """The CBOR map of a flat message's fields (string keys, :func:`_flat` values) as pieces
+    to be joined, and their total size: the bytes cbor2 would write, but with every big
+    ``bytes`` value a piece of its own, the caller's object itself, so that the one join of
+    the wire bytes is its only copy (cbor2 would copy it into its output first)."""
+    dumps = cbor2.dumps
+    pieces = [_cbor_head(5, len(fields))]
+    size = len(pieces[0])
+    for key, value in fields.items():
+        pieces.append(dumps(key))
+        size += len(pieces[-1])
+        values = value if type(value) is list else (value,)
+        if values is value:
+            pieces.append(_cbor_head(4, len(value)))
+            size += len(pieces[-1])
+        for item in values:
+            if type(item) is bytes and len(item) >= _BY_REFERENCE:
+                pieces.append(_cbor_head(2, len(item)))
+                size += len(pieces[-1])
+            else:
+                item = dumps(item)
+            pieces.append(item)
+            size += len(item)
+    return pieces, size
 
 
 class _Body:

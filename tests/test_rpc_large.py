@@ -144,6 +144,31 @@ def test_a_large_message_is_a_header_then_its_body_in_data_frames() -> None:
     cutter.end_of_input()
 
 
+FLAT_BIG = [
+    {"op": "call", "id": 1, "method": "take", "args": [os.urandom(MiB)]},  # the benchmark's 1 MiB call
+    {"re": 2, "result": os.urandom(MiB + 5)},
+    {"op": "call", "id": 3, "method": "m", "args": [b"a" * 70_000, "b" * 70_000, 7, -8, 2**64 - 1, 1.5, None, True, []]},
+    {"op": "call", "id": 4, "method": "m", "args": [os.urandom(MESSAGE_PART - 3), b"", b"x" * 4095, os.urandom(MESSAGE_PART)]},
+    {"op": "call", "id": 5, "method": "m", "args": [os.urandom(2 * MESSAGE_PART + 1)], "more": b"y" * 5000, "n": 0},
+]
+
+
+@pytest.mark.parametrize("message", FLAT_BIG, ids=range(len(FLAT_BIG)))
+def test_a_flat_message_is_sent_as_the_bytes_cbor2_would_write(message: dict[str, Any]) -> None:
+    # A flat message (scalars, lists of scalars) puts its big bytes values into the wire by
+    # reference; the bytes on the wire are exactly those of the general way (cbor2's).
+    assert _encode_message(message, DEFAULT_MAX_MESSAGE, flat=True) == _encode_message(message, DEFAULT_MAX_MESSAGE)
+    frames = frames_of(_encode_message(message, DEFAULT_MAX_MESSAGE, flat=True))
+    sizes = [len(frame.data) for frame in frames[1:] if isinstance(frame, DataFrame)]
+    assert len(sizes) == len(frames) - 1 and all(0 < size <= MESSAGE_PART for size in sizes[:-1])
+
+
+def test_a_flat_message_over_the_limit_is_refused_as_before() -> None:
+    message = {"op": "call", "id": 1, "method": "echo", "args": [bytes(70_000)]}
+    with pytest.raises(MessageTooLarge, match=r"take 70024 bytes, over this caller's 65536-byte limit"):
+        _encode_message(message, 65536, flat=True)
+
+
 def test_a_message_over_the_senders_limit_is_refused_naming_it() -> None:
     too_large = r"the arguments of 'echo' take \d+ bytes, over this caller's 65536-byte limit .*max_message"
     with pytest.raises(MessageTooLarge, match=too_large):
