@@ -295,7 +295,9 @@ class _Body:
         self.header = header  # the announcing CONTROL frame's map, without "follows"
         self.size = size
         self.missing = size  # bytes still to come
-        self.parts: list[bytes] | None = None  # the bytes so far when kept; None: skipped
+        # The bytes so far when kept (None: skipped): the frames' bodies, or one buffer of the
+        # body's size that the frame decoder fills (see _MessageFrames.fill).
+        self.parts: list[bytes | bytearray] | None = None
 
     def message(self, max_items: int) -> dict[str, Any]:
         """The whole message: the header's fields and the body's (a body that does not
@@ -321,6 +323,12 @@ class _MessageFrames:
     def __init__(self, announce: Callable[[dict[str, Any], int], bool]) -> None:
         self._announce = announce
         self.body: _Body | None = None  # the body being received
+        #: The frame decoder's ``fill_data_into``, where this direction's reader has one: a
+        #: kept body is then one buffer of its announced size, which the decoder fills as its
+        #: DATA frames come (read straight into it from a socket), instead of their bytes
+        #: being kept and joined.  (A body is checked against its limits before it is made.)
+        self.fill: Callable[[bytearray | None], None] | None = None
+        self._filled: _Body | None = None  # the body whose buffer the decoder fills
 
     def feed(self, frame: Frame) -> dict[str, Any] | _Body | None:
         body = self.body
@@ -330,14 +338,20 @@ class _MessageFrames:
                     f"a control frame where {body.missing} more bytes of a {body.size}-byte message body were due"
                 )
             data = frame.data
-            if len(data) > body.missing:
-                raise FrameError(f"a data frame runs {len(data) - body.missing} bytes past the end of a message body")
-            body.missing -= len(data)
-            if body.parts is not None:
+            size = len(data) + frame.filled  # (filled: in the body's buffer already)
+            if size > body.missing:
+                raise FrameError(f"a data frame runs {size - body.missing} bytes past the end of a message body")
+            body.missing -= size
+            if body.parts is None:
+                if self._filled is body:  # given up: the decoder stops filling after this frame
+                    assert self.fill is not None
+                    self.fill(None)
+                    self._filled = None
+            elif data:
                 body.parts.append(data)
             if body.missing:
                 return None
-            self.body = None
+            self.body = self._filled = None  # (the decoder let a full buffer go)
             return body if body.parts is not None else None
         if type(frame) is not ControlFrame:
             raise FrameError("a data frame on an rpc channel outside a message body")
@@ -349,7 +363,13 @@ class _MessageFrames:
             raise FrameError("'follows' must be a positive integer: the byte length of the message body")
         self.body = _Body(message, size)
         if self._announce(message, size):
-            self.body.parts = []
+            if self.fill is None:
+                self.body.parts = []
+            else:
+                buffer = bytearray(size)
+                self.fill(buffer)
+                self.body.parts = [buffer]
+                self._filled = self.body
         return None
 
     def end_of_input(self) -> None:
@@ -640,6 +660,7 @@ class Service:
             return True
 
         frames = _MessageFrames(announce)
+        frames.fill = framed.fill_data_into  # (or the pushed frames' decoder: below)
 
         async def write() -> None:
             try:
@@ -711,6 +732,7 @@ class Service:
 
                 pushed = _PushedFrames(handle, frames.end_of_input, writer)
                 if channel.deliver_to(pushed.feed, pushed.end):
+                    frames.fill = pushed.fill_data_into
                     await pushed.ended.wait()
                     if pushed.error is not None:
                         log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
@@ -850,6 +872,10 @@ class _PushedFrames:
                 assert writer is not None
                 writer.uncork()
 
+    def fill_data_into(self, buffer: bytearray | None) -> None:
+        """See :meth:`FrameDecoder.fill_data_into`."""
+        self._decoder.fill_data_into(buffer)
+
     def end(self, error: Exception | None) -> None:
         if error is None:
             try:
@@ -919,6 +945,7 @@ class RpcConnection:
         if not self.channel.deliver_to(pushed.feed, pushed.end):
             pushed = None
             self._turns = self.channel.socket_reads() is not None
+        self._frames.fill = self.framed.fill_data_into if pushed is None else pushed.fill_data_into
         task_status.started()
         reason = "the service closed the channel"
         try:

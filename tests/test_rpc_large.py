@@ -27,7 +27,7 @@ from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
 from clients import Channel, Service, open_bus
 from clients.bus import Bus
-from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, RpcConnection, _encode_message, _MessageFrames
+from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, RpcConnection, _Body, _encode_message, _MessageFrames
 
 from .brokers import FRIEND, PLUGIN, RunningBroker, running_broker
 
@@ -512,6 +512,100 @@ async def test_a_call_body_that_does_not_decode_is_answered_with_bad_request(tmp
                 assert isinstance(frame, ControlFrame)
                 replies[frame.message["re"]] = frame.message
         assert replies[1]["error"]["code"] == BadRequest.wire_code and "the call's body" in replies[1]["error"]["message"]
+        assert replies[2]["result"] == 2
+        await channel.aclose()
+
+
+def test_a_kept_body_is_one_buffer_the_decoder_fills_and_a_skipped_one_gets_none() -> None:
+    decoder = FrameDecoder()
+    fills: list[bytearray | None] = []
+
+    def fill(buffer: bytearray | None) -> None:
+        fills.append(buffer)
+        decoder.fill_data_into(buffer)
+
+    keep = {1: True, 2: False, 3: True}
+    cutter = _MessageFrames(lambda header, size: keep[header["id"]])
+    cutter.fill = fill
+    body = cbor2.dumps({"method": "echo", "args": [os.urandom(200_000)]})
+
+    def feed(*pieces: bytes) -> list[Any]:
+        results: list[Any] = []
+        for piece in pieces:
+            decoder.receive_data(piece)
+            results.extend(cutter.feed(frame) for frame in decoder)
+        return results
+
+    results = feed(encode_control(0, {"op": "call", "id": 1, "follows": len(body)}), *(encode_data(0, body[i : i + 70_000]) for i in range(0, len(body), 70_000)))
+    assert len(fills) == 1 and type(fills[0]) is bytearray and fills[0] == body  # (the body, filled in place)
+    done = results[-1]
+    assert isinstance(done, _Body) and done.message(DEFAULT_MAX_MESSAGE) == {"op": "call", "id": 1, **cbor2.loads(body)}
+    # An announcement refused (over a limit) makes no buffer: its bytes are dropped as they come.
+    assert feed(encode_control(0, {"op": "call", "id": 2, "follows": len(body)}), encode_data(0, body)) == [None, None]
+    assert len(fills) == 1
+    # A body given up half-way (its call cancelled): the decoder is told to stop filling.
+    assert feed(encode_control(0, {"op": "call", "id": 3, "follows": len(body)}) + encode_data(0, body[:1000])) == [None, None]
+    assert cutter.body is not None and cutter.body.parts is not None
+    cutter.body.parts = None
+    assert feed(encode_data(0, body[1000:])) == [None]
+    assert fills[-1] is None and decoder.fill_room() is None and cutter.body is None
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_big_call_split_across_many_reads_is_answered(tmp_path: Path, route: str) -> None:
+    # A call's 1 MiB body written in uneven pieces with pauses between: read straight into its
+    # buffer (unix-fd) or copied into it from the relay's frames, across many reads.
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        framed = FramedStream(channel)
+        value = os.urandom(MiB)
+        wire = _encode_message({"op": "call", "id": 1, "method": "length", "args": [value]}, DEFAULT_MAX_MESSAGE, flat=True)
+        pos, step = 0, 1
+        while pos < len(wire):
+            await channel.send_all(wire[pos : pos + step])
+            pos += step
+            step = step * 7 % 300_007 + 3  # 1, 10, 73, ...: headers and bodies cut anywhere
+            await trio.sleep(0.001)
+        await framed.send_message({"op": "call", "id": 2, "method": "echo", "args": [2]})
+        replies: dict[int, Any] = {}
+        with trio.fail_after(20):
+            while len(replies) < 2:
+                frame = await framed.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies[frame.message["re"]] = frame.message["result"]
+        assert replies == {1: MiB, 2: 2}
+        await channel.aclose()
+
+
+# A 1 MiB bytes item spoilt three ways (value: its CBOR, a 5-byte head then the bytes), and
+# what the service's answer says.
+BIG_BAD = {
+    "tags are not allowed": lambda value: b"\xc2" + value,
+    "not in its shortest encoding": lambda value: bytes([0x5B]) + (len(value) - 5).to_bytes(8, "big") + value[5:],
+    "a string is longer than the message": lambda value: bytes([0x5A]) + (len(value) - 4).to_bytes(4, "big") + value[5:],
+}
+
+
+@pytest.mark.parametrize("bad", list(BIG_BAD))
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_bad_cbor_inside_a_big_call_body_is_answered_with_bad_request(tmp_path: Path, route: str, bad: str) -> None:
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        framed = FramedStream(channel)
+        value = cbor2.dumps(os.urandom(MiB))
+        body = b"\xa2" + cbor2.dumps("method") + cbor2.dumps("length") + cbor2.dumps("args") + b"\x81" + BIG_BAD[bad](value)
+        wire = encode_control(0, {"op": "call", "id": 1, "follows": len(body)})
+        wire += b"".join(encode_data(0, body[i : i + MESSAGE_PART]) for i in range(0, len(body), MESSAGE_PART))
+        await channel.send_all(wire)
+        await framed.send_message({"op": "call", "id": 2, "method": "echo", "args": [2]})
+        replies: dict[int, dict[str, Any]] = {}
+        with trio.fail_after(20):
+            while len(replies) < 2:
+                frame = await framed.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies[frame.message["re"]] = frame.message
+        assert replies[1]["error"]["code"] == BadRequest.wire_code
+        assert "the call's body" in replies[1]["error"]["message"] and bad in replies[1]["error"]["message"]
         assert replies[2]["result"] == 2
         await channel.aclose()
 
