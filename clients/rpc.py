@@ -348,6 +348,8 @@ class _MessageFrames:
                     self.fill(None)
                     self._filled = None
             elif data:
+                if self._filled is body:  # (the reader must hand over each frame before cutting the next)
+                    raise LocalProtocolError("a data frame was cut before its body's buffer reached the decoder")
                 body.parts.append(data)
             if body.missing:
                 return None
@@ -853,20 +855,21 @@ class _PushedFrames:
         frame = decoder.next_frame()
         if frame is None:
             return
-        more = decoder.next_frame() if decoder.buffered else None
-        if more is None:
+        if not decoder.buffered:
             self._handle(frame)
             return
+        # More bytes wait (likely more frames): cork.  Each frame is handled before the next
+        # is cut, since handling one may tell the decoder where the next ones go (a body's
+        # buffer, see _MessageFrames.fill).
         writer = self._writer
         corked = writer is not None and not writer.corked
         if corked:
             assert writer is not None
             writer.cork()
         try:
-            self._handle(frame)
-            while more is not None:
-                self._handle(more)
-                more = decoder.next_frame()
+            while frame is not None:
+                self._handle(frame)
+                frame = decoder.next_frame()
         finally:
             if corked:
                 assert writer is not None

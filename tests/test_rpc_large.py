@@ -579,6 +579,27 @@ async def test_a_big_call_split_across_many_reads_is_answered(tmp_path: Path, ro
 
 # A 1 MiB bytes item spoilt three ways (value: its CBOR, a 5-byte head then the bytes), and
 # what the service's answer says.
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_small_body_right_behind_its_header_goes_into_its_buffer(tmp_path: Path, route: str) -> None:
+    # Any message may come as a header and a body (docs/rpc.md), and both may arrive in one
+    # read: the body's frame is cut only once its buffer is with the decoder.
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        framed = FramedStream(channel)
+        body = cbor2.dumps({"method": "echo", "args": [5]})
+        one = encode_control(0, {"op": "call", "id": 1, "follows": len(body)}) + encode_data(0, body)
+        two = encode_control(0, {"op": "call", "id": 2, "follows": len(body)}) + encode_data(0, body[:3]) + encode_data(0, body[3:])
+        await channel.send_all(one + two)
+        replies: dict[int, Any] = {}
+        with trio.fail_after(20):
+            while len(replies) < 2:
+                frame = await framed.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                replies[frame.message["re"]] = frame.message.get("result", frame.message.get("error"))
+        assert replies == {1: 5, 2: 5}
+        await channel.aclose()
+
+
 BIG_BAD = {
     "tags are not allowed": lambda value: b"\xc2" + value,
     "not in its shortest encoding": lambda value: bytes([0x5B]) + (len(value) - 5).to_bytes(8, "big") + value[5:],
