@@ -61,6 +61,12 @@ __all__ = ["BrokerConfig", "Broker", "BrokerAlreadyRunning", "check_settings", "
 
 log = logging.getLogger("minibus.broker")
 
+#: The send buffer of each end of a unix-fd channel's socketpair (the kernel caps it at
+#: net.core.wmem_max): a whole 1 MiB frame fits, so that a bulk transfer takes about one
+#: wake-up and one read per MiB at each end instead of five (the default is about 208 KiB).
+#: Memory is the kernel's, charged to the sending end's socket; no byte passes through busd.
+UNIX_FD_SEND_BUFFER = 1 << 20
+
 #: The largest data frame the broker writes on a relayed channel (bigger ones are cut), so
 #: one frame never comes near a connection's ``outbound_bytes``.
 RELAY_FRAME = 64 * 1024
@@ -925,6 +931,8 @@ class Broker:
         session = self.sessions.get(item.conn)
         if item.create:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            for end in (mine, theirs):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_FD_SEND_BUFFER)
             self._kept_ends[item.key] = theirs
         else:
             maybe = self._kept_ends.pop(item.key, None)

@@ -527,6 +527,12 @@ class _SocketReads(trio.abc.ReceiveStream):
         self._channel._received += len(data)
         return data
 
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        """:meth:`receive_nowait` into ``buffer``: how many bytes came (0 at the end)."""
+        taken = self._io.receive_into_nowait(buffer)
+        self._channel._received += taken
+        return taken
+
     async def wait_readable(self) -> None:
         await self._io.wait_readable()
 

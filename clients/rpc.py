@@ -115,8 +115,9 @@ RPC_PROTOCOL = "rpc"
 MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
 #: The largest message body (bytes of CBOR) sent or taken, unless a side chooses another.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
-#: The most body bytes one DATA frame of a large message carries (under the frame maximum).
-MESSAGE_PART = 256 * 1024
+#: The most body bytes one DATA frame of a large message carries: the frame maximum, so that
+#: a receiver reading big frames on their own (FramedStream) gets a 1 MiB argument in few reads.
+MESSAGE_PART = DEFAULT_MAX_FRAME
 #: Bodies of the calls running on one channel may hold this many times ``max_message``.
 HELD_MESSAGES = 4
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
@@ -193,8 +194,13 @@ def _encode_message(
         except LimitError:
             pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
-    body = cbor2.dumps({key: value for key, value in message.items() if key not in _HEAD_KEYS})
-    size = len(body)
+    fields = {key: value for key, value in message.items() if key not in _HEAD_KEYS}
+    flat_pieces: list[bytes] | None = None
+    if flat:
+        flat_pieces, size = _flat_body(fields)
+    else:
+        body = cbor2.dumps(fields)
+        size = len(body)
     if size > max_message:
         if answering is None:
             what, whose = "the arguments of " + repr(message.get("method", message.get("op"))), "this caller's"
@@ -204,12 +210,83 @@ def _encode_message(
             f"{what} take {size} bytes, over {whose} {max_message}-byte limit for one RPC message (max_message)"
         )
     pieces: list[bytes | memoryview] = [encode_control(0, {**head, "follows": size})]
+    if flat_pieces is not None:
+        _cut_into_parts(flat_pieces, size, pieces)
+        return b"".join(pieces)
     view = memoryview(body)
     for start in range(0, size, MESSAGE_PART):
         part = view[start : start + MESSAGE_PART]
         pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
         pieces.append(part)
     return b"".join(pieces)
+
+
+def _cut_into_parts(body: list[bytes], size: int, out: list[bytes | memoryview]) -> None:
+    """Append to ``out`` the DATA frames of a body of ``size`` bytes given as pieces: each
+    frame's header, then the pieces (or views of them) that make its bytes."""
+    left_in_part = 0
+    left = size
+    for piece in body:
+        view: bytes | memoryview = piece
+        while view:
+            if not left_in_part:
+                left_in_part = min(MESSAGE_PART, left)
+                out.append(HEADER.pack(FrameKind.DATA, 0, 0, left_in_part))
+            if len(view) <= left_in_part:
+                out.append(view)
+                taken = len(view)
+                view = b""
+            else:
+                whole = view if type(view) is memoryview else memoryview(view)
+                out.append(whole[:left_in_part])
+                taken = left_in_part
+                view = whole[left_in_part:]
+            left_in_part -= taken
+            left -= taken
+
+
+#: A bytes value this big is put into a flat message's wire bytes by reference (see
+#: :func:`_flat_body`); smaller values are encoded by cbor2.
+_BY_REFERENCE = 4096
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    """A CBOR head in its shortest form (what cbor2 writes)."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _flat_body(fields: dict[str, Any]) -> tuple[list[bytes], int]:
+    """The CBOR map of a flat message's fields (string keys, :func:`_flat` values) as pieces
+    to be joined, and their total size: the bytes cbor2 would write, but with every big
+    ``bytes`` value a piece of its own, the caller's object itself, so that the one join of
+    the wire bytes is its only copy (cbor2 would copy it into its output first)."""
+    dumps = cbor2.dumps
+    pieces = [_cbor_head(5, len(fields))]
+    size = len(pieces[0])
+    for key, value in fields.items():
+        pieces.append(dumps(key))
+        size += len(pieces[-1])
+        values = value if type(value) is list else (value,)
+        if values is value:
+            pieces.append(_cbor_head(4, len(value)))
+            size += len(pieces[-1])
+        for item in values:
+            if type(item) is bytes and len(item) >= _BY_REFERENCE:
+                pieces.append(_cbor_head(2, len(item)))
+                size += len(pieces[-1])
+            else:
+                item = dumps(item)
+            pieces.append(item)
+            size += len(item)
+    return pieces, size
 
 
 class _Body:
@@ -221,7 +298,9 @@ class _Body:
         self.header = header  # the announcing CONTROL frame's map, without "follows"
         self.size = size
         self.missing = size  # bytes still to come
-        self.parts: list[bytes] | None = None  # the bytes so far when kept; None: skipped
+        # The bytes so far when kept (None: skipped): the frames' bodies, or one buffer of the
+        # body's size that the frame decoder fills (see _MessageFrames.fill).
+        self.parts: list[bytes | bytearray] | None = None
 
     def message(self, max_items: int) -> dict[str, Any]:
         """The whole message: the header's fields and the body's (a body that does not
@@ -247,6 +326,12 @@ class _MessageFrames:
     def __init__(self, announce: Callable[[dict[str, Any], int], bool]) -> None:
         self._announce = announce
         self.body: _Body | None = None  # the body being received
+        #: The frame decoder's ``fill_data_into``, where this direction's reader has one: a
+        #: kept body is then one buffer of its announced size, which the decoder fills as its
+        #: DATA frames come (read straight into it from a socket), instead of their bytes
+        #: being kept and joined.  (A body is checked against its limits before it is made.)
+        self.fill: Callable[[bytearray | None], None] | None = None
+        self._filled: _Body | None = None  # the body whose buffer the decoder fills
 
     def feed(self, frame: Frame) -> dict[str, Any] | _Body | None:
         body = self.body
@@ -256,14 +341,22 @@ class _MessageFrames:
                     f"a control frame where {body.missing} more bytes of a {body.size}-byte message body were due"
                 )
             data = frame.data
-            if len(data) > body.missing:
-                raise FrameError(f"a data frame runs {len(data) - body.missing} bytes past the end of a message body")
-            body.missing -= len(data)
-            if body.parts is not None:
+            size = len(data) + frame.filled  # (filled: in the body's buffer already)
+            if size > body.missing:
+                raise FrameError(f"a data frame runs {size - body.missing} bytes past the end of a message body")
+            body.missing -= size
+            if body.parts is None:
+                if self._filled is body:  # given up: the decoder stops filling after this frame
+                    assert self.fill is not None
+                    self.fill(None)
+                    self._filled = None
+            elif data:
+                if self._filled is body:  # (the reader must hand over each frame before cutting the next)
+                    raise LocalProtocolError("a data frame was cut before its body's buffer reached the decoder")
                 body.parts.append(data)
             if body.missing:
                 return None
-            self.body = None
+            self.body = self._filled = None  # (the decoder let a full buffer go)
             return body if body.parts is not None else None
         if type(frame) is not ControlFrame:
             raise FrameError("a data frame on an rpc channel outside a message body")
@@ -275,7 +368,13 @@ class _MessageFrames:
             raise FrameError("'follows' must be a positive integer: the byte length of the message body")
         self.body = _Body(message, size)
         if self._announce(message, size):
-            self.body.parts = []
+            if self.fill is None:
+                self.body.parts = []
+            else:
+                buffer = bytearray(size)
+                self.fill(buffer)
+                self.body.parts = [buffer]
+                self._filled = self.body
         return None
 
     def end_of_input(self) -> None:
@@ -566,6 +665,7 @@ class Service:
             return True
 
         frames = _MessageFrames(announce)
+        frames.fill = framed.fill_data_into  # (or the pushed frames' decoder: below)
 
         async def write() -> None:
             try:
@@ -647,6 +747,7 @@ class Service:
 
                 pushed = _PushedFrames(handle, frames.end_of_input, writer)
                 if channel.deliver_to(pushed.feed, pushed.end):
+                    frames.fill = pushed.fill_data_into
                     await pushed.ended.wait()
                     if pushed.error is not None:
                         log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
@@ -779,24 +880,29 @@ class _PushedFrames:
         frame = decoder.next_frame_from(data)
         if frame is None:
             return
-        more = decoder.next_frame() if decoder.buffered else None
-        if more is None:
+        if not decoder.buffered:
             self._handle(frame)
             return
+        # More bytes wait (likely more frames): cork.  Each frame is handled before the next
+        # is cut, since handling one may tell the decoder where the next ones go (a body's
+        # buffer, see _MessageFrames.fill).
         writer = self._writer
         corked = writer is not None and not writer.corked
         if corked:
             assert writer is not None
             writer.cork()
         try:
-            self._handle(frame)
-            while more is not None:
-                self._handle(more)
-                more = decoder.next_frame()
+            while frame is not None:
+                self._handle(frame)
+                frame = decoder.next_frame()
         finally:
             if corked:
                 assert writer is not None
                 writer.uncork()
+
+    def fill_data_into(self, buffer: bytearray | None) -> None:
+        """See :meth:`FrameDecoder.fill_data_into`."""
+        self._decoder.fill_data_into(buffer)
 
     def end(self, error: Exception | None) -> None:
         if error is None:
@@ -867,6 +973,7 @@ class RpcConnection:
         if not self.channel.deliver_to(pushed.feed, pushed.end):
             pushed = None
             self._turns = self.channel.socket_reads() is not None
+        self._frames.fill = self.framed.fill_data_into if pushed is None else pushed.fill_data_into
         task_status.started()
         reason = "the service closed the channel"
         try:

@@ -220,6 +220,23 @@ async def test_unix_fd_a_descriptor_on_data_breaks_the_stream(tmp_path: Path) ->
         await ch.aclose()
 
 
+async def test_unix_fd_channel_sockets_hold_a_whole_big_frame(tmp_path: Path) -> None:
+    """Each end of a unix-fd channel's socketpair has a send buffer a 1 MiB frame fits in
+    (bulk transfers then wake each end about once a MiB), as far as the kernel allows."""
+    from bus.broker import UNIX_FD_SEND_BUFFER
+
+    with open("/proc/sys/net/core/wmem_max") as limit:
+        allowed = min(UNIX_FD_SEND_BUFFER, int(limit.read()))
+    async with pair(tmp_path, "unix") as (_, service, client):
+        accepted = hand_over_channels(service)
+        ch = await client.open_channel("org.example.Echo", route="direct")
+        target = await accepted.receive()
+        for end in (ch, target):
+            assert isinstance(end.raw, UnixChannelStream)
+            assert end.raw.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= allowed  # (the kernel doubles it)
+        await ch.aclose()
+
+
 # -- the tcp route's listener: candidates checked concurrently ------------------------------------
 
 

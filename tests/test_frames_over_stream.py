@@ -84,6 +84,9 @@ class _Flood(trio.abc.ReceiveStream):
         self.reads += 1
         return encode_data(1, b"f" * (max_bytes - HEADER.size))  # exactly what was asked for
 
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        raise AssertionError("no frame body is filled in place here")
+
     async def wait_readable(self) -> None:  # never needed: data is always there
         raise AssertionError("a flood never waits")
 

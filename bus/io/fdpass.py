@@ -93,6 +93,21 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             raise trio.WouldBlock
         return data
 
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        """:meth:`receive_nowait` into ``buffer``: how many bytes were read into it (0 at the end)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        try:
+            taken, ancdata, _flags, _addr = self._raw.recvmsg_into((buffer,), _FD_SPACE)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+        except OSError as exc:
+            if self._closed or self._raw.fileno() < 0:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+        self._keep_fds(ancdata)
+        return taken
+
     def _try_receive(self, max_bytes: int) -> bytes | None:
         """What is there (no checkpoint), or None if nothing is: the one read of both
         :meth:`receive_nowait` and :meth:`receive_some`."""
@@ -106,6 +121,11 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             if self._closed or self._raw.fileno() < 0:
                 raise trio.ClosedResourceError("the stream was closed") from exc
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+        self._keep_fds(ancdata)
+        return data
+
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """Queue the descriptors that came with a read (closing those over the limit)."""
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -115,7 +135,6 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
                         os.close(fd)  # nobody asked for this many: refuse to hold them
                     else:
                         self.fds.append(fd)
-        return data
 
     async def wait_readable(self) -> None:
         """Wait until a read may find something (a checkpoint)."""

@@ -31,6 +31,8 @@ __all__ = ["FramedStream"]
 class _SocketReads(Protocol):
     def receive_nowait(self, max_bytes: int) -> bytes: ...
 
+    def receive_into_nowait(self, buffer: memoryview) -> int: ...
+
     async def wait_readable(self) -> None: ...
 
 
@@ -51,6 +53,17 @@ class _PlainSocketReads:
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            return os.readv(fd, (buffer,))
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+
     async def wait_readable(self) -> None:
         if self._socket.fileno() < 0:
             raise trio.ClosedResourceError("the socket was closed")
@@ -58,9 +71,10 @@ class _PlainSocketReads:
 
 
 def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
-    """How to read ``stream`` without waiting, if it can (it has ``receive_nowait`` and
-    ``wait_readable``, as :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
-    if hasattr(stream, "receive_nowait") and hasattr(stream, "wait_readable"):
+    """How to read ``stream`` without waiting, if it can (it has ``receive_nowait``,
+    ``receive_into_nowait`` and ``wait_readable``, as :class:`~bus.io.fdpass.FdSocketStream`
+    has, or is a socket)."""
+    if hasattr(stream, "receive_nowait") and hasattr(stream, "receive_into_nowait") and hasattr(stream, "wait_readable"):
         return stream
     if isinstance(stream, trio.SocketStream) and stream.socket.type == socket.SOCK_STREAM:
         return _PlainSocketReads(stream)
@@ -152,6 +166,17 @@ class FramedStream:
                 return None
             data: bytes | bytearray
             if self._socket_reads is not None:
+                room = decoder.fill_room()
+                if room is not None:  # a big body being filled: read straight into its place
+                    taken = await self._receive_socket_into(self._socket_reads, room)
+                    if not taken:
+                        self.at_end = True
+                        decoder.end_of_input()  # (raises: the stream ended inside a frame)
+                        return None  # pragma: no cover
+                    self.bytes_received += taken
+                    decoder.filled(taken)
+                    frame = decoder.next_frame()
+                    continue
                 data = await self._receive_socket(self._socket_reads)
             else:
                 data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
@@ -183,6 +208,31 @@ class FramedStream:
                 self._drained = len(data) < size
                 self._read_size = _SMALL_RECEIVE if self._drained else _RECEIVE_SIZE
                 return data
+
+    async def _receive_socket_into(self, reads: _SocketReads, room: memoryview) -> int:
+        """:meth:`_receive_socket`, reading into ``room`` (the rest of a body being filled)."""
+        waited = False
+        if self._drained:
+            await reads.wait_readable()
+            waited = True
+        elif self._owe_checkpoint:
+            await trio.lowlevel.checkpoint()
+        self._owe_checkpoint = False
+        while True:
+            try:
+                taken = reads.receive_into_nowait(room)
+            except trio.WouldBlock:
+                await reads.wait_readable()
+                waited = True
+            else:
+                self._owe_checkpoint = not waited
+                self._drained = taken < len(room)
+                return taken
+
+    def fill_data_into(self, buffer: bytearray | None) -> None:
+        """See :meth:`FrameDecoder.fill_data_into`: where a socket is read directly, the rest
+        of each such body is read straight into ``buffer``."""
+        self._decoder.fill_data_into(buffer)
 
     def encode_message(self, message: dict[str, Any], channel: int = 0, *, checked: bool = False) -> bytes:
         return encode_control(channel, message, self.max_control, checked=checked)

@@ -31,7 +31,7 @@ import collections
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import cbor2
 
@@ -82,10 +82,14 @@ class ControlFrame:
 
 @dataclass(slots=True)
 class DataFrame:
-    """Opaque bytes for a channel."""
+    """Opaque bytes for a channel.
+
+    ``filled``: bytes of the body that went into the buffer the decoder's owner gave it
+    (:meth:`FrameDecoder.fill_data_into`) instead of into ``data`` (then empty)."""
 
     channel: int
     data: bytes
+    filled: int = 0
 
 
 Frame = ControlFrame | DataFrame
@@ -102,7 +106,7 @@ _SMALLEST = (24, 0x100, 0x10000, 0x100000000)  # the least value each wider head
 _SIMPLE_OK = frozenset((20, 21, 22, 25, 26, 27))  # false, true, null, float16/32/64
 
 
-def check_cbor(body: bytes, max_items: int | None = None) -> None:
+def check_cbor(body: bytes | bytearray, max_items: int | None = None) -> None:
     """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile.
 
     One pass over the bytes with an explicit stack (no recursion, no decoding): every head
@@ -261,7 +265,12 @@ def _items_within(value: Any, depth: int, budget: int) -> int:
     return -1
 
 
-def decode_control_body(body: bytes, max_items: int | None = None) -> dict[Any, Any]:
+#: Where a body holds fewer items than one per this many bytes, checking its heads in Python
+#: (about 1 us an item) costs less than encoding it again and comparing (about 0.5 ns a byte).
+_BYTES_PER_CHECKED_ITEM = 2048
+
+
+def decode_control_body(body: bytes | bytearray, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict.
 
     The quick way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of the
@@ -270,7 +279,8 @@ def decode_control_body(body: bytes, max_items: int | None = None) -> dict[Any, 
     equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
     tags).  Anything else -- including bodies in the profile that cbor2 writes differently,
     such as a float in half precision -- goes through :func:`check_cbor`, which decides, and
-    says why.
+    says why.  So does a body of few items for its size (a big string or two): check_cbor
+    steps over a string in O(1), where the comparison would encode and compare every byte.
 
     A body longer than ``max_items`` bytes could hold more items than that: it is checked
     first (check_cbor stops at the budget) and decoded after, so that a body of too many
@@ -278,24 +288,62 @@ def decode_control_body(body: bytes, max_items: int | None = None) -> dict[Any, 
     if max_items is not None and len(body) > max_items:
         check_cbor(body, max_items)
         try:
-            message = cbor2.loads(body)
+            message = _loads(body)
         except Exception as exc:
             raise FrameError(f"control body does not decode: {exc}") from exc
         if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
             raise FrameError("control body is not a CBOR map")
         return message
     try:
-        message = cbor2.loads(body)
+        message = _loads(body)
     except Exception as exc:  # cbor2 reports bad CBOR with several types
         check_cbor(body, max_items)  # the profile's own reason, when it has one
         raise FrameError(f"control body does not decode: {exc}") from exc
     budget = max_items if max_items is not None else len(body) + 1
-    if type(message) is dict and _items_within(message, 1, budget) >= 0 and cbor2.dumps(message) == body:
-        return message
+    if type(message) is dict:
+        left = _items_within(message, 1, budget)
+        if left >= 0:
+            if (budget - left) * _BYTES_PER_CHECKED_ITEM < len(body):
+                # Few items for many bytes (big strings): check_cbor steps over each string
+                # in O(1), where encoding it again would copy and compare every byte.
+                check_cbor(body, max_items)
+                return message
+            if cbor2.dumps(message) == body:
+                return message
     check_cbor(body, max_items)
     if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
         raise FrameError("control body is not a CBOR map")
     return message
+
+
+class _BufferReader:
+    """A file over a buffer, for cbor2's decoder: each read a ``bytes`` cut from it (given
+    a ``bytearray``, ``cbor2.loads`` would first copy all of it into a ``bytes``)."""
+
+    __slots__ = ("_view", "_pos")
+
+    def __init__(self, data: bytearray | memoryview) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        pos = self._pos
+        end = len(self._view) if size < 0 else min(pos + size, len(self._view))
+        self._pos = end
+        return self._view[pos:end].tobytes()
+
+
+def _loads(body: bytes | bytearray | memoryview) -> Any:
+    """``cbor2.loads``, with no copy of the whole body first when it is not a ``bytes``."""
+    if isinstance(body, bytes):
+        return cbor2.loads(body)
+    return cbor2.CBORDecoder(cast("IO[bytes]", _BufferReader(body))).decode()
 
 
 def decode_trusted_body(body: bytes) -> dict[Any, Any]:
@@ -395,6 +443,13 @@ class FrameDecoder:
         self._chunk: bytes = b""
         self._pos = 0
         self._header: tuple[int, int, int] | None = None  # (kind, channel, length)
+        # DATA bodies go into ``_sink`` from ``_sink_pos`` on, when its owner gave one (see
+        # fill_data_into); ``_filling``: bytes of the current frame's body in it (-1: the
+        # current frame does not go there); ``_sink_stop``: none after the current frame.
+        self._sink: memoryview | None = None
+        self._sink_pos = 0
+        self._filling = -1
+        self._sink_stop = False
         # Why it failed, as text: keeping the error itself would keep, through its traceback,
         # the frames that raised it, which keep this decoder (a reference cycle).
         self._error: str | None = None
@@ -404,10 +459,56 @@ class FrameDecoder:
         """Bytes received that are not yet part of a returned frame."""
         return self._parts_size + len(self._chunk) - self._pos
 
+    def fill_data_into(self, buffer: bytearray | None) -> None:
+        """Put the bodies of the DATA frames that come from now on into ``buffer``, one after
+        the other, instead of making a ``bytes`` of each: they come out as DataFrames
+        with empty ``data`` and their size in ``filled``.  For a consumer that joins the
+        bodies of several frames anyway (a large RPC message): each byte is then copied once,
+        or not at all where the reader reads into :meth:`fill_room`.  A frame that does not fit
+        in what is left of ``buffer`` comes out as usual (for its consumer to refuse), and the
+        buffer is let go once full.  ``None``: no more (after the frame being filled, if any)."""
+        self._check()
+        if buffer is None:
+            if self._filling >= 0:
+                self._sink_stop = True
+            else:
+                self._sink = None
+            return
+        if self._filling >= 0:
+            raise LocalProtocolError("a frame is still being put into the previous buffer")
+        self._sink = memoryview(buffer)
+        self._sink_pos = 0
+        self._sink_stop = False
+
+    def fill_room(self) -> memoryview | None:
+        """Where the rest of the DATA frame being filled goes (see :meth:`fill_data_into`), for
+        a reader that reads straight into it (then :meth:`filled`); ``None`` when no frame is
+        being filled.  (While one is, the decoder buffers nothing.)"""
+        if self._filling < 0:
+            return None
+        assert self._sink is not None and self._header is not None
+        return self._sink[self._sink_pos + self._filling : self._sink_pos + self._header[2]]
+
+    def filled(self, n: int) -> None:
+        """``n`` bytes were read into :meth:`fill_room`."""
+        room = self.fill_room()
+        if room is None or not 0 <= n <= len(room):
+            raise LocalProtocolError(f"{n} bytes cannot have been read into the room of the frame being filled")
+        self._filling += n
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
         if not data:
             return
+        if self._filling >= 0 and not self.buffered:
+            room = self.fill_room()  # (the body being filled takes these bytes first: no copy but into it)
+            assert room is not None
+            taken = min(len(room), len(data))
+            room[:taken] = data if taken == len(data) else memoryview(data)[:taken]
+            self._filling += taken
+            if taken == len(data):
+                return
+            data = memoryview(data)[taken:]
         if self._pos < len(self._chunk):
             self._spill()
         if self._parts:
@@ -475,6 +576,7 @@ class FrameDecoder:
             and not self._chunk
             and not self._parts
             and self._error is None
+            and self._sink is None  # (DATA frames go into a body's buffer: the usual way)
             and type(data) is bytes
             and len(data) >= HEADER_SIZE
         ):
@@ -504,6 +606,8 @@ class FrameDecoder:
                     return None
                 self._header = self._read_header(self._take(HEADER_SIZE), 0)
             kind, channel, length = self._header
+            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+                return self._fill(channel, length)
             if self._parts_size < length:
                 return None
             body = self._take(length) if length else b""
@@ -517,6 +621,8 @@ class FrameDecoder:
                 self._header = self._read_header(chunk, pos)
                 pos = self._pos = pos + HEADER_SIZE
             kind, channel, length = self._header
+            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+                return self._fill(channel, length)
             if len(chunk) - pos < length:
                 if pos < len(chunk):
                     self._spill()
@@ -534,6 +640,63 @@ class FrameDecoder:
             return ControlFrame(channel, decode_control_body(body, self.max_items))
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
+
+    def _fits_sink(self, length: int) -> bool:
+        """Whether the DATA frame whose header was just read goes into the sink."""
+        assert self._sink is not None
+        if self._filling >= 0:
+            return True
+        return not self._sink_stop and length <= len(self._sink) - self._sink_pos
+
+    def _fill(self, channel: int, length: int) -> DataFrame | None:
+        """Move what is buffered of the current DATA frame's body into the sink; the frame,
+        once all of it is there."""
+        sink = self._sink
+        assert sink is not None
+        if self._filling < 0:
+            self._filling = 0
+        start = self._sink_pos + self._filling
+        if self._filling < length:
+            self._filling += self._move_into(sink[start : self._sink_pos + length])
+            if self._filling < length:
+                return None
+        self._header = None
+        self._filling = -1
+        self._sink_pos += length
+        if self._sink_stop or self._sink_pos == len(sink):
+            self._sink = None
+            self._sink_stop = False
+        return DataFrame(channel, b"", length)
+
+    def _move_into(self, room: memoryview) -> int:
+        """Move up to ``len(room)`` buffered bytes into ``room``; how many were moved."""
+        want = len(room)
+        moved = 0
+        parts = self._parts
+        if parts:
+            while moved < want and parts:
+                part = parts[0]
+                view = part if type(part) is memoryview else memoryview(part)
+                n = min(len(view), want - moved)
+                room[moved : moved + n] = view[:n]
+                moved += n
+                if n == len(view):
+                    parts.popleft()
+                else:
+                    parts[0] = view[n:]
+            self._parts_size -= moved
+            if not parts:
+                self._parts = None
+            return moved
+        chunk, pos = self._chunk, self._pos
+        n = min(len(chunk) - pos, want)
+        if n:
+            room[:n] = memoryview(chunk)[pos : pos + n]
+            if pos + n == len(chunk):
+                self._chunk, self._pos = b"", 0
+            else:
+                self._pos = pos + n
+        return n
 
     def __iter__(self) -> FrameDecoder:
         return self
@@ -559,4 +722,5 @@ class FrameDecoder:
         self._parts = None
         self._parts_size = 0
         self._chunk, self._pos = b"", 0
+        self._sink, self._filling = None, -1
         return error
