@@ -141,6 +141,8 @@ def _what(request: Request) -> str:
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _SCALARS = frozenset({str, bytes, bool, float, type(None)})
 _FIXED_SCALARS = frozenset({bool, float, type(None)})
+#: Calls made while others are in flight are written in bursts of at most this many.
+CALL_BURST = 16
 #: A str or bytes result up to this size surely fits one control frame with its reply.
 _SMALL_RESULT = DEFAULT_MAX_CONTROL // 8
 
@@ -956,6 +958,10 @@ class RpcConnection:
         self.framed = FramedStream(channel, receive_stream=channel.socket_reads())
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
+        # Calls woken together go out in writes of CALL_BURST: the service's side starts on
+        # the first while the rest are being made (one write of all 32 left the three
+        # processes of a relayed call working one after another).
+        self.writer.burst = CALL_BURST
         self._next_id = 1
         self._pending: dict[int, _Call] = {}
         self._frames = _MessageFrames(self._announce)

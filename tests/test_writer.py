@@ -424,6 +424,30 @@ async def test_a_corked_writer_queues_then_writes_once_and_in_order(res: Resourc
     assert writer.queued_bytes == 0
 
 
+@ENCRYPTED
+async def test_put_later_writes_each_burst_of_frames_at_once(res: Resources, encrypted: bool) -> None:
+    """put_later() leaves frames to run() (nothing is written while they are made), except
+    that every ``burst`` frames waiting are written at once: the far end can start on them
+    while the producer makes the next; order holds and run() writes the rest."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender)
+    writer.burst = 4
+    frames = [i.to_bytes(4, "big") + os.urandom(30) for i in range(10)]
+    for frame in frames[:3]:
+        await writer.put_later(frame)
+    assert _pending(receiver) == 0 and len(writer) == 3
+    for frame in frames[3:]:
+        await writer.put_later(frame)
+    assert len(calls.queued) == 2 and len(writer) == 2  # two bursts of 4 written; 2 wait
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, sum(map(len, frames[:8]))) == b"".join(frames[:8])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            assert await _read_exactly(receiver, sum(map(len, frames[8:]))) == b"".join(frames[8:])
+            writer.stop()
+    assert writer.queued_bytes == 0
+
+
 async def test_uncork_behind_a_partial_frame_leaves_the_queue_to_run(res: Resources) -> None:
     sender, receiver = await res.pair("unix", encrypted=False)
     writer, _ = _writer(sender)

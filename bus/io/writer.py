@@ -21,7 +21,8 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
   then writes what was queued with one system call.  The broker corks the writers a burst of
   requests writes to (one read of an emitter's events fanned out to its subscribers) so that
   each subscriber gets one write per burst, not one per event.  A corked writer still writes
-  once :data:`CORK_FRAMES` frames or :data:`COALESCE` bytes wait, so corking never fills it.
+  once :attr:`FrameWriter.burst` frames (:data:`CORK_FRAMES` unless its owner says less) or
+  :data:`COALESCE` bytes wait, so corking never fills it; so does :meth:`FrameWriter.put_later`.
 
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
@@ -69,6 +70,8 @@ class FrameWriter:
         self._corked_bytes = 0  # bytes queued while corked (so not handed to run() yet)
         self._finishing = False
         self._failure: BaseException | None = None
+        #: While corked or fed by :meth:`put_later`, write once this many frames wait.
+        self.burst = CORK_FRAMES
         self._wake = trio.Event()
         self._room = trio.Event()
 
@@ -108,7 +111,7 @@ class FrameWriter:
             self._queue.append(frame)
             self.queued_bytes += len(frame)
             self._corked_bytes += len(frame)
-            if self._corked_bytes >= COALESCE or len(self._queue) >= CORK_FRAMES:
+            if self._corked_bytes >= COALESCE or len(self._queue) >= self.burst:
                 self._write_queued()
             return
         if self._queue or self._rest is not None or self._busy or self._failure is not None:
@@ -206,9 +209,13 @@ class FrameWriter:
             await self.wait_room()
         if self.closed or self._stopping:
             raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
-        self._queue.append(frame)
+        queue = self._queue
+        queue.append(frame)
         self.queued_bytes += len(frame)
-        self._wake.set()
+        if len(queue) >= self.burst:
+            self._write_queued()
+        else:
+            self._wake.set()
 
     async def send(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first.
