@@ -366,7 +366,9 @@ class _Session:
         error_event: dict[str, Any] | None = None
         with self.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.writer)
+                # The writer task starts when a frame first has to wait (most go straight to
+                # the socket; a short-lived connection may never need the task).
+                self.out.run_when_needed(lambda: nursery.start_soon(self.writer))
                 try:
                     await self.reader()
                 except FrameError as exc:

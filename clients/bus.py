@@ -403,8 +403,9 @@ async def open_bus(
                 link = connection.link
                 if link is not None:
                     # Queued frames are dropped, as a cancelled writer drops them; a writer
-                    # that has not run yet then ends at its first step, not by cancellation
-                    # (which costs trio a good deal more: a short-lived bus pays it).
+                    # that was never needed is never started, and one that has not run yet
+                    # ends at its first step, not by cancellation (which costs trio a good
+                    # deal more: a short-lived bus pays it).
                     link.send.close()
                 bus._names.close_all_nowait()
                 bus._events.close_all_nowait()

@@ -6,8 +6,10 @@ Theory of operation
 lists first and answers), runs the secret handshake against the broker key in the address
 and says hello: that makes a :class:`Link`, one live connection.  While the bus is open,
 :meth:`BusConnection.start` runs, in the bus's nursery, a *reader* task (replies, events,
-the broker's requests and pings; it reconnects when its link ends) and one *writer* task per
-link (the only one that sends, so a cancelled request never leaves half a frame behind).
+the broker's requests and pings; it reconnects when its link ends) and, once a frame has to
+wait, one *writer* task per link (frames go straight to the socket while nothing waits; the
+writer finishes what the socket took only part of, so a cancelled request never leaves half a
+frame behind).
 
 Requests wait for their reply under a deadline (``request_timeout``, 10 s by default);
 callers may add tighter ones with ``trio.fail_after``.
@@ -377,16 +379,24 @@ class BusConnection:
     # -- running a link -------------------------------------------------------------------------
 
     def start(self, nursery: trio.Nursery, first: Link) -> None:
-        """Run the bus in ``nursery`` from the link :meth:`connect` made, without waiting: the
-        link's writer, and one task that reads the link and, when it ends, reconnects.
+        """Run the bus in ``nursery`` from the link :meth:`connect` made, without waiting: one
+        task that reads the link and, when it ends, reconnects; and the link's writer, started
+        when a frame first has to wait.
 
-        Two tasks, no nursery of their own: a short-lived bus (connect, one request, leave)
-        pays for no more.  The caller then awaits :attr:`restore` for ``first`` (a no-op on
+        No nursery of their own: a short-lived bus (connect, one request, leave) pays for no
+        more.  The caller then awaits :attr:`restore` for ``first`` (a no-op on
         a first connect) while the reader runs."""
         self.nursery = nursery
         self.link = first
-        nursery.start_soon(self._writer, first)
+        self._run_writer_when_needed(first)
         nursery.start_soon(self._serve, first)
+
+    def _run_writer_when_needed(self, link: Link) -> None:
+        """The link's writer task starts when a frame first has to wait (most frames go
+        straight to the socket, and a short-lived bus may never need the task)."""
+        nursery = self.nursery
+        assert nursery is not None
+        link.send.run_when_needed(lambda: nursery.start_soon(self._writer, link))
 
     async def _writer(self, link: Link) -> None:
         try:
@@ -514,7 +524,7 @@ class BusConnection:
             log.warning("reconnected to the bus%s as %s", where, link.unique_id)
             self.link = link
             assert self.nursery is not None
-            self.nursery.start_soon(self._writer, link)
+            self._run_writer_when_needed(link)
             # Names and watches are restored beside this task, which reads their answers.
             self.nursery.start_soon(self.restore, link)
 
