@@ -112,6 +112,7 @@ class Bus:
         reconnect: bool,
         request_timeout: float,
         rpc_max_message: int = DEFAULT_MAX_MESSAGE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._connection = BusConnection(
             address,
@@ -122,6 +123,7 @@ class Bus:
             flags=flags,
             reconnect=reconnect,
             request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
         )
         self._names = Names(self._connection)
         self._routes = ChannelRoutes(self._connection)
@@ -384,12 +386,10 @@ async def open_bus(
         reconnect=reconnect,
         request_timeout=request_timeout,
         rpc_max_message=rpc_max_message,
+        connect_timeout=connect_timeout,
     )
     connection = bus._connection
-    with trio.move_on_after(connect_timeout) as scope:
-        first = await connection.connect()
-    if scope.cancelled_caught:
-        raise CannotConnect(f"cannot connect to the bus within {connect_timeout:g} s")
+    first = await connection.connect()  # (within connect_timeout: CannotConnect)
     try:
         async with trio.open_nursery() as nursery:
             connection.start(nursery, first)
