@@ -173,6 +173,7 @@ class _Session:
         cfg = broker.config
         assert isinstance(framed.stream, SecureStream)
         self.out = FrameWriter(framed.stream, max_frames=cfg.outbound_queue, on_sent=self._on_sent)
+        # The session's scope: its nursery's, once run() opens it (see there).
         self.cancel_scope = trio.CancelScope()
         self.reason = "connection closed"
         self.last_received = trio.current_time()
@@ -364,27 +365,33 @@ class _Session:
 
     async def _run_tasks_and_say_why(self) -> None:
         error_event: dict[str, Any] | None = None
-        with self.cancel_scope:
-            async with trio.open_nursery() as nursery:
-                # The writer task starts when a frame first has to wait (most go straight to
-                # the socket; a short-lived connection may never need the task).
-                self.out.run_when_needed(lambda: nursery.start_soon(self.writer))
-                try:
-                    await self.reader()
-                except FrameError as exc:
-                    self.reason = f"framing violation: {exc}"
-                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.reason = f"transport broken: {exc}"
-                # Connections that end on their own take turns to be torn down, so a crowd
-                # closing at once is spread over many scheduler passes and everyone else is
-                # served in between (the turn is given back once the socket is closed).
-                await self.broker.teardown.acquire_on_behalf_of(self)
-                self.holds_teardown = True
-                # What is queued is dropped either way; a writer waiting for frames then
-                # returns at once instead of ending by cancellation (which costs trio more
-                # per connection); one inside a write is cancelled.
-                self.out.close()
+        async with trio.open_nursery() as nursery:
+            # One scope: the nursery's is the session's (ending it ends both tasks).
+            early, self.cancel_scope = self.cancel_scope, nursery.cancel_scope
+            nursery.cancel_scope.deadline = early.deadline
+            if early.cancel_called:
+                nursery.cancel_scope.cancel()
+            # The writer task starts when a frame first has to wait (most go straight to
+            # the socket; a short-lived connection may never need the task).
+            self.out.run_when_needed(lambda: nursery.start_soon(self.writer))
+            try:
+                await self.reader()
+            except FrameError as exc:
+                self.reason = f"framing violation: {exc}"
+                error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.reason = f"transport broken: {exc}"
+            # Connections that end on their own take turns to be torn down, so a crowd
+            # closing at once is spread over many scheduler passes and everyone else is
+            # served in between (the turn is given back once the socket is closed).
+            await self.broker.teardown.acquire_on_behalf_of(self)
+            self.holds_teardown = True
+            # What is queued is dropped either way; a writer waiting for frames then
+            # returns at once instead of ending by cancellation (which costs trio more
+            # per connection); one inside a write is cancelled.  (Most sessions never
+            # started a writer: nothing to cancel.)
+            self.out.close()
+            if nursery.child_tasks:
                 nursery.cancel_scope.cancel()
         self.out.close()
         # Say why, where the stream can still carry a whole frame, within a deadline.
@@ -811,14 +818,15 @@ class Broker:
             await self._serve_connection(stream, kind, pid, uid, source, scope)
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
-            # socket is closed: a graceful close sends the goodbye within close_timeout.  A
-            # plain stream has no goodbye to send (its close waits for nothing): no deadline.
-            with trio.CancelScope(shield=True) as closing:
-                if stream.encrypted:
-                    closing.deadline = trio.current_time() + cfg.close_timeout
-                await stream.aclose()
-            if closing.cancelled_caught:
-                await trio.aclose_forcefully(stream)
+            # socket is closed: a graceful close sends the goodbye within close_timeout.
+            # A plain stream has no goodbye to send: closed at once, without a checkpoint.
+            if stream.encrypted or not stream.close_nowait():
+                with trio.CancelScope(shield=True) as closing:
+                    if stream.encrypted:
+                        closing.deadline = trio.current_time() + cfg.close_timeout
+                    await stream.aclose()
+                if closing.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
             stream.forget_failure_frames()  # however the connection ended (see there)
 
     async def _serve_connection(
