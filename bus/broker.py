@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import os
 import socket
 import struct
@@ -368,7 +369,8 @@ class _Session:
         async with trio.open_nursery() as nursery:
             # One scope: the nursery's is the session's (ending it ends both tasks).
             early, self.cancel_scope = self.cancel_scope, nursery.cancel_scope
-            nursery.cancel_scope.deadline = early.deadline
+            if early.deadline != math.inf:
+                nursery.cancel_scope.deadline = early.deadline
             if early.cancel_called:
                 nursery.cancel_scope.cancel()
             # The writer task starts when a frame first has to wait (most go straight to

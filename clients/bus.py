@@ -409,7 +409,11 @@ async def open_bus(
                     link.send.close()
                 bus._names.close_all_nowait()
                 bus._events.close_all_nowait()
-                nursery.cancel_scope.cancel()  # the link's task closes the stream on its way out
+                # The link's task closes the stream on its way out.  One that has not run yet
+                # (the only task: the bus was left without waiting) ends at its first step
+                # without being cancelled (trio's cancel costs more than the flag it reads).
+                if connection.serving or len(nursery.child_tasks) > 1:
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The block's own exception comes out as itself, not wrapped by our nursery(s).
         inner: BaseException = group

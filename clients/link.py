@@ -219,6 +219,8 @@ class BusConnection:
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
         self._next_id = 1
         self.closed = False
+        #: The task that reads the link (and reconnects) has started running.
+        self.serving = False
         self.reconnects = 0
         self.endpoint: Endpoint | None = None
 
@@ -533,6 +535,7 @@ class BusConnection:
 
     async def _serve(self, link: Link) -> None:
         """Read each link until it ends; then reconnect (if asked to) or give up."""
+        self.serving = True
         while True:
             try:
                 if self.closed:
