@@ -174,8 +174,10 @@ class _Session:
         cfg = broker.config
         assert isinstance(framed.stream, SecureStream)
         self.out = FrameWriter(framed.stream, max_frames=cfg.outbound_queue, on_sent=self._on_sent)
-        # The session's scope: its nursery's, once run() opens it (see there).
         self.cancel_scope = trio.CancelScope()
+        # The writer task, once one was needed (see run_when_needed).
+        self._writer_scope: trio.CancelScope | None = None
+        self._writer_done: trio.Event | None = None
         self.reason = "connection closed"
         self.last_received = trio.current_time()
         # Relayed channels waiting for room in this connection's queue to carry more data
@@ -301,6 +303,37 @@ class _Session:
             self.reason = reason
             self.cancel_scope.cancel()
 
+    def _start_writer(self) -> None:
+        nursery = self.broker._nursery
+        assert nursery is not None  # (sessions run while the broker serves)
+        self._writer_scope = trio.CancelScope()
+        self._writer_done = trio.Event()
+        nursery.start_soon(self._writer_task)
+
+    async def _writer_task(self) -> None:
+        assert self._writer_scope is not None and self._writer_done is not None
+        try:
+            with self._writer_scope:
+                await self.writer()
+        except Exception:
+            # A bug met by one connection ends that connection, never the broker.
+            log.exception("connection :%d (%s): its writer hit an internal error", self.conn_id, self.key)
+            self.end("internal error (logged)")
+        finally:
+            self._writer_done.set()
+
+    async def _end_writer(self) -> None:
+        """Wait for the writer task, if one was started, to end (the writer is closed: one
+        inside a write is cancelled, one waiting for frames returns)."""
+        done = self._writer_done
+        if done is None or done.is_set():
+            return
+        assert self._writer_scope is not None
+        if self.out.mid_frame:
+            self._writer_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+
     async def writer(self) -> None:
         try:
             await self.out.run()
@@ -366,16 +399,12 @@ class _Session:
 
     async def _run_tasks_and_say_why(self) -> None:
         error_event: dict[str, Any] | None = None
-        async with trio.open_nursery() as nursery:
-            # One scope: the nursery's is the session's (ending it ends both tasks).
-            early, self.cancel_scope = self.cancel_scope, nursery.cancel_scope
-            if early.deadline != math.inf:
-                nursery.cancel_scope.deadline = early.deadline
-            if early.cancel_called:
-                nursery.cancel_scope.cancel()
+        with self.cancel_scope:
             # The writer task starts when a frame first has to wait (most go straight to
-            # the socket; a short-lived connection may never need the task).
-            self.out.run_when_needed(lambda: nursery.start_soon(self.writer))
+            # the socket; a short-lived connection may never need the task).  It runs in the
+            # broker's nursery, so a session opens no nursery of its own, and the session
+            # waits for it to end (below) before it ends itself.
+            self.out.run_when_needed(self._start_writer)
             try:
                 await self.reader()
             except FrameError as exc:
@@ -388,14 +417,11 @@ class _Session:
             # served in between (the turn is given back once the socket is closed).
             await self.broker.teardown.acquire_on_behalf_of(self)
             self.holds_teardown = True
-            # What is queued is dropped either way; a writer waiting for frames then
-            # returns at once instead of ending by cancellation (which costs trio more
-            # per connection); one inside a write is cancelled.  (Most sessions never
-            # started a writer: nothing to cancel.)
-            self.out.close()
-            if nursery.child_tasks:
-                nursery.cancel_scope.cancel()
+        # What is queued is dropped either way; a writer waiting for frames then returns at
+        # once instead of ending by cancellation (which costs trio more per connection); one
+        # inside a write is cancelled.
         self.out.close()
+        await self._end_writer()
         # Say why, where the stream can still carry a whole frame, within a deadline.
         if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
             error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
