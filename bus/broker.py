@@ -46,7 +46,7 @@ from .core.broker import BrokerCore, ChannelMessage, DropFd, FanOut, Limits, Out
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .core.stats import ConnectionIo
-from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
+from .errors import BusError, FrameError, HandshakeError, HandshakeTimeout, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.systemd import InheritedListener
@@ -741,7 +741,9 @@ class Broker:
                     )
                 self._handshaking[kind] = total + 1
                 self._handshaking_from[source] = from_source + 1
-                scope = trio.CancelScope()
+                # The handshake's one scope: its deadline is handshake_timeout, and cancelling
+                # it drops the handshake to make room (above).
+                scope = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout)
                 in_progress[scope] = scope
                 nursery.start_soon(self._handle, stream, kind, pid, uid, source, scope)
 
@@ -839,7 +841,7 @@ class Broker:
             network_key=cfg.network_key,
             authorize=self._authorize,
             encrypted=kind == "tcp" or cfg.encrypt_unix,
-            handshake_timeout=cfg.handshake_timeout,
+            handshake_timeout=math.inf,  # (the deadline is the handshake scope's: see _accept_loop)
         )
         stream.close_timeout = cfg.close_timeout
         try:
@@ -886,8 +888,13 @@ class Broker:
             stream.forget_failure_frames()
         if scope.cancelled_caught or self._shutting_down:
             if scope.cancelled_caught:
-                self.core.stats.handshake_failed("dropped")
-            return  # dropped to make room for a newer handshake (or shutting down)
+                if trio.current_time() >= scope.deadline:
+                    timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
+                    self.core.stats.handshake_error(timeout)
+                    log.info("%s handshake failed: %s", kind, timeout)
+                else:
+                    self.core.stats.handshake_failed("dropped")
+            return  # timed out, or dropped to make room for a newer handshake (or shutting down)
         self.core.stats.handshakes += 1
         framed = FramedStream(
             stream,
