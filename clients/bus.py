@@ -394,7 +394,7 @@ async def open_bus(
         async with trio.open_nursery() as nursery:
             connection.start(nursery, first)
             try:
-                await connection.restore(first)  # (nothing to restore on a first connect)
+                # (No restore: a bus just made holds no watch, subscription or second name.)
                 yield bus
             finally:
                 # No await here: after cancelling our own scope, an await would raise a

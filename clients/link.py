@@ -426,8 +426,8 @@ class BusConnection:
         when a frame first has to wait.
 
         No nursery of their own: a short-lived bus (connect, one request, leave) pays for no
-        more.  The caller then awaits :attr:`restore` for ``first`` (a no-op on
-        a first connect) while the reader runs."""
+        more.  (:attr:`restore` runs after a reconnect only: on a first connect nothing was
+        held before.)"""
         self.nursery = nursery
         self.link = first
         self._run_writer_when_needed(first)
