@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import os
 import socket
 import struct
@@ -45,7 +46,7 @@ from .core.broker import BrokerCore, ChannelMessage, DropFd, FanOut, Limits, Out
 from .core.channels import CreditExceeded, Direction, RelayChannel
 from .core.policy import Policy
 from .core.stats import ConnectionIo
-from .errors import BusError, FrameError, HandshakeError, IdentityRefused, QuotaExceeded
+from .errors import BusError, FrameError, HandshakeError, HandshakeTimeout, IdentityRefused, QuotaExceeded
 from .io.framed import FramedStream
 from .io.secure import SecureStream
 from .io.systemd import InheritedListener
@@ -180,6 +181,9 @@ class _Session:
         assert isinstance(framed.stream, SecureStream)
         self.out = FrameWriter(framed.stream, max_frames=cfg.outbound_queue, on_sent=self._on_sent)
         self.cancel_scope = trio.CancelScope()
+        # The writer task, once one was needed (see run_when_needed).
+        self._writer_scope: trio.CancelScope | None = None
+        self._writer_done: trio.Event | None = None
         self.reason = "connection closed"
         self.last_received = trio.current_time()
         # Relayed channels waiting for room in this connection's queue to carry more data
@@ -305,6 +309,37 @@ class _Session:
             self.reason = reason
             self.cancel_scope.cancel()
 
+    def _start_writer(self) -> None:
+        nursery = self.broker._nursery
+        assert nursery is not None  # (sessions run while the broker serves)
+        self._writer_scope = trio.CancelScope()
+        self._writer_done = trio.Event()
+        nursery.start_soon(self._writer_task)
+
+    async def _writer_task(self) -> None:
+        assert self._writer_scope is not None and self._writer_done is not None
+        try:
+            with self._writer_scope:
+                await self.writer()
+        except Exception:
+            # A bug met by one connection ends that connection, never the broker.
+            log.exception("connection :%d (%s): its writer hit an internal error", self.conn_id, self.key)
+            self.end("internal error (logged)")
+        finally:
+            self._writer_done.set()
+
+    async def _end_writer(self) -> None:
+        """Wait for the writer task, if one was started, to end (the writer is closed: one
+        inside a write is cancelled, one waiting for frames returns)."""
+        done = self._writer_done
+        if done is None or done.is_set():
+            return
+        assert self._writer_scope is not None
+        if self.out.mid_frame:
+            self._writer_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+
     async def writer(self) -> None:
         try:
             await self.out.run()
@@ -371,26 +406,28 @@ class _Session:
     async def _run_tasks_and_say_why(self) -> None:
         error_event: dict[str, Any] | None = None
         with self.cancel_scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.writer)
-                try:
-                    await self.reader()
-                except FrameError as exc:
-                    self.reason = f"framing violation: {exc}"
-                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.reason = f"transport broken: {exc}"
-                # Connections that end on their own take turns to be torn down, so a crowd
-                # closing at once is spread over many scheduler passes and everyone else is
-                # served in between (the turn is given back once the socket is closed).
-                await self.broker.teardown.acquire_on_behalf_of(self)
-                self.holds_teardown = True
-                # What is queued is dropped either way; a writer waiting for frames then
-                # returns at once instead of ending by cancellation (which costs trio more
-                # per connection); one inside a write is cancelled.
-                self.out.close()
-                nursery.cancel_scope.cancel()
+            # The writer task starts when a frame first has to wait (most go straight to
+            # the socket; a short-lived connection may never need the task).  It runs in the
+            # broker's nursery, so a session opens no nursery of its own, and the session
+            # waits for it to end (below) before it ends itself.
+            self.out.run_when_needed(self._start_writer)
+            try:
+                await self.reader()
+            except FrameError as exc:
+                self.reason = f"framing violation: {exc}"
+                error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.reason = f"transport broken: {exc}"
+            # Connections that end on their own take turns to be torn down, so a crowd
+            # closing at once is spread over many scheduler passes and everyone else is
+            # served in between (the turn is given back once the socket is closed).
+            await self.broker.teardown.acquire_on_behalf_of(self)
+            self.holds_teardown = True
+        # What is queued is dropped either way; a writer waiting for frames then returns at
+        # once instead of ending by cancellation (which costs trio more per connection); one
+        # inside a write is cancelled.
         self.out.close()
+        await self._end_writer()
         # Say why, where the stream can still carry a whole frame, within a deadline.
         if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
             error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
@@ -710,7 +747,9 @@ class Broker:
                     )
                 self._handshaking[kind] = total + 1
                 self._handshaking_from[source] = from_source + 1
-                scope = trio.CancelScope()
+                # The handshake's one scope: its deadline is handshake_timeout, and cancelling
+                # it drops the handshake to make room (above).
+                scope = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout)
                 in_progress[scope] = scope
                 nursery.start_soon(self._handle, stream, kind, pid, uid, source, scope)
 
@@ -808,21 +847,22 @@ class Broker:
             network_key=cfg.network_key,
             authorize=self._authorize,
             encrypted=kind == "tcp" or cfg.encrypt_unix,
-            handshake_timeout=cfg.handshake_timeout,
+            handshake_timeout=math.inf,  # (the deadline is the handshake scope's: see _accept_loop)
         )
         stream.close_timeout = cfg.close_timeout
         try:
             await self._serve_connection(stream, kind, pid, uid, source, scope)
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
-            # socket is closed: a graceful close sends the goodbye within close_timeout.  A
-            # plain stream has no goodbye to send (its close waits for nothing): no deadline.
-            with trio.CancelScope(shield=True) as closing:
-                if stream.encrypted:
-                    closing.deadline = trio.current_time() + cfg.close_timeout
-                await stream.aclose()
-            if closing.cancelled_caught:
-                await trio.aclose_forcefully(stream)
+            # socket is closed: a graceful close sends the goodbye within close_timeout.
+            # A plain stream has no goodbye to send: closed at once, without a checkpoint.
+            if stream.encrypted or not stream.close_nowait():
+                with trio.CancelScope(shield=True) as closing:
+                    if stream.encrypted:
+                        closing.deadline = trio.current_time() + cfg.close_timeout
+                    await stream.aclose()
+                if closing.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
             stream.forget_failure_frames()  # however the connection ended (see there)
 
     async def _serve_connection(
@@ -854,8 +894,13 @@ class Broker:
             stream.forget_failure_frames()
         if scope.cancelled_caught or self._shutting_down:
             if scope.cancelled_caught:
-                self.core.stats.handshake_failed("dropped")
-            return  # dropped to make room for a newer handshake (or shutting down)
+                if trio.current_time() >= scope.deadline:
+                    timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
+                    self.core.stats.handshake_error(timeout)
+                    log.info("%s handshake failed: %s", kind, timeout)
+                else:
+                    self.core.stats.handshake_failed("dropped")
+            return  # timed out, or dropped to make room for a newer handshake (or shutting down)
         self.core.stats.handshakes += 1
         framed = FramedStream(
             stream,

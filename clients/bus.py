@@ -112,6 +112,7 @@ class Bus:
         reconnect: bool,
         request_timeout: float,
         rpc_max_message: int = DEFAULT_MAX_MESSAGE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._connection = BusConnection(
             address,
@@ -122,6 +123,7 @@ class Bus:
             flags=flags,
             reconnect=reconnect,
             request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
         )
         self._names = Names(self._connection)
         self._routes = ChannelRoutes(self._connection)
@@ -384,17 +386,15 @@ async def open_bus(
         reconnect=reconnect,
         request_timeout=request_timeout,
         rpc_max_message=rpc_max_message,
+        connect_timeout=connect_timeout,
     )
     connection = bus._connection
-    with trio.move_on_after(connect_timeout) as scope:
-        first = await connection.connect()
-    if scope.cancelled_caught:
-        raise CannotConnect(f"cannot connect to the bus within {connect_timeout:g} s")
+    first = await connection.connect()  # (within connect_timeout: CannotConnect)
     try:
         async with trio.open_nursery() as nursery:
             connection.start(nursery, first)
             try:
-                await connection.restore(first)  # (nothing to restore on a first connect)
+                # (No restore: a bus just made holds no watch, subscription or second name.)
                 yield bus
             finally:
                 # No await here: after cancelling our own scope, an await would raise a
@@ -403,12 +403,17 @@ async def open_bus(
                 link = connection.link
                 if link is not None:
                     # Queued frames are dropped, as a cancelled writer drops them; a writer
-                    # that has not run yet then ends at its first step, not by cancellation
-                    # (which costs trio a good deal more: a short-lived bus pays it).
+                    # that was never needed is never started, and one that has not run yet
+                    # ends at its first step, not by cancellation (which costs trio a good
+                    # deal more: a short-lived bus pays it).
                     link.send.close()
                 bus._names.close_all_nowait()
                 bus._events.close_all_nowait()
-                nursery.cancel_scope.cancel()  # the link's task closes the stream on its way out
+                # The link's task closes the stream on its way out.  One that has not run yet
+                # (the only task: the bus was left without waiting) ends at its first step
+                # without being cancelled (trio's cancel costs more than the flag it reads).
+                if connection.serving or len(nursery.child_tasks) > 1:
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The block's own exception comes out as itself, not wrapped by our nursery(s).
         inner: BaseException = group

@@ -6,11 +6,15 @@ Theory of operation
 lists first and answers), runs the secret handshake against the broker key in the address
 and says hello: that makes a :class:`Link`, one live connection.  While the bus is open,
 :meth:`BusConnection.start` runs, in the bus's nursery, a *reader* task (replies, events,
-the broker's requests and pings; it reconnects when its link ends) and one *writer* task per
-link (the only one that sends, so a cancelled request never leaves half a frame behind).
+the broker's requests and pings; it reconnects when its link ends) and, once a frame has to
+wait, one *writer* task per link (frames go straight to the socket while nothing waits; the
+writer finishes what the socket took only part of, so a cancelled request never leaves half a
+frame behind).
 
-Requests wait for their reply under a deadline (``request_timeout``, 10 s by default);
-callers may add tighter ones with ``trio.fail_after``.
+Connecting (dial, handshake, hello) has one deadline (``connect_timeout``, 10 s by default;
+with several endpoints, one whose handshake stalls gives way to the next after the
+handshake's own 10 s).  Requests wait for their reply under a deadline (``request_timeout``,
+10 s by default); callers may add tighter ones with ``trio.fail_after``.
 
 When the link drops, requests in flight fail with :class:`~bus.errors.ConnectionLost`
 (none is replayed).  With ``reconnect=True`` the connection then dials again with
@@ -25,6 +29,7 @@ ids to the :class:`ChannelEnd` registered in :attr:`Link.channels`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -34,7 +39,7 @@ import trio
 from bus.errors import BusError, ConnectionLost, FrameError, HandshakeError, RequestError, error_from_wire
 from bus.io.fdpass import FdSocketStream
 from bus.io.framed import FramedStream
-from bus.io.secure import SecureStream
+from bus.io.secure import DEFAULT_HANDSHAKE_TIMEOUT, SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
@@ -190,6 +195,7 @@ class BusConnection:
         flags: Iterable[str],
         reconnect: bool,
         request_timeout: float,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.address = address
         self.endpoints = parse_address(address)
@@ -198,6 +204,8 @@ class BusConnection:
         self.plugin_info = dict(info or {})
         self.reconnect = reconnect
         self.request_timeout = request_timeout
+        #: Dial, handshake and hello, at every (re)connect, within this many seconds.
+        self.connect_timeout = connect_timeout
         #: Names to hold: the first goes with hello, the rest are requested again by the names.
         self.requested_names: dict[str, list[str]] = {}
         if name is not None:
@@ -211,6 +219,8 @@ class BusConnection:
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
         self._next_id = 1
         self.closed = False
+        #: The task that reads the link (and reconnects) has started running.
+        self.serving = False
         self.reconnects = 0
         self.endpoint: Endpoint | None = None
 
@@ -292,7 +302,8 @@ class BusConnection:
 
     async def _dial(self) -> tuple[SecureStream, Endpoint]:
         errors = []
-        for ep in self.endpoints:
+        last = len(self.endpoints) - 1
+        for i, ep in enumerate(self.endpoints):
             try:
                 transport: trio.abc.HalfCloseableStream
                 if ep.transport == "unix":
@@ -305,8 +316,15 @@ class BusConnection:
             except OSError as exc:
                 errors.append(f"{ep.transport}: {exc.strerror or exc}")
                 continue
+            # An endpoint that does not finish its handshake in time gives way to the next;
+            # the last one's handshake is bounded by connect()'s deadline alone.
             stream = SecureStream.client(
-                transport, self.identity, ep.key, network_key=self.network_key, encrypted=ep.uses_box_stream
+                transport,
+                self.identity,
+                ep.key,
+                network_key=self.network_key,
+                encrypted=ep.uses_box_stream,
+                handshake_timeout=math.inf if i == last else DEFAULT_HANDSHAKE_TIMEOUT,
             )
             try:
                 await stream.do_handshake()
@@ -317,13 +335,43 @@ class BusConnection:
         raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
 
     async def connect(self) -> Link:
-        """Dial, handshake and say hello (with the first requested name): a new link."""
-        stream, endpoint = await self._dial()
+        """Dial, handshake and say hello (with the first requested name): a new link.
+
+        All of it within :attr:`connect_timeout` (one deadline: :class:`CannotConnect` says
+        what it was waiting for when it passed)."""
+        hello_sent = False
+        stream: SecureStream | None = None
+        with trio.move_on_after(self.connect_timeout) as scope:
+            stream, endpoint = await self._dial()
+            try:
+                # Hello goes out once the handshake has proven the broker, never before.
+                hello_sent = True
+                framed, reply = await self._hello(stream)
+            except BaseException:
+                if not stream.close_nowait():
+                    await trio.aclose_forcefully(stream)
+                raise
+        if scope.cancelled_caught:
+            if hello_sent:
+                raise CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
+            raise CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
+        assert stream is not None
+        if isinstance(reply, ErrorReply):
+            if not stream.close_nowait():
+                await trio.aclose_forcefully(stream)
+            raise error_from_wire(reply.code, reply.message)
+        self.endpoint = endpoint
+        return Link(framed, reply.result["unique_id"])
+
+    async def _hello(self, stream: SecureStream) -> tuple[FramedStream, Reply | ErrorReply]:
+        """Say hello on a stream whose handshake is done; the broker's answer.  The caller
+        closes the stream if this raises."""
         # The broker checks every message it takes in against the CBOR profile, and builds
         # what it sends from checked values: its control messages are decoded without a
         # second check (cbor2 still refuses malformed CBOR).  What other peers send on
         # channels is checked here as ever (see clients/rpc.py).
-        framed = FramedStream(stream, receive_stream=stream.plain_transport(), trusted=True)
+        transport = stream.plain_transport()
+        framed = FramedStream(stream, receive_stream=transport, trusted=True)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
         names = list(self.requested_names.items())
         first = names[0] if names else None
@@ -331,36 +379,32 @@ class BusConnection:
         if first is not None:
             hello.update(name=first[0], flags=first[1])
         try:
-            with trio.fail_after(self.request_timeout):
-                try:
-                    # Straight to the socket (it has room: nothing was sent since the
-                    # handshake); only what it did not take waits.
-                    rest = stream.send_nowait(framed.encode_message(Request("hello", 1, hello).to_wire()))
-                    if rest:
-                        await stream.send_wire(rest)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    # The broker may have refused us (a quota) and hung up before our hello
-                    # arrived: its reason may still wait to be read.
-                    send_failure: BaseException | None = exc
-                else:
-                    send_failure = None
-                try:
-                    reply = await self._await_direct_reply(framed, 1)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    if send_failure is not None:
-                        raise send_failure from None
-                    raise
+            try:
+                # Straight to the socket (it has room: nothing was sent since the
+                # handshake); only what it did not take waits.
+                rest = stream.send_nowait(framed.encode_message(Request("hello", 1, hello).to_wire()))
+                if rest:
+                    await stream.send_wire(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # The broker may have refused us (a quota) and hung up before our hello
+                # arrived: its reason may still wait to be read.
+                send_failure: BaseException | None = exc
+            else:
+                send_failure = None
+            try:
+                if isinstance(transport, FdSocketStream):
+                    # Nothing can have come yet: wait before reading (a read now finds nothing).
+                    await transport.wait_readable()
+                reply = await self._await_direct_reply(framed, 1)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if send_failure is not None:
+                    raise send_failure from None
+                raise
         except _Refused as exc:
-            await trio.aclose_forcefully(stream)
             raise CannotConnect(f"the broker refused the connection: {exc}") from None
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
-            await trio.aclose_forcefully(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
-        if isinstance(reply, ErrorReply):
-            await trio.aclose_forcefully(stream)
-            raise error_from_wire(reply.code, reply.message)
-        self.endpoint = endpoint
-        return Link(framed, reply.result["unique_id"])
+        return framed, reply
 
     async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
         while True:
@@ -377,16 +421,24 @@ class BusConnection:
     # -- running a link -------------------------------------------------------------------------
 
     def start(self, nursery: trio.Nursery, first: Link) -> None:
-        """Run the bus in ``nursery`` from the link :meth:`connect` made, without waiting: the
-        link's writer, and one task that reads the link and, when it ends, reconnects.
+        """Run the bus in ``nursery`` from the link :meth:`connect` made, without waiting: one
+        task that reads the link and, when it ends, reconnects; and the link's writer, started
+        when a frame first has to wait.
 
-        Two tasks, no nursery of their own: a short-lived bus (connect, one request, leave)
-        pays for no more.  The caller then awaits :attr:`restore` for ``first`` (a no-op on
-        a first connect) while the reader runs."""
+        No nursery of their own: a short-lived bus (connect, one request, leave) pays for no
+        more.  (:attr:`restore` runs after a reconnect only: on a first connect nothing was
+        held before.)"""
         self.nursery = nursery
         self.link = first
-        nursery.start_soon(self._writer, first)
+        self._run_writer_when_needed(first)
         nursery.start_soon(self._serve, first)
+
+    def _run_writer_when_needed(self, link: Link) -> None:
+        """The link's writer task starts when a frame first has to wait (most frames go
+        straight to the socket, and a short-lived bus may never need the task)."""
+        nursery = self.nursery
+        assert nursery is not None
+        link.send.run_when_needed(lambda: nursery.start_soon(self._writer, link))
 
     async def _writer(self, link: Link) -> None:
         try:
@@ -483,6 +535,7 @@ class BusConnection:
 
     async def _serve(self, link: Link) -> None:
         """Read each link until it ends; then reconnect (if asked to) or give up."""
+        self.serving = True
         while True:
             try:
                 if self.closed:
@@ -494,9 +547,11 @@ class BusConnection:
             finally:
                 # Leaving on purpose (cancelled: the bus is closing) or after the broker ended
                 # the link: over box-stream, say goodbye (unless a frame is half-sent), then
-                # close (the writer, if it is still writing, then ends too).
+                # close, at once (the writer, if it is still writing, then ends too).
                 self._goodbye_nowait(link)
-                await trio.aclose_forcefully(link.framed.stream)
+                stream = link.framed.stream
+                if not (isinstance(stream, SecureStream) and stream.close_nowait()):
+                    await trio.aclose_forcefully(stream)
             if not self.closed:
                 log.warning("lost the bus connection (%s)%s", link.reason, "; reconnecting" if self.reconnect else "")
             if not self.reconnect or self.closed:
@@ -514,7 +569,7 @@ class BusConnection:
             log.warning("reconnected to the bus%s as %s", where, link.unique_id)
             self.link = link
             assert self.nursery is not None
-            self.nursery.start_soon(self._writer, link)
+            self._run_writer_when_needed(link)
             # Names and watches are restored beside this task, which reads their answers.
             self.nursery.start_soon(self.restore, link)
 

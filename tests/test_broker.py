@@ -408,3 +408,35 @@ async def test_watch_opened_right_after_a_reconnect_leaves_older_watches_working
                         ev = await next_event(new)
                         assert (ev.kind, ev.name) == ("connected", "org.other.Y")
                 await second.stop()
+
+
+async def test_a_slow_consumer_that_never_reads_is_cut_within_close_timeout(tmp_path: Path) -> None:
+    """Its writer task (started when its first answer had to wait) is stuck inside a frame:
+    after close_timeout the session ends anyway, that writer task is cancelled and waited
+    for, the connection is closed and freed, and the broker carries on."""
+    async with running_broker(tmp_path, outbound_queue=4, close_timeout=0.5) as rb:
+        slow = await raw_connect(rb.unix_address)
+        try:
+            async with open_bus(rb.unix_address, identity=OWNER) as other:
+                await fill_until_cut(rb, slow, other)
+                slow_session = min(rb.broker.sessions.values(), key=lambda s: s.conn_id)
+                assert slow_session._writer_done is not None  # the writer task was needed
+                with trio.fail_after(10):
+                    await slow_session._writer_done.wait()
+                    while slow_session.conn_id in rb.broker.sessions:
+                        await trio.sleep(0.01)
+                assert "slow consumer" in slow_session.reason
+                await other.ping()
+                assert list(rb.broker.sessions) == [int(other.unique_id[1:])]
+        finally:
+            await trio.aclose_forcefully(slow)
+
+
+async def test_a_short_connection_runs_no_writer_task_in_busd(tmp_path: Path) -> None:
+    """Answers the socket takes at once need no writer task; the session opens no nursery."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+            await bus.ping()
+            await bus.list_names()
+            session = rb.broker.sessions[int(bus.unique_id[1:])]
+            assert session._writer_done is None

@@ -14,7 +14,8 @@ from bus.io.secure import SecureStream
 from bus.wire.address import Endpoint, format_address
 from bus.wire.frames import ControlFrame
 from bus.wire.identity import Identity
-from clients.bus import RequestTimeout, open_bus
+from clients import link
+from clients.bus import CannotConnect, RequestTimeout, open_bus
 
 BROKER = Identity.generate()
 CLIENT = Identity.generate()
@@ -78,4 +79,98 @@ async def test_requests_in_flight_fail_when_the_connection_drops_and_are_not_rep
                     await trio.sleep(0.01)
             await trio.sleep(0.2)
         assert received == ["release_name"]
+        nursery.cancel_scope.cancel()
+
+
+async def _listener(tmp: Path, name: str) -> tuple[trio.SocketListener, str]:
+    path = tmp / name
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    return trio.SocketListener(sock), str(path)
+
+
+async def test_one_deadline_for_dial_handshake_and_hello(tmp_path: Path) -> None:
+    """connect_timeout bounds the whole connect; the error says what it waited for, and the
+    client's socket is closed either way."""
+    ends: list[bytes] = []
+
+    async def no_handshake(transport: trio.SocketStream) -> None:
+        async with transport:
+            ends.append(await transport.receive_some())  # msg1, then what the client does next
+            ends.append(await transport.receive_some())
+
+    async def no_hello_answer(transport: trio.SocketStream) -> None:
+        stream = SecureStream.server(transport, BROKER, encrypted=False)
+        async with stream:
+            await stream.do_handshake()
+            framed = FramedStream(stream)
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame) and frame.message["op"] == "hello"
+            ends.append(await stream.receive_some())
+
+    for handler, expected in ((no_handshake, "cannot connect to the bus within 0.5 s"), (no_hello_answer, "did not answer hello within 0.5 s")):
+        ends.clear()
+        async with trio.open_nursery() as nursery:
+            listener, path = await _listener(tmp_path, f"{handler.__name__}.sock")
+            nursery.start_soon(trio.serve_listeners, handler, [listener])
+            address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+            with trio.fail_after(10):
+                with pytest.raises(CannotConnect, match=expected):
+                    async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=0.5):
+                        raise AssertionError("connected")
+                while not ends or ends[-1] != b"":
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_endpoint_gives_way_to_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several endpoints, one whose handshake stalls is left after the handshake's own
+    timeout; the next one is tried within the same connect deadline."""
+    monkeypatch.setattr(link, "DEFAULT_HANDSHAKE_TIMEOUT", 0.3)
+
+    async def stall(transport: trio.SocketStream) -> None:
+        async with transport:
+            await trio.sleep_forever()
+
+    async def fine(framed: FramedStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "stall.sock")
+        nursery.start_soon(trio.serve_listeners, stall, [listener])
+        good = await scripted_broker(nursery, tmp_path, fine)
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)]) + ";" + good
+        with trio.fail_after(10):
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=5) as bus:
+                assert bus.endpoint is not None and bus.endpoint.path == str(tmp_path / "scripted.sock")
+                assert bus.unique_id == ":1"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_late_hello_answer_is_read(tmp_path: Path) -> None:
+    """The client waits for the socket before reading hello's answer: one that comes late
+    (and in two pieces) is read whole."""
+
+    async def handle(transport: trio.SocketStream) -> None:
+        stream = SecureStream.server(transport, BROKER, encrypted=False)
+        async with stream:
+            await stream.do_handshake()
+            framed = FramedStream(stream)
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            answer = framed.encode_message({"re": frame.message["id"], "result": {"unique_id": ":7", "identity": CLIENT.id}})
+            await trio.sleep(0.2)
+            await stream.send_all(answer[:5])
+            await trio.sleep(0.1)
+            await stream.send_all(answer[5:])
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "late.sock")
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+        with trio.fail_after(10):
+            async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+                assert bus.unique_id == ":7"
         nursery.cancel_scope.cancel()

@@ -21,12 +21,17 @@ async def wait_for_no_sessions(broker: Broker) -> None:
             await trio.sleep(0.01)
 
 
-async def test_a_short_lived_bus_runs_two_tasks_and_no_reporter(tmp_path: Path) -> None:
-    """The link's writer and the reader (that would reconnect): nothing else until it is needed."""
+async def test_a_short_lived_bus_runs_one_task_and_no_reporter(tmp_path: Path) -> None:
+    """The reader (that would reconnect): nothing else until it is needed.  The link's writer
+    task starts when a frame first has to wait (a publish queues its frame for it)."""
     async with running_broker(tmp_path) as rb:
         async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Short", reconnect=False) as bus:
             nursery = bus._connection.nursery
             assert nursery is not None
+            await bus.ping()  # (its request went straight to the socket)
+            names = sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
+            assert names == ["_serve"]
+            await bus.publish("Tick", b"x")
             await bus.ping()
             names = sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
             assert names == ["_serve", "_writer"]

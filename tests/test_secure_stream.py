@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ import trio
 import trio.testing
 
 from bus.errors import HandshakeError, HandshakeTimeout, IdentityRefused
+from bus.io.fdpass import FdSocketStream, send_with_fds
 from bus.io.secure import SecureStream
 from bus.io.testing import secure_stream_pair, tcp_stream_pair
 from bus.io.testing import unix_stream_pair as unix_socket_stream_pair
@@ -505,5 +507,87 @@ async def test_encrypted_send_eof_leaves_the_transport_open_both_ways() -> None:
     assert await client.receive_some() == b"still flowing"
     await server.send_eof()
     assert await client.receive_some() == b""
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_no_handshake_deadline_of_its_own_leaves_it_to_the_caller(autojump_clock: trio.testing.MockClock) -> None:
+    """handshake_timeout=math.inf: no deadline of the stream's own (it waits past the default
+    10 s); the caller's deadline bounds it, and a cancelled handshake still closes the
+    transport.  With a peer that answers, it completes as ever."""
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, handshake_timeout=math.inf)
+    start = trio.current_time()
+    with trio.move_on_after(60) as scope:
+        await client.do_handshake()  # the server never answers
+    assert scope.cancelled_caught and trio.current_time() - start == pytest.approx(60)
+    await _assert_closed(left)
+    await right.aclose()
+
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=False, handshake_timeout=math.inf)
+    server = SecureStream.server(right, SERVER, encrypted=False, handshake_timeout=math.inf)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    assert client.peer_key == SERVER.public_key and server.peer_key == CLIENT.public_key
+    await client.aclose()
+    await server.aclose()
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+async def test_close_nowait_closes_a_socket_stream_at_once(encrypted: bool) -> None:
+    """No checkpoint: the peer reads the end (over box-stream after goodbye_nowait: a clean
+    end) and later use of the stream raises ClosedResourceError."""
+    client, server = await secure_pair(unix_socket_stream_pair(), encrypted=encrypted)
+    await client.send_all(b"before")
+    client.goodbye_nowait()
+    assert client.close_nowait()  # (synchronous: nothing else ran in between)
+    with trio.fail_after(10):
+        got = b""
+        while True:
+            chunk = await server.receive_some()
+            if not chunk:
+                break
+            got += chunk
+    assert got == b"before"
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"after")
+    with pytest.raises(trio.ClosedResourceError):
+        await client.receive_some()
+    await client.aclose()  # (closing again is a no-op)
+    await server.aclose()
+
+
+async def test_close_nowait_over_an_fd_socket_closes_the_descriptors_it_holds() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiving = FdSocketStream(right)
+    sending = trio.SocketStream(trio.socket.from_stdlib_socket(left))
+    client, server = await secure_pair((receiving, sending), encrypted=False)
+    spare_a, spare_b = socket.socketpair()
+    try:
+        await send_with_fds(sending.socket, b"fd", [spare_a.fileno()])
+        with trio.fail_after(10):
+            assert await client.receive_some() == b"fd"
+        assert len(receiving.fds) == 1
+        held = receiving.fds[0]
+        assert client.close_nowait()
+        assert not receiving.fds
+        with pytest.raises(OSError):
+            os.fstat(held)  # closed with the stream (nobody took it)
+        assert right.fileno() == -1
+        with trio.fail_after(10):
+            assert await server.receive_some() == b""
+    finally:
+        spare_a.close()
+        spare_b.close()
+        await server.aclose()
+
+
+async def test_close_nowait_refuses_a_transport_it_cannot_close_at_once() -> None:
+    client, server = await secure_pair(trio.testing.memory_stream_pair(), encrypted=False)
+    assert not client.close_nowait()  # nothing done: still usable
+    await client.send_all(b"still open")
+    assert await server.receive_some() == b"still open"
     await client.aclose()
     await server.aclose()

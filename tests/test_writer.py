@@ -21,6 +21,10 @@ Covered, plain and encrypted (box-stream), over Unix socketpairs and loopback TC
   closes queued descriptors, later sends raise, wakes ``send()``); ``has_room``;
 * a vanished peer: ``send_nowait`` never raises to the producer, ``run()`` raises
   BrokenResourceError;
+* ``run_when_needed`` (run() started lazily): not started while the socket takes every
+  frame; started once by a partial write (the frame is then delivered whole, with those
+  queued behind it, in order), by a transport failure (which run() then raises), by queued
+  frames (``put_later``, ``send_with_fd``), ``stop()`` and ``finish()``; never after close;
 * ``SecureStream.send_nowait`` itself: non-socket transports get all wire bytes back,
   before the handshake LocalProtocolError, after send_eof/aclose ClosedResourceError,
   during another send BusyResourceError, a dead socket breaks the stream.
@@ -1007,3 +1011,148 @@ async def test_nothing_is_taken_after_stop(res: Resources) -> None:
         await writer.run()  # returns at once: nothing half-written
         assert await _read_exactly(receiver, 6) == b"before"
     await _assert_nothing_more(sender, receiver)
+
+
+# -- 9. run() started lazily (run_when_needed) ------------------------------------------------
+
+
+class LazyRun:
+    """Starts ``writer.run()`` in ``nursery`` when the writer asks for it, and records how
+    many times it was asked and what ``run()`` raised."""
+
+    def __init__(self, writer: FrameWriter, nursery: trio.Nursery) -> None:
+        self.writer = writer
+        self.nursery = nursery
+        self.starts = 0
+        self.errors: list[BaseException] = []
+        self.returned = 0
+        writer.run_when_needed(self.start)
+
+    def start(self) -> None:
+        self.starts += 1
+        self.nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.errors.append(exc)
+        else:
+            self.returned += 1
+
+
+@ENCRYPTED
+async def test_lazy_run_is_not_started_while_the_socket_takes_every_frame(res: Resources, encrypted: bool) -> None:
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender)
+    frames = [os.urandom(n) for n in (10, 5000, 20_000)]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            for frame in frames:
+                writer.send_nowait(frame)
+            writer.cork()
+            writer.send_nowait(b"corked")
+            writer.uncork()  # written at once, by uncork itself
+            assert await _read_exactly(receiver, sum(map(len, frames)) + 6) == b"".join(frames) + b"corked"
+            writer.close()  # closing a writer that never ran starts nothing
+    assert lazy.starts == 0 and not lazy.errors
+
+
+@KINDS
+@ENCRYPTED
+async def test_lazy_run_delivers_a_frame_the_socket_took_only_in_part(res: Resources, kind: str, encrypted: bool) -> None:
+    """The partial write starts run() (once), which finishes that frame and then the frames
+    queued behind it, whole and in order."""
+    sender, receiver = await res.pair(kind, encrypted=encrypted)
+    writer, calls = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            big = _fill_with_partial_frame(writer, sender, receiver)
+            assert lazy.starts == 1
+            later = [os.urandom(1000 + i) for i in range(5)]
+            for frame in later:
+                writer.send_nowait(frame)
+            assert lazy.starts == 1  # asked once, however much waits
+            expected = big + b"".join(later)
+            assert await _read_exactly(receiver, len(expected)) == expected
+            await trio.testing.wait_all_tasks_blocked()  # (run() back from its last write)
+            assert writer.queued_bytes == 0 and not writer.mid_frame and len(writer) == 0
+            writer.stop()
+    assert lazy.starts == 1 and lazy.returned == 1 and not lazy.errors
+    assert calls.queued[-1] == 0
+    await _assert_nothing_more(sender, receiver)
+
+
+@ENCRYPTED
+async def test_lazy_run_reports_a_broken_transport(res: Resources, encrypted: bool) -> None:
+    """A write that fails in send_nowait never raises to the producer: it starts run(),
+    which raises BrokenResourceError."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, _ = _writer(sender, max_frames=10)
+    await trio.aclose_forcefully(receiver)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            writer.send_nowait(b"into the void")  # does not raise here
+            writer.send_nowait(b"and again")
+    assert lazy.starts == 1
+    assert len(lazy.errors) == 1 and isinstance(lazy.errors[0], trio.BrokenResourceError)
+
+
+async def test_lazy_run_reports_a_peer_gone_during_a_partial_frame(res: Resources) -> None:
+    sender, receiver = await res.pair("unix", encrypted=True)
+    writer, _ = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            _fill_with_partial_frame(writer, sender, receiver)
+            await trio.aclose_forcefully(receiver)
+    assert lazy.starts == 1
+    assert len(lazy.errors) == 1 and isinstance(lazy.errors[0], trio.BrokenResourceError)
+
+
+async def test_lazy_run_starts_for_queued_frames_stop_and_finish(res: Resources) -> None:
+    """put_later and send_with_fd queue for run(): it starts and writes them; stop() and
+    finish() on a writer that never ran start it so that it returns (its owner learns)."""
+    sender, receiver, receiving = await res.fd_pair()
+    writer, _ = _writer(sender)
+    a, b = res.socketpair()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            await writer.put_later(b"later")
+            assert lazy.starts == 1
+            writer.send_with_fd(b"fd", a)
+            assert await _read_exactly(receiver, 7) == b"laterfd"
+            writer.finish()
+    assert lazy.starts == 1 and lazy.returned == 1
+    fd = receiving.take_fd()
+    assert fd is not None
+    os.close(fd)
+    for method in ("stop", "finish"):
+        other, _ = _writer(sender)
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(other, nursery)
+            getattr(other, method)()
+        assert lazy.starts == 1 and lazy.returned == 1
+
+
+async def test_lazy_run_already_needed_starts_at_once(res: Resources) -> None:
+    """run_when_needed on a writer that already holds work starts run() right away; on a
+    closed writer it never does."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, _ = _writer(sender)
+    with trio.fail_after(TIMEOUT):
+        big = _fill_with_partial_frame(writer, sender, receiver)
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(writer, nursery)
+            assert lazy.starts == 1
+            assert await _read_exactly(receiver, len(big)) == big
+            writer.stop()
+        closed, _ = _writer(sender)
+        closed.close()
+        async with trio.open_nursery() as nursery:
+            lazy = LazyRun(closed, nursery)
+        assert lazy.starts == 0

@@ -31,6 +31,7 @@ only moves their bytes.
 from __future__ import annotations
 
 import enum
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -89,7 +90,9 @@ _NOTHING = memoryview(b"")
 class SecureStream(trio.abc.HalfCloseableStream):
     """A byte stream whose peer has proven its identity, encrypted or plain.
 
-    Build one with :meth:`client` or :meth:`server`.
+    Build one with :meth:`client` or :meth:`server`.  ``handshake_timeout`` bounds
+    :meth:`do_handshake`; ``math.inf`` leaves it to the caller's own deadline (one cancel
+    scope fewer for a caller that bounds more than the handshake).
     """
 
     #: Where :meth:`send_nowait` writes: the transport's socket, its ``send_some_nowait``,
@@ -222,8 +225,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 return
             self._check_usable()
             try:
-                with trio.fail_after(self.handshake_timeout):
-                    await self._run_handshake()
+                if self.handshake_timeout == math.inf:
+                    await self._run_handshake()  # (bounded by the caller's deadline, if any)
+                else:
+                    with trio.fail_after(self.handshake_timeout):
+                        await self._run_handshake()
             except trio.TooSlowError as exc:
                 err = self._fail_handshake(
                     HandshakeTimeout(f"the peer did not complete the handshake within {self.handshake_timeout:g} s")
@@ -543,6 +549,21 @@ class SecureStream(trio.abc.HalfCloseableStream):
                         pass
         finally:
             await self.transport.aclose()
+
+    def close_nowait(self) -> bool:
+        """Close at once, without a checkpoint, as :func:`trio.aclose_forcefully` would close
+        it (nothing more is sent: over box-stream, call :meth:`goodbye_nowait` first for a
+        clean end).  Returns False, doing nothing, when the transport cannot be closed
+        without waiting (it is not a socket stream); then await :meth:`aclose`."""
+        transport = self.transport
+        close = getattr(transport, "close_nowait", None)
+        if close is None and isinstance(transport, trio.SocketStream):
+            close = transport.socket.close
+        if close is None:
+            return False
+        self._state = _State.CLOSED
+        close()
+        return True
 
     def goodbye_nowait(self) -> None:
         """End our sending direction cleanly, now, without waiting (no checkpoint).

@@ -12,6 +12,11 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
 * the :meth:`FrameWriter.run` task writes queued frames, joining small ones into one write,
   and finishes any frame the socket took only part of, so a cancelled producer never leaves
   half a frame behind;
+* that task is only needed once a frame has to wait: an owner may start it lazily with
+  :meth:`FrameWriter.run_when_needed`, whose callback runs (once) the first time a frame is
+  queued, a write is left partial, a transport failure is seen, or :meth:`stop` or
+  :meth:`finish` is called.  A short-lived connection whose every frame the socket took at
+  once never pays for the task;
 * the queue is bounded (``max_frames``): ``send_nowait`` raises :class:`trio.WouldBlock` when
   it is full, and :meth:`FrameWriter.send` waits for room instead; what a full queue means
   is the owner's policy (the broker disconnects a slow consumer, a client waits or fails);
@@ -74,6 +79,27 @@ class FrameWriter:
         self.burst = CORK_FRAMES
         self._wake = trio.Event()
         self._room = trio.Event()
+        self._start: Callable[[], None] | None = None  # see run_when_needed
+
+    def run_when_needed(self, start: Callable[[], None]) -> None:
+        """Have ``start`` (which starts a task running :meth:`run`) called once, the first
+        time :meth:`run` has something to do: a frame waits, part of a frame is owed, the
+        transport failed, or :meth:`stop` or :meth:`finish` was called.  At once if it has
+        already.  Never after :meth:`close`."""
+        if self.closed:
+            return
+        if self._queue or self._rest is not None or self._failure is not None or self._stopping or self._finishing:
+            start()
+        else:
+            self._start = start
+
+    def _signal(self) -> None:
+        """Wake :meth:`run`, starting it first if its owner asked to start it lazily."""
+        self._wake.set()
+        start = self._start
+        if start is not None and not self.closed:
+            self._start = None
+            start()
 
     def __len__(self) -> int:
         """Frames waiting in the queue, plus one that ``send_nowait`` wrote only part of.
@@ -119,7 +145,7 @@ class FrameWriter:
                 raise trio.WouldBlock
             self._queue.append(frame)
             self.queued_bytes += len(frame)
-            self._wake.set()
+            self._signal()
             return
         self._write_now(frame, len(frame), counted=False)
 
@@ -142,7 +168,7 @@ class FrameWriter:
         the ``run`` task writes them, in order, with whatever was ahead of them)."""
         self._corked_bytes = 0
         if self._rest is not None or self._busy or self._failure is not None or self.closed:
-            self._wake.set()
+            self._signal()
             return
         queue = self._queue
         if not queue:
@@ -154,7 +180,7 @@ class FrameWriter:
                     break
                 count += 1
             if not count:
-                self._wake.set()
+                self._signal()
                 return
             batch = cast("list[bytes]", queue[:count])
             del queue[:count]
@@ -172,18 +198,18 @@ class FrameWriter:
             rest = self.stream.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             self._failure = exc
-            self._wake.set()
+            self._signal()
             return
         if rest:
             self._rest = rest
             self._rest_size = size
             if not counted:
                 self.queued_bytes += size
-            self._wake.set()
+            self._signal()
         elif counted:
             self._sent(size)
             if self._queue:
-                self._wake.set()
+                self._signal()
 
     async def wait_room(self) -> None:
         """Wait until the queue can take a frame (or the writer is closed)."""
@@ -215,7 +241,7 @@ class FrameWriter:
         if len(queue) >= self.burst:
             self._write_queued()
         else:
-            self._wake.set()
+            self._signal()
 
     async def send(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first.
@@ -236,21 +262,22 @@ class FrameWriter:
         self._queue.append((frame, end))
         self.queued_bytes += len(frame)
         self.queued_fds += 1
-        self._wake.set()
+        self._signal()
 
     def stop(self) -> None:
         """Make :meth:`run` return at the next frame boundary (nothing more is written)."""
         self._stopping = True
-        self._wake.set()
+        self._signal()
 
     def finish(self) -> None:
         """Make :meth:`run` return once everything accepted so far is written."""
         self._finishing = True
-        self._wake.set()
+        self._signal()
 
     def close(self) -> None:
         """Drop what is queued (closing queued descriptors); later sends raise."""
         self.closed = True
+        self._start = None  # (it may hold the writer's owner: no cycle left behind)
         queue, self._queue = self._queue, []
         for item in queue:
             if isinstance(item, tuple):
