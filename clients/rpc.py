@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import mmap
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ class _Body:
         self.missing = size  # bytes still to come
         # The bytes so far when kept (None: skipped): the frames' bodies, or one buffer of the
         # body's size that the frame decoder fills (see _MessageFrames.fill).
-        self.parts: list[bytes | bytearray] | None = None
+        self.parts: list[bytes | bytearray | mmap.mmap] | None = None
 
     def message(self, max_items: int) -> dict[str, Any]:
         """The whole message: the header's fields and the body's (a body that does not
@@ -332,7 +333,7 @@ class _MessageFrames:
         #: kept body is then one buffer of its announced size, which the decoder fills as its
         #: DATA frames come (read straight into it from a socket), instead of their bytes
         #: being kept and joined.  (A body is checked against its limits before it is made.)
-        self.fill: Callable[[bytearray | None], None] | None = None
+        self.fill: Callable[[bytearray | mmap.mmap | None], None] | None = None
         self._filled: _Body | None = None  # the body whose buffer the decoder fills
 
     def feed(self, frame: Frame) -> dict[str, Any] | _Body | None:
@@ -373,7 +374,10 @@ class _MessageFrames:
             if self.fill is None:
                 self.body.parts = []
             else:
-                buffer = bytearray(size)
+                # An anonymous mapping takes memory page by page as the body's bytes come
+                # (a bytearray is zeroed, all of it, at once): an announcement alone, however
+                # large within the limits, costs no memory until its bytes are sent.
+                buffer = mmap.mmap(-1, size)
                 self.fill(buffer)
                 self.body.parts = [buffer]
                 self._filled = self.body
@@ -707,14 +711,20 @@ class Service:
                             result = answer.get("result", answer)  # (an error reply: not small)
                             kind = type(result)
                             try:
+                                encoded = None
                                 if (
                                     kind in _FIXED_SCALARS
                                     or (kind is int and _INT_MIN <= result <= _INT_MAX)
                                     or ((kind is bytes or kind is str) and len(result) <= _SMALL_RESULT)
                                 ):
-                                    # A small scalar: one frame, in the profile by construction.
-                                    encoded = encode_control(0, answer, checked=True)
-                                else:
+                                    # A small scalar: one frame, in the profile by construction
+                                    # (a str cbor2 cannot encode, such as a lone surrogate,
+                                    # goes the usual way, which answers with the error).
+                                    try:
+                                        encoded = encode_control(0, answer, checked=True)
+                                    except LocalProtocolError:
+                                        pass
+                                if encoded is None:
                                     call = Request("call", request_id, {"method": method, "args": args})
                                     encoded = encode_reply(answer, call)
                                 writer.send_nowait(encoded)
@@ -748,12 +758,15 @@ class Service:
                         calls.start_soon(run, message)
 
                 pushed = _PushedFrames(handle, frames.end_of_input, writer)
+                # (Set before deliver_to, which hands over what came already: a body
+                # announced in it is filled by the decoder that cuts its frames.)
+                frames.fill = pushed.fill_data_into
                 if channel.deliver_to(pushed.feed, pushed.end):
-                    frames.fill = pushed.fill_data_into
                     await pushed.ended.wait()
                     if pushed.error is not None:
                         log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
                 else:
+                    frames.fill = framed.fill_data_into
                     while True:
                         try:
                             frame = await framed.receive_frame()
@@ -902,7 +915,7 @@ class _PushedFrames:
                 assert writer is not None
                 writer.uncork()
 
-    def fill_data_into(self, buffer: bytearray | None) -> None:
+    def fill_data_into(self, buffer: bytearray | mmap.mmap | None) -> None:
         """See :meth:`FrameDecoder.fill_data_into`."""
         self._decoder.fill_data_into(buffer)
 
@@ -976,10 +989,11 @@ class RpcConnection:
         then fail whatever still waits and close it."""
         pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
         assert pushed is not None
+        self._frames.fill = pushed.fill_data_into  # (before deliver_to: see serve_channel)
         if not self.channel.deliver_to(pushed.feed, pushed.end):
             pushed = None
             self._turns = self.channel.socket_reads() is not None
-        self._frames.fill = self.framed.fill_data_into if pushed is None else pushed.fill_data_into
+            self._frames.fill = self.framed.fill_data_into
         task_status.started()
         reason = "the service closed the channel"
         try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import logging
+import mmap
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -518,9 +521,9 @@ async def test_a_call_body_that_does_not_decode_is_answered_with_bad_request(tmp
 
 def test_a_kept_body_is_one_buffer_the_decoder_fills_and_a_skipped_one_gets_none() -> None:
     decoder = FrameDecoder()
-    fills: list[bytearray | None] = []
+    fills: list[bytearray | mmap.mmap | None] = []
 
-    def fill(buffer: bytearray | None) -> None:
+    def fill(buffer: bytearray | mmap.mmap | None) -> None:
         fills.append(buffer)
         decoder.fill_data_into(buffer)
 
@@ -537,7 +540,7 @@ def test_a_kept_body_is_one_buffer_the_decoder_fills_and_a_skipped_one_gets_none
         return results
 
     results = feed(encode_control(0, {"op": "call", "id": 1, "follows": len(body)}), *(encode_data(0, body[i : i + 70_000]) for i in range(0, len(body), 70_000)))
-    assert len(fills) == 1 and type(fills[0]) is bytearray and fills[0] == body  # (the body, filled in place)
+    assert len(fills) == 1 and type(fills[0]) is mmap.mmap and fills[0][:] == body  # (the body, filled in place)
     done = results[-1]
     assert isinstance(done, _Body) and done.message(DEFAULT_MAX_MESSAGE) == {"op": "call", "id": 1, **cbor2.loads(body)}
     # An announcement refused (over a limit) makes no buffer: its bytes are dropped as they come.
@@ -658,3 +661,110 @@ async def test_bus_call_takes_the_callers_limit_from_open_bus(tmp_path: Path) ->
                 with pytest.raises(MessageTooLarge):  # a reply over our limit fails that call only
                     await bus.call(NAME, "make", MiB)
                 assert await bus.call(NAME, "echo", "still here") == "still here"
+
+
+# -- found by a review: what the in-place body must not change ---------------------------------
+
+
+@pytest.mark.parametrize("size", [100, MiB])
+async def test_a_call_queued_before_the_service_reads_its_channel_is_answered(tmp_path: Path, size: int) -> None:
+    """A service that starts on a channel late (busy, or a handler that awaits first) finds
+    the call and its body already queued: they are handed over as push delivery starts, and
+    the body goes into the buffer of the decoder that cuts its frames (the channel was reset
+    when the buffer went to the other one)."""
+    service = make_service()
+    serve = service.serve_channel
+
+    async def late(channel: Channel) -> None:
+        await trio.sleep(0.3)  # the call and its body wait in the channel meanwhile
+        await serve(channel)
+
+    service.serve_channel = late  # type: ignore[method-assign]
+    async with serving(tmp_path, "unix", service) as (bus, _nursery):
+        channel = await bus.open_channel(NAME, "rpc", "relay")
+        framed = FramedStream(channel)
+        value = os.urandom(size)
+        body = cbor2.dumps({"method": "length", "args": [value]})
+        wire = encode_control(0, {"op": "call", "id": 1, "follows": len(body)})
+        wire += b"".join(encode_data(0, body[i : i + 60_000]) for i in range(0, len(body), 60_000))
+        with trio.fail_after(20):
+            await channel.send_all(wire)
+            frame = await framed.receive_frame()
+        assert isinstance(frame, ControlFrame) and frame.message == {"re": 1, "result": size}
+        await channel.aclose()
+
+
+async def test_a_descriptor_on_a_body_read_in_place_breaks_the_unix_fd_channel(tmp_path: Path) -> None:
+    """Bytes read straight into a body's buffer follow the unix-fd channel's rules: a
+    descriptor on anything but the end mark breaks the channel (and is closed), it is not
+    kept for the service to hold."""
+    async with serving(tmp_path, "unix") as (bus, _nursery):
+        channel = await bus.open_channel(NAME, "rpc", "direct")
+        assert channel.route == "unix-fd"
+        framed = FramedStream(channel)
+        wire = _encode_message({"op": "call", "id": 1, "method": "length", "args": [os.urandom(MiB)]}, DEFAULT_MAX_MESSAGE)
+        with trio.fail_after(20):
+            await channel.send_all(wire[:5000])  # the header and the start of the body
+            await trio.sleep(0.2)  # (the service is filling the body's buffer now)
+            before = len(os.listdir("/proc/self/fd"))
+            raw = channel.raw
+            assert isinstance(raw, trio.abc.Stream) and hasattr(raw, "socket")
+            with open(os.devnull, "rb") as null, socket.socket(fileno=os.dup(raw.socket.fileno())) as sock:
+                for i in range(5):
+                    try:
+                        sock.sendmsg([wire[5000 + i * 10 : 5010 + i * 10]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [null.fileno()]))])
+                    except (BrokenPipeError, ConnectionResetError):
+                        break  # (the service broke the channel at the first one)
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            assert len(os.listdir("/proc/self/fd")) <= before  # none of them kept (the service is in this process)
+            got: list[Frame] = []
+            try:
+                while (frame := await framed.receive_frame()) is not None:
+                    got.append(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+                pass  # (the service's end broke: the channel ends, however it says so)
+            assert not [f for f in got if isinstance(f, ControlFrame) and "result" in f.message]
+        await trio.aclose_forcefully(channel)
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_small_result_that_cannot_be_encoded_is_an_error_reply(tmp_path: Path, route: str) -> None:
+    service = make_service()
+
+    @service.method
+    def surrogate() -> str:
+        return "\ud800"  # (a lone surrogate: no CBOR text can carry it)
+
+    @service.method
+    def one() -> int:
+        return 1
+
+    async with serving(tmp_path, "unix", service) as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        with trio.fail_after(20):
+            with pytest.raises(RequestError, match="cannot be sent"):
+                await rpc.call("surrogate")
+            assert await rpc.call("one") == 1  # the channel goes on
+
+
+def test_an_announced_body_takes_no_memory_until_its_bytes_come() -> None:
+    """The buffer of a kept body is made when it is announced, at the announced size (within
+    the limits), but takes memory only as the bytes come: an announcement alone, however
+    large, costs a peer's victim nothing."""
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    decoder = FrameDecoder()
+    cutter = _MessageFrames(lambda header, size: True)
+    cutter.fill = decoder.fill_data_into
+    size = 256 * MiB
+    before = rss()
+    decoder.receive_data(encode_control(0, {"re": 1, "follows": size}))
+    assert [cutter.feed(frame) for frame in decoder] == [None]
+    assert cutter.body is not None and cutter.body.parts is not None
+    assert rss() - before < 16 * MiB  # (a bytearray would be 256 MiB, zeroed at once)
+    decoder.receive_data(encode_data(0, b"x" * MiB))
+    assert [cutter.feed(frame) for frame in decoder] == [None]

@@ -98,7 +98,7 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         try:
-            taken, ancdata, _flags, _addr = self._raw.recvmsg_into((buffer,), _FD_SPACE)
+            taken, ancdata, _flags, _addr = self._raw.recvmsg_into((buffer,), _FD_SPACE, _CMSG_CLOEXEC)
         except BlockingIOError:
             raise trio.WouldBlock from None
         except OSError as exc:
@@ -252,6 +252,37 @@ class UnixChannelStream(FdSocketStream):
             self._broken = TRUNCATED
             raise trio.BrokenResourceError(TRUNCATED)
         return data
+
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        """:meth:`_try_receive`'s rules, reading into ``buffer``: how many bytes of data were
+        read into it (0 at the end mark; a descriptor on anything but the mark, or a socket
+        end of file without it, breaks the stream)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        if self._ended:
+            return 0
+        try:
+            taken, ancdata, flags, _addr = self._raw.recvmsg_into((buffer,), _FD_SPACE, _CMSG_CLOEXEC)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+        except OSError as exc:
+            if self._closed or self._raw.fileno() < 0:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            self._broken = f"socket error: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if ancdata or flags & _MSG_CTRUNC:
+            _close_passed(ancdata)
+            if not taken or buffer[taken - 1] != END_MARK[0]:
+                self._broken = "the peer passed a descriptor that does not end the stream"
+                raise trio.BrokenResourceError(self._broken)
+            self._ended = True
+            return taken - 1  # (the mark's byte, read into the buffer after the data, is not data)
+        if not taken:
+            self._broken = TRUNCATED
+            raise trio.BrokenResourceError(TRUNCATED)
+        return taken
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ cancelled caller can never leave half a frame on the wire.
 from __future__ import annotations
 
 import os
+import mmap
 import socket
 from typing import Any, Protocol
 
@@ -229,7 +230,7 @@ class FramedStream:
                 self._drained = taken < len(room)
                 return taken
 
-    def fill_data_into(self, buffer: bytearray | None) -> None:
+    def fill_data_into(self, buffer: bytearray | mmap.mmap | None) -> None:
         """See :meth:`FrameDecoder.fill_data_into`: where a socket is read directly, the rest
         of each such body is read straight into ``buffer``."""
         self._decoder.fill_data_into(buffer)

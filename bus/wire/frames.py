@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -106,7 +107,7 @@ _SMALLEST = (24, 0x100, 0x10000, 0x100000000)  # the least value each wider head
 _SIMPLE_OK = frozenset((20, 21, 22, 25, 26, 27))  # false, true, null, float16/32/64
 
 
-def check_cbor(body: bytes | bytearray, max_items: int | None = None) -> None:
+def check_cbor(body: bytes | bytearray | mmap.mmap, max_items: int | None = None) -> None:
     """Raise :class:`FrameError` unless ``body`` is one CBOR map in minibus's profile.
 
     One pass over the bytes with an explicit stack (no recursion, no decoding): every head
@@ -270,7 +271,7 @@ def _items_within(value: Any, depth: int, budget: int) -> int:
 _BYTES_PER_CHECKED_ITEM = 2048
 
 
-def decode_control_body(body: bytes | bytearray, max_items: int | None = None) -> dict[Any, Any]:
+def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict.
 
     The quick way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of the
@@ -308,7 +309,8 @@ def decode_control_body(body: bytes | bytearray, max_items: int | None = None) -
                 # in O(1), where encoding it again would copy and compare every byte.
                 check_cbor(body, max_items)
                 return message
-            if cbor2.dumps(message) == body:
+            encoded = cbor2.dumps(message)
+            if encoded == body if type(body) is bytes else memoryview(body) == encoded:
                 return message
     check_cbor(body, max_items)
     if not isinstance(message, dict):  # pragma: no cover - check_cbor already ensured a map
@@ -322,7 +324,7 @@ class _BufferReader:
 
     __slots__ = ("_view", "_pos")
 
-    def __init__(self, data: bytearray | memoryview) -> None:
+    def __init__(self, data: bytearray | memoryview | mmap.mmap) -> None:
         self._view = memoryview(data)
         self._pos = 0
 
@@ -339,7 +341,7 @@ class _BufferReader:
         return self._view[pos:end].tobytes()
 
 
-def _loads(body: bytes | bytearray | memoryview) -> Any:
+def _loads(body: bytes | bytearray | memoryview | mmap.mmap) -> Any:
     """``cbor2.loads``, with no copy of the whole body first when it is not a ``bytes``."""
     if isinstance(body, bytes):
         return cbor2.loads(body)
@@ -459,7 +461,7 @@ class FrameDecoder:
         """Bytes received that are not yet part of a returned frame."""
         return self._parts_size + len(self._chunk) - self._pos
 
-    def fill_data_into(self, buffer: bytearray | None) -> None:
+    def fill_data_into(self, buffer: bytearray | mmap.mmap | None) -> None:
         """Put the bodies of the DATA frames that come from now on into ``buffer``, one after
         the other, instead of making a ``bytes`` of each: they come out as DataFrames
         with empty ``data`` and their size in ``filled``.  For a consumer that joins the
