@@ -402,6 +402,14 @@ class _Session:
             # Socket ends still queued for this connection will never be sent: close them,
             # however the session ended (also when the broker itself is cancelled).
             self.out.close()
+            # However it ended (an error of ours in the reader included), the writer task
+            # ends before the session does: it never outlives the connection's release.
+            done = self._writer_done
+            if done is not None and not done.is_set():
+                assert self._writer_scope is not None
+                self._writer_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await done.wait()
 
     async def _run_tasks_and_say_why(self) -> None:
         error_event: dict[str, Any] | None = None

@@ -12,8 +12,8 @@ writer finishes what the socket took only part of, so a cancelled request never 
 frame behind).
 
 Connecting (dial, handshake, hello) has one deadline (``connect_timeout``, 10 s by default;
-with several endpoints, one whose handshake stalls gives way to the next after the
-handshake's own 10 s).  Requests wait for their reply under a deadline (``request_timeout``,
+with several endpoints, each but the last may take a share of what is left of it, at most the
+handshake's own 10 s, so one whose dial or handshake stalls gives way to the next in time).  Requests wait for their reply under a deadline (``request_timeout``,
 10 s by default); callers may add tighter ones with ``trio.fail_after``.
 
 When the link drops, requests in flight fail with :class:`~bus.errors.ConnectionLost`
@@ -205,6 +205,8 @@ class BusConnection:
         self.reconnect = reconnect
         self.request_timeout = request_timeout
         #: Dial, handshake and hello, at every (re)connect, within this many seconds.
+        if not 0 < connect_timeout < math.inf:
+            raise ValueError(f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}")
         self.connect_timeout = connect_timeout
         #: Names to hold: the first goes with hello, the rest are requested again by the names.
         self.requested_names: dict[str, list[str]] = {}
@@ -301,37 +303,53 @@ class BusConnection:
     # -- connecting ---------------------------------------------------------------------------
 
     async def _dial(self) -> tuple[SecureStream, Endpoint]:
+        """The first endpoint that connects and completes its handshake.  Each but the last
+        has a share of what is left of connect()'s deadline (at most the handshake's own
+        timeout), so a stalled one gives way to the next in time; the last has the rest."""
         errors = []
         last = len(self.endpoints) - 1
         for i, ep in enumerate(self.endpoints):
-            try:
-                transport: trio.abc.HalfCloseableStream
-                if ep.transport == "unix":
-                    assert ep.path is not None
-                    # Unix connections can receive socket ends: the unix-fd channel route.
-                    transport = await FdSocketStream.connect(ep.path)
-                else:
-                    assert ep.host is not None and ep.port is not None
-                    transport = await trio.open_tcp_stream(ep.host, ep.port)
-            except OSError as exc:
-                errors.append(f"{ep.transport}: {exc.strerror or exc}")
-                continue
-            # An endpoint that does not finish its handshake in time gives way to the next;
-            # the last one's handshake is bounded by connect()'s deadline alone.
-            stream = SecureStream.client(
-                transport,
-                self.identity,
-                ep.key,
-                network_key=self.network_key,
-                encrypted=ep.uses_box_stream,
-                handshake_timeout=math.inf if i == last else DEFAULT_HANDSHAKE_TIMEOUT,
-            )
-            try:
-                await stream.do_handshake()
-            except HandshakeError as exc:
-                errors.append(f"{ep.transport}: handshake failed: {exc}")
-                continue
-            return stream, ep
+            share = math.inf
+            if i < last:
+                left = trio.current_effective_deadline() - trio.current_time()
+                share = min(DEFAULT_HANDSHAKE_TIMEOUT, max(0.0, left) / (last + 1 - i))
+            transport: trio.abc.HalfCloseableStream | None = None
+            stream: SecureStream | None = None
+            with trio.move_on_after(share) as scope:
+                try:
+                    if ep.transport == "unix":
+                        assert ep.path is not None
+                        # Unix connections can receive socket ends: the unix-fd channel route.
+                        transport = await FdSocketStream.connect(ep.path)
+                    else:
+                        assert ep.host is not None and ep.port is not None
+                        transport = await trio.open_tcp_stream(ep.host, ep.port)
+                except OSError as exc:
+                    errors.append(f"{ep.transport}: {exc.strerror or exc}")
+                    continue
+                stream = SecureStream.client(
+                    transport,
+                    self.identity,
+                    ep.key,
+                    network_key=self.network_key,
+                    encrypted=ep.uses_box_stream,
+                    handshake_timeout=math.inf,  # (bounded by the scope around it)
+                )
+                try:
+                    await stream.do_handshake()
+                except HandshakeError as exc:
+                    errors.append(f"{ep.transport}: handshake failed: {exc}")
+                    continue
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                return stream, ep
+            # (only an endpoint's own share ends here: connect()'s deadline is outside)
+            errors.append(f"{ep.transport}: no handshake within {share:.3g} s")
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            elif transport is not None:
+                await trio.aclose_forcefully(transport)
         raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
 
     async def connect(self) -> Link:

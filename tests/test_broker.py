@@ -440,3 +440,82 @@ async def test_a_short_connection_runs_no_writer_task_in_busd(tmp_path: Path) ->
             await bus.list_names()
             session = rb.broker.sessions[int(bus.unique_id[1:])]
             assert session._writer_done is None
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_bug_in_a_sessions_reader_ends_its_writer_before_the_connection_is_released(
+    tmp_path: Path, transport: str
+) -> None:
+    """The writer task (run in the broker's nursery once a frame has to wait) never outlives
+    its session: when the reader ends by an error of ours, the writer -- here stuck inside a
+    frame to a peer that does not read -- is cancelled and waited for before the connection
+    is released (names, counters, the teardown turn)."""
+    async with running_broker(tmp_path, outbound_queue=100_000) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        slow = await raw_connect(address)  # (it never reads what busd sends it)
+        await slow.send_message({"op": "hello", "id": 1, "info": {"description": "d" * 12000}})
+        with trio.fail_after(10):
+            while not rb.broker.sessions:
+                await trio.sleep(0.01)
+        session = next(iter(rb.broker.sessions.values()))
+        n = 2
+        with trio.fail_after(30):
+            while not (session.out.mid_frame and session._writer_done is not None):
+                await slow.send_message({"op": "info", "id": n, "target": f":{session.conn_id}"})
+                n += 1
+                await trio.sleep(0.001)
+        core = rb.broker.core
+        receive, disconnect = core.receive, core.disconnect
+        seen: dict[str, bool] = {}
+
+        def buggy(conn_id: int, message: Any) -> Any:
+            if conn_id == session.conn_id:
+                raise RuntimeError("a bug of ours")
+            return receive(conn_id, message)
+
+        def released(conn_id: int) -> Any:
+            if conn_id == session.conn_id:
+                assert session._writer_done is not None
+                seen["writer ended before release"] = session._writer_done.is_set()
+            return disconnect(conn_id)
+
+        core.receive = buggy  # type: ignore[method-assign]
+        core.disconnect = released  # type: ignore[method-assign]
+        await slow.send_message({"op": "ping", "id": n})
+        with trio.fail_after(10):
+            while session.conn_id in rb.broker.sessions:
+                await trio.sleep(0.01)
+        assert seen == {"writer ended before release": True}
+        await trio.aclose_forcefully(slow)
+
+
+async def test_a_bug_in_a_sessions_writer_ends_that_connection_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bus import broker as broker_module
+
+    async def buggy_writer(self: Any) -> None:
+        await trio.sleep(0)
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(broker_module._Session, "writer", buggy_writer)
+    async with running_broker(tmp_path, outbound_queue=100_000) as rb:
+        slow = await raw_connect(rb.unix_address)  # (it never reads: its frames wait, the writer starts)
+        await slow.send_message({"op": "hello", "id": 1, "info": {"description": "d" * 12000}})
+        with trio.fail_after(10):
+            while not rb.broker.sessions:
+                await trio.sleep(0.01)
+        session = next(iter(rb.broker.sessions.values()))
+        async with open_bus(rb.unix_address, identity=OWNER) as other:
+            with trio.fail_after(30):
+                n = 2
+                while session.conn_id in rb.broker.sessions:
+                    try:
+                        await slow.send_message({"op": "info", "id": n, "target": f":{session.conn_id}"})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    n += 1
+                    await trio.sleep(0.001)
+                while session.conn_id in rb.broker.sessions:
+                    await trio.sleep(0.01)
+            assert "internal error" in session.reason
+            await other.ping()  # the broker goes on
+        await trio.aclose_forcefully(slow)

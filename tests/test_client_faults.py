@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -124,10 +126,14 @@ async def test_one_deadline_for_dial_handshake_and_hello(tmp_path: Path) -> None
             nursery.cancel_scope.cancel()
 
 
-async def test_a_stalled_endpoint_gives_way_to_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With several endpoints, one whose handshake stalls is left after the handshake's own
-    timeout; the next one is tried within the same connect deadline."""
-    monkeypatch.setattr(link, "DEFAULT_HANDSHAKE_TIMEOUT", 0.3)
+@pytest.mark.parametrize("handshake_timeout, connect_timeout", [(0.3, 5.0), (1.0, 1.0)])
+async def test_a_stalled_endpoint_gives_way_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handshake_timeout: float, connect_timeout: float
+) -> None:
+    """With several endpoints, one whose handshake stalls is left after its share of the
+    connect deadline (at most the handshake's own timeout); the next one is tried within the
+    same deadline -- also when the two timeouts are equal, as by default."""
+    monkeypatch.setattr(link, "DEFAULT_HANDSHAKE_TIMEOUT", handshake_timeout)
 
     async def stall(transport: trio.SocketStream) -> None:
         async with transport:
@@ -142,7 +148,7 @@ async def test_a_stalled_endpoint_gives_way_to_the_next(tmp_path: Path, monkeypa
         good = await scripted_broker(nursery, tmp_path, fine)
         address = format_address([Endpoint("unix", BROKER.public_key, path=path)]) + ";" + good
         with trio.fail_after(10):
-            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=5) as bus:
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=connect_timeout) as bus:
                 assert bus.endpoint is not None and bus.endpoint.path == str(tmp_path / "scripted.sock")
                 assert bus.unique_id == ":1"
         nursery.cancel_scope.cancel()
@@ -174,3 +180,13 @@ async def test_a_late_hello_answer_is_read(tmp_path: Path) -> None:
             async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
                 assert bus.unique_id == ":7"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("timeout", [math.inf, math.nan, 0.0, -1.0])
+async def test_connecting_needs_a_finite_deadline(timeout: float) -> None:
+    """Every wait on a peer has a deadline: a connect timeout that is not a positive finite
+    number of seconds is refused before anything is dialled."""
+    with pytest.raises(ValueError, match="connect_timeout must be a positive number"):
+        address = format_address([Endpoint("unix", BROKER.public_key, path="/nonexistent")])
+        async with open_bus(address, identity=CLIENT, connect_timeout=timeout):
+            pass
