@@ -64,6 +64,10 @@ OUTBOUND_BUFFER = 1024
 RequestHandler = Callable[["Link", Request], "dict[str, Any] | None"]
 #: Takes an event the broker pushes on the control channel.
 EventHandler = Callable[["Link", Event], None]
+#: Takes an event's message as it came: the map with its ``event`` key and its fields (not
+#: to be changed or kept); for the events that come by the thousand, without the copy of
+#: its fields an :class:`~bus.wire.messages.Event` makes.
+RawEventHandler = Callable[["Link", dict[str, Any]], None]
 
 
 class CannotConnect(BusError):
@@ -174,7 +178,8 @@ class BusConnection:
     """The connection to the broker across reconnects: one :class:`Link` at a time.
 
     The capabilities above it plug in through :attr:`request_handlers` (requests the broker
-    sends us, by operation), :attr:`event_handlers` (events, by name), :attr:`restore`
+    sends us, by operation), :attr:`event_handlers` and :attr:`raw_event_handlers` (events,
+    by name; a raw one gets the message as it came), :attr:`restore`
     (after every (re)connect) and :attr:`on_give_up` (when it stops reconnecting); tasks that
     run for as long as the bus is open go in :attr:`nursery`, started when first needed.
     """
@@ -204,6 +209,7 @@ class BusConnection:
             self.requested_names[name] = list(flags)
         self.request_handlers: dict[str, RequestHandler] = {}
         self.event_handlers: dict[str, EventHandler] = {}
+        self.raw_event_handlers: dict[str, RawEventHandler] = {}
         self.restore: Callable[[Link], Awaitable[None]] = _restore_nothing
         self.on_give_up: Callable[[BusError], None] = lambda error: None
         self.nursery: trio.Nursery | None = None
@@ -399,22 +405,25 @@ class BusConnection:
         reason = "the broker closed the connection"
         try:
             framed = link.framed
+            dispatch = self._dispatch
             while True:
                 frame = await framed.receive_frame()
                 if frame is None:
                     break
                 more = framed.receive_frame_nowait() if framed.buffered else None
                 if more is None:
-                    error = self._dispatch(link, frame)
+                    error = dispatch(link, frame)
                 else:
-                    # A burst (replies, relayed calls): what handling it sends goes out in one
-                    # write at its end (channel frames, answers), not one write per frame.
+                    # A burst (events, replies, relayed calls): what handling it sends goes
+                    # out in one write at its end (channel frames, answers), not one write
+                    # per frame.
+                    next_frame = framed.receive_frame_nowait
                     link.send.cork()
                     try:
-                        error = self._dispatch(link, frame)
+                        error = dispatch(link, frame)
                         while more is not None:
-                            error = self._dispatch(link, more) or error
-                            more = framed.receive_frame_nowait()
+                            error = dispatch(link, more) or error
+                            more = next_frame()
                     finally:
                         link.send.uncork()
                 if error is not None:
@@ -446,9 +455,18 @@ class BusConnection:
                     assert isinstance(frame, ControlFrame)
                     relay.on_control(frame.message)
             return None  # (late frames of a channel already gone are dropped)
-        if not isinstance(frame, ControlFrame):
+        if type(frame) is not ControlFrame:
             raise FrameError("data frame on the control channel")
-        message = parse_message(frame.message)
+        body = frame.message
+        name = body.get("event")
+        if name is not None and "op" not in body and "re" not in body:
+            # An event (as parse_message tells them), straight to its raw handler if it has
+            # one: no copy of its fields, no message object.
+            raw = self.raw_event_handlers.get(name) if type(name) is str else None
+            if raw is not None:
+                raw(link, body)
+                return None
+        message = parse_message(body)
         if isinstance(message, (Reply, ErrorReply)):
             pending = link.pending.get(message.re)
             if pending is not None:
