@@ -39,7 +39,6 @@ import trio
 from bus.core.glob import GlobSet, compile_glob
 from bus.errors import BusError, ConnectionLost, RequestError, error_from_wire
 from bus.wire.messages import Event as WireEvent
-from bus.wire.messages import Request
 
 from .link import BusConnection, Link
 
@@ -296,12 +295,16 @@ class Events:
         link = connection.link
         if link is None or link.closed:
             raise ConnectionLost(f"not connected to the bus{f': {connection.failure}' if connection.failure else ''}")
-        args: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
+        # The request as Request(...).to_wire() makes it (the arguments, then op and id),
+        # built in place: one is made per event.
+        message: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
         if source is not None:
-            args["source"] = source
+            message["source"] = source
         if destination is not None:
-            args["destination"] = destination
-        frame = link.framed.encode_message(Request("emit", connection.take_request_id(), args).to_wire())
+            message["destination"] = destination
+        message["op"] = "emit"
+        message["id"] = connection.take_request_id()
+        frame = link.framed.encode_message(message)
         self._published += 1
         try:
             # The frame goes to the writer task, which sends what was queued in one write
