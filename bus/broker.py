@@ -234,24 +234,26 @@ class _Session:
     def enqueue_encoded(self, data: bytes) -> bool:
         """Queue a frame; a full queue disconnects this (slow) consumer, never drops.  Returns
         whether the writer took it."""
-        if self.stop_writing:
+        out = self.out
+        if out.stopped:
             return False  # already being disconnected; it will be told why
-        if self.out.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+        size = len(data)
+        broker = self.broker
+        if out.queued_bytes + size > broker.config.outbound_bytes:
             self.overflow()
             return False
-        broker = self.broker
-        if broker.corking and not self.out.corked:
-            self.out.cork()
+        if broker.corking and not out.corked:
+            out.cork()
             broker.corked.append(self)
         try:
-            self.out.send_nowait(data)
+            out.send_nowait(data)
         except trio.WouldBlock:
             self.overflow()
             return False
         except trio.ClosedResourceError:
             return False  # the session is already ending
         self.messages_out += 1
-        self.bytes_out += len(data)
+        self.bytes_out += size
         return True
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
