@@ -38,6 +38,7 @@ import trio
 
 from bus.core.glob import GlobSet, compile_glob
 from bus.errors import BusError, ConnectionLost, RequestError, error_from_wire
+from bus.wire.frames import encode_control
 from bus.wire.messages import Event as WireEvent
 
 from .link import BusConnection, Link
@@ -50,6 +51,10 @@ log = logging.getLogger("minibus.client")
 SUBSCRIPTION_BUFFER = 1000
 #: Kinds of event (source, member) whose matching subscriptions are remembered.
 ROUTE_CACHE = 256
+#: Payload types CBOR encodes without tags (ints: within 64 bits, below), as the frame
+#: encoder's own check of a message has them.
+_PLAIN_SCALARS = frozenset({bytes, str, bool, float, type(None)})
+_INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +309,16 @@ class Events:
             message["destination"] = destination
         message["op"] = "emit"
         message["id"] = connection.take_request_id()
-        frame = link.framed.encode_message(message)
+        # Text names and a scalar payload are plain CBOR by their types alone: the walk over
+        # the message that proves it (the encoder's, for any other payload) is skipped.
+        kind = type(payload)
+        plain = (
+            (kind in _PLAIN_SCALARS or (kind is int and _INT_MIN <= payload <= _INT_MAX))
+            and type(member) is str
+            and (source is None or type(source) is str)
+            and (destination is None or type(destination) is str)
+        )
+        frame = encode_control(0, message, link.framed.max_control, checked=plain)
         self._published += 1
         try:
             # The frame goes to the writer task, which sends what was queued in one write

@@ -149,3 +149,29 @@ async def test_several_consumers_of_one_subscription_share_its_events_and_all_se
                 every = sorted(n for mine in taken for n in mine)
                 assert every == list(range(61))  # each event to exactly one consumer
                 assert sum(1 for mine in taken if mine) >= 2
+
+
+async def test_publish_refuses_locally_what_peers_would_refuse_and_sends_plain_scalars(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from bus.errors import LocalProtocolError
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                async with listener.subscribe("org.example.*", "Tick") as ticks:
+                    # Tagged CBOR (a set, a big integer, a datetime), as payload or as a name:
+                    # refused before anything is sent.
+                    for payload in ({1, 2}, 1 << 64, -(1 << 64) - 1, datetime(2020, 1, 1), [datetime(2020, 1, 1)]):
+                        with pytest.raises(LocalProtocolError):
+                            await ticker.publish("Tick", payload, source="org.example.Ticker")
+                    with pytest.raises(LocalProtocolError):
+                        await ticker.publish(datetime(2020, 1, 1), 1, source="org.example.Ticker")  # type: ignore[arg-type]
+                    with pytest.raises(LocalProtocolError):
+                        await ticker.publish("Tick", 1, source=datetime(2020, 1, 1))  # type: ignore[arg-type]
+                    sent = [b"\x00raw", "text", (1 << 64) - 1, -(1 << 64), 2.5, True, None, {"n": [1, "two"]}]
+                    for payload in sent:
+                        await ticker.publish("Tick", payload, source="org.example.Ticker")
+                    with trio.fail_after(10):
+                        got = [await ticks.__anext__() for _ in sent]
+                    assert [e.payload for e in got if isinstance(e, Event)] == sent
