@@ -70,6 +70,11 @@ EventHandler = Callable[["Link", Event], None]
 RawEventHandler = Callable[["Link", dict[str, Any]], None]
 
 
+def _no_more() -> None:
+    """``next_frame`` for a frame that came alone."""
+    return None
+
+
 class CannotConnect(BusError):
     """No endpoint of the bus address accepted a connection and a handshake."""
 
@@ -405,25 +410,20 @@ class BusConnection:
         reason = "the broker closed the connection"
         try:
             framed = link.framed
-            dispatch = self._dispatch
+            dispatch = self._dispatch_frames
             while True:
                 frame = await framed.receive_frame()
                 if frame is None:
                     break
-                more = framed.receive_frame_nowait() if framed.buffered else None
-                if more is None:
-                    error = dispatch(link, frame)
+                if not framed.buffered:
+                    error = dispatch(link, frame, _no_more)
                 else:
                     # A burst (events, replies, relayed calls): what handling it sends goes
                     # out in one write at its end (channel frames, answers), not one write
                     # per frame.
-                    next_frame = framed.receive_frame_nowait
                     link.send.cork()
                     try:
-                        error = dispatch(link, frame)
-                        while more is not None:
-                            error = dispatch(link, more) or error
-                            more = next_frame()
+                        error = dispatch(link, frame, framed.receive_frame_nowait)
                     finally:
                         link.send.uncork()
                 if error is not None:
@@ -443,6 +443,31 @@ class BusConnection:
             link.send.close()
             log.debug("bus connection ended: %s", reason)
 
+    def _dispatch_frames(self, link: Link, frame: Frame | None, next_frame: Callable[[], Frame | None]) -> str | None:
+        """Hand ``frame``, then each frame ``next_frame`` gives until None, to whoever it is
+        for (no waiting); returns the reason of a broker's error event (the connection ends
+        after it), else None.
+
+        The hot case is handled in this loop, without a call of its own: an event (as
+        parse_message tells them: an ``event`` key and no ``op`` or ``re``) that has a raw
+        handler goes straight to it, with no copy of its fields and no message object.
+        Anything else goes to :meth:`_dispatch`."""
+        error = None
+        raw_handlers = self.raw_event_handlers
+        while frame is not None:
+            if frame.channel == 0 and type(frame) is ControlFrame:
+                body = frame.message
+                name = body.get("event")
+                if type(name) is str and "op" not in body and "re" not in body:
+                    raw = raw_handlers.get(name)
+                    if raw is not None:
+                        raw(link, body)
+                        frame = next_frame()
+                        continue
+            error = self._dispatch(link, frame) or error
+            frame = next_frame()
+        return error
+
     def _dispatch(self, link: Link, frame: Frame) -> str | None:
         """Hand one frame from the broker to whoever it is for (no waiting); returns the
         reason of a broker's error event (the connection ends after it), else None."""
@@ -457,16 +482,7 @@ class BusConnection:
             return None  # (late frames of a channel already gone are dropped)
         if type(frame) is not ControlFrame:
             raise FrameError("data frame on the control channel")
-        body = frame.message
-        name = body.get("event")
-        if name is not None and "op" not in body and "re" not in body:
-            # An event (as parse_message tells them), straight to its raw handler if it has
-            # one: no copy of its fields, no message object.
-            raw = self.raw_event_handlers.get(name) if type(name) is str else None
-            if raw is not None:
-                raw(link, body)
-                return None
-        message = parse_message(body)
+        message = parse_message(frame.message)
         if isinstance(message, (Reply, ErrorReply)):
             pending = link.pending.get(message.re)
             if pending is not None:
