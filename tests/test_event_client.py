@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
@@ -169,9 +170,9 @@ async def test_publish_refuses_locally_what_peers_would_refuse_and_sends_plain_s
                         await ticker.publish(datetime(2020, 1, 1), 1, source="org.example.Ticker")  # type: ignore[arg-type]
                     with pytest.raises(LocalProtocolError):
                         await ticker.publish("Tick", 1, source=datetime(2020, 1, 1))  # type: ignore[arg-type]
-                    sent = [b"\x00raw", "text", (1 << 64) - 1, -(1 << 64), 2.5, True, None, {"n": [1, "two"]}]
-                    for payload in sent:
-                        await ticker.publish("Tick", payload, source="org.example.Ticker")
+                    sent: list[Any] = [b"\x00raw", "text", (1 << 64) - 1, -(1 << 64), 2.5, True, None, {"n": [1, "two"]}]
+                    for value in sent:
+                        await ticker.publish("Tick", value, source="org.example.Ticker")
                     with trio.fail_after(10):
                         got = [await ticks.__anext__() for _ in sent]
                     assert [e.payload for e in got if isinstance(e, Event)] == sent
