@@ -193,10 +193,13 @@ class _Session:
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
         # Events queued for this connection, by the identity that emitted them (each has a
         # fair share of the queue): bytes held per identity, and (identity, end, size) per
-        # event not written yet, where ``end`` is ``bytes_out`` up to its end.
+        # run of events not written yet, where ``end`` is ``bytes_out`` up to its end.  A run
+        # is one identity's events queued in one burst (see Broker.corking), written by the
+        # same uncork: one mark for the run, released once all of it is written.
         self.event_held: dict[str, int] = {}
         # (made when first needed: an idle connection keeps no deque)
         self.event_marks: collections.deque[tuple[str, int, int]] | None = None
+        self.event_marks_burst = -1  # the burst the last mark was made in (Broker.bursts)
         # Traffic, for the operators' figures (bytes in are counted by ``framed``); bytes_out
         # counts every frame the writer took, ever (the event shares above use it too).
         self.messages_in = 0
@@ -241,35 +244,44 @@ class _Session:
     def enqueue_encoded(self, data: bytes) -> bool:
         """Queue a frame; a full queue disconnects this (slow) consumer, never drops.  Returns
         whether the writer took it."""
-        if self.stop_writing:
+        out = self.out
+        if out.stopped:
             return False  # already being disconnected; it will be told why
-        if self.out.queued_bytes + len(data) > self.broker.config.outbound_bytes:
+        size = len(data)
+        broker = self.broker
+        if out.queued_bytes + size > broker.config.outbound_bytes:
             self.overflow()
             return False
-        broker = self.broker
-        if broker.corking and not self.out.corked:
-            self.out.cork()
+        if broker.corking and not out.corked:
+            out.cork()
             broker.corked.append(self)
         try:
-            self.out.send_nowait(data)
+            out.send_nowait(data)
         except trio.WouldBlock:
             self.overflow()
             return False
         except trio.ClosedResourceError:
             return False  # the session is already ending
         self.messages_out += 1
-        self.bytes_out += len(data)
+        self.bytes_out += size
         return True
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
         """Queue an event ``payer`` emitted; until written, it counts against payer's share."""
-        if self.enqueue_encoded(data):
-            end = self.bytes_out
-            if end - self.out.queued_bytes < end:  # not all written at once
-                if self.event_marks is None:
-                    self.event_marks = collections.deque()
-                self.event_marks.append((payer, end, len(data)))
-                self.event_held[payer] = self.event_held.get(payer, 0) + len(data)
+        if self.enqueue_encoded(data) and self.out.queued_bytes:  # (else all written at once)
+            size = len(data)
+            marks = self.event_marks
+            if marks is None:
+                marks = self.event_marks = collections.deque()
+            broker = self.broker
+            if marks and broker.corking and self.event_marks_burst == broker.bursts and marks[-1][0] == payer:
+                # The same identity's run in this burst: one mark, extended to this event.
+                marks[-1] = (payer, self.bytes_out, marks[-1][2] + size)
+            else:
+                marks.append((payer, self.bytes_out, size))
+                self.event_marks_burst = broker.bursts
+            held = self.event_held
+            held[payer] = held.get(payer, 0) + size
 
     def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
         """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
@@ -509,6 +521,7 @@ class Broker:
         #: uncorks before it waits, so the flag is never seen by another task.
         self.corking = False
         self.corked: list[_Session] = []
+        self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
         settings = SupervisorSettings(
             dirs=list(config.service_dirs),
             activation_timeout=config.activation_timeout,
@@ -540,10 +553,17 @@ class Broker:
         the connection's room, and no more than payer's fair share of it -- each identity with
         events queued there, and one newcomer, get equal parts of half the queue; so a fast
         emitter fills at most its part, and a slow subscriber misses only the fast one's events."""
-        room = self._room_for(conn_id)
+        # (``_room_for``, in one step: this runs once per receiver per event)
+        session = self.sessions.get(conn_id)
+        if session is None:
+            return 0
+        out = session.out
+        if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
+            return 0
+        room = self.relay_threshold - out.queued_bytes
         if room <= 0:
             return room
-        held = self.sessions[conn_id].event_held
+        held = session.event_held
         if not held:
             return min(room, self.relay_threshold // 2)
         mine = held.get(payer, 0)
@@ -553,6 +573,7 @@ class Broker:
     def uncork(self) -> None:
         """Write what the corked writers queued (see :attr:`corking`)."""
         self.corking = False
+        self.bursts += 1
         corked, self.corked = self.corked, []
         for session in corked:
             session.out.uncork()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,8 @@ import trio
 
 from bus.core.glob import GlobSet, compile_glob
 from bus.errors import BusError, ConnectionLost, RequestError, error_from_wire
+from bus.wire.frames import encode_control
 from bus.wire.messages import Event as WireEvent
-from bus.wire.messages import Request
 
 from .link import BusConnection, Link
 
@@ -50,6 +51,10 @@ log = logging.getLogger("minibus.client")
 SUBSCRIPTION_BUFFER = 1000
 #: Kinds of event (source, member) whose matching subscriptions are remembered.
 ROUTE_CACHE = 256
+#: Payload types CBOR encodes without tags (ints: within 64 bits, below), as the frame
+#: encoder's own check of a message has them.
+_PLAIN_SCALARS = frozenset({bytes, str, bool, float, type(None)})
+_INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,30 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "member": self.member, "payload": self.payload, "sender": self.sender, "identity": self.identity}
+
+
+def _event_maker() -> Callable[[str, str, Any, str, str], Event]:
+    """Builds an :class:`Event` as its ``__init__`` would, in half the time: a frozen
+    dataclass sets each field through ``object.__setattr__``; this sets its slots directly
+    (one is built per event per connection, on the subscriber's hot path)."""
+    new = object.__new__
+    set_source, set_member, set_payload, set_sender, set_identity = (
+        getattr(Event, name).__set__ for name in ("source", "member", "payload", "sender", "identity")
+    )
+
+    def make(source: str, member: str, payload: Any, sender: str, identity: str) -> Event:
+        event = new(Event)
+        set_source(event, source)
+        set_member(event, member)
+        set_payload(event, payload)
+        set_sender(event, sender)
+        set_identity(event, identity)
+        return event
+
+    return make
+
+
+_new_event = _event_maker()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +119,11 @@ class Subscription:
         self._member = GlobSet((compile_glob(member_pattern),))
         self.link: Link | None = None
         self.subscription_id: int | None = None
-        # Items for the consumer (at most SUBSCRIPTION_BUFFER), and where it waits for more:
-        # a deque and a parking lot cost a fraction of a memory channel per item.
+        # Items for the consumer (at most SUBSCRIPTION_BUFFER), and the tasks waiting for
+        # one (in the order they came): a deque each cost a fraction of a memory channel per
+        # item, and the reader tests the waiters in C (a parking lot's test is a Python call).
         self._buffer: collections.deque[Event | Gap] = collections.deque()
-        self._waiting = trio.lowlevel.ParkingLot()
+        self._waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
         self._ended = False  # no more items will come (unsubscribed, or the bus closed)
         self._closed = False
         self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
@@ -114,21 +144,24 @@ class Subscription:
         self._events.routes_changed()
 
     def _put(self, item: Event | Gap) -> None:
-        if self._closed:
-            return
         buffer = self._buffer
-        if self._dropped:
+        if self._dropped or self._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
+            if self._closed:
+                return
+            if self._dropped:
+                if len(buffer) >= SUBSCRIPTION_BUFFER:
+                    self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
+                    return
+                buffer.append(Gap(self._dropped, "slow consumer"))
+                self._dropped = 0
             if len(buffer) >= SUBSCRIPTION_BUFFER:
                 self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
                 return
-            buffer.append(Gap(self._dropped, "slow consumer"))
-            self._dropped = 0
-        if len(buffer) >= SUBSCRIPTION_BUFFER:
-            self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
-            return
         buffer.append(item)
-        if self._waiting:
-            self._waiting.unpark()
+        if self._waiters:
+            # One consumer is woken per item; in a burst, the first item wakes it and it
+            # takes the rest of the burst in the same turn (the others find no waiter).
+            trio.lowlevel.reschedule(self._waiters.popleft())
 
     def _forget(self) -> None:
         self._closed = True
@@ -170,13 +203,27 @@ class Subscription:
         while not buffer:
             if self._ended:
                 raise StopAsyncIteration
-            await self._waiting.park()  # cancellable; nothing was taken yet
+            await self._wait()  # cancellable; nothing was taken yet
         return buffer.popleft()
+
+    async def _wait(self) -> None:
+        """Until an item comes or the end (a ParkingLot's park, for this one use)."""
+        task = trio.lowlevel.current_task()
+        waiters = self._waiters
+        waiters.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            waiters.remove(task)  # (it is there: woken tasks are taken out first)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _end(self) -> None:
         """No more items: the consumer gets what is buffered, then the end."""
         self._ended = True
-        self._waiting.unpark_all()
+        waiters = self._waiters
+        while waiters:
+            trio.lowlevel.reschedule(waiters.popleft())
 
 
 class Events:
@@ -186,7 +233,7 @@ class Events:
         self._connection = connection
         self.live: set[Subscription] = set()
         self._by_link: weakref.WeakKeyDictionary[Link, dict[int, Subscription]] = weakref.WeakKeyDictionary()
-        connection.event_handlers["event"] = self._on_event
+        connection.raw_event_handlers["event"] = self._on_event
         connection.event_handlers["gap"] = self._on_gap
         connection.event_handlers["emit_refused"] = self._on_refused
         self._refused: RequestError | None = None  # a quiet emit's refusal, not raised yet
@@ -253,12 +300,25 @@ class Events:
         link = connection.link
         if link is None or link.closed:
             raise ConnectionLost(f"not connected to the bus{f': {connection.failure}' if connection.failure else ''}")
-        args: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
+        # The request as Request(...).to_wire() makes it (the arguments, then op and id),
+        # built in place: one is made per event.
+        message: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
         if source is not None:
-            args["source"] = source
+            message["source"] = source
         if destination is not None:
-            args["destination"] = destination
-        frame = link.framed.encode_message(Request("emit", connection.take_request_id(), args).to_wire())
+            message["destination"] = destination
+        message["op"] = "emit"
+        message["id"] = connection.take_request_id()
+        # Text names and a scalar payload are plain CBOR by their types alone: the walk over
+        # the message that proves it (the encoder's, for any other payload) is skipped.
+        kind = type(payload)
+        plain = (
+            (kind in _PLAIN_SCALARS or (kind is int and _INT_MIN <= payload <= _INT_MAX))
+            and type(member) is str
+            and (source is None or type(source) is str)
+            and (destination is None or type(destination) is str)
+        )
+        frame = encode_control(0, message, link.framed.max_control, checked=plain)
         self._published += 1
         try:
             # The frame goes to the writer task, which sends what was queued in one write
@@ -280,12 +340,11 @@ class Events:
         log.warning("an event published earlier was refused: %s", error)
         self._refused = error
 
-    def _on_event(self, link: Link, message: WireEvent) -> None:
-        fields = message.fields
-        source, member = fields.get("source"), fields.get("member")
-        if not isinstance(source, str) or not isinstance(member, str):
+    def _on_event(self, link: Link, message: dict[str, Any]) -> None:
+        # (The message as it came, see BusConnection.raw_event_handlers: read, never kept.)
+        source, member = message.get("source"), message.get("member")
+        if type(source) is not str or type(member) is not str:
             return
-        event = Event(source, member, fields.get("payload"), str(fields.get("sender", "")), str(fields.get("identity", "")))
         if link is not self._routes_link:
             self._routes.clear()
             self._routes_link = link
@@ -295,6 +354,16 @@ class Events:
             if len(self._routes) >= ROUTE_CACHE:
                 self._routes.clear()
             self._routes[(source, member)] = route
+        if not route:
+            return
+        sender, identity = message.get("sender", ""), message.get("identity", "")
+        event = _new_event(
+            source,
+            member,
+            message.get("payload"),
+            sender if type(sender) is str else str(sender),
+            identity if type(identity) is str else str(identity),
+        )
         for sub in route:
             sub._put(event)
 

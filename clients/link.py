@@ -69,6 +69,15 @@ OUTBOUND_BUFFER = 1024
 RequestHandler = Callable[["Link", Request], "dict[str, Any] | None"]
 #: Takes an event the broker pushes on the control channel.
 EventHandler = Callable[["Link", Event], None]
+#: Takes an event's message as it came: the map with its ``event`` key and its fields (not
+#: to be changed or kept); for the events that come by the thousand, without the copy of
+#: its fields an :class:`~bus.wire.messages.Event` makes.
+RawEventHandler = Callable[["Link", dict[str, Any]], None]
+
+
+def _no_more() -> None:
+    """``next_frame`` for a frame that came alone."""
+    return None
 
 
 class CannotConnect(BusError):
@@ -179,7 +188,8 @@ class BusConnection:
     """The connection to the broker across reconnects: one :class:`Link` at a time.
 
     The capabilities above it plug in through :attr:`request_handlers` (requests the broker
-    sends us, by operation), :attr:`event_handlers` (events, by name), :attr:`restore`
+    sends us, by operation), :attr:`event_handlers` and :attr:`raw_event_handlers` (events,
+    by name; a raw one gets the message as it came), :attr:`restore`
     (after every (re)connect) and :attr:`on_give_up` (when it stops reconnecting); tasks that
     run for as long as the bus is open go in :attr:`nursery`, started when first needed.
     """
@@ -214,6 +224,7 @@ class BusConnection:
             self.requested_names[name] = list(flags)
         self.request_handlers: dict[str, RequestHandler] = {}
         self.event_handlers: dict[str, EventHandler] = {}
+        self.raw_event_handlers: dict[str, RawEventHandler] = {}
         self.restore: Callable[[Link], Awaitable[None]] = _restore_nothing
         self.on_give_up: Callable[[BusError], None] = lambda error: None
         self.nursery: trio.Nursery | None = None
@@ -469,22 +480,20 @@ class BusConnection:
         reason = "the broker closed the connection"
         try:
             framed = link.framed
+            dispatch = self._dispatch_frames
             while True:
                 frame = await framed.receive_frame()
                 if frame is None:
                     break
-                more = framed.receive_frame_nowait() if framed.buffered else None
-                if more is None:
-                    error = self._dispatch(link, frame)
+                if not framed.buffered:
+                    error = dispatch(link, frame, _no_more)
                 else:
-                    # A burst (replies, relayed calls): what handling it sends goes out in one
-                    # write at its end (channel frames, answers), not one write per frame.
+                    # A burst (events, replies, relayed calls): what handling it sends goes
+                    # out in one write at its end (channel frames, answers), not one write
+                    # per frame.
                     link.send.cork()
                     try:
-                        error = self._dispatch(link, frame)
-                        while more is not None:
-                            error = self._dispatch(link, more) or error
-                            more = framed.receive_frame_nowait()
+                        error = dispatch(link, frame, framed.receive_frame_nowait)
                     finally:
                         link.send.uncork()
                 if error is not None:
@@ -504,6 +513,31 @@ class BusConnection:
             link.send.close()
             log.debug("bus connection ended: %s", reason)
 
+    def _dispatch_frames(self, link: Link, frame: Frame | None, next_frame: Callable[[], Frame | None]) -> str | None:
+        """Hand ``frame``, then each frame ``next_frame`` gives until None, to whoever it is
+        for (no waiting); returns the reason of a broker's error event (the connection ends
+        after it), else None.
+
+        The hot case is handled in this loop, without a call of its own: an event (as
+        parse_message tells them: an ``event`` key and no ``op`` or ``re``) that has a raw
+        handler goes straight to it, with no copy of its fields and no message object.
+        Anything else goes to :meth:`_dispatch`."""
+        error = None
+        raw_handlers = self.raw_event_handlers
+        while frame is not None:
+            if frame.channel == 0 and type(frame) is ControlFrame:
+                body = frame.message
+                name = body.get("event")
+                if type(name) is str and "op" not in body and "re" not in body:
+                    raw = raw_handlers.get(name)
+                    if raw is not None:
+                        raw(link, body)
+                        frame = next_frame()
+                        continue
+            error = self._dispatch(link, frame) or error
+            frame = next_frame()
+        return error
+
     def _dispatch(self, link: Link, frame: Frame) -> str | None:
         """Hand one frame from the broker to whoever it is for (no waiting); returns the
         reason of a broker's error event (the connection ends after it), else None."""
@@ -516,7 +550,7 @@ class BusConnection:
                     assert isinstance(frame, ControlFrame)
                     relay.on_control(frame.message)
             return None  # (late frames of a channel already gone are dropped)
-        if not isinstance(frame, ControlFrame):
+        if type(frame) is not ControlFrame:
             raise FrameError("data frame on the control channel")
         message = parse_message(frame.message)
         if isinstance(message, (Reply, ErrorReply)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import mmap
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -108,6 +109,10 @@ class FramedStream:
         # ``trusted``: CONTROL frames come from a party that checked their content already
         # (a client's broker, see FrameDecoder.trusted).
         self._decoder = FrameDecoder(max_frame, max_control, max_items, trusted=trusted)
+        #: The next frame if the bytes already read hold one, else ``None`` (no I/O); raises
+        #: :class:`~bus.errors.FrameError` as :meth:`receive_frame` does.  (The decoder's own
+        #: method: a reader taking a burst of frames calls it once per frame, so no wrapper.)
+        self.receive_frame_nowait: Callable[[], Frame | None] = self._decoder.next_frame
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = False  # the last read took less than it asked for
@@ -121,12 +126,6 @@ class FramedStream:
     def buffered(self) -> int:
         """Bytes read and not yet returned in a frame (0: the next frame needs a read)."""
         return self._decoder.buffered
-
-    def receive_frame_nowait(self) -> Frame | None:
-        """The next frame if the bytes already read hold one, else ``None`` (no I/O).
-
-        Raises :class:`~bus.errors.FrameError` as :meth:`receive_frame` does."""
-        return self._decoder.next_frame()
 
     def read_nowait(self) -> bool:
         """Read what the stream holds now into the decoder, without waiting (no checkpoint).

@@ -1,0 +1,178 @@
+"""The client's event path against a scripted broker: what a burst of control frames turns
+into (events straight to their subscriptions, requests and other messages as ever), and the
+consumer's side of a subscription (waiting, cancellation, several consumers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame, encode_control
+from clients.bus import open_bus
+from clients.events import Event, Gap
+
+from .brokers import FRIEND, OWNER, running_broker
+from .test_client_faults import CLIENT, scripted_broker
+
+EMITTER_ID = OWNER.id
+
+
+def event(member: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {"source": "org.example.Ticker", "member": member, "payload": {"n": n}, "sender": ":7", "identity": EMITTER_ID, "event": "event", **extra}
+
+
+async def subscribed(framed: FramedStream) -> int:
+    """Answer the client's subscribe request; returns the subscription id."""
+    frame = await framed.receive_frame()
+    assert isinstance(frame, ControlFrame) and frame.message["op"] == "subscribe", frame
+    await framed.send_message({"re": frame.message["id"], "result": {"subscription": 5}})
+    return 5
+
+
+async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: Path) -> None:
+    """One write holding events, an event-looking request, events that match nothing or lack
+    a source, a gap and a reply: each is what parse_message says it is, in order."""
+    answers: list[dict[str, Any]] = []
+
+    async def script(framed: FramedStream) -> None:
+        sub_id = await subscribed(framed)
+        burst = [
+            event("Tick", 0),
+            # A map with "op" is a request, whatever else it holds: answered, not delivered.
+            {**event("Tick", 99), "op": "frobnicate", "id": 41},
+            event("Other", 98),  # matches no subscription of this client
+            {k: v for k, v in event("Tick", 97).items() if k != "source"},  # no source: dropped
+            {"event": "gap", "subscription": sub_id, "missed": 3, "reason": "overflow"},
+            event("Tick", 1, extra_field=True),  # fields it does not know are ignored
+            event("Tick", 2, sender=7),  # a sender that is not text is kept as text
+        ]
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in burst))
+        frame = await framed.receive_frame()
+        assert isinstance(frame, ControlFrame)
+        answers.append(frame.message)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                with trio.fail_after(10):
+                    got = [await ticks.__anext__() for _ in range(4)]
+                    while not answers:
+                        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [
+        Event("org.example.Ticker", "Tick", {"n": 0}, ":7", EMITTER_ID),
+        Gap(3, "overflow"),
+        Event("org.example.Ticker", "Tick", {"n": 1}, ":7", EMITTER_ID),
+        Event("org.example.Ticker", "Tick", {"n": 2}, "7", EMITTER_ID),
+    ]
+    assert answers == [{"re": 41, "error": {"code": "minibus.Error.UnknownOperation", "message": "unknown operation 'frobnicate'"}}]
+
+
+async def test_an_event_whose_name_is_not_text_ends_the_link(tmp_path: Path) -> None:
+    subscribed_now = trio.Event()
+
+    async def script(framed: FramedStream) -> None:
+        await subscribed(framed)
+        await subscribed_now.wait()
+        await framed.stream.send_all(encode_control(0, event("Tick", 0)) + encode_control(0, {**event("Tick", 1), "event": 3}))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                subscribed_now.set()
+                with trio.fail_after(10):
+                    first = await ticks.__anext__()
+                    assert isinstance(first, Event) and first.payload == {"n": 0}
+                    while bus.failure is None:
+                        await trio.sleep(0.01)
+                assert "an event's name must be a string" in str(bus.failure)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_waiting_consumer_can_be_cancelled_and_loses_nothing(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                async with listener.subscribe("org.example.*", "Tick") as ticks:
+                    # Waiting with nothing buffered: cancelled, and it took nothing.
+                    with trio.move_on_after(0.2) as scope:
+                        await ticks.__anext__()
+                    assert scope.cancelled_caught
+                    assert await ticker.emit("Tick", 0, source="org.example.Ticker") == 1
+                    assert await ticker.emit("Tick", 1, source="org.example.Ticker") == 1
+                    with trio.fail_after(10):
+                        while len(ticks._buffer) < 2:
+                            await trio.sleep(0.01)
+                    # With items buffered, a cancelled call still takes none of them.
+                    with trio.CancelScope() as cancelled:
+                        cancelled.cancel()
+                        with pytest.raises(trio.Cancelled):
+                            await ticks.__anext__()
+                    with trio.fail_after(10):
+                        got = [await ticks.__anext__() for _ in range(2)]
+                    assert [e.payload for e in got if isinstance(e, Event)] == [0, 1]
+
+
+async def test_several_consumers_of_one_subscription_share_its_events_and_all_see_the_end(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                ticks = listener.subscribe("org.example.*", "Tick")
+                await ticks.__aenter__()
+                taken: list[list[int]] = [[], [], []]
+
+                async def consume(mine: list[int]) -> None:
+                    async for item in ticks:
+                        assert isinstance(item, Event)
+                        mine.append(item.payload)
+                        await trio.sleep(0)  # (let the others take some too)
+
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as nursery:
+                        for mine in taken:
+                            nursery.start_soon(consume, mine)
+                        await trio.testing.wait_all_tasks_blocked()
+                        for n in range(60):
+                            await ticker.publish("Tick", n, source="org.example.Ticker")
+                        assert await ticker.emit("Tick", 60, source="org.example.Ticker") == 1
+                        while sum(map(len, taken)) < 61:
+                            await trio.sleep(0.01)
+                        await ticks.aclose()  # every consumer's loop ends
+                every = sorted(n for mine in taken for n in mine)
+                assert every == list(range(61))  # each event to exactly one consumer
+                assert sum(1 for mine in taken if mine) >= 2
+
+
+async def test_publish_refuses_locally_what_peers_would_refuse_and_sends_plain_scalars(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from bus.errors import LocalProtocolError
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER, name="org.example.Ticker") as ticker:
+            async with open_bus(rb.unix_address, identity=FRIEND) as listener:
+                async with listener.subscribe("org.example.*", "Tick") as ticks:
+                    # Tagged CBOR (a set, a big integer, a datetime), as payload or as a name:
+                    # refused before anything is sent.
+                    for payload in ({1, 2}, 1 << 64, -(1 << 64) - 1, datetime(2020, 1, 1), [datetime(2020, 1, 1)]):
+                        with pytest.raises(LocalProtocolError):
+                            await ticker.publish("Tick", payload, source="org.example.Ticker")
+                    with pytest.raises(LocalProtocolError):
+                        await ticker.publish(datetime(2020, 1, 1), 1, source="org.example.Ticker")  # type: ignore[arg-type]
+                    with pytest.raises(LocalProtocolError):
+                        await ticker.publish("Tick", 1, source=datetime(2020, 1, 1))  # type: ignore[arg-type]
+                    sent: list[Any] = [b"\x00raw", "text", (1 << 64) - 1, -(1 << 64), 2.5, True, None, {"n": [1, "two"]}]
+                    for value in sent:
+                        await ticker.publish("Tick", value, source="org.example.Ticker")
+                    with trio.fail_after(10):
+                        got = [await ticks.__anext__() for _ in sent]
+                    assert [e.payload for e in got if isinstance(e, Event)] == sent

@@ -1,0 +1,96 @@
+"""busd's fan-out bookkeeping over real sockets: the fair-share marks of a subscriber that does
+not read, taken per burst, add up to what each emitter holds, and are all released once the
+subscriber has read everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bus.io.framed import FramedStream
+from bus.wire.frames import ControlFrame, encode_control
+
+from .brokers import FRIEND, OWNER, running_broker
+from .test_broker import raw_connect
+from .test_isolation import reply_to
+
+
+async def replies(framed: FramedStream, ids: range) -> list[dict[str, Any]]:
+    """The replies to ``ids``, in the order they come (other frames are skipped)."""
+    got: dict[int, dict[str, Any]] = {}
+    with trio.fail_after(10):
+        while len(got) < len(ids):
+            frame = await framed.receive_frame()
+            assert frame is not None
+            if isinstance(frame, ControlFrame) and frame.message.get("re") in ids:
+                got[frame.message["re"]] = frame.message
+    return [got[i] for i in ids]
+
+
+def check_marks(session: Any) -> None:
+    """Each identity's marks add up to what it holds; marks end in order."""
+    marks = list(session.event_marks or ())
+    per_payer: dict[str, int] = {}
+    for payer, _, size in marks:
+        per_payer[payer] = per_payer.get(payer, 0) + size
+    assert per_payer == session.event_held
+    ends = [end for _, end, _ in marks]
+    assert ends == sorted(ends) and len(set(ends)) == len(ends)
+
+
+async def test_a_burst_of_events_takes_one_mark_per_emitter_and_all_are_released_once_read(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        emitters = []
+        for identity, name in ((OWNER, "org.example.A"), (FRIEND, "org.example.B")):
+            framed = await raw_connect(rb.unix_address, identity)
+            await framed.send_message({"op": "hello", "id": 1, "name": name})
+            await reply_to(framed, 1)
+            emitters.append((framed, name))
+        slow = await raw_connect(rb.unix_address, FRIEND)
+        await slow.send_message({"op": "hello", "id": 1})
+        unique_id = (await reply_to(slow, 1))["result"]["unique_id"]
+        await slow.send_message({"op": "subscribe", "id": 2, "source": "org.example.*"})
+        await reply_to(slow, 2)
+        session = rb.broker.sessions[int(unique_id.lstrip(":"))]
+
+        per_burst, bursts = 12, 3
+        payload = "x" * 6000  # the subscriber's socket fills after a few: the rest waits in busd
+        queued = 0
+        next_id = 10
+        for _ in range(bursts):
+            for framed, name in emitters:
+                ids = range(next_id, next_id + per_burst)
+                next_id += per_burst
+                # One write: busd reads it as one burst (the emits are handled together).
+                await framed.stream.send_all(
+                    b"".join(
+                        encode_control(0, {"op": "emit", "id": i, "source": name, "member": "Tick", "payload": {"n": i, "b": payload}})
+                        for i in ids
+                    )
+                )
+                queued += sum(r["result"]["delivered"] for r in await replies(framed, ids))
+                check_marks(session)
+        # Held events were marked by runs (one emitter's events in one read of its socket):
+        # far fewer marks than events held, and what is held adds up.
+        marks = list(session.event_marks or ())
+        held_events = sum(size for _, _, size in marks) // len(encode_control(0, {"payload": {"n": 10, "b": payload}}))
+        assert marks and 3 * len(marks) <= held_events, (len(marks), held_events, queued)
+        assert set(session.event_held) == {OWNER.id, FRIEND.id}
+
+        # The subscriber reads: every queued event comes, then nothing is held any more.
+        got = 0
+        with trio.fail_after(30):
+            while got < queued:
+                frame = await slow.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                if frame.message.get("event") == "event":
+                    got += 1
+            while session.event_held or session.event_marks:
+                await trio.sleep(0.01)
+        assert got == queued
+        check_marks(session)
+        for framed, _ in emitters:
+            await framed.aclose()
+        await slow.aclose()
