@@ -508,7 +508,8 @@ class BusConnection:
                 relay.on_link_lost(reason)
             lost = ConnectionLost(reason)
             for pending in link.pending.values():
-                pending.reply = lost
+                if pending.reply is None:  # (a reply that came before the end stands)
+                    pending.reply = lost
                 pending.done.set()
             link.send.close()
             log.debug("bus connection ended: %s", reason)
@@ -635,7 +636,8 @@ class BusConnection:
         for relay in list(link.channels.values()):
             relay.on_link_lost(link.reason)
         for pending in link.pending.values():
-            pending.reply = lost
+            if pending.reply is None:  # (a reply that came before the end stands)
+                pending.reply = lost
             pending.done.set()
         link.send.close()
 
