@@ -226,10 +226,7 @@ class UnixChannelStream(FdSocketStream):
     # -- receiving -------------------------------------------------------------------------
 
     def _try_receive(self, max_bytes: int) -> bytes | None:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-        if self._broken is not None:
-            raise trio.BrokenResourceError(self._broken)
+        self._check_readable()
         if self._ended:
             return b""
         try:
@@ -237,30 +234,14 @@ class UnixChannelStream(FdSocketStream):
         except BlockingIOError:
             return None
         except OSError as exc:
-            if self._closed or self._raw.fileno() < 0:
-                raise trio.ClosedResourceError("the stream was closed") from exc
-            self._broken = f"socket error: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
-        if ancdata or flags & _MSG_CTRUNC:  # (CTRUNC: the kernel had to drop them)
-            _close_passed(ancdata)
-            if data[-1:] != END_MARK:
-                self._broken = "the peer passed a descriptor that does not end the stream"
-                raise trio.BrokenResourceError(self._broken)
-            self._ended = True
-            return data[:-1]
-        if not data:
-            self._broken = TRUNCATED
-            raise trio.BrokenResourceError(TRUNCATED)
-        return data
+            raise self._read_failed(exc) from exc
+        size = self._data_size(len(data), data[-1] if data else -1, ancdata, flags)
+        return data if size == len(data) else data[:size]
 
     def receive_into_nowait(self, buffer: memoryview) -> int:
         """:meth:`_try_receive`'s rules, reading into ``buffer``: how many bytes of data were
-        read into it (0 at the end mark; a descriptor on anything but the mark, or a socket
-        end of file without it, breaks the stream)."""
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-        if self._broken is not None:
-            raise trio.BrokenResourceError(self._broken)
+        read into it (0 at the end mark)."""
+        self._check_readable()
         if self._ended:
             return 0
         try:
@@ -268,21 +249,36 @@ class UnixChannelStream(FdSocketStream):
         except BlockingIOError:
             raise trio.WouldBlock from None
         except OSError as exc:
-            if self._closed or self._raw.fileno() < 0:
-                raise trio.ClosedResourceError("the stream was closed") from exc
-            self._broken = f"socket error: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
-        if ancdata or flags & _MSG_CTRUNC:
+            raise self._read_failed(exc) from exc
+        return self._data_size(taken, buffer[taken - 1] if taken else -1, ancdata, flags)
+
+    def _check_readable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+
+    def _read_failed(self, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if self._closed or self._raw.fileno() < 0:
+            return trio.ClosedResourceError("the stream was closed")
+        self._broken = f"socket error: {exc}"
+        return trio.BrokenResourceError(self._broken)
+
+    def _data_size(self, size: int, last: int, ancdata: list[tuple[int, int, bytes]], flags: int) -> int:
+        """How many of the ``size`` bytes one read returned (``last``: the last of them, -1
+        for none) are data: all of them, or all but the end mark's byte.  A descriptor on
+        anything but the mark, or a socket end of file without it, breaks the stream."""
+        if ancdata or flags & _MSG_CTRUNC:  # (CTRUNC: the kernel had to drop them)
             _close_passed(ancdata)
-            if not taken or buffer[taken - 1] != END_MARK[0]:
+            if last != END_MARK[0]:
                 self._broken = "the peer passed a descriptor that does not end the stream"
                 raise trio.BrokenResourceError(self._broken)
             self._ended = True
-            return taken - 1  # (the mark's byte, read into the buffer after the data, is not data)
-        if not taken:
+            return size - 1
+        if not size:
             self._broken = TRUNCATED
             raise trio.BrokenResourceError(TRUNCATED)
-        return taken
+        return size
 
     # -- sending ---------------------------------------------------------------------------
 

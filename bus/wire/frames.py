@@ -582,18 +582,8 @@ class FrameDecoder:
             and type(data) is bytes
             and len(data) >= HEADER_SIZE
         ):
-            kind, channel, length = self._read_header(data, 0)
-            if length == len(data) - HEADER_SIZE:
-                body = data[HEADER_SIZE:]
-                if kind == FrameKind.DATA:
-                    return DataFrame(channel, body)
-                try:
-                    if self.trusted:
-                        return ControlFrame(channel, decode_trusted_body(body))
-                    return ControlFrame(channel, decode_control_body(body, self.max_items))
-                except FrameError as exc:
-                    raise self._fail(exc) from exc.__cause__
-            self._header = (kind, channel, length)  # (checked: the rest goes the usual way)
+            # The header read here, the body cut by next_frame: without receive_data's steps.
+            self._header = self._read_header(data, 0)
             self._chunk, self._pos = data, HEADER_SIZE
             return self.next_frame()
         self.receive_data(data)
