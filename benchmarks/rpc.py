@@ -447,8 +447,11 @@ def role_bare_shs(path: str, seed_hex: str) -> None:
 class LimitClient:
     """The caller's end of the limits: ping-pong (1 in flight) or tasks with a reader."""
 
-    def __init__(self, path: str, project_codec: bool) -> None:
+    def __init__(self, path: str, project_codec: bool, deadline: bool = False) -> None:
         self.sock = unix_connect(path)
+        # ``deadline``: every call waits under a deadline of its own, as a bus call does
+        # (``request_timeout``): a trio cancel scope entered and left per call.
+        self.deadline = deadline
         self.sock.send(b"C" if project_codec else b"E")
         self.codec = Codec(project_codec)
         self.sender = Sender(self.sock)
@@ -461,6 +464,15 @@ class LimitClient:
         return i, self.codec.encode({"op": "call", "id": i, "method": "echo", "args": [PAYLOAD]})
 
     async def pingpong(self) -> Any:
+        if self.deadline:
+            import trio
+
+            with trio.move_on_after(CALL_DEADLINE):
+                return await self._pingpong()
+            raise TimeoutError
+        return await self._pingpong()
+
+    async def _pingpong(self) -> Any:
         i, frame = self.request()
         await self.sender.send(frame)
         while True:
@@ -482,6 +494,15 @@ class LimitClient:
         raise trio.BrokenResourceError("the limit server went away")
 
     async def call(self) -> Any:
+        import trio
+
+        if self.deadline:
+            with trio.move_on_after(CALL_DEADLINE):
+                return await self._call()
+            raise TimeoutError
+        return await self._call()
+
+    async def _call(self) -> Any:
         import trio
 
         i, frame = self.request()
@@ -545,6 +566,13 @@ async def bare_connects(path: str, seed_hex: str, seconds: float, warmup: float)
     return await rate(one, seconds, 1, warmup)
 
 
+LIMIT_PINGPONG_ROWS = (
+    "limit2-x1", "limit3-x1", "limit3-x32", "limit2c-x1", "limit3c-x1", "limit3c-x32",
+    "limit2d-x1", "limit3r-x1",
+)
+CALL_DEADLINE = 60.0  # the deadline rows' per-call deadline (never reached)
+
+
 def role_limit_worker(config_json: str) -> None:
     """Runs the limit rows on command (one JSON line in, one JSON line out)."""
     import trio
@@ -556,16 +584,16 @@ def role_limit_worker(config_json: str) -> None:
         async for cmd in stdin_lines():
             row, seconds, warmup = cmd["row"], cmd["seconds"], cmd["warmup"]
             try:
-                if row in ("limit2-x1", "limit2c-x1", "limit3-x1", "limit3c-x1", "limit3-x32", "limit3c-x32"):
+                if row in LIMIT_PINGPONG_ROWS:
                     path = config["limit2"] if row.startswith("limit2") else config["limit3"]
-                    client = LimitClient(path, project_codec=row[6] == "c")
+                    client = LimitClient(path, project_codec=row[6] in "cdr", deadline=row[6] == "d")
                     try:
-                        if row.endswith("x1"):
+                        if row.endswith("x1") and row[6] != "r":
                             result = await rate(client.pingpong, seconds, 1, warmup)
                         else:
                             async with trio.open_nursery() as nursery:
                                 nursery.start_soon(client.reader)
-                                result = await rate(client.call, seconds, 32, warmup)
+                                result = await rate(client.call, seconds, 1 if row.endswith("x1") else 32, warmup)
                                 nursery.cancel_scope.cancel()
                     finally:
                         client.close()
@@ -1164,7 +1192,12 @@ class Peers:
 # The orchestrator: the run and the table
 # ------------------------------------------------------------------------------------------
 
-EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1", "limit3c-x32"]  # the limits with the project's codec (printed under the table)
+# The limits with the project's codec ("c"), printed under the table; with it, "d": a deadline
+# per call, as ``bus.call`` has (``request_timeout``; the unix-fd row is ``bus.call``); "r":
+# the reply handed to the call's task by a reader task, as a bus connection's reader (shared
+# by every channel, watch and event on it) hands a relayed reply (the relay rows call an
+# ``RpcConnection`` directly, with no deadline).
+EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1", "limit3c-x32", "limit2d-x1", "limit3r-x1"]
 PEER_ROWS = ["x1", "x32", "big-x8", "connect"]
 
 TABLE = [
@@ -1260,6 +1293,12 @@ def run_benchmark(args: argparse.Namespace) -> None:
         raw = best.get(row.replace("c-", "-"))
         if row in best and raw:
             print(f"  with the project's codec (encode_control + FrameDecoder) at both ends, {what}: {best[row]:,.0f}/s ({best[row] / raw:.2f} of raw)")
+    raw = best.get("limit2-x1")
+    if "limit2d-x1" in best and raw:
+        print(f"  the project's codec and a deadline per call (a trio cancel scope, as bus.call has), 2-process x1: {best['limit2d-x1']:,.0f}/s ({best['limit2d-x1'] / raw:.2f} of raw)")
+    raw = best.get("limit3-x1")
+    if "limit3r-x1" in best and raw:
+        print(f"  the project's codec and the reply handed to the call by a reader task (a bus connection's shape), 3-process x1: {best['limit3r-x1']:,.0f}/s ({best['limit3r-x1'] / raw:.2f} of raw)")
     if peers and peers.workers:
         print("D-Bus, every pairing (best of rounds):")
         for label in peers.workers:

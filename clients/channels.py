@@ -527,6 +527,13 @@ class _SocketReads(trio.abc.ReceiveStream):
         self._channel._received += len(data)
         return data
 
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        """:meth:`receive_nowait`, with ``None`` for nothing there."""
+        data = self._io.try_receive(max_bytes)
+        if data is not None:
+            self._channel._received += len(data)
+        return data
+
     def receive_into_nowait(self, buffer: memoryview) -> int:
         """:meth:`receive_nowait` into ``buffer``: how many bytes came (0 at the end)."""
         taken = self._io.receive_into_nowait(buffer)

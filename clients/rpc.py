@@ -148,52 +148,71 @@ CALL_BURST = 16
 _SMALL_RESULT = DEFAULT_MAX_CONTROL // 8
 
 
-def _surely_big(values: Any) -> bool:
-    """Whether the strings and bytes among ``values`` (flat ones: see :func:`_flat`) alone
-    pass the size of one control frame: no use encoding the message as one frame first."""
+def _flat_size(values: Any) -> int:
+    """-1 unless every value is a scalar inside the CBOR profile (a plain str, bytes, bool,
+    float, None, or an int of at most 64 bits) or a list of such: a message of such values,
+    with string keys, needs no walk to prove it is in the profile.  Else the bytes of the
+    strings and bytes among them (one pass: whether the message can be one frame at all).
+    (Anything that is not flat is walked as usual.)"""
+    scalars = _SCALARS
     size = 0
     for value in values:
         kind = type(value)
         if kind is bytes or kind is str:
             size += len(value)
+        elif kind in scalars or (kind is int and _INT_MIN <= value <= _INT_MAX):
+            continue
         elif kind is list:
             for item in value:
-                if type(item) is bytes or type(item) is str:
+                kind = type(item)
+                if kind is bytes or kind is str:
                     size += len(item)
-    return size > DEFAULT_MAX_CONTROL
+                elif not (kind in scalars or (kind is int and _INT_MIN <= item <= _INT_MAX)):
+                    return -1
+        else:
+            return -1
+    return size
 
 
 def _flat(values: Any) -> bool:
-    """Whether every value is a scalar inside the CBOR profile (a plain str, bytes, bool,
-    float, None, or an int of at most 64 bits): a message of such values, with string keys,
-    needs no walk to prove it is in the profile.  (Anything else is walked as usual.)"""
-    scalars = _SCALARS
-    for value in values:
-        kind = type(value)
-        if kind in scalars or (kind is int and _INT_MIN <= value <= _INT_MAX):
-            continue
-        if kind is list:
-            for item in value:
-                kind = type(item)
-                if not (kind in scalars or (kind is int and _INT_MIN <= item <= _INT_MAX)):
-                    return False
-            continue
-        return False
-    return True
+    """Whether ``values`` are flat (see :func:`_flat_size`)."""
+    return _flat_size(values) >= 0
+
+
+#: The strings of a flat message up to this size leave room in one CONTROL frame for any
+#: number of heads and scalars a message of ours has (its keys and values are few).
+_ONE_FRAME_STRINGS = DEFAULT_MAX_CONTROL // 2
+_CONTROL_HEADER = HEADER.pack
+_CONTROL = int(FrameKind.CONTROL)
 
 
 def _encode_message(
-    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False
+    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False, strings: int = -1
 ) -> bytes:
     """The wire bytes of one RPC message: a CONTROL frame, or a header and DATA frames.
 
     Raises :class:`MessageTooLarge` for a body over ``max_message`` and
     :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
     request a reply answers (for the error message).  ``flat``: the caller found the
-    message's values :func:`_flat` (and its keys strings)."""
-    if not (flat and _surely_big(message.values())):  # (a flat message is in the profile)
+    message's values flat (and its keys strings); ``strings``: then, if known, the
+    :func:`_flat_size` of its values."""
+    if flat:
+        if strings < 0:
+            strings = _flat_size(message.values())
+        if strings <= _ONE_FRAME_STRINGS:
+            # The common case: one frame, in the profile by construction (what encode_control
+            # makes of it, without its checks; a str cbor2 cannot encode, such as a lone
+            # surrogate, goes the usual way, which raises the error).
+            try:
+                body = cbor2.dumps(message)
+            except Exception:
+                pass
+            else:
+                if len(body) <= DEFAULT_MAX_CONTROL:
+                    return _CONTROL_HEADER(_CONTROL, 0, 0, len(body)) + body
+    if not (flat and strings > DEFAULT_MAX_CONTROL):  # (surely too big for one frame: no try)
         try:
-            return encode_control(0, message, checked=flat)  # the common case: one frame
+            return encode_control(0, message, checked=flat)
         except LimitError:
             pass  # (encode_control checked the profile before the size)
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
@@ -721,9 +740,11 @@ class Service:
                                     # (a str cbor2 cannot encode, such as a lone surrogate,
                                     # goes the usual way, which answers with the error).
                                     try:
-                                        encoded = encode_control(0, answer, checked=True)
-                                    except LocalProtocolError:
+                                        body = cbor2.dumps(answer)  # (encode_control, checked)
+                                    except Exception:
                                         pass
+                                    else:
+                                        encoded = _CONTROL_HEADER(_CONTROL, 0, 0, len(body)) + body
                                 if encoded is None:
                                     call = Request("call", request_id, {"method": method, "args": args})
                                     encoded = encode_reply(answer, call)
@@ -931,18 +952,41 @@ class _PushedFrames:
 
 
 class _Call:
-    """One call waiting for its reply: what came for it, and how its task is woken."""
+    """One call waiting for its reply: what came for it, and how its task is woken.
 
-    __slots__ = ("event", "result")
+    ``event`` is made by the call's task when it is about to wait for it (a lone call on a
+    socket of its own reads its reply itself and never does); whoever answers or ends the
+    call sets it if it is there.  A result (the common answer) is kept as itself in
+    ``value``, with ``result`` set to :data:`_RESULT`."""
+
+    __slots__ = ("event", "result", "value")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
-        self.result: Reply | ErrorReply | _Body | BusError | None = None
+        self.event: trio.Event | None = None
+        self.result: Reply | ErrorReply | _Body | BusError | object | None = None
+        self.value: Any = None
 
     def resolve(self, result: Reply | ErrorReply | _Body | BusError) -> None:
         if self.result is None:  # (the first answer counts; a repeated id is ignored)
             self.result = result
+            if self.event is not None:
+                self.event.set()
+
+    def resolve_value(self, value: Any) -> None:
+        """:meth:`resolve` with a :class:`Reply` carrying ``value``, without making one."""
+        if self.result is None:
+            self.result = _RESULT
+            self.value = value
+            if self.event is not None:
+                self.event.set()
+
+    def wake(self) -> None:
+        if self.event is not None:
             self.event.set()
+
+
+#: What :attr:`_Call.result` holds when the reply was a result (kept in ``value``).
+_RESULT = object()
 
 
 class RpcConnection:
@@ -1023,7 +1067,7 @@ class RpcConnection:
         if self.closed is None:
             self.closed = ConnectionLost(reason)
         for call in self._pending.values():
-            call.event.set()
+            call.wake()
         self._ended.set()
 
     async def _read(self) -> None:
@@ -1059,16 +1103,17 @@ class RpcConnection:
                 finally:
                     self._reader = None
             else:
-                if call.event.is_set():  # (woken to take a turn that another call took first)
-                    call.event = trio.Event()
-                await call.event.wait()
+                event = call.event
+                if event is None or event.is_set():  # (set: woken for a turn another call took)
+                    event = call.event = trio.Event()
+                await event.wait()
 
     def _pass_turn(self) -> None:
         """Nobody reads: wake a call still waiting, to read (turns)."""
         if self._reader is None and self.closed is None:
             for call in self._pending.values():
-                if call.result is None:
-                    call.event.set()
+                if call.result is None and call.event is not None:  # (one waiting for its event:
+                    call.event.set()  # a call without one is not waiting yet, and looks for the turn itself)
                     return
 
     def poll(self) -> None:
@@ -1097,7 +1142,7 @@ class RpcConnection:
                 re: Any = whole.get("re")
                 waiting = self._pending.get(re) if type(re) is int else None  # (pending: valid ids)
                 if waiting is not None:
-                    waiting.resolve(Reply(re, whole["result"]))
+                    waiting.resolve_value(whole["result"])
                     return
             item: dict[str, Any] | _Body | None = whole
         else:
@@ -1153,7 +1198,8 @@ class RpcConnection:
         try:
             try:
                 wire = {**args, "op": op, "id": request_id}  # (Request(...).to_wire())
-                encoded = _encode_message(wire, self.max_message, flat=_flat(args.values()))
+                strings = _flat_size(args.values())
+                encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
@@ -1168,8 +1214,11 @@ class RpcConnection:
             del encoded  # (the writer holds it until it is sent)
             if self._turns:
                 await self._wait_for(call)
+            elif call.result is None and self.closed is None:
+                event = call.event = trio.Event()
+                await event.wait()
             else:
-                await call.event.wait()
+                await trio.lowlevel.checkpoint()  # (answered or ended already: still a checkpoint)
         finally:
             del self._pending[request_id]
             body = self._frames.body
@@ -1178,8 +1227,8 @@ class RpcConnection:
             if self._turns and self._reader is None:
                 self._pass_turn()  # (it may have been given the turn just before it left)
         reply = call.result
-        if type(reply) is Reply:  # (the common case first)
-            return reply.result
+        if reply is _RESULT:  # (the common case first)
+            return call.value
         if reply is None:
             raise self.closed or ConnectionLost("the rpc channel ended")
         if isinstance(reply, BusError):
@@ -1194,6 +1243,7 @@ class RpcConnection:
             reply = message
         if isinstance(reply, ErrorReply):
             raise error_from_wire(reply.code, reply.message)
+        assert isinstance(reply, Reply)
         return reply.result
 
     async def call(self, method: str, *args: Any) -> Any:

@@ -84,6 +84,9 @@ class _Flood(trio.abc.ReceiveStream):
         self.reads += 1
         return encode_data(1, b"f" * (max_bytes - HEADER.size))  # exactly what was asked for
 
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        return self.receive_nowait(max_bytes)
+
     def receive_into_nowait(self, buffer: memoryview) -> int:
         raise AssertionError("no frame body is filled in place here")
 

@@ -109,8 +109,8 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         return taken
 
     def _try_receive(self, max_bytes: int) -> bytes | None:
-        """What is there (no checkpoint), or None if nothing is: the one read of both
-        :meth:`receive_nowait` and :meth:`receive_some`."""
+        """What is there (no checkpoint), or None if nothing is: the one read of
+        :meth:`receive_nowait`, :meth:`receive_some` and :meth:`try_receive`."""
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         try:
@@ -123,6 +123,9 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         self._keep_fds(ancdata)
         return data
+
+    #: :meth:`receive_nowait` with ``None`` for nothing there (no exception to catch).
+    try_receive = _try_receive
 
     def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         """Queue the descriptors that came with a read (closing those over the limit)."""
@@ -237,6 +240,8 @@ class UnixChannelStream(FdSocketStream):
             raise self._read_failed(exc) from exc
         size = self._data_size(len(data), data[-1] if data else -1, ancdata, flags)
         return data if size == len(data) else data[:size]
+
+    try_receive = _try_receive
 
     def receive_into_nowait(self, buffer: memoryview) -> int:
         """:meth:`_try_receive`'s rules, reading into ``buffer``: how many bytes of data were

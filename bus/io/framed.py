@@ -21,7 +21,7 @@ import os
 import mmap
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import trio
 
@@ -32,6 +32,8 @@ __all__ = ["FramedStream"]
 
 class _SocketReads(Protocol):
     def receive_nowait(self, max_bytes: int) -> bytes: ...
+
+    def try_receive(self, max_bytes: int) -> bytes | None: ...
 
     def receive_into_nowait(self, buffer: memoryview) -> int: ...
 
@@ -55,6 +57,13 @@ class _PlainSocketReads:
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        """:meth:`receive_nowait`, with ``None`` for nothing there (no exception to catch)."""
+        try:
+            return self.receive_nowait(max_bytes)
+        except trio.WouldBlock:
+            return None
+
     def receive_into_nowait(self, buffer: memoryview) -> int:
         fd = self._socket.fileno()
         if fd < 0:
@@ -74,10 +83,10 @@ class _PlainSocketReads:
 
 def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
     """How to read ``stream`` without waiting, if it can (it has ``receive_nowait``,
-    ``receive_into_nowait`` and ``wait_readable``, as :class:`~bus.io.fdpass.FdSocketStream`
-    has, or is a socket)."""
-    if hasattr(stream, "receive_nowait") and hasattr(stream, "receive_into_nowait") and hasattr(stream, "wait_readable"):
-        return stream
+    ``try_receive``, ``receive_into_nowait`` and ``wait_readable``, as
+    :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
+    if all(hasattr(stream, name) for name in ("receive_nowait", "try_receive", "receive_into_nowait", "wait_readable")):
+        return cast("_SocketReads", stream)
     if isinstance(stream, trio.SocketStream) and stream.socket.type == socket.SOCK_STREAM:
         return _PlainSocketReads(stream)
     return None
@@ -139,9 +148,8 @@ class FramedStream:
         reads = self._socket_reads
         if reads is None or self.at_end:
             return False
-        try:
-            data = reads.receive_nowait(_SMALL_RECEIVE)
-        except trio.WouldBlock:
+        data = reads.try_receive(_SMALL_RECEIVE)
+        if data is None:
             self._drained = True  # the next read waits for the socket first
             return False
         self._drained = len(data) < _SMALL_RECEIVE
