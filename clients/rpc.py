@@ -954,35 +954,51 @@ class _PushedFrames:
 class _Call:
     """One call waiting for its reply: what came for it, and how its task is woken.
 
-    ``event`` is made by the call's task when it is about to wait for it (a lone call on a
-    socket of its own reads its reply itself and never does); whoever answers or ends the
-    call sets it if it is there.  A result (the common answer) is kept as itself in
-    ``value``, with ``result`` set to :data:`_RESULT`."""
+    The call's task parks itself (:meth:`park`, trio's lowlevel parking: no ``Event`` per
+    call) when it has to wait for someone else: a reader that hands it its reply, the end of
+    the channel, or (unix-fd) its turn to read.  A lone call on a socket of its own reads its
+    reply itself and never parks.  Whoever answers or ends the call wakes it if it is
+    parked.  A result (the common answer) is kept as itself in ``value``, with ``result``
+    set to :data:`_RESULT`."""
 
-    __slots__ = ("event", "result", "value")
+    __slots__ = ("task", "result", "value")
 
     def __init__(self) -> None:
-        self.event: trio.Event | None = None
+        self.task: trio.lowlevel.Task | None = None  # parked, waiting to be woken
         self.result: Reply | ErrorReply | _Body | BusError | object | None = None
         self.value: Any = None
 
     def resolve(self, result: Reply | ErrorReply | _Body | BusError) -> None:
         if self.result is None:  # (the first answer counts; a repeated id is ignored)
             self.result = result
-            if self.event is not None:
-                self.event.set()
+            self.wake()
 
     def resolve_value(self, value: Any) -> None:
         """:meth:`resolve` with a :class:`Reply` carrying ``value``, without making one."""
         if self.result is None:
             self.result = _RESULT
             self.value = value
-            if self.event is not None:
-                self.event.set()
+            task = self.task
+            if task is not None:
+                self.task = None
+                trio.lowlevel.reschedule(task)
 
     def wake(self) -> None:
-        if self.event is not None:
-            self.event.set()
+        """Wake the call's task if it is parked (at most once per park)."""
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+    async def park(self) -> None:
+        """Wait until :meth:`wake` (or a cancellation: then nothing is lost, the call's
+        result still comes to it if it waits again)."""
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 #: What :attr:`_Call.result` holds when the reply was a result (kept in ``value``).
@@ -1103,17 +1119,14 @@ class RpcConnection:
                 finally:
                     self._reader = None
             else:
-                event = call.event
-                if event is None or event.is_set():  # (set: woken for a turn another call took)
-                    event = call.event = trio.Event()
-                await event.wait()
+                await call.park()  # (woken with its reply, at the end, or for the turn)
 
     def _pass_turn(self) -> None:
         """Nobody reads: wake a call still waiting, to read (turns)."""
         if self._reader is None and self.closed is None:
             for call in self._pending.values():
-                if call.result is None and call.event is not None:  # (one waiting for its event:
-                    call.event.set()  # a call without one is not waiting yet, and looks for the turn itself)
+                if call.result is None and call.task is not None:  # (a parked one: a call that
+                    call.wake()  # is not parked yet looks for the turn itself when it waits)
                     return
 
     def poll(self) -> None:
@@ -1215,8 +1228,7 @@ class RpcConnection:
             if self._turns:
                 await self._wait_for(call)
             elif call.result is None and self.closed is None:
-                event = call.event = trio.Event()
-                await event.wait()
+                await call.park()
             else:
                 await trio.lowlevel.checkpoint()  # (answered or ended already: still a checkpoint)
         finally:
