@@ -825,7 +825,9 @@ class Service:
         makes of it, without building the request first)."""
         func = self.sync_methods[name]
         try:
-            self._check_arity(name, func, args)
+            arity = self._arities.get(func)  # (_check_arity's common case, without the call)
+            if type(arity) is not tuple or not arity[0] <= len(args) <= arity[1]:
+                self._check_arity(name, func, args)
             return {"re": request_id, "result": func(*args)}
         except RequestError as exc:
             return ErrorReply.from_error(request_id, exc).to_wire()
@@ -1202,6 +1204,17 @@ class RpcConnection:
             scope.cancel()  # the reader stops; run() fails what still waits
 
     async def request(self, op: str, **args: Any) -> Any:
+        return await self._exchange({**args, "op": op}, _flat_size(args.values()))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        # (request("call", method=method, args=list(args)), without the keywords' round trip)
+        values = list(args)
+        return await self._exchange({"method": method, "args": values, "op": "call"}, _flat_size((method, values)))
+
+    async def _exchange(self, wire: dict[str, Any], strings: int) -> Any:
+        """Send the request ``wire`` (its fields and "op"; the id is added here, last, as
+        ``Request(...).to_wire()`` orders it) and return its result.  ``strings``: the
+        :func:`_flat_size` of its fields."""
         if self.closed is not None:
             raise self.closed
         request_id = self._next_id
@@ -1210,8 +1223,7 @@ class RpcConnection:
         self._pending[request_id] = call
         try:
             try:
-                wire = {**args, "op": op, "id": request_id}  # (Request(...).to_wire())
-                strings = _flat_size(args.values())
+                wire["id"] = request_id
                 encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
@@ -1257,9 +1269,6 @@ class RpcConnection:
             raise error_from_wire(reply.code, reply.message)
         assert isinstance(reply, Reply)
         return reply.result
-
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.request("call", method=method, args=list(args))
 
     async def introspect(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("introspect")

@@ -132,12 +132,14 @@ class FrameWriter:
         if self.closed or self._stopping:
             raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
         if self._corked:
-            if len(self._queue) >= self.max_frames:
+            queue = self._queue
+            if len(queue) >= self.max_frames:
                 raise trio.WouldBlock
-            self._queue.append(frame)
-            self.queued_bytes += len(frame)
-            self._corked_bytes += len(frame)
-            if self._corked_bytes >= COALESCE or len(self._queue) >= self.burst:
+            queue.append(frame)
+            size = len(frame)
+            self.queued_bytes += size
+            self._corked_bytes += size
+            if self._corked_bytes >= COALESCE or len(queue) >= self.burst:
                 self._write_queued()
             return
         if self._queue or self._rest is not None or self._busy or self._failure is not None:
