@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -515,11 +515,13 @@ class Channel(trio.abc.HalfCloseableStream):
 class _SocketReads(trio.abc.ReceiveStream):
     """A channel's socket read directly (:meth:`Channel.socket_reads`), bytes counted."""
 
-    __slots__ = ("_channel", "_io")
+    __slots__ = ("_channel", "_io", "wait_readable")
 
     def __init__(self, channel: Channel, io: FdSocketStream) -> None:
         self._channel = channel
         self._io = io
+        #: Wait until a read may find something (the socket's own: no call in between).
+        self.wait_readable: Callable[[], Awaitable[None]] = io.wait_readable
 
     def receive_nowait(self, max_bytes: int) -> bytes:
         """What the socket holds now (no checkpoint); :class:`trio.WouldBlock` if nothing."""
@@ -539,9 +541,6 @@ class _SocketReads(trio.abc.ReceiveStream):
         taken = self._io.receive_into_nowait(buffer)
         self._channel._received += taken
         return taken
-
-    async def wait_readable(self) -> None:
-        await self._io.wait_readable()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._channel.receive_some(max_bytes)

@@ -141,9 +141,10 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
 
     async def wait_readable(self) -> None:
         """Wait until a read may find something (a checkpoint)."""
-        if self._closed or self._raw.fileno() < 0:
+        raw = self._raw
+        if self._closed or raw.fileno() < 0:
             raise trio.ClosedResourceError("the stream was closed")
-        await trio.lowlevel.wait_readable(self.socket)
+        await trio.lowlevel.wait_readable(raw)  # (the stdlib socket: its fileno is C's)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
