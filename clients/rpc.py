@@ -179,8 +179,9 @@ def _flat(values: Any) -> bool:
     return _flat_size(values) >= 0
 
 
-#: The strings of a flat message up to this size leave room in one CONTROL frame for any
-#: number of heads and scalars a message of ours has (its keys and values are few).
+#: A flat message whose strings take up to this much is first encoded as one CONTROL frame
+#: (its heads and other values rarely take the rest; when they do, the size check after the
+#: encoding sends it the other way).
 _ONE_FRAME_STRINGS = DEFAULT_MAX_CONTROL // 2
 _CONTROL_HEADER = HEADER.pack
 _CONTROL = int(FrameKind.CONTROL)
@@ -219,7 +220,10 @@ def _encode_message(
     fields = {key: value for key, value in message.items() if key not in _HEAD_KEYS}
     flat_pieces: list[bytes] | None = None
     if flat:
-        flat_pieces, size = _flat_body(fields)
+        try:
+            flat_pieces, size = _flat_body(fields)
+        except Exception as exc:  # (a str cbor2 cannot encode, such as a lone surrogate)
+            raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
     else:
         body = cbor2.dumps(fields)
         size = len(body)
@@ -967,7 +971,7 @@ class _Call:
 
     def __init__(self) -> None:
         self.task: trio.lowlevel.Task | None = None  # parked, waiting to be woken
-        self.result: Reply | ErrorReply | _Body | BusError | object | None = None
+        self.result: Reply | ErrorReply | _Body | BusError | _Result | None = None
         self.value: Any = None
 
     def resolve(self, result: Reply | ErrorReply | _Body | BusError) -> None:
@@ -1003,8 +1007,14 @@ class _Call:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
+class _Result:
+    """The type of :data:`_RESULT`."""
+
+    __slots__ = ()
+
+
 #: What :attr:`_Call.result` holds when the reply was a result (kept in ``value``).
-_RESULT = object()
+_RESULT = _Result()
 
 
 class RpcConnection:
@@ -1204,7 +1214,7 @@ class RpcConnection:
             scope.cancel()  # the reader stops; run() fails what still waits
 
     async def request(self, op: str, **args: Any) -> Any:
-        return await self._exchange({**args, "op": op}, _flat_size(args.values()))
+        return await self._exchange({**args, "op": op}, _flat_size((*args.values(), op)))
 
     async def call(self, method: str, *args: Any) -> Any:
         # (request("call", method=method, args=list(args)), without the keywords' round trip)

@@ -768,3 +768,60 @@ def test_an_announced_body_takes_no_memory_until_its_bytes_come() -> None:
     assert rss() - before < 16 * MiB  # (a bytearray would be 256 MiB, zeroed at once)
     decoder.receive_data(encode_data(0, b"x" * MiB))
     assert [cutter.feed(frame) for frame in decoder] == [None]
+
+
+# -- a str cbor2 cannot encode inside a message too big for one frame ----------------------
+
+_SURROGATE_NAME = "org.example.Surrogate"
+_BIG_TEXT = "a" * 70000  # (the strings alone pass one CONTROL frame: the split path at once)
+
+
+def _surrogate_service() -> Service:
+    service = Service(_SURROGATE_NAME)
+
+    @service.method
+    def sync_bad() -> list[str]:
+        return ["\ud800", _BIG_TEXT]
+
+    @service.method
+    async def async_bad() -> list[str]:
+        return ["\ud800", _BIG_TEXT]
+
+    @service.method
+    def ok(x: int) -> int:
+        return x
+
+    return service
+
+
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_a_big_call_with_a_lone_surrogate_is_refused_before_sending(tmp_path: Path, route: str) -> None:
+    service = _surrogate_service()
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=_SURROGATE_NAME) as service_bus:
+            service.attach(service_bus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = RpcConnection(await bus.open_channel(_SURROGATE_NAME, "rpc", route))
+                await nursery.start(rpc.run)
+                with trio.fail_after(10):
+                    with pytest.raises(BadRequest, match="arguments cannot be sent"):
+                        await rpc.call("ok", "\ud800", _BIG_TEXT)
+                    assert await rpc.call("ok", 5) == 5  # the channel goes on
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("method", ["sync_bad", "async_bad"])
+@pytest.mark.parametrize("route", ["relay", "direct"])
+async def test_a_big_result_with_a_lone_surrogate_is_answered_with_an_error(tmp_path: Path, method: str, route: str) -> None:
+    service = _surrogate_service()
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=_SURROGATE_NAME) as service_bus:
+            service.attach(service_bus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                rpc = RpcConnection(await bus.open_channel(_SURROGATE_NAME, "rpc", route))
+                await nursery.start(rpc.run)
+                with trio.fail_after(10):
+                    with pytest.raises(RequestError, match="cannot be sent"):
+                        await rpc.call(method)
+                    assert await rpc.call("ok", 5) == 5  # the channel (and the service) go on
+                nursery.cancel_scope.cancel()
