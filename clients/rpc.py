@@ -1107,27 +1107,23 @@ class RpcConnection:
                 return
             self._on_frame(frame)
 
-    async def _read_for(self, call: _Call) -> None:
-        """Read (as this call's turn) until its reply has come or the channel ended."""
-        framed = self.framed
-        try:
-            while call.result is None:
-                frame = await framed.receive_frame()
-                if frame is None:
-                    self._frames.end_of_input()
-                    self._stop("the service closed the channel")
-                    return
-                self._on_frame(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
-            self._stop(f"the rpc channel broke: {exc}")
-
     async def _wait_for(self, call: _Call) -> None:
-        """Wait for the call's reply, reading when it is this call's turn (turns)."""
+        """Wait for the call's reply, reading when it is this call's turn (turns): it reads
+        until its reply has come or the channel ended."""
         while call.result is None and self.closed is None:
             if self._reader is None:
                 self._reader = call
+                framed = self.framed
                 try:
-                    await self._read_for(call)
+                    while call.result is None:
+                        frame = await framed.receive_frame()
+                        if frame is None:
+                            self._frames.end_of_input()
+                            self._stop("the service closed the channel")
+                            return
+                        self._on_frame(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
+                    self._stop(f"the rpc channel broke: {exc}")
                 finally:
                     self._reader = None
             else:

@@ -82,6 +82,12 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             raise
         return stream
 
+    @property
+    def raw_socket(self) -> socket.socket:
+        """The standard library socket under the stream (for a writer that writes to it
+        directly: its ``fileno`` is C's)."""
+        return self._raw
+
     def take_fd(self) -> int | None:
         """The next descriptor received (the caller owns it), or None."""
         return self.fds.popleft() if self.fds else None

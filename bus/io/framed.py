@@ -59,10 +59,15 @@ class _PlainSocketReads:
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         """:meth:`receive_nowait`, with ``None`` for nothing there (no exception to catch)."""
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
         try:
-            return self.receive_nowait(max_bytes)
-        except trio.WouldBlock:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
             return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
     def receive_into_nowait(self, buffer: memoryview) -> int:
         fd = self._socket.fileno()
@@ -206,9 +211,8 @@ class FramedStream:
         self._owe_checkpoint = False
         while True:
             size = self._read_size
-            try:
-                data = reads.receive_nowait(size)
-            except trio.WouldBlock:
+            data = reads.try_receive(size)
+            if data is None:
                 await reads.wait_readable()  # a checkpoint
                 waited = True
             else:

@@ -375,7 +375,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             return _NOTHING
         target = self._send_target
         if target is _UNKNOWN:  # (looked up once: the transport stays the same)
-            sock = self._socket()
+            sock: Any = getattr(self.transport, "raw_socket", None) or self._socket()
             self._send_to_socket = sock is not None
             target = self._send_target = sock if sock is not None else getattr(self.transport, "send_some_nowait", None)
         if self._send_to_socket:
