@@ -695,6 +695,7 @@ class Service:
 
         frames = _MessageFrames(announce)
         frames.fill = framed.fill_data_into  # (or the pushed frames' decoder: below)
+        sync_methods = self.sync_methods  # (the dict itself: methods declared later are in it)
 
         async def write() -> None:
             try:
@@ -722,15 +723,15 @@ class Service:
                     if len(item) == 4 and item.get("op") == "call" and running < MAX_IN_FLIGHT and writer.has_room:
                         # The common call, {"op", "id", "method", "args"}: what parse_message
                         # would make of it, without its copy and checks of every key.
-                        request_id, method, args = item.get("id"), item.get("method"), item.get("args")
+                        request_id, method, args = item.get("id"), item.get("method", ""), item.get("args")
+                        func = sync_methods.get(method) if type(method) is str else None
                         if (
-                            type(request_id) is int
+                            func is not None
+                            and type(request_id) is int
                             and 0 < request_id <= MAX_REQUEST_ID
-                            and type(method) is str
                             and type(args) is list
-                            and method in self.sync_methods
                         ):
-                            answer = self._call_now(request_id, method, args)
+                            answer = self._call_now(request_id, method, args, func)
                             result = answer.get("result", answer)  # (an error reply: not small)
                             kind = type(result)
                             try:
@@ -824,10 +825,9 @@ class Service:
         except TypeError as exc:
             raise BadRequest(f"{name}: {exc}") from None
 
-    def _call_now(self, request_id: int, name: str, args: list[Any]) -> dict[str, Any]:
-        """The reply to a call of the synchronous method ``name`` (what :meth:`_answer_now`
-        makes of it, without building the request first)."""
-        func = self.sync_methods[name]
+    def _call_now(self, request_id: int, name: str, args: list[Any], func: Callable[..., Any]) -> dict[str, Any]:
+        """The reply to a call of the synchronous method ``name``, ``func`` (what
+        :meth:`_answer_now` makes of it, without building the request first)."""
         try:
             arity = self._arities.get(func)  # (_check_arity's common case, without the call)
             if type(arity) is not tuple or not arity[0] <= len(args) <= arity[1]:
