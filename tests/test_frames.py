@@ -634,3 +634,64 @@ def test_next_frame_from_fills_the_given_buffer_with_a_whole_data_frame() -> Non
     assert dec.next_frame_from(encode_data(0, b"b" * 40)) == DataFrame(0, b"", 40)
     assert buffer == b"a" * 60 + b"b" * 40
     assert dec.next_frame_from(encode_data(0, b"c")) == DataFrame(0, b"c")  # (full: let go)
+
+
+# -- the item budget's walk: a list value is walked in place, exactly as its own call would --
+
+
+def _items_within_reference(value: Any, depth: int, budget: int) -> int:
+    """_items_within as it was before lists in a map were walked in place: every container
+    its own call (the rules of check_cbor's item count, plain types, depth)."""
+    from bus.wire.frames import MAX_CBOR_DEPTH
+
+    budget -= 1
+    kind = type(value)
+    if kind in (str, bytes, bool, float, type(None)):
+        return budget
+    if kind is int:
+        return budget if -(1 << 64) <= value <= (1 << 64) - 1 else -1
+    if depth >= MAX_CBOR_DEPTH or budget < 0:
+        return -1
+    if kind is dict:
+        for key, item in value.items():
+            if not (type(key) is str or (type(key) is int and -(1 << 64) <= key <= (1 << 64) - 1)):
+                return -1
+            budget = _items_within_reference(item, depth + 1, budget - 1)
+            if budget < 0:
+                return -1
+        return budget
+    if kind is list:
+        for item in value:
+            budget = _items_within_reference(item, depth + 1, budget)
+            if budget < 0:
+                return -1
+        return budget
+    return -1
+
+
+_PLAIN_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(1 << 65), max_value=1 << 65), st.floats(allow_nan=False),
+    st.text(max_size=3), st.binary(max_size=3), st.sampled_from([(), frozenset(), 1j]),  # (the last: not plain)
+)
+_VALUES = st.recursive(
+    _PLAIN_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.one_of(st.text(max_size=2), st.integers(-3, 3)), inner, max_size=4),
+    max_leaves=40,
+)
+
+
+@given(value=st.dictionaries(st.text(max_size=2), _VALUES, max_size=5), budget=st.integers(0, 60), depth=st.integers(1, 34))
+@settings(max_examples=400, deadline=None)
+def test_items_within_walks_a_maps_lists_as_their_own_calls_would(value: dict[str, Any], budget: int, depth: int) -> None:
+    from bus.wire.frames import _items_within
+
+    assert _items_within(value, depth, budget) == _items_within_reference(value, depth, budget)
+
+
+@pytest.mark.parametrize("depth", range(27, 34))
+@pytest.mark.parametrize("budget", [0, 1, 2, 3, 4, 5, 50])
+def test_items_within_at_the_depth_and_budget_edges(depth: int, budget: int) -> None:
+    from bus.wire.frames import _items_within
+
+    for value in ({"a": [[1]]}, {"a": [{"b": 1}]}, {"a": [1, [2, [3]]]}, {"a": []}, {"a": [1, 2, 3]}, {"a": [1j]}):
+        assert _items_within(value, depth, budget) == _items_within_reference(value, depth, budget), value

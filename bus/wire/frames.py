@@ -248,6 +248,18 @@ def _items_within(value: Any, depth: int, budget: int) -> int:
             item_kind = type(item)
             if item_kind in scalars or (item_kind is int and _INT_MIN <= item <= _INT_MAX):
                 budget -= 2
+            elif item_kind is list:  # (the list's own call, in place: an RPC call's "args")
+                budget -= 2  # its key and its head
+                if depth + 1 >= MAX_CBOR_DEPTH or budget < 0:
+                    return -1
+                for element in item:
+                    element_kind = type(element)
+                    if element_kind in scalars or (element_kind is int and _INT_MIN <= element <= _INT_MAX):
+                        budget -= 1
+                    else:
+                        budget = _items_within(element, depth + 2, budget)
+                    if budget < 0:
+                        return -1
             else:
                 budget = _items_within(item, depth + 1, budget - 1)
             if budget < 0:
