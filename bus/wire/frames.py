@@ -57,6 +57,7 @@ __all__ = [
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
 DEFAULT_MAX_FRAME = 1 << 20
 #: CONTROL bodies are small by nature; their tighter limit bounds the CPU and memory a
 #: peer can make the CBOR check and decode spend on one message.
@@ -68,6 +69,10 @@ MAX_CHANNEL = 0xFFFFFFFF
 class FrameKind(enum.IntEnum):
     CONTROL = 1
     DATA = 2
+
+
+# The kinds as plain ints, for the decoder's hot path.
+_CONTROL, _DATA = int(FrameKind.CONTROL), int(FrameKind.DATA)
 
 
 # Frames and messages are slotted dataclasses, not frozen ones: one is built per frame on
@@ -559,14 +564,14 @@ class FrameDecoder:
         return b"".join(taken)
 
     def _read_header(self, source: bytes | bytearray, pos: int) -> tuple[int, int, int]:
-        kind, flags, channel, length = HEADER.unpack_from(source, pos)
-        if kind not in (FrameKind.CONTROL, FrameKind.DATA):
+        kind, flags, channel, length = _unpack_header(source, pos)
+        if kind != _CONTROL and kind != _DATA:
             raise self._fail(FrameError(f"unknown frame kind {kind}"))
         if flags:
             raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
-        limit = self.max_control if kind == FrameKind.CONTROL else self.max_body
+        limit = self.max_control if kind == _CONTROL else self.max_body
         if length > limit:
-            what = "control frame" if kind == FrameKind.CONTROL else "frame"
+            what = "control frame" if kind == _CONTROL else "frame"
             raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
         return kind, channel, length
 
@@ -591,6 +596,40 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
+        # The hot case first, in one step: a whole CONTROL frame in the chunk at hand, its
+        # header read with plain ints (an IntEnum member costs a Python-level comparison).
+        # It is checked exactly as _read_header checks it: any other header -- another kind,
+        # flags, a body over the limit -- or one not wholly here goes the general way below,
+        # which refuses it or waits for the rest.  The body is checked (or, trusted, only
+        # decoded) as ever.
+        if self._header is None and not self._parts and self._error is None:
+            chunk, pos = self._chunk, self._pos
+            start = pos + HEADER_SIZE
+            if len(chunk) >= start:
+                kind, flags, channel, length = _unpack_header(chunk, pos)
+                end = start + length
+                if kind == _CONTROL and not flags and length <= self.max_control and end <= len(chunk):
+                    if end == len(chunk):
+                        self._chunk, self._pos = b"", 0
+                    else:
+                        self._pos = end
+                    body = chunk[start:end]
+                    if self.trusted:
+                        try:
+                            message = cbor2.loads(body)
+                        except Exception as exc:  # (as decode_trusted_body: cbor2 raises several types)
+                            raise self._fail(FrameError(f"control body does not decode: {exc}")) from exc
+                        if type(message) is not dict:
+                            raise self._fail(FrameError("control body is not a CBOR map"))
+                        return ControlFrame(channel, message)
+                    try:
+                        return ControlFrame(channel, decode_control_body(body, self.max_items))
+                    except FrameError as exc:
+                        raise self._fail(exc) from exc.__cause__
+        return self._next_frame()
+
+    def _next_frame(self) -> Frame | None:
+        """:meth:`next_frame`, any case."""
         self._check()
         if self._parts:
             if self._header is None:
@@ -598,7 +637,7 @@ class FrameDecoder:
                     return None
                 self._header = self._read_header(self._take(HEADER_SIZE), 0)
             kind, channel, length = self._header
-            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+            if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
             if self._parts_size < length:
                 return None
@@ -613,7 +652,7 @@ class FrameDecoder:
                 self._header = self._read_header(chunk, pos)
                 pos = self._pos = pos + HEADER_SIZE
             kind, channel, length = self._header
-            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+            if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
             if len(chunk) - pos < length:
                 if pos < len(chunk):
@@ -624,7 +663,7 @@ class FrameDecoder:
             if self._pos == len(chunk):
                 self._chunk, self._pos = b"", 0
         self._header = None
-        if kind == FrameKind.DATA:
+        if kind == _DATA:
             return DataFrame(channel, body)
         try:
             if self.trusted:
