@@ -577,19 +577,11 @@ class FrameDecoder:
 
     def next_frame_from(self, data: bytes | bytearray | memoryview) -> Frame | None:
         """:meth:`receive_data` then :meth:`next_frame`, with less work in the common case
-        of bytes that are exactly one frame while nothing is buffered (a relayed message)."""
-        if (
-            self._header is None
-            and not self._chunk
-            and not self._parts
-            and self._error is None
-            and self._sink is None  # (DATA frames go into a body's buffer: the usual way)
-            and type(data) is bytes
-            and len(data) >= HEADER_SIZE
-        ):
-            # The header read here, the body cut by next_frame: without receive_data's steps.
-            self._header = self._read_header(data, 0)
-            self._chunk, self._pos = data, HEADER_SIZE
+        of bytes that come while nothing is buffered (a relayed message, a burst of events)."""
+        if self._header is None and not self._chunk and not self._parts and self._error is None and type(data) is bytes and data:
+            # What receive_data does in this case, in one step; next_frame then cuts (a whole
+            # CONTROL frame its quick way) and reads any other header as ever.
+            self._chunk, self._pos = data, 0
             return self.next_frame()
         self.receive_data(data)
         return self.next_frame()
