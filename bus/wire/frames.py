@@ -58,6 +58,7 @@ __all__ = [
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
 DEFAULT_MAX_FRAME = 1 << 20
 #: CONTROL bodies are small by nature; their tighter limit bounds the CPU and memory a
 #: peer can make the CBOR check and decode spend on one message.
@@ -301,7 +302,7 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
             raise FrameError("control body is not a CBOR map")
         return message
     try:
-        message = _loads(body)
+        message = cbor2.loads(body) if type(body) is bytes else _loads(body)
     except Exception as exc:  # cbor2 reports bad CBOR with several types
         check_cbor(body, max_items)  # the profile's own reason, when it has one
         raise FrameError(f"control body does not decode: {exc}") from exc
@@ -386,7 +387,8 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
 
     ``checked``: the caller knows it does (built of values decoded from checked frames and
     plain ones of its own), so the walk over it that proves so is skipped."""
-    _check_channel(channel)
+    if not 0 <= channel <= MAX_CHANNEL:
+        _check_channel(channel)  # (raises, saying why; a call less per frame otherwise)
     if not isinstance(message, dict):
         raise LocalProtocolError("a control message is a dict")
     try:
@@ -401,7 +403,7 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
             raise LocalProtocolError(f"control message uses CBOR that peers refuse: {exc}") from None
     if len(body) > max_body:
         raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
-    return HEADER.pack(FrameKind.CONTROL, 0, channel, len(body)) + body
+    return _pack_header(_CONTROL, 0, channel, len(body)) + body
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
