@@ -69,6 +69,23 @@ Rows (per subscriber count and payload size), all measured in the same run:
   profile check), the payload handed to the same ``Tally.record``.  Its "broker" CPU is the
   limit process (emitter CPU is 0: the same process).
 
+* **Floors** (reported beside the limit in a table of their own, never judged; ``--no-floors``
+  leaves them out): each swaps one part of the limit for minibus's, so that one run shows, as
+  ratios to the limit, which part holds minibus below the target.
+  ``limit -> minibus subs``: the limit's process and writing, unchanged, feeding real minibus
+  subscriber connections (``open_bus`` + ``subscribe`` + ``async for``, as minibus's column
+  has them); the limit's process lets each in first as busd would -- the shs1 handshake (plain,
+  as on a Unix socket) with a key of its own, ``hello`` and ``subscribe`` answered -- then
+  writes the same pre-encoded frames.  ``limit -> API-shaped subs``: the limit unchanged, its
+  subscribers reading and decoding as the limit's do but in a reader task that hands each
+  decoded event to a buffer and wakes a consumer task (once per read), which takes them with
+  ``async for`` (``__anext__`` returns a buffered event without yielding): the least an API with
+  a separate consumer must do.  ``busd -> limit subs``: minibus's broker and emitter (busd,
+  ``publish``) feeding the limit's minimal subscribers, each of which joins busd for real
+  (handshake, ``hello``, ``subscribe`` with the project's stream classes) before its socket is
+  read as the limit's are; its emitter owns ``FLOOR_EMITTER_NAME`` (busd is shared with the
+  minibus columns; the name is as long, so the frames are the same size).
+
 How a cell is measured: the emitter emits for a fixed window (``--seconds``) as fast as its API
 lets it, but never more than ``LEAD`` events ahead of the slowest subscriber.  (Subscribers write
 the last sequence number they got into a shared page -- an mmap'd file -- that the emitter reads;

@@ -163,8 +163,9 @@ def test_encoding_refuses_what_peers_would_refuse() -> None:
         encode_control(0, {"big": 2**70})
     with pytest.raises(LocalProtocolError):
         encode_control(0, {"set": {1, 2}})
-    with pytest.raises(LocalProtocolError):
-        encode_control(2**32, {})
+    for channel in (2**32, -1):
+        with pytest.raises(LocalProtocolError, match=f"channel id {channel} is outside"):
+            encode_control(channel, {})
 
 
 @settings(max_examples=1000, deadline=None)
