@@ -268,12 +268,32 @@ class _Session:
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
         """Queue an event ``payer`` emitted; until written, it counts against payer's share."""
-        if self.enqueue_encoded(data) and self.out.queued_bytes:  # (else all written at once)
-            size = len(data)
+        # enqueue_encoded's steps, the same verdicts, without its call: this runs once per
+        # receiver per event.
+        out = self.out
+        if out.stopped:
+            return  # already being disconnected; it will be told why
+        size = len(data)
+        broker = self.broker
+        if out.queued_bytes + size > broker.config.outbound_bytes:
+            self.overflow()
+            return
+        if broker.corking and not out.corked:
+            out.cork()
+            broker.corked.append(self)
+        try:
+            out.send_nowait(data)
+        except trio.WouldBlock:
+            self.overflow()
+            return
+        except trio.ClosedResourceError:
+            return  # the session is already ending
+        self.messages_out += 1
+        self.bytes_out += size
+        if out.queued_bytes:  # (else all written at once)
             marks = self.event_marks
             if marks is None:
                 marks = self.event_marks = collections.deque()
-            broker = self.broker
             if marks and broker.corking and self.event_marks_burst == broker.bursts and marks[-1][0] == payer:
                 # The same identity's run in this burst: one mark, extended to this event.
                 marks[-1] = (payer, self.bytes_out, marks[-1][2] + size)
@@ -652,6 +672,7 @@ class Broker:
         """One event to its subscribers: encoded once, each copy charged to the emitter."""
         sessions = self.sessions
         data = b""
+        payer = item.payer
         for conn_id in item.conns:
             session = sessions.get(conn_id)
             if session is None:
@@ -663,7 +684,7 @@ class Broker:
                 except BusError as exc:
                     log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
                     return
-            session.enqueue_event(data, item.payer)
+            session.enqueue_event(data, payer)
 
     # -- listening ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 
 from .brokers import FRIEND, OWNER, running_broker
-from .test_broker import raw_connect
+from .test_broker import raw_connect, read_until_closed
 from .test_isolation import reply_to
 
 
@@ -94,3 +94,35 @@ async def test_a_burst_of_events_takes_one_mark_per_emitter_and_all_are_released
         for framed, _ in emitters:
             await framed.aclose()
         await slow.aclose()
+
+
+async def test_events_over_the_outbound_limit_cut_the_subscriber_and_nothing_is_queued_after(tmp_path: Path) -> None:
+    """busd's fan-out queues each event for a subscriber with the slow-consumer policy of any
+    frame: while the queue has room, queued and marked against the emitter's share; the event
+    that would take it over ``outbound_bytes`` cuts the subscriber (told why), and nothing is
+    queued or marked for it after that.  (The core's fair-share check stops events well before
+    this; here the session is driven directly, past it.)"""
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024) as rb:
+        sub = await raw_connect(rb.unix_address, FRIEND)  # never reads until the end
+        await sub.send_message({"op": "hello", "id": 1})
+        unique_id = (await reply_to(sub, 1))["result"]["unique_id"]
+        session = rb.broker.sessions[int(unique_id.lstrip(":"))]
+        event = encode_control(0, {"event": "event", "source": "org.example.A", "member": "Tick", "payload": b"x" * 20000})
+        sent = 0
+        for _ in range(1000):  # bounded: the socket's buffer, then 256 KiB of queue
+            session.enqueue_event(event, OWNER.id)
+            if session.stop_writing:
+                break
+            sent += 1
+            check_marks(session)
+        assert session.stop_writing
+        assert 0 < session.out.queued_bytes <= 256 * 1024
+        assert sum(session.event_held.values()) == session.out.queued_bytes
+        before = (session.messages_out, session.bytes_out, list(session.event_marks or ()), dict(session.event_held))
+        session.enqueue_event(event, OWNER.id)
+        assert (session.messages_out, session.bytes_out, list(session.event_marks or ()), dict(session.event_held)) == before
+        assert session.messages_out >= sent
+        messages = await read_until_closed(sub)
+        assert "slow consumer" in messages[-1]["message"]
+        assert 0 < sum(1 for m in messages if m.get("event") == "event") <= sent
+        await sub.aclose()

@@ -57,6 +57,8 @@ __all__ = [
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
 DEFAULT_MAX_FRAME = 1 << 20
 #: CONTROL bodies are small by nature; their tighter limit bounds the CPU and memory a
 #: peer can make the CBOR check and decode spend on one message.
@@ -68,6 +70,10 @@ MAX_CHANNEL = 0xFFFFFFFF
 class FrameKind(enum.IntEnum):
     CONTROL = 1
     DATA = 2
+
+
+# The kinds as plain ints, for the decoder's hot path.
+_CONTROL, _DATA = int(FrameKind.CONTROL), int(FrameKind.DATA)
 
 
 # Frames and messages are slotted dataclasses, not frozen ones: one is built per frame on
@@ -308,7 +314,7 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
             raise FrameError("control body is not a CBOR map")
         return message
     try:
-        message = _loads(body)
+        message = cbor2.loads(body) if type(body) is bytes else _loads(body)
     except Exception as exc:  # cbor2 reports bad CBOR with several types
         check_cbor(body, max_items)  # the profile's own reason, when it has one
         raise FrameError(f"control body does not decode: {exc}") from exc
@@ -393,7 +399,8 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
 
     ``checked``: the caller knows it does (built of values decoded from checked frames and
     plain ones of its own), so the walk over it that proves so is skipped."""
-    _check_channel(channel)
+    if not 0 <= channel <= MAX_CHANNEL:
+        _check_channel(channel)  # (raises, saying why; a call less per frame otherwise)
     if not isinstance(message, dict):
         raise LocalProtocolError("a control message is a dict")
     try:
@@ -408,7 +415,7 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
             raise LocalProtocolError(f"control message uses CBOR that peers refuse: {exc}") from None
     if len(body) > max_body:
         raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
-    return HEADER.pack(FrameKind.CONTROL, 0, channel, len(body)) + body
+    return _pack_header(_CONTROL, 0, channel, len(body)) + body
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
@@ -571,38 +578,64 @@ class FrameDecoder:
         return b"".join(taken)
 
     def _read_header(self, source: bytes | bytearray, pos: int) -> tuple[int, int, int]:
-        kind, flags, channel, length = HEADER.unpack_from(source, pos)
-        if kind not in (FrameKind.CONTROL, FrameKind.DATA):
+        kind, flags, channel, length = _unpack_header(source, pos)
+        if kind != _CONTROL and kind != _DATA:
             raise self._fail(FrameError(f"unknown frame kind {kind}"))
         if flags:
             raise self._fail(FrameError(f"unknown frame flags 0x{flags:02x}"))
-        limit = self.max_control if kind == FrameKind.CONTROL else self.max_body
+        limit = self.max_control if kind == _CONTROL else self.max_body
         if length > limit:
-            what = "control frame" if kind == FrameKind.CONTROL else "frame"
+            what = "control frame" if kind == _CONTROL else "frame"
             raise self._fail(FrameTooLarge(f"a {what} announces {length} bytes, over the {limit}-byte maximum"))
         return kind, channel, length
 
     def next_frame_from(self, data: bytes | bytearray | memoryview) -> Frame | None:
         """:meth:`receive_data` then :meth:`next_frame`, with less work in the common case
-        of bytes that are exactly one frame while nothing is buffered (a relayed message)."""
-        if (
-            self._header is None
-            and not self._chunk
-            and not self._parts
-            and self._error is None
-            and self._sink is None  # (DATA frames go into a body's buffer: the usual way)
-            and type(data) is bytes
-            and len(data) >= HEADER_SIZE
-        ):
-            # The header read here, the body cut by next_frame: without receive_data's steps.
-            self._header = self._read_header(data, 0)
-            self._chunk, self._pos = data, HEADER_SIZE
+        of bytes that come while nothing is buffered (a relayed message, a burst of events)."""
+        if self._header is None and not self._chunk and not self._parts and self._error is None and type(data) is bytes and data:
+            # What receive_data does in this case, in one step; next_frame then cuts (a whole
+            # CONTROL frame its quick way) and reads any other header as ever.
+            self._chunk, self._pos = data, 0
             return self.next_frame()
         self.receive_data(data)
         return self.next_frame()
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
+        # The hot case first, in one step: a whole CONTROL frame in the chunk at hand, its
+        # header read with plain ints (an IntEnum member costs a Python-level comparison).
+        # It is checked exactly as _read_header checks it: any other header -- another kind,
+        # flags, a body over the limit -- or one not wholly here goes the general way below,
+        # which refuses it or waits for the rest.  The body is checked (or, trusted, only
+        # decoded) as ever.
+        if self._header is None and not self._parts and self._error is None:
+            chunk, pos = self._chunk, self._pos
+            start = pos + HEADER_SIZE
+            if len(chunk) >= start:
+                kind, flags, channel, length = _unpack_header(chunk, pos)
+                end = start + length
+                if kind == _CONTROL and not flags and length <= self.max_control and end <= len(chunk):
+                    if end == len(chunk):
+                        self._chunk, self._pos = b"", 0
+                    else:
+                        self._pos = end
+                    body = chunk[start:end]
+                    if self.trusted:
+                        try:
+                            message = cbor2.loads(body)
+                        except Exception as exc:  # (as decode_trusted_body: cbor2 raises several types)
+                            raise self._fail(FrameError(f"control body does not decode: {exc}")) from exc
+                        if type(message) is not dict:
+                            raise self._fail(FrameError("control body is not a CBOR map"))
+                        return ControlFrame(channel, message)
+                    try:
+                        return ControlFrame(channel, decode_control_body(body, self.max_items))
+                    except FrameError as exc:
+                        raise self._fail(exc) from exc.__cause__
+        return self._next_frame()
+
+    def _next_frame(self) -> Frame | None:
+        """:meth:`next_frame`, any case."""
         self._check()
         if self._parts:
             if self._header is None:
@@ -610,7 +643,7 @@ class FrameDecoder:
                     return None
                 self._header = self._read_header(self._take(HEADER_SIZE), 0)
             kind, channel, length = self._header
-            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+            if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
             if self._parts_size < length:
                 return None
@@ -625,7 +658,7 @@ class FrameDecoder:
                 self._header = self._read_header(chunk, pos)
                 pos = self._pos = pos + HEADER_SIZE
             kind, channel, length = self._header
-            if self._sink is not None and kind == FrameKind.DATA and self._fits_sink(length):
+            if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
             if len(chunk) - pos < length:
                 if pos < len(chunk):
@@ -636,7 +669,7 @@ class FrameDecoder:
             if self._pos == len(chunk):
                 self._chunk, self._pos = b"", 0
         self._header = None
-        if kind == FrameKind.DATA:
+        if kind == _DATA:
             return DataFrame(channel, body)
         try:
             if self.trusted:
