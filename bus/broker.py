@@ -440,9 +440,17 @@ class _Session:
                 self.reason = f"transport broken: {exc}"
             # Connections that end on their own take turns to be torn down, so a crowd
             # closing at once is spread over many scheduler passes and everyone else is
-            # served in between (the turn is given back once the socket is closed).
-            await self.broker.teardown.acquire_on_behalf_of(self)
-            self.holds_teardown = True
+            # served in between (the turn is given back once the socket is closed).  While
+            # nobody holds a turn, one that ends is torn down at once, without a turn or a
+            # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
+            # none while a crowd takes turns (see Broker.quick_teardowns).
+            broker = self.broker
+            if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
+                broker.quick_teardowns += 1
+            else:
+                await broker.teardown.acquire_on_behalf_of(self)
+                self.holds_teardown = True
+                broker.quick_teardowns = 0  # (a scheduler pass went by since those)
         # What is queued is dropped either way; a writer waiting for frames then returns at
         # once instead of ending by cancellation (which costs trio more per connection); one
         # inside a write is cancelled.
@@ -491,6 +499,10 @@ class Broker:
         self.sessions: dict[int, _Session] = {}
         #: How many ending connections are torn down at once (see _Session.run).
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
+        #: Connections torn down without a turn since one last waited for a turn: a lone
+        #: connection that ends pays no scheduler pass for its turn, and a crowd that ends
+        #: in one pass still goes TEARDOWNS_AT_ONCE at a time (the rest take turns).
+        self.quick_teardowns = 0
         self.core.room_for = self._room_for
         self.core.io_view = self  # per-connection figures for ``stats`` and /metrics
         # Channel requests' deadlines, oldest first: (when, target, request id).
