@@ -422,3 +422,7 @@ async def open_bus(
         if inner is group:
             raise
         raise inner from None
+    finally:
+        # Its tasks have ended: no handler or hook runs again.  Untied from them, the bus
+        # and its link are freed by reference counting (see BusConnection.detach).
+        connection.detach()

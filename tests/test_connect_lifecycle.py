@@ -88,3 +88,31 @@ async def test_a_watch_left_open_ends_cleanly_when_the_bus_is_left(tmp_path: Pat
         with trio.fail_after(10):
             async for _event in watch:  # the snapshot's events, then the end: no error raised
                 pass
+
+
+@pytest.mark.parametrize("wait_inside", [False, True])
+async def test_a_bus_that_was_left_is_freed_without_a_garbage_collection(tmp_path: Path, wait_inside: bool) -> None:
+    """Leaving a bus unties it from its capabilities' handlers and hooks (reference cycles):
+    once nobody holds it, the bus, its connection, its link and its stream are freed by
+    reference counting alone, whether or not its tasks ran before it was left."""
+    import gc
+    import weakref
+
+    async with running_broker(tmp_path) as rb:
+        gc.collect()
+        gc.disable()
+        try:
+            async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Freed", reconnect=False) as bus:
+                if wait_inside:
+                    async with bus.watch(["org.*"]):
+                        await bus.ping()
+                    await bus.publish("Tick", b"x")  # (its frame may wait: the writer task runs)
+                    await bus.ping()
+                link = bus._link
+                assert link is not None
+                refs = [weakref.ref(x) for x in (bus, bus._connection, link, link.framed.stream)]
+            del bus, link
+            assert [ref() is None for ref in refs] == [True] * len(refs)
+        finally:
+            gc.enable()
+        await wait_for_no_sessions(rb.broker)
