@@ -943,6 +943,7 @@ class Broker:
                     self.core.stats.handshake_failed("dropped")
             return  # timed out, or dropped to make room for a newer handshake (or shutting down)
         self.core.stats.handshakes += 1
+        peer_key = stream.peer_key
         framed = FramedStream(
             stream,
             max_frame=cfg.max_frame,
@@ -951,24 +952,24 @@ class Broker:
             max_items=cfg.max_control_items,
         )
         try:
-            conn = self.core.connect(stream.peer_key, kind, pid, uid)
+            conn = self.core.connect(peer_key, kind, pid, uid)
         except QuotaExceeded as exc:
-            log.info("refused %s: %s", stream.peer_key, exc)
+            log.info("refused %s: %s", peer_key, exc)
             with trio.move_on_after(cfg.close_timeout):
                 try:
                     await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             return
-        session = _Session(self, conn.id, framed, stream.peer_key, kind)
+        session = _Session(self, conn.id, framed, peer_key, kind)
         self.sessions[conn.id] = session
-        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, stream.peer_key, kind, pid)
+        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
         try:
             await session.run()
         except Exception:
             # A bug met by one connection ends that connection, never the broker.
             session.reason = "internal error (logged)"
-            log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
+            log.exception("connection :%d (%s) hit an internal error", conn.id, peer_key)
         finally:
             self.core.stats.connection_ended(session.io())
             del self.sessions[conn.id]
@@ -976,7 +977,7 @@ class Broker:
                 self.dispatch(self.core.disconnect(conn.id))
             except Exception:
                 log.exception("cleanup of connection :%d failed", conn.id)
-            log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
+            log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
             if session.holds_teardown:
                 self.teardown.release_on_behalf_of(session)
             # The writer calls back into the session: break that cycle, so the session's

@@ -245,6 +245,24 @@ def test_hello_info_is_typed_and_bounded() -> None:
     assert h.ok(a, "hello", info={"description": "fine", "metadata": {"k": 1, 2: "mixed keys"}})
 
 
+@pytest.mark.parametrize("char", ["x", "\u00e9", "\u20ac", "\U0001f600"])
+def test_hello_info_at_the_size_limit(char: str) -> None:
+    """Around ``info_bytes`` (short infos are not encoded to be measured: none over the limit
+    may pass that way), with one- to four-byte characters, in the description or the version."""
+    import cbor2
+
+    limit = 200
+    for n in range(0, limit):
+        for info in ({"description": char * n}, {"version": char * n}, {"description": char * (n // 2), "version": char * (n - n // 2)}):
+            h = Harness(Limits(info_bytes=limit))
+            a = h.connect()
+            normalized = {"description": info.get("description", ""), "version": info.get("version", ""), "metadata": {}}
+            if len(cbor2.dumps(normalized)) > limit:
+                assert h.error(a, "hello", info=info)[0] == "minibus.Error.QuotaExceeded", (char, n, info)
+            else:
+                assert h.ok(a, "hello", info=info)["unique_id"] == f":{a}"
+
+
 def test_odd_arguments_get_bad_request_not_a_crash() -> None:
     h = Harness()
     a = h.connect()

@@ -789,9 +789,12 @@ class BrokerCore:
         depth = _depth(metadata, self.limits.info_depth)
         if depth > self.limits.info_depth:
             raise QuotaExceeded(f"info_depth: hello: info.metadata is nested deeper than {self.limits.info_depth} levels")
-        size = len(cbor2.dumps(normalized))
-        if size > self.limits.info_bytes:
-            raise QuotaExceeded(f"info_bytes: hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
+        # (An info with no metadata whose texts are short is surely within the limit: its
+        # encoding takes at most 49 bytes and 4 per character.  Only others are measured.)
+        if metadata or 64 + 4 * (len(description) + len(version)) > self.limits.info_bytes:
+            size = len(cbor2.dumps(normalized))
+            if size > self.limits.info_bytes:
+                raise QuotaExceeded(f"info_bytes: hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
         conn.info = normalized
         result: dict[str, Any] = {"unique_id": conn.unique_id, "identity": conn.key.id}
         if name is not None:
