@@ -125,17 +125,52 @@ class Bus:
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
         )
-        self._names = Names(self._connection)
+        # Channels others open to us are answered from the start.  The other capabilities are
+        # made when first used: what they handle (name changes, events, calls' replies) comes
+        # only once they asked for it, and a short-lived bus pays for none of them.
         self._routes = ChannelRoutes(self._connection)
-        self._rpc_calls = RpcCalls(self._connection, self._routes.open_channel, max_message=rpc_max_message)
-        self._events = Events(self._connection)
-        self._services = Services(self._connection)
+        self._names_made: Names | None = None
+        self._events_made: Events | None = None
+        self._rpc_made: RpcCalls | None = None
+        self._services_made: Services | None = None
+        self._rpc_max_message = rpc_max_message
         self._connection.restore = self._restore
-        self._connection.on_give_up = self._names.fail_all
+
+    @property
+    def _names(self) -> Names:
+        names = self._names_made
+        if names is None:
+            names = self._names_made = Names(self._connection)
+            self._connection.on_give_up = names.fail_all
+        return names
+
+    @property
+    def _events(self) -> Events:
+        events = self._events_made
+        if events is None:
+            events = self._events_made = Events(self._connection)
+        return events
+
+    @property
+    def _rpc_calls(self) -> RpcCalls:
+        calls = self._rpc_made
+        if calls is None:
+            calls = self._rpc_made = RpcCalls(self._connection, self._routes.open_channel, max_message=self._rpc_max_message)
+        return calls
+
+    @property
+    def _services(self) -> Services:
+        services = self._services_made
+        if services is None:
+            services = self._services_made = Services(self._connection)
+        return services
 
     async def _restore(self, link: Link) -> None:
-        await self._names.restore(link)
-        await self._events.restore(link)
+        # (Names also asks again for the names after the first: only it requests those.)
+        if self._names_made is not None or len(self._connection.requested_names) > 1:
+            await self._names.restore(link)
+        if self._events_made is not None:
+            await self._events_made.restore(link)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -187,11 +222,14 @@ class Bus:
     @property
     def rpc_max_message(self) -> int:
         """The largest RPC message (argument or result) this bus's calls send or accept."""
-        return self._rpc_calls.max_message
+        calls = self._rpc_made
+        return self._rpc_max_message if calls is None else calls.max_message
 
     @rpc_max_message.setter
     def rpc_max_message(self, value: int) -> None:
-        self._rpc_calls.max_message = value
+        self._rpc_max_message = value
+        if self._rpc_made is not None:
+            self._rpc_made.max_message = value
 
     @property
     def failure(self) -> BusError | None:
@@ -407,8 +445,10 @@ async def open_bus(
                     # ends at its first step, not by cancellation (which costs trio a good
                     # deal more: a short-lived bus pays it).
                     link.send.close()
-                bus._names.close_all_nowait()
-                bus._events.close_all_nowait()
+                if bus._names_made is not None:
+                    bus._names_made.close_all_nowait()
+                if bus._events_made is not None:
+                    bus._events_made.close_all_nowait()
                 # The link's task closes the stream on its way out.  One that has not run yet
                 # (the only task: the bus was left without waiting) ends at its first step
                 # without being cancelled (trio's cancel costs more than the flag it reads).

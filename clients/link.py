@@ -417,14 +417,16 @@ class BusConnection:
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
         names = list(self.requested_names.items())
         first = names[0] if names else None
+        # (Request("hello", 1, args).to_wire(), built in place.)
         hello: dict[str, Any] = {"info": self.plugin_info}
         if first is not None:
-            hello.update(name=first[0], flags=first[1])
+            hello["name"], hello["flags"] = first
+        hello["op"], hello["id"] = "hello", 1
         try:
             try:
                 # Straight to the socket (it has room: nothing was sent since the
                 # handshake); only what it did not take waits.
-                rest = stream.send_nowait(framed.encode_message(Request("hello", 1, hello).to_wire()))
+                rest = stream.send_nowait(framed.encode_message(hello))
                 if rest:
                     await stream.send_wire(rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

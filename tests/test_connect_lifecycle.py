@@ -116,3 +116,37 @@ async def test_a_bus_that_was_left_is_freed_without_a_garbage_collection(tmp_pat
         finally:
             gc.enable()
         await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_bus_makes_its_capabilities_when_first_used(tmp_path: Path) -> None:
+    """Connect and leave makes no names, events, calls or services part; each is made by its
+    first use and then works (its broker messages reach it), and channels others open to the
+    bus are answered from the start (refused here: no handler, as the opener is told)."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Made", reconnect=False) as bus:
+            made = lambda: [x is not None for x in (bus._names_made, bus._events_made, bus._rpc_made, bus._services_made)]  # noqa: E731
+            assert made() == [False] * 4
+            async with open_bus(rb.unix_address, identity=OWNER, reconnect=False) as other:
+                with pytest.raises(Exception) as refused:
+                    await other.open_channel("org.example.Made", "nothing-here")
+                assert "nothing-here" in str(refused.value) or "handler" in str(refused.value)
+                assert made() == [False] * 4
+                async with bus.watch(["org.example.*"]) as watch:
+                    with trio.fail_after(10):
+                        first = await watch.__anext__()
+                    assert first.name == "org.example.Made"
+                    assert await other.request_name("org.example.Second") == "primary-owner"
+                    with trio.fail_after(10):
+                        event = await watch.__anext__()
+                    assert (event.kind, event.name) == ("connected", "org.example.Second")
+                async with bus.subscribe("org.example.Second", "Tick") as events:
+                    await other.emit("Tick", b"x", source="org.example.Second")
+                    with trio.fail_after(10):
+                        item = await events.__anext__()
+                    assert item.payload == b"x"
+                assert bus.rpc_max_message == 16 * 1024 * 1024
+                bus.rpc_max_message = 1000
+                assert not made()[2]
+                assert await bus.list_services() == []
+                assert made() == [True, True, False, True]
+                assert bus.rpc_max_message == 1000 and bus._rpc_calls.max_message == 1000
