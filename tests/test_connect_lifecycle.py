@@ -150,3 +150,47 @@ async def test_a_bus_makes_its_capabilities_when_first_used(tmp_path: Path) -> N
                 assert await bus.list_services() == []
                 assert made() == [True, True, False, True]
                 assert bus.rpc_max_message == 1000 and bus._rpc_calls.max_message == 1000
+
+
+class _Oops(Exception):
+    pass
+
+
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_the_blocks_own_exception_comes_out_as_itself(tmp_path: Path, wait_first: bool) -> None:
+    """Not wrapped in an exception group by the bus's nursery, whether or not the bus's task
+    ran; the connection still ends on both sides."""
+    async with running_broker(tmp_path) as rb:
+        with pytest.raises(_Oops) as caught:
+            async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Oops", reconnect=False) as bus:
+                if wait_first:
+                    await bus.ping()
+                raise _Oops("from the block")
+        assert str(caught.value) == "from the block"
+        assert not bus.connected
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_cancelled_block_and_an_outer_deadline(tmp_path: Path) -> None:
+    """A deadline around the block cancels it as any trio block (the bus ends with it); one
+    inside the block is the block's own affair."""
+    async with running_broker(tmp_path) as rb:
+        with trio.move_on_after(0.2) as outer:
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+                with trio.move_on_after(0.05) as inner:
+                    await trio.sleep_forever()
+                assert inner.cancelled_caught and bus.connected
+                await trio.sleep_forever()
+        assert outer.cancelled_caught and not bus.connected
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_one_open_bus_is_for_one_block(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        opening = open_bus(rb.unix_address, identity=FRIEND, reconnect=False)
+        async with opening as bus:
+            await bus.ping()
+        with pytest.raises(RuntimeError, match="one async with"):
+            async with opening:
+                pass
+        await wait_for_no_sessions(rb.broker)
