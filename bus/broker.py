@@ -161,12 +161,15 @@ def _peer_host(stream: trio.SocketStream) -> str:
         return "?"
 
 
+_UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+
+
 def _peercred(stream: trio.SocketStream) -> tuple[int | None, int | None]:
     try:
-        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return None, None
-    pid, uid, _gid = struct.unpack("3i", raw)
+    pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
 
 
@@ -408,8 +411,51 @@ class _Session:
     # -- the whole session ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The session, in this task: the reader, the teardown turn, why it ended said to
+        the peer where it can be; however it ends, the writer task (if one was needed)
+        ends first.  (One coroutine: each of the session's waits resumes one frame less.)"""
         try:
-            await self._run_tasks_and_say_why()
+            error_event: dict[str, Any] | None = None
+            with self.cancel_scope:
+                # The writer task starts when a frame first has to wait (most go straight to
+                # the socket; a short-lived connection may never need the task).  It runs in the
+                # broker's nursery, so a session opens no nursery of its own, and the session
+                # waits for it to end (below) before it ends itself.
+                self.out.run_when_needed(self._start_writer)
+                try:
+                    await self.reader()
+                except FrameError as exc:
+                    self.reason = f"framing violation: {exc}"
+                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.reason = f"transport broken: {exc}"
+                # Connections that end on their own take turns to be torn down, so a crowd
+                # closing at once is spread over many scheduler passes and everyone else is
+                # served in between (the turn is given back once the socket is closed).  While
+                # nobody holds a turn, one that ends is torn down at once, without a turn or a
+                # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
+                # none while a crowd takes turns (see Broker.quick_teardowns).
+                broker = self.broker
+                if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
+                    broker.quick_teardowns += 1
+                else:
+                    await broker.teardown.acquire_on_behalf_of(self)
+                    self.holds_teardown = True
+                    broker.quick_teardowns = 0  # (a scheduler pass went by since those)
+            # What is queued is dropped either way; a writer waiting for frames then returns at
+            # once instead of ending by cancellation (which costs trio more per connection); one
+            # inside a write is cancelled.
+            self.out.close()
+            await self._end_writer()
+            # Say why, where the stream can still carry a whole frame, within a deadline.
+            if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
+                error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
+            if error_event is not None and not self.out.mid_frame:
+                with trio.move_on_after(self.broker.config.close_timeout):
+                    try:
+                        await self.framed.send_message(error_event)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
         finally:
             # Socket ends still queued for this connection will never be sent: close them,
             # however the session ended (also when the broker itself is cancelled).
@@ -422,49 +468,6 @@ class _Session:
                 self._writer_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await done.wait()
-
-    async def _run_tasks_and_say_why(self) -> None:
-        error_event: dict[str, Any] | None = None
-        with self.cancel_scope:
-            # The writer task starts when a frame first has to wait (most go straight to
-            # the socket; a short-lived connection may never need the task).  It runs in the
-            # broker's nursery, so a session opens no nursery of its own, and the session
-            # waits for it to end (below) before it ends itself.
-            self.out.run_when_needed(self._start_writer)
-            try:
-                await self.reader()
-            except FrameError as exc:
-                self.reason = f"framing violation: {exc}"
-                error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.reason = f"transport broken: {exc}"
-            # Connections that end on their own take turns to be torn down, so a crowd
-            # closing at once is spread over many scheduler passes and everyone else is
-            # served in between (the turn is given back once the socket is closed).  While
-            # nobody holds a turn, one that ends is torn down at once, without a turn or a
-            # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
-            # none while a crowd takes turns (see Broker.quick_teardowns).
-            broker = self.broker
-            if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
-                broker.quick_teardowns += 1
-            else:
-                await broker.teardown.acquire_on_behalf_of(self)
-                self.holds_teardown = True
-                broker.quick_teardowns = 0  # (a scheduler pass went by since those)
-        # What is queued is dropped either way; a writer waiting for frames then returns at
-        # once instead of ending by cancellation (which costs trio more per connection); one
-        # inside a write is cancelled.
-        self.out.close()
-        await self._end_writer()
-        # Say why, where the stream can still carry a whole frame, within a deadline.
-        if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
-            error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
-        if error_event is not None and not self.out.mid_frame:
-            with trio.move_on_after(self.broker.config.close_timeout):
-                try:
-                    await self.framed.send_message(error_event)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
 
 
 def check_settings(config: BrokerConfig) -> None:

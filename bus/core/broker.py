@@ -1565,7 +1565,7 @@ class BrokerCore:
                     f"names_per_identity reached: {conn.key.id} owns or waits for {held} names "
                     f"(limit {self.limits.names_per_identity})"
                 )
-        result, events = self.names.request_name(conn.id, name, flags)
+        result, events = self.names.request_name(conn.id, name, flags, validated=True)
         out.extend(self._notify(events))
         return result.value
 
