@@ -884,6 +884,9 @@ class Broker:
         source: tuple[str, str],
         scope: trio.CancelScope,
     ) -> None:
+        """One connection, in its own task: the handshake (within the handshake scope), the
+        session, its release; the socket is closed however it ends.  (One coroutine for all
+        of it: each of a connection's waits resumes one frame less.)"""
         cfg = self.config
         stream = SecureStream.server(
             transport,
@@ -895,7 +898,74 @@ class Broker:
         )
         stream.close_timeout = cfg.close_timeout
         try:
-            await self._serve_connection(stream, kind, pid, uid, source, scope)
+            try:
+                with scope:
+                    await stream.do_handshake()
+            except HandshakeError as exc:
+                self.core.stats.handshake_error(exc)
+                # (A refused identity was logged by _authorize, rate-limited: not again here.)
+                log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.core.stats.handshake_failed("lost")
+                log.info("%s connection lost during the handshake: %s", kind, exc)
+                return
+            finally:
+                self._handshake_done(source, scope)
+                # A failed handshake's error keeps its frames, which keep the stream: let the
+                # stream go by reference counting instead of a full garbage collection.
+                stream.forget_failure_frames()
+            if scope.cancelled_caught or self._shutting_down:
+                if scope.cancelled_caught:
+                    if trio.current_time() >= scope.deadline:
+                        timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
+                        self.core.stats.handshake_error(timeout)
+                        log.info("%s handshake failed: %s", kind, timeout)
+                    else:
+                        self.core.stats.handshake_failed("dropped")
+                return  # timed out, or dropped to make room for a newer handshake (or shutting down)
+            self.core.stats.handshakes += 1
+            peer_key = stream.peer_key
+            framed = FramedStream(
+                stream,
+                max_frame=cfg.max_frame,
+                max_control=cfg.max_control,
+                receive_stream=stream.plain_transport(),
+                max_items=cfg.max_control_items,
+            )
+            try:
+                conn = self.core.connect(peer_key, kind, pid, uid)
+            except QuotaExceeded as exc:
+                log.info("refused %s: %s", peer_key, exc)
+                with trio.move_on_after(cfg.close_timeout):
+                    try:
+                        await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                return
+            session = _Session(self, conn.id, framed, peer_key, kind)
+            self.sessions[conn.id] = session
+            log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
+            try:
+                await session.run()
+            except Exception:
+                # A bug met by one connection ends that connection, never the broker.
+                session.reason = "internal error (logged)"
+                log.exception("connection :%d (%s) hit an internal error", conn.id, peer_key)
+            finally:
+                self.core.stats.connection_ended(session.io())
+                del self.sessions[conn.id]
+                try:
+                    self.dispatch(self.core.disconnect(conn.id))
+                except Exception:
+                    log.exception("cleanup of connection :%d failed", conn.id)
+                log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
+                if session.holds_teardown:
+                    self.teardown.release_on_behalf_of(session)
+                # The writer calls back into the session: break that cycle, so the session's
+                # objects are freed as soon as this task ends (by reference counting, not by a
+                # full garbage collection, whose pause grows with every live connection).
+                session.out.on_sent = None
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
@@ -908,85 +978,6 @@ class Broker:
                 if closing.cancelled_caught:
                     await trio.aclose_forcefully(stream)
             stream.forget_failure_frames()  # however the connection ended (see there)
-
-    async def _serve_connection(
-        self,
-        stream: SecureStream,
-        kind: str,
-        pid: int | None,
-        uid: int | None,
-        source: tuple[str, str],
-        scope: trio.CancelScope,
-    ) -> None:
-        cfg = self.config
-        try:
-            with scope:
-                await stream.do_handshake()
-        except HandshakeError as exc:
-            self.core.stats.handshake_error(exc)
-            # (A refused identity was logged by _authorize, rate-limited: not again here.)
-            log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.core.stats.handshake_failed("lost")
-            log.info("%s connection lost during the handshake: %s", kind, exc)
-            return
-        finally:
-            self._handshake_done(source, scope)
-            # A failed handshake's error keeps its frames, which keep the stream: let the
-            # stream go by reference counting instead of a full garbage collection.
-            stream.forget_failure_frames()
-        if scope.cancelled_caught or self._shutting_down:
-            if scope.cancelled_caught:
-                if trio.current_time() >= scope.deadline:
-                    timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
-                    self.core.stats.handshake_error(timeout)
-                    log.info("%s handshake failed: %s", kind, timeout)
-                else:
-                    self.core.stats.handshake_failed("dropped")
-            return  # timed out, or dropped to make room for a newer handshake (or shutting down)
-        self.core.stats.handshakes += 1
-        peer_key = stream.peer_key
-        framed = FramedStream(
-            stream,
-            max_frame=cfg.max_frame,
-            max_control=cfg.max_control,
-            receive_stream=stream.plain_transport(),
-            max_items=cfg.max_control_items,
-        )
-        try:
-            conn = self.core.connect(peer_key, kind, pid, uid)
-        except QuotaExceeded as exc:
-            log.info("refused %s: %s", peer_key, exc)
-            with trio.move_on_after(cfg.close_timeout):
-                try:
-                    await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            return
-        session = _Session(self, conn.id, framed, peer_key, kind)
-        self.sessions[conn.id] = session
-        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
-        try:
-            await session.run()
-        except Exception:
-            # A bug met by one connection ends that connection, never the broker.
-            session.reason = "internal error (logged)"
-            log.exception("connection :%d (%s) hit an internal error", conn.id, peer_key)
-        finally:
-            self.core.stats.connection_ended(session.io())
-            del self.sessions[conn.id]
-            try:
-                self.dispatch(self.core.disconnect(conn.id))
-            except Exception:
-                log.exception("cleanup of connection :%d failed", conn.id)
-            log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
-            if session.holds_teardown:
-                self.teardown.release_on_behalf_of(session)
-            # The writer calls back into the session: break that cycle, so the session's
-            # objects are freed as soon as this task ends (by reference counting, not by a
-            # full garbage collection, whose pause grows with every live connection).
-            session.out.on_sent = None
 
     # -- relayed channels ----------------------------------------------------------------------
 
