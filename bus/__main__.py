@@ -329,7 +329,7 @@ async def pace_garbage_collection() -> None:
     about 400 ms (measured here), and a crowd of connections ending at once is what tends to
     trigger one.  Objects that have lived a second are frozen (``gc.freeze``), so collections
     only ever walk what is new; they are still freed by reference counting when they go, which
-    is how connections end (no cycles: see ``_serve_connection``).  Once an hour everything is
+    is how connections end (no cycles: see ``Broker._handle``).  Once an hour everything is
     unfrozen and collected, for cycles a library might have left."""
     last_full = trio.current_time()
     while True:

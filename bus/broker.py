@@ -161,12 +161,15 @@ def _peer_host(stream: trio.SocketStream) -> str:
         return "?"
 
 
+_UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+
+
 def _peercred(stream: trio.SocketStream) -> tuple[int | None, int | None]:
     try:
-        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return None, None
-    pid, uid, _gid = struct.unpack("3i", raw)
+    pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
 
 
@@ -428,8 +431,51 @@ class _Session:
     # -- the whole session ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The session, in this task: the reader, the teardown turn, why it ended said to
+        the peer where it can be; however it ends, the writer task (if one was needed)
+        ends first.  (One coroutine: each of the session's waits resumes one frame less.)"""
         try:
-            await self._run_tasks_and_say_why()
+            error_event: dict[str, Any] | None = None
+            with self.cancel_scope:
+                # The writer task starts when a frame first has to wait (most go straight to
+                # the socket; a short-lived connection may never need the task).  It runs in the
+                # broker's nursery, so a session opens no nursery of its own, and the session
+                # waits for it to end (below) before it ends itself.
+                self.out.run_when_needed(self._start_writer)
+                try:
+                    await self.reader()
+                except FrameError as exc:
+                    self.reason = f"framing violation: {exc}"
+                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.reason = f"transport broken: {exc}"
+                # Connections that end on their own take turns to be torn down, so a crowd
+                # closing at once is spread over many scheduler passes and everyone else is
+                # served in between (the turn is given back once the socket is closed).  While
+                # nobody holds a turn, one that ends is torn down at once, without a turn or a
+                # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
+                # none while a crowd takes turns (see Broker.quick_teardowns).
+                broker = self.broker
+                if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
+                    broker.quick_teardowns += 1
+                else:
+                    await broker.teardown.acquire_on_behalf_of(self)
+                    self.holds_teardown = True
+                    broker.quick_teardowns = 0  # (a scheduler pass went by since those)
+            # What is queued is dropped either way; a writer waiting for frames then returns at
+            # once instead of ending by cancellation (which costs trio more per connection); one
+            # inside a write is cancelled.
+            self.out.close()
+            await self._end_writer()
+            # Say why, where the stream can still carry a whole frame, within a deadline.
+            if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
+                error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
+            if error_event is not None and not self.out.mid_frame:
+                with trio.move_on_after(self.broker.config.close_timeout):
+                    try:
+                        await self.framed.send_message(error_event)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
         finally:
             # Socket ends still queued for this connection will never be sent: close them,
             # however the session ended (also when the broker itself is cancelled).
@@ -442,41 +488,6 @@ class _Session:
                 self._writer_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await done.wait()
-
-    async def _run_tasks_and_say_why(self) -> None:
-        error_event: dict[str, Any] | None = None
-        with self.cancel_scope:
-            # The writer task starts when a frame first has to wait (most go straight to
-            # the socket; a short-lived connection may never need the task).  It runs in the
-            # broker's nursery, so a session opens no nursery of its own, and the session
-            # waits for it to end (below) before it ends itself.
-            self.out.run_when_needed(self._start_writer)
-            try:
-                await self.reader()
-            except FrameError as exc:
-                self.reason = f"framing violation: {exc}"
-                error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.reason = f"transport broken: {exc}"
-            # Connections that end on their own take turns to be torn down, so a crowd
-            # closing at once is spread over many scheduler passes and everyone else is
-            # served in between (the turn is given back once the socket is closed).
-            await self.broker.teardown.acquire_on_behalf_of(self)
-            self.holds_teardown = True
-        # What is queued is dropped either way; a writer waiting for frames then returns at
-        # once instead of ending by cancellation (which costs trio more per connection); one
-        # inside a write is cancelled.
-        self.out.close()
-        await self._end_writer()
-        # Say why, where the stream can still carry a whole frame, within a deadline.
-        if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
-            error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
-        if error_event is not None and not self.out.mid_frame:
-            with trio.move_on_after(self.broker.config.close_timeout):
-                try:
-                    await self.framed.send_message(error_event)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
 
 
 def check_settings(config: BrokerConfig) -> None:
@@ -511,6 +522,10 @@ class Broker:
         self.sessions: dict[int, _Session] = {}
         #: How many ending connections are torn down at once (see _Session.run).
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
+        #: Connections torn down without a turn since one last waited for a turn: a lone
+        #: connection that ends pays no scheduler pass for its turn, and a crowd that ends
+        #: in one pass still goes TEARDOWNS_AT_ONCE at a time (the rest take turns).
+        self.quick_teardowns = 0
         self.core.room_for = self._room_for
         self.core.io_view = self  # per-connection figures for ``stats`` and /metrics
         # Channel requests' deadlines, oldest first: (when, target, request id).
@@ -890,6 +905,9 @@ class Broker:
         source: tuple[str, str],
         scope: trio.CancelScope,
     ) -> None:
+        """One connection, in its own task: the handshake (within the handshake scope), the
+        session, its release; the socket is closed however it ends.  (One coroutine for all
+        of it: each of a connection's waits resumes one frame less.)"""
         cfg = self.config
         stream = SecureStream.server(
             transport,
@@ -901,7 +919,74 @@ class Broker:
         )
         stream.close_timeout = cfg.close_timeout
         try:
-            await self._serve_connection(stream, kind, pid, uid, source, scope)
+            try:
+                with scope:
+                    await stream.do_handshake()
+            except HandshakeError as exc:
+                self.core.stats.handshake_error(exc)
+                # (A refused identity was logged by _authorize, rate-limited: not again here.)
+                log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.core.stats.handshake_failed("lost")
+                log.info("%s connection lost during the handshake: %s", kind, exc)
+                return
+            finally:
+                self._handshake_done(source, scope)
+                # A failed handshake's error keeps its frames, which keep the stream: let the
+                # stream go by reference counting instead of a full garbage collection.
+                stream.forget_failure_frames()
+            if scope.cancelled_caught or self._shutting_down:
+                if scope.cancelled_caught:
+                    if trio.current_time() >= scope.deadline:
+                        timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
+                        self.core.stats.handshake_error(timeout)
+                        log.info("%s handshake failed: %s", kind, timeout)
+                    else:
+                        self.core.stats.handshake_failed("dropped")
+                return  # timed out, or dropped to make room for a newer handshake (or shutting down)
+            self.core.stats.handshakes += 1
+            peer_key = stream.peer_key
+            framed = FramedStream(
+                stream,
+                max_frame=cfg.max_frame,
+                max_control=cfg.max_control,
+                receive_stream=stream.plain_transport(),
+                max_items=cfg.max_control_items,
+            )
+            try:
+                conn = self.core.connect(peer_key, kind, pid, uid)
+            except QuotaExceeded as exc:
+                log.info("refused %s: %s", peer_key, exc)
+                with trio.move_on_after(cfg.close_timeout):
+                    try:
+                        await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                return
+            session = _Session(self, conn.id, framed, peer_key, kind)
+            self.sessions[conn.id] = session
+            log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
+            try:
+                await session.run()
+            except Exception:
+                # A bug met by one connection ends that connection, never the broker.
+                session.reason = "internal error (logged)"
+                log.exception("connection :%d (%s) hit an internal error", conn.id, peer_key)
+            finally:
+                self.core.stats.connection_ended(session.io())
+                del self.sessions[conn.id]
+                try:
+                    self.dispatch(self.core.disconnect(conn.id))
+                except Exception:
+                    log.exception("cleanup of connection :%d failed", conn.id)
+                log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
+                if session.holds_teardown:
+                    self.teardown.release_on_behalf_of(session)
+                # The writer calls back into the session: break that cycle, so the session's
+                # objects are freed as soon as this task ends (by reference counting, not by a
+                # full garbage collection, whose pause grows with every live connection).
+                session.out.on_sent = None
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
@@ -914,84 +999,6 @@ class Broker:
                 if closing.cancelled_caught:
                     await trio.aclose_forcefully(stream)
             stream.forget_failure_frames()  # however the connection ended (see there)
-
-    async def _serve_connection(
-        self,
-        stream: SecureStream,
-        kind: str,
-        pid: int | None,
-        uid: int | None,
-        source: tuple[str, str],
-        scope: trio.CancelScope,
-    ) -> None:
-        cfg = self.config
-        try:
-            with scope:
-                await stream.do_handshake()
-        except HandshakeError as exc:
-            self.core.stats.handshake_error(exc)
-            # (A refused identity was logged by _authorize, rate-limited: not again here.)
-            log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.core.stats.handshake_failed("lost")
-            log.info("%s connection lost during the handshake: %s", kind, exc)
-            return
-        finally:
-            self._handshake_done(source, scope)
-            # A failed handshake's error keeps its frames, which keep the stream: let the
-            # stream go by reference counting instead of a full garbage collection.
-            stream.forget_failure_frames()
-        if scope.cancelled_caught or self._shutting_down:
-            if scope.cancelled_caught:
-                if trio.current_time() >= scope.deadline:
-                    timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
-                    self.core.stats.handshake_error(timeout)
-                    log.info("%s handshake failed: %s", kind, timeout)
-                else:
-                    self.core.stats.handshake_failed("dropped")
-            return  # timed out, or dropped to make room for a newer handshake (or shutting down)
-        self.core.stats.handshakes += 1
-        framed = FramedStream(
-            stream,
-            max_frame=cfg.max_frame,
-            max_control=cfg.max_control,
-            receive_stream=stream.plain_transport(),
-            max_items=cfg.max_control_items,
-        )
-        try:
-            conn = self.core.connect(stream.peer_key, kind, pid, uid)
-        except QuotaExceeded as exc:
-            log.info("refused %s: %s", stream.peer_key, exc)
-            with trio.move_on_after(cfg.close_timeout):
-                try:
-                    await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            return
-        session = _Session(self, conn.id, framed, stream.peer_key, kind)
-        self.sessions[conn.id] = session
-        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, stream.peer_key, kind, pid)
-        try:
-            await session.run()
-        except Exception:
-            # A bug met by one connection ends that connection, never the broker.
-            session.reason = "internal error (logged)"
-            log.exception("connection :%d (%s) hit an internal error", conn.id, stream.peer_key)
-        finally:
-            self.core.stats.connection_ended(session.io())
-            del self.sessions[conn.id]
-            try:
-                self.dispatch(self.core.disconnect(conn.id))
-            except Exception:
-                log.exception("cleanup of connection :%d failed", conn.id)
-            log.info("connection :%d (%s) ended: %s", conn.id, stream.peer_key, session.reason)
-            if session.holds_teardown:
-                self.teardown.release_on_behalf_of(session)
-            # The writer calls back into the session: break that cycle, so the session's
-            # objects are freed as soon as this task ends (by reference counting, not by a
-            # full garbage collection, whose pause grows with every live connection).
-            session.out.on_sent = None
 
     # -- relayed channels ----------------------------------------------------------------------
 

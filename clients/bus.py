@@ -30,8 +30,9 @@ say): set them there; the copies re-exported here are for reading.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any
 
 import trio
@@ -125,17 +126,52 @@ class Bus:
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
         )
-        self._names = Names(self._connection)
+        # Channels others open to us are answered from the start.  The other capabilities are
+        # made when first used: what they handle (name changes, events, calls' replies) comes
+        # only once they asked for it, and a short-lived bus pays for none of them.
         self._routes = ChannelRoutes(self._connection)
-        self._rpc_calls = RpcCalls(self._connection, self._routes.open_channel, max_message=rpc_max_message)
-        self._events = Events(self._connection)
-        self._services = Services(self._connection)
+        self._names_made: Names | None = None
+        self._events_made: Events | None = None
+        self._rpc_made: RpcCalls | None = None
+        self._services_made: Services | None = None
+        self._rpc_max_message = rpc_max_message
         self._connection.restore = self._restore
-        self._connection.on_give_up = self._names.fail_all
+
+    @property
+    def _names(self) -> Names:
+        names = self._names_made
+        if names is None:
+            names = self._names_made = Names(self._connection)
+            self._connection.on_give_up = names.fail_all
+        return names
+
+    @property
+    def _events(self) -> Events:
+        events = self._events_made
+        if events is None:
+            events = self._events_made = Events(self._connection)
+        return events
+
+    @property
+    def _rpc_calls(self) -> RpcCalls:
+        calls = self._rpc_made
+        if calls is None:
+            calls = self._rpc_made = RpcCalls(self._connection, self._routes.open_channel, max_message=self._rpc_max_message)
+        return calls
+
+    @property
+    def _services(self) -> Services:
+        services = self._services_made
+        if services is None:
+            services = self._services_made = Services(self._connection)
+        return services
 
     async def _restore(self, link: Link) -> None:
-        await self._names.restore(link)
-        await self._events.restore(link)
+        # (Names also asks again for the names after the first: only it requests those.)
+        if self._names_made is not None or len(self._connection.requested_names) > 1:
+            await self._names.restore(link)
+        if self._events_made is not None:
+            await self._events_made.restore(link)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -187,11 +223,14 @@ class Bus:
     @property
     def rpc_max_message(self) -> int:
         """The largest RPC message (argument or result) this bus's calls send or accept."""
-        return self._rpc_calls.max_message
+        calls = self._rpc_made
+        return self._rpc_max_message if calls is None else calls.max_message
 
     @rpc_max_message.setter
     def rpc_max_message(self, value: int) -> None:
-        self._rpc_calls.max_message = value
+        self._rpc_max_message = value
+        if self._rpc_made is not None:
+            self._rpc_made.max_message = value
 
     @property
     def failure(self) -> BusError | None:
@@ -354,8 +393,7 @@ class Bus:
         return await self._rpc_calls.introspect(name)
 
 
-@asynccontextmanager
-async def open_bus(
+def open_bus(
     address: str | None = None,
     *,
     identity: Identity | None = None,
@@ -367,58 +405,111 @@ async def open_bus(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     rpc_max_message: int = DEFAULT_MAX_MESSAGE,
-) -> AsyncIterator[Bus]:
-    """Connect to the bus for the duration of the block.
+) -> OpenBus:
+    """Connect to the bus for the duration of the block (``async with open_bus(...) as bus``).
 
     ``address`` defaults to ``MINIBUS_ADDRESS`` or the broker's address file; ``identity`` to
     the key file named by ``MINIBUS_IDENTITY``, else the user's default key (created on first use); ``network_key`` to ``MINIBUS_NETWORK_KEY``
     or minibus's default.  With ``name``, the connection registers as that well-known name
     (a service plugin); without, it is a nameless client, hidden from other clients' queries.
     ``rpc_max_message`` bounds the RPC messages :meth:`Bus.call` sends and accepts (16 MiB).
+    Nothing is read or dialled before the block is entered.
     """
-    bus = Bus(
-        find_address(address),
-        identity if identity is not None else identity_from_env(),
-        network_key if network_key is not None else network_key_from_env(),
-        name=name,
-        info=info,
-        flags=flags,
-        reconnect=reconnect,
-        request_timeout=request_timeout,
-        rpc_max_message=rpc_max_message,
-        connect_timeout=connect_timeout,
+    return OpenBus(
+        address, identity, name, info, flags, network_key, reconnect, request_timeout, connect_timeout, rpc_max_message
     )
-    connection = bus._connection
-    first = await connection.connect()  # (within connect_timeout: CannotConnect)
-    try:
-        async with trio.open_nursery() as nursery:
-            connection.start(nursery, first)
+
+
+class OpenBus:
+    """What :func:`open_bus` returns: an async context manager, for one ``async with``.
+
+    Entering connects and yields the :class:`Bus`; its tasks run in a nursery of its own until
+    the block is left.  (A class rather than a generator-based context manager: a connect
+    that does little pays for no generator and no extra frame at each of its waits.)"""
+
+    __slots__ = ("_args", "_bus", "_nursery_manager", "_nursery")
+
+    def __init__(
+        self,
+        address: str | None,
+        identity: Identity | None,
+        name: str | None,
+        info: dict[str, Any] | None,
+        flags: Iterable[str],
+        network_key: bytes | None,
+        reconnect: bool,
+        request_timeout: float,
+        connect_timeout: float,
+        rpc_max_message: int,
+    ) -> None:
+        self._args = (address, identity, name, info, flags, network_key, reconnect, request_timeout, connect_timeout, rpc_max_message)
+        self._bus: Bus | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> Bus:
+        if self._bus is not None:
+            raise RuntimeError("open_bus(...) is for one async with; call open_bus again for another")
+        address, identity, name, info, flags, network_key, reconnect, request_timeout, connect_timeout, rpc_max_message = self._args
+        bus = self._bus = Bus(
+            find_address(address),
+            identity if identity is not None else identity_from_env(),
+            network_key if network_key is not None else network_key_from_env(),
+            name=name,
+            info=info,
+            flags=flags,
+            reconnect=reconnect,
+            request_timeout=request_timeout,
+            rpc_max_message=rpc_max_message,
+            connect_timeout=connect_timeout,
+        )
+        connection = bus._connection
+        first = await connection.connect()  # (within connect_timeout: CannotConnect)
+        manager = self._nursery_manager = trio.open_nursery()
+        nursery = self._nursery = await manager.__aenter__()
+        connection.start(nursery, first)
+        # (No restore: a bus just made holds no watch, subscription or second name.)
+        return bus
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        bus, manager, nursery = self._bus, self._nursery_manager, self._nursery
+        assert bus is not None and manager is not None and nursery is not None
+        connection = bus._connection
+        try:
+            # No await before the nursery's exit: after cancelling our own scope, an await
+            # would raise a Cancelled that replaces (and so swallows) the block's exception.
+            connection.closed = True
+            link = connection.link
+            if link is not None:
+                # Queued frames are dropped, as a cancelled writer drops them; a writer that
+                # was never needed is never started, and one that has not run yet ends at its
+                # first step, not by cancellation (which costs trio a good deal more: a
+                # short-lived bus pays it).
+                link.send.close()
+            if bus._names_made is not None:
+                bus._names_made.close_all_nowait()
+            if bus._events_made is not None:
+                bus._events_made.close_all_nowait()
+            # The link's task closes the stream on its way out.  One that has not run yet (the
+            # only task: the bus was left without waiting) ends at its first step without
+            # being cancelled (trio's cancel costs more than the flag it reads).
+            if connection.serving or len(nursery.child_tasks) > 1:
+                nursery.cancel_scope.cancel()
             try:
-                # (No restore: a bus just made holds no watch, subscription or second name.)
-                yield bus
-            finally:
-                # No await here: after cancelling our own scope, an await would raise a
-                # Cancelled that replaces (and so swallows) the exception leaving the block.
-                connection.closed = True
-                link = connection.link
-                if link is not None:
-                    # Queued frames are dropped, as a cancelled writer drops them; a writer
-                    # that was never needed is never started, and one that has not run yet
-                    # ends at its first step, not by cancellation (which costs trio a good
-                    # deal more: a short-lived bus pays it).
-                    link.send.close()
-                bus._names.close_all_nowait()
-                bus._events.close_all_nowait()
-                # The link's task closes the stream on its way out.  One that has not run yet
-                # (the only task: the bus was left without waiting) ends at its first step
-                # without being cancelled (trio's cancel costs more than the flag it reads).
-                if connection.serving or len(nursery.child_tasks) > 1:
-                    nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The block's own exception comes out as itself, not wrapped by our nursery(s).
-        inner: BaseException = group
-        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-            inner = inner.exceptions[0]
-        if inner is group:
-            raise
-        raise inner from None
+                return bool(await manager.__aexit__(exc_type, exc, tb))
+            except BaseExceptionGroup as group:
+                # The block's own exception comes out as itself, not wrapped by our nursery.
+                inner: BaseException = group
+                while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                    inner = inner.exceptions[0]
+                if inner is group:
+                    raise
+                if inner is exc:
+                    return False  # (it goes on as it was)
+                raise inner from None
+        finally:
+            # Its tasks have ended: no handler or hook runs again.  Untied from them, the bus
+            # and its link are freed by reference counting (see BusConnection.detach).
+            connection.detach()

@@ -184,6 +184,10 @@ async def _restore_nothing(link: Link) -> None:
     pass
 
 
+def _ignore_give_up(error: BusError) -> None:
+    pass
+
+
 class BusConnection:
     """The connection to the broker across reconnects: one :class:`Link` at a time.
 
@@ -226,7 +230,7 @@ class BusConnection:
         self.event_handlers: dict[str, EventHandler] = {}
         self.raw_event_handlers: dict[str, RawEventHandler] = {}
         self.restore: Callable[[Link], Awaitable[None]] = _restore_nothing
-        self.on_give_up: Callable[[BusError], None] = lambda error: None
+        self.on_give_up: Callable[[BusError], None] = _ignore_give_up
         self.nursery: trio.Nursery | None = None
         self.link: Link | None = None
         self.failure: BusError | None = None  # why the bus gave up reconnecting, if it did
@@ -316,52 +320,61 @@ class BusConnection:
     async def _dial(self) -> tuple[SecureStream, Endpoint]:
         """The first endpoint that connects and completes its handshake.  Each but the last
         has a share of what is left of connect()'s deadline (at most the handshake's own
-        timeout), so a stalled one gives way to the next in time; the last has the rest."""
-        errors = []
-        last = len(self.endpoints) - 1
-        for i, ep in enumerate(self.endpoints):
-            share = math.inf
-            if i < last:
+        timeout), so a stalled one gives way to the next in time; the last has the rest (no
+        scope of its own: connect()'s deadline is its deadline)."""
+        errors: list[str] = []
+        endpoints = self.endpoints
+        last = len(endpoints) - 1
+        for i, ep in enumerate(endpoints):
+            if i == last:
+                stream = await self._try_endpoint(ep, errors)
+            else:
                 left = trio.current_effective_deadline() - trio.current_time()
                 share = min(DEFAULT_HANDSHAKE_TIMEOUT, max(0.0, left) / (last + 1 - i))
-            transport: trio.abc.HalfCloseableStream | None = None
-            stream: SecureStream | None = None
-            with trio.move_on_after(share) as scope:
-                try:
-                    if ep.transport == "unix":
-                        assert ep.path is not None
-                        # Unix connections can receive socket ends: the unix-fd channel route.
-                        transport = await FdSocketStream.connect(ep.path)
-                    else:
-                        assert ep.host is not None and ep.port is not None
-                        transport = await trio.open_tcp_stream(ep.host, ep.port)
-                except OSError as exc:
-                    errors.append(f"{ep.transport}: {exc.strerror or exc}")
+                stream = None
+                with trio.move_on_after(share) as scope:
+                    stream = await self._try_endpoint(ep, errors)
+                if scope.cancelled_caught:
+                    # (only an endpoint's own share ends here: connect()'s deadline is outside;
+                    # what the attempt opened was closed on its way out)
+                    errors.append(f"{ep.transport}: no handshake within {share:.3g} s")
                     continue
-                stream = SecureStream.client(
-                    transport,
-                    self.identity,
-                    ep.key,
-                    network_key=self.network_key,
-                    encrypted=ep.uses_box_stream,
-                    handshake_timeout=math.inf,  # (bounded by the scope around it)
-                )
-                try:
-                    await stream.do_handshake()
-                except HandshakeError as exc:
-                    errors.append(f"{ep.transport}: handshake failed: {exc}")
-                    continue
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-                return stream, ep
-            # (only an endpoint's own share ends here: connect()'s deadline is outside)
-            errors.append(f"{ep.transport}: no handshake within {share:.3g} s")
             if stream is not None:
-                await trio.aclose_forcefully(stream)
-            elif transport is not None:
-                await trio.aclose_forcefully(transport)
+                return stream, ep
         raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+
+    async def _try_endpoint(self, ep: Endpoint, errors: list[str]) -> SecureStream | None:
+        """Connect to ``ep`` and complete the handshake: the stream, or None (why is added to
+        ``errors``).  Whatever it opened is closed if it fails or is cancelled."""
+        transport: trio.abc.HalfCloseableStream
+        try:
+            if ep.transport == "unix":
+                assert ep.path is not None
+                # Unix connections can receive socket ends: the unix-fd channel route.
+                transport = await FdSocketStream.connect(ep.path)
+            else:
+                assert ep.host is not None and ep.port is not None
+                transport = await trio.open_tcp_stream(ep.host, ep.port)
+        except OSError as exc:
+            errors.append(f"{ep.transport}: {exc.strerror or exc}")
+            return None
+        stream = SecureStream.client(
+            transport,
+            self.identity,
+            ep.key,
+            network_key=self.network_key,
+            encrypted=ep.uses_box_stream,
+            handshake_timeout=math.inf,  # (bounded by the scope around it)
+        )
+        try:
+            await stream.do_handshake()
+        except HandshakeError as exc:
+            errors.append(f"{ep.transport}: handshake failed: {exc}")
+            return None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
 
     async def connect(self) -> Link:
         """Dial, handshake and say hello (with the first requested name): a new link.
@@ -404,14 +417,16 @@ class BusConnection:
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
         names = list(self.requested_names.items())
         first = names[0] if names else None
+        # (Request("hello", 1, args).to_wire(), built in place.)
         hello: dict[str, Any] = {"info": self.plugin_info}
         if first is not None:
-            hello.update(name=first[0], flags=first[1])
+            hello["name"], hello["flags"] = first
+        hello["op"], hello["id"] = "hello", 1
         try:
             try:
                 # Straight to the socket (it has room: nothing was sent since the
                 # handshake); only what it did not take waits.
-                rest = stream.send_nowait(framed.encode_message(Request("hello", 1, hello).to_wire()))
+                rest = stream.send_nowait(framed.encode_message(hello))
                 if rest:
                     await stream.send_wire(rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -657,6 +672,18 @@ class BusConnection:
                 continue
             self.reconnects += 1
             return link
+
+    def detach(self) -> None:
+        """The bus is over (its tasks have ended): drop what ties this connection to the
+        capabilities above it (their handlers and hooks) and to its nursery.  Those ties are
+        reference cycles; without them a finished bus, its link and its stream are freed by
+        reference counting when their last user lets go, not by a garbage collection."""
+        self.request_handlers.clear()
+        self.event_handlers.clear()
+        self.raw_event_handlers.clear()
+        self.restore = _restore_nothing
+        self.on_give_up = _ignore_give_up
+        self.nursery = None
 
     async def aclose(self) -> None:
         self.closed = True

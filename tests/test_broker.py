@@ -519,3 +519,59 @@ async def test_a_bug_in_a_sessions_writer_ends_that_connection_only(tmp_path: Pa
             assert "internal error" in session.reason
             await other.ping()  # the broker goes on
         await trio.aclose_forcefully(slow)
+
+
+class _SessionsPerPass(trio.abc.Instrument):
+    """How many sessions the broker holds after each wait for I/O (one per scheduler pass)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.sizes: list[int] = []
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.sizes.append(len(self.broker.sessions))
+
+
+async def test_connections_that_end_together_are_torn_down_a_few_per_scheduler_pass(tmp_path: Path) -> None:
+    """A connection that ends while no other is being torn down goes at once (no turn to wait
+    for); a crowd that ends in the same pass still goes a few at a time: TEARDOWNS_AT_ONCE
+    without a turn, then the rest take turns, so every pass in between serves everyone else.
+    Every one of them is released (its name too)."""
+    from bus.broker import TEARDOWNS_AT_ONCE
+    from bus.core.broker import Limits
+
+    n = 6 * TEARDOWNS_AT_ONCE
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=n + 1)) as rb:
+        peers = []
+        with trio.fail_after(60):
+            for i in range(n):
+                peer = await raw_connect(rb.unix_address, FRIEND)
+                await peer.send_message({"op": "hello", "id": 1, "info": {}, "name": f"org.example.Crowd{i}"})
+                frame = await peer.receive_frame()
+                assert isinstance(frame, ControlFrame) and frame.message["result"]["name_result"] == "primary-owner"
+                peers.append(peer)
+        lone = await raw_connect(rb.unix_address, FRIEND)
+        await lone.send_message({"op": "hello", "id": 1, "info": {}, "name": "org.example.Lone"})
+        assert isinstance(await lone.receive_frame(), ControlFrame)
+        await lone.aclose()
+        with trio.fail_after(10):
+            while len(rb.broker.sessions) > n:
+                await trio.sleep(0.01)
+        assert rb.broker.quick_teardowns >= 1 and not rb.broker.teardown.borrowed_tokens
+        counter = _SessionsPerPass(rb.broker)
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for peer in peers:  # all at once: no checkpoint in between
+                assert isinstance(peer.stream, SecureStream) and peer.stream.close_nowait()
+            with trio.fail_after(30):
+                while rb.broker.sessions:
+                    await trio.sleep(0)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        counter.sizes.append(len(rb.broker.sessions))
+        assert counter.sizes[0] == n and counter.sizes[-1] == 0
+        drops = [a - b for a, b in zip(counter.sizes, counter.sizes[1:])]
+        assert max(drops) <= 2 * TEARDOWNS_AT_ONCE, drops
+        assert len([d for d in drops if d]) >= 3, drops
+        async with open_bus(rb.unix_address, identity=OWNER, reconnect=False) as bus:
+            assert [info.name for info in await bus.list_names()] == []

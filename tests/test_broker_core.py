@@ -245,6 +245,24 @@ def test_hello_info_is_typed_and_bounded() -> None:
     assert h.ok(a, "hello", info={"description": "fine", "metadata": {"k": 1, 2: "mixed keys"}})
 
 
+@pytest.mark.parametrize("char", ["x", "\u00e9", "\u20ac", "\U0001f600"])
+def test_hello_info_at_the_size_limit(char: str) -> None:
+    """Around ``info_bytes`` (short infos are not encoded to be measured: none over the limit
+    may pass that way), with one- to four-byte characters, in the description or the version."""
+    import cbor2
+
+    limit = 200
+    for n in range(0, limit):
+        for info in ({"description": char * n}, {"version": char * n}, {"description": char * (n // 2), "version": char * (n - n // 2)}):
+            h = Harness(Limits(info_bytes=limit))
+            a = h.connect()
+            normalized = {"description": info.get("description", ""), "version": info.get("version", ""), "metadata": {}}
+            if len(cbor2.dumps(normalized)) > limit:
+                assert h.error(a, "hello", info=info)[0] == "minibus.Error.QuotaExceeded", (char, n, info)
+            else:
+                assert h.ok(a, "hello", info=info)["unique_id"] == f":{a}"
+
+
 def test_odd_arguments_get_bad_request_not_a_crash() -> None:
     h = Harness()
     a = h.connect()
@@ -318,3 +336,32 @@ def test_large_snapshots_arrive_in_parts_merged_with_changes() -> None:
             names += [e["name"] for e in message["entries"]]
     assert names == [f"org.example.N{i:03}" for i in range(39)]  # N039 left before its page
     assert h.core.pump_watches(w) == []
+
+
+def test_budgets_are_made_when_first_used_and_still_hold_their_limits() -> None:
+    """A connect (and a hello with a name) makes no budget; the first watch makes the watch
+    budgets (the connection's and its identity's), which count and refuse as ever; the
+    identity's budgets outlive none of its connections."""
+    h = Harness(Limits(watches_per_connection=2, watches_per_identity=3))
+    a = h.connect()
+    h.ok(a, "hello", name="org.example.Lazy")
+    conn = h.core.connections[a]
+    account = conn.account
+    made = lambda holder: sorted(n for n in holder.__slots__ if n.startswith("_") and n.endswith(("budget", "watches", "subscriptions", "channels", "pending", "relay")) and getattr(holder, n) is not None)  # noqa: E731
+    assert made(conn) == [] and made(account) == []
+    h.ok(a, "watch", patterns=["org.example.*"])
+    assert made(conn) == ["_watch_budget"] and made(account) == ["_watches"]
+    assert conn.watch_budget.used == 1 and account.watches.used == 1
+    assert conn.watch_budget.owner == f":{a}" and account.watches.owner == conn.key.id
+    h.ok(a, "watch", patterns=["org.other.*"])
+    assert h.error(a, "watch", patterns=["org.third.*"])[0] == "minibus.Error.QuotaExceeded"
+    b = h.connect()
+    h.ok(b, "hello")
+    assert h.core.connections[b].account is account
+    h.ok(b, "watch", patterns=["org.b.*"])
+    code, message = h.error(b, "watch", patterns=["org.c.*"])
+    assert code == "minibus.Error.QuotaExceeded" and "watches_per_identity" in message
+    h.disconnect(a)
+    assert account.watches.used == 1
+    h.disconnect(b)
+    assert conn.key.id not in h.core.accounts

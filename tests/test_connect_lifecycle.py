@@ -88,3 +88,109 @@ async def test_a_watch_left_open_ends_cleanly_when_the_bus_is_left(tmp_path: Pat
         with trio.fail_after(10):
             async for _event in watch:  # the snapshot's events, then the end: no error raised
                 pass
+
+
+@pytest.mark.parametrize("wait_inside", [False, True])
+async def test_a_bus_that_was_left_is_freed_without_a_garbage_collection(tmp_path: Path, wait_inside: bool) -> None:
+    """Leaving a bus unties it from its capabilities' handlers and hooks (reference cycles):
+    once nobody holds it, the bus, its connection, its link and its stream are freed by
+    reference counting alone, whether or not its tasks ran before it was left."""
+    import gc
+    import weakref
+
+    async with running_broker(tmp_path) as rb:
+        gc.collect()
+        gc.disable()
+        try:
+            async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Freed", reconnect=False) as bus:
+                if wait_inside:
+                    async with bus.watch(["org.*"]):
+                        await bus.ping()
+                    await bus.publish("Tick", b"x")  # (its frame may wait: the writer task runs)
+                    await bus.ping()
+                link = bus._link
+                assert link is not None
+                refs = [weakref.ref(x) for x in (bus, bus._connection, link, link.framed.stream)]
+            del bus, link
+            assert [ref() is None for ref in refs] == [True] * len(refs)
+        finally:
+            gc.enable()
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_bus_makes_its_capabilities_when_first_used(tmp_path: Path) -> None:
+    """Connect and leave makes no names, events, calls or services part; each is made by its
+    first use and then works (its broker messages reach it), and channels others open to the
+    bus are answered from the start (refused here: no handler, as the opener is told)."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Made", reconnect=False) as bus:
+            made = lambda: [x is not None for x in (bus._names_made, bus._events_made, bus._rpc_made, bus._services_made)]  # noqa: E731
+            assert made() == [False] * 4
+            async with open_bus(rb.unix_address, identity=OWNER, reconnect=False) as other:
+                with pytest.raises(Exception) as refused:
+                    await other.open_channel("org.example.Made", "nothing-here")
+                assert "nothing-here" in str(refused.value) or "handler" in str(refused.value)
+                assert made() == [False] * 4
+                async with bus.watch(["org.example.*"]) as watch:
+                    with trio.fail_after(10):
+                        first = await watch.__anext__()
+                    assert first.name == "org.example.Made"
+                    assert await other.request_name("org.example.Second") == "primary-owner"
+                    with trio.fail_after(10):
+                        event = await watch.__anext__()
+                    assert (event.kind, event.name) == ("connected", "org.example.Second")
+                async with bus.subscribe("org.example.Second", "Tick") as events:
+                    await other.emit("Tick", b"x", source="org.example.Second")
+                    with trio.fail_after(10):
+                        item = await events.__anext__()
+                    assert item.payload == b"x"
+                assert bus.rpc_max_message == 16 * 1024 * 1024
+                bus.rpc_max_message = 1000
+                assert not made()[2]
+                assert await bus.list_services() == []
+                assert made() == [True, True, False, True]
+                assert bus.rpc_max_message == 1000 and bus._rpc_calls.max_message == 1000
+
+
+class _Oops(Exception):
+    pass
+
+
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_the_blocks_own_exception_comes_out_as_itself(tmp_path: Path, wait_first: bool) -> None:
+    """Not wrapped in an exception group by the bus's nursery, whether or not the bus's task
+    ran; the connection still ends on both sides."""
+    async with running_broker(tmp_path) as rb:
+        with pytest.raises(_Oops) as caught:
+            async with open_bus(rb.unix_address, identity=FRIEND, name="org.example.Oops", reconnect=False) as bus:
+                if wait_first:
+                    await bus.ping()
+                raise _Oops("from the block")
+        assert str(caught.value) == "from the block"
+        assert not bus.connected
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_cancelled_block_and_an_outer_deadline(tmp_path: Path) -> None:
+    """A deadline around the block cancels it as any trio block (the bus ends with it); one
+    inside the block is the block's own affair."""
+    async with running_broker(tmp_path) as rb:
+        with trio.move_on_after(0.2) as outer:
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+                with trio.move_on_after(0.05) as inner:
+                    await trio.sleep_forever()
+                assert inner.cancelled_caught and bus.connected
+                await trio.sleep_forever()
+        assert outer.cancelled_caught and not bus.connected
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_one_open_bus_is_for_one_block(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        opening = open_bus(rb.unix_address, identity=FRIEND, reconnect=False)
+        async with opening as bus:
+            await bus.ping()
+        with pytest.raises(RuntimeError, match="one async with"):
+            async with opening:
+                pass
+        await wait_for_no_sessions(rb.broker)

@@ -82,3 +82,28 @@ def test_authorized_keys_file_format() -> None:
 def test_bad_policies_are_refused(toml: str) -> None:
     with pytest.raises(PolicyError):
         Policy.from_mapping(OWNER, tomllib.loads(toml))
+
+
+def test_decisions_stay_the_same_while_the_rules_per_identity_are_remembered_and_bounded() -> None:
+    """The rules that apply to an identity are worked out once and remembered; a crowd of
+    identities cannot grow the memo past its bound, and no decision changes with it."""
+    from bus.core.policy import _APPLICABLE_MEMO
+
+    p = policy()
+    strangers = [Identity.generate().public_key for _ in range(_APPLICABLE_MEMO + 50)]
+    for _ in range(2):
+        for key in [PLUGIN, *strangers, PLUGIN, OWNER]:
+            assert len(p._memo) <= _APPLICABLE_MEMO
+            if key is PLUGIN:
+                assert p.may_connect(key).allowed and not p.is_admin(key)
+                assert p.may_own(key, "org.example.Echo").allowed
+                assert not p.may_own(key, "org.other.Echo").allowed
+                assert p.may_see(key, "org.public.X").allowed
+            elif key is OWNER:
+                assert p.may_connect(key).allowed and p.is_admin(key) and p.may_own(key, "org.other.Echo").allowed
+            else:
+                assert not p.may_connect(key).allowed and not p.is_admin(key)
+                assert not p.may_own(key, "org.example.Echo").allowed
+                denied = p.may_see(key, "org.example.Echo")
+                assert not denied.allowed and "everyone-sees-public" in denied.rule
+                assert p.may_see(key, "org.public.X").allowed

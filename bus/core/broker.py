@@ -322,29 +322,57 @@ class Subscription:
         return self.member.match(member) and self.source.match(source)
 
 
+class _LazyBudget:
+    """A :class:`~bus.core.accounting.Budget` made when first used: most connections (and
+    identities) never take from most of theirs, and a connect that makes none is cheaper.
+    Its owner text is the holder's ``budget_owner``, its size the holder's ``limits``' setting
+    of the same name; it lives in the holder's slot named ``_`` + the attribute's name."""
+
+    __slots__ = ("limit_name", "slot")
+
+    def __init__(self, limit_name: str) -> None:
+        self.limit_name = limit_name
+        self.slot = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, holder: Any, kind: type | None = None) -> Budget:
+        budget: Budget | None = getattr(holder, self.slot)
+        if budget is None:
+            budget = Budget(self.limit_name, holder.budget_owner, getattr(holder.limits, self.limit_name))
+            setattr(holder, self.slot, budget)
+        return budget
+
+
 @dataclass(slots=True)
 class Account:
-    """What one identity holds across all its connections."""
+    """What one identity holds across all its connections (its budgets made when first used)."""
 
     key: str
+    limits: Limits
     connections: set[int] = field(default_factory=set)
-    watches: Budget = field(init=False)
-    complex_watches: Budget = field(init=False)
-    subscriptions: Budget = field(init=False)
-    channels: Budget = field(init=False)
-    pending: Budget = field(init=False)
-    relay: Budget = field(init=False)
+    _watches: Budget | None = field(default=None, repr=False)
+    _complex_watches: Budget | None = field(default=None, repr=False)
+    _subscriptions: Budget | None = field(default=None, repr=False)
+    _channels: Budget | None = field(default=None, repr=False)
+    _pending: Budget | None = field(default=None, repr=False)
+    _relay: Budget | None = field(default=None, repr=False)
+
+    watches = _LazyBudget("watches_per_identity")
+    complex_watches = _LazyBudget("complex_watches_per_identity")
+    subscriptions = _LazyBudget("subscriptions_per_identity")
+    channels = _LazyBudget("channels_per_identity")
+    pending = _LazyBudget("pending_opens_per_identity")
+    relay = _LazyBudget("relay_bytes_per_identity")
 
     @classmethod
     def new(cls, key: str, limits: Limits) -> Account:
-        account = cls(key)
-        account.watches = Budget("watches_per_identity", key, limits.watches_per_identity)
-        account.complex_watches = Budget("complex_watches_per_identity", key, limits.complex_watches_per_identity)
-        account.subscriptions = Budget("subscriptions_per_identity", key, limits.subscriptions_per_identity)
-        account.channels = Budget("channels_per_identity", key, limits.channels_per_identity)
-        account.pending = Budget("pending_opens_per_identity", key, limits.pending_opens_per_identity)
-        account.relay = Budget("relay_bytes_per_identity", key, limits.relay_bytes_per_identity)
-        return account
+        return cls(key, limits)
+
+    @property
+    def budget_owner(self) -> str:
+        return self.key
 
 
 @dataclass(slots=True)
@@ -366,27 +394,32 @@ class Connection:
     next_subscription: int = 1
     gaps_owed: bool = False  # a subscription of it missed events: ``gap`` events are owed
     next_request: int = 1  # ids of the broker's own requests to this connection
-    watch_budget: Budget = field(init=False)
-    complex_watch_budget: Budget = field(init=False)
-    subscription_budget: Budget = field(init=False)
-    channel_budget: Budget = field(init=False)  # channels it opens
-    pending_budget: Budget = field(init=False)  # openings it waits for
-    target_budget: Budget = field(init=False)  # channels others open to it (shared)
-    incoming_budget: Budget = field(init=False)  # openings to it awaiting its answer (shared)
+    # Its budgets (made when first used, see _LazyBudget).
+    _watch_budget: Budget | None = field(default=None, init=False, repr=False)
+    _complex_watch_budget: Budget | None = field(default=None, init=False, repr=False)
+    _subscription_budget: Budget | None = field(default=None, init=False, repr=False)
+    _channel_budget: Budget | None = field(default=None, init=False, repr=False)
+    _pending_budget: Budget | None = field(default=None, init=False, repr=False)
+    _target_budget: Budget | None = field(default=None, init=False, repr=False)
+    _incoming_budget: Budget | None = field(default=None, init=False, repr=False)
     # Openings to it whose opener gave up (made when first needed: most never have one).
     tombstones: deque[tuple[int, int]] | None = None
     _unique_id: str = field(init=False, repr=False)
 
+    watch_budget = _LazyBudget("watches_per_connection")
+    complex_watch_budget = _LazyBudget("complex_watches_per_connection")
+    subscription_budget = _LazyBudget("subscriptions_per_connection")
+    channel_budget = _LazyBudget("channels_per_connection")  # channels it opens
+    pending_budget = _LazyBudget("pending_opens_per_connection")  # openings it waits for
+    target_budget = _LazyBudget("channels_per_target")  # channels others open to it (shared)
+    incoming_budget = _LazyBudget("pending_opens_per_target")  # openings to it awaiting its answer (shared)
+
     def __post_init__(self) -> None:
         self._unique_id = f":{self.id}"
-        me, limits = self.unique_id, self.limits
-        self.watch_budget = Budget("watches_per_connection", me, limits.watches_per_connection)
-        self.complex_watch_budget = Budget("complex_watches_per_connection", me, limits.complex_watches_per_connection)
-        self.subscription_budget = Budget("subscriptions_per_connection", me, limits.subscriptions_per_connection)
-        self.channel_budget = Budget("channels_per_connection", me, limits.channels_per_connection)
-        self.pending_budget = Budget("pending_opens_per_connection", me, limits.pending_opens_per_connection)
-        self.target_budget = Budget("channels_per_target", me, limits.channels_per_target)
-        self.incoming_budget = Budget("pending_opens_per_target", me, limits.pending_opens_per_target)
+
+    @property
+    def budget_owner(self) -> str:
+        return self._unique_id
 
     @property
     def unique_id(self) -> str:
@@ -789,9 +822,12 @@ class BrokerCore:
         depth = _depth(metadata, self.limits.info_depth)
         if depth > self.limits.info_depth:
             raise QuotaExceeded(f"info_depth: hello: info.metadata is nested deeper than {self.limits.info_depth} levels")
-        size = len(cbor2.dumps(normalized))
-        if size > self.limits.info_bytes:
-            raise QuotaExceeded(f"info_bytes: hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
+        # (An info with no metadata whose texts are short is surely within the limit: its
+        # encoding takes at most 49 bytes and 4 per character.  Only others are measured.)
+        if metadata or 64 + 4 * (len(description) + len(version)) > self.limits.info_bytes:
+            size = len(cbor2.dumps(normalized))
+            if size > self.limits.info_bytes:
+                raise QuotaExceeded(f"info_bytes: hello: info is {size} bytes, over the {self.limits.info_bytes}-byte limit")
         conn.info = normalized
         result: dict[str, Any] = {"unique_id": conn.unique_id, "identity": conn.key.id}
         if name is not None:
@@ -1529,7 +1565,7 @@ class BrokerCore:
                     f"names_per_identity reached: {conn.key.id} owns or waits for {held} names "
                     f"(limit {self.limits.names_per_identity})"
                 )
-        result, events = self.names.request_name(conn.id, name, flags)
+        result, events = self.names.request_name(conn.id, name, flags, validated=True)
         out.extend(self._notify(events))
         return result.value
 

@@ -153,8 +153,12 @@ class NameRegistry:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def request_name(self, conn: int, name: str, flags: NameFlag = NameFlag.NONE) -> tuple[RequestResult, list[OwnerChanged]]:
-        validate_name(name)
+    def request_name(
+        self, conn: int, name: str, flags: NameFlag = NameFlag.NONE, *, validated: bool = False
+    ) -> tuple[RequestResult, list[OwnerChanged]]:
+        """``validated``: the caller checked ``name`` with :func:`validate_name` already."""
+        if not validated:
+            validate_name(name)
         flags = NameFlag(flags)
         entry = self._names.get(name)
         if entry is None:

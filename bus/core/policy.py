@@ -96,6 +96,10 @@ def parse_authorized_keys(text: str, source: str = "authorized_keys") -> frozens
     return frozenset(keys)
 
 
+#: Identities whose applicable rules a policy remembers (see Policy._applicable).
+_APPLICABLE_MEMO = 1024
+
+
 def _everything(name: str, identities: Iterable[str]) -> Rule:
     return Rule(name, frozenset(identities), connect=True, own=("*",), see=("*",), open=("*",), emit=("*",), admin=True)
 
@@ -106,10 +110,13 @@ class Policy:
     authorized_keys: frozenset[str] = frozenset()
     rules: tuple[Rule, ...] = ()
     _all: tuple[Rule, ...] = field(init=False, repr=False)
+    # The rules that apply to an identity, by its id (see _applicable).
+    _memo: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         built = (_everything("owner", [self.owner.id]), _everything("authorized_keys", self.authorized_keys))
         object.__setattr__(self, "_all", built + tuple(self.rules))
+        object.__setattr__(self, "_memo", {})
 
     @classmethod
     def from_mapping(cls, owner: PublicKey, data: Mapping[str, Any], authorized_keys: frozenset[str] = frozenset()) -> Policy:
@@ -161,8 +168,17 @@ class Policy:
 
     # -- decisions --------------------------------------------------------------------------
 
-    def _applicable(self, key: PublicKey) -> list[Rule]:
-        return [r for r in self._all if r.applies_to(key)]
+    def _applicable(self, key: PublicKey) -> tuple[Rule, ...]:
+        """The rules that apply to ``key``, remembered: a connect asks three times (connect,
+        admin, the hello's name).  A policy never changes; the memo holds at most
+        ``_APPLICABLE_MEMO`` identities (it starts over when full), so no peer can grow it."""
+        memo = self._memo
+        rules = memo.get(key.id)
+        if rules is None:
+            if len(memo) >= _APPLICABLE_MEMO:
+                memo.clear()
+            rules = memo[key.id] = tuple(r for r in self._all if r.applies_to(key))
+        return rules
 
     def may_connect(self, key: PublicKey) -> Decision:
         for rule in self._applicable(key):

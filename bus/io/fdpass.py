@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import operator
 import os
 import socket
@@ -41,6 +42,8 @@ END_MARK = b"\x00"
 #: How long a graceful close may wait to deliver the end mark to a peer that does not read.
 DEFAULT_CLOSE_TIMEOUT = 2.0
 TRUNCATED = "the peer vanished without ending the stream (truncated)"
+#: What a send on a closed socket fails with (as trio's SocketStream tells them).
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 _CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (a plain int: the enum's ``&`` costs a microsecond a read)
 
@@ -65,11 +68,22 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, sock: socket.socket) -> None:
         self._raw = sock
-        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets it non-blocking
-        self.socket = self.stream.socket
+        self.socket = trio.socket.from_stdlib_socket(sock)  # (sets it non-blocking)
+        # A trio SocketStream over the same socket, made when first needed (send_eof, waiting
+        # for room): making one tries two TCP options, which a Unix socket refuses (two
+        # failed system calls and two exceptions per connection).
+        self._stream: trio.SocketStream | None = None
         self.fds: collections.deque[int] = collections.deque()
         self._closed = False
         self._receiving = False
+        self._send_busy = False
+
+    @property
+    def stream(self) -> trio.SocketStream:
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = trio.SocketStream(self.socket)
+        return stream
 
     @classmethod
     async def connect(cls, path: str) -> FdSocketStream:
@@ -174,7 +188,31 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        """What :meth:`trio.SocketStream.send_all` does, on the socket itself: a checkpoint;
+        every byte is sent, waiting while the socket is full; one sender at a time."""
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        try:
+            sock = self.socket
+            if sock.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            with memoryview(data) as view:
+                if not view:
+                    if sock.fileno() == -1:
+                        raise trio.ClosedResourceError("the stream was closed")
+                    await trio.lowlevel.checkpoint()
+                    return
+                sent = 0
+                while sent < len(view):
+                    with view[sent:] as rest:
+                        sent += await sock.send(rest)
+        except OSError as exc:
+            if exc.errno in _CLOSED_ERRNOS:
+                raise trio.ClosedResourceError("the stream was closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        finally:
+            self._send_busy = False
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
