@@ -30,7 +30,7 @@ import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -110,7 +110,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._send_busy = False
         self._receive_busy = False
         # Push delivery (deliver_to): who takes each data frame, and who hears of the end.
-        self._consumer: Callable[[bytes], None] | None = None
+        self._consumer: Callable[[bytes | memoryview], None] | None = None
+        self._consumer_views = False  # the consumer takes views (deliver_to(views=True))
         self._on_end: EndCallback | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -131,7 +132,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._break("the bus connection cannot carry the channel's control messages")
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         if self._closed or self._broken or not data:
             return  # (an empty frame carries nothing; queued, it would read as an end of file)
         if len(data) > self._granted:
@@ -141,12 +142,14 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._granted -= len(data)
         self.bytes_in += len(data)
         if self._consumer is not None:
-            self._push(data)
+            # A view of the link's read goes only to a consumer that takes views (it copies
+            # what it keeps); any other gets bytes of its own.
+            self._push(data if self._consumer_views or type(data) is bytes else bytes(data))
             return
-        self._incoming.append(data)
+        self._incoming.append(data if type(data) is bytes else bytes(data))
         self._wake_receiver()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> None:
+    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False) -> None:
         """Hand every data frame to ``consumer`` as it arrives, instead of ``receive_some``.
 
         ``consumer`` runs inside the bus connection's reader, so it must not block; what it
@@ -156,19 +159,25 @@ class RelayStream(trio.abc.HalfCloseableStream):
         have raised (see :data:`EndCallback`); it must not block either, and what it raises
         is logged, never passed on to the bus connection.  Data already received is handed
         over first, before this returns.
+
+        ``views``: ``consumer`` may be given a ``memoryview`` of the bus connection's read
+        instead of ``bytes`` (no copy per frame), valid only during the call: it copies what
+        it keeps.
         """
         if self._receive_busy or self._consumer is not None:
             raise trio.BusyResourceError("another task is receiving on this channel")
         if self._closed:
             raise trio.ClosedResourceError("this channel was closed")
         self._receive_busy = True  # for good: receive_some now says another reader has it
-        self._consumer, self._on_end = consumer, on_end
+        self._consumer = cast("Callable[[bytes | memoryview], None]", consumer)  # (views: see above)
+        self._on_end = on_end
+        self._consumer_views = views
         while self._incoming and self._consumer is not None:
             self._push(self._incoming.popleft())
         if self._broken is not None or self._eof_received:
             self._end(self._broken_error())
 
-    def _push(self, data: bytes) -> None:
+    def _push(self, data: bytes | memoryview) -> None:
         assert self._consumer is not None
         try:
             self._consumer(data)
@@ -469,10 +478,10 @@ class Channel(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._io.wait_send_all_might_not_block()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> bool:
+    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False) -> bool:
         """Push delivery where the route allows it (a plain relayed channel): see
-        :meth:`RelayStream.deliver_to`.  Returns False, changing nothing, where it does not;
-        read with :meth:`receive_some` then."""
+        :meth:`RelayStream.deliver_to` (also for ``views``).  Returns False, changing
+        nothing, where it does not; read with :meth:`receive_some` then."""
         relay = self._io
         if not isinstance(relay, RelayStream):
             return False
@@ -481,7 +490,7 @@ class Channel(trio.abc.HalfCloseableStream):
             self._received += len(data)
             consumer(data)
 
-        relay.deliver_to(counted, on_end)
+        relay.deliver_to(counted, on_end, views=views)
         return True
 
     def socket_reads(self) -> _SocketReads | None:

@@ -356,7 +356,7 @@ class _MessageFrames:
             elif data:
                 if self._filled is body:  # (the reader must hand over each frame before cutting the next)
                     raise LocalProtocolError("a data frame was cut before its body's buffer reached the decoder")
-                body.parts.append(data)
+                body.parts.append(data if type(data) is bytes else bytes(data))
             if body.missing:
                 return None
             self.body = self._filled = None  # (the decoder let a full buffer go)
@@ -761,7 +761,7 @@ class Service:
                 # (Set before deliver_to, which hands over what came already: a body
                 # announced in it is filled by the decoder that cuts its frames.)
                 frames.fill = pushed.fill_data_into
-                if channel.deliver_to(pushed.feed, pushed.end):
+                if channel.deliver_to(pushed.feed, pushed.end, views=True):
                     await pushed.ended.wait()
                     if pushed.error is not None:
                         log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
@@ -890,7 +890,9 @@ class _PushedFrames:
         self.ended = trio.Event()
         self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
+        """The next bytes of the channel: ``bytes``, or a view valid only during the call
+        (the decoder copies what it keeps: into a body's buffer, or what is left over)."""
         decoder = self._decoder
         frame = decoder.next_frame_from(data)
         if frame is None:
@@ -990,7 +992,7 @@ class RpcConnection:
         pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
         assert pushed is not None
         self._frames.fill = pushed.fill_data_into  # (before deliver_to: see serve_channel)
-        if not self.channel.deliver_to(pushed.feed, pushed.end):
+        if not self.channel.deliver_to(pushed.feed, pushed.end, views=True):
             pushed = None
             self._turns = self.channel.socket_reads() is not None
             self._frames.fill = self.framed.fill_data_into

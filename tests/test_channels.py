@@ -235,7 +235,7 @@ async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
                     while True:
                         for session in list(rb.broker.sessions):
                             for relay in rb.broker.core.channels.of_connection(session):
-                                peak[0] = max(peak[0], len(relay.a_to_b.buffer), len(relay.b_to_a.buffer))
+                                peak[0] = max(peak[0], relay.a_to_b.buffered, relay.b_to_a.buffered)
                         await trio.sleep(0.001)
 
                 async with trio.open_nursery() as nursery:
@@ -866,6 +866,47 @@ async def test_push_delivery_hands_over_what_was_buffered_then_everything_else(t
             await ended.wait()
         assert b"".join(got) == b"early" + blob and ends == [None]
         assert opener.bytes_in == 5 + len(blob)
+
+
+@pytest.mark.parametrize("views", [False, True])
+async def test_push_delivery_with_views_hands_over_the_same_bytes(tmp_path: Path, views: bool) -> None:
+    """deliver_to(views=True): frames that lay in one read of the bus connection come as views
+    of it (no copy), valid during the call; the bytes are the same as with copies, in order,
+    and what was buffered before (kept by the channel) comes as bytes.  Without views every
+    piece is bytes of its own.  Frames of every size, from 1 byte to more than a relayed
+    frame, so that some lie inside a read and some straddle two."""
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        handshake = relay.bytes_in
+        await target.send_all(b"early")
+        with trio.fail_after(10):
+            while relay.bytes_in < handshake + 5:
+                await trio.sleep(0.01)
+        got: list[bytes] = []
+        kinds: set[type] = set()
+        ended = trio.Event()
+
+        def take(data: bytes | memoryview) -> None:
+            kinds.add(type(data))
+            got.append(bytes(data))  # (a view is valid only now: copied)
+
+        assert opener.deliver_to(take, lambda error: ended.set(), views=views)
+        assert got == [b"early"] and kinds == {bytes}
+        blob = os.urandom(3 * relay.window)
+        pos = 0
+        for size in (1, 100, 5000, 65536, 70000, 300, 200_000, 7):
+            await target.send_all(blob[pos : pos + size])
+            pos += size
+        await target.send_all(blob[pos:])
+        await target.send_eof()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert b"".join(got) == b"early" + blob
+        assert kinds == ({bytes, memoryview} if views else {bytes})
 
 
 async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tmp_path: Path) -> None:
