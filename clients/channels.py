@@ -56,6 +56,11 @@ DEFAULT_WINDOW = 512 * 1024
 MAX_DATA_FRAME = 64 * 1024
 JOIN_BELOW = 16 * 1024  # received chunks smaller than this are joined into one read
 MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (unless less is left)
+#: Data frames of a big write that the credit allows at once go to the bus connection in one
+#: write of up to this many bytes (frames of MAX_DATA_FRAME each, made with the one copy each
+#: frame took anyway): the broker then reads them at once (its reads are this big) instead of
+#: waking once per frame.
+SEND_BATCH = 192 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +321,20 @@ class RelayStream(trio.abc.HalfCloseableStream):
         return taken
 
     def _send_frame(self, view: memoryview) -> int:
-        """One data frame from the start of ``view``, as big as the credit allows (no waiting:
-        the caller made sure of credit and of room on the link); returns its size."""
-        n = min(len(view), self._credit, MAX_DATA_FRAME)
-        self._link.send.send_nowait(encode_data(self.channel, view[:n]))
+        """Data frames from the start of ``view``, as many as the credit allows up to
+        SEND_BATCH bytes, each at most MAX_DATA_FRAME, in one write (no waiting: the caller
+        made sure of credit and of room on the link); returns how many bytes they carry."""
+        n = min(len(view), self._credit, SEND_BATCH)
+        if n <= MAX_DATA_FRAME:
+            self._link.send.send_nowait(encode_data(self.channel, view[:n]))
+        else:
+            parts: list[bytes | memoryview] = []
+            head = HEADER.pack
+            for start in range(0, n, MAX_DATA_FRAME):
+                size = min(MAX_DATA_FRAME, n - start)
+                parts.append(head(FrameKind.DATA, 0, self.channel, size))
+                parts.append(view[start : start + size])
+            self._link.send.send_nowait(b"".join(parts))
         self._credit -= n
         self.bytes_out += n
         return n

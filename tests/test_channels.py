@@ -717,6 +717,57 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
             await framed.aclose()
 
 
+async def test_a_big_write_goes_out_as_64_kib_frames_several_to_a_write(tmp_path: Path) -> None:
+    """RelayStream.send_all of a big write: DATA frames of at most MAX_DATA_FRAME and within
+    the credit, as the protocol has them, but as many as the credit allows (up to SEND_BATCH
+    bytes) handed to the bus connection as one write; the receiver gets the same bytes."""
+    from bus.wire.frames import DataFrame, FrameDecoder
+
+    from clients.channels import MAX_DATA_FRAME, SEND_BATCH
+
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        writes: list[bytes] = []
+        writer = relay._link.send
+        real_send = writer.send_nowait
+
+        def spy(frame: bytes) -> None:  # (the real write still happens)
+            writes.append(bytes(frame))
+            real_send(frame)
+
+        writer.send_nowait = spy  # type: ignore[method-assign]
+        blob = os.urandom(3 * 1024 * 1024 + 12345)
+        got = bytearray()
+
+        async def read() -> None:
+            while len(got) < len(blob):
+                got.extend(await target.receive_some())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await opener.send_all(blob)
+        writer.send_nowait = real_send  # type: ignore[method-assign]
+        assert bytes(got) == blob
+        sent = bytearray()
+        frames_per_write = []
+        decoder = FrameDecoder()
+        for write in writes:
+            decoder.receive_data(write)
+            frames = [f for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel]
+            assert all(0 < len(f.data) <= MAX_DATA_FRAME for f in frames)
+            assert sum(len(f.data) for f in frames) <= SEND_BATCH
+            for f in frames:
+                sent += f.data
+            frames_per_write.append(len(frames))
+        assert bytes(sent) == blob
+        assert max(frames_per_write) > 1  # (the credit allowed several at once, at least once)
+
+
 @pytest.mark.parametrize("credit", [1, 1000, 24 * 1024, 40 * 1024])
 async def test_small_relay_credit_never_stalls_a_sender(tmp_path: Path, credit: int) -> None:
     """The broker returns credit in batches of half its cap; the sender never waits for more."""
