@@ -106,6 +106,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._incoming: collections.deque[bytes] = collections.deque()
         self._incoming_changed = trio.Event()
         self._granted = 0  # credit given to the broker not yet used by it
+        self._started = False  # the first window was granted (start)
         self._consumed = 0  # bytes read since the last grant
         self._eof_received = False
         self._eof_sent = False
@@ -125,6 +126,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
 
     def start(self) -> None:
         """Grant the initial window (once the broker knows the channel)."""
+        self._started = True
         self._grant(self.window)
 
     def _grant(self, n: int) -> None:
@@ -154,7 +156,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._incoming.append(data if type(data) is bytes else bytes(data))
         self._wake_receiver()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False) -> None:
+    def deliver_to(
+        self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False, window: int | None = None
+    ) -> None:
         """Hand every data frame to ``consumer`` as it arrives, instead of ``receive_some``.
 
         ``consumer`` runs inside the bus connection's reader, so it must not block; what it
@@ -167,7 +171,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
 
         ``views``: ``consumer`` may be given a ``memoryview`` of the bus connection's read
         instead of ``bytes`` (no copy per frame), valid only during the call: it copies what
-        it keeps.
+        it keeps.  ``window``: a bigger window from now on (the difference is granted at once;
+        credit then goes back per half of it): a push consumer leaves nothing unread here, so
+        it costs this end no memory, and the broker fewer buffered frames and credit messages.
         """
         if self._receive_busy or self._consumer is not None:
             raise trio.BusyResourceError("another task is receiving on this channel")
@@ -177,6 +183,10 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._consumer = cast("Callable[[bytes | memoryview], None]", consumer)  # (views: see above)
         self._on_end = on_end
         self._consumer_views = views
+        if window is not None and window > self.window:
+            if self._started and not (self._broken or self._closed or self._eof_received):
+                self._grant(window - self.window)  # (before start: start grants all of it)
+            self.window = window
         while self._incoming and self._consumer is not None:
             self._push(self._incoming.popleft())
         if self._broken is not None or self._eof_received:
@@ -493,9 +503,11 @@ class Channel(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._io.wait_send_all_might_not_block()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False) -> bool:
+    def deliver_to(
+        self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False, window: int | None = None
+    ) -> bool:
         """Push delivery where the route allows it (a plain relayed channel): see
-        :meth:`RelayStream.deliver_to` (also for ``views``).  Returns False, changing
+        :meth:`RelayStream.deliver_to` (also for ``views`` and ``window``).  Returns False, changing
         nothing, where it does not; read with :meth:`receive_some` then."""
         relay = self._io
         if not isinstance(relay, RelayStream):
@@ -505,7 +517,7 @@ class Channel(trio.abc.HalfCloseableStream):
             self._received += len(data)
             consumer(data)
 
-        relay.deliver_to(counted, on_end, views=views)
+        relay.deliver_to(counted, on_end, views=views, window=window)
         return True
 
     def socket_reads(self) -> _SocketReads | None:

@@ -125,6 +125,11 @@ HELD_MESSAGES = 4
 #: about a third of what the page faults of filling it cost on this machine); a bigger one
 #: takes them page by page as its bytes come (an announcement alone costs no memory).
 POPULATE_AT_ONCE = 2 * 1024 * 1024
+#: The window of an RPC channel whose bytes are pushed (a plain relay): they go straight into
+#: messages and bodies (accounted there), so nothing waits unread at this end; a window this
+#: big lets the broker write frames on as they come (not buffer them until a grant) and
+#: takes credit back once per MiB instead of every 256 KiB.
+PUSH_WINDOW = 2 * 1024 * 1024
 _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
@@ -768,7 +773,7 @@ class Service:
                 # (Set before deliver_to, which hands over what came already: a body
                 # announced in it is filled by the decoder that cuts its frames.)
                 frames.fill = pushed.fill_data_into
-                if channel.deliver_to(pushed.feed, pushed.end, views=True):
+                if channel.deliver_to(pushed.feed, pushed.end, views=True, window=PUSH_WINDOW):
                     await pushed.ended.wait()
                     if pushed.error is not None:
                         log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
@@ -999,7 +1004,7 @@ class RpcConnection:
         pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
         assert pushed is not None
         self._frames.fill = pushed.fill_data_into  # (before deliver_to: see serve_channel)
-        if not self.channel.deliver_to(pushed.feed, pushed.end, views=True):
+        if not self.channel.deliver_to(pushed.feed, pushed.end, views=True, window=PUSH_WINDOW):
             pushed = None
             self._turns = self.channel.socket_reads() is not None
             self._frames.fill = self.framed.fill_data_into

@@ -960,6 +960,44 @@ async def test_push_delivery_with_views_hands_over_the_same_bytes(tmp_path: Path
         assert kinds == ({bytes, memoryview} if views else {bytes})
 
 
+async def test_push_delivery_with_a_bigger_window_grants_the_difference_at_once(tmp_path: Path) -> None:
+    """deliver_to(window=W): the end grants W minus its window at once (the broker may write
+    W bytes to it unread), then credit goes back per half of W; the bytes are as sent."""
+    async with pair(tmp_path) as (rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        first = relay.window
+        core = rb.broker.core
+
+        def window_at_broker() -> int:
+            """The most the broker may write on, of both directions (the target's window is
+            the first one, so more than that is the opener's)."""
+            assert len(core.channels) == 1
+            (ch,) = {ch.id: ch for conn in list(rb.broker.sessions) for ch in core.channels.of_connection(conn)}.values()
+            return max(ch.a_to_b.dst_window, ch.b_to_a.dst_window)
+
+        got: list[bytes] = []
+        ended = trio.Event()
+        opener.deliver_to(lambda data: got.append(bytes(data)), lambda error: ended.set(), views=True, window=4 * first)
+        assert relay.window == 4 * first
+        with trio.fail_after(10):
+            while window_at_broker() <= first:  # (the opener's grant of 3 x first more, on its way)
+                await trio.sleep(0.01)
+        assert window_at_broker() > 3 * first
+        blob = os.urandom(10 * first)
+        await target.send_all(blob)
+        await target.send_eof()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert b"".join(got)[-len(blob):] == blob
+        # Credit went back per half of the bigger window: what the broker may still write is
+        # at most the window (never beyond what was granted).
+        assert window_at_broker() <= 4 * first
+
+
 async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tmp_path: Path) -> None:
     async with pair(tmp_path) as (_rb, service, client):
         accepted = hand_over_channels(service)
