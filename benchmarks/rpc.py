@@ -661,6 +661,17 @@ def role_service(address: str, key_file: str, profile_out: str) -> None:
     def take(value: bytes) -> int:
         return len(value)
 
+    # The floor of the relayed 1 MiB row without RPC (--budget-row mb-relay-bulk): a plain
+    # relayed channel whose bytes are taken as they come (push delivery, views) and dropped.
+    @service.channel("sink")
+    async def sink(channel: Any) -> None:
+        ended = trio.Event()
+        if channel.deliver_to(lambda data: None, lambda error: ended.set(), views=True):
+            await ended.wait()
+        else:
+            while await channel.receive_some(BIG):
+                pass
+
     async def main() -> None:
         async with open_bus(address, identity=load_identity(key_file), name=service.name, info=service.info) as bus:
             service.attach(bus)
@@ -693,6 +704,7 @@ def role_minibus_worker(address: str, key_file: str) -> None:
                 assert relay.channel.route == "relay"
                 assert await relay.call("echo", PAYLOAD) == PAYLOAD
                 big = os.urandom(BIG)
+                sink: Any = None  # the plain relayed channel of mb-relay-bulk, opened when first run
                 say({"ready": True, "bus.call route": route})
                 connects = 0
                 async for cmd in stdin_lines():
@@ -720,6 +732,13 @@ def role_minibus_worker(address: str, key_file: str) -> None:
                             result["value"] *= BIG
                         elif row == "mb-relay-big-x8":
                             result = await rate(lambda: relay.call("take", big), seconds, 8, warmup)
+                            result["value"] *= BIG
+                        elif row == "mb-relay-bulk":
+                            # minibus's framing and flow control, no RPC: 1 MiB writes on a
+                            # plain relayed channel, the service's end dropping what comes.
+                            if sink is None:
+                                sink = await bus.open_channel(SERVICE, "sink", "relay")
+                            result = await rate(lambda: sink.send_all(big), seconds, 1, warmup)
                             result["value"] *= BIG
                         elif row == "mb-connect":
 
@@ -1251,6 +1270,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
             for _label, ours, peer_row, limit_row, *_ in TABLE:
                 measure(ours, minibus.worker, ours)
                 measure(limit_row, limits.worker, limit_row)
+                if ours == "mb-relay-big-x8":  # its floor without RPC, beside its limit
+                    measure("mb-relay-bulk", minibus.worker, "mb-relay-bulk")
                 if peers and peer_row not in peer_done:
                     peer_done.add(peer_row)
                     for label, worker in peers.workers.items():
@@ -1299,6 +1320,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
     raw = best.get("limit3-x1")
     if "limit3r-x1" in best and raw:
         print(f"  the project's codec and the reply handed to the call by a reader task (a bus connection's shape), 3-process x1: {best['limit3r-x1']:,.0f}/s ({best['limit3r-x1'] / raw:.2f} of raw)")
+    if "mb-relay-bulk" in best and best.get("bulk-3p"):
+        floor = best["mb-relay-bulk"]
+        print(f"  the relayed 1 MiB row's floor without RPC (1 MiB writes on a plain relayed channel, the service's end taking the bytes"
+              f" as they come): {fmt(floor, 'bytes')} ({floor / best['bulk-3p']:.2f} of the 3-process limit;"
+              f" the RPC row is {best.get('mb-relay-big-x8', 0) / floor:.2f} of it)")
     if peers and peers.workers:
         print("D-Bus, every pairing (best of rounds):")
         for label in peers.workers:
@@ -1455,6 +1481,8 @@ BUDGET_ROWS: dict[str, tuple[str, dict[str, str | None]]] = {
     "mb-fd-x1": ("limit2-x1", {"caller": "limit caller", "busd": None, "service": "limit server"}),
     "mb-fd-big-x8": ("bulk-raw", {"caller": "limit caller", "busd": None, "service": "limit server"}),
     "mb-relay-big-x8": ("bulk-3p", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
+    # the floor of mb-relay-big-x8 without RPC: 1 MiB writes on a plain relayed channel
+    "mb-relay-bulk": ("bulk-3p", {"caller": "limit caller", "busd": "limit forwarder", "service": "limit server"}),
     # a connect: the client (open_bus entered and left) and busd, against a bare shs1 client and server
     "mb-connect": ("bare-shs", {"caller": "limit caller", "busd": "bare shs1 server", "service": None}),
 }
@@ -1553,6 +1581,11 @@ def run_budget(args: argparse.Namespace) -> None:
         calls = answer["calls"] if "calls" in answer else answer["bytes"] / BIG
         result["profile"] = {"calls": calls, "per_s_profiled": calls / answer["elapsed"],
                              "per_process": {k: profile_summary(profile_dir / f"{k}.prof", calls) for k in procs}}
+        if args.keep_profiles:
+            keep = Path(args.keep_profiles)
+            keep.mkdir(parents=True, exist_ok=True)
+            for k in procs:
+                shutil.copy(profile_dir / f"{k}.prof", keep / f"{k}.prof")
     finally:
         for part in (limits, minibus):
             if part is not None:
@@ -1560,7 +1593,7 @@ def run_budget(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     clean, lclean = result["clean"], result["limit_clean"]
-    unit = "MiB" if "big" in row else "call"
+    unit = "MiB" if "big" in row or "bulk" in row else "call"
     print(f"{row}: minibus {clean['per_s']:,.0f} {unit}/s ({clean['wall_us_per_call']:.0f} us per {unit}, wall); "
           f"limit {limit_row} {lclean['per_s']:,.0f} {unit}/s ({lclean['wall_us_per_call']:.0f} us)")
     st, lst = result["strace"].get("per_process", {}), result["limit_strace"].get("per_process", {})
@@ -1633,6 +1666,7 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
+    parser.add_argument("--keep-profiles", metavar="DIR", help="with --budget: keep each process's cProfile file (pstats) in DIR")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = parser.parse_args()
     if args.budget:

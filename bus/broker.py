@@ -390,6 +390,9 @@ class _Session:
         broker = self.broker
         core = broker.core
         framed = self.framed
+        # Relayed bytes come as views of the reads: channel_data copies only what it keeps
+        # (the buffer of a direction) and writes the rest on at once, in one copy.
+        framed.data_views = True
         busy = 0.0  # seconds spent on control requests since this reader last yielded
         try:
             while True:
@@ -1055,7 +1058,7 @@ class Broker:
         if session is not None:
             session.enqueue_encoded(session.framed.encode_message(item.body, item.channel))
 
-    def channel_data(self, session: _Session, channel: int, data: bytes) -> None:
+    def channel_data(self, session: _Session, channel: int, data: bytes | memoryview) -> None:
         half = (session.conn_id, channel)
         relay = self.core.channels.get(half)
         if relay is None or not data:
@@ -1100,7 +1103,7 @@ class Broker:
             # are over ("closed"), and reads what the closer sent, then EOF.
             other = relay.other(half)
             backward = relay.incoming(half)
-            backward.buffer.clear()
+            backward.clear()
             backward.discard = backward.eof_received = backward.eof_sent = True
             self._channel_message(ChannelMessage(other[0], other[1], {"closed": True}))
             forward = relay.outgoing(half)

@@ -30,7 +30,7 @@ import logging
 import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -56,6 +56,11 @@ DEFAULT_WINDOW = 512 * 1024
 MAX_DATA_FRAME = 64 * 1024
 JOIN_BELOW = 16 * 1024  # received chunks smaller than this are joined into one read
 MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (unless less is left)
+#: Data frames of a big write that the credit allows at once go to the bus connection in one
+#: write of up to this many bytes (frames of MAX_DATA_FRAME each, made with the one copy each
+#: frame took anyway): the broker then reads them at once (its reads are this big) instead of
+#: waking once per frame.
+SEND_BATCH = 192 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._incoming: collections.deque[bytes] = collections.deque()
         self._incoming_changed = trio.Event()
         self._granted = 0  # credit given to the broker not yet used by it
+        self._started = False  # the first window was granted (start)
         self._consumed = 0  # bytes read since the last grant
         self._eof_received = False
         self._eof_sent = False
@@ -110,7 +116,8 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._send_busy = False
         self._receive_busy = False
         # Push delivery (deliver_to): who takes each data frame, and who hears of the end.
-        self._consumer: Callable[[bytes], None] | None = None
+        self._consumer: Callable[[bytes | memoryview], None] | None = None
+        self._consumer_views = False  # the consumer takes views (deliver_to(views=True))
         self._on_end: EndCallback | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -119,6 +126,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
 
     def start(self) -> None:
         """Grant the initial window (once the broker knows the channel)."""
+        self._started = True
         self._grant(self.window)
 
     def _grant(self, n: int) -> None:
@@ -131,7 +139,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._break("the bus connection cannot carry the channel's control messages")
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         if self._closed or self._broken or not data:
             return  # (an empty frame carries nothing; queued, it would read as an end of file)
         if len(data) > self._granted:
@@ -141,12 +149,16 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._granted -= len(data)
         self.bytes_in += len(data)
         if self._consumer is not None:
-            self._push(data)
+            # A view of the link's read goes only to a consumer that takes views (it copies
+            # what it keeps); any other gets bytes of its own.
+            self._push(data if self._consumer_views or type(data) is bytes else bytes(data))
             return
-        self._incoming.append(data)
+        self._incoming.append(data if type(data) is bytes else bytes(data))
         self._wake_receiver()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> None:
+    def deliver_to(
+        self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False, window: int | None = None
+    ) -> None:
         """Hand every data frame to ``consumer`` as it arrives, instead of ``receive_some``.
 
         ``consumer`` runs inside the bus connection's reader, so it must not block; what it
@@ -156,19 +168,31 @@ class RelayStream(trio.abc.HalfCloseableStream):
         have raised (see :data:`EndCallback`); it must not block either, and what it raises
         is logged, never passed on to the bus connection.  Data already received is handed
         over first, before this returns.
+
+        ``views``: ``consumer`` may be given a ``memoryview`` of the bus connection's read
+        instead of ``bytes`` (no copy per frame), valid only during the call: it copies what
+        it keeps.  ``window``: a bigger window from now on (the difference is granted at once;
+        credit then goes back per half of it): a push consumer leaves nothing unread here, so
+        it costs this end no memory, and the broker fewer buffered frames and credit messages.
         """
         if self._receive_busy or self._consumer is not None:
             raise trio.BusyResourceError("another task is receiving on this channel")
         if self._closed:
             raise trio.ClosedResourceError("this channel was closed")
         self._receive_busy = True  # for good: receive_some now says another reader has it
-        self._consumer, self._on_end = consumer, on_end
+        self._consumer = cast("Callable[[bytes | memoryview], None]", consumer)  # (views: see above)
+        self._on_end = on_end
+        self._consumer_views = views
+        if window is not None and window > self.window:
+            if self._started and not (self._broken or self._closed or self._eof_received):
+                self._grant(window - self.window)  # (before start: start grants all of it)
+            self.window = window
         while self._incoming and self._consumer is not None:
             self._push(self._incoming.popleft())
         if self._broken is not None or self._eof_received:
             self._end(self._broken_error())
 
-    def _push(self, data: bytes) -> None:
+    def _push(self, data: bytes | memoryview) -> None:
         assert self._consumer is not None
         try:
             self._consumer(data)
@@ -307,10 +331,20 @@ class RelayStream(trio.abc.HalfCloseableStream):
         return taken
 
     def _send_frame(self, view: memoryview) -> int:
-        """One data frame from the start of ``view``, as big as the credit allows (no waiting:
-        the caller made sure of credit and of room on the link); returns its size."""
-        n = min(len(view), self._credit, MAX_DATA_FRAME)
-        self._link.send.send_nowait(encode_data(self.channel, view[:n]))
+        """Data frames from the start of ``view``, as many as the credit allows up to
+        SEND_BATCH bytes, each at most MAX_DATA_FRAME, in one write (no waiting: the caller
+        made sure of credit and of room on the link); returns how many bytes they carry."""
+        n = min(len(view), self._credit, SEND_BATCH)
+        if n <= MAX_DATA_FRAME:
+            self._link.send.send_nowait(encode_data(self.channel, view[:n]))
+        else:
+            parts: list[bytes | memoryview] = []
+            head = HEADER.pack
+            for start in range(0, n, MAX_DATA_FRAME):
+                size = min(MAX_DATA_FRAME, n - start)
+                parts.append(head(FrameKind.DATA, 0, self.channel, size))
+                parts.append(view[start : start + size])
+            self._link.send.send_nowait(b"".join(parts))
         self._credit -= n
         self.bytes_out += n
         return n
@@ -469,10 +503,12 @@ class Channel(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._io.wait_send_all_might_not_block()
 
-    def deliver_to(self, consumer: Callable[[bytes], None], on_end: EndCallback) -> bool:
+    def deliver_to(
+        self, consumer: Callable[[bytes], None], on_end: EndCallback, *, views: bool = False, window: int | None = None
+    ) -> bool:
         """Push delivery where the route allows it (a plain relayed channel): see
-        :meth:`RelayStream.deliver_to`.  Returns False, changing nothing, where it does not;
-        read with :meth:`receive_some` then."""
+        :meth:`RelayStream.deliver_to` (also for ``views`` and ``window``).  Returns False, changing
+        nothing, where it does not; read with :meth:`receive_some` then."""
         relay = self._io
         if not isinstance(relay, RelayStream):
             return False
@@ -481,7 +517,7 @@ class Channel(trio.abc.HalfCloseableStream):
             self._received += len(data)
             consumer(data)
 
-        relay.deliver_to(counted, on_end)
+        relay.deliver_to(counted, on_end, views=views, window=window)
         return True
 
     def socket_reads(self) -> _SocketReads | None:

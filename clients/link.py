@@ -136,7 +136,10 @@ class ChannelEnd(Protocol):
 
     def on_control(self, body: dict[str, Any]) -> None: ...
 
-    def on_data(self, data: bytes) -> None: ...
+    def on_data(self, data: bytes | memoryview) -> None:
+        """``data``: a view of the link's read when it lay in one; valid only during the call
+        (what is kept must be copied)."""
+        ...
 
     def on_link_lost(self, reason: str) -> None: ...
 
@@ -156,6 +159,9 @@ class Link:
         self.framed = framed
         self.unique_id = unique_id
         assert isinstance(framed.stream, SecureStream)
+        # Channel bytes are handed to their channel as views of the link's reads (no copy per
+        # frame): each channel copies what it keeps (ChannelEnd.on_data).
+        framed.data_views = True
         # Frames out: straight to the socket when nothing waits, else queued (bounded).
         self.send = FrameWriter(framed.stream, max_frames=OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}

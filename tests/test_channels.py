@@ -235,7 +235,7 @@ async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
                     while True:
                         for session in list(rb.broker.sessions):
                             for relay in rb.broker.core.channels.of_connection(session):
-                                peak[0] = max(peak[0], len(relay.a_to_b.buffer), len(relay.b_to_a.buffer))
+                                peak[0] = max(peak[0], relay.a_to_b.buffered, relay.b_to_a.buffered)
                         await trio.sleep(0.001)
 
                 async with trio.open_nursery() as nursery:
@@ -717,6 +717,57 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
             await framed.aclose()
 
 
+async def test_a_big_write_goes_out_as_64_kib_frames_several_to_a_write(tmp_path: Path) -> None:
+    """RelayStream.send_all of a big write: DATA frames of at most MAX_DATA_FRAME and within
+    the credit, as the protocol has them, but as many as the credit allows (up to SEND_BATCH
+    bytes) handed to the bus connection as one write; the receiver gets the same bytes."""
+    from bus.wire.frames import DataFrame, FrameDecoder
+
+    from clients.channels import MAX_DATA_FRAME, SEND_BATCH
+
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        writes: list[bytes] = []
+        writer = relay._link.send
+        real_send = writer.send_nowait
+
+        def spy(frame: bytes) -> None:  # (the real write still happens)
+            writes.append(bytes(frame))
+            real_send(frame)
+
+        writer.send_nowait = spy  # type: ignore[method-assign]
+        blob = os.urandom(3 * 1024 * 1024 + 12345)
+        got = bytearray()
+
+        async def read() -> None:
+            while len(got) < len(blob):
+                got.extend(await target.receive_some())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await opener.send_all(blob)
+        writer.send_nowait = real_send  # type: ignore[method-assign]
+        assert bytes(got) == blob
+        sent = bytearray()
+        frames_per_write = []
+        decoder = FrameDecoder()
+        for write in writes:
+            decoder.receive_data(write)
+            frames = [f for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel]
+            assert all(0 < len(f.data) <= MAX_DATA_FRAME for f in frames)
+            assert sum(len(f.data) for f in frames) <= SEND_BATCH
+            for f in frames:
+                sent += f.data
+            frames_per_write.append(len(frames))
+        assert bytes(sent) == blob
+        assert max(frames_per_write) > 1  # (the credit allowed several at once, at least once)
+
+
 @pytest.mark.parametrize("credit", [1, 1000, 24 * 1024, 40 * 1024])
 async def test_small_relay_credit_never_stalls_a_sender(tmp_path: Path, credit: int) -> None:
     """The broker returns credit in batches of half its cap; the sender never waits for more."""
@@ -866,6 +917,85 @@ async def test_push_delivery_hands_over_what_was_buffered_then_everything_else(t
             await ended.wait()
         assert b"".join(got) == b"early" + blob and ends == [None]
         assert opener.bytes_in == 5 + len(blob)
+
+
+@pytest.mark.parametrize("views", [False, True])
+async def test_push_delivery_with_views_hands_over_the_same_bytes(tmp_path: Path, views: bool) -> None:
+    """deliver_to(views=True): frames that lay in one read of the bus connection come as views
+    of it (no copy), valid during the call; the bytes are the same as with copies, in order,
+    and what was buffered before (kept by the channel) comes as bytes.  Without views every
+    piece is bytes of its own.  Frames of every size, from 1 byte to more than a relayed
+    frame, so that some lie inside a read and some straddle two."""
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        handshake = relay.bytes_in
+        await target.send_all(b"early")
+        with trio.fail_after(10):
+            while relay.bytes_in < handshake + 5:
+                await trio.sleep(0.01)
+        got: list[bytes] = []
+        kinds: set[type] = set()
+        ended = trio.Event()
+
+        def take(data: bytes | memoryview) -> None:
+            kinds.add(type(data))
+            got.append(bytes(data))  # (a view is valid only now: copied)
+
+        assert opener.deliver_to(take, lambda error: ended.set(), views=views)
+        assert got == [b"early"] and kinds == {bytes}
+        blob = os.urandom(3 * relay.window)
+        pos = 0
+        for size in (1, 100, 5000, 65536, 70000, 300, 200_000, 7):
+            await target.send_all(blob[pos : pos + size])
+            pos += size
+        await target.send_all(blob[pos:])
+        await target.send_eof()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert b"".join(got) == b"early" + blob
+        assert kinds == ({bytes, memoryview} if views else {bytes})
+
+
+async def test_push_delivery_with_a_bigger_window_grants_the_difference_at_once(tmp_path: Path) -> None:
+    """deliver_to(window=W): the end grants W minus its window at once (the broker may write
+    W bytes to it unread), then credit goes back per half of W; the bytes are as sent."""
+    async with pair(tmp_path) as (rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        first = relay.window
+        core = rb.broker.core
+
+        def window_at_broker() -> int:
+            """The most the broker may write on, of both directions (the target's window is
+            the first one, so more than that is the opener's)."""
+            assert len(core.channels) == 1
+            (ch,) = {ch.id: ch for conn in list(rb.broker.sessions) for ch in core.channels.of_connection(conn)}.values()
+            return max(ch.a_to_b.dst_window, ch.b_to_a.dst_window)
+
+        got: list[bytes] = []
+        ended = trio.Event()
+        opener.deliver_to(lambda data: got.append(bytes(data)), lambda error: ended.set(), views=True, window=4 * first)
+        assert relay.window == 4 * first
+        with trio.fail_after(10):
+            while window_at_broker() <= first:  # (the opener's grant of 3 x first more, on its way)
+                await trio.sleep(0.01)
+        assert window_at_broker() > 3 * first
+        blob = os.urandom(10 * first)
+        await target.send_all(blob)
+        await target.send_eof()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert b"".join(got)[-len(blob):] == blob
+        # Credit went back per half of the bigger window: what the broker may still write is
+        # at most the window (never beyond what was granted).
+        assert window_at_broker() <= 4 * first
 
 
 async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tmp_path: Path) -> None:

@@ -759,3 +759,78 @@ def test_the_quick_way_refuses_a_bad_header_after_good_frames_in_the_same_read()
                 decoder.next_frame()
             with pytest.raises(LocalProtocolError):
                 decoder.next_frame()
+
+
+def _frames_with_views(pieces: list[bytes], via_next_frame_from: bool) -> tuple[list[Any], str | None, int]:
+    """Frames from a decoder that hands DATA bodies out as views (their bytes taken at once,
+    as its owner must), with how many came as views."""
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    dec.data_views = True
+    out: list[Any] = []
+    views = 0
+
+    def take(frame: Any) -> None:
+        nonlocal views
+        if isinstance(frame, DataFrame) and type(frame.data) is memoryview:
+            views += 1
+            frame = DataFrame(frame.channel, bytes(frame.data), frame.filled)
+        out.append(frame)
+
+    try:
+        for piece in pieces:
+            if via_next_frame_from:
+                frame = dec.next_frame_from(piece)
+                if frame is not None:
+                    take(frame)
+            else:
+                dec.receive_data(piece)
+            for frame in dec:
+                take(frame)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__, views
+    return out, None, views
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    batch=st.lists(frames, max_size=6),
+    cuts=st.lists(st.integers(1, 7000), max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 255)), max_size=2),
+    via_next_frame_from=st.booleans(),
+)
+def test_data_views_give_the_same_frames_and_errors_as_copies(
+    batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], via_next_frame_from: bool
+) -> None:
+    """A decoder handing DATA bodies out as views of its reads (a relay's, a bus
+    connection's) gives the same frames, in the same order, and the same errors as one
+    that copies them, whatever the reads: frames inside one read, straddling reads, damaged."""
+    wire = bytearray(b"".join(encode_frame(f) for f in batch))
+    for where, value in damage:
+        if wire:
+            wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    out, error, _views = _frames_with_views(pieces, via_next_frame_from)
+    assert (out, error) == _frames_the_usual_way(pieces)
+
+
+def test_data_frames_inside_one_read_come_out_as_views_of_it() -> None:
+    """Two DATA frames and a CONTROL frame in one read: the DATA bodies are views (no copy),
+    the CONTROL frame is decoded as ever; a decoder not told so copies."""
+    read = encode_data(3, b"a" * 1000) + encode_control(3, {"credit": 5}) + encode_data(4, b"b" * 2000)
+    dec = FrameDecoder()
+    dec.data_views = True
+    dec.receive_data(read)
+    got = list(dec)
+    assert [type(f) for f in got] == [DataFrame, ControlFrame, DataFrame]
+    assert type(got[0].data) is memoryview and got[0].data.obj is read and bytes(got[0].data) == b"a" * 1000
+    assert got[1] == ControlFrame(3, {"credit": 5})
+    assert type(got[2].data) is memoryview and bytes(got[2].data) == b"b" * 2000
+    plain = FrameDecoder()
+    plain.receive_data(read)
+    assert [type(f.data) for f in plain if isinstance(f, DataFrame)] == [bytes, bytes]

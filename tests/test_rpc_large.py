@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import logging
 import mmap
 import os
@@ -30,7 +31,7 @@ from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
 from clients import Channel, Service, open_bus
 from clients.bus import Bus
-from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, RpcConnection, _Body, _encode_message, _MessageFrames
+from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, RpcConnection, _Body, _encode_message, _MessageFrames
 
 from .brokers import FRIEND, PLUGIN, RunningBroker, running_broker
 
@@ -825,3 +826,60 @@ async def test_a_big_result_with_a_lone_surrogate_is_answered_with_an_error(tmp_
                         await rpc.call(method)
                     assert await rpc.call("ok", 5) == 5  # the channel (and the service) go on
                 nursery.cancel_scope.cancel()
+
+
+def _resident(buffer: mmap.mmap) -> int:
+    """Bytes of ``buffer``'s mapping that are in memory (its Rss line in /proc/self/smaps)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    try:
+        with open("/proc/self/smaps") as smaps:
+            inside = False
+            for line in smaps:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    start, end = (int(part, 16) for part in head.split("-"))
+                    inside = start <= address < end
+                elif inside and head == "Rss:":
+                    return int(line.split()[1]) * 1024
+    finally:
+        del address
+    raise AssertionError("the body's mapping is not in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mapping's residency from /proc (Linux)")
+def test_a_body_up_to_populate_at_once_takes_its_pages_at_once_a_bigger_one_as_they_come() -> None:
+    """A kept body's buffer up to POPULATE_AT_ONCE is in memory from its announcement (one
+    system call instead of a fault per page; the announcement was admitted for its size); a
+    bigger one holds no page until its bytes come."""
+    buffers: list[mmap.mmap] = []
+
+    def fill(buffer: bytearray | mmap.mmap | None) -> None:
+        if isinstance(buffer, mmap.mmap):
+            buffers.append(buffer)
+
+    for size, at_once in ((POPULATE_AT_ONCE, True), (POPULATE_AT_ONCE + 1, False)):
+        cutter = _MessageFrames(lambda header, size: True)
+        cutter.fill = fill
+        decoder = FrameDecoder()
+        decoder.receive_data(encode_control(0, {"op": "call", "id": 1, "follows": size}))
+        assert cutter.feed(next(decoder)) is None
+        resident = _resident(buffers[-1])
+        if at_once:
+            assert resident >= size
+        else:
+            assert resident < MiB
+        cutter.body = None
+        for buffer in buffers:
+            buffer.close()
+        buffers.clear()
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_bodies_either_side_of_populate_at_once_round_trip(tmp_path: Path, route: str) -> None:
+    transport = ROUTES[route][0]
+    async with serving(tmp_path, transport) as (_bus, nursery):
+        rpc = await connect(_bus, nursery, route)
+        for size in (POPULATE_AT_ONCE - 64, POPULATE_AT_ONCE + 1):
+            blob = os.urandom(size)
+            assert await rpc.call("reverse", blob) == blob[::-1]
+        await rpc.aclose()

@@ -50,7 +50,7 @@ from bus.errors import LocalProtocolError
 from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
 from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair
-from bus.io.writer import COALESCE, CORK_FRAMES, FrameWriter
+from bus.io.writer import COALESCE, CORK_FRAMES, YIELD_AFTER, FrameWriter
 from bus.wire.boxstream import HEADER_SIZE, MAX_BODY
 from bus.wire.identity import Identity
 
@@ -450,6 +450,43 @@ async def test_put_later_writes_each_burst_of_frames_at_once(res: Resources, enc
             assert await _read_exactly(receiver, sum(map(len, frames[8:]))) == b"".join(frames[8:])
             writer.stop()
     assert writer.queued_bytes == 0
+
+
+@ENCRYPTED
+async def test_run_writes_what_the_socket_takes_without_a_task_switch_per_write(res: Resources, encrypted: bool) -> None:
+    """run() writes queued frames straight to a socket that takes them, one write after the
+    other in one step (trio's send_all would yield after each), and still yields every
+    YIELD_AFTER bytes: another task sees the queue go down in steps of that, never a frame
+    at a time; the bytes arrive whole and in order."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    _sock(sender).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)  # takes all of it
+    writer, _calls = _writer(sender)
+    writer.burst = 1000  # (put_later leaves every frame to run())
+    frame_size = 64 * 1024
+    frames = [os.urandom(frame_size) for _ in range(4 * YIELD_AFTER // frame_size)]
+    for frame in frames:
+        await writer.put_later(frame)
+    total = sum(map(len, frames))
+    assert writer.queued_bytes == total and _pending(receiver) == 0
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while writer.queued_bytes:
+            seen.append(writer.queued_bytes)
+            await trio.lowlevel.checkpoint()
+        seen.append(0)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            nursery.start_soon(watch)
+            got = await _read_exactly(receiver, total)
+            writer.stop()
+    assert got == b"".join(frames)
+    steps = sorted(set(seen), reverse=True)
+    assert steps[0] <= total and steps[-1] == 0  # (the watcher may start after the first step)
+    assert all(value % YIELD_AFTER == 0 for value in steps)  # never part of a step
+    assert len(steps) >= 3  # (it yielded on its way, more than once)
 
 
 async def test_uncork_behind_a_partial_frame_leaves_the_queue_to_run(res: Resources) -> None:

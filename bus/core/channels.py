@@ -24,6 +24,7 @@ and are dropped (passed on, they would read as an end-of-file).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from .accounting import Budget, Charge
@@ -31,6 +32,11 @@ from .accounting import Budget, Charge
 __all__ = ["Direction", "RelayChannel", "ChannelTable", "CreditExceeded", "DEFAULT_RELAY_CAP"]
 
 DEFAULT_RELAY_CAP = 512 * 1024
+#: Pieces smaller than this are joined in the buffer (into a ``bytearray``); bigger ones are
+#: kept as the ``bytes`` they came in and handed on as they are, with no copy.  (A piece kept
+#: on its own costs an object and a slot in the deque, about 40 bytes, which is under 1% of
+#: one this big: what the buffer holds stays within what it accounts for.)
+KEEP_WHOLE = 4096
 
 
 class CreditExceeded(Exception):
@@ -40,7 +46,10 @@ class CreditExceeded(Exception):
 @dataclass(slots=True)
 class Direction:
     cap: int
-    buffer: bytearray = field(default_factory=bytearray)
+    #: The bytes held for the receiver, in order: big pieces as they came (``bytes``, handed
+    #: on without a copy when they fit), small ones joined (``bytearray``, see KEEP_WHOLE).
+    buffer: deque[bytes | bytearray] = field(default_factory=deque)
+    buffered: int = 0  # bytes in ``buffer``
     src_credit: int = 0
     dst_window: int = 0
     eof_received: bool = False  # the sender sent EOF (or closed)
@@ -60,18 +69,26 @@ class Direction:
         self.src_credit = self.cap
         return self.cap
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes | memoryview) -> None:
         if self.discard:
             return  # sent before the sender learned that the receiver closed
         if self.eof_received:
             raise CreditExceeded("data after end-of-file")
         if len(data) > self.src_credit:
             raise CreditExceeded(f"sent {len(data)} bytes with {self.src_credit} bytes of credit")
-        self.src_credit -= len(data)
-        self.buffer += data
-        self.bytes_total += len(data)
+        n = len(data)
+        self.src_credit -= n
+        buffer = self.buffer
+        if n >= KEEP_WHOLE:
+            buffer.append(data if type(data) is bytes else bytes(data))
+        elif buffer and type(buffer[-1]) is bytearray and len(buffer[-1]) < KEEP_WHOLE * 16:
+            buffer[-1] += data
+        else:
+            buffer.append(bytearray(data))
+        self.buffered += n
+        self.bytes_total += n
 
-    def forward(self, data: bytes) -> bool:
+    def forward(self, data: bytes | memoryview) -> bool:
         """The fast path: account for ``data`` going straight on to the receiver.
 
         Only when nothing is buffered ahead of it and both the sender's credit and the
@@ -89,17 +106,52 @@ class Direction:
 
     def ready(self) -> int:
         """Bytes that may be written to the receiver now."""
-        return min(len(self.buffer), self.dst_window)
+        return min(self.buffered, self.dst_window)
 
     def take(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes for the receiver (their credit becomes due to the sender)."""
-        n = min(limit, self.ready())
-        chunk = bytes(self.buffer[:n])
-        del self.buffer[:n]
+        """Up to ``limit`` bytes for the receiver (their credit becomes due to the sender).
+
+        A piece that fits whole goes out as it came (no copy); one bigger than what may go
+        is cut, and pieces smaller than that are joined."""
+        n = min(limit, self.buffered, self.dst_window)
+        buffer = self.buffer
+        first = buffer[0]
+        size = len(first)
+        if size == n:
+            buffer.popleft()
+            chunk = first if type(first) is bytes else bytes(first)
+        elif size > n:
+            chunk = bytes(first[:n])
+            if isinstance(first, bytearray):
+                del first[:n]
+            else:
+                buffer[0] = first[n:]
+        else:
+            pieces = []
+            left = n
+            while left:
+                piece = buffer[0]
+                if len(piece) <= left:
+                    pieces.append(buffer.popleft())
+                    left -= len(piece)
+                else:
+                    pieces.append(piece[:left])
+                    if isinstance(piece, bytearray):
+                        del piece[:left]
+                    else:
+                        buffer[0] = piece[left:]
+                    left = 0
+            chunk = b"".join(pieces)
+        self.buffered -= n
         self.dst_window -= n
         self.credit_due += n
-        assert len(self.buffer) + self.src_credit + self.credit_due <= self.cap
+        assert self.buffered + self.src_credit + self.credit_due <= self.cap
         return chunk
+
+    def clear(self) -> None:
+        """Drop what is buffered (the receiver closed, or the channel is gone)."""
+        self.buffer.clear()
+        self.buffered = 0
 
     def release_credit(self) -> int:
         """The credit due, now that it is being sent back (0 if less than a batch is due)."""
@@ -186,8 +238,8 @@ class ChannelTable:
         for charge in charges:
             charge.release()
         # What was buffered is freed with the channel.
-        ch.a_to_b.buffer.clear()
-        ch.b_to_a.buffer.clear()
+        ch.a_to_b.clear()
+        ch.b_to_a.clear()
 
     def of_connection(self, conn: int) -> list[RelayChannel]:
         return list(self._by_conn.get(conn, {}).values())

@@ -141,6 +141,15 @@ class FramedStream:
         """Bytes read and not yet returned in a frame (0: the next frame needs a read)."""
         return self._decoder.buffered
 
+    @property
+    def data_views(self) -> bool:
+        """DATA frames come out as views of the reads (see :attr:`FrameDecoder.data_views`)."""
+        return self._decoder.data_views
+
+    @data_views.setter
+    def data_views(self, on: bool) -> None:
+        self._decoder.data_views = on
+
     def read_nowait(self) -> bool:
         """Read what the stream holds now into the decoder, without waiting (no checkpoint).
 

@@ -11,7 +11,9 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
   whatever the socket did not take;
 * the :meth:`FrameWriter.run` task writes queued frames, joining small ones into one write,
   and finishes any frame the socket took only part of, so a cancelled producer never leaves
-  half a frame behind;
+  half a frame behind.  It writes as far as the socket takes each write at once, and waits
+  (yields) only for the socket, or every :data:`YIELD_AFTER` bytes written without a wait;
+  (trio's ``send_all`` would yield after every write: a task switch per 64 KiB relayed);
 * that task is only needed once a frame has to wait: an owner may start it lazily with
   :meth:`FrameWriter.run_when_needed`, whose callback runs (once) the first time a frame is
   queued, a write is left partial, a transport failure is seen, or :meth:`stop` or
@@ -44,12 +46,14 @@ import trio
 from .fdpass import send_with_fds
 from .secure import SecureStream
 
-__all__ = ["FrameWriter", "COALESCE", "CORK_FRAMES"]
+__all__ = ["FrameWriter", "COALESCE", "CORK_FRAMES", "YIELD_AFTER"]
 
 #: Queued frames are joined into writes of about this size.
 COALESCE = 64 * 1024
 #: A corked writer writes anyway once this many frames wait.
 CORK_FRAMES = 128
+#: The writer task yields after writing this many bytes without waiting for the socket.
+YIELD_AFTER = 256 * 1024
 
 
 class FrameWriter:
@@ -297,6 +301,7 @@ class FrameWriter:
         Raises :class:`trio.BrokenResourceError` (or ClosedResourceError) when the transport
         fails.
         """
+        unyielded = 0  # bytes written since this task last yielded
         while True:
             if self._failure is not None:
                 raise trio.BrokenResourceError(f"sending failed: {self._failure}") from self._failure
@@ -314,6 +319,7 @@ class FrameWriter:
                     return
                 self._wake = trio.Event()
                 await self._wake.wait()
+                unyielded = 0
                 continue
             queue = self._queue
             item = queue[0]
@@ -342,7 +348,21 @@ class FrameWriter:
                 if count > 1:
                     item = b"".join(cast("list[bytes]", queue[:count]))
                 del queue[:count]
-                await self.stream.send_all(item)
+                # As far as the socket takes it now (no task switch: trio's send_all yields
+                # after every write); only what is left waits for the socket.  A writer that
+                # never had to wait still yields every YIELD_AFTER bytes.
+                rest = self.stream.send_nowait(item)
+                if rest:
+                    await self.stream.send_wire(rest)
+                    unyielded = 0
+                else:
+                    unyielded += size
+                    if unyielded >= YIELD_AFTER:
+                        unyielded = 0
+                        self._busy = False
+                        self._sent(size)
+                        await trio.lowlevel.checkpoint()
+                        continue
             self._busy = False
             self._sent(size)
 

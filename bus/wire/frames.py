@@ -92,10 +92,12 @@ class DataFrame:
     """Opaque bytes for a channel.
 
     ``filled``: bytes of the body that went into the buffer the decoder's owner gave it
-    (:meth:`FrameDecoder.fill_data_into`) instead of into ``data`` (then empty)."""
+    (:meth:`FrameDecoder.fill_data_into`) instead of into ``data`` (then empty).
+    ``data`` is a ``memoryview`` of the decoder's read only from a decoder told to hand
+    them out (:attr:`FrameDecoder.data_views`); else ``bytes``."""
 
     channel: int
-    data: bytes
+    data: bytes | memoryview
     filled: int = 0
 
 
@@ -452,6 +454,10 @@ class FrameDecoder:
         #: CONTROL bodies come from a party that checked them already (a client's broker):
         #: decoded without the profile check (cbor2 still refuses malformed CBOR).
         self.trusted = trusted
+        #: A DATA frame whose body lies within one read comes out as a ``memoryview`` of that
+        #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
+        #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
+        self.data_views = False
         # Bytes arrive in chunks.  A chunk is kept as it came and frames are cut straight out
         # of it (one copy, none for a frame that is the whole chunk).  What is left unread
         # when more arrives goes into ``_parts`` (with what arrives after it, as it came), and
@@ -664,7 +670,17 @@ class FrameDecoder:
                 if pos < len(chunk):
                     self._spill()
                 return None
-            body = chunk if pos == 0 and length == len(chunk) else chunk[pos : pos + length]
+            if pos == 0 and length == len(chunk):
+                body = chunk
+            elif kind == FrameKind.DATA and self.data_views:
+                # (No copy: the frame is a view of the read it lies in.)
+                self._pos = pos + length
+                if self._pos == len(chunk):
+                    self._chunk, self._pos = b"", 0
+                self._header = None
+                return DataFrame(channel, memoryview(chunk)[pos : pos + length])
+            else:
+                body = chunk[pos : pos + length]
             self._pos = pos + length
             if self._pos == len(chunk):
                 self._chunk, self._pos = b"", 0
