@@ -834,3 +834,23 @@ def test_data_frames_inside_one_read_come_out_as_views_of_it() -> None:
     plain = FrameDecoder()
     plain.receive_data(read)
     assert [type(f.data) for f in plain if isinstance(f, DataFrame)] == [bytes, bytes]
+
+
+@pytest.mark.parametrize("views", [False, True])
+@pytest.mark.parametrize("via_next_frame_from", [False, True])
+def test_a_whole_data_frame_over_the_limit_in_one_read_is_refused(views: bool, via_next_frame_from: bool) -> None:
+    """A DATA frame over max_body is refused even when all of it is in the read at hand (the
+    quick way cuts whole frames only within the limits), after the good frame before it."""
+    read = encode_data(1, b"a" * 100) + encode_data(1, b"b" * 101, max_body=1000)
+    dec = FrameDecoder(max_body=100, max_control=100)
+    dec.data_views = views
+    if via_next_frame_from:
+        first = dec.next_frame_from(read)
+    else:
+        dec.receive_data(read)
+        first = dec.next_frame()
+    assert isinstance(first, DataFrame) and bytes(first.data) == b"a" * 100
+    with pytest.raises(FrameTooLarge, match="101 bytes"):
+        dec.next_frame()
+    with pytest.raises(LocalProtocolError):
+        dec.next_frame()

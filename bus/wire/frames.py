@@ -620,6 +620,14 @@ class FrameDecoder:
             if len(chunk) >= start:
                 kind, flags, channel, length = _unpack_header(chunk, pos)
                 end = start + length
+                if kind == _DATA and not flags and length <= self.max_body and end <= len(chunk) and self._sink is None:
+                    # The same for a whole DATA frame (a relayed message) when no body's
+                    # buffer takes DATA frames: a copy, or a view of the read it lies in.
+                    if end == len(chunk):
+                        self._chunk, self._pos = b"", 0
+                    else:
+                        self._pos = end
+                    return DataFrame(channel, memoryview(chunk)[start:end] if self.data_views else chunk[start:end])
                 if kind == _CONTROL and not flags and length <= self.max_control and end <= len(chunk):
                     if end == len(chunk):
                         self._chunk, self._pos = b"", 0
@@ -638,6 +646,8 @@ class FrameDecoder:
                         return ControlFrame(channel, decode_control_body(body, self.max_items))
                     except FrameError as exc:
                         raise self._fail(exc) from exc.__cause__
+            elif pos == len(chunk):
+                return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
 
     def _next_frame(self) -> Frame | None:
