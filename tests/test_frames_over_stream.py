@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 import trio.testing
@@ -167,3 +169,25 @@ async def test_a_frame_reader_on_a_socket_reads_frames_waits_ends_and_can_be_can
         await stream.aclose()
         with pytest.raises(trio.ClosedResourceError):
             await framed.receive_frame()
+
+
+async def test_stdlib_socket_is_the_same_descriptor_and_closes_with_its_trio_socket() -> None:
+    from bus.io.framed import stdlib_socket
+
+    a, b = socket.socketpair()
+    try:
+        trio_socket = trio.socket.from_stdlib_socket(a)
+        raw = stdlib_socket(trio_socket)
+        assert isinstance(raw, socket.socket) and raw.fileno() == trio_socket.fileno() >= 0
+        trio_socket.close()
+        assert raw.fileno() == -1  # (a read through it is refused as closed, never another file)
+
+        class NoStdlib:  # (a socket-like object that keeps no standard library socket)
+            def fileno(self) -> int:
+                return 7
+
+        other = NoStdlib()
+        assert stdlib_socket(other) is other  # type: ignore[arg-type]
+    finally:
+        a.close()
+        b.close()

@@ -40,11 +40,19 @@ class _SocketReads(Protocol):
     async def wait_readable(self) -> None: ...
 
 
+def stdlib_socket(sock: trio.socket.SocketType) -> Any:
+    """The standard library socket a trio socket wraps (trio keeps it as ``_sock``): the same
+    descriptor, its ``fileno`` a C call where trio's is a Python one (busd asked it four
+    times a relayed frame).  The trio socket itself, should trio ever keep none."""
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else sock
+
+
 class _PlainSocketReads:
     """Reads without waiting from a trio socket stream (the broker's side of a Unix connection)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self._socket = stream.socket
+        self._socket = stdlib_socket(stream.socket)  # (closed with the stream: fileno -1)
 
     def receive_nowait(self, max_bytes: int) -> bytes:
         fd = self._socket.fileno()

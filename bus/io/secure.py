@@ -44,6 +44,7 @@ from ..errors import BoxStreamError, HandshakeError, HandshakeTimeout, LocalProt
 from ..wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
 from ..wire.identity import Identity, PublicKey
 from ..wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake, HandshakeOutcome, ServerHandshake
+from .framed import stdlib_socket
 
 __all__ = ["SecureStream", "DEFAULT_HANDSHAKE_TIMEOUT"]
 
@@ -376,6 +377,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         target = self._send_target
         if target is _UNKNOWN:  # (looked up once: the transport stays the same)
             sock: Any = getattr(self.transport, "raw_socket", None) or self._socket()
+            if sock is not None:
+                sock = stdlib_socket(sock)  # (its fileno in C)
             self._send_to_socket = sock is not None
             target = self._send_target = sock if sock is not None else getattr(self.transport, "send_some_nowait", None)
         if self._send_to_socket:
