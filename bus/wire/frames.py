@@ -390,10 +390,12 @@ def _check_channel(channel: int) -> None:
 
 def encode_data(channel: int, data: bytes | bytearray | memoryview, max_body: int = DEFAULT_MAX_FRAME) -> bytes:
     """Encode a DATA frame."""
-    _check_channel(channel)
-    if len(data) > max_body:
-        raise LimitError(f"a frame body of {len(data)} bytes is over the {max_body}-byte maximum")
-    return HEADER.pack(FrameKind.DATA, 0, channel, len(data)) + data
+    if not 0 <= channel <= MAX_CHANNEL:
+        _check_channel(channel)  # (raises, saying why; a call less per frame otherwise)
+    size = len(data)
+    if size > max_body:
+        raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
+    return _pack_header(_DATA, 0, channel, size) + data
 
 
 def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAULT_MAX_CONTROL, *, checked: bool = False) -> bytes:
