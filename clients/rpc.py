@@ -59,6 +59,7 @@ import inspect
 import logging
 import mmap
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -123,14 +124,36 @@ MESSAGE_PART = DEFAULT_MAX_FRAME
 HELD_MESSAGES = 4
 #: A kept body up to this size gets its buffer's pages at once (MAP_POPULATE: one system call,
 #: about a third of what the page faults of filling it cost on this machine); a bigger one
-#: takes them page by page as its bytes come (an announcement alone costs no memory).
+#: takes them page by page as its bytes come.
 POPULATE_AT_ONCE = 2 * 1024 * 1024
+#: ... while the buffers made so in this process and not yet let go hold at most this much:
+#: an announcement is a header (its bytes may never come), so what announcements alone can
+#: make a process take ahead is this constant, however many channels a peer opens; past it,
+#: a body's pages are taken as its bytes come (as a big body's are).
+POPULATED_BUDGET = 16 * 1024 * 1024
+_populated = [0]  # bytes of the populated buffers alive (each given back when it is freed)
 #: The window of an RPC channel whose bytes are pushed (a plain relay): they go straight into
 #: messages and bodies (accounted there), so nothing waits unread at this end; a window this
 #: big lets the broker write frames on as they come (not buffer them until a grant) and
 #: takes credit back once per MiB instead of every 256 KiB.
 PUSH_WINDOW = 2 * 1024 * 1024
 _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _give_back_populated(size: int) -> None:
+    _populated[0] -= size
+
+
+def _body_buffer(size: int) -> mmap.mmap:
+    """A body's buffer: an anonymous mapping, whose pages are taken as its bytes come (a
+    bytearray is zeroed, all of it, at once), or at once (POPULATE_AT_ONCE) while the
+    populated buffers alive stay within POPULATED_BUDGET."""
+    if size <= POPULATE_AT_ONCE and _populated[0] + size <= POPULATED_BUDGET:
+        buffer = mmap.mmap(-1, size, flags=_POPULATED)
+        _populated[0] += size
+        weakref.finalize(buffer, _give_back_populated, size)
+        return buffer
+    return mmap.mmap(-1, size)
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
 #: decoding one message can cost.
@@ -407,12 +430,9 @@ class _MessageFrames:
             if self.fill is None:
                 self.body.parts = []
             else:
-                # An anonymous mapping takes memory page by page as the body's bytes come
-                # (a bytearray is zeroed, all of it, at once): a big announcement alone,
-                # however large within the limits, costs no memory until its bytes are sent.
-                # Up to POPULATE_AT_ONCE the pages are taken at once (fewer faults), which
-                # the announcement was admitted for (max_message, the channel's held bytes).
-                buffer = mmap.mmap(-1, size, flags=_POPULATED) if size <= POPULATE_AT_ONCE else mmap.mmap(-1, size)
+                # Pages taken as the bytes come, or at once within a budget for the whole
+                # process (_body_buffer): announcements alone cost at most that constant.
+                buffer = _body_buffer(size)
                 self.fill(buffer)
                 self.body.parts = [buffer]
                 self._filled = self.body

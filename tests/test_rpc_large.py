@@ -31,7 +31,7 @@ from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
 from clients import Channel, Service, open_bus
 from clients.bus import Bus
-from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, RpcConnection, _Body, _encode_message, _MessageFrames
+from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, POPULATED_BUDGET, RpcConnection, _Body, _encode_message, _MessageFrames
 
 from .brokers import FRIEND, PLUGIN, RunningBroker, running_broker
 
@@ -883,3 +883,60 @@ async def test_bodies_either_side_of_populate_at_once_round_trip(tmp_path: Path,
             blob = os.urandom(size)
             assert await rpc.call("reverse", blob) == blob[::-1]
         await rpc.aclose()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mapping's residency from /proc (Linux)")
+def test_populated_buffers_stay_within_the_budget_and_give_it_back_when_freed() -> None:
+    """Buffers taken at once stay within POPULATED_BUDGET alive in the process: past it a
+    body's buffer takes its pages as its bytes come; a freed one gives its share back."""
+    import gc
+
+    from clients.rpc import _body_buffer, _populated
+
+    gc.collect()  # (a body of an earlier test still in a reference cycle gives its share back)
+    assert _populated[0] == 0
+    held = [_body_buffer(POPULATE_AT_ONCE) for _ in range(POPULATED_BUDGET // POPULATE_AT_ONCE)]
+    assert all(_resident(buffer) >= POPULATE_AT_ONCE for buffer in held)
+    assert _populated[0] == POPULATED_BUDGET
+    over = _body_buffer(POPULATE_AT_ONCE)
+    assert _resident(over) < MiB and _populated[0] == POPULATED_BUDGET  # (past the budget: lazy)
+    del over
+    first = held.pop()
+    first.close()
+    del first  # (freed: its share is given back)
+    assert _populated[0] == POPULATED_BUDGET - POPULATE_AT_ONCE
+    again = _body_buffer(POPULATE_AT_ONCE)
+    assert _resident(again) >= POPULATE_AT_ONCE
+    del again, held
+    assert _populated[0] == 0
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's RSS from /proc (Linux)")
+async def test_headers_alone_on_many_channels_take_at_most_the_populated_budget(tmp_path: Path) -> None:
+    """64 relayed channels to a service, each sent one call header announcing a body the size
+    of POPULATE_AT_ONCE and none of its bytes (about 30 bytes each): the service takes at most
+    POPULATED_BUDGET ahead (it took 2 MiB a channel, 128 MiB, without the budget), and still
+    answers an honest call."""
+    channels_count = 64
+    async with serving(tmp_path, "unix") as (bus, _nursery):
+        channels = [await bus.open_channel(NAME, "rpc", "relay") for _ in range(channels_count)]
+        assert {channel.route for channel in channels} == {"relay"}
+        await trio.sleep(0.2)
+        before = _rss()
+        for channel in channels:
+            await FramedStream(channel).send_message({"op": "call", "id": 1, "follows": POPULATE_AT_ONCE})
+        await trio.sleep(0.5)
+        grown = _rss() - before
+        assert grown < 32 * MiB, f"headers alone took {grown / MiB:.1f} MiB"  # (128 MiB with no budget)
+        with trio.fail_after(10):
+            assert await bus.call(NAME, "reverse", b"abc") == b"cba"
+        for channel in channels:
+            await channel.aclose()
