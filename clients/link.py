@@ -519,6 +519,9 @@ class BusConnection:
                         link.send.uncork()
                 if error is not None:
                     reason = error
+                # (A DATA frame may be a view of the whole read it came in: not kept alive
+                # while this task waits for the next one.)
+                frame = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             reason = f"connection lost: {exc}"
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1039,3 +1040,45 @@ async def test_push_delivery_a_consumer_refusing_the_bytes_resets_the_channel(tm
         direct = await client.open_channel("org.example.Echo", "raw", "direct")
         assert direct.route == "unix-fd" and not direct.deliver_to(lambda data: None, closed.append)
         await direct.aclose()
+
+
+def _small_views_of_big_reads(min_size: int) -> list[tuple[int, int]]:
+    """(view size, read size) of every live memoryview under 1 KiB into a bytes of at least
+    ``min_size``: a frame's view keeping a whole read alive."""
+    found = []
+    for obj in gc.get_objects():
+        if type(obj) is memoryview:
+            try:
+                base = obj.obj
+            except ValueError:
+                continue  # (released)
+            if type(base) is bytes and len(base) >= min_size and len(obj) < 1024:
+                found.append((len(obj), len(base)))
+    return found
+
+
+async def test_an_idle_bus_connection_keeps_no_read_alive_through_a_small_view(tmp_path: Path) -> None:
+    """A burst whose first frame is a small DATA frame (a view of the read), then 200 KiB: once
+    the application has read it all and everyone waits, no view of a big read is alive (the
+    bus connection's reader let its last frame go before waiting)."""
+    big = 200 * 1024
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        channel = await client.open_channel("org.example.Echo", route="relay")
+        served = await accepted.receive()
+        await trio.sleep(0.1)
+        relay = channel._io
+        assert isinstance(relay, RelayStream)
+        writer = relay._link.send
+        writer.cork()  # (one write to the broker, which writes them on in one burst)
+        assert relay.send_some_nowait(b"0123456789") == 10
+        sent = 10 + relay.send_some_nowait(b"z" * big)
+        writer.uncork()
+        got = 0
+        with trio.fail_after(5):
+            while got < sent and (data := await served.receive_some()):
+                got += len(data)
+                del data
+        await trio.sleep(0.2)  # (everyone idle, waiting for their next read)
+        gc.collect()
+        assert _small_views_of_big_reads(32 * 1024) == []
