@@ -420,6 +420,21 @@ def open_bus(
     )
 
 
+def _same_exception(seen: BaseException, raised: BaseException | None) -> bool:
+    """Whether ``seen`` (in a nursery's group) is ``raised``: itself, or for a group the copy
+    a cancel scope makes of it on its way out (same type, message and exceptions)."""
+    if seen is raised:
+        return True
+    if not (isinstance(seen, BaseExceptionGroup) and isinstance(raised, BaseExceptionGroup)):
+        return False
+    return (
+        type(seen) is type(raised)
+        and seen.message == raised.message
+        and len(seen.exceptions) == len(raised.exceptions)
+        and all(_same_exception(a, b) for a, b in zip(seen.exceptions, raised.exceptions))
+    )
+
+
 class OpenBus:
     """What :func:`open_bus` returns: an async context manager, for one ``async with``.
 
@@ -467,7 +482,12 @@ class OpenBus:
         first = await connection.connect()  # (within connect_timeout: CannotConnect)
         manager = self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await manager.__aenter__()
-        connection.start(nursery, first)
+        try:
+            connection.start(nursery, first)
+        except BaseException as error:  # (the nursery entered is left, whatever happened)
+            nursery.cancel_scope.cancel()
+            if not await manager.__aexit__(type(error), error, error.__traceback__):
+                raise
         # (No restore: a bus just made holds no watch, subscription or second name.)
         return bus
 
@@ -480,35 +500,49 @@ class OpenBus:
         try:
             # No await before the nursery's exit: after cancelling our own scope, an await
             # would raise a Cancelled that replaces (and so swallows) the block's exception.
-            connection.closed = True
-            link = connection.link
-            if link is not None:
-                # Queued frames are dropped, as a cancelled writer drops them; a writer that
-                # was never needed is never started, and one that has not run yet ends at its
-                # first step, not by cancellation (which costs trio a good deal more: a
-                # short-lived bus pays it).
-                link.send.close()
-            if bus._names_made is not None:
-                bus._names_made.close_all_nowait()
-            if bus._events_made is not None:
-                bus._events_made.close_all_nowait()
-            # The link's task closes the stream on its way out.  One that has not run yet (the
-            # only task: the bus was left without waiting) ends at its first step without
-            # being cancelled (trio's cancel costs more than the flag it reads).
-            if connection.serving or len(nursery.child_tasks) > 1:
-                nursery.cancel_scope.cancel()
+            # Should a step fail (a socket end that will not close, a KeyboardInterrupt), the
+            # nursery is still left, with that error as the block's.
+            failed: BaseException | None = None
             try:
-                return bool(await manager.__aexit__(exc_type, exc, tb))
+                connection.closed = True
+                link = connection.link
+                if link is not None:
+                    # Queued frames are dropped, as a cancelled writer drops them; a writer
+                    # that was never needed is never started, and one that has not run yet
+                    # ends at its first step, not by cancellation (which costs trio a good
+                    # deal more: a short-lived bus pays it).
+                    link.send.close()
+                if bus._names_made is not None:
+                    bus._names_made.close_all_nowait()
+                if bus._events_made is not None:
+                    bus._events_made.close_all_nowait()
+                # The link's task closes the stream on its way out.  One that has not run yet
+                # (the only task: the bus was left without waiting) ends at its first step
+                # without being cancelled (trio's cancel costs more than the flag it reads).
+                if connection.serving or len(nursery.child_tasks) > 1:
+                    nursery.cancel_scope.cancel()
+            except BaseException as error:
+                failed = error
+                nursery.cancel_scope.cancel()
+                exc_type, exc, tb = type(error), error, error.__traceback__
+            try:
+                left = bool(await manager.__aexit__(exc_type, exc, tb))
             except BaseExceptionGroup as group:
-                # The block's own exception comes out as itself, not wrapped by our nursery.
+                # The block's own exception comes out as itself, not wrapped by our nursery
+                # (only our nursery's layer is taken off: a group the block raised stays one).
                 inner: BaseException = group
-                while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                while not _same_exception(inner, exc) and isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
                     inner = inner.exceptions[0]
                 if inner is group:
                     raise
-                if inner is exc:
+                if _same_exception(inner, exc):
+                    if failed is not None:
+                        raise failed from None
                     return False  # (it goes on as it was)
                 raise inner from None
+            if failed is not None:
+                raise failed
+            return left
         finally:
             # Its tasks have ended: no handler or hook runs again.  Untied from them, the bus
             # and its link are freed by reference counting (see BusConnection.detach).

@@ -194,3 +194,52 @@ async def test_one_open_bus_is_for_one_block(tmp_path: Path) -> None:
             async with opening:
                 pass
         await wait_for_no_sessions(rb.broker)
+
+
+class _Fault(Exception):
+    pass
+
+
+async def test_a_step_of_leaving_that_fails_still_leaves_the_bus_and_says_why(tmp_path: Path) -> None:
+    """A step before the bus's nursery is left (here closing its subscriptions) raises: the
+    nursery is still left (its tasks end, trio's scopes stay in order) and that error comes
+    out of the block."""
+    async with running_broker(tmp_path) as rb:
+        with pytest.raises(_Fault, match="close step"):
+            with trio.fail_after(10):
+                async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+                    async with bus.subscribe("org.example.X", "Tick"):
+                        pass
+                    await bus.ping()
+
+                    def fail() -> None:
+                        raise _Fault("close step")
+
+                    assert bus._events_made is not None
+                    bus._events_made.close_all_nowait = fail  # type: ignore[method-assign]
+        assert not bus.connected
+        await trio.sleep(0)  # (trio's own checks of its scopes: still usable)
+
+
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_an_exception_group_the_block_raises_comes_out_as_itself(tmp_path: Path, wait_first: bool) -> None:
+    """The block's own nursery raises an ExceptionGroup: that group leaves open_bus, not the
+    exception dug out of it (only the bus's own nursery's layer is taken off)."""
+    async with running_broker(tmp_path) as rb:
+        raised: BaseException | None = None
+        with pytest.raises(BaseException) as caught:
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False) as bus:
+                if wait_first:
+                    await bus.ping()
+                try:
+                    async with trio.open_nursery() as nursery:
+
+                        async def fail() -> None:
+                            raise ValueError("child")
+
+                        nursery.start_soon(fail)
+                except BaseException as exc:
+                    raised = exc
+                    raise
+        assert isinstance(raised, ExceptionGroup)
+        assert caught.value is raised

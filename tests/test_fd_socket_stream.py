@@ -115,3 +115,26 @@ async def test_closed_eof_and_broken() -> None:
             await stream.send_all(b"to nobody")
     finally:
         stream.close_nowait()
+
+
+async def test_send_eof_and_wait_send_all_might_not_block_are_refused_during_a_send() -> None:
+    """As trio's SocketStream: while a send_all waits (the socket full), send_eof and
+    wait_send_all_might_not_block raise BusyResourceError (an end of file would cut the send
+    short, the peer reading a clean end); the send is left as it was."""
+    left, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.setblocking(False)
+    stream = FdSocketStream(left)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send_all, b"x" * (8 << 20))
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    await stream.send_eof()
+                with pytest.raises(trio.BusyResourceError):
+                    await stream.wait_send_all_might_not_block()
+                nursery.cancel_scope.cancel()
+        assert not stream.socket.did_shutdown_SHUT_WR
+    finally:
+        stream.close_nowait()
+        peer.close()

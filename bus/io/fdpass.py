@@ -215,10 +215,22 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             self._send_busy = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
+        if self._send_busy:  # (the trio stream below cannot see this stream's own sends)
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        try:
+            await self.stream.wait_send_all_might_not_block()
+        finally:
+            self._send_busy = False
 
     async def send_eof(self) -> None:
-        await self.stream.send_eof()
+        if self._send_busy:  # (an end of file in the middle of a send would cut it short)
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        try:
+            await self.stream.send_eof()
+        finally:
+            self._send_busy = False
 
     async def aclose(self) -> None:
         self.close_nowait()
