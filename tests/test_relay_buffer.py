@@ -89,3 +89,22 @@ def test_clear_drops_what_is_held() -> None:
     d.push(b"y" * 10)
     d.clear()
     assert d.buffered == 0 and not d.buffer and d.ready() == 0
+
+
+def test_a_big_piece_cut_again_and_again_is_copied_once() -> None:
+    """A receiver granting a byte at a time: the first cut of a big piece copies its rest
+    once, into a piece the later cuts take from without copying it again (cutting a bytes
+    per grant copied the whole rest each time)."""
+    d = Direction(cap=1 << 20)
+    d.src_credit = 1 << 20
+    piece = bytes(range(256)) * 2048  # 512 KiB
+    d.push(piece)
+    out = []
+    for _ in range(3):
+        d.dst_window += 1
+        out.append(d.take(65536))
+    rest = d.buffer[0]
+    assert b"".join(out) == piece[:3] and type(rest) is bytearray and rest == piece[3:]
+    d.dst_window += 1
+    assert d.take(65536) == piece[3:4] and d.buffer[0] is rest  # (the same piece, cut in place)
+    assert d.buffered == len(piece) - 4 == len(rest)

@@ -123,9 +123,12 @@ class Direction:
         elif size > n:
             chunk = bytes(first[:n])
             if isinstance(first, bytearray):
-                del first[:n]
+                del first[:n]  # (O(1): a bytearray moves its start)
             else:
-                buffer[0] = first[n:]
+                # The rest, copied once into a bytearray: later cuts of it cost nothing more
+                # (cutting a bytes again per take copied the rest each time: a receiver
+                # granting a byte at a time made a 512 KiB copy per grant).
+                buffer[0] = bytearray(memoryview(first)[n:])
         else:
             pieces = []
             left = n
@@ -139,7 +142,7 @@ class Direction:
                     if isinstance(piece, bytearray):
                         del piece[:left]
                     else:
-                        buffer[0] = piece[left:]
+                        buffer[0] = bytearray(memoryview(piece)[left:])  # (as above)
                     left = 0
             chunk = b"".join(pieces)
         self.buffered -= n
