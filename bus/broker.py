@@ -527,7 +527,9 @@ class Broker:
         self.teardown = trio.CapacityLimiter(TEARDOWNS_AT_ONCE)
         #: Connections torn down without a turn since one last waited for a turn: a lone
         #: connection that ends pays no scheduler pass for its turn, and a crowd that ends
-        #: in one pass still goes TEARDOWNS_AT_ONCE at a time (the rest take turns).
+        #: in one pass is still torn down in bounded steps: at most TEARDOWNS_AT_ONCE at once
+        #: without a turn, then TEARDOWNS_AT_ONCE holding turns (so at most twice that in a
+        #: pass), the rest waiting for turns.
         self.quick_teardowns = 0
         self.core.room_for = self._room_for
         self.core.io_view = self  # per-connection figures for ``stats`` and /metrics
