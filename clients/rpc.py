@@ -1338,7 +1338,11 @@ class RpcCalls:
         self._locks: dict[str, trio.Lock] = {}
 
     async def call(self, name: str, method: str, *args: Any) -> Any:
-        connection = await self._connect(name)
+        connection = self.connections.get(name)
+        if connection is not None:
+            connection.poll()  # (whether the service ended the channel while it was idle)
+        if connection is None or connection.closed is not None:
+            connection = await self._connect(name)
         timeout = self._connection.request_timeout
         with trio.move_on_after(timeout):
             return await connection.call(method, *args)
