@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
