@@ -553,6 +553,7 @@ class Broker:
         # Relay data is queued for a connection only while its queue holds less than this.
         self.relay_threshold = config.outbound_bytes // 2
         self.core.room_for_event = self._room_for_event
+        self.core.short_of_room = self._short_of_room
         #: Set while a reader handles the frames one read brought (when it brought more than
         #: one; what a lone frame sends is written at once): the writers it sends to are
         #: corked (listed in ``corked``) and written once, by :meth:`uncork`, when the reader
@@ -609,6 +610,37 @@ class Broker:
         mine = held.get(payer, 0)
         others = len(held) - (1 if mine else 0)
         return min(room, self.relay_threshold // (others + 2) - mine)
+
+    def _short_of_room(self, conn_ids: list[int], payer: str, needed: int) -> list[int]:
+        """Those of ``conn_ids`` with less than ``needed`` bytes of :meth:`_room_for_event`
+        for ``payer`` (the core's ``short_of_room``, asked once per emit)."""
+        # (_room_for_event's steps, the same verdicts, for all receivers in one loop)
+        sessions = self.sessions
+        threshold = self.relay_threshold
+        short: list[int] = []
+        for conn_id in conn_ids:
+            session = sessions.get(conn_id)
+            if session is None:
+                short.append(conn_id)
+                continue
+            out = session.out
+            if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
+                short.append(conn_id)
+                continue
+            room = threshold - out.queued_bytes
+            if room < needed:  # (the share below is never more than the room)
+                short.append(conn_id)
+                continue
+            held = session.event_held
+            if not held:
+                if threshold // 2 < needed:
+                    short.append(conn_id)
+                continue
+            mine = held.get(payer, 0)
+            others = len(held) - (1 if mine else 0)
+            if threshold // (others + 2) - mine < needed:
+                short.append(conn_id)
+        return short
 
     def uncork(self) -> None:
         """Write what the corked writers queued (see :attr:`corking`)."""
@@ -689,10 +721,17 @@ class Broker:
             self._pump_watches()
 
     def _fan_out(self, item: FanOut) -> None:
-        """One event to its subscribers: encoded once, each copy charged to the emitter."""
+        """One event to its subscribers: encoded once, each copy charged to the emitter.
+
+        Each receiver is queued with :meth:`_Session.enqueue_event`'s steps, the same
+        verdicts in the same order, taken in this loop (it runs once per delivery)."""
         sessions = self.sessions
         data = b""
+        size = 0
         payer = item.payer
+        limit = self.config.outbound_bytes
+        corking = self.corking  # (only a reader uncorks: the same all through this loop)
+        burst = self.bursts
         for conn_id in item.conns:
             session = sessions.get(conn_id)
             if session is None:
@@ -704,7 +743,37 @@ class Broker:
                 except BusError as exc:
                     log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
                     return
-            session.enqueue_event(data, payer)
+                size = len(data)
+            out = session.out
+            if out.stopped:
+                continue  # already being disconnected; it will be told why
+            if out.queued_bytes + size > limit:
+                session.overflow()
+                continue
+            if corking and not out.corked:
+                out.cork()
+                self.corked.append(session)
+            try:
+                out.send_nowait(data)
+            except trio.WouldBlock:
+                session.overflow()
+                continue
+            except trio.ClosedResourceError:
+                continue  # the session is already ending
+            session.messages_out += 1
+            bytes_out = session.bytes_out = session.bytes_out + size
+            if out.queued_bytes:  # (else all written at once)
+                marks = session.event_marks
+                if marks is None:
+                    marks = session.event_marks = collections.deque()
+                if marks and corking and session.event_marks_burst == burst and marks[-1][0] == payer:
+                    # The same identity's run in this burst: one mark, extended to this event.
+                    marks[-1] = (payer, bytes_out, marks[-1][2] + size)
+                else:
+                    marks.append((payer, bytes_out, size))
+                    session.event_marks_burst = burst
+                held = session.event_held
+                held[payer] = held.get(payer, 0) + size
 
     # -- listening ---------------------------------------------------------------------------
 

@@ -126,3 +126,46 @@ async def test_events_over_the_outbound_limit_cut_the_subscriber_and_nothing_is_
         assert "slow consumer" in messages[-1]["message"]
         assert 0 < sum(1 for m in messages if m.get("event") == "event") <= sent
         await sub.aclose()
+
+
+async def test_the_room_asked_once_per_emit_is_the_room_asked_per_receiver(tmp_path: Path) -> None:
+    """busd answers the core's ``short_of_room`` (all receivers of an emit in one call) with
+    exactly the verdicts of ``room_for_event`` per receiver, over real sessions: empty, filled
+    by one identity and by two in a burst, past half its queue, stopped, and gone."""
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024) as rb:
+        broker = rb.broker
+        subs, ids = [], []
+        for _ in range(2):  # neither reads until the end
+            sub = await raw_connect(rb.unix_address, FRIEND)
+            await sub.send_message({"op": "hello", "id": 1})
+            ids.append(int((await reply_to(sub, 1))["result"]["unique_id"].lstrip(":")))
+            subs.append(sub)
+        first, second = (broker.sessions[i] for i in ids)
+        gone = max(ids) + 1000
+        payers = [OWNER.id, FRIEND.id, "@nobody-yet"]
+        sizes = [1, 512, 4096, 20000, broker.relay_threshold // 3, broker.relay_threshold // 2 + 1, broker.relay_threshold + 1]
+        seen: set[tuple[bool, ...]] = set()
+
+        def agree() -> None:
+            for payer in payers:
+                for needed in sizes:
+                    expected = [i for i in [*ids, gone] if broker._room_for_event(i, payer) < needed]
+                    assert sorted(broker._short_of_room([*ids, gone], payer, needed)) == expected
+                    seen.add(tuple(i in expected for i in ids))
+
+        agree()
+        event = encode_control(0, {"event": "event", "source": "org.example.A", "member": "Tick", "payload": b"x" * 6000})
+        broker.corking = True  # one burst: marks of a run are joined, the queue fills
+        for n in range(24):
+            first.enqueue_event(event, OWNER.id if n % 3 else FRIEND.id)
+            second.enqueue_event(event, OWNER.id)
+            agree()
+        broker.uncork()
+        agree()
+        first.overflow()  # stopped: no room at all
+        agree()
+        assert {(False, False), (True, False), (True, True)} <= seen  # each kind of verdict was met
+        messages = await read_until_closed(subs[0])  # cut as a slow consumer, and told why
+        assert "slow consumer" in messages[-1]["message"]
+        for sub in subs:
+            await sub.aclose()

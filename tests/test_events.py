@@ -227,6 +227,48 @@ def test_each_emitter_is_held_to_its_share_of_a_subscribers_room() -> None:
     assert got[0]["subscription"] == sub and set(asked) == {EMITTER.id, ADMIN.id}
 
 
+def test_room_is_asked_once_per_emit_and_only_the_short_miss_with_their_gaps_first() -> None:
+    """The core asks ``short_of_room`` once per emit, for exactly the receivers the event
+    would go to (only the destination, for a unicast one); those it names miss the event,
+    each is owed a gap that comes right before the next event it gets, and the others get
+    every event and no gap (also while one is owed a gap)."""
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Ticker")
+    a, b, idle = c.connect(ADMIN), c.connect(ADMIN), c.connect(ADMIN)
+    sub_a = c.ok(a, "subscribe", member="Tick")["subscription"]
+    c.ok(a, "subscribe", member="T*")  # a second matching subscription: one event, both counted
+    c.ok(b, "subscribe", member="Tick")
+    c.ok(idle, "subscribe", member="Other")
+    asked: list[tuple[list[int], str, int]] = []
+    short: set[int] = set()
+
+    def short_of_room(conn_ids: list[int], payer: str, needed: int) -> list[int]:
+        asked.append((sorted(conn_ids), payer, needed))
+        return [conn_id for conn_id in conn_ids if conn_id in short]
+
+    c.core.short_of_room = short_of_room
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=0) == {"delivered": 2}
+    assert len(asked) == 1 and asked[0][0] == sorted([a, b]) and asked[0][1] == EMITTER.id and asked[0][2] > 0
+    short.add(a)
+    for i in (1, 2):
+        assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=i) == {"delivered": 1}
+    short.clear()
+    # While a is owed a gap, a unicast to b asks about b alone and gives b no gap.
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=3, destination=f":{b}") == {"delivered": 1}
+    assert asked[-1][0] == [b]
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=4) == {"delivered": 2}
+    got_a = c.events(a)
+    assert [(e["event"], e.get("payload"), e.get("missed")) for e in got_a] == [
+        ("event", 0, None), ("gap", None, 2), ("gap", None, 2), ("event", 4, None)
+    ]
+    assert got_a[1]["subscription"] == sub_a and got_a[2]["subscription"] != sub_a
+    assert [(e["event"], e.get("payload")) for e in c.events(b)] == [("event", i) for i in range(5)]
+    assert c.events(idle) == [] and len(asked) == 5
+    # Nobody owes a gap any more: the next event is plain for both.
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=5) == {"delivered": 2}
+    assert [e["event"] for e in c.events(a)] == ["event"] and [e["event"] for e in c.events(b)] == ["event"]
+
+
 async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_path: Path) -> None:
     """Over real sockets: an emitter floods 24 KiB events; a subscriber that does not read
     is never cut and learns how many it missed; one that reads gets every event, in order."""

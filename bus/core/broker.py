@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -216,6 +216,14 @@ class FanOut(NamedTuple):
     payer: str
 
 
+class _Route(NamedTuple):
+    """Who gets one kind of event: the subscribing connections, and for each (at the same
+    index) its subscriptions that match."""
+
+    conns: list[int]
+    matching: list[list[Subscription]]
+
+
 Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut | ServiceAction
 
 
@@ -229,6 +237,7 @@ def flatten(out: list[Outgoing]) -> list[Outgoing]:
             flat.append(item)
     return flat
 
+_new_tuple = tuple.__new__
 _DEFERRED = object()
 _QUIET = object()  # a request answered by nothing (a quiet emit that was done)
 
@@ -466,12 +475,20 @@ class BrokerCore:
         #: queued there, and one more, get equal shares; see docs/events.md).  The io layer
         #: sets this; without one, ``room_for``.
         self.room_for_event: Callable[[int, str], int] = lambda conn_id, payer: self.room_for(conn_id)
+        #: Of the connections ``conn_ids``, those with less than ``needed`` bytes of
+        #: ``room_for_event`` for ``payer`` (in any order; mostly none): asked once per emit,
+        #: so the io layer can answer for every receiver in one call.  Without one, each is
+        #: asked of ``room_for_event``.
+        self.short_of_room: Callable[[list[int], str, int], Collection[int]] = self._short_of_room
+        #: Connections with ``gaps_owed`` (while none does, an emit that every receiver has
+        #: room for takes its route as it is).
+        self._owing_gaps: set[int] = set()
         self._see_memo: dict[tuple[str, str, str], bool] = {}
         # Who gets an event, by (source, member): each subscribing connection whose
         # subscriptions match and that may see the source, with those subscriptions.  Made on
         # the first event of a kind, forgotten whenever any subscription comes or goes (and
         # when full: at most _ROUTE_MEMO kinds), so no peer can grow it.
-        self._routes: dict[tuple[str, str], list[tuple[int, list[Subscription]]]] = {}
+        self._routes: dict[tuple[str, str], _Route] = {}
         self._route_entries = 0  # receivers listed in _routes, all kinds together
         # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
         self._sorted_names: list[str] | None = None
@@ -536,6 +553,7 @@ class BrokerCore:
             self._subscribers.discard(conn_id)
             self._routes.clear()
         self.pumping.discard(conn_id)
+        self._owing_gaps.discard(conn_id)
         self.services.drop_connection(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
         for ch in self.channels.forget_connection(conn_id):
@@ -1219,7 +1237,8 @@ class BrokerCore:
         never cut for traffic it did not ask for, and the emitter is never slowed."""
         args = req.args
         member = args.get("member")
-        source = args.get("source", conn.unique_id)
+        unique_id = conn.unique_id
+        source = args.get("source", unique_id)
         route = self._routes.get((source, member)) if type(member) is str and type(source) is str else None
         # (A kind of event with a route was checked already: its member is an identifier.)
         if route is None and (type(member) is not str or not _MEMBER_RE.match(member)):
@@ -1229,7 +1248,8 @@ class BrokerCore:
         quiet = args.get("quiet", False)
         if type(quiet) is not bool:
             raise BadRequest("emit: argument 'quiet' must be bool")
-        if source != conn.unique_id:
+        payer = conn.key.id
+        if source != unique_id:
             # Owned names are valid well-known names (never unique ids): owning it is the
             # quick test, the others only tell why not.
             if type(source) is not str:
@@ -1239,10 +1259,11 @@ class BrokerCore:
                     raise AccessDenied(f"{conn.unique_id} may emit as its own unique id only, not as {bound_text(source, 32)}")
                 validate_name(source)
                 raise AccessDenied(f"{conn.unique_id} does not own {source!r}: only its primary owner may emit as it")
-            if not self._policy_allows("emit", conn.key, source):
+            # (_policy_allows, its memo read here first: this runs once per emit)
+            if not (self._see_memo.get(("emit", payer, source)) or self._policy_allows("emit", conn.key, source)):
                 self.policy.may_emit(conn.key, source).check()  # raises, with the reason
         payload = args.get("payload")
-        size = _payload_size(payload)
+        size = len(payload) + 9 if type(payload) is bytes else _payload_size(payload)  # (_payload_size's first case inline)
         if size > self.limits.event_bytes:
             raise QuotaExceeded(f"event_bytes: the payload is {size} bytes, over the {self.limits.event_bytes}-byte limit")
         destination = args.get("destination")
@@ -1257,32 +1278,46 @@ class BrokerCore:
         if not self._subscribers:
             return _QUIET if quiet else {"delivered": 0}  # nobody listens: it costs nothing more
         if route is None:
-            route = self._route(source, cast(str, member), named=source != conn.unique_id)
+            route = self._route(source, cast(str, member), named=source != unique_id)
         needed = size + _EVENT_OVERHEAD
-        payer = conn.key.id
-        room_for_event = self.room_for_event
-        receivers: list[int] = []
-        for sub_conn_id, matching in route:
-            if destination is not None and sub_conn_id != dest_id:
-                continue
-            if room_for_event(sub_conn_id, payer) < needed:
-                for sub in matching:
-                    sub.missed += 1
-                self.connections[sub_conn_id].gaps_owed = True
-                self.pumping.add(sub_conn_id)
-                continue
-            subscriber = self.connections[sub_conn_id]
-            if subscriber.gaps_owed:
-                out.extend(self._gaps(subscriber))
-            receivers.append(sub_conn_id)
+        conns = route.conns
+        if destination is not None:
+            conns = [dest_id] if dest_id in conns else []
+        # Who has no room for it (in its queue, or in payer's share of it), asked once for all.
+        short = self.short_of_room(conns, payer, needed) if conns else ()
+        receivers: list[int]
+        if not short and not self._owing_gaps:
+            receivers = conns.copy()  # (the common case: each receiver gets it, nobody is owed a gap)
+        else:
+            receivers = []
+            short = set(short)
+            for sub_conn_id, matching in zip(route.conns, route.matching):
+                if destination is not None and sub_conn_id != dest_id:
+                    continue
+                subscriber = self.connections[sub_conn_id]
+                if sub_conn_id in short:
+                    for sub in matching:
+                        sub.missed += 1
+                    subscriber.gaps_owed = True
+                    self._owing_gaps.add(sub_conn_id)
+                    self.pumping.add(sub_conn_id)
+                    continue
+                if subscriber.gaps_owed:
+                    out.extend(self._gaps(subscriber))
+                receivers.append(sub_conn_id)
         if receivers:
-            message = {"source": source, "member": member, "payload": payload, "sender": conn.unique_id, "identity": payer, "event": "event"}
-            out.append(FanOut(receivers, message, payer))
+            message = {"source": source, "member": member, "payload": payload, "sender": unique_id, "identity": payer, "event": "event"}
+            out.append(_new_tuple(FanOut, (receivers, message, payer)))  # (FanOut(...), without its Python-level __new__)
         return _QUIET if quiet else {"delivered": len(receivers)}
 
-    def _route(self, source: str, member: str, named: bool) -> list[tuple[int, list[Subscription]]]:
+    def _short_of_room(self, conn_ids: list[int], payer: str, needed: int) -> list[int]:
+        """The default :attr:`short_of_room`: each connection asked of ``room_for_event``."""
+        room_for_event = self.room_for_event
+        return [conn_id for conn_id in conn_ids if room_for_event(conn_id, payer) < needed]
+
+    def _route(self, source: str, member: str, named: bool) -> _Route:
         """Who gets an event of ``source`` and ``member`` (see ``_routes``), worked out and kept."""
-        route: list[tuple[int, list[Subscription]]] = []
+        route = _Route([], [])
         for sub_conn_id in self._subscribers:
             subscriber = self.connections[sub_conn_id]
             matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
@@ -1290,20 +1325,22 @@ class BrokerCore:
                 continue
             if named and not (subscriber.admin or self._sees(subscriber.key, source)):
                 continue
-            route.append((sub_conn_id, matching))
-        if len(self._routes) >= _ROUTE_MEMO or self._route_entries + len(route) > _ROUTE_ENTRIES:
+            route.conns.append(sub_conn_id)
+            route.matching.append(matching)
+        if len(self._routes) >= _ROUTE_MEMO or self._route_entries + len(route.conns) > _ROUTE_ENTRIES:
             self._routes.clear()
-        if len(route) <= _ROUTE_ENTRIES:
+        if len(route.conns) <= _ROUTE_ENTRIES:
             if not self._routes:
                 self._route_entries = 0
             self._routes[(source, member)] = route
-            self._route_entries += len(route)
+            self._route_entries += len(route.conns)
         return route
 
     def _gaps(self, conn: Connection) -> list[Outgoing]:
         """``gap`` events for the subscriptions of ``conn`` that missed events."""
         gaps: list[Outgoing] = []
         conn.gaps_owed = False
+        self._owing_gaps.discard(conn.id)
         for sub in conn.subscriptions.values():
             if sub.missed:
                 fields = {"subscription": sub.id, "missed": sub.missed, "reason": "overflow"}

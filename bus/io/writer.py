@@ -74,8 +74,11 @@ class FrameWriter:
         self._rest: memoryview | None = None  # wire bytes of a frame the socket took only part of
         self._rest_size = 0
         self._busy = False  # run() is inside a write (stays set if that write failed half-way)
-        self._stopping = False
-        self._corked = False
+        #: :meth:`stop` was called: no frame is taken any more.  (Read only, as ``corked``:
+        #: plain attributes, read once per frame on busd's fan-out.)
+        self.stopped = False
+        #: Between :meth:`cork` and :meth:`uncork`.
+        self.corked = False
         self._corked_bytes = 0  # bytes queued while corked (so not handed to run() yet)
         self._finishing = False
         self._failure: BaseException | None = None
@@ -92,7 +95,7 @@ class FrameWriter:
         already.  Never after :meth:`close`."""
         if self.closed:
             return
-        if self._queue or self._rest is not None or self._failure is not None or self._stopping or self._finishing:
+        if self._queue or self._rest is not None or self._failure is not None or self.stopped or self._finishing:
             start()
         else:
             self._start = start
@@ -113,11 +116,6 @@ class FrameWriter:
         return len(self._queue) + (self._rest is not None)
 
     @property
-    def stopped(self) -> bool:
-        """:meth:`stop` was called: no frame is taken any more."""
-        return self._stopping
-
-    @property
     def has_room(self) -> bool:
         """Whether :meth:`send_nowait` would take a frame now (without WouldBlock)."""
         return not self.closed and len(self._queue) < self.max_frames
@@ -133,9 +131,9 @@ class FrameWriter:
         Raises :class:`trio.WouldBlock` when ``max_frames`` frames already wait and
         :class:`trio.ClosedResourceError` after :meth:`close`.
         """
-        if self.closed or self._stopping:
+        if self.closed or self.stopped:
             raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
-        if self._corked:
+        if self.corked:
             queue = self._queue
             if len(queue) >= self.max_frames:
                 raise trio.WouldBlock
@@ -155,17 +153,13 @@ class FrameWriter:
             return
         self._write_now(frame, len(frame), counted=False)
 
-    @property
-    def corked(self) -> bool:
-        return self._corked
-
     def cork(self) -> None:
         """Queue what :meth:`send_nowait` gets, without writing, until :meth:`uncork`."""
-        self._corked = True
+        self.corked = True
 
     def uncork(self) -> None:
         """Write what was queued while corked, joined into as few system calls as it takes."""
-        self._corked = False
+        self.corked = False
         if self._corked_bytes:
             self._write_queued()
 
@@ -239,7 +233,7 @@ class FrameWriter:
         one write when it does: for a burst of one-way messages (a publishing loop)."""
         if len(self._queue) >= self.max_frames:
             await self.wait_room()
-        if self.closed or self._stopping:
+        if self.closed or self.stopped:
             raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
         queue = self._queue
         queue.append(frame)
@@ -272,7 +266,7 @@ class FrameWriter:
 
     def stop(self) -> None:
         """Make :meth:`run` return at the next frame boundary (nothing more is written)."""
-        self._stopping = True
+        self.stopped = True
         self._signal()
 
     def finish(self) -> None:
@@ -312,7 +306,7 @@ class FrameWriter:
                 self._rest = None
                 self._sent(self._rest_size)
                 continue
-            if self._stopping or self.closed:
+            if self.stopped or self.closed:
                 return
             if not self._queue:
                 if self._finishing:
