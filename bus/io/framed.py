@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import mmap
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -90,10 +89,10 @@ def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
     """How to read ``stream`` without waiting, if it can (it has ``receive_nowait``,
     ``try_receive``, ``receive_into_nowait`` and ``wait_readable``, as
     :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
+    if type(stream) is trio.SocketStream:  # (always SOCK_STREAM: trio refuses any other)
+        return _PlainSocketReads(stream)
     if all(hasattr(stream, name) for name in ("receive_nowait", "try_receive", "receive_into_nowait", "wait_readable")):
         return cast("_SocketReads", stream)
-    if isinstance(stream, trio.SocketStream) and stream.socket.type == socket.SOCK_STREAM:
-        return _PlainSocketReads(stream)
     return None
 
 _RECEIVE_SIZE = 1 << 18  # a whole 64 KiB data frame and more in one read

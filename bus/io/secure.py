@@ -318,8 +318,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         it went through, and they hold this stream: a reference cycle that only the cyclic
         garbage collector could free.  An owner that is done with a failed stream calls this,
         so the stream goes by reference counting (the messages and types stay)."""
+        if self._broken_by is None:
+            return  # (not broken: nothing to drop)
         seen: set[int] = set()
-        pending = [self._broken_by]
+        pending: list[BaseException | None] = [self._broken_by]
         while pending:
             exc = pending.pop()
             if exc is None or id(exc) in seen:
