@@ -262,11 +262,17 @@ class SecureStream(trio.abc.HalfCloseableStream):
         hs = self._handshake
         assert hs is not None
         transport = self.transport
+        # A transport that can send a message and wait for its answer in one step (the
+        # client's Unix socket, FdSocketStream) does so: the same bytes, one checkpoint.
+        exchange = getattr(transport, "send_then_receive", None)
         while not hs.is_done:
             out = hs.data_to_send()
-            if out:
-                await transport.send_all(out)
-            data = await transport.receive_some(hs.bytes_wanted)
+            if out and exchange is not None:
+                data = await exchange(out, hs.bytes_wanted)
+            else:
+                if out:
+                    await transport.send_all(out)
+                data = await transport.receive_some(hs.bytes_wanted)
             if not data:
                 hs.end_of_input()  # raises HandshakeError
             hs.receive_data(data)
