@@ -919,6 +919,7 @@ class Broker:
             authorize=self._authorize,
             encrypted=kind == "tcp" or cfg.encrypt_unix,
             handshake_timeout=math.inf,  # (the deadline is the handshake scope's: see _accept_loop)
+            direct_handshake=True,
         )
         stream.close_timeout = cfg.close_timeout
         try:

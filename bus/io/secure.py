@@ -31,6 +31,7 @@ only moves their bytes.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import operator
 import os
@@ -87,6 +88,33 @@ _UNKNOWN: Any = object()
 _NOTHING = memoryview(b"")
 
 
+async def _socket_exchange(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    """Send ``data`` whole on ``sock``, then return what one read brings once it is readable
+    (FdSocketStream.send_then_receive's rules, on a trio SocketStream's socket): the wait for
+    the answer is the one checkpoint."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if sock.fileno() < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    try:
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += os.write(sock.fileno(), view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), max_bytes)
+            except BlockingIOError:
+                continue
+    except OSError as exc:
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("the socket was closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
 class SecureStream(trio.abc.HalfCloseableStream):
     """A byte stream whose peer has proven its identity, encrypted or plain.
 
@@ -107,6 +135,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         *,
         encrypted: bool = True,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        direct_handshake: bool = False,
     ) -> None:
         if not encrypted and not isinstance(transport, trio.abc.HalfCloseableStream):
             raise TypeError("a plain SecureStream needs a half-closeable transport to carry EOF")
@@ -116,6 +145,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.encrypted = encrypted
         self.handshake_timeout = handshake_timeout
         self.close_timeout = DEFAULT_CLOSE_TIMEOUT
+        self._direct_handshake = direct_handshake  # (see server())
         # Both are dropped once the handshake is done (the machine's buffers and keys are
         # not needed any more: a broker holds thousands of idle streams).
         self._handshake: ClientHandshake | ServerHandshake | None = handshake
@@ -169,13 +199,19 @@ class SecureStream(trio.abc.HalfCloseableStream):
         authorize: Callable[[PublicKey], bool] | None = None,
         encrypted: bool = True,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        direct_handshake: bool = False,
     ) -> SecureStream:
-        """The accepting side; ``authorize`` may refuse the client's key after msg3."""
+        """The accepting side; ``authorize`` may refuse the client's key after msg3.
+
+        ``direct_handshake``: over a trio SocketStream, msg2 is written to the socket and msg3
+        read once it is readable, in one step (no scheduler pass after the write, no read that
+        finds nothing), as over FdSocketStream; the same bytes either way."""
         return cls(
             transport,
             ServerHandshake(identity, network_key, authorize=authorize),
             encrypted=encrypted,
             handshake_timeout=handshake_timeout,
+            direct_handshake=direct_handshake,
         )
 
     # -- identity ----------------------------------------------------------------------
@@ -265,6 +301,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         # A transport that can send a message and wait for its answer in one step (the
         # client's Unix socket, FdSocketStream) does so: the same bytes, one checkpoint.
         exchange = getattr(transport, "send_then_receive", None)
+        if exchange is None and self._direct_handshake and type(transport) is trio.SocketStream:
+            exchange = functools.partial(_socket_exchange, transport.socket)
         while not hs.is_done:
             out = hs.data_to_send()
             if out and exchange is not None:
