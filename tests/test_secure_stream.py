@@ -666,3 +666,31 @@ async def test_a_direct_handshake_stalled_after_msg2_is_cancelled_by_its_deadlin
     assert len(await left.receive_some(64)) == 64
     await _assert_closed(right)
     await left.aclose()
+
+
+async def test_a_direct_handshake_whose_msg4_cannot_be_delivered_fails_cleanly() -> None:
+    """msg1 and msg3 come, the client is gone before msg4 is written: the server's handshake
+    fails as a transport failure (not a success), and its socket is closed."""
+    from bus.wire.shs import ClientHandshake
+
+    left, right = unix_socket_stream_pair()
+    server = SecureStream.server(right, SERVER, direct_handshake=True)
+    hs = ClientHandshake(CLIENT, SERVER.public_key)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def client_then_gone() -> None:
+                await left.send_all(hs.data_to_send())  # msg1
+                msg2 = b""
+                while len(msg2) < 64:
+                    msg2 += await left.receive_some(64 - len(msg2))
+                hs.receive_data(msg2)
+                # msg3, and gone at once (no checkpoint between: the server wakes to both)
+                msg3 = hs.data_to_send()
+                assert os.write(left.socket.fileno(), msg3) == len(msg3)
+                left.socket.close()
+
+            nursery.start_soon(client_then_gone)
+            with pytest.raises(HandshakeError, match="transport failed"):
+                await server.do_handshake()
+    await _assert_closed(right)

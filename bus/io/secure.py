@@ -88,31 +88,56 @@ _UNKNOWN: Any = object()
 _NOTHING = memoryview(b"")
 
 
-async def _socket_exchange(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
-    """Send ``data`` whole on ``sock``, then return what one read brings once it is readable
-    (FdSocketStream.send_then_receive's rules, on a trio SocketStream's socket): the wait for
-    the answer is the one checkpoint."""
+# A server's handshake directly on its trio SocketStream's socket (see SecureStream.server's
+# ``direct_handshake``): each of these is a cancel point (checkpoint_if_cancelled), and yields
+# only where it waits.  The handshake always waits for the peer's next message, and the
+# stream's owner for the first message after the handshake: those waits are its schedule points.
+
+
+def _socket_error(sock: trio.socket.SocketType, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    if sock.fileno() < 0:
+        return trio.ClosedResourceError("the socket was closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def _socket_send(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` whole, waiting only while the socket is full."""
     await trio.lowlevel.checkpoint_if_cancelled()
     if sock.fileno() < 0:
         raise trio.ClosedResourceError("the socket was closed")
-    try:
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += os.write(sock.fileno(), view[sent:])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
+    with memoryview(data) as view:
+        sent = 0
+        while sent < len(view):
             try:
-                return os.read(sock.fileno(), max_bytes)
+                sent += os.write(sock.fileno(), view[sent:])
             except BlockingIOError:
-                continue
-    except OSError as exc:
-        if sock.fileno() < 0:
-            raise trio.ClosedResourceError("the socket was closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:
+                raise _socket_error(sock, exc) from exc
+
+
+async def _socket_receive(sock: trio.socket.SocketType, max_bytes: int, *, wait_first: bool = False) -> bytes:
+    """What one read brings (``b""`` at the end), waiting only while nothing is there (or,
+    with ``wait_first``, once before reading: it cannot be there yet)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if sock.fileno() < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+    while True:
+        try:
+            return os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as exc:
+            raise _socket_error(sock, exc) from exc
+
+
+async def _socket_exchange(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    """Send ``data`` whole on ``sock``, then return what one read brings once it is readable
+    (FdSocketStream.send_then_receive's rules): the wait for the answer is the one checkpoint."""
+    await _socket_send(sock, data)
+    return await _socket_receive(sock, max_bytes, wait_first=True)
 
 
 class SecureStream(trio.abc.HalfCloseableStream):
@@ -301,12 +326,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
         # A transport that can send a message and wait for its answer in one step (the
         # client's Unix socket, FdSocketStream) does so: the same bytes, one checkpoint.
         exchange = getattr(transport, "send_then_receive", None)
-        if exchange is None and self._direct_handshake and type(transport) is trio.SocketStream:
-            exchange = functools.partial(_socket_exchange, transport.socket)
+        # (server(direct_handshake=True): the same, with msg1 read and msg4 written directly.)
+        sock = transport.socket if self._direct_handshake and type(transport) is trio.SocketStream else None
+        if exchange is None and sock is not None:
+            exchange = functools.partial(_socket_exchange, sock)
         while not hs.is_done:
             out = hs.data_to_send()
             if out and exchange is not None:
                 data = await exchange(out, hs.bytes_wanted)
+            elif sock is not None and not out:
+                data = await _socket_receive(sock, hs.bytes_wanted)
             else:
                 if out:
                     await transport.send_all(out)
@@ -316,7 +345,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
             hs.receive_data(data)
         out = hs.data_to_send()
         if out:
-            await transport.send_all(out)
+            if sock is not None:
+                await _socket_send(sock, out)
+            else:
+                await transport.send_all(out)
         outcome = hs.outcome
         if self.encrypted:
             self._encoder = BoxStreamEncoder(outcome.encrypt_key, outcome.encrypt_nonce)
