@@ -990,6 +990,7 @@ class Broker:
             authorize=self._authorize,
             encrypted=kind == "tcp" or cfg.encrypt_unix,
             handshake_timeout=math.inf,  # (the deadline is the handshake scope's: see _accept_loop)
+            direct_handshake=True,
         )
         stream.close_timeout = cfg.close_timeout
         try:
@@ -1027,6 +1028,9 @@ class Broker:
                 max_control=cfg.max_control,
                 receive_stream=stream.plain_transport(),
                 max_items=cfg.max_control_items,
+                # The peer sends its hello once it has checked msg4, which was just sent: a read
+                # now would find nothing (the first read waits for the socket instead).
+                wait_first=True,
             )
             try:
                 conn = self.core.connect(peer_key, kind, pid, uid)

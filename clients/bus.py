@@ -517,10 +517,14 @@ class OpenBus:
                 if bus._events_made is not None:
                     bus._events_made.close_all_nowait()
                 # The link's task closes the stream on its way out.  One that has not run yet
-                # (the only task: the bus was left without waiting) ends at its first step
-                # without being cancelled (trio's cancel costs more than the flag it reads).
+                # (the only task: the bus was left without waiting) is not cancelled (trio's
+                # cancel costs more than the flag it reads): the link is ended and its stream
+                # closed here and now, so the broker sees the end at once, and the task
+                # returns at its first step.
                 if connection.serving or len(nursery.child_tasks) > 1:
                     nursery.cancel_scope.cancel()
+                elif link is not None:
+                    connection.end_unread_now(link)
             except BaseException as error:
                 failed = error
                 nursery.cancel_scope.cancel()

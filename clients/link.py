@@ -167,9 +167,26 @@ class Link:
         self.pending: dict[int, _Pending] = {}
         self.channels: dict[int, ChannelEnd] = {}
         self.closed = False
-        self.closed_event = trio.Event()
+        self._closed_event: trio.Event | None = None  # (made when first asked for)
         self.reason = "the broker closed the connection"
         self.started = trio.current_time()
+
+    @property
+    def closed_event(self) -> trio.Event:
+        """Set once the link has ended (made when first asked for: most links never are)."""
+        event = self._closed_event
+        if event is None:
+            event = self._closed_event = trio.Event()
+            if self.closed:
+                event.set()
+        return event
+
+    def mark_closed(self, reason: str) -> None:
+        """The link has ended (when its reader never ran: see BusConnection._end_unread)."""
+        self.reason = reason
+        self.closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
 
 
 class _Pending:
@@ -246,6 +263,9 @@ class BusConnection:
         self.serving = False
         self.reconnects = 0
         self.endpoint: Endpoint | None = None
+        # The bus was left before its reader task ran, and its link was ended and closed then
+        # (see end_unread_now): the task has nothing left to do.
+        self._ended_unread = False
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -613,6 +633,8 @@ class BusConnection:
     async def _serve(self, link: Link) -> None:
         """Read each link until it ends; then reconnect (if asked to) or give up."""
         self.serving = True
+        if self._ended_unread:
+            return  # (the bus was left before this task ran, and ended the link itself)
         while True:
             try:
                 if self.closed:
@@ -650,12 +672,22 @@ class BusConnection:
             # Names and watches are restored beside this task, which reads their answers.
             self.nursery.start_soon(self.restore, link)
 
+    def end_unread_now(self, link: Link) -> None:
+        """The bus is being left and its reader task has not run yet (the block never waited):
+        end the link as that task would on its first step, and close the stream now, so the
+        broker reads the end while this side still waits for the task (which then returns at
+        once).  A stream that cannot be closed without waiting is left to the task."""
+        stream = link.framed.stream
+        if isinstance(stream, SecureStream):
+            self._goodbye_nowait(link)
+            if stream.close_nowait():
+                self._end_unread(link)
+                self._ended_unread = True
+
     @staticmethod
     def _end_unread(link: Link) -> None:
         """End a link whose reader never ran (what its reader does on its way out)."""
-        link.reason = "the bus was closed"
-        link.closed = True
-        link.closed_event.set()
+        link.mark_closed("the bus was closed")
         lost = ConnectionLost(link.reason)
         for relay in list(link.channels.values()):
             relay.on_link_lost(link.reason)

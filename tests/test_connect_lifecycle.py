@@ -11,6 +11,7 @@ import trio
 
 from bus.broker import Broker
 from bus.errors import ConnectionLost
+from bus.io.fdpass import FdSocketStream
 from clients.bus import open_bus
 from tests.brokers import FRIEND, OWNER, running_broker
 
@@ -66,6 +67,33 @@ async def test_a_bus_left_at_once_ends_its_link_and_rejects_later_use(tmp_path: 
             await bus.ping()
         with pytest.raises(trio.ClosedResourceError):
             link.send.send_nowait(b"x")
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_bus_left_at_once_closes_its_stream_before_waiting_for_its_task(tmp_path: Path) -> None:
+    """Left before its reader task ran: the link is ended and the stream closed as the block is
+    left, before the scheduler runs anyone (the broker can read the end at once), not at the
+    task's first step.  A task that runs in the first pass after the block was left sees it
+    done, whichever of the two runs first in that pass."""
+    async with running_broker(tmp_path) as rb:
+        for _ in range(8):
+            seen: list[tuple[bool, int]] = []
+            async with trio.open_nursery() as nursery:
+                opened = open_bus(rb.unix_address, identity=FRIEND, name="org.example.Early", reconnect=False)
+                bus = await opened.__aenter__()
+                link = bus._link
+                assert link is not None
+                transport = link.framed.stream.transport
+                assert isinstance(transport, FdSocketStream)
+
+                async def look() -> None:
+                    assert link is not None
+                    seen.append((link.closed, transport.socket.fileno()))
+
+                nursery.start_soon(look)
+                await opened.__aexit__(None, None, None)
+            assert seen == [(True, -1)]
+            assert link.closed_event.is_set() and link.reason == "the bus was closed"
         await wait_for_no_sessions(rb.broker)
 
 

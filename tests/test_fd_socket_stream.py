@@ -138,3 +138,121 @@ async def test_send_eof_and_wait_send_all_might_not_block_are_refused_during_a_s
     finally:
         stream.close_nowait()
         peer.close()
+# -- send_then_receive: a message and its answer in one step (the client's handshake) ---------
+
+
+async def test_send_then_receive_sends_every_byte_then_returns_the_answer_read_once_readable() -> None:
+    stream, peer = pair()
+    try:
+        data = bytes(range(256)) * 8192  # 2 MiB: the socket fills, the sender waits for room
+        received = bytearray()
+
+        async def answer() -> None:
+            while len(received) < len(data):
+                await trio.lowlevel.wait_readable(peer)
+                received.extend(drain(peer))
+            await trio.sleep(0.05)  # (the exchange is waiting for the answer by now)
+            peer.send(b"the answer")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer)
+                assert await stream.send_then_receive(data, 100) == b"the answer"
+        assert bytes(received) == data
+        # No read was made before the answer came: the socket was read once, when readable.
+        peer.send(b"more")
+        with trio.fail_after(10):
+            assert await stream.receive_some(100) == b"more"
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+
+async def test_send_then_receive_is_a_checkpoint_and_one_user_at_a_time() -> None:
+    stream, peer = pair()
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await stream.send_then_receive(b"x", 10)
+        assert drain(peer) == b""  # (cancelled before anything was sent)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.receive_some, 10)  # (waits: nothing comes)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    await stream.send_then_receive(b"y", 10)
+                nursery.cancel_scope.cancel()
+        assert drain(peer) == b""
+        # Cancelled while waiting for the answer: what was sent stays sent, the stream is usable.
+        with trio.move_on_after(0.05):
+            await stream.send_then_receive(b"z", 10)
+        assert drain(peer) == b"z"
+        peer.send(b"late")
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"w", 10) == b"late"
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+
+async def test_send_then_receive_closed_eof_and_broken() -> None:
+    stream, peer = pair()
+    try:
+        await stream.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_then_receive(b"after eof", 10)
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+    stream, peer = pair()
+    stream.close_nowait()
+    peer.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_then_receive(b"after close", 10)
+
+    stream, peer = pair()
+    try:
+        peer.close()
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_then_receive(b"to nobody", 10)
+    finally:
+        stream.close_nowait()
+
+    stream, peer = pair()
+    try:
+        peer.shutdown(socket.SHUT_WR)  # it reads us but says nothing more: the answer is the end
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"hello?", 10) == b""
+        assert drain(peer) == b"hello?"
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+
+async def test_a_unix_channel_stream_exchanges_by_its_own_rules() -> None:
+    """A unix-fd channel's end keeps its explicit end: its send_then_receive is its send_all then
+    its receive_some (no send after send_eof; the peer's end mark reads as the end)."""
+    from bus.io.fdpass import UnixChannelStream
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = UnixChannelStream(left), UnixChannelStream(right)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def answer() -> None:
+                    assert await b.receive_some(10) == b"ping"
+                    await b.send_all(b"pong")
+                    await b.send_eof()
+
+                nursery.start_soon(answer)
+                assert await a.send_then_receive(b"ping", 10) == b"pong"
+            assert await a.receive_some(10) == b""  # the mark: a clean end
+            await a.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await a.send_then_receive(b"after eof", 10)
+    finally:
+        a.close_nowait()
+        b.close_nowait()

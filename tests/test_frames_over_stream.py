@@ -191,3 +191,44 @@ async def test_stdlib_socket_is_the_same_descriptor_and_closes_with_its_trio_soc
     finally:
         a.close()
         b.close()
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_a_first_read_that_waits_first_finds_its_frame_and_makes_no_empty_read(wait_first: bool) -> None:
+    """``wait_first`` (busd's hello): the first read waits for the socket, so it makes no read
+    that finds nothing; a frame that is already there, or comes later, is read all the same."""
+    import socket
+
+    from bus.io.fdpass import FdSocketStream
+
+    class Counting(FdSocketStream):
+        empty_reads = 0
+
+        def try_receive(self, max_bytes: int) -> bytes | None:
+            data = super().try_receive(max_bytes)
+            if data is None:
+                self.empty_reads += 1
+            return data
+
+    for already_there in (False, True):
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream = Counting(left)
+        try:
+            framed = FramedStream(stream, receive_stream=stream, wait_first=wait_first)
+            frame = encode_control(0, {"op": "hello", "id": 1})
+            with trio.fail_after(10):
+                if already_there:
+                    right.send(frame)
+                    got = await framed.receive_frame()
+                else:
+                    async with trio.open_nursery() as nursery:
+
+                        async def later() -> None:
+                            await trio.testing.wait_all_tasks_blocked()
+                            right.send(frame)
+
+                        nursery.start_soon(later)
+                        got = await framed.receive_frame()
+            assert isinstance(got, ControlFrame) and got.message == {"op": "hello", "id": 1}
+            assert stream.empty_reads == (1 if not wait_first and not already_there else 0)
+        finally:
+            stream.close_nowait()
+            right.close()

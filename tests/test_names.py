@@ -36,6 +36,24 @@ def test_invalid_names(name: str) -> None:
         validate_name(name)
 
 
+@given(st.text(alphabet="ab9_-.\n\u00e4 ", max_size=12) | st.sampled_from(["a." * 127 + "bc", "a." * 127 + "b", "x\n.y", "x.y\n"]))
+@settings(max_examples=400)
+def test_the_quick_check_of_a_name_agrees_with_the_step_by_step_one(name: str) -> None:
+    """A valid name is accepted by one match of the whole name; every other goes through the
+    checks that say why not.  Both decide the same for any text."""
+    elements = name.split(".")
+    expected = (
+        0 < len(name) <= 255
+        and len(elements) >= 2
+        and all(e and not e[0].isdigit() and all(c.isascii() and (c.isalnum() or c in "_-") for c in e) for e in elements)
+    )
+    if expected:
+        assert validate_name(name) == name
+    else:
+        with pytest.raises(InvalidName):
+            validate_name(name)
+
+
 # Each row: the flags of A's request (A asks first), the flags of B's request, then what B gets,
 # who owns the name afterwards, and who waits.
 TABLE = [

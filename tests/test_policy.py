@@ -107,3 +107,29 @@ def test_decisions_stay_the_same_while_the_rules_per_identity_are_remembered_and
                 denied = p.may_see(key, "org.example.Echo")
                 assert not denied.allowed and "everyone-sees-public" in denied.rule
                 assert p.may_see(key, "org.public.X").allowed
+
+
+def test_a_pattern_of_star_allows_every_name_and_the_other_actions_still_match_their_patterns() -> None:
+    """A rule whose patterns for an action include ``*`` allows that action on any name (no
+    pattern is matched for it); its other actions keep to their own patterns."""
+    p = Policy.from_mapping(
+        OWNER,
+        tomllib.loads(
+            f"""
+[[rule]]
+name = "owns-anything"
+identities = ["{PLUGIN.id}"]
+connect = true
+own = ["org.example.*", "*"]
+see = ["org.example.*"]
+"""
+        ),
+    )
+    for name in ("org.example.Echo", "a.b", "org.other.X-1", "z." * 100 + "z"):
+        assert p.may_own(PLUGIN, name) == p.may_own(PLUGIN, name) and p.may_own(PLUGIN, name).rule == "owns-anything"
+        assert p.may_own(PLUGIN, name).allowed
+    assert p.may_see(PLUGIN, "org.example.Echo").allowed
+    denied = p.may_see(PLUGIN, "org.other.Echo")
+    assert not denied.allowed and "owns-anything" in denied.rule
+    assert not p.may_emit(PLUGIN, "org.example.Echo").allowed
+    assert not p.may_own(STRANGER, "org.example.Echo").allowed

@@ -591,3 +591,106 @@ async def test_close_nowait_refuses_a_transport_it_cannot_close_at_once() -> Non
     assert await server.receive_some() == b"still open"
     await client.aclose()
     await server.aclose()
+
+
+# -- direct_handshake: the server's msg2 and msg3 in one step over a trio SocketStream (busd) -----
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_a_direct_handshake_server_completes_and_carries_data(kind: str, encrypted: bool) -> None:
+    left, right = unix_socket_stream_pair() if kind == "unix" else await tcp_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
+    server = SecureStream.server(right, SERVER, encrypted=encrypted, direct_handshake=True)
+    with trio.fail_after(10):
+        assert await _handshake_both(client, server) == (None, None)
+        assert server.peer_key == CLIENT.public_key and client.peer_key == SERVER.public_key
+        await client.send_all(b"after the handshake")
+        got = b""
+        while len(got) < 19:
+            got += await server.receive_some()
+        assert got == b"after the handshake"
+        await server.send_all(b"back")
+        assert await client.receive_some() == b"back"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_direct_handshake_server_refuses_as_ever() -> None:
+    """Wrong server key, refused identity, a peer that hangs up after msg1: the same errors,
+    and the transport closed."""
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, Identity.generate().public_key)
+    server = SecureStream.server(right, SERVER, direct_handshake=True)
+    c_err, s_err = await _handshake_both(client, server)
+    assert isinstance(s_err, HandshakeError) and "another server key" in str(s_err)
+    assert isinstance(c_err, HandshakeError)
+    await _assert_closed(right)
+
+    left, right = unix_socket_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    server = SecureStream.server(right, SERVER, authorize=lambda key: False, direct_handshake=True)
+    c_err, s_err = await _handshake_both(client, server)
+    assert isinstance(s_err, IdentityRefused)
+    assert isinstance(c_err, HandshakeError) and "refused our identity" in str(c_err)
+    await _assert_closed(right)
+
+    left, right = unix_socket_stream_pair()
+    server = SecureStream.server(right, SERVER, direct_handshake=True)
+    from bus.wire.shs import ClientHandshake
+
+    await left.send_all(ClientHandshake(CLIENT, SERVER.public_key).data_to_send())  # a real msg1
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def hang_up() -> None:
+                assert len(await left.receive_some(64)) == 64  # msg2 came
+                await left.aclose()
+
+            nursery.start_soon(hang_up)
+            with pytest.raises(HandshakeError, match="hung up"):
+                await server.do_handshake()
+    await _assert_closed(right)
+
+
+async def test_a_direct_handshake_stalled_after_msg2_is_cancelled_by_its_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    left, right = unix_socket_stream_pair()
+    # (As busd has it: no deadline of its own; the caller's scope bounds the handshake.)
+    server = SecureStream.server(right, SERVER, direct_handshake=True, handshake_timeout=math.inf)
+    from bus.wire.shs import ClientHandshake
+
+    await left.send_all(ClientHandshake(CLIENT, SERVER.public_key).data_to_send())
+    with trio.move_on_after(30) as scope:
+        await server.do_handshake()  # msg2 goes out, msg3 never comes
+    assert scope.cancelled_caught
+    assert len(await left.receive_some(64)) == 64
+    await _assert_closed(right)
+    await left.aclose()
+
+
+async def test_a_direct_handshake_whose_msg4_cannot_be_delivered_fails_cleanly() -> None:
+    """msg1 and msg3 come, the client is gone before msg4 is written: the server's handshake
+    fails as a transport failure (not a success), and its socket is closed."""
+    from bus.wire.shs import ClientHandshake
+
+    left, right = unix_socket_stream_pair()
+    server = SecureStream.server(right, SERVER, direct_handshake=True)
+    hs = ClientHandshake(CLIENT, SERVER.public_key)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def client_then_gone() -> None:
+                await left.send_all(hs.data_to_send())  # msg1
+                msg2 = b""
+                while len(msg2) < 64:
+                    msg2 += await left.receive_some(64 - len(msg2))
+                hs.receive_data(msg2)
+                # msg3, and gone at once (no checkpoint between: the server wakes to both)
+                msg3 = hs.data_to_send()
+                assert os.write(left.socket.fileno(), msg3) == len(msg3)
+                left.socket.close()
+
+            nursery.start_soon(client_then_gone)
+            with pytest.raises(HandshakeError, match="transport failed"):
+                await server.do_handshake()
+    await _assert_closed(right)

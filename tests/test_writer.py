@@ -223,6 +223,8 @@ async def test_idle_writer_writes_straight_to_the_socket(res: Resources, encrypt
     with trio.fail_after(TIMEOUT):
         assert await _read_exactly(receiver, 15_000) == b"".join(frames)  # run() never started
     assert calls.queued == []  # nothing was ever queued
+    # Nobody waited on it: it made no events to wake a task (an idle connection keeps none).
+    assert writer._wake is None and writer._room is None
 
 
 @ENCRYPTED

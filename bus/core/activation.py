@@ -145,6 +145,8 @@ class ServiceTable:
 
     def drop_connection(self, conn_id: int) -> None:
         """A connection left: its held openings and commands go, and what they held."""
+        if not self.held and not self.commands:
+            return  # (the usual case: nothing held for anyone)
         for name in list(self.held):
             kept = []
             for item in self.held[name]:

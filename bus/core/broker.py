@@ -542,13 +542,15 @@ class BrokerCore:
         conn = self.connections.get(conn_id)
         if conn is None:
             return []
-        for watch in conn.watches.values():
-            watch.charge.release()
-        conn.watches.clear()  # it hears nothing more, not even of its own departure
+        if conn.watches:
+            for watch in conn.watches.values():
+                watch.charge.release()
+            conn.watches.clear()  # it hears nothing more, not even of its own departure
         self._watchers.discard(conn_id)
-        for sub in conn.subscriptions.values():
-            sub.charge.release()
-        conn.subscriptions.clear()
+        if conn.subscriptions:
+            for sub in conn.subscriptions.values():
+                sub.charge.release()
+            conn.subscriptions.clear()
         if conn_id in self._subscribers:
             self._subscribers.discard(conn_id)
             self._routes.clear()
@@ -559,8 +561,10 @@ class BrokerCore:
         for ch in self.channels.forget_connection(conn_id):
             other = ch.b if ch.a[0] == conn_id else ch.a
             out.append(ChannelMessage(other[0], other[1], {"reset": f"{conn.unique_id} disconnected"}))
-        for half in list(self._direct_by_conn.get(conn_id, ())):
-            self._forget_direct(half)
+        direct = self._direct_by_conn.get(conn_id)
+        if direct:
+            for half in list(direct):
+                self._forget_direct(half)
         for key in list(self._pending_by_conn.get(conn_id, ())):
             pend = self.pending_opens.get(key)
             if pend is None:
@@ -837,7 +841,8 @@ class BrokerCore:
         normalized = {"description": description, "version": version, "metadata": metadata}
         # Info is repeated in every list and event about this connection: keep it small and
         # shallow, so every message that repeats it can be sent to whoever asks.
-        depth = _depth(metadata, self.limits.info_depth)
+        # (An empty map is one level: no walk for it.)
+        depth = _depth(metadata, self.limits.info_depth) if metadata else 1
         if depth > self.limits.info_depth:
             raise QuotaExceeded(f"info_depth: hello: info.metadata is nested deeper than {self.limits.info_depth} levels")
         # (An info with no metadata whose texts are short is surely within the limit: its
@@ -1585,6 +1590,8 @@ class BrokerCore:
 
     def _flags(self, req: Request) -> NameFlag:
         names = req.arg("flags", list, [])
+        if not names:
+            return NameFlag.NONE
         flags = NameFlag.NONE
         for name in names:
             if not isinstance(name, str) or name not in FLAG_NAMES:
@@ -1595,14 +1602,18 @@ class BrokerCore:
     def _request_name(self, conn: Connection, name: str, flags: NameFlag, out: list[Outgoing]) -> str:
         validate_name(name)
         self.policy.may_own(conn.key, name).check()
-        if name not in self.names.held_by(conn.id):
-            held = sum(len(self.names.held_by(c)) for c in conn.account.connections)
+        names = self.names
+        if name not in names.held_by(conn.id):
+            held_by = names.held_by
+            held = 0
+            for other in conn.account.connections:
+                held += len(held_by(other))
             if held >= self.limits.names_per_identity:
                 raise QuotaExceeded(
                     f"names_per_identity reached: {conn.key.id} owns or waits for {held} names "
                     f"(limit {self.limits.names_per_identity})"
                 )
-        result, events = self.names.request_name(conn.id, name, flags, validated=True)
+        result, events = names.request_name(conn.id, name, flags, validated=True)
         out.extend(self._notify(events))
         return result.value
 

@@ -48,11 +48,15 @@ __all__ = [
 
 MAX_NAME_LENGTH = 255
 _ELEMENT = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]*\Z")
+#: A whole valid name (length aside) in one match: the usual case, checked without a split.
+_NAME = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]*(?:\.[A-Za-z_-][A-Za-z0-9_-]*)+\Z")
 
 
 def validate_name(name: str) -> str:
     """Check a well-known name: two or more dot-separated elements of ``[A-Za-z0-9_-]``,
     none empty or starting with a digit, 255 characters at most.  Returns the name."""
+    if type(name) is str and len(name) <= MAX_NAME_LENGTH and _NAME.match(name):
+        return name  # (valid: one match; anything else is checked step by step, to say why not)
     if not isinstance(name, str):
         raise InvalidName("a well-known name is a string")
     if not name:
@@ -159,7 +163,8 @@ class NameRegistry:
         """``validated``: the caller checked ``name`` with :func:`validate_name` already."""
         if not validated:
             validate_name(name)
-        flags = NameFlag(flags)
+        if type(flags) is not NameFlag:
+            flags = NameFlag(flags)
         entry = self._names.get(name)
         if entry is None:
             self._charge(conn, name)

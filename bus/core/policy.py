@@ -56,6 +56,8 @@ class Rule:
     emit: tuple[str, ...] = ()
     admin: bool = False
     _globs: dict[str, tuple[Glob, ...]] = field(init=False, repr=False, compare=False, hash=False)
+    # The actions one of whose patterns is ``*`` (every name: no pattern is matched for them).
+    _everything: frozenset[str] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         try:
@@ -63,12 +65,18 @@ class Rule:
         except GlobError as exc:
             raise PolicyError(f"rule {self.name!r}: {exc}") from None
         object.__setattr__(self, "_globs", globs)
+        object.__setattr__(self, "_everything", frozenset(a for a in _ACTIONS if "*" in getattr(self, a)))
 
     def applies_to(self, key: PublicKey) -> bool:
         return "*" in self.identities or key.id in self.identities
 
     def allows(self, action: str, name: str) -> bool:
-        return any(g.match(name) for g in self._globs[action])
+        if action in self._everything:
+            return True
+        for glob in self._globs[action]:
+            if glob.match(name):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,42 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
+    async def send_then_receive(self, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+        """:meth:`send_all` of ``data``, then :meth:`receive_some`, for an exchange whose answer
+        cannot be there before ``data`` was read (a handshake's next message): the wait for the
+        answer is the one checkpoint.  No scheduler pass after the write (trio's ``send_all``
+        yields after every write) and no read before the socket is readable (it would find
+        nothing).  Errors are those of :meth:`send_all` and :meth:`receive_some`."""
+        if self._send_busy or self._receiving:
+            raise trio.BusyResourceError("another task is using this stream")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._send_busy = self._receiving = True
+        try:
+            raw = self._raw
+            if self._closed or raw.fileno() < 0:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self.socket.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            with memoryview(data) as view:
+                sent = 0
+                while sent < len(view):
+                    try:
+                        with view[sent:] as rest:
+                            sent += raw.send(rest)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(raw)  # (the socket is full: wait for room)
+                    except OSError as exc:
+                        if exc.errno in _CLOSED_ERRNOS or self._closed:
+                            raise trio.ClosedResourceError("the stream was closed") from None
+                        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            while True:
+                await self.wait_readable()
+                answer = self._try_receive(max_bytes)
+                if answer is not None:
+                    return answer
+        finally:
+            self._send_busy = self._receiving = False
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:  # (the trio stream below cannot see this stream's own sends)
             raise trio.BusyResourceError("another task is sending on this stream")
@@ -343,6 +379,11 @@ class UnixChannelStream(FdSocketStream):
         return size
 
     # -- sending ---------------------------------------------------------------------------
+
+    async def send_then_receive(self, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+        """:meth:`send_all`, then :meth:`receive_some` (this stream's own rules for both)."""
+        await self.send_all(data)
+        return await self.receive_some(max_bytes)
 
     def _begin_send(self) -> None:
         if self._sending:

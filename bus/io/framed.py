@@ -98,10 +98,10 @@ def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
     """How to read ``stream`` without waiting, if it can (it has ``receive_nowait``,
     ``try_receive``, ``receive_into_nowait`` and ``wait_readable``, as
     :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
+    if type(stream) is trio.SocketStream:  # (always SOCK_STREAM: trio refuses any other)
+        return _PlainSocketReads(stream)
     if all(hasattr(stream, name) for name in ("receive_nowait", "try_receive", "receive_into_nowait", "wait_readable")):
         return cast("_SocketReads", stream)
-    if isinstance(stream, trio.SocketStream) and stream.socket.type == socket.SOCK_STREAM:
-        return _PlainSocketReads(stream)
     return None
 
 _RECEIVE_SIZE = 1 << 18  # a whole 64 KiB data frame and more in one read
@@ -121,7 +121,10 @@ class FramedStream:
         receive_stream: trio.abc.ReceiveStream | None = None,
         max_items: int | None = None,
         trusted: bool = False,
+        wait_first: bool = False,
     ) -> None:
+        """``wait_first``: the first read of a socket waits for it to be readable (its owner
+        knows nothing can have come yet: a read would find nothing)."""
         self.stream = stream
         # Where frames are read from: ``stream`` unless a layer below it may be read directly
         # (a plain SecureStream's transport, see SecureStream.plain_transport).
@@ -137,7 +140,7 @@ class FramedStream:
         self.receive_frame_nowait: Callable[[], Frame | None] = self._decoder.next_frame
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
-        self._drained = False  # the last read took less than it asked for
+        self._drained = wait_first  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
         #: Bytes of frames read so far (one addition per read, not per frame).
         self.bytes_received = 0

@@ -31,6 +31,7 @@ only moves their bytes.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import operator
 import os
@@ -88,6 +89,58 @@ _UNKNOWN: Any = object()
 _NOTHING = memoryview(b"")
 
 
+# A server's handshake directly on its trio SocketStream's socket (see SecureStream.server's
+# ``direct_handshake``): each of these is a cancel point (checkpoint_if_cancelled), and yields
+# only where it waits.  The handshake always waits for the peer's next message, and the
+# stream's owner for the first message after the handshake: those waits are its schedule points.
+
+
+def _socket_error(sock: trio.socket.SocketType, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    if sock.fileno() < 0:
+        return trio.ClosedResourceError("the socket was closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def _socket_send(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` whole, waiting only while the socket is full."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if sock.fileno() < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    with memoryview(data) as view:
+        sent = 0
+        while sent < len(view):
+            try:
+                sent += os.write(sock.fileno(), view[sent:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:
+                raise _socket_error(sock, exc) from exc
+
+
+async def _socket_receive(sock: trio.socket.SocketType, max_bytes: int, *, wait_first: bool = False) -> bytes:
+    """What one read brings (``b""`` at the end), waiting only while nothing is there (or,
+    with ``wait_first``, once before reading: it cannot be there yet)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if sock.fileno() < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+    while True:
+        try:
+            return os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as exc:
+            raise _socket_error(sock, exc) from exc
+
+
+async def _socket_exchange(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    """Send ``data`` whole on ``sock``, then return what one read brings once it is readable
+    (FdSocketStream.send_then_receive's rules): the wait for the answer is the one checkpoint."""
+    await _socket_send(sock, data)
+    return await _socket_receive(sock, max_bytes, wait_first=True)
+
+
 class SecureStream(trio.abc.HalfCloseableStream):
     """A byte stream whose peer has proven its identity, encrypted or plain.
 
@@ -108,6 +161,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         *,
         encrypted: bool = True,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        direct_handshake: bool = False,
     ) -> None:
         if not encrypted and not isinstance(transport, trio.abc.HalfCloseableStream):
             raise TypeError("a plain SecureStream needs a half-closeable transport to carry EOF")
@@ -117,6 +171,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self.encrypted = encrypted
         self.handshake_timeout = handshake_timeout
         self.close_timeout = DEFAULT_CLOSE_TIMEOUT
+        self._direct_handshake = direct_handshake  # (see server())
         # Both are dropped once the handshake is done (the machine's buffers and keys are
         # not needed any more: a broker holds thousands of idle streams).
         self._handshake: ClientHandshake | ServerHandshake | None = handshake
@@ -170,13 +225,19 @@ class SecureStream(trio.abc.HalfCloseableStream):
         authorize: Callable[[PublicKey], bool] | None = None,
         encrypted: bool = True,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        direct_handshake: bool = False,
     ) -> SecureStream:
-        """The accepting side; ``authorize`` may refuse the client's key after msg3."""
+        """The accepting side; ``authorize`` may refuse the client's key after msg3.
+
+        ``direct_handshake``: over a trio SocketStream, msg2 is written to the socket and msg3
+        read once it is readable, in one step (no scheduler pass after the write, no read that
+        finds nothing), as over FdSocketStream; the same bytes either way."""
         return cls(
             transport,
             ServerHandshake(identity, network_key, authorize=authorize),
             encrypted=encrypted,
             handshake_timeout=handshake_timeout,
+            direct_handshake=direct_handshake,
         )
 
     # -- identity ----------------------------------------------------------------------
@@ -263,17 +324,32 @@ class SecureStream(trio.abc.HalfCloseableStream):
         hs = self._handshake
         assert hs is not None
         transport = self.transport
+        # A transport that can send a message and wait for its answer in one step (the
+        # client's Unix socket, FdSocketStream) does so: the same bytes, one checkpoint.
+        exchange = getattr(transport, "send_then_receive", None)
+        # (server(direct_handshake=True): the same, with msg1 read and msg4 written directly.)
+        sock = transport.socket if self._direct_handshake and type(transport) is trio.SocketStream else None
+        if exchange is None and sock is not None:
+            exchange = functools.partial(_socket_exchange, sock)
         while not hs.is_done:
             out = hs.data_to_send()
-            if out:
-                await transport.send_all(out)
-            data = await transport.receive_some(hs.bytes_wanted)
+            if out and exchange is not None:
+                data = await exchange(out, hs.bytes_wanted)
+            elif sock is not None and not out:
+                data = await _socket_receive(sock, hs.bytes_wanted)
+            else:
+                if out:
+                    await transport.send_all(out)
+                data = await transport.receive_some(hs.bytes_wanted)
             if not data:
                 hs.end_of_input()  # raises HandshakeError
             hs.receive_data(data)
         out = hs.data_to_send()
         if out:
-            await transport.send_all(out)
+            if sock is not None:
+                await _socket_send(sock, out)
+            else:
+                await transport.send_all(out)
         outcome = hs.outcome
         if self.encrypted:
             self._encoder = BoxStreamEncoder(outcome.encrypt_key, outcome.encrypt_nonce)
@@ -319,8 +395,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         it went through, and they hold this stream: a reference cycle that only the cyclic
         garbage collector could free.  An owner that is done with a failed stream calls this,
         so the stream goes by reference counting (the messages and types stay)."""
+        if self._broken_by is None:
+            return  # (not broken: nothing to drop)
         seen: set[int] = set()
-        pending = [self._broken_by]
+        pending: list[BaseException | None] = [self._broken_by]
         while pending:
             exc = pending.pop()
             if exc is None or id(exc) in seen:

@@ -84,8 +84,10 @@ class FrameWriter:
         self._failure: BaseException | None = None
         #: While corked or fed by :meth:`put_later`, write once this many frames wait.
         self.burst = CORK_FRAMES
-        self._wake = trio.Event()
-        self._room = trio.Event()
+        # Made when a task first waits on them (run(), wait_room()): a writer whose frames all
+        # go straight to the socket, as most connections' do, makes neither.
+        self._wake: trio.Event | None = None
+        self._room: trio.Event | None = None
         self._start: Callable[[], None] | None = None  # see run_when_needed
 
     def run_when_needed(self, start: Callable[[], None]) -> None:
@@ -102,7 +104,9 @@ class FrameWriter:
 
     def _signal(self) -> None:
         """Wake :meth:`run`, starting it first if its owner asked to start it lazily."""
-        self._wake.set()
+        wake = self._wake
+        if wake is not None:
+            wake.set()
         start = self._start
         if start is not None and not self.closed:
             self._start = None
@@ -214,9 +218,10 @@ class FrameWriter:
     async def wait_room(self) -> None:
         """Wait until the queue can take a frame (or the writer is closed)."""
         while len(self._queue) >= self.max_frames and not self.closed:
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
+            room = self._room
+            if room is None or room.is_set():
+                room = self._room = trio.Event()
+            await room.wait()
 
     async def put(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first; yields only if it had to wait.
@@ -286,8 +291,10 @@ class FrameWriter:
                 self.queued_bytes -= len(item[0])
             else:
                 self.queued_bytes -= len(item)
-        self._wake.set()
-        self._room.set()
+        if self._wake is not None:
+            self._wake.set()
+        if self._room is not None:
+            self._room.set()
 
     async def run(self) -> None:
         """Write queued frames until stopped or closed.
@@ -311,8 +318,8 @@ class FrameWriter:
             if not self._queue:
                 if self._finishing:
                     return
-                self._wake = trio.Event()
-                await self._wake.wait()
+                wake = self._wake = trio.Event()
+                await wake.wait()
                 unyielded = 0
                 continue
             queue = self._queue
@@ -362,8 +369,9 @@ class FrameWriter:
 
     def _sent(self, size: int) -> None:
         self.queued_bytes -= size
-        if len(self._queue) < self.max_frames:
-            self._room.set()
+        room = self._room
+        if room is not None and len(self._queue) < self.max_frames:
+            room.set()
         if self.on_sent is not None:
             self.on_sent()
 
