@@ -37,6 +37,7 @@ import trio  # noqa: E402
 from _report import emit_json  # noqa: E402
 
 from bus.io.framed import FramedStream  # noqa: E402
+from bus.io.fdpass import FdSocketStream  # noqa: E402
 from bus.io.secure import SecureStream  # noqa: E402
 from bus.wire.address import parse_address  # noqa: E402
 from bus.wire.frames import ControlFrame  # noqa: E402
@@ -48,7 +49,7 @@ from bus.io.secure import SecureStream
 from bus.wire.identity import Identity
 identity = Identity.from_seed(bytes.fromhex(sys.argv[2]))
 async def handle(stream):
-    s = SecureStream.server(stream, identity, encrypted=False)
+    s = SecureStream.server(stream, identity, encrypted=False, direct_handshake=True)  # (as busd's)
     try:
         await s.do_handshake()
         await s.receive_some()   # until the client closes
@@ -106,7 +107,7 @@ class Busd:
 
 
 async def connect(path: str, identity: Identity, server: Identity) -> SecureStream:
-    transport = await trio.open_unix_socket(path)
+    transport = await FdSocketStream.connect(path)  # (minibus's client socket)
     stream = SecureStream.client(transport, identity, server.public_key, encrypted=False)
     await stream.do_handshake()
     return stream

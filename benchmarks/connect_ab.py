@@ -9,7 +9,8 @@ archive REV | tar -x -C DIR``).  Each tree runs its own ``busd`` (``python -m bu
 ``--log-level warning``) and its own client process, which on command makes ``--batch`` connects
 one after the other: ``open_bus(address, identity=..., name=<a fresh name>, reconnect=False)``
 entered and left, as ``rpc.py``'s connect row does.  Beside them, a bare shs1 server and client
-(``SecureStream`` over ``trio.open_unix_socket``, from ``OLD_TREE``) do the same number of bare
+(``SecureStream`` over ``FdSocketStream.connect`` and, in the server, ``direct_handshake``
+where the tree has it: the same handshake I/O as minibus's, from ``OLD_TREE``) do the same number of bare
 connects.  The three pairs take turns, in an order that alternates every round (the first round
 only warms up), and each process's CPU per connect is read from ``/proc/PID/task/*/schedstat``
 (every thread) around its batch.  On a shared machine, wall-clock rates swing from one second to
@@ -80,7 +81,10 @@ def role_bare_server(path: str, seed_hex: str) -> None:
     identity = Identity.from_seed(bytes.fromhex(seed_hex))
 
     async def handle(stream: trio.SocketStream) -> None:
-        secure = SecureStream.server(stream, identity, encrypted=False)
+        try:  # (the handshake's I/O straight on the socket, as busd's, where the tree has it)
+            secure = SecureStream.server(stream, identity, encrypted=False, direct_handshake=True)
+        except TypeError:
+            secure = SecureStream.server(stream, identity, encrypted=False)
         try:
             await secure.do_handshake()
             await secure.receive_some()  # until the client closes
@@ -102,6 +106,7 @@ def role_bare_server(path: str, seed_hex: str) -> None:
 def role_bare_client(path: str, seed_hex: str) -> None:
     import trio
 
+    from bus.io.fdpass import FdSocketStream
     from bus.io.secure import SecureStream
     from bus.wire.identity import Identity
 
@@ -114,7 +119,7 @@ def role_bare_client(path: str, seed_hex: str) -> None:
             if not line:
                 return
             for _ in range(int(line)):
-                transport = await trio.open_unix_socket(path)
+                transport = await FdSocketStream.connect(path)  # (minibus's client socket)
                 stream = SecureStream.client(transport, identity, identity.public_key, encrypted=False)
                 await stream.do_handshake()
                 await trio.aclose_forcefully(stream)
