@@ -35,6 +35,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,41 +271,9 @@ class _Session:
         return True
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
-        """Queue an event ``payer`` emitted; until written, it counts against payer's share."""
-        # enqueue_encoded's steps, the same verdicts, without its call: this runs once per
-        # receiver per event.
-        out = self.out
-        if out.stopped:
-            return  # already being disconnected; it will be told why
-        size = len(data)
-        broker = self.broker
-        if out.queued_bytes + size > broker.config.outbound_bytes:
-            self.overflow()
-            return
-        if broker.corking and not out.corked:
-            out.cork()
-            broker.corked.append(self)
-        try:
-            out.send_nowait(data)
-        except trio.WouldBlock:
-            self.overflow()
-            return
-        except trio.ClosedResourceError:
-            return  # the session is already ending
-        self.messages_out += 1
-        self.bytes_out += size
-        if out.queued_bytes:  # (else all written at once)
-            marks = self.event_marks
-            if marks is None:
-                marks = self.event_marks = collections.deque()
-            if marks and broker.corking and self.event_marks_burst == broker.bursts and marks[-1][0] == payer:
-                # The same identity's run in this burst: one mark, extended to this event.
-                marks[-1] = (payer, self.bytes_out, marks[-1][2] + size)
-            else:
-                marks.append((payer, self.bytes_out, size))
-                self.event_marks_burst = broker.bursts
-            held = self.event_held
-            held[payer] = held.get(payer, 0) + size
+        """Queue an event ``payer`` emitted; until written, it counts against payer's share
+        (:meth:`Broker.queue_event`, for this session alone)."""
+        self.broker.queue_event((self,), data, payer)
 
     def enqueue_with_fd(self, data: bytes, end: socket.socket) -> None:
         """Queue a frame that carries a socket end (it is closed here once sent or dropped)."""
@@ -721,29 +690,30 @@ class Broker:
             self._pump_watches()
 
     def _fan_out(self, item: FanOut) -> None:
-        """One event to its subscribers: encoded once, each copy charged to the emitter.
-
-        Each receiver is queued with :meth:`_Session.enqueue_event`'s steps, the same
-        verdicts in the same order, taken in this loop (it runs once per delivery)."""
+        """One event to its subscribers: encoded once, each copy charged to the emitter."""
         sessions = self.sessions
-        data = b""
-        size = 0
-        payer = item.payer
+        receivers = [session for conn_id in item.conns if (session := sessions.get(conn_id)) is not None]
+        if not receivers:
+            return
+        try:
+            # An event is made of checked frames' values and the broker's own text.
+            data = receivers[0].framed.encode_message(item.message, checked=True)
+        except BusError as exc:
+            log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
+            return
+        self.queue_event(receivers, data, item.payer)
+
+    def queue_event(self, receivers: Iterable[_Session], data: bytes, payer: str) -> None:
+        """Queue one event ``payer`` emitted to each of ``receivers``: until written, each
+        copy counts against payer's share (a fair-share mark per identity's run in a burst).
+        A receiver whose writer is stopped takes nothing; one whose queue would pass
+        ``outbound_bytes``, or whose writer is full, is cut as a slow consumer.  (One loop
+        for every receiver: it runs once per delivery.)"""
+        size = len(data)
         limit = self.config.outbound_bytes
         corking = self.corking  # (only a reader uncorks: the same all through this loop)
         burst = self.bursts
-        for conn_id in item.conns:
-            session = sessions.get(conn_id)
-            if session is None:
-                continue
-            if not data:
-                try:
-                    # An event is made of checked frames' values and the broker's own text.
-                    data = session.framed.encode_message(item.message, checked=True)
-                except BusError as exc:
-                    log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
-                    return
-                size = len(data)
+        for session in receivers:
             out = session.out
             if out.stopped:
                 continue  # already being disconnected; it will be told why
