@@ -190,9 +190,7 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """What :meth:`trio.SocketStream.send_all` does, on the socket itself: a checkpoint;
         every byte is sent, waiting while the socket is full; one sender at a time."""
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._send_busy = True
+        self._claim_send()
         try:
             sock = self.socket
             if sock.did_shutdown_SHUT_WR:
@@ -250,19 +248,22 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = self._receiving = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        if self._send_busy:  # (the trio stream below cannot see this stream's own sends)
+    def _claim_send(self) -> None:
+        """One sender at a time, whichever of this stream's sends it uses (the trio stream
+        below, for send_eof and the wait for room, cannot see this stream's own sends)."""
+        if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._send_busy = True
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._claim_send()
         try:
             await self.stream.wait_send_all_might_not_block()
         finally:
             self._send_busy = False
 
     async def send_eof(self) -> None:
-        if self._send_busy:  # (an end of file in the middle of a send would cut it short)
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._send_busy = True
+        self._claim_send()  # (an end of file in the middle of a send would cut it short)
         try:
             await self.stream.send_eof()
         finally:

@@ -55,18 +55,13 @@ class _PlainSocketReads:
         self._socket = stdlib_socket(stream.socket)  # (closed with the stream: fileno -1)
 
     def receive_nowait(self, max_bytes: int) -> bytes:
-        fd = self._socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the socket was closed")
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            raise trio.WouldBlock from None
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+        data = self.try_receive(max_bytes)
+        if data is None:
+            raise trio.WouldBlock
+        return data
 
     def try_receive(self, max_bytes: int) -> bytes | None:
-        """:meth:`receive_nowait`, with ``None`` for nothing there (no exception to catch)."""
+        """What the socket holds now (no checkpoint), ``None`` for nothing there."""
         fd = self._socket.fileno()
         if fd < 0:
             raise trio.ClosedResourceError("the socket was closed")
