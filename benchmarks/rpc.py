@@ -178,11 +178,31 @@ def raw_frame(channel: int, message: dict[str, Any]) -> bytes:
 class Codec:
     """Encode a map into a frame and decode the maps in received bytes: raw or the project's."""
 
-    def __init__(self, project: bool) -> None:
+    def __init__(self, project: bool, nested: bool = False) -> None:
         import cbor2
 
         self.project = project
-        if project:
+        if nested:
+            # The protocol's shape on a relayed RPC channel: each RPC frame (the project's
+            # codec) rides in a DATA frame of the connection, so a message is cut twice, by
+            # the connection's decoder and by the channel's (as RpcConnection and Service do).
+            from bus.wire.frames import ControlFrame, DataFrame, FrameDecoder, encode_control, encode_data
+
+            self.encode = lambda message: encode_data(1, encode_control(1, message))
+            link, inner = FrameDecoder(), FrameDecoder()
+
+            def decode(data: bytes) -> list[dict[Any, Any]]:
+                link.receive_data(data)
+                out = []
+                while (frame := link.next_frame()) is not None:
+                    assert type(frame) is DataFrame
+                    inner.receive_data(frame.data)
+                    while (message := inner.next_frame()) is not None:
+                        assert type(message) is ControlFrame
+                        out.append(message.message)
+                return out
+
+        elif project:
             from bus.wire.frames import ControlFrame, FrameDecoder, encode_control
 
             self.encode = lambda message: encode_control(1, message)
@@ -317,8 +337,8 @@ def role_limit_server(path: str) -> None:
 
     async def handle(sock: socket.socket) -> None:
         mode = await recv_some(sock, 1)
-        if mode in (b"E", b"C"):
-            codec = Codec(project=mode == b"C")
+        if mode in (b"E", b"C", b"P"):
+            codec = Codec(project=mode != b"E", nested=mode == b"P")
             sender = Sender(sock)
             encode, decode = codec.encode, codec.decode
             while data := await recv_some(sock):
@@ -452,13 +472,15 @@ def role_bare_shs(path: str, seed_hex: str) -> None:
 class LimitClient:
     """The caller's end of the limits: ping-pong (1 in flight) or tasks with a reader."""
 
-    def __init__(self, path: str, project_codec: bool, deadline: bool = False) -> None:
+    def __init__(self, path: str, project_codec: bool, deadline: bool = False, nested: bool = False) -> None:
         self.sock = unix_connect(path)
         # ``deadline``: every call waits under a deadline of its own, as a bus call does
         # (``request_timeout``): a trio cancel scope entered and left per call.
         self.deadline = deadline
-        self.sock.send(b"C" if project_codec else b"E")
-        self.codec = Codec(project_codec)
+        # ``nested``: RPC frames inside DATA frames (the protocol's shape, see Codec).
+        self.sock.send(b"P" if nested else b"C" if project_codec else b"E")
+        self.codec = Codec(project_codec, nested)
+        self.parked = nested  # the protocol-shaped row parks its calls as RpcConnection does
         self.sender = Sender(self.sock)
         self.next_id = 1
         self.waiting: dict[int, list[Any]] = {}
@@ -495,17 +517,42 @@ class LimitClient:
             for message in self.codec.decode(data):
                 slot = self.waiting.pop(message["re"])
                 slot[1] = message["result"]
-                slot[0].set()
+                if self.parked:
+                    task, slot[0] = slot[0], None
+                    if task is not None:
+                        trio.lowlevel.reschedule(task)
+                else:
+                    slot[0].set()
         raise trio.BrokenResourceError("the limit server went away")
+
+    async def _call_parked(self) -> Any:
+        """:meth:`_call` with the call's task parked by trio's lowlevel API (no ``Event``
+        per call), as ``RpcConnection`` does."""
+        import trio
+
+        i, frame = self.request()
+        slot: list[Any] = [trio.lowlevel.current_task(), None]
+        self.waiting[i] = slot
+        await self.sender.send(frame)
+
+        def abort(_raise_cancel: Any) -> Any:
+            slot[0] = None
+            self.waiting.pop(i, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        if slot[0] is not None:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return slot[1]
 
     async def call(self) -> Any:
         import trio
 
+        call = self._call_parked if self.parked else self._call
         if self.deadline:
             with trio.move_on_after(CALL_DEADLINE):
-                return await self._call()
+                return await call()
             raise TimeoutError
-        return await self._call()
+        return await call()
 
     async def _call(self) -> Any:
         import trio
@@ -577,7 +624,7 @@ async def bare_connects(path: str, seed_hex: str, seconds: float, warmup: float)
 
 LIMIT_PINGPONG_ROWS = (
     "limit2-x1", "limit3-x1", "limit3-x32", "limit2c-x1", "limit3c-x1", "limit3c-x32",
-    "limit2d-x1", "limit3r-x1",
+    "limit2d-x1", "limit3r-x1", "limit3p-x1",
 )
 CALL_DEADLINE = 60.0  # the deadline rows' per-call deadline (never reached)
 
@@ -595,9 +642,11 @@ def role_limit_worker(config_json: str) -> None:
             try:
                 if row in LIMIT_PINGPONG_ROWS:
                     path = config["limit2"] if row.startswith("limit2") else config["limit3"]
-                    client = LimitClient(path, project_codec=row[6] in "cdr", deadline=row[6] == "d")
+                    client = LimitClient(
+                        path, project_codec=row[6] in "cdrp", deadline=row[6] == "d", nested=row[6] == "p"
+                    )
                     try:
-                        if row.endswith("x1") and row[6] != "r":
+                        if row.endswith("x1") and row[6] not in "rp":
                             result = await rate(client.pingpong, seconds, 1, warmup)
                         else:
                             async with trio.open_nursery() as nursery:
@@ -1224,8 +1273,10 @@ class Peers:
 # per call, as ``bus.call`` has (``request_timeout``; the unix-fd row is ``bus.call``); "r":
 # the reply handed to the call's task by a reader task, as a bus connection's reader (shared
 # by every channel, watch and event on it) hands a relayed reply (the relay rows call an
-# ``RpcConnection`` directly, with no deadline).
-EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1", "limit3c-x32", "limit2d-x1", "limit3r-x1"]
+# ``RpcConnection`` directly, with no deadline); "p": the protocol's shape at both ends, each RPC
+# frame inside a DATA frame of the connection (cut by two decoders, as a relayed RpcConnection
+# and Service cut them), with the reader task handing the reply to a parked call.
+EXTRA_LIMIT_ROWS = ["limit2c-x1", "limit3c-x1", "limit3c-x32", "limit2d-x1", "limit3r-x1", "limit3p-x1"]
 PEER_ROWS = ["x1", "x32", "big-x8", "connect"]
 
 TABLE = [
@@ -1329,6 +1380,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
     raw = best.get("limit3-x1")
     if "limit3r-x1" in best and raw:
         print(f"  the project's codec and the reply handed to the call by a reader task (a bus connection's shape), 3-process x1: {best['limit3r-x1']:,.0f}/s ({best['limit3r-x1'] / raw:.2f} of raw)")
+    if "limit3p-x1" in best and raw:
+        floor = best["limit3p-x1"]
+        print(f"  the protocol's shape at the ends (each RPC frame in a DATA frame, cut twice; the reply handed over by a reader task"
+              f" to a parked call, as RpcConnection does; no deadline, as the relay rows have none),"
+              f" 3-process x1: {floor:,.0f}/s ({floor / raw:.2f} of raw; the relayed x1 row is {best.get('mb-relay-x1', 0) / floor:.2f} of it)")
     if "mb-relay-bulk" in best and best.get("bulk-3p"):
         floor = best["mb-relay-bulk"]
         print(f"  the relayed 1 MiB row's floor without RPC (1 MiB writes on a plain relayed channel, the service's end taking the bytes"
