@@ -119,6 +119,9 @@ class RelayStream(trio.abc.HalfCloseableStream):
         self._consumer: Callable[[bytes | memoryview], None] | None = None
         self._consumer_views = False  # the consumer takes views (deliver_to(views=True))
         self._on_end: EndCallback | None = None
+        #: The Channel above this stream, if pushed bytes count into its ``_received`` (see
+        #: Channel.deliver_to: counted here, without a wrapper call per frame).
+        self.count_into: Channel | None = None
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -194,13 +197,17 @@ class RelayStream(trio.abc.HalfCloseableStream):
 
     def _push(self, data: bytes | memoryview) -> None:
         assert self._consumer is not None
+        n = len(data)
+        count_into = self.count_into
+        if count_into is not None:
+            count_into._received += n
         try:
             self._consumer(data)
         except Exception as exc:  # the consumer's verdict on the peer's bytes (a bad frame)
             self._break(f"{type(exc).__name__}: {exc}")
             self._enqueue(encode_control(self.channel, {"reset": f"bad data: {exc}"}))
             return
-        self._count_consumed(len(data))
+        self._count_consumed(n)
 
     def _count_consumed(self, n: int) -> None:
         """Bytes the application took: the credit goes back in batches of half the window."""
@@ -513,11 +520,8 @@ class Channel(trio.abc.HalfCloseableStream):
         if not isinstance(relay, RelayStream):
             return False
 
-        def counted(data: bytes) -> None:
-            self._received += len(data)
-            consumer(data)
-
-        relay.deliver_to(counted, on_end, views=views, window=window)
+        relay.count_into = self  # (what it pushes counts as received here)
+        relay.deliver_to(consumer, on_end, views=views, window=window)
         return True
 
     def socket_reads(self) -> _SocketReads | None:

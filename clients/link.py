@@ -563,13 +563,20 @@ class BusConnection:
         for (no waiting); returns the reason of a broker's error event (the connection ends
         after it), else None.
 
-        The hot case is handled in this loop, without a call of its own: an event (as
-        parse_message tells them: an ``event`` key and no ``op`` or ``re``) that has a raw
-        handler goes straight to it, with no copy of its fields and no message object.
-        Anything else goes to :meth:`_dispatch`."""
+        The hot cases are handled in this loop, without a call of their own: a channel's
+        data frame goes straight to its channel; an event (as parse_message tells them: an
+        ``event`` key and no ``op`` or ``re``) that has a raw handler goes straight to it,
+        with no copy of its fields and no message object.  Anything else goes to
+        :meth:`_dispatch`."""
         error = None
         raw_handlers = self.raw_event_handlers
         while frame is not None:
+            if type(frame) is DataFrame and frame.channel:
+                relay = link.channels.get(frame.channel)
+                if relay is not None:  # (late frames of a channel already gone are dropped)
+                    relay.on_data(frame.data)
+                frame = next_frame()
+                continue
             if frame.channel == 0 and type(frame) is ControlFrame:
                 body = frame.message
                 name = body.get("event")

@@ -260,7 +260,7 @@ async def test_relay_memory_is_charged_to_the_openers_identity(tmp_path: Path) -
                 channels.append(reply["result"]["channel"])
                 await hog.stream.send_all(encode_data(channels[-1], b"x" * 64 * 1024))  # its whole starting credit
             assert "relay_bytes_per_identity" in refused
-            held = sum(d.buffered for ch in rb.broker.core.channels._by_half.values() for d in (ch.a_to_b, ch.b_to_a))
+            held = sum(d.buffered for ch in rb.broker.core.channels.by_half.values() for d in (ch.a_to_b, ch.b_to_a))
             assert held <= limits.relay_bytes_per_identity
             account = rb.broker.core.accounts[FRIEND.id]
             assert account.relay.used <= limits.relay_bytes_per_identity

@@ -197,7 +197,9 @@ class ChannelTable:
     objects that paid for it (``charges``), released exactly once when it closes."""
 
     def __init__(self) -> None:
-        self._by_half: dict[tuple[int, int], RelayChannel] = {}
+        #: Each channel by both halves (read-only outside this class: the broker's per-frame
+        #: lookup, without a method call).
+        self.by_half: dict[tuple[int, int], RelayChannel] = {}
         self._by_conn: dict[int, dict[int, RelayChannel]] = {}
         self._next_channel: dict[int, int] = {}
         self._next_id = 1
@@ -219,19 +221,19 @@ class ChannelTable:
     ) -> RelayChannel:
         ch = RelayChannel(self._next_id, a, b, protocol, Direction(cap), Direction(cap), list(charges), payer)
         self._next_id += 1
-        self._by_half[a] = ch
-        self._by_half[b] = ch
+        self.by_half[a] = ch
+        self.by_half[b] = ch
         for conn, _ in (a, b):
             self._by_conn.setdefault(conn, {})[ch.id] = ch
         return ch
 
     def get(self, half: tuple[int, int]) -> RelayChannel | None:
-        return self._by_half.get(half)
+        return self.by_half.get(half)
 
     def close(self, ch: RelayChannel) -> None:
         """Forget a channel and release what it was charged (idempotent)."""
         for half in (ch.a, ch.b):
-            if self._by_half.pop(half, None) is not None:
+            if self.by_half.pop(half, None) is not None:
                 mine = self._by_conn.get(half[0])
                 if mine is not None:
                     mine.pop(ch.id, None)
@@ -256,4 +258,4 @@ class ChannelTable:
         return closed
 
     def __len__(self) -> int:
-        return len(self._by_half) // 2
+        return len(self.by_half) // 2

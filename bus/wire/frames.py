@@ -600,10 +600,12 @@ class FrameDecoder:
     def next_frame_from(self, data: bytes | bytearray | memoryview) -> Frame | None:
         """:meth:`receive_data` then :meth:`next_frame`, with less work in the common case
         of bytes that come while nothing is buffered (a relayed message, a burst of events)."""
-        if self._header is None and not self._chunk and not self._parts and self._error is None and type(data) is bytes and data:
-            # What receive_data does in this case, in one step; next_frame then cuts (a whole
-            # CONTROL frame its quick way) and reads any other header as ever.
-            self._chunk, self._pos = data, 0
+        if self._header is None and not self._chunk and not self._parts and self._error is None and data:
+            # What receive_data does in this case, in one step (no frame is being filled
+            # while no header is pending; a view, such as a relayed channel's bytes, is
+            # copied as receive_data copies it); next_frame then cuts (a whole CONTROL frame
+            # its quick way) and reads any other header as ever.
+            self._chunk, self._pos = data if type(data) is bytes else bytes(data), 0
             return self.next_frame()
         self.receive_data(data)
         return self.next_frame()
