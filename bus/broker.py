@@ -378,7 +378,7 @@ class _Session:
                     # connection (see Broker.corking), before this task waits.
                     if broker.corking:
                         broker.uncork()
-                    frame = await framed.receive_frame()
+                    frame = await framed.read_frame()
                     if frame is None:
                         self.reason = "peer closed the connection"
                         return

@@ -522,10 +522,8 @@ class BusConnection:
         try:
             framed = link.framed
             dispatch = self._dispatch_frames
-            while True:
-                frame = await framed.receive_frame()
-                if frame is None:
-                    break
+            frame = await framed.receive_frame()  # (the handshake may have left frames)
+            while frame is not None:
                 if not framed.buffered:
                     error = dispatch(link, frame, _no_more)
                 else:
@@ -540,8 +538,10 @@ class BusConnection:
                 if error is not None:
                     reason = error
                 # (A DATA frame may be a view of the whole read it came in: not kept alive
-                # while this task waits for the next one.)
+                # while this task waits for the next one.)  Every whole frame read so far was
+                # handed on: the next one needs a read.
                 frame = None
+                frame = await framed.read_frame()
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             reason = f"connection lost: {exc}"
         finally:

@@ -186,8 +186,17 @@ class FramedStream:
         Raises :class:`~bus.errors.FrameError` for a framing violation (the stream is then
         out of sync) and trio's stream errors for a broken transport.
         """
+        frame = self._decoder.next_frame()
+        if frame is None:
+            frame = await self.read_frame()
+        return frame
+
+    async def read_frame(self) -> Frame | None:
+        """:meth:`receive_frame` for a reader that knows no whole frame is buffered
+        (:meth:`receive_frame_nowait` just returned ``None``, or the last frame came alone):
+        it reads first, without asking the decoder again."""
         decoder = self._decoder
-        frame = decoder.next_frame()
+        frame = None
         while frame is None:
             if self.at_end:
                 decoder.end_of_input()
