@@ -854,3 +854,104 @@ def test_a_whole_data_frame_over_the_limit_in_one_read_is_refused(views: bool, v
         dec.next_frame()
     with pytest.raises(LocalProtocolError):
         dec.next_frame()
+
+
+def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool]) -> tuple[list[Any], str | None]:
+    """Frames cut as a bus connection's reader cuts a burst: after each frame, the run of
+    control messages take_control_messages gives (as ControlFrames on channel 0), then
+    next_frame; ``pattern`` says, per step, whether to ask for a run first."""
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
+    out: list[Any] = []
+    step = 0
+    try:
+        for piece in pieces:
+            dec.receive_data(piece)
+            while True:
+                ask = pattern[step % len(pattern)] if pattern else True
+                step += 1
+                if ask:
+                    out.extend(ControlFrame(0, message) for message in dec.take_control_messages())
+                frame = dec.next_frame()
+                if frame is None:
+                    break
+                out.append(frame)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+def _frames_one_by_one(pieces: list[bytes], trusted: bool) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
+    out: list[Any] = []
+    try:
+        for piece in pieces:
+            dec.receive_data(piece)
+            out.extend(dec)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    batch=st.lists(frames | st.builds(ControlFrame, st.just(0), messages), max_size=8),
+    cuts=st.lists(st.integers(1, 600), max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+    bad_bodies=st.lists(st.tuples(st.integers(0, 7), st.sampled_from(
+        [b"\xa1\x61k\xc1\x01", b"\xa1\x61k\x18\x01", b"\x80", b"\xa1\x61k", b"\xff", b"\xa1\x61k\x9f\x01\xff", b"\xa2\x61k\x01\x61k\x02"]
+    )), max_size=2),
+    trusted=st.booleans(),
+    pattern=st.lists(st.booleans(), max_size=4),
+)
+def test_taking_runs_of_control_messages_decides_as_next_frame(
+    batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], bad_bodies: list[tuple[int, bytes]],
+    trusted: bool, pattern: list[bool],
+) -> None:
+    """take_control_messages gives the same frames in the same order, and the same error
+    after the same frames, as next_frame alone, trusted or not, whatever the reads: runs of
+    control frames on channel 0, broken by other channels, DATA frames, frames straddling
+    reads, damaged headers, bodies outside the profile or not CBOR at all, frames over the
+    limits."""
+    encoded = [encode_frame(f) for f in batch]
+    for where, body in bad_bodies:
+        if encoded:
+            encoded[where % len(encoded)] = HEADER.pack(1, 0, 0, len(body)) + body
+    wire = bytearray(b"".join(encoded))
+    for where, value in damage:
+        if wire:
+            wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    # (compared as text: damage can make a float NaN, which is not equal to itself)
+    assert repr(_frames_taking_runs(pieces, trusted, pattern)) == repr(_frames_one_by_one(pieces, trusted))
+
+
+def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
+    good = encode_control(0, {"event": "event", "n": 1})
+    bad = HEADER.pack(1, 0, 0, 5) + b"\xa1\x61k\xc1\x01"  # a tag: outside the profile
+    dec = FrameDecoder()
+    dec.receive_data(good + good + bad + good)
+    assert dec.take_control_messages() == [{"event": "event", "n": 1}] * 2
+    assert dec.take_control_messages() == []
+    with pytest.raises(FrameError, match="tags"):
+        dec.next_frame()
+    with pytest.raises(LocalProtocolError):
+        dec.next_frame()
+    assert dec.take_control_messages() == []  # (a failed decoder cuts nothing more)
+
+
+def test_a_run_leaves_data_frames_and_other_channels_to_next_frame() -> None:
+    dec = FrameDecoder(trusted=True)
+    dec.receive_data(encode_control(0, {"a": 1}) + encode_control(5, {"b": 2}) + encode_control(0, {"c": 3}) + encode_data(0, b"x"))
+    assert dec.take_control_messages() == [{"a": 1}]
+    assert dec.next_frame() == ControlFrame(5, {"b": 2})
+    assert dec.take_control_messages() == [{"c": 3}]
+    assert dec.take_control_messages() == []
+    assert dec.next_frame() == DataFrame(0, b"x")
+    assert dec.buffered == 0 and dec.next_frame() is None

@@ -652,6 +652,53 @@ class FrameDecoder:
                 return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
 
+    def take_control_messages(self) -> list[dict[Any, Any]]:
+        """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
+        at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
+        decoded when :attr:`trusted`); an empty list if the next frame is not one.
+
+        For a reader taking a burst (a subscriber's events): one call and one loop for the
+        run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
+        stops before the first frame that is anything else -- another channel or kind, bad
+        flags, a body over the limit, not wholly here, or a body that does not decode or
+        check -- and leaves it, and everything after it, to :meth:`next_frame`, which returns
+        it or refuses it exactly as it would have.  Only CONTROL frames are taken, so a
+        handler of one may still change how the DATA frames after it are taken
+        (:meth:`fill_data_into`) before they are cut."""
+        if self._header is not None or self._parts or self._error is not None:
+            return []
+        chunk, pos = self._chunk, self._pos
+        size = len(chunk)
+        messages: list[dict[Any, Any]] = []
+        limit = self.max_control
+        trusted = self.trusted
+        loads = cbor2.loads
+        while pos + HEADER_SIZE <= size:
+            kind, flags, channel, length = _unpack_header(chunk, pos)
+            end = pos + HEADER_SIZE + length
+            if kind != _CONTROL or flags or channel or length > limit or end > size:
+                break
+            body = chunk[pos + HEADER_SIZE : end]
+            if trusted:
+                try:
+                    message = loads(body)
+                except Exception:  # (left for next_frame, which says why)
+                    break
+                if type(message) is not dict:
+                    break
+            else:
+                try:
+                    message = decode_control_body(body, self.max_items)
+                except FrameError:
+                    break
+            messages.append(message)
+            pos = end
+        if pos == size:
+            self._chunk, self._pos = b"", 0
+        else:
+            self._pos = pos
+        return messages
+
     def _next_frame(self) -> Frame | None:
         """:meth:`next_frame`, any case."""
         self._check()
