@@ -333,7 +333,14 @@ class Events:
 
     def _on_event(self, link: Link, message: dict[str, Any]) -> None:
         # (The message as it came, see BusConnection.raw_event_handlers: read, never kept.)
-        source, member = message.get("source"), message.get("member")
+        try:
+            # (Subscripts: cheaper than .get calls, and busd sends every field.)
+            source, member, payload, sender, identity = (
+                message["source"], message["member"], message["payload"], message["sender"], message["identity"]
+            )
+        except KeyError:
+            source, member, payload = message.get("source"), message.get("member"), message.get("payload")
+            sender, identity = message.get("sender", ""), message.get("identity", "")
         if type(source) is not str or type(member) is not str:
             return
         if link is not self._routes_link:
@@ -347,11 +354,10 @@ class Events:
             route = self._route(link, source, member)
         if not route:
             return
-        sender, identity = message.get("sender", ""), message.get("identity", "")
         event = _new(Event)
         _SET_SOURCE(event, source)
         _SET_MEMBER(event, member)
-        _SET_PAYLOAD(event, message.get("payload"))
+        _SET_PAYLOAD(event, payload)
         _SET_SENDER(event, sender if type(sender) is str else str(sender))
         _SET_IDENTITY(event, identity if type(identity) is str else str(identity))
         for sub in route:
