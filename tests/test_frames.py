@@ -19,6 +19,7 @@ from bus.wire.frames import (
     FrameDecoder,
     FrameKind,
     check_cbor,
+    decode_control_body,
     encode_control,
     encode_data,
     encode_frame,
@@ -955,3 +956,143 @@ def test_a_run_leaves_data_frames_and_other_channels_to_next_frame() -> None:
     assert dec.take_control_messages() == []
     assert dec.next_frame() == DataFrame(0, b"x")
     assert dec.buffered == 0 and dec.next_frame() is None
+
+
+# -- the quick profile check (no second encoding) against check_cbor, on hostile bodies ------
+
+
+def _head(major: int, arg: int, wide: int) -> bytes:
+    """A head for ``arg``: shortest, or ``wide`` steps wider than it need be (non-canonical)."""
+    widths = [0, 1, 2, 4, 8]
+    shortest = 0 if arg < 24 else 1 if arg < 0x100 else 2 if arg < 0x10000 else 3 if arg < 0x100000000 else 4
+    width = widths[min(4, shortest + wide)]
+    if width == 0:
+        return bytes([major << 5 | arg])
+    return bytes([major << 5 | (24 + [1, 2, 4, 8].index(width))]) + arg.to_bytes(width, "big")
+
+
+def _hostile(value: Any, data: list[int], depth: int = 0) -> bytes:
+    """``value`` written mostly as cbor2 would, but each head may be drawn the long way, a
+    container or string indefinite, a map given a duplicate key, a value wrapped in a tag
+    cbor2 decodes to a plain value (bignum, self-describe, shareable) or replaced by a float
+    of another width: ``data`` says which, one number per choice, taken from its end.  (A
+    float only the long way shows a float struct cannot pack at a narrower width.)"""
+    odd = data.pop() if data else 0  # mostly 0: canonical
+    wide = 1 if odd == 1 else 0
+    if odd == 2 and depth < 3:
+        tag = [55799, 28, 24, 2][(data.pop() if data else 0) % 4]
+        if type(value) is int and value >= 0:  # (a bignum: as long as the head, or shorter, for some)
+            raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+            return _head(6, 2, 0) + _head(2, len(raw), 0) + raw
+        return _head(6, tag, 0) + _hostile(value, data, depth + 1)
+    if type(value) is bool:
+        return b"\xf5" if value else b"\xf4"
+    if value is None:
+        return b"\xf6"
+    if type(value) is int:
+        return _head(0, value, wide) if value >= 0 else _head(1, -1 - value, wide)
+    if type(value) is float:
+        width = "efd"[(data.pop() if data else 0) % 3]
+        if odd == 3:
+            try:
+                return {"e": b"\xf9", "f": b"\xfa", "d": b"\xfb"}[width] + struct.pack(">" + width, value)
+            except OverflowError:
+                pass
+        return b"\xfb" + struct.pack(">d", value)
+    if type(value) in (str, bytes):
+        raw = value.encode() if type(value) is str else value
+        major = 3 if type(value) is str else 2
+        if odd == 4:
+            return bytes([major << 5 | 31]) + _head(major, len(raw), 0) + raw + b"\xff"
+        return _head(major, len(raw), wide) + raw
+    if type(value) is list:
+        items = b"".join(_hostile(item, data, depth + 1) for item in value)
+        if odd == 4:
+            return b"\x9f" + items + b"\xff"
+        return _head(4, len(value), wide) + items
+    assert type(value) is dict
+    entries = [_hostile(k, data, depth + 1) + _hostile(v, data, depth + 1) for k, v in value.items()]
+    if odd == 5 and entries:
+        entries.append(entries[0])  # a duplicate key (cbor2 keeps the last value)
+    if odd == 6 and len(entries) >= 2:
+        # The second entry's value a shared reference to the first's (tags 28 and 29): fewer
+        # bytes than writing it again, when it is long enough.
+        (k1, v1), (k2, _) = list(value.items())[:2]
+        entries[0] = _hostile(k1, data, depth + 1) + b"\xd8\x1c" + _hostile(v1, data, depth + 1)
+        entries[1] = _hostile(k2, data, depth + 1) + b"\xd8\x1d\x00"
+    if odd == 4:
+        return b"\xbf" + b"".join(entries) + b"\xff"
+    return _head(5, len(entries), wide) + b"".join(entries)
+
+
+def _verdict_of(fn: Any, body: bytes) -> Any:
+    try:
+        return ("ok", repr(fn(body)))
+    except FrameError:
+        return ("refused",)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    value=st.dictionaries(st.text(max_size=8) | st.integers(-70000, 70000), values | st.integers(0x10000, 0xFFFFFF), max_size=6),
+    data=st.lists(st.sampled_from([0, 0, 0, 0, 1, 2, 3, 4, 5, 6]), max_size=60),
+    items=st.sampled_from([None, 2, 5, 12, 4096]),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+)
+def test_the_check_without_a_second_encoding_refuses_exactly_what_check_cbor_refuses(
+    value: dict[Any, Any], data: list[int], items: int | None, flips: list[tuple[int, int]]
+) -> None:
+    """decode_control_body, whose first way measures the decoded value instead of encoding it
+    again, takes exactly the bodies check_cbor takes (and gives cbor2's reading of them),
+    over bodies written canonically and hostile ones: heads the long way, indefinite lengths,
+    duplicate keys, tags cbor2 reads as plain values (bignums, self-describe, shared values
+    and references to them), floats of every width, item budgets, damaged bytes."""
+    body = bytearray(_hostile(value, list(data)))
+    for where, byte in flips:
+        body[where % len(body)] = byte
+    body = bytes(body)
+
+    def reference(raw: bytes) -> Any:
+        check_cbor(raw, items)
+        try:
+            return cbor2.loads(raw)
+        except Exception as exc:  # (in the profile's shape, but not CBOR cbor2 reads: bad UTF-8)
+            raise FrameError(str(exc)) from exc
+
+    assert _verdict_of(lambda raw: decode_control_body(raw, items), body) == _verdict_of(reference, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Equal in length to the canonical form of what cbor2 reads, yet outside the profile.
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("d81c1a000f4240") + b"\x61b" + bytes.fromhex("d81d00"),  # shared int
+        bytes.fromhex("a1") + b"\x61a" + bytes.fromhex("c243010000"),  # bignum 65536 (5 bytes, as its canonical head)
+        bytes.fromhex("d90100a2") + b"\x61a\x63xyz\x61b" + bytes.fromhex("d81900"),  # stringref namespace
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("1801") + b"\x61b" + bytes.fromhex("f93c00"),  # long int + half float
+        bytes.fromhex("a2") + b"\x61a\x01\x61a\x02",  # duplicate key
+        bytes.fromhex("bf") + b"\x61a\x01" + bytes.fromhex("ff"),  # indefinite map
+        bytes.fromhex("a1") + b"\x41a\x01",  # a bytes key
+    ],
+)
+def test_bodies_the_measure_alone_would_take_are_refused(body: bytes) -> None:
+    try:
+        check_cbor(body)
+    except FrameError:
+        pass
+    else:  # pragma: no cover - each case is outside the profile
+        raise AssertionError("check_cbor took it")
+    with pytest.raises(FrameError):
+        decode_control_body(body)
+
+
+def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain, float-free emit is taken by its measure: cbor2 never encodes it again."""
+    body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": b"x" * 64, "quiet": True, "source": "org.bench.Emitter"})
+    import bus.wire.frames as frames_module
+
+    def no_dumps(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(frames_module.cbor2, "dumps", no_dumps)
+    assert decode_control_body(body) == cbor2.loads(body)
