@@ -391,9 +391,12 @@ _BYTES_PER_CHECKED_ITEM = 2048
 def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict.
 
-    The quick way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of the
-    bytes it has, and refuses nesting past 400), then one walk over what it built (plain
-    types, depth, the item budget) and cbor2's own encoding of it compared with the body:
+    The quickest way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of
+    the bytes it has, and refuses nesting past 400), then one walk over what it built that
+    measures its canonical encoding (:func:`_canonical_size`); a body of that length with no
+    tag's initial byte in it is in the profile (see the comment in the code).  Else the quick
+    way: the walk over what cbor2 built (plain types, depth, the item budget) and cbor2's own
+    encoding of it compared with the body:
     equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
     tags).  Anything else -- including bodies in the profile that cbor2 writes differently,
     such as a float in half precision -- goes through :func:`check_cbor`, which decides, and
