@@ -2,7 +2,7 @@
 """CPU per event of each party of the event path, one at a time, without the noise of the
 other parties' scheduling (issue 13): for judging a change to one of them.
 
-Run:  python benchmarks/event_cpu.py [--parts subscriber,publish,busd] [--json FILE]
+Run:  python benchmarks/event_cpu.py [--parts subscriber,floor,publish,busd] [--json FILE]
 
 * **subscriber**: this process holds N client connections (``open_bus`` + ``subscribe``,
   consumed by one ``async for`` task each, counting) to a scripted broker in the same process
@@ -10,6 +10,10 @@ Run:  python benchmarks/event_cpu.py [--parts subscriber,publish,busd] [--json F
   bursts of B pre-encoded event frames to every connection (one ``send`` each) and waits until
   every consumer has the burst.  CPU of the process per delivered event; the broker's part is
   one ``send`` per burst per connection.  Bursts of 16 and of 2 events.
+* **floor** (only when asked for): the same harness with ``events.py``'s API-shaped floor as
+  the client (plain sockets, no handshake; a reader task decoding with cbor2 into a deque and
+  a consumer task behind ``async for``): the least an ``async for`` API costs here, beside
+  the subscriber figures.
 * **publish**: ``bus.publish`` in a loop into a scripted broker in the same process that only
   reads and drops.  CPU of the process per event.
 * **busd**: ``python -m bus`` as its own process; this one is a raw emitter (after the
@@ -127,6 +131,61 @@ async def subscriber_cpu(n: int, burst: int, events: int, size: int) -> float:
                     await state["done"].wait()
             cpu = time.process_time() - started
             consumers.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    return cpu / (sent * n) * 1e6
+
+
+async def floor_cpu(n: int, burst: int, events: int, size: int) -> float:
+    """:func:`subscriber_cpu` with ``events.py``'s API-shaped floor as the client (a reader
+    task decoding with cbor2 into a deque, a consumer task behind ``async for``: no checks,
+    bounds, routing or event object), fed the same frames by the same writer: the least an
+    ``async for`` API costs in this harness."""
+    from benchmarks.events import ApiShapedSubscription
+
+    listener, path = await _listen(tempfile.mkdtemp())
+    got = [0] * n
+    state: dict[str, Any] = {"need": 0, "done": trio.Event()}
+
+    async def consume(sub: ApiShapedSubscription, i: int) -> None:
+        count = 0
+        async for item in sub:
+            assert type(item) is dict
+            count += 1
+            if count >= state["need"]:
+                got[i] = count
+                if min(got) >= state["need"]:
+                    state["done"].set()
+
+    payload = HEAD.pack(1, 2, 0) + b"x" * (size - HEAD.size)
+    frame = encode_control(0, {"source": SOURCE, "member": MEMBER, "payload": payload, "sender": ":3", "identity": Identity.generate().id, "event": "event"})
+    data = frame * burst
+    async with trio.open_nursery() as nursery:
+        raw, clients = [], []
+        for _ in range(n):
+            client = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            await client.connect(path)
+            server, _ = await listener.accept()
+            clients.append(client)
+            raw.append(server._sock)  # type: ignore[attr-defined]
+        async with trio.open_nursery() as consumers:
+            for i, client in enumerate(clients):
+                sub = ApiShapedSubscription()
+                consumers.start_soon(sub.read, client)
+                consumers.start_soon(consume, sub, i)
+            await trio.testing.wait_all_tasks_blocked()
+            sent = 0
+            started = time.process_time()
+            while sent < events:
+                sent += burst
+                state["need"], state["done"] = sent, trio.Event()
+                for sock in raw:
+                    sock.send(data)
+                with trio.fail_after(30):
+                    await state["done"].wait()
+            cpu = time.process_time() - started
+            consumers.cancel_scope.cancel()
+        for client in clients:
+            client.close()
         nursery.cancel_scope.cancel()
     return cpu / (sent * n) * 1e6
 
@@ -261,6 +320,9 @@ def main() -> None:
     if "subscriber" in parts:
         show("subscriber process, 10 conns, 16-event bursts", trio.run(subscriber_cpu, 10, 16, 30000, 64))
         show("subscriber process, 10 conns, 2-event bursts", trio.run(subscriber_cpu, 10, 2, 8000, 64))
+    if "floor" in parts:
+        show("API-shaped floor, 10 conns, 16-event bursts", trio.run(floor_cpu, 10, 16, 30000, 64))
+        show("API-shaped floor, 10 conns, 2-event bursts", trio.run(floor_cpu, 10, 2, 8000, 64))
     if "publish" in parts:
         show("publish (64 B payload)", trio.run(publish_cpu, 100000, 64))
     if "busd" in parts:

@@ -177,13 +177,16 @@ class Subscription:
     async def __anext__(self) -> Event | Gap:
         # What is buffered already is handed over without a scheduler pass each time (one
         # per item would cost as much as the item): every call can be cancelled (before it
-        # takes anything), and every 16th lets the other tasks run.
+        # takes anything), and every 16th lets the other tasks run (unless it took the last
+        # item: then the next call waits, which lets them run).
         buffer = self._buffer
         if buffer:
             await trio.lowlevel.checkpoint_if_cancelled()
             item = buffer.popleft()
             self._taken += 1
-            if not self._taken & 15:
+            if not self._taken & 15 and buffer:
+                # (With the buffer empty, the next call parks: that is the scheduling point,
+                # so none is taken here too -- a burst of 16 would otherwise cost two.)
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return item
         while not buffer:
@@ -227,11 +230,13 @@ class Events:
         # Which subscriptions an event of (source, member) goes to, on ``_routes_link``: worked
         # out once per kind (at most ROUTE_CACHE kinds), forgotten when a subscription comes
         # or goes or the link changes.
-        self._routes: dict[tuple[str, str], list[Subscription]] = {}
+        self._routes: dict[str, dict[str, list[Subscription]]] = {}  # by source, then member
+        self._route_count = 0  # kinds in _routes
         self._routes_link: Link | None = None
 
     def routes_changed(self) -> None:
         self._routes.clear()
+        self._route_count = 0
 
     def on_link(self, link: Link) -> dict[int, Subscription]:
         table = self._by_link.get(link)
@@ -258,7 +263,7 @@ class Events:
 
     def send_unsubscribe(self, link: Link, sub_id: int) -> None:
         self.on_link(link).pop(sub_id, None)
-        self._routes.clear()
+        self.routes_changed()
         if not link.closed:
             self._connection.send_request_nowait(link, "unsubscribe", {"subscription": sub_id})
 
@@ -328,25 +333,31 @@ class Events:
 
     def _on_event(self, link: Link, message: dict[str, Any]) -> None:
         # (The message as it came, see BusConnection.raw_event_handlers: read, never kept.)
-        source, member = message.get("source"), message.get("member")
+        try:
+            # (Subscripts: cheaper than .get calls, and busd sends every field.)
+            source, member, payload, sender, identity = (
+                message["source"], message["member"], message["payload"], message["sender"], message["identity"]
+            )
+        except KeyError:
+            source, member, payload = message.get("source"), message.get("member"), message.get("payload")
+            sender, identity = message.get("sender", ""), message.get("identity", "")
         if type(source) is not str or type(member) is not str:
             return
         if link is not self._routes_link:
-            self._routes.clear()
+            self.routes_changed()
             self._routes_link = link
-        route = self._routes.get((source, member))
+        # The route, by source then member (two lookups of cached string hashes, cheaper
+        # than hashing a fresh (source, member) tuple per event).
+        by_member = self._routes.get(source)
+        route = by_member.get(member) if by_member is not None else None
         if route is None:
-            route = [sub for sub in self.on_link(link).values() if sub.matches(source, member)]
-            if len(self._routes) >= ROUTE_CACHE:
-                self._routes.clear()
-            self._routes[(source, member)] = route
+            route = self._route(link, source, member)
         if not route:
             return
-        sender, identity = message.get("sender", ""), message.get("identity", "")
         event = _new(Event)
         _SET_SOURCE(event, source)
         _SET_MEMBER(event, member)
-        _SET_PAYLOAD(event, message.get("payload"))
+        _SET_PAYLOAD(event, payload)
         _SET_SENDER(event, sender if type(sender) is str else str(sender))
         _SET_IDENTITY(event, identity if type(identity) is str else str(identity))
         for sub in route:
@@ -359,6 +370,16 @@ class Events:
             buffer.append(event)
             if sub._waiters:
                 _reschedule(sub._waiters.popleft())
+
+    def _route(self, link: Link, source: str, member: str) -> list[Subscription]:
+        """Work out (and remember, up to ROUTE_CACHE kinds) which subscriptions take events
+        of ``(source, member)`` on ``link``."""
+        route = [sub for sub in self.on_link(link).values() if sub.matches(source, member)]
+        if self._route_count >= ROUTE_CACHE:
+            self.routes_changed()
+        self._routes.setdefault(source, {})[member] = route
+        self._route_count += 1
+        return route
 
     def _on_gap(self, link: Link, message: WireEvent) -> None:
         sub = self.on_link(link).get(message.fields.get("subscription", 0))

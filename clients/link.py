@@ -80,6 +80,11 @@ def _no_more() -> None:
     return None
 
 
+def _no_messages() -> list[dict[Any, Any]]:
+    """``take_messages`` for a frame that came alone."""
+    return []
+
+
 class CannotConnect(BusError):
     """No endpoint of the bus address accepted a connection and a handshake."""
 
@@ -525,14 +530,14 @@ class BusConnection:
             frame = await framed.receive_frame()  # (the handshake may have left frames)
             while frame is not None:
                 if not framed.buffered:
-                    error = dispatch(link, frame, _no_more)
+                    error = dispatch(link, frame, _no_more, _no_messages)
                 else:
                     # A burst (events, replies, relayed calls): what handling it sends goes
                     # out in one write at its end (channel frames, answers), not one write
                     # per frame.
                     link.send.cork()
                     try:
-                        error = dispatch(link, frame, framed.receive_frame_nowait)
+                        error = dispatch(link, frame, framed.receive_frame_nowait, framed.take_control_messages)
                     finally:
                         link.send.uncork()
                 if error is not None:
@@ -558,18 +563,27 @@ class BusConnection:
             link.send.close()
             log.debug("bus connection ended: %s", reason)
 
-    def _dispatch_frames(self, link: Link, frame: Frame | None, next_frame: Callable[[], Frame | None]) -> str | None:
-        """Hand ``frame``, then each frame ``next_frame`` gives until None, to whoever it is
-        for (no waiting); returns the reason of a broker's error event (the connection ends
-        after it), else None.
+    def _dispatch_frames(
+        self,
+        link: Link,
+        frame: Frame | None,
+        next_frame: Callable[[], Frame | None],
+        take_messages: Callable[[], list[dict[Any, Any]]],
+    ) -> str | None:
+        """Hand ``frame``, then the rest of the burst, to whoever each frame is for (no
+        waiting): after each frame, the run of control messages ``take_messages`` cuts
+        (see :meth:`FrameDecoder.take_control_messages`), then the frame ``next_frame``
+        gives, until it gives None.  Returns the reason of a broker's error event (the
+        connection ends after it), else None.
 
         The hot cases are handled in this loop, without a call of their own: a channel's
-        data frame goes straight to its channel; an event (as parse_message tells them: an
-        ``event`` key and no ``op`` or ``re``) that has a raw handler goes straight to it,
-        with no copy of its fields and no message object.  Anything else goes to
-        :meth:`_dispatch`."""
+        data frame goes straight to its channel (what follows it comes from ``next_frame``);
+        an event (as parse_message tells them: an ``event`` key and no ``op`` or ``re``)
+        that has a raw handler goes straight to it, with no copy of its fields and no
+        message object.  Anything else goes to :meth:`_dispatch`, in its place in the order."""
         error = None
         raw_handlers = self.raw_event_handlers
+        dispatch = self._dispatch
         while frame is not None:
             if type(frame) is DataFrame and frame.channel:
                 relay = link.channels.get(frame.channel)
@@ -580,13 +594,21 @@ class BusConnection:
             if frame.channel == 0 and type(frame) is ControlFrame:
                 body = frame.message
                 name = body.get("event")
+                raw = raw_handlers.get(name) if type(name) is str and "op" not in body and "re" not in body else None
+                if raw is not None:
+                    raw(link, body)
+                else:
+                    error = dispatch(link, frame) or error
+            else:
+                error = dispatch(link, frame) or error
+            for body in take_messages():
+                name = body.get("event")
                 if type(name) is str and "op" not in body and "re" not in body:
                     raw = raw_handlers.get(name)
                     if raw is not None:
                         raw(link, body)
-                        frame = next_frame()
                         continue
-            error = self._dispatch(link, frame) or error
+                error = dispatch(link, ControlFrame(0, body)) or error
             frame = next_frame()
         return error
 

@@ -169,3 +169,98 @@ async def test_the_room_asked_once_per_emit_is_the_room_asked_per_receiver(tmp_p
         assert "slow consumer" in messages[-1]["message"]
         for sub in subs:
             await sub.aclose()
+
+
+async def _hello(address: str, identity: Any, name: str | None = None) -> tuple[FramedStream, int]:
+    framed = await raw_connect(address, identity)
+    await framed.send_message({"op": "hello", "id": 1, **({"name": name} if name else {})})
+    unique_id = (await reply_to(framed, 1))["result"]["unique_id"]
+    return framed, int(unique_id.lstrip(":"))
+
+
+async def test_a_stuck_subscriber_changes_nothing_for_an_unrelated_emit(tmp_path: Path) -> None:
+    """A subscriber that never reads misses events and is owed a gap; an emit whose
+    subscribers are others keeps its verdicts and delivery (each of them gets it, in order,
+    with no gap), the stuck one's count of missed events is not touched by it, and the stuck
+    one, once it reads, gets what was queued, a gap with the exact count it missed, then
+    what comes after."""
+    async with running_broker(tmp_path) as rb:
+        core = rb.broker.core
+        emitter_a, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+        emitter_b, _ = await _hello(rb.unix_address, FRIEND, "org.example.B")
+        stuck, stuck_id = await _hello(rb.unix_address, FRIEND)
+        reader, _ = await _hello(rb.unix_address, FRIEND)  # reads A's events as they come
+        other, _ = await _hello(rb.unix_address, OWNER)  # B's only subscriber
+        for framed, source in ((stuck, "org.example.A"), (reader, "org.example.A"), (other, "org.example.B")):
+            await framed.send_message({"op": "subscribe", "id": 2, "source": source})
+            await reply_to(framed, 2)
+
+        got_by_reader: list[int] = []
+
+        async def read_events(framed: FramedStream, into: list[int]) -> None:
+            while (frame := await framed.receive_frame()) is not None:
+                assert isinstance(frame, ControlFrame)
+                assert frame.message.get("event") != "gap", frame.message  # never owed one
+                if frame.message.get("event") == "event":
+                    into.append(frame.message["payload"]["n"])
+
+        got_by_other: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_events, reader, got_by_reader)
+            nursery.start_soon(read_events, other, got_by_other)
+
+            # A emits until the stuck subscriber misses some (its queue and socket full).
+            payload = "x" * 6000
+            delivered_a: list[int] = []
+            n = 0
+            with trio.fail_after(30):
+                while not core.connections[stuck_id].gaps_owed or len(delivered_a) < 50:
+                    await emitter_a.send_message({"op": "emit", "id": 10 + n, "source": "org.example.A", "member": "Tick", "payload": {"n": n, "b": payload}})
+                    delivered_a.append((await reply_to(emitter_a, 10 + n))["result"]["delivered"])
+                    n += 1
+            assert set(delivered_a) == {1, 2} and delivered_a[0] == 2
+            assert stuck_id in core._owing_gaps
+
+            # B's events, while the stuck subscriber owes its gap: each goes to B's one
+            # subscriber, every one of them, in order.
+            for i in range(200):
+                await emitter_b.send_message({"op": "emit", "id": 1000 + i, "source": "org.example.B", "member": "Tock", "payload": {"n": i}})
+                assert (await reply_to(emitter_b, 1000 + i))["result"] == {"delivered": 1}
+            assert stuck_id in core._owing_gaps
+            with trio.fail_after(10):
+                while len(got_by_other) < 200:
+                    await trio.sleep(0.01)
+            assert got_by_other == list(range(200))
+
+            # The stuck one reads at last: what was queued for it, in order, each gap (busd
+            # queues one whenever its queue has some room) before the next event it gets,
+            # counting exactly what it missed.
+            queued_for_stuck = delivered_a.count(2)
+            got: list[Any] = []
+            with trio.fail_after(30):
+                while len(got) < queued_for_stuck:
+                    frame = await stuck.receive_frame()
+                    assert isinstance(frame, ControlFrame)
+                    if frame.message.get("event") in ("event", "gap"):
+                        got.append(frame.message["payload"]["n"] if frame.message["event"] == "event" else frame.message)
+                while core.connections[stuck_id].gaps_owed and rb.broker.sessions[stuck_id].out.queued_bytes:
+                    await trio.sleep(0.01)
+            await emitter_a.send_message({"op": "emit", "id": 5000, "source": "org.example.A", "member": "Tick", "payload": {"n": n, "b": ""}})
+            assert (await reply_to(emitter_a, 5000))["result"] == {"delivered": 2}
+            with trio.fail_after(10):
+                while True:
+                    frame = await stuck.receive_frame()
+                    assert isinstance(frame, ControlFrame)
+                    if frame.message.get("event") in ("event", "gap"):
+                        got.append(frame.message["payload"]["n"] if frame.message["event"] == "event" else frame.message)
+                        if frame.message["event"] == "event" and frame.message["payload"]["n"] == n:
+                            break
+            events = [item for item in got if isinstance(item, int)]
+            gaps = [item for item in got if isinstance(item, dict)]
+            assert events == [i for i, d in enumerate(delivered_a) if d == 2] + [n]
+            assert gaps and sum(g["missed"] for g in gaps) == delivered_a.count(1)
+            assert got[-1] == n and not core.connections[stuck_id].gaps_owed
+            assert got_by_reader[: len(delivered_a)] == list(range(len(delivered_a)))
+            nursery.cancel_scope.cancel()
+        for framed in (emitter_a, emitter_b, stuck, reader, other):
+            await framed.aclose()

@@ -269,6 +269,44 @@ def test_room_is_asked_once_per_emit_and_only_the_short_miss_with_their_gaps_fir
     assert [e["event"] for e in c.events(a)] == ["event"] and [e["event"] for e in c.events(b)] == ["event"]
 
 
+def test_a_subscriber_owed_a_gap_costs_only_the_emits_it_receives() -> None:
+    """A subscriber short of room (it never reads) misses events of the kind it subscribed
+    to and is owed a gap; an emit of another kind, none of whose receivers is owed one,
+    takes its route as it is -- no receiver looked up, no gap, the same verdict -- while
+    an emit that reaches the stuck one still counts what it misses."""
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Ticker")
+    stuck, others = c.connect(ADMIN), [c.connect(ADMIN) for _ in range(5)]
+    c.ok(stuck, "subscribe", member="Tick")
+    for conn in others:
+        c.ok(conn, "subscribe", member="Tock")
+    c.core.short_of_room = lambda conn_ids, payer, needed: [i for i in conn_ids if i == stuck]
+    for i in range(3):
+        assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=i) == {"delivered": 0}
+    assert c.core.connections[stuck].gaps_owed
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tock", payload=0) == {"delivered": 5}  # (the route is made)
+
+    class Looked(dict):  # type: ignore[type-arg]
+        """The core's connections, noting each one looked up."""
+
+        looked: list[int] = []
+
+        def __getitem__(self, key: int) -> Any:
+            self.looked.append(key)
+            return super().__getitem__(key)
+
+    c.core.connections = Looked(c.core.connections)
+    for i in range(1, 4):
+        assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tock", payload=i) == {"delivered": 5}
+    subscribers = {stuck, *others}
+    assert not subscribers & set(Looked.looked)  # no receiver took a step of its own
+    assert c.ok(emitter, "emit", source="org.example.Ticker", member="Tick", payload=3) == {"delivered": 0}
+    assert subscribers & set(Looked.looked) == {stuck}  # the stuck one's own emit: it alone
+    for conn in others:
+        assert [(e["event"], e["payload"]) for e in c.events(conn)] == [("event", i) for i in range(4)]
+    assert c.events(stuck) == [] and sum(s.missed for s in c.core.connections[stuck].subscriptions.values()) == 4
+
+
 async def test_a_slow_subscriber_misses_events_with_a_gap_and_slows_nobody(tmp_path: Path) -> None:
     """Over real sockets: an emitter floods 24 KiB events; a subscriber that does not read
     is never cut and learns how many it missed; one that reads gets every event, in order."""

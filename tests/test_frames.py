@@ -19,6 +19,7 @@ from bus.wire.frames import (
     FrameDecoder,
     FrameKind,
     check_cbor,
+    decode_control_body,
     encode_control,
     encode_data,
     encode_frame,
@@ -854,3 +855,244 @@ def test_a_whole_data_frame_over_the_limit_in_one_read_is_refused(views: bool, v
         dec.next_frame()
     with pytest.raises(LocalProtocolError):
         dec.next_frame()
+
+
+def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool]) -> tuple[list[Any], str | None]:
+    """Frames cut as a bus connection's reader cuts a burst: after each frame, the run of
+    control messages take_control_messages gives (as ControlFrames on channel 0), then
+    next_frame; ``pattern`` says, per step, whether to ask for a run first."""
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
+    out: list[Any] = []
+    step = 0
+    try:
+        for piece in pieces:
+            dec.receive_data(piece)
+            while True:
+                ask = pattern[step % len(pattern)] if pattern else True
+                step += 1
+                if ask:
+                    out.extend(ControlFrame(0, message) for message in dec.take_control_messages())
+                frame = dec.next_frame()
+                if frame is None:
+                    break
+                out.append(frame)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+def _frames_one_by_one(pieces: list[bytes], trusted: bool) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
+    out: list[Any] = []
+    try:
+        for piece in pieces:
+            dec.receive_data(piece)
+            out.extend(dec)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    batch=st.lists(frames | st.builds(ControlFrame, st.just(0), messages), max_size=8),
+    cuts=st.lists(st.integers(1, 600), max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+    bad_bodies=st.lists(st.tuples(st.integers(0, 7), st.sampled_from(
+        [b"\xa1\x61k\xc1\x01", b"\xa1\x61k\x18\x01", b"\x80", b"\xa1\x61k", b"\xff", b"\xa1\x61k\x9f\x01\xff", b"\xa2\x61k\x01\x61k\x02"]
+    )), max_size=2),
+    trusted=st.booleans(),
+    pattern=st.lists(st.booleans(), max_size=4),
+)
+def test_taking_runs_of_control_messages_decides_as_next_frame(
+    batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], bad_bodies: list[tuple[int, bytes]],
+    trusted: bool, pattern: list[bool],
+) -> None:
+    """take_control_messages gives the same frames in the same order, and the same error
+    after the same frames, as next_frame alone, trusted or not, whatever the reads: runs of
+    control frames on channel 0, broken by other channels, DATA frames, frames straddling
+    reads, damaged headers, bodies outside the profile or not CBOR at all, frames over the
+    limits."""
+    encoded = [encode_frame(f) for f in batch]
+    for where, body in bad_bodies:
+        if encoded:
+            encoded[where % len(encoded)] = HEADER.pack(1, 0, 0, len(body)) + body
+    wire = bytearray(b"".join(encoded))
+    for where, value in damage:
+        if wire:
+            wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    # (compared as text: damage can make a float NaN, which is not equal to itself)
+    assert repr(_frames_taking_runs(pieces, trusted, pattern)) == repr(_frames_one_by_one(pieces, trusted))
+
+
+def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
+    good = encode_control(0, {"event": "event", "n": 1})
+    bad = HEADER.pack(1, 0, 0, 5) + b"\xa1\x61k\xc1\x01"  # a tag: outside the profile
+    dec = FrameDecoder()
+    dec.receive_data(good + good + bad + good)
+    assert dec.take_control_messages() == [{"event": "event", "n": 1}] * 2
+    assert dec.take_control_messages() == []
+    with pytest.raises(FrameError, match="tags"):
+        dec.next_frame()
+    with pytest.raises(LocalProtocolError):
+        dec.next_frame()
+    assert dec.take_control_messages() == []  # (a failed decoder cuts nothing more)
+
+
+def test_a_run_leaves_data_frames_and_other_channels_to_next_frame() -> None:
+    dec = FrameDecoder(trusted=True)
+    dec.receive_data(encode_control(0, {"a": 1}) + encode_control(5, {"b": 2}) + encode_control(0, {"c": 3}) + encode_data(0, b"x"))
+    assert dec.take_control_messages() == [{"a": 1}]
+    assert dec.next_frame() == ControlFrame(5, {"b": 2})
+    assert dec.take_control_messages() == [{"c": 3}]
+    assert dec.take_control_messages() == []
+    assert dec.next_frame() == DataFrame(0, b"x")
+    assert dec.buffered == 0 and dec.next_frame() is None
+
+
+# -- the quick profile check (no second encoding) against check_cbor, on hostile bodies ------
+
+
+def _head(major: int, arg: int, wide: int) -> bytes:
+    """A head for ``arg``: shortest, or ``wide`` steps wider than it need be (non-canonical)."""
+    widths = [0, 1, 2, 4, 8]
+    shortest = 0 if arg < 24 else 1 if arg < 0x100 else 2 if arg < 0x10000 else 3 if arg < 0x100000000 else 4
+    width = widths[min(4, shortest + wide)]
+    if width == 0:
+        return bytes([major << 5 | arg])
+    return bytes([major << 5 | (24 + [1, 2, 4, 8].index(width))]) + arg.to_bytes(width, "big")
+
+
+def _hostile(value: Any, data: list[int], depth: int = 0) -> bytes:
+    """``value`` written mostly as cbor2 would, but each head may be drawn the long way, a
+    container or string indefinite, a map given a duplicate key, a value wrapped in a tag
+    cbor2 decodes to a plain value (bignum, self-describe, shareable) or replaced by a float
+    of another width: ``data`` says which, one number per choice, taken from its end.  (A
+    float only the long way shows a float struct cannot pack at a narrower width.)"""
+    odd = data.pop() if data else 0  # mostly 0: canonical
+    wide = 1 if odd == 1 else 0
+    if odd == 2 and depth < 3:
+        tag = [55799, 28, 24, 2][(data.pop() if data else 0) % 4]
+        if type(value) is int and value >= 0:  # (a bignum: as long as the head, or shorter, for some)
+            raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+            return _head(6, 2, 0) + _head(2, len(raw), 0) + raw
+        return _head(6, tag, 0) + _hostile(value, data, depth + 1)
+    if type(value) is bool:
+        return b"\xf5" if value else b"\xf4"
+    if value is None:
+        return b"\xf6"
+    if type(value) is int:
+        return _head(0, value, wide) if value >= 0 else _head(1, -1 - value, wide)
+    if type(value) is float:
+        width = "efd"[(data.pop() if data else 0) % 3]
+        if odd == 3:
+            try:
+                return {"e": b"\xf9", "f": b"\xfa", "d": b"\xfb"}[width] + struct.pack(">" + width, value)
+            except OverflowError:
+                pass
+        return b"\xfb" + struct.pack(">d", value)
+    if type(value) in (str, bytes):
+        raw = value.encode() if type(value) is str else value
+        major = 3 if type(value) is str else 2
+        if odd == 4:
+            return bytes([major << 5 | 31]) + _head(major, len(raw), 0) + raw + b"\xff"
+        return _head(major, len(raw), wide) + raw
+    if type(value) is list:
+        items = b"".join(_hostile(item, data, depth + 1) for item in value)
+        if odd == 4:
+            return b"\x9f" + items + b"\xff"
+        return _head(4, len(value), wide) + items
+    assert type(value) is dict
+    entries = [_hostile(k, data, depth + 1) + _hostile(v, data, depth + 1) for k, v in value.items()]
+    if odd == 5 and entries:
+        entries.append(entries[0])  # a duplicate key (cbor2 keeps the last value)
+    if odd == 6 and len(entries) >= 2:
+        # The second entry's value a shared reference to the first's (tags 28 and 29): fewer
+        # bytes than writing it again, when it is long enough.
+        (k1, v1), (k2, _) = list(value.items())[:2]
+        entries[0] = _hostile(k1, data, depth + 1) + b"\xd8\x1c" + _hostile(v1, data, depth + 1)
+        entries[1] = _hostile(k2, data, depth + 1) + b"\xd8\x1d\x00"
+    if odd == 4:
+        return b"\xbf" + b"".join(entries) + b"\xff"
+    return _head(5, len(entries), wide) + b"".join(entries)
+
+
+def _verdict_of(fn: Any, body: bytes) -> Any:
+    try:
+        return ("ok", repr(fn(body)))
+    except FrameError:
+        return ("refused",)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    value=st.dictionaries(st.text(max_size=8) | st.integers(-70000, 70000), values | st.integers(0x10000, 0xFFFFFF), max_size=6),
+    data=st.lists(st.sampled_from([0, 0, 0, 0, 1, 2, 3, 4, 5, 6]), max_size=60),
+    items=st.sampled_from([None, 2, 5, 12, 4096]),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+)
+def test_the_check_without_a_second_encoding_refuses_exactly_what_check_cbor_refuses(
+    value: dict[Any, Any], data: list[int], items: int | None, flips: list[tuple[int, int]]
+) -> None:
+    """decode_control_body, whose first way measures the decoded value instead of encoding it
+    again, takes exactly the bodies check_cbor takes (and gives cbor2's reading of them),
+    over bodies written canonically and hostile ones: heads the long way, indefinite lengths,
+    duplicate keys, tags cbor2 reads as plain values (bignums, self-describe, shared values
+    and references to them), floats of every width, item budgets, damaged bytes."""
+    body = bytearray(_hostile(value, list(data)))
+    for where, byte in flips:
+        body[where % len(body)] = byte
+    body = bytes(body)
+
+    def reference(raw: bytes) -> Any:
+        check_cbor(raw, items)
+        try:
+            return cbor2.loads(raw)
+        except Exception as exc:  # (in the profile's shape, but not CBOR cbor2 reads: bad UTF-8)
+            raise FrameError(str(exc)) from exc
+
+    assert _verdict_of(lambda raw: decode_control_body(raw, items), body) == _verdict_of(reference, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Equal in length to the canonical form of what cbor2 reads, yet outside the profile.
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("d81c1a000f4240") + b"\x61b" + bytes.fromhex("d81d00"),  # shared int
+        bytes.fromhex("a1") + b"\x61a" + bytes.fromhex("c243010000"),  # bignum 65536 (5 bytes, as its canonical head)
+        bytes.fromhex("d90100a2") + b"\x61a\x63xyz\x61b" + bytes.fromhex("d81900"),  # stringref namespace
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("1801") + b"\x61b" + bytes.fromhex("f93c00"),  # long int + half float
+        bytes.fromhex("a2") + b"\x61a\x01\x61a\x02",  # duplicate key
+        bytes.fromhex("bf") + b"\x61a\x01" + bytes.fromhex("ff"),  # indefinite map
+        bytes.fromhex("a1") + b"\x41a\x01",  # a bytes key
+    ],
+)
+def test_bodies_the_measure_alone_would_take_are_refused(body: bytes) -> None:
+    try:
+        check_cbor(body)
+    except FrameError:
+        pass
+    else:  # pragma: no cover - each case is outside the profile
+        raise AssertionError("check_cbor took it")
+    with pytest.raises(FrameError):
+        decode_control_body(body)
+
+
+def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain, float-free emit is taken by its measure: cbor2 never encodes it again."""
+    body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": b"x" * 64, "quiet": True, "source": "org.bench.Emitter"})
+    import bus.wire.frames as frames_module
+
+    def no_dumps(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(frames_module.cbor2, "dumps", no_dumps)
+    assert decode_control_body(body) == cbor2.loads(body)

@@ -480,8 +480,8 @@ class BrokerCore:
         #: so the io layer can answer for every receiver in one call.  Without one, each is
         #: asked of ``room_for_event``.
         self.short_of_room: Callable[[list[int], str, int], Collection[int]] = self._short_of_room
-        #: Connections with ``gaps_owed`` (while none does, an emit that every receiver has
-        #: room for takes its route as it is).
+        #: Connections with ``gaps_owed`` (an emit none of whose receivers is here, and each
+        #: of which has room, takes its route as it is).
         self._owing_gaps: set[int] = set()
         self._see_memo: dict[tuple[str, str, str], bool] = {}
         # Who gets an event, by (source, member): each subscribing connection whose
@@ -1291,25 +1291,31 @@ class BrokerCore:
         # Who has no room for it (in its queue, or in payer's share of it), asked once for all.
         short = self.short_of_room(conns, payer, needed) if conns else ()
         receivers: list[int]
-        if not short and not self._owing_gaps:
+        owing = self._owing_gaps
+        # Which receivers are owed a gap: asked only of this route (a C loop over it), so a
+        # stuck subscriber elsewhere on the bus costs this emit nothing.
+        owed = owing.intersection(conns) if owing and conns else ()
+        if not short and not owed:
             receivers = conns.copy()  # (the common case: each receiver gets it, nobody is owed a gap)
         else:
-            receivers = []
-            short = set(short)
-            for sub_conn_id, matching in zip(route.conns, route.matching):
-                if destination is not None and sub_conn_id != dest_id:
-                    continue
-                subscriber = self.connections[sub_conn_id]
-                if sub_conn_id in short:
-                    for sub in matching:
+            # Only the receivers short of room or owed a gap take Python steps of their own;
+            # the others are kept as the route lists them (in order).
+            if short:
+                short = set(short)
+                receivers = [conn_id for conn_id in conns if conn_id not in short]
+                route_conns = route.conns
+                for sub_conn_id in short:
+                    for sub in route.matching[route_conns.index(sub_conn_id)]:
                         sub.missed += 1
-                    subscriber.gaps_owed = True
-                    self._owing_gaps.add(sub_conn_id)
+                    self.connections[sub_conn_id].gaps_owed = True
+                    owing.add(sub_conn_id)
                     self.pumping.add(sub_conn_id)
-                    continue
-                if subscriber.gaps_owed:
-                    out.extend(self._gaps(subscriber))
-                receivers.append(sub_conn_id)
+            else:
+                receivers = conns.copy()
+            for sub_conn_id in owed:
+                if sub_conn_id not in short:
+                    # (before this event, in ``out``: its gap reaches it first)
+                    out.extend(self._gaps(self.connections[sub_conn_id]))
         if receivers:
             message = {"source": source, "member": member, "payload": payload, "sender": unique_id, "identity": payer, "event": "event"}
             out.append(_new_tuple(FanOut, (receivers, message, payer)))  # (FanOut(...), without its Python-level __new__)

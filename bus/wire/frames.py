@@ -286,6 +286,103 @@ def _items_within(value: Any, depth: int, budget: int) -> int:
     return -1
 
 
+def _head_size(arg: int) -> int:
+    """Bytes of a CBOR head carrying ``arg`` in its shortest form."""
+    return 1 if arg < 24 else 2 if arg < 0x100 else 3 if arg < 0x10000 else 5 if arg < 0x100000000 else 9
+
+
+def _scalar_size(value: Any) -> int:
+    """:func:`_canonical_size`'s bytes for a scalar; -1 for anything else (a container, a
+    float, a value that is not plain)."""
+    kind = type(value)
+    if kind is str:
+        n = len(value) if value.isascii() else len(value.encode())
+    elif kind is bytes:
+        n = len(value)
+    elif kind is int:
+        if 0 <= value <= _INT_MAX:
+            return _head_size(value)
+        if _INT_MIN <= value < 0:
+            return _head_size(-1 - value)
+        return -1
+    elif kind is bool or value is None:
+        return 1
+    else:
+        return -1
+    return n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
+
+
+def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
+    """``(bytes, items)`` of ``value``'s encoding in the profile's canonical form (every head
+    in its shortest form, definite lengths): what a body holding exactly ``value``, and
+    nothing written the long way, measures.  Items count as in :func:`check_cbor`.
+    ``(-1, 0)`` when that cannot tell: a value that is not plain (:func:`_plain`), a float
+    (its width in the body is free), a container at MAX_CBOR_DEPTH or deeper.  (Scalars
+    inside a container are measured in its loop, the common ones without a call.)"""
+    kind = type(value)
+    if (kind is not dict and kind is not list) or depth >= MAX_CBOR_DEPTH:
+        size = _scalar_size(value)
+        return (size, 1) if size >= 0 else (-1, 0)
+    n = len(value)
+    size = 1 if n < 24 else _head_size(n)
+    items = 1
+    if kind is dict:
+        known = _KEY_SIZES
+        for key, item in value.items():
+            part = known.get(key) if type(key) is str else None
+            if part is None:
+                part = _scalar_size(key) if type(key) is int or type(key) is str else -1
+                if part < 0:
+                    return -1, 0
+            size += part
+            item_kind = type(item)
+            if item_kind is str and item.isascii() or item_kind is bytes:
+                n = len(item)
+                size += n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
+            elif item_kind is bool or item is None or (item_kind is int and 0 <= item < 24):
+                size += 1
+            elif item_kind is dict or item_kind is list:
+                part, count = _canonical_size(item, depth + 1)
+                if part < 0:
+                    return -1, 0
+                size += part
+                items += count - 1
+            else:
+                part = _scalar_size(item)
+                if part < 0:
+                    return -1, 0
+                size += part
+            items += 2
+        return size, items
+    for item in value:
+        item_kind = type(item)
+        if item_kind is dict or item_kind is list:
+            part, count = _canonical_size(item, depth + 1)
+            items += count
+        else:
+            part = _scalar_size(item)
+            items += 1
+        if part < 0:
+            return -1, 0
+        size += part
+    return size, items
+
+
+#: What the keys of the protocol's own messages measure (looked up, not worked out, per key;
+#: others are measured as they come).
+_KEY_SIZES = {
+    key: 1 + len(key)
+    for key in (
+        "op", "id", "re", "result", "error", "code", "message", "event", "source", "member", "payload",
+        "quiet", "destination", "sender", "identity", "subscription", "name", "channel", "args", "method",
+        "credit", "data", "flags", "info", "pattern", "patterns", "watch", "reason", "missed",
+    )
+}
+
+#: The initial bytes of every CBOR tag (major type 6; info 28-31 is refused by the decoder).
+_TAG_HEADS = bytes(range(0xC0, 0xDC))
+
+
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
 #: (about 1 us an item) costs less than encoding it again and comparing (about 0.5 ns a byte).
 _BYTES_PER_CHECKED_ITEM = 2048
@@ -294,9 +391,12 @@ _BYTES_PER_CHECKED_ITEM = 2048
 def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict.
 
-    The quick way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of the
-    bytes it has, and refuses nesting past 400), then one walk over what it built (plain
-    types, depth, the item budget) and cbor2's own encoding of it compared with the body:
+    The quickest way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of
+    the bytes it has, and refuses nesting past 400), then one walk over what it built that
+    measures its canonical encoding (:func:`_canonical_size`); a body of that length with no
+    tag's initial byte in it is in the profile (see the comment in the code).  Else the quick
+    way: the walk over what cbor2 built (plain types, depth, the item budget) and cbor2's own
+    encoding of it compared with the body:
     equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
     tags).  Anything else -- including bodies in the profile that cbor2 writes differently,
     such as a float in half precision -- goes through :func:`check_cbor`, which decides, and
@@ -321,6 +421,18 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         check_cbor(body, max_items)  # the profile's own reason, when it has one
         raise FrameError(f"control body does not decode: {exc}") from exc
     budget = max_items if max_items is not None else len(body) + 1
+    if type(message) is dict and type(body) is bytes:
+        # Without a second encoding: every way of writing a plain value other than the
+        # canonical one (a head longer than it need be, an indefinite length, a duplicate key
+        # whose value was dropped) takes more bytes than the canonical form of what was
+        # decoded, and only tags can take fewer (a bignum, a string or shared reference) --
+        # so a body with no tag's initial byte anywhere, whose decoded value is plain and
+        # float-free and measures exactly the body's length, is in the profile.  Anything
+        # else takes the ways below, which decide.
+        size, items = _canonical_size(message, 1)
+        if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
+            if len(body.translate(None, _TAG_HEADS)) == size:
+                return message
     if type(message) is dict:
         left = _items_within(message, 1, budget)
         if left >= 0:
@@ -653,6 +765,53 @@ class FrameDecoder:
             elif pos == len(chunk):
                 return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
+
+    def take_control_messages(self) -> list[dict[Any, Any]]:
+        """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
+        at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
+        decoded when :attr:`trusted`); an empty list if the next frame is not one.
+
+        For a reader taking a burst (a subscriber's events): one call and one loop for the
+        run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
+        stops before the first frame that is anything else -- another channel or kind, bad
+        flags, a body over the limit, not wholly here, or a body that does not decode or
+        check -- and leaves it, and everything after it, to :meth:`next_frame`, which returns
+        it or refuses it exactly as it would have.  Only CONTROL frames are taken, so a
+        handler of one may still change how the DATA frames after it are taken
+        (:meth:`fill_data_into`) before they are cut."""
+        if self._header is not None or self._parts or self._error is not None:
+            return []
+        chunk, pos = self._chunk, self._pos
+        size = len(chunk)
+        messages: list[dict[Any, Any]] = []
+        limit = self.max_control
+        trusted = self.trusted
+        loads = cbor2.loads
+        while pos + HEADER_SIZE <= size:
+            kind, flags, channel, length = _unpack_header(chunk, pos)
+            end = pos + HEADER_SIZE + length
+            if kind != _CONTROL or flags or channel or length > limit or end > size:
+                break
+            body = chunk[pos + HEADER_SIZE : end]
+            if trusted:
+                try:
+                    message = loads(body)
+                except Exception:  # (left for next_frame, which says why)
+                    break
+                if type(message) is not dict:
+                    break
+            else:
+                try:
+                    message = decode_control_body(body, self.max_items)
+                except FrameError:
+                    break
+            messages.append(message)
+            pos = end
+        if pos == size:
+            self._chunk, self._pos = b"", 0
+        else:
+            self._pos = pos
+        return messages
 
     def _next_frame(self) -> Frame | None:
         """:meth:`next_frame`, any case."""
