@@ -1073,6 +1073,13 @@ def test_the_check_without_a_second_encoding_refuses_exactly_what_check_cbor_ref
         bytes.fromhex("a2") + b"\x61a\x01\x61a\x02",  # duplicate key
         bytes.fromhex("bf") + b"\x61a\x01" + bytes.fromhex("ff"),  # indefinite map
         bytes.fromhex("a1") + b"\x41a\x01",  # a bytes key
+        # An indefinite array of 24 items takes the two bytes its canonical head takes.
+        bytes.fromhex("a1") + b"\x61a" + bytes.fromhex("9f") + bytes(24) + bytes.fromhex("ff"),
+        # ... and of 256 or more, a byte less: room for a head written the long way.
+        bytes.fromhex("a1") + bytes.fromhex("7801") + b"a" + bytes.fromhex("9f") + bytes(300) + bytes.fromhex("ff"),
+        # ... or, three of them, for a duplicate key whose value cbor2 drops.
+        bytes.fromhex("a5") + b"\x61a\x00\x61a\x00"
+        + b"".join(key + bytes.fromhex("9f") + bytes(256) + bytes.fromhex("ff") for key in (b"\x61b", b"\x61c", b"\x61d")),
     ],
 )
 def test_bodies_the_measure_alone_would_take_are_refused(body: bytes) -> None:

@@ -379,8 +379,11 @@ _KEY_SIZES = {
     )
 }
 
-#: The initial bytes of every CBOR tag (major type 6; info 28-31 is refused by the decoder).
-_TAG_HEADS = bytes(range(0xC0, 0xDC))
+#: The bytes that may begin an item written shorter than its canonical form: every tag (major
+#: type 6; info 28-31 is refused by the decoder), and an indefinite-length string, array or
+#: map (0x5F, 0x7F, 0x9F, 0xBF: its start and break take two bytes, as a canonical head of 24
+#: to 255 items does, and fewer than a head of 256 or more).
+_SHORT_WAYS = bytes(range(0xC0, 0xDC)) + bytes((0x5F, 0x7F, 0x9F, 0xBF))
 
 
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
@@ -394,7 +397,8 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
     The quickest way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of
     the bytes it has, and refuses nesting past 400), then one walk over what it built that
     measures its canonical encoding (:func:`_canonical_size`); a body of that length with no
-    tag's initial byte in it is in the profile (see the comment in the code).  Else the quick
+    byte in it that could begin a tag or an indefinite length is in the profile (see the
+    comment in the code).  Else the quick
     way: the walk over what cbor2 built (plain types, depth, the item budget) and cbor2's own
     encoding of it compared with the body:
     equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
@@ -422,16 +426,18 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         raise FrameError(f"control body does not decode: {exc}") from exc
     budget = max_items if max_items is not None else len(body) + 1
     if type(message) is dict and type(body) is bytes:
-        # Without a second encoding: every way of writing a plain value other than the
-        # canonical one (a head longer than it need be, an indefinite length, a duplicate key
-        # whose value was dropped) takes more bytes than the canonical form of what was
-        # decoded, and only tags can take fewer (a bignum, a string or shared reference) --
-        # so a body with no tag's initial byte anywhere, whose decoded value is plain and
-        # float-free and measures exactly the body's length, is in the profile.  Anything
+        # Without a second encoding: with no tag and no indefinite length, every way of
+        # writing a plain value other than the canonical one (a head longer than it need be,
+        # a duplicate key whose value was dropped) takes more bytes than the canonical form
+        # of what was decoded.  Tags (a bignum, a string or shared reference) and indefinite
+        # lengths (the start and the break of 256 items or more take fewer bytes than their
+        # canonical head) can take fewer, and make up for the others' extra bytes -- so a
+        # body in which no byte could begin one (_SHORT_WAYS), whose decoded value is plain
+        # and float-free and measures exactly the body's length, is in the profile.  Anything
         # else takes the ways below, which decide.
         size, items = _canonical_size(message, 1)
         if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
-            if len(body.translate(None, _TAG_HEADS)) == size:
+            if len(body.translate(None, _SHORT_WAYS)) == size:
                 return message
     if type(message) is dict:
         left = _items_within(message, 1, budget)
