@@ -645,17 +645,22 @@ class Broker:
         return self._room_for(conn_id) > 0
 
     def _pump_watches(self) -> None:
-        """Send the snapshot pages and resyncs watches owe, while their connections have room."""
+        """Send the snapshot pages, resyncs and gaps owed to the connections that came to owe
+        them since the last look (the core's ``pumping_fresh``), while they have room.  One
+        without room now is looked at again when its queue drains (``unblock``), not after
+        every message busd handles: a crowd of stuck connections costs others nothing."""
         if self._pumping_now:
-            return
+            return  # (the loop below takes what is added meanwhile)
         self._pumping_now = True
         try:
             core = self.core
-            for conn_id in list(core.pumping):
-                while conn_id in core.pumping and self._has_room(conn_id):
-                    self.dispatch(core.pump_watches(conn_id))
-                if conn_id not in self.sessions:
-                    core.pumping.discard(conn_id)
+            while core.pumping_fresh:
+                fresh, core.pumping_fresh = core.pumping_fresh, set()
+                for conn_id in fresh:
+                    while conn_id in core.pumping and self._has_room(conn_id):
+                        self.dispatch(core.pump_watches(conn_id))
+                    if conn_id not in self.sessions:
+                        core.pumping.discard(conn_id)
         finally:
             self._pumping_now = False
 
@@ -692,7 +697,7 @@ class Broker:
                     session.end(f"internal error: a message for this connection could not be sent ({exc})")
                     continue
             session.enqueue_encoded(data)
-        if self.core.pumping and not self._pumping_now:
+        if self.core.pumping_fresh and not self._pumping_now:
             self._pump_watches()
 
     def _fan_out(self, item: FanOut) -> None:
@@ -1222,6 +1227,7 @@ class Broker:
                     direction = relay.incoming(relay.a if relay.a[0] == session.conn_id else relay.b)
                     self.pump(relay, direction)
         if session.conn_id in self.core.pumping:
+            self.core.pumping_fresh.add(session.conn_id)  # (its queue drained: look again)
             self._pump_watches()
 
     def reset(self, relay: RelayChannel, reason: str, skip: tuple[int, int] | None = None) -> None:

@@ -222,11 +222,22 @@ async def test_a_stuck_subscriber_changes_nothing_for_an_unrelated_emit(tmp_path
             assert stuck_id in core._owing_gaps
 
             # B's events, while the stuck subscriber owes its gap: each goes to B's one
-            # subscriber, every one of them, in order.
+            # subscriber, every one of them, in order; and busd does not look at the stuck
+            # one's room for them (it looks again when that queue drains, not per message).
+            looked_at: list[int] = []
+            has_room = rb.broker._has_room
+
+            def counting_has_room(conn_id: int) -> bool:
+                looked_at.append(conn_id)
+                return has_room(conn_id)
+
+            rb.broker._has_room = counting_has_room  # type: ignore[method-assign]
             for i in range(200):
                 await emitter_b.send_message({"op": "emit", "id": 1000 + i, "source": "org.example.B", "member": "Tock", "payload": {"n": i}})
                 assert (await reply_to(emitter_b, 1000 + i))["result"] == {"delivered": 1}
-            assert stuck_id in core._owing_gaps
+            del rb.broker._has_room
+            assert stuck_id in core._owing_gaps and stuck_id in core.pumping
+            assert stuck_id not in looked_at
             with trio.fail_after(10):
                 while len(got_by_other) < 200:
                     await trio.sleep(0.01)

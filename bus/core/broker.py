@@ -466,6 +466,10 @@ class BrokerCore:
         #: Connections whose watches have snapshot pages or a resync to send: the io layer
         #: calls :meth:`pump_watches` for them while they have room.
         self.pumping: set[int] = set()
+        #: Those that joined :attr:`pumping` since the io layer last took this set: it looks
+        #: at these after handling a message, and at the others only when their queue drains
+        #: (so connections stuck with nothing taken cost no one else's messages anything).
+        self.pumping_fresh: set[int] = set()
         #: How many bytes a connection's outbound queue may still take of traffic it did not
         #: ask for (watch changes, channel requests): 0 or less is none.  The io layer sets
         #: this; without one, always plenty.
@@ -555,6 +559,7 @@ class BrokerCore:
             self._subscribers.discard(conn_id)
             self._routes.clear()
         self.pumping.discard(conn_id)
+        self.pumping_fresh.discard(conn_id)
         self._owing_gaps.discard(conn_id)
         self.services.drop_connection(conn_id)
         out = self._notify(self.names.remove_connection(conn_id))
@@ -1018,6 +1023,7 @@ class BrokerCore:
         entries, more = self._snapshot_page(conn, watch)
         if more:
             self.pumping.add(conn.id)
+            self.pumping_fresh.add(conn.id)
         return {"watch": watch_id, "snapshot": entries, "more": more}
 
     def _snapshot_page(self, conn: Connection, watch: Watch) -> tuple[list[dict[str, Any]], bool]:
@@ -1303,13 +1309,17 @@ class BrokerCore:
             if short:
                 short = set(short)
                 receivers = [conn_id for conn_id in conns if conn_id not in short]
-                route_conns = route.conns
-                for sub_conn_id in short:
-                    for sub in route.matching[route_conns.index(sub_conn_id)]:
-                        sub.missed += 1
-                    self.connections[sub_conn_id].gaps_owed = True
-                    owing.add(sub_conn_id)
-                    self.pumping.add(sub_conn_id)
+                # (One pass over the route, whatever the number short: looking each up in
+                # it would cost a pass each, quadratic when many subscribers are stuck.)
+                connections = self.connections
+                for sub_conn_id, matching in zip(route.conns, route.matching):
+                    if sub_conn_id in short:
+                        for sub in matching:
+                            sub.missed += 1
+                        connections[sub_conn_id].gaps_owed = True
+                        owing.add(sub_conn_id)
+                        self.pumping.add(sub_conn_id)
+                        self.pumping_fresh.add(sub_conn_id)
             else:
                 receivers = conns.copy()
             for sub_conn_id in owed:
@@ -1709,6 +1719,7 @@ class BrokerCore:
                     if left < size:
                         watch.resync = True
                         self.pumping.add(watcher_id)
+                        self.pumping_fresh.add(watcher_id)
                         room[watcher_id] = left
                         continue
                     room[watcher_id] = left - size
