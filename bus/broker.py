@@ -423,7 +423,7 @@ class _Session:
                     self.reason = f"transport broken: {exc}"
                 # Connections that end on their own take turns to be torn down, so a crowd
                 # closing at once is spread over many scheduler passes and everyone else is
-                # served in between (the turn is given back once the socket is closed).  While
+                # served in between (the turn is given back once the socket is closed: Broker._handle).  While
                 # nobody holds a turn, one that ends is torn down at once, without a turn or a
                 # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
                 # none while a crowd takes turns (see Broker.quick_teardowns).
@@ -953,6 +953,7 @@ class Broker:
         session, its release; the socket is closed however it ends.  (One coroutine for all
         of it: each of a connection's waits resumes one frame less.)"""
         cfg = self.config
+        holds_turn: _Session | None = None  # a session holding a teardown turn (see _Session.run)
         stream = SecureStream.server(
             transport,
             cfg.identity,
@@ -1030,7 +1031,7 @@ class Broker:
                     log.exception("cleanup of connection :%d failed", conn.id)
                 log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
                 if session.holds_teardown:
-                    self.teardown.release_on_behalf_of(session)
+                    holds_turn = session  # (given back once the socket is closed, below)
                 # The writer calls back into the session: break that cycle, so the session's
                 # objects are freed as soon as this task ends (by reference counting, not by a
                 # full garbage collection, whose pause grows with every live connection).
@@ -1039,14 +1040,23 @@ class Broker:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
             # A plain stream has no goodbye to send: closed at once, without a checkpoint.
-            if stream.encrypted or not stream.close_nowait():
-                with trio.CancelScope(shield=True) as closing:
-                    if stream.encrypted:
-                        closing.deadline = trio.current_time() + cfg.close_timeout
-                    await stream.aclose()
-                if closing.cancelled_caught:
-                    await trio.aclose_forcefully(stream)
-            stream.forget_failure_frames()  # however the connection ended (see there)
+            # A teardown turn is given back once the socket is closed, or before a graceful
+            # close that may wait for the peer (the close_timeout of a box-stream's goodbye).
+            try:
+                if stream.encrypted or not stream.close_nowait():
+                    if holds_turn is not None:
+                        self.teardown.release_on_behalf_of(holds_turn)
+                        holds_turn = None
+                    with trio.CancelScope(shield=True) as closing:
+                        if stream.encrypted:
+                            closing.deadline = trio.current_time() + cfg.close_timeout
+                        await stream.aclose()
+                    if closing.cancelled_caught:
+                        await trio.aclose_forcefully(stream)
+                stream.forget_failure_frames()  # however the connection ended (see there)
+            finally:
+                if holds_turn is not None:
+                    self.teardown.release_on_behalf_of(holds_turn)
 
     # -- relayed channels ----------------------------------------------------------------------
 

@@ -396,6 +396,12 @@ class BusConnection:
             await stream.do_handshake()
         except HandshakeError as exc:
             errors.append(f"{ep.transport}: handshake failed: {exc}")
+            # Closed here (its transport already is), and its error's tracebacks dropped: the
+            # error holds the stream's frames, so the stream would wait for the cyclic garbage
+            # collector otherwise.
+            if not stream.close_nowait():
+                await trio.aclose_forcefully(stream)
+            stream.forget_failure_frames()
             return None
         except BaseException:
             await trio.aclose_forcefully(stream)

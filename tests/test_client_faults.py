@@ -190,3 +190,61 @@ async def test_connecting_needs_a_finite_deadline(timeout: float) -> None:
         address = format_address([Endpoint("unix", BROKER.public_key, path="/nonexistent")])
         async with open_bus(address, identity=CLIENT, connect_timeout=timeout):
             pass
+
+
+async def test_a_failed_handshake_closes_its_stream_and_frees_it_without_a_garbage_collection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that answers msg1 with garbage: the connect fails with the handshake's reason,
+    the client's end is closed (the broker reads its end of stream), and the client's
+    SecureStream is closed and freed by reference counting alone (its error's tracebacks, which
+    hold the stream's frames, are dropped)."""
+    import gc
+    import weakref
+
+    ends: list[bytes] = []
+    made: list[weakref.ref[SecureStream]] = []
+    closed: list[bool] = []
+    real_client = SecureStream.client
+
+    def client(*args: object, **kwargs: object) -> SecureStream:
+        stream = real_client(*args, **kwargs)  # type: ignore[arg-type]
+        ref = weakref.ref(stream)
+        made.append(ref)
+
+        def close_nowait() -> bool:  # (holds the stream weakly: no cycle of the test's own)
+            closed.append(True)
+            stream = ref()
+            assert stream is not None
+            return SecureStream.close_nowait(stream)
+
+        stream.close_nowait = close_nowait  # type: ignore[method-assign]
+        return stream
+
+    monkeypatch.setattr(link.SecureStream, "client", client)
+
+    async def garbage(transport: trio.SocketStream) -> None:
+        async with transport:
+            await transport.receive_some()  # msg1
+            await transport.send_all(bytes(64))  # not a msg2
+            ends.append(await transport.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "garbage.sock")
+        nursery.start_soon(trio.serve_listeners, garbage, [listener])
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+        gc.collect()
+        gc.disable()
+        try:
+            with trio.fail_after(10):
+                with pytest.raises(CannotConnect, match="handshake failed"):
+                    async with open_bus(address, identity=CLIENT, reconnect=False):
+                        raise AssertionError("connected")
+            assert len(made) == 1 and closed == [True]
+            assert made[0]() is None  # (freed: no cycle left for the collector)
+        finally:
+            gc.enable()
+        with trio.fail_after(10):
+            while ends != [b""]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
