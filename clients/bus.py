@@ -30,6 +30,7 @@ say): set them there; the copies re-exported here are for reading.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -38,6 +39,7 @@ from typing import Any
 import trio
 
 from bus.errors import BusError, ConnectionLost
+from bus.io.secure import SecureStream
 from bus.wire.address import Endpoint
 from bus.wire.identity import Identity
 
@@ -479,9 +481,31 @@ class OpenBus:
             connect_timeout=connect_timeout,
         )
         connection = bus._connection
-        first = await connection.connect()  # (within connect_timeout: CannotConnect)
         manager = self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await manager.__aenter__()
+        # The connect runs in the bus's nursery, whose scope holds connect_timeout's deadline
+        # until it is done (no scope of its own: one scope fewer per connect).  No task runs
+        # in the nursery yet.
+        scope = nursery.cancel_scope
+        scope.deadline = trio.current_time() + connection.connect_timeout
+        try:
+            first = await connection.connect_in_scope()
+            if scope.cancel_called:  # (the deadline passed as the last step ended)
+                stream = first.framed.stream
+                if not (isinstance(stream, SecureStream) and stream.close_nowait()):
+                    await trio.aclose_forcefully(stream)
+                raise connection.connect_timed_out()
+        except trio.Cancelled as cancelled:
+            # The deadline's (the nursery's scope takes it: CannotConnect says what the connect
+            # waited for), else an outer scope's (it goes on).
+            if await manager.__aexit__(type(cancelled), cancelled, cancelled.__traceback__):
+                raise connection.connect_timed_out() from None
+            raise
+        except BaseException:
+            # (Left as it was entered, with no task: the error comes out as itself.)
+            await manager.__aexit__(None, None, None)
+            raise
+        scope.deadline = math.inf
         try:
             connection.start(nursery, first)
         except BaseException as error:  # (the nursery entered is left, whatever happened)

@@ -144,6 +144,10 @@ class ChannelEnd(Protocol):
     def on_link_lost(self, reason: str) -> None: ...
 
 
+def _cannot_dial(errors: list[str]) -> CannotConnect:
+    return CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+
+
 class _Refused(Exception):
     """The broker's error event in place of the answer to hello: why it will not serve us."""
 
@@ -266,6 +270,7 @@ class BusConnection:
         # The bus was left before its reader task ran, and its link was ended and closed then
         # (see end_unread_now): the task has nothing left to do.
         self._ended_unread = False
+        self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -367,7 +372,7 @@ class BusConnection:
                     continue
             if stream is not None:
                 return stream, ep
-        raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+        raise _cannot_dial(errors)
 
     async def _try_endpoint(self, ep: Endpoint, errors: list[str]) -> SecureStream | None:
         """Connect to ``ep`` and complete the handshake: the stream, or None (why is added to
@@ -413,29 +418,48 @@ class BusConnection:
 
         All of it within :attr:`connect_timeout` (one deadline: :class:`CannotConnect` says
         what it was waiting for when it passed)."""
-        hello_sent = False
-        stream: SecureStream | None = None
         with trio.move_on_after(self.connect_timeout) as scope:
-            stream, endpoint = await self._dial()
-            try:
-                # Hello goes out once the handshake has proven the broker, never before.
-                hello_sent = True
-                framed, reply = await self._hello(stream)
-            except BaseException:
-                if not stream.close_nowait():
-                    await trio.aclose_forcefully(stream)
-                raise
+            link = await self.connect_in_scope()
         if scope.cancelled_caught:
-            if hello_sent:
-                raise CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
-            raise CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
-        assert stream is not None
+            raise self.connect_timed_out()
+        return link
+
+    async def connect_in_scope(self) -> Link:
+        """:meth:`connect`'s steps, under a deadline the caller set (``connect_timeout`` from
+        now) in a cancel scope of its own; if that scope catches the cancellation, raise
+        :meth:`connect_timed_out`.  (open_bus sets it on the bus's nursery: a connect then
+        makes no scope of its own.)"""
+        self._hello_sent = False
+        endpoints = self.endpoints
+        if len(endpoints) == 1:  # (most addresses: no _dial frame to resume at each wait)
+            errors: list[str] = []
+            endpoint = endpoints[0]
+            dialled = await self._try_endpoint(endpoint, errors)
+            if dialled is None:
+                raise _cannot_dial(errors)
+            stream = dialled
+        else:
+            stream, endpoint = await self._dial()
+        try:
+            # Hello goes out once the handshake has proven the broker, never before.
+            self._hello_sent = True
+            framed, reply = await self._hello(stream)
+        except BaseException:
+            if not stream.close_nowait():
+                await trio.aclose_forcefully(stream)
+            raise
         if isinstance(reply, ErrorReply):
             if not stream.close_nowait():
                 await trio.aclose_forcefully(stream)
             raise error_from_wire(reply.code, reply.message)
         self.endpoint = endpoint
         return Link(framed, reply.result["unique_id"])
+
+    def connect_timed_out(self) -> CannotConnect:
+        """The error of a connect whose deadline passed: what it was waiting for."""
+        if self._hello_sent:
+            return CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
+        return CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
 
     async def _hello(self, stream: SecureStream) -> tuple[FramedStream, Reply | ErrorReply]:
         """Say hello on a stream whose handshake is done; the broker's answer.  The caller

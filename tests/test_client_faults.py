@@ -248,3 +248,50 @@ async def test_a_failed_handshake_closes_its_stream_and_frees_it_without_a_garba
             while ends != [b""]:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_connect_deadline_ends_with_the_connect(tmp_path: Path) -> None:
+    """open_bus puts connect_timeout's deadline on the bus's own nursery while it connects:
+    once connected, the block and the bus's tasks run without it (a block longer than the
+    connect timeout is not cut short, and the bus still answers)."""
+
+    async def answer_pings(framed: FramedStream) -> None:
+        while (frame := await framed.receive_frame()) is not None:
+            assert isinstance(frame, ControlFrame)
+            await framed.send_message({"re": frame.message["id"], "result": {}})
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, answer_pings)
+        with trio.fail_after(10):
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=0.3) as bus:
+                await trio.sleep(0.6)
+                await bus.ping()
+                assert trio.current_effective_deadline() > trio.current_time() + 5
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_outer_cancellation_during_the_connect_stays_a_cancellation(tmp_path: Path) -> None:
+    """A scope around open_bus that is cancelled while the broker has not answered hello ends
+    the connect as a cancellation (that scope takes it), not as the connect's timeout."""
+    ends: list[bytes] = []
+
+    async def no_hello_answer(transport: trio.SocketStream) -> None:
+        stream = SecureStream.server(transport, BROKER, encrypted=False)
+        async with stream:
+            await stream.do_handshake()
+            ends.append(await stream.receive_some())  # hello
+            ends.append(await stream.receive_some())  # the client's end
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "outer.sock")
+        nursery.start_soon(trio.serve_listeners, no_hello_answer, [listener])
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+        with trio.move_on_after(0.3) as outer:
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=5):
+                raise AssertionError("connected")
+        assert outer.cancelled_caught
+        with trio.fail_after(10):
+            while len(ends) < 2:
+                await trio.sleep(0.01)
+        assert ends[-1] == b""  # (its socket was closed)
+        nursery.cancel_scope.cancel()
