@@ -16,8 +16,10 @@ only warms up), and each process's CPU per connect is read from ``/proc/PID/task
 (every thread) around its batch.  On a shared machine, wall-clock rates swing from one second to
 the next; CPU per connect measured this way, with both trees interleaved, holds to a few percent.
 
-Printed: the median CPU per connect of each process, and the ratio of the bare connect's CPU
-(client + server) to each tree's (client + busd), the median of the per-round ratios.
+Printed: the median CPU per connect of each process, the median wall time per connect of each
+batch (the connects are one at a time, so this is the serial path of both sides, waits included:
+noisier than CPU on a shared machine), and the ratio of the bare connect's CPU (client + server)
+to each tree's (client + busd), the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,22 +185,25 @@ def run(old: str, new: str, rounds: int, batch: int) -> dict[str, Any]:
         for client, _ in pairs.values():
             assert client.stdout is not None and client.stdout.readline().strip() == "ready"
 
-        cpu: dict[str, dict[str, list[float]]] = {k: {"client": [], "server": []} for k in pairs}
+        cpu: dict[str, dict[str, list[float]]] = {k: {"client": [], "server": [], "wall": []} for k in pairs}
         order = ["old", "new", "bare"]
         for i in range(rounds + 1):
             for label in order if i % 2 == 0 else order[::-1]:
                 client, server = pairs[label]
                 assert client.stdin is not None and client.stdout is not None
                 c0, s0 = cpu_ns(client.pid), cpu_ns(server.pid)
+                w0 = time.perf_counter()
                 client.stdin.write(f"{batch}\n")
                 client.stdin.flush()
                 answer = client.stdout.readline().strip()
+                w1 = time.perf_counter()
                 if answer != "done":
                     raise RuntimeError(f"{label}: the client said {answer!r}")
                 c1, s1 = cpu_ns(client.pid), cpu_ns(server.pid)
                 if i:  # (round 0 warms up)
                     cpu[label]["client"].append((c1 - c0) / batch / 1000)
                     cpu[label]["server"].append((s1 - s0) / batch / 1000)
+                    cpu[label]["wall"].append((w1 - w0) / batch * 1e6)
         result: dict[str, Any] = {"rounds": rounds, "batch": batch, "us_cpu_per_connect": {}, "ratio": {}}
         for label in pairs:
             result["us_cpu_per_connect"][label] = {
@@ -239,9 +245,9 @@ def main() -> None:
     args = parser.parse_args()
     result = run(str(Path(args.old).resolve()), str(Path(args.new).resolve()), args.rounds, args.batch)
     per = result["us_cpu_per_connect"]
-    print("us CPU per connect (median of rounds)   client    busd / server")
+    print("us per connect (median of rounds)       client    busd / server   wall")
     for label, name in (("old", "old tree"), ("new", "new tree"), ("bare", "bare shs1 connect")):
-        print(f"  {name:36s} {per[label]['client']:7.1f} {per[label]['server']:9.1f}")
+        print(f"  {name:36s} {per[label]['client']:7.1f} {per[label]['server']:9.1f} {per[label]['wall']:9.1f}")
     print(f"ratio of CPU, bare over minibus (median of rounds): old {result['ratio']['old']:.3f}, new {result['ratio']['new']:.3f}")
     print(json.dumps(result))
 

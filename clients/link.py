@@ -443,7 +443,7 @@ class BusConnection:
         try:
             # Hello goes out once the handshake has proven the broker, never before.
             self._hello_sent = True
-            framed, reply = await self._hello(stream)
+            link, reply = await self._hello(stream)
         except BaseException:
             if not stream.close_nowait():
                 await trio.aclose_forcefully(stream)
@@ -453,7 +453,8 @@ class BusConnection:
                 await trio.aclose_forcefully(stream)
             raise error_from_wire(reply.code, reply.message)
         self.endpoint = endpoint
-        return Link(framed, reply.result["unique_id"])
+        link.unique_id = reply.result["unique_id"]
+        return link
 
     def connect_timed_out(self) -> CannotConnect:
         """The error of a connect whose deadline passed: what it was waiting for."""
@@ -461,9 +462,10 @@ class BusConnection:
             return CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
         return CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
 
-    async def _hello(self, stream: SecureStream) -> tuple[FramedStream, Reply | ErrorReply]:
-        """Say hello on a stream whose handshake is done; the broker's answer.  The caller
-        closes the stream if this raises."""
+    async def _hello(self, stream: SecureStream) -> tuple[Link, Reply | ErrorReply]:
+        """Say hello on a stream whose handshake is done: the link (its unique id still to be
+        set from the answer) and the broker's answer.  The caller closes the stream if this
+        raises."""
         # The broker checks every message it takes in against the CBOR profile, and builds
         # what it sends from checked values: its control messages are decoded without a
         # second check (cbor2 still refuses malformed CBOR).  What other peers send on
@@ -491,6 +493,9 @@ class BusConnection:
                 send_failure: BaseException | None = exc
             else:
                 send_failure = None
+            # While the broker answers, the link is made (off the connect's serial path: the
+            # two sides take turns, so what either does while the other works costs no time).
+            link = Link(framed, "")
             try:
                 if isinstance(transport, FdSocketStream):
                     # Nothing can have come yet: wait before reading (a read now finds nothing).
@@ -504,7 +509,7 @@ class BusConnection:
             raise CannotConnect(f"the broker refused the connection: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
-        return framed, reply
+        return link, reply
 
     async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
         while True:
@@ -718,13 +723,15 @@ class BusConnection:
     def _end_unread(link: Link) -> None:
         """End a link whose reader never ran (what its reader does on its way out)."""
         link.mark_closed("the bus was closed")
-        lost = ConnectionLost(link.reason)
-        for relay in list(link.channels.values()):
-            relay.on_link_lost(link.reason)
-        for pending in link.pending.values():
-            if pending.reply is None:  # (a reply that came before the end stands)
-                pending.reply = lost
-            pending.done.set()
+        if link.channels:
+            for relay in list(link.channels.values()):
+                relay.on_link_lost(link.reason)
+        if link.pending:  # (most short-lived buses have none: no error made for nobody)
+            lost = ConnectionLost(link.reason)
+            for pending in link.pending.values():
+                if pending.reply is None:  # (a reply that came before the end stands)
+                    pending.reply = lost
+                pending.done.set()
         link.send.close()
 
     def _give_up(self, error: BusError) -> None:
