@@ -439,6 +439,11 @@ class _Session:
             broker.quick_teardowns = 0  # (a scheduler pass went by since those)
         return error_event
 
+    @property
+    def finish_waits(self) -> bool:
+        """Whether :meth:`finish` may wait (else closing the writer is all it does)."""
+        return self._writer_done is not None or self.reason.startswith(("slow consumer", "keepalive", "broker shutting down"))
+
     async def finish(self, error_event: dict[str, Any] | None) -> None:
         """After :meth:`serve`, outside the session's scope: the writer task (if one was
         needed) ends, and why the session ended is said to the peer where it can be."""
@@ -456,6 +461,11 @@ class _Session:
                     await self.framed.send_message(error_event)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+
+    @property
+    def writer_started(self) -> bool:
+        """Whether a writer task was started (see run_when_needed)."""
+        return self._writer_done is not None
 
     async def close_writer(self) -> None:
         """However the session ended (also when the broker itself is cancelled, or an error of
@@ -982,25 +992,23 @@ class Broker:
         log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
         return session
 
-    async def _end_session(self, session: _Session) -> _Session | None:
-        """Release a session however it ended: its writer task ends first, then the
-        connection is forgotten (its names pass on).  Returns the session if it holds a
-        teardown turn (given back once the socket is closed: see _handle)."""
+    def _end_session(self, session: _Session) -> _Session | None:
+        """Release a session however it ended, once its writer task, if one ran, has ended
+        (_Session.close_writer): the connection is forgotten (its names pass on).  Returns the
+        session if it holds a teardown turn (given back once the socket is closed: see
+        _handle)."""
+        conn_id = session.conn_id
+        self.core.stats.connection_ended(session.io())
+        del self.sessions[conn_id]
         try:
-            await session.close_writer()
-        finally:
-            conn_id = session.conn_id
-            self.core.stats.connection_ended(session.io())
-            del self.sessions[conn_id]
-            try:
-                self.dispatch(self.core.disconnect(conn_id))
-            except Exception:
-                log.exception("cleanup of connection :%d failed", conn_id)
-            log.info("connection :%d (%s) ended: %s", conn_id, session.key, session.reason)
-            # The writer calls back into the session: break that cycle, so the session's
-            # objects are freed as soon as this task ends (by reference counting, not by a
-            # full garbage collection, whose pause grows with every live connection).
-            session.out.on_sent = None
+            self.dispatch(self.core.disconnect(conn_id))
+        except Exception:
+            log.exception("cleanup of connection :%d failed", conn_id)
+        log.info("connection :%d (%s) ended: %s", conn_id, session.key, session.reason)
+        # The writer calls back into the session: break that cycle, so the session's
+        # objects are freed as soon as this task ends (by reference counting, not by a
+        # full garbage collection, whose pause grows with every live connection).
+        session.out.on_sent = None
         return session if session.holds_teardown else None
 
     async def _handle(
@@ -1057,7 +1065,10 @@ class Broker:
                         if session is not None:
                             error_event = await session.serve()
                 if session is not None:
-                    await session.finish(error_event)
+                    if error_event is not None or session.finish_waits:
+                        await session.finish(error_event)
+                    else:
+                        session.out.close()  # (all finish would do: no coroutine for it)
             except Exception:
                 if session is None:
                     raise
@@ -1066,7 +1077,13 @@ class Broker:
                 log.exception("connection :%d (%s) hit an internal error", session.conn_id, session.key)
             finally:
                 if session is not None:
-                    holds_turn = await self._end_session(session)
+                    try:
+                        if session.writer_started:
+                            await session.close_writer()
+                        else:
+                            session.out.close()  # (all close_writer would do)
+                    finally:
+                        holds_turn = self._end_session(session)
             if session is None and scope.cancel_called:
                 # Timed out, or dropped to make room for a newer handshake (not counted when
                 # the broker was shutting down: nothing to count then).
