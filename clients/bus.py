@@ -128,15 +128,21 @@ class Bus:
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
         )
-        # Channels others open to us are answered from the start.  The other capabilities are
-        # made when first used: what they handle (name changes, events, calls' replies) comes
-        # only once they asked for it, and a short-lived bus pays for none of them.
-        self._routes = ChannelRoutes(self._connection)
+        self._rpc_max_message = rpc_max_message
         self._names_made: Names | None = None
         self._events_made: Events | None = None
         self._rpc_made: RpcCalls | None = None
         self._services_made: Services | None = None
-        self._rpc_max_message = rpc_max_message
+        # Channels others open to us are answered from the start: the routes are made before
+        # the bus is handed out, while the broker answers hello (see OpenBus).  The other
+        # capabilities are made when first used: what they handle (name changes, events,
+        # calls' replies) comes only once they asked for it, and a short-lived bus pays for
+        # none of them.
+        self._routes: ChannelRoutes
+        self._connection.meanwhile = self._make_routes
+
+    def _make_routes(self) -> None:
+        self._routes = ChannelRoutes(self._connection)
         self._connection.restore = self._restore
 
     @property
@@ -498,14 +504,19 @@ class OpenBus:
         except trio.Cancelled as cancelled:
             # The deadline's (the nursery's scope takes it: CannotConnect says what the connect
             # waited for), else an outer scope's (it goes on).
+            connection.detach()  # (no cycle left to the bus that never was)
             if await manager.__aexit__(type(cancelled), cancelled, cancelled.__traceback__):
                 raise connection.connect_timed_out() from None
             raise
         except BaseException:
             # (Left as it was entered, with no task: the error comes out as itself.)
+            connection.detach()
             await manager.__aexit__(None, None, None)
             raise
         scope.deadline = math.inf
+        if connection.meanwhile is not None:  # (not run during hello: made now)
+            connection.meanwhile = None
+            bus._make_routes()
         try:
             connection.start(nursery, first)
         except BaseException as error:  # (the nursery entered is left, whatever happened)

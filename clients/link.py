@@ -43,7 +43,7 @@ from bus.io.secure import DEFAULT_HANDSHAKE_TIMEOUT, SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
-from bus.wire.frames import ControlFrame, DataFrame, Frame
+from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, DataFrame, Frame, encode_control
 from bus.wire.identity import Identity, load_identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
@@ -271,6 +271,10 @@ class BusConnection:
         # (see end_unread_now): the task has nothing left to do.
         self._ended_unread = False
         self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
+        self._hello_frame: bytes | None = None  # (made while the broker works on the handshake)
+        #: Run once while the broker answers the next hello (the owner's work that does not
+        #: need the answer: open_bus makes the rest of the bus then).
+        self.meanwhile: Callable[[], None] | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -383,6 +387,8 @@ class BusConnection:
                 assert ep.path is not None
                 # Unix connections can receive socket ends: the unix-fd channel route.
                 transport = await FdSocketStream.connect(ep.path)
+                # The hello's frame is made while the broker works on its handshake message.
+                transport.after_send = self._prepare_hello
             else:
                 assert ep.host is not None and ep.port is not None
                 transport = await trio.open_tcp_stream(ep.host, ep.port)
@@ -430,6 +436,7 @@ class BusConnection:
         :meth:`connect_timed_out`.  (open_bus sets it on the bus's nursery: a connect then
         makes no scope of its own.)"""
         self._hello_sent = False
+        self._hello_frame = None
         endpoints = self.endpoints
         if len(endpoints) == 1:  # (most addresses: no _dial frame to resume at each wait)
             errors: list[str] = []
@@ -473,18 +480,15 @@ class BusConnection:
         transport = stream.plain_transport()
         framed = FramedStream(stream, receive_stream=transport, trusted=True)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
-        names = list(self.requested_names.items())
-        first = names[0] if names else None
-        # (Request("hello", 1, args).to_wire(), built in place.)
-        hello: dict[str, Any] = {"info": self.plugin_info}
-        if first is not None:
-            hello["name"], hello["flags"] = first
-        hello["op"], hello["id"] = "hello", 1
+        frame = self._hello_frame
+        if frame is None:
+            frame = self._hello_frame_now()
+        self._hello_frame = None
         try:
             try:
                 # Straight to the socket (it has room: nothing was sent since the
                 # handshake); only what it did not take waits.
-                rest = stream.send_nowait(framed.encode_message(hello))
+                rest = stream.send_nowait(frame)
                 if rest:
                     await stream.send_wire(rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -493,9 +497,14 @@ class BusConnection:
                 send_failure: BaseException | None = exc
             else:
                 send_failure = None
-            # While the broker answers, the link is made (off the connect's serial path: the
-            # two sides take turns, so what either does while the other works costs no time).
+            # While the broker answers, the link is made, and what the owner wants done
+            # (off the connect's serial path: the two sides take turns, so what either does
+            # while the other works costs no time).
             link = Link(framed, "")
+            meanwhile = self.meanwhile
+            if meanwhile is not None:
+                self.meanwhile = None
+                meanwhile()
             try:
                 if isinstance(transport, FdSocketStream):
                     # Nothing can have come yet: wait before reading (a read now finds nothing).
@@ -510,6 +519,24 @@ class BusConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
         return link, reply
+
+    def _prepare_hello(self) -> None:
+        try:
+            self._hello_frame = self._hello_frame_now()
+        except Exception:
+            pass  # (a hello that cannot be encoded says so where it is sent, as ever)
+
+    def _hello_frame_now(self) -> bytes:
+        """The hello's frame, with the first requested name (the broker checks and answers it;
+        the client's own FramedStream would encode it the same, with the default limit)."""
+        names = list(self.requested_names.items())
+        first = names[0] if names else None
+        # (Request("hello", 1, args).to_wire(), built in place.)
+        hello: dict[str, Any] = {"info": self.plugin_info}
+        if first is not None:
+            hello["name"], hello["flags"] = first
+        hello["op"], hello["id"] = "hello", 1
+        return encode_control(0, hello, DEFAULT_MAX_CONTROL)
 
     async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
         while True:
@@ -761,6 +788,7 @@ class BusConnection:
         self.raw_event_handlers.clear()
         self.restore = _restore_nothing
         self.on_give_up = _ignore_give_up
+        self.meanwhile = None
         self.nursery = None
 
     async def aclose(self) -> None:

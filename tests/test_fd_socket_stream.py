@@ -196,6 +196,26 @@ async def test_send_then_receive_is_a_checkpoint_and_one_user_at_a_time() -> Non
         peer.close()
 
 
+async def test_send_then_receive_runs_after_send_once_between_the_send_and_the_wait() -> None:
+    """``after_send`` runs once, when the message has gone (the peer can read all of it) and
+    before the answer is waited for; the next exchange runs nothing."""
+    stream, peer = pair()
+    try:
+        seen: list[bytes] = []
+        stream.after_send = lambda: seen.append(drain(peer))
+        peer.send(b"early")  # (already there: the hook still runs before the answer is read)
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"msg1", 10) == b"early"
+        assert seen == [b"msg1"] and stream.after_send is None
+        peer.send(b"again")
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"msg3", 10) == b"again"
+        assert seen == [b"msg1"] and drain(peer) == b"msg3"
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+
 async def test_send_then_receive_closed_eof_and_broken() -> None:
     stream, peer = pair()
     try:

@@ -30,6 +30,7 @@ import errno
 import operator
 import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -77,6 +78,10 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
         self._send_busy = False
+        #: Run once by the next :meth:`send_then_receive`, after its message was sent and
+        #: before its answer is waited for: its owner's work that does not need the answer,
+        #: done while the peer works on it (the two sides of an exchange take turns).
+        self.after_send: Callable[[], None] | None = None
 
     @property
     def stream(self) -> trio.SocketStream:
@@ -240,6 +245,10 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
                         if exc.errno in _CLOSED_ERRNOS or self._closed:
                             raise trio.ClosedResourceError("the stream was closed") from None
                         raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            after_send = self.after_send
+            if after_send is not None:
+                self.after_send = None
+                after_send()
             while True:
                 await self.wait_readable()
                 answer = self._try_receive(max_bytes)
