@@ -477,8 +477,7 @@ class BusConnection:
         # what it sends from checked values: its control messages are decoded without a
         # second check (cbor2 still refuses malformed CBOR).  What other peers send on
         # channels is checked here as ever (see clients/rpc.py).
-        transport = stream.plain_transport()
-        framed = FramedStream(stream, receive_stream=transport, trusted=True)
+        transport = stream.plain_transport()  # (asked before sending: a failed send breaks it)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
         frame = self._hello_frame
         if frame is None:
@@ -500,6 +499,7 @@ class BusConnection:
             # While the broker answers, the link is made, and what the owner wants done
             # (off the connect's serial path: the two sides take turns, so what either does
             # while the other works costs no time).
+            framed = FramedStream(stream, receive_stream=transport, trusted=True)
             link = Link(framed, "")
             meanwhile = self.meanwhile
             if meanwhile is not None:
@@ -540,7 +540,11 @@ class BusConnection:
 
     async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
         while True:
-            frame = await framed.receive_frame()
+            # What the socket holds is read without a coroutine (the caller waited for it to
+            # be readable); only what has not come yet is waited for.
+            frame = framed.receive_frame_nowait()
+            if frame is None and not (framed.read_nowait() and (frame := framed.receive_frame_nowait()) is not None):
+                frame = await framed.receive_frame()
             if frame is None:
                 raise trio.BrokenResourceError("the broker closed the connection during hello")
             if isinstance(frame, ControlFrame):
