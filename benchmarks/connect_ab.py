@@ -10,7 +10,8 @@ archive REV | tar -x -C DIR``).  Each tree runs its own ``busd`` (``python -m bu
 one after the other: ``open_bus(address, identity=..., name=<a fresh name>, reconnect=False)``
 entered and left, as ``rpc.py``'s connect row does.  Beside them, a bare shs1 server and client
 (``SecureStream`` over ``FdSocketStream.connect`` and, in the server, ``direct_handshake``
-where the tree has it: the same handshake I/O as minibus's, from ``OLD_TREE``) do the same number of bare
+where the tree has it: the same handshake I/O as minibus's, from ``OLD_TREE``, or ``NEW_TREE``
+with ``--bare new``) do the same number of bare
 connects.  The three pairs take turns, in an order that alternates every round (the first round
 only warms up), and each process's CPU per connect is read from ``/proc/PID/task/*/schedstat``
 (every thread) around its batch.  On a shared machine, wall-clock rates swing from one second to
@@ -114,6 +115,7 @@ def role_bare_client(path: str, seed_hex: str) -> None:
     from bus.wire.identity import Identity
 
     identity = Identity.from_seed(bytes.fromhex(seed_hex))
+    connect_nowait = getattr(FdSocketStream, "connect_nowait", None)
 
     async def main() -> None:
         print("ready", flush=True)
@@ -122,7 +124,8 @@ def role_bare_client(path: str, seed_hex: str) -> None:
             if not line:
                 return
             for _ in range(int(line)):
-                transport = await FdSocketStream.connect(path)  # (minibus's client socket)
+                # (minibus's client socket, connected at once where the tree can, as its client's)
+                transport = (connect_nowait(path) if connect_nowait else None) or await FdSocketStream.connect(path)
                 stream = SecureStream.client(transport, identity, identity.public_key, encrypted=False)
                 await stream.do_handshake()
                 await trio.aclose_forcefully(stream)
@@ -149,7 +152,7 @@ def me(role: str, *args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--role", role, *args]
 
 
-def run(old: str, new: str, rounds: int, batch: int) -> dict[str, Any]:
+def run(old: str, new: str, rounds: int, batch: int, bare: str = "old") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="connect-ab-"))
     seed = os.urandom(32).hex()
     key_file = tmp / "owner.key"
@@ -176,10 +179,11 @@ def run(old: str, new: str, rounds: int, batch: int) -> dict[str, Any]:
             procs.append(client)
             pairs[label] = (client, busd)
         bare_path = str(tmp / "bare.sock")
-        bare_server = start(me("bare-server", bare_path, seed), old, dict(os.environ))
+        bare_tree = new if bare == "new" else old
+        bare_server = start(me("bare-server", bare_path, seed), bare_tree, dict(os.environ))
         procs.append(bare_server)
         assert bare_server.stdout is not None and bare_server.stdout.readline().strip() == "ready"
-        bare_client = start(me("bare-client", bare_path, seed), old, dict(os.environ), stdin=True)
+        bare_client = start(me("bare-client", bare_path, seed), bare_tree, dict(os.environ), stdin=True)
         procs.append(bare_client)
         pairs["bare"] = (bare_client, bare_server)
         for client, _ in pairs.values():
@@ -242,8 +246,9 @@ def main() -> None:
     parser.add_argument("new", help="the tree measured as 'new'")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--batch", type=int, default=100, help="connects per process per round")
+    parser.add_argument("--bare", choices=("old", "new"), default="old", help="the tree whose I/O the bare connect uses")
     args = parser.parse_args()
-    result = run(str(Path(args.old).resolve()), str(Path(args.new).resolve()), args.rounds, args.batch)
+    result = run(str(Path(args.old).resolve()), str(Path(args.new).resolve()), args.rounds, args.batch, args.bare)
     per = result["us_cpu_per_connect"]
     print("us per connect (median of rounds)       client    busd / server   wall")
     for label, name in (("old", "old tree"), ("new", "new tree"), ("bare", "bare shs1 connect")):

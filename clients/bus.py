@@ -65,7 +65,7 @@ from .events import Subscription as Subscription
 from .link import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from .link import DEFAULT_REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT
 from .link import OUTBOUND_BUFFER as OUTBOUND_BUFFER
-from .link import BusConnection, Link
+from .link import BusConnection, Link, dial_at_once
 from .link import identity_from_env as identity_from_env
 from .link import CannotConnect as CannotConnect
 from .link import RequestTimeout as RequestTimeout
@@ -474,19 +474,30 @@ class OpenBus:
         if self._bus is not None:
             raise RuntimeError("open_bus(...) is for one async with; call open_bus again for another")
         address, identity, name, info, flags, network_key, reconnect, request_timeout, connect_timeout, rpc_max_message = self._args
-        bus = self._bus = Bus(
-            find_address(address),
-            identity if identity is not None else identity_from_env(),
-            network_key if network_key is not None else network_key_from_env(),
-            name=name,
-            info=info,
-            flags=flags,
-            reconnect=reconnect,
-            request_timeout=request_timeout,
-            rpc_max_message=rpc_max_message,
-            connect_timeout=connect_timeout,
-        )
+        address = find_address(address)
+        # A Unix socket is connected first, at once: the broker accepts it and starts its
+        # handshake while the bus is made (the two sides take turns: what one does while the
+        # other works costs no time).
+        dialled = dial_at_once(address) if 0 < connect_timeout < math.inf else None
+        try:
+            bus = self._bus = Bus(
+                address,
+                identity if identity is not None else identity_from_env(),
+                network_key if network_key is not None else network_key_from_env(),
+                name=name,
+                info=info,
+                flags=flags,
+                reconnect=reconnect,
+                request_timeout=request_timeout,
+                rpc_max_message=rpc_max_message,
+                connect_timeout=connect_timeout,
+            )
+        except BaseException:
+            if dialled is not None:
+                dialled.close_nowait()
+            raise
         connection = bus._connection
+        connection.dialled = dialled
         manager = self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await manager.__aenter__()
         # The connect runs in the bus's nursery, whose scope holds connect_timeout's deadline

@@ -144,6 +144,23 @@ class ChannelEnd(Protocol):
     def on_link_lost(self, reason: str) -> None: ...
 
 
+def dial_at_once(address: str) -> FdSocketStream | None:
+    """For an address of one Unix endpoint: its socket, connected now without waiting (the
+    broker starts on its side of the connect while the client makes its bus: the two take
+    turns); None for any other address, or when the connect would wait or fails (the connect
+    proper then dials, under its deadline, and says why it failed)."""
+    try:
+        endpoints = parse_address(address)
+    except Exception:
+        return None  # (said by the connect proper)
+    if len(endpoints) != 1 or endpoints[0].transport != "unix" or endpoints[0].path is None:
+        return None
+    try:
+        return FdSocketStream.connect_nowait(endpoints[0].path)
+    except OSError:
+        return None
+
+
 def _cannot_dial(errors: list[str]) -> CannotConnect:
     return CannotConnect("cannot connect to the bus: " + "; ".join(errors))
 
@@ -275,6 +292,8 @@ class BusConnection:
         #: Run once while the broker answers the next hello (the owner's work that does not
         #: need the answer: open_bus makes the rest of the bus then).
         self.meanwhile: Callable[[], None] | None = None
+        #: A socket connected already to the (only, Unix) endpoint: see dial_at_once.
+        self.dialled: FdSocketStream | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -386,7 +405,8 @@ class BusConnection:
             if ep.transport == "unix":
                 assert ep.path is not None
                 # Unix connections can receive socket ends: the unix-fd channel route.
-                transport = await FdSocketStream.connect(ep.path)
+                dialled, self.dialled = self.dialled, None
+                transport = dialled if dialled is not None else await FdSocketStream.connect(ep.path)
                 # The hello's frame is made while the broker works on its handshake message.
                 transport.after_send = self._prepare_hello
             else:
@@ -793,6 +813,9 @@ class BusConnection:
         self.restore = _restore_nothing
         self.on_give_up = _ignore_give_up
         self.meanwhile = None
+        if self.dialled is not None:  # (never used: a bus that failed before dialling)
+            self.dialled.close_nowait()
+            self.dialled = None
         self.nursery = None
 
     async def aclose(self) -> None:

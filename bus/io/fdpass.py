@@ -91,6 +91,24 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         return stream
 
     @classmethod
+    def connect_nowait(cls, path: str) -> FdSocketStream | None:
+        """Connect now, without a checkpoint, if the listener takes the connection at once (a
+        Unix listener with room in its backlog does); None when it cannot (its backlog is
+        full: :meth:`connect` waits for it, under the caller's deadline).  Other failures
+        raise OSError, as :meth:`connect`'s do."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    @classmethod
     async def connect(cls, path: str) -> FdSocketStream:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stream = cls(sock)
