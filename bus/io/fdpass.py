@@ -96,9 +96,8 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         Unix listener with room in its backlog does); None when it cannot (its backlog is
         full: :meth:`connect` waits for it, under the caller's deadline).  Other failures
         raise OSError, as :meth:`connect`'s do."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
         try:
-            sock.setblocking(False)
             sock.connect(path)
         except BlockingIOError:
             sock.close()
