@@ -10,14 +10,17 @@ archive REV | tar -x -C DIR``).  Each tree runs its own ``busd`` (``python -m bu
 one after the other: ``open_bus(address, identity=..., name=<a fresh name>, reconnect=False)``
 entered and left, as ``rpc.py``'s connect row does.  Beside them, a bare shs1 server and client
 (``SecureStream`` over ``FdSocketStream.connect`` and, in the server, ``direct_handshake``
-where the tree has it: the same handshake I/O as minibus's, from ``OLD_TREE``) do the same number of bare
+where the tree has it: the same handshake I/O as minibus's, from ``OLD_TREE``, or ``NEW_TREE``
+with ``--bare new``) do the same number of bare
 connects.  The three pairs take turns, in an order that alternates every round (the first round
 only warms up), and each process's CPU per connect is read from ``/proc/PID/task/*/schedstat``
 (every thread) around its batch.  On a shared machine, wall-clock rates swing from one second to
 the next; CPU per connect measured this way, with both trees interleaved, holds to a few percent.
 
-Printed: the median CPU per connect of each process, and the ratio of the bare connect's CPU
-(client + server) to each tree's (client + busd), the median of the per-round ratios.
+Printed: the median CPU per connect of each process, the median wall time per connect of each
+batch (the connects are one at a time, so this is the serial path of both sides, waits included:
+noisier than CPU on a shared machine), and the ratio of the bare connect's CPU (client + server)
+to each tree's (client + busd), the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +115,7 @@ def role_bare_client(path: str, seed_hex: str) -> None:
     from bus.wire.identity import Identity
 
     identity = Identity.from_seed(bytes.fromhex(seed_hex))
+    connect_nowait = getattr(FdSocketStream, "connect_nowait", None)
 
     async def main() -> None:
         print("ready", flush=True)
@@ -119,7 +124,8 @@ def role_bare_client(path: str, seed_hex: str) -> None:
             if not line:
                 return
             for _ in range(int(line)):
-                transport = await FdSocketStream.connect(path)  # (minibus's client socket)
+                # (minibus's client socket, connected at once where the tree can, as its client's)
+                transport = (connect_nowait(path) if connect_nowait else None) or await FdSocketStream.connect(path)
                 stream = SecureStream.client(transport, identity, identity.public_key, encrypted=False)
                 await stream.do_handshake()
                 await trio.aclose_forcefully(stream)
@@ -146,7 +152,7 @@ def me(role: str, *args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--role", role, *args]
 
 
-def run(old: str, new: str, rounds: int, batch: int) -> dict[str, Any]:
+def run(old: str, new: str, rounds: int, batch: int, bare: str = "old") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="connect-ab-"))
     seed = os.urandom(32).hex()
     key_file = tmp / "owner.key"
@@ -173,31 +179,35 @@ def run(old: str, new: str, rounds: int, batch: int) -> dict[str, Any]:
             procs.append(client)
             pairs[label] = (client, busd)
         bare_path = str(tmp / "bare.sock")
-        bare_server = start(me("bare-server", bare_path, seed), old, dict(os.environ))
+        bare_tree = new if bare == "new" else old
+        bare_server = start(me("bare-server", bare_path, seed), bare_tree, dict(os.environ))
         procs.append(bare_server)
         assert bare_server.stdout is not None and bare_server.stdout.readline().strip() == "ready"
-        bare_client = start(me("bare-client", bare_path, seed), old, dict(os.environ), stdin=True)
+        bare_client = start(me("bare-client", bare_path, seed), bare_tree, dict(os.environ), stdin=True)
         procs.append(bare_client)
         pairs["bare"] = (bare_client, bare_server)
         for client, _ in pairs.values():
             assert client.stdout is not None and client.stdout.readline().strip() == "ready"
 
-        cpu: dict[str, dict[str, list[float]]] = {k: {"client": [], "server": []} for k in pairs}
+        cpu: dict[str, dict[str, list[float]]] = {k: {"client": [], "server": [], "wall": []} for k in pairs}
         order = ["old", "new", "bare"]
         for i in range(rounds + 1):
             for label in order if i % 2 == 0 else order[::-1]:
                 client, server = pairs[label]
                 assert client.stdin is not None and client.stdout is not None
                 c0, s0 = cpu_ns(client.pid), cpu_ns(server.pid)
+                w0 = time.perf_counter()
                 client.stdin.write(f"{batch}\n")
                 client.stdin.flush()
                 answer = client.stdout.readline().strip()
+                w1 = time.perf_counter()
                 if answer != "done":
                     raise RuntimeError(f"{label}: the client said {answer!r}")
                 c1, s1 = cpu_ns(client.pid), cpu_ns(server.pid)
                 if i:  # (round 0 warms up)
                     cpu[label]["client"].append((c1 - c0) / batch / 1000)
                     cpu[label]["server"].append((s1 - s0) / batch / 1000)
+                    cpu[label]["wall"].append((w1 - w0) / batch * 1e6)
         result: dict[str, Any] = {"rounds": rounds, "batch": batch, "us_cpu_per_connect": {}, "ratio": {}}
         for label in pairs:
             result["us_cpu_per_connect"][label] = {
@@ -236,12 +246,13 @@ def main() -> None:
     parser.add_argument("new", help="the tree measured as 'new'")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--batch", type=int, default=100, help="connects per process per round")
+    parser.add_argument("--bare", choices=("old", "new"), default="old", help="the tree whose I/O the bare connect uses")
     args = parser.parse_args()
-    result = run(str(Path(args.old).resolve()), str(Path(args.new).resolve()), args.rounds, args.batch)
+    result = run(str(Path(args.old).resolve()), str(Path(args.new).resolve()), args.rounds, args.batch, args.bare)
     per = result["us_cpu_per_connect"]
-    print("us CPU per connect (median of rounds)   client    busd / server")
+    print("us per connect (median of rounds)       client    busd / server   wall")
     for label, name in (("old", "old tree"), ("new", "new tree"), ("bare", "bare shs1 connect")):
-        print(f"  {name:36s} {per[label]['client']:7.1f} {per[label]['server']:9.1f}")
+        print(f"  {name:36s} {per[label]['client']:7.1f} {per[label]['server']:9.1f} {per[label]['wall']:9.1f}")
     print(f"ratio of CPU, bare over minibus (median of rounds): old {result['ratio']['old']:.3f}, new {result['ratio']['new']:.3f}")
     print(json.dumps(result))
 

@@ -612,9 +612,10 @@ async def bare_connects(path: str, seed_hex: str, seconds: float, warmup: float)
     from bus.io.fdpass import FdSocketStream
 
     async def one() -> None:
-        # The client's socket as minibus's (each handshake message and its answer in one
-        # step: FdSocketStream.send_then_receive), the best a trio shs1 client does.
-        transport = await FdSocketStream.connect(path)
+        # The client's socket as minibus's (connected at once when the listener has room,
+        # each handshake message and its answer in one step: FdSocketStream.connect_nowait,
+        # send_then_receive), the best a trio shs1 client does.
+        transport = FdSocketStream.connect_nowait(path) or await FdSocketStream.connect(path)
         stream = SecureStream.client(transport, identity, identity.public_key, encrypted=False)
         await stream.do_handshake()
         await trio.aclose_forcefully(stream)

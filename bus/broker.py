@@ -177,7 +177,9 @@ def _peercred(stream: trio.SocketStream) -> tuple[int | None, int | None]:
 
 
 class _Session:
-    def __init__(self, broker: Broker, conn_id: int, framed: FramedStream, key: PublicKey, transport: str) -> None:
+    def __init__(
+        self, broker: Broker, conn_id: int, framed: FramedStream, key: PublicKey, transport: str, cancel_scope: trio.CancelScope
+    ) -> None:
         self.broker = broker
         self.conn_id = conn_id
         self.framed = framed
@@ -186,7 +188,9 @@ class _Session:
         cfg = broker.config
         assert isinstance(framed.stream, SecureStream)
         self.out = FrameWriter(framed.stream, max_frames=cfg.outbound_queue, on_sent=self._on_sent)
-        self.cancel_scope = trio.CancelScope()
+        # The session's scope (the one its handshake ran in: see Broker._handle); ending the
+        # session cancels it, a slow consumer gives it a deadline.
+        self.cancel_scope = cancel_scope
         # The writer task, once one was needed (see run_when_needed).
         self._writer_scope: trio.CancelScope | None = None
         self._writer_done: trio.Event | None = None
@@ -408,64 +412,79 @@ class _Session:
 
     # -- the whole session ---------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """The session, in this task: the reader, the teardown turn, why it ended said to
-        the peer where it can be; however it ends, the writer task (if one was needed)
-        ends first.  (One coroutine: each of the session's waits resumes one frame less.)"""
+    async def serve(self) -> dict[str, Any] | None:
+        """The session's part within its cancel scope (the caller has entered it: the scope
+        the handshake ran in, see Broker._handle): the reader, then the teardown turn.
+        Returns the error event that says why, where one is owed (a framing violation).
+        Then the caller leaves the scope and calls :meth:`finish`."""
+        error_event: dict[str, Any] | None = None
+        # The writer task starts when a frame first has to wait (most go straight to the
+        # socket; a short-lived connection may never need the task).  It runs in the broker's
+        # nursery, so a session opens no nursery of its own, and the session waits for it to
+        # end (finish, close_writer) before it ends itself.
+        self.out.run_when_needed(self._start_writer)
         try:
-            error_event: dict[str, Any] | None = None
-            with self.cancel_scope:
-                # The writer task starts when a frame first has to wait (most go straight to
-                # the socket; a short-lived connection may never need the task).  It runs in the
-                # broker's nursery, so a session opens no nursery of its own, and the session
-                # waits for it to end (below) before it ends itself.
-                self.out.run_when_needed(self._start_writer)
+            await self.reader()
+        except FrameError as exc:
+            self.reason = f"framing violation: {exc}"
+            error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.reason = f"transport broken: {exc}"
+        # Connections that end on their own take turns to be torn down, so a crowd closing at
+        # once is spread over many scheduler passes and everyone else is served in between
+        # (the turn is given back once the socket is closed: Broker._handle).  While nobody
+        # holds a turn, one that ends is torn down at once, without a turn or a wait: at most
+        # TEARDOWNS_AT_ONCE of those between two waits for a turn, and none while a crowd
+        # takes turns (see Broker.quick_teardowns).
+        broker = self.broker
+        if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
+            broker.quick_teardowns += 1
+        else:
+            await broker.teardown.acquire_on_behalf_of(self)
+            self.holds_teardown = True
+            broker.quick_teardowns = 0  # (a scheduler pass went by since those)
+        return error_event
+
+    @property
+    def finish_waits(self) -> bool:
+        """Whether :meth:`finish` may wait (else closing the writer is all it does)."""
+        return self._writer_done is not None or self.reason.startswith(("slow consumer", "keepalive", "broker shutting down"))
+
+    async def finish(self, error_event: dict[str, Any] | None) -> None:
+        """After :meth:`serve`, outside the session's scope: the writer task (if one was
+        needed) ends, and why the session ended is said to the peer where it can be."""
+        # What is queued is dropped either way; a writer waiting for frames then returns at
+        # once instead of ending by cancellation (which costs trio more per connection); one
+        # inside a write is cancelled.
+        self.out.close()
+        await self._end_writer()
+        # Say why, where the stream can still carry a whole frame, within a deadline.
+        if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
+            error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
+        if error_event is not None and not self.out.mid_frame:
+            with trio.move_on_after(self.broker.config.close_timeout):
                 try:
-                    await self.reader()
-                except FrameError as exc:
-                    self.reason = f"framing violation: {exc}"
-                    error_event = {"event": "error", "code": exc.wire_code, "message": str(exc)}
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.reason = f"transport broken: {exc}"
-                # Connections that end on their own take turns to be torn down, so a crowd
-                # closing at once is spread over many scheduler passes and everyone else is
-                # served in between (the turn is given back once the socket is closed).  While
-                # nobody holds a turn, one that ends is torn down at once, without a turn or a
-                # wait: at most TEARDOWNS_AT_ONCE of those between two waits for a turn, and
-                # none while a crowd takes turns (see Broker.quick_teardowns).
-                broker = self.broker
-                if broker.quick_teardowns < TEARDOWNS_AT_ONCE and not broker.teardown.borrowed_tokens:
-                    broker.quick_teardowns += 1
-                else:
-                    await broker.teardown.acquire_on_behalf_of(self)
-                    self.holds_teardown = True
-                    broker.quick_teardowns = 0  # (a scheduler pass went by since those)
-            # What is queued is dropped either way; a writer waiting for frames then returns at
-            # once instead of ending by cancellation (which costs trio more per connection); one
-            # inside a write is cancelled.
-            self.out.close()
-            await self._end_writer()
-            # Say why, where the stream can still carry a whole frame, within a deadline.
-            if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
-                error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
-            if error_event is not None and not self.out.mid_frame:
-                with trio.move_on_after(self.broker.config.close_timeout):
-                    try:
-                        await self.framed.send_message(error_event)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-        finally:
-            # Socket ends still queued for this connection will never be sent: close them,
-            # however the session ended (also when the broker itself is cancelled).
-            self.out.close()
-            # However it ended (an error of ours in the reader included), the writer task
-            # ends before the session does: it never outlives the connection's release.
-            done = self._writer_done
-            if done is not None and not done.is_set():
-                assert self._writer_scope is not None
-                self._writer_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await done.wait()
+                    await self.framed.send_message(error_event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    @property
+    def writer_started(self) -> bool:
+        """Whether a writer task was started (see run_when_needed)."""
+        return self._writer_done is not None
+
+    async def close_writer(self) -> None:
+        """However the session ended (also when the broker itself is cancelled, or an error of
+        ours in the reader): socket ends still queued will never be sent and are closed, and
+        a writer task still running is cancelled and waited for (it never outlives the
+        connection's release).  No checkpoint when no writer task runs."""
+        self.out.close()
+        done = self._writer_done
+        if done is not None and not done.is_set():
+            assert self._writer_scope is not None
+            self._writer_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await done.wait()
 
 
 def check_settings(config: BrokerConfig) -> None:
@@ -954,6 +973,58 @@ class Broker:
             self._log_refusal("connect", f"refused in the handshake: {decision.rule}")
         return decision.allowed
 
+    async def _start_session(
+        self, stream: SecureStream, kind: str, pid: int | None, uid: int | None, scope: trio.CancelScope
+    ) -> _Session | None:
+        """Admit a connection whose handshake is done: its session, or None when its identity
+        is over its quota (it is told why)."""
+        cfg = self.config
+        self.core.stats.handshakes += 1
+        peer_key = stream.peer_key
+        framed = FramedStream(
+            stream,
+            max_frame=cfg.max_frame,
+            max_control=cfg.max_control,
+            receive_stream=stream.plain_transport(),
+            max_items=cfg.max_control_items,
+            # The peer sends its hello once it has checked msg4, which was just sent: a read
+            # now would find nothing (the first read waits for the socket instead).
+            wait_first=True,
+        )
+        try:
+            conn = self.core.connect(peer_key, kind, pid, uid)
+        except QuotaExceeded as exc:
+            log.info("refused %s: %s", peer_key, exc)
+            with trio.move_on_after(cfg.close_timeout):
+                try:
+                    await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            return None
+        session = _Session(self, conn.id, framed, peer_key, kind, scope)
+        self.sessions[conn.id] = session
+        log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
+        return session
+
+    def _end_session(self, session: _Session) -> _Session | None:
+        """Release a session however it ended, once its writer task, if one ran, has ended
+        (_Session.close_writer): the connection is forgotten (its names pass on).  Returns the
+        session if it holds a teardown turn (given back once the socket is closed: see
+        _handle)."""
+        conn_id = session.conn_id
+        self.core.stats.connection_ended(session.io())
+        del self.sessions[conn_id]
+        try:
+            self.dispatch(self.core.disconnect(conn_id))
+        except Exception:
+            log.exception("cleanup of connection :%d failed", conn_id)
+        log.info("connection :%d (%s) ended: %s", conn_id, session.key, session.reason)
+        # The writer calls back into the session: break that cycle, so the session's
+        # objects are freed as soon as this task ends (by reference counting, not by a
+        # full garbage collection, whose pause grows with every live connection).
+        session.out.on_sent = None
+        return session if session.holds_teardown else None
+
     async def _handle(
         self,
         transport: trio.SocketStream,
@@ -967,6 +1038,7 @@ class Broker:
         session, its release; the socket is closed however it ends.  (One coroutine for all
         of it: each of a connection's waits resumes one frame less.)"""
         cfg = self.config
+        holds_turn: _Session | None = None  # a session holding a teardown turn (see _Session.serve)
         stream = SecureStream.server(
             transport,
             cfg.identity,
@@ -977,90 +1049,85 @@ class Broker:
             direct_handshake=True,
         )
         stream.close_timeout = cfg.close_timeout
+        session: _Session | None = None
+        error_event: dict[str, Any] | None = None
         try:
             try:
+                # One scope for the handshake (its deadline is handshake_timeout, and dropping
+                # a handshake for room cancels it: see _accept_loop) and then the session
+                # (without a deadline, cancelled to end it): one scope per connection.
                 with scope:
-                    await stream.do_handshake()
-            except HandshakeError as exc:
-                self.core.stats.handshake_error(exc)
-                # (A refused identity was logged by _authorize, rate-limited: not again here.)
-                log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.core.stats.handshake_failed("lost")
-                log.info("%s connection lost during the handshake: %s", kind, exc)
-                return
-            finally:
-                self._handshake_done(source, scope)
-                # A failed handshake's error keeps its frames, which keep the stream: let the
-                # stream go by reference counting instead of a full garbage collection.
-                stream.forget_failure_frames()
-            if scope.cancelled_caught or self._shutting_down:
-                if scope.cancelled_caught:
-                    if trio.current_time() >= scope.deadline:
-                        timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
-                        self.core.stats.handshake_error(timeout)
-                        log.info("%s handshake failed: %s", kind, timeout)
-                    else:
-                        self.core.stats.handshake_failed("dropped")
-                return  # timed out, or dropped to make room for a newer handshake (or shutting down)
-            self.core.stats.handshakes += 1
-            peer_key = stream.peer_key
-            framed = FramedStream(
-                stream,
-                max_frame=cfg.max_frame,
-                max_control=cfg.max_control,
-                receive_stream=stream.plain_transport(),
-                max_items=cfg.max_control_items,
-                # The peer sends its hello once it has checked msg4, which was just sent: a read
-                # now would find nothing (the first read waits for the socket instead).
-                wait_first=True,
-            )
-            try:
-                conn = self.core.connect(peer_key, kind, pid, uid)
-            except QuotaExceeded as exc:
-                log.info("refused %s: %s", peer_key, exc)
-                with trio.move_on_after(cfg.close_timeout):
                     try:
-                        await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-                return
-            session = _Session(self, conn.id, framed, peer_key, kind)
-            self.sessions[conn.id] = session
-            log.info("connection :%d (%s) started over %s (pid %s)", conn.id, peer_key, kind, pid)
-            try:
-                await session.run()
+                        await stream.do_handshake()
+                    except HandshakeError as exc:
+                        self.core.stats.handshake_error(exc)
+                        # (A refused identity was logged by _authorize, rate-limited: not again here.)
+                        log.log(logging.DEBUG if isinstance(exc, IdentityRefused) else logging.INFO, "%s handshake failed: %s", kind, exc)
+                        return
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        self.core.stats.handshake_failed("lost")
+                        log.info("%s connection lost during the handshake: %s", kind, exc)
+                        return
+                    finally:
+                        self._handshake_done(source, scope)
+                        # A failed handshake's error keeps its frames, which keep the stream: let
+                        # the stream go by reference counting instead of a full garbage collection.
+                        stream.forget_failure_frames()
+                    if not scope.cancel_called and not self._shutting_down:
+                        scope.deadline = math.inf  # (the session's scope from here on)
+                        session = await self._start_session(stream, kind, pid, uid, scope)
+                        if session is not None:
+                            error_event = await session.serve()
+                if session is not None:
+                    if error_event is not None or session.finish_waits:
+                        await session.finish(error_event)
+                    else:
+                        session.out.close()  # (all finish would do: no coroutine for it)
             except Exception:
+                if session is None:
+                    raise
                 # A bug met by one connection ends that connection, never the broker.
                 session.reason = "internal error (logged)"
-                log.exception("connection :%d (%s) hit an internal error", conn.id, peer_key)
+                log.exception("connection :%d (%s) hit an internal error", session.conn_id, session.key)
             finally:
-                self.core.stats.connection_ended(session.io())
-                del self.sessions[conn.id]
-                try:
-                    self.dispatch(self.core.disconnect(conn.id))
-                except Exception:
-                    log.exception("cleanup of connection :%d failed", conn.id)
-                log.info("connection :%d (%s) ended: %s", conn.id, peer_key, session.reason)
-                if session.holds_teardown:
-                    self.teardown.release_on_behalf_of(session)
-                # The writer calls back into the session: break that cycle, so the session's
-                # objects are freed as soon as this task ends (by reference counting, not by a
-                # full garbage collection, whose pause grows with every live connection).
-                session.out.on_sent = None
+                if session is not None:
+                    try:
+                        if session.writer_started:
+                            await session.close_writer()
+                        else:
+                            session.out.close()  # (all close_writer would do)
+                    finally:
+                        holds_turn = self._end_session(session)
+            if session is None and scope.cancel_called:
+                # Timed out, or dropped to make room for a newer handshake (not counted when
+                # the broker was shutting down: nothing to count then).
+                if trio.current_time() >= scope.deadline:
+                    timeout = HandshakeTimeout(f"the peer did not complete the handshake within {cfg.handshake_timeout:g} s")
+                    self.core.stats.handshake_error(timeout)
+                    log.info("%s handshake failed: %s", kind, timeout)
+                else:
+                    self.core.stats.handshake_failed("dropped")
         finally:
             # Whatever happened (even a cancellation before the handshake began), the
             # socket is closed: a graceful close sends the goodbye within close_timeout.
             # A plain stream has no goodbye to send: closed at once, without a checkpoint.
-            if stream.encrypted or not stream.close_nowait():
-                with trio.CancelScope(shield=True) as closing:
-                    if stream.encrypted:
-                        closing.deadline = trio.current_time() + cfg.close_timeout
-                    await stream.aclose()
-                if closing.cancelled_caught:
-                    await trio.aclose_forcefully(stream)
-            stream.forget_failure_frames()  # however the connection ended (see there)
+            # A teardown turn is given back once the socket is closed, or before a graceful
+            # close that may wait for the peer (the close_timeout of a box-stream's goodbye).
+            try:
+                if stream.encrypted or not stream.close_nowait():
+                    if holds_turn is not None:
+                        self.teardown.release_on_behalf_of(holds_turn)
+                        holds_turn = None
+                    with trio.CancelScope(shield=True) as closing:
+                        if stream.encrypted:
+                            closing.deadline = trio.current_time() + cfg.close_timeout
+                        await stream.aclose()
+                    if closing.cancelled_caught:
+                        await trio.aclose_forcefully(stream)
+                stream.forget_failure_frames()  # however the connection ended (see there)
+            finally:
+                if holds_turn is not None:
+                    self.teardown.release_on_behalf_of(holds_turn)
 
     # -- relayed channels ----------------------------------------------------------------------
 

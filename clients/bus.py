@@ -30,6 +30,7 @@ say): set them there; the copies re-exported here are for reading.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -38,6 +39,7 @@ from typing import Any
 import trio
 
 from bus.errors import BusError, ConnectionLost
+from bus.io.secure import SecureStream
 from bus.wire.address import Endpoint
 from bus.wire.identity import Identity
 
@@ -63,7 +65,7 @@ from .events import Subscription as Subscription
 from .link import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from .link import DEFAULT_REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT
 from .link import OUTBOUND_BUFFER as OUTBOUND_BUFFER
-from .link import BusConnection, Link
+from .link import BusConnection, Link, dial_at_once
 from .link import identity_from_env as identity_from_env
 from .link import CannotConnect as CannotConnect
 from .link import RequestTimeout as RequestTimeout
@@ -126,15 +128,21 @@ class Bus:
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
         )
-        # Channels others open to us are answered from the start.  The other capabilities are
-        # made when first used: what they handle (name changes, events, calls' replies) comes
-        # only once they asked for it, and a short-lived bus pays for none of them.
-        self._routes = ChannelRoutes(self._connection)
+        self._rpc_max_message = rpc_max_message
         self._names_made: Names | None = None
         self._events_made: Events | None = None
         self._rpc_made: RpcCalls | None = None
         self._services_made: Services | None = None
-        self._rpc_max_message = rpc_max_message
+        # Channels others open to us are answered from the start: the routes are made before
+        # the bus is handed out, while the broker answers hello (see OpenBus).  The other
+        # capabilities are made when first used: what they handle (name changes, events,
+        # calls' replies) comes only once they asked for it, and a short-lived bus pays for
+        # none of them.
+        self._routes: ChannelRoutes
+        self._connection.meanwhile = self._make_routes
+
+    def _make_routes(self) -> None:
+        self._routes = ChannelRoutes(self._connection)
         self._connection.restore = self._restore
 
     @property
@@ -466,22 +474,60 @@ class OpenBus:
         if self._bus is not None:
             raise RuntimeError("open_bus(...) is for one async with; call open_bus again for another")
         address, identity, name, info, flags, network_key, reconnect, request_timeout, connect_timeout, rpc_max_message = self._args
-        bus = self._bus = Bus(
-            find_address(address),
-            identity if identity is not None else identity_from_env(),
-            network_key if network_key is not None else network_key_from_env(),
-            name=name,
-            info=info,
-            flags=flags,
-            reconnect=reconnect,
-            request_timeout=request_timeout,
-            rpc_max_message=rpc_max_message,
-            connect_timeout=connect_timeout,
-        )
+        address = find_address(address)
+        # A Unix socket is connected first, at once: the broker accepts it and starts its
+        # handshake while the bus is made (the two sides take turns: what one does while the
+        # other works costs no time).
+        dialled = dial_at_once(address) if 0 < connect_timeout < math.inf else None
+        try:
+            bus = self._bus = Bus(
+                address,
+                identity if identity is not None else identity_from_env(),
+                network_key if network_key is not None else network_key_from_env(),
+                name=name,
+                info=info,
+                flags=flags,
+                reconnect=reconnect,
+                request_timeout=request_timeout,
+                rpc_max_message=rpc_max_message,
+                connect_timeout=connect_timeout,
+            )
+        except BaseException:
+            if dialled is not None:
+                dialled.close_nowait()
+            raise
         connection = bus._connection
-        first = await connection.connect()  # (within connect_timeout: CannotConnect)
+        connection.dialled = dialled
         manager = self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await manager.__aenter__()
+        # The connect runs in the bus's nursery, whose scope holds connect_timeout's deadline
+        # until it is done (no scope of its own: one scope fewer per connect).  No task runs
+        # in the nursery yet.
+        scope = nursery.cancel_scope
+        scope.deadline = trio.current_time() + connection.connect_timeout
+        try:
+            first = await connection.connect_in_scope()
+            if scope.cancel_called:  # (the deadline passed as the last step ended)
+                stream = first.framed.stream
+                if not (isinstance(stream, SecureStream) and stream.close_nowait()):
+                    await trio.aclose_forcefully(stream)
+                raise connection.connect_timed_out()
+        except trio.Cancelled as cancelled:
+            # The deadline's (the nursery's scope takes it: CannotConnect says what the connect
+            # waited for), else an outer scope's (it goes on).
+            connection.detach()  # (no cycle left to the bus that never was)
+            if await manager.__aexit__(type(cancelled), cancelled, cancelled.__traceback__):
+                raise connection.connect_timed_out() from None
+            raise
+        except BaseException:
+            # (Left as it was entered, with no task: the error comes out as itself.)
+            connection.detach()
+            await manager.__aexit__(None, None, None)
+            raise
+        scope.deadline = math.inf
+        if connection.meanwhile is not None:  # (not run during hello: made now)
+            connection.meanwhile = None
+            bus._make_routes()
         try:
             connection.start(nursery, first)
         except BaseException as error:  # (the nursery entered is left, whatever happened)

@@ -72,12 +72,10 @@ class ChannelRoutes:
     def __init__(self, connection: BusConnection) -> None:
         self._connection = connection
         self._handlers: dict[str, tuple[Handler, AcceptCheck | None, int]] = {}
-        self._handler_added = trio.Event()
-        # Open direct channels: (link, channel id there, counts last reported).  Weak: a channel
-        # its user dropped without closing is not kept alive (nor reported) by this table.
-        self._direct: weakref.WeakKeyDictionary[Channel, tuple[Link, int, tuple[int, int] | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Set when a handler is added (made when a request first waits for one).
+        self._handler_waited: trio.Event | None = None
+        # Open direct channels (made with the first: most buses never open one).
+        self._direct_made: weakref.WeakKeyDictionary[Channel, tuple[Link, int, tuple[int, int] | None]] | None = None
         connection.request_handlers["channel_request"] = self._channel_request
         self._reporting = False  # the reporting task runs (started with the first direct channel)
 
@@ -87,8 +85,28 @@ class ChannelRoutes:
         self, protocol: str, handler: Handler, *, accept: AcceptCheck | None = None, window: int = DEFAULT_WINDOW
     ) -> None:
         self._handlers[protocol] = (handler, accept, window)
-        self._handler_added.set()
-        self._handler_added = trio.Event()
+        waited = self._handler_waited
+        if waited is not None:
+            self._handler_waited = None
+            waited.set()
+
+    @property
+    def _handler_added(self) -> trio.Event:
+        """Set when the next handler is added."""
+        event = self._handler_waited
+        if event is None:
+            event = self._handler_waited = trio.Event()
+        return event
+
+    @property
+    def _direct(self) -> weakref.WeakKeyDictionary[Channel, tuple[Link, int, tuple[int, int] | None]]:
+        """Open direct channels: (link, channel id there, counts last reported).  Weak: a
+        channel its user dropped without closing is not kept alive (nor reported) by this
+        table."""
+        direct = self._direct_made
+        if direct is None:
+            direct = self._direct_made = weakref.WeakKeyDictionary()
+        return direct
 
     def _channel_request(self, link: Link, request: Request) -> dict[str, Any] | None:
         """Accept (and start serving) or reject a channel someone opens to us."""

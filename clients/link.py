@@ -43,7 +43,7 @@ from bus.io.secure import DEFAULT_HANDSHAKE_TIMEOUT, SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
-from bus.wire.frames import ControlFrame, DataFrame, Frame
+from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, DataFrame, Frame, encode_control
 from bus.wire.identity import Identity, load_identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
@@ -147,6 +147,27 @@ class ChannelEnd(Protocol):
         ...
 
     def on_link_lost(self, reason: str) -> None: ...
+
+
+def dial_at_once(address: str) -> FdSocketStream | None:
+    """For an address of one Unix endpoint: its socket, connected now without waiting (the
+    broker starts on its side of the connect while the client makes its bus: the two take
+    turns); None for any other address, or when the connect would wait or fails (the connect
+    proper then dials, under its deadline, and says why it failed)."""
+    try:
+        endpoints = parse_address(address)
+    except Exception:
+        return None  # (said by the connect proper)
+    if len(endpoints) != 1 or endpoints[0].transport != "unix" or endpoints[0].path is None:
+        return None
+    try:
+        return FdSocketStream.connect_nowait(endpoints[0].path)
+    except OSError:
+        return None
+
+
+def _cannot_dial(errors: list[str]) -> CannotConnect:
+    return CannotConnect("cannot connect to the bus: " + "; ".join(errors))
 
 
 class _Refused(Exception):
@@ -271,6 +292,13 @@ class BusConnection:
         # The bus was left before its reader task ran, and its link was ended and closed then
         # (see end_unread_now): the task has nothing left to do.
         self._ended_unread = False
+        self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
+        self._hello_frame: bytes | None = None  # (made while the broker works on the handshake)
+        #: Run once while the broker answers the next hello (the owner's work that does not
+        #: need the answer: open_bus makes the rest of the bus then).
+        self.meanwhile: Callable[[], None] | None = None
+        #: A socket connected already to the (only, Unix) endpoint: see dial_at_once.
+        self.dialled: FdSocketStream | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -372,7 +400,7 @@ class BusConnection:
                     continue
             if stream is not None:
                 return stream, ep
-        raise CannotConnect("cannot connect to the bus: " + "; ".join(errors))
+        raise _cannot_dial(errors)
 
     async def _try_endpoint(self, ep: Endpoint, errors: list[str]) -> SecureStream | None:
         """Connect to ``ep`` and complete the handshake: the stream, or None (why is added to
@@ -382,7 +410,10 @@ class BusConnection:
             if ep.transport == "unix":
                 assert ep.path is not None
                 # Unix connections can receive socket ends: the unix-fd channel route.
-                transport = await FdSocketStream.connect(ep.path)
+                dialled, self.dialled = self.dialled, None
+                transport = dialled if dialled is not None else await FdSocketStream.connect(ep.path)
+                # The hello's frame is made while the broker works on its handshake message.
+                transport.after_send = self._prepare_hello
             else:
                 assert ep.host is not None and ep.port is not None
                 transport = await trio.open_tcp_stream(ep.host, ep.port)
@@ -401,6 +432,12 @@ class BusConnection:
             await stream.do_handshake()
         except HandshakeError as exc:
             errors.append(f"{ep.transport}: handshake failed: {exc}")
+            # Closed here (its transport already is), and its error's tracebacks dropped: the
+            # error holds the stream's frames, so the stream would wait for the cyclic garbage
+            # collector otherwise.
+            if not stream.close_nowait():
+                await trio.aclose_forcefully(stream)
+            stream.forget_failure_frames()
             return None
         except BaseException:
             await trio.aclose_forcefully(stream)
@@ -412,52 +449,70 @@ class BusConnection:
 
         All of it within :attr:`connect_timeout` (one deadline: :class:`CannotConnect` says
         what it was waiting for when it passed)."""
-        hello_sent = False
-        stream: SecureStream | None = None
         with trio.move_on_after(self.connect_timeout) as scope:
-            stream, endpoint = await self._dial()
-            try:
-                # Hello goes out once the handshake has proven the broker, never before.
-                hello_sent = True
-                framed, reply = await self._hello(stream)
-            except BaseException:
-                if not stream.close_nowait():
-                    await trio.aclose_forcefully(stream)
-                raise
+            link = await self.connect_in_scope()
         if scope.cancelled_caught:
-            if hello_sent:
-                raise CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
-            raise CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
-        assert stream is not None
+            raise self.connect_timed_out()
+        return link
+
+    async def connect_in_scope(self) -> Link:
+        """:meth:`connect`'s steps, under a deadline the caller set (``connect_timeout`` from
+        now) in a cancel scope of its own; if that scope catches the cancellation, raise
+        :meth:`connect_timed_out`.  (open_bus sets it on the bus's nursery: a connect then
+        makes no scope of its own.)"""
+        self._hello_sent = False
+        self._hello_frame = None
+        endpoints = self.endpoints
+        if len(endpoints) == 1:  # (most addresses: no _dial frame to resume at each wait)
+            errors: list[str] = []
+            endpoint = endpoints[0]
+            dialled = await self._try_endpoint(endpoint, errors)
+            if dialled is None:
+                raise _cannot_dial(errors)
+            stream = dialled
+        else:
+            stream, endpoint = await self._dial()
+        try:
+            # Hello goes out once the handshake has proven the broker, never before.
+            self._hello_sent = True
+            link, reply = await self._hello(stream)
+        except BaseException:
+            if not stream.close_nowait():
+                await trio.aclose_forcefully(stream)
+            raise
         if isinstance(reply, ErrorReply):
             if not stream.close_nowait():
                 await trio.aclose_forcefully(stream)
             raise error_from_wire(reply.code, reply.message)
         self.endpoint = endpoint
-        return Link(framed, reply.result["unique_id"])
+        link.unique_id = reply.result["unique_id"]
+        return link
 
-    async def _hello(self, stream: SecureStream) -> tuple[FramedStream, Reply | ErrorReply]:
-        """Say hello on a stream whose handshake is done; the broker's answer.  The caller
-        closes the stream if this raises."""
+    def connect_timed_out(self) -> CannotConnect:
+        """The error of a connect whose deadline passed: what it was waiting for."""
+        if self._hello_sent:
+            return CannotConnect(f"the broker did not answer hello within {self.connect_timeout:g} s")
+        return CannotConnect(f"cannot connect to the bus within {self.connect_timeout:g} s")
+
+    async def _hello(self, stream: SecureStream) -> tuple[Link, Reply | ErrorReply]:
+        """Say hello on a stream whose handshake is done: the link (its unique id still to be
+        set from the answer) and the broker's answer.  The caller closes the stream if this
+        raises."""
         # The broker checks every message it takes in against the CBOR profile, and builds
         # what it sends from checked values: its control messages are decoded without a
         # second check (cbor2 still refuses malformed CBOR).  What other peers send on
         # channels is checked here as ever (see clients/rpc.py).
-        transport = stream.plain_transport()
-        framed = FramedStream(stream, receive_stream=transport, trusted=True)
+        transport = stream.plain_transport()  # (asked before sending: a failed send breaks it)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
-        names = list(self.requested_names.items())
-        first = names[0] if names else None
-        # (Request("hello", 1, args).to_wire(), built in place.)
-        hello: dict[str, Any] = {"info": self.plugin_info}
-        if first is not None:
-            hello["name"], hello["flags"] = first
-        hello["op"], hello["id"] = "hello", 1
+        frame = self._hello_frame
+        if frame is None:
+            frame = self._hello_frame_now()
+        self._hello_frame = None
         try:
             try:
                 # Straight to the socket (it has room: nothing was sent since the
                 # handshake); only what it did not take waits.
-                rest = stream.send_nowait(framed.encode_message(hello))
+                rest = stream.send_nowait(frame)
                 if rest:
                     await stream.send_wire(rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -466,6 +521,15 @@ class BusConnection:
                 send_failure: BaseException | None = exc
             else:
                 send_failure = None
+            # While the broker answers, the link is made, and what the owner wants done
+            # (off the connect's serial path: the two sides take turns, so what either does
+            # while the other works costs no time).
+            framed = FramedStream(stream, receive_stream=transport, trusted=True)
+            link = Link(framed, "")
+            meanwhile = self.meanwhile
+            if meanwhile is not None:
+                self.meanwhile = None
+                meanwhile()
             try:
                 if isinstance(transport, FdSocketStream):
                     # Nothing can have come yet: wait before reading (a read now finds nothing).
@@ -479,11 +543,33 @@ class BusConnection:
             raise CannotConnect(f"the broker refused the connection: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
-        return framed, reply
+        return link, reply
+
+    def _prepare_hello(self) -> None:
+        try:
+            self._hello_frame = self._hello_frame_now()
+        except Exception:
+            pass  # (a hello that cannot be encoded says so where it is sent, as ever)
+
+    def _hello_frame_now(self) -> bytes:
+        """The hello's frame, with the first requested name (the broker checks and answers it;
+        the client's own FramedStream would encode it the same, with the default limit)."""
+        names = list(self.requested_names.items())
+        first = names[0] if names else None
+        # (Request("hello", 1, args).to_wire(), built in place.)
+        hello: dict[str, Any] = {"info": self.plugin_info}
+        if first is not None:
+            hello["name"], hello["flags"] = first
+        hello["op"], hello["id"] = "hello", 1
+        return encode_control(0, hello, DEFAULT_MAX_CONTROL)
 
     async def _await_direct_reply(self, framed: FramedStream, request_id: int) -> Reply | ErrorReply:
         while True:
-            frame = await framed.receive_frame()
+            # What the socket holds is read without a coroutine (the caller waited for it to
+            # be readable); only what has not come yet is waited for.
+            frame = framed.receive_frame_nowait()
+            if frame is None and not (framed.read_nowait() and (frame := framed.receive_frame_nowait()) is not None):
+                frame = await framed.receive_frame()
             if frame is None:
                 raise trio.BrokenResourceError("the broker closed the connection during hello")
             if isinstance(frame, ControlFrame):
@@ -717,13 +803,15 @@ class BusConnection:
     def _end_unread(link: Link) -> None:
         """End a link whose reader never ran (what its reader does on its way out)."""
         link.mark_closed("the bus was closed")
-        lost = ConnectionLost(link.reason)
-        for relay in list(link.channels.values()):
-            relay.on_link_lost(link.reason)
-        for pending in link.pending.values():
-            if pending.reply is None:  # (a reply that came before the end stands)
-                pending.reply = lost
-            pending.done.set()
+        if link.channels:
+            for relay in list(link.channels.values()):
+                relay.on_link_lost(link.reason)
+        if link.pending:  # (most short-lived buses have none: no error made for nobody)
+            lost = ConnectionLost(link.reason)
+            for pending in link.pending.values():
+                if pending.reply is None:  # (a reply that came before the end stands)
+                    pending.reply = lost
+                pending.done.set()
         link.send.close()
 
     def _give_up(self, error: BusError) -> None:
@@ -753,6 +841,10 @@ class BusConnection:
         self.raw_event_handlers.clear()
         self.restore = _restore_nothing
         self.on_give_up = _ignore_give_up
+        self.meanwhile = None
+        if self.dialled is not None:  # (never used: a bus that failed before dialling)
+            self.dialled.close_nowait()
+            self.dialled = None
         self.nursery = None
 
     async def aclose(self) -> None:

@@ -521,6 +521,54 @@ async def test_a_bug_in_a_sessions_writer_ends_that_connection_only(tmp_path: Pa
         await trio.aclose_forcefully(slow)
 
 
+class _TurnsWatched:
+    """The broker's teardown turns (the real CapacityLimiter), noting at each turn given back
+    whether that session's socket was already closed."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self.closed_at_release: list[bool] = []
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return self.limiter.borrowed_tokens
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.limiter.acquire_on_behalf_of(borrower)
+
+    def release_on_behalf_of(self, borrower: Any) -> None:
+        stream = borrower.framed.stream
+        assert isinstance(stream, SecureStream)
+        self.closed_at_release.append(stream.transport.socket.fileno() == -1)
+        self.limiter.release_on_behalf_of(borrower)
+
+
+async def test_a_teardown_turn_is_given_back_once_the_socket_is_closed(tmp_path: Path) -> None:
+    """A crowd that ends at once takes turns to be torn down; each turn is given back only once
+    that connection's socket is closed (as the session's comment says)."""
+    from bus.broker import TEARDOWNS_AT_ONCE
+    from bus.core.broker import Limits
+
+    n = 3 * TEARDOWNS_AT_ONCE
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=n + 1)) as rb:
+        watched = _TurnsWatched(rb.broker.teardown)
+        rb.broker.teardown = watched  # type: ignore[assignment]
+        peers = []
+        with trio.fail_after(60):
+            for i in range(n):
+                peer = await raw_connect(rb.unix_address, FRIEND)
+                await peer.send_message({"op": "hello", "id": 1, "info": {}, "name": f"org.example.Turn{i}"})
+                assert isinstance(await peer.receive_frame(), ControlFrame)
+                peers.append(peer)
+        for peer in peers:  # all at once: no checkpoint in between
+            assert isinstance(peer.stream, SecureStream) and peer.stream.close_nowait()
+        with trio.fail_after(30):
+            while rb.broker.sessions:
+                await trio.sleep(0)
+        assert watched.closed_at_release and all(watched.closed_at_release), watched.closed_at_release
+        assert not watched.borrowed_tokens
+
+
 class _SessionsPerPass(trio.abc.Instrument):
     """How many sessions the broker holds after each wait for I/O (one per scheduler pass)."""
 

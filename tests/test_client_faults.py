@@ -190,3 +190,108 @@ async def test_connecting_needs_a_finite_deadline(timeout: float) -> None:
         address = format_address([Endpoint("unix", BROKER.public_key, path="/nonexistent")])
         async with open_bus(address, identity=CLIENT, connect_timeout=timeout):
             pass
+
+
+async def test_a_failed_handshake_closes_its_stream_and_frees_it_without_a_garbage_collection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that answers msg1 with garbage: the connect fails with the handshake's reason,
+    the client's end is closed (the broker reads its end of stream), and the client's
+    SecureStream is closed and freed by reference counting alone (its error's tracebacks, which
+    hold the stream's frames, are dropped)."""
+    import gc
+    import weakref
+
+    ends: list[bytes] = []
+    made: list[weakref.ref[SecureStream]] = []
+    closed: list[bool] = []
+    real_client = SecureStream.client
+
+    def client(*args: object, **kwargs: object) -> SecureStream:
+        stream = real_client(*args, **kwargs)  # type: ignore[arg-type]
+        ref = weakref.ref(stream)
+        made.append(ref)
+
+        def close_nowait() -> bool:  # (holds the stream weakly: no cycle of the test's own)
+            closed.append(True)
+            stream = ref()
+            assert stream is not None
+            return SecureStream.close_nowait(stream)
+
+        stream.close_nowait = close_nowait  # type: ignore[method-assign]
+        return stream
+
+    monkeypatch.setattr(link.SecureStream, "client", client)
+
+    async def garbage(transport: trio.SocketStream) -> None:
+        async with transport:
+            await transport.receive_some()  # msg1
+            await transport.send_all(bytes(64))  # not a msg2
+            ends.append(await transport.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "garbage.sock")
+        nursery.start_soon(trio.serve_listeners, garbage, [listener])
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+        gc.collect()
+        gc.disable()
+        try:
+            with trio.fail_after(10):
+                with pytest.raises(CannotConnect, match="handshake failed"):
+                    async with open_bus(address, identity=CLIENT, reconnect=False):
+                        raise AssertionError("connected")
+            assert len(made) == 1 and closed == [True]
+            assert made[0]() is None  # (freed: no cycle left for the collector)
+        finally:
+            gc.enable()
+        with trio.fail_after(10):
+            while ends != [b""]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_connect_deadline_ends_with_the_connect(tmp_path: Path) -> None:
+    """open_bus puts connect_timeout's deadline on the bus's own nursery while it connects:
+    once connected, the block and the bus's tasks run without it (a block longer than the
+    connect timeout is not cut short, and the bus still answers)."""
+
+    async def answer_pings(framed: FramedStream) -> None:
+        while (frame := await framed.receive_frame()) is not None:
+            assert isinstance(frame, ControlFrame)
+            await framed.send_message({"re": frame.message["id"], "result": {}})
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, answer_pings)
+        with trio.fail_after(10):
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=0.3) as bus:
+                await trio.sleep(0.6)
+                await bus.ping()
+                assert trio.current_effective_deadline() > trio.current_time() + 5
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_outer_cancellation_during_the_connect_stays_a_cancellation(tmp_path: Path) -> None:
+    """A scope around open_bus that is cancelled while the broker has not answered hello ends
+    the connect as a cancellation (that scope takes it), not as the connect's timeout."""
+    ends: list[bytes] = []
+
+    async def no_hello_answer(transport: trio.SocketStream) -> None:
+        stream = SecureStream.server(transport, BROKER, encrypted=False)
+        async with stream:
+            await stream.do_handshake()
+            ends.append(await stream.receive_some())  # hello
+            ends.append(await stream.receive_some())  # the client's end
+
+    async with trio.open_nursery() as nursery:
+        listener, path = await _listener(tmp_path, "outer.sock")
+        nursery.start_soon(trio.serve_listeners, no_hello_answer, [listener])
+        address = format_address([Endpoint("unix", BROKER.public_key, path=path)])
+        with trio.move_on_after(0.3) as outer:
+            async with open_bus(address, identity=CLIENT, reconnect=False, connect_timeout=5):
+                raise AssertionError("connected")
+        assert outer.cancelled_caught
+        with trio.fail_after(10):
+            while len(ends) < 2:
+                await trio.sleep(0.01)
+        assert ends[-1] == b""  # (its socket was closed)
+        nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@ trio SocketStream would, without making one) over real Unix socket pairs."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import trio
@@ -196,6 +197,26 @@ async def test_send_then_receive_is_a_checkpoint_and_one_user_at_a_time() -> Non
         peer.close()
 
 
+async def test_send_then_receive_runs_after_send_once_between_the_send_and_the_wait() -> None:
+    """``after_send`` runs once, when the message has gone (the peer can read all of it) and
+    before the answer is waited for; the next exchange runs nothing."""
+    stream, peer = pair()
+    try:
+        seen: list[bytes] = []
+        stream.after_send = lambda: seen.append(drain(peer))
+        peer.send(b"early")  # (already there: the hook still runs before the answer is read)
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"msg1", 10) == b"early"
+        assert seen == [b"msg1"] and stream.after_send is None
+        peer.send(b"again")
+        with trio.fail_after(10):
+            assert await stream.send_then_receive(b"msg3", 10) == b"again"
+        assert seen == [b"msg1"] and drain(peer) == b"msg3"
+    finally:
+        stream.close_nowait()
+        peer.close()
+
+
 async def test_send_then_receive_closed_eof_and_broken() -> None:
     stream, peer = pair()
     try:
@@ -256,3 +277,34 @@ async def test_a_unix_channel_stream_exchanges_by_its_own_rules() -> None:
     finally:
         a.close_nowait()
         b.close_nowait()
+
+
+async def test_connect_nowait_connects_at_once_or_says_it_would_wait(tmp_path: Path) -> None:
+    """A listener with room takes the connection at once (no checkpoint); one whose backlog is
+    full gives None (connect() would wait); no listener at all is an OSError, as connect's."""
+    path = str(tmp_path / "l.sock")
+    with pytest.raises(OSError):
+        FdSocketStream.connect_nowait(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    made: list[FdSocketStream] = []
+    try:
+        first = FdSocketStream.connect_nowait(path)
+        assert first is not None
+        made.append(first)
+        accepted, _ = listener.accept()
+        with accepted:
+            first.raw_socket.send(b"hi")
+            assert accepted.recv(10) == b"hi"
+        for _ in range(64):  # (nobody accepts now: the backlog fills)
+            stream = FdSocketStream.connect_nowait(path)
+            if stream is None:
+                break
+            made.append(stream)
+        else:
+            raise AssertionError("the backlog never filled")
+    finally:
+        for stream in made:
+            stream.close_nowait()
+        listener.close()

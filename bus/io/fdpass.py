@@ -30,6 +30,7 @@ import errno
 import operator
 import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -77,6 +78,10 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
         self._send_busy = False
+        #: Run once by the next :meth:`send_then_receive`, after its message was sent and
+        #: before its answer is waited for: its owner's work that does not need the answer,
+        #: done while the peer works on it (the two sides of an exchange take turns).
+        self.after_send: Callable[[], None] | None = None
 
     @property
     def stream(self) -> trio.SocketStream:
@@ -84,6 +89,23 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
         if stream is None:
             stream = self._stream = trio.SocketStream(self.socket)
         return stream
+
+    @classmethod
+    def connect_nowait(cls, path: str) -> FdSocketStream | None:
+        """Connect now, without a checkpoint, if the listener takes the connection at once (a
+        Unix listener with room in its backlog does); None when it cannot (its backlog is
+        full: :meth:`connect` waits for it, under the caller's deadline).  Other failures
+        raise OSError, as :meth:`connect`'s do."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
 
     @classmethod
     async def connect(cls, path: str) -> FdSocketStream:
@@ -240,6 +262,10 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
                         if exc.errno in _CLOSED_ERRNOS or self._closed:
                             raise trio.ClosedResourceError("the stream was closed") from None
                         raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            after_send = self.after_send
+            if after_send is not None:
+                self.after_send = None
+                after_send()
             while True:
                 await self.wait_readable()
                 answer = self._try_receive(max_bytes)

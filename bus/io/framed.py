@@ -26,6 +26,7 @@ from typing import Any, Protocol, cast
 import trio
 
 from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_control
+from .fdpass import FdSocketStream
 
 __all__ = ["FramedStream"]
 
@@ -95,6 +96,8 @@ def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
     :class:`~bus.io.fdpass.FdSocketStream` has, or is a socket)."""
     if type(stream) is trio.SocketStream:  # (always SOCK_STREAM: trio refuses any other)
         return _PlainSocketReads(stream)
+    if type(stream) is FdSocketStream:  # (a client's Unix socket: no need to ask)
+        return stream
     if all(hasattr(stream, name) for name in ("receive_nowait", "try_receive", "receive_into_nowait", "wait_readable")):
         return cast("_SocketReads", stream)
     return None
