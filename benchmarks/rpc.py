@@ -37,7 +37,11 @@ beside the limits, all trio on Unix sockets, each end its own process:
   stream by the frame header, rewrites each header's channel id and forwards the rest as it
   arrives (no copy of bodies, no decoding), as busd's relay forwards DATA frames.  At 32 in
   flight the caller runs 32 tasks, each waiting for its own reply from one reader task (the
-  shape ``RpcConnection`` has);
+  shape ``RpcConnection`` has).  Printed under the table, never judged: ``limit3p-x1``, the
+  same at 1 in flight in the protocol's shape at both ends (each RPC frame in a DATA frame of
+  the connection, cut by two ``FrameDecoder``\ s, as a relayed ``RpcConnection`` and
+  ``Service`` cut them; the reply handed by a reader task to a parked call), the relay row's
+  floor at its ends;
 * **bulk**: a raw Unix socket between two processes (256 KiB writes, ``recv_into`` one buffer)
   and the same through the forwarder in 256 KiB DATA frames, in MB/s;
 * **bare shs1 connect**: a process that accepts on a Unix socket and completes the shs1
