@@ -271,3 +271,24 @@ async def test_an_exception_group_the_block_raises_comes_out_as_itself(tmp_path:
                     raise
         assert isinstance(raised, ExceptionGroup)
         assert caught.value is raised
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_cancellation_during_the_connect_comes_out_as_itself(tmp_path: Path, transport: str) -> None:
+    """A scope around open_bus cancelled while it connects: open_bus raises that scope's
+    Cancelled as itself (not wrapped in the bus's nursery's exception group), and the scope
+    takes it; the socket dialled for the connect is closed (the broker sees no session)."""
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        raised: list[BaseException] = []
+        with trio.CancelScope() as outer:
+            outer.cancel()  # (the connect's first wait takes it)
+            try:
+                async with open_bus(address, identity=FRIEND, reconnect=False):
+                    raise AssertionError("connected")
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+        assert outer.cancelled_caught
+        assert len(raised) == 1 and type(raised[0]) is trio.Cancelled, raised
+        await wait_for_no_sessions(rb.broker)
