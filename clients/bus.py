@@ -516,7 +516,15 @@ class OpenBus:
             # The deadline's (the nursery's scope takes it: CannotConnect says what the connect
             # waited for), else an outer scope's (it goes on).
             connection.detach()  # (no cycle left to the bus that never was)
-            if await manager.__aexit__(type(cancelled), cancelled, cancelled.__traceback__):
+            try:
+                caught = await manager.__aexit__(type(cancelled), cancelled, cancelled.__traceback__)
+            except BaseExceptionGroup as group:
+                # The nursery wraps the body's Cancelled it does not take: an outer scope's
+                # cancellation comes out as itself, as it would without the nursery.
+                if len(group.exceptions) == 1 and group.exceptions[0] is cancelled:
+                    raise cancelled from None
+                raise
+            if caught:
                 raise connection.connect_timed_out() from None
             raise
         except BaseException:

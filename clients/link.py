@@ -412,8 +412,12 @@ class BusConnection:
                 # Unix connections can receive socket ends: the unix-fd channel route.
                 dialled, self.dialled = self.dialled, None
                 transport = dialled if dialled is not None else await FdSocketStream.connect(ep.path)
-                # The hello's frame is made while the broker works on its handshake message.
-                transport.after_send = self._prepare_hello
+                # The hello's frame is made while the broker works on its handshake message:
+                # on the first connect only, which nothing else runs beside.  (A reconnect
+                # runs beside the bus's users, who may release a name meanwhile: its hello
+                # is made when it is sent, from the names wanted then.)
+                if self.link is None:
+                    transport.after_send = self._prepare_hello
             else:
                 assert ep.host is not None and ep.port is not None
                 transport = await trio.open_tcp_stream(ep.host, ep.port)

@@ -271,3 +271,86 @@ async def test_an_exception_group_the_block_raises_comes_out_as_itself(tmp_path:
                     raise
         assert isinstance(raised, ExceptionGroup)
         assert caught.value is raised
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_cancellation_during_the_connect_comes_out_as_itself(tmp_path: Path, transport: str) -> None:
+    """A scope around open_bus cancelled while it connects: open_bus raises that scope's
+    Cancelled as itself (not wrapped in the bus's nursery's exception group), and the scope
+    takes it; the socket dialled for the connect is closed (the broker sees no session)."""
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        raised: list[BaseException] = []
+        with trio.CancelScope() as outer:
+            outer.cancel()  # (the connect's first wait takes it)
+            try:
+                async with open_bus(address, identity=FRIEND, reconnect=False):
+                    raise AssertionError("connected")
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+        assert outer.cancelled_caught
+        assert len(raised) == 1 and type(raised[0]) is trio.Cancelled, raised
+        await wait_for_no_sessions(rb.broker)
+
+
+async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_hello(tmp_path: Path) -> None:
+    """The bus reconnects through a relay to the real broker that holds the broker's first
+    handshake answer until the test released the bus's first name (the release fails: not
+    connected, but the name is no longer wanted).  The new hello asks for the name that is
+    first now, not the one released: the bus owns exactly the names it still wants."""
+    from bus.wire.address import Endpoint, format_address, parse_address
+
+    from tests.brokers import OWNER as BROKER_ID
+
+    async with running_broker(tmp_path) as rb:
+        broker_path = parse_address(rb.unix_address)[0].path
+        assert broker_path is not None
+        relay_path = str(tmp_path / "relay.sock")
+        relay_listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await relay_listener.bind(relay_path)
+        relay_listener.listen()
+        listener = trio.SocketListener(relay_listener)
+        conns: list[tuple[trio.SocketStream, trio.SocketStream]] = []
+        msg1_relayed = trio.Event()
+        released = trio.Event()
+
+        async def pipe(src: trio.SocketStream, dst: trio.SocketStream, hold: trio.Event | None, seen: trio.Event | None) -> None:
+            try:
+                while data := await src.receive_some():
+                    if seen is not None:
+                        seen.set()
+                    if hold is not None:
+                        await hold.wait()
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(dst)
+
+        async def relay(client: trio.SocketStream) -> None:
+            broker = await trio.open_unix_socket(broker_path)
+            conns.append((client, broker))
+            again = len(conns) > 1
+            async with trio.open_nursery() as pipes:
+                pipes.start_soon(pipe, client, broker, None, msg1_relayed if again else None)
+                pipes.start_soon(pipe, broker, client, released if again else None, None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, relay, [listener])
+            address = format_address([Endpoint("unix", BROKER_ID.public_key, path=relay_path)])
+            with trio.fail_after(30):
+                async with open_bus(address, identity=FRIEND, name="org.example.First") as bus:
+                    await bus.request_name("org.example.Second")
+                    client, broker = conns[0]
+                    await trio.aclose_forcefully(broker)  # (the relay ends the first connection)
+                    await msg1_relayed.wait()  # the bus is in its new handshake
+                    with pytest.raises(ConnectionLost):
+                        await bus.release_name("org.example.First")
+                    released.set()
+                    while not (bus.reconnects and bus.connected):
+                        await trio.sleep(0.01)
+                    await bus.ping()
+                    owned = {e.name for e in await bus.list_names() if e.unique_id == bus.unique_id}
+                    assert owned == {"org.example.Second"}, owned
+            nursery.cancel_scope.cancel()
