@@ -275,3 +275,40 @@ async def test_a_stuck_subscriber_changes_nothing_for_an_unrelated_emit(tmp_path
             nursery.cancel_scope.cancel()
         for framed in (emitter_a, emitter_b, stuck, reader, other):
             await framed.aclose()
+
+
+async def test_a_stuck_subscriber_gets_its_gap_when_its_queue_drains_with_nothing_more_emitted(tmp_path: Path) -> None:
+    """A subscriber that stopped reading misses events and is owed a gap; once it reads again
+    and its queue drains, busd sends that gap by itself (the queue draining is what makes it
+    look again): no further emit is needed for it to learn the exact count it missed."""
+    async with running_broker(tmp_path) as rb:
+        core = rb.broker.core
+        emitter, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+        stuck, stuck_id = await _hello(rb.unix_address, FRIEND)
+        await stuck.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
+        await reply_to(stuck, 2)
+        delivered: list[int] = []
+        n = 0
+        with trio.fail_after(30):
+            # Until it is owed a gap after an emit: busd looked then, and it had no room.
+            while not core.connections[stuck_id].gaps_owed:
+                await emitter.send_message({"op": "emit", "id": 10 + n, "source": "org.example.A", "member": "Tick", "payload": {"n": n, "b": "x" * 6000}})
+                delivered.append((await reply_to(emitter, 10 + n))["result"]["delivered"])
+                n += 1
+        assert delivered.count(0) > 0 and stuck_id in core.pumping
+        # Nothing is emitted from here on: the stuck one reads what was queued, then its gap.
+        got: list[int] = []
+        missed = 0
+        with trio.fail_after(30):
+            while missed < delivered.count(0):
+                frame = await stuck.receive_frame()
+                assert isinstance(frame, ControlFrame) and frame.message.get("event") != "error", frame
+                if frame.message.get("event") == "event":
+                    got.append(frame.message["payload"]["n"])
+                elif frame.message.get("event") == "gap":
+                    missed += frame.message["missed"]
+        assert missed == delivered.count(0)
+        assert got == [i for i, d in enumerate(delivered) if d == 1]
+        assert not core.connections[stuck_id].gaps_owed
+        await emitter.aclose()
+        await stuck.aclose()
