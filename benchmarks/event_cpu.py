@@ -79,12 +79,49 @@ async def _accept(listener: trio.socket.SocketType, key: Identity) -> tuple[Any,
     return sock, framed
 
 
+class _Bursts:
+    """What the subscriber harnesses share: consumers counting what they take, and a writer
+    sending a burst of pre-encoded event frames to every connection (one ``send`` each), then
+    waiting until every consumer has it, until ``events`` were sent."""
+
+    def __init__(self, n: int, burst: int, size: int, identity: str) -> None:
+        self.got = [0] * n
+        self.need = 0
+        self.done = trio.Event()
+        self.burst = burst
+        payload = HEAD.pack(1, 2, 0) + b"x" * (size - HEAD.size)
+        event = {"source": SOURCE, "member": MEMBER, "payload": payload, "sender": ":3", "identity": identity, "event": "event"}
+        self.data = encode_control(0, event) * burst
+
+    async def consume(self, sub: Any, i: int, kind: type) -> None:
+        count = 0
+        async for item in sub:
+            assert type(item) is kind
+            count += 1
+            if count >= self.need:
+                self.got[i] = count
+                if min(self.got) >= self.need:
+                    self.done.set()
+
+    async def feed(self, raw: list[Any], events: int) -> tuple[float, int]:
+        """CPU seconds of this process while ``events`` per connection went out, and how many."""
+        sent = 0
+        started = time.process_time()
+        while sent < events:
+            sent += self.burst
+            self.need, self.done = sent, trio.Event()
+            for sock in raw:
+                sock.send(self.data)
+            with trio.fail_after(30):
+                await self.done.wait()
+        return time.process_time() - started, sent
+
+
 async def subscriber_cpu(n: int, burst: int, events: int, size: int) -> float:
     key, emitter = Identity.generate(), Identity.generate()
     listener, path = await _listen(tempfile.mkdtemp())
     socks: list[Any] = []
-    got = [0] * n
-    state: dict[str, Any] = {"need": 0, "done": trio.Event()}
+    bursts = _Bursts(n, burst, size, emitter.id)
 
     async def serve_one() -> None:
         sock, framed = await _accept(listener, key)
@@ -95,19 +132,6 @@ async def subscriber_cpu(n: int, burst: int, events: int, size: int) -> float:
         while await framed.receive_frame() is not None:
             pass
 
-    async def consume(sub: Any, i: int) -> None:
-        count = 0
-        async for item in sub:
-            assert type(item) is Event
-            count += 1
-            if count >= state["need"]:
-                got[i] = count
-                if min(got) >= state["need"]:
-                    state["done"].set()
-
-    payload = HEAD.pack(1, 2, 0) + b"x" * (size - HEAD.size)
-    frame = encode_control(0, {"source": SOURCE, "member": MEMBER, "payload": payload, "sender": ":3", "identity": emitter.id, "event": "event"})
-    data = frame * burst
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         identity = Identity.generate()
         subs = []
@@ -117,19 +141,9 @@ async def subscriber_cpu(n: int, burst: int, events: int, size: int) -> float:
             subs.append(await stack.enter_async_context(bus.subscribe(SOURCE, MEMBER)))
         async with trio.open_nursery() as consumers:
             for i, sub in enumerate(subs):
-                consumers.start_soon(consume, sub, i)
+                consumers.start_soon(bursts.consume, sub, i, Event)
             await trio.testing.wait_all_tasks_blocked()
-            raw = [sock._sock for sock in socks]
-            sent = 0
-            started = time.process_time()
-            while sent < events:
-                sent += burst
-                state["need"], state["done"] = sent, trio.Event()
-                for sock in raw:
-                    sock.send(data)
-                with trio.fail_after(30):
-                    await state["done"].wait()
-            cpu = time.process_time() - started
+            cpu, sent = await bursts.feed([sock._sock for sock in socks], events)
             consumers.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
     return cpu / (sent * n) * 1e6
@@ -143,22 +157,7 @@ async def floor_cpu(n: int, burst: int, events: int, size: int) -> float:
     from benchmarks.events import ApiShapedSubscription
 
     listener, path = await _listen(tempfile.mkdtemp())
-    got = [0] * n
-    state: dict[str, Any] = {"need": 0, "done": trio.Event()}
-
-    async def consume(sub: ApiShapedSubscription, i: int) -> None:
-        count = 0
-        async for item in sub:
-            assert type(item) is dict
-            count += 1
-            if count >= state["need"]:
-                got[i] = count
-                if min(got) >= state["need"]:
-                    state["done"].set()
-
-    payload = HEAD.pack(1, 2, 0) + b"x" * (size - HEAD.size)
-    frame = encode_control(0, {"source": SOURCE, "member": MEMBER, "payload": payload, "sender": ":3", "identity": Identity.generate().id, "event": "event"})
-    data = frame * burst
+    bursts = _Bursts(n, burst, size, Identity.generate().id)
     async with trio.open_nursery() as nursery:
         raw, clients = [], []
         for _ in range(n):
@@ -171,18 +170,9 @@ async def floor_cpu(n: int, burst: int, events: int, size: int) -> float:
             for i, client in enumerate(clients):
                 sub = ApiShapedSubscription()
                 consumers.start_soon(sub.read, client)
-                consumers.start_soon(consume, sub, i)
+                consumers.start_soon(bursts.consume, sub, i, dict)
             await trio.testing.wait_all_tasks_blocked()
-            sent = 0
-            started = time.process_time()
-            while sent < events:
-                sent += burst
-                state["need"], state["done"] = sent, trio.Event()
-                for sock in raw:
-                    sock.send(data)
-                with trio.fail_after(30):
-                    await state["done"].wait()
-            cpu = time.process_time() - started
+            cpu, sent = await bursts.feed(raw, events)
             consumers.cancel_scope.cancel()
         for client in clients:
             client.close()
