@@ -76,6 +76,10 @@ _DATA_HEADER = HEADER.pack
 _DATA = int(FrameKind.DATA)
 
 
+#: The ends of a session that the peer is told of (an error event, Disconnected), by the
+#: start of the session's reason.
+_TOLD_WHY = ("slow consumer", "keepalive", "broker shutting down")
+
 #: Seconds of control requests one connection's reader handles before it lets others run.
 REQUEST_SLICE = 0.002
 #: Connections torn down at the same time when many end at once.
@@ -448,7 +452,7 @@ class _Session:
     @property
     def finish_waits(self) -> bool:
         """Whether :meth:`finish` may wait (else closing the writer is all it does)."""
-        return self._writer_done is not None or self.reason.startswith(("slow consumer", "keepalive", "broker shutting down"))
+        return self._writer_done is not None or self.reason.startswith(_TOLD_WHY)
 
     async def finish(self, error_event: dict[str, Any] | None) -> None:
         """After :meth:`serve`, outside the session's scope: the writer task (if one was
@@ -459,7 +463,7 @@ class _Session:
         self.out.close()
         await self._end_writer()
         # Say why, where the stream can still carry a whole frame, within a deadline.
-        if error_event is None and self.reason.startswith(("slow consumer", "keepalive", "broker shutting down")):
+        if error_event is None and self.reason.startswith(_TOLD_WHY):
             error_event = {"event": "error", "code": "minibus.Error.Disconnected", "message": self.reason}
         if error_event is not None and not self.out.mid_frame:
             with trio.move_on_after(self.broker.config.close_timeout):

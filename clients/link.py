@@ -81,7 +81,7 @@ def _no_more() -> None:
 
 
 def _no_messages() -> list[dict[Any, Any]]:
-    """``take_messages`` for a frame that came alone."""
+    """``take_messages`` for a frame that came alone (a fresh list, as the decoder's)."""
     return []
 
 
@@ -682,16 +682,12 @@ class BusConnection:
                 frame = next_frame()
                 continue
             if frame.channel == 0 and type(frame) is ControlFrame:
-                body = frame.message
-                name = body.get("event")
-                raw = raw_handlers.get(name) if type(name) is str and "op" not in body and "re" not in body else None
-                if raw is not None:
-                    raw(link, body)
-                else:
-                    error = dispatch(link, frame) or error
+                run = take_messages()  # (a fresh list: this frame's message goes first)
+                run.insert(0, frame.message)
             else:
                 error = dispatch(link, frame) or error
-            for body in take_messages():
+                run = take_messages()
+            for body in run:
                 name = body.get("event")
                 if type(name) is str and "op" not in body and "re" not in body:
                     raw = raw_handlers.get(name)

@@ -1022,8 +1022,7 @@ class BrokerCore:
         self._watchers.add(conn.id)
         entries, more = self._snapshot_page(conn, watch)
         if more:
-            self.pumping.add(conn.id)
-            self.pumping_fresh.add(conn.id)
+            self._owes_pumping(conn.id)
         return {"watch": watch_id, "snapshot": entries, "more": more}
 
     def _snapshot_page(self, conn: Connection, watch: Watch) -> tuple[list[dict[str, Any]], bool]:
@@ -1057,6 +1056,11 @@ class BrokerCore:
             return page, True
         watch.cursor = None  # live from now on
         return page, False
+
+    def _owes_pumping(self, conn_id: int) -> None:
+        """``conn_id`` has watch pages, a resync or a gap to be sent as it has room."""
+        self.pumping.add(conn_id)
+        self.pumping_fresh.add(conn_id)
 
     def pump_watches(self, conn_id: int) -> list[Outgoing]:
         """The next message a watch of ``conn_id`` owes: a ``resync`` event and the first page
@@ -1318,8 +1322,7 @@ class BrokerCore:
                             sub.missed += 1
                         connections[sub_conn_id].gaps_owed = True
                         owing.add(sub_conn_id)
-                        self.pumping.add(sub_conn_id)
-                        self.pumping_fresh.add(sub_conn_id)
+                        self._owes_pumping(sub_conn_id)
             else:
                 receivers = conns.copy()
             for sub_conn_id in owed:
@@ -1718,8 +1721,7 @@ class BrokerCore:
                         left = self.room_for(watcher_id)
                     if left < size:
                         watch.resync = True
-                        self.pumping.add(watcher_id)
-                        self.pumping_fresh.add(watcher_id)
+                        self._owes_pumping(watcher_id)
                         room[watcher_id] = left
                         continue
                     room[watcher_id] = left - size

@@ -775,7 +775,8 @@ class FrameDecoder:
     def take_control_messages(self) -> list[dict[Any, Any]]:
         """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
         at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
-        decoded when :attr:`trusted`); an empty list if the next frame is not one.
+        decoded when :attr:`trusted`); an empty list if the next frame is not one (a new
+        list each call: the caller may keep or change it).
 
         For a reader taking a burst (a subscriber's events): one call and one loop for the
         run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
