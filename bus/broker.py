@@ -377,6 +377,9 @@ class _Session:
         # Relayed bytes come as views of the reads: channel_data copies only what it keeps
         # (the buffer of a direction) and writes the rest on at once, in one copy.
         framed.data_views = True
+        conn_id = self.conn_id
+        take = framed.take_control_messages
+        clock = time.perf_counter
         busy = 0.0  # seconds spent on control requests since this reader last yielded
         try:
             while True:
@@ -399,9 +402,24 @@ class _Session:
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
                     # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
                     # else between them.
-                    started = time.perf_counter()
-                    broker.dispatch(core.receive(self.conn_id, frame.message))
-                    busy += time.perf_counter() - started
+                    started = clock()
+                    broker.dispatch(core.receive(conn_id, frame.message))
+                    # The requests that came next in this read (a burst of emits), taken in one
+                    # call rather than a frame each; each is handled, in order, just as if it
+                    # had come through receive_frame_nowait (one that does not check is left
+                    # there, and refused by it, after those before it were handled).
+                    run = take() if framed.buffered else None
+                    if run:
+                        self.messages_in += len(run)
+                        for message in run:
+                            if busy + (clock() - started) >= REQUEST_SLICE:
+                                busy = 0.0
+                                broker.uncork()
+                                await trio.lowlevel.checkpoint()
+                                broker.corking = True  # (the rest of the run is still one burst)
+                                started = clock()
+                            broker.dispatch(core.receive(conn_id, message))
+                    busy += clock() - started
                     if busy >= REQUEST_SLICE:
                         busy = 0.0
                         broker.uncork()
