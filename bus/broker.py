@@ -55,7 +55,7 @@ from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
-from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, FrameKind, encode_data
+from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, EventFrames, FrameKind, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -579,6 +579,8 @@ class Broker:
         self.corking = False
         self.corked: list[_Session] = []
         self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
+        #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
+        self.event_frames = EventFrames()
         settings = SupervisorSettings(
             dirs=list(config.service_dirs),
             activation_timeout=config.activation_timeout,
@@ -747,9 +749,18 @@ class Broker:
         receivers = [session for conn_id in item.conns if (session := sessions.get(conn_id)) is not None]
         if not receivers:
             return
+        message = item.message
+        payload = message["payload"]
         try:
-            # An event is made of checked frames' values and the broker's own text.
-            data = receivers[0].framed.encode_message(item.message, checked=True)
+            if type(payload) is bytes and len(message) == 6 and message["event"] == "event":
+                # (The core's event message, as EventFrames encodes it: what does not change
+                # between one emitter's events of a kind is encoded once.)
+                data = self.event_frames.encode(
+                    message["source"], message["member"], payload, message["sender"], message["identity"], receivers[0].framed.max_control
+                )
+            else:
+                # An event is made of checked frames' values and the broker's own text.
+                data = receivers[0].framed.encode_message(message, checked=True)
         except BusError as exc:
             log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
             return

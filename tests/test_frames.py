@@ -16,6 +16,7 @@ from bus.wire.frames import (
     HEADER,
     ControlFrame,
     DataFrame,
+    EventFrames,
     FrameDecoder,
     FrameKind,
     check_cbor,
@@ -1103,3 +1104,43 @@ def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest
 
     monkeypatch.setattr(frames_module.cbor2, "dumps", no_dumps)
     assert decode_control_body(body) == cbor2.loads(body)
+
+
+@settings(max_examples=200)
+@given(
+    st.text(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=300),
+    st.binary(max_size=300),
+    st.text(max_size=40),
+    st.text(max_size=60),
+)
+def test_event_frames_are_the_bytes_encode_control_makes(source: str, member: str, payload: bytes, sender: str, identity: str) -> None:
+    """EventFrames (busd's event encoder) makes exactly what encode_control makes of the
+    event message, every head in its shortest form: a memo hit as well as a miss."""
+    events = EventFrames(keep=2)
+    message = {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
+    expected = encode_control(0, message, 1 << 20)
+    assert events.encode(source, member, payload, sender, identity, 1 << 20) == expected
+    assert events.encode(source, member, payload, sender, identity, 1 << 20) == expected  # (its kept parts)
+    frame = decode_all(expected)[0]
+    assert frame == ControlFrame(0, message)
+
+
+@pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 65535, 65536, 200_000])
+def test_event_frames_write_each_payload_length_in_its_shortest_head(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    message = {"source": "org.example.A", "member": "Tick", "payload": payload, "sender": ":3", "identity": "k" * 44, "event": "event"}
+    assert EventFrames().encode("org.example.A", "Tick", payload, ":3", "k" * 44, 1 << 20) == encode_control(0, message, 1 << 20)
+
+
+def test_event_frames_refuse_a_body_over_the_limit_and_keep_a_bounded_memo() -> None:
+    events = EventFrames(keep=4)
+    body = len(encode_control(0, {"source": "a", "member": "b", "payload": b"x" * 100, "sender": ":1", "identity": "k", "event": "event"})) - HEADER.size
+    assert len(events.encode("a", "b", b"x" * 100, ":1", "k", body)) == HEADER.size + body
+    with pytest.raises(LimitError):
+        events.encode("a", "b", b"x" * 101, ":1", "k", body)
+    for i in range(50):  # many emitters and kinds: what is kept stays within its bound
+        events.encode(f"org.example.N{i}", "Tick", b"", f":{i}", "k")
+        assert len(events._parts) <= 4
+    with pytest.raises(LocalProtocolError):
+        events.encode("a", 5, b"", ":1", "k")  # type: ignore[arg-type]

@@ -50,6 +50,7 @@ __all__ = [
     "FrameDecoder",
     "encode_frame",
     "encode_control",
+    "EventFrames",
     "encode_data",
     "decode_control_body",
     "check_cbor",
@@ -538,6 +539,56 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
     if len(body) > max_body:
         raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
     return _pack_header(_CONTROL, 0, channel, len(body)) + body
+
+
+#: The heads of byte strings of fewer than 256 bytes, by length (shortest forms).
+_BYTES_HEADS = tuple(bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) for n in range(256))
+
+
+def _bytes_head(n: int) -> bytes:
+    if n < 256:
+        return _BYTES_HEADS[n]
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    return b"\x5a" + n.to_bytes(4, "big") if n < 0x100000000 else b"\x5b" + n.to_bytes(8, "big")
+
+
+class EventFrames:
+    """CONTROL frames of the broker's events on channel 0 -- ``{"source", "member", "payload",
+    "sender", "identity", "event": "event"}``, in that order -- whose payload is a byte string:
+    the very bytes :func:`encode_control` makes of that message, without encoding all of it
+    per event.  What does not change between one emitter's events of one kind (everything but
+    the payload) is encoded once and kept, for at most ``keep`` kinds at once (all are
+    dropped when that many are kept: a bounded memo, whoever emits what)."""
+
+    __slots__ = ("_parts", "_keep")
+
+    def __init__(self, keep: int = 1024) -> None:
+        self._parts: dict[tuple[str, str, str, str], tuple[bytes, bytes]] = {}
+        self._keep = keep
+
+    def encode(self, source: str, member: str, payload: bytes, sender: str, identity: str, max_body: int = DEFAULT_MAX_CONTROL) -> bytes:
+        """The frame, or :class:`LimitError` for a body over ``max_body`` (as encode_control)."""
+        key = (source, member, sender, identity)
+        parts = self._parts.get(key)
+        if parts is None:
+            if len(self._parts) >= self._keep:
+                self._parts.clear()
+            for text in key:
+                if type(text) is not str:
+                    raise LocalProtocolError("an event's source, member, sender and identity are text")
+            dumps = cbor2.dumps
+            parts = self._parts[key] = (
+                b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
+                dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
+            )
+        head, tail = parts
+        n = len(payload)
+        payload_head = _BYTES_HEADS[n] if n < 256 else _bytes_head(n)
+        size = len(head) + len(payload_head) + n + len(tail)
+        if size > max_body:
+            raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
+        return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail))
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
