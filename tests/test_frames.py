@@ -1106,6 +1106,50 @@ def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest
     assert decode_control_body(body) == cbor2.loads(body)
 
 
+def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain, float-free body of its canonical length whose byte strings hold bytes that
+    could begin a tag or an indefinite length (a binary payload) is taken by comparing it
+    with its canonical encoding: no walk of the profile over its bytes, no second walk over
+    the value."""
+    import bus.wire.frames as frames_module
+
+    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
+    body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("not the quick way")
+
+    monkeypatch.setattr(frames_module, "check_cbor", refuse)
+    monkeypatch.setattr(frames_module, "_items_within", refuse)
+    assert decode_control_body(body, 4096) == cbor2.loads(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Of the canonical length of what cbor2 reads, a tag byte in them: the comparison with
+        # the canonical encoding (the way a binary payload takes) tells them apart.
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("d81c1a000f4240") + b"\x61b" + bytes.fromhex("d81d00"),  # shared int
+        bytes.fromhex("a1") + b"\x61a" + bytes.fromhex("c243010000"),  # bignum 65536
+        # ... with a byte string holding tag bytes too (a binary payload beside them).
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("c243010000") + b"\x61p" + bytes.fromhex("44c0d8dbff"),
+        bytes.fromhex("a3") + b"\x61p" + bytes.fromhex("43d81c00") + b"\x61a" + bytes.fromhex("d81c1a000f4240")
+        + b"\x61b" + bytes.fromhex("d81d00"),
+    ],
+)
+def test_bodies_of_canonical_length_with_tag_bytes_are_refused_by_the_comparison(body: bytes) -> None:
+    with pytest.raises(FrameError):
+        check_cbor(body)
+    message = cbor2.loads(body)
+    from bus.wire.frames import _canonical_size
+
+    assert _canonical_size(message, 1)[0] == len(body)  # (so the measure alone would take it)
+    with pytest.raises(FrameError):
+        decode_control_body(body)
+    with pytest.raises(FrameError):
+        decode_control_body(body, 4096)
+
+
 @settings(max_examples=200)
 @given(
     st.text(min_size=1, max_size=300),

@@ -437,9 +437,18 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         # and float-free and measures exactly the body's length, is in the profile.  Anything
         # else takes the ways below, which decide.
         size, items = _canonical_size(message, 1)
-        if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
-            if len(body.translate(None, _SHORT_WAYS)) == size:
-                return message
+        if size >= 0:
+            # Plain, float-free and no deeper than the profile allows (what _items_within
+            # would find out again): the bytes decide.  A byte that could begin a tag or an
+            # indefinite length -- most often one inside a byte string -- leaves it to the
+            # canonical encoding, compared; anything else to check_cbor, which refuses a body
+            # not in its canonical form (saying why) and steps over a few big strings quicker
+            # than a comparison (see below).
+            if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
+                if len(body.translate(None, _SHORT_WAYS)) == size or cbor2.dumps(message) == body:
+                    return message
+            check_cbor(body, max_items)
+            return message
     if type(message) is dict:
         left = _items_within(message, 1, budget)
         if left >= 0:
