@@ -326,21 +326,23 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
         return (size, 1) if size >= 0 else (-1, 0)
     n = len(value)
     size = 1 if n < 24 else _head_size(n)
-    items = 1
     if kind is dict:
+        items = 1 + 2 * n  # (the head, and each key and value: a container's own items are added below)
         known = _KEY_SIZES
         for key, item in value.items():
-            part = known.get(key) if type(key) is str else None
+            part = known.get(key)  # (only text keys are in it: any other key is measured below)
             if part is None:
                 part = _scalar_size(key) if type(key) is int or type(key) is str else -1
                 if part < 0:
                     return -1, 0
             size += part
             item_kind = type(item)
-            if item_kind is str and item.isascii() or item_kind is bytes:
+            if item_kind is bytes or item_kind is str and item.isascii():
                 n = len(item)
                 size += n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
-            elif item_kind is bool or item is None or (item_kind is int and 0 <= item < 24):
+            elif item_kind is int and 0 <= item <= _INT_MAX:
+                size += 1 if item < 24 else 2 if item < 0x100 else 3 if item < 0x10000 else 5 if item < 0x100000000 else 9
+            elif item_kind is bool or item is None:
                 size += 1
             elif item_kind is dict or item_kind is list:
                 part, count = _canonical_size(item, depth + 1)
@@ -353,8 +355,8 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
                 if part < 0:
                     return -1, 0
                 size += part
-            items += 2
         return size, items
+    items = 1
     for item in value:
         item_kind = type(item)
         if item_kind is dict or item_kind is list:
