@@ -632,31 +632,33 @@ class Broker:
     def _short_of_room(self, conn_ids: list[int], payer: str, needed: int) -> list[int]:
         """Those of ``conn_ids`` with less than ``needed`` bytes of :meth:`_room_for_event`
         for ``payer`` (the core's ``short_of_room``, asked once per emit)."""
-        # (_room_for_event's steps, the same verdicts, for all receivers in one loop)
+        # (_room_for_event's steps, the same verdicts, for all receivers in one loop: a
+        # receiver is short when any of them is, so the common ones -- its share, its room --
+        # come first, and a receiver that passes them takes the others in one test)
         sessions = self.sessions
         threshold = self.relay_threshold
+        alone = threshold // 2  # (the share of the first identity with events queued there)
         short: list[int] = []
         for conn_id in conn_ids:
             session = sessions.get(conn_id)
             if session is None:
                 short.append(conn_id)
                 continue
-            out = session.out
-            if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
-                short.append(conn_id)
-                continue
-            room = threshold - out.queued_bytes
-            if room < needed:  # (the share below is never more than the room)
-                short.append(conn_id)
-                continue
             held = session.event_held
-            if not held:
-                if threshold // 2 < needed:
-                    short.append(conn_id)
-                continue
-            mine = held.get(payer, 0)
-            others = len(held) - (1 if mine else 0)
-            if threshold // (others + 2) - mine < needed:
+            if held:
+                mine = held.get(payer, 0)
+                # (each identity with events there, and one newcomer, get equal parts)
+                share = threshold // (len(held) + (1 if mine else 2)) - mine
+            else:
+                share = alone
+            out = session.out
+            if (
+                share < needed
+                or threshold - out.queued_bytes < needed
+                or out.stopped
+                or out.queued_fds >= QUEUED_FDS_PER_CONNECTION
+                or len(out) >= out.max_frames // 2
+            ):
                 short.append(conn_id)
         return short
 
