@@ -55,7 +55,7 @@ from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
-from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, FrameKind, encode_data
+from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, EventFrames, FrameKind, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -377,6 +377,9 @@ class _Session:
         # Relayed bytes come as views of the reads: channel_data copies only what it keeps
         # (the buffer of a direction) and writes the rest on at once, in one copy.
         framed.data_views = True
+        conn_id = self.conn_id
+        take = framed.take_control_messages
+        clock = time.perf_counter
         busy = 0.0  # seconds spent on control requests since this reader last yielded
         try:
             while True:
@@ -399,9 +402,24 @@ class _Session:
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
                     # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
                     # else between them.
-                    started = time.perf_counter()
-                    broker.dispatch(core.receive(self.conn_id, frame.message))
-                    busy += time.perf_counter() - started
+                    started = clock()
+                    broker.dispatch(core.receive(conn_id, frame.message))
+                    # The requests that came next in this read (a burst of emits), taken in one
+                    # call rather than a frame each; each is handled, in order, just as if it
+                    # had come through receive_frame_nowait (one that does not check is left
+                    # there, and refused by it, after those before it were handled).
+                    run = take() if framed.buffered else None
+                    if run:
+                        self.messages_in += len(run)
+                        for message in run:
+                            if busy + (clock() - started) >= REQUEST_SLICE:
+                                busy = 0.0
+                                broker.uncork()
+                                await trio.lowlevel.checkpoint()
+                                broker.corking = True  # (the rest of the run is still one burst)
+                                started = clock()
+                            broker.dispatch(core.receive(conn_id, message))
+                    busy += clock() - started
                     if busy >= REQUEST_SLICE:
                         busy = 0.0
                         broker.uncork()
@@ -561,6 +579,8 @@ class Broker:
         self.corking = False
         self.corked: list[_Session] = []
         self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
+        #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
+        self.event_frames = EventFrames()
         settings = SupervisorSettings(
             dirs=list(config.service_dirs),
             activation_timeout=config.activation_timeout,
@@ -612,31 +632,33 @@ class Broker:
     def _short_of_room(self, conn_ids: list[int], payer: str, needed: int) -> list[int]:
         """Those of ``conn_ids`` with less than ``needed`` bytes of :meth:`_room_for_event`
         for ``payer`` (the core's ``short_of_room``, asked once per emit)."""
-        # (_room_for_event's steps, the same verdicts, for all receivers in one loop)
+        # (_room_for_event's steps, the same verdicts, for all receivers in one loop: a
+        # receiver is short when any of them is, so the common ones -- its share, its room --
+        # come first, and a receiver that passes them takes the others in one test)
         sessions = self.sessions
         threshold = self.relay_threshold
+        alone = threshold // 2  # (the share of the first identity with events queued there)
         short: list[int] = []
         for conn_id in conn_ids:
             session = sessions.get(conn_id)
             if session is None:
                 short.append(conn_id)
                 continue
-            out = session.out
-            if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION or len(out) >= out.max_frames // 2:
-                short.append(conn_id)
-                continue
-            room = threshold - out.queued_bytes
-            if room < needed:  # (the share below is never more than the room)
-                short.append(conn_id)
-                continue
             held = session.event_held
-            if not held:
-                if threshold // 2 < needed:
-                    short.append(conn_id)
-                continue
-            mine = held.get(payer, 0)
-            others = len(held) - (1 if mine else 0)
-            if threshold // (others + 2) - mine < needed:
+            if held:
+                mine = held.get(payer, 0)
+                # (each identity with events there, and one newcomer, get equal parts)
+                share = threshold // (len(held) + (1 if mine else 2)) - mine
+            else:
+                share = alone
+            out = session.out
+            if (
+                share < needed
+                or threshold - out.queued_bytes < needed
+                or out.stopped
+                or out.queued_fds >= QUEUED_FDS_PER_CONNECTION
+                or len(out) >= out.max_frames // 2
+            ):
                 short.append(conn_id)
         return short
 
@@ -729,9 +751,18 @@ class Broker:
         receivers = [session for conn_id in item.conns if (session := sessions.get(conn_id)) is not None]
         if not receivers:
             return
+        message = item.message
+        payload = message["payload"]
         try:
-            # An event is made of checked frames' values and the broker's own text.
-            data = receivers[0].framed.encode_message(item.message, checked=True)
+            if type(payload) is bytes and len(message) == 6 and message["event"] == "event":
+                # (The core's event message, as EventFrames encodes it: what does not change
+                # between one emitter's events of a kind is encoded once.)
+                data = self.event_frames.encode(
+                    message["source"], message["member"], payload, message["sender"], message["identity"], receivers[0].framed.max_control
+                )
+            else:
+                # An event is made of checked frames' values and the broker's own text.
+                data = receivers[0].framed.encode_message(message, checked=True)
         except BusError as exc:
             log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
             return

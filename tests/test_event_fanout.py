@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+import bus.broker
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 
@@ -312,3 +313,56 @@ async def test_a_stuck_subscriber_gets_its_gap_when_its_queue_drains_with_nothin
         assert not core.connections[stuck_id].gaps_owed
         await emitter.aclose()
         await stuck.aclose()
+
+
+async def test_a_read_full_of_emits_is_handled_in_order_across_request_slices(tmp_path: Path, monkeypatch: Any) -> None:
+    """busd's reader takes the requests that came in one read as a run (one call for the
+    run): with the request slice at zero it yields after every one of them, and the rest of
+    the run is still handled, in order, as one burst: every emit is answered, in order, and
+    the subscriber gets every event, in order."""
+    monkeypatch.setattr(bus.broker, "REQUEST_SLICE", 0.0)
+    async with running_broker(tmp_path) as rb:
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
+        await reply_to(emitter, 1)
+        sub = await raw_connect(rb.unix_address, FRIEND)
+        await sub.send_message({"op": "hello", "id": 1})
+        await reply_to(sub, 1)
+        await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
+        await reply_to(sub, 2)
+        ids = range(10, 50)
+        await emitter.stream.send_all(
+            b"".join(encode_control(0, {"op": "emit", "id": i, "source": "org.example.A", "member": "Tick", "payload": i}) for i in ids)
+        )
+        assert [r["result"] for r in await replies(emitter, ids)] == [{"delivered": 1}] * len(ids)
+        got: list[Any] = []
+        with trio.fail_after(10):
+            while len(got) < len(ids):
+                frame = await sub.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                if frame.message.get("event") == "event":
+                    got.append(frame.message["payload"])
+        assert got == list(ids)
+        await emitter.aclose()
+        await sub.aclose()
+
+
+async def test_a_body_out_of_the_profile_in_a_run_of_emits_is_refused_after_those_before_it(tmp_path: Path) -> None:
+    """A run of requests in one read with a body outside the CBOR profile in the middle (an
+    integer written the long way): those before it are handled, in order; then the frame is
+    refused (error event, connection closed) and nothing after it is handled."""
+    async with running_broker(tmp_path) as rb:
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
+        await reply_to(emitter, 1)
+        good = [encode_control(0, {"op": "ping", "id": i}) for i in range(10, 15)]
+        bad = bytearray(encode_control(0, {"op": "ping", "id": 15}))
+        assert bad.endswith(b"\x62id\x0f")
+        bad[-1:] = b"\x18\x0f"  # 15 in a one-byte head: decodes, but not in the profile
+        bad[6:10] = (len(bad) - 10).to_bytes(4, "big")
+        after = encode_control(0, {"op": "ping", "id": 16})
+        await emitter.stream.send_all(b"".join(good) + bytes(bad) + after)
+        messages = await read_until_closed(emitter)
+        assert [m["re"] for m in messages if "re" in m] == list(range(10, 15))
+        assert messages[-1]["event"] == "error" and messages[-1]["code"] == "minibus.Error.Frame"
+        assert "shortest" in messages[-1]["message"]

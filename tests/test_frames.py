@@ -16,6 +16,7 @@ from bus.wire.frames import (
     HEADER,
     ControlFrame,
     DataFrame,
+    EventFrames,
     FrameDecoder,
     FrameKind,
     check_cbor,
@@ -1103,3 +1104,87 @@ def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest
 
     monkeypatch.setattr(frames_module.cbor2, "dumps", no_dumps)
     assert decode_control_body(body) == cbor2.loads(body)
+
+
+def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain, float-free body of its canonical length whose byte strings hold bytes that
+    could begin a tag or an indefinite length (a binary payload) is taken by comparing it
+    with its canonical encoding: no walk of the profile over its bytes, no second walk over
+    the value."""
+    import bus.wire.frames as frames_module
+
+    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
+    body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("not the quick way")
+
+    monkeypatch.setattr(frames_module, "check_cbor", refuse)
+    monkeypatch.setattr(frames_module, "_items_within", refuse)
+    assert decode_control_body(body, 4096) == cbor2.loads(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Of the canonical length of what cbor2 reads, a tag byte in them: the comparison with
+        # the canonical encoding (the way a binary payload takes) tells them apart.
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("d81c1a000f4240") + b"\x61b" + bytes.fromhex("d81d00"),  # shared int
+        bytes.fromhex("a1") + b"\x61a" + bytes.fromhex("c243010000"),  # bignum 65536
+        # ... with a byte string holding tag bytes too (a binary payload beside them).
+        bytes.fromhex("a2") + b"\x61a" + bytes.fromhex("c243010000") + b"\x61p" + bytes.fromhex("44c0d8dbff"),
+        bytes.fromhex("a3") + b"\x61p" + bytes.fromhex("43d81c00") + b"\x61a" + bytes.fromhex("d81c1a000f4240")
+        + b"\x61b" + bytes.fromhex("d81d00"),
+    ],
+)
+def test_bodies_of_canonical_length_with_tag_bytes_are_refused_by_the_comparison(body: bytes) -> None:
+    with pytest.raises(FrameError):
+        check_cbor(body)
+    message = cbor2.loads(body)
+    from bus.wire.frames import _canonical_size
+
+    assert _canonical_size(message, 1)[0] == len(body)  # (so the measure alone would take it)
+    with pytest.raises(FrameError):
+        decode_control_body(body)
+    with pytest.raises(FrameError):
+        decode_control_body(body, 4096)
+
+
+@settings(max_examples=200)
+@given(
+    st.text(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=300),
+    st.binary(max_size=300),
+    st.text(max_size=40),
+    st.text(max_size=60),
+)
+def test_event_frames_are_the_bytes_encode_control_makes(source: str, member: str, payload: bytes, sender: str, identity: str) -> None:
+    """EventFrames (busd's event encoder) makes exactly what encode_control makes of the
+    event message, every head in its shortest form: a memo hit as well as a miss."""
+    events = EventFrames(keep=2)
+    message = {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
+    expected = encode_control(0, message, 1 << 20)
+    assert events.encode(source, member, payload, sender, identity, 1 << 20) == expected
+    assert events.encode(source, member, payload, sender, identity, 1 << 20) == expected  # (its kept parts)
+    frame = decode_all(expected)[0]
+    assert frame == ControlFrame(0, message)
+
+
+@pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 65535, 65536, 200_000])
+def test_event_frames_write_each_payload_length_in_its_shortest_head(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    message = {"source": "org.example.A", "member": "Tick", "payload": payload, "sender": ":3", "identity": "k" * 44, "event": "event"}
+    assert EventFrames().encode("org.example.A", "Tick", payload, ":3", "k" * 44, 1 << 20) == encode_control(0, message, 1 << 20)
+
+
+def test_event_frames_refuse_a_body_over_the_limit_and_keep_a_bounded_memo() -> None:
+    events = EventFrames(keep=4)
+    body = len(encode_control(0, {"source": "a", "member": "b", "payload": b"x" * 100, "sender": ":1", "identity": "k", "event": "event"})) - HEADER.size
+    assert len(events.encode("a", "b", b"x" * 100, ":1", "k", body)) == HEADER.size + body
+    with pytest.raises(LimitError):
+        events.encode("a", "b", b"x" * 101, ":1", "k", body)
+    for i in range(50):  # many emitters and kinds: what is kept stays within its bound
+        events.encode(f"org.example.N{i}", "Tick", b"", f":{i}", "k")
+        assert len(events._parts) <= 4
+    with pytest.raises(LocalProtocolError):
+        events.encode("a", 5, b"", ":1", "k")  # type: ignore[arg-type]

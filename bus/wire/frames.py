@@ -50,6 +50,7 @@ __all__ = [
     "FrameDecoder",
     "encode_frame",
     "encode_control",
+    "EventFrames",
     "encode_data",
     "decode_control_body",
     "check_cbor",
@@ -325,21 +326,23 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
         return (size, 1) if size >= 0 else (-1, 0)
     n = len(value)
     size = 1 if n < 24 else _head_size(n)
-    items = 1
     if kind is dict:
+        items = 1 + 2 * n  # (the head, and each key and value: a container's own items are added below)
         known = _KEY_SIZES
         for key, item in value.items():
-            part = known.get(key) if type(key) is str else None
+            part = known.get(key)  # (only text keys are in it: any other key is measured below)
             if part is None:
                 part = _scalar_size(key) if type(key) is int or type(key) is str else -1
                 if part < 0:
                     return -1, 0
             size += part
             item_kind = type(item)
-            if item_kind is str and item.isascii() or item_kind is bytes:
+            if item_kind is bytes or item_kind is str and item.isascii():
                 n = len(item)
                 size += n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
-            elif item_kind is bool or item is None or (item_kind is int and 0 <= item < 24):
+            elif item_kind is int and 0 <= item <= _INT_MAX:
+                size += 1 if item < 24 else 2 if item < 0x100 else 3 if item < 0x10000 else 5 if item < 0x100000000 else 9
+            elif item_kind is bool or item is None:
                 size += 1
             elif item_kind is dict or item_kind is list:
                 part, count = _canonical_size(item, depth + 1)
@@ -352,8 +355,8 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
                 if part < 0:
                     return -1, 0
                 size += part
-            items += 2
         return size, items
+    items = 1
     for item in value:
         item_kind = type(item)
         if item_kind is dict or item_kind is list:
@@ -436,9 +439,18 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         # and float-free and measures exactly the body's length, is in the profile.  Anything
         # else takes the ways below, which decide.
         size, items = _canonical_size(message, 1)
-        if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
-            if len(body.translate(None, _SHORT_WAYS)) == size:
-                return message
+        if size >= 0:
+            # Plain, float-free and no deeper than the profile allows (what _items_within
+            # would find out again): the bytes decide.  A byte that could begin a tag or an
+            # indefinite length -- most often one inside a byte string -- leaves it to the
+            # canonical encoding, compared; anything else to check_cbor, which refuses a body
+            # not in its canonical form (saying why) and steps over a few big strings quicker
+            # than a comparison (see below).
+            if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
+                if len(body.translate(None, _SHORT_WAYS)) == size or cbor2.dumps(message) == body:
+                    return message
+            check_cbor(body, max_items)
+            return message
     if type(message) is dict:
         left = _items_within(message, 1, budget)
         if left >= 0:
@@ -538,6 +550,56 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
     if len(body) > max_body:
         raise LimitError(f"a frame body of {len(body)} bytes is over the {max_body}-byte maximum")
     return _pack_header(_CONTROL, 0, channel, len(body)) + body
+
+
+#: The heads of byte strings of fewer than 256 bytes, by length (shortest forms).
+_BYTES_HEADS = tuple(bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) for n in range(256))
+
+
+def _bytes_head(n: int) -> bytes:
+    if n < 256:
+        return _BYTES_HEADS[n]
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    return b"\x5a" + n.to_bytes(4, "big") if n < 0x100000000 else b"\x5b" + n.to_bytes(8, "big")
+
+
+class EventFrames:
+    """CONTROL frames of the broker's events on channel 0 -- ``{"source", "member", "payload",
+    "sender", "identity", "event": "event"}``, in that order -- whose payload is a byte string:
+    the very bytes :func:`encode_control` makes of that message, without encoding all of it
+    per event.  What does not change between one emitter's events of one kind (everything but
+    the payload) is encoded once and kept, for at most ``keep`` kinds at once (all are
+    dropped when that many are kept: a bounded memo, whoever emits what)."""
+
+    __slots__ = ("_parts", "_keep")
+
+    def __init__(self, keep: int = 1024) -> None:
+        self._parts: dict[tuple[str, str, str, str], tuple[bytes, bytes]] = {}
+        self._keep = keep
+
+    def encode(self, source: str, member: str, payload: bytes, sender: str, identity: str, max_body: int = DEFAULT_MAX_CONTROL) -> bytes:
+        """The frame, or :class:`LimitError` for a body over ``max_body`` (as encode_control)."""
+        key = (source, member, sender, identity)
+        parts = self._parts.get(key)
+        if parts is None:
+            if len(self._parts) >= self._keep:
+                self._parts.clear()
+            for text in key:
+                if type(text) is not str:
+                    raise LocalProtocolError("an event's source, member, sender and identity are text")
+            dumps = cbor2.dumps
+            parts = self._parts[key] = (
+                b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
+                dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
+            )
+        head, tail = parts
+        n = len(payload)
+        payload_head = _BYTES_HEADS[n] if n < 256 else _bytes_head(n)
+        size = len(head) + len(payload_head) + n + len(tail)
+        if size > max_body:
+            raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
+        return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail))
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:

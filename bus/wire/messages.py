@@ -119,12 +119,12 @@ def parse_message(body: dict[Any, Any]) -> Message:
     for something that is no message at all.
     """
     if "op" in body:
-        rid = body.get("id")
-        request_id = rid if _valid_id(rid) else None
-        if request_id is None:
+        request_id: Any = body.get("id")
+        # (_valid_id's test, for the int every decoded id is, without a call; the rest asks it)
+        if not (type(request_id) is int and 0 < request_id <= MAX_REQUEST_ID or _valid_id(request_id)):
             raise MalformedRequest("a request needs an integer 'id' between 1 and 2**53", None)
         op = body["op"]
-        if not isinstance(op, str) or not op:
+        if type(op) is not str and not isinstance(op, str) or not op:
             raise MalformedRequest("a request's 'op' must be a non-empty string", request_id)
         args = body.copy()
         del args["op"], args["id"]
