@@ -74,7 +74,7 @@ class Event:
 
 # An Event built as its ``__init__`` would, in a third of the time (one is built per event
 # per connection, on the subscriber's hot path): a frozen dataclass sets each field through
-# ``object.__setattr__``; Events._on_event makes one with ``object.__new__`` and sets its
+# ``object.__setattr__``; Events._on_events makes one with ``object.__new__`` and sets its
 # slots directly, with these.
 _SET_SOURCE, _SET_MEMBER, _SET_PAYLOAD, _SET_SENDER, _SET_IDENTITY = (
     getattr(Event, name).__set__ for name in ("source", "member", "payload", "sender", "identity")
@@ -222,7 +222,7 @@ class Events:
         self._connection = connection
         self.live: set[Subscription] = set()
         self._by_link: weakref.WeakKeyDictionary[Link, dict[int, Subscription]] = weakref.WeakKeyDictionary()
-        connection.raw_event_handlers["event"] = self._on_event
+        connection.raw_event_handlers["event"] = self._on_events
         connection.event_handlers["gap"] = self._on_gap
         connection.event_handlers["emit_refused"] = self._on_refused
         self._refused: RequestError | None = None  # a quiet emit's refusal, not raised yet
@@ -331,45 +331,55 @@ class Events:
         log.warning("an event published earlier was refused: %s", error)
         self._refused = error
 
-    def _on_event(self, link: Link, message: dict[str, Any]) -> None:
-        # (The message as it came, see BusConnection.raw_event_handlers: read, never kept.)
-        try:
-            # (Subscripts: cheaper than .get calls, and busd sends every field.)
-            source, member, payload, sender, identity = (
-                message["source"], message["member"], message["payload"], message["sender"], message["identity"]
-            )
-        except KeyError:
-            source, member, payload = message.get("source"), message.get("member"), message.get("payload")
-            sender, identity = message.get("sender", ""), message.get("identity", "")
-        if type(source) is not str or type(member) is not str:
-            return
+    def _on_events(self, link: Link, run: list[dict[Any, Any]], start: int) -> int:
+        """The events at ``run[start]`` and after it, while they are events (see
+        BusConnection.raw_event_handlers: the maps as they came, read, never kept): each to
+        the subscriptions it matches; returns the index of the first message not taken."""
         if link is not self._routes_link:
             self.routes_changed()
             self._routes_link = link
-        # The route, by source then member (two lookups of cached string hashes, cheaper
-        # than hashing a fresh (source, member) tuple per event).
-        by_member = self._routes.get(source)
-        route = by_member.get(member) if by_member is not None else None
-        if route is None:
-            route = self._route(link, source, member)
-        if not route:
-            return
-        event = _new(Event)
-        _SET_SOURCE(event, source)
-        _SET_MEMBER(event, member)
-        _SET_PAYLOAD(event, payload)
-        _SET_SENDER(event, sender if type(sender) is str else str(sender))
-        _SET_IDENTITY(event, identity if type(identity) is str else str(identity))
-        for sub in route:
-            # Subscription._put's common case in this loop (it runs once per event per
-            # subscription): room in the buffer, nothing dropped, not closed.
-            buffer = sub._buffer
-            if sub._dropped or sub._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
-                sub._put(event)
+        routes = self._routes  # (cleared in place when routes change: the same dict)
+        for i in range(start, len(run)):
+            message = run[i]
+            if message.get("event") != "event" or "op" in message or "re" in message:
+                return i  # (not an event: the link's dispatch takes it)
+            try:
+                # (Subscripts: cheaper than .get calls, and busd sends every field.)
+                source = message["source"]
+                member = message["member"]
+                payload = message["payload"]
+                sender = message["sender"]
+                identity = message["identity"]
+            except KeyError:
+                source, member, payload = message.get("source"), message.get("member"), message.get("payload")
+                sender, identity = message.get("sender", ""), message.get("identity", "")
+            if type(source) is not str or type(member) is not str:
                 continue
-            buffer.append(event)
-            if sub._waiters:
-                _reschedule(sub._waiters.popleft())
+            # The route, by source then member (two lookups of cached string hashes, cheaper
+            # than hashing a fresh (source, member) tuple per event).
+            by_member = routes.get(source)
+            route = by_member.get(member) if by_member is not None else None
+            if route is None:
+                route = self._route(link, source, member)
+            if not route:
+                continue
+            event = _new(Event)
+            _SET_SOURCE(event, source)
+            _SET_MEMBER(event, member)
+            _SET_PAYLOAD(event, payload)
+            _SET_SENDER(event, sender if type(sender) is str else str(sender))
+            _SET_IDENTITY(event, identity if type(identity) is str else str(identity))
+            for sub in route:
+                # Subscription._put's common case in this loop (it runs once per event per
+                # subscription): room in the buffer, nothing dropped, not closed.
+                buffer = sub._buffer
+                if sub._dropped or sub._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
+                    sub._put(event)
+                    continue
+                buffer.append(event)
+                if sub._waiters:
+                    _reschedule(sub._waiters.popleft())
+        return len(run)
 
     def _route(self, link: Link, source: str, member: str) -> list[Subscription]:
         """Work out (and remember, up to ROUTE_CACHE kinds) which subscriptions take events
