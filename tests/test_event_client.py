@@ -4,6 +4,7 @@ consumer's side of a subscription (waiting, cancellation, several consumers)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,14 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
         Event("org.example.Ticker", "Tick", {"n": 2}, "7", EMITTER_ID),
     ]
     assert answers == [{"re": 41, "error": {"code": "minibus.Error.UnknownOperation", "message": "unknown operation 'frobnicate'"}}]
+    # What the reader builds (see events._EventDraft) is an Event as its constructor makes it:
+    # the same type, fields, hash and JSON, and frozen.
+    first, made = got[0], Event("org.example.Ticker", "Tick", {"n": 0}, ":7", EMITTER_ID)
+    assert type(first) is Event and hash(dataclasses.replace(first, payload=0)) == hash(dataclasses.replace(made, payload=0))
+    assert first.to_json() == made.to_json() and repr(first) == repr(made)
+    assert dataclasses.fields(first) == dataclasses.fields(made) and dataclasses.replace(first, payload=1).payload == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.payload = 1  # type: ignore[misc]
 
 
 async def test_an_event_whose_name_is_not_text_ends_the_link(tmp_path: Path) -> None:

@@ -798,29 +798,37 @@ class FrameDecoder:
         chunk, pos = self._chunk, self._pos
         size = len(chunk)
         messages: list[dict[Any, Any]] = []
-        limit = self.max_control
-        trusted = self.trusted
-        loads = cbor2.loads
-        while pos + HEADER_SIZE <= size:
-            kind, flags, channel, length = _unpack_header(chunk, pos)
-            end = pos + HEADER_SIZE + length
-            if kind != _CONTROL or flags or channel or length > limit or end > size:
-                break
-            body = chunk[pos + HEADER_SIZE : end]
-            if trusted:
+        append, unpack, limit = messages.append, _unpack_header, self.max_control
+        start = pos + HEADER_SIZE  # (of the next frame's body)
+        # (One loop for each way of decoding: no test of it per frame.)
+        if self.trusted:
+            loads = cbor2.loads
+            while start <= size:
+                kind, flags, channel, length = unpack(chunk, pos)
+                end = start + length
+                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                    break
                 try:
-                    message = loads(body)
+                    message = loads(chunk[start:end])
                 except Exception:  # (left for next_frame, which says why)
                     break
                 if type(message) is not dict:
                     break
-            else:
+                append(message)
+                pos, start = end, end + HEADER_SIZE
+        else:
+            max_items = self.max_items
+            while start <= size:
+                kind, flags, channel, length = unpack(chunk, pos)
+                end = start + length
+                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                    break
                 try:
-                    message = decode_control_body(body, self.max_items)
+                    message = decode_control_body(chunk[start:end], max_items)
                 except FrameError:
                     break
-            messages.append(message)
-            pos = end
+                append(message)
+                pos, start = end, end + HEADER_SIZE
         if pos == size:
             self._chunk, self._pos = b"", 0
         else:
