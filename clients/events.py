@@ -55,6 +55,8 @@ ROUTE_CACHE = 256
 _PLAIN_SCALARS = frozenset({bytes, str, bool, float, type(None)})
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _reschedule = trio.lowlevel.reschedule
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_NO_KIND = object()  # equal to no source or member
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +184,7 @@ class Subscription:
         # item: then the next call waits, which lets them run).
         buffer = self._buffer
         if buffer:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             item = buffer.popleft()
             self._taken += 1
             if not self._taken & 15 and buffer:
@@ -340,6 +342,11 @@ class Events:
             self.routes_changed()
             self._routes_link = link
         routes = self._routes  # (cleared in place when routes change: the same dict)
+        # The last event's kind and route (no subscription comes or goes during a run): a
+        # kind equal to it is text, and takes the same route.
+        last_source: object = _NO_KIND
+        last_member: object = _NO_KIND
+        last_route: list[Subscription] = []
         for i in range(start, len(run)):
             message = run[i]
             if message.get("event") != "event" or "op" in message or "re" in message:
@@ -354,14 +361,17 @@ class Events:
             except KeyError:
                 source, member, payload = message.get("source"), message.get("member"), message.get("payload")
                 sender, identity = message.get("sender", ""), message.get("identity", "")
-            if type(source) is not str or type(member) is not str:
-                continue
-            # The route, by source then member (two lookups of cached string hashes, cheaper
-            # than hashing a fresh (source, member) tuple per event).
-            by_member = routes.get(source)
-            route = by_member.get(member) if by_member is not None else None
-            if route is None:
-                route = self._route(link, source, member)
+            if member == last_member and source == last_source:
+                route = last_route  # (the same kind as the last event: most often, in a run)
+            else:
+                if type(source) is not str or type(member) is not str:
+                    continue
+                # The route, by source then member (two lookups, cheaper than hashing a
+                # fresh (source, member) tuple).
+                by_member = routes.get(source)
+                known = by_member.get(member) if by_member is not None else None
+                route = known if known is not None else self._route(link, source, member)
+                last_source, last_member, last_route = source, member, route
             if not route:
                 continue
             event: Any = _EventDraft()

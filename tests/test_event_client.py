@@ -84,6 +84,40 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
         first.payload = 1  # type: ignore[misc]
 
 
+async def test_a_burst_of_mixed_kinds_reaches_each_subscription_in_order(tmp_path: Path) -> None:
+    """Events of several kinds interleaved in one write (the reader remembers the last kind's
+    route): each subscription gets exactly the events it matches, in order."""
+    ready = trio.Event()
+
+    async def script(framed: FramedStream) -> None:
+        for sub_id in (1, 2, 3):
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame) and frame.message["op"] == "subscribe", frame
+            await framed.send_message({"re": frame.message["id"], "result": {"subscription": sub_id}})
+        await ready.wait()
+        kinds = ["Tick", "Tick", "Tock", "Tick", "Tock", "Tock", "Other", "Tick"]
+        burst = [event(member, n) for n, member in enumerate(kinds)]
+        burst.insert(5, {**event("Tock", 99), "member": 5})  # a member that is not text: dropped
+        burst.insert(2, {**event("Tick", 98), "source": None})  # no source: dropped
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in burst))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks, bus.subscribe("org.example.*", "Tock") as tocks:
+                async with bus.subscribe("org.example.*", "*") as every:
+                    ready.set()
+                    with trio.fail_after(10):
+                        got_ticks = [(await ticks.__anext__()).payload["n"] for _ in range(4)]  # type: ignore[union-attr]
+                        got_tocks = [(await tocks.__anext__()).payload["n"] for _ in range(3)]  # type: ignore[union-attr]
+                        got_every = [(await every.__anext__()).payload["n"] for _ in range(8)]  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+    assert got_ticks == [0, 1, 3, 7]
+    assert got_tocks == [2, 4, 5]
+    assert got_every == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
 async def test_an_event_whose_name_is_not_text_ends_the_link(tmp_path: Path) -> None:
     subscribed_now = trio.Event()
 
