@@ -116,7 +116,6 @@ class Subscription:
         self._ended = False  # no more items will come (unsubscribed, or the bus closed)
         self._closed = False
         self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
-        self._taken = 0  # items handed to the consumer
 
     def matches(self, source: str, member: str) -> bool:
         return self._member.match(member) and self._source.match(source)
@@ -180,16 +179,15 @@ class Subscription:
     async def __anext__(self) -> Event | Gap:
         # What is buffered already is handed over without a scheduler pass each time (one
         # per item would cost as much as the item): every call can be cancelled (before it
-        # takes anything), and every 16th lets the other tasks run (unless it took the last
-        # item: then the next call waits, which lets them run).
+        # takes anything), and a call that leaves a multiple of 16 items lets the other
+        # tasks run -- one in at most 16 calls, since nothing is added between two
+        # scheduling points.  (One that leaves none does not: the next call waits, which
+        # lets them run; a burst of 16 would otherwise cost two passes.)
         buffer = self._buffer
         if buffer:
             await _checkpoint_if_cancelled()
             item = buffer.popleft()
-            self._taken += 1
-            if not self._taken & 15 and buffer:
-                # (With the buffer empty, the next call parks: that is the scheduling point,
-                # so none is taken here too -- a burst of 16 would otherwise cost two.)
+            if not len(buffer) & 15 and buffer:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return item
         while not buffer:

@@ -118,6 +118,50 @@ async def test_a_burst_of_mixed_kinds_reaches_each_subscription_in_order(tmp_pat
     assert got_every == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
+async def test_a_consumer_of_a_full_buffer_lets_other_tasks_run(tmp_path: Path) -> None:
+    """Taking buffered items does not wait, but at most 16 are taken between two scheduling
+    points, where the other tasks run (and every call can still be cancelled: see the test
+    below)."""
+    ready = trio.Event()
+
+    async def script(framed: FramedStream) -> None:
+        await subscribed(framed)
+        await ready.wait()
+        await framed.stream.send_all(b"".join(encode_control(0, event("Tick", n)) for n in range(100)))
+        await trio.sleep_forever()
+
+    taken = 0
+    progress: list[int] = []  # how many the consumer had taken, at each turn of another task
+
+    async def other_task() -> None:
+        while True:
+            progress.append(taken)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                ready.set()
+                with trio.fail_after(10):
+                    while len(ticks._buffer) < 100:
+                        await trio.sleep(0.01)
+                nursery.start_soon(other_task)
+                while not progress:
+                    await trio.lowlevel.checkpoint()
+                for _ in range(100):
+                    assert isinstance(await ticks.__anext__(), Event)
+                    taken += 1
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    # The other task ran while the 100 were taken, again and again.  (How often it saw the
+    # consumer's turns depends on the order trio runs the tasks of each scheduler pass in, which
+    # is random: at most a few turns of 16 between two of its own.)
+    steps = [after - before for before, after in zip(progress, progress[1:])]
+    assert progress[-1] == 100 and len({n for n in progress if 0 < n < 100}) >= 3 and max(steps) <= 48, progress
+
+
 async def test_an_event_whose_name_is_not_text_ends_the_link(tmp_path: Path) -> None:
     subscribed_now = trio.Event()
 
