@@ -69,20 +69,14 @@ OUTBOUND_BUFFER = 1024
 RequestHandler = Callable[["Link", Request], "dict[str, Any] | None"]
 #: Takes an event the broker pushes on the control channel.
 EventHandler = Callable[["Link", Event], None]
-#: Takes an event's message as it came: the map with its ``event`` key and its fields (not
-#: to be changed or kept); for the events that come by the thousand, without the copy of
-#: its fields an :class:`~bus.wire.messages.Event` makes.
-RawEventHandler = Callable[["Link", dict[str, Any]], None]
-
-
-def _no_more() -> None:
-    """``next_frame`` for a frame that came alone."""
-    return None
-
-
-def _no_messages() -> list[dict[Any, Any]]:
-    """``take_messages`` for a frame that came alone (a fresh list, as the decoder's)."""
-    return []
+#: Takes events' messages as they came, for the events that come by the thousand (without the
+#: copy of its fields an :class:`~bus.wire.messages.Event` makes, and one call for a run of
+#: them): ``handler(link, run, start)`` takes ``run[start]`` (an event of its name) and the
+#: messages after it while they are events of its name (an ``event`` key naming it, no ``op``
+#: or ``re``: what :func:`~bus.wire.messages.parse_message` calls an event), in order; it
+#: returns the index of the first message it did not take (``len(run)`` for none).  The maps
+#: are read, not changed or kept.
+RawEventHandler = Callable[["Link", list[dict[Any, Any]], int], int]
 
 
 class CannotConnect(BusError):
@@ -617,26 +611,26 @@ class BusConnection:
         try:
             framed = link.framed
             dispatch = self._dispatch_frames
-            frame = await framed.receive_frame()  # (the handshake may have left frames)
-            while frame is not None:
-                if not framed.buffered:
-                    error = dispatch(link, frame, _no_more, _no_messages)
-                else:
-                    # A burst (events, replies, relayed calls): what handling it sends goes
-                    # out in one write at its end (channel frames, answers), not one write
-                    # per frame.
-                    link.send.cork()
-                    try:
-                        error = dispatch(link, frame, framed.receive_frame_nowait, framed.take_control_messages)
-                    finally:
-                        link.send.uncork()
+            next_frame, take_messages = framed.receive_frame_nowait, framed.take_control_messages
+            corked = link.send
+            # What the handshake may have left, then read after read: each read's run of
+            # control messages (a burst of events is one), then the frames after it.  What
+            # handling them sends goes out in one write at the end (channel frames, answers),
+            # not one write per frame.
+            run: list[dict[Any, Any]] | None = take_messages()
+            while run is not None:
+                corked.cork()
+                try:
+                    error = dispatch(link, run, next_frame, take_messages)
+                finally:
+                    corked.uncork()
                 if error is not None:
                     reason = error
-                # (A DATA frame may be a view of the whole read it came in: not kept alive
-                # while this task waits for the next one.)  Every whole frame read so far was
-                # handed on: the next one needs a read.
-                frame = None
-                frame = await framed.read_frame()
+                # (A DATA frame may be a view of the whole read it came in: none is kept
+                # alive while this task waits.)  Every whole frame read so far was handed on:
+                # the next one needs a read.
+                run = None
+                run = await framed.read_messages()
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             reason = f"connection lost: {exc}"
         finally:
@@ -656,47 +650,52 @@ class BusConnection:
     def _dispatch_frames(
         self,
         link: Link,
-        frame: Frame | None,
+        run: list[dict[Any, Any]],
         next_frame: Callable[[], Frame | None],
         take_messages: Callable[[], list[dict[Any, Any]]],
     ) -> str | None:
-        """Hand ``frame``, then the rest of the burst, to whoever each frame is for (no
-        waiting): after each frame, the run of control messages ``take_messages`` cuts
-        (see :meth:`FrameDecoder.take_control_messages`), then the frame ``next_frame``
-        gives, until it gives None.  Returns the reason of a broker's error event (the
-        connection ends after it), else None.
+        """Hand ``run`` (control messages on channel 0, in order), then the rest of what is
+        buffered, to whoever each message or frame is for (no waiting): the frame
+        ``next_frame`` gives, the run of control messages ``take_messages`` cuts after it (see
+        :meth:`FrameDecoder.take_control_messages`), and so on until ``next_frame`` gives
+        None.  Returns the reason of a broker's error event (the connection ends after it),
+        else None.
 
         The hot cases are handled in this loop, without a call of their own: a channel's
         data frame goes straight to its channel (what follows it comes from ``next_frame``);
         an event (as parse_message tells them: an ``event`` key and no ``op`` or ``re``)
         that has a raw handler goes straight to it, with no copy of its fields and no
-        message object.  Anything else goes to :meth:`_dispatch`, in its place in the order."""
+        message object, and so do the events of its name that follow it in the run.
+        Anything else goes to :meth:`_dispatch`, in its place in the order."""
         error = None
         raw_handlers = self.raw_event_handlers
         dispatch = self._dispatch
-        while frame is not None:
-            if type(frame) is DataFrame and frame.channel:
+        while True:
+            i, end = 0, len(run)
+            while i < end:
+                body = run[i]
+                name = body.get("event")
+                if type(name) is str and "op" not in body and "re" not in body:
+                    raw = raw_handlers.get(name)
+                    if raw is not None:
+                        i = raw(link, run, i)  # (it and the events of its name after it)
+                        continue
+                error = dispatch(link, ControlFrame(0, body)) or error
+                i += 1
+            frame = next_frame()
+            while type(frame) is DataFrame and frame.channel:
                 relay = link.channels.get(frame.channel)
                 if relay is not None:  # (late frames of a channel already gone are dropped)
                     relay.on_data(frame.data)
                 frame = next_frame()
-                continue
+            if frame is None:
+                return error
             if frame.channel == 0 and type(frame) is ControlFrame:
                 run = take_messages()  # (a fresh list: this frame's message goes first)
                 run.insert(0, frame.message)
             else:
                 error = dispatch(link, frame) or error
                 run = take_messages()
-            for body in run:
-                name = body.get("event")
-                if type(name) is str and "op" not in body and "re" not in body:
-                    raw = raw_handlers.get(name)
-                    if raw is not None:
-                        raw(link, body)
-                        continue
-                error = dispatch(link, ControlFrame(0, body)) or error
-            frame = next_frame()
-        return error
 
     def _dispatch(self, link: Link, frame: Frame) -> str | None:
         """Hand one frame from the broker to whoever it is for (no waiting); returns the

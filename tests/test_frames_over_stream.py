@@ -232,3 +232,74 @@ async def test_a_first_read_that_waits_first_finds_its_frame_and_makes_no_empty_
         finally:
             stream.close_nowait()
             right.close()
+
+
+@pytest.mark.parametrize("kind", ["fd socket", "trio socket", "memory stream"])
+async def test_read_messages_gives_each_reads_run_and_leaves_the_other_frames(kind: str) -> None:
+    """FramedStream.read_messages (a bus connection's reader): one read each call, the run of
+    control messages on channel 0 it completes, the frames after it (and the runs after those)
+    left to receive_frame_nowait / take_control_messages; a body being filled is read into
+    its place; None at a clean end, a FrameError for an end inside a frame."""
+    from bus.io.fdpass import FdSocketStream
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream: trio.abc.Stream
+    if kind == "memory stream":  # (not a socket: read with receive_some)
+        right.close()
+        send_stream, receive_stream = trio.testing.memory_stream_one_way_pair()
+        stream = trio.StapledStream(send_stream, receive_stream)  # type: ignore[arg-type]
+
+        async def send(data: bytes) -> None:
+            await send_stream.send_all(data)
+
+        async def end() -> None:
+            await send_stream.aclose()
+    else:
+        stream = FdSocketStream(right) if kind == "fd socket" else trio.SocketStream(trio.socket.from_stdlib_socket(right))
+
+        async def send(data: bytes) -> None:
+            left.sendall(data)
+
+        async def end() -> None:
+            left.shutdown(socket.SHUT_WR)
+
+    framed = FramedStream(stream, trusted=True)
+    with left, trio.fail_after(10):
+        one, two, three = ({"event": "event", "n": n} for n in range(3))
+        wire = encode_control(0, one) + encode_control(0, two) + encode_data(4, b"abc") + encode_control(0, three)
+        await send(wire + encode_control(0, {"event": "x"})[:5])
+        assert await framed.read_messages() == [one, two]
+        assert framed.receive_frame_nowait() == DataFrame(4, b"abc")
+        assert framed.take_control_messages() == [three]
+        assert framed.receive_frame_nowait() is None
+        await send(encode_control(0, {"event": "x"})[5:] + encode_data(5, b"d" * 100)[:40])
+        # (A frame that straddles reads is joined, and comes as a frame.)
+        assert await framed.read_messages() == []
+        assert framed.receive_frame_nowait() == ControlFrame(0, {"event": "x"})
+        assert framed.receive_frame_nowait() is None  # (the DATA frame is not all here)
+        # A body going into a buffer of its owner's: the rest of it is read straight there.
+        body = bytearray(100)
+        framed.fill_data_into(body)
+        frame = framed.receive_frame_nowait()  # (its first bytes, from what was read)
+        while frame is None:
+            await send(b"d" * 60)
+            assert await framed.read_messages() == []
+            frame = framed.receive_frame_nowait()
+        assert isinstance(frame, DataFrame) and frame.filled == 100 and body == b"d" * 100
+        framed.fill_data_into(None)
+        await send(encode_control(0, one)[:3])
+        await end()
+        assert await framed.read_messages() == []
+        with pytest.raises(FrameError, match="inside a frame"):
+            await framed.read_messages()
+    await stream.aclose()
+    # A clean end: None, and None again.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    framed = FramedStream(FdSocketStream(right))
+    with left:
+        left.sendall(encode_control(0, one))
+        left.shutdown(socket.SHUT_WR)
+        assert await framed.read_messages() == [one]
+        assert await framed.read_messages() is None
+        assert await framed.read_messages() is None
+    await framed.aclose()

@@ -163,7 +163,8 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
             if self._closed or self._raw.fileno() < 0:
                 raise trio.ClosedResourceError("the stream was closed") from exc
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
-        self._keep_fds(ancdata)
+        if ancdata:  # (most reads bring none)
+            self._keep_fds(ancdata)
         return data
 
     #: :meth:`receive_nowait` with ``None`` for nothing there (no exception to catch).

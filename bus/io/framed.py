@@ -231,6 +231,41 @@ class FramedStream:
             frame = decoder.next_frame_from(data)  # (bytearray: fed, then cut)
         return frame
 
+    async def read_messages(self) -> list[dict[Any, Any]] | None:
+        """One read, for a reader that took every whole frame buffered (its last
+        :meth:`receive_frame_nowait` returned ``None``): waits for the stream, then returns
+        the run of control messages on channel 0 that the bytes read complete (see
+        :meth:`take_control_messages`; perhaps none), after which the reader takes the other
+        frames with :meth:`receive_frame_nowait` (and the runs after them), as after
+        :meth:`read_frame`.  ``None`` at a clean end of stream; the errors of
+        :meth:`receive_frame`.  (A burst of events is one list, with no frame object made.)"""
+        decoder = self._decoder
+        if self.at_end:
+            decoder.end_of_input()
+            return None
+        reads = self._socket_reads
+        data: bytes | bytearray
+        if reads is None:
+            data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
+        else:
+            room = decoder.fill_room()
+            if room is not None:  # a big body being filled: read straight into its place
+                taken = await self._receive_socket_into(reads, room)
+                if not taken:
+                    self.at_end = True
+                    decoder.end_of_input()  # (raises: the stream ended inside a frame)
+                    return None  # pragma: no cover
+                self.bytes_received += taken
+                decoder.filled(taken)
+                return []
+            data = await self._receive_socket(reads)
+        if not data:
+            self.at_end = True
+            decoder.end_of_input()
+            return None
+        self.bytes_received += len(data)
+        return decoder.take_control_messages(data)
+
     async def _receive_socket(self, reads: _SocketReads) -> bytes:
         waited = False
         if self._drained:  # the last read emptied the socket: reading now would find nothing

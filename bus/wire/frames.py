@@ -834,11 +834,13 @@ class FrameDecoder:
                 return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
 
-    def take_control_messages(self) -> list[dict[Any, Any]]:
+    def take_control_messages(self, data: bytes | bytearray | memoryview | None = None) -> list[dict[Any, Any]]:
         """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
         at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
         decoded when :attr:`trusted`); an empty list if the next frame is not one (a new
-        list each call: the caller may keep or change it).
+        list each call: the caller may keep or change it).  ``data``: bytes just read, fed
+        first (:meth:`receive_data`, in one step when nothing is buffered, as
+        :meth:`next_frame_from` feeds them).
 
         For a reader taking a burst (a subscriber's events): one call and one loop for the
         run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
@@ -848,34 +850,47 @@ class FrameDecoder:
         it or refuses it exactly as it would have.  Only CONTROL frames are taken, so a
         handler of one may still change how the DATA frames after it are taken
         (:meth:`fill_data_into`) before they are cut."""
+        if data is not None:
+            if self._header is None and not self._chunk and not self._parts and self._error is None and data:
+                self._chunk, self._pos = data if type(data) is bytes else bytes(data), 0
+            else:
+                self.receive_data(data)
         if self._header is not None or self._parts or self._error is not None:
             return []
         chunk, pos = self._chunk, self._pos
         size = len(chunk)
         messages: list[dict[Any, Any]] = []
-        limit = self.max_control
-        trusted = self.trusted
-        loads = cbor2.loads
-        while pos + HEADER_SIZE <= size:
-            kind, flags, channel, length = _unpack_header(chunk, pos)
-            end = pos + HEADER_SIZE + length
-            if kind != _CONTROL or flags or channel or length > limit or end > size:
-                break
-            body = chunk[pos + HEADER_SIZE : end]
-            if trusted:
+        append, unpack, limit = messages.append, _unpack_header, self.max_control
+        start = pos + HEADER_SIZE  # (of the next frame's body)
+        # (One loop for each way of decoding: no test of it per frame.)
+        if self.trusted:
+            loads = cbor2.loads
+            while start <= size:
+                kind, flags, channel, length = unpack(chunk, pos)
+                end = start + length
+                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                    break
                 try:
-                    message = loads(body)
+                    message = loads(chunk[start:end])
                 except Exception:  # (left for next_frame, which says why)
                     break
                 if type(message) is not dict:
                     break
-            else:
+                append(message)
+                pos, start = end, end + HEADER_SIZE
+        else:
+            max_items = self.max_items
+            while start <= size:
+                kind, flags, channel, length = unpack(chunk, pos)
+                end = start + length
+                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                    break
                 try:
-                    message = decode_control_body(body, self.max_items)
+                    message = decode_control_body(chunk[start:end], max_items)
                 except FrameError:
                     break
-            messages.append(message)
-            pos = end
+                append(message)
+                pos, start = end, end + HEADER_SIZE
         if pos == size:
             self._chunk, self._pos = b"", 0
         else:
