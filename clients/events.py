@@ -340,8 +340,8 @@ class Events:
             self.routes_changed()
             self._routes_link = link
         routes = self._routes  # (cleared in place when routes change: the same dict)
-        # The last event's kind and route (no subscription comes or goes during a run): a
-        # kind equal to it is text, and takes the same route.
+        # The last event's kind and route (no subscription comes or goes during a run): an
+        # event of an equal kind takes the same route.
         last_source: object = _NO_KIND
         last_member: object = _NO_KIND
         last_route: list[Subscription] = []
@@ -359,11 +359,11 @@ class Events:
             except KeyError:
                 source, member, payload = message.get("source"), message.get("member"), message.get("payload")
                 sender, identity = message.get("sender", ""), message.get("identity", "")
+            if type(source) is not str or type(member) is not str:
+                continue  # (before any comparison: text is only compared with text)
             if member == last_member and source == last_source:
                 route = last_route  # (the same kind as the last event: most often, in a run)
             else:
-                if type(source) is not str or type(member) is not str:
-                    continue
                 # The route, by source then member (two lookups, cheaper than hashing a
                 # fresh (source, member) tuple).
                 by_member = routes.get(source)
