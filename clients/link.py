@@ -678,7 +678,9 @@ class BusConnection:
                 if type(name) is str and "op" not in body and "re" not in body:
                     raw = raw_handlers.get(name)
                     if raw is not None:
-                        i = raw(link, run, i)  # (it and the events of its name after it)
+                        # (it and the events of its name after it; at least it, whatever a
+                        # handler returns, so that one that took nothing cannot stall the reader)
+                        i = max(raw(link, run, i), i + 1)
                         continue
                 error = dispatch(link, ControlFrame(0, body)) or error
                 i += 1
