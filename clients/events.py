@@ -180,7 +180,8 @@ class Subscription:
         # What is buffered already is handed over without a scheduler pass each time (one
         # per item would cost as much as the item): every call can be cancelled (before it
         # takes anything), and a call that leaves a multiple of 16 items lets the other
-        # tasks run -- one in at most 16 calls, since nothing is added between two
+        # tasks run -- one in at most 16 calls on this subscription (a consumer of k takes up
+        # to 16k items between them, as before), since nothing is added between two
         # scheduling points.  (One that leaves none does not: the next call waits, which
         # lets them run; a burst of 16 would otherwise cost two passes.)
         buffer = self._buffer
