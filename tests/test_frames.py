@@ -858,7 +858,9 @@ def test_a_whole_data_frame_over_the_limit_in_one_read_is_refused(views: bool, v
         dec.next_frame()
 
 
-def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool]) -> tuple[list[Any], str | None]:
+def _frames_taking_runs(
+    pieces: list[bytes], trusted: bool, pattern: list[bool], max_bytes: int | None = None
+) -> tuple[list[Any], str | None]:
     """Frames cut as a bus connection's reader cuts a burst: after each frame, the run of
     control messages take_control_messages gives (as ControlFrames on channel 0), then
     next_frame; ``pattern`` says, per step, whether to ask for a run first."""
@@ -872,7 +874,13 @@ def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool])
                 ask = pattern[step % len(pattern)] if pattern else True
                 step += 1
                 if ask:
-                    out.extend(ControlFrame(0, message) for message in dec.take_control_messages())
+                    before = dec.buffered
+                    run = dec.take_control_messages(max_bytes)
+                    if max_bytes is not None and len(run) > 1:
+                        # (no frame taken once max_bytes were: all but the last are within it)
+                        last = len(encode_control(0, run[-1], 1 << 20))
+                        assert before - dec.buffered - last < max_bytes
+                    out.extend(ControlFrame(0, message) for message in run)
                 frame = dec.next_frame()
                 if frame is None:
                     break
@@ -906,10 +914,11 @@ def _frames_one_by_one(pieces: list[bytes], trusted: bool) -> tuple[list[Any], s
     )), max_size=2),
     trusted=st.booleans(),
     pattern=st.lists(st.booleans(), max_size=4),
+    max_bytes=st.sampled_from([None, 1, 11, 40, 300]),
 )
 def test_taking_runs_of_control_messages_decides_as_next_frame(
     batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], bad_bodies: list[tuple[int, bytes]],
-    trusted: bool, pattern: list[bool],
+    trusted: bool, pattern: list[bool], max_bytes: int | None,
 ) -> None:
     """take_control_messages gives the same frames in the same order, and the same error
     after the same frames, as next_frame alone, trusted or not, whatever the reads: runs of
@@ -931,7 +940,7 @@ def test_taking_runs_of_control_messages_decides_as_next_frame(
         if piece:
             pieces.append(piece)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
-    assert repr(_frames_taking_runs(pieces, trusted, pattern)) == repr(_frames_one_by_one(pieces, trusted))
+    assert repr(_frames_taking_runs(pieces, trusted, pattern, max_bytes)) == repr(_frames_one_by_one(pieces, trusted))
 
 
 def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
@@ -946,6 +955,20 @@ def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
     with pytest.raises(LocalProtocolError):
         dec.next_frame()
     assert dec.take_control_messages() == []  # (a failed decoder cuts nothing more)
+
+
+def test_a_run_takes_no_frame_once_it_holds_max_bytes() -> None:
+    """A caller sharing its time (busd's reader) takes a read's requests a part at a time:
+    checking them costs CPU per byte and item, and a read holds up to 256 KiB."""
+    frame = encode_control(0, {"op": "ping", "id": 7})
+    dec = FrameDecoder()
+    dec.receive_data(frame * 10)
+    assert dec.take_control_messages(len(frame)) == [{"op": "ping", "id": 7}]
+    assert dec.take_control_messages(len(frame) + 1) == [{"op": "ping", "id": 7}] * 2
+    assert dec.take_control_messages(1) == [{"op": "ping", "id": 7}]  # (one frame at least)
+    assert dec.take_control_messages(3 * len(frame)) == [{"op": "ping", "id": 7}] * 3
+    assert dec.take_control_messages() == [{"op": "ping", "id": 7}] * 3
+    assert dec.buffered == 0
 
 
 def test_a_run_leaves_data_frames_and_other_channels_to_next_frame() -> None:

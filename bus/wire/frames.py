@@ -834,11 +834,16 @@ class FrameDecoder:
                 return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
 
-    def take_control_messages(self) -> list[dict[Any, Any]]:
+    def take_control_messages(self, max_bytes: int | None = None) -> list[dict[Any, Any]]:
         """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
         at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
         decoded when :attr:`trusted`); an empty list if the next frame is not one (a new
         list each call: the caller may keep or change it).
+
+        ``max_bytes``: no frame is taken once the frames taken hold that many bytes (so at
+        most one frame more than that): checking and decoding cost CPU per byte and per
+        item, and a caller that shares its time in slices (busd's reader) takes a read of
+        256 KiB a part at a time, not all of it in one call between two of its checks.
 
         For a reader taking a burst (a subscriber's events): one call and one loop for the
         run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
@@ -856,7 +861,8 @@ class FrameDecoder:
         limit = self.max_control
         trusted = self.trusted
         loads = cbor2.loads
-        while pos + HEADER_SIZE <= size:
+        stop = size if max_bytes is None else min(size, pos + max_bytes)
+        while pos + HEADER_SIZE <= size and pos < stop:
             kind, flags, channel, length = _unpack_header(chunk, pos)
             end = pos + HEADER_SIZE + length
             if kind != _CONTROL or flags or channel or length > limit or end > size:
