@@ -5,9 +5,12 @@ subscriber has read everything."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bus.broker
 from bus.io.framed import FramedStream
@@ -457,3 +460,60 @@ async def test_a_session_ended_while_its_reader_yields_mid_run_handles_nothing_m
         assert handled == seen
         assert not rb.broker.corking and not rb.broker.corked
 
+
+class _Out:
+    """What _room_for_event and _short_of_room read of a session's writer."""
+
+    def __init__(self, stopped: bool, queued_fds: int, queued_bytes: int, frames: int, max_frames: int) -> None:
+        self.stopped, self.queued_fds, self.queued_bytes = stopped, queued_fds, queued_bytes
+        self.frames, self.max_frames = frames, max_frames
+
+    def __len__(self) -> int:
+        return self.frames
+
+
+_PAYERS = ["@a", "@b", "@c", "@d"]
+_sessions = st.builds(
+    lambda stopped, fds, queued, frames, max_frames, held: SimpleNamespace(
+        out=_Out(stopped, fds, queued, frames, max_frames), event_held=held
+    ),
+    st.booleans() | st.just(False),
+    st.sampled_from([0, 1, bus.broker.QUEUED_FDS_PER_CONNECTION - 1, bus.broker.QUEUED_FDS_PER_CONNECTION]),
+    st.integers(0, 3000),
+    st.integers(0, 70),
+    st.sampled_from([1, 2, 3, 64, 128]),
+    st.dictionaries(st.sampled_from(_PAYERS), st.integers(0, 1500), max_size=4),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    sessions=st.lists(_sessions, max_size=6),
+    gone=st.integers(0, 2),
+    threshold=st.sampled_from([1, 2, 3, 7, 1000, 1024, 2048, 3001]),
+    payer=st.sampled_from([*_PAYERS, "@new"]),
+    needed=st.integers(1, 3200) | st.sampled_from([1, 250, 256, 333, 341, 500, 512, 1000, 1024]),
+    edges=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([-1, 0, 1])), max_size=3),
+)
+def test_short_of_room_gives_the_verdicts_of_room_for_event(
+    sessions: list[Any], gone: int, threshold: int, payer: str, needed: int, edges: list[tuple[int, bool, int]]
+) -> None:
+    """busd's one loop for all of an emit's receivers says short exactly where
+    _room_for_event says less than ``needed`` (an event takes at least a byte): every share,
+    room, stopped writer, pile of descriptors, half-full queue, and connection gone -- with
+    a receiver's room, or payer's share there, a byte either side of ``needed`` too."""
+    for index, room, delta in edges:
+        if index < len(sessions):
+            session = sessions[index]
+            if room:
+                session.out.queued_bytes = max(0, threshold - needed + delta)
+            else:  # payer holding what leaves its share there at needed + delta
+                held = session.event_held
+                others = len(held) - (1 if held.get(payer) else 0)
+                mine = threshold // (others + 2) - needed - delta
+                if mine > 0:
+                    held[payer] = mine
+    broker = SimpleNamespace(sessions=dict(enumerate(sessions)), relay_threshold=threshold)
+    ids = [*range(len(sessions)), *range(100, 100 + gone)]
+    expected = [i for i in ids if bus.broker.Broker._room_for_event(broker, i, payer) < needed]  # type: ignore[arg-type]
+    assert bus.broker.Broker._short_of_room(broker, ids, payer, needed) == expected  # type: ignore[arg-type]
