@@ -757,9 +757,9 @@ class Broker:
         if not receivers:
             return
         message = item.message
-        payload = message["payload"]
+        payload = message.get("payload")  # (a FanOut is any message for many: not only an event)
         try:
-            if type(payload) is bytes and len(message) == 6 and message["event"] == "event":
+            if type(payload) is bytes and len(message) == 6 and message.get("event") == "event":
                 # (The core's event message, as EventFrames encodes it: what does not change
                 # between one emitter's events of a kind is encoded once.)
                 data = self.event_frames.encode(

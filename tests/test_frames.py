@@ -1213,6 +1213,18 @@ def test_event_frames_refuse_a_body_over_the_limit_and_keep_a_bounded_memo() -> 
         events.encode("a", 5, b"", ":1", "k")  # type: ignore[arg-type]
 
 
+def test_event_frames_refuse_text_that_is_no_utf8_as_encode_control_does() -> None:
+    """Refused with the error encode_control gives (a BusError, which busd logs), not a
+    UnicodeEncodeError out of the fan-out; and nothing is kept for it."""
+    message = {"source": "\ud800", "member": "b", "payload": b"", "sender": ":1", "identity": "k", "event": "event"}
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, message)
+    events = EventFrames()
+    with pytest.raises(LocalProtocolError, match="cannot be encoded"):
+        events.encode("\ud800", "b", b"", ":1", "k")
+    assert not events._parts
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])

@@ -589,10 +589,14 @@ class EventFrames:
                 if type(text) is not str:
                     raise LocalProtocolError("an event's source, member, sender and identity are text")
             dumps = cbor2.dumps
-            parts = self._parts[key] = (
-                b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
-                dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
-            )
+            try:
+                parts = (
+                    b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
+                    dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
+                )
+            except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
+                raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
+            self._parts[key] = parts
         head, tail = parts
         n = len(payload)
         payload_head = _BYTES_HEADS[n] if n < 256 else _bytes_head(n)
