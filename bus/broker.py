@@ -82,6 +82,11 @@ _TOLD_WHY = ("slow consumer", "keepalive", "broker shutting down")
 
 #: Seconds of control requests one connection's reader handles before it lets others run.
 REQUEST_SLICE = 0.002
+#: The bytes of requests the reader takes (checks and decodes) in one run, between two looks
+#: at its request slice (a run may end one frame past it): a read holds up to 256 KiB, whose
+#: checking alone takes some 100 ms when its bodies are max_control_items tiny items each
+#: (about 1.3 ms a body, here); 8 KiB is two such bodies, or a burst's sixty-odd emits.
+RUN_BYTES = 8 * 1024
 #: Connections torn down at the same time when many end at once.
 TEARDOWNS_AT_ONCE = 32
 #: Socket ends (unix-fd channel requests) queued for one connection before it counts as full.
@@ -408,7 +413,7 @@ class _Session:
                     # call rather than a frame each; each is handled, in order, just as if it
                     # had come through receive_frame_nowait (one that does not check is left
                     # there, and refused by it, after those before it were handled).
-                    run = take() if framed.buffered else None
+                    run = take(max_bytes=RUN_BYTES) if framed.buffered else None
                     if run:
                         self.messages_in += len(run)
                         for message in run:
@@ -752,9 +757,9 @@ class Broker:
         if not receivers:
             return
         message = item.message
-        payload = message["payload"]
+        payload = message.get("payload")  # (a FanOut is any message for many: not only an event)
         try:
-            if type(payload) is bytes and len(message) == 6 and message["event"] == "event":
+            if type(payload) is bytes and len(message) == 6 and message.get("event") == "event":
                 # (The core's event message, as EventFrames encodes it: what does not change
                 # between one emitter's events of a kind is encoded once.)
                 data = self.event_frames.encode(

@@ -5,9 +5,12 @@ subscriber has read everything."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bus.broker
 from bus.io.framed import FramedStream
@@ -366,3 +369,151 @@ async def test_a_body_out_of_the_profile_in_a_run_of_emits_is_refused_after_thos
         assert [m["re"] for m in messages if "re" in m] == list(range(10, 15))
         assert messages[-1]["event"] == "error" and messages[-1]["code"] == "minibus.Error.Frame"
         assert "shortest" in messages[-1]["message"]
+
+
+async def test_the_reader_takes_a_read_of_requests_a_part_at_a_time(tmp_path: Path, monkeypatch: Any) -> None:
+    """Checking and decoding a read's requests costs CPU per byte and item (a read holds up
+    to 256 KiB: some 100 ms of checking, at worst): busd's reader takes at most RUN_BYTES of
+    them (and the frame that passes it) between two looks at its request slice."""
+    from bus.wire.frames import FrameDecoder
+
+    monkeypatch.setattr(bus.broker, "RUN_BYTES", 300)
+    taken: list[tuple[int, int]] = []  # (bytes the run took, its last frame's size)
+    original = FrameDecoder.take_control_messages
+
+    def take(self: FrameDecoder, data: bytes | None = None, max_bytes: int | None = None) -> list[dict[Any, Any]]:
+        before = self.buffered
+        run = original(self, data, max_bytes)
+        if max_bytes is not None and run:  # (busd's reader: the test's own decoders take none)
+            assert max_bytes == 300
+            taken.append((before - self.buffered, len(encode_control(0, run[-1]))))
+        return run
+
+    monkeypatch.setattr(FrameDecoder, "take_control_messages", take)
+    async with running_broker(tmp_path) as rb:
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
+        await reply_to(emitter, 1)
+        ids = range(10, 110)
+        await emitter.stream.send_all(b"".join(encode_control(0, {"op": "ping", "id": i}) for i in ids))
+        assert [r["re"] for r in await replies(emitter, ids)] == list(ids)
+        assert len(taken) > 1
+        assert all(size - last < 300 for size, last in taken)
+        await emitter.aclose()
+
+
+async def test_a_request_that_is_no_message_mid_run_closes_the_connection_after_those_before_it(tmp_path: Path, monkeypatch: Any) -> None:
+    """A request without an id in the middle of a run (the core refuses it as a framing
+    violation: no reply can be owed) ends the connection as it did frame by frame: those
+    before it are answered, the error event says why, nothing after it is handled -- with
+    the reader yielding between every two of them, too."""
+    for request_slice in (0.0, 10.0):
+        monkeypatch.setattr(bus.broker, "REQUEST_SLICE", request_slice)
+        async with running_broker(tmp_path / str(request_slice)) as rb:
+            handled: list[Any] = []
+            receive = rb.broker.core.receive
+
+            def record(conn_id: int, body: dict[Any, Any]) -> Any:
+                handled.append(body.get("id"))
+                return receive(conn_id, body)
+
+            monkeypatch.setattr(rb.broker.core, "receive", record)
+            emitter = await raw_connect(rb.unix_address, OWNER)
+            await emitter.send_message({"op": "hello", "id": 1})
+            await reply_to(emitter, 1)
+            wire = [encode_control(0, {"op": "ping", "id": i}) for i in range(10, 15)]
+            wire.append(encode_control(0, {"op": "ping"}))
+            wire += [encode_control(0, {"op": "ping", "id": i}) for i in range(16, 20)]
+            await emitter.stream.send_all(b"".join(wire))
+            messages = await read_until_closed(emitter)
+            assert [m["re"] for m in messages if "re" in m] == list(range(10, 15))
+            assert messages[-1]["event"] == "error" and messages[-1]["code"] == "minibus.Error.Frame"
+            assert handled == [1, *range(10, 15), None]
+
+
+async def test_a_session_ended_while_its_reader_yields_mid_run_handles_nothing_more(tmp_path: Path, monkeypatch: Any) -> None:
+    """The reader yields inside a run (its request slice spent); a session ended meanwhile
+    (kicked, cut as a slow consumer, the broker stopping) handles none of the rest of the run."""
+    monkeypatch.setattr(bus.broker, "REQUEST_SLICE", 0.0)
+    async with running_broker(tmp_path) as rb:
+        handled: list[Any] = []
+        receive = rb.broker.core.receive
+
+        def record(conn_id: int, body: dict[Any, Any]) -> Any:
+            handled.append(body.get("id"))
+            return receive(conn_id, body)
+
+        monkeypatch.setattr(rb.broker.core, "receive", record)
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1})
+        unique_id = (await reply_to(emitter, 1))["result"]["unique_id"]
+        session = rb.broker.sessions[int(unique_id.lstrip(":"))]
+        ids = range(10, 60)
+        await emitter.stream.send_all(b"".join(encode_control(0, {"op": "ping", "id": i}) for i in ids))
+        with trio.fail_after(10):
+            while 12 not in handled:
+                await trio.sleep(0)  # (runs while the reader yields between two of the run)
+        session.end("ended by the test")
+        seen = list(handled)
+        assert seen[-1] != ids[-1]  # (still inside the run)
+        await read_until_closed(emitter)
+        assert handled == seen
+        assert not rb.broker.corking and not rb.broker.corked
+
+
+class _Out:
+    """What _room_for_event and _short_of_room read of a session's writer."""
+
+    def __init__(self, stopped: bool, queued_fds: int, queued_bytes: int, frames: int, max_frames: int) -> None:
+        self.stopped, self.queued_fds, self.queued_bytes = stopped, queued_fds, queued_bytes
+        self.frames, self.max_frames = frames, max_frames
+
+    def __len__(self) -> int:
+        return self.frames
+
+
+_PAYERS = ["@a", "@b", "@c", "@d"]
+_sessions = st.builds(
+    lambda stopped, fds, queued, frames, max_frames, held: SimpleNamespace(
+        out=_Out(stopped, fds, queued, frames, max_frames), event_held=held
+    ),
+    st.booleans() | st.just(False),
+    st.sampled_from([0, 1, bus.broker.QUEUED_FDS_PER_CONNECTION - 1, bus.broker.QUEUED_FDS_PER_CONNECTION]),
+    st.integers(0, 3000),
+    st.integers(0, 70),
+    st.sampled_from([1, 2, 3, 64, 128]),
+    st.dictionaries(st.sampled_from(_PAYERS), st.integers(0, 1500), max_size=4),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    sessions=st.lists(_sessions, max_size=6),
+    gone=st.integers(0, 2),
+    threshold=st.sampled_from([1, 2, 3, 7, 1000, 1024, 2048, 3001]),
+    payer=st.sampled_from([*_PAYERS, "@new"]),
+    needed=st.integers(1, 3200) | st.sampled_from([1, 250, 256, 333, 341, 500, 512, 1000, 1024]),
+    edges=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([-1, 0, 1])), max_size=3),
+)
+def test_short_of_room_gives_the_verdicts_of_room_for_event(
+    sessions: list[Any], gone: int, threshold: int, payer: str, needed: int, edges: list[tuple[int, bool, int]]
+) -> None:
+    """busd's one loop for all of an emit's receivers says short exactly where
+    _room_for_event says less than ``needed`` (an event takes at least a byte): every share,
+    room, stopped writer, pile of descriptors, half-full queue, and connection gone -- with
+    a receiver's room, or payer's share there, a byte either side of ``needed`` too."""
+    for index, room, delta in edges:
+        if index < len(sessions):
+            session = sessions[index]
+            if room:
+                session.out.queued_bytes = max(0, threshold - needed + delta)
+            else:  # payer holding what leaves its share there at needed + delta
+                held = session.event_held
+                others = len(held) - (1 if held.get(payer) else 0)
+                mine = threshold // (others + 2) - needed - delta
+                if mine > 0:
+                    held[payer] = mine
+    broker = SimpleNamespace(sessions=dict(enumerate(sessions)), relay_threshold=threshold)
+    ids = [*range(len(sessions)), *range(100, 100 + gone)]
+    expected = [i for i in ids if bus.broker.Broker._room_for_event(broker, i, payer) < needed]  # type: ignore[arg-type]
+    assert bus.broker.Broker._short_of_room(broker, ids, payer, needed) == expected  # type: ignore[arg-type]

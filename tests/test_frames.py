@@ -858,7 +858,9 @@ def test_a_whole_data_frame_over_the_limit_in_one_read_is_refused(views: bool, v
         dec.next_frame()
 
 
-def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool]) -> tuple[list[Any], str | None]:
+def _frames_taking_runs(
+    pieces: list[bytes], trusted: bool, pattern: list[bool], max_bytes: int | None = None
+) -> tuple[list[Any], str | None]:
     """Frames cut as a bus connection's reader cuts a burst: after each frame, the run of
     control messages take_control_messages gives (as ControlFrames on channel 0), then
     next_frame; ``pattern`` says, per step, whether to ask for a run first."""
@@ -872,7 +874,13 @@ def _frames_taking_runs(pieces: list[bytes], trusted: bool, pattern: list[bool])
                 ask = pattern[step % len(pattern)] if pattern else True
                 step += 1
                 if ask:
-                    out.extend(ControlFrame(0, message) for message in dec.take_control_messages())
+                    before = dec.buffered
+                    run = dec.take_control_messages(max_bytes=max_bytes)
+                    if max_bytes is not None and len(run) > 1:
+                        # (no frame taken once max_bytes were: all but the last are within it)
+                        last = len(encode_control(0, run[-1], 1 << 20))
+                        assert before - dec.buffered - last < max_bytes
+                    out.extend(ControlFrame(0, message) for message in run)
                 frame = dec.next_frame()
                 if frame is None:
                     break
@@ -906,10 +914,11 @@ def _frames_one_by_one(pieces: list[bytes], trusted: bool) -> tuple[list[Any], s
     )), max_size=2),
     trusted=st.booleans(),
     pattern=st.lists(st.booleans(), max_size=4),
+    max_bytes=st.sampled_from([None, 1, 11, 40, 300]),
 )
 def test_taking_runs_of_control_messages_decides_as_next_frame(
     batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], bad_bodies: list[tuple[int, bytes]],
-    trusted: bool, pattern: list[bool],
+    trusted: bool, pattern: list[bool], max_bytes: int | None,
 ) -> None:
     """take_control_messages gives the same frames in the same order, and the same error
     after the same frames, as next_frame alone, trusted or not, whatever the reads: runs of
@@ -931,7 +940,7 @@ def test_taking_runs_of_control_messages_decides_as_next_frame(
         if piece:
             pieces.append(piece)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
-    assert repr(_frames_taking_runs(pieces, trusted, pattern)) == repr(_frames_one_by_one(pieces, trusted))
+    assert repr(_frames_taking_runs(pieces, trusted, pattern, max_bytes)) == repr(_frames_one_by_one(pieces, trusted))
 
 
 def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
@@ -946,6 +955,20 @@ def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:
     with pytest.raises(LocalProtocolError):
         dec.next_frame()
     assert dec.take_control_messages() == []  # (a failed decoder cuts nothing more)
+
+
+def test_a_run_takes_no_frame_once_it_holds_max_bytes() -> None:
+    """A caller sharing its time (busd's reader) takes a read's requests a part at a time:
+    checking them costs CPU per byte and item, and a read holds up to 256 KiB."""
+    frame = encode_control(0, {"op": "ping", "id": 7})
+    dec = FrameDecoder()
+    dec.receive_data(frame * 10)
+    assert dec.take_control_messages(max_bytes=len(frame)) == [{"op": "ping", "id": 7}]
+    assert dec.take_control_messages(max_bytes=len(frame) + 1) == [{"op": "ping", "id": 7}] * 2
+    assert dec.take_control_messages(max_bytes=1) == [{"op": "ping", "id": 7}]  # (one frame at least)
+    assert dec.take_control_messages(max_bytes=3 * len(frame)) == [{"op": "ping", "id": 7}] * 3
+    assert dec.take_control_messages() == [{"op": "ping", "id": 7}] * 3
+    assert dec.buffered == 0
 
 
 def test_a_run_leaves_data_frames_and_other_channels_to_next_frame() -> None:
@@ -1188,3 +1211,249 @@ def test_event_frames_refuse_a_body_over_the_limit_and_keep_a_bounded_memo() -> 
         assert len(events._parts) <= 4
     with pytest.raises(LocalProtocolError):
         events.encode("a", 5, b"", ":1", "k")  # type: ignore[arg-type]
+
+
+def test_event_frames_refuse_text_that_is_no_utf8_as_encode_control_does() -> None:
+    """Refused with the error encode_control gives (a BusError, which busd logs), not a
+    UnicodeEncodeError out of the fan-out; and nothing is kept for it."""
+    message = {"source": "\ud800", "member": "b", "payload": b"", "sender": ":1", "identity": "k", "event": "event"}
+    with pytest.raises(LocalProtocolError):
+        encode_control(0, message)
+    events = EventFrames()
+    with pytest.raises(LocalProtocolError, match="cannot be encoded"):
+        events.encode("\ud800", "b", b"", ":1", "k")
+    assert not events._parts
+
+
+# -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
+
+_lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])
+_lib_bytes = st.binary(max_size=6) | st.sampled_from([bytes(range(0xC0, 0xE0)), b"\x9f\xbf\x5f\x7f\xd8\x1c", b"\xff" * 25])
+_lib_edges = st.sampled_from([0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]).flatmap(lambda n: st.sampled_from([n, -1 - n]))
+_lib_ints = st.integers(-(2**64), 2**64 - 1) | _lib_edges
+_lib_keys = _lib_text | st.integers(-300, 70000) | _lib_edges
+_lib_scalars = st.none() | st.booleans() | _lib_ints | _lib_text | _lib_bytes | st.floats(allow_nan=False, width=16)
+
+
+def _lib_chain(depth: int, inner: Any, as_map: bool) -> Any:
+    for _ in range(depth):
+        inner = {1: inner} if as_map else [inner]
+    return inner
+
+
+# Containers nested around the profile's limit (the top map is depth 1: these go 27 to 34 deep).
+_lib_deep = st.builds(_lib_chain, st.integers(26, 33), st.sampled_from([[], {}, [1], {"a": 1}, 5, b"\xd8"]), st.booleans())
+_lib_values = st.recursive(_lib_scalars, lambda inner: st.lists(inner, max_size=26) | st.dictionaries(_lib_keys, inner, max_size=5), max_leaves=60)
+
+
+class _LiberalWriter:
+    """Writes a value as CBOR taking liberties -- heads longer than they need be, indefinite
+    lengths, tags cbor2 reads through (self-describe, shareable), shared references,
+    duplicate keys -- each with probability ``rate`` (a string seen before is referred to
+    with probability ``share``, an array or map is of indefinite length with probability
+    ``indefinite``), driven by a seeded Random (so the same seed writes the same bytes).  ``pad``: bytes to widen heads by, in all, where they allow (to bring a body to
+    exactly its value's canonical length)."""
+
+    def __init__(self, seed: int, rate: float, pad: int = 0, share: float | None = None, indefinite: float | None = None) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.rate = rate
+        self.share = rate if share is None else share
+        self.indefinite = rate if indefinite is None else indefinite
+        self.pad = pad
+        self.shared: list[Any] = []
+
+    def _liberty(self) -> bool:
+        return self.rng.random() < self.rate
+
+    def head(self, major: int, arg: int) -> bytes:
+        m = major << 5
+        forms = [bytes((m | arg,))] if arg < 24 else []
+        for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+            if arg < 1 << (8 * width):
+                forms.append(bytes((m | info,)) + arg.to_bytes(width, "big"))
+        chosen = forms[0]
+        if self._liberty():
+            chosen = self.rng.choice(forms)
+        for form in forms:  # the widest that fits what is left to pad
+            if len(chosen) < len(form) <= len(chosen) + self.pad:
+                chosen, self.pad = form, self.pad - (len(form) - len(chosen))
+        return chosen
+
+    def write(self, value: Any) -> bytes:
+        rng, kind = self.rng, type(value)
+        out = b""
+        if self._liberty():
+            out = b"\xd9\xd9\xf7"  # self-describe
+        if kind in (str, bytes) and len(value) > 1:
+            for index, shared in enumerate(self.shared):
+                if type(shared) is kind and shared == value and rng.random() < self.share:
+                    return out + b"\xd8\x1d" + self.head(0, index)
+            if rng.random() < self.share:
+                self.shared.append(value)
+                out += b"\xd8\x1c"
+        if value is None or kind is bool or kind is float:
+            return out + cbor2.dumps(value)
+        if kind is int:
+            return out + (self.head(0, value) if value >= 0 else self.head(1, -1 - value))
+        if kind is str or kind is bytes:
+            raw = value.encode() if kind is str else value
+            major = 3 if kind is str else 2
+            if self._liberty():
+                cut = rng.randint(0, len(raw))
+                chunks = self.head(major, cut) + raw[:cut] + self.head(major, len(raw) - cut) + raw[cut:]
+                return out + bytes((major << 5 | 31,)) + chunks + b"\xff"
+            return out + self.head(major, len(raw)) + raw
+        if kind is list:
+            items = [self.write(item) for item in value]
+        else:
+            items = [self.write(k) + self.write(v) for k, v in value.items()]
+            if items and self._liberty():  # a duplicate key
+                key = rng.choice(list(value))
+                items.insert(rng.randint(0, len(items)), self.write(key) + self.write(rng.choice([0, "dup", None])))
+        if rng.random() < self.indefinite:
+            return out + bytes(((4 if kind is list else 5) << 5 | 31,)) + b"".join(items) + b"\xff"
+        return out + self.head(4 if kind is list else 5, len(items)) + b"".join(items)
+
+
+def _items_of(body: bytes) -> int | None:
+    """The least item budget check_cbor takes ``body`` with (None: it refuses it anyway)."""
+    try:
+        check_cbor(body)
+    except FrameError:
+        return None
+    low, high = 0, len(body) + 1
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            check_cbor(body, middle)
+            high = middle
+        except FrameError:
+            low = middle + 1
+    return low
+
+
+def _body_as(body: bytes, kind: str) -> Any:
+    if kind == "bytes":
+        return body
+    if kind == "bytearray":
+        return bytearray(body)
+    import mmap
+
+    mapped = mmap.mmap(-1, len(body))
+    mapped.write(body)
+    return mapped
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    message=st.dictionaries(_lib_keys, _lib_values | _lib_deep, max_size=6),
+    seed=st.integers(0, 2**32),
+    rate=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
+    budget=st.sampled_from(["none", "one", "count-1", "count", "count+1", "4096"]),
+    as_type=st.sampled_from(["bytes", "bytearray", "mmap"]),
+)
+def test_the_quick_decode_agrees_with_the_profile_on_bodies_written_every_way(
+    message: dict[Any, Any], seed: int, rate: float, budget: str, as_type: str
+) -> None:
+    """decode_control_body against check_cbor + cbor2.loads, on bodies written canonically and
+    with liberties (long heads, indefinite lengths, tags, shared references, duplicate keys),
+    nested up to and past the depth limit, with int and text keys, floats, item budgets at and
+    around the body's count, given as bytes, bytearray or mmap."""
+    body = _LiberalWriter(seed, rate).write(message)
+    count = _items_of(body)
+    max_items = {"none": None, "one": 1, "4096": 4096}.get(budget)
+    if budget.startswith("count"):
+        max_items = None if count is None else count + {"count-1": -1, "count": 0, "count+1": 1}[budget]
+
+    def reference() -> Any:
+        check_cbor(body, max_items)
+        try:
+            return cbor2.loads(body)
+        except Exception as exc:
+            raise FrameError(str(exc)) from exc
+
+    assert _verdict(lambda: decode_control_body(_body_as(body, as_type), max_items)) == _verdict(reference)
+
+
+# (Mostly scalars without a byte that could begin a tag or an indefinite length: a body
+# that holds one is compared with its canonical encoding, and the scan is not put to the test.)
+_lib_no_floats = st.recursive(
+    st.none() | st.booleans() | st.integers(-30, 190) | _lib_edges
+    | st.sampled_from(["hello", "op", "é" * 5, "x" * 30, b"\xd8\x1cab", b"payload!" * 4, "y" * 300]),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(_lib_keys, inner, max_size=4)
+    | st.integers(250, 300).map(lambda n: [0] * n)  # (indefinite: shorter than a head of 256 or more)
+    | st.integers(250, 300).map(lambda n: {f"k{i}": None for i in range(n)}),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    message=st.dictionaries(_lib_text | st.integers(-30, 190), _lib_no_floats, min_size=1, max_size=6),
+    seed=st.integers(0, 2**32),
+    rate=st.sampled_from([0.0, 0.001, 0.02]),
+    share=st.sampled_from([0.0, 0.5, 0.9]),
+    indefinite=st.sampled_from([0.0, 0.3]),
+    max_items=st.sampled_from([None, 4096]),
+)
+def test_bodies_shortened_by_tags_and_padded_to_their_canonical_length_are_refused(
+    message: dict[Any, Any], seed: int, rate: float, share: float, indefinite: float, max_items: int | None
+) -> None:
+    """Shared references, indefinite lengths and tags can make a body shorter than its
+    value's canonical form, and long heads can make up for it to the byte: the length alone
+    cannot tell such a body from a canonical one, and the quick way must still refuse it."""
+    body = _LiberalWriter(seed, rate, share=share, indefinite=indefinite).write(message)
+    try:
+        short = len(cbor2.dumps(cbor2.loads(body))) - len(body)
+    except Exception:
+        return
+    if short > 0:
+        writer = _LiberalWriter(seed, rate, pad=short, share=share, indefinite=indefinite)
+        body = writer.write(message)
+        if writer.pad:
+            return  # (not enough heads to widen)
+
+    def reference() -> Any:
+        check_cbor(body, max_items)
+        return cbor2.loads(body)
+
+    assert _verdict(lambda: decode_control_body(body, max_items)) == _verdict(reference)
+
+
+def _deepest_container(value: Any, depth: int = 1) -> int:
+    if type(value) is dict:
+        return max([depth, *(_deepest_container(v, depth + 1) for v in value.values())])
+    if type(value) is list:
+        return max([depth, *(_deepest_container(v, depth + 1) for v in value)])
+    return 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    value=st.dictionaries(
+        _lib_keys,
+        st.recursive(
+            _lib_scalars.filter(lambda v: type(v) is not float) | st.text(max_size=300) | st.binary(max_size=300),
+            lambda inner: st.lists(inner, max_size=30) | st.dictionaries(_lib_keys, inner, max_size=5),
+            max_leaves=50,
+        )
+        | _lib_deep,
+        max_size=8,
+    )
+)
+def test_canonical_size_is_the_length_and_item_count_of_the_canonical_encoding(value: dict[Any, Any]) -> None:
+    """The measure the quick decode trusts: for a plain, float-free value, exactly the bytes
+    cbor2 writes (its canonical form, for such values) and check_cbor's count of items; it
+    gives up (-1) only on a container at the profile's depth limit or past it."""
+    from bus.wire.frames import MAX_CBOR_DEPTH, _canonical_size
+
+    size, items = _canonical_size(value, 1)
+    body = cbor2.dumps(value)
+    if _deepest_container(value) >= MAX_CBOR_DEPTH:
+        assert (size, items) == (-1, 0)
+        return
+    assert size == len(body)
+    assert items == _items_of(body)

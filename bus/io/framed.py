@@ -138,7 +138,7 @@ class FramedStream:
         self.receive_frame_nowait: Callable[[], Frame | None] = self._decoder.next_frame
         #: The run of whole control messages on channel 0 that come next in the bytes already
         #: read (no I/O; see FrameDecoder.take_control_messages): a burst's events in one call.
-        self.take_control_messages: Callable[[], list[dict[Any, Any]]] = self._decoder.take_control_messages
+        self.take_control_messages = self._decoder.take_control_messages
         self._socket_reads = _socket_reads(self._receive_stream)
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = wait_first  # the last read took less than it asked for

@@ -589,10 +589,14 @@ class EventFrames:
                 if type(text) is not str:
                     raise LocalProtocolError("an event's source, member, sender and identity are text")
             dumps = cbor2.dumps
-            parts = self._parts[key] = (
-                b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
-                dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
-            )
+            try:
+                parts = (
+                    b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
+                    dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
+                )
+            except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
+                raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
+            self._parts[key] = parts
         head, tail = parts
         n = len(payload)
         payload_head = _BYTES_HEADS[n] if n < 256 else _bytes_head(n)
@@ -834,13 +838,20 @@ class FrameDecoder:
                 return None  # (everything read was cut: the common end of a burst)
         return self._next_frame()
 
-    def take_control_messages(self, data: bytes | bytearray | memoryview | None = None) -> list[dict[Any, Any]]:
+    def take_control_messages(
+        self, data: bytes | bytearray | memoryview | None = None, max_bytes: int | None = None
+    ) -> list[dict[Any, Any]]:
         """The messages of the whole CONTROL frames on channel 0 that come next in the chunk
         at hand, in order, decoded as :meth:`next_frame` decodes them (checked, or only
         decoded when :attr:`trusted`); an empty list if the next frame is not one (a new
         list each call: the caller may keep or change it).  ``data``: bytes just read, fed
         first (:meth:`receive_data`, in one step when nothing is buffered, as
         :meth:`next_frame_from` feeds them).
+
+        ``max_bytes``: no frame is taken once the frames taken hold that many bytes (so at
+        most one frame more than that): checking and decoding cost CPU per byte and per
+        item, and a caller that shares its time in slices (busd's reader) takes a read of
+        256 KiB a part at a time, not all of it in one call between two of its checks.
 
         For a reader taking a burst (a subscriber's events): one call and one loop for the
         run, where :meth:`next_frame` is a call and a :class:`ControlFrame` per frame.  It
@@ -862,10 +873,11 @@ class FrameDecoder:
         messages: list[dict[Any, Any]] = []
         append, unpack, limit = messages.append, _unpack_header, self.max_control
         start = pos + HEADER_SIZE  # (of the next frame's body)
+        stop = size if max_bytes is None else min(size, pos + max_bytes)  # (no frame begins at or past it)
         # (One loop for each way of decoding: no test of it per frame.)
         if self.trusted:
             loads = cbor2.loads
-            while start <= size:
+            while start <= size and pos < stop:
                 kind, flags, channel, length = unpack(chunk, pos)
                 end = start + length
                 if kind != _CONTROL or flags or channel or length > limit or end > size:
@@ -880,7 +892,7 @@ class FrameDecoder:
                 pos, start = end, end + HEADER_SIZE
         else:
             max_items = self.max_items
-            while start <= size:
+            while start <= size and pos < stop:
                 kind, flags, channel, length = unpack(chunk, pos)
                 end = start + length
                 if kind != _CONTROL or flags or channel or length > limit or end > size:
