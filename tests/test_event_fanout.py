@@ -402,6 +402,19 @@ async def test_the_reader_takes_a_read_of_requests_a_part_at_a_time(tmp_path: Pa
         await emitter.aclose()
 
 
+def _record_requests(rb: Any, monkeypatch: Any) -> list[Any]:
+    """The ids of the requests busd's core handles, in order (None for one without)."""
+    handled: list[Any] = []
+    receive = rb.broker.core.receive
+
+    def record(conn_id: int, body: dict[Any, Any]) -> Any:
+        handled.append(body.get("id"))
+        return receive(conn_id, body)
+
+    monkeypatch.setattr(rb.broker.core, "receive", record)
+    return handled
+
+
 async def test_a_request_that_is_no_message_mid_run_closes_the_connection_after_those_before_it(tmp_path: Path, monkeypatch: Any) -> None:
     """A request without an id in the middle of a run (the core refuses it as a framing
     violation: no reply can be owed) ends the connection as it did frame by frame: those
@@ -410,14 +423,7 @@ async def test_a_request_that_is_no_message_mid_run_closes_the_connection_after_
     for request_slice in (0.0, 10.0):
         monkeypatch.setattr(bus.broker, "REQUEST_SLICE", request_slice)
         async with running_broker(tmp_path / str(request_slice)) as rb:
-            handled: list[Any] = []
-            receive = rb.broker.core.receive
-
-            def record(conn_id: int, body: dict[Any, Any]) -> Any:
-                handled.append(body.get("id"))
-                return receive(conn_id, body)
-
-            monkeypatch.setattr(rb.broker.core, "receive", record)
+            handled = _record_requests(rb, monkeypatch)
             emitter = await raw_connect(rb.unix_address, OWNER)
             await emitter.send_message({"op": "hello", "id": 1})
             await reply_to(emitter, 1)
@@ -436,14 +442,7 @@ async def test_a_session_ended_while_its_reader_yields_mid_run_handles_nothing_m
     (kicked, cut as a slow consumer, the broker stopping) handles none of the rest of the run."""
     monkeypatch.setattr(bus.broker, "REQUEST_SLICE", 0.0)
     async with running_broker(tmp_path) as rb:
-        handled: list[Any] = []
-        receive = rb.broker.core.receive
-
-        def record(conn_id: int, body: dict[Any, Any]) -> Any:
-            handled.append(body.get("id"))
-            return receive(conn_id, body)
-
-        monkeypatch.setattr(rb.broker.core, "receive", record)
+        handled = _record_requests(rb, monkeypatch)
         emitter = await raw_connect(rb.unix_address, OWNER)
         await emitter.send_message({"op": "hello", "id": 1})
         unique_id = (await reply_to(emitter, 1))["result"]["unique_id"]

@@ -211,13 +211,8 @@ class FramedStream:
             if self._socket_reads is not None:
                 room = decoder.fill_room()
                 if room is not None:  # a big body being filled: read straight into its place
-                    taken = await self._receive_socket_into(self._socket_reads, room)
-                    if not taken:
-                        self.at_end = True
-                        decoder.end_of_input()  # (raises: the stream ended inside a frame)
-                        return None  # pragma: no cover
-                    self.bytes_received += taken
-                    decoder.filled(taken)
+                    if not await self._fill(self._socket_reads, room):
+                        return None  # pragma: no cover - (the end there raised)
                     frame = decoder.next_frame()
                     continue
                 data = await self._receive_socket(self._socket_reads)
@@ -250,13 +245,8 @@ class FramedStream:
         else:
             room = decoder.fill_room()
             if room is not None:  # a big body being filled: read straight into its place
-                taken = await self._receive_socket_into(reads, room)
-                if not taken:
-                    self.at_end = True
-                    decoder.end_of_input()  # (raises: the stream ended inside a frame)
-                    return None  # pragma: no cover
-                self.bytes_received += taken
-                decoder.filled(taken)
+                if not await self._fill(reads, room):
+                    return None  # pragma: no cover - (the end there raised)
                 return []
             data = await self._receive_socket(reads)
         if not data:
@@ -265,6 +255,18 @@ class FramedStream:
             return None
         self.bytes_received += len(data)
         return decoder.take_control_messages(data)
+
+    async def _fill(self, reads: _SocketReads, room: memoryview) -> bool:
+        """One read straight into ``room``, the rest of a big body the decoder is filling;
+        False at the end of the stream (which raises first: it ended inside a frame)."""
+        taken = await self._receive_socket_into(reads, room)
+        if not taken:
+            self.at_end = True
+            self._decoder.end_of_input()  # (raises: the stream ended inside a frame)
+            return False  # pragma: no cover
+        self.bytes_received += taken
+        self._decoder.filled(taken)
+        return True
 
     async def _receive_socket(self, reads: _SocketReads) -> bytes:
         waited = False
