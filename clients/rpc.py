@@ -92,6 +92,7 @@ from bus.wire.frames import (
     Frame,
     FrameDecoder,
     FrameKind,
+    cbor_head,
     decode_control_body,
     encode_control,
 )
@@ -309,37 +310,24 @@ def _cut_into_parts(body: list[bytes], size: int, out: list[bytes | memoryview])
 _BY_REFERENCE = 4096
 
 
-def _cbor_head(major: int, n: int) -> bytes:
-    """A CBOR head in its shortest form (what cbor2 writes)."""
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
-
-
 def _flat_body(fields: dict[str, Any]) -> tuple[list[bytes], int]:
     """The CBOR map of a flat message's fields (string keys, :func:`_flat` values) as pieces
     to be joined, and their total size: the bytes cbor2 would write, but with every big
     ``bytes`` value a piece of its own, the caller's object itself, so that the one join of
     the wire bytes is its only copy (cbor2 would copy it into its output first)."""
     dumps = cbor2.dumps
-    pieces = [_cbor_head(5, len(fields))]
+    pieces = [cbor_head(5, len(fields))]
     size = len(pieces[0])
     for key, value in fields.items():
         pieces.append(dumps(key))
         size += len(pieces[-1])
         values = value if type(value) is list else (value,)
         if values is value:
-            pieces.append(_cbor_head(4, len(value)))
+            pieces.append(cbor_head(4, len(value)))
             size += len(pieces[-1])
         for item in values:
             if type(item) is bytes and len(item) >= _BY_REFERENCE:
-                pieces.append(_cbor_head(2, len(item)))
+                pieces.append(cbor_head(2, len(item)))
                 size += len(pieces[-1])
             else:
                 item = dumps(item)

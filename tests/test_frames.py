@@ -452,8 +452,8 @@ def test_the_quick_decode_refuses_duplicates_tags_long_forms_and_too_many_items(
     assert decode_control_body(bytes([0xA1, 0x61, 0x6B, 0xF9, 0x3C, 0x00])) == {"k": 1.0}
 
 
-def _frames_the_usual_way(pieces: list[bytes]) -> tuple[list[Any], str | None]:
-    dec = FrameDecoder(max_body=4096, max_control=512)
+def _frames_the_usual_way(pieces: list[bytes], trusted: bool = False) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
     out: list[Any] = []
     try:
         for piece in pieces:
@@ -891,19 +891,6 @@ def _frames_taking_runs(
     return out, None
 
 
-def _frames_one_by_one(pieces: list[bytes], trusted: bool) -> tuple[list[Any], str | None]:
-    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
-    out: list[Any] = []
-    try:
-        for piece in pieces:
-            dec.receive_data(piece)
-            out.extend(dec)
-        dec.end_of_input()
-    except FrameError as exc:
-        return out, type(exc).__name__
-    return out, None
-
-
 @settings(max_examples=500, deadline=None)
 @given(
     batch=st.lists(frames | st.builds(ControlFrame, st.just(0), messages), max_size=8),
@@ -940,7 +927,7 @@ def test_taking_runs_of_control_messages_decides_as_next_frame(
         if piece:
             pieces.append(piece)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
-    assert repr(_frames_taking_runs(pieces, trusted, pattern, max_bytes)) == repr(_frames_one_by_one(pieces, trusted))
+    assert repr(_frames_taking_runs(pieces, trusted, pattern, max_bytes)) == repr(_frames_the_usual_way(pieces, trusted))
 
 
 def test_a_run_stops_before_a_bad_body_which_next_frame_then_refuses() -> None:

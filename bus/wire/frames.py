@@ -556,12 +556,17 @@ def encode_control(channel: int, message: dict[Any, Any], max_body: int = DEFAUL
 _BYTES_HEADS = tuple(bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) for n in range(256))
 
 
-def _bytes_head(n: int) -> bytes:
-    if n < 256:
-        return _BYTES_HEADS[n]
+def cbor_head(major: int, n: int) -> bytes:
+    """A CBOR head of major type ``major`` for ``n`` in its shortest form (what cbor2 writes)."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
     if n < 0x10000:
-        return b"\x59" + n.to_bytes(2, "big")
-    return b"\x5a" + n.to_bytes(4, "big") if n < 0x100000000 else b"\x5b" + n.to_bytes(8, "big")
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
 
 
 class EventFrames:
@@ -599,7 +604,7 @@ class EventFrames:
             self._parts[key] = parts
         head, tail = parts
         n = len(payload)
-        payload_head = _BYTES_HEADS[n] if n < 256 else _bytes_head(n)
+        payload_head = _BYTES_HEADS[n] if n < 256 else cbor_head(2, n)
         size = len(head) + len(payload_head) + n + len(tail)
         if size > max_body:
             raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
