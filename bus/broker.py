@@ -1027,9 +1027,8 @@ class Broker:
             max_control=cfg.max_control,
             receive_stream=stream.plain_transport(),
             max_items=cfg.max_control_items,
-            # The peer sends its hello once it has checked msg4, which was just sent: a read
-            # now would find nothing (the first read waits for the socket instead).
-            wait_first=True,
+            # (The first read does not wait for the socket: minibus's client sends its hello
+            # right behind msg3, so it is there already.)
         )
         try:
             conn = self.core.connect(peer_key, kind, pid, uid)

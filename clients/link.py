@@ -288,6 +288,7 @@ class BusConnection:
         self._ended_unread = False
         self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
         self._hello_frame: bytes | None = None  # (made while the broker works on the handshake)
+        self._hello_early = False  # (the last handshake carried the hello: see _early_hello)
         #: Run once while the broker answers the next hello (the owner's work that does not
         #: need the answer: open_bus makes the rest of the bus then).
         self.meanwhile: Callable[[], None] | None = None
@@ -426,6 +427,9 @@ class BusConnection:
             encrypted=ep.uses_box_stream,
             handshake_timeout=math.inf,  # (bounded by the scope around it)
         )
+        # The hello goes out right behind msg3 (see _early_hello).
+        self._hello_early = False
+        stream.early_data = self._early_hello
         try:
             await stream.do_handshake()
         except HandshakeError as exc:
@@ -471,7 +475,8 @@ class BusConnection:
         else:
             stream, endpoint = await self._dial()
         try:
-            # Hello goes out once the handshake has proven the broker, never before.
+            # The hello went out behind msg3, but nothing the broker says is read before
+            # msg4 has proven it.
             self._hello_sent = True
             link, reply = await self._hello(stream)
         except BaseException:
@@ -502,23 +507,24 @@ class BusConnection:
         # channels is checked here as ever (see clients/rpc.py).
         transport = stream.plain_transport()  # (asked before sending: a failed send breaks it)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
-        frame = self._hello_frame
-        if frame is None:
-            frame = self._hello_frame_now()
-        self._hello_frame = None
+        early = self._hello_early
+        send_failure: BaseException | None = None
         try:
-            try:
-                # Straight to the socket (it has room: nothing was sent since the
-                # handshake); only what it did not take waits.
-                rest = stream.send_nowait(frame)
-                if rest:
-                    await stream.send_wire(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                # The broker may have refused us (a quota) and hung up before our hello
-                # arrived: its reason may still wait to be read.
-                send_failure: BaseException | None = exc
-            else:
-                send_failure = None
+            if not early:
+                frame = self._hello_frame
+                if frame is None:
+                    frame = self._hello_frame_now()
+                self._hello_frame = None
+                try:
+                    # Straight to the socket (it has room: nothing was sent since the
+                    # handshake); only what it did not take waits.
+                    rest = stream.send_nowait(frame)
+                    if rest:
+                        await stream.send_wire(rest)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    # The broker may have refused us (a quota) and hung up before our hello
+                    # arrived: its reason may still wait to be read.
+                    send_failure = exc
             # While the broker answers, the link is made, and what the owner wants done
             # (off the connect's serial path: the two sides take turns, so what either does
             # while the other works costs no time).
@@ -529,7 +535,7 @@ class BusConnection:
                 self.meanwhile = None
                 meanwhile()
             try:
-                if isinstance(transport, FdSocketStream):
+                if not early and isinstance(transport, FdSocketStream):
                     # Nothing can have come yet: wait before reading (a read now finds nothing).
                     await transport.wait_readable()
                 reply = await self._await_direct_reply(framed, 1)
@@ -542,6 +548,21 @@ class BusConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             raise CannotConnect(f"the broker did not answer hello: {exc!r}") from exc
         return link, reply
+
+    def _early_hello(self) -> bytes:
+        """The hello's frame, sent behind msg3 (SecureStream.early_data): the broker reads it
+        once the handshake is done, and its answer is read only once msg4 has proven the
+        broker.  Empty (sent the usual way, after the handshake, where its error is raised)
+        if it cannot be encoded."""
+        frame = self._hello_frame
+        self._hello_frame = None
+        if frame is None:
+            try:
+                frame = self._hello_frame_now()
+            except Exception:
+                return b""
+        self._hello_early = True
+        return frame
 
     def _prepare_hello(self) -> None:
         try:

@@ -45,6 +45,7 @@ from ..errors import BoxStreamError, HandshakeError, HandshakeTimeout, LocalProt
 from ..wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
 from ..wire.identity import Identity, PublicKey
 from ..wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake, HandshakeOutcome, ServerHandshake
+from ..wire.shs import State as HandshakeState
 from .framed import stdlib_socket
 
 __all__ = ["SecureStream", "DEFAULT_HANDSHAKE_TIMEOUT"]
@@ -190,6 +191,12 @@ class SecureStream(trio.abc.HalfCloseableStream):
         # mid-box and no goodbye may follow.
         self._wire_owed = 0
         self._goodbye_rest = b""  # what the socket did not take of goodbye_nowait()'s goodbye
+        #: The client's first bytes of the stream, sent with msg3 (not after msg4): called
+        #: once, when msg3 is made; what it returns (may be empty) goes out right behind msg3,
+        #: sealed with the stream's keys (only the holder of the server's secret key can
+        #: open them; nothing received is trusted before msg4 proves the server).  Saves the
+        #: round trip a protocol whose client speaks first would otherwise wait for msg4.
+        self.early_data: Callable[[], bytes] | None = None
         #: Plaintext bytes sent and received after the handshake.
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -333,14 +340,23 @@ class SecureStream(trio.abc.HalfCloseableStream):
             exchange = functools.partial(_socket_exchange, sock)
         while not hs.is_done:
             out = hs.data_to_send()
-            if out and exchange is not None:
-                data = await exchange(out, hs.bytes_wanted)
-            elif sock is not None and not out:
-                data = await _socket_receive(sock, hs.bytes_wanted)
-            else:
-                if out:
-                    await transport.send_all(out)
-                data = await transport.receive_some(hs.bytes_wanted)
+            if self.early_data is not None and isinstance(hs, ClientHandshake) and hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
+                out = self._with_early_data(hs, out)
+            try:
+                if out and exchange is not None:
+                    data = await exchange(out, hs.bytes_wanted)
+                elif sock is not None and not out:
+                    data = await _socket_receive(sock, hs.bytes_wanted)
+                else:
+                    if out:
+                        await transport.send_all(out)
+                    data = await transport.receive_some(hs.bytes_wanted)
+            except trio.BrokenResourceError:
+                if hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
+                    # A server that hangs up after msg3 with bytes of ours unread (the early
+                    # data) resets the connection: the same refusal as a plain hang-up.
+                    hs.end_of_input()
+                raise
             if not data:
                 hs.end_of_input()  # raises HandshakeError
             hs.receive_data(data)
@@ -352,13 +368,30 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 await transport.send_all(out)
         outcome = hs.outcome
         if self.encrypted:
-            self._encoder = BoxStreamEncoder(outcome.encrypt_key, outcome.encrypt_nonce)
+            if self._encoder is None:  # (made for early data already: its nonce moved on)
+                self._encoder = BoxStreamEncoder(outcome.encrypt_key, outcome.encrypt_nonce)
             self._decoder = BoxStreamDecoder(outcome.decrypt_key, outcome.decrypt_nonce)
             self._decoder.receive_data(hs.unused_data)
         else:
             self._incoming += hs.unused_data
         self._outcome = outcome
         self._handshake = self._handshake_lock = None
+
+    def _with_early_data(self, hs: ClientHandshake, msg3: bytes) -> bytes:
+        """msg3 with the early data behind it (see :attr:`early_data`)."""
+        make, self.early_data = self.early_data, None
+        assert make is not None
+        data = make()
+        if not data:
+            return msg3
+        if self.encrypted:
+            keys = hs.early_outcome()
+            self._encoder = BoxStreamEncoder(keys.encrypt_key, keys.encrypt_nonce)
+            wire = self._encoder.encode(data)
+        else:
+            wire = bytes(data)
+        self.bytes_sent += len(data)
+        return msg3 + wire
 
     async def _ensure_handshake(self) -> None:
         """The lazy handshake of send/receive: failures surface as BrokenResourceError."""

@@ -22,7 +22,9 @@ not open (wrong server key), a bad signature, a low-order or invalid curve point
 the machine to ``FAILED`` and raises :class:`~bus.errors.HandshakeError`; nothing else
 escapes.  Using a machine after it failed raises :class:`~bus.errors.LocalProtocolError`.
 Bytes received after the final message are kept in :attr:`~_Handshake.unused_data`:
-they already belong to the box-stream.
+they already belong to the box-stream.  A client may send its first bytes of that stream
+right behind msg3, sealed with :meth:`ClientHandshake.early_outcome`'s keys (the outcome's,
+known once msg3 is made; docs/protocol.md section 2.6), and trusts nothing before msg4.
 """
 
 from __future__ import annotations
@@ -330,6 +332,8 @@ class ClientHandshake(_Handshake):
         self._outbox += self._msg1
         self._msg2 = b""
         self._ab = self._aB = self._sig_a = b""
+        self._accept_key = b""  # msg4's box key, once early_outcome() has needed it
+        self._pending: HandshakeOutcome | None = None
 
     def _hangup_reason(self) -> str:
         if self._state is State.AWAIT_SERVER_ACCEPT:
@@ -353,8 +357,7 @@ class ClientHandshake(_Handshake):
                 self._sig_a + self._identity.public_key.raw, _ZERO_NONCE, box_key
             )
         else:  # SERVER_ACCEPT
-            Ab = sodium.crypto_scalarmult(self._identity.curve_secret, self._b_eph)
-            box_key = _sha256(n + self._ab + self._aB + Ab)
+            box_key = self._accept_key or self._msg4_key()
             try:
                 sig_b = sodium.crypto_secretbox_open_easy(message, _ZERO_NONCE, box_key)
                 _verify(
@@ -367,7 +370,30 @@ class ClientHandshake(_Handshake):
                     "server accept (msg4) is invalid: the server could not prove it holds "
                     f"{self._server_key.id}"
                 ) from exc
-            self._finish(self._server_key, box_key, self._msg2, self._msg1)
+            if self._pending is not None:
+                self._outcome = self._pending
+            else:
+                self._finish(self._server_key, box_key, self._msg2, self._msg1)
+
+    def _msg4_key(self) -> bytes:
+        Ab = sodium.crypto_scalarmult(self._identity.curve_secret, self._b_eph)
+        return _sha256(self._network_key + self._ab + self._aB + Ab)
+
+    def early_outcome(self) -> HandshakeOutcome:
+        """The keys the handshake will end with if msg4 proves the server, known once msg3 is
+        made (state ``AWAIT_SERVER_ACCEPT``): for bytes sent after msg3 without waiting for
+        msg4.  Only the holder of the server's secret key can open what they seal (the keys
+        bind ``aB``); nothing received may be trusted until msg4 is checked."""
+        if self._state is not State.AWAIT_SERVER_ACCEPT:
+            raise LocalProtocolError(f"the early keys are known once msg3 is made, not in {self._state.value}")
+        pending = self._pending
+        if pending is None:
+            self._accept_key = self._msg4_key()
+            self._finish(self._server_key, self._accept_key, self._msg2, self._msg1)
+            pending, self._outcome = self._outcome, None
+            assert pending is not None
+            self._pending = pending
+        return pending
 
 
 class ServerHandshake(_Handshake):

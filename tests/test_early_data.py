@@ -1,0 +1,266 @@
+"""The client's early data: its first bytes of the stream (minibus's hello) sent right behind
+msg3, before msg4 has proven the server (docs/protocol.md, section 2.6)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from bus.errors import HandshakeError, HandshakeHangup, IdentityRefused, LocalProtocolError
+from bus.io.fdpass import FdSocketStream
+from bus.io.framed import FramedStream
+from bus.io.secure import SecureStream
+from bus.io.testing import tcp_stream_pair, unix_stream_pair
+from bus.wire.address import Endpoint, format_address
+from bus.wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
+from bus.wire.frames import FrameDecoder, encode_control
+from bus.wire.identity import Identity
+from bus.wire.shs import ClientHandshake, ServerHandshake
+from clients.bus import CannotConnect, open_bus
+
+SERVER = Identity.generate()
+CLIENT = Identity.generate()
+
+
+def _to_early_data(hs: ClientHandshake, server: ServerHandshake) -> None:
+    server.receive_data(hs.data_to_send())  # msg1
+    hs.receive_data(server.data_to_send())  # msg2
+
+
+def test_the_early_keys_are_the_handshakes_keys() -> None:
+    client, server = ClientHandshake(CLIENT, SERVER.public_key), ServerHandshake(SERVER)
+    with pytest.raises(LocalProtocolError, match="once msg3 is made"):
+        client.early_outcome()  # (no msg2 yet: no keys)
+    _to_early_data(client, server)
+    early = client.early_outcome()
+    assert client.early_outcome() is early
+    box = BoxStreamEncoder(early.encrypt_key, early.encrypt_nonce).encode(b"early bytes")
+    server.receive_data(client.data_to_send() + box)  # msg3 with the early bytes behind it
+    assert server.is_done and server.unused_data == box  # (the stream's, not the handshake's)
+    decoder = BoxStreamDecoder(server.outcome.decrypt_key, server.outcome.decrypt_nonce)
+    decoder.receive_data(server.unused_data)
+    assert decoder.read() == b"early bytes"
+    client.receive_data(server.data_to_send())  # msg4
+    assert client.outcome == early
+    with pytest.raises(LocalProtocolError):
+        client.early_outcome()
+
+
+def test_early_keys_prove_nothing_a_forged_msg4_is_refused() -> None:
+    client, server = ClientHandshake(CLIENT, SERVER.public_key), ServerHandshake(SERVER)
+    _to_early_data(client, server)
+    client.early_outcome()
+    client.data_to_send()
+    with pytest.raises(HandshakeError, match="msg4"):
+        client.receive_data(bytes(80))
+    with pytest.raises(LocalProtocolError):
+        client.outcome  # noqa: B018 (the early keys never become the outcome)
+
+
+Pair = Callable[[], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
+
+
+async def _unix() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    return unix_stream_pair()
+
+
+async def _unix_fd() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    # (the client library's socket: each handshake message and its answer in one step)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return FdSocketStream(left), trio.SocketStream(trio.socket.from_stdlib_socket(right))
+
+
+PAIRS: dict[str, Pair] = {"unix": _unix, "unix-fd": _unix_fd, "tcp": tcp_stream_pair}
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+async def test_early_data_is_the_streams_first_bytes(pair: str, encrypted: bool) -> None:
+    left, right = await PAIRS[pair]()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
+    server = SecureStream.server(right, SERVER, encrypted=encrypted, direct_handshake=pair != "tcp")
+    asked: list[int] = []
+
+    def early() -> bytes:
+        asked.append(1)
+        return b"hello, early"
+
+    client.early_data = early
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        assert asked == [1] and client.early_data is None
+        assert client.bytes_sent == len(b"hello, early")
+        await client.send_all(b" and then more")  # (the encoder went on from the early box)
+        got = b""
+        while len(got) < 26:
+            got += await server.receive_some()
+        assert got == b"hello, early and then more"
+        await server.send_all(b"back")
+        assert await client.receive_some() == b"back"
+    await client.aclose()
+    await server.aclose()
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+async def test_early_data_goes_out_before_msg4(encrypted: bool) -> None:
+    """The server holds msg4 back until the early bytes have come: the client sent them
+    without waiting for it."""
+    left, right = await _unix_fd()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=encrypted)
+    client.early_data = lambda: b"before msg4"
+    assert isinstance(right, trio.SocketStream)
+
+    async def server() -> None:
+        hs = ServerHandshake(SERVER)
+        hs.receive_data(await right.receive_some(64))
+        await right.send_all(hs.data_to_send())  # msg2
+        got = b""
+        while not hs.is_done or not got:
+            got = await right.receive_some()
+            if not hs.is_done:
+                hs.receive_data(got[:112])
+                got = got[112:]
+        rest = bytearray(got)
+        wanted = len(b"before msg4") + (34 if encrypted else 0)
+        while len(rest) < wanted:
+            rest += await right.receive_some()
+        if encrypted:
+            decoder = BoxStreamDecoder(hs.outcome.decrypt_key, hs.outcome.decrypt_nonce)
+            decoder.receive_data(rest)
+            assert decoder.read() == b"before msg4"
+        else:
+            assert rest == b"before msg4"
+        await right.send_all(hs.data_to_send())  # msg4, only now
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            await client.do_handshake()
+    await client.aclose()
+    await right.aclose()
+
+
+@pytest.mark.parametrize("refusal", ["wrong server key", "identity refused"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+async def test_a_server_that_hangs_up_on_early_data_is_a_refusal(pair: str, refusal: str) -> None:
+    """A server that fails or refuses the handshake at msg3 closes with the early bytes unread,
+    which resets the connection (TCP and Unix alike): the client reports the refusal it reports
+    without early data, not a transport failure."""
+    left, right = await PAIRS[pair]()
+    dialled = Identity.generate().public_key if refusal == "wrong server key" else SERVER.public_key
+    client = SecureStream.client(left, CLIENT, dialled)
+    client.early_data = lambda: b"x" * 1000
+    server = SecureStream.server(right, SERVER, authorize=lambda key: refusal != "identity refused")
+    errors: dict[str, BaseException] = {}
+
+    async def run(side: str, stream: SecureStream) -> None:
+        try:
+            await stream.do_handshake()
+        except HandshakeError as exc:
+            errors[side] = exc
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "client", client)
+            nursery.start_soon(run, "server", server)
+    assert isinstance(errors["client"], HandshakeHangup), errors
+    assert "refused our identity, or we dialled the wrong server key" in str(errors["client"])
+    if refusal == "identity refused":
+        assert isinstance(errors["server"], IdentityRefused)
+    else:
+        assert "another server key" in str(errors["server"])
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_open_bus_sends_its_hello_behind_msg3_and_reads_the_answer_after_msg4(tmp_path: Path) -> None:
+    """The client library's connect: the broker has the hello (with the name) before it sends
+    msg4; the answer, written right behind msg4, is read once msg4 is checked."""
+    path = tmp_path / "early.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    hellos: list[dict[str, object]] = []
+
+    async def handle(transport: trio.SocketStream) -> None:
+        async with transport:
+            hs = ServerHandshake(SERVER)
+            hs.receive_data(await transport.receive_some(64))
+            await transport.send_all(hs.data_to_send())
+            decoder = FrameDecoder()
+            got = b""
+            while not hs.is_done:
+                got += await transport.receive_some()
+                if len(got) >= 112:
+                    hs.receive_data(got[:112])
+                    got = got[112:]
+            decoder.receive_data(got)  # (a Unix connection is plain: frames right behind msg3)
+            while (frame := decoder.next_frame()) is None:
+                decoder.receive_data(await transport.receive_some())
+            hellos.append(frame.message)  # type: ignore[union-attr]
+            answer = encode_control(0, {"re": 1, "result": {"unique_id": ":9", "identity": CLIENT.id}})
+            await transport.send_all(hs.data_to_send() + answer)  # msg4 and the answer in one write
+            assert await transport.receive_some() is not None  # (the client's goodbye or end)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        address = format_address([Endpoint("unix", SERVER.public_key, path=str(path))])
+        with trio.fail_after(10):
+            async with open_bus(address, identity=CLIENT, name="org.test.Early", reconnect=False) as bus:
+                assert bus.unique_id == ":9"
+        assert hellos and hellos[0]["op"] == "hello" and hellos[0]["name"] == "org.test.Early"
+        nursery.cancel_scope.cancel()
+
+
+async def test_open_bus_trusts_nothing_behind_a_forged_msg4(tmp_path: Path) -> None:
+    """A server without the broker's secret key cannot make msg4: an answer to hello behind a
+    forged one is never read, and the connect fails as a failed handshake."""
+    path = tmp_path / "forged.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    impostor = Identity.generate()
+
+    async def handle(transport: trio.SocketStream) -> None:
+        async with transport:
+            hs = ServerHandshake(impostor)
+            hs.receive_data(await transport.receive_some(64))
+            await transport.send_all(hs.data_to_send())
+            await transport.receive_some(112)  # msg3 (it cannot open it: another server key)
+            answer = encode_control(0, {"re": 1, "result": {"unique_id": ":6", "identity": CLIENT.id}})
+            await transport.send_all(bytes(80) + answer)
+            await transport.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        address = format_address([Endpoint("unix", SERVER.public_key, path=str(path))])
+        with trio.fail_after(10):
+            with pytest.raises(CannotConnect, match="handshake failed.*msg4"):
+                async with open_bus(address, identity=CLIENT, reconnect=False):
+                    raise AssertionError("connected")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_framed_stream_reads_early_frames_the_server_had_before_its_session(tmp_path: Path) -> None:
+    """busd's side: the hello came with msg3, so the session's first read finds it at once."""
+    left, right = unix_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key, encrypted=False)
+    client.early_data = lambda: encode_control(0, {"op": "hello", "id": 1})
+    server = SecureStream.server(right, SERVER, encrypted=False, direct_handshake=True)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        framed = FramedStream(server, receive_stream=server.plain_transport())
+        frame = await framed.receive_frame()
+        assert frame is not None and frame.message == {"op": "hello", "id": 1}  # type: ignore[union-attr]
+    await client.aclose()
+    await server.aclose()
