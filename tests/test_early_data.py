@@ -4,6 +4,7 @@ msg3, before msg4 has proven the server (docs/protocol.md, section 2.6)."""
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -264,3 +265,34 @@ async def test_a_framed_stream_reads_early_frames_the_server_had_before_its_sess
         assert frame is not None and frame.message == {"op": "hello", "id": 1}  # type: ignore[union-attr]
     await client.aclose()
     await server.aclose()
+
+
+@pytest.mark.parametrize("early", [b"", None], ids=["empty", "unset"])
+async def test_a_reset_without_early_data_stays_a_transport_failure(early: bytes | None) -> None:
+    """Only early data left unread makes a refusing server's close a reset: a client that sent
+    none (a channel's own handshake, over a relay that can break) still reports a reset while
+    it waits for msg4 as the transport failure it is, with its reason, not as a refusal."""
+    left, right = await tcp_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    if early is not None:
+        client.early_data = lambda: early
+    assert isinstance(right, trio.SocketStream)
+
+    async def server() -> None:
+        hs = ServerHandshake(SERVER)
+        hs.receive_data(await right.receive_some(64))
+        await right.send_all(hs.data_to_send())  # msg2
+        while not hs.is_done:
+            hs.receive_data(await right.receive_some(hs.bytes_wanted))  # msg3, exactly
+        # An abortive close with nothing unread: the client is reset, not refused.
+        right.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await right.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(HandshakeError) as caught:
+                await client.do_handshake()
+    assert not isinstance(caught.value, HandshakeHangup), caught.value
+    assert "transport failed" in str(caught.value) and "reset" in str(caught.value), caught.value
+    await client.aclose()

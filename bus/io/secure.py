@@ -197,6 +197,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         #: open them; nothing received is trusted before msg4 proves the server).  Saves the
         #: round trip a protocol whose client speaks first would otherwise wait for msg4.
         self.early_data: Callable[[], bytes] | None = None
+        self._early_sent = False  # (early data went out: a reset before msg4 is a refusal)
         #: Plaintext bytes sent and received after the handshake.
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -352,9 +353,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
                         await transport.send_all(out)
                     data = await transport.receive_some(hs.bytes_wanted)
             except trio.BrokenResourceError:
-                if hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
+                if self._early_sent and hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
                     # A server that hangs up after msg3 with bytes of ours unread (the early
-                    # data) resets the connection: the same refusal as a plain hang-up.
+                    # data) resets the connection: the same refusal as a plain hang-up.  (Without
+                    # early data a refusal is a clean end: a reset is the transport's failure,
+                    # e.g. a channel's relay that broke, and is reported with its reason.)
                     hs.end_of_input()
                 raise
             if not data:
@@ -391,6 +394,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         else:
             wire = bytes(data)
         self.bytes_sent += len(data)
+        self._early_sent = True
         return msg3 + wire
 
     async def _ensure_handshake(self) -> None:
