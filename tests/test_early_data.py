@@ -11,17 +11,20 @@ from pathlib import Path
 import pytest
 import trio
 
+from bus.core.broker import Limits
 from bus.errors import HandshakeError, HandshakeHangup, IdentityRefused, LocalProtocolError
 from bus.io.fdpass import FdSocketStream
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.io.testing import tcp_stream_pair, unix_stream_pair
-from bus.wire.address import Endpoint, format_address
+from bus.wire.address import Endpoint, format_address, parse_address
 from bus.wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
 from bus.wire.frames import FrameDecoder, encode_control
 from bus.wire.identity import Identity
 from bus.wire.shs import ClientHandshake, ServerHandshake
 from clients.bus import CannotConnect, open_bus
+
+from .brokers import FRIEND, OWNER, running_broker
 
 SERVER = Identity.generate()
 CLIENT = Identity.generate()
@@ -296,3 +299,59 @@ async def test_a_reset_without_early_data_stays_a_transport_failure(early: bytes
     assert not isinstance(caught.value, HandshakeHangup), caught.value
     assert "transport failed" in str(caught.value) and "reset" in str(caught.value), caught.value
     await client.aclose()
+
+
+async def test_a_refusal_after_early_hello_gives_way_to_the_next_endpoint(tmp_path: Path) -> None:
+    """Over real brokers: the first endpoint (another broker on a Unix path: it cannot open
+    msg3, and hangs up with the early hello unread) refuses after msg3; the next (the real
+    broker, over TCP) gets a hello of its own, made again for it, and grants the name."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "real").mkdir()
+    async with running_broker(tmp_path / "other", identity=Identity.generate()) as other:
+        async with running_broker(tmp_path / "real", limits=Limits(connections_per_identity=4)) as real:
+            wrong = Endpoint("unix", OWNER.public_key, path=parse_address(other.unix_address)[0].path)
+            address = format_address([wrong, *parse_address(real.tcp_address)])
+            with trio.fail_after(20):
+                async with open_bus(address, identity=FRIEND, name="org.example.Next", reconnect=False) as bus:
+                    assert bus.endpoint is not None and bus.endpoint.transport == "tcp"
+                    assert [n.name for n in await bus.list_names()] == ["org.example.Next"]
+                # Both refuse: each says so as the refusal it is.
+                address = format_address([wrong, wrong])
+                with pytest.raises(CannotConnect) as caught:
+                    async with open_bus(address, identity=FRIEND, reconnect=False):
+                        raise AssertionError("connected")
+            assert str(caught.value).count("refused our identity, or we dialled the wrong server key") == 2, caught.value
+            assert other.broker.sessions == {}
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_quota_refusal_reaches_the_client_though_its_early_hello_went_unread(tmp_path: Path, transport: str) -> None:
+    """busd refuses a connection over its identity's quota right after msg4 (an error event,
+    then it closes with the early hello unread: a reset); the client still reads the reason,
+    every time."""
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=1)) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        with trio.fail_after(30):
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False):
+                for _ in range(20):
+                    with pytest.raises(CannotConnect, match="refused the connection: connections_per_identity reached"):
+                        async with open_bus(address, identity=FRIEND, name="org.example.Over", reconnect=False):
+                            raise AssertionError("connected")
+
+
+async def test_empty_early_data_leaves_the_stream_as_without_it() -> None:
+    """Nothing to send early (a hello that cannot be encoded): msg3 goes alone, the early keys
+    are never asked for, and the encoder starts at the outcome's nonce."""
+    left, right = await tcp_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    client.early_data = lambda: b""
+    server = SecureStream.server(right, SERVER)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        assert client.early_data is None and client.bytes_sent == 0
+        await client.send_all(b"first")
+        assert await server.receive_some() == b"first"
+    await client.aclose()
+    await server.aclose()
