@@ -876,7 +876,9 @@ STEP_TEXT = {
 A knows the broker's key from the bus address (`unix:path=…/bus.sock,key=@….ed25519`). The four
 shs1 messages have fixed sizes, 64, 64, 112 and 80 bytes, and no framing
 ([protocol.md](protocol.md#2-the-shs1-secret-handshake) section 2). On a Unix socket the bytes
-after msg4 are frames in plain text: A's hello follows msg4 directly.
+after the handshake are frames in plain text. A wrote its hello in the same write as msg3, before
+msg4 came ([protocol.md](protocol.md#26-the-clients-early-data-hello-behind-msg3) section 2.6);
+the broker reads it once it has sent msg4, the order shown here.
 
 The first request on a connection must be `hello`. A asks for no name and sends an empty `info`:
 every field of `info` is optional ([protocol.md](protocol.md#51-client--broker-requests) section
