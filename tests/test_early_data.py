@@ -355,3 +355,27 @@ async def test_empty_early_data_leaves_the_stream_as_without_it() -> None:
         assert await server.receive_some() == b"first"
     await client.aclose()
     await server.aclose()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_quota_refusal_ends_cleanly_though_the_hello_came_early(tmp_path: Path, transport: str) -> None:
+    """busd takes in the early hello it will not answer before it closes a refused connection:
+    the client reads the reason and then a clean end, not a reset (a reset discards what the
+    broker had not sent yet, and on some stacks what the client had not read yet)."""
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=1)) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        ep = parse_address(address)[0]
+        with trio.fail_after(20):
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False):
+                if ep.transport == "unix":
+                    sock: trio.abc.Stream = await trio.open_unix_socket(ep.path or "")
+                else:
+                    sock = await trio.open_tcp_stream(ep.host or "", ep.port or 0)
+                stream = SecureStream.client(sock, FRIEND, ep.key, encrypted=ep.uses_box_stream)
+                stream.early_data = lambda: encode_control(0, {"op": "hello", "id": 1, "info": {"x": "y" * 3000}})
+                await stream.do_handshake()
+                framed = FramedStream(stream)
+                frame = await framed.receive_frame()
+                assert frame is not None and frame.message["event"] == "error"  # type: ignore[union-attr]
+                assert await framed.receive_frame() is None  # (a reset raises BrokenResourceError)
+                await framed.aclose()
