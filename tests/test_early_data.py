@@ -379,3 +379,37 @@ async def test_a_quota_refusal_ends_cleanly_though_the_hello_came_early(tmp_path
                 assert frame is not None and frame.message["event"] == "error"  # type: ignore[union-attr]
                 assert await framed.receive_frame() is None  # (a reset raises BrokenResourceError)
                 await framed.aclose()
+
+
+async def test_a_stall_after_the_early_hello_gives_way_to_the_next_endpoint(tmp_path: Path) -> None:
+    """The first endpoint takes msg3 and the early hello and never sends msg4: its share of the
+    connect deadline ends that attempt (cancelled while the hello was out), and the next
+    endpoint, the real broker, gets a hello of its own."""
+    path = tmp_path / "stall.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    got_msg3 = trio.Event()
+
+    async def handle(transport: trio.SocketStream) -> None:
+        async with transport:
+            hs = ServerHandshake(OWNER)
+            hs.receive_data(await transport.receive_some(64))
+            await transport.send_all(hs.data_to_send())
+            while not hs.is_done:
+                hs.receive_data(await transport.receive_some(hs.bytes_wanted))
+            got_msg3.set()
+            await trio.sleep_forever()  # (no msg4)
+
+    (tmp_path / "real").mkdir()
+    async with running_broker(tmp_path / "real") as real, trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        stall = Endpoint("unix", OWNER.public_key, path=str(path))
+        address = format_address([stall, *parse_address(real.tcp_address)])
+        with trio.fail_after(20):
+            async with open_bus(address, identity=FRIEND, name="org.example.After", reconnect=False, connect_timeout=4) as bus:
+                assert got_msg3.is_set()
+                assert bus.endpoint is not None and bus.endpoint.transport == "tcp"
+                assert [n.name for n in await bus.list_names()] == ["org.example.After"]
+        nursery.cancel_scope.cancel()
