@@ -12,6 +12,10 @@ only moves their bytes.
   error, the deadline, a refusal -- closes the transport and leaves the stream BROKEN.
   ``do_handshake`` raises the :class:`~bus.errors.HandshakeError`; the lazy path raises
   :class:`trio.BrokenResourceError` with it chained as ``__cause__``.
+* A client may hand the stream's first bytes to :attr:`SecureStream.early_data`: they go out
+  in the same write as msg3, sealed with the keys the handshake will end with (only the
+  server's key holder can open them); nothing received is trusted before msg4 checks out
+  (docs/protocol.md, section 2.6).
 * Afterwards bytes go either through box-stream (``encrypted=True``) or straight through
   (``encrypted=False``, for Unix sockets, where the kernel keeps the stream private and the
   handshake still proves both identities).
@@ -198,7 +202,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         #: round trip a protocol whose client speaks first would otherwise wait for msg4.
         self.early_data: Callable[[], bytes] | None = None
         self._early_sent = False  # (early data went out: a reset before msg4 is a refusal)
-        #: Plaintext bytes sent and received after the handshake.
+        #: Plaintext bytes sent and received after the handshake (the early data counts as sent).
         self.bytes_sent = 0
         self.bytes_received = 0
 
