@@ -536,6 +536,27 @@ def check_settings(config: BrokerConfig) -> None:
             raise ValueError(why)
 
 
+def _discard_arrived(transport: trio.abc.Stream, limit: int) -> None:
+    """Read and drop what the peer sent that has arrived (without waiting; at most about
+    ``limit`` bytes), before a connection that will not be served is closed.  A client's hello
+    comes right behind msg3 (docs/protocol.md, section 2.6): closed unread, it would make the
+    close a reset, which discards what was not sent yet of the error event before it (and, on
+    some stacks, what the client had not read yet).  Taken in, the close is a clean end."""
+    sock = getattr(transport, "socket", None)
+    if not isinstance(sock, trio.socket.SocketType) or sock.fileno() < 0:
+        return
+    fd = sock.fileno()
+    taken = 0
+    while taken <= limit:
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:  # (nothing more has arrived: BlockingIOError; or the peer is gone)
+            return
+        if not data:
+            return
+        taken += len(data)
+
+
 class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         check_settings(config)
@@ -1039,6 +1060,7 @@ class Broker:
                     await framed.send_message({"event": "error", "code": exc.code, "message": exc.message})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+            _discard_arrived(stream.transport, cfg.max_frame)
             return None
         session = _Session(self, conn.id, framed, peer_key, kind, scope)
         self.sessions[conn.id] = session

@@ -4,23 +4,27 @@ msg3, before msg4 has proven the server (docs/protocol.md, section 2.6)."""
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
+from bus.core.broker import Limits
 from bus.errors import HandshakeError, HandshakeHangup, IdentityRefused, LocalProtocolError
 from bus.io.fdpass import FdSocketStream
 from bus.io.framed import FramedStream
 from bus.io.secure import SecureStream
 from bus.io.testing import tcp_stream_pair, unix_stream_pair
-from bus.wire.address import Endpoint, format_address
+from bus.wire.address import Endpoint, format_address, parse_address
 from bus.wire.boxstream import BoxStreamDecoder, BoxStreamEncoder
 from bus.wire.frames import FrameDecoder, encode_control
 from bus.wire.identity import Identity
 from bus.wire.shs import ClientHandshake, ServerHandshake
 from clients.bus import CannotConnect, open_bus
+
+from .brokers import FRIEND, OWNER, running_broker
 
 SERVER = Identity.generate()
 CLIENT = Identity.generate()
@@ -264,3 +268,148 @@ async def test_a_framed_stream_reads_early_frames_the_server_had_before_its_sess
         assert frame is not None and frame.message == {"op": "hello", "id": 1}  # type: ignore[union-attr]
     await client.aclose()
     await server.aclose()
+
+
+@pytest.mark.parametrize("early", [b"", None], ids=["empty", "unset"])
+async def test_a_reset_without_early_data_stays_a_transport_failure(early: bytes | None) -> None:
+    """Only early data left unread makes a refusing server's close a reset: a client that sent
+    none (a channel's own handshake, over a relay that can break) still reports a reset while
+    it waits for msg4 as the transport failure it is, with its reason, not as a refusal."""
+    left, right = await tcp_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    if early is not None:
+        client.early_data = lambda: early
+    assert isinstance(right, trio.SocketStream)
+
+    async def server() -> None:
+        hs = ServerHandshake(SERVER)
+        hs.receive_data(await right.receive_some(64))
+        await right.send_all(hs.data_to_send())  # msg2
+        while not hs.is_done:
+            hs.receive_data(await right.receive_some(hs.bytes_wanted))  # msg3, exactly
+        # An abortive close with nothing unread: the client is reset, not refused.
+        right.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await right.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(HandshakeError) as caught:
+                await client.do_handshake()
+    assert not isinstance(caught.value, HandshakeHangup), caught.value
+    assert "transport failed" in str(caught.value) and "reset" in str(caught.value), caught.value
+    await client.aclose()
+
+
+async def test_a_refusal_after_early_hello_gives_way_to_the_next_endpoint(tmp_path: Path) -> None:
+    """Over real brokers: the first endpoint (another broker on a Unix path: it cannot open
+    msg3, and hangs up with the early hello unread) refuses after msg3; the next (the real
+    broker, over TCP) gets a hello of its own, made again for it, and grants the name."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "real").mkdir()
+    async with running_broker(tmp_path / "other", identity=Identity.generate()) as other:
+        async with running_broker(tmp_path / "real", limits=Limits(connections_per_identity=4)) as real:
+            wrong = Endpoint("unix", OWNER.public_key, path=parse_address(other.unix_address)[0].path)
+            address = format_address([wrong, *parse_address(real.tcp_address)])
+            with trio.fail_after(20):
+                async with open_bus(address, identity=FRIEND, name="org.example.Next", reconnect=False) as bus:
+                    assert bus.endpoint is not None and bus.endpoint.transport == "tcp"
+                    assert [n.name for n in await bus.list_names()] == ["org.example.Next"]
+                # Both refuse: each says so as the refusal it is.
+                address = format_address([wrong, wrong])
+                with pytest.raises(CannotConnect) as caught:
+                    async with open_bus(address, identity=FRIEND, reconnect=False):
+                        raise AssertionError("connected")
+            assert str(caught.value).count("refused our identity, or we dialled the wrong server key") == 2, caught.value
+            assert other.broker.sessions == {}
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_quota_refusal_reaches_the_client_though_its_early_hello_went_unread(tmp_path: Path, transport: str) -> None:
+    """busd refuses a connection over its identity's quota right after msg4 (an error event,
+    then it closes with the early hello unread: a reset); the client still reads the reason,
+    every time."""
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=1)) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        with trio.fail_after(30):
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False):
+                for _ in range(20):
+                    with pytest.raises(CannotConnect, match="refused the connection: connections_per_identity reached"):
+                        async with open_bus(address, identity=FRIEND, name="org.example.Over", reconnect=False):
+                            raise AssertionError("connected")
+
+
+async def test_empty_early_data_leaves_the_stream_as_without_it() -> None:
+    """Nothing to send early (a hello that cannot be encoded): msg3 goes alone, the early keys
+    are never asked for, and the encoder starts at the outcome's nonce."""
+    left, right = await tcp_stream_pair()
+    client = SecureStream.client(left, CLIENT, SERVER.public_key)
+    client.early_data = lambda: b""
+    server = SecureStream.server(right, SERVER)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        assert client.early_data is None and client.bytes_sent == 0
+        await client.send_all(b"first")
+        assert await server.receive_some() == b"first"
+    await client.aclose()
+    await server.aclose()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_a_quota_refusal_ends_cleanly_though_the_hello_came_early(tmp_path: Path, transport: str) -> None:
+    """busd takes in the early hello it will not answer before it closes a refused connection:
+    the client reads the reason and then a clean end, not a reset (a reset discards what the
+    broker had not sent yet, and on some stacks what the client had not read yet)."""
+    async with running_broker(tmp_path, limits=Limits(connections_per_identity=1)) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        ep = parse_address(address)[0]
+        with trio.fail_after(20):
+            async with open_bus(rb.unix_address, identity=FRIEND, reconnect=False):
+                if ep.transport == "unix":
+                    sock: trio.abc.Stream = await trio.open_unix_socket(ep.path or "")
+                else:
+                    sock = await trio.open_tcp_stream(ep.host or "", ep.port or 0)
+                stream = SecureStream.client(sock, FRIEND, ep.key, encrypted=ep.uses_box_stream)
+                stream.early_data = lambda: encode_control(0, {"op": "hello", "id": 1, "info": {"x": "y" * 3000}})
+                await stream.do_handshake()
+                framed = FramedStream(stream)
+                frame = await framed.receive_frame()
+                assert frame is not None and frame.message["event"] == "error"  # type: ignore[union-attr]
+                assert await framed.receive_frame() is None  # (a reset raises BrokenResourceError)
+                await framed.aclose()
+
+
+async def test_a_stall_after_the_early_hello_gives_way_to_the_next_endpoint(tmp_path: Path) -> None:
+    """The first endpoint takes msg3 and the early hello and never sends msg4: its share of the
+    connect deadline ends that attempt (cancelled while the hello was out), and the next
+    endpoint, the real broker, gets a hello of its own."""
+    path = tmp_path / "stall.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    got_msg3 = trio.Event()
+
+    async def handle(transport: trio.SocketStream) -> None:
+        async with transport:
+            hs = ServerHandshake(OWNER)
+            hs.receive_data(await transport.receive_some(64))
+            await transport.send_all(hs.data_to_send())
+            while not hs.is_done:
+                hs.receive_data(await transport.receive_some(hs.bytes_wanted))
+            got_msg3.set()
+            await trio.sleep_forever()  # (no msg4)
+
+    (tmp_path / "real").mkdir()
+    async with running_broker(tmp_path / "real") as real, trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        stall = Endpoint("unix", OWNER.public_key, path=str(path))
+        address = format_address([stall, *parse_address(real.tcp_address)])
+        with trio.fail_after(20):
+            async with open_bus(address, identity=FRIEND, name="org.example.After", reconnect=False, connect_timeout=4) as bus:
+                assert got_msg3.is_set()
+                assert bus.endpoint is not None and bus.endpoint.transport == "tcp"
+                assert [n.name for n in await bus.list_names()] == ["org.example.After"]
+        nursery.cancel_scope.cancel()

@@ -12,6 +12,10 @@ only moves their bytes.
   error, the deadline, a refusal -- closes the transport and leaves the stream BROKEN.
   ``do_handshake`` raises the :class:`~bus.errors.HandshakeError`; the lazy path raises
   :class:`trio.BrokenResourceError` with it chained as ``__cause__``.
+* A client may hand the stream's first bytes to :attr:`SecureStream.early_data`: they go out
+  in the same write as msg3, sealed with the keys the handshake will end with (only the
+  server's key holder can open them); nothing received is trusted before msg4 checks out
+  (docs/protocol.md, section 2.6).
 * Afterwards bytes go either through box-stream (``encrypted=True``) or straight through
   (``encrypted=False``, for Unix sockets, where the kernel keeps the stream private and the
   handshake still proves both identities).
@@ -197,7 +201,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         #: open them; nothing received is trusted before msg4 proves the server).  Saves the
         #: round trip a protocol whose client speaks first would otherwise wait for msg4.
         self.early_data: Callable[[], bytes] | None = None
-        #: Plaintext bytes sent and received after the handshake.
+        self._early_sent = False  # (early data went out: a reset before msg4 is a refusal)
+        #: Plaintext bytes sent and received after the handshake (the early data counts as sent).
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -352,9 +357,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
                         await transport.send_all(out)
                     data = await transport.receive_some(hs.bytes_wanted)
             except trio.BrokenResourceError:
-                if hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
+                if self._early_sent and hs.state is HandshakeState.AWAIT_SERVER_ACCEPT:
                     # A server that hangs up after msg3 with bytes of ours unread (the early
-                    # data) resets the connection: the same refusal as a plain hang-up.
+                    # data) resets the connection: the same refusal as a plain hang-up.  (Without
+                    # early data a refusal is a clean end: a reset is the transport's failure,
+                    # e.g. a channel's relay that broke, and is reported with its reason.)
                     hs.end_of_input()
                 raise
             if not data:
@@ -391,6 +398,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         else:
             wire = bytes(data)
         self.bytes_sent += len(data)
+        self._early_sent = True
         return msg3 + wire
 
     async def _ensure_handshake(self) -> None:

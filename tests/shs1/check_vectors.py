@@ -8,7 +8,7 @@ crypto.js) with its whole state, including the ephemeral keys.  Each step is rep
 building the matching minibus machine with the same long-term and ephemeral keys and
 feeding it the recorded messages; created messages must be equal byte for byte, verified
 ones must pass or fail exactly when the reference's did, and the final keys must match the
-reference's ``clean`` step.  Exits with the number of mismatches.
+reference's ``clean`` step (a client's keys asked for early too, before msg4).  Exits with the number of mismatches.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main(path: str) -> int:
             s = v["args"][0]
             msg3_by_pair[(s["local"]["kx_pk"], s["remote"]["kx_pk"])] = hx(v["args"][1])
     keys_by_pair: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+    early_by_pair: dict[tuple[str, str], tuple[bytes, bytes]] = {}
     checked = failed = 0
 
     def check(ok: bool, index: int, name: str, detail: str = "") -> None:
@@ -109,15 +110,25 @@ def main(path: str) -> int:
             machine = client(state)
             accepted = feed(machine, remote_hello(state), hx(args[1])) is not None
             check(accepted == (result is not None), i, name)
+            # The same, with the early keys asked for before msg4 (docs/protocol.md 2.6): msg4
+            # is checked the same, and they are the keys the reference ends with.
+            early_machine = client(state)
+            feed(early_machine, remote_hello(state))
+            early = early_machine.early_outcome()
+            check((feed(early_machine, hx(args[1])) is not None) == accepted, i, name, "with early keys")
             if accepted:
                 check(machine.state is State.DONE, i, name, "not done")
+                check(early_machine.outcome == early == machine.outcome, i, name, "early keys")
                 pair = (state["local"]["kx_pk"], state["remote"]["kx_pk"])
                 keys_by_pair[pair] = (machine.outcome.encrypt_key, machine.outcome.decrypt_key)
+                early_by_pair[pair] = (early.encrypt_key, early.decrypt_key)
         elif name == "clean":
             pair = (state["local"]["kx_pk"], state["remote"]["kx_pk"])
             if pair in keys_by_pair and result.get("encryptKey"):
                 want = (hx(result["encryptKey"]), hx(result["decryptKey"]))
                 check(keys_by_pair[pair] == want, i, name, "session keys")
+                if pair in early_by_pair:
+                    check(early_by_pair[pair] == want, i, name, "early session keys")
     print(f"test-secret-handshake vectors: {checked - failed} passed, {failed} failed")
     return failed
 
