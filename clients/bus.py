@@ -19,7 +19,9 @@ default); callers may add tighter ones with ``trio.fail_after``.
 When the connection drops, requests in flight fail with
 :class:`~bus.errors.ConnectionLost` (none is replayed).  With ``reconnect=True`` (the
 default) the bus then dials again with exponential backoff (0.1 s doubling to 5 s), says
-hello again, requests its names again, and restores every watch: a watch that was open
+hello again, requests its names again (the names it still wants: one released while it
+reconnected, after the new hello asked for it, is released again once connected), and
+restores every watch: a watch that was open
 keeps yielding, and the difference between what it knew and the broker's new snapshot
 arrives as ordinary events.  So the objects a user holds keep working across a broker
 restart.
@@ -176,7 +178,8 @@ class Bus:
 
     async def _restore(self, link: Link) -> None:
         # (Names also asks again for the names after the first: only it requests those.)
-        if self._names_made is not None or len(self._connection.requested_names) > 1:
+        wanted = self._connection.requested_names
+        if self._names_made is not None or len(wanted) > 1 or (link.hello_name is not None and link.hello_name not in wanted):
             await self._names.restore(link)
         if self._events_made is not None:
             await self._events_made.restore(link)

@@ -190,6 +190,8 @@ class Link:
         self._closed_event: trio.Event | None = None  # (made when first asked for)
         self.reason = "the broker closed the connection"
         self.started = trio.current_time()
+        #: The name this link's hello asked for (None: none); see names.restore.
+        self.hello_name: str | None = None
 
     @property
     def closed_event(self) -> trio.Event:
@@ -289,6 +291,7 @@ class BusConnection:
         self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
         self._hello_frame: bytes | None = None  # (made while the broker works on the handshake)
         self._hello_early = False  # (the last handshake carried the hello: see _early_hello)
+        self._hello_name: str | None = None  # (the name the last hello made asked for)
         #: Run once while the broker answers the next hello (the owner's work that does not
         #: need the answer: open_bus makes the rest of the bus then).
         self.meanwhile: Callable[[], None] | None = None
@@ -530,6 +533,7 @@ class BusConnection:
             # while the other works costs no time).
             framed = FramedStream(stream, receive_stream=transport, trusted=True)
             link = Link(framed, "")
+            link.hello_name = self._hello_name
             meanwhile = self.meanwhile
             if meanwhile is not None:
                 self.meanwhile = None
@@ -575,6 +579,7 @@ class BusConnection:
         the client's own FramedStream would encode it the same, with the default limit)."""
         names = list(self.requested_names.items())
         first = names[0] if names else None
+        self._hello_name = first[0] if first is not None else None
         # (Request("hello", 1, args).to_wire(), built in place.)
         hello: dict[str, Any] = {"info": self.plugin_info}
         if first is not None:

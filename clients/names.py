@@ -360,7 +360,19 @@ class Names:
     async def restore(self, link: Link) -> None:
         """After (re)connecting: the remaining names and every watch of older links."""
         stale = [w for w in self.live_watches if w.link is not link and w.link is not None]
-        for name, flags in list(self._connection.requested_names.items())[1:]:
+        wanted = self._connection.requested_names
+        taken = link.hello_name  # (the hello asked for it: made before a release that came after)
+        if taken is not None and taken not in wanted:
+            try:
+                await self._connection.request("release_name", {"name": taken})
+            except RequestError as exc:
+                log.warning("could not release %s after reconnecting: %s", taken, exc)
+            except BusError as exc:
+                log.info("restoring names stopped: %s", exc)
+                return  # the link failed too; the serve loop reconnects again
+        for name, flags in list(wanted.items()):
+            if name == taken:
+                continue
             try:
                 await self.request_name(name, flags)
             except RequestError as exc:

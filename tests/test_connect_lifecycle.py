@@ -354,3 +354,87 @@ async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_he
                     owned = {e.name for e in await bus.list_names() if e.unique_id == bus.unique_id}
                     assert owned == {"org.example.Second"}, owned
             nursery.cancel_scope.cancel()
+
+
+async def test_a_name_released_after_the_new_hello_went_out_is_released_once_connected(tmp_path: Path) -> None:
+    """The hello goes out behind msg3 (docs/protocol.md 2.6), with the first name wanted then.
+    The relay holds the broker's msg4 until the test has released that name (the release fails:
+    not connected yet).  Once connected, the bus lets go of the name the hello took for it: it
+    owns exactly the names it still wants."""
+    from bus.wire.address import Endpoint, format_address, parse_address
+
+    from tests.brokers import OWNER as BROKER_ID
+
+    async with running_broker(tmp_path) as rb:
+        broker_path = parse_address(rb.unix_address)[0].path
+        assert broker_path is not None
+        relay_path = str(tmp_path / "relay.sock")
+        relay_listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await relay_listener.bind(relay_path)
+        relay_listener.listen()
+        listener = trio.SocketListener(relay_listener)
+        conns: list[tuple[trio.SocketStream, trio.SocketStream]] = []
+        hello_sent = trio.Event()  # (msg3 and the hello passed to the broker)
+        released = trio.Event()
+
+        async def to_broker(src: trio.SocketStream, dst: trio.SocketStream, watch: bool) -> None:
+            seen = 0
+            try:
+                while data := await src.receive_some():
+                    seen += len(data)
+                    await dst.send_all(data)
+                    if watch and seen > 64 + 112:
+                        hello_sent.set()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(dst)
+
+        async def to_client(src: trio.SocketStream, dst: trio.SocketStream, hold: bool) -> None:
+            passed = 0
+            try:
+                while data := await src.receive_some():
+                    if hold and passed + len(data) > 64:  # msg2 passes; msg4 waits
+                        await dst.send_all(data[: max(0, 64 - passed)])
+                        data = data[max(0, 64 - passed) :]
+                        passed = 64
+                        await released.wait()
+                        hold = False
+                    passed += len(data)
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(dst)
+
+        async def relay(client: trio.SocketStream) -> None:
+            broker = await trio.open_unix_socket(broker_path)
+            conns.append((client, broker))
+            again = len(conns) > 1
+            async with trio.open_nursery() as pipes:
+                pipes.start_soon(to_broker, client, broker, again)
+                pipes.start_soon(to_client, broker, client, again)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, relay, [listener])
+            address = format_address([Endpoint("unix", BROKER_ID.public_key, path=relay_path)])
+            with trio.fail_after(30):
+                async with open_bus(address, identity=FRIEND, name="org.example.First") as bus:
+                    await bus.request_name("org.example.Second")
+                    client, broker = conns[0]
+                    await trio.aclose_forcefully(broker)  # (the relay ends the first connection)
+                    await hello_sent.wait()  # the new hello, asking for First, went out
+                    with pytest.raises(ConnectionLost):
+                        await bus.release_name("org.example.First")
+                    released.set()
+                    while not (bus.reconnects and bus.connected):
+                        await trio.sleep(0.01)
+                    await bus.ping()
+                    owned: set[str] = set()
+                    for _ in range(200):  # (the release goes out as the bus restores its names)
+                        owned = {e.name for e in await bus.list_names() if e.unique_id == bus.unique_id}
+                        if owned == {"org.example.Second"}:
+                            break
+                        await trio.sleep(0.01)
+                    assert owned == {"org.example.Second"}, owned
+            nursery.cancel_scope.cancel()
