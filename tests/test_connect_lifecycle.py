@@ -294,23 +294,27 @@ async def test_a_cancellation_during_the_connect_comes_out_as_itself(tmp_path: P
         await wait_for_no_sessions(rb.broker)
 
 
+async def _relay_in_front(tmp_path: Path, unix_address: str) -> tuple[trio.SocketListener, str, str]:
+    """A listener for a test's relay in front of the broker at ``unix_address``: the listener,
+    the bus address through it, and the broker's own socket path."""
+    from bus.wire.address import Endpoint, format_address, parse_address
+
+    broker_path = parse_address(unix_address)[0].path
+    assert broker_path is not None
+    relay_path = str(tmp_path / "relay.sock")
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(relay_path)
+    sock.listen()
+    return trio.SocketListener(sock), format_address([Endpoint("unix", OWNER.public_key, path=relay_path)]), broker_path
+
+
 async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_hello(tmp_path: Path) -> None:
     """The bus reconnects through a relay to the real broker that holds the broker's first
     handshake answer until the test released the bus's first name (the release fails: not
     connected, but the name is no longer wanted).  The new hello asks for the name that is
     first now, not the one released: the bus owns exactly the names it still wants."""
-    from bus.wire.address import Endpoint, format_address, parse_address
-
-    from tests.brokers import OWNER as BROKER_ID
-
     async with running_broker(tmp_path) as rb:
-        broker_path = parse_address(rb.unix_address)[0].path
-        assert broker_path is not None
-        relay_path = str(tmp_path / "relay.sock")
-        relay_listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await relay_listener.bind(relay_path)
-        relay_listener.listen()
-        listener = trio.SocketListener(relay_listener)
+        listener, address, broker_path = await _relay_in_front(tmp_path, rb.unix_address)
         conns: list[tuple[trio.SocketStream, trio.SocketStream]] = []
         msg1_relayed = trio.Event()
         released = trio.Event()
@@ -338,7 +342,6 @@ async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_he
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, relay, [listener])
-            address = format_address([Endpoint("unix", BROKER_ID.public_key, path=relay_path)])
             with trio.fail_after(30):
                 async with open_bus(address, identity=FRIEND, name="org.example.First") as bus:
                     await bus.request_name("org.example.Second")
@@ -361,18 +364,8 @@ async def test_a_name_released_after_the_new_hello_went_out_is_released_once_con
     The relay holds the broker's msg4 until the test has released that name (the release fails:
     not connected yet).  Once connected, the bus lets go of the name the hello took for it: it
     owns exactly the names it still wants."""
-    from bus.wire.address import Endpoint, format_address, parse_address
-
-    from tests.brokers import OWNER as BROKER_ID
-
     async with running_broker(tmp_path) as rb:
-        broker_path = parse_address(rb.unix_address)[0].path
-        assert broker_path is not None
-        relay_path = str(tmp_path / "relay.sock")
-        relay_listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await relay_listener.bind(relay_path)
-        relay_listener.listen()
-        listener = trio.SocketListener(relay_listener)
+        listener, address, broker_path = await _relay_in_front(tmp_path, rb.unix_address)
         conns: list[tuple[trio.SocketStream, trio.SocketStream]] = []
         hello_sent = trio.Event()  # (msg3 and the hello passed to the broker)
         released = trio.Event()
@@ -417,7 +410,6 @@ async def test_a_name_released_after_the_new_hello_went_out_is_released_once_con
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, relay, [listener])
-            address = format_address([Endpoint("unix", BROKER_ID.public_key, path=relay_path)])
             with trio.fail_after(30):
                 async with open_bus(address, identity=FRIEND, name="org.example.First") as bus:
                     await bus.request_name("org.example.Second")

@@ -30,6 +30,13 @@ SERVER = Identity.generate()
 CLIENT = Identity.generate()
 
 
+async def _unix_listener(path: Path) -> tuple[trio.SocketListener, Path]:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    return trio.SocketListener(sock), path
+
+
 def _to_early_data(hs: ClientHandshake, server: ServerHandshake) -> None:
     server.receive_data(hs.data_to_send())  # msg1
     hs.receive_data(server.data_to_send())  # msg2
@@ -186,11 +193,7 @@ async def test_a_server_that_hangs_up_on_early_data_is_a_refusal(pair: str, refu
 async def test_open_bus_sends_its_hello_behind_msg3_and_reads_the_answer_after_msg4(tmp_path: Path) -> None:
     """The client library's connect: the broker has the hello (with the name) before it sends
     msg4; the answer, written right behind msg4, is read once msg4 is checked."""
-    path = tmp_path / "early.sock"
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    sock.listen(8)
-    listener = trio.SocketListener(sock)
+    listener, path = await _unix_listener(tmp_path / "early.sock")
     hellos: list[dict[str, object]] = []
 
     async def handle(transport: trio.SocketStream) -> None:
@@ -226,11 +229,7 @@ async def test_open_bus_sends_its_hello_behind_msg3_and_reads_the_answer_after_m
 async def test_open_bus_trusts_nothing_behind_a_forged_msg4(tmp_path: Path) -> None:
     """A server without the broker's secret key cannot make msg4: an answer to hello behind a
     forged one is never read, and the connect fails as a failed handshake."""
-    path = tmp_path / "forged.sock"
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    sock.listen(8)
-    listener = trio.SocketListener(sock)
+    listener, path = await _unix_listener(tmp_path / "forged.sock")
     impostor = Identity.generate()
 
     async def handle(transport: trio.SocketStream) -> None:
@@ -385,11 +384,7 @@ async def test_a_stall_after_the_early_hello_gives_way_to_the_next_endpoint(tmp_
     """The first endpoint takes msg3 and the early hello and never sends msg4: its share of the
     connect deadline ends that attempt (cancelled while the hello was out), and the next
     endpoint, the real broker, gets a hello of its own."""
-    path = tmp_path / "stall.sock"
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    sock.listen(8)
-    listener = trio.SocketListener(sock)
+    listener, path = await _unix_listener(tmp_path / "stall.sock")
     got_msg3 = trio.Event()
 
     async def handle(transport: trio.SocketStream) -> None:
