@@ -40,7 +40,7 @@ from bus.io.framed import FramedStream  # noqa: E402
 from bus.io.fdpass import FdSocketStream  # noqa: E402
 from bus.io.secure import SecureStream  # noqa: E402
 from bus.wire.address import parse_address  # noqa: E402
-from bus.wire.frames import ControlFrame  # noqa: E402
+from bus.wire.frames import ControlFrame, encode_control  # noqa: E402
 from bus.wire.identity import Identity, save_identity  # noqa: E402
 
 BARE_SERVER = r"""
@@ -106,29 +106,38 @@ class Busd:
             self.proc.stdout.close()
 
 
-async def connect(path: str, identity: Identity, server: Identity) -> SecureStream:
+async def connect(path: str, identity: Identity, server: Identity, early: bytes = b"") -> SecureStream:
+    """A handshake over minibus's client socket; ``early``: bytes sent behind msg3, as the client
+    library sends its hello (docs/protocol.md, section 2.6)."""
     transport = await FdSocketStream.connect(path)  # (minibus's client socket)
     stream = SecureStream.client(transport, identity, server.public_key, encrypted=False)
+    if early:
+        stream.early_data = lambda: early
     await stream.do_handshake()
     return stream
 
 
-async def request(framed: FramedStream, message: dict[str, Any]) -> dict[str, Any]:
-    await framed.send_message(message)
+async def reply_to(framed: FramedStream, request_id: int) -> dict[str, Any]:
     while True:
         frame = await framed.receive_frame()
         assert isinstance(frame, ControlFrame)
-        if frame.message.get("re") == message["id"]:
+        if frame.message.get("re") == request_id:
             return frame.message
+
+
+async def request(framed: FramedStream, message: dict[str, Any]) -> dict[str, Any]:
+    await framed.send_message(message)
+    return await reply_to(framed, message["id"])
 
 
 async def connect_rate(path: str, identity: Identity, server: Identity, count: int, register: bool) -> float:
     start = time.perf_counter()
+    hello = encode_control(0, {"op": "hello", "id": 1})
     for _ in range(count):
-        stream = await connect(path, identity, server)
+        # (registering: the hello goes behind msg3, as the client library sends it)
+        stream = await connect(path, identity, server, early=hello if register else b"")
         if register:
-            framed = FramedStream(stream)
-            reply = await request(framed, {"op": "hello", "id": 1})
+            reply = await reply_to(FramedStream(stream), 1)
             assert "result" in reply
         await trio.aclose_forcefully(stream)
     return count / (time.perf_counter() - start)
