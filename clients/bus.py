@@ -177,7 +177,8 @@ class Bus:
         return services
 
     async def _restore(self, link: Link) -> None:
-        # (Names also asks again for the names after the first: only it requests those.)
+        # (Names asks again for the wanted names the hello did not ask for, and lets go of
+        # the hello's if it is no longer wanted: only it does either.)
         wanted = self._connection.requested_names
         if self._names_made is not None or len(wanted) > 1 or (link.hello_name is not None and link.hello_name not in wanted):
             await self._names.restore(link)

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 :class:`Names` asks the broker for names and information over the link's requests, and
 keeps what must survive a reconnect: the names requested (the first one goes with hello,
-see :mod:`clients.link`; the others are requested again by :meth:`Names.restore`) and every
-open :class:`Watch`.  A watch is registered on one link under the id the broker gave it;
+see :mod:`clients.link`; :meth:`Names.restore` requests every other one still wanted, and
+releases the hello's if it was released after the hello was made) and every open
+:class:`Watch`.  A watch is registered on one link under the id the broker gave it;
 the broker's ``name``, ``resync`` and ``snapshot`` events for that id reach it through the
 link's reader.  After a reconnect every watch is registered again and the difference between
 what it knew and the broker's new snapshot arrives as ordinary events, so a watch that was
@@ -370,11 +371,15 @@ class Names:
             except BusError as exc:
                 log.info("restoring names stopped: %s", exc)
                 return  # the link failed too; the serve loop reconnects again
-        for name, flags in list(wanted.items()):
-            if name == taken:
+        for name in list(wanted):
+            # (Each as wanted now: the user may release one while those before it are asked
+            # for.  The answer is not written back to the wanted names: a release the user
+            # sent while this request waited stands.)
+            flags = wanted.get(name)
+            if flags is None or name == taken:
                 continue
             try:
-                await self.request_name(name, flags)
+                await self._connection.request("request_name", {"name": name, "flags": flags})
             except RequestError as exc:
                 log.warning("could not request %s again after reconnecting: %s", name, exc)
             except BusError as exc:

@@ -430,3 +430,73 @@ async def test_a_name_released_after_the_new_hello_went_out_is_released_once_con
                         await trio.sleep(0.01)
                     assert owned == {"org.example.Second"}, owned
             nursery.cancel_scope.cancel()
+
+
+async def test_a_name_released_while_the_names_are_restored_stays_released(tmp_path: Path) -> None:
+    """After a reconnect the bus asks for its other names again, one after another.  The relay
+    holds what the bus sends after the new hello's answer (restore's first request) until the
+    test has released a name further down the list: restore must not ask for that name again,
+    nor count it as wanted."""
+    async with running_broker(tmp_path) as rb:
+        listener, address, broker_path = await _relay_in_front(tmp_path, rb.unix_address)
+        conns: list[tuple[trio.SocketStream, trio.SocketStream]] = []
+        answered = trio.Event()  # (the broker's msg4 and hello answer are on their way to the bus)
+        restoring = trio.Event()  # (the bus sent something after that: restore's first request)
+        go = trio.Event()
+
+        async def to_broker(src: trio.SocketStream, dst: trio.SocketStream, hold: bool) -> None:
+            try:
+                while data := await src.receive_some():
+                    if hold and answered.is_set():
+                        restoring.set()
+                        await go.wait()
+                        hold = False
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(dst)
+
+        async def to_client(src: trio.SocketStream, dst: trio.SocketStream, watch: bool) -> None:
+            passed = 0
+            try:
+                while data := await src.receive_some():
+                    passed += len(data)
+                    if watch and passed > 64 + 80:  # msg2, msg4, then the hello's answer
+                        answered.set()
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(dst)
+
+        async def relay(client: trio.SocketStream) -> None:
+            broker = await trio.open_unix_socket(broker_path)
+            conns.append((client, broker))
+            again = len(conns) > 1
+            async with trio.open_nursery() as pipes:
+                pipes.start_soon(to_broker, client, broker, again)
+                pipes.start_soon(to_client, broker, client, again)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, relay, [listener])
+            with trio.fail_after(30):
+                async with open_bus(address, identity=FRIEND, name="org.example.First") as bus:
+                    await bus.request_name("org.example.Second")
+                    await bus.request_name("org.example.Third")
+                    client, broker = conns[0]
+                    await trio.aclose_forcefully(broker)  # (the relay ends the first connection)
+                    await restoring.wait()  # restore asked for Second; Third comes next
+                    assert bus.reconnects and bus.connected
+                    async with trio.open_nursery() as user:
+                        user.start_soon(bus.release_name, "org.example.Third")
+                        while "org.example.Third" in bus.requested_names:
+                            await trio.sleep(0)
+                        go.set()
+                    owned: set[str] = set()
+                    for _ in range(100):  # (restore may still be at work: give it time to err)
+                        owned = {e.name for e in await bus.list_names() if e.unique_id == bus.unique_id}
+                        await trio.sleep(0.01)
+                    assert owned == {"org.example.First", "org.example.Second"}, owned
+                    assert list(bus.requested_names) == ["org.example.First", "org.example.Second"]
+            nursery.cancel_scope.cancel()
