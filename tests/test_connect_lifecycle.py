@@ -4,6 +4,7 @@ ends everything cleanly on both sides."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,43 @@ async def _relay_in_front(tmp_path: Path, unix_address: str) -> tuple[trio.Socke
     return trio.SocketListener(sock), format_address([Endpoint("unix", OWNER.public_key, path=relay_path)]), broker_path
 
 
+#: One direction's handling of each read, given the read and how to send on: it may wait, or
+#: cut the read and wait between the parts.
+Step = Callable[[bytes, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+async def _pipe(src: trio.SocketStream, dst: trio.SocketStream, step: Step | None) -> None:
+    """``src``'s bytes to ``dst`` (through ``step``) until either ends; then ``dst`` is closed."""
+    try:
+        while data := await src.receive_some():
+            await (dst.send_all(data) if step is None else step(data, dst.send_all))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(dst)
+
+
+def _relay(
+    broker_path: str,
+    conns: list[tuple[trio.SocketStream, trio.SocketStream]],
+    up: Callable[[], Step],
+    down: Callable[[], Step],
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """The relay's handler: each connection piped to the broker (noted in ``conns``); the
+    first passes bytes as they come, each later one (the reconnects) through a fresh ``up``
+    (to the broker) and ``down`` (to the bus) step."""
+
+    async def relay(client: trio.SocketStream) -> None:
+        broker = await trio.open_unix_socket(broker_path)
+        conns.append((client, broker))
+        again = len(conns) > 1
+        async with trio.open_nursery() as pipes:
+            pipes.start_soon(_pipe, client, broker, up() if again else None)
+            pipes.start_soon(_pipe, broker, client, down() if again else None)
+
+    return relay
+
+
 async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_hello(tmp_path: Path) -> None:
     """The bus reconnects through a relay to the real broker that holds the broker's first
     handshake answer until the test released the bus's first name (the release fails: not
@@ -319,26 +357,15 @@ async def test_a_name_released_while_reconnecting_is_not_asked_for_in_the_new_he
         msg1_relayed = trio.Event()
         released = trio.Event()
 
-        async def pipe(src: trio.SocketStream, dst: trio.SocketStream, hold: trio.Event | None, seen: trio.Event | None) -> None:
-            try:
-                while data := await src.receive_some():
-                    if seen is not None:
-                        seen.set()
-                    if hold is not None:
-                        await hold.wait()
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(dst)
+        async def up(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+            msg1_relayed.set()
+            await send(data)
 
-        async def relay(client: trio.SocketStream) -> None:
-            broker = await trio.open_unix_socket(broker_path)
-            conns.append((client, broker))
-            again = len(conns) > 1
-            async with trio.open_nursery() as pipes:
-                pipes.start_soon(pipe, client, broker, None, msg1_relayed if again else None)
-                pipes.start_soon(pipe, broker, client, released if again else None, None)
+        async def down(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+            await released.wait()
+            await send(data)
+
+        relay = _relay(broker_path, conns, lambda: up, lambda: down)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, relay, [listener])
@@ -370,43 +397,34 @@ async def test_a_name_released_after_the_new_hello_went_out_is_released_once_con
         hello_sent = trio.Event()  # (msg3 and the hello passed to the broker)
         released = trio.Event()
 
-        async def to_broker(src: trio.SocketStream, dst: trio.SocketStream, watch: bool) -> None:
+        def up() -> Step:
             seen = 0
-            try:
-                while data := await src.receive_some():
-                    seen += len(data)
-                    await dst.send_all(data)
-                    if watch and seen > 64 + 112:
-                        hello_sent.set()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(dst)
 
-        async def to_client(src: trio.SocketStream, dst: trio.SocketStream, hold: bool) -> None:
-            passed = 0
-            try:
-                while data := await src.receive_some():
-                    if hold and passed + len(data) > 64:  # msg2 passes; msg4 waits
-                        await dst.send_all(data[: max(0, 64 - passed)])
-                        data = data[max(0, 64 - passed) :]
-                        passed = 64
-                        await released.wait()
-                        hold = False
-                    passed += len(data)
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(dst)
+            async def step(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+                nonlocal seen
+                seen += len(data)
+                await send(data)
+                if seen > 64 + 112:
+                    hello_sent.set()
 
-        async def relay(client: trio.SocketStream) -> None:
-            broker = await trio.open_unix_socket(broker_path)
-            conns.append((client, broker))
-            again = len(conns) > 1
-            async with trio.open_nursery() as pipes:
-                pipes.start_soon(to_broker, client, broker, again)
-                pipes.start_soon(to_client, broker, client, again)
+            return step
+
+        def down() -> Step:
+            passed, held = 0, False
+
+            async def step(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+                nonlocal passed, held
+                if not held and passed + len(data) > 64:  # msg2 passes; msg4 waits
+                    cut = max(0, 64 - passed)
+                    await send(data[:cut])
+                    data, passed, held = data[cut:], 64, True
+                    await released.wait()
+                passed += len(data)
+                await send(data)
+
+            return step
+
+        relay = _relay(broker_path, conns, up, down)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, relay, [listener])
@@ -444,39 +462,32 @@ async def test_a_name_released_while_the_names_are_restored_stays_released(tmp_p
         restoring = trio.Event()  # (the bus sent something after that: restore's first request)
         go = trio.Event()
 
-        async def to_broker(src: trio.SocketStream, dst: trio.SocketStream, hold: bool) -> None:
-            try:
-                while data := await src.receive_some():
-                    if hold and answered.is_set():
-                        restoring.set()
-                        await go.wait()
-                        hold = False
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(dst)
+        def up() -> Step:
+            hold = True
 
-        async def to_client(src: trio.SocketStream, dst: trio.SocketStream, watch: bool) -> None:
+            async def step(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+                nonlocal hold
+                if hold and answered.is_set():
+                    restoring.set()
+                    await go.wait()
+                    hold = False
+                await send(data)
+
+            return step
+
+        def down() -> Step:
             passed = 0
-            try:
-                while data := await src.receive_some():
-                    passed += len(data)
-                    if watch and passed > 64 + 80:  # msg2, msg4, then the hello's answer
-                        answered.set()
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(dst)
 
-        async def relay(client: trio.SocketStream) -> None:
-            broker = await trio.open_unix_socket(broker_path)
-            conns.append((client, broker))
-            again = len(conns) > 1
-            async with trio.open_nursery() as pipes:
-                pipes.start_soon(to_broker, client, broker, again)
-                pipes.start_soon(to_client, broker, client, again)
+            async def step(data: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+                nonlocal passed
+                passed += len(data)
+                if passed > 64 + 80:  # msg2, msg4, then the hello's answer
+                    answered.set()
+                await send(data)
+
+            return step
+
+        relay = _relay(broker_path, conns, up, down)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, relay, [listener])

@@ -37,6 +37,14 @@ async def _unix_listener(path: Path) -> tuple[trio.SocketListener, Path]:
     return trio.SocketListener(sock), path
 
 
+async def _answer_msg1(transport: trio.SocketStream, identity: Identity) -> ServerHandshake:
+    """A hand-driven server: msg1 read, msg2 sent; msg3 and msg4 are the test's."""
+    hs = ServerHandshake(identity)
+    hs.receive_data(await transport.receive_some(64))
+    await transport.send_all(hs.data_to_send())  # msg2
+    return hs
+
+
 def _to_early_data(hs: ClientHandshake, server: ServerHandshake) -> None:
     server.receive_data(hs.data_to_send())  # msg1
     hs.receive_data(server.data_to_send())  # msg2
@@ -128,9 +136,7 @@ async def test_early_data_goes_out_before_msg4(encrypted: bool) -> None:
     assert isinstance(right, trio.SocketStream)
 
     async def server() -> None:
-        hs = ServerHandshake(SERVER)
-        hs.receive_data(await right.receive_some(64))
-        await right.send_all(hs.data_to_send())  # msg2
+        hs = await _answer_msg1(right, SERVER)
         got = b""
         while not hs.is_done or not got:
             got = await right.receive_some()
@@ -198,9 +204,7 @@ async def test_open_bus_sends_its_hello_behind_msg3_and_reads_the_answer_after_m
 
     async def handle(transport: trio.SocketStream) -> None:
         async with transport:
-            hs = ServerHandshake(SERVER)
-            hs.receive_data(await transport.receive_some(64))
-            await transport.send_all(hs.data_to_send())
+            hs = await _answer_msg1(transport, SERVER)
             decoder = FrameDecoder()
             got = b""
             while not hs.is_done:
@@ -234,9 +238,7 @@ async def test_open_bus_trusts_nothing_behind_a_forged_msg4(tmp_path: Path) -> N
 
     async def handle(transport: trio.SocketStream) -> None:
         async with transport:
-            hs = ServerHandshake(impostor)
-            hs.receive_data(await transport.receive_some(64))
-            await transport.send_all(hs.data_to_send())
+            hs = await _answer_msg1(transport, impostor)
             await transport.receive_some(112)  # msg3 (it cannot open it: another server key)
             answer = encode_control(0, {"re": 1, "result": {"unique_id": ":6", "identity": CLIENT.id}})
             await transport.send_all(bytes(80) + answer)
@@ -281,9 +283,7 @@ async def test_a_reset_without_early_data_stays_a_transport_failure(early: bytes
     assert isinstance(right, trio.SocketStream)
 
     async def server() -> None:
-        hs = ServerHandshake(SERVER)
-        hs.receive_data(await right.receive_some(64))
-        await right.send_all(hs.data_to_send())  # msg2
+        hs = await _answer_msg1(right, SERVER)
         while not hs.is_done:
             hs.receive_data(await right.receive_some(hs.bytes_wanted))  # msg3, exactly
         # An abortive close with nothing unread: the client is reset, not refused.
@@ -389,9 +389,7 @@ async def test_a_stall_after_the_early_hello_gives_way_to_the_next_endpoint(tmp_
 
     async def handle(transport: trio.SocketStream) -> None:
         async with transport:
-            hs = ServerHandshake(OWNER)
-            hs.receive_data(await transport.receive_some(64))
-            await transport.send_all(hs.data_to_send())
+            hs = await _answer_msg1(transport, OWNER)
             while not hs.is_done:
                 hs.receive_data(await transport.receive_some(hs.bytes_wanted))
             got_msg3.set()
