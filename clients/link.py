@@ -290,7 +290,6 @@ class BusConnection:
         self._ended_unread = False
         self._hello_sent = False  # (the last connect got as far as hello: see connect_timed_out)
         self._hello_frame: bytes | None = None  # (made while the broker works on the handshake)
-        self._hello_early = False  # (the last handshake carried the hello: see _early_hello)
         self._hello_name: str | None = None  # (the name the last hello made asked for)
         #: Run once while the broker answers the next hello (the owner's work that does not
         #: need the answer: open_bus makes the rest of the bus then).
@@ -431,7 +430,6 @@ class BusConnection:
             handshake_timeout=math.inf,  # (bounded by the scope around it)
         )
         # The hello goes out right behind msg3 (see _early_hello).
-        self._hello_early = False
         stream.early_data = self._early_hello
         try:
             await stream.do_handshake()
@@ -510,14 +508,12 @@ class BusConnection:
         # channels is checked here as ever (see clients/rpc.py).
         transport = stream.plain_transport()  # (asked before sending: a failed send breaks it)
         # Hello (and the names) go out before the reader and writer start: no other traffic yet.
-        early = self._hello_early
+        early = stream.early_data_sent
         send_failure: BaseException | None = None
         try:
             if not early:
-                frame = self._hello_frame
-                if frame is None:
-                    frame = self._hello_frame_now()
-                self._hello_frame = None
+                # (The hello could not be encoded behind msg3: its error is raised here.)
+                frame = self._hello_frame_now()
                 try:
                     # Straight to the socket (it has room: nothing was sent since the
                     # handshake); only what it did not take waits.
@@ -565,7 +561,6 @@ class BusConnection:
                 frame = self._hello_frame_now()
             except Exception:
                 return b""
-        self._hello_early = True
         return frame
 
     def _prepare_hello(self) -> None:

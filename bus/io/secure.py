@@ -280,6 +280,11 @@ class SecureStream(trio.abc.HalfCloseableStream):
         assert isinstance(self.transport, trio.abc.HalfCloseableStream)
         return self.transport
 
+    @property
+    def early_data_sent(self) -> bool:
+        """Whether :attr:`early_data` gave bytes, which went out behind msg3."""
+        return self._early_sent
+
     def _require_outcome(self) -> HandshakeOutcome:
         if self._outcome is None:
             raise LocalProtocolError("the handshake has not completed; await do_handshake() first")
