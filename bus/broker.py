@@ -424,6 +424,9 @@ class _Session:
                                 broker.corking = True  # (the rest of the run is still one burst)
                                 started = clock()
                             broker.dispatch(core.receive(conn_id, message))
+                    if broker._event_run is not None:
+                        broker.end_event_run()  # (before anything else this read sends)
+                    broker._last_route = None
                     busy += clock() - started
                     if busy >= REQUEST_SLICE:
                         busy = 0.0
@@ -557,6 +560,40 @@ def _discard_arrived(transport: trio.abc.Stream, limit: int) -> None:
         taken += len(data)
 
 
+class _EventRun:
+    """Events of one route from one emitter, held back while a reader handles the run of
+    requests one read brought, then queued to every receiver in one piece.
+
+    busd queues each event to each of its receivers (Broker.queue_event) after asking each
+    whether it has room (Broker._short_of_room); both are Python steps per receiver per event.
+    From the second event of a route and emitter in a run on, those steps are taken once for
+    the run instead: when the run starts, each receiver's room is asked once (``headroom``: the
+    least any receiver has, in its queue and in the emitter's share of it, reckoned as
+    ``_room_for_event`` does with the run's bytes counted in both; ``spare``: the least room
+    below ``outbound_bytes``; ``max_count``: the least room for frames), and each next event is
+    held back while ``size + needed <= headroom``.  Every receiver would have been found to
+    have room for it, event by event (nothing is written during a run, so queues only grow,
+    and those figures only shrink by the run's bytes).  An event that does not pass, anything
+    else the reader sends, a question about a queue, and the run's end queue what was held
+    first, in order; then it is asked event by event as ever.  Each receiver gets the same
+    frames in the same order, charged to the same emitter, as event by event; its queue holds
+    them as one entry (fewer entries than frames, the bytes the same)."""
+
+    __slots__ = ("route", "members", "sessions", "payer", "headroom", "spare", "max_count", "held", "size", "count")
+
+    def __init__(self, route: list[int], sessions: list[_Session], payer: str, headroom: int, spare: int, max_count: int) -> None:
+        self.route = route  # (the core's route list: its next event names it by identity)
+        self.members = set(route)
+        self.sessions = sessions
+        self.payer = payer
+        self.headroom = headroom
+        self.spare = spare
+        self.max_count = max_count
+        self.held: list[bytes] = []
+        self.size = 0
+        self.count = 0
+
+
 class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         check_settings(config)
@@ -607,6 +644,10 @@ class Broker:
         self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
         #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
         self.event_frames = EventFrames()
+        #: The events of one route and emitter held back while a reader handles a run of
+        #: requests, queued to every receiver at once (see _EventRun); the last event's route.
+        self._event_run: _EventRun | None = None
+        self._last_route: list[int] | None = None
         settings = SupervisorSettings(
             dirs=list(config.service_dirs),
             activation_timeout=config.activation_timeout,
@@ -626,6 +667,8 @@ class Broker:
     def _room_for(self, conn_id: int) -> int:
         """Bytes of room for traffic a connection did not ask for (the core's ``room_for``):
         what is left below half its queue, and none while descriptors it has not taken pile up."""
+        if self._event_run is not None:
+            self.end_event_run()  # (its events count in the queues asked about)
         session = self.sessions.get(conn_id)
         if session is None or session.stop_writing or session.out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
             return 0
@@ -639,6 +682,8 @@ class Broker:
         events queued there, and one newcomer, get equal parts of half the queue; so a fast
         emitter fills at most its part, and a slow subscriber misses only the fast one's events."""
         # (``_room_for``, in one step: this runs once per receiver per event)
+        if self._event_run is not None:
+            self.end_event_run()
         session = self.sessions.get(conn_id)
         if session is None:
             return 0
@@ -658,6 +703,14 @@ class Broker:
     def _short_of_room(self, conn_ids: list[int], payer: str, needed: int) -> list[int]:
         """Those of ``conn_ids`` with less than ``needed`` bytes of :meth:`_room_for_event`
         for ``payer`` (the core's ``short_of_room``, asked once per emit)."""
+        run = self._event_run
+        if run is not None:
+            # The next event of a run being held back: nobody is short when the receiver with
+            # the least room would still have room for it behind the run's events (see
+            # _EventRun); else the run is queued and each receiver asked as below.
+            if conn_ids is run.route and payer == run.payer and run.size + needed <= run.headroom and run.count < run.max_count:
+                return []
+            self.end_event_run()
         # (_room_for_event's steps, the same verdicts, for all receivers in one loop: a
         # receiver is short when any of them is, so the common ones -- its share, its room --
         # come first, and a receiver that passes them takes the others in one test)
@@ -690,6 +743,9 @@ class Broker:
 
     def uncork(self) -> None:
         """Write what the corked writers queued (see :attr:`corking`)."""
+        if self._event_run is not None:
+            self.end_event_run()
+        self._last_route = None
         self.corking = False
         self.bursts += 1
         corked, self.corked = self.corked, []
@@ -706,6 +762,8 @@ class Broker:
 
     def connection_io(self, conn_id: int) -> ConnectionIo:
         """A connection's traffic and queue (the core's :class:`~bus.core.stats.IoView`)."""
+        if self._event_run is not None:
+            self.end_event_run()
         session = self.sessions.get(conn_id)
         return session.io() if session is not None else ConnectionIo()
 
@@ -742,6 +800,12 @@ class Broker:
             if isinstance(item, FanOut):
                 self._fan_out(item)
                 continue
+            run = self._event_run
+            if run is not None and (type(item) is not tuple or item[0] in run.members):
+                # What the run held goes first, where this goes to one of its receivers (or
+                # anywhere else than one connection): each connection's order is kept.  (An
+                # emit's reply to an emitter that is no receiver leaves the run be.)
+                self.end_event_run()
             if isinstance(item, ChannelMessage):
                 self._channel_message(item)
                 continue
@@ -769,15 +833,44 @@ class Broker:
                     continue
             session.enqueue_encoded(data)
         if self.core.pumping_fresh and not self._pumping_now:
+            if self._event_run is not None:
+                self.end_event_run()
             self._pump_watches()
 
     def _fan_out(self, item: FanOut) -> None:
         """One event to its subscribers: encoded once, each copy charged to the emitter."""
+        run = self._event_run
+        if run is not None:
+            if item.conns is run.route and item.payer == run.payer:
+                data = self._event_frame(item.message, run.sessions)
+                if data is not None:
+                    size = len(data)
+                    if run.size + size <= run.spare:
+                        run.held.append(data)
+                        run.size += size
+                        run.count += 1
+                        return
+                    self.end_event_run()
+                    self.queue_event(run.sessions, data, item.payer)  # (each receiver's overflow, as ever)
+                return
+            self.end_event_run()
         sessions = self.sessions
         receivers = [session for conn_id in item.conns if (session := sessions.get(conn_id)) is not None]
         if not receivers:
             return
-        message = item.message
+        data = self._event_frame(item.message, receivers)
+        if data is None:
+            return
+        self.queue_event(receivers, data, item.payer)
+        if self.corking:
+            # A reader is handling a run of requests: from the second event of one route and
+            # emitter on, events are held back and queued together (see _EventRun).
+            if item.conns is self._last_route:
+                self._start_event_run(item.conns, receivers, item.payer)
+            self._last_route = item.conns
+
+    def _event_frame(self, message: dict[str, Any], receivers: list[_Session]) -> bytes | None:
+        """The frame of an event (or any message for many), encoded once for all receivers."""
         payload = message.get("payload")  # (a FanOut is any message for many: not only an event)
         try:
             if type(payload) is bytes and len(message) == 6 and message.get("event") == "event":
@@ -791,10 +884,44 @@ class Broker:
                 data = receivers[0].framed.encode_message(message, checked=True)
         except BusError as exc:
             log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
-            return
-        self.queue_event(receivers, data, item.payer)
+            return None
+        return data
 
-    def queue_event(self, receivers: Iterable[_Session], data: bytes, payer: str) -> None:
+    def _start_event_run(self, route: list[int], receivers: list[_Session], payer: str) -> None:
+        """Hold back the next events of ``route`` from ``payer``: what each receiver has room
+        for is asked once, here, for the run (see _EventRun)."""
+        threshold = self.relay_threshold
+        outbound = self.config.outbound_bytes
+        headroom, spare, frames = threshold, outbound, threshold  # (frames: fewer than bytes, surely)
+        for session in receivers:
+            out = session.out
+            if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
+                return  # (asked event by event: it takes nothing)
+            queued = out.queued_bytes
+            held = session.event_held
+            mine = held.get(payer, 0)
+            # Room in the queue, and in payer's share of it, as _room_for_event reckons them
+            # with the run's bytes added to both (payer holds some there from then on).
+            room = min(threshold - queued, threshold // (len(held) + (1 if mine else 2)) - mine)
+            if room < headroom:
+                headroom = room
+            if outbound - queued < spare:
+                spare = outbound - queued
+            left = out.max_frames // 2 - len(out)
+            if left < frames:
+                frames = left
+        if headroom > 0 and frames > 0:
+            self._event_run = _EventRun(route, receivers, payer, headroom, spare, frames)
+
+    def end_event_run(self) -> None:
+        """Queue the events held back to each receiver, in one piece (see _EventRun)."""
+        run = self._event_run
+        self._event_run = None
+        if run is not None and run.count:
+            held = run.held
+            self.queue_event(run.sessions, held[0] if run.count == 1 else b"".join(held), run.payer, run.count)
+
+    def queue_event(self, receivers: Iterable[_Session], data: bytes, payer: str, count: int = 1) -> None:
         """Queue one event ``payer`` emitted to each of ``receivers``: until written, each
         copy counts against payer's share (a fair-share mark per identity's run in a burst).
         A receiver whose writer is stopped takes nothing; one whose queue would pass
@@ -821,7 +948,7 @@ class Broker:
                 continue
             except trio.ClosedResourceError:
                 continue  # the session is already ending
-            session.messages_out += 1
+            session.messages_out += count
             bytes_out = session.bytes_out = session.bytes_out + size
             if out.queued_bytes:  # (else all written at once)
                 marks = session.event_marks

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -512,7 +513,236 @@ def test_short_of_room_gives_the_verdicts_of_room_for_event(
                 mine = threshold // (others + 2) - needed - delta
                 if mine > 0:
                     held[payer] = mine
-    broker = SimpleNamespace(sessions=dict(enumerate(sessions)), relay_threshold=threshold)
+    broker = SimpleNamespace(sessions=dict(enumerate(sessions)), relay_threshold=threshold, _event_run=None)
     ids = [*range(len(sessions)), *range(100, 100 + gone)]
     expected = [i for i in ids if bus.broker.Broker._room_for_event(broker, i, payer) < needed]  # type: ignore[arg-type]
     assert bus.broker.Broker._short_of_room(broker, ids, payer, needed) == expected  # type: ignore[arg-type]
+
+
+class _RunBroker:
+    """What Broker's event runs read and change of the broker, with a flush that queues the
+    run's events as one entry of each receiver's queue (as queue_event does, corked)."""
+
+    def __init__(self, sessions: dict[int, Any], threshold: int, outbound: int) -> None:
+        self.sessions, self.relay_threshold = sessions, threshold
+        self.config = SimpleNamespace(outbound_bytes=outbound)
+        self._event_run: Any = None
+        self.flushes = 0
+
+    def end_event_run(self) -> None:
+        run, self._event_run = self._event_run, None
+        if run is not None and run.count:
+            self.flushes += 1
+            for session in run.sessions:
+                _queue(session, run.payer, run.size, 1)
+
+
+def _queue(session: Any, payer: str, size: int, entries: int) -> None:
+    if not size:
+        return  # (nothing held back yet)
+    session.out.queued_bytes += size
+    session.out.frames += entries
+    session.event_held[payer] = session.event_held.get(payer, 0) + size
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    sessions=st.lists(_sessions, min_size=1, max_size=5),
+    threshold=st.sampled_from([1000, 1024, 2048, 3001, 8192]),
+    outbound=st.sampled_from([2048, 4096, 6002, 16384]),
+    payer=st.sampled_from([*_PAYERS, "@new"]),
+    events=st.lists(st.tuples(st.integers(1, 1200), st.integers(1, 1200)), min_size=1, max_size=40),
+)
+def test_an_event_run_holds_back_only_events_every_receiver_has_room_for(
+    sessions: list[Any], threshold: int, outbound: int, payer: str, events: list[tuple[int, int]]
+) -> None:
+    """busd's event runs (Broker._start_event_run, and _short_of_room's quick verdict while a
+    run holds events back): each event held back without asking every receiver is one that
+    each would have had room for, asked event by event with the run's events queued one by
+    one before it (as frames of their own); one it cannot vouch for ends the run (its events
+    queued) and is asked of each receiver as ever; the queues never pass ``outbound_bytes``
+    for a held-back event."""
+    import copy
+
+    broker = _RunBroker(dict(enumerate(sessions)), threshold, outbound)
+    route = list(range(len(sessions)))
+    receivers = [broker.sessions[i] for i in route]
+    Broker = bus.broker.Broker
+    Broker._start_event_run(broker, route, receivers, payer)  # type: ignore[arg-type]
+    quick = 0
+    for needed, size in events:
+        run = broker._event_run
+        short = Broker._short_of_room(broker, route, payer, needed)  # type: ignore[arg-type]
+        if run is not None and broker._event_run is run:
+            # Held back without asking each receiver: as if queued one by one, each has room.
+            assert short == []
+            quick += 1
+            for i in route:
+                virtual = copy.deepcopy(broker.sessions[i])
+                _queue(virtual, payer, run.size, run.count)
+                assert Broker._room_for_event(SimpleNamespace(sessions={i: virtual}, relay_threshold=threshold, _event_run=None), i, payer) >= needed  # type: ignore[arg-type]
+            if run.size + size <= run.spare:
+                run.held.append(b"")
+                run.size += size
+                run.count += 1
+                for session in receivers:
+                    assert session.out.queued_bytes + run.size <= outbound
+                continue
+            broker.end_event_run()
+        else:
+            assert broker._event_run is None  # (asked of each: the run, if any, was queued first)
+            expected = [i for i in route if Broker._room_for_event(SimpleNamespace(sessions=broker.sessions, relay_threshold=threshold, _event_run=None), i, payer) < needed]  # type: ignore[arg-type]
+            assert short == expected
+            if short:
+                continue
+        for session in receivers:
+            _queue(session, payer, size, 1)
+    broker.end_event_run()
+
+
+def test_an_event_run_holds_back_the_events_each_receiver_has_room_for_and_queues_them_as_one() -> None:
+    """The common case of the property above, spelled out: two receivers with empty queues
+    take ten 200-byte events of one emitter held back in a run, then one entry each."""
+    sessions = [SimpleNamespace(out=_Out(False, 0, 0, 0, 128), event_held={}) for _ in range(2)]
+    broker = _RunBroker(dict(enumerate(sessions)), 8192, 16384)
+    route = [0, 1]
+    bus.broker.Broker._start_event_run(broker, route, sessions, "@a")  # type: ignore[arg-type]
+    run = broker._event_run
+    assert run is not None and run.headroom == 8192 // 2
+    for _ in range(10):
+        assert bus.broker.Broker._short_of_room(broker, route, "@a", 600) == []  # type: ignore[arg-type]
+        assert broker._event_run is run
+        run.held.append(b"")
+        run.size += 200
+        run.count += 1
+    assert bus.broker.Broker._short_of_room(broker, [1, 0], "@a", 600) == []  # type: ignore[arg-type]
+    assert broker._event_run is None and broker.flushes == 1  # (another route: queued first)
+    assert [(s.out.queued_bytes, s.out.frames, s.event_held) for s in sessions] == [(2000, 1, {"@a": 2000})] * 2
+
+
+@pytest.mark.parametrize(("quiet", "own"), [(True, False), (False, False), (False, True)])
+async def test_runs_of_emits_reach_each_subscriber_in_order_with_gaps_that_count_what_it_missed(
+    tmp_path: Path, monkeypatch: Any, quiet: bool, own: bool
+) -> None:
+    """busd holds back the events of a run of emits (one read of the emitter's socket) and
+    queues them to each receiver in one piece (Broker._event_run).  Over real sockets, with
+    two subscribers that do not read (their queues fill mid-run) and one that reads: each
+    gets the events in order, each gap counts exactly the events it skipped, the reader gets
+    every one; with replies, each emit's ``delivered`` is the subscribers that got it, and an
+    emitter subscribed to its own events gets each reply before that emit's event."""
+    held_back: list[int] = []
+    end_event_run = bus.broker.Broker.end_event_run
+
+    def counting(self: Any) -> None:
+        if self._event_run is not None:
+            held_back.append(self._event_run.count)
+        end_event_run(self)
+
+    monkeypatch.setattr(bus.broker.Broker, "end_event_run", counting)
+    async with running_broker(tmp_path, outbound_bytes=256 * 1024) as rb:
+        emitter, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+        stuck_hellos = [await _hello(rb.unix_address, FRIEND) for _ in range(2)]
+        stuck = [framed for framed, _ in stuck_hellos]
+        reader, _ = await _hello(rb.unix_address, FRIEND)
+        for framed in [*stuck, reader, *([emitter] if own else [])]:
+            await framed.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
+            await reply_to(framed, 2)
+
+        def items_of(frame: Any) -> Any:
+            message = frame.message
+            if message.get("event") == "event":
+                return message["payload"]["n"]
+            if message.get("event") == "gap":
+                return ("gap", message["missed"])
+            if message.get("re") == 99:
+                return ("ping",)
+            if message.get("re", 0) >= 100:
+                return ("reply", message["re"] - 100, message["result"]["delivered"])
+            return None
+
+        async def read_all(framed: FramedStream, into: list[Any]) -> None:
+            while (frame := await framed.receive_frame()) is not None:
+                assert isinstance(frame, ControlFrame)
+                if (item := items_of(frame)) is not None:
+                    into.append(item)
+
+        sizes = [100, 3000, 9000, 500, 6000]
+        n, per_burst = 0, 16
+        got_by_reader: list[Any] = []
+        got_by_emitter: list[Any] = []
+        core = rb.broker.core
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, reader, got_by_reader)
+            nursery.start_soon(read_all, emitter, got_by_emitter)
+            for burst in range(60):  # bounded: the stuck ones run short within a few bursts
+                data = b"".join(
+                    encode_control(
+                        0,
+                        {"op": "emit", "id": 100 + i, "source": "org.example.A", "member": "Tick", "quiet": quiet,
+                         "payload": {"n": i, "b": "x" * sizes[i % len(sizes)]}},
+                    )
+                    for i in range(n, n + per_burst)
+                )
+                # One write: busd reads the burst as one run; the ping's answer says it is done.
+                await emitter.stream.send_all(data + encode_control(0, {"op": "ping", "id": 99}))
+                n += per_burst
+                with trio.fail_after(10):
+                    while got_by_emitter.count(("ping",)) <= burst:
+                        await trio.sleep(0.005)
+                for _, conn_id in stuck_hellos:
+                    # (each event was queued only with room for it in the emitter's share: an
+                    # identity alone there has half the room)
+                    session = rb.broker.sessions[conn_id]
+                    assert session.event_held.get(OWNER.id, 0) <= rb.broker.relay_threshold // 2
+                    check_marks(session)
+                if burst >= 12 and all(core.connections[conn_id].gaps_owed for _, conn_id in stuck_hellos):
+                    break
+            # The stuck ones read at last: what was queued, then the gap owed (busd sends it
+            # once the queue drains); then one more event, which every subscriber gets.
+            assert all(core.connections[conn_id].gaps_owed for _, conn_id in stuck_hellos)
+            got_by_stuck: list[list[Any]] = [[], []]
+            for framed, into in zip(stuck, got_by_stuck):
+                nursery.start_soon(read_all, framed, into)
+            with trio.fail_after(30):
+                for _, conn_id in stuck_hellos:
+                    while core.connections[conn_id].gaps_owed or rb.broker.sessions[conn_id].out.queued_bytes:
+                        await trio.sleep(0.01)
+            last = n
+            await emitter.stream.send_all(
+                encode_control(0, {"op": "emit", "id": 100 + last, "source": "org.example.A", "member": "Tick", "payload": {"n": last, "b": ""}})
+            )
+            with trio.fail_after(30):
+                while not all(last in into for into in [*got_by_stuck, got_by_reader, *([got_by_emitter] if own else [])]):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+        def check_order(items: list[Any]) -> list[int]:
+            """The events in order, each gap counting exactly the events skipped before the next."""
+            expected, missed, events = 0, 0, []
+            for item in items:
+                if isinstance(item, tuple) and item[0] == "gap":
+                    missed += item[1]
+                elif isinstance(item, int):
+                    assert item - expected == missed, (item, expected, missed)
+                    events.append(item)
+                    expected, missed = item + 1, 0
+            return events
+
+        assert check_order(got_by_reader) == list(range(last + 1))
+        stuck_events = [check_order(items) for items in got_by_stuck]
+        for events in stuck_events:
+            assert events[-1] == last and len(events) < last + 1  # (each missed some)
+        assert all(not isinstance(item, tuple) for item in got_by_reader)  # (no gap, no reply)
+        if not quiet:
+            replies = {item[1]: item[2] for item in got_by_emitter if isinstance(item, tuple) and item[0] == "reply"}
+            for i in range(last):
+                assert replies[i] == 1 + own + sum(i in events for events in stuck_events), i
+        if own:
+            # The emitter's own stream: each emit's reply, then its event (a reply to one of
+            # the run's receivers queues what the run held first).
+            mine = [item for item in got_by_emitter if isinstance(item, int) or item[0] == "reply"]
+            assert mine[: 2 * last] == [x for i in range(last) for x in (("reply", i, replies[i]), i)]
+        else:
+            assert max(held_back, default=0) >= 2  # (events were held back in runs)
+        for framed in (emitter, *stuck, reader):
+            await framed.aclose()

@@ -211,7 +211,7 @@ class FanOut(NamedTuple):
     ``payer`` is the emitter's identity: the bytes it occupies in each receiver's queue count
     against that identity's share of the queue (see :attr:`BrokerCore.room_for_event`)."""
 
-    conns: list[int]
+    conns: list[int]  # (read only: it may be the route's own list)
     message: dict[str, Any]
     payer: str
 
@@ -1306,7 +1306,10 @@ class BrokerCore:
         # stuck subscriber elsewhere on the bus costs this emit nothing.
         owed = owing.intersection(conns) if owing and conns else ()
         if not short and not owed:
-            receivers = conns.copy()  # (the common case: each receiver gets it, nobody is owed a gap)
+            # (the common case: each receiver gets it, nobody is owed a gap).  The route's own
+            # list, not a copy: a FanOut's receivers are read, never changed, and the io layer
+            # knows the next event of the same route by it (Broker's event runs).
+            receivers = conns
         else:
             # Only the receivers short of room or owed a gap take Python steps of their own;
             # the others are kept as the route lists them (in order).
