@@ -317,6 +317,7 @@ def main() -> None:
         show("publish (64 B payload)", trio.run(publish_cpu, 100000, 64))
     if "busd" in parts:
         show("busd, 1 subscriber, 16-emit bursts", trio.run(busd_cpu, 1, 16, 30000, 64))
+        show("busd, 10 subscribers, 16-emit bursts", trio.run(busd_cpu, 10, 16, 10000, 64))
         per_event = trio.run(busd_cpu, 100, 16, 1500, 64)
         show("busd, 100 subscribers, 16-emit bursts", per_event / 100, "us CPU per delivery")
     if args.json:
