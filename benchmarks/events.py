@@ -1817,12 +1817,16 @@ class Bench:
     # -- profiling busd with py-spy ------------------------------------------------------------
 
     def _spies(self, setup: Setup, label: str, seconds: float) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-        """py-spy on the broker (busd, or the limit's process) and on the first subscriber process."""
+        """py-spy on the broker (busd, or the limit's process), the emitter (where it is a process
+        of its own) and the first subscriber process."""
         spy = shutil.which("py-spy")
         if spy is None or setup.system not in ("minibus", "limit"):
             return {}
         spies = {}
-        for party, pid in (("broker", setup.broker.pid), ("subscriber process 0", setup.subscribers[0].pid)):
+        parties = [("broker", setup.broker.pid), ("subscriber process 0", setup.subscribers[0].pid)]
+        if setup.emitter is not None:
+            parties.append(("emitter", setup.emitter.pid))
+        for party, pid in parties:
             out = self.tmp / f"{party.replace(' ', '')}-{label.replace(' ', '')}-{setup.n}-{self.epoch}.txt"
             spies[party] = (subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "250",
                                               "-f", "raw", "-o", str(out), "--nonblocking"],
