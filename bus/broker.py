@@ -426,7 +426,6 @@ class _Session:
                             broker.dispatch(core.receive(conn_id, message))
                     if broker._event_run is not None:
                         broker.end_event_run()  # (before anything else this read sends)
-                    broker._last_route = None
                     busy += clock() - started
                     if busy >= REQUEST_SLICE:
                         busy = 0.0
@@ -564,26 +563,27 @@ class _EventRun:
     """Events of one route from one emitter, held back while a reader handles the run of
     requests one read brought, then queued to every receiver in one piece.
 
-    busd queues each event to each of its receivers (Broker.queue_event) after asking each
-    whether it has room (Broker._short_of_room); both are Python steps per receiver per event.
-    From the second event of a route and emitter in a run on, those steps are taken once for
-    the run instead: when the run starts, each receiver's room is asked once (``headroom``: the
-    least any receiver has, in its queue and in the emitter's share of it, reckoned as
-    ``_room_for_event`` does with the run's bytes counted in both; ``spare``: the least room
-    below ``outbound_bytes``; ``max_count``: the least room for frames), and each next event is
-    held back while ``size + needed <= headroom``.  Every receiver would have been found to
-    have room for it, event by event (nothing is written during a run, so queues only grow,
-    and those figures only shrink by the run's bytes).  An event that does not pass, anything
-    else the reader sends, a question about a queue, and the run's end queue what was held
-    first, in order; then it is asked event by event as ever.  Each receiver gets the same
-    frames in the same order, charged to the same emitter, as event by event; its queue holds
-    them as one entry (fewer entries than frames, the bytes the same)."""
+    busd asks each receiver of an event whether it has room (Broker._short_of_room), then
+    queues the event to each (Broker.queue_event): Python steps per receiver per event.  While
+    a reader handles a read's requests, the first event of a route and emitter that every
+    receiver has room for starts a run: the same loop that asked also notes the least room any
+    receiver has (``headroom``: in its queue and in the emitter's share of it, as
+    ``_room_for_event`` reckons them; ``spare``: below ``outbound_bytes``; ``max_count``: for
+    frames), and the event is held back.  Each next event of the run is held back too, without
+    asking each receiver, while ``size + needed <= headroom`` and ``count < max_count``: every
+    receiver, asked with the held events queued one by one before it, would have said it has
+    room (held events only add to a queue, and nothing else is queued meanwhile).  An event
+    that does not pass, anything else for one of the receivers (or anything that is not for
+    one connection), a question about a queue, and the end of the read queue what was held
+    first, in order, as one entry of each receiver's queue (the same bytes, charged to the same
+    emitter, counted as as many messages); after that, events are asked of each receiver as
+    ever."""
 
     __slots__ = ("route", "members", "sessions", "payer", "headroom", "spare", "max_count", "held", "size", "count")
 
     def __init__(self, route: list[int], sessions: list[_Session], payer: str, headroom: int, spare: int, max_count: int) -> None:
         self.route = route  # (the core's route list: its next event names it by identity)
-        self.members = set(route)
+        self.members: set[int] | None = None  # (the route as a set, made when first needed)
         self.sessions = sessions
         self.payer = payer
         self.headroom = headroom
@@ -592,6 +592,10 @@ class _EventRun:
         self.held: list[bytes] = []
         self.size = 0
         self.count = 0
+
+    def member_set(self) -> set[int]:
+        members = self.members = set(self.route)
+        return members
 
 
 class Broker:
@@ -645,9 +649,8 @@ class Broker:
         #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
         self.event_frames = EventFrames()
         #: The events of one route and emitter held back while a reader handles a run of
-        #: requests, queued to every receiver at once (see _EventRun); the last event's route.
+        #: requests, queued to every receiver at once (see _EventRun).
         self._event_run: _EventRun | None = None
-        self._last_route: list[int] | None = None
         settings = SupervisorSettings(
             dirs=list(config.service_dirs),
             activation_timeout=config.activation_timeout,
@@ -718,6 +721,35 @@ class Broker:
         threshold = self.relay_threshold
         alone = threshold // 2  # (the share of the first identity with events queued there)
         short: list[int] = []
+        if not self.corking:
+            for conn_id in conn_ids:
+                session = sessions.get(conn_id)
+                if session is None:
+                    short.append(conn_id)
+                    continue
+                held = session.event_held
+                if held:
+                    mine = held.get(payer, 0)
+                    # (each identity with events there, and one newcomer, get equal parts)
+                    share = threshold // (len(held) + (1 if mine else 2)) - mine
+                else:
+                    share = alone
+                out = session.out
+                if (
+                    share < needed
+                    or threshold - out.queued_bytes < needed
+                    or out.stopped
+                    or out.queued_fds >= QUEUED_FDS_PER_CONNECTION
+                    or len(out) >= out.max_frames // 2
+                ):
+                    short.append(conn_id)
+            return short
+        # A reader is handling the requests one read brought: the same verdicts, and the
+        # least room, spare and frames left among the receivers; when nobody is short, this
+        # event starts a run (see _EventRun), held back until the run ends.
+        outbound = self.config.outbound_bytes
+        headroom, spare, frames = threshold, outbound, threshold  # (frames: fewer than bytes, surely)
+        receivers: list[_Session] = []
         for conn_id in conn_ids:
             session = sessions.get(conn_id)
             if session is None:
@@ -726,26 +758,33 @@ class Broker:
             held = session.event_held
             if held:
                 mine = held.get(payer, 0)
-                # (each identity with events there, and one newcomer, get equal parts)
                 share = threshold // (len(held) + (1 if mine else 2)) - mine
             else:
                 share = alone
             out = session.out
-            if (
-                share < needed
-                or threshold - out.queued_bytes < needed
-                or out.stopped
-                or out.queued_fds >= QUEUED_FDS_PER_CONNECTION
-                or len(out) >= out.max_frames // 2
-            ):
+            queued = out.queued_bytes
+            room = threshold - queued
+            if share < room:
+                room = share
+            left = out.max_frames // 2 - len(out)
+            if room < needed or left <= 0 or out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
                 short.append(conn_id)
+                continue
+            if room < headroom:
+                headroom = room
+            if outbound - queued < spare:
+                spare = outbound - queued
+            if left < frames:
+                frames = left
+            receivers.append(session)
+        if not short:
+            self._event_run = _EventRun(conn_ids, receivers, payer, headroom, spare, frames)
         return short
 
     def uncork(self) -> None:
         """Write what the corked writers queued (see :attr:`corking`)."""
         if self._event_run is not None:
             self.end_event_run()
-        self._last_route = None
         self.corking = False
         self.bursts += 1
         corked, self.corked = self.corked, []
@@ -801,7 +840,7 @@ class Broker:
                 self._fan_out(item)
                 continue
             run = self._event_run
-            if run is not None and (type(item) is not tuple or item[0] in run.members):
+            if run is not None and (type(item) is not tuple or item[0] in (run.members or run.member_set())):
                 # What the run held goes first, where this goes to one of its receivers (or
                 # anywhere else than one connection): each connection's order is kept.  (An
                 # emit's reply to an emitter that is no receiver leaves the run be.)
@@ -842,16 +881,18 @@ class Broker:
         run = self._event_run
         if run is not None:
             if item.conns is run.route and item.payer == run.payer:
+                # (the event _short_of_room just vouched for: held back with the run's)
                 data = self._event_frame(item.message, run.sessions)
-                if data is not None:
-                    size = len(data)
-                    if run.size + size <= run.spare:
-                        run.held.append(data)
-                        run.size += size
-                        run.count += 1
-                        return
-                    self.end_event_run()
-                    self.queue_event(run.sessions, data, item.payer)  # (each receiver's overflow, as ever)
+                if data is None:
+                    return
+                size = len(data)
+                if run.size + size <= run.spare:
+                    run.held.append(data)
+                    run.size += size
+                    run.count += 1
+                    return
+                self.end_event_run()
+                self.queue_event(run.sessions, data, item.payer)  # (each receiver's overflow, as ever)
                 return
             self.end_event_run()
         sessions = self.sessions
@@ -859,15 +900,8 @@ class Broker:
         if not receivers:
             return
         data = self._event_frame(item.message, receivers)
-        if data is None:
-            return
-        self.queue_event(receivers, data, item.payer)
-        if self.corking:
-            # A reader is handling a run of requests: from the second event of one route and
-            # emitter on, events are held back and queued together (see _EventRun).
-            if item.conns is self._last_route:
-                self._start_event_run(item.conns, receivers, item.payer)
-            self._last_route = item.conns
+        if data is not None:
+            self.queue_event(receivers, data, item.payer)
 
     def _event_frame(self, message: dict[str, Any], receivers: list[_Session]) -> bytes | None:
         """The frame of an event (or any message for many), encoded once for all receivers."""
@@ -886,32 +920,6 @@ class Broker:
             log.error("cannot encode an event: %s", exc)  # the core bounds events: a bug
             return None
         return data
-
-    def _start_event_run(self, route: list[int], receivers: list[_Session], payer: str) -> None:
-        """Hold back the next events of ``route`` from ``payer``: what each receiver has room
-        for is asked once, here, for the run (see _EventRun)."""
-        threshold = self.relay_threshold
-        outbound = self.config.outbound_bytes
-        headroom, spare, frames = threshold, outbound, threshold  # (frames: fewer than bytes, surely)
-        for session in receivers:
-            out = session.out
-            if out.stopped or out.queued_fds >= QUEUED_FDS_PER_CONNECTION:
-                return  # (asked event by event: it takes nothing)
-            queued = out.queued_bytes
-            held = session.event_held
-            mine = held.get(payer, 0)
-            # Room in the queue, and in payer's share of it, as _room_for_event reckons them
-            # with the run's bytes added to both (payer holds some there from then on).
-            room = min(threshold - queued, threshold // (len(held) + (1 if mine else 2)) - mine)
-            if room < headroom:
-                headroom = room
-            if outbound - queued < spare:
-                spare = outbound - queued
-            left = out.max_frames // 2 - len(out)
-            if left < frames:
-                frames = left
-        if headroom > 0 and frames > 0:
-            self._event_run = _EventRun(route, receivers, payer, headroom, spare, frames)
 
     def end_event_run(self) -> None:
         """Queue the events held back to each receiver, in one piece (see _EventRun)."""

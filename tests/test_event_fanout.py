@@ -513,19 +513,26 @@ def test_short_of_room_gives_the_verdicts_of_room_for_event(
                 mine = threshold // (others + 2) - needed - delta
                 if mine > 0:
                     held[payer] = mine
-    broker = SimpleNamespace(sessions=dict(enumerate(sessions)), relay_threshold=threshold, _event_run=None)
     ids = [*range(len(sessions)), *range(100, 100 + gone)]
-    expected = [i for i in ids if bus.broker.Broker._room_for_event(broker, i, payer) < needed]  # type: ignore[arg-type]
-    assert bus.broker.Broker._short_of_room(broker, ids, payer, needed) == expected  # type: ignore[arg-type]
+    for corking in (False, True):  # (a reader handling a read's requests asks in a loop of its own)
+        broker = SimpleNamespace(
+            sessions=dict(enumerate(sessions)), relay_threshold=threshold, _event_run=None, corking=corking,
+            config=SimpleNamespace(outbound_bytes=2 * threshold),
+        )
+        expected = [i for i in ids if bus.broker.Broker._room_for_event(broker, i, payer) < needed]  # type: ignore[arg-type]
+        assert bus.broker.Broker._short_of_room(broker, ids, payer, needed) == expected  # type: ignore[arg-type]
+        assert (broker._event_run is not None) == (corking and not expected)  # (a run opens where nobody is short)
 
 
 class _RunBroker:
-    """What Broker's event runs read and change of the broker, with a flush that queues the
-    run's events as one entry of each receiver's queue (as queue_event does, corked)."""
+    """What Broker's event runs read and change of the broker (a reader handling a read's
+    requests: corking), with a flush that queues the run's events as one entry of each
+    receiver's queue (as queue_event does, corked)."""
 
     def __init__(self, sessions: dict[int, Any], threshold: int, outbound: int) -> None:
         self.sessions, self.relay_threshold = sessions, threshold
         self.config = SimpleNamespace(outbound_bytes=outbound)
+        self.corking = True
         self._event_run: Any = None
         self.flushes = 0
 
@@ -545,6 +552,11 @@ def _queue(session: Any, payer: str, size: int, entries: int) -> None:
     session.event_held[payer] = session.event_held.get(payer, 0) + size
 
 
+def _room(sessions: dict[int, Any], threshold: int, conn_id: int, payer: str) -> int:
+    broker = SimpleNamespace(sessions=sessions, relay_threshold=threshold, _event_run=None)
+    return bus.broker.Broker._room_for_event(broker, conn_id, payer)  # type: ignore[arg-type]
+
+
 @settings(max_examples=1500, deadline=None)
 @given(
     sessions=st.lists(_sessions, min_size=1, max_size=5),
@@ -556,46 +568,46 @@ def _queue(session: Any, payer: str, size: int, entries: int) -> None:
 def test_an_event_run_holds_back_only_events_every_receiver_has_room_for(
     sessions: list[Any], threshold: int, outbound: int, payer: str, events: list[tuple[int, int]]
 ) -> None:
-    """busd's event runs (Broker._start_event_run, and _short_of_room's quick verdict while a
-    run holds events back): each event held back without asking every receiver is one that
-    each would have had room for, asked event by event with the run's events queued one by
-    one before it (as frames of their own); one it cannot vouch for ends the run (its events
-    queued) and is asked of each receiver as ever; the queues never pass ``outbound_bytes``
-    for a held-back event."""
+    """busd's event runs (while a reader handles a read's requests): _short_of_room asks each
+    receiver as ever when no run of this route and emitter is open, and opens one when nobody
+    is short; while one is open, each event it holds back without asking is one that each
+    receiver would have had room for, asked with the run's events queued one by one before it
+    (as frames of their own); one it cannot vouch for ends the run (its events queued) and is
+    asked of each receiver; held-back events never take a queue past ``outbound_bytes``."""
     import copy
 
     broker = _RunBroker(dict(enumerate(sessions)), threshold, outbound)
     route = list(range(len(sessions)))
-    receivers = [broker.sessions[i] for i in route]
     Broker = bus.broker.Broker
-    Broker._start_event_run(broker, route, receivers, payer)  # type: ignore[arg-type]
     quick = 0
     for needed, size in events:
-        run = broker._event_run
+        before = broker._event_run
         short = Broker._short_of_room(broker, route, payer, needed)  # type: ignore[arg-type]
-        if run is not None and broker._event_run is run:
+        run = broker._event_run
+        if before is not None and run is before:
             # Held back without asking each receiver: as if queued one by one, each has room.
             assert short == []
             quick += 1
             for i in route:
                 virtual = copy.deepcopy(broker.sessions[i])
                 _queue(virtual, payer, run.size, run.count)
-                assert Broker._room_for_event(SimpleNamespace(sessions={i: virtual}, relay_threshold=threshold, _event_run=None), i, payer) >= needed  # type: ignore[arg-type]
-            if run.size + size <= run.spare:
-                run.held.append(b"")
-                run.size += size
-                run.count += 1
-                for session in receivers:
-                    assert session.out.queued_bytes + run.size <= outbound
-                continue
-            broker.end_event_run()
+                assert _room({i: virtual}, threshold, i, payer) >= needed
         else:
-            assert broker._event_run is None  # (asked of each: the run, if any, was queued first)
-            expected = [i for i in route if Broker._room_for_event(SimpleNamespace(sessions=broker.sessions, relay_threshold=threshold, _event_run=None), i, payer) < needed]  # type: ignore[arg-type]
-            assert short == expected
+            # Asked of each (the run before, if any, queued first): the verdicts of room_for_event.
+            assert short == [i for i in route if _room(broker.sessions, threshold, i, payer) < needed]
+            assert (run is not None) == (not short)
             if short:
                 continue
-        for session in receivers:
+        assert run is not None
+        if run.size + size <= run.spare:  # (held back, as Broker._fan_out does)
+            run.held.append(b"")
+            run.size += size
+            run.count += 1
+            for session in broker.sessions.values():
+                assert session.out.queued_bytes + run.size <= outbound
+            continue
+        broker.end_event_run()
+        for session in broker.sessions.values():
             _queue(session, payer, size, 1)
     broker.end_event_run()
 
@@ -606,17 +618,18 @@ def test_an_event_run_holds_back_the_events_each_receiver_has_room_for_and_queue
     sessions = [SimpleNamespace(out=_Out(False, 0, 0, 0, 128), event_held={}) for _ in range(2)]
     broker = _RunBroker(dict(enumerate(sessions)), 8192, 16384)
     route = [0, 1]
-    bus.broker.Broker._start_event_run(broker, route, sessions, "@a")  # type: ignore[arg-type]
+    assert bus.broker.Broker._short_of_room(broker, route, "@a", 600) == []  # type: ignore[arg-type]
     run = broker._event_run
-    assert run is not None and run.headroom == 8192 // 2
+    assert run is not None and run.headroom == 8192 // 2 and run.max_count == 64 and run.spare == 16384
     for _ in range(10):
-        assert bus.broker.Broker._short_of_room(broker, route, "@a", 600) == []  # type: ignore[arg-type]
+        if run.count:
+            assert bus.broker.Broker._short_of_room(broker, route, "@a", 600) == []  # type: ignore[arg-type]
         assert broker._event_run is run
         run.held.append(b"")
         run.size += 200
         run.count += 1
     assert bus.broker.Broker._short_of_room(broker, [1, 0], "@a", 600) == []  # type: ignore[arg-type]
-    assert broker._event_run is None and broker.flushes == 1  # (another route: queued first)
+    assert broker._event_run is not run and broker.flushes == 1  # (another route: queued first)
     assert [(s.out.queued_bytes, s.out.frames, s.event_held) for s in sessions] == [(2000, 1, {"@a": 2000})] * 2
 
 
