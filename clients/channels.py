@@ -145,16 +145,31 @@ class RelayStream(trio.abc.HalfCloseableStream):
     def on_data(self, data: bytes | memoryview) -> None:
         if self._closed or self._broken or not data:
             return  # (an empty frame carries nothing; queued, it would read as an end of file)
-        if len(data) > self._granted:
-            self._break(f"the peer sent {len(data)} bytes with {self._granted} bytes of credit")
+        n = len(data)
+        if n > self._granted:
+            self._break(f"the peer sent {n} bytes with {self._granted} bytes of credit")
             self._enqueue(encode_control(self.channel, {"reset": "flow control broken"}))
             return
-        self._granted -= len(data)
-        self.bytes_in += len(data)
-        if self._consumer is not None:
-            # A view of the link's read goes only to a consumer that takes views (it copies
+        self._granted -= n
+        self.bytes_in += n
+        consumer = self._consumer
+        if consumer is not None:
+            # (What _push and _count_consumed do, without their calls: once per frame.)  A
+            # view of the link's read goes only to a consumer that takes views (it copies
             # what it keeps); any other gets bytes of its own.
-            self._push(data if self._consumer_views or type(data) is bytes else bytes(data))
+            count_into = self.count_into
+            if count_into is not None:
+                count_into._received += n
+            try:
+                consumer(data if self._consumer_views or type(data) is bytes else bytes(data))
+            except Exception as exc:  # the consumer's verdict on the peer's bytes (a bad frame)
+                self._break(f"{type(exc).__name__}: {exc}")
+                self._enqueue(encode_control(self.channel, {"reset": f"bad data: {exc}"}))
+                return
+            consumed = self._consumed = self._consumed + n
+            if consumed >= self.window // 2 and not (self._eof_received or self._broken or self._closed):
+                self._grant(consumed)
+                self._consumed = 0
             return
         self._incoming.append(data if type(data) is bytes else bytes(data))
         self._wake_receiver()

@@ -62,7 +62,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import trio
 
@@ -728,12 +728,15 @@ class Service:
             outer.start_soon(write)
             async with trio.open_nursery() as calls:
 
-                def handle(frame: Frame) -> None:
+                def handle(frame: Frame | dict[str, Any]) -> None:
                     nonlocal running
-                    if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
-                        item: dict[str, Any] | _Body | None = frame.message  # (a message in one frame)
+                    item: dict[str, Any] | _Body | None
+                    if type(frame) is dict:
+                        item = frame  # (a message in one frame, from _PushedFrames' quick way)
+                    elif frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
+                        item = frame.message  # (a message in one frame)
                     else:
-                        item = frames.feed(frame)
+                        item = frames.feed(cast(Frame, frame))  # (not a dict: the first test)
                         if item is None:
                             return
                         if type(item) is _Body:
@@ -803,7 +806,7 @@ class Service:
                         running += 1
                         calls.start_soon(run, message)
 
-                pushed = _PushedFrames(handle, frames.end_of_input, writer)
+                pushed = _PushedFrames(handle, frames, writer)
                 # (Set before deliver_to, which hands over what came already: a body
                 # announced in it is filled by the decoder that cuts its frames.)
                 frames.fill = pushed.fill_data_into
@@ -928,12 +931,18 @@ class _PushedFrames:
     frames and hands them on, with no reader task of its own in between."""
 
     def __init__(
-        self, handle: Callable[[Frame], None], at_end: Callable[[], None], writer: FrameWriter | None = None
+        self,
+        handle: Callable[[Frame | dict[str, Any]], None],
+        frames: _MessageFrames,
+        writer: FrameWriter | None = None,
     ) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
+        #: Takes each frame, or (the quick way) the map of a message that came in one CONTROL
+        #: frame on channel 0 while no message body is due (``frames.body`` is None).
         self._handle = handle
+        self._frames = frames
         self._writer = writer  # corked while a burst of frames is handled (their answers: one write)
-        self._at_end = at_end  # raises FrameError if the stream may not end here
+        self._at_end = frames.end_of_input  # raises FrameError if the stream may not end here
         self.ended = trio.Event()
         self.error: Exception | None = None  # how the channel ended (None: the peer's EOF)
 
@@ -941,6 +950,15 @@ class _PushedFrames:
         """The next bytes of the channel: ``bytes``, or a view valid only during the call
         (the decoder copies what it keeps: into a body's buffer, or what is left over)."""
         decoder = self._decoder
+        message = decoder.whole_message_from(data)
+        if message is not None:
+            # The common case, bytes that are one whole message (a relayed RPC message, one
+            # DATA frame of the bus connection): decoded straight from them, no buffering.
+            if self._frames.body is None and "follows" not in message:
+                self._handle(message)
+            else:
+                self._handle(ControlFrame(0, message))
+            return
         frame = decoder.next_frame_from(data)
         if frame is None:
             return
@@ -1081,7 +1099,7 @@ class RpcConnection:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the channel until it ends (its writer, and its reader unless the calls read);
         then fail whatever still waits and close it."""
-        pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames.end_of_input)
+        pushed: _PushedFrames | None = _PushedFrames(self._on_frame, self._frames)
         assert pushed is not None
         self._frames.fill = pushed.fill_data_into  # (before deliver_to: see serve_channel)
         if not self.channel.deliver_to(pushed.feed, pushed.end, views=True, window=PUSH_WINDOW):
@@ -1177,10 +1195,15 @@ class RpcConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as exc:
             self._stop(f"the rpc channel broke: {exc}")
 
-    def _on_frame(self, frame: Frame) -> None:
+    def _on_frame(self, frame: Frame | dict[str, Any]) -> None:
+        """A frame, or (from _PushedFrames' quick way) a message that came in one frame."""
         frames = self._frames
-        if frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
+        whole: dict[str, Any] | None = None
+        if type(frame) is dict:
+            whole = frame
+        elif frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
             whole = frame.message  # (a message in one frame)
+        if whole is not None:
             if len(whole) == 2 and "result" in whole:  # (a result: what parse_message would make)
                 re: Any = whole.get("re")
                 waiting = self._pending.get(re) if type(re) is int else None  # (pending: valid ids)
@@ -1189,7 +1212,7 @@ class RpcConnection:
                     return
             item: dict[str, Any] | _Body | None = whole
         else:
-            item = frames.feed(frame)
+            item = frames.feed(cast(Frame, frame))  # (not a dict: the first test)
             if item is None:
                 return
             if type(item) is _Body:
