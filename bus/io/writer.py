@@ -89,6 +89,11 @@ class FrameWriter:
         self._wake: trio.Event | None = None
         self._room: trio.Event | None = None
         self._start: Callable[[], None] | None = None  # see run_when_needed
+        #: Where the stream allows it (a plain relayed channel: see
+        #: ``clients.channels.Channel.whole_frame_sender``), sends one whole frame at once
+        #: below the stream's layers, or takes nothing and returns False (then the stream's
+        #: ``send_nowait`` decides, as ever).  Tried for a frame that waits behind nothing.
+        self.direct: Callable[[bytes], bool] | None = None
 
     def run_when_needed(self, start: Callable[[], None]) -> None:
         """Have ``start`` (which starts a task running :meth:`run`) called once, the first
@@ -155,6 +160,9 @@ class FrameWriter:
             self.queued_bytes += len(frame)
             self._signal()
             return
+        direct = self.direct
+        if direct is not None and direct(frame):
+            return  # (all of it went: nothing to count, as _write_now counts nothing then)
         self._write_now(frame, len(frame), counted=False)
 
     def cork(self) -> None:
