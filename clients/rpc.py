@@ -60,7 +60,7 @@ import logging
 import mmap
 import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -744,10 +744,19 @@ class Service:
                             calls.start_soon(run_announced, item)  # (admitted and counted when announced)
                             return
                     assert type(item) is dict
-                    if len(item) == 4 and item.get("op") == "call" and running < MAX_IN_FLIGHT and writer.has_room:
+                    if (
+                        len(item) == 4
+                        and "op" in item
+                        and "id" in item
+                        and "method" in item
+                        and "args" in item
+                        and item["op"] == "call"
+                        and running < MAX_IN_FLIGHT
+                        and writer.has_room
+                    ):
                         # The common call, {"op", "id", "method", "args"}: what parse_message
                         # would make of it, without its copy and checks of every key.
-                        request_id, method, args = item.get("id"), item.get("method", ""), item.get("args")
+                        request_id, method, args = item["id"], item["method"], item["args"]
                         func = sync_methods.get(method) if type(method) is str else None
                         if (
                             func is not None
@@ -1259,10 +1268,13 @@ class RpcConnection:
     async def request(self, op: str, **args: Any) -> Any:
         return await self._exchange({**args, "op": op}, _flat_size((*args.values(), op)))
 
-    async def call(self, method: str, *args: Any) -> Any:
-        # (request("call", method=method, args=list(args)), without the keywords' round trip)
+    def call(self, method: str, *args: Any) -> Coroutine[Any, Any, Any]:
+        """Call ``method`` with ``args``: ``await rpc.call(...)`` returns its result or raises
+        its error.  (What ``request("call", method=method, args=list(args))`` sends, without
+        the keywords' round trip; a plain function that returns the exchange itself: one
+        coroutine fewer to step through, twice a call.)"""
         values = list(args)
-        return await self._exchange({"method": method, "args": values, "op": "call"}, _flat_size((method, values)))
+        return self._exchange({"method": method, "args": values, "op": "call"}, _flat_size((method, values)))
 
     async def _exchange(self, wire: dict[str, Any], strings: int) -> Any:
         """Send the request ``wire`` (its fields and "op"; the id is added here, last, as

@@ -162,8 +162,8 @@ class FrameWriter:
             return
         direct = self.direct
         if direct is not None and direct(frame):
-            return  # (all of it went: nothing to count, as _write_now counts nothing then)
-        # (_write_now(frame, len(frame), counted=False), without its call: once per frame)
+            return  # (all of it went: nothing to count)
+        # As far as the socket takes it now; the rest is left to run() (and counted queued).
         try:
             rest = self.stream.send_nowait(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
@@ -211,13 +211,14 @@ class FrameWriter:
         else:
             batch = cast("list[bytes]", queue)
             self._queue = queue = []
-        size = sum(map(len, batch))
-        self._write_now(batch[0] if len(batch) == 1 else b"".join(batch), size, counted=True)
-
-    def _write_now(self, data: bytes, size: int, *, counted: bool) -> None:
-        """Write ``data`` (``size`` bytes of frames) as far as the socket takes it now; the
-        rest is left to :meth:`run`.  ``counted``: the frames are in ``queued_bytes`` already
-        (taken from the queue), so they are reported sent when all of it went."""
+        if len(batch) == 1:  # (one frame, as an answer to one read often is)
+            data = batch[0]
+            size = len(data)
+        else:
+            data = b"".join(batch)
+            size = len(data)
+        # As far as the socket takes it now; the rest is left to run().  (The frames are in
+        # queued_bytes already, taken from the queue: reported sent once all of it went.)
         try:
             rest = self.stream.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
@@ -227,10 +228,8 @@ class FrameWriter:
         if rest:
             self._rest = rest
             self._rest_size = size
-            if not counted:
-                self.queued_bytes += size
             self._signal()
-        elif counted:
+        else:
             self._sent(size)
             if self._queue:
                 self._signal()
