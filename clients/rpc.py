@@ -1305,7 +1305,9 @@ class RpcConnection:
             if self._turns:
                 await self._wait_for(call)
             elif call.result is None and self.closed is None:
-                await call.park()
+                # (call.park(), without a coroutine of its own to step through)
+                call.task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(call._abort)
             else:
                 await trio.lowlevel.checkpoint()  # (answered or ended already: still a checkpoint)
         finally:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import trio
 
@@ -206,10 +206,10 @@ class FrameWriter:
             if not count:
                 self._signal()
                 return
-            batch = cast("list[bytes]", queue[:count])
+            batch: list[Any] = queue[:count]  # (frames without a descriptor: bytes)
             del queue[:count]
         else:
-            batch = cast("list[bytes]", queue)
+            batch = queue  # (no descriptor among them: all bytes; no cast() call per write)
             self._queue = queue = []
         if len(batch) == 1:  # (one frame, as an answer to one read often is)
             data = batch[0]
