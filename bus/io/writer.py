@@ -209,14 +209,10 @@ class FrameWriter:
             batch: list[Any] = queue[:count]  # (frames without a descriptor: bytes)
             del queue[:count]
         else:
-            batch = queue  # (no descriptor among them: all bytes; no cast() call per write)
+            batch = queue  # (no descriptor among them: all bytes)
             self._queue = queue = []
-        if len(batch) == 1:  # (one frame, as an answer to one read often is)
-            data = batch[0]
-            size = len(data)
-        else:
-            data = b"".join(batch)
-            size = len(data)
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        size = len(data)
         # As far as the socket takes it now; the rest is left to run().  (The frames are in
         # queued_bytes already, taken from the queue: reported sent once all of it went.)
         try:
