@@ -61,6 +61,8 @@ MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (
 #: frame took anyway): the broker then reads them at once (its reads are this big) instead of
 #: waking once per frame.
 SEND_BATCH = 192 * 1024
+_DATA_HEADER = HEADER.pack
+_DATA = int(FrameKind.DATA)  # (a plain int: struct packs an IntEnum member more slowly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +366,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
         if not (0 < size <= self._credit and size <= MAX_DATA_FRAME and writer.has_room):
             return False
         try:
-            writer.send_nowait(HEADER.pack(FrameKind.DATA, 0, self.channel, size) + data)
+            writer.send_nowait(_DATA_HEADER(_DATA, 0, self.channel, size) + data)
         except trio.ClosedResourceError:
             return False
         self._credit -= size
