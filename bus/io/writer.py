@@ -31,6 +31,9 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
   once :attr:`FrameWriter.burst` frames (:data:`CORK_FRAMES` unless its owner says less) or
   :data:`COALESCE` bytes wait, so corking never fills it; so does :meth:`FrameWriter.put_later`.
 
+A writer whose stream has nothing to do for a frame (a plain relayed channel's shs1 layer) may
+be given :attr:`FrameWriter.direct`, which sends a frame below that layer or takes nothing.
+
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
 """
