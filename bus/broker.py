@@ -55,7 +55,7 @@ from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
-from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, EventFrames, FrameKind, encode_data
+from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, DataFrame, EventFrames, FrameKind, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -386,9 +386,13 @@ class _Session:
         take = framed.take_control_messages
         clock = time.perf_counter
         busy = 0.0  # seconds spent on control requests since this reader last yielded
+        # Whether a whole frame may be buffered: 0 once the decoder said it holds no byte
+        # after the last frame (it came alone): the next one needs a read, without asking.
+        # (Only this task takes frames, and taking them leaves fewer: a 0 stays true.)
+        more = 1
         try:
             while True:
-                frame = framed.receive_frame_nowait()
+                frame = framed.receive_frame_nowait() if more else None
                 if frame is None:
                     # What this read's frames queued for others goes out now, one write per
                     # connection (see Broker.corking), before this task waits.
@@ -399,11 +403,18 @@ class _Session:
                         self.reason = "peer closed the connection"
                         return
                 self.messages_in += 1
-                if not broker.corking and framed.buffered:
-                    # More frames came with this one: what they send is written per burst.
-                    # (A frame that came alone is written at once: nothing to join it with.)
-                    broker.corking = True
-                if isinstance(frame, ControlFrame) and frame.channel == 0:
+                if broker.corking:
+                    more = 1
+                else:
+                    more = framed.buffered
+                    if more:
+                        # More frames came with this one: what they send is written per burst.
+                        # (A frame that came alone is written at once: nothing to join it with.)
+                        broker.corking = True
+                if type(frame) is DataFrame:  # (the relay's frames first: one test each)
+                    broker.channel_data(self, frame.channel, frame.data)
+                elif frame.channel == 0:
+                    assert type(frame) is ControlFrame
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
                     # handled in slices of at most REQUEST_SLICE seconds, yielding to everyone
                     # else between them.
@@ -431,10 +442,9 @@ class _Session:
                         busy = 0.0
                         broker.uncork()
                         await trio.lowlevel.checkpoint()
-                elif isinstance(frame, ControlFrame):
-                    broker.channel_control(self, frame.channel, frame.message)
                 else:
-                    broker.channel_data(self, frame.channel, frame.data)
+                    assert type(frame) is ControlFrame
+                    broker.channel_control(self, frame.channel, frame.message)
         finally:
             if broker.corking:
                 broker.uncork()

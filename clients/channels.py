@@ -61,6 +61,8 @@ MIN_DATA_FRAME = 16 * 1024  # wait for this much credit before sending a frame (
 #: frame took anyway): the broker then reads them at once (its reads are this big) instead of
 #: waking once per frame.
 SEND_BATCH = 192 * 1024
+_DATA_HEADER = HEADER.pack
+_DATA = int(FrameKind.DATA)  # (a plain int: struct packs an IntEnum member more slowly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,16 +147,31 @@ class RelayStream(trio.abc.HalfCloseableStream):
     def on_data(self, data: bytes | memoryview) -> None:
         if self._closed or self._broken or not data:
             return  # (an empty frame carries nothing; queued, it would read as an end of file)
-        if len(data) > self._granted:
-            self._break(f"the peer sent {len(data)} bytes with {self._granted} bytes of credit")
+        n = len(data)
+        if n > self._granted:
+            self._break(f"the peer sent {n} bytes with {self._granted} bytes of credit")
             self._enqueue(encode_control(self.channel, {"reset": "flow control broken"}))
             return
-        self._granted -= len(data)
-        self.bytes_in += len(data)
-        if self._consumer is not None:
-            # A view of the link's read goes only to a consumer that takes views (it copies
+        self._granted -= n
+        self.bytes_in += n
+        consumer = self._consumer
+        if consumer is not None:
+            # (What _push and _count_consumed do, without their calls: once per frame.)  A
+            # view of the link's read goes only to a consumer that takes views (it copies
             # what it keeps); any other gets bytes of its own.
-            self._push(data if self._consumer_views or type(data) is bytes else bytes(data))
+            count_into = self.count_into
+            if count_into is not None:
+                count_into._received += n
+            try:
+                consumer(data if self._consumer_views or type(data) is bytes else bytes(data))
+            except Exception as exc:  # the consumer's verdict on the peer's bytes (a bad frame)
+                self._break(f"{type(exc).__name__}: {exc}")
+                self._enqueue(encode_control(self.channel, {"reset": f"bad data: {exc}"}))
+                return
+            consumed = self._consumed = self._consumed + n
+            if consumed >= self.window // 2 and not (self._eof_received or self._broken or self._closed):
+                self._grant(consumed)
+                self._consumed = 0
             return
         self._incoming.append(data if type(data) is bytes else bytes(data))
         self._wake_receiver()
@@ -336,6 +353,28 @@ class RelayStream(trio.abc.HalfCloseableStream):
         except trio.ClosedResourceError:
             raise trio.BrokenResourceError("the bus connection is gone") from None
         return taken
+
+    def send_whole_nowait(self, data: bytes) -> bool:
+        """Send ``data`` as one DATA frame now if it fits the credit and the link's queue has
+        room (a message of the layer above, written through no other layer); else take
+        nothing and return False -- also where a send would fail: the usual path then says
+        how.  What it sends counts into :attr:`count_into` (the Channel above)."""
+        if self._send_busy or self._closed or self._broken is not None or self._eof_sent or self._peer_closed:
+            return False
+        size = len(data)
+        writer = self._link.send
+        if not (0 < size <= self._credit and size <= MAX_DATA_FRAME and writer.has_room):
+            return False
+        try:
+            writer.send_nowait(_DATA_HEADER(_DATA, 0, self.channel, size) + data)
+        except trio.ClosedResourceError:
+            return False
+        self._credit -= size
+        self.bytes_out += size
+        count_into = self.count_into
+        if count_into is not None:
+            count_into._sent += size
+        return True
 
     def _send_frame(self, view: memoryview) -> int:
         """Data frames from the start of ``view``, as many as the credit allows up to
@@ -523,6 +562,18 @@ class Channel(trio.abc.HalfCloseableStream):
         relay.count_into = self  # (what it pushes counts as received here)
         relay.deliver_to(consumer, on_end, views=views, window=window)
         return True
+
+    def whole_frame_sender(self) -> Callable[[bytes], bool] | None:
+        """For a :class:`~bus.io.writer.FrameWriter` on :attr:`secure` (its ``direct``): where
+        the route is a plain relay, :meth:`RelayStream.send_whole_nowait`, which sends a
+        message that fits the credit as one frame of the bus connection without the shs1
+        layer's call (it has nothing to do on a plain channel) and counts it as sent here;
+        else ``None``."""
+        relay = self._io
+        if not self._fast or not isinstance(relay, RelayStream):
+            return None
+        relay.count_into = self
+        return relay.send_whole_nowait
 
     def socket_reads(self) -> _SocketReads | None:
         """Reads straight from this channel's socket, for a frame reader that reads without

@@ -483,6 +483,26 @@ def _frames_from_pieces(pieces: list[bytes]) -> tuple[list[Any], str | None]:
     return out, None
 
 
+def _frames_via_whole_messages(pieces: list[bytes], trusted: bool = False) -> tuple[list[Any], str | None]:
+    """As a pushed RPC channel reads: each piece first offered as one whole message."""
+    dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
+    out: list[Any] = []
+    try:
+        for piece in pieces:
+            message = dec.whole_message_from(piece)
+            if message is not None:
+                out.append(ControlFrame(0, message))
+                continue
+            frame = dec.next_frame_from(piece)
+            if frame is not None:
+                out.append(frame)
+                out.extend(dec)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     batch=st.lists(frames, max_size=5),
@@ -514,7 +534,32 @@ def test_next_frame_from_decides_as_receive_data_and_next_frame(
                 pieces.append(piece)
     pieces = [kind(piece) for piece in pieces]  # (the shortcut takes bytes; others are fed)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
-    assert repr(_frames_from_pieces(pieces)) == repr(_frames_the_usual_way(pieces))
+    usual = repr(_frames_the_usual_way(pieces))
+    assert repr(_frames_from_pieces(pieces)) == usual
+    # The pushed RPC channel's quick way (a piece that is one whole control message on
+    # channel 0 is decoded straight from it) decides the same, trusted or not.
+    assert repr(_frames_via_whole_messages(pieces)) == usual
+    assert repr(_frames_via_whole_messages(pieces, trusted=True)) == repr(_frames_the_usual_way(pieces, trusted=True))
+
+
+def test_whole_message_from_takes_only_one_whole_control_frame_on_channel_0_with_nothing_buffered() -> None:
+    message = {"re": 1, "result": "x"}
+    one = encode_control(0, message)
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    assert dec.whole_message_from(memoryview(one)) == message
+    for other in (encode_control(3, message), encode_data(0, one), one + one, one[:-1], one[:5]):
+        assert dec.whole_message_from(other) is None  # (nothing changed: fed the usual way)
+        assert dec.buffered == 0
+    dec.receive_data(one[:4])  # something buffered: the usual way, for the order
+    assert dec.whole_message_from(one) is None
+    assert dec.buffered == 4
+    # A body that fails its check fails the decoder, as next_frame_from would.
+    bad = FrameDecoder(max_body=4096, max_control=512)
+    body = bytes([0xA2, 0x61, 0x6B, 0x01, 0x61, 0x6B, 0x02])  # (a duplicate key)
+    with pytest.raises(FrameError, match="duplicate"):
+        bad.whole_message_from(HEADER.pack(FrameKind.CONTROL, 0, 0, len(body)) + body)
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        bad.next_frame_from(one)
 
 
 BIG_VALUE = bytes(range(256)) * 800  # 204,800 bytes: a body of few items for its size

@@ -13,7 +13,7 @@ from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control, encode_data
 from clients import Channel, Service, open_bus
 from clients.bus import Bus
-from clients.channels import DEFAULT_WINDOW
+from clients.channels import DEFAULT_WINDOW, RelayStream
 from clients.rpc import RpcConnection
 
 from .brokers import FRIEND, PLUGIN, running_broker
@@ -161,6 +161,10 @@ async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
             async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = trio.current_time() + 60  # (a hang fails, not stalls)
                 rpc = await _relay_rpc(bus, service.name, nursery)
+                relay = rpc.channel.raw
+                assert isinstance(relay, RelayStream)
+                # (the handshake's bytes: the relay carried them, the channel did not count them)
+                handshake = (relay.bytes_in - rpc.channel.bytes_in, relay.bytes_out - rpc.channel.bytes_out)
                 assert await rpc.call("add", 2, 3) == 5
                 with pytest.raises(trio.BusyResourceError):  # replies are pushed to the connection
                     await rpc.channel.receive_some()
@@ -183,6 +187,10 @@ async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
                 blob = os.urandom(60_000)
                 for _ in range(3 * DEFAULT_WINDOW // len(blob)):
                     assert await rpc.call("slow_echo", blob, 0) == blob
+                # Every byte the calls sent and got is counted once by the channel, whichever
+                # way it went (a small message straight to the relay, a big one through shs1).
+                assert rpc.channel.bytes_out > 2 * DEFAULT_WINDOW and rpc.channel.bytes_in > 2 * DEFAULT_WINDOW
+                assert (relay.bytes_in - rpc.channel.bytes_in, relay.bytes_out - rpc.channel.bytes_out) == handshake
                 described = await rpc.introspect()
                 assert {m["name"] for m in described["methods"]} >= {"add", "slow_echo", "fail"}
                 await rpc.aclose()  # run() ends with it, and so does the nursery

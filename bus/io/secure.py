@@ -494,7 +494,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("cannot send after send_eof()")
         if self._outcome is None:
             raise LocalProtocolError("send_nowait needs a completed handshake")
-        wire = self._encoder.encode(data) if self._encoder is not None else data
+        encoder = self._encoder
+        wire = encoder.encode(data) if encoder is not None else data
         size = len(wire)
         if not size:
             return _NOTHING
@@ -523,7 +524,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 self._mark_broken(exc)
                 raise
         # Taken: what the transport did not take now follows in send_wire.
-        self.bytes_sent += len(data)
+        self.bytes_sent += size if encoder is None else len(data)
         if sent == size:
             return _NOTHING
         self._wire_owed += size - sent

@@ -31,6 +31,9 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
   once :attr:`FrameWriter.burst` frames (:data:`CORK_FRAMES` unless its owner says less) or
   :data:`COALESCE` bytes wait, so corking never fills it; so does :meth:`FrameWriter.put_later`.
 
+A writer whose stream has nothing to do for a frame (a plain relayed channel's shs1 layer) may
+be given :attr:`FrameWriter.direct`, which sends a frame below that layer or takes nothing.
+
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
 """
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import trio
 
@@ -89,6 +92,11 @@ class FrameWriter:
         self._wake: trio.Event | None = None
         self._room: trio.Event | None = None
         self._start: Callable[[], None] | None = None  # see run_when_needed
+        #: Where the stream allows it (a plain relayed channel: see
+        #: ``clients.channels.Channel.whole_frame_sender``), sends one whole frame at once
+        #: below the stream's layers, or takes nothing and returns False (then the stream's
+        #: ``send_nowait`` decides, as ever).  Tried for a frame that waits behind nothing.
+        self.direct: Callable[[bytes], bool] | None = None
 
     def run_when_needed(self, start: Callable[[], None]) -> None:
         """Have ``start`` (which starts a task running :meth:`run`) called once, the first
@@ -155,7 +163,22 @@ class FrameWriter:
             self.queued_bytes += len(frame)
             self._signal()
             return
-        self._write_now(frame, len(frame), counted=False)
+        direct = self.direct
+        if direct is not None and direct(frame):
+            return  # (all of it went: nothing to count)
+        # As far as the socket takes it now; the rest is left to run() (and counted queued).
+        try:
+            rest = self.stream.send_nowait(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            self._failure = exc
+            self._signal()
+            return
+        if rest:
+            size = len(frame)
+            self._rest = rest
+            self._rest_size = size
+            self.queued_bytes += size
+            self._signal()
 
     def cork(self) -> None:
         """Queue what :meth:`send_nowait` gets, without writing, until :meth:`uncork`."""
@@ -186,18 +209,15 @@ class FrameWriter:
             if not count:
                 self._signal()
                 return
-            batch = cast("list[bytes]", queue[:count])
+            batch: list[Any] = queue[:count]  # (frames without a descriptor: bytes)
             del queue[:count]
         else:
-            batch = cast("list[bytes]", queue)
+            batch = queue  # (no descriptor among them: all bytes)
             self._queue = queue = []
-        size = sum(map(len, batch))
-        self._write_now(batch[0] if len(batch) == 1 else b"".join(batch), size, counted=True)
-
-    def _write_now(self, data: bytes, size: int, *, counted: bool) -> None:
-        """Write ``data`` (``size`` bytes of frames) as far as the socket takes it now; the
-        rest is left to :meth:`run`.  ``counted``: the frames are in ``queued_bytes`` already
-        (taken from the queue), so they are reported sent when all of it went."""
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        size = len(data)
+        # As far as the socket takes it now; the rest is left to run().  (The frames are in
+        # queued_bytes already, taken from the queue: reported sent once all of it went.)
         try:
             rest = self.stream.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
@@ -207,10 +227,8 @@ class FrameWriter:
         if rest:
             self._rest = rest
             self._rest_size = size
-            if not counted:
-                self.queued_bytes += size
             self._signal()
-        elif counted:
+        else:
             self._sent(size)
             if self._queue:
                 self._signal()

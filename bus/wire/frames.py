@@ -799,6 +799,34 @@ class FrameDecoder:
         self.receive_data(data)
         return self.next_frame()
 
+    def whole_message_from(self, data: bytes | bytearray | memoryview) -> dict[Any, Any] | None:
+        """The message of ``data`` when it is exactly one whole CONTROL frame on channel 0 and
+        nothing is buffered (a relayed RPC message: one DATA frame of the bus connection
+        holding one frame of the channel), checked and decoded as :meth:`next_frame` would
+        take it from :meth:`next_frame_from` -- without buffering the bytes or building a
+        frame.  Else ``None``, having changed nothing: feed ``data`` to
+        :meth:`next_frame_from` then.  A body that fails its check fails the decoder, as
+        there."""
+        size = len(data)
+        if size < HEADER_SIZE or self._header is not None or self._chunk or self._parts or self._error is not None:
+            return None
+        kind, flags, channel, length = _unpack_header(data, 0)
+        if kind != _CONTROL or flags or channel or length > self.max_control or HEADER_SIZE + length != size:
+            return None
+        body = bytes(data[HEADER_SIZE:])  # (one copy: a view of a read is not kept)
+        if self.trusted:
+            try:
+                message = cbor2.loads(body)
+            except Exception as exc:  # (as next_frame)
+                raise self._fail(FrameError(f"control body does not decode: {exc}")) from exc
+            if type(message) is not dict:
+                raise self._fail(FrameError("control body is not a CBOR map"))
+            return message
+        try:
+            return decode_control_body(body, self.max_items)
+        except FrameError as exc:
+            raise self._fail(exc) from exc.__cause__
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
         # The hot case first, in one step: a whole CONTROL frame in the chunk at hand, its
