@@ -56,6 +56,9 @@ _PLAIN_SCALARS = frozenset({bytes, str, bool, float, type(None)})
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _reschedule = trio.lowlevel.reschedule
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
 _NO_KIND = object()  # equal to no source or member
 
 
@@ -194,20 +197,19 @@ class Subscription:
         while not buffer:
             if self._ended:
                 raise StopAsyncIteration
-            await self._wait()  # cancellable; nothing was taken yet
+            # Until an item comes or the end (a ParkingLot's park, for this one use; here,
+            # not in a coroutine of its own, which would be one more to resume per wake-up):
+            # cancellable, and nothing was taken yet.
+            task = _current_task()
+            waiters = self._waiters
+            waiters.append(task)
+
+            def abort(_: Any, waiters: collections.deque[trio.lowlevel.Task] = waiters, task: Any = task) -> trio.lowlevel.Abort:
+                waiters.remove(task)  # (it is there: woken tasks are taken out first)
+                return _ABORTED
+
+            await _wait_task_rescheduled(abort)
         return buffer.popleft()
-
-    async def _wait(self) -> None:
-        """Until an item comes or the end (a ParkingLot's park, for this one use)."""
-        task = trio.lowlevel.current_task()
-        waiters = self._waiters
-        waiters.append(task)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            waiters.remove(task)  # (it is there: woken tasks are taken out first)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _end(self) -> None:
         """No more items: the consumer gets what is buffered, then the end."""
