@@ -348,45 +348,50 @@ class Events:
         last_source: object = _NO_KIND
         last_member: object = _NO_KIND
         last_route: list[Subscription] = []
+        limit = SUBSCRIPTION_BUFFER
         for i in range(start, len(run)):
             message = run[i]
-            if message.get("event") != "event" or "op" in message or "re" in message:
-                return i  # (not an event: the link's dispatch takes it)
             try:
                 # (Subscripts: cheaper than .get calls, and busd sends every field.)
+                kind = message["event"]
                 source = message["source"]
                 member = message["member"]
                 payload = message["payload"]
                 sender = message["sender"]
                 identity = message["identity"]
             except KeyError:
-                source, member, payload = message.get("source"), message.get("member"), message.get("payload")
+                kind, source, member, payload = message.get("event"), message.get("source"), message.get("member"), message.get("payload")
                 sender, identity = message.get("sender", ""), message.get("identity", "")
+            # An event has no "op" or "re" (parse_message's rule); a map of those six keys
+            # alone has room for neither.
+            if kind != "event" or (len(message) != 6 and ("op" in message or "re" in message)):
+                return i  # (not an event: the link's dispatch takes it)
             if type(source) is not str or type(member) is not str:
                 continue  # (before any comparison: text is only compared with text)
-            if member == last_member and source == last_source:
-                route = last_route  # (the same kind as the last event: most often, in a run)
-            else:
-                # The route, by source then member (two lookups, cheaper than hashing a
-                # fresh (source, member) tuple).
+            if member != last_member or source != last_source:
+                # Not the last event's kind (most events of a run are): the route, by
+                # source then member (two lookups, cheaper than hashing a fresh (source,
+                # member) tuple).
                 by_member = routes.get(source)
                 known = by_member.get(member) if by_member is not None else None
-                route = known if known is not None else self._route(link, source, member)
-                last_source, last_member, last_route = source, member, route
-            if not route:
+                last_route = known if known is not None else self._route(link, source, member)
+                last_source, last_member = source, member
+            if not last_route:
                 continue
             event: Any = _EventDraft()
             event.source = source
             event.member = member
             event.payload = payload
-            event.sender = sender if type(sender) is str else str(sender)
-            event.identity = identity if type(identity) is str else str(identity)
+            if type(sender) is not str or type(identity) is not str:
+                sender, identity = str(sender), str(identity)
+            event.sender = sender
+            event.identity = identity
             event.__class__ = Event
-            for sub in route:
+            for sub in last_route:
                 # Subscription._put's common case in this loop (it runs once per event per
                 # subscription): room in the buffer, nothing dropped, not closed.
                 buffer = sub._buffer
-                if sub._dropped or sub._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
+                if sub._dropped or sub._closed or len(buffer) >= limit:
                     sub._put(event)
                     continue
                 buffer.append(event)
