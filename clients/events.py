@@ -360,12 +360,15 @@ class Events:
                 sender = message["sender"]
                 identity = message["identity"]
             except KeyError:
-                kind, source, member, payload = message.get("event"), message.get("source"), message.get("member"), message.get("payload")
+                if message.get("event") != "event" or "op" in message or "re" in message:
+                    return i  # (not an event: the link's dispatch takes it)
+                source, member, payload = message.get("source"), message.get("member"), message.get("payload")
                 sender, identity = message.get("sender", ""), message.get("identity", "")
-            # An event has no "op" or "re" (parse_message's rule); a map of those six keys
-            # alone has room for neither.
-            if kind != "event" or (len(message) != 6 and ("op" in message or "re" in message)):
-                return i  # (not an event: the link's dispatch takes it)
+            else:
+                # An event has no "op" or "re" (parse_message's rule): a map of the six keys
+                # above alone has room for neither.
+                if kind != "event" or (len(message) != 6 and ("op" in message or "re" in message)):
+                    return i  # (not an event: the link's dispatch takes it)
             if type(source) is not str or type(member) is not str:
                 continue  # (before any comparison: text is only compared with text)
             if member != last_member or source != last_source:
