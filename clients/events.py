@@ -60,6 +60,8 @@ _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _ABORTED = trio.lowlevel.Abort.SUCCEEDED
 _NO_KIND = object()  # equal to no source or member
+_NO_BUFFER: collections.deque[Any] = collections.deque(maxlen=0)  # (see Events._on_events)
+_NO_WAITERS: collections.deque[trio.lowlevel.Task] = collections.deque(maxlen=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +351,11 @@ class Events:
         last_member: object = _NO_KIND
         last_route: list[Subscription] = []
         limit = SUBSCRIPTION_BUFFER
+        # When the last kind goes to one subscription, open and owed no gap (most often): its
+        # buffer, its waiting consumers, and how many more items the buffer takes (nothing
+        # else adds to it during a run); else room is 0 and each event takes the loop below.
+        room = 0
+        buffer, waiters = _NO_BUFFER, _NO_WAITERS  # (never used while room is 0)
         for i in range(start, len(run)):
             message = run[i]
             try:
@@ -379,6 +386,12 @@ class Events:
                 known = by_member.get(member) if by_member is not None else None
                 last_route = known if known is not None else self._route(link, source, member)
                 last_source, last_member = source, member
+                room = 0
+                if len(last_route) == 1:
+                    only = last_route[0]
+                    if not only._dropped and not only._closed:
+                        buffer, waiters = only._buffer, only._waiters
+                        room = limit - len(buffer)
             if not last_route:
                 continue
             event: Any = _EventDraft()
@@ -390,14 +403,20 @@ class Events:
             event.sender = sender
             event.identity = identity
             event.__class__ = Event
+            if room > 0:
+                room -= 1
+                buffer.append(event)
+                if waiters:
+                    _reschedule(waiters.popleft())
+                continue
             for sub in last_route:
                 # Subscription._put's common case in this loop (it runs once per event per
                 # subscription): room in the buffer, nothing dropped, not closed.
-                buffer = sub._buffer
-                if sub._dropped or sub._closed or len(buffer) >= limit:
+                items = sub._buffer
+                if sub._dropped or sub._closed or len(items) >= limit:
                     sub._put(event)
                     continue
-                buffer.append(event)
+                items.append(event)
                 if sub._waiters:
                     _reschedule(sub._waiters.popleft())
         return len(run)

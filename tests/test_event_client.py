@@ -15,7 +15,7 @@ import trio.testing
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 from clients.bus import open_bus
-from clients.events import Event, Gap
+from clients.events import SUBSCRIPTION_BUFFER, Event, Gap
 
 from .brokers import FRIEND, OWNER, running_broker
 from .test_client_faults import CLIENT, scripted_broker
@@ -122,6 +122,59 @@ async def test_a_burst_of_mixed_kinds_reaches_each_subscription_in_order(tmp_pat
     assert got_ticks == [0, 1, 3, 7]
     assert got_tocks == [2, 4, 5]
     assert got_every == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_full_subscription_buffer_drops_the_newest_and_says_how_many_with_a_gap(tmp_path: Path) -> None:
+    """Consumers that do not read: a subscription's buffer takes SUBSCRIPTION_BUFFER items,
+    then drops the newest, counted (whether the events' kind goes to it alone or to others
+    too); once its consumer has made room, the next event comes after a slow-consumer gap
+    with the count, and a subscription with room meanwhile missed nothing."""
+    answered = trio.Event()
+    drained = trio.Event()
+
+    async def ping(framed: FramedStream, n: int) -> None:
+        # The client answers in order: once it has, it has handled every frame before.
+        await framed.send_message({"op": "ping", "id": n})
+        while (frame := await framed.receive_frame()) is not None:
+            if isinstance(frame, ControlFrame) and frame.message.get("re") == n:
+                return
+
+    async def script(framed: FramedStream) -> None:
+        for sub_id in (1, 2):
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame) and frame.message["op"] == "subscribe", frame
+            await framed.send_message({"re": frame.message["id"], "result": {"subscription": sub_id}})
+        tocks = [event("Tock", n) for n in range(SUBSCRIPTION_BUFFER + 100)]  # for `every` alone
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in tocks))
+        await framed.stream.send_all(b"".join(encode_control(0, event("Tick", n)) for n in range(20)))  # both
+        await ping(framed, 900)
+        answered.set()
+        await drained.wait()
+        later = [event("Tock", 1), event("Tock", 2), event("Tick", 20), event("Tock", 3)]
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in later))
+        await trio.sleep_forever()
+
+    def kinds(items: list[Event | Gap]) -> list[Any]:
+        return [(item.member, item.payload["n"]) if isinstance(item, Event) else item for item in items]
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks, bus.subscribe("org.example.*", "*") as every:
+                with trio.fail_after(10):
+                    await answered.wait()
+                    assert len(every._buffer) == SUBSCRIPTION_BUFFER and len(ticks._buffer) == 20
+                    first = [await every.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
+                    first_ticks = [await ticks.__anext__() for _ in range(20)]
+                    drained.set()
+                    rest = [await every.__anext__() for _ in range(5)]
+                    last_tick = await ticks.__anext__()
+        nursery.cancel_scope.cancel()
+    assert kinds(first) == [("Tock", n) for n in range(SUBSCRIPTION_BUFFER)]
+    assert kinds(first_ticks) == [("Tick", n) for n in range(20)]
+    # `every` missed 100 Tocks and 20 Ticks; the gap comes before the next event it takes.
+    assert kinds(rest) == [Gap(120, "slow consumer"), ("Tock", 1), ("Tock", 2), ("Tick", 20), ("Tock", 3)]
+    assert kinds([last_tick]) == [("Tick", 20)]
 
 
 async def test_a_consumer_of_a_full_buffer_lets_other_tasks_run(tmp_path: Path) -> None:
