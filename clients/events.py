@@ -376,12 +376,13 @@ class Events:
                 # above alone has room for neither.
                 if kind != "event" or (len(message) != 6 and ("op" in message or "re" in message)):
                     return i  # (not an event: the link's dispatch takes it)
-            if type(source) is not str or type(member) is not str:
-                continue  # (before any comparison: text is only compared with text)
             if member != last_member or source != last_source:
-                # Not the last event's kind (most events of a run are): the route, by
-                # source then member (two lookups, cheaper than hashing a fresh (source,
-                # member) tuple).
+                # Not the last event's kind (most events of a run are; the last kind's names
+                # are text, and what the CBOR decoder makes of anything else is never equal
+                # to text): the route, by source then member (two lookups, cheaper than
+                # hashing a fresh (source, member) tuple), for names that are text.
+                if type(source) is not str or type(member) is not str:
+                    continue
                 by_member = routes.get(source)
                 known = by_member.get(member) if by_member is not None else None
                 last_route = known if known is not None else self._route(link, source, member)
