@@ -56,7 +56,12 @@ _PLAIN_SCALARS = frozenset({bytes, str, bool, float, type(None)})
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _reschedule = trio.lowlevel.reschedule
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
 _NO_KIND = object()  # equal to no source or member
+_NO_BUFFER: collections.deque[Any] = collections.deque(maxlen=0)  # (see Events._on_events)
+_NO_WAITERS: collections.deque[trio.lowlevel.Task] = collections.deque(maxlen=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,20 +199,19 @@ class Subscription:
         while not buffer:
             if self._ended:
                 raise StopAsyncIteration
-            await self._wait()  # cancellable; nothing was taken yet
+            # Until an item comes or the end (a ParkingLot's park, for this one use; here,
+            # not in a coroutine of its own, which would be one more to resume per wake-up):
+            # cancellable, and nothing was taken yet.
+            task = _current_task()
+            waiters = self._waiters
+            waiters.append(task)
+
+            def abort(_: Any, waiters: collections.deque[trio.lowlevel.Task] = waiters, task: Any = task) -> trio.lowlevel.Abort:
+                waiters.remove(task)  # (it is there: woken tasks are taken out first)
+                return _ABORTED
+
+            await _wait_task_rescheduled(abort)
         return buffer.popleft()
-
-    async def _wait(self) -> None:
-        """Until an item comes or the end (a ParkingLot's park, for this one use)."""
-        task = trio.lowlevel.current_task()
-        waiters = self._waiters
-        waiters.append(task)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            waiters.remove(task)  # (it is there: woken tasks are taken out first)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _end(self) -> None:
         """No more items: the consumer gets what is buffered, then the end."""
@@ -346,48 +350,74 @@ class Events:
         last_source: object = _NO_KIND
         last_member: object = _NO_KIND
         last_route: list[Subscription] = []
+        limit = SUBSCRIPTION_BUFFER
+        # When the last kind goes to one subscription, open and owed no gap (most often): its
+        # buffer, its waiting consumers, and how many more items the buffer takes (nothing
+        # else adds to it during a run); else room is 0 and each event takes the loop below.
+        room = 0
+        buffer, waiters = _NO_BUFFER, _NO_WAITERS  # (never used while room is 0)
         for i in range(start, len(run)):
             message = run[i]
-            if message.get("event") != "event" or "op" in message or "re" in message:
-                return i  # (not an event: the link's dispatch takes it)
             try:
                 # (Subscripts: cheaper than .get calls, and busd sends every field.)
+                kind = message["event"]
                 source = message["source"]
                 member = message["member"]
                 payload = message["payload"]
                 sender = message["sender"]
                 identity = message["identity"]
             except KeyError:
+                if message.get("event") != "event" or "op" in message or "re" in message:
+                    return i  # (not an event: the link's dispatch takes it)
                 source, member, payload = message.get("source"), message.get("member"), message.get("payload")
                 sender, identity = message.get("sender", ""), message.get("identity", "")
-            if type(source) is not str or type(member) is not str:
-                continue  # (before any comparison: text is only compared with text)
-            if member == last_member and source == last_source:
-                route = last_route  # (the same kind as the last event: most often, in a run)
             else:
-                # The route, by source then member (two lookups, cheaper than hashing a
-                # fresh (source, member) tuple).
+                # An event has no "op" or "re" (parse_message's rule): a map of the six keys
+                # above alone has room for neither.
+                if kind != "event" or (len(message) != 6 and ("op" in message or "re" in message)):
+                    return i  # (not an event: the link's dispatch takes it)
+            if member != last_member or source != last_source:
+                # Not the last event's kind (most events of a run are; the last kind's names
+                # are text, and what the CBOR decoder makes of anything else is never equal
+                # to text): the route, by source then member (two lookups, cheaper than
+                # hashing a fresh (source, member) tuple), for names that are text.
+                if type(source) is not str or type(member) is not str:
+                    continue
                 by_member = routes.get(source)
                 known = by_member.get(member) if by_member is not None else None
-                route = known if known is not None else self._route(link, source, member)
-                last_source, last_member, last_route = source, member, route
-            if not route:
+                last_route = known if known is not None else self._route(link, source, member)
+                last_source, last_member = source, member
+                room = 0
+                if len(last_route) == 1:
+                    only = last_route[0]
+                    if not only._dropped and not only._closed:
+                        buffer, waiters = only._buffer, only._waiters
+                        room = limit - len(buffer)
+            if not last_route:
                 continue
             event: Any = _EventDraft()
             event.source = source
             event.member = member
             event.payload = payload
-            event.sender = sender if type(sender) is str else str(sender)
-            event.identity = identity if type(identity) is str else str(identity)
+            if type(sender) is not str or type(identity) is not str:
+                sender, identity = str(sender), str(identity)
+            event.sender = sender
+            event.identity = identity
             event.__class__ = Event
-            for sub in route:
+            if room > 0:
+                room -= 1
+                buffer.append(event)
+                if waiters:
+                    _reschedule(waiters.popleft())
+                continue
+            for sub in last_route:
                 # Subscription._put's common case in this loop (it runs once per event per
                 # subscription): room in the buffer, nothing dropped, not closed.
-                buffer = sub._buffer
-                if sub._dropped or sub._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
+                items = sub._buffer
+                if sub._dropped or sub._closed or len(items) >= limit:
                     sub._put(event)
                     continue
-                buffer.append(event)
+                items.append(event)
                 if sub._waiters:
                     _reschedule(sub._waiters.popleft())
         return len(run)

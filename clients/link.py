@@ -75,7 +75,8 @@ EventHandler = Callable[["Link", Event], None]
 #: messages after it while they are events of its name (an ``event`` key naming it, no ``op``
 #: or ``re``: what :func:`~bus.wire.messages.parse_message` calls an event), in order; it
 #: returns the index of the first message it did not take (``len(run)`` for none).  The maps
-#: are read, not changed or kept.
+#: are read, not changed or kept.  It sends nothing (the reader does not cork the link for a
+#: read of events alone: what one sent would go out at once, not with the read's answers).
 RawEventHandler = Callable[["Link", list[dict[Any, Any]], int], int]
 
 
@@ -633,18 +634,20 @@ class BusConnection:
             framed = link.framed
             dispatch = self._dispatch_frames
             next_frame, take_messages = framed.receive_frame_nowait, framed.take_control_messages
-            corked = link.send
+            send = link.send
             # What the handshake may have left, then read after read: each read's run of
             # control messages (a burst of events is one), then the frames after it.  What
             # handling them sends goes out in one write at the end (channel frames, answers),
-            # not one write per frame.
+            # not one write per frame: the dispatch corks the link before it hands on anything
+            # but events to their raw handler (which send nothing: a read of events alone
+            # needs no cork).
             run: list[dict[Any, Any]] | None = take_messages()
             while run is not None:
-                corked.cork()
                 try:
                     error = dispatch(link, run, next_frame, take_messages)
                 finally:
-                    corked.uncork()
+                    if send.corked:
+                        send.uncork()
                 if error is not None:
                     reason = error
                 # (A DATA frame may be a view of the whole read it came in: none is kept
@@ -687,10 +690,15 @@ class BusConnection:
         an event (as parse_message tells them: an ``event`` key and no ``op`` or ``re``)
         that has a raw handler goes straight to it, with no copy of its fields and no
         message object, and so do the events of its name that follow it in the run.
-        Anything else goes to :meth:`_dispatch`, in its place in the order."""
+        Anything else goes to :meth:`_dispatch`, in its place in the order.
+
+        The link's writer is corked before anything but a raw handler's events is handed on
+        (what the rest sends goes out in one write when the reader uncorks it), and left as
+        it was for those (they send nothing: see RawEventHandler)."""
         error = None
         raw_handlers = self.raw_event_handlers
         dispatch = self._dispatch
+        send = link.send
         while True:
             i, end = 0, len(run)
             while i < end:
@@ -701,11 +709,18 @@ class BusConnection:
                     if raw is not None:
                         # (it and the events of its name after it; at least it, whatever a
                         # handler returns, so that one that took nothing cannot stall the reader)
-                        i = max(raw(link, run, i), i + 1)
+                        taken = raw(link, run, i)
+                        i = taken if taken > i else i + 1
                         continue
+                if not send.corked:
+                    send.cork()
                 error = dispatch(link, ControlFrame(0, body)) or error
                 i += 1
             frame = next_frame()
+            if frame is None:
+                return error  # (the common end of a read: every frame of it was taken)
+            if not send.corked:
+                send.cork()
             while type(frame) is DataFrame and frame.channel:
                 relay = link.channels.get(frame.channel)
                 if relay is not None:  # (late frames of a channel already gone are dropped)

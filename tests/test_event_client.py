@@ -15,7 +15,7 @@ import trio.testing
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 from clients.bus import open_bus
-from clients.events import Event, Gap
+from clients.events import SUBSCRIPTION_BUFFER, Event, Gap
 
 from .brokers import FRIEND, OWNER, running_broker
 from .test_client_faults import CLIENT, scripted_broker
@@ -44,8 +44,11 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
         sub_id = await subscribed(framed)
         burst = [
             event("Tick", 0),
-            # A map with "op" is a request, whatever else it holds: answered, not delivered.
-            {**event("Tick", 99), "op": "frobnicate", "id": 41},
+            # A map with "op" is a request, whatever else it holds: answered, not delivered --
+            # after an event (in the run the events' handler takes) as anywhere else, and with
+            # six keys, as many as an event has.
+            {k: v for k, v in {**event("Tick", 96), "op": "frobnicate", "id": 41}.items() if k not in ("sender", "identity")},
+            {**event("Tick", 99), "op": "frobnicate", "id": 42},
             event("Other", 98),  # matches no subscription of this client
             {k: v for k, v in event("Tick", 97).items() if k != "source"},  # no source: dropped
             {"event": "gap", "subscription": sub_id, "missed": 3, "reason": "overflow"},
@@ -53,9 +56,10 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
             event("Tick", 2, sender=7),  # a sender that is not text is kept as text
         ]
         await framed.stream.send_all(b"".join(encode_control(0, message) for message in burst))
-        frame = await framed.receive_frame()
-        assert isinstance(frame, ControlFrame)
-        answers.append(frame.message)
+        for _ in range(2):
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            answers.append(frame.message)
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
@@ -64,7 +68,7 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
             async with bus.subscribe("org.example.*", "Tick") as ticks:
                 with trio.fail_after(10):
                     got = [await ticks.__anext__() for _ in range(4)]
-                    while not answers:
+                    while len(answers) < 2:
                         await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert got == [
@@ -73,7 +77,9 @@ async def test_a_burst_of_control_frames_is_sorted_out_frame_by_frame(tmp_path: 
         Event("org.example.Ticker", "Tick", {"n": 1}, ":7", EMITTER_ID),
         Event("org.example.Ticker", "Tick", {"n": 2}, "7", EMITTER_ID),
     ]
-    assert answers == [{"re": 41, "error": {"code": "minibus.Error.UnknownOperation", "message": "unknown operation 'frobnicate'"}}]
+    assert answers == [
+        {"re": n, "error": {"code": "minibus.Error.UnknownOperation", "message": "unknown operation 'frobnicate'"}} for n in (41, 42)
+    ]
     # What the reader builds (see events._EventDraft) is an Event as its constructor makes it:
     # the same type, fields, hash and JSON, and frozen.
     first, made = got[0], Event("org.example.Ticker", "Tick", {"n": 0}, ":7", EMITTER_ID)
@@ -116,6 +122,59 @@ async def test_a_burst_of_mixed_kinds_reaches_each_subscription_in_order(tmp_pat
     assert got_ticks == [0, 1, 3, 7]
     assert got_tocks == [2, 4, 5]
     assert got_every == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_full_subscription_buffer_drops_the_newest_and_says_how_many_with_a_gap(tmp_path: Path) -> None:
+    """Consumers that do not read: a subscription's buffer takes SUBSCRIPTION_BUFFER items,
+    then drops the newest, counted (whether the events' kind goes to it alone or to others
+    too); once its consumer has made room, the next event comes after a slow-consumer gap
+    with the count, and a subscription with room meanwhile missed nothing."""
+    answered = trio.Event()
+    drained = trio.Event()
+
+    async def ping(framed: FramedStream, n: int) -> None:
+        # The client answers in order: once it has, it has handled every frame before.
+        await framed.send_message({"op": "ping", "id": n})
+        while (frame := await framed.receive_frame()) is not None:
+            if isinstance(frame, ControlFrame) and frame.message.get("re") == n:
+                return
+
+    async def script(framed: FramedStream) -> None:
+        for sub_id in (1, 2):
+            frame = await framed.receive_frame()
+            assert isinstance(frame, ControlFrame) and frame.message["op"] == "subscribe", frame
+            await framed.send_message({"re": frame.message["id"], "result": {"subscription": sub_id}})
+        tocks = [event("Tock", n) for n in range(SUBSCRIPTION_BUFFER + 100)]  # for `every` alone
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in tocks))
+        await framed.stream.send_all(b"".join(encode_control(0, event("Tick", n)) for n in range(20)))  # both
+        await ping(framed, 900)
+        answered.set()
+        await drained.wait()
+        later = [event("Tock", 1), event("Tock", 2), event("Tick", 20), event("Tock", 3)]
+        await framed.stream.send_all(b"".join(encode_control(0, message) for message in later))
+        await trio.sleep_forever()
+
+    def kinds(items: list[Event | Gap]) -> list[Any]:
+        return [(item.member, item.payload["n"]) if isinstance(item, Event) else item for item in items]
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks, bus.subscribe("org.example.*", "*") as every:
+                with trio.fail_after(10):
+                    await answered.wait()
+                    assert len(every._buffer) == SUBSCRIPTION_BUFFER and len(ticks._buffer) == 20
+                    first = [await every.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
+                    first_ticks = [await ticks.__anext__() for _ in range(20)]
+                    drained.set()
+                    rest = [await every.__anext__() for _ in range(5)]
+                    last_tick = await ticks.__anext__()
+        nursery.cancel_scope.cancel()
+    assert kinds(first) == [("Tock", n) for n in range(SUBSCRIPTION_BUFFER)]
+    assert kinds(first_ticks) == [("Tick", n) for n in range(20)]
+    # `every` missed 100 Tocks and 20 Ticks; the gap comes before the next event it takes.
+    assert kinds(rest) == [Gap(120, "slow consumer"), ("Tock", 1), ("Tock", 2), ("Tick", 20), ("Tock", 3)]
+    assert kinds([last_tick]) == [("Tick", 20)]
 
 
 async def test_a_consumer_of_a_full_buffer_lets_other_tasks_run(tmp_path: Path) -> None:

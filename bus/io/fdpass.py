@@ -30,7 +30,8 @@ import errno
 import operator
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import trio
 
@@ -182,12 +183,15 @@ class FdSocketStream(trio.abc.HalfCloseableStream):
                     else:
                         self.fds.append(fd)
 
-    async def wait_readable(self) -> None:
-        """Wait until a read may find something (a checkpoint)."""
+    def wait_readable(self) -> Coroutine[Any, Any, None]:
+        """Wait until a read may find something (a checkpoint): ``await
+        stream.wait_readable()``.  (Not a coroutine of its own: it checks the stream now and
+        returns trio's wait, so a reader waiting for its socket read after read resumes one
+        coroutine less each time.)"""
         raw = self._raw
         if self._closed or raw.fileno() < 0:
             raise trio.ClosedResourceError("the stream was closed")
-        await trio.lowlevel.wait_readable(raw)  # (the stdlib socket: its fileno is C's)
+        return trio.lowlevel.wait_readable(raw)  # (the stdlib socket: its fileno is C's)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import mmap
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 import trio
@@ -38,7 +38,7 @@ class _SocketReads(Protocol):
 
     def receive_into_nowait(self, buffer: memoryview) -> int: ...
 
-    async def wait_readable(self) -> None: ...
+    def wait_readable(self) -> Coroutine[Any, Any, None]: ...
 
 
 def stdlib_socket(sock: trio.socket.SocketType) -> Any:
@@ -84,10 +84,11 @@ class _PlainSocketReads:
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
-    async def wait_readable(self) -> None:
+    def wait_readable(self) -> Coroutine[Any, Any, None]:
+        """``await reads.wait_readable()``: trio's wait itself (see FdSocketStream.wait_readable)."""
         if self._socket.fileno() < 0:
             raise trio.ClosedResourceError("the socket was closed")
-        await trio.lowlevel.wait_readable(self._socket)
+        return trio.lowlevel.wait_readable(self._socket)
 
 
 def _socket_reads(stream: trio.abc.ReceiveStream) -> _SocketReads | None:
@@ -143,6 +144,7 @@ class FramedStream:
         self._owe_checkpoint = False  # the last read did not wait: yield before the next one
         self._drained = wait_first  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
+        self._may_fill = False  # DATA bodies were ever given a buffer (see fill_data_into)
         #: Bytes of frames read so far (one addition per read, not per frame).
         self.bytes_received = 0
         #: The stream's end was read.
@@ -239,16 +241,30 @@ class FramedStream:
             decoder.end_of_input()
             return None
         reads = self._socket_reads
-        data: bytes | bytearray
+        data: bytes | bytearray | None
         if reads is None:
             data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
         else:
-            room = decoder.fill_room()
+            room = decoder.fill_room() if self._may_fill else None
             if room is not None:  # a big body being filled: read straight into its place
                 if not await self._fill(reads, room):
                     return None  # pragma: no cover - (the end there raised)
                 return []
-            data = await self._receive_socket(reads)
+            if self._drained:
+                # _receive_socket's steps when the last read emptied the socket, here (a
+                # coroutine less to start, and to resume when the socket wakes us): wait for
+                # it (a checkpoint, which pays any owed), then read.
+                await reads.wait_readable()
+                self._owe_checkpoint = False
+                size = self._read_size
+                data = reads.try_receive(size)
+                if data is None:  # (woken with nothing there: wait again)
+                    data = await self._receive_socket(reads)
+                else:
+                    self._drained = drained = len(data) < size
+                    self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
+            else:
+                data = await self._receive_socket(reads)
         if not data:
             self.at_end = True
             decoder.end_of_input()
@@ -312,6 +328,8 @@ class FramedStream:
         """See :meth:`FrameDecoder.fill_data_into`: where a socket is read directly, the rest
         of each such body is read straight into ``buffer``."""
         self._decoder.fill_data_into(buffer)
+        if buffer is not None:
+            self._may_fill = True  # (from now on a read asks the decoder for room first)
 
     def encode_message(self, message: dict[str, Any], channel: int = 0, *, checked: bool = False) -> bytes:
         return encode_control(channel, message, self.max_control, checked=checked)

@@ -75,6 +75,10 @@ class FrameKind(enum.IntEnum):
 
 # The kinds as plain ints, for the decoder's hot path.
 _CONTROL, _DATA = int(FrameKind.CONTROL), int(FrameKind.DATA)
+#: A header as (kind << 8 | flags, channel, length), and that first number for a CONTROL
+#: frame without flags (see FrameDecoder.take_control_messages).
+_unpack_run_header = struct.Struct(">HII").unpack_from
+_CONTROL_PLAIN = _CONTROL << 8
 
 
 # Frames and messages are slotted dataclasses, not frozen ones: one is built per frame on
@@ -904,16 +908,21 @@ class FrameDecoder:
         chunk, pos = self._chunk, self._pos
         size = len(chunk)
         messages: list[dict[Any, Any]] = []
-        append, unpack, limit = messages.append, _unpack_header, self.max_control
+        append, unpack, limit = messages.append, _unpack_run_header, self.max_control
         start = pos + HEADER_SIZE  # (of the next frame's body)
-        stop = size if max_bytes is None else min(size, pos + max_bytes)  # (no frame begins at or past it)
-        # (One loop for each way of decoding: no test of it per frame.)
+        # A frame is looked at while its header is wholly here and it begins before
+        # ``max_bytes`` were taken: while ``start <= size and pos < pos0 + max_bytes``, which
+        # is one test, ``start <= bound``.
+        bound = size if max_bytes is None else min(size, pos + max_bytes + HEADER_SIZE - 1)
+        # (One loop for each way of decoding: no test of it per frame.  A header is read as
+        # kind and flags in one number, channel, length: a CONTROL frame without flags on
+        # channel 0 has _CONTROL_PLAIN and 0 there.)
         if self.trusted:
             loads = cbor2.loads
-            while start <= size and pos < stop:
-                kind, flags, channel, length = unpack(chunk, pos)
+            while start <= bound:
+                kind_flags, channel, length = unpack(chunk, pos)
                 end = start + length
-                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                if kind_flags != _CONTROL_PLAIN or channel or length > limit or end > size:
                     break
                 try:
                     message = loads(chunk[start:end])
@@ -925,10 +934,10 @@ class FrameDecoder:
                 pos, start = end, end + HEADER_SIZE
         else:
             max_items = self.max_items
-            while start <= size and pos < stop:
-                kind, flags, channel, length = unpack(chunk, pos)
+            while start <= bound:
+                kind_flags, channel, length = unpack(chunk, pos)
                 end = start + length
-                if kind != _CONTROL or flags or channel or length > limit or end > size:
+                if kind_flags != _CONTROL_PLAIN or channel or length > limit or end > size:
                     break
                 try:
                     message = decode_control_body(chunk[start:end], max_items)
