@@ -936,16 +936,21 @@ class Broker:
         run = self._event_run
         self._event_run = None
         if run is not None and run.count:
-            held = run.held
-            self.queue_event(run.sessions, held[0] if run.count == 1 else b"".join(held), run.payer, run.count)
+            if run.count == 1:
+                self.queue_event(run.sessions, run.held[0], run.payer)
+            else:  # (each frame an entry of the queue, as event by event: frames are counted)
+                self.queue_event(run.sessions, b"", run.payer, run.count, run.held, run.size)
 
-    def queue_event(self, receivers: Iterable[_Session], data: bytes, payer: str, count: int = 1) -> None:
+    def queue_event(
+        self, receivers: Iterable[_Session], data: bytes, payer: str, count: int = 1, frames: list[bytes] | None = None, total: int = 0
+    ) -> None:
         """Queue one event ``payer`` emitted to each of ``receivers``: until written, each
         copy counts against payer's share (a fair-share mark per identity's run in a burst).
         A receiver whose writer is stopped takes nothing; one whose queue would pass
         ``outbound_bytes``, or whose writer is full, is cut as a slow consumer.  (One loop
-        for every receiver: it runs once per delivery.)"""
-        size = len(data)
+        for every receiver: it runs once per delivery.)  With ``frames`` (``total`` bytes):
+        ``count`` events at once (an event run's), each frame an entry of the queue."""
+        size = len(data) if frames is None else total
         limit = self.config.outbound_bytes
         corking = self.corking  # (only a reader uncorks: the same all through this loop)
         burst = self.bursts
@@ -960,7 +965,10 @@ class Broker:
                 out.cork()
                 self.corked.append(session)
             try:
-                out.send_nowait(data)
+                if frames is None:
+                    out.send_nowait(data)
+                else:
+                    out.send_frames_nowait(frames, size)
             except trio.WouldBlock:
                 session.overflow()
                 continue
@@ -1493,6 +1501,8 @@ class Broker:
 
     def unblock(self, session: _Session) -> None:
         """The connection's queue has room again: relayed data and watch pages may go on."""
+        if self._event_run is not None:
+            self.end_event_run()  # (the relays pumped here queue credit to their senders)
         waiting, session.blocked = session.blocked, None
         if waiting:
             for relay in self.core.channels.of_connection(session.conn_id):

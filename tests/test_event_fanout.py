@@ -17,8 +17,9 @@ import bus.broker
 from bus.io.framed import FramedStream
 from bus.wire.frames import ControlFrame, encode_control
 
-from .brokers import FRIEND, OWNER, running_broker
+from .brokers import FRIEND, OWNER, PLUGIN, running_broker
 from .test_broker import raw_connect, read_until_closed
+from .test_channels import _raw_relay
 from .test_isolation import reply_to
 
 
@@ -758,4 +759,73 @@ async def test_runs_of_emits_reach_each_subscriber_in_order_with_gaps_that_count
         else:
             assert max(held_back, default=0) >= 2  # (events were held back in runs)
         for framed in (emitter, *stuck, reader):
+            await framed.aclose()
+
+
+async def test_events_waiting_for_a_stuck_subscriber_stay_within_half_its_outbound_queue(tmp_path: Path) -> None:
+    """Events queued for a connection take at most half its ``outbound_queue`` frames, counted
+    in messages, runs or not (docs/broker.md), and ``stats`` counts the messages that wait:
+    a run's events are queued as entries of their own.  (Found in review: a run queued as one
+    joined entry let 1,600 small events wait where 512 may.)"""
+    async with running_broker(tmp_path) as rb:
+        emitter, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+        stuck, stuck_id = await _hello(rb.unix_address, FRIEND)  # never reads
+        filler, filler_id = await _hello(rb.unix_address, PLUGIN)  # another identity fills its socket
+        for i, source in ((2, "org.example.A"), (3, rb.broker.core.connections[filler_id].unique_id)):
+            await stuck.send_message({"op": "subscribe", "id": i, "source": source})
+            await reply_to(stuck, i)
+        session = rb.broker.sessions[stuck_id]
+        with trio.fail_after(30):
+            while session.out.queued_bytes < 20000:
+                await filler.send_message({"op": "emit", "id": 7, "member": "T", "payload": {"b": "y" * 8000}})
+                await reply_to(filler, 7)
+        waiting_before, out_before = len(session.out), session.messages_out
+        n = 10
+        for _ in range(60):  # 60 reads of 60 small events each (runs), each then a ping
+            data = b"".join(
+                encode_control(0, {"op": "emit", "id": i, "source": "org.example.A", "member": "T", "quiet": True, "payload": {"b": "x" * 10}})
+                for i in range(n, n + 60)
+            )
+            await emitter.stream.send_all(data + encode_control(0, {"op": "ping", "id": n + 60}))
+            await reply_to(emitter, n + 60)
+            n += 61
+        waiting = waiting_before + session.messages_out - out_before  # (its socket is full: nothing went)
+        assert session.io().queued_messages == len(session.out) == waiting
+        assert waiting <= session.out.max_frames // 2, waiting
+        for framed in (emitter, stuck, filler):
+            await framed.aclose()
+
+
+async def test_credit_queued_by_a_queue_draining_mid_run_comes_after_the_events_held_back(tmp_path: Path) -> None:
+    """Mid-run, a writer that drains at once (FrameWriter._write_queued from send_nowait)
+    calls back into busd (_Session._on_sent -> Broker.unblock), whose relay pump queues
+    channel credit straight to the relay's sender, here a receiver of the run: the credit
+    comes after the events the run held back (emitted before it).  White-box: the state a
+    relay blocked on a full queue leaves is set by hand.  (Found in review.)"""
+    async with running_broker(tmp_path) as rb:
+        opener, _, sink, _ = await _raw_relay(rb)  # the opener relays to org.example.Sink
+        broker, core = rb.broker, rb.broker.core
+        sink_id = core.names.owner("org.example.Sink")
+        opener_id = next(c for c in broker.sessions if c != sink_id)
+        await opener.send_message({"op": "subscribe", "id": 5, "source": core.connections[sink_id].unique_id})
+        await reply_to(opener, 5)
+        sink_session, opener_session = broker.sessions[sink_id], broker.sessions[opener_id]
+        relay = core.channels.of_connection(sink_id)[0]
+        direction = relay.incoming(relay.a if relay.a[0] == sink_id else relay.b)  # opener -> sink
+        due = direction.credit_batch
+        direction.src_credit -= due
+        direction.credit_due += due
+        sink_session.blocked = {relay.id}
+        opener_session.out.cork()  # (its queue stays to be looked at)
+        broker.corking = True  # the sink's reader, handling one read of two emits
+        for i in (10, 11):
+            broker.dispatch(core.receive(sink_id, {"op": "emit", "id": i, "member": "Tick", "quiet": True, "payload": {"n": i}}))
+        run = broker._event_run
+        assert run is not None and run.count == 2
+        broker.unblock(sink_session)  # what the sink's writer's _sent does mid-run
+        broker.uncork()
+        kinds = ["credit" if b"credit" in bytes(item) else "event" for item in opener_session.out._queue]
+        opener_session.out.uncork()
+        assert kinds == ["event", "event", "credit"], kinds
+        for framed in (opener, sink):
             await framed.aclose()

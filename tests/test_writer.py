@@ -431,6 +431,32 @@ async def test_a_corked_writer_queues_then_writes_once_and_in_order(res: Resourc
 
 
 @ENCRYPTED
+async def test_send_frames_nowait_queues_each_frame_as_send_nowait_would(res: Resources, encrypted: bool) -> None:
+    """send_frames_nowait (busd's event runs): corked, the frames are queued as entries of
+    their own (counted as frames, bytes as given), written with the rest on uncork, in order;
+    frames that would not all fit the queue raise WouldBlock and queue nothing; uncorked, each
+    goes as send_nowait sends it; a closed writer refuses."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender, max_frames=10)
+    writer.cork()
+    writer.send_nowait(b"a" * 7)
+    frames = [bytes([i]) * (i + 1) for i in range(5)]
+    writer.send_frames_nowait(frames, sum(map(len, frames)))
+    assert len(writer) == 6 and writer.queued_bytes == 7 + 15 and _pending(receiver) == 0
+    with pytest.raises(trio.WouldBlock):
+        writer.send_frames_nowait([b"x"] * 5, 5)
+    assert len(writer) == 6 and writer.queued_bytes == 22
+    writer.uncork()
+    writer.send_frames_nowait([b"yy", b"z"], 3)  # (uncorked: straight to the socket)
+    assert len(writer) == 0 and writer.queued_bytes == 0
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, 25) == b"a" * 7 + b"".join(frames) + b"yyz"
+    writer.close()
+    with pytest.raises(trio.ClosedResourceError):
+        writer.send_frames_nowait([b"q"], 1)
+
+
+@ENCRYPTED
 async def test_put_later_writes_each_burst_of_frames_at_once(res: Resources, encrypted: bool) -> None:
     """put_later() leaves frames to run() (nothing is written while they are made), except
     that every ``burst`` frames waiting are written at once: the far end can start on them

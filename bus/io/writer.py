@@ -180,6 +180,24 @@ class FrameWriter:
             self.queued_bytes += size
             self._signal()
 
+    def send_frames_nowait(self, frames: list[bytes], size: int) -> None:
+        """:meth:`send_nowait` for several frames (``size`` bytes in all), each an entry of the
+        queue: on a corked writer in one step; :class:`trio.WouldBlock` if they do not all fit."""
+        if self.closed or self.stopped:
+            raise trio.ClosedResourceError("this connection's writer is closed or stopped")
+        if not self.corked:
+            for frame in frames:
+                self.send_nowait(frame)
+            return
+        queue = self._queue
+        if len(queue) + len(frames) > self.max_frames:
+            raise trio.WouldBlock
+        queue.extend(frames)
+        self.queued_bytes += size
+        self._corked_bytes += size
+        if self._corked_bytes >= COALESCE or len(queue) >= self.burst:
+            self._write_queued()
+
     def cork(self) -> None:
         """Queue what :meth:`send_nowait` gets, without writing, until :meth:`uncork`."""
         self.corked = True
