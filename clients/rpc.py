@@ -531,7 +531,9 @@ class Service:
         calls came, with no task; it must not block (it holds up the channel's reader, and on
         a relayed channel the bus connection's, while it runs)."""
         name = func.__name__
-        if inspect.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(func) or getattr(func, "returns_coroutine", False) is True:
+            # (an async def, or a plain function marked as returning a coroutine to await, as
+            # RpcConnection.call is: a service forwarding to another's call awaits it)
             self.sync_methods.pop(name, None)
             self.methods[name] = func
         elif inspect.isfunction(func) or inspect.ismethod(func):
@@ -1272,9 +1274,12 @@ class RpcConnection:
         """Call ``method`` with ``args``: ``await rpc.call(...)`` returns its result or raises
         its error.  (What ``request("call", method=method, args=list(args))`` sends, without
         the keywords' round trip; a plain function that returns the exchange itself: one
-        coroutine fewer to step through, twice a call.)"""
+        coroutine fewer to step through, twice a call.  It is marked ``returns_coroutine``,
+        so ``Service.method`` takes it, or a bound one, as an async method.)"""
         values = list(args)
         return self._exchange({"method": method, "args": values, "op": "call"}, _flat_size((method, values)))
+
+    call.returns_coroutine = True  # type: ignore[attr-defined]
 
     async def _exchange(self, wire: dict[str, Any], strings: int) -> Any:
         """Send the request ``wire`` (its fields and "op"; the id is added here, last, as

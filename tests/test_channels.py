@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,8 +16,10 @@ import trio.testing
 
 from bus.errors import AccessDenied, BadRequest, ChannelRejected, NameNotFound
 from bus.io.framed import FramedStream
-from bus.wire.frames import ControlFrame
+from bus.io.writer import FrameWriter
+from bus.wire.frames import ControlFrame, encode_control, encode_data
 from clients.bus import Bus, open_bus
+from clients.rpc import Service
 from clients.channels import Channel, ChannelRequest, RelayStream
 
 from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
@@ -1082,3 +1085,72 @@ async def test_an_idle_bus_connection_keeps_no_read_alive_through_a_small_view(t
         await trio.sleep(0.2)  # (everyone idle, waiting for their next read)
         gc.collect()
         assert _small_views_of_big_reads(32 * 1024) == []
+
+
+async def test_frames_sent_straight_to_the_relay_and_the_usual_way_keep_order_and_counts(tmp_path: Path) -> None:
+    """A relayed channel's FrameWriter sends a frame that fits the credit straight to the relay
+    (``direct``, from ``Channel.whole_frame_sender``) and anything else the usual way: with a
+    slow reader, so that the credit runs out mid-burst and comes back, 300 frames of 10 B to
+    600 kB arrive whole and in order, both ways are taken, and the channel counts every byte
+    once on each side.  (From a review.)"""
+    service = Service("org.example.Sink")
+    got: list[int] = []
+    done = trio.Event()
+    server: list[Channel] = []
+
+    @service.channel("raw")
+    async def raw(channel: Channel) -> None:
+        server.append(channel)
+        framed = FramedStream(channel)
+        while (frame := await framed.receive_frame()) is not None:
+            if isinstance(frame, ControlFrame):
+                got.append(frame.message["n"])
+            if len(got) % 7 == 0:
+                await trio.sleep(0.01)  # slow: the sender's credit runs out now and then
+        done.set()
+
+    rng = random.Random(5)
+    sizes = [rng.choice([10, 100, 3000, 20_000, 70_000, 130_000, 600_000]) for _ in range(300)]
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 120
+                channel = await bus.open_channel(service.name, "raw", "relay")
+                assert isinstance(channel.raw, RelayStream) and not channel.encrypted
+                writer = FrameWriter(channel.secure, max_frames=8)
+                direct = channel.whole_frame_sender()
+                assert direct is not None
+                taken_direct = 0
+
+                def counting(frame: bytes) -> bool:
+                    nonlocal taken_direct
+                    taken = direct(frame)
+                    taken_direct += taken
+                    return taken
+
+                writer.direct = counting
+                nursery.start_soon(writer.run)
+                before = channel.bytes_out
+                total = 0
+                for n, size in enumerate(sizes):
+                    if size < 60_000:
+                        frame = encode_control(0, {"n": n, "pad": b"x" * size})
+                    else:  # over the control limit: a DATA frame of the channel after it
+                        frame = encode_control(0, {"n": n}) + encode_data(0, b"y" * size)
+                    total += len(frame)
+                    await writer.put(frame)
+                    if n % 11 == 0:
+                        await trio.sleep(0)
+                writer.finish()
+                with trio.fail_after(60):
+                    while writer.queued_bytes:
+                        await trio.sleep(0.01)
+                await channel.send_eof()
+                with trio.fail_after(60):
+                    await done.wait()
+                assert got == list(range(len(sizes)))
+                assert channel.bytes_out - before == total
+                assert server[0].bytes_in == total
+                assert 0 < taken_direct < len(sizes)  # both ways were taken
+                nursery.cancel_scope.cancel()

@@ -152,6 +152,27 @@ async def _relay_rpc(bus: Bus, name: str, nursery: trio.Nursery) -> RpcConnectio
     return connection
 
 
+async def test_a_service_method_that_is_another_connections_call_is_awaited(tmp_path: Path) -> None:
+    """``RpcConnection.call`` is a plain function returning the exchange to await (one
+    coroutine fewer per call); marked so, a service that exposes another connection's bound
+    ``call`` as a method serves it as an async method: a call through it is forwarded and
+    answered (found in review: it was taken as synchronous and answered with a coroutine)."""
+    async with running_broker(tmp_path) as rb:
+        upstream = make_service()
+        forwarder = Service("org.example.Fwd")
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=upstream.name) as ubus:
+            upstream.attach(ubus)
+            async with open_bus(rb.unix_address, identity=FRIEND, name=forwarder.name) as fbus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                to_upstream = await _relay_rpc(fbus, upstream.name, nursery)
+                forwarder.method(to_upstream.call)
+                assert "call" in forwarder.methods and "call" not in forwarder.sync_methods
+                forwarder.attach(fbus)
+                async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                    assert await bus.call(forwarder.name, "call", "add", 2, 3) == 5
+                nursery.cancel_scope.cancel()
+
+
 async def test_rpc_over_a_relayed_channel(tmp_path: Path) -> None:
     """Calls, errors, overlapping calls and several windows' worth of bytes, all relayed."""
     async with running_broker(tmp_path) as rb:
