@@ -33,7 +33,7 @@ say): set them there; the copies re-exported here are for reading.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
@@ -332,12 +332,18 @@ class Bus:
         id); returns to how many connections the broker queued it."""
         return await self._events.emit(member, payload, source=source, destination=destination)
 
-    async def publish(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> None:
-        """Emit an event one-way (like a D-Bus signal or a NATS publish): no round trip, it
-        returns once the event is queued to be sent.  A refusal (say, ``source`` is not ours)
-        is logged and raised by the next ``publish``.  Use :meth:`emit` to wait for the
-        broker's answer."""
-        await self._events.publish(member, payload, source=source, destination=destination)
+    def publish(
+        self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """Emit an event one-way (like a D-Bus signal or a NATS publish): no round trip,
+        ``await bus.publish(...)`` returns once the event is queued to be sent.  A refusal
+        (say, ``source`` is not ours) is logged and raised by the next ``publish``.  Use
+        :meth:`emit` to wait for the broker's answer.  (A plain function returning the
+        coroutine to await, one fewer to step through per event; marked
+        ``returns_coroutine``, as ``RpcConnection.call`` is.)"""
+        return self._events.publish(member, payload, source=source, destination=destination)
+
+    publish.returns_coroutine = True  # type: ignore[attr-defined]
 
     # -- installed plugins (service files) -----------------------------------------------------
 

@@ -323,7 +323,9 @@ class Events:
             # halve an emitter's rate), and any other wait of the caller's does too.  Every
             # call can be cancelled.
             await trio.lowlevel.checkpoint_if_cancelled()
-            await link.send.put_later(frame)
+            send = link.send
+            if not send.put_later_nowait(frame):
+                await send.put_later(frame)  # (the queue is full: wait for room)
             if not self._published & 15:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.ClosedResourceError:

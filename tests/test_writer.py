@@ -457,6 +457,30 @@ async def test_send_frames_nowait_queues_each_frame_as_send_nowait_would(res: Re
 
 
 @ENCRYPTED
+async def test_put_later_nowait_takes_what_put_later_would_without_waiting(res: Resources, encrypted: bool) -> None:
+    """put_later_nowait (a publishing loop's step): with room, queues the frame for run() as
+    put_later does (every ``burst`` frames written at once); with a full queue, False and
+    nothing queued (the caller awaits put_later); a closed writer refuses."""
+    sender, receiver = await res.pair("unix", encrypted=encrypted)
+    writer, calls = _writer(sender, max_frames=3)
+    writer.burst = 100
+    frames = [os.urandom(20) for _ in range(3)]
+    assert all(writer.put_later_nowait(frame) for frame in frames)
+    assert len(writer) == 3 and _pending(receiver) == 0  # (left to run())
+    assert writer.put_later_nowait(b"over") is False and len(writer) == 3 and writer.queued_bytes == 60
+    writer.burst = 3
+    writer._queue.pop()
+    writer.queued_bytes -= 20
+    assert writer.put_later_nowait(frames[2])  # the burst-th frame writes what waits, at once
+    assert len(writer) == 0
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, 60) == b"".join(frames)
+    writer.close()
+    with pytest.raises(trio.ClosedResourceError):
+        writer.put_later_nowait(b"x")
+
+
+@ENCRYPTED
 async def test_put_later_writes_each_burst_of_frames_at_once(res: Resources, encrypted: bool) -> None:
     """put_later() leaves frames to run() (nothing is written while they are made), except
     that every ``burst`` frames waiting are written at once: the far end can start on them

@@ -284,6 +284,22 @@ class FrameWriter:
         else:
             self._signal()
 
+    def put_later_nowait(self, frame: bytes) -> bool:
+        """:meth:`put_later` when the queue has room (no coroutine to step through): whether it
+        took ``frame``; False, with nothing done, when the caller must await :meth:`put_later`."""
+        queue = self._queue
+        if len(queue) >= self.max_frames:
+            return False
+        if self.closed or self.stopped:
+            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
+        queue.append(frame)
+        self.queued_bytes += len(frame)
+        if len(queue) >= self.burst:
+            self._write_queued()
+        else:
+            self._signal()
+        return True
+
     async def send(self, frame: bytes) -> None:
         """:meth:`send_nowait`, waiting for room first.
 
