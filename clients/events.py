@@ -120,7 +120,9 @@ class Subscription:
         self._waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
         self._ended = False  # no more items will come (unsubscribed, or the bus closed)
         self._closed = False
-        self._dropped = 0  # items the consumer's full buffer could not take, not yet announced
+        # The gap owed for what the consumer's full buffer could not take, not yet announced
+        # (None: nothing owed): see _owe.
+        self._owed: Gap | None = None
 
     def matches(self, source: str, member: str) -> bool:
         return self._member.match(member) and self._source.match(source)
@@ -138,23 +140,40 @@ class Subscription:
 
     def _put(self, item: Event | Gap) -> None:
         buffer = self._buffer
-        if self._dropped or self._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
+        if self._owed is not None or self._closed or len(buffer) >= SUBSCRIPTION_BUFFER:
             if self._closed:
                 return
-            if self._dropped:
+            if self._owed is not None:
                 if len(buffer) >= SUBSCRIPTION_BUFFER:
-                    self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
+                    self._owe(item)
                     return
-                buffer.append(Gap(self._dropped, "slow consumer"))
-                self._dropped = 0
+                buffer.append(self._owed)
+                self._owed = None
             if len(buffer) >= SUBSCRIPTION_BUFFER:
-                self._dropped += 1 if isinstance(item, Event) else (item.missed or 0)
+                self._owe(item)
                 return
         buffer.append(item)
         if self._waiters:
             # One consumer is woken per item; in a burst, the first item wakes it and it
             # takes the rest of the burst in the same turn (the others find no waiter).
             trio.lowlevel.reschedule(self._waiters.popleft())
+
+    def _owe(self, item: Event | Gap) -> None:
+        """``item`` did not fit the full buffer: it joins the gap owed, which comes before the
+        next item that fits.  An event counts one (``slow consumer``); a gap adds its count,
+        and one not counted (``missed`` None: a link that went down) makes the owed gap
+        uncounted; the broker's or the link's reason says more than ``slow consumer`` and is
+        kept.  So nothing is dropped unsaid, and no count is claimed that was not made."""
+        if type(item) is Gap:
+            missed, reason = item.missed, item.reason
+        else:
+            missed, reason = 1, "slow consumer"
+        owed = self._owed
+        if owed is None:
+            self._owed = Gap(missed, reason)
+            return
+        total = None if owed.missed is None or missed is None else owed.missed + missed
+        self._owed = Gap(total, owed.reason if owed.reason != "slow consumer" else reason)
 
     def _forget(self) -> None:
         self._closed = True
@@ -392,7 +411,7 @@ class Events:
                 room = 0
                 if len(last_route) == 1:
                     only = last_route[0]
-                    if not only._dropped and not only._closed:
+                    if only._owed is None and not only._closed:
                         buffer, waiters = only._buffer, only._waiters
                         room = limit - len(buffer)
             if not last_route:
@@ -416,7 +435,7 @@ class Events:
                 # Subscription._put's common case in this loop (it runs once per event per
                 # subscription): room in the buffer, nothing dropped, not closed.
                 items = sub._buffer
-                if sub._dropped or sub._closed or len(items) >= limit:
+                if sub._owed is not None or sub._closed or len(items) >= limit:
                     sub._put(event)
                     continue
                 items.append(event)

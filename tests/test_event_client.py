@@ -322,3 +322,70 @@ async def test_publish_refuses_locally_what_peers_would_refuse_and_sends_plain_s
                     with trio.fail_after(10):
                         got = [await ticks.__anext__() for _ in sent]
                     assert [e.payload for e in got if isinstance(e, Event)] == sent
+
+
+async def test_an_uncounted_gap_into_a_full_buffer_is_said_uncounted(tmp_path: Path) -> None:
+    """A broker gap that counts nothing (``missed`` None) arriving while the subscription's
+    buffer is full is not lost: once the consumer has room, ``Gap(None, "overflow")`` comes
+    before the next event (it was folded into a count of 0, so nothing came).  (From a review.)"""
+    drained = trio.Event()
+
+    async def script(framed: FramedStream) -> None:
+        sub_id = await subscribed(framed)
+        burst = [event("Tick", n) for n in range(SUBSCRIPTION_BUFFER)]  # exactly fills the buffer
+        burst.append({"event": "gap", "subscription": sub_id, "missed": None, "reason": "overflow"})
+        burst.append(event("Tick", SUBSCRIPTION_BUFFER))  # dropped too, counted with it
+        await framed.stream.send_all(b"".join(encode_control(0, m) for m in burst))
+        await drained.wait()
+        await framed.stream.send_all(encode_control(0, event("Tick", 5000)))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                with trio.fail_after(10):
+                    while ticks._owed is None:
+                        await trio.sleep(0.01)
+                    items = [await ticks.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
+                    drained.set()
+                    rest = [await ticks.__anext__(), await ticks.__anext__()]
+        nursery.cancel_scope.cancel()
+    assert [i.payload["n"] for i in items] == list(range(SUBSCRIPTION_BUFFER))  # type: ignore[union-attr]
+    assert rest[0] == Gap(None, "overflow")
+    assert isinstance(rest[1], Event) and rest[1].payload["n"] == 5000
+
+
+async def test_a_link_down_gap_into_a_full_buffer_comes_before_the_next_event(tmp_path: Path) -> None:
+    """The link goes down while the subscription's buffer is full: the ``Gap(None, "link
+    down")`` restoring it adds is owed, not lost (events emitted meanwhile were not counted),
+    and comes before the first event after the reconnect.  (From a review.)"""
+    connections = 0
+    drained = trio.Event()
+
+    async def script(framed: FramedStream) -> None:
+        nonlocal connections
+        connections += 1
+        await subscribed(framed)
+        if connections == 1:
+            burst = [event("Tick", n) for n in range(SUBSCRIPTION_BUFFER)]  # exactly fills it
+            await framed.stream.send_all(b"".join(encode_control(0, m) for m in burst))
+            return  # the link goes down
+        await drained.wait()
+        await framed.stream.send_all(encode_control(0, event("Tick", 9999)))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                with trio.fail_after(20):
+                    while ticks._owed is None:
+                        await trio.sleep(0.01)
+                    items = [await ticks.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
+                    drained.set()
+                    rest = [await ticks.__anext__(), await ticks.__anext__()]
+        nursery.cancel_scope.cancel()
+    assert all(isinstance(i, Event) for i in items)
+    assert rest[0] == Gap(None, "link down")
+    assert isinstance(rest[1], Event) and rest[1].payload["n"] == 9999
