@@ -389,3 +389,27 @@ async def test_a_link_down_gap_into_a_full_buffer_comes_before_the_next_event(tm
     assert all(isinstance(i, Event) for i in items)
     assert rest[0] == Gap(None, "link down")
     assert isinstance(rest[1], Event) and rest[1].payload["n"] == 9999
+
+
+def test_nothing_cbor2_decodes_but_text_is_equal_to_text() -> None:
+    """Events._on_events tests an event's names for text only when they differ from the last
+    kind's (which are text): that holds while nothing the client's decoder (plain
+    ``cbor2.loads``) makes of other data compares equal to a ``str``.  Pinned here for the
+    tags cbor2 knows and the other simple values, each with a text, bytes and int payload."""
+    import cbor2
+
+    values: list[bytes] = []
+    for tag in [*range(0, 300), 1004, 1040, 55799]:
+        for payload in ("Tick", b"Tick", 1, ["Tick"], {"Tick": 1}):
+            values.append(cbor2.dumps(cbor2.CBORTag(tag, payload)))
+    values += [bytes([0xF7]), bytes([0xF0]), bytes([0xF8, 0x20]), cbor2.dumps(float("nan")), cbor2.dumps(b"Tick")]
+    decoded = 0
+    for data in values:
+        try:
+            value = cbor2.loads(data)
+        except Exception:
+            continue  # (refused: never reaches the client's handlers)
+        decoded += 1
+        if type(value) is not str:
+            assert not isinstance(value, str) and value != "Tick" and not (value == "Tick"), (data.hex(), value)
+    assert decoded > 1000
