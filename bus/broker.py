@@ -731,32 +731,9 @@ class Broker:
         threshold = self.relay_threshold
         alone = threshold // 2  # (the share of the first identity with events queued there)
         short: list[int] = []
-        if not self.corking:
-            for conn_id in conn_ids:
-                session = sessions.get(conn_id)
-                if session is None:
-                    short.append(conn_id)
-                    continue
-                held = session.event_held
-                if held:
-                    mine = held.get(payer, 0)
-                    # (each identity with events there, and one newcomer, get equal parts)
-                    share = threshold // (len(held) + (1 if mine else 2)) - mine
-                else:
-                    share = alone
-                out = session.out
-                if (
-                    share < needed
-                    or threshold - out.queued_bytes < needed
-                    or out.stopped
-                    or out.queued_fds >= QUEUED_FDS_PER_CONNECTION
-                    or len(out) >= out.max_frames // 2
-                ):
-                    short.append(conn_id)
-            return short
-        # A reader is handling the requests one read brought: the same verdicts, and the
-        # least room, spare and frames left among the receivers; when nobody is short, this
-        # event starts a run (see _EventRun), held back until the run ends.
+        # With the verdicts, the least room, spare and frames left among the receivers: when
+        # nobody is short and a reader is handling the requests one read brought, this event
+        # starts a run (see _EventRun), held back until the run ends.
         outbound = self.config.outbound_bytes
         headroom, spare, frames = threshold, outbound, threshold  # (frames: fewer than bytes, surely)
         receivers: list[_Session] = []
@@ -787,7 +764,7 @@ class Broker:
             if left < frames:
                 frames = left
             receivers.append(session)
-        if not short:
+        if not short and self.corking:
             self._event_run = _EventRun(conn_ids, receivers, payer, headroom, spare, frames)
         return short
 
