@@ -324,6 +324,25 @@ async def test_publish_refuses_locally_what_peers_would_refuse_and_sends_plain_s
                     assert [e.payload for e in got if isinstance(e, Event)] == sent
 
 
+async def _full_buffer_then_two(
+    tmp_path: Path, script: Any, drained: trio.Event, *, reconnect: bool
+) -> tuple[list[Event | Gap], list[Event | Gap]]:
+    """Subscribe through the scripted broker until the subscription owes a gap (its buffer
+    full), take the full buffer, set ``drained``, then take two more items."""
+    async with trio.open_nursery() as nursery:
+        address = await scripted_broker(nursery, tmp_path, script)
+        async with open_bus(address, identity=CLIENT, reconnect=reconnect) as bus:
+            async with bus.subscribe("org.example.*", "Tick") as ticks:
+                with trio.fail_after(20):
+                    while ticks._owed is None:
+                        await trio.sleep(0.01)
+                    items = [await ticks.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
+                    drained.set()
+                    rest = [await ticks.__anext__(), await ticks.__anext__()]
+        nursery.cancel_scope.cancel()
+    return items, rest
+
+
 async def test_an_uncounted_gap_into_a_full_buffer_is_said_uncounted(tmp_path: Path) -> None:
     """A broker gap that counts nothing (``missed`` None) arriving while the subscription's
     buffer is full is not lost: once the consumer has room, ``Gap(None, "overflow")`` comes
@@ -340,17 +359,7 @@ async def test_an_uncounted_gap_into_a_full_buffer_is_said_uncounted(tmp_path: P
         await framed.stream.send_all(encode_control(0, event("Tick", 5000)))
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        address = await scripted_broker(nursery, tmp_path, script)
-        async with open_bus(address, identity=CLIENT, reconnect=False) as bus:
-            async with bus.subscribe("org.example.*", "Tick") as ticks:
-                with trio.fail_after(10):
-                    while ticks._owed is None:
-                        await trio.sleep(0.01)
-                    items = [await ticks.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
-                    drained.set()
-                    rest = [await ticks.__anext__(), await ticks.__anext__()]
-        nursery.cancel_scope.cancel()
+    items, rest = await _full_buffer_then_two(tmp_path, script, drained, reconnect=False)
     assert [i.payload["n"] for i in items] == list(range(SUBSCRIPTION_BUFFER))  # type: ignore[union-attr]
     assert rest[0] == Gap(None, "overflow")
     assert isinstance(rest[1], Event) and rest[1].payload["n"] == 5000
@@ -375,17 +384,7 @@ async def test_a_link_down_gap_into_a_full_buffer_comes_before_the_next_event(tm
         await framed.stream.send_all(encode_control(0, event("Tick", 9999)))
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        address = await scripted_broker(nursery, tmp_path, script)
-        async with open_bus(address, identity=CLIENT) as bus:
-            async with bus.subscribe("org.example.*", "Tick") as ticks:
-                with trio.fail_after(20):
-                    while ticks._owed is None:
-                        await trio.sleep(0.01)
-                    items = [await ticks.__anext__() for _ in range(SUBSCRIPTION_BUFFER)]
-                    drained.set()
-                    rest = [await ticks.__anext__(), await ticks.__anext__()]
-        nursery.cancel_scope.cancel()
+    items, rest = await _full_buffer_then_two(tmp_path, script, drained, reconnect=True)
     assert all(isinstance(i, Event) for i in items)
     assert rest[0] == Gap(None, "link down")
     assert isinstance(rest[1], Event) and rest[1].payload["n"] == 9999
