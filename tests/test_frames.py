@@ -468,31 +468,18 @@ def _frames_the_usual_way(pieces: list[bytes], trusted: bool = False) -> tuple[l
     return out, None
 
 
-def _frames_from_pieces(pieces: list[bytes]) -> tuple[list[Any], str | None]:
-    dec = FrameDecoder(max_body=4096, max_control=512)
-    out: list[Any] = []
-    try:
-        for piece in pieces:
-            frame = dec.next_frame_from(piece)
-            if frame is not None:
-                out.append(frame)
-                out.extend(dec)
-        dec.end_of_input()
-    except FrameError as exc:
-        return out, type(exc).__name__
-    return out, None
-
-
-def _frames_via_whole_messages(pieces: list[bytes], trusted: bool = False) -> tuple[list[Any], str | None]:
-    """As a pushed RPC channel reads: each piece first offered as one whole message."""
+def _frames_from_pieces(pieces: list[bytes], whole: bool = False, trusted: bool = False) -> tuple[list[Any], str | None]:
+    """As a reader of relayed messages takes them: each piece through ``next_frame_from``
+    (with ``whole``, first offered as one whole message, as a pushed RPC channel reads)."""
     dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
     out: list[Any] = []
     try:
         for piece in pieces:
-            message = dec.whole_message_from(piece)
-            if message is not None:
-                out.append(ControlFrame(0, message))
-                continue
+            if whole:
+                message = dec.whole_message_from(piece)
+                if message is not None:
+                    out.append(ControlFrame(0, message))
+                    continue
             frame = dec.next_frame_from(piece)
             if frame is not None:
                 out.append(frame)
@@ -538,8 +525,8 @@ def test_next_frame_from_decides_as_receive_data_and_next_frame(
     assert repr(_frames_from_pieces(pieces)) == usual
     # The pushed RPC channel's quick way (a piece that is one whole control message on
     # channel 0 is decoded straight from it) decides the same, trusted or not.
-    assert repr(_frames_via_whole_messages(pieces)) == usual
-    assert repr(_frames_via_whole_messages(pieces, trusted=True)) == repr(_frames_the_usual_way(pieces, trusted=True))
+    assert repr(_frames_from_pieces(pieces, whole=True)) == usual
+    assert repr(_frames_from_pieces(pieces, whole=True, trusted=True)) == repr(_frames_the_usual_way(pieces, trusted=True))
 
 
 def test_whole_message_from_takes_only_one_whole_control_frame_on_channel_0_with_nothing_buffered() -> None:
