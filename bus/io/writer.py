@@ -272,26 +272,17 @@ class FrameWriter:
         """Queue ``frame`` for the :meth:`run` task, waiting for room first (yields only if it
         had to wait).  Frames put this way by a task that does not yield in between go out in
         one write when it does: for a burst of one-way messages (a publishing loop)."""
-        if len(self._queue) >= self.max_frames:
+        while not self.put_later_nowait(frame):
             await self.wait_room()
-        if self.closed or self.stopped:
-            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
-        queue = self._queue
-        queue.append(frame)
-        self.queued_bytes += len(frame)
-        if len(queue) >= self.burst:
-            self._write_queued()
-        else:
-            self._signal()
 
     def put_later_nowait(self, frame: bytes) -> bool:
         """:meth:`put_later` when the queue has room (no coroutine to step through): whether it
         took ``frame``; False, with nothing done, when the caller must await :meth:`put_later`."""
+        if self.closed or self.stopped:
+            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
         queue = self._queue
         if len(queue) >= self.max_frames:
             return False
-        if self.closed or self.stopped:
-            raise trio.ClosedResourceError(f"this connection's writer is {'closed' if self.closed else 'stopped'}")
         queue.append(frame)
         self.queued_bytes += len(frame)
         if len(queue) >= self.burst:
