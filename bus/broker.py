@@ -420,12 +420,14 @@ class _Session:
                     # else between them.
                     started = clock()
                     broker.dispatch(core.receive(conn_id, frame.message))
-                    # The requests that came next in this read (a burst of emits), taken in one
-                    # call rather than a frame each; each is handled, in order, just as if it
-                    # had come through receive_frame_nowait (one that does not check is left
-                    # there, and refused by it, after those before it were handled).
+                    # The requests that came next in this read (a burst of emits), taken a part
+                    # of at most RUN_BYTES at a time rather than a frame each; each is handled,
+                    # in order, just as if it had come through receive_frame_nowait (one that
+                    # does not check is left there, and refused by it, after those before it
+                    # were handled).  All the parts of the read are taken here, in this block:
+                    # an event run held back (see _EventRun) goes on from one part to the next.
                     run = take(max_bytes=RUN_BYTES) if framed.buffered else None
-                    if run:
+                    while run:
                         self.messages_in += len(run)
                         for message in run:
                             if busy + (clock() - started) >= REQUEST_SLICE:
@@ -435,6 +437,7 @@ class _Session:
                                 broker.corking = True  # (the rest of the run is still one burst)
                                 started = clock()
                             broker.dispatch(core.receive(conn_id, message))
+                        run = take(max_bytes=RUN_BYTES) if framed.buffered else None
                     if broker._event_run is not None:
                         broker.end_event_run()  # (before anything else this read sends)
                     busy += clock() - started
@@ -585,8 +588,8 @@ class _EventRun:
     room (held events only add to a queue, and nothing else is queued meanwhile).  An event
     that does not pass, anything else for one of the receivers (or anything that is not for
     one connection), a question about a queue, and the end of the read queue what was held
-    first, in order, as one entry of each receiver's queue (the same bytes, charged to the same
-    emitter, counted as as many messages); after that, events are asked of each receiver as
+    first, in order, to each receiver's queue (each frame an entry of it, the same bytes, charged
+    to the same emitter, counted as as many messages); after that, events are asked of each receiver as
     ever."""
 
     __slots__ = ("route", "members", "sessions", "payer", "headroom", "spare", "max_count", "held", "size", "count")

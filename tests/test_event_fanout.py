@@ -352,6 +352,50 @@ async def test_a_read_full_of_emits_is_handled_in_order_across_request_slices(tm
         await sub.aclose()
 
 
+async def test_an_event_run_goes_on_across_the_parts_of_one_read(tmp_path: Path, monkeypatch: Any) -> None:
+    """busd's reader takes a read's requests RUN_BYTES at a time; an event run held back
+    (see _EventRun) goes on from one part to the next: a read of 20 quiet emits, in several
+    parts, is queued to the subscriber as one run of 20 events, in order."""
+    monkeypatch.setattr(bus.broker, "RUN_BYTES", 300)
+    monkeypatch.setattr(bus.broker, "REQUEST_SLICE", 10.0)  # (no yield between the parts)
+    queued: list[int] = []
+    original = bus.broker.Broker.queue_event
+
+    def queue_event(self: Any, receivers: Any, data: bytes, payer: str, count: int = 1, *args: Any) -> None:
+        queued.append(count)
+        original(self, receivers, data, payer, count, *args)
+
+    monkeypatch.setattr(bus.broker.Broker, "queue_event", queue_event)
+    async with running_broker(tmp_path) as rb:
+        emitter = await raw_connect(rb.unix_address, OWNER)
+        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
+        await reply_to(emitter, 1)
+        sub = await raw_connect(rb.unix_address, FRIEND)
+        await sub.send_message({"op": "hello", "id": 1})
+        await reply_to(sub, 1)
+        await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
+        await reply_to(sub, 2)
+        ids = range(10, 30)
+        wire = b"".join(
+            encode_control(0, {"op": "emit", "id": i, "source": "org.example.A", "member": "Tick", "payload": i, "quiet": True})
+            for i in ids
+        )
+        assert len(wire) > 4 * 300  # (several parts)
+        queued.clear()
+        await emitter.stream.send_all(wire)
+        got: list[Any] = []
+        with trio.fail_after(10):
+            while len(got) < len(ids):
+                frame = await sub.receive_frame()
+                assert isinstance(frame, ControlFrame)
+                if frame.message.get("event") == "event":
+                    got.append(frame.message["payload"])
+        assert got == list(ids)
+        assert queued == [len(ids)]
+        await emitter.aclose()
+        await sub.aclose()
+
+
 async def test_a_body_out_of_the_profile_in_a_run_of_emits_is_refused_after_those_before_it(tmp_path: Path) -> None:
     """A run of requests in one read with a body outside the CBOR profile in the middle (an
     integer written the long way): those before it are handled, in order; then the frame is
