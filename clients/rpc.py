@@ -966,33 +966,60 @@ class _PushedFrames:
         if message is not None:
             # The common case, bytes that are one whole message (a relayed RPC message, one
             # DATA frame of the bus connection): decoded straight from them, no buffering.
+            # (_handle_message's steps, inline: once per call at one call in flight.)
             if self._frames.body is None and "follows" not in message:
                 self._handle(message)
             else:
                 self._handle(ControlFrame(0, message))
             return
-        frame = decoder.next_frame_from(data)
-        if frame is None:
+        # Else the frames the bytes complete, in order: each run of CONTROL frames on channel
+        # 0 (a burst of calls or replies) in one call (FrameDecoder.take_control_messages: no
+        # frame object each), the frames after it one by one.  Only CONTROL frames are cut
+        # ahead of handling: a handler may still tell the decoder where the DATA frames after
+        # it go (a body's buffer, see _MessageFrames.fill) before they are cut.
+        run = decoder.take_control_messages(data)
+        frame: Frame | None = None
+        if not run:
+            frame = decoder.next_frame()
+            if frame is None:
+                return
+            if not decoder.buffered:
+                self._handle(frame)
+                return
+        elif len(run) == 1 and not decoder.buffered:
+            self._handle_message(run[0])
             return
-        if not decoder.buffered:
-            self._handle(frame)
-            return
-        # More bytes wait (likely more frames): cork.  Each frame is handled before the next
-        # is cut, since handling one may tell the decoder where the next ones go (a body's
-        # buffer, see _MessageFrames.fill).
+        # More than one frame: cork (what handling them sends goes out in one write).
         writer = self._writer
         corked = writer is not None and not writer.corked
         if corked:
             assert writer is not None
             writer.cork()
         try:
-            while frame is not None:
-                self._handle(frame)
-                frame = decoder.next_frame()
+            while True:
+                if run:
+                    for message in run:
+                        self._handle_message(message)
+                else:
+                    assert frame is not None
+                    self._handle(frame)
+                run = decoder.take_control_messages()
+                if not run:
+                    frame = decoder.next_frame()
+                    if frame is None:
+                        break
         finally:
             if corked:
                 assert writer is not None
                 writer.uncork()
+
+    def _handle_message(self, message: dict[str, Any]) -> None:
+        """A message that came in one CONTROL frame: the quick way (its map) while no message
+        body is due and it announces none, else as its frame."""
+        if self._frames.body is None and "follows" not in message:
+            self._handle(message)
+        else:
+            self._handle(ControlFrame(0, message))
 
     def fill_data_into(self, buffer: bytearray | mmap.mmap | None) -> None:
         """See :meth:`FrameDecoder.fill_data_into`."""

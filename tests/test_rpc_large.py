@@ -940,3 +940,67 @@ async def test_headers_alone_on_many_channels_take_at_most_the_populated_budget(
             assert await bus.call(NAME, "reverse", b"abc") == b"cba"
         for channel in channels:
             await channel.aclose()
+
+
+def test_pushed_frames_hand_on_every_message_once_in_order_however_the_bytes_are_cut() -> None:
+    """A relayed RPC channel's bytes pushed by the bus's reader (_PushedFrames.feed): runs of
+    one-frame messages (taken as a run, FrameDecoder.take_control_messages), a message with
+    a body in DATA frames between them (filled by the decoder), and a frame out of the
+    profile at the end: whatever the cuts, each message is handed on once, in order, as
+    frame by frame, and the bad frame is refused after everything before it."""
+    from clients.rpc import _PushedFrames
+
+    small = [{"op": "call", "id": i, "method": "echo", "args": [bytes([i]) * i]} for i in range(1, 6)]
+    big = {"op": "call", "id": 6, "method": "echo", "args": [os.urandom(MESSAGE_PART + 100)]}
+    after = [{"re": i, "result": "x" * i} for i in range(7, 10)]
+    body = bytes.fromhex("a1 62 6964 18 0a")  # {"id": 10}, with 10 written the long way: out of the profile
+    bad = bytes.fromhex("01 00 00000000") + len(body).to_bytes(4, "big") + body
+    stream = b"".join(_encode_message(m, DEFAULT_MAX_MESSAGE) for m in [*small[:3], big, *small[3:], *after]) + bad
+    expected = [*small[:3], big, *small[3:], *after]
+
+    def run(cuts: list[int]) -> tuple[list[Any], Exception | None]:
+        got: list[Any] = []
+        frames = _MessageFrames(lambda header, size: True)
+
+        def handle(frame: Frame | dict[str, Any]) -> None:
+            item = frame if type(frame) is dict else frames.feed(frame)  # type: ignore[arg-type]
+            if isinstance(item, _Body):
+                item = {**item.header, **item.message(DEFAULT_MAX_MESSAGE)}
+            if item is not None:
+                got.append(item)
+
+        pushed = _PushedFrames(handle, frames)
+        frames.fill = pushed.fill_data_into
+        error = None
+        try:
+            for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+                pushed.feed(memoryview(stream)[start:end])
+        except FrameError as exc:
+            error = exc
+        return got, error
+
+    rng = __import__("random").Random(13)
+    for cuts in ([], [len(stream) - 3], sorted(rng.sample(range(1, len(stream)), 40)), list(range(7, len(stream), 997))):
+        got, error = run(cuts)
+        assert [{k: v for k, v in m.items() if k != "follows"} for m in got] == expected
+        assert error is not None and "shortest" in str(error)
+
+
+def test_pushed_frames_refuse_a_message_where_a_body_was_due_within_a_run() -> None:
+    """A run of one-frame messages is cut before it is handled: a message in it that comes
+    where the body announced before it was due is refused, as frame by frame."""
+    from clients.rpc import _PushedFrames
+
+    header = _encode_message({"op": "call", "id": 1, "method": "echo", "args": [bytes(MESSAGE_PART + 1)]}, DEFAULT_MAX_MESSAGE)
+    header = header[: 10 + int.from_bytes(header[6:10], "big")]  # (its CONTROL frame alone)
+    got: list[Any] = []
+    frames = _MessageFrames(lambda header, size: True)
+
+    def handle(frame: Frame | dict[str, Any]) -> None:
+        got.append(frame if type(frame) is dict else frames.feed(frame))  # type: ignore[arg-type]
+
+    pushed = _PushedFrames(handle, frames)
+    frames.fill = pushed.fill_data_into
+    with pytest.raises(FrameError, match="a control frame where"):
+        pushed.feed(header + encode_control(0, {"op": "call", "id": 2, "method": "echo", "args": []}))
+    assert got == [None]  # (the header: its body is due)
