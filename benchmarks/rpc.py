@@ -338,6 +338,36 @@ async def rate(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: in
 # ------------------------------------------------------------------------------------------
 
 
+_BULK_BODY: list[bytes] = []
+
+
+def bulk_body() -> bytes:
+    """The body of minibus's 1 MiB call as CBOR (``{"args": [1 MiB], "method": "take"}``)."""
+    if not _BULK_BODY:
+        import cbor2
+
+        _BULK_BODY.append(cbor2.dumps({"args": [os.urandom(BIG)], "method": "take"}))
+    return _BULK_BODY[0]
+
+
+class _ViewReader:
+    """A file over a filled buffer for cbor2's decoder (as bus.wire.frames reads a body)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n < 0 else min(self.pos + n, len(self.view))
+        data, self.pos = self.view[self.pos : end].tobytes(), end
+        return data
+
+
 def role_limit_server(path: str) -> None:
     """The far end of every limit: echo (raw or project codec) or a byte sink (raw or framed)."""
     import trio
@@ -352,6 +382,36 @@ def role_limit_server(path: str) -> None:
                 out = [encode({"re": m["id"], "result": m["args"][0]}) for m in decode(data)]
                 if out:
                     await sender.send(out[0] if len(out) == 1 else b"".join(out))
+        elif mode == b"D":
+            # The 1 MiB row's floor at the receiving end (bulk_floor.py's "fill"): each call
+            # body read into a buffer of its own, decoded by cbor2 from it, the last 8
+            # decoded values kept (8 calls running); then the byte count, as "R" acks.
+            import cbor2
+
+            size = len(bulk_body())
+            held: list[Any] = []
+            total = 0
+            while True:
+                buffer = bytearray(size)
+                view = memoryview(buffer)
+                filled = 0
+                while filled < size:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        n = sock.recv_into(view[filled:])
+                    except BlockingIOError:
+                        continue
+                    if not n:
+                        break
+                    filled += n
+                total += filled
+                if filled < size:
+                    break
+                held.append(cbor2.CBORDecoder(_ViewReader(view)).decode())
+                del buffer, view
+                if len(held) > 8:
+                    del held[0]
+            await Sender(sock).send(struct.pack(">Q", total))
         elif mode in (b"R", b"F"):
             buffer = bytearray(PART + 4096)
             total = 0
@@ -575,23 +635,32 @@ class LimitClient:
         self.sock.close()
 
 
-async def limit_bulk(path: str, framed: bool, seconds: float) -> dict[str, Any]:
+async def limit_bulk(path: str, mode: str, seconds: float) -> dict[str, Any]:
+    """Bulk into the limit server: ``R`` raw bytes (256 KiB writes), ``F`` the same in DATA
+    frames, ``D`` minibus's 1 MiB call bodies to a receiver that decodes each (MB/s of
+    argument bytes, as the 1 MiB rows count them)."""
     import trio
 
     sock = unix_connect(path)
     try:
-        sock.send(b"F" if framed else b"R")
-        block = os.urandom(PART)
-        chunk = HEADER.pack(DATA, 0, 1, PART) + block if framed else block
+        sock.send(mode.encode())
+        if mode == "D":
+            chunk = bulk_body()
+            counts = BIG  # (argument bytes a body carries)
+        else:
+            block = os.urandom(PART)
+            chunk = HEADER.pack(DATA, 0, 1, PART) + block if mode == "F" else block
+            counts = PART
         sender = Sender(sock)
-        sent = 0
+        sent = chunks = 0
         start = time.perf_counter()
         with trio.fail_after(seconds + ROW_GRACE):
             while time.perf_counter() - start < seconds:
                 await sender.send(chunk)
-                sent += PART
+                sent += counts
+                chunks += 1
             sock.shutdown(socket.SHUT_WR)
-            want = 18 if framed else 8
+            want = 18 if mode == "F" else 8
             got = b""
             while len(got) < want:
                 data = await recv_some(sock)
@@ -600,7 +669,7 @@ async def limit_bulk(path: str, framed: bool, seconds: float) -> dict[str, Any]:
                 got += data
         elapsed = time.perf_counter() - start
         total = struct.unpack(">Q", got[-8:])[0]
-        expect = sent + (sent // PART) * 10 if framed else sent
+        expect = chunks * len(chunk)
         if total != expect:
             raise RuntimeError(f"the sink counted {total} bytes, {expect} were sent")
         return {"value": sent / elapsed, "bytes": sent, "elapsed": elapsed}
@@ -664,9 +733,11 @@ def role_limit_worker(config_json: str) -> None:
                     finally:
                         client.close()
                 elif row == "bulk-raw":
-                    result = await limit_bulk(config["limit2"], False, seconds)
+                    result = await limit_bulk(config["limit2"], "R", seconds)
                 elif row == "bulk-3p":
-                    result = await limit_bulk(config["limit3"], True, seconds)
+                    result = await limit_bulk(config["limit3"], "F", seconds)
+                elif row == "bulk-floor":
+                    result = await limit_bulk(config["limit2"], "D", seconds)
                 elif row == "bare-shs":
                     result = await bare_connects(config["bare"], config["seed"], seconds, warmup)
                 else:
@@ -1290,6 +1361,7 @@ FLOORS = {
     "mb-fd-x1": ["limit2c-x1", "limit2d-x1"],
     "mb-relay-x1": ["limit3p-x1", "limit3r-x1", "limit3c-x1"],
     "mb-relay-x32": ["limit3c-x32"],
+    "mb-fd-big-x8": ["bulk-floor"],
     "mb-relay-big-x8": ["mb-relay-bulk"],
 }
 PEER_ROWS = ["x1", "x32", "big-x8", "connect"]
@@ -1441,6 +1513,12 @@ def run_benchmark(args: argparse.Namespace) -> None:
               f" to a parked call, as RpcConnection does; no deadline, as the relay rows have none),"
               f" 3-process x1: {floor:,.0f}/s ({floor / raw:.2f} of raw; paired {pair_text(pair('limit3p-x1', 'limit3-x1'))};"
               f" the relayed x1 row is {best.get('mb-relay-x1', 0) / floor:.2f} of it, paired {pair_text(pair('mb-relay-x1', 'limit3p-x1'))})")
+    if "bulk-floor" in best and best.get("bulk-raw"):
+        floor = best["bulk-floor"]
+        print(f"  the 1 MiB unix-fd row's floor at the receiver (minibus's 1 MiB call bodies over a raw socket, each read into a buffer of"
+              f" its own and decoded by cbor2 from it, 8 kept: bulk_floor.py's \"fill\"): {fmt(floor, 'bytes')}"
+              f" ({floor / best['bulk-raw']:.2f} of the raw socket; paired {pair_text(pair('bulk-floor', 'bulk-raw'))};"
+              f" the RPC row is {best.get('mb-fd-big-x8', 0) / floor:.2f} of it, paired {pair_text(pair('mb-fd-big-x8', 'bulk-floor'))})")
     if "mb-relay-bulk" in best and best.get("bulk-3p"):
         floor = best["mb-relay-bulk"]
         print(f"  the relayed 1 MiB row's floor without RPC (1 MiB writes on a plain relayed channel, the service's end taking the bytes"

@@ -139,6 +139,13 @@ _populated = [0]  # bytes of the populated buffers alive (each given back when i
 #: takes credit back once per MiB instead of every 256 KiB.
 PUSH_WINDOW = 2 * 1024 * 1024
 _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+#: Populated buffers whose message was decoded are kept for the next body of the same size,
+#: while the kept ones hold at most this much (a peer sending bodies of one size again and
+#: again then costs no pages taken and zeroed per body; they count within POPULATED_BUDGET).
+KEPT_BUFFERS = 4 * 1024 * 1024
+_kept: dict[int, list[mmap.mmap]] = {}  # by size, the buffers kept (newest last)
+_kept_bytes = [0]
+_populated_buffers: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
 def _give_back_populated(size: int) -> None:
@@ -148,13 +155,39 @@ def _give_back_populated(size: int) -> None:
 def _body_buffer(size: int) -> mmap.mmap:
     """A body's buffer: an anonymous mapping, whose pages are taken as its bytes come (a
     bytearray is zeroed, all of it, at once), or at once (POPULATE_AT_ONCE) while the
-    populated buffers alive stay within POPULATED_BUDGET."""
-    if size <= POPULATE_AT_ONCE and _populated[0] + size <= POPULATED_BUDGET:
-        buffer = mmap.mmap(-1, size, flags=_POPULATED)
-        _populated[0] += size
-        weakref.finalize(buffer, _give_back_populated, size)
-        return buffer
+    populated buffers alive stay within POPULATED_BUDGET; one kept (see :func:`_keep_buffer`)
+    when there is one of this size."""
+    if size <= POPULATE_AT_ONCE:
+        kept = _kept.get(size)
+        if kept:
+            _kept_bytes[0] -= size
+            buffer = kept.pop()
+            if not kept:
+                del _kept[size]
+            return buffer  # (its old bytes are all overwritten before the body is complete)
+        if _populated[0] + size <= POPULATED_BUDGET:
+            buffer = mmap.mmap(-1, size, flags=_POPULATED)
+            _populated[0] += size
+            weakref.finalize(buffer, _give_back_populated, size)
+            _populated_buffers.add(buffer)
+            return buffer
     return mmap.mmap(-1, size)
+
+
+def _keep_buffer(buffer: mmap.mmap) -> None:
+    """A populated body buffer whose message was decoded (nothing refers to its bytes any
+    more: the decoder let it go once full, and decoding copied what it made): kept for the
+    next body of its size while the kept buffers hold at most KEPT_BUFFERS."""
+    size = len(buffer)
+    if buffer in _populated_buffers and _kept_bytes[0] + size <= KEPT_BUFFERS:
+        _kept.setdefault(size, []).append(buffer)
+        _kept_bytes[0] += size
+
+
+def _drop_kept_buffers() -> None:
+    """Let the kept buffers go (their pages back to the system once nothing else holds them)."""
+    _kept.clear()
+    _kept_bytes[0] = 0
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
 #: decoding one message can cost.
@@ -355,6 +388,8 @@ class _Body:
         assert self.parts is not None and not self.missing
         parts, self.parts = self.parts, None
         rest = decode_control_body(parts[0] if len(parts) == 1 else b"".join(parts), max_items)
+        if type(parts[0]) is mmap.mmap:
+            _keep_buffer(parts[0])  # (one buffer of the body's size, decoded: for the next body)
         del parts
         if any(key in rest for key in self.header):
             raise FrameError("a message body repeats a field of its header")

@@ -891,8 +891,9 @@ def test_populated_buffers_stay_within_the_budget_and_give_it_back_when_freed() 
     body's buffer takes its pages as its bytes come; a freed one gives its share back."""
     import gc
 
-    from clients.rpc import _body_buffer, _populated
+    from clients.rpc import _body_buffer, _drop_kept_buffers, _populated
 
+    _drop_kept_buffers()  # (buffers an earlier test's bodies left for the next body of their size)
     gc.collect()  # (a body of an earlier test still in a reference cycle gives its share back)
     assert _populated[0] == 0
     held = [_body_buffer(POPULATE_AT_ONCE) for _ in range(POPULATED_BUDGET // POPULATE_AT_ONCE)]
@@ -1004,3 +1005,44 @@ def test_pushed_frames_refuse_a_message_where_a_body_was_due_within_a_run() -> N
     with pytest.raises(FrameError, match="a control frame where"):
         pushed.feed(header + encode_control(0, {"op": "call", "id": 2, "method": "echo", "args": []}))
     assert got == [None]  # (the header: its body is due)
+
+
+async def test_a_decoded_body_s_buffer_serves_the_next_body_of_its_size(tmp_path: Path, monkeypatch: Any) -> None:
+    """A populated buffer whose message was decoded is kept for the next body of the same
+    size (no pages taken and zeroed again), within KEPT_BUFFERS: bodies of one size, each with
+    other bytes, all come back whole and right through the same buffers, on both routes; a
+    buffer is never kept twice, and the kept ones stay within their bound."""
+    import gc
+
+    from clients import rpc as rpc_module
+
+    fresh: list[int] = []
+    reused: list[int] = []
+    original = rpc_module._body_buffer
+
+    def counting(size: int) -> mmap.mmap:
+        before = rpc_module._kept_bytes[0]
+        buffer = original(size)
+        (reused if rpc_module._kept_bytes[0] < before else fresh).append(size)
+        return buffer
+
+    monkeypatch.setattr(rpc_module, "_body_buffer", counting)
+    rpc_module._drop_kept_buffers()
+    gc.collect()
+    size = MiB - 64
+    for route in ("relay", "unix-fd"):
+        async with serving(tmp_path / route, ROUTES[route][0]) as (_bus, nursery):
+            rpc = await connect(_bus, nursery, route)
+            for i in range(12):
+                blob = bytes([i]) * 7 + os.urandom(size - 7)
+                assert await rpc.call("reverse", blob) == blob[::-1]
+                kept = [id(buffer) for buffers in rpc_module._kept.values() for buffer in buffers]
+                assert len(kept) == len(set(kept))
+                assert rpc_module._kept_bytes[0] == sum(len(b) for bs in rpc_module._kept.values() for b in bs)
+                assert rpc_module._kept_bytes[0] <= rpc_module.KEPT_BUFFERS
+            await rpc.aclose()
+        # Each call's body and its reply's (both ends in this process) took a buffer: after
+        # the first call's two, the kept ones served all the others.
+        assert len(fresh) <= 2 and len(reused) >= 22, (fresh, reused)
+        fresh.clear()
+        reused.clear()
