@@ -46,7 +46,12 @@ beside the limits, all trio on Unix sockets, each end its own process:
   ``Service`` cut them; the reply handed by a reader task to a parked call), the relay row's
   floor at its ends;
 * **bulk**: a raw Unix socket between two processes (256 KiB writes, ``recv_into`` one buffer)
-  and the same through the forwarder in 256 KiB DATA frames, in MB/s;
+  and the same through the forwarder in 256 KiB DATA frames, in MB/s.  Printed under the
+  table, never judged: ``bulk-floor``, the unix-fd 1 MiB row's floor at the receiving end --
+  minibus's 1 MiB call bodies (``{"args": [1 MiB], "method": "take"}`` as CBOR) written on a
+  raw socket to a receiver that reads each into one buffer (the same for every body) and
+  decodes it with cbor2 from there: the least a receiver does that hands the method a
+  ``bytes`` it decoded (``bulk_floor.py`` has variants);
 * **bare shs1 connect**: a process that accepts on a Unix socket and completes the shs1
   handshake (``SecureStream.server``, plain, its messages written and read straight on the
   socket as busd's are: ``direct_handshake``), nothing else; the client connects
@@ -102,6 +107,7 @@ SERVICE = "org.bench.Echo"
 HEADER = struct.Struct(">BBII")  # minibus's frame header: kind, flags, channel, length
 CONTROL, DATA = 1, 2
 MAX_BODY = 1 << 20
+UNIX_FD_SEND_BUFFER = 1 << 20  # (bus.broker's: the send buffer of a unix-fd channel's sockets)
 SMALL_READ = 1 << 16
 ROW_GRACE = 30.0  # a row that has not answered this long after its window is a failure
 
@@ -383,17 +389,17 @@ def role_limit_server(path: str) -> None:
                 if out:
                     await sender.send(out[0] if len(out) == 1 else b"".join(out))
         elif mode == b"D":
-            # The 1 MiB row's floor at the receiving end (bulk_floor.py's "fill"): each call
-            # body read into a buffer of its own, decoded by cbor2 from it, the last 8
-            # decoded values kept (8 calls running); then the byte count, as "R" acks.
+            # The 1 MiB row's floor at the receiving end: each call body read into one
+            # buffer (the same for every body, as minibus keeps a decoded body's buffer for
+            # the next body of its size), decoded by cbor2 from it, the value let go at once
+            # (the row's method returns the argument's length); then the byte count, as "R"
+            # acks.
             import cbor2
 
             size = len(bulk_body())
-            held: list[Any] = []
             total = 0
+            view = memoryview(bytearray(size))
             while True:
-                buffer = bytearray(size)
-                view = memoryview(buffer)
                 filled = 0
                 while filled < size:
                     await trio.lowlevel.wait_readable(sock)
@@ -407,10 +413,7 @@ def role_limit_server(path: str) -> None:
                 total += filled
                 if filled < size:
                     break
-                held.append(cbor2.CBORDecoder(_ViewReader(view)).decode())
-                del buffer, view
-                if len(held) > 8:
-                    del held[0]
+                cbor2.CBORDecoder(_ViewReader(view)).decode()
             await Sender(sock).send(struct.pack(">Q", total))
         elif mode in (b"R", b"F"):
             buffer = bytearray(PART + 4096)
@@ -643,6 +646,10 @@ async def limit_bulk(path: str, mode: str, seconds: float) -> dict[str, Any]:
 
     sock = unix_connect(path)
     try:
+        if mode in ("R", "D"):
+            # The unix-fd rows' limits: the send buffer busd gives a unix-fd channel's sockets
+            # (UNIX_FD_SEND_BUFFER: a wake-up per MiB, not five), like with like.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_FD_SEND_BUFFER)
         sock.send(mode.encode())
         if mode == "D":
             chunk = bulk_body()
@@ -1515,8 +1522,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
               f" the relayed x1 row is {best.get('mb-relay-x1', 0) / floor:.2f} of it, paired {pair_text(pair('mb-relay-x1', 'limit3p-x1'))})")
     if "bulk-floor" in best and best.get("bulk-raw"):
         floor = best["bulk-floor"]
-        print(f"  the 1 MiB unix-fd row's floor at the receiver (minibus's 1 MiB call bodies over a raw socket, each read into a buffer of"
-              f" its own and decoded by cbor2 from it, 8 kept: bulk_floor.py's \"fill\"): {fmt(floor, 'bytes')}"
+        print(f"  the 1 MiB unix-fd row's floor at the receiver (minibus's 1 MiB call bodies over a raw socket, each read into one"
+              f" buffer, the same for every body, and decoded by cbor2 from it): {fmt(floor, 'bytes')}"
               f" ({floor / best['bulk-raw']:.2f} of the raw socket; paired {pair_text(pair('bulk-floor', 'bulk-raw'))};"
               f" the RPC row is {best.get('mb-fd-big-x8', 0) / floor:.2f} of it, paired {pair_text(pair('mb-fd-big-x8', 'bulk-floor'))})")
     if "mb-relay-bulk" in best and best.get("bulk-3p"):

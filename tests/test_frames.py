@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from bus.errors import FrameError, FrameTooLarge, LimitError, LocalProtocolError
 from bus.wire.frames import (
+    _FLAT_ITEMS,
+    _decode_flat,
     HEADER,
     ControlFrame,
     DataFrame,
@@ -1473,3 +1475,83 @@ def test_canonical_size_is_the_length_and_item_count_of_the_canonical_encoding(v
         return
     assert size == len(body)
     assert items == _items_of(body)
+
+
+# -- the one-pass decoding of a big body's flat map (_decode_flat) -------------------------
+
+flat_scalars = st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats() | st.text(max_size=40) | st.binary(max_size=40)
+flat_messages = st.dictionaries(
+    st.text(max_size=8) | st.integers(-(2**64), 2**64 - 1), flat_scalars | st.lists(flat_scalars, max_size=6), max_size=5
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats by their bits (a NaN is the same NaN), bool never equal to int."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return struct.pack(">d", a) == struct.pack(">d", b)
+    if type(a) is list:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@settings(max_examples=500, deadline=None)
+@given(message=flat_messages, half=st.booleans())
+def test_flat_decoding_takes_every_flat_map_as_cbor2_does(message: dict[Any, Any], half: bool) -> None:
+    """A flat map (scalars and arrays of scalars; floats in every width) of at most
+    _FLAT_ITEMS items decodes in one pass to what cbor2 makes of it; more items: undecided."""
+    body = cbor2.dumps(message, canonical=half)  # (canonical: floats in their shortest width)
+    items = 1 + sum(2 + (len(v) if type(v) is list else 0) for v in message.values())
+    got = _decode_flat(memoryview(body), None)
+    if items > _FLAT_ITEMS:
+        assert got is None
+    else:
+        assert got is not None and _same(got, cbor2.loads(body))
+        assert _decode_flat(memoryview(body), items - 1) is None  # (over max_items: undecided)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    message=flat_messages | messages,
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+    cut=st.integers(0, 40),
+    insert=st.binary(max_size=3),
+)
+def test_flat_decoding_decides_only_bodies_in_the_profile(message: dict[Any, Any], edits: list[tuple[int, int]], cut: int, insert: bytes) -> None:
+    """Whatever the body -- damaged, cut short, with bytes put in, nested, written the long
+    way -- a map _decode_flat returns is one the profile accepts (the plain reading above)
+    and exactly what cbor2 decodes; anything else it leaves undecided (None)."""
+    body = bytearray(cbor2.dumps(message))
+    for where, byte in edits:
+        body[where % len(body)] = byte
+    if insert:
+        where = edits[0][0] % len(body) if edits else len(body) // 2
+        body[where:where] = insert
+    damaged = bytes(body[: max(1, len(body) - cut)]) if cut % 3 == 0 else bytes(body)
+    got = _decode_flat(memoryview(damaged), None)
+    if got is not None:
+        assert _reference_accepts(damaged)
+        assert _same(got, cbor2.loads(damaged))
+
+
+def test_a_big_body_in_a_buffer_is_decoded_in_one_pass_and_refused_as_before() -> None:
+    """decode_control_body takes a big body in a buffer (a large message's) the flat way:
+    the same value; a body out of the profile is refused with the same reason as ever."""
+    import mmap
+
+    value = bytes(range(256)) * 512  # (128 KiB, every byte value: tag and break bytes too)
+    body = cbor2.dumps({"method": "take", "args": [value, "é" * 70_000, 7, -8, 1.5, None]})
+    buffer = mmap.mmap(-1, len(body))
+    buffer[:] = body
+    assert _decode_flat(buffer, 1 << 20) is not None
+    assert decode_control_body(buffer, 1 << 20) == cbor2.loads(body)
+    long_way = body.replace(b"\x07\x27", b"\x18\x07\x27")  # 7 written in two bytes
+    assert long_way != body
+    buffer = mmap.mmap(-1, len(long_way))
+    buffer[:] = long_way
+    assert _decode_flat(buffer, 1 << 20) is None
+    with pytest.raises(FrameError, match="shortest"):
+        decode_control_body(buffer, 1 << 20)

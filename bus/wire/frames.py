@@ -398,6 +398,109 @@ _SHORT_WAYS = bytes(range(0xC0, 0xDC)) + bytes((0x5F, 0x7F, 0x9F, 0xBF))
 _BYTES_PER_CHECKED_ITEM = 2048
 
 
+#: A body in a buffer (a large message's, filled by the decoder) at least this big is first
+#: tried with :func:`_decode_flat`.
+_FLAT_FROM = 64 * 1024
+#: ... which gives up after this many data items (a body of many small items is left to the
+#: ways below: decoding it by hand would cost more than cbor2 does).
+_FLAT_ITEMS = 32
+_FLOATS = {25: struct.Struct(">e"), 26: struct.Struct(">f"), 27: struct.Struct(">d")}
+_SIMPLE = {20: False, 21: True, 22: None}
+
+
+def _decode_flat(body: bytes | bytearray | memoryview | mmap.mmap, max_items: int | None) -> dict[Any, Any] | None:
+    """The map in ``body`` when it is in the profile and flat -- text or integer keys, each
+    value a scalar (an integer, a string, false, true, null, a float) or an array of scalars,
+    as an RPC message's fields are -- with at most _FLAT_ITEMS data items (and ``max_items``);
+    else None, having decided nothing (the ways of :func:`decode_control_body` then decide,
+    and say why a body is refused).  One pass over the heads, each string copied once out of
+    the buffer: cbor2 reads a long string through its file 64 KiB at a time and joins the
+    pieces, two copies and a call per piece.  Every rule of :func:`check_cbor` holds for what
+    it returns: heads in their shortest form, definite lengths, no tags, only the allowed
+    simple values, no duplicate key, no trailing byte."""
+    view = memoryview(body)
+    n = len(view)
+    budget = _FLAT_ITEMS if max_items is None else min(_FLAT_ITEMS, max_items)
+    pos = 0
+    stack = 0  # array items left (0: at the map's level)
+    message: dict[Any, Any] = {}
+    key: Any = None
+    array: list[Any] | None = None
+    entries = -1  # the map's entries left (-1: the map's head not read yet)
+    try:
+        while True:
+            if entries == 0 and not stack:
+                return message if pos == n else None
+            budget -= 1
+            if budget < 0 or pos >= n:
+                return None
+            initial = view[pos]
+            major = initial >> 5
+            info = initial & 0x1F
+            pos += 1
+            if info < 24:
+                arg = info
+            elif info < 28:
+                size = 1 << (info - 24)
+                if pos + size > n:
+                    return None
+                if major == 7:
+                    if info == 24:
+                        return None  # (a simple value in the next byte: not in the profile)
+                    value: Any = _FLOATS[info].unpack_from(view, pos)[0]
+                    pos += size
+                    arg = -1
+                else:
+                    arg = int.from_bytes(view[pos : pos + size], "big")
+                    pos += size
+                    if arg < _SMALLEST[info - 24]:
+                        return None
+            else:
+                return None
+            if entries < 0:  # the head of the message: a map
+                if major != 5:
+                    return None
+                entries = arg
+                continue
+            if major < 2:
+                value = arg if major == 0 else -1 - arg
+            elif major < 4:
+                if arg > n - pos:
+                    return None
+                value = bytes(view[pos : pos + arg]) if major == 2 else str(view[pos : pos + arg], "utf-8")
+                pos += arg
+            elif major == 7:
+                if arg >= 0:
+                    if arg not in _SIMPLE:
+                        return None
+                    value = _SIMPLE[arg]
+            elif major == 4 and key is not None and not stack and array is None:
+                array = []
+                stack = arg
+                if not stack:
+                    message[key] = array
+                    key, array, entries = None, None, entries - 1
+                continue
+            else:
+                return None  # (a tag, a map or an array nested deeper: decided elsewhere)
+            if stack:
+                assert array is not None
+                array.append(value)
+                stack -= 1
+                if not stack:
+                    message[key] = array
+                    key, array, entries = None, None, entries - 1
+            elif key is None:
+                if major not in (0, 1, 3) or value in message:
+                    return None
+                key = value
+            else:
+                message[key] = value
+                key, entries = None, entries - 1
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | None = None) -> dict[Any, Any]:
     """Check and decode a CONTROL body into a dict.
 
@@ -416,7 +519,12 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
 
     A body longer than ``max_items`` bytes could hold more items than that: it is checked
     first (check_cbor stops at the budget) and decoded after, so that a body of too many
-    items costs no more than before."""
+    items costs no more than before.  A big body in a buffer (a large message's) is first
+    tried with :func:`_decode_flat`, which decodes a flat map of few items in one pass."""
+    if type(body) is not bytes and len(body) >= _FLAT_FROM:
+        flat = _decode_flat(body, max_items)
+        if flat is not None:
+            return flat
     if max_items is not None and len(body) > max_items:
         check_cbor(body, max_items)
         try:
