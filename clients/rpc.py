@@ -62,7 +62,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import trio
 
@@ -82,7 +82,7 @@ from bus.errors import (
     error_from_wire,
 )
 from bus.io.framed import FramedStream
-from bus.io.writer import FrameWriter
+from bus.io.writer import FrameWriter, Gathered
 from bus.wire.frames import (
     DEFAULT_MAX_CONTROL,
     DEFAULT_MAX_FRAME,
@@ -254,16 +254,32 @@ _CONTROL_HEADER = HEADER.pack
 _CONTROL = int(FrameKind.CONTROL)
 
 
+@overload
 def _encode_message(
     message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False, strings: int = -1
-) -> bytes:
+) -> bytes: ...
+
+
+@overload
+def _encode_message(
+    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False, strings: int = -1,
+    gather: bool,
+) -> bytes | Gathered: ...
+
+
+def _encode_message(
+    message: dict[str, Any], max_message: int, answering: Request | None = None, *, flat: bool = False, strings: int = -1,
+    gather: bool = False,
+) -> bytes | Gathered:
     """The wire bytes of one RPC message: a CONTROL frame, or a header and DATA frames.
 
     Raises :class:`MessageTooLarge` for a body over ``max_message`` and
     :class:`LocalProtocolError` for a value outside the CBOR profile.  ``answering`` is the
     request a reply answers (for the error message).  ``flat``: the caller found the
     message's values flat (and its keys strings); ``strings``: then, if known, the
-    :func:`_flat_size` of its values."""
+    :func:`_flat_size` of its values.  ``gather``: a message of a header and DATA frames
+    comes as its pieces (:class:`Gathered`: its big values are the caller's own objects),
+    for a writer that sends them without joining them."""
     if flat:
         if strings < 0:
             strings = _flat_size(message.values())
@@ -305,12 +321,14 @@ def _encode_message(
     pieces: list[bytes | memoryview] = [encode_control(0, {**head, "follows": size})]
     if flat_pieces is not None:
         _cut_into_parts(flat_pieces, size, pieces)
-        return b"".join(pieces)
-    view = memoryview(body)
-    for start in range(0, size, MESSAGE_PART):
-        part = view[start : start + MESSAGE_PART]
-        pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
-        pieces.append(part)
+    else:
+        view = memoryview(body)
+        for start in range(0, size, MESSAGE_PART):
+            part = view[start : start + MESSAGE_PART]
+            pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
+            pieces.append(part)
+    if gather:
+        return Gathered(pieces, len(pieces[0]) + size + HEADER.size * ((size + MESSAGE_PART - 1) // MESSAGE_PART))
     return b"".join(pieces)
 
 
@@ -1158,6 +1176,9 @@ class RpcConnection:
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self.writer.direct = channel.whole_frame_sender()  # (a plain relay: one layer fewer per call)
+        # Large messages as pieces, written without a join where the channel is a socket of
+        # its own (a relay wraps what it sends in frames of the bus connection anyway).
+        self._gather = self.writer.direct is None
         # Calls woken together go out in writes of CALL_BURST: the service's side starts on
         # the first while the rest are being made (one write of all 32 left the three
         # processes of a relayed call working one after another).
@@ -1356,11 +1377,15 @@ class RpcConnection:
         try:
             try:
                 wire["id"] = request_id
-                encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings)
+                encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=self._gather)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:
-                if len(self._pending) > 1:
+                if isinstance(encoded, Gathered):
+                    # A large message, as its pieces: written at once without joining them
+                    # where nothing waits ahead of it (else joined and queued, in order).
+                    await self.writer.put_gathered(encoded)
+                elif len(self._pending) > 1:
                     # Other calls are in flight: their tasks, woken by one read, send theirs
                     # too; the writer task sends them all at once (one frame on a relay).
                     await self.writer.put_later(encoded)

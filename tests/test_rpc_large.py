@@ -1046,3 +1046,34 @@ async def test_a_decoded_body_s_buffer_serves_the_next_body_of_its_size(tmp_path
         assert len(fresh) <= 2 and len(reused) >= 22, (fresh, reused)
         fresh.clear()
         reused.clear()
+
+
+@pytest.mark.parametrize("route", ["unix-fd", "relay", "tcp"])
+async def test_a_large_call_goes_out_as_its_pieces_where_the_channel_is_a_plain_socket(
+    tmp_path: Path, route: str, monkeypatch: Any
+) -> None:
+    """A large call's frames are written from their pieces with one sendmsg (the argument
+    itself, not a joined copy) on a plain socket of the channel's own (unix-fd); a relay and
+    an encrypted TCP channel join them as before. Every call comes back right."""
+    from bus.io.secure import SecureStream
+
+    pieced: list[int] = []
+    original = SecureStream.send_pieces_nowait
+
+    def counting(self: SecureStream, parts: list[bytes | memoryview], size: int) -> memoryview | None:
+        rest = original(self, parts, size)
+        if rest is not None:
+            pieced.append(size)
+        return rest
+
+    monkeypatch.setattr(SecureStream, "send_pieces_nowait", counting)
+    async with serving(tmp_path, ROUTES[route][0]) as (_bus, nursery):
+        rpc = await connect(_bus, nursery, route)
+        for i in range(3):
+            blob = bytes([i]) * 100 + os.urandom(MiB + 1000 * i)
+            assert await rpc.call("reverse", blob) == blob[::-1]
+        await rpc.aclose()
+    if route == "unix-fd":
+        assert len(pieced) >= 3 and all(size > MiB for size in pieced)
+    else:
+        assert pieced == []

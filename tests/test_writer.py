@@ -50,7 +50,7 @@ from bus.errors import LocalProtocolError
 from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
 from bus.io.testing import secure_stream_pair, tcp_stream_pair, unix_stream_pair
-from bus.io.writer import COALESCE, CORK_FRAMES, YIELD_AFTER, FrameWriter
+from bus.io.writer import COALESCE, CORK_FRAMES, YIELD_AFTER, FrameWriter, Gathered
 from bus.wire.boxstream import HEADER_SIZE, MAX_BODY
 from bus.wire.identity import Identity
 
@@ -1245,3 +1245,107 @@ async def test_lazy_run_already_needed_starts_at_once(res: Resources) -> None:
         async with trio.open_nursery() as nursery:
             lazy = LazyRun(closed, nursery)
         assert lazy.starts == 0
+
+
+# -- frames given as pieces (put_gathered) ------------------------------------------------------
+
+
+def _gathered(parts: list[bytes]) -> Gathered:
+    views: list[bytes | memoryview] = [memoryview(part)[1:] if i % 2 else part for i, part in enumerate(parts)]
+    return Gathered(views, sum(map(len, views)))
+
+
+@ENCRYPTED
+async def test_gathered_frames_go_out_whole_and_in_order_whatever_waits_ahead(res: Resources, encrypted: bool) -> None:
+    """put_gathered: an idle writer over a plain socket writes the pieces with one sendmsg,
+    no join (SecureStream.send_pieces_nowait, counted); behind a partial frame or a cork they
+    are one entry of the queue, which run() writes so too; an encrypted stream joins them;
+    every byte arrives whole, in order, with the counters back to 0."""
+    sender, receiver = await res.pair(encrypted=encrypted)
+    writer, calls = _writer(sender)
+    pieced: list[int] = []
+    original = sender.send_pieces_nowait
+
+    def counting(parts: list[bytes | memoryview], size: int) -> memoryview | None:
+        rest = original(parts, size)
+        if rest is not None:
+            pieced.append(size)
+        return rest
+
+    sender.send_pieces_nowait = counting  # type: ignore[method-assign]
+    first = _gathered([os.urandom(30), os.urandom(5000), os.urandom(7)])
+    writer.send_gathered_nowait(first)  # idle: straight to the socket
+    assert pieced == ([] if encrypted else [first.size]) and writer.queued_bytes == 0
+    expected = first.join()
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, len(expected)) == expected
+
+    big = _fill_with_partial_frame(writer, sender, receiver)  # (shrinks the buffers)
+    behind = _gathered([os.urandom(100), os.urandom(200_000), os.urandom(3)])
+    await writer.put_gathered(behind)  # behind the partial frame: queued as it is
+    writer.cork()
+    corked = _gathered([os.urandom(10), os.urandom(10)])
+    writer.send_gathered_nowait(corked)
+    writer.uncork()  # (leaves both to run(): a partial frame is ahead of them)
+    assert len(pieced) == (0 if encrypted else 1) and len(writer) == 3
+    expected = big + behind.join() + corked.join()
+    assert writer.queued_bytes == len(expected)
+    got = await _drain(writer, receiver, len(expected))
+    assert got == expected and writer.queued_bytes == 0 and calls.queued[-1] == 0
+    assert pieced == ([] if encrypted else [first.size, behind.size, corked.size])
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_gathered_frames_the_socket_takes_part_of_are_finished_by_run(res: Resources) -> None:
+    """An idle writer whose socket takes only part of the pieces keeps the rest (a copy of
+    it alone) as a partial frame: later frames queue behind it, run() writes it all, whole
+    and in order."""
+    sender, receiver = await res.pair(encrypted=False)
+    writer, _calls = _writer(sender)
+    _shrink(sender, receiver)
+    frame = _gathered([os.urandom(11), os.urandom(BIG), os.urandom(5), os.urandom(BIG // 3)])
+    writer.send_gathered_nowait(frame)
+    assert writer.mid_frame and writer.queued_bytes == frame.size
+    later = os.urandom(999)
+    writer.send_nowait(later)
+    expected = frame.join() + later
+    got = await _drain(writer, receiver, len(expected))
+    assert got == expected and writer.queued_bytes == 0 and not writer.mid_frame
+    await _assert_nothing_more(sender, receiver)
+
+
+async def test_send_pieces_nowait_writes_only_to_a_plain_socket(res: Resources) -> None:
+    """SecureStream.send_pieces_nowait: None (nothing done) for an encrypted stream, too many
+    pieces, or nothing at all; the rest of what a plain socket did not take, else."""
+    encrypted, _ = await res.pair(encrypted=True)
+    assert encrypted.send_pieces_nowait([b"ab", b"c"], 3) is None
+    plain, receiver = await res.pair(encrypted=False)
+    assert plain.send_pieces_nowait([b"x"] * 1000, 1000) is None
+    assert plain.send_pieces_nowait([], 0) is None
+    assert len(plain.send_pieces_nowait([b"ab", memoryview(b"cde")[1:]], 4)) == 0
+    with trio.fail_after(TIMEOUT):
+        assert await _read_exactly(receiver, 4) == b"abde"
+
+
+async def test_a_gathered_frame_between_queued_frames_keeps_its_place(res: Resources) -> None:
+    """Frames queued around a gathered one (put_later) are joined up to it, it is written
+    from its pieces, then the rest: the bytes in the order they were given; close() drops a
+    queued gathered frame and its bytes from the count."""
+    sender, receiver = await res.pair(encrypted=False)
+    writer, _calls = _writer(sender)
+    small = [os.urandom(50 + i) for i in range(6)]
+    frame = _gathered([os.urandom(20), os.urandom(70_000)])
+    for item in small[:3]:
+        writer.put_later_nowait(item)
+    await writer.put_gathered(frame)  # (frames wait ahead of it: queued)
+    for item in small[3:]:
+        writer.put_later_nowait(item)
+    assert len(writer) == 7
+    expected = b"".join(small[:3]) + frame.join() + b"".join(small[3:])
+    assert await _drain(writer, receiver, len(expected)) == expected
+    writer, _calls = _writer(sender)
+    writer.put_later_nowait(small[0])
+    await writer.put_gathered(frame)
+    assert len(writer) == 2 and writer.queued_bytes == len(small[0]) + frame.size
+    writer.close()
+    assert writer.queued_bytes == 0 and len(writer) == 0

@@ -92,6 +92,9 @@ class _ConflictDetector:
 
 _UNKNOWN: Any = object()
 _NOTHING = memoryview(b"")
+#: The most pieces :meth:`SecureStream.send_pieces_nowait` writes in one ``sendmsg`` (the
+#: system's limit, IOV_MAX, is 1024 here).
+MAX_PIECES = 256
 
 
 # A server's handshake directly on its trio SocketStream's socket (see SecureStream.server's
@@ -501,11 +504,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             return _NOTHING
         target = self._send_target
         if target is _UNKNOWN:  # (looked up once: the transport stays the same)
-            sock: Any = getattr(self.transport, "raw_socket", None) or self._socket()
-            if sock is not None:
-                sock = stdlib_socket(sock)  # (its fileno in C)
-            self._send_to_socket = sock is not None
-            target = self._send_target = sock if sock is not None else getattr(self.transport, "send_some_nowait", None)
+            target = self._find_send_target()
         if self._send_to_socket:
             try:
                 sent = os.write(target.fileno(), wire)
@@ -529,6 +528,59 @@ class SecureStream(trio.abc.HalfCloseableStream):
             return _NOTHING
         self._wire_owed += size - sent
         return memoryview(wire)[sent:]
+
+    def _find_send_target(self) -> Any:
+        """Where :meth:`send_nowait` writes: the transport's socket (a stdlib one, its fileno
+        in C), else its ``send_some_nowait``, else None; looked up once."""
+        sock: Any = getattr(self.transport, "raw_socket", None) or self._socket()
+        if sock is not None:
+            sock = stdlib_socket(sock)
+        self._send_to_socket = sock is not None
+        target = self._send_target = sock if sock is not None else getattr(self.transport, "send_some_nowait", None)
+        return target
+
+    def send_pieces_nowait(self, parts: list[bytes | memoryview], size: int) -> memoryview | None:
+        """:meth:`send_nowait` for wire bytes given as pieces (``size`` bytes in all, at most
+        MAX_PIECES of them), written with one ``sendmsg`` where the stream is plain over a
+        socket: no join, no copy of them.  Returns what was not written, as
+        :meth:`send_nowait` does (a copy of the rest only); None, with nothing done, where the
+        stream is encrypted or not over a socket (join them and use :meth:`send_nowait`)."""
+        if self._encoder is not None or len(parts) > MAX_PIECES or not size:
+            return None
+        if self._send_conflict._held:
+            raise trio.BusyResourceError("another task is sending on this SecureStream")
+        if self._state is not _State.OK:
+            self._check_usable()
+        if self._eof_sent:
+            raise trio.ClosedResourceError("cannot send after send_eof()")
+        if self._outcome is None:
+            raise LocalProtocolError("send_pieces_nowait needs a completed handshake")
+        target = self._send_target
+        if target is _UNKNOWN:
+            target = self._find_send_target()
+        if not self._send_to_socket:
+            return None
+        try:
+            sent = target.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+            self._mark_broken(broken)
+            raise broken from exc
+        self.bytes_sent += size
+        if sent == size:
+            return _NOTHING
+        self._wire_owed += size - sent
+        rest: list[bytes | memoryview] = []
+        for part in parts:  # (the pieces the socket took all of are skipped, not copied)
+            n = len(part)
+            if sent >= n:
+                sent -= n
+                continue
+            rest.append(memoryview(part)[sent:] if sent else part)
+            sent = 0
+        return memoryview(b"".join(rest))
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
         """Send wire bytes that :meth:`send_nowait` left over (already encoded)."""

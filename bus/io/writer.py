@@ -49,7 +49,7 @@ import trio
 from .fdpass import send_with_fds
 from .secure import SecureStream
 
-__all__ = ["FrameWriter", "COALESCE", "CORK_FRAMES", "YIELD_AFTER"]
+__all__ = ["FrameWriter", "Gathered", "COALESCE", "CORK_FRAMES", "YIELD_AFTER"]
 
 #: Queued frames are joined into writes of about this size.
 COALESCE = 64 * 1024
@@ -57,6 +57,24 @@ COALESCE = 64 * 1024
 CORK_FRAMES = 128
 #: The writer task yields after writing this many bytes without waiting for the socket.
 YIELD_AFTER = 256 * 1024
+
+
+class Gathered:
+    """Whole frames given as pieces (``size`` bytes in all), for :meth:`FrameWriter.put_gathered`:
+    a large message whose big values are the caller's own objects, written without being
+    joined into one ``bytes`` first where they go straight to a plain socket."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
 
 
 class FrameWriter:
@@ -73,7 +91,8 @@ class FrameWriter:
         self.closed = False
         # A list, not a deque: an empty deque holds a 64-slot block (760 bytes), and a broker
         # has a writer per connection, mostly idle.  Frames leave it in batches (one slice).
-        self._queue: list[bytes | tuple[bytes, socket.socket]] = []
+        self._queue: list[bytes | tuple[bytes, socket.socket] | Gathered] = []
+        self._gathered = 0  # Gathered entries in the queue
         self._rest: memoryview | None = None  # wire bytes of a frame the socket took only part of
         self._rest_size = 0
         self._busy = False  # run() is inside a write (stays set if that write failed half-way)
@@ -180,6 +199,47 @@ class FrameWriter:
             self.queued_bytes += size
             self._signal()
 
+    def send_gathered_nowait(self, frame: Gathered) -> None:
+        """:meth:`send_nowait` for frames given as pieces: written with one ``sendmsg`` of the
+        pieces (:meth:`SecureStream.send_pieces_nowait`, a plain stream over a socket), what
+        the socket did not take left to :meth:`run` as ever; queued as one entry behind what
+        waits ahead of them (then :meth:`run` writes them so); joined where the stream does
+        not write pieces (encrypted, not a socket) or the writer sends :attr:`direct`."""
+        if self.closed or self.stopped or self.direct is not None:
+            self.send_nowait(frame.join())  # (which raises for a closed or stopped writer)
+            return
+        if self.corked or self._queue or self._rest is not None or self._busy or self._failure is not None:
+            queue = self._queue
+            if len(queue) >= self.max_frames:
+                raise trio.WouldBlock
+            queue.append(frame)
+            self._gathered += 1
+            self.queued_bytes += frame.size
+            if self.corked:
+                self._corked_bytes += frame.size  # (uncork leaves it to run(), see _write_queued)
+            else:
+                self._signal()
+            return
+        try:
+            rest = self.stream.send_pieces_nowait(frame.parts, frame.size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            self._failure = exc
+            self._signal()
+            return
+        if rest is None:  # (the stream does not write pieces)
+            self.send_nowait(frame.join())
+        elif rest:
+            self._rest = rest
+            self._rest_size = frame.size
+            self.queued_bytes += frame.size
+            self._signal()
+
+    async def put_gathered(self, frame: Gathered) -> None:
+        """:meth:`put` for frames given as pieces (see :meth:`send_gathered_nowait`)."""
+        if len(self._queue) >= self.max_frames:
+            await self.wait_room()
+        self.send_gathered_nowait(frame)
+
     def send_frames_nowait(self, frames: list[bytes], size: int) -> None:
         """:meth:`send_nowait` for several frames (``size`` bytes in all), each an entry of the
         queue: on a corked writer in one step; :class:`trio.WouldBlock` if they do not all fit."""
@@ -218,16 +278,16 @@ class FrameWriter:
         queue = self._queue
         if not queue:
             return
-        if self.queued_fds:  # frames up to the first one that carries a descriptor
-            count = 0
+        if self.queued_fds or self._gathered:  # frames up to the first one that carries a
+            count = 0  # descriptor or is given as pieces (run() writes those)
             for item in queue:
-                if isinstance(item, tuple):
+                if isinstance(item, (tuple, Gathered)):
                     break
                 count += 1
             if not count:
                 self._signal()
                 return
-            batch: list[Any] = queue[:count]  # (frames without a descriptor: bytes)
+            batch: list[Any] = queue[:count]  # (frames as bytes)
             del queue[:count]
         else:
             batch = queue  # (no descriptor among them: all bytes)
@@ -327,6 +387,7 @@ class FrameWriter:
         self.closed = True
         self._start = None  # (it may hold the writer's owner: no cycle left behind)
         queue, self._queue = self._queue, []
+        self._gathered = 0
         for item in queue:
             if isinstance(item, tuple):
                 item[1].close()
@@ -379,13 +440,23 @@ class FrameWriter:
                     end.close()  # the peer has its own copy now
                     self.queued_fds -= 1
                 size = len(frame)
+            elif type(item) is Gathered:
+                del queue[0]
+                self._gathered -= 1
+                rest = self.stream.send_pieces_nowait(item.parts, item.size)
+                if rest is None:  # (the stream does not write pieces)
+                    rest = self.stream.send_nowait(item.join())
+                if rest:
+                    await self.stream.send_wire(rest)
+                    unyielded = 0
+                size = item.size
             else:
                 # This frame and the ones after it, up to about COALESCE bytes, in one write.
                 size = len(item)
                 count, queued = 1, len(queue)
                 while count < queued and size < COALESCE:
                     more = queue[count]
-                    if isinstance(more, tuple):
+                    if isinstance(more, (tuple, Gathered)):
                         break
                     size += len(more)
                     count += 1
@@ -395,7 +466,7 @@ class FrameWriter:
                 # As far as the socket takes it now (no task switch: trio's send_all yields
                 # after every write); only what is left waits for the socket.  A writer that
                 # never had to wait still yields every YIELD_AFTER bytes.
-                rest = self.stream.send_nowait(item)
+                rest = self.stream.send_nowait(cast(bytes, item))
                 if rest:
                     await self.stream.send_wire(rest)
                     unyielded = 0
