@@ -59,6 +59,7 @@ import inspect
 import logging
 import mmap
 import re
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -145,6 +146,10 @@ _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE
 KEPT_BUFFERS = 4 * 1024 * 1024
 _kept: dict[int, list[mmap.mmap]] = {}  # by size, the buffers kept (newest last)
 _kept_bytes = [0]
+#: Held for each step on the kept buffers: trio runs in other threads of the process (busctl
+#: run from a thread, several buses in one program) take and keep them too.  (No mapping is
+#: made or let go while it is held.)
+_kept_lock = threading.Lock()
 _populated_buffers: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
@@ -158,13 +163,15 @@ def _body_buffer(size: int) -> mmap.mmap:
     populated buffers alive stay within POPULATED_BUDGET; one kept (see :func:`_keep_buffer`)
     when there is one of this size."""
     if size <= POPULATE_AT_ONCE:
-        kept = _kept.get(size)
-        if kept:
-            _kept_bytes[0] -= size
-            buffer = kept.pop()
-            if not kept:
-                del _kept[size]
-            return buffer  # (its old bytes are all overwritten before the body is complete)
+        if size in _kept:
+            with _kept_lock:
+                kept = _kept.get(size)
+                if kept:
+                    _kept_bytes[0] -= size
+                    buffer = kept.pop()
+                    if not kept:
+                        del _kept[size]
+                    return buffer  # (its old bytes are all overwritten before the body is complete)
         if _populated[0] + size <= POPULATED_BUDGET:
             buffer = mmap.mmap(-1, size, flags=_POPULATED)
             _populated[0] += size
@@ -179,15 +186,20 @@ def _keep_buffer(buffer: mmap.mmap) -> None:
     more: the decoder let it go once full, and decoding copied what it made): kept for the
     next body of its size while the kept buffers hold at most KEPT_BUFFERS."""
     size = len(buffer)
-    if buffer in _populated_buffers and _kept_bytes[0] + size <= KEPT_BUFFERS:
-        _kept.setdefault(size, []).append(buffer)
-        _kept_bytes[0] += size
+    if buffer in _populated_buffers:
+        with _kept_lock:
+            if _kept_bytes[0] + size <= KEPT_BUFFERS:
+                _kept.setdefault(size, []).append(buffer)
+                _kept_bytes[0] += size
 
 
 def _drop_kept_buffers() -> None:
     """Let the kept buffers go (their pages back to the system once nothing else holds them)."""
-    _kept.clear()
-    _kept_bytes[0] = 0
+    with _kept_lock:
+        kept = list(_kept.values())
+        _kept.clear()
+        _kept_bytes[0] = 0
+    del kept  # (the mappings are let go here, not while the lock is held)
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
 #: decoding one message can cost.

@@ -1555,3 +1555,21 @@ def test_a_big_body_in_a_buffer_is_decoded_in_one_pass_and_refused_as_before() -
     assert _decode_flat(buffer, 1 << 20) is None
     with pytest.raises(FrameError, match="shortest"):
         decode_control_body(buffer, 1 << 20)
+
+
+@pytest.mark.parametrize("half", [0x7E8C, 0xFEA0, 0x7C01, 0xFC01, 0x7FFF, 0x7E00, 0xFE00])
+def test_flat_decoding_gives_a_half_float_nan_as_cbor2_does(half: int) -> None:
+    """A NaN in half precision carries a payload (and a sign): cbor2 keeps it in the float it
+    makes (struct's half unpacking drops it); the one-pass way gives the same bits, or decides
+    nothing -- as the way for a small body (cbor2) gives."""
+    import mmap
+
+    body = cbor2.dumps({"args": ["x" * 70_000, 0.0]})
+    assert body.endswith(b"\xfb" + bytes(8))  # (0.0, written in 64 bits)
+    body = body[:-9] + b"\xf9" + half.to_bytes(2, "big")
+    expected = cbor2.loads(body)["args"][1]
+    got = _decode_flat(memoryview(body), None)
+    assert got is None or _same(got["args"][1], expected)
+    buffer = mmap.mmap(-1, len(body))
+    buffer[:] = body
+    assert _same(decode_control_body(buffer)["args"][1], expected)

@@ -448,6 +448,8 @@ def _decode_flat(body: bytes | bytearray | memoryview | mmap.mmap, max_items: in
                     if info == 24:
                         return None  # (a simple value in the next byte: not in the profile)
                     value: Any = _FLOATS[info].unpack_from(view, pos)[0]
+                    if value != value and info == 25 and view[pos + 1] | (view[pos] & 0x7F) << 8 != 0x7E00:
+                        return None  # (a half NaN's payload: struct drops it, cbor2 keeps it)
                     pos += size
                     arg = -1
                 else:
