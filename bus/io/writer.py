@@ -34,6 +34,13 @@ cancellation.  :class:`FrameWriter` owns the connection's sending direction:
 A writer whose stream has nothing to do for a frame (a plain relayed channel's shs1 layer) may
 be given :attr:`FrameWriter.direct`, which sends a frame below that layer or takes nothing.
 
+Frames may also be given as pieces (:class:`Gathered`, :meth:`FrameWriter.put_gathered`: a
+large RPC message whose big values are the caller's own objects): written with one
+``sendmsg`` of the pieces where the stream is plain over a socket, with no join (a copy of the
+message and a fresh allocation as big, each), else joined; behind other frames they are one
+entry of the queue, which ``run()`` writes so in its turn (a cork's write stops before it, as
+before a descriptor's frame).
+
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
 """
