@@ -1406,3 +1406,23 @@ async def test_put_gathered_on_a_corked_writer_never_waits_for_the_uncork(res: R
             assert await _read_exactly(receiver, len(expected)) == expected
             writer.stop()
     assert writer.queued_bytes == 0
+
+
+async def test_send_pieces_nowait_partial_write_with_views_and_empty_pieces(res: Resources) -> None:
+    """A plain socket that takes part of the pieces (empty ones and views among them): the
+    rest send_pieces_nowait returns, sent with send_wire, completes exactly the joined bytes;
+    bytes_sent counts them all at once, as send_nowait does."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    _shrink(sender, receiver)
+    big = os.urandom(BIG)
+    parts: list[bytes | memoryview] = [b"", b"head", memoryview(b""), memoryview(big)[7:], b"", memoryview(big)[:5], b"t"]
+    whole = b"".join(parts)
+    before = sender.bytes_sent
+    rest = sender.send_pieces_nowait(parts, len(whole))
+    assert rest is not None and 0 < len(rest) < len(whole)
+    assert sender.bytes_sent == before + len(whole)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send_wire, rest)
+            assert await _read_exactly(receiver, len(whole)) == whole
+    await _assert_nothing_more(sender, receiver)
