@@ -1395,7 +1395,8 @@ class RpcConnection:
             try:
                 if isinstance(encoded, Gathered):
                     # A large message, as its pieces: written at once without joining them
-                    # where nothing waits ahead of it (else joined and queued, in order).
+                    # where nothing waits ahead of it (else one entry of the queue, in order,
+                    # which run() writes so too; joined where the stream is not a socket).
                     await self.writer.put_gathered(encoded)
                 elif len(self._pending) > 1:
                     # Other calls are in flight: their tasks, woken by one read, send theirs

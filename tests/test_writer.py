@@ -1349,3 +1349,80 @@ async def test_a_gathered_frame_between_queued_frames_keeps_its_place(res: Resou
     assert len(writer) == 2 and writer.queued_bytes == len(small[0]) + frame.size
     writer.close()
     assert writer.queued_bytes == 0 and len(writer) == 0
+
+
+async def test_run_yields_every_yield_after_bytes_of_gathered_frames_too(res: Resources) -> None:
+    """Gathered frames the socket takes whole count towards YIELD_AFTER as joined ones do:
+    run() writing a queue of them still yields on its way (another task sees the queue go
+    down in steps of YIELD_AFTER), and every byte arrives in order."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    _sock(sender).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)  # takes all of it
+    writer, _calls = _writer(sender)
+    frame_size = 64 * 1024
+    first = os.urandom(frame_size)
+    writer.put_later_nowait(first)  # (queued: the gathered frames wait behind it, for run())
+    frames = [_gathered([os.urandom(16), os.urandom(frame_size - 15)]) for _ in range(4 * YIELD_AFTER // frame_size - 1)]
+    for frame in frames:
+        await writer.put_gathered(frame)
+    assert all(frame.size == frame_size for frame in frames)
+    total = frame_size * (1 + len(frames))  # (4 * YIELD_AFTER)
+    assert writer.queued_bytes == total and _pending(receiver) == 0
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while writer.queued_bytes:
+            seen.append(writer.queued_bytes)
+            await trio.lowlevel.checkpoint()
+        seen.append(0)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            nursery.start_soon(watch)
+            got = await _read_exactly(receiver, total)
+            writer.stop()
+    assert got == first + b"".join(frame.join() for frame in frames)
+    steps = sorted(set(seen), reverse=True)
+    assert steps[-1] == 0 and all(value % YIELD_AFTER == 0 for value in steps)
+    assert len(steps) >= 3, steps  # (it yielded on its way, more than once)
+
+
+async def test_put_gathered_on_a_corked_writer_never_waits_for_the_uncork(res: Resources) -> None:
+    """A corked writer writes anyway once ``burst`` frames wait, gathered ones too: put_gathered
+    on a full corked queue waits for run() to make room, as put would, not for an uncork
+    that the waiting producer itself would have to make."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, _calls = _writer(sender, max_frames=4)
+    writer.burst = 2
+    frames = [_gathered([os.urandom(10 + i), os.urandom(100)]) for i in range(12)]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            writer.cork()
+            for frame in frames:
+                await writer.put_gathered(frame)
+            writer.uncork()
+            expected = b"".join(frame.join() for frame in frames)
+            assert await _read_exactly(receiver, len(expected)) == expected
+            writer.stop()
+    assert writer.queued_bytes == 0
+
+
+async def test_send_pieces_nowait_partial_write_with_views_and_empty_pieces(res: Resources) -> None:
+    """A plain socket that takes part of the pieces (empty ones and views among them): the
+    rest send_pieces_nowait returns, sent with send_wire, completes exactly the joined bytes;
+    bytes_sent counts them all at once, as send_nowait does."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    _shrink(sender, receiver)
+    big = os.urandom(BIG)
+    parts: list[bytes | memoryview] = [b"", b"head", memoryview(b""), memoryview(big)[7:], b"", memoryview(big)[:5], b"t"]
+    whole = b"".join(parts)
+    before = sender.bytes_sent
+    rest = sender.send_pieces_nowait(parts, len(whole))
+    assert rest is not None and 0 < len(rest) < len(whole)
+    assert sender.bytes_sent == before + len(whole)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send_wire, rest)
+            assert await _read_exactly(receiver, len(whole)) == whole
+    await _assert_nothing_more(sender, receiver)

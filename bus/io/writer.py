@@ -222,10 +222,12 @@ class FrameWriter:
             queue.append(frame)
             self._gathered += 1
             self.queued_bytes += frame.size
-            if self.corked:
-                self._corked_bytes += frame.size  # (uncork leaves it to run(), see _write_queued)
-            else:
+            if not self.corked:
                 self._signal()
+            else:  # (written anyway, as send_nowait's are: _write_queued leaves it to run())
+                self._corked_bytes += frame.size
+                if self._corked_bytes >= COALESCE or len(queue) >= self.burst:
+                    self._write_queued()
             return
         try:
             rest = self.stream.send_pieces_nowait(frame.parts, frame.size)
@@ -447,16 +449,16 @@ class FrameWriter:
                     end.close()  # the peer has its own copy now
                     self.queued_fds -= 1
                 size = len(frame)
-            elif type(item) is Gathered:
+                self._busy = False
+                self._sent(size)
+                continue
+            if type(item) is Gathered:
                 del queue[0]
                 self._gathered -= 1
-                rest = self.stream.send_pieces_nowait(item.parts, item.size)
+                size = item.size
+                rest = self.stream.send_pieces_nowait(item.parts, size)
                 if rest is None:  # (the stream does not write pieces)
                     rest = self.stream.send_nowait(item.join())
-                if rest:
-                    await self.stream.send_wire(rest)
-                    unyielded = 0
-                size = item.size
             else:
                 # This frame and the ones after it, up to about COALESCE bytes, in one write.
                 size = len(item)
@@ -470,21 +472,21 @@ class FrameWriter:
                 if count > 1:
                     item = b"".join(cast("list[bytes]", queue[:count]))
                 del queue[:count]
-                # As far as the socket takes it now (no task switch: trio's send_all yields
-                # after every write); only what is left waits for the socket.  A writer that
-                # never had to wait still yields every YIELD_AFTER bytes.
                 rest = self.stream.send_nowait(cast(bytes, item))
-                if rest:
-                    await self.stream.send_wire(rest)
+            # As far as the socket took it at once (no task switch: trio's send_all yields
+            # after every write); only what is left waits for the socket.  A writer that
+            # never had to wait still yields every YIELD_AFTER bytes (gathered frames too).
+            if rest:
+                await self.stream.send_wire(rest)
+                unyielded = 0
+            else:
+                unyielded += size
+                if unyielded >= YIELD_AFTER:
                     unyielded = 0
-                else:
-                    unyielded += size
-                    if unyielded >= YIELD_AFTER:
-                        unyielded = 0
-                        self._busy = False
-                        self._sent(size)
-                        await trio.lowlevel.checkpoint()
-                        continue
+                    self._busy = False
+                    self._sent(size)
+                    await trio.lowlevel.checkpoint()
+                    continue
             self._busy = False
             self._sent(size)
 
