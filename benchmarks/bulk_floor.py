@@ -2,7 +2,8 @@
 
 Run:  python benchmarks/bulk_floor.py [--seconds S] [--rounds N]
 
-Two processes on a Unix socketpair; the writer sends the 1 MiB call body minibus sends
+Two processes on a Unix socketpair (the writer's end with the 1 MiB send buffer busd gives a
+unix-fd channel's sockets); the writer sends the 1 MiB call body minibus sends
 (``{"args": [1 MiB of bytes], "method": "take"}`` as CBOR) again and again, and the reader:
 
 * ``raw socket``: ``recv_into`` one 256 KiB buffer, nothing else (the table's bulk limit);
@@ -102,6 +103,8 @@ class _Reader:
 
 def measure(mode: str, seconds: float) -> float:
     reader, writer = socket.socketpair()
+    # The send buffer busd gives both ends of a unix-fd channel (bus.broker.UNIX_FD_SEND_BUFFER).
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     pid = os.fork()
     if pid == 0:  # the writer
         reader.close()
