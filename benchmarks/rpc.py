@@ -356,24 +356,6 @@ def bulk_body() -> bytes:
     return _BULK_BODY[0]
 
 
-class _ViewReader:
-    """A file over a filled buffer for cbor2's decoder (as bus.wire.frames reads a body)."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.view, self.pos = view, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.view) if n < 0 else min(self.pos + n, len(self.view))
-        data, self.pos = self.view[self.pos : end].tobytes(), end
-        return data
-
-
 def role_limit_server(path: str) -> None:
     """The far end of every limit: echo (raw or project codec) or a byte sink (raw or framed)."""
     import trio
@@ -396,6 +378,8 @@ def role_limit_server(path: str) -> None:
             # acks.
             import cbor2
 
+            from bus.wire.frames import _BufferReader  # (as minibus reads a filled body)
+
             size = len(bulk_body())
             total = 0
             view = memoryview(bytearray(size))
@@ -413,7 +397,7 @@ def role_limit_server(path: str) -> None:
                 total += filled
                 if filled < size:
                     break
-                cbor2.CBORDecoder(_ViewReader(view)).decode()
+                cbor2.CBORDecoder(_BufferReader(view)).decode()
             await Sender(sock).send(struct.pack(">Q", total))
         elif mode in (b"R", b"F"):
             buffer = bytearray(PART + 4096)

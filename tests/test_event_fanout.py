@@ -320,6 +320,31 @@ async def test_a_stuck_subscriber_gets_its_gap_when_its_queue_drains_with_nothin
         await stuck.aclose()
 
 
+async def emitter_and_subscriber(rb: Any) -> tuple[FramedStream, FramedStream]:
+    """An emitter owning org.example.A, and a subscriber to its events (raw connections)."""
+    emitter = await raw_connect(rb.unix_address, OWNER)
+    await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
+    await reply_to(emitter, 1)
+    sub = await raw_connect(rb.unix_address, FRIEND)
+    await sub.send_message({"op": "hello", "id": 1})
+    await reply_to(sub, 1)
+    await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
+    await reply_to(sub, 2)
+    return emitter, sub
+
+
+async def event_payloads(sub: FramedStream, count: int) -> list[Any]:
+    """The payloads of the next ``count`` events ``sub`` gets (other frames skipped)."""
+    got: list[Any] = []
+    with trio.fail_after(10):
+        while len(got) < count:
+            frame = await sub.receive_frame()
+            assert isinstance(frame, ControlFrame)
+            if frame.message.get("event") == "event":
+                got.append(frame.message["payload"])
+    return got
+
+
 async def test_a_read_full_of_emits_is_handled_in_order_across_request_slices(tmp_path: Path, monkeypatch: Any) -> None:
     """busd's reader takes the requests that came in one read as a run (one call for the
     run): with the request slice at zero it yields after every one of them, and the rest of
@@ -327,27 +352,13 @@ async def test_a_read_full_of_emits_is_handled_in_order_across_request_slices(tm
     the subscriber gets every event, in order."""
     monkeypatch.setattr(bus.broker, "REQUEST_SLICE", 0.0)
     async with running_broker(tmp_path) as rb:
-        emitter = await raw_connect(rb.unix_address, OWNER)
-        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
-        await reply_to(emitter, 1)
-        sub = await raw_connect(rb.unix_address, FRIEND)
-        await sub.send_message({"op": "hello", "id": 1})
-        await reply_to(sub, 1)
-        await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
-        await reply_to(sub, 2)
+        emitter, sub = await emitter_and_subscriber(rb)
         ids = range(10, 50)
         await emitter.stream.send_all(
             b"".join(encode_control(0, {"op": "emit", "id": i, "source": "org.example.A", "member": "Tick", "payload": i}) for i in ids)
         )
         assert [r["result"] for r in await replies(emitter, ids)] == [{"delivered": 1}] * len(ids)
-        got: list[Any] = []
-        with trio.fail_after(10):
-            while len(got) < len(ids):
-                frame = await sub.receive_frame()
-                assert isinstance(frame, ControlFrame)
-                if frame.message.get("event") == "event":
-                    got.append(frame.message["payload"])
-        assert got == list(ids)
+        assert await event_payloads(sub, len(ids)) == list(ids)
         await emitter.aclose()
         await sub.aclose()
 
@@ -367,14 +378,7 @@ async def test_an_event_run_goes_on_across_the_parts_of_one_read(tmp_path: Path,
 
     monkeypatch.setattr(bus.broker.Broker, "queue_event", queue_event)
     async with running_broker(tmp_path) as rb:
-        emitter = await raw_connect(rb.unix_address, OWNER)
-        await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
-        await reply_to(emitter, 1)
-        sub = await raw_connect(rb.unix_address, FRIEND)
-        await sub.send_message({"op": "hello", "id": 1})
-        await reply_to(sub, 1)
-        await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
-        await reply_to(sub, 2)
+        emitter, sub = await emitter_and_subscriber(rb)
         ids = range(10, 30)
         wire = b"".join(
             encode_control(0, {"op": "emit", "id": i, "source": "org.example.A", "member": "Tick", "payload": i, "quiet": True})
@@ -383,14 +387,7 @@ async def test_an_event_run_goes_on_across_the_parts_of_one_read(tmp_path: Path,
         assert len(wire) > 4 * 300  # (several parts)
         queued.clear()
         await emitter.stream.send_all(wire)
-        got: list[Any] = []
-        with trio.fail_after(10):
-            while len(got) < len(ids):
-                frame = await sub.receive_frame()
-                assert isinstance(frame, ControlFrame)
-                if frame.message.get("event") == "event":
-                    got.append(frame.message["payload"])
-        assert got == list(ids)
+        assert await event_payloads(sub, len(ids)) == list(ids)
         assert queued == [len(ids)]
         await emitter.aclose()
         await sub.aclose()

@@ -192,6 +192,26 @@ async def _drain(writer: FrameWriter, receiver: SecureStream, size: int) -> byte
     return got
 
 
+async def _drain_watching(writer: FrameWriter, receiver: SecureStream, total: int) -> tuple[bytes, list[int]]:
+    """:func:`_drain`, with a task that notes ``queued_bytes`` each time it gets to run (each
+    time run() yields): what the receiver read, and the distinct values noted, biggest first."""
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while writer.queued_bytes:
+            seen.append(writer.queued_bytes)
+            await trio.lowlevel.checkpoint()
+        seen.append(0)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            nursery.start_soon(watch)
+            got = await _read_exactly(receiver, total)
+            writer.stop()
+    return got, sorted(set(seen), reverse=True)
+
+
 def _fill_with_partial_frame(writer: FrameWriter, sender: SecureStream, receiver: SecureStream) -> bytes:
     """Shrink the buffers and send_nowait a frame the socket can take only part of."""
     _shrink(sender, receiver)
@@ -520,22 +540,8 @@ async def test_run_writes_what_the_socket_takes_without_a_task_switch_per_write(
         await writer.put_later(frame)
     total = sum(map(len, frames))
     assert writer.queued_bytes == total and _pending(receiver) == 0
-    seen: list[int] = []
-
-    async def watch() -> None:
-        while writer.queued_bytes:
-            seen.append(writer.queued_bytes)
-            await trio.lowlevel.checkpoint()
-        seen.append(0)
-
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            nursery.start_soon(watch)
-            got = await _read_exactly(receiver, total)
-            writer.stop()
+    got, steps = await _drain_watching(writer, receiver, total)
     assert got == b"".join(frames)
-    steps = sorted(set(seen), reverse=True)
     assert steps[0] <= total and steps[-1] == 0  # (the watcher may start after the first step)
     assert all(value % YIELD_AFTER == 0 for value in steps)  # never part of a step
     assert len(steps) >= 3  # (it yielded on its way, more than once)
@@ -1367,22 +1373,8 @@ async def test_run_yields_every_yield_after_bytes_of_gathered_frames_too(res: Re
     assert all(frame.size == frame_size for frame in frames)
     total = frame_size * (1 + len(frames))  # (4 * YIELD_AFTER)
     assert writer.queued_bytes == total and _pending(receiver) == 0
-    seen: list[int] = []
-
-    async def watch() -> None:
-        while writer.queued_bytes:
-            seen.append(writer.queued_bytes)
-            await trio.lowlevel.checkpoint()
-        seen.append(0)
-
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            nursery.start_soon(watch)
-            got = await _read_exactly(receiver, total)
-            writer.stop()
+    got, steps = await _drain_watching(writer, receiver, total)
     assert got == first + b"".join(frame.join() for frame in frames)
-    steps = sorted(set(seen), reverse=True)
     assert steps[-1] == 0 and all(value % YIELD_AFTER == 0 for value in steps)
     assert len(steps) >= 3, steps  # (it yielded on its way, more than once)
 

@@ -547,14 +547,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         stream is encrypted or not over a socket (join them and use :meth:`send_nowait`)."""
         if self._encoder is not None or len(parts) > MAX_PIECES or not size:
             return None
-        if self._send_conflict._held:
-            raise trio.BusyResourceError("another task is sending on this SecureStream")
-        if self._state is not _State.OK:
-            self._check_usable()
-        if self._eof_sent:
-            raise trio.ClosedResourceError("cannot send after send_eof()")
-        if self._outcome is None:
-            raise LocalProtocolError("send_pieces_nowait needs a completed handshake")
+        self.send_nowait(_NOTHING)  # (its checks, raising as it does; nothing sent)
         target = self._send_target
         if target is _UNKNOWN:
             target = self._find_send_target()
