@@ -511,9 +511,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
-                self._mark_broken(broken)
-                raise broken from exc
+                raise self._socket_broken(exc) from exc
         elif target is None:
             sent = 0  # e.g. another SecureStream: everything goes through send_wire
         else:
@@ -528,6 +526,12 @@ class SecureStream(trio.abc.HalfCloseableStream):
             return _NOTHING
         self._wire_owed += size - sent
         return memoryview(wire)[sent:]
+
+    def _socket_broken(self, exc: OSError) -> trio.BrokenResourceError:
+        """The error a failed write of the socket raises (the stream is broken from now on)."""
+        broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+        self._mark_broken(broken)
+        return broken
 
     def _find_send_target(self) -> Any:
         """Where :meth:`send_nowait` writes: the transport's socket (a stdlib one, its fileno
@@ -558,9 +562,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
-            self._mark_broken(broken)
-            raise broken from exc
+            raise self._socket_broken(exc) from exc
         self.bytes_sent += size
         if sent == size:
             return _NOTHING
