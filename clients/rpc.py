@@ -134,6 +134,7 @@ POPULATE_AT_ONCE = 2 * 1024 * 1024
 #: a body's pages are taken as its bytes come (as a big body's are).
 POPULATED_BUDGET = 16 * 1024 * 1024
 _populated = [0]  # bytes of the populated buffers alive (each given back when it is freed)
+_populated_lock = threading.RLock()  # (re-entrant: a finalizer giving back may run inside it)
 #: The window of an RPC channel whose bytes are pushed (a plain relay): they go straight into
 #: messages and bodies (accounted there), so nothing waits unread at this end; a window this
 #: big lets the broker write frames on as they come (not buffer them until a grant) and
@@ -154,7 +155,8 @@ _populated_buffers: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
 def _give_back_populated(size: int) -> None:
-    _populated[0] -= size
+    with _populated_lock:  # (a finalizer: it may run in any thread, inside the lock's holder too)
+        _populated[0] -= size
 
 
 def _body_buffer(size: int) -> mmap.mmap:
@@ -172,9 +174,16 @@ def _body_buffer(size: int) -> mmap.mmap:
                     if not kept:
                         del _kept[size]
                     return buffer  # (its old bytes are all overwritten before the body is complete)
-        if _populated[0] + size <= POPULATED_BUDGET:
-            buffer = mmap.mmap(-1, size, flags=_POPULATED)
-            _populated[0] += size
+        with _populated_lock:  # (the budget is the process's: trio runs in several threads)
+            take = _populated[0] + size <= POPULATED_BUDGET
+            if take:
+                _populated[0] += size
+        if take:
+            try:
+                buffer = mmap.mmap(-1, size, flags=_POPULATED)
+            except BaseException:
+                _give_back_populated(size)
+                raise
             weakref.finalize(buffer, _give_back_populated, size)
             _populated_buffers.add(buffer)
             return buffer

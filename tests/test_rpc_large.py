@@ -1085,8 +1085,8 @@ async def test_a_large_call_goes_out_as_its_pieces_where_the_channel_is_a_plain_
 async def test_the_kept_buffers_stay_whole_when_trio_runs_in_several_threads_share_them() -> None:
     """The kept buffers are the process's: trio runs in other threads (busctl run from a
     thread, several buses in one program) take and keep buffers too.  Taken and kept from
-    several threads at once, none fails, none is lost from the count or counted twice, and
-    the kept ones stay within KEPT_BUFFERS."""
+    several threads at once, none fails, none is lost from the count or counted twice, the
+    kept ones stay within KEPT_BUFFERS, and the populated budget's count comes back whole."""
     import gc
     import sys
 
@@ -1098,6 +1098,7 @@ async def test_the_kept_buffers_stay_whole_when_trio_runs_in_several_threads_sha
 
     rpc_module._drop_kept_buffers()
     gc.collect()
+    populated = rpc_module._populated[0]
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # (threads switch often: between any two steps)
     try:
@@ -1111,6 +1112,9 @@ async def test_the_kept_buffers_stay_whole_when_trio_runs_in_several_threads_sha
     assert rpc_module._kept_bytes[0] == sum(len(buffer) for buffer in kept) <= rpc_module.KEPT_BUFFERS
     assert all(buffers for buffers in rpc_module._kept.values())
     rpc_module._drop_kept_buffers()
+    del kept
+    gc.collect()
+    assert rpc_module._populated[0] == populated  # (the budget's count: every buffer given back)
 
 
 #: Random bytes that the property below takes its big values from (slices: copies, so each
