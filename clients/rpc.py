@@ -209,6 +209,8 @@ def _drop_kept_buffers() -> None:
         _kept.clear()
         _kept_bytes[0] = 0
     del kept  # (the mappings are let go here, not while the lock is held)
+
+
 #: A body may hold one CBOR data item per this many bytes of ``max_message`` (the broker's
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
 #: decoding one message can cost.
