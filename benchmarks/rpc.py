@@ -79,6 +79,7 @@ steps).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -344,16 +345,12 @@ async def rate(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: in
 # ------------------------------------------------------------------------------------------
 
 
-_BULK_BODY: list[bytes] = []
-
-
+@functools.cache
 def bulk_body() -> bytes:
     """The body of minibus's 1 MiB call as CBOR (``{"args": [1 MiB], "method": "take"}``)."""
-    if not _BULK_BODY:
-        import cbor2
+    import cbor2
 
-        _BULK_BODY.append(cbor2.dumps({"args": [os.urandom(BIG)], "method": "take"}))
-    return _BULK_BODY[0]
+    return cbor2.dumps({"args": [os.urandom(BIG)], "method": "take"})
 
 
 def role_limit_server(path: str) -> None:

@@ -351,7 +351,7 @@ def _encode_message(
             pieces.append(HEADER.pack(FrameKind.DATA, 0, 0, len(part)))
             pieces.append(part)
     if gather:
-        return Gathered(pieces, len(pieces[0]) + size + HEADER.size * ((size + MESSAGE_PART - 1) // MESSAGE_PART))
+        return Gathered(pieces, sum(map(len, pieces)))
     return b"".join(pieces)
 
 
