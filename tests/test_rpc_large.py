@@ -1189,3 +1189,37 @@ def test_a_gathered_body_of_whole_message_parts_or_a_byte_either_side(flat: bool
     frames = frames_of(plain)
     sizes = [len(frame.data) for frame in frames[1:] if isinstance(frame, DataFrame)]
     assert sum(sizes) == target and sizes == [MESSAGE_PART] * (target // MESSAGE_PART) + ([target % MESSAGE_PART] if target % MESSAGE_PART else [])
+
+
+async def test_a_caller_sending_bodies_of_every_size_keeps_no_more_than_the_bound_and_costs_another_caller_nothing(
+    tmp_path: Path,
+) -> None:
+    """Who pays for the kept buffers: the process that decodes the bodies, within KEPT_BUFFERS.
+    One caller sends large bodies of ever new sizes on its channel (each would be kept for a
+    next body of its size that never comes), while another caller, on a channel of its own,
+    makes calls of one size between them: the kept buffers never pass the bound, the populated
+    budget's count comes back whole, and every one of the other caller's calls comes back
+    right (its bodies still served by buffers kept for its size)."""
+    import gc
+
+    from clients import rpc as rpc_module
+
+    rpc_module._drop_kept_buffers()
+    gc.collect()
+    populated = rpc_module._populated[0]
+    async with serving(tmp_path, "unix") as (_bus, nursery):
+        greedy = await connect(_bus, nursery, "unix-fd")
+        other = await connect(_bus, nursery, "unix-fd")
+        for i in range(24):
+            size = 200_000 + 7_919 * i  # (a new size each time: 1.6-1.9 MiB kept if unbounded)
+            assert await greedy.call("length", bytes(size)) == size
+            assert rpc_module._kept_bytes[0] <= rpc_module.KEPT_BUFFERS
+            blob = bytes([i]) * 64 + os.urandom(MiB)
+            assert await other.call("reverse", blob) == blob[::-1]
+            assert rpc_module._kept_bytes[0] <= rpc_module.KEPT_BUFFERS
+        assert any(len(buffer) > MiB for buffers in rpc_module._kept.values() for buffer in buffers)
+        await greedy.aclose()
+        await other.aclose()
+    rpc_module._drop_kept_buffers()
+    gc.collect()
+    assert rpc_module._populated[0] == populated
