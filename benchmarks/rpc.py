@@ -1740,6 +1740,7 @@ def run_budget(args: argparse.Namespace) -> None:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     row = args.budget_row
     limit_row, hops = BUDGET_ROWS[row]
+    limit_row = args.budget_limit or limit_row  # (a floor of the row: the limit's processes)
     tmp = Path(tempfile.mkdtemp(prefix="minibus-budget-"))
     profile_dir = tmp / "prof"
     profile_dir.mkdir()
@@ -1862,6 +1863,10 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
+    parser.add_argument(
+        "--budget-limit", choices=LIMIT_PINGPONG_ROWS,
+        help="with --budget: hold the row against this limit or floor (of the same topology) instead of its limit",
+    )
     parser.add_argument("--keep-profiles", metavar="DIR", help="with --budget: keep each process's cProfile file (pstats) in DIR")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = parser.parse_args()

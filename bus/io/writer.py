@@ -140,6 +140,7 @@ class FrameWriter:
         """Wake :meth:`run`, starting it first if its owner asked to start it lazily."""
         wake = self._wake
         if wake is not None:
+            self._wake = None  # (set once: run() makes another when it waits again)
             wake.set()
         start = self._start
         if start is not None and not self.closed:
@@ -494,6 +495,7 @@ class FrameWriter:
         self.queued_bytes -= size
         room = self._room
         if room is not None and len(self._queue) < self.max_frames:
+            self._room = None  # (set once: wait_room() makes another when one waits again)
             room.set()
         if self.on_sent is not None:
             self.on_sent()

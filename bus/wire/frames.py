@@ -372,6 +372,25 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
                 size += 1 if item < 24 else 2 if item < 0x100 else 3 if item < 0x10000 else 5 if item < 0x100000000 else 9
             elif item_kind is bool or item is None:
                 size += 1
+            elif item_kind is list and depth + 1 < MAX_CBOR_DEPTH and len(item) < 24:
+                # (A short array, as an RPC call's arguments are: its text, bytes and small
+                # ints measured here, anything else by the call below.)
+                part, count = 1, 1
+                for element in item:
+                    element_kind = type(element)
+                    if element_kind is bytes or element_kind is str and element.isascii():
+                        n = len(element)
+                        part += n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
+                    elif element_kind is int and 0 <= element < 24:
+                        part += 1
+                    else:
+                        part, count = _canonical_size(item, depth + 1)
+                        break
+                    count += 1
+                if part < 0:
+                    return -1, 0
+                size += part
+                items += count - 1
             elif item_kind is dict or item_kind is list:
                 part, count = _canonical_size(item, depth + 1)
                 if part < 0:
