@@ -1389,6 +1389,20 @@ def pair_text(pair: dict[str, Any] | None) -> str:
     return f"{pair['median']:.2f} ({pair['min']:.2f}-{pair['max']:.2f})"
 
 
+def pin(minibus: Minibus, limits: Limits) -> None:
+    """``--pin``: every caller on the first CPU, every other process of minibus and of the
+    limits (busd, the service; the forwarder, the server) on the second, so both sides of a
+    row run in the same placement.  (Unpinned, three busy processes on two CPUs land as the
+    scheduler puts them, and which one shares a CPU with which moves a throughput row by as
+    much as half from round to round: see benchmarks/README.md, *Placement*.)"""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    first, second = {cpus[0]}, {cpus[1]}
+    for proc in [*minibus.procs, *limits.procs]:
+        os.sched_setaffinity(proc.pid, first if proc.name.endswith("caller") else second)
+
+
 def run_benchmark(args: argparse.Namespace) -> None:
     seconds = args.seconds or (0.3 if args.quick else 0.6)
     warmup = 0.1 if args.quick else 0.2
@@ -1403,6 +1417,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     try:
         minibus = Minibus(tmp)
         limits = Limits(tmp, minibus.owner.seed.hex())
+        if args.pin:
+            pin(minibus, limits)
         peers = Peers(tmp) if not args.no_peers else None
         skipped = peers.skipped if peers else {"dbus-daemon": "--no-peers", "dbus-broker": "--no-peers"}
         setup = time.perf_counter() - started
@@ -1861,6 +1877,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds, each a paired ratio per row (default 6; 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="measuring window per row (default 0.6 s; 0.3 with --quick)")
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="the callers of minibus and of the limits on one CPU, their other processes on another (the D-Bus peers unpinned)",
+    )
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
     parser.add_argument(
