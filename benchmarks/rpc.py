@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """RPC benchmark for the performance issue: minibus beside D-Bus and beside the Python + trio limits.
 
-Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--json FILE]
-      python benchmarks/rpc.py --budget [--budget-row ROW] [--quick]   # the per-hop budget of one row
+Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--pin] [--json FILE]
+      python benchmarks/rpc.py --budget [--budget-row ROW] [--budget-limit FLOOR] [--quick]   # the per-hop budget of one row
+
+``--pin`` runs every caller (minibus's and the limits') on one CPU and their other processes
+on another, both sides of a row in the same placement: unpinned, which of three busy processes
+shares a CPU with which decides the 32-in-flight row's rounds (benchmarks/README.md,
+*Placement*).  The table's judged figures are unpinned runs.
 
 Every party is its own process, as a D-Bus user has them: ``busd``, the service (a
 ``clients.rpc.Service``), the caller; the limits' ends and forwarder; the D-Bus daemons, their
