@@ -370,6 +370,17 @@ async def asyncio_pause(seconds: float) -> None:
     time.sleep(seconds)
 
 
+async def wait_for_lead(em: Emitter, sleep: Callable[[float], Awaitable[None]]) -> bool:
+    """Wait while the next event would be more than the lead ahead of the slowest subscriber
+    (polling every 0.2 ms); False once the window is over."""
+    while em.ahead():
+        if monotonic_ns() >= em.deadline:
+            return False
+        em.waits += 1
+        await sleep(0.0002)
+    return True
+
+
 async def emit_async(
     em: Emitter, send: Callable[[bytes], Awaitable[Any]], sleep: Callable[[float], Awaitable[None]], tasks: int = 1
 ) -> list[Any]:
@@ -378,11 +389,8 @@ async def emit_async(
 
     async def sender() -> None:
         while True:
-            while em.ahead():
-                if monotonic_ns() >= em.deadline:
-                    return
-                em.waits += 1
-                await sleep(0.0002)
+            if not await wait_for_lead(em, sleep):
+                return
             payload = em.next_payload()
             if payload is None:
                 return
@@ -851,12 +859,7 @@ def role_limit_broker(listen_fd: int, n: int, shm: str, key_file: str = "") -> N
 async def emit_coalesced(em: Emitter, batch: int, before: bytes, after: bytes, write: Callable[[bytes], Awaitable[None]]) -> None:
     """The window, up to ``batch`` events at a time (as many as the lead rule allows at
     once), each ``before + payload + after``, joined and written with one ``write``."""
-    while True:
-        while em.ahead():
-            if monotonic_ns() >= em.deadline:
-                break
-            em.waits += 1
-            await trio_pause(0.0002)
+    while await wait_for_lead(em, trio_pause):
         frames: list[bytes] = []
         while len(frames) < batch and not em.ahead():
             payload = em.next_payload()
