@@ -1477,6 +1477,47 @@ def test_canonical_size_is_the_length_and_item_count_of_the_canonical_encoding(v
     assert items == _items_of(body)
 
 
+@pytest.mark.parametrize(
+    "items",
+    [
+        [],
+        [b"p" * 64],
+        ["text", b"", 0, 23],
+        [b"x"] * 23,  # the last length with a one-byte head, measured in the map's loop
+        [b"x"] * 24,  # a two-byte head: measured by the call
+        [24],
+        [255, 256, 65536],
+        [-1],
+        [True, None, False],
+        ["\u00e9t\u00e9"],  # not ASCII: its UTF-8 bytes
+        [1.5],  # a float: not measured
+        [[b"a"], {"k": 1}],
+        [b"a" * 300, "b" * 70000],
+    ],
+)
+def test_canonical_size_measures_an_argument_list_as_its_encoding(items: list[Any]) -> None:
+    """A map's short array (an RPC call's arguments) is measured in the map's loop: the same
+    bytes and items as cbor2 writes and check_cbor counts, or -1 where it cannot tell."""
+    from bus.wire.frames import MAX_CBOR_DEPTH, _canonical_size
+
+    message = {"method": "echo", "args": items, "op": "call", "id": 7}
+    size, count = _canonical_size(message, 1)
+    if any(type(item) is float for item in items):
+        assert (size, count) == (-1, 0)
+        return
+    body = cbor2.dumps(message)
+    assert (size, count) == (len(body), _items_of(body))
+    assert decode_control_body(body) == message
+    # At the depth limit the array is not measured (the body is refused on its depth).
+    deep: Any = message
+    for _ in range(MAX_CBOR_DEPTH - 2):
+        deep = {"d": deep}
+    assert _canonical_size(deep, 1) == (-1, 0)
+    if not any(type(item) in (list, dict) for item in items):
+        shallower = deep["d"]  # the array one level up, at MAX_CBOR_DEPTH - 1: measured
+        assert _canonical_size(shallower, 1)[0] == len(cbor2.dumps(shallower))
+
+
 # -- the one-pass decoding of a big body's flat map (_decode_flat) -------------------------
 
 flat_scalars = st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats() | st.text(max_size=40) | st.binary(max_size=40)
