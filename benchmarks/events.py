@@ -1972,7 +1972,7 @@ def floors_table(cells: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     """The floors beside the judged limit, each as a ratio to the limit of the same run: which
     part (busd, the subscriber client, the API's shape) holds minibus below the target, and
     the CPU per delivered event of each party (broker/writer + emitter + subscribers)."""
-    labels = [fed_batched_label(), *(FLOOR_LABELS[f] for f in (FLOOR_MINIBUS_SUBS, FLOOR_API_SUBS, FLOOR_BUSD))]
+    labels = [*([fed_batched_label()] if LIMIT_BATCH > 1 else []), *(FLOOR_LABELS[f] for f in (FLOOR_MINIBUS_SUBS, FLOOR_API_SUBS, FLOOR_BUSD))]
     if not any(label in cell for cell in cells.values() for label in labels):
         return []
 
@@ -2023,9 +2023,10 @@ def main() -> None:
                         help=f"how far the emitter may run ahead of the slowest subscriber (default {LEAD})")
     parser.add_argument("--pipeline", type=int, default=PIPELINE, help=f"emitter tasks in minibus's pipelined variant (default {PIPELINE})")
     parser.add_argument("--limit-batch", type=int, default=LIMIT_BATCH,
-                        help=f"events per send in the trio limit's coalescing variant (default {LIMIT_BATCH}; 1 leaves it out)")
+                        help=f"events per send in the trio limit's coalescing variant and in the 'limit fed xB' floor's emitter"
+                             f" (default {LIMIT_BATCH}; 1 leaves both out)")
     parser.add_argument("--no-floors", action="store_true",
-                        help="leave out the floor variants (limit -> minibus subs, limit -> API-shaped subs, busd -> limit subs)")
+                        help="leave out the floor variants (limit fed xB, limit -> minibus subs, limit -> API-shaped subs, busd -> limit subs)")
     parser.add_argument("--verbose", action="store_true", help="print how long each setup took")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     parser.add_argument("--role", help=argparse.SUPPRESS)

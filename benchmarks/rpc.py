@@ -1405,7 +1405,9 @@ def pin(minibus: Minibus, limits: Limits) -> None:
         raise SystemExit("--pin needs two CPUs")
     first, second = {cpus[0]}, {cpus[1]}
     for proc in [*minibus.procs, *limits.procs]:
-        os.sched_setaffinity(proc.pid, first if proc.name.endswith("caller") else second)
+        # Every thread the process has (a thread made later inherits its maker's CPUs).
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), first if proc.name.endswith("caller") else second)
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -1705,6 +1707,11 @@ BUDGET_ROWS: dict[str, tuple[str, dict[str, str | None]]] = {
 }
 
 
+#: The processes of the limits a --budget row may be held against with --budget-limit: the
+#: 2-process ones ("limit2...") or the 3-process ones ("limit3...").
+BUDGET_TOPOLOGY = {"mb-fd-x1": "2", "mb-relay-x1": "3", "mb-relay-x32": "3"}
+
+
 def window(ask: Callable[[dict[str, Any]], dict[str, Any]], row: str, procs: dict[str, Proc], seconds: float) -> dict[str, Any]:
     """One measuring window: the row's rate, and each process's CPU time and context switches per call."""
     cpu0 = {k: cpu_ns(p.pid) for k, p in procs.items()}
@@ -1884,7 +1891,8 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
     parser.add_argument(
         "--pin", action="store_true",
-        help="the callers of minibus and of the limits on one CPU, their other processes on another (the D-Bus peers unpinned)",
+        help="the callers of minibus and of the limits on one CPU, their other processes on another (the D-Bus peers"
+        " unpinned; the table run only, not --budget)",
     )
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
@@ -1895,6 +1903,14 @@ def main() -> None:
     parser.add_argument("--keep-profiles", metavar="DIR", help="with --budget: keep each process's cProfile file (pstats) in DIR")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = parser.parse_args()
+    if args.budget_limit and (
+        args.budget_limit[5] != BUDGET_TOPOLOGY.get(args.budget_row)
+        or args.budget_limit.rsplit("-", 1)[1] != args.budget_row.rsplit("-", 1)[1]
+    ):
+        parser.error(f"--budget-limit {args.budget_limit} is not a limit of {args.budget_row}'s topology and calls in flight"
+                     f" (the 1- and 32-in-flight rows only: limit2*-x1 for mb-fd-x1, limit3*-x1 or limit3*-x32 for the relayed ones)")
+    if args.pin and args.budget:
+        parser.error("--pin is for the table run; --budget measures unpinned")
     if args.budget:
         run_budget(args)
     else:
