@@ -767,6 +767,33 @@ async def test_stop_returns_from_an_idle_run(res: Resources) -> None:
     assert not writer.mid_frame
 
 
+async def test_stop_ends_the_wait_of_a_send_for_room(res: Resources) -> None:
+    """A full writer that is stopped (busd's slow-consumer policy) never makes room: a task
+    waiting in put() for it is told the writer is stopped, it is not left waiting."""
+    sender, receiver = await res.pair("unix", encrypted=False)
+    writer, _ = _writer(sender, max_frames=2)
+    _fill_with_partial_frame(writer, sender, receiver)
+    writer.send_nowait(b"first")
+    writer.send_nowait(b"second")
+    assert not writer.has_room
+    outcome: list[str] = []
+
+    async def producer() -> None:
+        try:
+            await writer.put(b"third")
+        except trio.ClosedResourceError as exc:
+            outcome.append(str(exc))
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome == []  # waiting for room
+            writer.stop()
+    assert outcome == ["this connection's writer is stopped"]
+    assert len(writer) == 3  # the partial frame and the two queued: nothing added
+
+
 @ENCRYPTED
 async def test_finish_returns_once_everything_accepted_is_written(res: Resources, encrypted: bool) -> None:
     sender, receiver = await res.pair("unix", encrypted=encrypted)

@@ -322,8 +322,9 @@ class FrameWriter:
                 self._signal()
 
     async def wait_room(self) -> None:
-        """Wait until the queue can take a frame (or the writer is closed)."""
-        while len(self._queue) >= self.max_frames and not self.closed:
+        """Wait until the queue can take a frame (or the writer is closed or stopped: then
+        the send that follows raises ClosedResourceError)."""
+        while len(self._queue) >= self.max_frames and not self.closed and not self.stopped:
             room = self._room
             if room is None or room.is_set():
                 room = self._room = trio.Event()
@@ -383,9 +384,14 @@ class FrameWriter:
         self._signal()
 
     def stop(self) -> None:
-        """Make :meth:`run` return at the next frame boundary (nothing more is written)."""
+        """Make :meth:`run` return at the next frame boundary (nothing more is written); a
+        task waiting for room stops waiting (its send raises ClosedResourceError)."""
         self.stopped = True
         self._signal()
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
 
     def finish(self) -> None:
         """Make :meth:`run` return once everything accepted so far is written."""
