@@ -388,10 +388,8 @@ class FrameWriter:
         task waiting for room stops waiting (its send raises ClosedResourceError)."""
         self.stopped = True
         self._signal()
-        room = self._room
-        if room is not None:
-            self._room = None
-            room.set()
+        if self._room is not None:
+            self._open_room()
 
     def finish(self) -> None:
         """Make :meth:`run` return once everything accepted so far is written."""
@@ -499,12 +497,17 @@ class FrameWriter:
 
     def _sent(self, size: int) -> None:
         self.queued_bytes -= size
-        room = self._room
-        if room is not None and len(self._queue) < self.max_frames:
-            self._room = None  # (set once: wait_room() makes another when one waits again)
-            room.set()
+        if self._room is not None and len(self._queue) < self.max_frames:
+            self._open_room()
         if self.on_sent is not None:
             self.on_sent()
+
+    def _open_room(self) -> None:
+        """Wake the tasks waiting for room (set once: wait_room() makes another event when
+        one waits again)."""
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
 
     def _socket(self) -> trio.socket.SocketType:
         sock = getattr(self.stream.transport, "socket", None)
