@@ -855,6 +855,8 @@ def role_minibus_worker(address: str, key_file: str) -> None:
                             result = await rate(lambda: bus.call(SERVICE, "echo", PAYLOAD), seconds, 1, warmup)
                         elif row == "mb-relay-x1":
                             result = await rate(lambda: relay.call("echo", PAYLOAD), seconds, 1, warmup)
+                        elif row == "mb-relay-xn":  # (any number in flight: in_flight.py)
+                            result = await rate(lambda: relay.call("echo", PAYLOAD), seconds, cmd["n"], warmup)
                         elif row == "mb-relay-x32":
                             result = await rate(lambda: relay.call("echo", PAYLOAD), seconds, 32, warmup)
                         elif row == "mb-fd-big-x8":

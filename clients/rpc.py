@@ -83,7 +83,7 @@ from bus.errors import (
     error_from_wire,
 )
 from bus.io.framed import FramedStream
-from bus.io.writer import FrameWriter, Gathered
+from bus.io.writer import COALESCE, FrameWriter, Gathered
 from bus.wire.frames import (
     DEFAULT_MAX_CONTROL,
     DEFAULT_MAX_FRAME,
@@ -232,8 +232,19 @@ def _what(request: Request) -> str:
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1
 _SCALARS = frozenset({str, bytes, bool, float, type(None)})
 _FIXED_SCALARS = frozenset({bool, float, type(None)})
-#: Calls made while others are in flight are written in bursts of at most this many.
-CALL_BURST = 16
+#: Calls made while others are in flight are written in bursts: once half as many as are in
+#: flight wait, and never fewer than this many (see :func:`call_burst`).
+CALL_BURST_MIN = 8
+
+
+def call_burst(in_flight: int) -> int:
+    """How many queued calls make a write when ``in_flight`` calls are in flight: half of them
+    (at least :data:`CALL_BURST_MIN`; calls of COALESCE bytes or more are not written in
+    bursts: the writer's task writes them).  The calls woken by one read of replies then go out in
+    two writes, and the service starts on the first while the second is being made: one write
+    of all of them leaves the three processes of a relayed call working one after another, and
+    smaller bursts cost every hop more per call (benchmarks/README.md, *Bursts*)."""
+    return max(CALL_BURST_MIN, (in_flight + 1) // 2)
 #: A str or bytes result up to this size surely fits one control frame with its reply.
 _SMALL_RESULT = DEFAULT_MAX_CONTROL // 8
 
@@ -1202,10 +1213,9 @@ class RpcConnection:
         # Large messages as pieces, written without a join where the channel is a socket of
         # its own (a relay wraps what it sends in frames of the bus connection anyway).
         self._gather = self.writer.direct is None
-        # Calls woken together go out in writes of CALL_BURST: the service's side starts on
-        # the first while the rest are being made (one write of all 32 left the three
-        # processes of a relayed call working one after another).
-        self.writer.burst = CALL_BURST
+        # Calls woken together go out in bursts of call_burst(calls in flight), set as they
+        # are made.
+        self.writer.burst = CALL_BURST_MIN
         self._next_id = 1
         self._pending: dict[int, _Call] = {}
         self._frames = _MessageFrames(self._announce)
@@ -1411,7 +1421,10 @@ class RpcConnection:
                     await self.writer.put_gathered(encoded)
                 elif len(self._pending) > 1:
                     # Other calls are in flight: their tasks, woken by one read, send theirs
-                    # too; the writer task sends them all at once (one frame on a relay).
+                    # too; the writer sends small ones in bursts (one frame each on a relay),
+                    # and leaves big ones to its task, which joins no more than COALESCE
+                    # bytes into one write (a burst of them would be joined whole).
+                    self.writer.burst = call_burst(len(self._pending)) if len(encoded) < COALESCE else MAX_IN_FLIGHT + 1
                     await self.writer.put_later(encoded)
                 else:
                     await self.writer.put(encoded)  # waiting for the reply is the checkpoint

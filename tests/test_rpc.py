@@ -496,3 +496,47 @@ def test_method_declarations() -> None:
         return 2 * x
 
     assert "twice" in service.sync_methods and "twice" not in service.methods
+
+
+def test_call_burst_is_half_of_the_calls_in_flight_and_at_least_the_minimum() -> None:
+    from clients.rpc import CALL_BURST_MIN, call_burst
+
+    assert [call_burst(n) for n in (1, 2, 8, 16)] == [CALL_BURST_MIN] * 4
+    assert [call_burst(n) for n in (17, 32, 33, 64, 256)] == [9, 16, 17, 32, 128]
+
+
+@pytest.mark.parametrize("in_flight", [2, 9, 33, 100])
+async def test_calls_in_flight_in_bursts_all_come_back_right(tmp_path: Path, in_flight: int) -> None:
+    """Calls made while others are in flight go out in bursts of call_burst(in flight): every
+    caller gets its own result, round after round, whatever the burst."""
+    from clients.rpc import CALL_BURST_MIN, call_burst
+
+    async with running_broker(tmp_path) as rb:
+        service = Service("org.example.Echo", description="echo")
+
+        @service.method
+        def echo(value: object) -> object:  # synchronous: answered in the channel's reader
+            return value
+
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus:
+                rpc = RpcConnection(await bus.open_channel(service.name, "rpc", "relay"))
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(rpc.run)
+                    wrong: list[tuple[int, int, object]] = []
+
+                    async def caller(i: int) -> None:
+                        for round_no in range(5):
+                            got = await rpc.call("echo", [i, round_no])
+                            if got != [i, round_no]:
+                                wrong.append((i, round_no, got))
+
+                    with trio.fail_after(30):
+                        async with trio.open_nursery() as calls:
+                            for i in range(in_flight):
+                                calls.start_soon(caller, i)
+                    assert wrong == []
+                    assert CALL_BURST_MIN <= rpc.writer.burst <= call_burst(in_flight)
+                    await rpc.aclose()
+                    nursery.cancel_scope.cancel()
