@@ -1511,33 +1511,32 @@ def run_benchmark(args: argparse.Namespace) -> None:
         if row in best and raw:
             print(f"  with the project's codec (encode_control + FrameDecoder) at both ends, {what}: {best[row]:,.0f}/s"
                   f" ({best[row] / raw:.2f} of raw; paired {pair_text(pair(row, raw_row))})")
+    def against(floor_key: str, limit_key: str, limit_name: str, row_key: str, row_name: str) -> str:
+        """A floor's ratio to its limit and the row's to the floor, best/best and paired."""
+        floor = best[floor_key]
+        return (f"({floor / best[limit_key]:.2f} of {limit_name}; paired {pair_text(pair(floor_key, limit_key))};"
+                f" the {row_name} is {best.get(row_key, 0) / floor:.2f} of it, paired {pair_text(pair(row_key, floor_key))})")
+
     raw = best.get("limit2-x1")
     if "limit2d-x1" in best and raw:
         print(f"  the project's codec and a deadline per call (a trio cancel scope, as bus.call has), 2-process x1: {best['limit2d-x1']:,.0f}/s"
-              f" ({best['limit2d-x1'] / raw:.2f} of raw; paired {pair_text(pair('limit2d-x1', 'limit2-x1'))};"
-              f" the unix-fd row is {best.get('mb-fd-x1', 0) / best['limit2d-x1']:.2f} of it, paired {pair_text(pair('mb-fd-x1', 'limit2d-x1'))})")
+              f" {against('limit2d-x1', 'limit2-x1', 'raw', 'mb-fd-x1', 'unix-fd row')}")
     raw = best.get("limit3-x1")
     if "limit3r-x1" in best and raw:
         print(f"  the project's codec and the reply handed to the call by a reader task (a bus connection's shape), 3-process x1: {best['limit3r-x1']:,.0f}/s"
               f" ({best['limit3r-x1'] / raw:.2f} of raw; paired {pair_text(pair('limit3r-x1', 'limit3-x1'))})")
     if "limit3p-x1" in best and raw:
-        floor = best["limit3p-x1"]
         print(f"  the protocol's shape at the ends (each RPC frame in a DATA frame, cut twice; the reply handed over by a reader task"
               f" to a parked call, as RpcConnection does; no deadline, as the relay rows have none),"
-              f" 3-process x1: {floor:,.0f}/s ({floor / raw:.2f} of raw; paired {pair_text(pair('limit3p-x1', 'limit3-x1'))};"
-              f" the relayed x1 row is {best.get('mb-relay-x1', 0) / floor:.2f} of it, paired {pair_text(pair('mb-relay-x1', 'limit3p-x1'))})")
+              f" 3-process x1: {best['limit3p-x1']:,.0f}/s {against('limit3p-x1', 'limit3-x1', 'raw', 'mb-relay-x1', 'relayed x1 row')}")
     if "bulk-floor" in best and best.get("bulk-raw"):
-        floor = best["bulk-floor"]
         print(f"  the 1 MiB unix-fd row's floor at the receiver (minibus's 1 MiB call bodies over a raw socket, each read into one"
-              f" buffer, the same for every body, and decoded by cbor2 from it): {fmt(floor, 'bytes')}"
-              f" ({floor / best['bulk-raw']:.2f} of the raw socket; paired {pair_text(pair('bulk-floor', 'bulk-raw'))};"
-              f" the RPC row is {best.get('mb-fd-big-x8', 0) / floor:.2f} of it, paired {pair_text(pair('mb-fd-big-x8', 'bulk-floor'))})")
+              f" buffer, the same for every body, and decoded by cbor2 from it): {fmt(best['bulk-floor'], 'bytes')}"
+              f" {against('bulk-floor', 'bulk-raw', 'the raw socket', 'mb-fd-big-x8', 'RPC row')}")
     if "mb-relay-bulk" in best and best.get("bulk-3p"):
-        floor = best["mb-relay-bulk"]
         print(f"  the relayed 1 MiB row's floor without RPC (1 MiB writes on a plain relayed channel, the service's end taking the bytes"
-              f" as they come): {fmt(floor, 'bytes')} ({floor / best['bulk-3p']:.2f} of the 3-process limit;"
-              f" paired {pair_text(pair('mb-relay-bulk', 'bulk-3p'))};"
-              f" the RPC row is {best.get('mb-relay-big-x8', 0) / floor:.2f} of it, paired {pair_text(pair('mb-relay-big-x8', 'mb-relay-bulk'))})")
+              f" as they come): {fmt(best['mb-relay-bulk'], 'bytes')}"
+              f" {against('mb-relay-bulk', 'bulk-3p', 'the 3-process limit', 'mb-relay-big-x8', 'RPC row')}")
     print("Paired ratios, round by round (minibus or the floor first in rounds 1, 3, ...; its limit first in rounds 2, 4, ...):")
     for name, result in paired.items():
         if result:

@@ -322,12 +322,8 @@ async def test_a_stuck_subscriber_gets_its_gap_when_its_queue_drains_with_nothin
 
 async def emitter_and_subscriber(rb: Any) -> tuple[FramedStream, FramedStream]:
     """An emitter owning org.example.A, and a subscriber to its events (raw connections)."""
-    emitter = await raw_connect(rb.unix_address, OWNER)
-    await emitter.send_message({"op": "hello", "id": 1, "name": "org.example.A"})
-    await reply_to(emitter, 1)
-    sub = await raw_connect(rb.unix_address, FRIEND)
-    await sub.send_message({"op": "hello", "id": 1})
-    await reply_to(sub, 1)
+    emitter, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+    sub, _ = await _hello(rb.unix_address, FRIEND)
     await sub.send_message({"op": "subscribe", "id": 2, "source": "org.example.A"})
     await reply_to(sub, 2)
     return emitter, sub
