@@ -429,11 +429,23 @@ _KEY_SIZES = {
     )
 }
 
-#: The bytes that may begin an item written shorter than its canonical form: every tag (major
-#: type 6; info 28-31 is refused by the decoder), and an indefinite-length string, array or
-#: map (0x5F, 0x7F, 0x9F, 0xBF: its start and break take two bytes, as a canonical head of 24
-#: to 255 items does, and fewer than a head of 256 or more).
-_SHORT_WAYS = bytes(range(0xC0, 0xDC)) + bytes((0x5F, 0x7F, 0x9F, 0xBF))
+#: The bytes that may begin an item that takes no more bytes than the canonical form of what
+#: cbor2 makes of it, when that is plain (:func:`_canonical_size` measures only plain values):
+#:
+#: * 0xC2 and 0xC3, a bignum (tags 2 and 3) in a one-byte head: an integer of 2**32 or more
+#:   (or below -2**32) takes 9 bytes canonically and as few as 3 as a bignum;
+#: * 0xD8 to 0xDB, every tag of 24 or more, and every tag written long: the ones cbor2 reads
+#:   through to a plain value -- a shared value and its references (28, 29), string
+#:   references (256, 25), self-describe (55799) -- and a bignum's tag in a long head;
+#: * 0x9F and 0xBF, an indefinite-length array or map: its start and break take two bytes, as
+#:   a canonical head of 24 to 255 items does, and fewer than a head of 256 or more.
+#:
+#: Nothing else can: every other one-byte tag head (tags 0-23 but 2 and 3) makes cbor2 build
+#: a value that is not plain (a datetime, a Decimal, a CBORTag) or fail
+#: (tests/test_frames.py holds cbor2 to that); an indefinite-length string (0x5F, 0x7F) takes
+#: at least two bytes more than its canonical form (its start, its break and a head per
+#: chunk, against one head); every other liberty (a long head, a duplicate key) adds bytes.
+_SHORT_WAYS = bytes((0xC2, 0xC3, 0xD8, 0xD9, 0xDA, 0xDB, 0x9F, 0xBF))
 
 
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
@@ -535,8 +547,9 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
     The quickest way first: cbor2's C decoder (it never allocates more than 64 KiB ahead of
     the bytes it has, and refuses nesting past 400), then one walk over what it built that
     measures its canonical encoding (:func:`_canonical_size`); a body of that length with no
-    byte in it that could begin a tag or an indefinite length is in the profile (see the
-    comment in the code).  Else the quick
+    byte in it that could begin an item as short as its canonical form (a few tags, an
+    indefinite-length array or map: ``_SHORT_WAYS``) is in the profile (see the comment in
+    the code).  Else the quick
     way: the walk over what cbor2 built (plain types, depth, the item budget) and cbor2's own
     encoding of it compared with the body:
     equal bytes are in the profile (shortest forms, definite lengths, no duplicate keys, no
@@ -569,20 +582,20 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         raise FrameError(f"control body does not decode: {exc}") from exc
     budget = max_items if max_items is not None else len(body) + 1
     if type(message) is dict and type(body) is bytes:
-        # Without a second encoding: with no tag and no indefinite length, every way of
-        # writing a plain value other than the canonical one (a head longer than it need be,
-        # a duplicate key whose value was dropped) takes more bytes than the canonical form
-        # of what was decoded.  Tags (a bignum, a string or shared reference) and indefinite
-        # lengths (the start and the break of 256 items or more take fewer bytes than their
-        # canonical head) can take fewer, and make up for the others' extra bytes -- so a
-        # body in which no byte could begin one (_SHORT_WAYS), whose decoded value is plain
-        # and float-free and measures exactly the body's length, is in the profile.  Anything
+        # Without a second encoding: every way of writing a plain value other than the
+        # canonical one (a head longer than it need be, a duplicate key whose value was
+        # dropped, an indefinite-length string) takes more bytes than the canonical form of
+        # what was decoded, but for a few tags (a bignum, a string or shared reference) and
+        # indefinite-length arrays and maps, which can take as many or fewer, and make up
+        # for the others' extra bytes -- so a body in which no byte could begin one of those
+        # (_SHORT_WAYS, which says why the others cannot), whose decoded value is plain and
+        # float-free and measures exactly the body's length, is in the profile.  Anything
         # else takes the ways below, which decide.
         size, items = _canonical_size(message, 1)
         if size >= 0:
             # Plain, float-free and no deeper than the profile allows (what _items_within
-            # would find out again): the bytes decide.  A byte that could begin a tag or an
-            # indefinite length -- most often one inside a byte string -- leaves it to the
+            # would find out again): the bytes decide.  A byte that could begin one of the
+            # short ways -- most often one inside a byte string or an integer -- leaves it to the
             # canonical encoding, compared; anything else to check_cbor, which refuses a body
             # not in its canonical form (saying why) and steps over a few big strings quicker
             # than a comparison (see below).
