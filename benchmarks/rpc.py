@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """RPC benchmark for the performance issue: minibus beside D-Bus and beside the Python + trio limits.
 
-Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--pin] [--json FILE]
+Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--pin] [--only ROW,...] [--json FILE]
       python benchmarks/rpc.py --budget [--budget-row ROW] [--budget-limit FLOOR] [--quick]   # the per-hop budget of one row
 
 ``--pin`` runs every caller (minibus's and the limits') on one CPU and their other processes
@@ -1449,6 +1449,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
             by_round.append({})
             peer_done: set[str] = set()
             for _label, ours, peer_row, limit_row, *_ in TABLE:
+                if args.only and ours not in args.only:
+                    continue
                 order = [ours, limit_row, *FLOORS.get(ours, [])]
                 for key in order if round_no % 2 == 0 else order[::-1]:
                     measure(key, minibus.worker if key.startswith("mb-") else limits.worker, key)
@@ -1895,6 +1897,11 @@ def main() -> None:
         help="the callers of minibus and of the limits on one CPU, their other processes on another (the D-Bus peers"
         " unpinned; the table run only, not --budget)",
     )
+    parser.add_argument(
+        "--only", type=lambda text: text.split(","), metavar="ROW[,ROW]",
+        help=f"measure only these table rows, by their minibus row ({', '.join(row[1] for row in TABLE)}), with their limits,"
+        " floors and peers (for holding two trees side by side on one row)",
+    )
     parser.add_argument("--budget", action="store_true", help="the per-hop budget of one row instead (CPU, system calls, profile)")
     parser.add_argument("--budget-row", default="mb-relay-x1", choices=sorted(BUDGET_ROWS), help="the row --budget looks at")
     parser.add_argument(
@@ -1910,6 +1917,9 @@ def main() -> None:
     ):
         parser.error(f"--budget-limit {args.budget_limit} is not a limit of {args.budget_row}'s topology and calls in flight"
                      f" (the 1- and 32-in-flight rows only: limit2*-x1 for mb-fd-x1, limit3*-x1 or limit3*-x32 for the relayed ones)")
+    unknown = [row for row in args.only or [] if row not in {table_row[1] for table_row in TABLE}]
+    if unknown:
+        parser.error(f"--only: no table row {', '.join(unknown)} (the rows: {', '.join(row[1] for row in TABLE)})")
     if args.pin and args.budget:
         parser.error("--pin is for the table run; --budget measures unpinned")
     if args.budget:
