@@ -90,7 +90,12 @@ Rows (per subscriber count and payload size), all measured in the same run:
   the lead rule stops it first) -- so the forwarder's reads, and its one write per subscriber a
   read, carry bursts as busd's do: minibus's topology at the least CPU per event.  It swaps
   all three parts at once, and it can beat the judged limit, whose writer sends each event on
-  its own to every socket.
+  its own to every socket.  ``limit fed xB checked``: the protocol's shape at that least CPU --
+  ``limit fed xB`` with the profile check where the protocol puts it (the forwarder decodes
+  each emit with ``bus.wire.frames.decode_control_body``, as busd checks every frame a peer
+  sends; a client trusts what its broker sends, so the subscribers only ``cbor2.loads``) and
+  the API-shaped subscribers: what minibus's topology, protocol and API cost together with
+  nothing else of minibus's (no routing, no accounting, no queues, no event objects).
 
 How a cell is measured: the emitter emits for a fixed window (``--seconds``) as fast as its API
 lets it, but never more than ``LEAD`` events ahead of the slowest subscriber.  (Subscribers write
@@ -176,9 +181,16 @@ LIMIT_TARGET = 0.8  # issue 13: minibus publish >= 0.8 x the trio limit (one sen
 LIMIT_BATCH = 16  # events per send in the limit's coalescing variant (reported, not the target)
 # The floors (reported beside the judged limit, never judged): the flavours and their columns.
 FLOOR_MINIBUS_SUBS, FLOOR_API_SUBS, FLOOR_BUSD = "minibus-subs", "api-subs", "limit-subs"
+FLOOR_FED_CHECKED = "fed-checked"  # (labelled by checked_floor_label(): its emitter batches)
 FLOOR_LABELS = {FLOOR_MINIBUS_SUBS: "limit -> minibus subs", FLOOR_API_SUBS: "limit -> API-shaped subs",
                 FLOOR_BUSD: "busd -> limit subs"}
 FLOORS = True  # --no-floors leaves them out
+
+
+def checked_floor_label() -> str:
+    """The protocol-shaped floor's column: ``limit fed xB`` with the profile check where the
+    protocol puts it and the API's shape at the subscribers (see "Floors")."""
+    return f"limit fed x{LIMIT_BATCH} checked"
 
 
 def fed_batched_label() -> str:
@@ -926,16 +938,18 @@ def role_emit_limit(path: str, shm: str) -> None:
         sock.close()
 
 
-def role_limit_forward(sub_fd: int, emit_fd: int, n: int) -> None:
+def role_limit_forward(sub_fd: int, emit_fd: int, n: int, checked: int = 0) -> None:
     """The fed limit's middle: what a broker must do at the least.  Per read of the emitter's
     socket: cut the frames, ``cbor2.loads`` each body, build the event map busd sends (source,
     member, payload from the emit; sender and identity its own), ``cbor2.dumps`` it once with a
     10-byte header, then one ``send`` per subscriber socket of all the read's events joined (busd
-    too writes a subscriber once per read burst).  No checks, no routing, no queues."""
+    too writes a subscriber once per read burst).  No checks, no routing, no queues.  With
+    ``checked`` (the protocol-shaped floor), each body is decoded by the profile check every
+    peer's frames get where they enter busd (``bus.wire.frames.decode_control_body``) instead."""
     import cbor2
     import trio
 
-    from bus.wire.frames import HEADER
+    from bus.wire.frames import HEADER, decode_control_body
     from bus.wire.identity import Identity
 
     socks = []
@@ -952,7 +966,7 @@ def role_limit_forward(sub_fd: int, emit_fd: int, n: int) -> None:
     identity = Identity.generate().id
 
     async def pump() -> None:
-        loads, dumps, pack, unpack = cbor2.loads, cbor2.dumps, HEADER.pack, HEADER.unpack_from
+        loads, dumps, pack, unpack = decode_control_body if checked else cbor2.loads, cbor2.dumps, HEADER.pack, HEADER.unpack_from
         rest = b""
         while True:
             await trio.lowlevel.wait_readable(emitter)
@@ -1585,6 +1599,8 @@ class Setup:
             sub_role = "sub-minibus"
         elif (system, flavour) == ("limit", FLOOR_API_SUBS):
             sub_role = "sub-limit-api"
+        elif (system, flavour) == ("limit", FLOOR_FED_CHECKED):
+            sub_role = "sub-limit-api"
         try:
             if system == "limit":
                 # The limit's processes get listening sockets made here (so that subscribers
@@ -1596,12 +1612,13 @@ class Setup:
                 try:
                     listener.bind(str(path))
                     listener.listen(256)
-                    if flavour == "fed":
+                    if flavour in ("fed", FLOOR_FED_CHECKED):
                         # 3 processes, like minibus: emitter -> forwarder -> subscribers
                         emit_listener.bind(str(emit_path))
                         emit_listener.listen(1)
                         fds = (listener.fileno(), emit_listener.fileno())
-                        self.middle = Proc("limit forwarder", me("limit-forward", *fds, n), bench.tmp, pass_fds=fds)
+                        checked = int(flavour == FLOOR_FED_CHECKED)
+                        self.middle = Proc("limit forwarder", me("limit-forward", *fds, n, checked), bench.tmp, pass_fds=fds)
                         self.broker = LimitHandle(self.middle.pid, str(path))
                     elif flavour == FLOOR_MINIBUS_SUBS:
                         # 1 process, as the limit, letting minibus clients in as busd would first
@@ -1728,6 +1745,7 @@ def variants_list() -> list[tuple[str, str, int, str]]:
         *([("limit", "trio", LIMIT_BATCH, f"limit batched x{LIMIT_BATCH}")] if LIMIT_BATCH > 1 else []),
         ("limit", "fed", 1, "limit fed"),
         *([("limit", "fed", LIMIT_BATCH, fed_batched_label())] if FLOORS and LIMIT_BATCH > 1 else []),
+        *([("limit", FLOOR_FED_CHECKED, LIMIT_BATCH, checked_floor_label())] if FLOORS else []),
         *([("limit", FLOOR_MINIBUS_SUBS, 1, FLOOR_LABELS[FLOOR_MINIBUS_SUBS]),
            ("limit", FLOOR_API_SUBS, 1, FLOOR_LABELS[FLOOR_API_SUBS]),
            ("minibus", FLOOR_BUSD, 1, FLOOR_LABELS[FLOOR_BUSD])] if FLOORS else []),
@@ -1972,7 +1990,7 @@ def floors_table(cells: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     """The floors beside the judged limit, each as a ratio to the limit of the same run: which
     part (busd, the subscriber client, the API's shape) holds minibus below the target, and
     the CPU per delivered event of each party (broker/writer + emitter + subscribers)."""
-    labels = [*([fed_batched_label()] if LIMIT_BATCH > 1 else []), *(FLOOR_LABELS[f] for f in (FLOOR_MINIBUS_SUBS, FLOOR_API_SUBS, FLOOR_BUSD))]
+    labels = [*([fed_batched_label()] if LIMIT_BATCH > 1 else []), checked_floor_label(), *(FLOOR_LABELS[f] for f in (FLOOR_MINIBUS_SUBS, FLOOR_API_SUBS, FLOOR_BUSD))]
     if not any(label in cell for cell in cells.values() for label in labels):
         return []
 
