@@ -1255,6 +1255,49 @@ _INNER_ITEMS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("chunks", "more"),
+    [
+        ([], 1), ([b""], 2), ([b"a"], 2), ([b"a", b""], 3), ([b"ab" * 12], 2), ([b"a" * 23, b"a"], 2),
+        ([b"a" * 255, b"a"], 2), ([b"a" * 65535, b"a"], 1), ([b"a" * 65535, b"a" * 23], 1),
+    ],
+)
+def test_an_indefinite_length_string_takes_at_least_one_byte_more_than_its_canonical_form(chunks: list[bytes], more: int) -> None:
+    """What lets _SHORT_WAYS leave out 0x5F and 0x7F: an indefinite-length string is longer
+    than the canonical form of what cbor2 makes of it -- by one byte at the least (no chunk,
+    or 65536 bytes or more in chunks with shorter heads) -- so it cannot make up for a long
+    head elsewhere; a body holding one is refused."""
+    from bus.wire.frames import _SHORT_WAYS, _canonical_size
+
+    for major in (2, 3):
+        item = bytes((major << 5 | 31,)) + b"".join(cbor2.dumps(c if major == 2 else c.decode()) for c in chunks) + b"\xff"
+        body = b"\xa1\x61a" + item
+        size, _ = _canonical_size(cbor2.loads(body), 1)
+        assert len(body) - size == more
+        assert not set(body) & set(_SHORT_WAYS)
+        with pytest.raises(FrameError):
+            decode_control_body(body)
+
+
+@pytest.mark.parametrize(
+    ("value", "spare"),
+    [
+        (2**16 - 1, -1), (2**16, 0), (2**24 - 1, 0), (2**24, -1), (2**32 - 1, -1), (2**32, 2), (2**40 - 1, 2),
+        (2**40, 1), (2**48 - 1, 1), (2**48, 0), (2**56 - 1, 0), (2**56, -1), (2**64 - 1, -1),
+    ],
+)
+def test_a_bignum_is_as_short_as_the_canonical_form_where_short_ways_says(value: int, spare: int) -> None:
+    """_SHORT_WAYS's reason for 0xC2 and 0xC3: a bignum (without leading zeros) takes fewer
+    bytes than the canonical form of its integer from 2**32 to 2**48 - 1, as many from 2**16
+    to 2**24 - 1 and from 2**48 to 2**56 - 1, and more elsewhere; the same for tag 3 and the
+    negative integers one below."""
+    digits = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    for tag, number in ((0xC2, value), (0xC3, -1 - value)):
+        bignum = bytes((tag, 0x40 | len(digits))) + digits
+        assert cbor2.loads(bignum) == number
+        assert len(cbor2.dumps(number)) - len(bignum) == spare
+
+
 @pytest.mark.parametrize("tag", [t for t in range(24) if t not in (2, 3)])
 def test_a_one_byte_tag_other_than_a_bignum_never_decodes_to_a_plain_value(tag: int) -> None:
     """What lets _SHORT_WAYS leave out the one-byte heads of tags 0-23 but 2 and 3: cbor2 reads

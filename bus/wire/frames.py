@@ -432,8 +432,10 @@ _KEY_SIZES = {
 #: The bytes that may begin an item that takes no more bytes than the canonical form of what
 #: cbor2 makes of it, when that is plain (:func:`_canonical_size` measures only plain values):
 #:
-#: * 0xC2 and 0xC3, a bignum (tags 2 and 3) in a one-byte head: an integer of 2**32 or more
-#:   (or below -2**32) takes 9 bytes canonically and as few as 3 as a bignum;
+#: * 0xC2 and 0xC3, a bignum (tags 2 and 3) in a one-byte head: an integer of 2**32 to
+#:   2**48 - 1 (or -2**48 to -2**32 - 1) takes 9 bytes canonically and 7 or 8 as a bignum, and
+#:   one of 2**16 to 2**24 - 1 or 2**48 to 2**56 - 1 (or of the negative ranges one below
+#:   those) as many;
 #: * 0xD8 to 0xDB, every tag of 24 or more, and every tag written long: the ones cbor2 reads
 #:   through to a plain value -- a shared value and its references (28, 29), string
 #:   references (256, 25), self-describe (55799) -- and a bignum's tag in a long head;
@@ -443,8 +445,10 @@ _KEY_SIZES = {
 #: Nothing else can: every other one-byte tag head (tags 0-23 but 2 and 3) makes cbor2 build
 #: a value that is not plain (a datetime, a Decimal, a CBORTag) or fail
 #: (tests/test_frames.py holds cbor2 to that); an indefinite-length string (0x5F, 0x7F) takes
-#: at least two bytes more than its canonical form (its start, its break and a head per
-#: chunk, against one head); every other liberty (a long head, a duplicate key) adds bytes.
+#: at least one byte more than its canonical form (its start, its break and a head per chunk,
+#: against one head: two more for one chunk; one more for none, or for 65536 bytes or more cut
+#: into chunks under 65536, as a 3-byte head and a 1-byte one against a 5-byte head); every
+#: other liberty (a long head, a duplicate key) adds bytes.
 _SHORT_WAYS = bytes((0xC2, 0xC3, 0xD8, 0xD9, 0xDA, 0xDB, 0x9F, 0xBF))
 
 
