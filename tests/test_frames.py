@@ -1236,7 +1236,8 @@ def test_a_canonical_body_with_bytes_that_cannot_shorten_it_is_taken_by_its_meas
     of a canonical body leave it to its measure: it is not encoded again."""
     import bus.wire.frames as frames_module
 
-    others = bytes(b for b in range(0xC0, 0xE0) if b not in frames_module._SHORT_WAYS) + b"\x5f\x7f\xff\xf7"
+    # (Written out, not worked out from _SHORT_WAYS: a byte put back in the scan fails this.)
+    others = bytes((0xC0, 0xC1, *range(0xC4, 0xD8), *range(0xDC, 0xE0), 0x5F, 0x7F, 0xFF, 0xF7))
     message = {"op": "call", "id": 0xC5_D0_5F, "method": "echo", "args": [others, "\x7f\x5f"], "re": -0xD4}
     body = cbor2.dumps(message)
     assert b"\xc5\xd0\x5f" in body and b"\x38\xd3" in body  # (the integers' bytes are among them)
