@@ -1250,6 +1250,17 @@ def test_a_canonical_body_with_bytes_that_cannot_shorten_it_is_taken_by_its_meas
     assert decode_control_body(body, 4096) == message
 
 
+def test_the_scan_looks_for_exactly_the_bytes_of_short_ways() -> None:
+    """_holds_short_way (the quick way's scan) and _SHORT_WAYS (the bytes argued for) are the
+    same bytes: each byte alone, and each inside a body of bytes that are not."""
+    from bus.wire.frames import _SHORT_WAYS, _holds_short_way
+
+    for byte in range(256):
+        assert _holds_short_way(bytes((byte,))) == (byte in _SHORT_WAYS), hex(byte)
+        assert _holds_short_way(b"x" * 1000 + bytes((byte,)) + b"x" * 50) == (byte in _SHORT_WAYS), hex(byte)
+    assert not _holds_short_way(bytes(b for b in range(256) if b not in _SHORT_WAYS) * 8)
+
+
 _INNER_ITEMS = [
     0, 23, 24, 2**32, 2**64 - 1, -1, -(2**40), b"", b"\x01\x02", "", "2020-01-01T00:00:00Z", "1", [], [1, 2], [-2, 3],
     [1, [2]], {}, {"a": 1}, {1: "b"}, None, True, False, 1.5, 0.0,

@@ -452,6 +452,17 @@ _KEY_SIZES = {
 _SHORT_WAYS = bytes((0xC2, 0xC3, 0xD8, 0xD9, 0xDA, 0xDB, 0x9F, 0xBF))
 
 
+def _holds_short_way(body: bytes) -> bool:
+    """Whether a byte of :data:`_SHORT_WAYS` is in ``body`` (tests hold the two to the same
+    bytes): one ``memchr`` per byte, as quick as deleting them with ``bytes.translate`` and
+    comparing lengths for a short body, five times quicker for a body of a KiB and more (the
+    translation copies the body and looks up every byte)."""
+    return (
+        0xC2 in body or 0xC3 in body or 0xD8 in body or 0xD9 in body
+        or 0xDA in body or 0xDB in body or 0x9F in body or 0xBF in body
+    )
+
+
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
 #: (about 1 us an item) costs less than encoding it again and comparing (about 0.5 ns a byte).
 _BYTES_PER_CHECKED_ITEM = 2048
@@ -604,7 +615,7 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
             # not in its canonical form (saying why) and steps over a few big strings quicker
             # than a comparison (see below).
             if size == len(body) and items <= budget and items * _BYTES_PER_CHECKED_ITEM >= size:
-                if len(body.translate(None, _SHORT_WAYS)) == size or cbor2.dumps(message) == body:
+                if not _holds_short_way(body) or cbor2.dumps(message) == body:
                     return message
             check_cbor(body, max_items)
             return message
