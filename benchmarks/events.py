@@ -1597,9 +1597,7 @@ class Setup:
             sub_role, sub_extra, emit_extra = "sub-busd-limit", [FLOOR_EMITTER_NAME], [FLOOR_EMITTER_NAME]
         elif (system, flavour) == ("limit", FLOOR_MINIBUS_SUBS):
             sub_role = "sub-minibus"
-        elif (system, flavour) == ("limit", FLOOR_API_SUBS):
-            sub_role = "sub-limit-api"
-        elif (system, flavour) == ("limit", FLOOR_FED_CHECKED):
+        elif system == "limit" and flavour in (FLOOR_API_SUBS, FLOOR_FED_CHECKED):
             sub_role = "sub-limit-api"
         try:
             if system == "limit":
