@@ -410,6 +410,54 @@ async def test_a_body_out_of_the_profile_in_a_run_of_emits_is_refused_after_thos
         assert "shortest" in messages[-1]["message"]
 
 
+def _emit_shortened_by_a_string_reference() -> tuple[dict[str, Any], bytes]:
+    """An emit, and a body that cbor2 reads to exactly it and that is exactly as long as its
+    canonical encoding, but written otherwise: a string reference (tags 256 and 25) saves the
+    second copy of a string, and a duplicate key whose first value is dropped gives the bytes
+    back.  Only the check's scan for the short ways (or the slow walk) can refuse it."""
+    import cbor2
+
+    text = "abcdefghijklmnopqrstuvwxyz"
+    message = {"op": "emit", "id": 2, "source": "org.example.A", "member": "Tick", "payload": [text, text], "quiet": True}
+
+    def pair(key: str, value: Any) -> bytes:
+        return cbor2.dumps(key) + cbor2.dumps(value)
+
+    # (The namespace numbers the strings of 3 bytes or more as they are read: "emit" 0,
+    # "source" 1, "org.example.A" 2, "member" 3, "Tick" 4, "payload" 5, the text 6.)
+    head = bytes.fromhex("d90100a7") + pair("op", "emit") + pair("id", 2) + pair("source", "org.example.A") + pair("member", "Tick")
+    head += cbor2.dumps("payload") + b"\x82" + cbor2.dumps(text) + bytes.fromhex("d81906")
+    tail = pair("quiet", True)
+    filler = len(cbor2.dumps(message)) - len(head) - len(tail) - len(cbor2.dumps("quiet")) - 1
+    body = head + cbor2.dumps("quiet") + bytes((0x40 | filler,)) + bytes(filler) + tail
+    assert cbor2.loads(body) == message and len(body) == len(cbor2.dumps(message)) and body != cbor2.dumps(message)
+    return message, body
+
+
+async def test_an_emit_shortened_by_a_tag_cuts_its_sender_and_no_subscriber_sees_it(tmp_path: Path) -> None:
+    """A peer's emit whose body is out of the CBOR profile yet reads to a plain message of
+    exactly its canonical length is refused where it enters: the emitter gets the frame error
+    and is cut; the subscriber gets the emit before it and not this one, and goes on getting
+    events (from the emitter that comes back) and answers."""
+    from bus.wire.frames import HEADER
+
+    _, body = _emit_shortened_by_a_string_reference()
+    async with running_broker(tmp_path) as rb:
+        emitter, sub = await emitter_and_subscriber(rb)
+        good = encode_control(0, {"op": "emit", "id": 1, "source": "org.example.A", "member": "Tick", "payload": 1, "quiet": True})
+        await emitter.stream.send_all(good + HEADER.pack(1, 0, 0, len(body)) + body)
+        messages = await read_until_closed(emitter)
+        assert messages[-1]["event"] == "error" and messages[-1]["code"] == "minibus.Error.Frame"
+        assert await event_payloads(sub, 1) == [1]
+        again, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+        await again.send_message({"op": "emit", "id": 3, "source": "org.example.A", "member": "Tick", "payload": 3, "quiet": True})
+        assert await event_payloads(sub, 1) == [3]  # (nothing of the refused emit came before it)
+        await sub.send_message({"op": "ping", "id": 9})
+        await reply_to(sub, 9)
+        await again.aclose()
+        await sub.aclose()
+
+
 async def test_the_reader_takes_a_read_of_requests_a_part_at_a_time(tmp_path: Path, monkeypatch: Any) -> None:
     """Checking and decoding a read's requests costs CPU per byte and item (a read holds up
     to 256 KiB: some 100 ms of checking, at worst): busd's reader takes at most RUN_BYTES of
