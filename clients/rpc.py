@@ -245,6 +245,8 @@ def call_burst(in_flight: int) -> int:
     of all of them leaves the three processes of a relayed call working one after another, and
     smaller bursts cost every hop more per call (benchmarks/README.md, *Bursts*)."""
     return max(CALL_BURST_MIN, (in_flight + 1) // 2)
+
+
 #: A str or bytes result up to this size surely fits one control frame with its reply.
 _SMALL_RESULT = DEFAULT_MAX_CONTROL // 8
 

@@ -388,8 +388,7 @@ class FrameWriter:
         task waiting for room stops waiting (its send raises ClosedResourceError)."""
         self.stopped = True
         self._signal()
-        if self._room is not None:
-            self._open_room()
+        self._open_room()
 
     def finish(self) -> None:
         """Make :meth:`run` return once everything accepted so far is written."""
