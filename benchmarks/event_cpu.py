@@ -2,7 +2,7 @@
 """CPU per event of each party of the event path, one at a time, without the noise of the
 other parties' scheduling (issue 13): for judging a change to one of them.
 
-Run:  python benchmarks/event_cpu.py [--parts subscriber,floor,publish,busd] [--json FILE]
+Run:  python benchmarks/event_cpu.py [--parts subscriber,floor,publish,busd] [--size 64] [--json FILE]
 
 * **subscriber**: this process holds N client connections (``open_bus`` + ``subscribe``,
   consumed by one ``async for`` task each, counting) to a scripted broker in the same process
@@ -298,8 +298,12 @@ async def busd_cpu(n: int, burst: int, events: int, size: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="subscriber,publish,busd", help="which parties, comma-separated")
+    parser.add_argument("--size", type=int, default=64, help="payload bytes (64; the fan-out table's rows have 64 and 1024)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args()
+    size = args.size
+    if size < HEAD.size:
+        parser.error(f"--size: at least {HEAD.size} bytes (the payload's header)")
     parts = args.parts.split(",")
     results: dict[str, float] = {}
 
@@ -308,17 +312,17 @@ def main() -> None:
         print(f"{label:<44} {value:7.2f} {unit}", flush=True)
 
     if "subscriber" in parts:
-        show("subscriber process, 10 conns, 16-event bursts", trio.run(subscriber_cpu, 10, 16, 30000, 64))
-        show("subscriber process, 10 conns, 2-event bursts", trio.run(subscriber_cpu, 10, 2, 8000, 64))
+        show("subscriber process, 10 conns, 16-event bursts", trio.run(subscriber_cpu, 10, 16, 30000, size))
+        show("subscriber process, 10 conns, 2-event bursts", trio.run(subscriber_cpu, 10, 2, 8000, size))
     if "floor" in parts:
-        show("API-shaped floor, 10 conns, 16-event bursts", trio.run(floor_cpu, 10, 16, 30000, 64))
-        show("API-shaped floor, 10 conns, 2-event bursts", trio.run(floor_cpu, 10, 2, 8000, 64))
+        show("API-shaped floor, 10 conns, 16-event bursts", trio.run(floor_cpu, 10, 16, 30000, size))
+        show("API-shaped floor, 10 conns, 2-event bursts", trio.run(floor_cpu, 10, 2, 8000, size))
     if "publish" in parts:
-        show("publish (64 B payload)", trio.run(publish_cpu, 100000, 64))
+        show(f"publish ({size} B payload)", trio.run(publish_cpu, 100000, size))
     if "busd" in parts:
-        show("busd, 1 subscriber, 16-emit bursts", trio.run(busd_cpu, 1, 16, 30000, 64))
-        show("busd, 10 subscribers, 16-emit bursts", trio.run(busd_cpu, 10, 16, 10000, 64))
-        per_event = trio.run(busd_cpu, 100, 16, 1500, 64)
+        show("busd, 1 subscriber, 16-emit bursts", trio.run(busd_cpu, 1, 16, 30000, size))
+        show("busd, 10 subscribers, 16-emit bursts", trio.run(busd_cpu, 10, 16, 10000, size))
+        per_event = trio.run(busd_cpu, 100, 16, 1500, size)
         show("busd, 100 subscribers, 16-emit bursts", per_event / 100, "us CPU per delivery")
     if args.json:
         Path(args.json).write_text(json.dumps({"python": sys.version.split()[0], "results": results}, indent=2) + "\n")

@@ -1382,6 +1382,129 @@ def test_event_frames_refuse_text_that_is_no_utf8_as_encode_control_does() -> No
     assert not events._parts
 
 
+# -- a trusted run knows the broker's events of one kind by their bytes --------------------------
+
+_KINDS = [
+    ("org.example.A", "Tick", ":3", "k" * 44),
+    ("org.example.A", "Tock", ":3", "k" * 44),
+    ("org.example.B", "Tick", ":4", "j" * 44),
+    ("é€", "Tick", "", ""),
+]
+
+
+def _event_body(kind: int, payload_item: bytes) -> bytes:
+    """An event's body as busd writes it, with ``payload_item`` (the payload's CBOR item, as
+    given: any head, or anything else) in its place."""
+    source, member, sender, identity = _KINDS[kind]
+    dumps = cbor2.dumps
+    return (
+        b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload")
+        + payload_item
+        + dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event")
+    )
+
+
+def _bytes_written(data: bytes, way: int) -> bytes:
+    """A byte string's item: its shortest head (way 0), a head in 1, 2, 4 or 8 bytes whatever
+    its length (ways 1-4), or in chunks (5)."""
+    n = len(data)
+    if way == 0:
+        return cbor2.dumps(data)
+    if way == 5:
+        return b"\x5f" + cbor2.dumps(data[:1]) + cbor2.dumps(data[1:]) + b"\xff"
+    size = 1 << (way - 1)
+    if n >= 1 << (8 * size):
+        return cbor2.dumps(data)
+    return bytes((0x57 + way,)) + n.to_bytes(size, "big") + data
+
+
+_payload_items = (
+    st.tuples(st.binary(max_size=300), st.integers(0, 5)).map(lambda t: _bytes_written(*t))
+    | st.builds(cbor2.dumps, st.text(max_size=20) | st.integers() | st.none() | st.lists(st.integers(), max_size=3))
+    | st.sampled_from([b"", b"\x41", b"\x41x\x41y", b"\x58", b"\x59\x00", b"\x5b" + bytes(8), b"\x42x", b"\x5f\xff", b"\xc2\x41\x01"])
+    # (heads no byte string has, each followed by what a head in 16 to 128 bytes would count)
+    | st.sampled_from([bytes((head,)) + (3).to_bytes(1 << (head - 0x58), "big") + b"abc" for head in (0x5C, 0x5D, 0x5E, 0x5F)])
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.integers(0, len(_KINDS) - 1), _payload_items), min_size=1, max_size=10),
+    others=st.lists(st.tuples(st.integers(0, 9), messages), max_size=2),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+    cuts=st.lists(st.integers(1, 600), max_size=4),
+    pattern=st.lists(st.booleans(), max_size=4),
+)
+def test_a_trusted_run_makes_of_event_bodies_what_cbor2_makes_of_them(
+    events: list[tuple[int, bytes]], others: list[tuple[int, dict[str, Any]]], damage: list[tuple[int, int]],
+    cuts: list[int], pattern: list[bool],
+) -> None:
+    """A trusted run makes the broker's events of a kind it decoded before without cbor2: it
+    still gives exactly what cbor2 gives (next_frame's way), in order, whatever the payload's
+    item is (a byte string with any head, in chunks, no byte string, two items, cut short),
+    with other messages between them, damaged bytes and any reads."""
+    encoded = [HEADER.pack(1, 0, 0, len(body)) + body for body in (_event_body(kind, item) for kind, item in events)]
+    for where, message in others:
+        encoded.insert(where % (len(encoded) + 1), encode_control(0, message, 1 << 20))
+    wire = bytearray(b"".join(encoded))
+    for where, value in damage:
+        wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    assert repr(_frames_taking_runs(pieces, True, pattern)) == repr(_frames_the_usual_way(pieces, True))
+
+
+def test_a_trusted_run_decodes_a_kind_of_event_once_with_cbor2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's events of the kind last decoded are made without cbor2 (the subscriber's
+    hot path); any other body, or a kind not seen before, goes through cbor2 (and its kind
+    is the one known after it)."""
+    calls: list[int] = []
+    real_loads = cbor2.loads
+
+    def counting_loads(data: bytes) -> Any:
+        calls.append(len(data))
+        return real_loads(data)
+
+    monkeypatch.setattr(cbor2, "loads", counting_loads)
+    bodies = [_event_body(0, cbor2.dumps(bytes([i]) * i)) for i in range(40)]  # (heads of 1 and 2 bytes)
+    bodies += [_event_body(0, _bytes_written(b"xyz", way)) for way in (1, 2, 3, 4)]  # (not the shortest heads)
+    bodies += [_event_body(2, cbor2.dumps(b"a")), _event_body(2, cbor2.dumps(b"b"))]  # (another kind)
+    bodies += [_event_body(0, cbor2.dumps(b"c")), _event_body(0, cbor2.dumps("text"))]  # (back; a text payload)
+    wire = b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in bodies)
+    dec = FrameDecoder(1 << 20, 1 << 16, trusted=True)
+    run = dec.take_control_messages(wire)
+    assert run == [real_loads(body) for body in bodies]
+    assert [message["payload"] for message in run[40:44]] == [b"xyz"] * 4
+    assert len(calls) == 4  # the first of kind 0, the first of kind 2, kind 0 again, the text
+    # The names are the ones decoded first, shared by the events of their kind.
+    assert run[1]["identity"] is run[2]["identity"] and run[1] is not run[2]
+    run[1]["payload"] = b"changed"  # (each map its own: a handler may change or keep it)
+    assert run[2]["payload"] == bytes([2]) * 2
+    assert dec.buffered == 0
+    # The kind is known from one read to the next.
+    later = [_event_body(0, cbor2.dumps(b"later")), _event_body(0, cbor2.dumps(b"and later"))]
+    assert dec.take_control_messages(b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in later)) == [real_loads(b) for b in later]
+    assert len(calls) == 4
+
+
+def test_an_untrusted_run_never_takes_a_body_by_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """busd's decoders check every body: an event-shaped request that only the profile check
+    refuses (a payload with a head longer than it needs) is refused as ever, after the same
+    body written right was taken."""
+    good = _event_body(0, cbor2.dumps(b"ab"))
+    padded = _event_body(0, b"\x58\x02ab")
+    dec = FrameDecoder()
+    dec.receive_data(b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in (good, good, padded)))
+    assert dec.take_control_messages() == [cbor2.loads(good)] * 2
+    assert dec.take_control_messages() == []
+    with pytest.raises(FrameError):
+        dec.next_frame()
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])

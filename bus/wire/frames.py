@@ -737,6 +737,58 @@ def cbor_head(major: int, n: int) -> bytes:
     return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
 
 
+#: The keys of a broker's event, in the order :class:`EventFrames` writes them.
+_EVENT_KEYS = ("source", "member", "payload", "sender", "identity", "event")
+
+
+def _event_parts(source: str, member: str, sender: str, identity: str) -> tuple[bytes, bytes]:
+    """The body of a broker's event (as :class:`EventFrames` writes it) before its payload's
+    item, and after it: plain CBOR, no tags (``cbor2.dumps`` of text; raises for text that is
+    no UTF-8)."""
+    dumps = cbor2.dumps
+    return (
+        b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
+        dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
+    )
+
+
+def _event_shape(message: dict[Any, Any]) -> tuple[bytes, bytes, tuple[str, str, str, str]] | None:
+    """For a decoded broker's event with a byte-string payload (its six keys in
+    :class:`EventFrames`'s order, text names): the bytes around its payload's item (see
+    :func:`_event_parts`) and its four names, for :meth:`FrameDecoder.take_control_messages`
+    to know the next events of its kind by; else None."""
+    if tuple(message) != _EVENT_KEYS:
+        return None
+    source, member, payload, sender, identity, event = message.values()
+    if type(payload) is not bytes or type(event) is not str or event != "event":
+        return None
+    names = (source, member, sender, identity)
+    for name in names:
+        if type(name) is not str:
+            return None
+    try:
+        head, tail = _event_parts(*names)
+    except Exception:  # pragma: no cover - (decoded text is UTF-8: cbor2 refuses the rest)
+        return None
+    return head, tail, names
+
+
+def _bytes_item(data: bytes, start: int, end: int) -> bytes | None:
+    """The bytes of the byte string whose item (with a definite-length head, in any of its
+    sizes) is exactly ``data[start:end]`` -- what ``cbor2.loads`` makes of it --, else None."""
+    first = data[start]
+    if 0x40 <= first <= 0x57:
+        at, n = start + 1, first - 0x40
+    elif 0x58 <= first <= 0x5B:
+        at = start + 1 + (1 << (first - 0x58))
+        if at > end:
+            return None
+        n = int.from_bytes(data[start + 1 : at], "big")
+    else:  # (not a byte string, or one in chunks)
+        return None
+    return data[at:end] if at + n == end else None
+
+
 class EventFrames:
     """CONTROL frames of the broker's events on channel 0 -- ``{"source", "member", "payload",
     "sender", "identity", "event": "event"}``, in that order -- whose payload is a byte string:
@@ -761,12 +813,8 @@ class EventFrames:
             for text in key:
                 if type(text) is not str:
                     raise LocalProtocolError("an event's source, member, sender and identity are text")
-            dumps = cbor2.dumps
             try:
-                parts = (
-                    b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload"),
-                    dumps("sender") + dumps(sender) + dumps("identity") + dumps(identity) + dumps("event") + dumps("event"),
-                )
+                parts = _event_parts(source, member, sender, identity)
             except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
                 raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
             self._parts[key] = parts
@@ -813,6 +861,9 @@ class FrameDecoder:
         #: CONTROL bodies come from a party that checked them already (a client's broker):
         #: decoded without the profile check (cbor2 still refuses malformed CBOR).
         self.trusted = trusted
+        # (trusted: the bytes around the payload of the broker's events of the last kind a
+        # run decoded, and their names; see take_control_messages)
+        self._event_shape: tuple[bytes, bytes, tuple[str, str, str, str]] = (b"", b"", ("", "", "", ""))
         #: A DATA frame whose body lies within one read comes out as a ``memoryview`` of that
         #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
         #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
@@ -1083,17 +1134,38 @@ class FrameDecoder:
         # channel 0 has _CONTROL_PLAIN and 0 there.)
         if self.trusted:
             loads = cbor2.loads
+            # The broker's events of the last kind decoded here by cbor2 (see _event_shape):
+            # one whose body is that kind's bytes around exactly one byte string (the payload)
+            # is made without cbor2.  The bytes around it are plain CBOR (no tags) that we
+            # wrote ourselves, so cbor2 would make the very same map of such a body.
+            head, tail, names = self._event_shape
+            head_size, tail_size = len(head), len(tail)
             while start <= bound:
                 kind_flags, channel, length = unpack(chunk, pos)
                 end = start + length
                 if kind_flags != _CONTROL_PLAIN or channel or length > limit or end > size:
                     break
-                try:
-                    message = loads(chunk[start:end])
-                except Exception:  # (left for next_frame, which says why)
-                    break
-                if type(message) is not dict:
-                    break
+                middle, after = start + head_size, end - tail_size
+                if (
+                    middle < after
+                    and head_size
+                    and chunk.startswith(head, start)
+                    and chunk.endswith(tail, start, end)
+                    and (payload := _bytes_item(chunk, middle, after)) is not None
+                ):
+                    source, member, sender, identity = names
+                    message = {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
+                else:
+                    try:
+                        message = loads(chunk[start:end])
+                    except Exception:  # (left for next_frame, which says why)
+                        break
+                    if type(message) is not dict:
+                        break
+                    if len(message) == 6 and (shape := _event_shape(message)) is not None:
+                        self._event_shape = shape
+                        head, tail, names = shape
+                        head_size, tail_size = len(head), len(tail)
                 append(message)
                 pos, start = end, end + HEADER_SIZE
         else:
