@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 from hypothesis import given, settings
@@ -456,6 +457,41 @@ async def test_an_emit_shortened_by_a_tag_cuts_its_sender_and_no_subscriber_sees
         await reply_to(sub, 9)
         await again.aclose()
         await sub.aclose()
+
+
+async def test_an_emit_of_a_known_shape_with_a_padded_head_cuts_its_sender_and_no_subscriber_sees_it(tmp_path: Path) -> None:
+    """busd knows a connection's emits by the shape of the last one it checked (the bytes
+    around the payload and the id) and takes the next ones of that shape without checking
+    them all again -- only where the payload's and the id's heads are in their shortest
+    forms.  An emitter that writes a run of good emits, then one of the same shape whose
+    payload (or id) has a head longer than it need be, is cut with the frame error; the
+    subscriber gets the good ones and not that one, goes on getting events (from the
+    emitter that comes back) and answers."""
+    from bus.wire.frames import HEADER
+
+    def emit(request_id: int, payload_item: bytes, id_item: bytes | None = None) -> bytes:
+        dumps = cbor2.dumps
+        body = (
+            b"\xa6" + dumps("member") + dumps("Tick") + dumps("payload") + payload_item + dumps("quiet") + dumps(True)
+            + dumps("source") + dumps("org.example.A") + dumps("op") + dumps("emit") + dumps("id") + (id_item or dumps(request_id))
+        )
+        return HEADER.pack(1, 0, 0, len(body)) + body
+
+    for bad in (emit(5, b"\x58\x01z"), emit(5, b"\x41z", b"\x18\x05")):
+        async with running_broker(tmp_path / str(len(bad))) as rb:
+            emitter, sub = await emitter_and_subscriber(rb)
+            good = b"".join(emit(i, cbor2.dumps(bytes([i]))) for i in range(1, 5))
+            await emitter.stream.send_all(good + bad + emit(6, cbor2.dumps(b"after")))
+            messages = await read_until_closed(emitter)
+            assert messages[-1]["event"] == "error" and messages[-1]["code"] == "minibus.Error.Frame"
+            assert await event_payloads(sub, 4) == [bytes([i]) for i in range(1, 5)]
+            again, _ = await _hello(rb.unix_address, OWNER, "org.example.A")
+            await again.send_message({"op": "emit", "id": 3, "source": "org.example.A", "member": "Tick", "payload": 3, "quiet": True})
+            assert await event_payloads(sub, 1) == [3]  # (nothing of the refused emit, or after it, came before it)
+            await sub.send_message({"op": "ping", "id": 9})
+            await reply_to(sub, 9)
+            await again.aclose()
+            await sub.aclose()
 
 
 async def test_the_reader_takes_a_read_of_requests_a_part_at_a_time(tmp_path: Path, monkeypatch: Any) -> None:

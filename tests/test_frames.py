@@ -1505,6 +1505,159 @@ def test_an_untrusted_run_never_takes_a_body_by_its_kind(monkeypatch: pytest.Mon
         dec.next_frame()
 
 
+# -- a checked run knows a connection's requests with a payload by their shape --------------------
+
+
+def _uint_written(n: int, way: int) -> bytes:
+    """An unsigned integer's item: its shortest head (way 0) or a head in 1, 2, 4 or 8 bytes."""
+    if way == 0:
+        return cbor2.dumps(n)
+    size = 1 << (way - 1)
+    return cbor2.dumps(n) if n >= 1 << (8 * size) else bytes((0x17 + way,)) + n.to_bytes(size, "big")
+
+
+def _request_body(names: tuple[str, str], payload_item: bytes, id_item: bytes, quiet: Any = True) -> bytes:
+    """An emit as ``publish`` writes it, with the payload's and the id's items as given."""
+    member, source = names
+    dumps = cbor2.dumps
+    return (
+        b"\xa6" + dumps("member") + dumps(member) + dumps("payload") + payload_item
+        + dumps("quiet") + dumps(quiet) + dumps("source") + dumps(source) + dumps("op") + dumps("emit") + dumps("id") + id_item
+    )
+
+
+_REQUEST_NAMES = [("Tick", "org.example.A"), ("Tock", "org.example.A"), ("Tick", "org.example.é€")]
+_id_items = (
+    st.tuples(st.integers(0, 2**64 - 1) | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32]), st.integers(0, 4)).map(lambda t: _uint_written(*t))
+    | st.builds(cbor2.dumps, st.integers(-(2**64), -1) | st.text(max_size=3) | st.floats(allow_nan=False) | st.integers(2**64, 2**70))
+    | st.sampled_from([b"", b"\x18", b"\x19\x01", b"\x01\x02", b"\xc2\x41\x01", b"\x1c", b"\x1f", b"\x20"])
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(0, len(_REQUEST_NAMES) - 1), _payload_items, _id_items, st.sampled_from([True, True, True, False, 1, None])),
+        min_size=1, max_size=10,
+    ),
+    others=st.lists(st.tuples(st.integers(0, 9), messages), max_size=2),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+    cuts=st.lists(st.integers(1, 600), max_size=4),
+    pattern=st.lists(st.booleans(), max_size=4),
+)
+@example(  # (a payload and an id whose heads are longer than they need be, after the same written right)
+    requests=[(0, b"\x41a", b"\x01", True), (0, b"\x58\x01a", b"\x01", True), (0, b"\x41a", b"\x18\x01", True)],
+    others=[], damage=[], cuts=[], pattern=[],
+)
+def test_a_checked_run_takes_a_shaped_request_only_as_the_profile_check_would(
+    requests: list[tuple[int, bytes, bytes, Any]], others: list[tuple[int, dict[str, Any]]], damage: list[tuple[int, int]],
+    cuts: list[int], pattern: list[bool],
+) -> None:
+    """A checked run takes requests shaped as one it checked before (the same bytes around a
+    byte-string payload and an unsigned id) without checking them all again: it still gives
+    exactly what next_frame's check gives, and refuses exactly what it refuses, after the
+    same frames -- whatever the payload's and the id's items are (heads longer than they need
+    be, in chunks, other types, tags, cut short), with other messages between them, damaged
+    bytes and any reads."""
+    encoded = []
+    for names, payload_item, id_item, quiet in requests:
+        body = _request_body(_REQUEST_NAMES[names], payload_item, id_item, quiet)
+        encoded.append(HEADER.pack(1, 0, 0, len(body)) + body)
+    for where, message in others:
+        encoded.insert(where % (len(encoded) + 1), encode_control(0, message, 1 << 20))
+    wire = bytearray(b"".join(encoded))
+    for where, value in damage:
+        wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    assert repr(_frames_taking_runs(pieces, False, pattern)) == repr(_frames_the_usual_way(pieces, False))
+
+
+def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests shaped as the last one with a byte-string payload this decoder checked are
+    taken without decode_control_body, from one read to the next; any other shape, or a
+    payload or id whose head is longer than it need be, is checked (and refused) as ever."""
+    import bus.wire.frames as frames_module
+
+    checked: list[int] = []
+    real_check = frames_module.decode_control_body
+
+    def counting_check(body: bytes, max_items: int | None = None) -> Any:
+        checked.append(len(body))
+        return real_check(body, max_items)
+
+    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+
+    def wire(bodies: list[bytes]) -> bytes:
+        return b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in bodies)
+
+    names = _REQUEST_NAMES[0]
+    sizes = [0, 1, 23, 24, 255, 256, 1000, 65535, 65536, 70000]
+    ids = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
+    bodies = [_request_body(names, cbor2.dumps(bytes(size)), cbor2.dumps(i)) for size, i in zip(sizes, ids)]
+    dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+    run = dec.take_control_messages(wire(bodies))
+    assert run == [real_check(body, 4096) for body in bodies]
+    assert len(checked) == 1  # (the first: every other is of its shape)
+    run[1]["payload"] = b"changed"  # (each map its own)
+    assert run[2]["payload"] == bytes(23) and run[2]["quiet"] is True
+    later = [_request_body(names, cbor2.dumps(b"x"), cbor2.dumps(7))]
+    assert dec.take_control_messages(wire(later)) == [real_check(later[0])]
+    assert len(checked) == 1
+    # Another shape is checked, and known after it; not a byte string, or no id last, is checked.
+    other = [_request_body(_REQUEST_NAMES[1], cbor2.dumps(b"y"), cbor2.dumps(8)), _request_body(_REQUEST_NAMES[1], cbor2.dumps(b"z"), cbor2.dumps(9))]
+    text = encode_control(0, {"member": "Tock", "payload": "text", "op": "emit", "id": 10})[HEADER.size :]
+    assert dec.take_control_messages(wire([*other, text, other[0]])) == [real_check(b) for b in [*other, text, other[0]]]
+    assert len(checked) == 3
+    # Heads longer than they need be, heads no byte string or integer has, bytes after the
+    # id: refused by the check, as ever, after the request of the same shape before them.
+    payloads = [b"\x58\x01y", b"\x59\x00\x64" + bytes(100), b"\x5a\x00\x00\x01\x2c" + bytes(300), b"\x5b" + (1).to_bytes(8, "big") + b"y"]
+    payloads += [bytes((head,)) + (1).to_bytes(1 << (head - 0x58), "big") + b"y" for head in (0x5C, 0x5D, 0x5E, 0x5F)]
+    ids = [b"\x18\x08", b"\x19\x00\x64", b"\x1a\x00\x00\x01\x2c", b"\x1b" + (70000).to_bytes(8, "big"), b"\x08\x00", b"\x19\x01\x2c\x00"]
+    ids += [bytes((head,)) + (300).to_bytes(1 << (head - 0x18), "big") for head in (0x1C, 0x1D, 0x1E)] + [b"\x1f"]
+    bad = [_request_body(_REQUEST_NAMES[1], item, b"\x08") for item in payloads] + [_request_body(_REQUEST_NAMES[1], b"\x41y", item) for item in ids]
+    for body in bad:
+        dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+        assert dec.take_control_messages(wire([other[0], body, other[1]])) == [real_check(other[0])]
+        with pytest.raises(FrameError):
+            dec.next_frame()
+    # The map kept for a shape is not the one handed on: changing that one changes no other.
+    dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+    first, second = dec.take_control_messages(wire(other))
+    first["quiet"] = False
+    assert second["quiet"] is True and dec.take_control_messages(wire(other[1:]))[0]["quiet"] is True
+
+
+def test_a_request_shape_is_kept_only_for_plain_values_and_a_bounded_size() -> None:
+    """A decoder keeps a request's shape only where the request's other values are plain and
+    immutable (each request gets its own copy of the map, and shares them) and the bytes
+    around the payload are at most SHAPE_BYTES: what a connection can make busd keep is
+    bounded."""
+    from bus.wire.frames import SHAPE_BYTES
+
+    def shape_after(message: dict[str, Any]) -> Any:
+        dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+        dec.receive_data(encode_control(0, message, 1 << 20))
+        assert dec.take_control_messages() == [message]
+        return dec._request_shape
+
+    plain = {"member": "Tick", "payload": b"x", "n": 5, "flag": None, "op": "emit", "id": 3}
+    assert shape_after(plain) is not None
+    assert shape_after({**plain, "n": [1]}) is None  # (a list: shared by every request of its shape)
+    assert shape_after({**plain, "n": {"a": 1}}) is None
+    assert shape_after({**plain, "n": 1.5}) is None  # (floats: cbor2 writes some in other sizes)
+    assert shape_after({"member": "Tick", "payload": b"x", "op": "emit"}) is None  # (no id)
+    assert shape_after({"member": "Tick", "payload": b"x", "op": "emit", "id": -1}) is None
+    assert shape_after({"id": 3, "payload": b"x", "op": "emit"}) is None  # (the id not last)
+    assert shape_after({"payload": b"x", "id": 3}) is not None
+    assert shape_after({"member": "T" * (SHAPE_BYTES - 30), "payload": b"x", "op": "emit", "id": 3}) is not None
+    assert shape_after({"member": "T" * SHAPE_BYTES, "payload": b"x", "op": "emit", "id": 3}) is None
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])

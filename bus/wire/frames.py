@@ -789,6 +789,116 @@ def _bytes_item(data: bytes, start: int, end: int) -> bytes | None:
     return data[at:end] if at + n == end else None
 
 
+#: The most bytes around the payload a decoder keeps of a request's shape (see _request_shape).
+SHAPE_BYTES = 512
+#: The least value of each longer head (1, 2, 4 and 8 bytes after it): a head in its
+#: shortest form (the profile's) holds no smaller one.
+_LONG_HEAD_FROM = (24, 1 << 8, 1 << 16, 1 << 32)
+#: The values a request's shape keeps as they were: plain and immutable (the keys: text or int).
+_SHAPE_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, dict[Any, Any]] | None:
+    """For a request ``body`` in the profile, decoded to ``message``, whose ``payload`` is a
+    byte string and whose last key is ``id``, with an unsigned integer, every other value and
+    key plain and immutable: the bytes before the payload's item, the bytes between it and
+    the id's, and the message (a copy) -- what :meth:`FrameDecoder.take_control_messages`
+    knows the next such requests of this connection by.  Else None, and None when those
+    bytes would be over SHAPE_BYTES (a connection's decoder keeps them)."""
+    if len(message) < 2:
+        return None
+    keys = list(message)
+    if keys[-1] != "id" or type(message["id"]) is not int or message["id"] < 0:
+        return None
+    dumps = cbor2.dumps
+    before: list[bytes] = [cbor_head(5, len(message))]
+    after: list[bytes] | None = None
+    for key in keys[:-1]:
+        value = message[key]
+        if type(key) is not str and type(key) is not int:
+            return None
+        if key == "payload":
+            before.append(dumps(key))
+            after = []
+            continue
+        if type(value) not in _SHAPE_SCALARS:
+            return None
+        (before if after is None else after).append(dumps(key) + dumps(value))
+    if after is None:
+        return None
+    after.append(dumps("id"))
+    head, tail = b"".join(before), b"".join(after)
+    if len(head) + len(tail) > SHAPE_BYTES or head + dumps(message["payload"]) + tail + dumps(message["id"]) != body:
+        return None
+    return head, tail, dict(message)
+
+
+def _shortest_head(data: bytes, at: int, end: int, major: int) -> tuple[int, int] | None:
+    """The value of the head of major type ``major`` at ``data[at]`` (before ``end``) and
+    where the head ends, if the head is in its shortest form; else None."""
+    if at >= end:
+        return None
+    info = data[at] - (major << 5)
+    if 0 <= info < 24:
+        return info, at + 1
+    if not 24 <= info <= 27:
+        return None
+    stop = at + 1 + (1 << (info - 24))
+    if stop > end:
+        return None
+    value = int.from_bytes(data[at + 1 : stop], "big")
+    return (value, stop) if value >= _LONG_HEAD_FROM[info - 24] else None
+
+
+def _shaped_request(data: bytes, start: int, end: int, shape: tuple[bytes, bytes, dict[Any, Any]]) -> dict[Any, Any] | None:
+    """The request whose body is ``data[start:end]`` if it is ``shape``'s bytes around a byte
+    string and an unsigned integer, both in their shortest forms; else None.  Such a body is
+    exactly cbor2's encoding of the message it gives (the shape's bytes are, see
+    _request_shape): it is in the profile, and decode_control_body would give the same map.
+    (The payload heads most payloads have are read here, the others by _shortest_head.)"""
+    head, tail, message = shape
+    if not data.startswith(head, start):
+        return None
+    at = start + len(head)
+    if at >= end:
+        return None
+    first = data[at]
+    if 0x40 <= first <= 0x57:
+        size, at = first - 0x40, at + 1
+    elif first == 0x59 and at + 3 <= end:
+        size, at = data[at + 1] << 8 | data[at + 2], at + 3
+        if size < 0x100:
+            return None
+    else:
+        got = _shortest_head(data, at, end, 2)
+        if got is None:
+            return None
+        size, at = got
+    payload_end = at + size
+    if not data.startswith(tail, payload_end, end):
+        return None
+    at = payload_end + len(tail)
+    if at >= end:
+        return None
+    first = data[at]  # (major type 0: 0x00-0x1b)
+    if first < 24:
+        if at + 1 != end:
+            return None
+        request_id = first
+    elif first <= 27:
+        if at + 1 + (1 << (first - 24)) != end:
+            return None
+        request_id = int.from_bytes(data[at + 1 : end], "big")
+        if request_id < _LONG_HEAD_FROM[first - 24]:
+            return None
+    else:
+        return None
+    message = message.copy()
+    message["payload"] = data[payload_end - size : payload_end]
+    message["id"] = request_id
+    return message
+
+
 class EventFrames:
     """CONTROL frames of the broker's events on channel 0 -- ``{"source", "member", "payload",
     "sender", "identity", "event": "event"}``, in that order -- whose payload is a byte string:
@@ -864,6 +974,9 @@ class FrameDecoder:
         # (trusted: the bytes around the payload of the broker's events of the last kind a
         # run decoded, and their names; see take_control_messages)
         self._event_shape: tuple[bytes, bytes, tuple[str, str, str, str]] = (b"", b"", ("", "", "", ""))
+        # (checked: the bytes around the payload and id of the last request with a byte-string
+        # payload a run checked here, and the request; see take_control_messages)
+        self._request_shape: tuple[bytes, bytes, dict[Any, Any]] | None = None
         #: A DATA frame whose body lies within one read comes out as a ``memoryview`` of that
         #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
         #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
@@ -1170,15 +1283,24 @@ class FrameDecoder:
                 pos, start = end, end + HEADER_SIZE
         else:
             max_items = self.max_items
+            # Requests with a byte-string payload, shaped as the last such one this decoder
+            # checked (see _request_shape): one that is those bytes around a payload and an id
+            # in their shortest forms is cbor2's own encoding of plain values, and is taken
+            # without decoding it all again.
+            shape = self._request_shape
             while start <= bound:
                 kind_flags, channel, length = unpack(chunk, pos)
                 end = start + length
                 if kind_flags != _CONTROL_PLAIN or channel or length > limit or end > size:
                     break
-                try:
-                    message = decode_control_body(chunk[start:end], max_items)
-                except FrameError:
-                    break
+                if shape is None or (message := _shaped_request(chunk, start, end, shape)) is None:
+                    body = chunk[start:end]
+                    try:
+                        message = decode_control_body(body, max_items)
+                    except FrameError:
+                        break
+                    if type(message.get("payload")) is bytes:
+                        shape = self._request_shape = _request_shape(message, body) or shape
                 append(message)
                 pos, start = end, end + HEADER_SIZE
         if pos == size:
