@@ -1236,6 +1236,7 @@ class FrameDecoder:
         chunk, pos = self._chunk, self._pos
         size = len(chunk)
         messages: list[dict[Any, Any]] = []
+        message: dict[Any, Any] | None
         append, unpack, limit = messages.append, _unpack_run_header, self.max_control
         start = pos + HEADER_SIZE  # (of the next frame's body)
         # A frame is looked at while its header is wholly here and it begins before
@@ -1275,9 +1276,9 @@ class FrameDecoder:
                         break
                     if type(message) is not dict:
                         break
-                    if len(message) == 6 and (shape := _event_shape(message)) is not None:
-                        self._event_shape = shape
-                        head, tail, names = shape
+                    if len(message) == 6 and (event_shape := _event_shape(message)) is not None:
+                        self._event_shape = event_shape
+                        head, tail, names = event_shape
                         head_size, tail_size = len(head), len(tail)
                 append(message)
                 pos, start = end, end + HEADER_SIZE
