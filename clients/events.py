@@ -37,7 +37,7 @@ import trio
 
 from bus.core.glob import GlobSet, compile_glob
 from bus.errors import BusError, ConnectionLost, RequestError, error_from_wire
-from bus.wire.frames import encode_control
+from bus.wire.frames import EmitFrames, encode_control
 from bus.wire.messages import Event as WireEvent
 
 from .link import BusConnection, Link
@@ -252,6 +252,7 @@ class Events:
         connection.event_handlers["emit_refused"] = self._on_refused
         self._refused: RequestError | None = None  # a quiet emit's refusal, not raised yet
         self._published = 0
+        self._emit_frames = EmitFrames()  # (publish's frames with a byte-string payload)
         # Which subscriptions an event of (source, member) goes to, on ``_routes_link``: worked
         # out once per kind (at most ROUTE_CACHE kinds), forgotten when a subscription comes
         # or goes or the link changes.
@@ -316,25 +317,25 @@ class Events:
         link = connection.link
         if link is None or link.closed:
             raise ConnectionLost(f"not connected to the bus{f': {connection.failure}' if connection.failure else ''}")
-        # The request as Request(...).to_wire() makes it (the arguments, then op and id),
-        # built in place: one is made per event.
-        message: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
-        if source is not None:
-            message["source"] = source
-        if destination is not None:
-            message["destination"] = destination
-        message["op"] = "emit"
-        message["id"] = connection.take_request_id()
-        # Text names and a scalar payload are plain CBOR by their types alone: the walk over
-        # the message that proves it (the encoder's, for any other payload) is skipped.
         kind = type(payload)
-        plain = (
-            (kind in _PLAIN_SCALARS or (kind is int and _INT_MIN <= payload <= _INT_MAX))
-            and type(member) is str
-            and (source is None or type(source) is str)
-            and (destination is None or type(destination) is str)
-        )
-        frame = encode_control(0, message, link.framed.max_control, checked=plain)
+        names = type(member) is str and (source is None or type(source) is str) and (destination is None or type(destination) is str)
+        if kind is bytes and names:
+            # The same bytes as below, with the names encoded once per kind (see EmitFrames).
+            frame = self._emit_frames.encode(member, source, destination, payload, connection.take_request_id(), link.framed.max_control)
+        else:
+            # The request as Request(...).to_wire() makes it (the arguments, then op and id),
+            # built in place: one is made per event.
+            message: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
+            if source is not None:
+                message["source"] = source
+            if destination is not None:
+                message["destination"] = destination
+            message["op"] = "emit"
+            message["id"] = connection.take_request_id()
+            # Text names and a scalar payload are plain CBOR by their types alone: the walk
+            # over the message that proves it (the encoder's, for any other payload) is skipped.
+            plain = names and (kind in _PLAIN_SCALARS or (kind is int and _INT_MIN <= payload <= _INT_MAX))
+            frame = encode_control(0, message, link.framed.max_control, checked=plain)
         self._published += 1
         try:
             # The frame goes to the writer task, which sends what was queued in one write

@@ -18,6 +18,7 @@ from bus.wire.frames import (
     HEADER,
     ControlFrame,
     DataFrame,
+    EmitFrames,
     EventFrames,
     FrameDecoder,
     FrameKind,
@@ -1380,6 +1381,54 @@ def test_event_frames_refuse_text_that_is_no_utf8_as_encode_control_does() -> No
     with pytest.raises(LocalProtocolError, match="cannot be encoded"):
         events.encode("\ud800", "b", b"", ":1", "k")
     assert not events._parts
+
+
+@settings(max_examples=300)
+@given(
+    st.text(min_size=1, max_size=300),
+    st.none() | st.text(max_size=300),
+    st.none() | st.text(max_size=40),
+    st.binary(max_size=300) | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536]).map(bytes),
+    st.integers(0, 2**64 - 1) | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32]),
+)
+def test_emit_frames_are_the_bytes_encode_control_makes(
+    member: str, source: str | None, destination: str | None, payload: bytes, request_id: int
+) -> None:
+    """EmitFrames (a publishing client's encoder) makes exactly what encode_control makes of
+    the quiet emit, as publish builds it: a memo hit as well as a miss; and a checking
+    decoder knows the second such emit of a kind by its shape."""
+    frames = EmitFrames(keep=2)
+    message: dict[str, Any] = {"member": member, "payload": payload, "quiet": True}
+    if source is not None:
+        message["source"] = source
+    if destination is not None:
+        message["destination"] = destination
+    message["op"] = "emit"
+    message["id"] = request_id
+    expected = encode_control(0, message, 1 << 20)
+    assert frames.encode(member, source, destination, payload, request_id, 1 << 20) == expected
+    assert frames.encode(member, source, destination, payload, request_id, 1 << 20) == expected  # (its kept parts)
+    dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+    assert dec.take_control_messages(expected + expected) == [message, message]
+    assert dec._request_shape is not None or len(expected) > 512
+
+
+def test_emit_frames_refuse_what_encode_control_refuses_and_keep_a_bounded_memo() -> None:
+    frames = EmitFrames(keep=4)
+    body = len(encode_control(0, {"member": "T", "payload": b"x" * 100, "quiet": True, "op": "emit", "id": 7})) - HEADER.size
+    assert len(frames.encode("T", None, None, b"x" * 100, 7, body)) == HEADER.size + body
+    with pytest.raises(LimitError):
+        frames.encode("T", None, None, b"x" * 101, 7, body)
+    with pytest.raises(LocalProtocolError, match="cannot be encoded"):
+        frames.encode("\ud800", None, None, b"", 1)
+    with pytest.raises(LocalProtocolError):
+        frames.encode("T", 5, None, b"", 1)  # type: ignore[arg-type]
+    for bad_id in (-1, 1 << 64):
+        with pytest.raises(LocalProtocolError):
+            frames.encode("T", None, None, b"", bad_id)
+    for i in range(50):  # many kinds: what is kept stays within its bound
+        frames.encode(f"M{i}", "org.example.A", None, b"", i)
+        assert len(frames._parts) <= 4
 
 
 # -- a trusted run knows the broker's events of one kind by their bytes --------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "encode_frame",
     "encode_control",
     "EventFrames",
+    "EmitFrames",
     "encode_data",
     "decode_control_body",
     "check_cbor",
@@ -935,6 +936,58 @@ class EventFrames:
         if size > max_body:
             raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
         return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail))
+
+
+class EmitFrames:
+    """CONTROL frames of quiet emits whose payload is a byte string -- ``{"member", "payload",
+    "quiet": True, "source", "destination", "op": "emit", "id"}`` in that order, without
+    ``source`` or ``destination`` where they are None (as a publishing client builds them) --:
+    the very bytes :func:`encode_control` makes of that message, without encoding all of it
+    per emit.  What does not change between one kind's emits (everything but the payload and
+    the id) is encoded once and kept, for at most ``keep`` kinds at once (all are dropped when
+    that many are kept).  busd, which checks every request, knows such emits of a kind by the
+    same bytes (see :func:`_request_shape`)."""
+
+    __slots__ = ("_parts", "_keep")
+
+    def __init__(self, keep: int = 256) -> None:
+        self._parts: dict[tuple[str, str | None, str | None], tuple[bytes, bytes]] = {}
+        self._keep = keep
+
+    def encode(
+        self, member: str, source: str | None, destination: str | None, payload: bytes, request_id: int, max_body: int = DEFAULT_MAX_CONTROL
+    ) -> bytes:
+        """The frame, or :class:`LimitError` for a body over ``max_body`` (as encode_control);
+        the names must be text (or None), the id an unsigned 64-bit integer."""
+        key = (member, source, destination)
+        parts = self._parts.get(key)
+        if parts is None:
+            if len(self._parts) >= self._keep:
+                self._parts.clear()
+            if type(member) is not str or not (source is None or type(source) is str) or not (destination is None or type(destination) is str):
+                raise LocalProtocolError("an emit's member, source and destination are text")
+            dumps = cbor2.dumps
+            pairs = 5 + (source is not None) + (destination is not None)
+            try:
+                middle = dumps("quiet") + dumps(True)
+                if source is not None:
+                    middle += dumps("source") + dumps(source)
+                if destination is not None:
+                    middle += dumps("destination") + dumps(destination)
+                parts = (cbor_head(5, pairs) + dumps("member") + dumps(member) + dumps("payload"), middle + dumps("op") + dumps("emit") + dumps("id"))
+            except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
+                raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
+            self._parts[key] = parts
+        if not 0 <= request_id < 1 << 64:
+            raise LocalProtocolError("a request id is an unsigned 64-bit integer")
+        head, tail = parts
+        n = len(payload)
+        payload_head = _BYTES_HEADS[n] if n < 256 else cbor_head(2, n)
+        id_item = cbor_head(0, request_id)
+        size = len(head) + len(payload_head) + n + len(tail) + len(id_item)
+        if size > max_body:
+            raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
+        return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail, id_item))
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
