@@ -458,6 +458,22 @@ def test_the_quick_decode_refuses_duplicates_tags_long_forms_and_too_many_items(
     assert decode_control_body(bytes([0xA1, 0x61, 0x6B, 0xF9, 0x3C, 0x00])) == {"k": 1.0}
 
 
+def _damaged_reads(frames: list[bytes], damage: list[tuple[int, int]], cuts: list[int]) -> list[bytes]:
+    """``frames`` joined, bytes damaged (at each place, modulo the length: a value), then cut
+    into reads of the sizes ``cuts`` gives (the rest in one)."""
+    wire = bytearray(b"".join(frames))
+    for where, value in damage:
+        if wire:
+            wire[where % len(wire)] = value
+    pieces, pos = [], 0
+    for cut in [*cuts, len(wire)]:
+        piece = bytes(wire[pos : pos + cut])
+        pos += len(piece)
+        if piece:
+            pieces.append(piece)
+    return pieces
+
+
 def _frames_the_usual_way(pieces: list[bytes], trusted: bool = False) -> tuple[list[Any], str | None]:
     dec = FrameDecoder(max_body=4096, max_control=512, trusted=trusted)
     out: list[Any] = []
@@ -509,19 +525,8 @@ def test_next_frame_from_decides_as_receive_data_and_next_frame(
     frame per piece, frames straddling pieces, several in one, a header cut in two, damaged
     headers and bodies, frames over the limits."""
     encoded = [encode_frame(f) for f in batch]
-    wire = bytearray(b"".join(encoded))
-    for where, value in damage:
-        if wire:
-            wire[where % len(wire)] = value
-    if whole and not damage:
-        pieces = encoded  # one frame per piece: the shortcut's case
-    else:
-        pieces, pos = [], 0
-        for cut in [*cuts, len(wire)]:
-            piece = bytes(wire[pos : pos + cut])
-            pos += len(piece)
-            if piece:
-                pieces.append(piece)
+    # (one frame per piece: the shortcut's case)
+    pieces = encoded if whole and not damage else _damaged_reads(encoded, damage, cuts)
     pieces = [kind(piece) for piece in pieces]  # (the shortcut takes bytes; others are fed)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
     usual = repr(_frames_the_usual_way(pieces))
@@ -845,16 +850,7 @@ def test_data_views_give_the_same_frames_and_errors_as_copies(
     """A decoder handing DATA bodies out as views of its reads (a relay's, a bus
     connection's) gives the same frames, in the same order, and the same errors as one
     that copies them, whatever the reads: frames inside one read, straddling reads, damaged."""
-    wire = bytearray(b"".join(encode_frame(f) for f in batch))
-    for where, value in damage:
-        if wire:
-            wire[where % len(wire)] = value
-    pieces, pos = [], 0
-    for cut in [*cuts, len(wire)]:
-        piece = bytes(wire[pos : pos + cut])
-        pos += len(piece)
-        if piece:
-            pieces.append(piece)
+    pieces = _damaged_reads([encode_frame(f) for f in batch], damage, cuts)
     out, error, _views = _frames_with_views(pieces, via_next_frame_from)
     assert (out, error) == _frames_the_usual_way(pieces)
 
@@ -962,16 +958,7 @@ def test_taking_runs_of_control_messages_decides_as_next_frame(
     for where, body in bad_bodies:
         if encoded:
             encoded[where % len(encoded)] = HEADER.pack(1, 0, 0, len(body)) + body
-    wire = bytearray(b"".join(encoded))
-    for where, value in damage:
-        if wire:
-            wire[where % len(wire)] = value
-    pieces, pos = [], 0
-    for cut in [*cuts, len(wire)]:
-        piece = bytes(wire[pos : pos + cut])
-        pos += len(piece)
-        if piece:
-            pieces.append(piece)
+    pieces = _damaged_reads(encoded, damage, cuts)
     # (compared as text: damage can make a float NaN, which is not equal to itself)
     assert repr(_frames_taking_runs(pieces, trusted, pattern, max_bytes)) == repr(_frames_the_usual_way(pieces, trusted))
 
@@ -1433,6 +1420,15 @@ def test_emit_frames_refuse_what_encode_control_refuses_and_keep_a_bounded_memo(
 
 # -- a trusted run knows the broker's events of one kind by their bytes --------------------------
 
+def _reads_of(bodies: list[bytes], others: list[tuple[int, dict[str, Any]]], damage: list[tuple[int, int]], cuts: list[int]) -> list[bytes]:
+    """CONTROL frames of ``bodies``, with ``others`` (messages) put in at their places, bytes
+    damaged, cut into reads."""
+    encoded = [HEADER.pack(1, 0, 0, len(body)) + body for body in bodies]
+    for where, message in others:
+        encoded.insert(where % (len(encoded) + 1), encode_control(0, message, 1 << 20))
+    return _damaged_reads(encoded, damage, cuts)
+
+
 _KINDS = [
     ("org.example.A", "Tick", ":3", "k" * 44),
     ("org.example.A", "Tock", ":3", "k" * 44),
@@ -1492,18 +1488,7 @@ def test_a_trusted_run_makes_of_event_bodies_what_cbor2_makes_of_them(
     still gives exactly what cbor2 gives (next_frame's way), in order, whatever the payload's
     item is (a byte string with any head, in chunks, no byte string, two items, cut short),
     with other messages between them, damaged bytes and any reads."""
-    encoded = [HEADER.pack(1, 0, 0, len(body)) + body for body in (_event_body(kind, item) for kind, item in events)]
-    for where, message in others:
-        encoded.insert(where % (len(encoded) + 1), encode_control(0, message, 1 << 20))
-    wire = bytearray(b"".join(encoded))
-    for where, value in damage:
-        wire[where % len(wire)] = value
-    pieces, pos = [], 0
-    for cut in [*cuts, len(wire)]:
-        piece = bytes(wire[pos : pos + cut])
-        pos += len(piece)
-        if piece:
-            pieces.append(piece)
+    pieces = _reads_of([_event_body(kind, item) for kind, item in events], others, damage, cuts)
     assert repr(_frames_taking_runs(pieces, True, pattern)) == repr(_frames_the_usual_way(pieces, True))
 
 
@@ -1608,21 +1593,8 @@ def test_a_checked_run_takes_a_shaped_request_only_as_the_profile_check_would(
     same frames -- whatever the payload's and the id's items are (heads longer than they need
     be, in chunks, other types, tags, cut short), with other messages between them, damaged
     bytes and any reads."""
-    encoded = []
-    for names, payload_item, id_item, quiet in requests:
-        body = _request_body(_REQUEST_NAMES[names], payload_item, id_item, quiet)
-        encoded.append(HEADER.pack(1, 0, 0, len(body)) + body)
-    for where, message in others:
-        encoded.insert(where % (len(encoded) + 1), encode_control(0, message, 1 << 20))
-    wire = bytearray(b"".join(encoded))
-    for where, value in damage:
-        wire[where % len(wire)] = value
-    pieces, pos = [], 0
-    for cut in [*cuts, len(wire)]:
-        piece = bytes(wire[pos : pos + cut])
-        pos += len(piece)
-        if piece:
-            pieces.append(piece)
+    bodies = [_request_body(_REQUEST_NAMES[names], payload_item, id_item, quiet) for names, payload_item, id_item, quiet in requests]
+    pieces = _reads_of(bodies, others, damage, cuts)
     assert repr(_frames_taking_runs(pieces, False, pattern)) == repr(_frames_the_usual_way(pieces, False))
 
 
