@@ -1679,6 +1679,28 @@ def test_a_request_shape_is_kept_only_for_plain_values_and_a_bounded_size() -> N
     assert shape_after({"member": "T" * SHAPE_BYTES, "payload": b"x", "op": "emit", "id": 3}) is None
 
 
+def test_a_request_shape_keeps_no_payload() -> None:
+    """What a decoder keeps of a request's shape is its bytes around the payload and the
+    other values, not the payload it was learned from: an idle connection whose last
+    request carried a payload of max_control bytes does not make busd hold on to them."""
+    from bus.wire.frames import SHAPE_BYTES
+
+    payload = bytes(60_000)
+    message = {"member": "Tick", "payload": payload, "op": "emit", "id": 3}
+    dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+    dec.receive_data(encode_control(0, message, 1 << 20))
+    assert dec.take_control_messages() == [message]
+    shape = dec._request_shape
+    assert shape is not None
+    head, tail, kept = shape
+    held = len(head) + len(tail) + sum(len(value) for value in kept.values() if type(value) in (str, bytes))
+    assert held <= 2 * SHAPE_BYTES  # (its text values are in head and tail too)
+    # (and the shape still gives the next requests their own payloads, in the same key order)
+    later = {"member": "Tick", "payload": b"later", "op": "emit", "id": 4}
+    assert dec.take_control_messages(encode_control(0, later)) == [later]
+    assert list(dec.take_control_messages(encode_control(0, later))[0]) == list(later)
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])
