@@ -803,7 +803,7 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
     """For a request ``body`` in the profile, decoded to ``message``, whose ``payload`` is a
     byte string and whose last key is ``id``, with an unsigned integer, every other value and
     key plain and immutable: the bytes before the payload's item, the bytes between it and
-    the id's, and the message (a copy) -- what :meth:`FrameDecoder.take_control_messages`
+    the id's, and the message (a copy, its payload left empty) -- what :meth:`FrameDecoder.take_control_messages`
     knows the next such requests of this connection by.  Else None, and None when those
     bytes would be over SHAPE_BYTES (a connection's decoder keeps them)."""
     if len(message) < 2:
@@ -831,7 +831,9 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
     head, tail = b"".join(before), b"".join(after)
     if len(head) + len(tail) > SHAPE_BYTES or head + dumps(message["payload"]) + tail + dumps(message["id"]) != body:
         return None
-    return head, tail, dict(message)
+    kept = dict(message)
+    kept["payload"] = b""  # (not the payload: up to max_control bytes an idle connection would hold)
+    return head, tail, kept
 
 
 def _shortest_head(data: bytes, at: int, end: int, major: int) -> tuple[int, int] | None:
