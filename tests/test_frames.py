@@ -1701,6 +1701,28 @@ def test_a_request_shape_keeps_no_payload() -> None:
     assert list(dec.take_control_messages(encode_control(0, later))[0]) == list(later)
 
 
+def test_a_request_too_big_for_a_shape_costs_no_encoding_of_its_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose bytes around the payload are over SHAPE_BYTES is not encoded again
+    item by item to find that out: a peer's requests of max_items tiny items with a payload
+    (which can never be a shape) cost busd the check they always cost, not as much again."""
+    import bus.wire.frames as frames_module
+
+    message: dict[Any, Any] = {i: i for i in range(2045)}
+    message["payload"], message["id"] = b"x", 1
+    body = cbor2.dumps(message)
+    checked = frames_module.decode_control_body(body, 4096)
+    calls: list[int] = []
+    real_dumps = cbor2.dumps
+
+    def counting_dumps(value: Any) -> bytes:
+        calls.append(1)
+        return real_dumps(value)
+
+    monkeypatch.setattr(cbor2, "dumps", counting_dumps)
+    assert frames_module._request_shape(checked, body) is None
+    assert len(calls) <= 4
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])
