@@ -809,7 +809,14 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
     if len(message) < 2:
         return None
     keys = list(message)
-    if keys[-1] != "id" or type(message["id"]) is not int or message["id"] < 0:
+    if keys[-1] != "id":
+        return None
+    request_id, payload = message["id"], message.get("payload")
+    if type(request_id) is not int or request_id < 0 or type(payload) is not bytes:
+        return None
+    # (The bytes around the payload and the id, as the check below would find them: over
+    # SHAPE_BYTES, no shape, known before encoding up to max_items items again to find out.)
+    if len(body) - _scalar_size(payload) - _scalar_size(request_id) > SHAPE_BYTES:
         return None
     dumps = cbor2.dumps
     before: list[bytes] = [cbor_head(5, len(message))]
@@ -829,7 +836,7 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
         return None
     after.append(dumps("id"))
     head, tail = b"".join(before), b"".join(after)
-    if len(head) + len(tail) > SHAPE_BYTES or head + dumps(message["payload"]) + tail + dumps(message["id"]) != body:
+    if len(head) + len(tail) > SHAPE_BYTES or head + dumps(payload) + tail + dumps(request_id) != body:
         return None
     kept = dict(message)
     kept["payload"] = b""  # (not the payload: up to max_control bytes an idle connection would hold)
