@@ -1397,7 +1397,7 @@ def test_emit_frames_are_the_bytes_encode_control_makes(
     assert frames.encode(member, source, destination, payload, request_id, 1 << 20) == expected  # (its kept parts)
     dec = FrameDecoder(1 << 20, 1 << 20, 4096)
     assert dec.take_control_messages(expected + expected) == [message, message]
-    assert dec._request_shape is not None or len(expected) > 512
+    assert dec._shapes or len(expected) > 512
 
 
 def test_emit_frames_refuse_what_encode_control_refuses_and_keep_a_bounded_memo() -> None:
@@ -1437,10 +1437,11 @@ _KINDS = [
 ]
 
 
-def _event_body(kind: int, payload_item: bytes) -> bytes:
+def _event_body(kind: int | tuple[str, str, str, str], payload_item: bytes) -> bytes:
     """An event's body as busd writes it, with ``payload_item`` (the payload's CBOR item, as
-    given: any head, or anything else) in its place."""
-    source, member, sender, identity = _KINDS[kind]
+    given: any head, or anything else) in its place; ``kind``: its names, or their index in
+    _KINDS."""
+    source, member, sender, identity = _KINDS[kind] if isinstance(kind, int) else kind
     dumps = cbor2.dumps
     return (
         b"\xa6" + dumps("source") + dumps(source) + dumps("member") + dumps(member) + dumps("payload")
@@ -1513,7 +1514,7 @@ def test_a_trusted_run_decodes_a_kind_of_event_once_with_cbor2(monkeypatch: pyte
     run = dec.take_control_messages(wire)
     assert run == [real_loads(body) for body in bodies]
     assert [message["payload"] for message in run[40:44]] == [b"xyz"] * 4
-    assert len(calls) == 4  # the first of kind 0, the first of kind 2, kind 0 again, the text
+    assert len(calls) == 3  # the first of kind 0, the first of kind 2, the text (kind 0 is known still)
     # The names are the ones decoded first, shared by the events of their kind.
     assert run[1]["identity"] is run[2]["identity"] and run[1] is not run[2]
     run[1]["payload"] = b"changed"  # (each map its own: a handler may change or keep it)
@@ -1522,7 +1523,45 @@ def test_a_trusted_run_decodes_a_kind_of_event_once_with_cbor2(monkeypatch: pyte
     # The kind is known from one read to the next.
     later = [_event_body(0, cbor2.dumps(b"later")), _event_body(0, cbor2.dumps(b"and later"))]
     assert dec.take_control_messages(b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in later)) == [real_loads(b) for b in later]
-    assert len(calls) == 4
+    assert len(calls) == 3
+
+
+def test_a_decoder_learns_shapes_on_credit_that_bodies_taken_by_them_earn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Learning a shape costs more than decoding the body: a decoder learns two at first, then
+    one more for every _LEARN_COST bodies its shapes took.  Kinds in turn (up to _SHAPES) are
+    all known; a stream of kinds never seen again stops being learned after two (and costs
+    the failed tests, no learning); the credit that known kinds earn back lets it learn again."""
+    import bus.wire.frames as frames_module
+
+    learned: list[int] = []
+    decoded: list[int] = []
+    real_shape, real_loads = frames_module._event_shape, cbor2.loads
+
+    def counting_shape(message: dict[Any, Any]) -> Any:
+        learned.append(1)
+        return real_shape(message)
+
+    def counting_loads(data: bytes) -> Any:
+        decoded.append(1)
+        return real_loads(data)
+
+    monkeypatch.setattr(frames_module, "_event_shape", counting_shape)
+    monkeypatch.setattr(cbor2, "loads", counting_loads)
+
+    def take(bodies: list[bytes]) -> None:
+        wire = b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in bodies)
+        assert dec.take_control_messages(wire) == [real_loads(body) for body in bodies]
+
+    dec = FrameDecoder(1 << 20, 1 << 16, trusted=True)
+    take([_event_body(i % 3, cbor2.dumps(bytes([i]))) for i in range(30)])  # (three kinds in turn)
+    # Kinds 0 and 1 on the first credit; kind 2 at its third time, once four were taken.
+    assert (len(decoded), len(learned), len(dec._shapes)) == (5, 3, 3)
+    strangers = [("org.example.N%d" % i, "Tick", ":%d" % i, "k") for i in range(40)]
+    take([_event_body(names, cbor2.dumps(b"s")) for names in strangers])
+    assert (len(decoded), len(learned), len(dec._shapes)) == (45, 5, frames_module._SHAPES)
+    known = dec._shapes[0][2]
+    take([_event_body(known, cbor2.dumps(b"k"))] * frames_module._LEARN_COST + [_event_body(("org.example.New", "Tick", ":9", "k"), b"\x41n")] * 2)
+    assert (len(decoded), len(learned)) == (46, 6)  # (learned once more: the second of it was taken)
 
 
 def test_an_untrusted_run_never_takes_a_body_by_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1653,6 +1692,39 @@ def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.Monkey
     assert second["quiet"] is True and dec.take_control_messages(wire(other[1:]))[0]["quiet"] is True
 
 
+def test_a_checked_run_knows_request_shapes_in_turn_and_stops_learning_shapes_never_seen_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emits of a few kinds in turn (up to _SHAPES) are all known after their first; a peer
+    whose every request has a new shape makes busd learn two, then none until its shapes
+    are taken again (each learning costs busd more than the check), so it costs busd the
+    check and a few failed tests per request -- no learning."""
+    import bus.wire.frames as frames_module
+
+    checked: list[int] = []
+    learned: list[int] = []
+    real_check, real_shape = frames_module.decode_control_body, frames_module._request_shape
+
+    def counting_check(body: bytes, max_items: int | None = None) -> Any:
+        checked.append(1)
+        return real_check(body, max_items)
+
+    def counting_shape(message: dict[Any, Any], body: bytes) -> Any:
+        learned.append(1)
+        return real_shape(message, body)
+
+    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    monkeypatch.setattr(frames_module, "_request_shape", counting_shape)
+    dec = FrameDecoder(1 << 20, 1 << 20, 4096)
+
+    def take(bodies: list[bytes]) -> None:
+        wire = b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in bodies)
+        assert dec.take_control_messages(wire) == [real_check(body, 4096) for body in bodies]
+
+    take([_request_body(_REQUEST_NAMES[i % 2], cbor2.dumps(bytes([i])), cbor2.dumps(i)) for i in range(20)])
+    assert (len(checked), len(learned)) == (2, 2)
+    take([_request_body((f"M{i}", "org.example.A"), b"\x41s", cbor2.dumps(100 + i)) for i in range(40)])
+    assert (len(checked), len(learned)) == (42, 4) and len(dec._shapes) == 4
+
+
 def test_a_request_shape_is_kept_only_for_plain_values_and_a_bounded_size() -> None:
     """A decoder keeps a request's shape only where the request's other values are plain and
     immutable (each request gets its own copy of the map, and shares them) and the bytes
@@ -1664,7 +1736,7 @@ def test_a_request_shape_is_kept_only_for_plain_values_and_a_bounded_size() -> N
         dec = FrameDecoder(1 << 20, 1 << 20, 4096)
         dec.receive_data(encode_control(0, message, 1 << 20))
         assert dec.take_control_messages() == [message]
-        return dec._request_shape
+        return dec._shapes[0] if dec._shapes else None
 
     plain = {"member": "Tick", "payload": b"x", "n": 5, "flag": None, "op": "emit", "id": 3}
     assert shape_after(plain) is not None
@@ -1690,7 +1762,7 @@ def test_a_request_shape_keeps_no_payload() -> None:
     dec = FrameDecoder(1 << 20, 1 << 20, 4096)
     dec.receive_data(encode_control(0, message, 1 << 20))
     assert dec.take_control_messages() == [message]
-    shape = dec._request_shape
+    shape = dec._shapes[0]
     assert shape is not None
     head, tail, kept = shape
     held = len(head) + len(tail) + sum(len(value) for value in kept.values() if type(value) in (str, bytes))

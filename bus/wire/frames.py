@@ -790,6 +790,31 @@ def _bytes_item(data: bytes, start: int, end: int) -> bytes | None:
     return data[at:end] if at + n == end else None
 
 
+def _event_from_shape(data: bytes, start: int, end: int, shape: tuple[bytes, bytes, tuple[str, str, str, str]]) -> dict[str, Any] | None:
+    """The broker's event whose body is ``data[start:end]``, if it is ``shape``'s bytes (see
+    _event_shape) around exactly one byte string; else None.  (The trusted run's own test,
+    for the kinds it knows but the first.)"""
+    head, tail, names = shape
+    middle, after = start + len(head), end - len(tail)
+    if middle < after and data.startswith(head, start) and data.endswith(tail, start, end):
+        payload = _bytes_item(data, middle, after)
+        if payload is not None:
+            source, member, sender, identity = names
+            return {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
+    return None
+
+
+#: Shapes a decoder knows at once (of events, trusted; of requests, checked), the one that last
+#: matched first.  Learning one costs more than decoding the body did, so it is paid for: a
+#: decoder may learn while its credit holds _LEARN_COST; each body a shape takes adds one,
+#: up to _CREDIT_CAP (two shapes' worth, what it starts with).  A stream whose shapes are
+#: seldom seen again (every kind new, or more kinds in turn than it knows) stops learning
+#: after two: it costs the failed tests, a few tenths of a microsecond a body.
+_SHAPES = 4
+_LEARN_COST = 4
+_CREDIT_CAP = 8
+_NO_SHAPES: list[Any] = []  # (every decoder's until it learns one; never changed: see take_control_messages)
+
 #: The most bytes around the payload a decoder keeps of a request's shape (see _request_shape).
 SHAPE_BYTES = 512
 #: The least value of each longer head (1, 2, 4 and 8 bytes after it): a head in its
@@ -1035,10 +1060,10 @@ class FrameDecoder:
         self.trusted = trusted
         # (trusted: the bytes around the payload of the broker's events of the last kind a
         # run decoded, and their names; see take_control_messages)
-        self._event_shape: tuple[bytes, bytes, tuple[str, str, str, str]] = (b"", b"", ("", "", "", ""))
-        # (checked: the bytes around the payload and id of the last request with a byte-string
-        # payload a run checked here, and the request; see take_control_messages)
-        self._request_shape: tuple[bytes, bytes, dict[Any, Any]] | None = None
+        # (the shapes of the broker's events, trusted, or of requests with a byte-string payload,
+        # checked, that runs here know, and the credit for learning more; see _SHAPES)
+        self._shapes: list[Any] = _NO_SHAPES
+        self._shape_credit = _CREDIT_CAP
         #: A DATA frame whose body lies within one read comes out as a ``memoryview`` of that
         #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
         #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
@@ -1310,11 +1335,13 @@ class FrameDecoder:
         # channel 0 has _CONTROL_PLAIN and 0 there.)
         if self.trusted:
             loads = cbor2.loads
-            # The broker's events of the last kind decoded here by cbor2 (see _event_shape):
-            # one whose body is that kind's bytes around exactly one byte string (the payload)
-            # is made without cbor2.  The bytes around it are plain CBOR (no tags) that we
-            # wrote ourselves, so cbor2 would make the very same map of such a body.
-            head, tail, names = self._event_shape
+            # The broker's events of the kinds decoded here by cbor2 (see _event_shape and
+            # _SHAPES): one whose body is a known kind's bytes around exactly one byte string
+            # (the payload) is made without cbor2.  The bytes around it are plain CBOR (no tags)
+            # that we wrote ourselves, so cbor2 would make the very same map of such a body.
+            # The first kind is tested here, the others by _event_from_shape.
+            shapes, credit = self._shapes, self._shape_credit
+            head, tail, names = shapes[0] if shapes else (b"", b"", ("", "", "", ""))
             head_size, tail_size = len(head), len(tail)
             while start <= bound:
                 kind_flags, channel, length = unpack(chunk, pos)
@@ -1332,40 +1359,76 @@ class FrameDecoder:
                     source, member, sender, identity = names
                     message = {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
                 else:
-                    try:
-                        message = loads(chunk[start:end])
-                    except Exception:  # (left for next_frame, which says why)
-                        break
-                    if type(message) is not dict:
-                        break
-                    if len(message) == 6 and (event_shape := _event_shape(message)) is not None:
-                        self._event_shape = event_shape
-                        head, tail, names = event_shape
-                        head_size, tail_size = len(head), len(tail)
+                    message = None
+                    for i in range(1, len(shapes)):
+                        message = _event_from_shape(chunk, start, end, shapes[i])
+                        if message is not None:
+                            shapes[0], shapes[i] = shapes[i], shapes[0]
+                            break
+                    if message is None:
+                        try:
+                            message = loads(chunk[start:end])
+                        except Exception:  # (left for next_frame, which says why)
+                            break
+                        if type(message) is not dict:
+                            break
+                        if len(message) == 6 and credit >= _LEARN_COST and (event_shape := _event_shape(message)) is not None:
+                            credit -= _LEARN_COST
+                            if shapes is _NO_SHAPES:
+                                shapes = self._shapes = []
+                            shapes.insert(0, event_shape)
+                            del shapes[_SHAPES:]
+                        append(message)
+                        pos, start = end, end + HEADER_SIZE
+                        if shapes:
+                            head, tail, names = shapes[0]
+                            head_size, tail_size = len(head), len(tail)
+                        continue
+                    head, tail, names = shapes[0]
+                    head_size, tail_size = len(head), len(tail)
+                if credit < _CREDIT_CAP:
+                    credit += 1
                 append(message)
                 pos, start = end, end + HEADER_SIZE
+            self._shape_credit = credit
         else:
             max_items = self.max_items
-            # Requests with a byte-string payload, shaped as the last such one this decoder
-            # checked (see _request_shape): one that is those bytes around a payload and an id
+            # Requests with a byte-string payload, shaped as one such this decoder checked (see
+            # _request_shape and _SHAPES): one that is those bytes around a payload and an id
             # in their shortest forms is cbor2's own encoding of plain values, and is taken
             # without decoding it all again.
-            shape = self._request_shape
+            shapes, credit = self._shapes, self._shape_credit
             while start <= bound:
                 kind_flags, channel, length = unpack(chunk, pos)
                 end = start + length
                 if kind_flags != _CONTROL_PLAIN or channel or length > limit or end > size:
                     break
-                if shape is None or (message := _shaped_request(chunk, start, end, shape)) is None:
+                message = None
+                for i, shape in enumerate(shapes):
+                    message = _shaped_request(chunk, start, end, shape)
+                    if message is not None:
+                        if i:
+                            shapes[0], shapes[i] = shape, shapes[0]
+                        if credit < _CREDIT_CAP:
+                            credit += 1
+                        break
+                if message is None:
                     body = chunk[start:end]
                     try:
                         message = decode_control_body(body, max_items)
                     except FrameError:
                         break
-                    if type(message.get("payload")) is bytes:
-                        shape = self._request_shape = _request_shape(message, body) or shape
+                    if credit >= _LEARN_COST and type(message.get("payload")) is bytes:
+                        request_shape = _request_shape(message, body)
+                        if request_shape is not None:
+                            credit -= _LEARN_COST
+                            if shapes is _NO_SHAPES:
+                                shapes = self._shapes = []
+                            shapes.insert(0, request_shape)
+                            del shapes[_SHAPES:]
                 append(message)
                 pos, start = end, end + HEADER_SIZE
+            self._shape_credit = credit
         if pos == size:
             self._chunk, self._pos = b"", 0
         else:
