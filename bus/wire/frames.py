@@ -828,9 +828,10 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
     """For a request ``body`` in the profile, decoded to ``message``, whose ``payload`` is a
     byte string and whose last key is ``id``, with an unsigned integer, every other value and
     key plain and immutable: the bytes before the payload's item, the bytes between it and
-    the id's, and the message (a copy, its payload left empty) -- what :meth:`FrameDecoder.take_control_messages`
-    knows the next such requests of this connection by.  Else None, and None when those
-    bytes would be over SHAPE_BYTES (a connection's decoder keeps them)."""
+    the id's, and the message (a copy, its payload left empty) -- what
+    :meth:`FrameDecoder.take_control_messages` knows the next such requests of this
+    connection by.  Else None, and None when those bytes would be over SHAPE_BYTES (a
+    connection's decoder keeps them)."""
     if len(message) < 2:
         return None
     keys = list(message)
@@ -1058,8 +1059,6 @@ class FrameDecoder:
         #: CONTROL bodies come from a party that checked them already (a client's broker):
         #: decoded without the profile check (cbor2 still refuses malformed CBOR).
         self.trusted = trusted
-        # (trusted: the bytes around the payload of the broker's events of the last kind a
-        # run decoded, and their names; see take_control_messages)
         # (the shapes of the broker's events, trusted, or of requests with a byte-string payload,
         # checked, that runs here know, and the credit for learning more; see _SHAPES)
         self._shapes: list[Any] = _NO_SHAPES
