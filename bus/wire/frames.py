@@ -813,7 +813,7 @@ def _event_from_shape(data: bytes, start: int, end: int, shape: tuple[bytes, byt
 _SHAPES = 4
 _LEARN_COST = 4
 _CREDIT_CAP = 8
-_NO_SHAPES: list[Any] = []  # (every decoder's until it learns one; never changed: see take_control_messages)
+_NO_SHAPES: list[Any] = []  # (every decoder's until it learns one; never changed: see FrameDecoder._learn_shape)
 
 #: The most bytes around the payload a decoder keeps of a request's shape (see _request_shape).
 SHAPE_BYTES = 512
@@ -1357,6 +1357,8 @@ class FrameDecoder:
                 ):
                     source, member, sender, identity = names
                     message = {"source": source, "member": member, "payload": payload, "sender": sender, "identity": identity, "event": "event"}
+                    if credit < _CREDIT_CAP:
+                        credit += 1
                 else:
                     message = None
                     for i in range(1, len(shapes)):
@@ -1373,20 +1375,12 @@ class FrameDecoder:
                             break
                         if len(message) == 6 and credit >= _LEARN_COST and (event_shape := _event_shape(message)) is not None:
                             credit -= _LEARN_COST
-                            if shapes is _NO_SHAPES:
-                                shapes = self._shapes = []
-                            shapes.insert(0, event_shape)
-                            del shapes[_SHAPES:]
-                        append(message)
-                        pos, start = end, end + HEADER_SIZE
-                        if shapes:
-                            head, tail, names = shapes[0]
-                            head_size, tail_size = len(head), len(tail)
-                        continue
-                    head, tail, names = shapes[0]
-                    head_size, tail_size = len(head), len(tail)
-                if credit < _CREDIT_CAP:
-                    credit += 1
+                            shapes = self._learn_shape(event_shape)
+                    elif credit < _CREDIT_CAP:
+                        credit += 1
+                    if shapes:
+                        head, tail, names = shapes[0]
+                        head_size, tail_size = len(head), len(tail)
                 append(message)
                 pos, start = end, end + HEADER_SIZE
             self._shape_credit = credit
@@ -1421,10 +1415,7 @@ class FrameDecoder:
                         request_shape = _request_shape(message, body)
                         if request_shape is not None:
                             credit -= _LEARN_COST
-                            if shapes is _NO_SHAPES:
-                                shapes = self._shapes = []
-                            shapes.insert(0, request_shape)
-                            del shapes[_SHAPES:]
+                            shapes = self._learn_shape(request_shape)
                 append(message)
                 pos, start = end, end + HEADER_SIZE
             self._shape_credit = credit
@@ -1433,6 +1424,16 @@ class FrameDecoder:
         else:
             self._pos = pos
         return messages
+
+    def _learn_shape(self, shape: Any) -> list[Any]:
+        """Put ``shape`` first among the shapes this decoder knows (at most _SHAPES: the last
+        goes); returns them.  (The caller pays the credit.)"""
+        shapes = self._shapes
+        if shapes is _NO_SHAPES:
+            shapes = self._shapes = []
+        shapes.insert(0, shape)
+        del shapes[_SHAPES:]
+        return shapes
 
     def _next_frame(self) -> Frame | None:
         """:meth:`next_frame`, any case."""
