@@ -303,3 +303,49 @@ async def test_read_messages_gives_each_reads_run_and_leaves_the_other_frames(ki
         assert await framed.read_messages() is None
         assert await framed.read_messages() is None
     await framed.aclose()
+
+
+@pytest.mark.parametrize("fd_stream", [False, True])
+async def test_a_reader_whose_last_read_emptied_the_socket_takes_whole_split_and_ended_streams(fd_stream: bool) -> None:
+    """After a read that emptied the socket (a frame that came alone: busd's reader between
+    relayed frames), the next read waits first, then gives the frame a read completes, waits
+    on for a frame that came in two pieces, and gives None at a clean end -- counting one read
+    per piece and no read that finds nothing."""
+    from bus.io.fdpass import FdSocketStream
+
+    reads: list[int] = []
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = FdSocketStream(right) if fd_stream else trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    framed = FramedStream(stream)
+    socket_reads = framed._socket_reads
+    assert socket_reads is not None
+    try_receive = socket_reads.try_receive
+
+    def counted(max_bytes: int) -> bytes | None:
+        data = try_receive(max_bytes)
+        reads.append(-1 if data is None else len(data))
+        return data
+
+    socket_reads.try_receive = counted  # type: ignore[method-assign]
+    with left, trio.fail_after(10):
+        first, second = encode_data(3, b"abc"), encode_control(0, {"op": "ping", "id": 2})
+        left.sendall(first)
+        assert await framed.receive_frame() == DataFrame(3, b"abc")  # (emptied the socket)
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def read_one() -> None:
+                got.append(await framed.receive_frame())
+
+            nursery.start_soon(read_one)
+            await trio.testing.wait_all_tasks_blocked()
+            left.sendall(second[:12])  # the header and two bytes of the body
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            left.sendall(second[12:])
+        assert got == [ControlFrame(0, {"op": "ping", "id": 2})]
+        left.shutdown(socket.SHUT_WR)
+        assert await framed.receive_frame() is None
+        assert await framed.receive_frame() is None  # (and stays ended, reading nothing more)
+    assert reads == [len(first), 12, len(second) - 12, 0]
+    await stream.aclose()

@@ -204,6 +204,27 @@ class FramedStream:
         (:meth:`receive_frame_nowait` just returned ``None``, or the last frame came alone):
         it reads first, without asking the decoder again."""
         decoder = self._decoder
+        reads = self._socket_reads
+        if self._drained and reads is not None and not self._may_fill and not self.at_end:
+            # _receive_socket's steps when the last read emptied the socket (busd's reader
+            # after every frame that came alone), here, as read_messages has them: a
+            # coroutine less to start and to resume when the socket wakes us.
+            await reads.wait_readable()  # (a checkpoint, which pays any owed)
+            self._owe_checkpoint = False
+            size = self._read_size
+            data = reads.try_receive(size)
+            if data:
+                self._drained = drained = len(data) < size
+                self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
+                self.bytes_received += len(data)
+                frame = decoder.next_frame_from(data)  # (bytearray: fed, then cut)
+                if frame is not None:
+                    return frame
+            elif data is not None:  # the end of the stream
+                self.at_end = True
+                decoder.end_of_input()
+                return None
+            # (else woken with nothing there, or a frame not yet whole: the usual way on)
         frame = None
         while frame is None:
             if self.at_end:
