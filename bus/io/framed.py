@@ -212,15 +212,15 @@ class FramedStream:
             await reads.wait_readable()  # (a checkpoint, which pays any owed)
             self._owe_checkpoint = False
             size = self._read_size
-            data = reads.try_receive(size)
-            if data:
-                self._drained = drained = len(data) < size
+            got = reads.try_receive(size)
+            if got:
+                self._drained = drained = len(got) < size
                 self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
-                self.bytes_received += len(data)
-                frame = decoder.next_frame_from(data)  # (bytearray: fed, then cut)
+                self.bytes_received += len(got)
+                frame = decoder.next_frame_from(got)
                 if frame is not None:
                     return frame
-            elif data is not None:  # the end of the stream
+            elif got is not None:  # the end of the stream
                 self.at_end = True
                 decoder.end_of_input()
                 return None
