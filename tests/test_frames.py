@@ -1795,6 +1795,119 @@ def test_a_request_too_big_for_a_shape_costs_no_encoding_of_its_items(monkeypatc
     assert len(calls) <= 4
 
 
+def _call_body(method: str, argument_item: bytes, id_item: bytes, args_head: bytes = b"\x81") -> bytes:
+    """An RPC call as ``RpcConnection.call`` writes it (``{"method", "args", "op", "id"}``),
+    with the items of its argument and its id, and its array's head, as given."""
+    dumps = cbor2.dumps
+    return (
+        b"\xa4" + dumps("method") + dumps(method) + dumps("args") + args_head + argument_item
+        + dumps("op") + dumps("call") + dumps("id") + id_item
+    )
+
+
+def _whole_or_refused(dec: FrameDecoder, body: bytes) -> Any:
+    """What ``whole_message_from`` makes of ``body`` in one CONTROL frame: the map with its
+    keys in order, or the name of the error that refused it."""
+    try:
+        message = dec.whole_message_from(HEADER.pack(1, 0, 0, len(body)) + body)
+    except FrameError as exc:
+        return type(exc).__name__
+    assert message is not None
+    return message, list(message)
+
+
+def _checked_or_refused(body: bytes) -> Any:
+    try:
+        message = decode_control_body(body)
+    except FrameError as exc:
+        return type(exc).__name__
+    return message, list(message)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from(["echo", "take", "é€"]),
+            _payload_items,
+            _id_items,
+            st.sampled_from([b"\x81", b"\x81", b"\x81", b"\x82\x01", b"\x80", b"\x98\x01", b"\x9f", b"\xc2\x81"]),
+        ),
+        min_size=1, max_size=10,
+    ),
+)
+@example(  # (an argument and an id whose heads are longer than they need be, after the same written right)
+    calls=[("echo", b"\x41a", b"\x01", b"\x81"), ("echo", b"\x58\x01a", b"\x01", b"\x81"), ("echo", b"\x41a", b"\x18\x01", b"\x81")],
+)
+def test_whole_message_from_takes_a_shaped_call_only_as_the_profile_check_would(calls: list[tuple[str, bytes, bytes, bytes]]) -> None:
+    """A channel's decoder takes RPC calls shaped as one it checked before (the same bytes
+    around one byte-string argument and an unsigned id) without checking them all again: it
+    still gives exactly the map decode_control_body gives, keys in the same order, and refuses
+    exactly what it refuses -- whatever the argument's and the id's items are (heads longer
+    than they need be, in chunks, other types, tags, cut short) and whatever the array."""
+    dec = FrameDecoder(1 << 20, 1 << 20)
+    for method in ("echo", "take", "é€"):  # (each shape known first, so that the calls test them)
+        body = _call_body(method, cbor2.dumps(b"known"), cbor2.dumps(1))
+        assert _whole_or_refused(dec, body) == _checked_or_refused(body)
+    for method, argument_item, id_item, args_head in calls:
+        body = _call_body(method, argument_item, id_item, args_head)
+        got = _whole_or_refused(dec, body)
+        assert repr(got) == repr(_checked_or_refused(body))
+        if type(got) is str:
+            break  # (the decoder failed, as next_frame's would)
+
+
+def test_whole_message_from_checks_a_shape_of_call_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls shaped as one this decoder checked (a relayed RPC channel's, at one call in
+    flight) are taken without decode_control_body, each with a list of its own; another shape
+    is checked, then known too; a reply (no id last) is checked every time, and learns nothing."""
+    import bus.wire.frames as frames_module
+
+    checked: list[int] = []
+    real_check = frames_module.decode_control_body
+
+    def counting_check(body: bytes, max_items: int | None = None) -> Any:
+        checked.append(len(body))
+        return real_check(body, max_items)
+
+    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    sizes = [0, 1, 23, 24, 255, 256, 1000, 65535, 65536, 70000]
+    ids = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
+    calls = [{"method": "take", "args": [bytes([i]) * size], "op": "call", "id": request_id} for i, (size, request_id) in enumerate(zip(sizes, ids))]
+    dec = FrameDecoder(1 << 20, 1 << 20)
+    taken = [dec.whole_message_from(encode_control(0, call, 1 << 20)) for call in calls]
+    assert taken == calls and all(list(message) == list(call) for message, call in zip(taken, calls) if message)
+    assert len(checked) == 1  # (the first: every other is of its shape)
+    assert taken[1] is not None and taken[2] is not None
+    taken[1]["args"].append(b"changed")  # (each call its own list)
+    assert taken[2]["args"] == [bytes([2]) * 23]
+    echo = [{"method": "echo", "args": [b"x"], "op": "call", "id": 5}, {"method": "echo", "args": [b"y"], "op": "call", "id": 6}]
+    assert [dec.whole_message_from(encode_control(0, call)) for call in [*echo, calls[0]]] == [*echo, calls[0]]
+    assert len(checked) == 2
+    reply = {"re": 6, "result": b"y"}
+    assert [dec.whole_message_from(encode_control(0, reply)) for _ in range(3)] == [reply] * 3
+    assert len(checked) == 5 and len(dec._call_shapes) == 2
+    # Two arguments, or one that is no byte string: checked, and no shape.
+    for other in ({"method": "echo", "args": [b"x", b"y"], "op": "call", "id": 7}, {"method": "echo", "args": ["x"], "op": "call", "id": 8}):
+        assert [dec.whole_message_from(encode_control(0, other)) for _ in range(2)] == [other] * 2
+    assert len(checked) == 9 and len(dec._call_shapes) == 2
+
+
+def test_a_call_shape_keeps_no_argument() -> None:
+    """What a channel's decoder keeps of a call's shape is its bytes around the argument and
+    its other values, not the argument (up to max_control bytes) it was learned from."""
+    from bus.wire.frames import SHAPE_BYTES
+
+    call = {"method": "take", "args": [bytes(60_000)], "op": "call", "id": 3}
+    dec = FrameDecoder(1 << 20, 1 << 20)
+    assert dec.whole_message_from(encode_control(0, call, 1 << 20)) == call
+    head, tail, kept = dec._call_shapes[0]
+    held = len(head) + len(tail) + sum(len(value) for value in kept.values() if type(value) in (str, bytes))
+    assert held <= 2 * SHAPE_BYTES
+    later = {"method": "take", "args": [b"later"], "op": "call", "id": 4}
+    assert dec.whole_message_from(encode_control(0, later)) == later
+
+
 # -- decode_control_body's quick way against the profile, on bodies written every way CBOR allows --
 
 _lib_text = st.text(max_size=6) | st.sampled_from(["op", "id", "payload", "é", "€€€", "x" * 30])

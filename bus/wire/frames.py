@@ -824,20 +824,26 @@ _LONG_HEAD_FROM = (24, 1 << 8, 1 << 16, 1 << 32)
 _SHAPE_SCALARS = frozenset({str, int, bool, type(None)})
 
 
-def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, dict[Any, Any]] | None:
-    """For a request ``body`` in the profile, decoded to ``message``, whose ``payload`` is a
+def _request_shape(message: dict[Any, Any], body: bytes, hole: str = "payload") -> tuple[bytes, bytes, dict[Any, Any]] | None:
+    """For a request ``body`` in the profile, decoded to ``message``, whose ``hole`` holds a
     byte string and whose last key is ``id``, with an unsigned integer, every other value and
-    key plain and immutable: the bytes before the payload's item, the bytes between it and
-    the id's, and the message (a copy, its payload left empty) -- what
+    key plain and immutable: the bytes before the byte string's item, the bytes between it and
+    the id's, and the message (a copy, its ``hole`` left empty) -- what
     :meth:`FrameDecoder.take_control_messages` knows the next such requests of this
-    connection by.  Else None, and None when those bytes would be over SHAPE_BYTES (a
-    connection's decoder keeps them)."""
+    connection by (``hole`` "payload": an emit's), and :meth:`FrameDecoder.whole_message_from`
+    the next RPC calls of a channel by (``hole`` "args", a list of exactly one byte string:
+    its array's head is then among the bytes before).  Else None, and None when those bytes
+    would be over SHAPE_BYTES (a connection's decoder keeps them)."""
     if len(message) < 2:
         return None
     keys = list(message)
     if keys[-1] != "id":
         return None
-    request_id, payload = message["id"], message.get("payload")
+    request_id, payload = message["id"], message.get(hole)
+    if hole == "args":
+        if type(payload) is not list or len(payload) != 1:
+            return None
+        payload = payload[0]
     if type(request_id) is not int or request_id < 0 or type(payload) is not bytes:
         return None
     # (The bytes around the payload and the id, as the check below would find them: over
@@ -851,8 +857,8 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
         value = message[key]
         if type(key) is not str and type(key) is not int:
             return None
-        if key == "payload":
-            before.append(dumps(key))
+        if key == hole:
+            before.append(dumps(key) if hole == "payload" else dumps(key) + cbor_head(4, 1))
             after = []
             continue
         if type(value) not in _SHAPE_SCALARS:
@@ -865,8 +871,18 @@ def _request_shape(message: dict[Any, Any], body: bytes) -> tuple[bytes, bytes, 
     if len(head) + len(tail) > SHAPE_BYTES or head + dumps(payload) + tail + dumps(request_id) != body:
         return None
     kept = dict(message)
-    kept["payload"] = b""  # (not the payload: up to max_control bytes an idle connection would hold)
+    kept[hole] = b""  # (not the payload: up to max_control bytes an idle connection would hold)
     return head, tail, kept
+
+
+def _with_shape(shapes: list[Any], shape: Any) -> list[Any]:
+    """``shapes`` (a new list in place of _NO_SHAPES) with ``shape`` first, and at most
+    _SHAPES of them: the last goes."""
+    if shapes is _NO_SHAPES:
+        shapes = []
+    shapes.insert(0, shape)
+    del shapes[_SHAPES:]
+    return shapes
 
 
 def _shortest_head(data: bytes, at: int, end: int, major: int) -> tuple[int, int] | None:
@@ -886,12 +902,16 @@ def _shortest_head(data: bytes, at: int, end: int, major: int) -> tuple[int, int
     return (value, stop) if value >= _LONG_HEAD_FROM[info - 24] else None
 
 
-def _shaped_request(data: bytes, start: int, end: int, shape: tuple[bytes, bytes, dict[Any, Any]]) -> dict[Any, Any] | None:
+def _shaped_request(
+    data: bytes, start: int, end: int, shape: tuple[bytes, bytes, dict[Any, Any]], hole: str = "payload"
+) -> dict[Any, Any] | None:
     """The request whose body is ``data[start:end]`` if it is ``shape``'s bytes around a byte
     string and an unsigned integer, both in their shortest forms; else None.  Such a body is
     exactly cbor2's encoding of the message it gives (the shape's bytes are, see
     _request_shape): it is in the profile, and decode_control_body would give the same map.
-    (The payload heads most payloads have are read here, the others by _shortest_head.)"""
+    ``hole``: the shape's (see _request_shape): the byte string is the message's "payload",
+    or ("args") the one item of a new list.  (The payload heads most payloads have are read
+    here, the others by _shortest_head.)"""
     head, tail, message = shape
     if not data.startswith(head, start):
         return None
@@ -930,7 +950,10 @@ def _shaped_request(data: bytes, start: int, end: int, shape: tuple[bytes, bytes
     else:
         return None
     message = message.copy()
-    message["payload"] = data[payload_end - size : payload_end]
+    if hole == "payload":
+        message["payload"] = data[payload_end - size : payload_end]
+    else:
+        message[hole] = [data[payload_end - size : payload_end]]
     message["id"] = request_id
     return message
 
@@ -1063,6 +1086,8 @@ class FrameDecoder:
         # checked, that runs here know, and the credit for learning more; see _SHAPES)
         self._shapes: list[Any] = _NO_SHAPES
         self._shape_credit = _CREDIT_CAP
+        # (the shapes of RPC calls whole_message_from knows, checked: see _request_shape)
+        self._call_shapes: list[Any] = _NO_SHAPES
         #: A DATA frame whose body lies within one read comes out as a ``memoryview`` of that
         #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
         #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
@@ -1240,10 +1265,28 @@ class FrameDecoder:
             if type(message) is not dict:
                 raise self._fail(FrameError("control body is not a CBOR map"))
             return message
+        # An RPC call shaped as one this decoder checked before (the same bytes around its one
+        # byte-string argument and its id; see _request_shape): cbor2's own encoding of plain
+        # values, taken without decoding and checking it all again.
+        shapes = self._call_shapes
+        for i, shape in enumerate(shapes):
+            message = _shaped_request(body, 0, len(body), shape, "args")
+            if message is not None:
+                if i:
+                    shapes[0], shapes[i] = shape, shapes[0]
+                if self._shape_credit < _CREDIT_CAP:
+                    self._shape_credit += 1
+                return message
         try:
-            return decode_control_body(body, self.max_items)
+            message = decode_control_body(body, self.max_items)
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
+        if self._shape_credit >= _LEARN_COST and type(message.get("id")) is int and type(message.get("args")) is list:
+            call_shape = _request_shape(message, body, "args")
+            if call_shape is not None:
+                self._shape_credit -= _LEARN_COST
+                self._call_shapes = _with_shape(shapes, call_shape)
+        return message
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` if more bytes are needed."""
@@ -1428,11 +1471,7 @@ class FrameDecoder:
     def _learn_shape(self, shape: Any) -> list[Any]:
         """Put ``shape`` first among the shapes this decoder knows (at most _SHAPES: the last
         goes); returns them.  (The caller pays the credit.)"""
-        shapes = self._shapes
-        if shapes is _NO_SHAPES:
-            shapes = self._shapes = []
-        shapes.insert(0, shape)
-        del shapes[_SHAPES:]
+        shapes = self._shapes = _with_shape(self._shapes, shape)
         return shapes
 
     def _next_frame(self) -> Frame | None:
