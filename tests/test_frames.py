@@ -1884,13 +1884,72 @@ def test_whole_message_from_checks_a_shape_of_call_once(monkeypatch: pytest.Monk
     echo = [{"method": "echo", "args": [b"x"], "op": "call", "id": 5}, {"method": "echo", "args": [b"y"], "op": "call", "id": 6}]
     assert [dec.whole_message_from(encode_control(0, call)) for call in [*echo, calls[0]]] == [*echo, calls[0]]
     assert len(checked) == 2
-    reply = {"re": 6, "result": b"y"}
+    reply = {"re": 6, "result": "y"}  # (a text value: not a plain reply, see below)
     assert [dec.whole_message_from(encode_control(0, reply)) for _ in range(3)] == [reply] * 3
     assert len(checked) == 5 and len(dec._call_shapes) == 2
     # Two arguments, or one that is no byte string: checked, and no shape.
     for other in ({"method": "echo", "args": [b"x", b"y"], "op": "call", "id": 7}, {"method": "echo", "args": ["x"], "op": "call", "id": 8}):
         assert [dec.whole_message_from(encode_control(0, other)) for _ in range(2)] == [other] * 2
     assert len(checked) == 9 and len(dec._call_shapes) == 2
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    map_head=st.sampled_from([b"\xa2", b"\xa2", b"\xa2", b"\xa1", b"\xa3", b"\xb8\x02", b"\xbf"]),
+    id_item=_id_items,
+    result_item=_payload_items | _id_items,
+    after=st.sampled_from([b"", b"", b"", b"\xff", b"\x00", b"\x62re\x01"]),
+)
+@example(map_head=b"\xa2", id_item=b"\x18\x05", result_item=b"\x41x", after=b"")  # (an id's head longer than it need be)
+@example(map_head=b"\xa2", id_item=b"\x05", result_item=b"\x58\x01x", after=b"")  # (a value's)
+@example(map_head=b"\xa2", id_item=b"\x05", result_item=b"\x18\x05", after=b"")
+@example(map_head=b"\xa2", id_item=b"\x19\x00\x05", result_item=b"\x05", after=b"")
+def test_whole_message_from_takes_a_plain_reply_only_as_the_profile_check_would(
+    map_head: bytes, id_item: bytes, result_item: bytes, after: bytes
+) -> None:
+    """A reply ``{"re", "result"}`` whose value is a byte string or an unsigned integer is
+    read without cbor2 and the profile check where it is exactly its canonical encoding: the
+    same map as decode_control_body's, and whatever else -- heads longer than they need be,
+    other types, tags, chunks, another map head, bytes after it -- as decode_control_body
+    decides it."""
+    dumps = cbor2.dumps
+    body = map_head + dumps("re") + id_item + dumps("result") + result_item + after
+    assert repr(_whole_or_refused(FrameDecoder(1 << 20, 1 << 20), body)) == repr(_checked_or_refused(body))
+    # (and with an item budget under the reply's five items, as the budget decides)
+    assert repr(_whole_or_refused(FrameDecoder(1 << 20, 1 << 20, 4), body)) == repr(_checked_or_refused_within(body, 4))
+
+
+def _checked_or_refused_within(body: bytes, max_items: int) -> Any:
+    try:
+        message = decode_control_body(body, max_items)
+    except FrameError as exc:
+        return type(exc).__name__
+    return message, list(message)
+
+
+def test_whole_message_from_reads_a_plain_reply_without_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies of a byte string or an unsigned integer, at every size of id and value, are
+    read without decode_control_body; any other reply is checked."""
+    import bus.wire.frames as frames_module
+
+    checked: list[int] = []
+    real_check = frames_module.decode_control_body
+
+    def counting_check(body: bytes, max_items: int | None = None) -> Any:
+        checked.append(len(body))
+        return real_check(body, max_items)
+
+    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    dec = FrameDecoder(1 << 20, 1 << 20)
+    values: list[Any] = [b"", b"x" * 23, b"x" * 24, b"x" * 255, b"x" * 256, b"x" * 65536, 0, 23, 24, 2**64 - 1]
+    for request_id in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1):
+        for value in values:
+            reply = {"re": request_id, "result": value}
+            assert dec.whole_message_from(encode_control(0, reply, 1 << 20)) == reply
+    assert checked == []
+    for other in ({"re": 1, "result": "text"}, {"re": 1, "result": [b"x"]}, {"re": 1, "error": {"code": "x"}}, {"result": b"x", "re": 1}):
+        assert dec.whole_message_from(encode_control(0, other)) == other
+    assert len(checked) == 4
 
 
 def test_a_call_shape_keeps_no_argument() -> None:

@@ -902,6 +902,67 @@ def _shortest_head(data: bytes, at: int, end: int, major: int) -> tuple[int, int
     return (value, stop) if value >= _LONG_HEAD_FROM[info - 24] else None
 
 
+#: What an RPC reply ``{"re": id, "result": ...}`` begins with, and what comes after its id,
+#: as cbor2 writes them (see _plain_reply).
+_REPLY_HEAD = b"\xa2\x62re"
+_REPLY_RESULT = b"\x66result"
+
+
+def _plain_reply(body: bytes) -> dict[Any, Any] | None:
+    """``{"re": id, "result": value}`` when ``body`` (which begins with _REPLY_HEAD) is exactly
+    the canonical encoding of such a reply whose id is an unsigned integer and whose value is a
+    byte string or an unsigned integer (an echo's, a length's), every head in its shortest
+    form; else None.  Such a body is cbor2's own encoding of a plain map of five items: in the
+    profile, and decode_control_body would give the same map.  (No shape to learn: a reply of
+    this kind has one layout, whoever answers.  The heads most ids and values have are read
+    here, the others by _shortest_head.)"""
+    end = len(body)
+    if end < 13:  # (the head, a one-byte id, the key, a one-byte value)
+        return None
+    first = body[4]
+    if first < 24:
+        request_id, at = first, 5
+    elif first == 0x18:
+        request_id, at = body[5], 6
+        if request_id < 24:
+            return None
+    elif first == 0x19:
+        request_id, at = body[5] << 8 | body[6], 7
+        if request_id < 0x100:
+            return None
+    elif first == 0x1A:
+        request_id, at = int.from_bytes(body[5:9], "big"), 9
+        if request_id < 0x10000:
+            return None
+    else:
+        got = _shortest_head(body, 4, end, 0)
+        if got is None:
+            return None
+        request_id, at = got
+    if not body.startswith(_REPLY_RESULT, at):
+        return None
+    at += 7
+    if at >= end:
+        return None
+    first = body[at]
+    if 0x40 <= first <= 0x57:
+        if at + 1 + first - 0x40 != end:
+            return None
+        return {"re": request_id, "result": body[at + 1 : end]}
+    if first == 0x58 and at + 1 < end:
+        size = body[at + 1]
+        if size < 24 or at + 2 + size != end:
+            return None
+        return {"re": request_id, "result": body[at + 2 : end]}
+    got = _shortest_head(body, at, end, first >> 5) if first >> 5 in (0, 2) else None
+    if got is None:
+        return None
+    value, at = got
+    if first >> 5 == 0:
+        return {"re": request_id, "result": value} if at == end else None
+    return {"re": request_id, "result": body[at:end]} if at + value == end else None
+
+
 def _shaped_request(
     data: bytes, start: int, end: int, shape: tuple[bytes, bytes, dict[Any, Any]], hole: str = "payload"
 ) -> dict[Any, Any] | None:
@@ -1265,9 +1326,14 @@ class FrameDecoder:
             if type(message) is not dict:
                 raise self._fail(FrameError("control body is not a CBOR map"))
             return message
-        # An RPC call shaped as one this decoder checked before (the same bytes around its one
-        # byte-string argument and its id; see _request_shape): cbor2's own encoding of plain
-        # values, taken without decoding and checking it all again.
+        # A reply of a byte string or an unsigned integer, or an RPC call shaped as one this
+        # decoder checked before (the same bytes around its one byte-string argument and its
+        # id; see _request_shape): cbor2's own encoding of plain values, taken without
+        # decoding and checking it all again.
+        if body.startswith(_REPLY_HEAD) and (self.max_items is None or self.max_items >= 5):
+            message = _plain_reply(body)
+            if message is not None:
+                return message
         shapes = self._call_shapes
         for i, shape in enumerate(shapes):
             message = _shaped_request(body, 0, len(body), shape, "args")
