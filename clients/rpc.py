@@ -86,6 +86,7 @@ from bus.io.framed import FramedStream
 from bus.io.writer import COALESCE, FrameWriter, Gathered
 from bus.wire.frames import (
     DEFAULT_MAX_CONTROL,
+    CallFrames,
     DEFAULT_MAX_FRAME,
     HEADER,
     ControlFrame,
@@ -288,6 +289,9 @@ def _flat(values: Any) -> bool:
 _ONE_FRAME_STRINGS = DEFAULT_MAX_CONTROL // 2
 _CONTROL_HEADER = HEADER.pack
 _CONTROL = int(FrameKind.CONTROL)
+#: What :meth:`RpcConnection.call` gives ``_exchange`` for a call of one byte-string argument
+#: whose strings fit one frame (below any :func:`_flat_size`).
+_ONE_ARGUMENT = -2
 
 
 @overload
@@ -1220,6 +1224,7 @@ class RpcConnection:
         self.writer.burst = CALL_BURST_MIN
         self._next_id = 1
         self._pending: dict[int, _Call] = {}
+        self._call_frames = CallFrames()  # (calls of one byte-string argument: see call())
         self._frames = _MessageFrames(self._announce)
         self.closed: BusError | None = None
         self._write_failure: BaseException | None = None
@@ -1395,6 +1400,10 @@ class RpcConnection:
         coroutine fewer to step through, twice a call.  It is marked ``returns_coroutine``,
         so ``Service.method`` takes it, or a bound one, as an async method.)"""
         values = list(args)
+        if len(values) == 1 and type(values[0]) is bytes and type(method) is str and len(values[0]) + len(method) <= _ONE_FRAME_STRINGS:
+            # One byte-string argument (a message passed on, an echo): the frame is written
+            # from the method's bytes, encoded once (CallFrames), around it and the id.
+            return self._exchange({"method": method, "args": values, "op": "call"}, _ONE_ARGUMENT)
         return self._exchange({"method": method, "args": values, "op": "call"}, _flat_size((method, values)))
 
     call.returns_coroutine = True  # type: ignore[attr-defined]
@@ -1402,7 +1411,8 @@ class RpcConnection:
     async def _exchange(self, wire: dict[str, Any], strings: int) -> Any:
         """Send the request ``wire`` (its fields and "op"; the id is added here, last, as
         ``Request(...).to_wire()`` orders it) and return its result.  ``strings``: the
-        :func:`_flat_size` of its fields."""
+        :func:`_flat_size` of its fields, or _ONE_ARGUMENT for a call of one byte-string
+        argument that fits one frame (see :meth:`call`)."""
         if self.closed is not None:
             raise self.closed
         request_id = self._next_id
@@ -1412,7 +1422,14 @@ class RpcConnection:
         try:
             try:
                 wire["id"] = request_id
-                encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=self._gather)
+                encoded: bytes | Gathered | None = None
+                if strings == _ONE_ARGUMENT:
+                    try:
+                        encoded = self._call_frames.encode(wire["method"], wire["args"][0], request_id)
+                    except LimitError:
+                        strings = _flat_size(wire.values())  # (over one frame: the usual way decides)
+                if encoded is None:
+                    encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=self._gather)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:

@@ -18,6 +18,7 @@ from bus.wire.frames import (
     HEADER,
     ControlFrame,
     DataFrame,
+    CallFrames,
     EmitFrames,
     EventFrames,
     FrameDecoder,
@@ -1415,6 +1416,44 @@ def test_emit_frames_refuse_what_encode_control_refuses_and_keep_a_bounded_memo(
             frames.encode("T", None, None, b"", bad_id)
     for i in range(50):  # many kinds: what is kept stays within its bound
         frames.encode(f"M{i}", "org.example.A", None, b"", i)
+        assert len(frames._parts) <= 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.text(min_size=1, max_size=300),
+    argument=st.binary(max_size=300) | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536]).map(bytes),
+    request_id=st.integers(0, 2**64 - 1) | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32]),
+)
+def test_call_frames_are_the_bytes_encode_control_makes(method: str, argument: bytes, request_id: int) -> None:
+    """CallFrames (a caller's encoder of calls of one byte-string argument) makes exactly what
+    encode_control makes of the call, as RpcConnection.call builds it: a memo hit as well as a
+    miss; and a service's channel decoder knows the second such call by its shape."""
+    frames = CallFrames(keep=2)
+    call = {"method": method, "args": [argument], "op": "call", "id": request_id}
+    expected = encode_control(0, call, 1 << 20)
+    assert frames.encode(method, argument, request_id, 1 << 20) == expected
+    assert frames.encode(method, argument, request_id, 1 << 20) == expected  # (its kept parts)
+    dec = FrameDecoder(1 << 20, 1 << 20)
+    assert [dec.whole_message_from(expected), dec.whole_message_from(expected)] == [call, call]
+    assert dec._call_shapes or len(expected) > 512
+
+
+def test_call_frames_refuse_what_encode_control_refuses_and_keep_a_bounded_memo() -> None:
+    frames = CallFrames(keep=4)
+    body = len(encode_control(0, {"method": "m", "args": [b"x" * 100], "op": "call", "id": 7})) - HEADER.size
+    assert len(frames.encode("m", b"x" * 100, 7, body)) == HEADER.size + body
+    with pytest.raises(LimitError):
+        frames.encode("m", b"x" * 101, 7, body)
+    with pytest.raises(LocalProtocolError, match="cannot be encoded"):
+        frames.encode("\ud800", b"", 1)
+    with pytest.raises(LocalProtocolError):
+        frames.encode(5, b"", 1)  # type: ignore[arg-type]
+    for bad_id in (-1, 1 << 64):
+        with pytest.raises(LocalProtocolError):
+            frames.encode("m", b"", bad_id)
+    for i in range(50):  # many methods: what is kept stays within its bound
+        frames.encode(f"m{i}", b"", i)
         assert len(frames._parts) <= 4
 
 

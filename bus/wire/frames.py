@@ -51,6 +51,7 @@ __all__ = [
     "encode_frame",
     "encode_control",
     "EventFrames",
+    "CallFrames",
     "EmitFrames",
     "encode_data",
     "decode_control_body",
@@ -1097,16 +1098,56 @@ class EmitFrames:
             except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
                 raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
             self._parts[key] = parts
-        if not 0 <= request_id < 1 << 64:
-            raise LocalProtocolError("a request id is an unsigned 64-bit integer")
-        head, tail = parts
-        n = len(payload)
-        payload_head = _BYTES_HEADS[n] if n < 256 else cbor_head(2, n)
-        id_item = cbor_head(0, request_id)
-        size = len(head) + len(payload_head) + n + len(tail) + len(id_item)
-        if size > max_body:
-            raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
-        return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail, id_item))
+        return _request_frame(parts, payload, request_id, max_body)
+
+
+class CallFrames:
+    """CONTROL frames of RPC calls of one byte-string argument -- ``{"method", "args":
+    [argument], "op": "call", "id"}`` in that order, as ``RpcConnection.call`` builds them --:
+    the very bytes :func:`encode_control` makes of that message, without encoding all of it
+    per call.  The bytes around the argument and the id are encoded once per method and kept,
+    for at most ``keep`` methods at once (all are dropped when that many are kept).  A
+    service's channel knows such calls by the same bytes (see
+    :meth:`FrameDecoder.whole_message_from`)."""
+
+    __slots__ = ("_parts", "_keep")
+
+    def __init__(self, keep: int = 256) -> None:
+        self._parts: dict[str, tuple[bytes, bytes]] = {}
+        self._keep = keep
+
+    def encode(self, method: str, argument: bytes, request_id: int, max_body: int = DEFAULT_MAX_CONTROL) -> bytes:
+        """The frame, or :class:`LimitError` for a body over ``max_body`` (as encode_control);
+        the method must be text, the id an unsigned 64-bit integer."""
+        parts = self._parts.get(method)
+        if parts is None:
+            if len(self._parts) >= self._keep:
+                self._parts.clear()
+            if type(method) is not str:
+                raise LocalProtocolError("a method's name is text")
+            dumps = cbor2.dumps
+            try:
+                parts = (cbor_head(5, 4) + dumps("method") + dumps(method) + dumps("args") + cbor_head(4, 1), dumps("op") + dumps("call") + dumps("id"))
+            except Exception as exc:  # (text that is no UTF-8: a lone surrogate, as encode_control says)
+                raise LocalProtocolError(f"control message cannot be encoded as CBOR: {exc}") from exc
+            self._parts[method] = parts
+        return _request_frame(parts, argument, request_id, max_body)
+
+
+def _request_frame(parts: tuple[bytes, bytes], payload: bytes, request_id: int, max_body: int) -> bytes:
+    """A request's CONTROL frame on channel 0: ``parts``' bytes around its byte string and
+    its id (see EmitFrames and CallFrames), or :class:`LimitError` for a body over
+    ``max_body``."""
+    if not 0 <= request_id < 1 << 64:
+        raise LocalProtocolError("a request id is an unsigned 64-bit integer")
+    head, tail = parts
+    n = len(payload)
+    payload_head = _BYTES_HEADS[n] if n < 256 else cbor_head(2, n)
+    id_item = cbor_head(0, request_id)
+    size = len(head) + len(payload_head) + n + len(tail) + len(id_item)
+    if size > max_body:
+        raise LimitError(f"a frame body of {size} bytes is over the {max_body}-byte maximum")
+    return b"".join((_pack_header(_CONTROL, 0, 0, size), head, payload_head, payload, tail, id_item))
 
 
 def encode_frame(frame: Frame, max_body: int = DEFAULT_MAX_FRAME, max_control: int = DEFAULT_MAX_CONTROL) -> bytes:
