@@ -983,6 +983,10 @@ def _shaped_request(
     first = data[at]
     if 0x40 <= first <= 0x57:
         size, at = first - 0x40, at + 1
+    elif first == 0x58 and at + 2 <= end:
+        size, at = data[at + 1], at + 2
+        if size < 24:
+            return None
     elif first == 0x59 and at + 3 <= end:
         size, at = data[at + 1] << 8 | data[at + 2], at + 3
         if size < 0x100:
