@@ -1676,10 +1676,9 @@ def test_a_checked_run_takes_a_shaped_request_only_as_the_profile_check_would(
     assert repr(_frames_taking_runs(pieces, False, pattern)) == repr(_frames_the_usual_way(pieces, False))
 
 
-def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Requests shaped as the last one with a byte-string payload this decoder checked are
-    taken without decode_control_body, from one read to the next; any other shape, or a
-    payload or id whose head is longer than it need be, is checked (and refused) as ever."""
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Has decode_control_body (as frames.py calls it) note the length of each body it
+    checks in the list returned."""
     import bus.wire.frames as frames_module
 
     checked: list[int] = []
@@ -1690,6 +1689,14 @@ def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.Monkey
         return real_check(body, max_items)
 
     monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    return checked
+
+
+def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests shaped as the last one with a byte-string payload this decoder checked are
+    taken without decode_control_body, from one read to the next; any other shape, or a
+    payload or id whose head is longer than it need be, is checked (and refused) as ever."""
+    checked = _count_checks(monkeypatch)
 
     def wire(bodies: list[bytes]) -> bytes:
         return b"".join(HEADER.pack(1, 0, 0, len(body)) + body for body in bodies)
@@ -1700,17 +1707,17 @@ def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.Monkey
     bodies = [_request_body(names, cbor2.dumps(bytes(size)), cbor2.dumps(i)) for size, i in zip(sizes, ids)]
     dec = FrameDecoder(1 << 20, 1 << 20, 4096)
     run = dec.take_control_messages(wire(bodies))
-    assert run == [real_check(body, 4096) for body in bodies]
+    assert run == [decode_control_body(body, 4096) for body in bodies]
     assert len(checked) == 1  # (the first: every other is of its shape)
     run[1]["payload"] = b"changed"  # (each map its own)
     assert run[2]["payload"] == bytes(23) and run[2]["quiet"] is True
     later = [_request_body(names, cbor2.dumps(b"x"), cbor2.dumps(7))]
-    assert dec.take_control_messages(wire(later)) == [real_check(later[0])]
+    assert dec.take_control_messages(wire(later)) == [decode_control_body(later[0])]
     assert len(checked) == 1
     # Another shape is checked, and known after it; not a byte string, or no id last, is checked.
     other = [_request_body(_REQUEST_NAMES[1], cbor2.dumps(b"y"), cbor2.dumps(8)), _request_body(_REQUEST_NAMES[1], cbor2.dumps(b"z"), cbor2.dumps(9))]
     text = encode_control(0, {"member": "Tock", "payload": "text", "op": "emit", "id": 10})[HEADER.size :]
-    assert dec.take_control_messages(wire([*other, text, other[0]])) == [real_check(b) for b in [*other, text, other[0]]]
+    assert dec.take_control_messages(wire([*other, text, other[0]])) == [decode_control_body(b) for b in [*other, text, other[0]]]
     assert len(checked) == 3
     # Heads longer than they need be, heads no byte string or integer has, bytes after the
     # id: refused by the check, as ever, after the request of the same shape before them.
@@ -1721,7 +1728,7 @@ def test_a_checked_run_checks_a_shape_of_request_once(monkeypatch: pytest.Monkey
     bad = [_request_body(_REQUEST_NAMES[1], item, b"\x08") for item in payloads] + [_request_body(_REQUEST_NAMES[1], b"\x41y", item) for item in ids]
     for body in bad:
         dec = FrameDecoder(1 << 20, 1 << 20, 4096)
-        assert dec.take_control_messages(wire([other[0], body, other[1]])) == [real_check(other[0])]
+        assert dec.take_control_messages(wire([other[0], body, other[1]])) == [decode_control_body(other[0])]
         with pytest.raises(FrameError):
             dec.next_frame()
     # The map kept for a shape is not the one handed on: changing that one changes no other.
@@ -1900,16 +1907,7 @@ def test_whole_message_from_checks_a_shape_of_call_once(monkeypatch: pytest.Monk
     """Calls shaped as one this decoder checked (a relayed RPC channel's, at one call in
     flight) are taken without decode_control_body, each with a list of its own; another shape
     is checked, then known too; a reply (no id last) is checked every time, and learns nothing."""
-    import bus.wire.frames as frames_module
-
-    checked: list[int] = []
-    real_check = frames_module.decode_control_body
-
-    def counting_check(body: bytes, max_items: int | None = None) -> Any:
-        checked.append(len(body))
-        return real_check(body, max_items)
-
-    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    checked = _count_checks(monkeypatch)
     sizes = [0, 1, 23, 24, 255, 256, 1000, 65535, 65536, 70000]
     ids = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
     calls = [{"method": "take", "args": [bytes([i]) * size], "op": "call", "id": request_id} for i, (size, request_id) in enumerate(zip(sizes, ids))]
@@ -1969,16 +1967,7 @@ def _checked_or_refused_within(body: bytes, max_items: int) -> Any:
 def test_whole_message_from_reads_a_plain_reply_without_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replies of a byte string or an unsigned integer, at every size of id and value, are
     read without decode_control_body; any other reply is checked."""
-    import bus.wire.frames as frames_module
-
-    checked: list[int] = []
-    real_check = frames_module.decode_control_body
-
-    def counting_check(body: bytes, max_items: int | None = None) -> Any:
-        checked.append(len(body))
-        return real_check(body, max_items)
-
-    monkeypatch.setattr(frames_module, "decode_control_body", counting_check)
+    checked = _count_checks(monkeypatch)
     dec = FrameDecoder(1 << 20, 1 << 20)
     values: list[Any] = [b"", b"x" * 23, b"x" * 24, b"x" * 255, b"x" * 256, b"x" * 65536, 0, 23, 24, 2**64 - 1]
     for request_id in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1):
