@@ -86,9 +86,9 @@ from bus.io.framed import FramedStream
 from bus.io.writer import COALESCE, FrameWriter, Gathered
 from bus.wire.frames import (
     DEFAULT_MAX_CONTROL,
-    CallFrames,
     DEFAULT_MAX_FRAME,
     HEADER,
+    CallFrames,
     ControlFrame,
     DataFrame,
     Frame,
