@@ -1422,13 +1422,10 @@ class RpcConnection:
         try:
             try:
                 wire["id"] = request_id
-                encoded: bytes | Gathered | None = None
-                if strings == _ONE_ARGUMENT:
-                    try:
-                        encoded = self._call_frames.encode(wire["method"], wire["args"][0], request_id)
-                    except LimitError:
-                        strings = _flat_size(wire.values())  # (over one frame: the usual way decides)
-                if encoded is None:
+                encoded: bytes | Gathered
+                if strings == _ONE_ARGUMENT:  # (its strings fit half a frame: so does the frame)
+                    encoded = self._call_frames.encode(wire["method"], wire["args"][0], request_id)
+                else:
                     encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=self._gather)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc

@@ -1980,6 +1980,37 @@ def test_whole_message_from_reads_a_plain_reply_without_the_check(monkeypatch: p
     assert len(checked) == 4
 
 
+def test_a_caller_churning_call_shapes_costs_only_its_own_channel_and_a_bounded_learning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller whose every call has a new method, or one that can never be a shape (another
+    value not plain), makes its channel's decoder try to learn twice, then not again until
+    its shapes are taken: the check per call, as ever, and at most _SHAPES shapes kept.
+    Another channel's decoder, which knows its caller's calls, goes on taking them without
+    the check."""
+    import bus.wire.frames as frames_module
+
+    learned: list[int] = []
+    real_shape = frames_module._request_shape
+
+    def counting_shape(message: dict[Any, Any], body: bytes, hole: str = "payload") -> Any:
+        learned.append(1)
+        return real_shape(message, body, hole)
+
+    monkeypatch.setattr(frames_module, "_request_shape", counting_shape)
+    honest, churned = FrameDecoder(1 << 20, 1 << 20), FrameDecoder(1 << 20, 1 << 20)
+    echo = {"method": "echo", "args": [b"x"], "op": "call", "id": 1}
+    assert honest.whole_message_from(encode_control(0, echo)) == echo
+    checked = _count_checks(monkeypatch)
+    churn = [{"method": f"m{i}", "args": [b"x"], "op": "call", "id": i} for i in range(40)]
+    churn += [{"method": "m", "args": [b"x"], "op": "call", "extra": [i], "id": i} for i in range(40)]
+    for i, call in enumerate(churn):
+        assert churned.whole_message_from(encode_control(0, call)) == call
+        mine = {**echo, "id": i + 2}
+        assert honest.whole_message_from(encode_control(0, mine)) == mine
+    assert len(learned) == 3  # (the honest decoder's first, then two of the churn's)
+    assert len(checked) == len(churn)  # (every churned call checked; none of the honest ones)
+    assert len(churned._call_shapes) <= 4
+
+
 def test_a_call_shape_keeps_no_argument() -> None:
     """What a channel's decoder keeps of a call's shape is its bytes around the argument and
     its other values, not the argument (up to max_control bytes) it was learned from."""

@@ -942,7 +942,7 @@ def _plain_reply(body: bytes) -> dict[Any, Any] | None:
         request_id, at = got
     if not body.startswith(_REPLY_RESULT, at):
         return None
-    at += 7
+    at += len(_REPLY_RESULT)
     if at >= end:
         return None
     first = body[at]
@@ -1392,11 +1392,15 @@ class FrameDecoder:
             message = decode_control_body(body, self.max_items)
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
-        if self._shape_credit >= _LEARN_COST and type(message.get("id")) is int and type(message.get("args")) is list:
-            call_shape = _request_shape(message, body, "args")
-            if call_shape is not None:
+        if self._shape_credit >= _LEARN_COST and type(message.get("id")) is int:
+            args = message.get("args")
+            if type(args) is list and len(args) == 1 and type(args[0]) is bytes:
+                # (Paid for whether or not a shape comes of it: calls that never make one --
+                # another value not plain, say -- stop costing an attempt each after two.)
                 self._shape_credit -= _LEARN_COST
-                self._call_shapes = _with_shape(shapes, call_shape)
+                call_shape = _request_shape(message, body, "args")
+                if call_shape is not None:
+                    self._call_shapes = _with_shape(shapes, call_shape)
         return message
 
     def next_frame(self) -> Frame | None:
