@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """RPC benchmark for the performance issue: minibus beside D-Bus and beside the Python + trio limits.
 
-Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--no-peers] [--pin] [--only ROW,...] [--json FILE]
+Run:  python benchmarks/rpc.py [--quick] [--rounds N] [--seconds S] [--slices K] [--no-peers] [--pin] [--only ROW,...] [--json FILE]
       python benchmarks/rpc.py --budget [--budget-row ROW] [--budget-limit FLOOR] [--quick]   # the per-hop budget of one row
 
 ``--pin`` runs every caller (minibus's and the limits') on one CPU and their other processes
@@ -14,7 +14,10 @@ Every party is its own process, as a D-Bus user has them: ``busd``, the service 
 jeepney services and callers.  The script only starts them, sends each caller one row at a
 time over a pipe and collects what it measured.  In each round a table row's minibus side and
 its limit run back to back (then its floors, then D-Bus), minibus first in odd rounds and last
-in even ones, so neither side always gets the same slot.  Each round gives a paired ratio,
+in even ones, so neither side always gets the same slot.  A row's time in a round is cut into
+``--slices`` windows (3), the row, its limit and its floors taken in turn, the order reversed
+from one pass to the next (A B C, C B A, A B C): a slow moment of this busy machine that
+would fall on one side of a pair in one long window falls on both.  Each round gives a paired ratio,
 minibus over its limit; the table shows their median and range (what a target is judged on:
 a lucky window of either side moves a median of pairs little) beside the best of each side's
 rounds and their ratio (best/best, as before).
@@ -1416,6 +1419,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     seconds = args.seconds or (0.3 if args.quick else 0.6)
     warmup = 0.1 if args.quick else 0.2
     rounds = args.rounds or (1 if args.quick else 6)
+    slices = args.slices or (1 if args.quick else 3)
     timeout = seconds * 2 + warmup + ROW_GRACE
     tmp = Path(tempfile.mkdtemp(prefix="minibus-rpc-"))
     values: dict[str, list[float]] = {}
@@ -1441,19 +1445,47 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 values.setdefault(key, []).append(answer["value"])
                 by_round[-1][key] = answer["value"]
 
+        def measure_sliced(keys: list[str], first_forward: bool) -> None:
+            """Each of ``keys`` (a row, its limit, its floors) for ``seconds`` in all, in
+            ``slices`` windows taken in turn, the order reversed from one pass to the next
+            (A B C, C B A, A B C: a drift in the machine's speed falls on each key alike); a
+            key's rate for the round is its work over its time summed over its windows.  The
+            first window of each key warms it up for ``warmup``, the later ones for a quarter
+            of that (its processes sat idle while the others ran)."""
+            work = {key: 0.0 for key in keys}
+            spent = {key: 0.0 for key in keys}
+            for n in range(slices):
+                forward = first_forward if n % 2 == 0 else not first_forward
+                for key in keys if forward else keys[::-1]:
+                    if key not in spent:
+                        continue  # (it failed in an earlier window of this round)
+                    worker = minibus.worker if key.startswith("mb-") else limits.worker
+                    cmd = {"row": key, "seconds": seconds / slices, "warmup": warmup if n == 0 else warmup / 4}
+                    answer = worker.ask(cmd, timeout)
+                    if "error" in answer:
+                        errors[key] = answer["error"]
+                        print(f"  {key}: {answer['error']}", file=sys.stderr)
+                        del work[key], spent[key]
+                        continue
+                    work[key] += answer["value"] * answer["elapsed"]
+                    spent[key] += answer["elapsed"]
+            for key, elapsed in spent.items():
+                value = work[key] / elapsed
+                values.setdefault(key, []).append(value)
+                by_round[-1][key] = value
+
         for round_no in range(rounds):
             # a table row's minibus side and its limit back to back, so that a slow moment hits
-            # both alike, then its floors; minibus first in odd rounds, the order reversed in even
-            # ones (the limit and its floors first), so no side always has the same neighbour.
-            # Then D-Bus (each peer row once a round: two table rows share x1 and big-x8).
+            # both alike, then its floors, in short windows taken in turn (measure_sliced);
+            # minibus first in odd rounds, the order reversed in even ones (the limit and its
+            # floors first), so no side always has the same neighbour.  Then D-Bus (each peer
+            # row once a round, in one window: two table rows share x1 and big-x8).
             by_round.append({})
             peer_done: set[str] = set()
             for _label, ours, peer_row, limit_row, *_ in TABLE:
                 if args.only and ours not in args.only:
                     continue
-                order = [ours, limit_row, *FLOORS.get(ours, [])]
-                for key in order if round_no % 2 == 0 else order[::-1]:
-                    measure(key, minibus.worker if key.startswith("mb-") else limits.worker, key)
+                measure_sliced([ours, limit_row, *FLOORS.get(ours, [])], round_no % 2 == 0)
                 if peers and peer_row not in peer_done:
                     peer_done.add(peer_row)
                     for label, worker in peers.workers.items():
@@ -1552,7 +1584,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"{daemon} rows skipped: {reason}")
     for key, error in errors.items():
         print(f"row {key} failed (in some round): {error}")
-    print(f"{rounds} round(s) of {seconds:g} s per row (after {warmup:g} s warm-up); rates: best of rounds; a target is judged on the"
+    print(f"{rounds} round(s) of {seconds:g} s per row in {slices} window(s) taken in turn with its limit's and floors'"
+          f" (after {warmup:g} s warm-up); rates: best of rounds; a target is judged on the"
           f" median of the rounds' paired ratios; setup {setup:.1f} s, total {time.perf_counter() - started:.0f} s")
     print()
     from _report import emit_json
@@ -1562,6 +1595,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
             "rounds": rounds,
             "seconds_per_row": seconds,
+            "slices_per_row": slices,
             "bus_call_route": route,
             "limit_codec": "raw length-prefixed CBOR: minibus's 10-byte frame header, cbor2.dumps/loads, no profile check",
             "table": table,
@@ -1890,7 +1924,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run, under a minute)")
     parser.add_argument("--rounds", type=int, help="rounds, each a paired ratio per row (default 6; 1 with --quick)")
-    parser.add_argument("--seconds", type=float, help="measuring window per row (default 0.6 s; 0.3 with --quick)")
+    parser.add_argument("--seconds", type=float, help="measuring time per row and round (default 0.6 s; 0.3 with --quick)")
+    parser.add_argument(
+        "--slices", type=int,
+        help="windows each row's time in a round is cut into, taken in turn with its limit's and floors' (default 3; 1 with --quick)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip the D-Bus rows")
     parser.add_argument(
         "--pin", action="store_true",
@@ -1911,6 +1949,9 @@ def main() -> None:
     parser.add_argument("--keep-profiles", metavar="DIR", help="with --budget: keep each process's cProfile file (pstats) in DIR")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = parser.parse_args()
+    for name in ("rounds", "slices"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     if args.budget_limit and (
         args.budget_limit[5] != BUDGET_TOPOLOGY.get(args.budget_row)
         or args.budget_limit.rsplit("-", 1)[1] != args.budget_row.rsplit("-", 1)[1]
