@@ -12,19 +12,21 @@ shares a CPU with which decides the 32-in-flight row's rounds (benchmarks/README
 Every party is its own process, as a D-Bus user has them: ``busd``, the service (a
 ``clients.rpc.Service``), the caller; the limits' ends and forwarder; the D-Bus daemons, their
 jeepney services and callers.  The script only starts them, sends each caller one row at a
-time over a pipe and collects what it measured.  In each round a table row's minibus side and
-its limit run back to back (then its floors, then D-Bus), minibus first in odd rounds and last
-in even ones, so neither side always gets the same slot.  A row's time in a round is cut into
-``--slices`` windows (3), the row, its limit and its floors taken in turn, the order reversed
-from one pass to the next (A B C, C B A, A B C): a slow moment of this busy machine that
-would fall on one side of a pair in one long window falls on both.  Each round gives a paired ratio,
+time over a pipe and collects what it measured.  In each round a table row's time is cut
+into ``--slices`` windows (3; 1 with ``--quick``), the row, its limit and its floors taken in
+turn, each pass's order the last one rotated by one (A B C, B C A, C A B; the row first in odd
+rounds, last in even ones), then D-Bus: a slow moment of this busy machine that would fall on
+one side of a pair in one long window falls on both.  Each round gives a paired ratio,
 minibus over its limit; the table shows their median and range (what a target is judged on:
 a lucky window of either side moves a median of pairs little) beside the best of each side's
 rounds and their ratio (best/best, as before).  Its last three columns judge the row: the
 floor it is held against (``JUDGED_FLOOR``: the row's limit with what each minibus call of
 the row must do added, below) as the median of its paired ratios to the limit, minibus's
-median to that floor, and the status: met; or missed, with the floor below the target
-(minibus's share of it says how far from the floor); or missed with a floor that reaches it.
+median to that floor, and the status: met; missed at its floor (within ``AT_FLOOR`` of it);
+missed under its floor; or missed with a floor that reaches the target.  The rates and
+best/best of this scheme (a key's rate in a round is its work over its time in all its
+windows) are not those of tables before windows (fe920b1), which took each key's best single
+window.
 
 Rows (64-byte payloads are ``bytes``; the service's ``echo`` returns its argument, ``take``
 returns the length of its 1 MiB argument):
@@ -352,6 +354,32 @@ async def rate(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: in
     return {"value": count / elapsed, "calls": count, "elapsed": elapsed}
 
 
+async def sink_rate(sink: Any, data: bytes, seconds: float, warmup: float) -> dict[str, Any]:
+    """Bytes per second written to the service's ``sink`` channel (``data`` at a time), each
+    window ending when the service has said it took them all (a byte for each ``len(data)``)."""
+
+    async def run(window: float) -> tuple[int, float]:
+        sent = acks = 0
+        start = time.perf_counter()
+        deadline = start + window
+        while time.perf_counter() < deadline:
+            await sink.send_all(data)
+            sent += 1
+        while acks < sent:
+            got = await sink.receive_some(64)
+            if not got:
+                raise EOFError("the sink closed its channel")
+            acks += len(got)
+        if acks != sent:
+            raise RuntimeError(f"the sink acknowledged {acks} writes, {sent} were made")
+        return sent, time.perf_counter() - start
+
+    if warmup > 0:
+        await run(warmup)
+    sent, elapsed = await run(seconds)
+    return {"value": sent * len(data) / elapsed, "bytes": sent * len(data), "elapsed": elapsed}
+
+
 # ------------------------------------------------------------------------------------------
 # Roles: the limits
 # ------------------------------------------------------------------------------------------
@@ -631,10 +659,11 @@ class LimitClient:
         self.sock.close()
 
 
-async def limit_bulk(path: str, mode: str, seconds: float) -> dict[str, Any]:
+async def limit_bulk(path: str, mode: str, seconds: float, warmup: float) -> dict[str, Any]:
     """Bulk into the limit server: ``R`` raw bytes (256 KiB writes), ``F`` the same in DATA
     frames, ``D`` minibus's 1 MiB call bodies to a receiver that decodes each (MB/s of
-    argument bytes, as the 1 MiB rows count them)."""
+    argument bytes, as the 1 MiB rows count them).  The first ``warmup`` seconds' writes are
+    not counted; the window ends when the server has acknowledged every byte."""
     import trio
 
     sock = unix_connect(path)
@@ -653,8 +682,12 @@ async def limit_bulk(path: str, mode: str, seconds: float) -> dict[str, Any]:
             counts = PART
         sender = Sender(sock)
         sent = chunks = 0
-        start = time.perf_counter()
-        with trio.fail_after(seconds + ROW_GRACE):
+        with trio.fail_after(warmup + seconds + ROW_GRACE):
+            start = time.perf_counter()
+            while time.perf_counter() - start < warmup:
+                await sender.send(chunk)
+                chunks += 1
+            start = time.perf_counter()
             while time.perf_counter() - start < seconds:
                 await sender.send(chunk)
                 sent += counts
@@ -733,11 +766,11 @@ def role_limit_worker(config_json: str) -> None:
                     finally:
                         client.close()
                 elif row == "bulk-raw":
-                    result = await limit_bulk(config["limit2"], "R", seconds)
+                    result = await limit_bulk(config["limit2"], "R", seconds, warmup)
                 elif row == "bulk-3p":
-                    result = await limit_bulk(config["limit3"], "F", seconds)
+                    result = await limit_bulk(config["limit3"], "F", seconds, warmup)
                 elif row == "bulk-floor":
-                    result = await limit_bulk(config["limit2"], "D", seconds)
+                    result = await limit_bulk(config["limit2"], "D", seconds, warmup)
                 elif row == "bare-shs":
                     result = await bare_connects(config["bare"], config["seed"], seconds, warmup)
                 else:
@@ -800,14 +833,34 @@ def role_service(address: str, key_file: str, profile_out: str) -> None:
 
     # The floor of the relayed 1 MiB row without RPC (--budget-row mb-relay-bulk): a plain
     # relayed channel whose bytes are taken as they come (push delivery, views) and dropped.
+    # It answers one byte for each whole BIG it has taken, so that the caller's window ends
+    # when the service has its bytes (as a call's ends with its reply), not when busd and the
+    # sockets still hold up to a window of them, which would drain into the next key's window.
     @service.channel("sink")
     async def sink(channel: Any) -> None:
         ended = trio.Event()
-        if channel.deliver_to(lambda data: None, lambda error: ended.set(), views=True):
-            await ended.wait()
-        else:
-            while await channel.receive_some(BIG):
-                pass
+        wake = trio.Event()
+        got = acked = 0
+
+        def take(data: Any) -> None:
+            nonlocal got
+            got += len(data)
+            if got // BIG > acked:
+                wake.set()  # (once a MiB: a task switch a MiB, not one a frame)
+
+        def end(error: Any) -> None:
+            ended.set()
+            wake.set()
+
+        if not channel.deliver_to(take, end, views=True):
+            raise RuntimeError("the sink channel must be a plain relay")
+        while not ended.is_set():
+            await wake.wait()
+            wake = trio.Event()
+            whole = got // BIG
+            if whole > acked and not ended.is_set():
+                await channel.send_all(bytes(whole - acked))
+                acked = whole
 
     async def main() -> None:
         async with open_bus(address, identity=load_identity(key_file), name=service.name, info=service.info) as bus:
@@ -877,8 +930,7 @@ def role_minibus_worker(address: str, key_file: str) -> None:
                             # plain relayed channel, the service's end dropping what comes.
                             if sink is None:
                                 sink = await bus.open_channel(SERVICE, "sink", "relay")
-                            result = await rate(lambda: sink.send_all(big), seconds, 1, warmup)
-                            result["value"] *= BIG
+                            result = await sink_rate(sink, big, seconds, warmup)
                         elif row == "mb-connect":
 
                             async def connect() -> None:
@@ -1418,11 +1470,14 @@ def row_status(target: float, row: dict[str, Any] | None, floor: dict[str, Any] 
         return "met"
     if floor is None or row_to_floor is None:
         return "missed"
-    if floor["median"] >= target:
-        return f"missed; its floor ({floor['median']:.2f}) reaches the target"
+    where = f"{floor['median']:.2f}; minibus {row_to_floor['median']:.2f} of it"
     if row_to_floor["median"] >= AT_FLOOR:
-        return f"missed; at its floor ({floor['median']:.2f}; minibus {row_to_floor['median']:.2f} of it)"
-    return f"missed; its floor is {floor['median']:.2f}, minibus {row_to_floor['median']:.2f} of it"
+        if floor["median"] >= target:  # (the floor's rounds and the row's disagree: noise)
+            return f"missed; at its floor ({where}), which reaches the target"
+        return f"missed; at its floor ({where})"
+    if floor["median"] >= target:
+        return f"missed; its floor reaches the target ({where})"
+    return f"missed; under its floor ({where})"
 
 
 def pair_text(pair: dict[str, Any] | None) -> str:
@@ -1479,16 +1534,20 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
         def measure_sliced(keys: list[str], first_forward: bool) -> None:
             """Each of ``keys`` (a row, its limit, its floors) for ``seconds`` in all, in
-            ``slices`` windows taken in turn, the order reversed from one pass to the next
-            (A B C, C B A, A B C: a drift in the machine's speed falls on each key alike); a
-            key's rate for the round is its work over its time summed over its windows.  The
-            first window of each key warms it up for ``warmup``, the later ones for a quarter
-            of that (its processes sat idle while the others ran)."""
+            ``slices`` windows taken in turn, each pass's order the one before rotated by one
+            (A B C, B C A, C A B: a drift in the machine's speed falls on each key alike, each
+            key takes each place, and none runs twice in a row, which would give its second
+            window processes just run; two keys take A B, A B, ...).  ``first_forward`` False
+            starts from the keys reversed.  A key's rate for the round is its work over its
+            time summed over its windows.  Each window warms its key up first: the first for
+            ``warmup``, the later ones for a quarter of that (its processes sat idle while the
+            others ran)."""
             work = {key: 0.0 for key in keys}
             spent = {key: 0.0 for key in keys}
+            base = keys if first_forward else keys[::-1]
             for n in range(slices):
-                forward = first_forward if n % 2 == 0 else not first_forward
-                for key in keys if forward else keys[::-1]:
+                turn = n % len(base) if len(base) > 2 else 0
+                for key in base[turn:] + base[:turn]:
                     if key not in spent:
                         continue  # (it failed in an earlier window of this round)
                     worker = minibus.worker if key.startswith("mb-") else limits.worker
@@ -1507,11 +1566,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 by_round[-1][key] = value
 
         for round_no in range(rounds):
-            # a table row's minibus side and its limit back to back, so that a slow moment hits
-            # both alike, then its floors, in short windows taken in turn (measure_sliced);
-            # minibus first in odd rounds, the order reversed in even ones (the limit and its
-            # floors first), so no side always has the same neighbour.  Then D-Bus (each peer
-            # row once a round, in one window: two table rows share x1 and big-x8).
+            # a table row's minibus side, its limit and its floors in short windows taken in
+            # turn (measure_sliced), so that a slow moment hits each alike; minibus first in
+            # odd rounds, last in even ones.  Then D-Bus (each peer row once a round, in one
+            # window: two table rows share x1 and big-x8).
             by_round.append({})
             peer_done: set[str] = set()
             for _label, ours, peer_row, limit_row, *_ in TABLE:
@@ -1564,6 +1622,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "ratio_to_limit_rounds": rounds_ratio and rounds_ratio["rounds"],
             "meets_target": rounds_ratio["median"] >= target if rounds_ratio else None,
             "floor_row": floor_row,
+            "floor_is": floor_name or None,
             "floor_ratio_to_limit_median": floor_ratio and floor_ratio["median"],
             "ratio_to_floor_median": to_floor and to_floor["median"],
             "status": status,
@@ -1615,7 +1674,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"  the relayed 1 MiB row's floor without RPC (1 MiB writes on a plain relayed channel, the service's end taking the bytes"
               f" as they come): {fmt(best['mb-relay-bulk'], 'bytes')}"
               f" {against('mb-relay-bulk', 'bulk-3p', 'the 3-process limit', 'mb-relay-big-x8', 'RPC row')}")
-    print("Paired ratios, round by round (minibus or the floor first in rounds 1, 3, ...; its limit first in rounds 2, 4, ...):")
+    print("Paired ratios, round by round:")
     for name, result in paired.items():
         if result:
             print(f"  {name:30} " + " ".join(f"{r:.2f}" for r in result["rounds"]))
@@ -1629,7 +1688,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     for key, error in errors.items():
         print(f"row {key} failed (in some round): {error}")
     print(f"{rounds} round(s) of {seconds:g} s per row in {slices} window(s) taken in turn with its limit's and floors'"
-          f" (after {warmup:g} s warm-up); rates: best of rounds; a target is judged on the"
+          f" (after {warmup:g} s warm-up, {warmup / 4:g} s before each later window); rates: best of rounds; a target is judged on the"
           f" median of the rounds' paired ratios; setup {setup:.1f} s, total {time.perf_counter() - started:.0f} s")
     print()
     from _report import emit_json
