@@ -606,13 +606,15 @@ class Channel(trio.abc.HalfCloseableStream):
 class _SocketReads(trio.abc.ReceiveStream):
     """A channel's socket read directly (:meth:`Channel.socket_reads`), bytes counted."""
 
-    __slots__ = ("_channel", "_io", "wait_readable")
+    __slots__ = ("_channel", "_io", "wait_readable", "readable_now")
 
     def __init__(self, channel: Channel, io: FdSocketStream) -> None:
         self._channel = channel
         self._io = io
         #: Wait until a read may find something (the socket's own: no call in between).
         self.wait_readable: Callable[[], Awaitable[None]] = io.wait_readable
+        #: Whether a read would find something now, without reading (the socket's own).
+        self.readable_now: Callable[[], bool] = io.readable_now
 
     def receive_nowait(self, max_bytes: int) -> bytes:
         """What the socket holds now (no checkpoint); :class:`trio.WouldBlock` if nothing."""

@@ -708,6 +708,7 @@ class Service:
     async def serve_channel(self, channel: Channel) -> None:
         """Answer calls on one RPC channel until the caller closes it."""
         framed = FramedStream(channel, receive_stream=channel.socket_reads())
+        framed.whole_messages = True  # (calls by their shape: see FramedStream)
         # Replies go out whole and in order, straight to the channel when nothing waits.
         # (Room for every running call's reply, and as many refusals besides.)
         writer = FrameWriter(channel.secure, max_frames=2 * MAX_IN_FLIGHT)
@@ -1212,7 +1213,11 @@ class RpcConnection:
     def __init__(self, channel: Channel, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.channel = channel
         self.max_message = _check_max_message(max_message)
-        self.framed = FramedStream(channel, receive_stream=channel.socket_reads())
+        reads = channel.socket_reads()
+        self.framed = FramedStream(channel, receive_stream=reads)
+        self.framed.whole_messages = True  # (replies by their layout: see FramedStream)
+        # (poll's look at the socket: whether a read would find anything, without one)
+        self._readable_now = reads.readable_now if reads is not None else None
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self.writer.direct = channel.whole_frame_sender()  # (a plain relay: one layer fewer per call)
@@ -1319,6 +1324,8 @@ class RpcConnection:
         channel ended.  (Only where the calls read themselves; elsewhere a task reads.)"""
         if not self._turns or self._reader is not None or self.closed is not None:
             return
+        if self._readable_now is not None and not self._readable_now():
+            return  # (nothing came: the common case, known without a read)
         framed = self.framed
         try:
             while framed.read_nowait():

@@ -308,3 +308,49 @@ async def test_connect_nowait_connects_at_once_or_says_it_would_wait(tmp_path: P
         for stream in made:
             stream.close_nowait()
         listener.close()
+
+
+@pytest.mark.parametrize("unix_channel", [False, True])
+async def test_readable_now_says_whether_a_read_would_find_anything_without_reading(unix_channel: bool) -> None:
+    """``readable_now`` (an RPC caller's look at its idle channel) is False while a read would
+    find nothing, and True, reading nothing, once bytes, the peer's end or an error are there,
+    and once the stream is closed (the read then says how)."""
+    from bus.io.fdpass import UnixChannelStream
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = UnixChannelStream(left) if unix_channel else FdSocketStream(left)
+    peer = UnixChannelStream(right) if unix_channel else None
+    try:
+        assert not stream.readable_now()
+        assert not stream.readable_now()  # (the poller, made once, asked again)
+        right.send(b"abc")
+        assert stream.readable_now() and stream.readable_now()  # (nothing was read)
+        assert stream.try_receive(10) == b"abc"
+        assert not stream.readable_now()
+        if peer is not None:
+            await peer.send_eof()  # the end mark
+        else:
+            right.shutdown(socket.SHUT_WR)
+        assert stream.readable_now()
+        assert stream.try_receive(10) == b""
+        assert stream.readable_now()  # (ended: a read says so again, at once)
+    finally:
+        stream.close_nowait()
+        if peer is not None:
+            peer.close_nowait()
+        right.close()
+    assert stream.readable_now()  # closed: the read raises, as it should
+    with pytest.raises(trio.ClosedResourceError):
+        stream.try_receive(10)
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = FdSocketStream(left)
+    try:
+        right.send(b"unread")
+        right.close()  # the peer wrote and went: readable for the bytes, then for the end
+        assert stream.readable_now()
+        assert stream.try_receive(100) == b"unread"
+        assert stream.readable_now()
+        assert stream.try_receive(100) == b""
+    finally:
+        stream.close_nowait()

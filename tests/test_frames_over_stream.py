@@ -349,3 +349,95 @@ async def test_a_reader_whose_last_read_emptied_the_socket_takes_whole_split_and
         assert await framed.receive_frame() is None  # (and stays ended, reading nothing more)
     assert reads == [len(first), 12, len(second) - 12, 0]
     await stream.aclose()
+
+
+def _writes_of_an_rpc_channel() -> list[tuple[list[bytes], int]]:
+    """What one side of an RPC channel may write, with the frames each write makes (a write
+    in parts is read part by part): calls of one byte-string argument (one shape, known after the first), replies
+    of a byte string or an integer, other messages, frames on another channel and of another
+    kind, two frames in one write, a frame in two writes."""
+    calls = [encode_control(0, {"method": "echo", "args": [bytes([i]) * (i * 7)], "op": "call", "id": i + 1}) for i in range(6)]
+    replies = [encode_control(0, {"re": 3, "result": b"three"}), encode_control(0, {"re": 4, "result": 2**40})]
+    others = [
+        encode_control(0, {"op": "introspect", "id": 9}),
+        encode_control(0, {"re": 5, "result": ["a", 1]}),
+        encode_control(2, {"op": "call", "id": 10, "method": "echo", "args": [b"x"]}),
+        encode_data(0, b"data"),
+    ]
+    two = encode_control(0, {"re": 6, "result": b"a"}) + encode_control(0, {"re": 7, "result": b"b"})
+    split = encode_control(0, {"method": "echo", "args": [b"split"], "op": "call", "id": 11})
+    return [([data], 1) for data in [*calls, *replies, *others]] + [([two], 2), ([split[:7], split[7:]], 1)]
+
+
+def _bad_frames() -> list[bytes]:
+    """Whole CONTROL frames on channel 0 the profile refuses, each shaped as a known call or a
+    plain reply but for one item: an argument's head longer than it need be, an id written
+    long, a reply's value in chunks."""
+    long_argument = b"\xa4fmethoddechodargs\x81\x58\x03abcbopdcallbid\x01"  # (3 bytes, a 1-byte length)
+    long_id = b"\xa4fmethoddechodargs\x81\x43abcbopdcallbid\x18\x01"  # (id 1 in two bytes)
+    chunked = b"\xa2bre\x01fresult\x5f\x41a\x41b\xff"
+    return [HEADER.pack(1, 0, 0, len(body)) + body for body in (long_argument, long_id, chunked)]
+
+
+@pytest.mark.parametrize("fd_stream", [False, True])
+async def test_a_reader_of_whole_messages_gives_what_the_full_way_gives(fd_stream: bool) -> None:
+    """``FramedStream.whole_messages`` (an RPC channel's reader: a read that is one whole
+    CONTROL frame on channel 0 is known by its shape or layout) gives the same frames, in the
+    same order, as the full way, whatever the writes; refuses what it refuses, with the same
+    error; and takes the calls of a known shape and the plain replies without the full
+    check."""
+    import bus.wire.frames as frames_module
+    from bus.io.fdpass import FdSocketStream
+
+    checked: list[int] = []
+    real_check = frames_module.decode_control_body
+
+    def counting_check(body: bytes, max_items: int | None = None) -> object:
+        checked.append(len(body))
+        return real_check(body, max_items)
+
+    async def frames_read(writes: list[tuple[list[bytes], int]], whole: bool) -> tuple[list[object], int]:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream = FdSocketStream(right) if fd_stream else trio.SocketStream(trio.socket.from_stdlib_socket(right))
+        framed = FramedStream(stream)
+        framed.whole_messages = whole
+        got: list[object] = []
+        checked.clear()
+        with left, trio.fail_after(10):
+            try:
+                for parts, frames in writes:
+                    async with trio.open_nursery() as nursery:
+
+                        async def read() -> None:
+                            for _ in range(frames):
+                                got.append(await framed.receive_frame())
+
+                        nursery.start_soon(read)
+                        for part in parts:
+                            await trio.testing.wait_all_tasks_blocked()  # (the reader waits)
+                            left.sendall(part)
+            except* FrameError as group:
+                got.append(f"refused: {group.exceptions[0]}")
+        await framed.aclose()
+        return got, len(checked)
+
+    writes = _writes_of_an_rpc_channel()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frames_module, "decode_control_body", counting_check)
+        full, full_checks = await frames_read(writes, whole=False)
+        whole, whole_checks = await frames_read(writes, whole=True)
+    assert whole == full and len(full) == 15 and all(isinstance(frame, (ControlFrame, DataFrame)) for frame in full)
+    assert full_checks == 14  # every CONTROL frame, checked the full way
+    # The reader of whole messages: the first call (its shape learned) the full way, the
+    # other five and the two plain replies without it; the rest (another map, another
+    # channel, two frames in one read, a frame in two reads) the full way.
+    assert whole_checks == 14 - 5 - 2
+
+    first = encode_control(0, {"method": "echo", "args": [b"abc"], "op": "call", "id": 1})
+    for bad in _bad_frames():
+        # A known call's shape, then the bad frame: refused by both, alike.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(frames_module, "decode_control_body", counting_check)
+            full, _ = await frames_read([([first], 1), ([first], 1), ([bad], 1)], whole=False)
+            whole, _ = await frames_read([([first], 1), ([first], 1), ([bad], 1)], whole=True)
+        assert whole == full and len(full) == 3 and type(full[-1]) is str and full[-1].startswith("refused: ")

@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 
 import trio
 
-from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_control
+from ..wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, ControlFrame, Frame, FrameDecoder, encode_control
 from .fdpass import FdSocketStream
 
 __all__ = ["FramedStream"]
@@ -149,6 +149,11 @@ class FramedStream:
         self.bytes_received = 0
         #: The stream's end was read.
         self.at_end = False
+        #: A socket read that is exactly one whole CONTROL frame on channel 0, with nothing
+        #: buffered, is decoded by :meth:`FrameDecoder.whole_message_from`: an RPC channel's
+        #: reader, whose calls and replies come one to a read at one call in flight and are
+        #: then known by their shape or layout (the same map the full way gives).
+        self.whole_messages = False
 
     @property
     def buffered(self) -> int:
@@ -217,6 +222,10 @@ class FramedStream:
                 self._drained = drained = len(got) < size
                 self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
                 self.bytes_received += len(got)
+                if self.whole_messages:
+                    message = decoder.whole_message_from(got)
+                    if message is not None:
+                        return ControlFrame(0, message)
                 frame = decoder.next_frame_from(got)
                 if frame is not None:
                     return frame
@@ -246,6 +255,10 @@ class FramedStream:
                 decoder.end_of_input()
                 return None
             self.bytes_received += len(data)
+            if self.whole_messages:
+                message = decoder.whole_message_from(data)
+                if message is not None:
+                    return ControlFrame(0, message)
             frame = decoder.next_frame_from(data)  # (bytearray: fed, then cut)
         return frame
 
