@@ -325,6 +325,55 @@ class RelayStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
+    async def send_pieces(self, pieces: list[bytes | memoryview], size: int) -> None:
+        """:meth:`send_all` of the bytes of ``pieces`` (``size`` in all) as if joined, without
+        joining them first: each write's frames are made from views of the pieces, one join
+        per write, as :meth:`send_all` makes them from a view of its argument.  For a large
+        message given as pieces (:class:`~bus.io.writer.Gathered`: a message's big values are
+        the caller's own ``bytes``, which must not change until this returns)."""
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this channel")
+        self._send_busy = True
+        try:
+            self._check_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            index, offset, left = 0, 0, size
+            head = HEADER.pack
+            while left:
+                while self._credit < self._worth_a_frame(left):
+                    self._check_send()
+                    await self._credit_changed.wait()
+                await self._link.send.wait_room()
+                self._check_send()
+                # From here on nothing waits (as in send_all): the frames go out whole.
+                n = min(left, self._credit, SEND_BATCH)
+                parts: list[bytes | memoryview] = []
+                for start in range(0, n, MAX_DATA_FRAME):
+                    need = min(MAX_DATA_FRAME, n - start)
+                    parts.append(head(FrameKind.DATA, 0, self.channel, need))
+                    while need:
+                        piece = pieces[index]
+                        take = min(len(piece) - offset, need)
+                        if offset or take < len(piece):
+                            parts.append(memoryview(piece)[offset : offset + take])
+                        else:
+                            parts.append(piece)
+                        need -= take
+                        offset += take
+                        if offset == len(piece):
+                            index, offset = index + 1, 0
+                self._link.send.send_nowait(b"".join(parts))
+                self._credit -= n
+                self.bytes_out += n
+                left -= n
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        except trio.ClosedResourceError:
+            if self._closed or self._eof_sent:
+                raise
+            raise trio.BrokenResourceError("the bus connection is gone") from None
+        finally:
+            self._send_busy = False
+
     def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the credit and the link's queue allow now, in whole frames (no waiting).
 

@@ -1221,9 +1221,10 @@ class RpcConnection:
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self.writer.direct = channel.whole_frame_sender()  # (a plain relay: one layer fewer per call)
-        # Large messages as pieces, written without a join where the channel is a socket of
-        # its own (a relay wraps what it sends in frames of the bus connection anyway).
-        self._gather = self.writer.direct is None
+        # Large messages as pieces, written without a join of the whole message: with one
+        # sendmsg where the channel is a socket of its own, in frames of the bus connection
+        # made from views of them on a relay (joined where the channel is encrypted).
+        self._gather = True
         # Calls woken together go out in bursts of call_burst(calls in flight), set as they
         # are made.
         self.writer.burst = CALL_BURST_MIN

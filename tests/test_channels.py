@@ -1154,3 +1154,85 @@ async def test_frames_sent_straight_to_the_relay_and_the_usual_way_keep_order_an
                 assert server[0].bytes_in == total
                 assert 0 < taken_direct < len(sizes)  # both ways were taken
                 nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("credit", [None, 24 * 1024])
+async def test_pieces_go_out_as_send_all_would_send_them_joined(tmp_path: Path, credit: int | None) -> None:
+    """RelayStream.send_pieces (a large RPC message given as pieces): the receiver gets the
+    bytes of the pieces in order, as if joined, whatever their sizes (empty ones, one byte,
+    pieces across frame and write bounds, views); every frame is at most MAX_DATA_FRAME and
+    every write of the bus connection within SEND_BATCH, with the broker's credit small or
+    not; the pieces themselves are never joined whole."""
+    from bus.core.broker import Limits
+    from bus.wire.frames import DataFrame, FrameDecoder
+
+    from clients.channels import MAX_DATA_FRAME, SEND_BATCH
+
+    limits = Limits() if credit is None else Limits(relay_credit=credit)
+    async with pair(tmp_path, "unix", limits=limits) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        target = await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        writes: list[bytes] = []
+        writer = relay._link.send
+        real_send = writer.send_nowait
+
+        def spy(frame: bytes) -> None:  # (the real write still happens)
+            writes.append(bytes(frame))
+            real_send(frame)
+
+        writer.send_nowait = spy  # type: ignore[method-assign]
+        rng = random.Random(7)
+        big = os.urandom(300_000)
+        pieces: list[bytes | memoryview] = [b"", b"h", os.urandom(10), big, b"", memoryview(big)[5:70_000], os.urandom(65_536), b"t"]
+        pieces += [os.urandom(rng.randrange(1, 5000)) for _ in range(40)]
+        blob = b"".join(pieces)
+        got = bytearray()
+
+        async def read() -> None:
+            while len(got) < len(blob):
+                got.extend(await target.receive_some())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await opener.secure.send_pieces(pieces, len(blob))
+                await opener.send_all(b"after")  # (and the channel goes on as ever)
+                blob += b"after"
+        writer.send_nowait = real_send  # type: ignore[method-assign]
+        assert bytes(got) == blob
+        assert opener.bytes_out == len(blob)
+        decoder = FrameDecoder()
+        sent = bytearray()
+        for write in writes:
+            decoder.receive_data(write)
+            frames = [f for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel]
+            assert all(0 < len(f.data) <= MAX_DATA_FRAME for f in frames)
+            assert sum(len(f.data) for f in frames) <= SEND_BATCH
+            for f in frames:
+                sent += f.data
+        assert bytes(sent) == blob
+        assert max(len(write) for write in writes) < len(blob) - 5  # (never the whole, joined)
+
+
+async def test_pieces_are_refused_as_send_all_refuses(tmp_path: Path) -> None:
+    """send_pieces after send_eof, after close, or while another send is under way, fails as
+    send_all fails."""
+    async with pair(tmp_path) as (_rb, service, client):
+        accepted = hand_over_channels(service)
+        opener = await client.open_channel("org.example.Echo", "raw", "relay")
+        await accepted.receive()
+        relay = opener.raw
+        assert isinstance(relay, RelayStream)
+        relay._send_busy = True
+        with pytest.raises(trio.BusyResourceError):
+            await relay.send_pieces([b"x"], 1)
+        relay._send_busy = False
+        await opener.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await opener.secure.send_pieces([b"x"], 1)
+        await opener.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await relay.send_pieces([b"x"], 1)

@@ -1223,3 +1223,52 @@ async def test_a_caller_sending_bodies_of_every_size_keeps_no_more_than_the_boun
     rpc_module._drop_kept_buffers()
     gc.collect()
     assert rpc_module._populated[0] == populated
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd", "tcp"])
+async def test_a_large_call_goes_out_without_a_join_of_the_whole_message_where_it_can(
+    tmp_path: Path, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large call is given to the channel's writer as its pieces (the caller's own bytes
+    among them): on a relay its bus frames are made from views of them and on unix-fd they
+    go out with sendmsg, neither joining the whole message (a copy of it and an allocation
+    as big); encrypted (tcp) it is joined, as box-stream needs.  The service gets the same
+    bytes, whatever is in flight beside it."""
+    joins: list[int] = []
+    real_join = Gathered.join
+
+    def counted_join(self: Gathered) -> bytes:
+        joins.append(self.size)
+        return real_join(self)
+
+    monkeypatch.setattr(Gathered, "join", counted_join)
+    from bus.io.writer import FrameWriter
+
+    gathered: list[int] = []
+    real_put = FrameWriter.put_gathered
+
+    async def counted_put(self: FrameWriter, frame: Gathered) -> None:
+        gathered.append(frame.size)
+        await real_put(self, frame)
+
+    monkeypatch.setattr(FrameWriter, "put_gathered", counted_put)
+    async with serving(tmp_path, ROUTES[route][0]) as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        blobs = [os.urandom(MiB + i * 70_001) for i in range(4)]
+        results: dict[int, object] = {}
+
+        async def big(i: int) -> None:
+            results[i] = await rpc.call("length", blobs[i])
+
+        async def small(i: int) -> None:
+            results[100 + i] = await rpc.call("echo", i)
+
+        async with trio.open_nursery() as calls:
+            for i in range(4):
+                calls.start_soon(big, i)
+                calls.start_soon(small, i)
+        assert results == {**{i: len(blobs[i]) for i in range(4)}, **{100 + i: i for i in range(4)}}
+        assert await rpc.call("reverse", blobs[0]) == blobs[0][::-1]
+        await rpc.aclose()
+    assert len(gathered) == 5  # (the four calls and the reverse: as pieces, on every route)
+    assert joins == ([] if route != "tcp" else gathered)

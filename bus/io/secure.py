@@ -577,6 +577,32 @@ class SecureStream(trio.abc.HalfCloseableStream):
             sent = 0
         return memoryview(b"".join(rest))
 
+    @property
+    def sends_pieces(self) -> bool:
+        """Whether :meth:`send_pieces` sends pieces without joining them (a plain stream over
+        a transport that takes pieces: a relayed channel)."""
+        return self._encoder is None and self._outcome is not None and hasattr(self.transport, "send_pieces")
+
+    async def send_pieces(self, parts: list[bytes | memoryview], size: int) -> None:
+        """Send the bytes of ``parts`` (``size`` in all) as if joined: handed to the
+        transport's own ``send_pieces`` where :attr:`sends_pieces`, else joined."""
+        if not self.sends_pieces:
+            await self.send_all(b"".join(parts))
+            return
+        with self._send_conflict:
+            self._check_usable()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof()")
+            try:
+                await getattr(self.transport, "send_pieces")(parts, size)
+            except trio.BrokenResourceError as exc:
+                self._mark_broken(exc)
+                raise
+            except trio.ClosedResourceError:
+                self._check_usable()
+                raise
+            self.bytes_sent += size
+
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
         """Send wire bytes that :meth:`send_nowait` left over (already encoded)."""
         with self._send_conflict:

@@ -37,9 +37,10 @@ be given :attr:`FrameWriter.direct`, which sends a frame below that layer or tak
 Frames may also be given as pieces (:class:`Gathered`, :meth:`FrameWriter.put_gathered`: a
 large RPC message whose big values are the caller's own objects): written with one
 ``sendmsg`` of the pieces where the stream is plain over a socket, with no join (a copy of the
-message and a fresh allocation as big, each), else joined; behind other frames they are one
-entry of the queue, which ``run()`` writes so in its turn (a cork's write stops before it, as
-before a descriptor's frame).
+message and a fresh allocation as big, each); handed to a plain relayed channel as pieces by
+``run()`` (:meth:`SecureStream.send_pieces`: the bus connection's frames are made from views
+of them); else joined.  Behind other frames they are one entry of the queue, which ``run()``
+writes so in its turn (a cork's write stops before it, as before a descriptor's frame).
 
 A transport failure seen by ``send_nowait`` is not raised to the producer (who may be busy
 serving another connection): it ends :meth:`run` with :class:`trio.BrokenResourceError`.
@@ -64,6 +65,7 @@ COALESCE = 64 * 1024
 CORK_FRAMES = 128
 #: The writer task yields after writing this many bytes without waiting for the socket.
 YIELD_AFTER = 256 * 1024
+_NOTHING = memoryview(b"")
 
 
 class Gathered:
@@ -213,10 +215,11 @@ class FrameWriter:
         the socket did not take left to :meth:`run` as ever; queued as one entry behind what
         waits ahead of them (then :meth:`run` writes them so); joined where the stream does
         not write pieces (encrypted, not a socket) or the writer sends :attr:`direct`."""
-        if self.closed or self.stopped or self.direct is not None:
+        if self.closed or self.stopped or (self.direct is not None and not self.stream.sends_pieces):
             self.send_nowait(frame.join())  # (which raises for a closed or stopped writer)
             return
-        if self.corked or self._queue or self._rest is not None or self._busy or self._failure is not None:
+        if self.corked or self._queue or self._rest is not None or self._busy or self._failure is not None or self.stream.sends_pieces:
+            # (a relayed channel takes pieces only with waiting: run() sends them)
             queue = self._queue
             if len(queue) >= self.max_frames:
                 raise trio.WouldBlock
@@ -461,7 +464,12 @@ class FrameWriter:
                 self._gathered -= 1
                 size = item.size
                 rest = self.stream.send_pieces_nowait(item.parts, size)
-                if rest is None:  # (the stream does not write pieces)
+                if rest is None and self.stream.sends_pieces:
+                    # A relayed channel: its frames made from views of the pieces, one join
+                    # per write of the bus connection (the join of the whole message spared).
+                    await self.stream.send_pieces(item.parts, size)
+                    rest = _NOTHING
+                elif rest is None:  # (the stream does not write pieces)
                     rest = self.stream.send_nowait(item.join())
             else:
                 # This frame and the ones after it, up to about COALESCE bytes, in one write.
