@@ -297,33 +297,15 @@ class RelayStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError("the peer closed the channel")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is sending on this channel")
-        self._send_busy = True
-        try:
-            self._check_send()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            view = memoryview(data).cast("B")
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            while view:
-                # Avoid the silly-window syndrome: no tiny frames while more credit is coming.
-                while self._credit < self._worth_a_frame(len(view)):
-                    self._check_send()
-                    await self._credit_changed.wait()
-                await self._link.send.wait_room()
-                self._check_send()
-                # From here on nothing waits: the frame goes out whole (written now, or queued
-                # for the link's writer), so a cancellation never leaves half a frame behind.
-                view = view[self._send_frame(view) :]
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        except trio.ClosedResourceError:
-            if self._closed or self._eof_sent:
-                raise
-            raise trio.BrokenResourceError("the bus connection is gone") from None
-        finally:
-            self._send_busy = False
+        view = memoryview(data).cast("B")
+
+        def send_batch() -> int:
+            nonlocal view
+            taken = self._send_frame(view)
+            view = view[taken:]
+            return taken
+
+        await self._send_batches(len(view), send_batch)
 
     async def send_pieces(self, pieces: list[bytes | memoryview], size: int) -> None:
         """:meth:`send_all` of the bytes of ``pieces`` (``size`` in all) as if joined, without
@@ -331,41 +313,57 @@ class RelayStream(trio.abc.HalfCloseableStream):
         per write, as :meth:`send_all` makes them from a view of its argument.  For a large
         message given as pieces (:class:`~bus.io.writer.Gathered`: a message's big values are
         the caller's own ``bytes``, which must not change until this returns)."""
+        index = offset = sent = 0
+        head = HEADER.pack
+
+        def send_batch() -> int:
+            nonlocal index, offset, sent
+            n = min(size - sent, self._credit, SEND_BATCH)
+            parts: list[bytes | memoryview] = []
+            for start in range(0, n, MAX_DATA_FRAME):
+                need = min(MAX_DATA_FRAME, n - start)
+                parts.append(head(FrameKind.DATA, 0, self.channel, need))
+                while need:
+                    piece = pieces[index]
+                    take = min(len(piece) - offset, need)
+                    parts.append(memoryview(piece)[offset : offset + take] if offset or take < len(piece) else piece)
+                    need -= take
+                    offset += take
+                    if offset == len(piece):
+                        index, offset = index + 1, 0
+            self._link.send.send_nowait(b"".join(parts))
+            self._credit -= n
+            self.bytes_out += n
+            sent += n
+            return n
+
+        await self._send_batches(size, send_batch)
+
+    async def _send_batches(self, size: int, send_batch: Callable[[], int]) -> None:
+        """What :meth:`send_all` and :meth:`send_pieces` share: one sender at a time, the
+        waits for credit and for room on the link, the errors.  ``send_batch()`` sends the
+        next write's frames (no waiting: credit and room are there) and returns the bytes
+        they carry, until ``size`` bytes are sent."""
         if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this channel")
         self._send_busy = True
         try:
             self._check_send()
             await trio.lowlevel.checkpoint_if_cancelled()
-            index, offset, left = 0, 0, size
-            head = HEADER.pack
+            if not size:
+                await trio.lowlevel.checkpoint()
+                return
+            left = size
             while left:
+                # Avoid the silly-window syndrome: no tiny frames while more credit is coming.
                 while self._credit < self._worth_a_frame(left):
                     self._check_send()
                     await self._credit_changed.wait()
                 await self._link.send.wait_room()
                 self._check_send()
-                # From here on nothing waits (as in send_all): the frames go out whole.
-                n = min(left, self._credit, SEND_BATCH)
-                parts: list[bytes | memoryview] = []
-                for start in range(0, n, MAX_DATA_FRAME):
-                    need = min(MAX_DATA_FRAME, n - start)
-                    parts.append(head(FrameKind.DATA, 0, self.channel, need))
-                    while need:
-                        piece = pieces[index]
-                        take = min(len(piece) - offset, need)
-                        if offset or take < len(piece):
-                            parts.append(memoryview(piece)[offset : offset + take])
-                        else:
-                            parts.append(piece)
-                        need -= take
-                        offset += take
-                        if offset == len(piece):
-                            index, offset = index + 1, 0
-                self._link.send.send_nowait(b"".join(parts))
-                self._credit -= n
-                self.bytes_out += n
-                left -= n
+                # From here on nothing waits: the frames go out whole (written now, or queued
+                # for the link's writer), so a cancellation never leaves half a frame behind.
+                left -= send_batch()
             await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.ClosedResourceError:
             if self._closed or self._eof_sent:

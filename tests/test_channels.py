@@ -721,55 +721,58 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
             await framed.aclose()
 
 
+async def _relayed_in_writes(opener: Channel, target: Channel, blob: bytes, send: Any) -> list[list[bytes]]:
+    """Run ``send()`` (which sends ``blob`` on ``opener``, a relayed channel) while ``target``
+    reads it all; the DATA frames of the channel in each write of the bus connection."""
+    from bus.wire.frames import DataFrame, FrameDecoder
+
+    relay = opener.raw
+    assert isinstance(relay, RelayStream)
+    writes: list[bytes] = []
+    writer = relay._link.send
+    real_send = writer.send_nowait
+
+    def spy(frame: bytes) -> None:  # (the real write still happens)
+        writes.append(bytes(frame))
+        real_send(frame)
+
+    writer.send_nowait = spy  # type: ignore[method-assign]
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(blob):
+            got.extend(await target.receive_some())
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await send()
+    writer.send_nowait = real_send  # type: ignore[method-assign]
+    assert bytes(got) == blob
+    decoder = FrameDecoder()
+    per_write = []
+    for write in writes:
+        decoder.receive_data(write)
+        per_write.append([bytes(f.data) for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel])
+    return per_write
+
+
 async def test_a_big_write_goes_out_as_64_kib_frames_several_to_a_write(tmp_path: Path) -> None:
     """RelayStream.send_all of a big write: DATA frames of at most MAX_DATA_FRAME and within
     the credit, as the protocol has them, but as many as the credit allows (up to SEND_BATCH
     bytes) handed to the bus connection as one write; the receiver gets the same bytes."""
-    from bus.wire.frames import DataFrame, FrameDecoder
-
     from clients.channels import MAX_DATA_FRAME, SEND_BATCH
 
     async with pair(tmp_path) as (_rb, service, client):
         accepted = hand_over_channels(service)
         opener = await client.open_channel("org.example.Echo", "raw", "relay")
         target = await accepted.receive()
-        relay = opener.raw
-        assert isinstance(relay, RelayStream)
-        writes: list[bytes] = []
-        writer = relay._link.send
-        real_send = writer.send_nowait
-
-        def spy(frame: bytes) -> None:  # (the real write still happens)
-            writes.append(bytes(frame))
-            real_send(frame)
-
-        writer.send_nowait = spy  # type: ignore[method-assign]
         blob = os.urandom(3 * 1024 * 1024 + 12345)
-        got = bytearray()
-
-        async def read() -> None:
-            while len(got) < len(blob):
-                got.extend(await target.receive_some())
-
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await opener.send_all(blob)
-        writer.send_nowait = real_send  # type: ignore[method-assign]
-        assert bytes(got) == blob
-        sent = bytearray()
-        frames_per_write = []
-        decoder = FrameDecoder()
-        for write in writes:
-            decoder.receive_data(write)
-            frames = [f for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel]
-            assert all(0 < len(f.data) <= MAX_DATA_FRAME for f in frames)
-            assert sum(len(f.data) for f in frames) <= SEND_BATCH
-            for f in frames:
-                sent += f.data
-            frames_per_write.append(len(frames))
-        assert bytes(sent) == blob
-        assert max(frames_per_write) > 1  # (the credit allowed several at once, at least once)
+        writes = await _relayed_in_writes(opener, target, blob, lambda: opener.send_all(blob))
+        assert all(0 < len(frame) <= MAX_DATA_FRAME for frames in writes for frame in frames)
+        assert all(sum(map(len, frames)) <= SEND_BATCH for frames in writes)
+        assert b"".join(frame for frames in writes for frame in frames) == blob
+        assert max(map(len, writes)) > 1  # (the credit allowed several at once, at least once)
 
 
 @pytest.mark.parametrize("credit", [1, 1000, 24 * 1024, 40 * 1024])
@@ -1164,7 +1167,6 @@ async def test_pieces_go_out_as_send_all_would_send_them_joined(tmp_path: Path, 
     every write of the bus connection within SEND_BATCH, with the broker's credit small or
     not; the pieces themselves are never joined whole."""
     from bus.core.broker import Limits
-    from bus.wire.frames import DataFrame, FrameDecoder
 
     from clients.channels import MAX_DATA_FRAME, SEND_BATCH
 
@@ -1173,48 +1175,22 @@ async def test_pieces_go_out_as_send_all_would_send_them_joined(tmp_path: Path, 
         accepted = hand_over_channels(service)
         opener = await client.open_channel("org.example.Echo", "raw", "relay")
         target = await accepted.receive()
-        relay = opener.raw
-        assert isinstance(relay, RelayStream)
-        writes: list[bytes] = []
-        writer = relay._link.send
-        real_send = writer.send_nowait
-
-        def spy(frame: bytes) -> None:  # (the real write still happens)
-            writes.append(bytes(frame))
-            real_send(frame)
-
-        writer.send_nowait = spy  # type: ignore[method-assign]
         rng = random.Random(7)
         big = os.urandom(300_000)
         pieces: list[bytes | memoryview] = [b"", b"h", os.urandom(10), big, b"", memoryview(big)[5:70_000], os.urandom(65_536), b"t"]
         pieces += [os.urandom(rng.randrange(1, 5000)) for _ in range(40)]
-        blob = b"".join(pieces)
-        got = bytearray()
+        blob = b"".join(pieces) + b"after"
 
-        async def read() -> None:
-            while len(got) < len(blob):
-                got.extend(await target.receive_some())
+        async def send() -> None:
+            await opener.secure.send_pieces(pieces, len(blob) - 5)
+            await opener.send_all(b"after")  # (and the channel goes on as ever)
 
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await opener.secure.send_pieces(pieces, len(blob))
-                await opener.send_all(b"after")  # (and the channel goes on as ever)
-                blob += b"after"
-        writer.send_nowait = real_send  # type: ignore[method-assign]
-        assert bytes(got) == blob
+        writes = await _relayed_in_writes(opener, target, blob, send)
         assert opener.bytes_out == len(blob)
-        decoder = FrameDecoder()
-        sent = bytearray()
-        for write in writes:
-            decoder.receive_data(write)
-            frames = [f for f in decoder if isinstance(f, DataFrame) and f.channel == relay.channel]
-            assert all(0 < len(f.data) <= MAX_DATA_FRAME for f in frames)
-            assert sum(len(f.data) for f in frames) <= SEND_BATCH
-            for f in frames:
-                sent += f.data
-        assert bytes(sent) == blob
-        assert max(len(write) for write in writes) < len(blob) - 5  # (never the whole, joined)
+        assert all(0 < len(frame) <= MAX_DATA_FRAME for frames in writes for frame in frames)
+        assert all(sum(map(len, frames)) <= SEND_BATCH for frames in writes)
+        assert b"".join(frame for frames in writes for frame in frames) == blob
+        assert max(sum(map(len, frames)) for frames in writes) < len(blob) - 5  # (never the whole, joined)
 
 
 async def test_pieces_are_refused_as_send_all_refuses(tmp_path: Path) -> None:

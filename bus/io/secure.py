@@ -593,14 +593,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
             self._check_usable()
             if self._eof_sent:
                 raise trio.ClosedResourceError("cannot send after send_eof()")
-            try:
-                await getattr(self.transport, "send_pieces")(parts, size)
-            except trio.BrokenResourceError as exc:
-                self._mark_broken(exc)
-                raise
-            except trio.ClosedResourceError:
-                self._check_usable()
-                raise
+            await self._transport_send(b"", parts, size)
             self.bytes_sent += size
 
     async def send_wire(self, wire: bytes | bytearray | memoryview) -> None:
@@ -610,9 +603,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
             await self._transport_send(wire)
             self._wire_owed = max(0, self._wire_owed - len(wire))
 
-    async def _transport_send(self, payload: bytes | bytearray | memoryview) -> None:
+    async def _transport_send(
+        self, payload: bytes | bytearray | memoryview, pieces: list[bytes | memoryview] | None = None, size: int = 0
+    ) -> None:
+        """The transport's ``send_all(payload)``, or, given ``pieces``, its
+        ``send_pieces(pieces, size)`` (see :meth:`send_pieces`); a failure breaks this stream."""
         try:
-            await self.transport.send_all(payload)
+            if pieces is None:
+                await self.transport.send_all(payload)
+            else:
+                await getattr(self.transport, "send_pieces")(pieces, size)
         except trio.BrokenResourceError as exc:
             self._mark_broken(exc)
             raise
