@@ -181,8 +181,11 @@ class Link:
         self.unique_id = unique_id
         assert isinstance(framed.stream, SecureStream)
         # Channel bytes are handed to their channel as views of the link's reads (no copy per
-        # frame): each channel copies what it keeps (ChannelEnd.on_data).
+        # frame): each channel copies what it keeps (ChannelEnd.on_data).  A frame that
+        # straddles two reads comes in two pieces, each handed on as it is read (a channel is
+        # a byte stream): no join of it.
         framed.data_views = True
+        framed.partial_data = True
         # Frames out: straight to the socket when nothing waits, else queued (bounded).
         self.send = FrameWriter(framed.stream, max_frames=OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}

@@ -856,6 +856,130 @@ def test_data_views_give_the_same_frames_and_errors_as_copies(
     assert (out, error) == _frames_the_usual_way(pieces)
 
 
+def _stream_view(out: list[Any]) -> tuple[list[Any], dict[int, bytes]]:
+    """What a bus connection's reader makes of a decoder's frames: the frames other than a
+    channel's DATA frames, in order, and each channel's bytes (its DATA bodies joined)."""
+    others: list[Any] = []
+    streams: dict[int, bytes] = {}
+    for frame in out:
+        if isinstance(frame, DataFrame) and frame.channel:
+            streams[frame.channel] = streams.get(frame.channel, b"") + bytes(frame.data)
+            others.append(("data", frame.channel))  # (where a channel's bytes came: in order)
+        else:
+            others.append(frame)
+    merged: list[Any] = []
+    for item in others:  # (pieces of one frame, or frames of one channel back to back: one mark)
+        if not (merged and type(item) is tuple and merged[-1] == item):
+            merged.append(item)
+    return merged, streams
+
+
+def _frames_in_pieces(pieces: list[bytes], views: bool, via_next_frame_from: bool) -> tuple[list[Any], str | None]:
+    """Frames from a decoder with ``partial_data`` (a bus connection's reader's), taking each
+    DATA piece's bytes at once, as its owner must."""
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    dec.partial_data = True
+    dec.data_views = views
+    out: list[Any] = []
+
+    def take(frame: Any) -> None:
+        if isinstance(frame, DataFrame):
+            frame = DataFrame(frame.channel, bytes(frame.data), frame.filled)
+        out.append(frame)
+
+    try:
+        for piece in pieces:
+            if via_next_frame_from:
+                frame = dec.next_frame_from(piece)
+                if frame is not None:
+                    take(frame)
+            else:
+                dec.receive_data(piece)
+            for frame in dec:
+                take(frame)
+        dec.end_of_input()
+    except FrameError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+def _empty_data_frames(out: list[Any]) -> int:
+    return sum(1 for frame in out if isinstance(frame, DataFrame) and not frame.data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    batch=st.lists(frames, max_size=6),
+    cuts=st.lists(st.integers(1, 7000), max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 255)), max_size=2),
+    views=st.booleans(),
+    via_next_frame_from=st.booleans(),
+)
+def test_partial_data_gives_each_channel_the_same_bytes_and_the_same_errors(
+    batch: list[Any], cuts: list[int], damage: list[tuple[int, int]], views: bool, via_next_frame_from: bool
+) -> None:
+    """A decoder handing a channel's DATA frames out in pieces as their bytes arrive (a bus
+    connection's reader: ``partial_data``) gives every channel the same bytes, in the same
+    order among the other frames, and fails with the same error, as one that waits for each
+    frame whole, whatever the reads (frames straddling them, damaged); where the stream
+    fails, what the whole way gave each channel is what the pieces gave it, or the start of
+    it (a frame cut short by the failure has given its first pieces).  A DATA frame on
+    channel 0, a CONTROL frame and an empty DATA frame come out whole, as ever."""
+    pieces = _damaged_reads([encode_frame(f) for f in batch], damage, cuts)
+    out, error = _frames_in_pieces(pieces, views, via_next_frame_from)
+    usual, usual_error = _frames_the_usual_way(pieces)
+    assert error == usual_error
+    got, got_streams = _stream_view(out)
+    want, want_streams = _stream_view(usual)
+    # (A piece is never empty: an empty DATA frame could read as an end of the stream.)
+    assert _empty_data_frames(out) == _empty_data_frames(usual) or error is not None
+    if error is None:
+        assert (got, got_streams) == (want, want_streams)
+        assert len(out) >= len(usual)
+    else:
+        assert [f for f in got if type(f) is not tuple] == [f for f in want if type(f) is not tuple]
+        assert set(want_streams) <= set(got_streams)
+        assert all(got_streams[channel].startswith(data) for channel, data in want_streams.items())
+
+
+def test_a_data_frame_straddling_reads_comes_out_in_pieces_as_its_bytes_arrive() -> None:
+    """With ``partial_data``, a DATA frame whose body is cut by the reads comes out as each
+    read brings its bytes (views of the reads, with ``data_views``), no join; the frame's header
+    held across a read too; a CONTROL frame and a DATA frame on channel 0 wait to be whole."""
+    frame = encode_data(5, b"a" * 1000 + b"b" * 1000)
+    dec = FrameDecoder()
+    dec.partial_data = dec.data_views = True
+    first, second, third = frame[:4], frame[4:1010], frame[1010:]  # (a header cut, then the body)
+    dec.receive_data(first)
+    assert dec.next_frame() is None
+    dec.receive_data(second)
+    piece = dec.next_frame()
+    assert piece == DataFrame(5, b"a" * 1000) and dec.next_frame() is None
+    dec.receive_data(third)
+    piece = dec.next_frame()
+    assert isinstance(piece, DataFrame) and piece.data is third  # (the whole read: itself, no copy)
+    assert dec.next_frame() is None and not dec.buffered
+    dec.receive_data(frame[:510])
+    assert dec.next_frame() == DataFrame(5, b"a" * 500)
+    read = frame[510:] + encode_data(6, b"next")  # (the rest of a frame and a whole one: views of it)
+    dec.receive_data(read)
+    piece, after = dec.next_frame(), dec.next_frame()
+    assert isinstance(piece, DataFrame) and type(piece.data) is memoryview and piece.data.obj is read
+    assert piece == DataFrame(5, b"a" * 500 + b"b" * 1000) and after == DataFrame(6, b"next")
+    control = encode_control(0, {"op": "ping", "id": 1}) + encode_data(0, b"zero")
+    dec.receive_data(control[:15])
+    assert dec.next_frame() is None  # (a CONTROL frame: whole or nothing)
+    dec.receive_data(control[15:-2])
+    assert dec.next_frame() == ControlFrame(0, {"op": "ping", "id": 1})
+    assert dec.next_frame() is None  # (a DATA frame on channel 0: whole, so the reader refuses it whole)
+    dec.receive_data(control[-2:])
+    assert dec.next_frame() == DataFrame(0, b"zero")
+    dec.receive_data(frame[:500])
+    assert dec.next_frame() == DataFrame(5, b"a" * 490)
+    with pytest.raises(FrameError, match="inside a frame"):
+        dec.end_of_input()  # (cut short: its first pieces came, the end is an error)
+
+
 def test_data_frames_inside_one_read_come_out_as_views_of_it() -> None:
     """Two DATA frames and a CONTROL frame in one read: the DATA bodies are views (no copy),
     the CONTROL frame is decoded as ever; a decoder not told so copies."""

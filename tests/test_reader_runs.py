@@ -2,7 +2,8 @@
 way: events of several kinds, replies whose handlers open a channel, add a subscription or
 drop one, a gap, malformed events, an event-looking request and reply, channel DATA and
 CONTROL frames, the broker's error event, and frames the hello left buffered.  Whatever the
-cuts, every frame is handled exactly once, in order, by the handler it is for."""
+cuts, every frame is handled exactly once, in order, by the handler it is for (a channel's
+DATA frame in pieces where it straddles reads, its bytes once, in order)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,14 @@ class Channel:
         self.log = log
 
     def on_data(self, data: bytes | memoryview) -> None:
-        self.log.append(("data", bytes(data)))
+        # A channel's bytes come as they are read: a frame that straddles reads comes in
+        # pieces (never an empty one), joined here into its entry (no two frames of channel
+        # data are next to each other in the script).
+        assert data
+        if self.log and self.log[-1][0] == "data":
+            self.log[-1] = ("data", self.log[-1][1] + bytes(data))
+        else:
+            self.log.append(("data", bytes(data)))
 
     def on_control(self, body: dict[str, Any]) -> None:
         self.log.append(("control", body))

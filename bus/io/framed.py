@@ -169,6 +169,16 @@ class FramedStream:
     def data_views(self, on: bool) -> None:
         self._decoder.data_views = on
 
+    @property
+    def partial_data(self) -> bool:
+        """A DATA frame on a channel other than 0 comes out in pieces as its bytes arrive
+        (see :attr:`FrameDecoder.partial_data`)."""
+        return self._decoder.partial_data
+
+    @partial_data.setter
+    def partial_data(self, on: bool) -> None:
+        self._decoder.partial_data = on
+
     def read_nowait(self) -> bool:
         """Read what the stream holds now into the decoder, without waiting (no checkpoint).
 

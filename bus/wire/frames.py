@@ -1198,6 +1198,13 @@ class FrameDecoder:
         #: read instead of a copy.  For an owner that copies what it keeps (a view keeps the
         #: whole read alive) and hands the rest on at once: a relay, a bus connection's reader.
         self.data_views = False
+        #: A DATA frame on a channel other than 0 whose body is not wholly here yet comes out
+        #: in pieces as its bytes arrive -- each a DataFrame of what this read brought, the
+        #: last one completing it -- instead of being held and joined once whole.  For an
+        #: owner to whom a channel's DATA frames are a byte stream (a bus connection's
+        #: reader): a relayed frame that straddles two reads costs no join.  Headers, CONTROL
+        #: frames and channel 0 are cut as ever.
+        self.partial_data = False
         # Bytes arrive in chunks.  A chunk is kept as it came and frames are cut straight out
         # of it (one copy, none for a frame that is the whole chunk).  What is left unread
         # when more arrives goes into ``_parts`` (with what arrives after it, as it came), and
@@ -1600,6 +1607,8 @@ class FrameDecoder:
             kind, channel, length = self._header
             if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
+            if self.partial_data and kind == _DATA and channel and length:
+                return self._data_piece(channel, length)
             if self._parts_size < length:
                 return None
             body = self._take(length) if length else b""
@@ -1616,6 +1625,8 @@ class FrameDecoder:
             if self._sink is not None and kind == _DATA and self._fits_sink(length):
                 return self._fill(channel, length)
             if len(chunk) - pos < length:
+                if self.partial_data and kind == _DATA and channel:
+                    return self._data_piece(channel, length)
                 if pos < len(chunk):
                     self._spill()
                 return None
@@ -1642,6 +1653,40 @@ class FrameDecoder:
             return ControlFrame(channel, decode_control_body(body, self.max_items))
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
+
+    def _data_piece(self, channel: int, length: int) -> DataFrame | None:
+        """:attr:`partial_data`: the next piece of the current DATA frame (``length`` bytes of
+        its body still due), as much of it as is buffered, at most ``length``; ``None`` if
+        none is.  The frame's header stays current for the rest, if any."""
+        parts = self._parts
+        if parts:
+            # (Bytes left over from a read before the header was whole: one piece at a time.)
+            part = parts[0]
+            n = min(len(part), length)
+            if n == len(part):
+                parts.popleft()
+                if not parts:
+                    self._parts = None
+                piece: bytes | memoryview = part if type(part) is bytes or self.data_views else bytes(part)
+            else:
+                view = part if type(part) is memoryview else memoryview(part)
+                parts[0] = view[n:]
+                piece = view[:n] if self.data_views else bytes(view[:n])
+            self._parts_size -= n
+        else:
+            chunk, pos = self._chunk, self._pos
+            n = min(len(chunk) - pos, length)
+            if not n:
+                return None
+            if pos == 0 and n == len(chunk):
+                piece = chunk
+            else:
+                piece = memoryview(chunk)[pos : pos + n] if self.data_views else chunk[pos : pos + n]
+            self._pos = pos + n
+            if self._pos == len(chunk):
+                self._chunk, self._pos = b"", 0
+        self._header = (_DATA, channel, length - n) if n < length else None
+        return DataFrame(channel, piece)
 
     def _fits_sink(self, length: int) -> bool:
         """Whether the DATA frame whose header was just read goes into the sink."""
