@@ -807,11 +807,10 @@ def test_the_quick_way_refuses_a_bad_header_after_good_frames_in_the_same_read()
                 decoder.next_frame()
 
 
-def _frames_with_views(pieces: list[bytes], via_next_frame_from: bool) -> tuple[list[Any], str | None, int]:
-    """Frames from a decoder that hands DATA bodies out as views (their bytes taken at once,
-    as its owner must), with how many came as views."""
-    dec = FrameDecoder(max_body=4096, max_control=512)
-    dec.data_views = True
+def _frames_taking_bytes(dec: FrameDecoder, pieces: list[bytes], via_next_frame_from: bool) -> tuple[list[Any], str | None, int]:
+    """Frames from ``dec`` fed ``pieces`` (through ``next_frame_from``, or ``receive_data``),
+    each DATA body's bytes taken at once (a view, as its owner must), with how many came as
+    views."""
     out: list[Any] = []
     views = 0
 
@@ -836,6 +835,13 @@ def _frames_with_views(pieces: list[bytes], via_next_frame_from: bool) -> tuple[
     except FrameError as exc:
         return out, type(exc).__name__, views
     return out, None, views
+
+
+def _frames_with_views(pieces: list[bytes], via_next_frame_from: bool) -> tuple[list[Any], str | None, int]:
+    """Frames from a decoder that hands DATA bodies out as views."""
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    dec.data_views = True
+    return _frames_taking_bytes(dec, pieces, via_next_frame_from)
 
 
 @settings(max_examples=400, deadline=None)
@@ -875,32 +881,12 @@ def _stream_view(out: list[Any]) -> tuple[list[Any], dict[int, bytes]]:
 
 
 def _frames_in_pieces(pieces: list[bytes], views: bool, via_next_frame_from: bool) -> tuple[list[Any], str | None]:
-    """Frames from a decoder with ``partial_data`` (a bus connection's reader's), taking each
-    DATA piece's bytes at once, as its owner must."""
+    """Frames from a decoder with ``partial_data`` (a bus connection's reader's)."""
     dec = FrameDecoder(max_body=4096, max_control=512)
     dec.partial_data = True
     dec.data_views = views
-    out: list[Any] = []
-
-    def take(frame: Any) -> None:
-        if isinstance(frame, DataFrame):
-            frame = DataFrame(frame.channel, bytes(frame.data), frame.filled)
-        out.append(frame)
-
-    try:
-        for piece in pieces:
-            if via_next_frame_from:
-                frame = dec.next_frame_from(piece)
-                if frame is not None:
-                    take(frame)
-            else:
-                dec.receive_data(piece)
-            for frame in dec:
-                take(frame)
-        dec.end_of_input()
-    except FrameError as exc:
-        return out, type(exc).__name__
-    return out, None
+    out, error, _views = _frames_taking_bytes(dec, pieces, via_next_frame_from)
+    return out, error
 
 
 def _empty_data_frames(out: list[Any]) -> int:
