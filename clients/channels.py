@@ -37,7 +37,7 @@ import trio
 from bus.errors import FrameError
 from bus.io.fdpass import FdSocketStream
 from bus.io.secure import SecureStream
-from bus.wire.frames import HEADER, FrameKind, encode_control, encode_data
+from bus.wire.frames import HEADER, FrameKind, encode_control
 from bus.wire.identity import PublicKey
 
 if TYPE_CHECKING:
@@ -298,14 +298,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-
-        def send_batch() -> int:
-            nonlocal view
-            taken = self._send_frame(view)
-            view = view[taken:]
-            return taken
-
-        await self._send_batches(len(view), send_batch)
+        await self.send_pieces([view], len(view))
 
     async def send_pieces(self, pieces: list[bytes | memoryview], size: int) -> None:
         """:meth:`send_all` of the bytes of ``pieces`` (``size`` in all) as if joined, without
@@ -313,37 +306,6 @@ class RelayStream(trio.abc.HalfCloseableStream):
         per write, as :meth:`send_all` makes them from a view of its argument.  For a large
         message given as pieces (:class:`~bus.io.writer.Gathered`: a message's big values are
         the caller's own ``bytes``, which must not change until this returns)."""
-        index = offset = sent = 0
-        head = HEADER.pack
-
-        def send_batch() -> int:
-            nonlocal index, offset, sent
-            n = min(size - sent, self._credit, SEND_BATCH)
-            parts: list[bytes | memoryview] = []
-            for start in range(0, n, MAX_DATA_FRAME):
-                need = min(MAX_DATA_FRAME, n - start)
-                parts.append(head(FrameKind.DATA, 0, self.channel, need))
-                while need:
-                    piece = pieces[index]
-                    take = min(len(piece) - offset, need)
-                    parts.append(memoryview(piece)[offset : offset + take] if offset or take < len(piece) else piece)
-                    need -= take
-                    offset += take
-                    if offset == len(piece):
-                        index, offset = index + 1, 0
-            self._link.send.send_nowait(b"".join(parts))
-            self._credit -= n
-            self.bytes_out += n
-            sent += n
-            return n
-
-        await self._send_batches(size, send_batch)
-
-    async def _send_batches(self, size: int, send_batch: Callable[[], int]) -> None:
-        """What :meth:`send_all` and :meth:`send_pieces` share: one sender at a time, the
-        waits for credit and for room on the link, the errors.  ``send_batch()`` sends the
-        next write's frames (no waiting: credit and room are there) and returns the bytes
-        they carry, until ``size`` bytes are sent."""
         if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this channel")
         self._send_busy = True
@@ -353,7 +315,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
             if not size:
                 await trio.lowlevel.checkpoint()
                 return
-            left = size
+            left, at = size, [0, 0]  # (at: the piece, and the offset in it, the next frame starts at)
             while left:
                 # Avoid the silly-window syndrome: no tiny frames while more credit is coming.
                 while self._credit < self._worth_a_frame(left):
@@ -363,7 +325,7 @@ class RelayStream(trio.abc.HalfCloseableStream):
                 self._check_send()
                 # From here on nothing waits: the frames go out whole (written now, or queued
                 # for the link's writer), so a cancellation never leaves half a frame behind.
-                left -= send_batch()
+                left -= self._send_frames(pieces, at, left)
             await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.ClosedResourceError:
             if self._closed or self._eof_sent:
@@ -393,10 +355,11 @@ class RelayStream(trio.abc.HalfCloseableStream):
             self.bytes_out += size
             return size
         view = memoryview(data).cast("B")
-        taken = 0
+        pieces: list[bytes | memoryview] = [view]
+        at, taken = [0, 0], 0
         try:
             while taken < len(view) and self._credit >= self._worth_a_frame(len(view) - taken) and writer.has_room:
-                taken += self._send_frame(view[taken:])
+                taken += self._send_frames(pieces, at, len(view) - taken)
         except trio.ClosedResourceError:
             raise trio.BrokenResourceError("the bus connection is gone") from None
         return taken
@@ -423,21 +386,29 @@ class RelayStream(trio.abc.HalfCloseableStream):
             count_into._sent += size
         return True
 
-    def _send_frame(self, view: memoryview) -> int:
-        """Data frames from the start of ``view``, as many as the credit allows up to
-        SEND_BATCH bytes, each at most MAX_DATA_FRAME, in one write (no waiting: the caller
-        made sure of credit and of room on the link); returns how many bytes they carry."""
-        n = min(len(view), self._credit, SEND_BATCH)
-        if n <= MAX_DATA_FRAME:
-            self._link.send.send_nowait(encode_data(self.channel, view[:n]))
-        else:
-            parts: list[bytes | memoryview] = []
-            head = HEADER.pack
-            for start in range(0, n, MAX_DATA_FRAME):
-                size = min(MAX_DATA_FRAME, n - start)
-                parts.append(head(FrameKind.DATA, 0, self.channel, size))
-                parts.append(view[start : start + size])
-            self._link.send.send_nowait(b"".join(parts))
+    def _send_frames(self, pieces: list[bytes | memoryview], at: list[int], left: int) -> int:
+        """Data frames of the next bytes of ``pieces`` -- from ``at`` (the piece, and the offset
+        in it), which moves on past them -- as many as the credit allows up to SEND_BATCH
+        bytes and ``left``, each at most MAX_DATA_FRAME, in one write (no waiting: the caller
+        made sure of credit and of room on the link); returns how many bytes they carry.  The
+        pieces are cut as views: the write's join is their one copy."""
+        n = min(left, self._credit, SEND_BATCH)
+        index, offset = at
+        parts: list[bytes | memoryview] = []
+        head = HEADER.pack
+        for start in range(0, n, MAX_DATA_FRAME):
+            need = min(MAX_DATA_FRAME, n - start)
+            parts.append(head(FrameKind.DATA, 0, self.channel, need))
+            while need:
+                piece = pieces[index]
+                take = min(len(piece) - offset, need)
+                parts.append(piece if take == len(piece) else memoryview(piece)[offset : offset + take])
+                need -= take
+                offset += take
+                if offset == len(piece):
+                    index, offset = index + 1, 0
+        at[0], at[1] = index, offset
+        self._link.send.send_nowait(b"".join(parts))
         self._credit -= n
         self.bytes_out += n
         return n

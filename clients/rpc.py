@@ -1221,10 +1221,6 @@ class RpcConnection:
         # Requests go out whole and in order, straight to the channel when nothing waits.
         self.writer = FrameWriter(channel.secure, max_frames=MAX_IN_FLIGHT)
         self.writer.direct = channel.whole_frame_sender()  # (a plain relay: one layer fewer per call)
-        # Large messages as pieces, written without a join of the whole message: with one
-        # sendmsg where the channel is a socket of its own, in frames of the bus connection
-        # made from views of them on a relay (joined where the channel is encrypted).
-        self._gather = True
         # Calls woken together go out in bursts of call_burst(calls in flight), set as they
         # are made.
         self.writer.burst = CALL_BURST_MIN
@@ -1434,7 +1430,10 @@ class RpcConnection:
                 if strings == _ONE_ARGUMENT:  # (its strings fit half a frame: so does the frame)
                     encoded = self._call_frames.encode(wire["method"], wire["args"][0], request_id)
                 else:
-                    encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=self._gather)
+                    # Large messages as pieces, written without a join of the whole message: with
+                    # one sendmsg where the channel is a socket of its own, in frames of the bus
+                    # connection made from views of them on a relay (joined if encrypted).
+                    encoded = _encode_message(wire, self.max_message, flat=strings >= 0, strings=strings, gather=True)
             except LocalProtocolError as exc:
                 raise BadRequest(f"arguments cannot be sent: {exc}") from exc
             try:

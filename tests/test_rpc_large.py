@@ -36,7 +36,7 @@ from clients import Channel, Service, open_bus
 from clients.bus import Bus
 from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, POPULATED_BUDGET, RpcConnection, _Body, _encode_message, _flat_size, _MessageFrames
 
-from .brokers import FRIEND, PLUGIN, RunningBroker, running_broker
+from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
 
 MiB = 1 << 20
 NAME = "org.example.Big"
@@ -1272,3 +1272,44 @@ async def test_a_large_call_goes_out_without_a_join_of_the_whole_message_where_i
         await rpc.aclose()
     assert len(gathered) == 5  # (the four calls and the reverse: as pieces, on every route)
     assert joins == ([] if route != "tcp" else gathered)
+
+
+async def test_a_caller_streaming_large_calls_as_pieces_leaves_another_callers_calls_answered(tmp_path: Path) -> None:
+    """One caller keeps 8 calls of 1 MiB in flight on a relay (sent as pieces: its writer's
+    queue holds its own arguments until they are written, the broker's credit bounds what
+    busd holds); another caller, another identity on its own connection, calls the same
+    service meanwhile: every one of its calls is answered, each within a few seconds, and the
+    big calls all come back."""
+    service = make_service()
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with (
+                open_bus(rb.unix_address, identity=FRIEND) as bus,
+                open_bus(rb.unix_address, identity=OWNER) as other,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                rpc = await connect(bus, nursery, "relay")
+                other_rpc = RpcConnection(await other.open_channel(NAME, "rpc", "relay"))
+                await nursery.start(other_rpc.run)
+                blob = os.urandom(MiB)
+                done = {"big": 0, "small": 0}
+
+                async def big() -> None:
+                    for _ in range(4):
+                        assert await rpc.call("length", blob) == MiB
+                        done["big"] += 1
+
+                async def small() -> None:
+                    for i in range(50):
+                        with trio.fail_after(5):
+                            assert await other_rpc.call("echo", i) == i
+                        done["small"] += 1
+
+                async with trio.open_nursery() as calls:
+                    for _ in range(8):
+                        calls.start_soon(big)
+                    calls.start_soon(small)
+                assert done == {"big": 32, "small": 50}
+                nursery.cancel_scope.cancel()

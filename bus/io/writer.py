@@ -213,13 +213,13 @@ class FrameWriter:
         """:meth:`send_nowait` for frames given as pieces: written with one ``sendmsg`` of the
         pieces (:meth:`SecureStream.send_pieces_nowait`, a plain stream over a socket), what
         the socket did not take left to :meth:`run` as ever; queued as one entry behind what
-        waits ahead of them (then :meth:`run` writes them so); joined where the stream does
-        not write pieces (encrypted, not a socket) or the writer sends :attr:`direct`."""
-        if self.closed or self.stopped or (self.direct is not None and not self.stream.sends_pieces):
+        waits ahead of them (then :meth:`run` writes them so, and a relayed channel's always:
+        it takes pieces only with waiting); joined where the stream does not write pieces
+        (encrypted, not a socket)."""
+        if self.closed or self.stopped:
             self.send_nowait(frame.join())  # (which raises for a closed or stopped writer)
             return
         if self.corked or self._queue or self._rest is not None or self._busy or self._failure is not None or self.stream.sends_pieces:
-            # (a relayed channel takes pieces only with waiting: run() sends them)
             queue = self._queue
             if len(queue) >= self.max_frames:
                 raise trio.WouldBlock
@@ -463,14 +463,15 @@ class FrameWriter:
                 del queue[0]
                 self._gathered -= 1
                 size = item.size
-                rest = self.stream.send_pieces_nowait(item.parts, size)
-                if rest is None and self.stream.sends_pieces:
+                if self.stream.sends_pieces:
                     # A relayed channel: its frames made from views of the pieces, one join
                     # per write of the bus connection (the join of the whole message spared).
                     await self.stream.send_pieces(item.parts, size)
                     rest = _NOTHING
-                elif rest is None:  # (the stream does not write pieces)
-                    rest = self.stream.send_nowait(item.join())
+                else:
+                    pieces_rest = self.stream.send_pieces_nowait(item.parts, size)
+                    # (None: the stream does not write pieces)
+                    rest = self.stream.send_nowait(item.join()) if pieces_rest is None else pieces_rest
             else:
                 # This frame and the ones after it, up to about COALESCE bytes, in one write.
                 size = len(item)
