@@ -900,8 +900,13 @@ def role_emit_limit(path: str, shm: str) -> None:
     ``publish`` writes its frames (a write per 16 events, or fewer when it has to wait)."""
     import trio
 
+    from clients.link import BUS_SEND_BUFFER
+
     progress = Progress(shm)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The send buffer minibus's emitter has (its bus connection's), like with like: it decides
+    # how much of a burst the forwarder finds to read at once.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUS_SEND_BUFFER)
     sock.connect(path)
     sock.setblocking(False)
 

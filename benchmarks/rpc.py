@@ -275,6 +275,16 @@ def unix_connect(path: str) -> socket.socket:
     return sock
 
 
+def bus_send_buffer(sock: socket.socket) -> None:
+    """Give a 3-process limit's caller the send buffer a client's bus connection has
+    (``clients.link.BUS_SEND_BUFFER``), like with like: the caller's socket decides how much
+    its forwarder (busd) finds to read at once.  The forwarder's own sockets keep the
+    default, as busd's do."""
+    from clients.link import BUS_SEND_BUFFER
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUS_SEND_BUFFER)
+
+
 def unix_listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -563,8 +573,12 @@ def role_bare_shs(path: str, seed_hex: str) -> None:
 class LimitClient:
     """The caller's end of the limits: ping-pong (1 in flight) or tasks with a reader."""
 
-    def __init__(self, path: str, project_codec: bool, deadline: bool = False, nested: bool = False) -> None:
+    def __init__(
+        self, path: str, project_codec: bool, deadline: bool = False, nested: bool = False, bus_buffer: bool = False
+    ) -> None:
         self.sock = unix_connect(path)
+        if bus_buffer:
+            bus_send_buffer(self.sock)
         # ``deadline``: every call waits under a deadline of its own, as a bus call does
         # (``request_timeout``): a trio cancel scope entered and left per call.
         self.deadline = deadline
@@ -672,6 +686,8 @@ async def limit_bulk(path: str, mode: str, seconds: float, warmup: float) -> dic
             # The unix-fd rows' limits: the send buffer busd gives a unix-fd channel's sockets
             # (UNIX_FD_SEND_BUFFER: a wake-up per MiB, not five), like with like.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_FD_SEND_BUFFER)
+        else:
+            bus_send_buffer(sock)  # (the 3-process limit's caller: as a client's bus connection)
         sock.send(mode.encode())
         if mode == "D":
             chunk = bulk_body()
@@ -753,7 +769,11 @@ def role_limit_worker(config_json: str) -> None:
                 if row in LIMIT_PINGPONG_ROWS:
                     path = config["limit2"] if row.startswith("limit2") else config["limit3"]
                     client = LimitClient(
-                        path, project_codec=row[6] in "cdrp", deadline=row[6] in "dt", nested=row[6] == "p"
+                        path,
+                        project_codec=row[6] in "cdrp",
+                        deadline=row[6] in "dt",
+                        nested=row[6] == "p",
+                        bus_buffer=path == config["limit3"],
                     )
                     try:
                         if row.endswith("x1") and row[6] not in "rp":

@@ -4,6 +4,7 @@ ends everything cleanly on both sides."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import trio
 from bus.broker import Broker
 from bus.errors import ConnectionLost
 from bus.io.fdpass import FdSocketStream
-from clients.bus import open_bus
+from clients.bus import Bus, open_bus
+from clients.link import BUS_SEND_BUFFER
 from tests.brokers import FRIEND, OWNER, running_broker
 
 
@@ -511,3 +513,33 @@ async def test_a_name_released_while_the_names_are_restored_stays_released(tmp_p
                     assert owned == {"org.example.First", "org.example.Second"}, owned
                     assert list(bus.requested_names) == ["org.example.First", "org.example.Second"]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_bus_connection_on_the_unix_socket_asks_for_a_bigger_send_buffer(tmp_path: Path) -> None:
+    """The client's own socket asks for BUS_SEND_BUFFER (a relayed channel's batched writes
+    then go out whole and the broker reads more a wake-up; see clients.link), on the first
+    connect (the socket dialled before the bus started) and on a reconnect (dialled by the
+    link).  The kernel caps what is asked at wmem_max and keeps twice that; an untouched
+    socket reports wmem_default, less than this."""
+    with open("/proc/sys/net/core/wmem_max") as limit:
+        allowed = min(BUS_SEND_BUFFER, int(limit.read()))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as untouched:
+        assert untouched.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * allowed
+
+    def send_buffer(bus: Bus) -> int:
+        link = bus._connection.link
+        assert link is not None
+        transport = link.framed.stream.transport
+        assert isinstance(transport, FdSocketStream)
+        return int(transport.raw_socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND, reconnect=True) as bus:
+            assert send_buffer(bus) >= 2 * allowed
+            for session in list(rb.broker.sessions.values()):
+                session.end("the test ends it")
+            with trio.fail_after(10):
+                while not (bus.reconnects and bus.connected):
+                    await trio.sleep(0.01)
+            assert send_buffer(bus) >= 2 * allowed
+            await bus.ping()
