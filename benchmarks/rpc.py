@@ -58,7 +58,9 @@ beside the limits, all trio on Unix sockets, each end its own process:
   same at 1 in flight in the protocol's shape at both ends (each RPC frame in a DATA frame of
   the connection, cut by two ``FrameDecoder``\ s, as a relayed ``RpcConnection`` and
   ``Service`` cut them; the reply handed by a reader task to a parked call), the relay row's
-  floor at its ends;
+  floor at its ends.  The caller's socket asks for the send buffer a client's bus connection
+  asks for (``clients.link.BUS_SEND_BUFFER``), like with like; the forwarder's keep the
+  default, as busd's do;
 * **bulk**: a raw Unix socket between two processes (256 KiB writes, ``recv_into`` one buffer)
   and the same through the forwarder in 256 KiB DATA frames, in MB/s.  Printed under the
   table, never judged: ``bulk-floor``, the unix-fd 1 MiB row's floor at the receiving end --
