@@ -28,6 +28,7 @@ ids to the :class:`ChannelEnd` registered in :attr:`Link.channels`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -424,7 +425,8 @@ class BusConnection:
                 # Unix connections can receive socket ends: the unix-fd channel route.
                 dialled, self.dialled = self.dialled, None
                 transport = dialled if dialled is not None else await FdSocketStream.connect(ep.path)
-                transport.raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUS_SEND_BUFFER)
+                with contextlib.suppress(OSError):  # (a tuning: never a reason to fail the connect)
+                    transport.raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUS_SEND_BUFFER)
                 # The hello's frame is made while the broker works on its handshake message:
                 # on the first connect only, which nothing else runs beside.  (A reconnect
                 # runs beside the bus's users, who may release a name meanwhile: its hello
