@@ -1066,6 +1066,8 @@ class _PushedFrames:
             else:
                 self._handle(ControlFrame(0, message))
             return
+        if decoder.fill_with(data):
+            return  # (the middle of a large message's body: into its buffer, nothing else due)
         # Else the frames the bytes complete, in order: each run of CONTROL frames on channel
         # 0 (a burst of calls or replies) in one call (FrameDecoder.take_control_messages: no
         # frame object each), the frames after it one by one.  Only CONTROL frames are cut

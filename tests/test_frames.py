@@ -592,13 +592,14 @@ def test_a_big_body_of_few_items_is_checked_exactly_without_encoding_it_again(as
 @given(
     sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=5),
     cuts=st.lists(st.integers(1, 50_000), max_size=12),
-    read_into=st.lists(st.booleans(), max_size=12),
+    read_into=st.lists(st.sampled_from(["receive", "room", "fill_with"]), max_size=12),
 )
-def test_data_bodies_fill_the_given_buffer_whatever_the_reads(sizes: list[int], cuts: Any, read_into: list[bool]) -> None:
+def test_data_bodies_fill_the_given_buffer_whatever_the_reads(sizes: list[int], cuts: Any, read_into: list[str]) -> None:
     """A header frame, then DATA frames whose bodies go into one buffer, then more frames:
     split across reads of any size, some of them read straight into fill_room() (as a socket
-    reader does), the bodies land in the buffer in order, each frame comes out with its size
-    in ``filled``, and what follows the buffer's frames comes out as usual."""
+    reader does), some offered to fill_with() first (as a relayed RPC body's pieces are), the
+    bodies land in the buffer in order, each frame comes out with its size in ``filled``, and
+    what follows the buffer's frames comes out as usual."""
     bodies = [bytes([i + 1]) * size for i, size in enumerate(sizes)]
     after = [DataFrame(3, b"after" * 100), ControlFrame(0, {"k": 1})]
     wire = encode_control(0, {"follows": sum(sizes)}) + b"".join(encode_data(0, b) for b in bodies)
@@ -619,19 +620,44 @@ def test_data_bodies_fill_the_given_buffer_whatever_the_reads(sizes: list[int], 
     while pos < len(wire):
         cut = next(cuts, len(wire))
         room = dec.fill_room()
-        if room is not None and next(reads, False):
+        how = next(reads, "receive")
+        if room is not None and how == "room":
             piece = wire[pos : pos + min(cut, len(room))]
             room[: len(piece)] = piece
             dec.filled(len(piece))
         else:
             piece = wire[pos : pos + cut]
-            dec.receive_data(piece)
+            if how != "fill_with" or not dec.fill_with(memoryview(piece)):
+                dec.receive_data(piece)
         pos += len(piece)
         take_frames()
     dec.end_of_input()
     assert buffer == b"".join(bodies)
     assert out[1 : 1 + len(sizes)] == [DataFrame(0, b"", size) for size in sizes]
     assert out[1 + len(sizes) :] == after
+
+
+def test_fill_with_takes_only_the_middle_of_a_frame_being_filled() -> None:
+    """fill_with puts bytes into the frame being filled while they do not complete it, and
+    declines (changing nothing) otherwise: no frame being filled, nothing given, or bytes
+    that reach the frame's end (or run past it), which go the usual way."""
+    dec = FrameDecoder()
+    buffer = bytearray(100)
+    wire = encode_data(0, b"a" * 60) + encode_data(0, b"b" * 40)
+    assert not dec.fill_with(wire[:10])  # (no buffer given: nothing is being filled)
+    dec.fill_data_into(buffer)
+    assert not dec.fill_with(wire[:10])  # (a buffer, but no frame's header read yet)
+    dec.receive_data(wire[:20])  # (the header and 10 bytes of the first body)
+    assert dec.next_frame() is None and len(dec.fill_room() or b"") == 50
+    assert not dec.fill_with(b"")
+    assert dec.fill_with(wire[20:69]) and len(dec.fill_room() or b"") == 1 and dec.buffered == 0
+    assert buffer[:59] == b"a" * 59
+    assert not dec.fill_with(wire[69:70])  # (the last byte completes the frame: declined)
+    assert not dec.fill_with(wire[69:75])  # (nor past the frame's end)
+    assert len(dec.fill_room() or b"") == 1  # (declining changed nothing)
+    dec.receive_data(wire[69:])
+    assert list(dec) == [DataFrame(0, b"", 60), DataFrame(0, b"", 40)]
+    assert buffer == b"a" * 60 + b"b" * 40
 
 
 def test_a_data_frame_that_does_not_fit_the_buffer_comes_out_as_usual() -> None:

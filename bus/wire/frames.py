@@ -1270,6 +1270,29 @@ class FrameDecoder:
             raise LocalProtocolError(f"{n} bytes cannot have been read into the room of the frame being filled")
         self._filling += n
 
+    def fill_with(self, data: bytes | bytearray | memoryview) -> bool:
+        """The quick way for the middle of a DATA frame being filled (see
+        :meth:`fill_data_into`): when ``data`` all goes into that frame's room and does not
+        complete it, it is put there (its one copy) and True is returned: nothing else is due,
+        :meth:`next_frame` would return ``None``.  Else False, having changed nothing: feed
+        ``data`` the usual way (:meth:`receive_data`, :meth:`next_frame`), which also does
+        what completing the frame does.  For a reader that gets a large message's body in
+        pieces of another framing (a relayed RPC body in the bus connection's DATA frames)."""
+        filling = self._filling
+        if filling < 0:
+            return False
+        # (While a frame is filled nothing is buffered: receive_data fills first, and _fill
+        # takes what a read brought past the room before the frame comes out.)
+        header = self._header
+        assert header is not None and self._sink is not None and not self._parts and self._pos == len(self._chunk)
+        n = len(data)
+        if not n or filling + n >= header[2]:
+            return False
+        start = self._sink_pos + filling
+        self._sink[start : start + n] = data
+        self._filling = filling + n
+        return True
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
         if not data:
