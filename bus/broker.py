@@ -382,6 +382,10 @@ class _Session:
         # Relayed bytes come as views of the reads: channel_data copies only what it keeps
         # (the buffer of a direction) and writes the rest on at once, in one copy.
         framed.data_views = True
+        # A DATA frame's bytes go on as they come, read by read (a frame that straddles two
+        # reads goes on as two: the channel's bytes are the same), never joined here: busd
+        # holds no part of a frame waiting for the rest, and copies none to join it.
+        framed.partial_data = True
         conn_id = self.conn_id
         take = framed.take_control_messages
         clock = time.perf_counter

@@ -721,6 +721,36 @@ async def test_one_big_frame_within_credit_reaches_the_receiver_in_pieces(tmp_pa
             await framed.aclose()
 
 
+async def test_a_frame_that_comes_in_parts_is_passed_on_as_its_bytes_come(tmp_path: Path) -> None:
+    """The broker holds no part of a DATA frame waiting for the rest: what came of it goes on
+    at once (as a frame of its own; the channel's bytes are the same), so a sender that
+    stalls inside a frame costs the broker nothing, and the rest follows when it comes."""
+    from bus.wire.frames import DataFrame, encode_data
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await target.send_message({"credit": 64 * 1024}, tch)
+        blob = os.urandom(40_000)
+        wire = encode_data(och, blob)
+        await opener.stream.send_all(wire[:25_010])  # the header and 25,000 bytes of the body
+        got = bytearray()
+        with trio.fail_after(10):
+            while len(got) < 25_000:
+                frame = await target.receive_frame()
+                if isinstance(frame, DataFrame):
+                    got += frame.data
+        assert bytes(got) == blob[:25_000]  # (before the rest was sent)
+        await opener.stream.send_all(wire[25_010:])
+        with trio.fail_after(10):
+            while len(got) < len(blob):
+                frame = await target.receive_frame()
+                if isinstance(frame, DataFrame):
+                    got += frame.data
+        assert bytes(got) == blob
+        for framed in (opener, target):
+            await framed.aclose()
+
+
 async def _relayed_in_writes(opener: Channel, target: Channel, blob: bytes, send: Any) -> list[list[bytes]]:
     """Run ``send()`` (which sends ``blob`` on ``opener``, a relayed channel) while ``target``
     reads it all; the DATA frames of the channel in each write of the bus connection."""
