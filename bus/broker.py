@@ -257,7 +257,12 @@ class _Session:
                     held[payer] = left
                 else:
                     del held[payer]
-        if (self.blocked or self.conn_id in self.broker.core.pumping) and self.out.queued_bytes <= self.broker.relay_threshold:
+        out = self.out
+        if (
+            (self.blocked or self.conn_id in self.broker.core.pumping)
+            and out.queued_bytes <= self.broker.relay_threshold
+            and len(out) < out.max_frames >> 1
+        ):
             self.broker.unblock(self)
 
     # -- outbound ----------------------------------------------------------------------------
@@ -1397,7 +1402,11 @@ class Broker:
         if (
             size <= RELAY_FRAME
             and dst_session is not None
-            and dst_session.out.queued_bytes <= self.relay_threshold
+            # (Room as pump() sees it, in bytes and in frames; an empty queue has both.)
+            and (
+                not (queued := dst_session.out.queued_bytes)
+                or (queued <= self.relay_threshold and len(dst_session.out) < dst_session.out.max_frames >> 1)
+            )
             and direction.forward(data)
         ):
             # Nothing waits ahead and the receiver has room: straight on, no buffering.  (The
@@ -1455,7 +1464,12 @@ class Broker:
         if dst_session is None:
             return
         while direction.ready():
-            if dst_session.queued_bytes > self.relay_threshold:
+            # The receiver's queue has room for relayed bytes below half its bytes and half
+            # its frames (as for events, _room_for_event): a sender of many small frames
+            # makes the rest wait here, joined (its credit bounds them, charged to the channel),
+            # rather than fill the receiver's queue with frames until it is cut as a slow
+            # consumer for a few KiB it had granted a window for.
+            if dst_session.queued_bytes > self.relay_threshold or len(dst_session.out) >= dst_session.out.max_frames >> 1:
                 if dst_session.blocked is None:
                     dst_session.blocked = set()
                 dst_session.blocked.add(relay.id)

@@ -20,7 +20,7 @@ from bus.core.broker import Limits
 from bus.errors import ChannelRejected, QuotaExceeded
 from bus.io.framed import FramedStream
 from bus.wire.address import parse_address
-from bus.wire.frames import ControlFrame, encode_control, encode_data
+from bus.wire.frames import ControlFrame, DataFrame, encode_control, encode_data
 from clients.bus import Bus, open_bus
 from clients.channels import Channel
 
@@ -283,6 +283,57 @@ async def test_relay_memory_is_charged_to_the_openers_identity(tmp_path: Path) -
 
 
 # -- 4. costs charged to the wrong party -------------------------------------------------------
+
+
+async def test_a_sender_of_tiny_frames_cannot_get_its_receiver_cut_as_a_slow_consumer(tmp_path: Path) -> None:
+    """The receiver granted a big window and reads nothing for a while (its socket full); the
+    sender then sends a frame a byte, within its credit.  Those frames must not fill the
+    receiver's queue with frames until it is cut as a slow consumer for a few KiB it granted
+    room for: relayed bytes take at most half its queue's frames (as events do); the rest
+    waits in the channel's buffer, joined, charged to the channel, and all of it arrives."""
+    from .test_channels import _raw_relay
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await target.send_message({"credit": 4 << 20}, tch)
+        target_id = next(conn for conn, s in rb.broker.sessions.items() if str(s.key) == PLUGIN.id)
+        credit = sent = 0
+
+        async def take_credit(at_least: int) -> None:
+            nonlocal credit
+            with trio.fail_after(10):
+                while credit < at_least:
+                    frame = await opener.receive_frame()
+                    assert frame is not None
+                    if isinstance(frame, ControlFrame) and frame.channel == och and "credit" in frame.message:
+                        credit += frame.message["credit"]
+
+        while sent < 448 * 1024:  # more than the kernel holds: the receiver's queue has some
+            await take_credit(1)
+            n = min(credit, 60_000, 448 * 1024 - sent)
+            await opener.stream.send_all(encode_data(och, bytes([sent % 251]) * n))
+            credit -= n
+            sent += n
+        await take_credit(2000)
+        await opener.stream.send_all(b"".join(encode_data(och, b"t") for _ in range(2000)))
+        await opener.send_message({"op": "ping", "id": 77})
+        await reply_to(opener, 77)  # (busd has handled every frame before it)
+        out = rb.broker.sessions[target_id].out
+        assert not out.stopped and len(out) <= out.max_frames // 2
+        got = 0
+        tail = bytearray()
+        with trio.fail_after(10):
+            while got < sent + 2000:
+                frame = await target.receive_frame()
+                assert frame is not None, "the broker cut the receiver"
+                if isinstance(frame, DataFrame) and frame.channel == tch:
+                    got += len(frame.data)
+                    if got > sent:
+                        tail += frame.data[-(got - sent):]
+        assert got == sent + 2000 and bytes(tail) == b"t" * 2000
+        assert target_id in rb.broker.sessions
+        for framed in (opener, target):
+            await framed.aclose()
 
 
 async def test_name_churn_never_disconnects_a_watcher_that_reads_slowly(tmp_path: Path) -> None:
