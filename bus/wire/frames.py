@@ -1279,17 +1279,17 @@ class FrameDecoder:
         what completing the frame does.  For a reader that gets a large message's body in
         pieces of another framing (a relayed RPC body in the bus connection's DATA frames)."""
         filling = self._filling
-        if filling < 0:
+        # (Nothing is buffered while a frame is filled, once next_frame has taken what a
+        # read brought past the room; between receive_data and next_frame, the usual way.)
+        if filling < 0 or self._parts or self._pos != len(self._chunk):
             return False
-        # (While a frame is filled nothing is buffered: receive_data fills first, and _fill
-        # takes what a read brought past the room before the frame comes out.)
-        header = self._header
-        assert header is not None and self._sink is not None and not self._parts and self._pos == len(self._chunk)
+        header, sink = self._header, self._sink
+        assert header is not None and sink is not None
         n = len(data)
         if not n or filling + n >= header[2]:
             return False
         start = self._sink_pos + filling
-        self._sink[start : start + n] = data
+        sink[start : start + n] = data
         self._filling = filling + n
         return True
 
