@@ -37,6 +37,8 @@ Attack classes (issue 9's numbered findings):
    reset reason; a target rejecting channels with a 64 KiB reason; a 64 KiB tcp ``host``.
 3. relay memory: pairs of connections of one identity, 255 relayed channels each; the senders
    send every byte of credit busd grants them, the receivers never read (grant no credit).
+   A frame a byte: a sender sends all its credit as 1-byte DATA frames (4,096 a write) on 8
+   relayed channels to a receiver of its own that reads everything and grants credit back.
 4. wrong party: a name carrying 16 KiB info churned in bursts under watchers; thousands of
    ``open_channel`` requests to the canary service in one write; 256 idle channels held to it;
    an event flood (32 KiB quiet emits as fast as the socket takes them) to a subscriber of the
@@ -86,7 +88,7 @@ from bus.errors import ChannelRejected, RequestError  # noqa: E402
 from bus.io.framed import FramedStream  # noqa: E402
 from bus.io.secure import SecureStream  # noqa: E402
 from bus.wire.address import Endpoint, format_address, parse_address  # noqa: E402
-from bus.wire.frames import ControlFrame, Frame, check_cbor, encode_control, encode_data  # noqa: E402
+from bus.wire.frames import ControlFrame, DataFrame, Frame, check_cbor, encode_control, encode_data  # noqa: E402
 from bus.wire.identity import Identity, load_identity, save_identity  # noqa: E402
 from bus.wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake  # noqa: E402
 from clients import Service, open_bus  # noqa: E402
@@ -120,6 +122,8 @@ COUNTS = {
     "garbage_max": (20_000, 8_000),
     "relay_pairs": (2, 1),
     "relay_channels": (255, 255),
+    "tiny_channels": (8, 8),
+    "tiny_burst": (4096, 4096),  # 1-byte DATA frames per write of the tiny-frame flood
     "churn_pairs": (100, 100),
     "churn_watchers": (3, 3),
     "pipelined_opens": (4000, 4000),
@@ -908,6 +912,87 @@ async def attack_relay_memory(ctx: AttackContext) -> None:
     )
 
 
+async def attack_tiny_frames(ctx: AttackContext) -> None:
+    """A sender of a frame a byte: every byte of credit busd grants goes out as a 1-byte DATA
+    frame (up to ``tiny_burst`` of them a write) on ``tiny_channels`` relayed channels, to a
+    receiver of the attacker's own that reads everything and grants credit back as it reads,
+    so the flood runs for the whole window: busd's CPU per frame, at the most frames a byte."""
+    r = ctx.result
+    n_channels, burst = ctx.n("tiny_channels"), ctx.n("tiny_burst")
+    identity = Identity.generate()
+    credit: dict[int, int] = collections.defaultdict(int)  # sender's channel -> unused credit
+    seen: list[int] = []  # the receiver's channel ids
+    read: dict[int, int] = collections.defaultdict(int)  # receiver's channel -> bytes not yet granted back
+    got = sent = frames = 0
+    resets: collections.Counter[str] = collections.Counter()
+    window = 256 * 1024
+
+    def on_sender(frame: Frame) -> None:
+        if isinstance(frame, ControlFrame):
+            if isinstance(frame.message.get("credit"), int):
+                credit[frame.channel] += frame.message["credit"]
+            elif "reset" in frame.message:
+                resets[str(frame.message["reset"])[:60]] += 1
+
+    def on_receiver(frame: Frame) -> None:
+        nonlocal got
+        if isinstance(frame, DataFrame):
+            read[frame.channel] += len(frame.data)
+            got += len(frame.data)
+
+    async with trio.open_nursery() as nursery:
+        b = await ctx.raw(identity=identity)
+        b.on_request = accept_channels(b, seen)
+        b.on_channel = on_receiver
+        nursery.start_soon(b.run)
+        await b.request("hello", name="org.attack.Tiny")
+        a = await ctx.raw(identity=identity)
+        a.on_channel = on_sender
+        nursery.start_soon(a.run)
+        await a.request("hello")
+        opened, outcome = await a.open_channels_batched("org.attack.Tiny", "raw", "relay", n_channels, timeout=10)
+
+        async def grant() -> None:  # the receiver: its window at once, then what it read
+            granted: set[int] = set()
+            while not b.closed.is_set():
+                for ch in seen:
+                    if ch not in granted:
+                        granted.add(ch)
+                        await b.send_message({"credit": window}, ch)
+                for ch, n in list(read.items()):
+                    if n >= window // 2:
+                        read[ch] = 0
+                        await b.send_message({"credit": n}, ch)
+                await trio.sleep(0.002)
+
+        nursery.start_soon(grant)
+        ctx.ready()
+        with trio.move_on_after(ctx.remaining()):
+            while not a.closed.is_set():
+                progress = False
+                for ch in opened:
+                    k = min(credit[ch], burst)
+                    if k > 0:
+                        credit[ch] -= k
+                        await a.send_raw(encode_data(ch, b"t") * k)
+                        sent += k
+                        frames += k
+                        progress = True
+                if not progress:
+                    await trio.sleep(0.001)
+        r["channels"] = dict(outcome)
+        r["frames_sent"] = frames
+        r["bytes_received"] = got
+        r["channels_reset"] = dict(resets)
+        r["disconnected"] = sum(1 for c in (a, b) if c.closed.is_set())
+        r["reasons"] = sorted({c.reason or "" for c in (a, b) if c.closed.is_set()})[:3]
+        nursery.cancel_scope.cancel()
+    r["summary"] = (
+        f"{outcome['opened']} channels: {frames:,} 1-byte frames sent, {got:,} bytes received; "
+        f"{sum(resets.values())} resets, {r['disconnected']} conns cut"
+    )
+
+
 async def attack_churn(ctx: AttackContext) -> None:
     r = ctx.result
     victims = {f"watcher{i}": Victim() for i in range(ctx.n("churn_watchers"))}
@@ -1315,6 +1400,7 @@ ATTACKS = [
     AttackSpec("content-reject", 2, lambda q: "content: 64 KiB rejection reason", attack_content_reject),
     AttackSpec("content-host", 2, lambda q: "content: 64 KiB tcp host", attack_content_host),
     AttackSpec("relay-memory", 3, lambda q: f"relay: {count('relay_pairs', q)} pair(s) x 255 chans unread", attack_relay_memory),
+    AttackSpec("tiny-frames", 3, lambda q: f"relay: a frame a byte, {count('tiny_channels', q)} chans", attack_tiny_frames),
     AttackSpec("churn", 4, lambda q: "wrong party: 16K-info name churn", attack_churn),
     AttackSpec("pipelined-opens", 4, lambda q: f"wrong party: {count('pipelined_opens', q)} opens in 1 write", attack_pipelined_opens),
     AttackSpec("idle-channels", 4, lambda q: f"wrong party: {count('idle_channels', q)} idle chans to canary", attack_idle_channels),

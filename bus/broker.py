@@ -87,6 +87,12 @@ REQUEST_SLICE = 0.002
 #: checking alone takes some 100 ms when its bodies are max_control_items tiny items each
 #: (about 1.3 ms a body, here); 8 KiB is two such bodies, or a burst's sixty-odd emits.
 RUN_BYTES = 8 * 1024
+#: Frames on channels (relayed DATA, channel messages) the reader handles from what one read
+#: brought before it yields to everyone else: a read holds up to 256 KiB, some 23,000 frames of
+#: one byte, which take busd over 100 ms (tiny frames cost it CPU per frame, not per byte);
+#: 128 of them take about a millisecond.  (A frame that came alone never counts: the reader
+#: waits for the next read anyway.)
+CHANNEL_SLICE = 128
 #: Connections torn down at the same time when many end at once.
 TEARDOWNS_AT_ONCE = 32
 #: Socket ends (unix-fd channel requests) queued for one connection before it counts as full.
@@ -395,6 +401,7 @@ class _Session:
         take = framed.take_control_messages
         clock = time.perf_counter
         busy = 0.0  # seconds spent on control requests since this reader last yielded
+        sliced = 0  # frames on channels handled from buffered bytes since it last yielded
         # Whether a whole frame may be buffered: 0 once the decoder said it holds no byte
         # after the last frame (it came alone): the next one needs a read, without asking.
         # (Only this task takes frames, and taking them leaves fewer: a 0 stays true.)
@@ -407,6 +414,7 @@ class _Session:
                     # connection (see Broker.corking), before this task waits.
                     if broker.corking:
                         broker.uncork()
+                    sliced = 0
                     frame = await framed.read_frame()
                     if frame is None:
                         self.reason = "peer closed the connection"
@@ -422,6 +430,12 @@ class _Session:
                         broker.corking = True
                 if type(frame) is DataFrame:  # (the relay's frames first: one test each)
                     broker.channel_data(self, frame.channel, frame.data)
+                    if more:
+                        sliced += 1
+                        if sliced >= CHANNEL_SLICE:  # (a read full of tiny frames: in slices)
+                            sliced = 0
+                            broker.uncork()
+                            await trio.lowlevel.checkpoint()
                 elif frame.channel == 0:
                     assert type(frame) is ControlFrame
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
@@ -457,6 +471,12 @@ class _Session:
                 else:
                     assert type(frame) is ControlFrame
                     broker.channel_control(self, frame.channel, frame.message)
+                    if more:
+                        sliced += 1
+                        if sliced >= CHANNEL_SLICE:
+                            sliced = 0
+                            broker.uncork()
+                            await trio.lowlevel.checkpoint()
         finally:
             if broker.corking:
                 broker.uncork()

@@ -8,6 +8,7 @@ benchmarks/isolation.py.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from pathlib import Path
@@ -283,6 +284,51 @@ async def test_relay_memory_is_charged_to_the_openers_identity(tmp_path: Path) -
 
 
 # -- 4. costs charged to the wrong party -------------------------------------------------------
+
+
+async def test_a_read_full_of_tiny_frames_is_handled_in_slices(tmp_path: Path) -> None:
+    """One write of 20,000 one-byte DATA frames (within the sender's credit) is one or a few
+    reads for busd, and over 100 ms of its CPU: its reader must yield to everyone else every
+    CHANNEL_SLICE frames (the canary's p99 under this flood is measured in
+    benchmarks/isolation.py), not once a read.  Counted here as the steps of the reader's task
+    (no timing); and every byte arrives, in order."""
+    from bus.broker import CHANNEL_SLICE
+
+    from .test_channels import _raw_relay
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.steps: collections.Counter[trio.lowlevel.Task] = collections.Counter()
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.steps[task] += 1
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        await target.send_message({"credit": 1 << 20}, tch)
+        with trio.fail_after(10):  # the broker's first grant: 64 KiB
+            while not (isinstance(frame := await opener.receive_frame(), ControlFrame) and "credit" in frame.message):
+                pass
+        count = 20_000
+        steps = Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await opener.stream.send_all(b"".join(encode_data(och, bytes([i % 251])) for i in range(count)))
+            await opener.send_message({"op": "ping", "id": 77})
+            await reply_to(opener, 77)  # (busd handled every frame before it)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert max(steps.steps.values()) >= count // CHANNEL_SLICE // 2
+        got = bytearray()
+        with trio.fail_after(10):
+            while len(got) < count:
+                frame = await target.receive_frame()
+                assert frame is not None
+                if isinstance(frame, DataFrame) and frame.channel == tch:
+                    got += frame.data
+        assert bytes(got) == bytes(i % 251 for i in range(count))
+        for framed in (opener, target):
+            await framed.aclose()
 
 
 async def test_a_sender_of_tiny_frames_cannot_get_its_receiver_cut_as_a_slow_consumer(tmp_path: Path) -> None:
