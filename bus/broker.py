@@ -432,10 +432,6 @@ class _Session:
                     broker.channel_data(self, frame.channel, frame.data)
                     if more:
                         sliced += 1
-                        if sliced >= CHANNEL_SLICE:  # (a read full of tiny frames: in slices)
-                            sliced = 0
-                            broker.uncork()
-                            await trio.lowlevel.checkpoint()
                 elif frame.channel == 0:
                     assert type(frame) is ControlFrame
                     # Requests cost the broker CPU: one read full of them (a pipelining peer) is
@@ -473,10 +469,10 @@ class _Session:
                     broker.channel_control(self, frame.channel, frame.message)
                     if more:
                         sliced += 1
-                        if sliced >= CHANNEL_SLICE:
-                            sliced = 0
-                            broker.uncork()
-                            await trio.lowlevel.checkpoint()
+                if sliced >= CHANNEL_SLICE:  # (a read full of tiny frames on channels: in slices)
+                    sliced = 0
+                    broker.uncork()
+                    await trio.lowlevel.checkpoint()
         finally:
             if broker.corking:
                 broker.uncork()
@@ -570,6 +566,10 @@ def check_settings(config: BrokerConfig) -> None:
         (
             config.outbound_bytes >= max(2 * (RELAY_FRAME + 64), limits.message_bytes + 1024),
             "outbound_bytes must be at least 2 x 65600 (relayed data stops at half of it) and message_bytes + 1024",
+        ),
+        (
+            config.outbound_queue >= 2,
+            "outbound_queue must be at least 2 (relayed data and events stop at half of it)",
         ),
         (limits.info_depth <= 16, "info_depth must be at most 16 (events and lists nest it further, up to the CBOR limit of 32)"),
         (limits.event_bytes + 1024 <= limits.message_bytes, "event_bytes must be at most message_bytes - 1024"),

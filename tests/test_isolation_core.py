@@ -323,6 +323,7 @@ def test_complex_watches_are_counted_and_plain_ones_are_not() -> None:
         ({"max_frame": 1}, "max_frame"),
         ({"max_control": 10}, "max_control"),
         ({"outbound_bytes": 4096}, "outbound_bytes"),
+        ({"outbound_queue": 1}, "outbound_queue"),
         ({"limits": Limits(info_bytes=60_000)}, "reply_bytes"),
         ({"limits": Limits(info_depth=30)}, "info_depth"),
     ],

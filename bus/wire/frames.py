@@ -1279,10 +1279,11 @@ class FrameDecoder:
         what completing the frame does.  For a reader that gets a large message's body in
         pieces of another framing (a relayed RPC body in the bus connection's DATA frames)."""
         filling = self._filling
-        # (Nothing is buffered while a frame is filled, once next_frame has taken what a
-        # read brought past the room; between receive_data and next_frame, the usual way.)
-        if filling < 0 or self._parts or self._pos != len(self._chunk):
+        if filling < 0:
             return False
+        # (Bytes wait behind a frame being filled only once its room is full -- receive_data
+        # fills first -- and then the size test below declines: nothing is ever put past
+        # bytes that wait.)
         header, sink = self._header, self._sink
         assert header is not None and sink is not None
         n = len(data)
