@@ -41,6 +41,8 @@ Attack classes (issue 9's numbered findings):
    relayed channels to a receiver of its own that reads everything and grants credit back.
 4. wrong party: a name carrying 16 KiB info churned in bursts under watchers; thousands of
    ``open_channel`` requests to the canary service in one write; 256 idle channels held to it;
+   calls to the canary service over 8 relayed channels, each byte of them in a DATA frame of
+   its own (32 calls a write and channel), its shs1 channel handshake done by the client library;
    an event flood (32 KiB quiet emits as fast as the socket takes them) to a subscriber of the
    attacker's that never reads, while an honest emitter's events must all reach an honest
    subscriber with no gap.
@@ -93,6 +95,7 @@ from bus.wire.identity import Identity, load_identity, save_identity  # noqa: E4
 from bus.wire.shs import DEFAULT_NETWORK_KEY, ClientHandshake  # noqa: E402
 from clients import Service, open_bus  # noqa: E402
 from clients.rpc import RpcConnection  # noqa: E402
+from clients.channels import RelayStream  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY_NAME = "org.canary.Echo"
@@ -124,6 +127,7 @@ COUNTS = {
     "relay_channels": (255, 255),
     "tiny_channels": (8, 8),
     "tiny_burst": (4096, 4096),  # 1-byte DATA frames per write of the tiny-frame flood
+    "tiny_calls": (32, 32),  # calls per write and channel of the tiny-frame calls to the canary
     "churn_pairs": (100, 100),
     "churn_watchers": (3, 3),
     "pipelined_opens": (4000, 4000),
@@ -993,6 +997,54 @@ async def attack_tiny_frames(ctx: AttackContext) -> None:
     )
 
 
+async def attack_tiny_calls(ctx: AttackContext) -> None:
+    """Calls to the canary's own service, each byte of them in a DATA frame of its own (the
+    channel opened, and its shs1 handshake done, by the client library; then its frames
+    written by hand, within the credit busd grants): the service's bus connection gets its
+    reads full of 1-byte frames, as busd lets them through (at most half its queue's frames,
+    the rest joined), and must still answer the canary."""
+    r = ctx.result
+    n_channels, burst = ctx.n("tiny_channels"), ctx.n("tiny_calls")
+    stats = collections.Counter[str]()
+
+    async def caller(bus: Any) -> None:
+        ch = await bus.open_channel(CANARY_NAME, "rpc", route="relay")
+        relay = ch.raw
+        assert isinstance(relay, RelayStream), type(relay)
+        link = relay._link  # (an attacker's tool: the channel's own frames, cut by hand)
+        call_id = itertools.count(1)
+
+        async def read_replies() -> None:
+            while data := await ch.receive_some():
+                stats["replies"] += data.count(b"\xa2bre")  # (each reply's map head and "re")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_replies)
+            while True:
+                wire = b"".join(
+                    encode_control(0, {"op": "call", "id": next(call_id), "method": "echo", "args": [b"x"]}) for _ in range(burst)
+                )
+                while relay._credit < len(wire) or stats["calls"] - stats["replies"] > 4 * burst * n_channels:
+                    await trio.sleep(0.001)
+                relay._credit -= len(wire)
+                link.send.send_nowait(b"".join(encode_data(relay.channel, wire[i : i + 1]) for i in range(len(wire))))
+                stats["calls"] += burst
+                stats["frames"] += len(wire)
+                await trio.sleep(0)
+
+    try:
+        async with open_bus(ctx.unix_address, identity=Identity.generate(), network_key=ctx.network_key, reconnect=False) as bus:
+            ctx.ready()
+            with trio.move_on_after(ctx.remaining()):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(n_channels):
+                        nursery.start_soon(caller, bus)
+    except Exception as exc:
+        stats[f"bus: {error_label(exc)}"] += 1
+    r["outcomes"] = dict(stats)
+    r["summary"] = f"{n_channels} channels: {stats['calls']:,} calls in {stats['frames']:,} 1-byte frames, {stats['replies']:,} answered"
+
+
 async def attack_churn(ctx: AttackContext) -> None:
     r = ctx.result
     victims = {f"watcher{i}": Victim() for i in range(ctx.n("churn_watchers"))}
@@ -1401,6 +1453,7 @@ ATTACKS = [
     AttackSpec("content-host", 2, lambda q: "content: 64 KiB tcp host", attack_content_host),
     AttackSpec("relay-memory", 3, lambda q: f"relay: {count('relay_pairs', q)} pair(s) x 255 chans unread", attack_relay_memory),
     AttackSpec("tiny-frames", 3, lambda q: f"relay: a frame a byte, {count('tiny_channels', q)} chans", attack_tiny_frames),
+    AttackSpec("tiny-calls", 4, lambda q: "wrong party: calls to the canary, a frame a byte", attack_tiny_calls),
     AttackSpec("churn", 4, lambda q: "wrong party: 16K-info name churn", attack_churn),
     AttackSpec("pipelined-opens", 4, lambda q: f"wrong party: {count('pipelined_opens', q)} opens in 1 write", attack_pipelined_opens),
     AttackSpec("idle-channels", 4, lambda q: f"wrong party: {count('idle_channels', q)} idle chans to canary", attack_idle_channels),

@@ -93,6 +93,11 @@ RUN_BYTES = 8 * 1024
 #: 128 of them take about a millisecond.  (A frame that came alone never counts: the reader
 #: waits for the next read anyway.)
 CHANNEL_SLICE = 128
+#: Relayed frames smaller than this that come several in one read wait in their channel's
+#: buffer until the read is handled, joined, and go on as one frame per channel and direction
+#: (see Broker.channel_data): a frame's header and busd's and the receiver's work per frame
+#: are then paid once a burst, not once a byte.
+JOIN_BELOW = 4096
 #: Connections torn down at the same time when many end at once.
 TEARDOWNS_AT_ONCE = 32
 #: Socket ends (unix-fd channel requests) queued for one connection before it counts as full.
@@ -687,6 +692,10 @@ class Broker:
         #: uncorks before it waits, so the flag is never seen by another task.
         self.corking = False
         self.corked: list[_Session] = []
+        #: Relayed directions whose small frames of this burst wait in their buffer, joined,
+        #: to go on at :meth:`uncork` (see channel_data), and the ids of their channels.
+        self.joining: list[tuple[RelayChannel, Direction]] = []
+        self.joining_ids: set[tuple[int, bool]] = set()
         self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
         #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
         self.event_frames = EventFrames()
@@ -804,6 +813,15 @@ class Broker:
         """Write what the corked writers queued (see :attr:`corking`)."""
         if self._event_run is not None:
             self.end_event_run()
+        if self.joining:
+            # The small relayed frames of the burst, joined: one frame per direction (of at
+            # most RELAY_FRAME bytes each), where they came as many (see channel_data).
+            joining, self.joining = self.joining, []
+            self.joining_ids.clear()
+            by_half = self.core.channels.by_half
+            for relay, direction in joining:
+                if by_half.get(relay.a) is relay:  # (not reset or closed meanwhile)
+                    self.pump(relay, direction)
         self.corking = False
         self.bursts += 1
         corked, self.corked = self.corked, []
@@ -1419,6 +1437,21 @@ class Broker:
             direction, dst = relay.b_to_a, relay.a
         dst_session = self.sessions.get(dst[0])
         size = len(data)
+        if self.corking and size < JOIN_BELOW and dst_session is not None:
+            # A small frame among others of one read: it waits in the direction's buffer,
+            # joined with the others of the burst, and they go on together at uncork (a
+            # sender of a frame a byte would otherwise have busd send its receiver a frame a
+            # byte, which costs the receiver CPU per frame, and whoever else it serves too).
+            try:
+                direction.push(data)
+            except CreditExceeded as exc:
+                self.reset(relay, f"{session.key} broke the flow control: {exc}")
+                return
+            key = (relay.id, direction is relay.a_to_b)
+            if key not in self.joining_ids:
+                self.joining_ids.add(key)
+                self.joining.append((relay, direction))
+            return
         if (
             size <= RELAY_FRAME
             and dst_session is not None

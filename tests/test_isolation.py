@@ -320,13 +320,19 @@ async def test_a_read_full_of_tiny_frames_is_handled_in_slices(tmp_path: Path) -
             trio.lowlevel.remove_instrument(steps)
         assert max(steps.steps.values()) >= count // CHANNEL_SLICE // 2
         got = bytearray()
+        frames_seen = 0
         with trio.fail_after(10):
             while len(got) < count:
                 frame = await target.receive_frame()
                 assert frame is not None
                 if isinstance(frame, DataFrame) and frame.channel == tch:
                     got += frame.data
+                    frames_seen += 1
         assert bytes(got) == bytes(i % 251 for i in range(count))
+        # The frames of a burst went on joined (one frame per channel a burst; the receiver's
+        # queue full of frames aside, see the next test): a receiver of a flood of 1-byte
+        # frames is not handed a frame a byte.
+        assert frames_seen <= count // 50
         for framed in (opener, target):
             await framed.aclose()
 
@@ -361,7 +367,18 @@ async def test_a_sender_of_tiny_frames_cannot_get_its_receiver_cut_as_a_slow_con
             credit -= n
             sent += n
         await take_credit(2000)
-        await opener.stream.send_all(b"".join(encode_data(och, b"t") for _ in range(2000)))
+        # Each frame alone in a read of busd's (small frames that come together are joined
+        # into one: see test_a_read_full_of_tiny_frames_is_handled_in_slices), so that each
+        # would be a frame of the receiver's queue: sent one at a time, each after busd took
+        # the one before (the direction's byte count moves).
+        relay = rb.broker.core.channels.by_half[(target_id, tch)]
+        direction = relay.a_to_b if relay.b[0] == target_id else relay.b_to_a
+        for _ in range(2000):
+            before = direction.bytes_total
+            await opener.stream.send_all(encode_data(och, b"t"))
+            with trio.fail_after(10):
+                while direction.bytes_total == before:
+                    await trio.sleep(0)
         await opener.send_message({"op": "ping", "id": 77})
         await reply_to(opener, 77)  # (busd has handled every frame before it)
         session = rb.broker.sessions[target_id]
