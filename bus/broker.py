@@ -268,13 +268,17 @@ class _Session:
                     held[payer] = left
                 else:
                     del held[payer]
-        out = self.out
-        if (
-            (self.blocked or self.conn_id in self.broker.core.pumping)
-            and out.queued_bytes <= self.broker.relay_threshold
-            and len(out) < out.max_frames >> 1
-        ):
+        if (self.blocked or self.conn_id in self.broker.core.pumping) and self.has_relay_room():
             self.broker.unblock(self)
+
+    def has_relay_room(self) -> bool:
+        """Whether relayed bytes may be queued for this connection now: while its queue holds
+        under half its bytes and half its frames (as for events, ``_room_for_event``), so that
+        a sender of many small frames cannot fill it with frames until it is cut as a slow
+        consumer for a few KiB it had granted a window for; the rest waits in the channel's
+        buffer, joined, charged to the channel's credit."""
+        out = self.out
+        return out.queued_bytes <= self.broker.relay_threshold and len(out) < out.max_frames // 2
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -693,9 +697,8 @@ class Broker:
         self.corking = False
         self.corked: list[_Session] = []
         #: Relayed directions whose small frames of this burst wait in their buffer, joined,
-        #: to go on at :meth:`uncork` (see channel_data), and the ids of their channels.
-        self.joining: list[tuple[RelayChannel, Direction]] = []
-        self.joining_ids: set[tuple[int, bool]] = set()
+        #: to go on at :meth:`uncork` (see channel_data), by (channel id, direction a to b).
+        self.joining: dict[tuple[int, bool], tuple[RelayChannel, Direction]] = {}
         self.bursts = 0  # bursts ended (uncork calls): tells one burst's events from the next's
         #: Event frames with bytes payloads, their fixed parts kept per emitter and kind.
         self.event_frames = EventFrames()
@@ -816,10 +819,9 @@ class Broker:
         if self.joining:
             # The small relayed frames of the burst, joined: one frame per direction (of at
             # most RELAY_FRAME bytes each), where they came as many (see channel_data).
-            joining, self.joining = self.joining, []
-            self.joining_ids.clear()
+            joining, self.joining = self.joining, {}
             by_half = self.core.channels.by_half
-            for relay, direction in joining:
+            for relay, direction in joining.values():
                 if by_half.get(relay.a) is relay:  # (not reset or closed meanwhile)
                     self.pump(relay, direction)
         self.corking = False
@@ -1437,28 +1439,19 @@ class Broker:
             direction, dst = relay.b_to_a, relay.a
         dst_session = self.sessions.get(dst[0])
         size = len(data)
-        if self.corking and size < JOIN_BELOW and dst_session is not None:
-            # A small frame among others of one read: it waits in the direction's buffer,
-            # joined with the others of the burst, and they go on together at uncork (a
-            # sender of a frame a byte would otherwise have busd send its receiver a frame a
-            # byte, which costs the receiver CPU per frame, and whoever else it serves too).
-            try:
-                direction.push(data)
-            except CreditExceeded as exc:
-                self.reset(relay, f"{session.key} broke the flow control: {exc}")
-                return
-            key = (relay.id, direction is relay.a_to_b)
-            if key not in self.joining_ids:
-                self.joining_ids.add(key)
-                self.joining.append((relay, direction))
-            return
+        # A small frame among others of one read joins them in the direction's buffer, and
+        # they go on together at uncork (a sender of a frame a byte would otherwise have busd
+        # send its receiver a frame a byte, which costs the receiver CPU per frame, and
+        # whoever else it serves too).
+        joining = self.corking and size < JOIN_BELOW and dst_session is not None
         if (
-            size <= RELAY_FRAME
+            not joining
+            and size <= RELAY_FRAME
             and dst_session is not None
-            # (Room as pump() sees it, in bytes and in frames; an empty queue has both.)
+            # (dst_session.has_relay_room(), inline: once per frame; an empty queue has room)
             and (
                 not (queued := dst_session.out.queued_bytes)
-                or (queued <= self.relay_threshold and len(dst_session.out) < dst_session.out.max_frames >> 1)
+                or (queued <= self.relay_threshold and len(dst_session.out) < dst_session.out.max_frames // 2)
             )
             and direction.forward(data)
         ):
@@ -1473,6 +1466,9 @@ class Broker:
             direction.push(data)
         except CreditExceeded as exc:
             self.reset(relay, f"{session.key} broke the flow control: {exc}")
+            return
+        if joining:
+            self.joining.setdefault((relay.id, direction is relay.a_to_b), (relay, direction))
             return
         self.pump(relay, direction)
 
@@ -1517,12 +1513,7 @@ class Broker:
         if dst_session is None:
             return
         while direction.ready():
-            # The receiver's queue has room for relayed bytes below half its bytes and half
-            # its frames (as for events, _room_for_event): a sender of many small frames
-            # makes the rest wait here, joined (its credit bounds them, charged to the channel),
-            # rather than fill the receiver's queue with frames until it is cut as a slow
-            # consumer for a few KiB it had granted a window for.
-            if dst_session.queued_bytes > self.relay_threshold or len(dst_session.out) >= dst_session.out.max_frames >> 1:
+            if not dst_session.has_relay_room():
                 if dst_session.blocked is None:
                     dst_session.blocked = set()
                 dst_session.blocked.add(relay.id)
