@@ -390,11 +390,12 @@ def padded_info(limit: int = INFO_BYTES) -> dict[str, Any]:
     """Plugin info of exactly ``limit`` bytes as CBOR (the broker's info_bytes check)."""
     base = {"description": "", "version": "", "metadata": {"pad": ""}}
     overhead = len(cbor2.dumps(base))
-    pad = "i" * (limit - overhead - 3)  # a text of this size has a 3-byte head
-    info = {"description": "", "version": "", "metadata": {"pad": pad}}
+    pad = "i" * (limit - overhead - 2)  # its 3-byte head replaces the empty text's 1-byte one
+    metadata = {"pad": pad}
+    info: dict[str, Any] = {"description": "", "version": "", "metadata": metadata}
     while len(cbor2.dumps(info)) > limit:
         pad = pad[:-1]
-        info["metadata"]["pad"] = pad
+        metadata["pad"] = pad
     return info
 
 
