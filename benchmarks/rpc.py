@@ -840,6 +840,7 @@ def role_service(address: str, key_file: str, profile_out: str) -> None:
     import trio
 
     from clients import Service, load_identity, open_bus
+    from clients.rpc import PUSH_WINDOW
 
     ProfileSwitch(profile_out or None)
     service = Service(SERVICE, description="echoes (benchmark)")
@@ -874,7 +875,9 @@ def role_service(address: str, key_file: str, profile_out: str) -> None:
             ended.set()
             wake.set()
 
-        if not channel.deliver_to(take, end, views=True):
+        # (The window an RPC channel's pushed bytes have, like with like: a smaller one would
+        # have busd buffer the floor's bytes until each grant, which the RPC row never does.)
+        if not channel.deliver_to(take, end, views=True, window=PUSH_WINDOW):
             raise RuntimeError("the sink channel must be a plain relay")
         while not ended.is_set():
             await wake.wait()
