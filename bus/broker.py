@@ -55,7 +55,7 @@ from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
-from .wire.frames import DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, DataFrame, EventFrames, FrameKind, encode_data
+from .wire.frames import CHANNEL_CONTROL_ITEMS, DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, DataFrame, EventFrames, FrameKind, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -98,6 +98,9 @@ CHANNEL_SLICE = 128
 #: (see Broker.channel_data): a frame's header and busd's and the receiver's work per frame
 #: are then paid once a burst, not once a byte.
 JOIN_BELOW = 4096
+#: Channel notices waiting for room in one connection's queue at most (see
+#: _Session.enqueue_notice): far more than the channels any connection holds at once.
+NOTICES_WAITING = 16 * 1024
 #: Connections torn down at the same time when many end at once.
 TEARDOWNS_AT_ONCE = 32
 #: Socket ends (unix-fd channel requests) queued for one connection before it counts as full.
@@ -224,6 +227,10 @@ class _Session:
         # Relayed channels waiting for room in this connection's queue to carry more data
         # (a set made when one first has to wait).
         self.blocked: set[int] | None = None
+        # Channel notices (a channel's starting credit, closed, eof, reset: what others' doings
+        # make busd tell this connection about its channels) waiting, in order, for the room
+        # relayed data needs (see enqueue_notice; a list made when one first has to wait).
+        self.notices: list[bytes] | None = None
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
         # Events queued for this connection, by the identity that emitted them (each has a
@@ -268,7 +275,7 @@ class _Session:
                     held[payer] = left
                 else:
                     del held[payer]
-        if (self.blocked or self.conn_id in self.broker.core.pumping) and self.has_relay_room():
+        if (self.blocked or self.notices or self.conn_id in self.broker.core.pumping) and self.has_relay_room():
             self.broker.unblock(self)
 
     def has_relay_room(self) -> bool:
@@ -309,6 +316,41 @@ class _Session:
         self.messages_out += 1
         self.bytes_out += size
         return True
+
+    def enqueue_notice(self, data: bytes) -> None:
+        """Queue a channel notice (a CONTROL frame on one of this connection's channels):
+        now while the queue has the room relayed data needs and no notice waits, else behind
+        the notices that wait, until it has (:meth:`flush_notices`).  Others cause them (a
+        peer closing or resetting the channels it holds to this connection, or leaving with
+        them), so they must not be what fills the queue until this connection is cut as a
+        slow consumer: like relayed data, they stop at half of it.  What waits is bounded by
+        the channels: each end gets at most its starting credit, one ``closed``, one ``eof``
+        and one ``reset``, and a new channel needs this connection to read (its acceptance
+        for a target, an ``open_channel`` for an opener) -- past NOTICES_WAITING (a bound
+        no sequence of channels reaches without that) it is cut as a slow consumer anyway."""
+        notices = self.notices
+        if notices is None:
+            if self.has_relay_room():
+                self.enqueue_encoded(data)
+                return
+            self.notices = notices = []
+        if len(notices) >= NOTICES_WAITING:
+            self.overflow()
+            return
+        notices.append(data)
+
+    def flush_notices(self) -> None:
+        """Queue the notices that waited, in order, while the queue has room for them."""
+        notices = self.notices
+        if notices is None:
+            return
+        taken = 0
+        while taken < len(notices) and self.has_relay_room() and not self.out.stopped:
+            self.enqueue_encoded(notices[taken])
+            taken += 1
+        del notices[:taken]
+        if not notices:
+            self.notices = None
 
     def enqueue_event(self, data: bytes, payer: str) -> None:
         """Queue an event ``payer`` emitted; until written, it counts against payer's share
@@ -1230,6 +1272,7 @@ class Broker:
             max_control=cfg.max_control,
             receive_stream=stream.plain_transport(),
             max_items=cfg.max_control_items,
+            channel_items=min(CHANNEL_CONTROL_ITEMS, cfg.max_control_items),
             # (The first read does not wait for the socket: minibus's client sends its hello
             # right behind msg3, so it is there already.)
         )
@@ -1425,7 +1468,7 @@ class Broker:
     def _channel_message(self, item: ChannelMessage) -> None:
         session = self.sessions.get(item.conn)
         if session is not None:
-            session.enqueue_encoded(session.framed.encode_message(item.body, item.channel))
+            session.enqueue_notice(session.framed.encode_message(item.body, item.channel))
 
     def channel_data(self, session: _Session, channel: int, data: bytes | memoryview) -> None:
         half = (session.conn_id, channel)
@@ -1492,6 +1535,8 @@ class Broker:
             # are over ("closed"), and reads what the closer sent, then EOF.
             other = relay.other(half)
             backward = relay.incoming(half)
+            if backward.discard:
+                return  # closed already (a repeated close would tell the other side again)
             backward.clear()
             backward.discard = backward.eof_received = backward.eof_sent = True
             self._channel_message(ChannelMessage(other[0], other[1], {"closed": True}))
@@ -1525,7 +1570,7 @@ class Broker:
         if direction.eof_received and not direction.buffer:
             # The end of this direction travels behind its data.
             if not direction.eof_sent:
-                dst_session.enqueue_encoded(dst_session.framed.encode_message({"eof": True}, dst[1]))
+                dst_session.enqueue_notice(dst_session.framed.encode_message({"eof": True}, dst[1]))
                 direction.eof_sent = True
             if direction.close:
                 self.core.channels.close(relay)  # the closer's data is all delivered
@@ -1545,6 +1590,8 @@ class Broker:
         """The connection's queue has room again: relayed data and watch pages may go on."""
         if self._event_run is not None:
             self.end_event_run()  # (the relays pumped here queue credit to their senders)
+        if session.notices:
+            session.flush_notices()
         waiting, session.blocked = session.blocked, None
         if waiting:
             for relay in self.core.channels.of_connection(session.conn_id):

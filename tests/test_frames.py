@@ -227,6 +227,38 @@ def test_control_frames_have_a_tighter_limit() -> None:
         encode_control(0, {"blob": b"x" * 70_000})
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_control_body_on_a_channel_has_its_own_item_budget(whole: bool) -> None:
+    """``channel_items`` bounds the CONTROL bodies of channels other than 0 (the broker's 16),
+    however they arrive (a whole frame in one read, or cut); channel 0 keeps ``max_items``."""
+    from bus.wire.frames import CHANNEL_CONTROL_ITEMS
+
+    def frames(*bodies: tuple[int, dict[str, Any]]) -> list[Any]:
+        dec = FrameDecoder(max_items=4096, channel_items=CHANNEL_CONTROL_ITEMS)
+        data = b"".join(encode_control(channel, body) for channel, body in bodies)
+        got = []
+        for piece in ([data] if whole else [data[i : i + 7] for i in range(0, len(data), 7)]):
+            dec.receive_data(piece)
+            while (frame := dec.next_frame()) is not None:
+                got.append(frame)
+        return got
+
+    at_most = {"credit": 1, "pad": [0] * (CHANNEL_CONTROL_ITEMS - 5)}  # 16 items
+    assert frames((5, at_most), (5, {"reset": "r" * 60_000}), (0, {"op": "x", "pad": [{}] * 4000})) == [
+        ControlFrame(5, at_most),
+        ControlFrame(5, {"reset": "r" * 60_000}),
+        ControlFrame(0, {"op": "x", "pad": [{}] * 4000}),
+    ]
+    with pytest.raises(FrameError, match=f"more than {CHANNEL_CONTROL_ITEMS} data items"):
+        frames((5, {"credit": 1, "pad": [0] * (CHANNEL_CONTROL_ITEMS - 4)}))
+    with pytest.raises(FrameError, match=f"more than {CHANNEL_CONTROL_ITEMS} data items"):
+        frames((77, {"credit": 1, "pad": [{}] * 4090}))
+    # Without it, a channel's bodies have the same budget as channel 0's.
+    dec = FrameDecoder(max_items=4096)
+    dec.receive_data(encode_control(77, {"credit": 1, "pad": [{}] * 4090}))
+    assert dec.next_frame() == ControlFrame(77, {"credit": 1, "pad": [{}] * 4090})
+
+
 # -- the one-pass profile check against a plain recursive reading of the profile ------------
 
 

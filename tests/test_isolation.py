@@ -403,6 +403,188 @@ async def test_a_sender_of_tiny_frames_cannot_get_its_receiver_cut_as_a_slow_con
             await framed.aclose()
 
 
+async def test_channel_notices_others_cause_cannot_get_a_receiver_cut_as_a_slow_consumer(tmp_path: Path) -> None:
+    """A service accepts an attacker's 256 relayed channels (granting each a window, as the
+    client library does) and leaves 32 of its direct openings unanswered, then reads nothing
+    for a while (its socket full).  The attacker fills half the service's queue frames with
+    1-byte relayed frames (all relayed data may take), then closes its 256 channels (a
+    ``closed`` and an ``eof`` each for the service) and leaves with the 32 openings (a
+    ``reset`` each): 544 frames of the attacker's doing, over the queue's other half.  They
+    wait for room as relayed data does, so the service is not cut for traffic it never asked
+    for; once it reads, every notice arrives, each channel's ``closed`` before its ``eof`` and
+    its data before its ``eof``."""
+    async with running_broker(tmp_path) as rb:
+        sink = await raw_connect(rb.unix_address, PLUGIN)
+        await sink.send_message({"op": "hello", "id": 1, "name": "org.example.Sink"})
+        await reply_to(sink, 1)
+        sink_id = next(conn for conn, s in rb.broker.sessions.items() if str(s.key) == PLUGIN.id)
+        holder = await raw_connect(rb.unix_address, FRIEND)
+        await holder.send_message({"op": "hello", "id": 1})
+        await reply_to(holder, 1)
+        leaver = await raw_connect(rb.unix_address, FRIEND)
+        await leaver.send_message({"op": "hello", "id": 1})
+        await reply_to(leaver, 1)
+        relayed: dict[int, int] = {}  # the holder's channel id -> the service's
+        unanswered: list[int] = []  # the service's ids of the openings left waiting
+
+        async def service(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            while True:
+                frame = await sink.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.message.get("op") == "channel_request":
+                    if frame.message["route"] == "relay":
+                        await sink.stream.send_all(
+                            encode_control(0, {"re": frame.message["id"], "result": {}})
+                            + encode_control(frame.message["channel"], {"credit": 1 << 20})
+                        )
+                    else:
+                        unanswered.append(frame.message["channel"])
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service)
+            for i in range(300):
+                await holder.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Sink", "route": "relay"})
+                reply = await reply_to(holder, 10 + i)
+                if "error" in reply:
+                    assert reply["error"]["code"] == "minibus.Error.QuotaExceeded", reply
+                    break
+                relayed[reply["result"]["channel"]] = -1
+            for i in range(40):
+                await leaver.send_message({"op": "open_channel", "id": 10 + i, "name": "org.example.Sink", "route": "auto"})
+            with trio.fail_after(10):
+                while len(unanswered) < 32:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()  # the service is busy from now on: it reads nothing
+        for half, relay in rb.broker.core.channels.by_half.items():
+            if half[0] != sink_id:
+                relayed[half[1]] = relay.other(half)[1]
+        assert len(relayed) == 256 and all(ch > 0 for ch in relayed.values())
+
+        session = rb.broker.sessions[sink_id]
+        out = session.out
+        sent: collections.Counter[int] = collections.Counter()
+        for ch in relayed:  # the service's socket full, with data it granted room for
+            if out.queued_bytes:
+                break
+            await holder.stream.send_all(encode_data(ch, b"x" * 65536))
+            sent[ch] += 65536
+            with trio.fail_after(10):
+                while rb.broker.core.channels.by_half[(session.conn_id, relayed[ch])].a_to_b.bytes_total < 65536:
+                    await trio.sleep(0.01)
+        assert out.queued_bytes, "premise: the service's socket is full"
+        last = next(reversed(relayed))
+        for _ in range(2000):  # then 1-byte frames, each alone in a read, to half the frames
+            if len(out) >= out.max_frames // 2:
+                break
+            before = len(out)
+            await holder.stream.send_all(encode_data(last, b"t"))
+            sent[last] += 1
+            with trio.fail_after(10):
+                while len(out) == before:
+                    await trio.sleep(0)
+        assert len(out) >= out.max_frames // 2 and not out.stopped  # (premise)
+
+        await holder.stream.send_all(b"".join(encode_control(ch, {"close": True}) for ch in relayed))
+        await holder.send_message({"op": "ping", "id": 999})
+        await reply_to(holder, 999)
+        await leaver.aclose()
+        with trio.fail_after(10):
+            while len(session.notices or ()) < 2 * 256 + 32:
+                assert not out.stopped, f"the service was cut: {session.reason}"
+                await trio.sleep(0.01)
+        assert not out.stopped and len(out) <= out.max_frames // 2
+        assert sink_id in rb.broker.sessions
+
+        # The service reads again: everything arrives, in order per channel.
+        seen: dict[int, list[str]] = collections.defaultdict(list)
+        got: collections.Counter[int] = collections.Counter()
+        data_at_eof: dict[int, int] = {}
+        wanted = {relayed[ch]: ["closed", "eof"] for ch in relayed} | {ch: ["reset"] for ch in unanswered}
+        with trio.fail_after(20):
+            while any(seen[ch] != kinds for ch, kinds in wanted.items()):
+                frame = await sink.receive_frame()
+                assert frame is not None, "the broker cut the service"
+                if isinstance(frame, DataFrame):
+                    got[frame.channel] += len(frame.data)
+                elif frame.channel:
+                    kind = next(iter(frame.message))
+                    seen[frame.channel].append(kind)
+                    if kind == "eof":
+                        data_at_eof[frame.channel] = got[frame.channel]
+        assert {ch: seen[ch] for ch in wanted} == wanted
+        assert all(data_at_eof[relayed[ch]] == sent[ch] for ch in relayed)
+        assert session.notices is None and not out.stopped
+        for framed in (holder, sink):
+            await framed.aclose()
+
+
+async def test_a_repeated_close_tells_the_other_end_once(tmp_path: Path) -> None:
+    """A closer whose data still waits at busd (the receiver granted nothing) sends
+    ``{"close": true}`` again and again: the other end hears ``closed`` once."""
+    from .test_channels import _raw_relay
+
+    async with running_broker(tmp_path) as rb:
+        opener, och, target, tch = await _raw_relay(rb)
+        with trio.fail_after(10):
+            while True:  # the opener's starting credit
+                frame = await opener.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.channel == och and "credit" in frame.message:
+                    break
+        await opener.stream.send_all(encode_data(och, b"held") + encode_control(och, {"close": True}) * 50)
+        await opener.send_message({"op": "ping", "id": 7})
+        await reply_to(opener, 7)
+        assert len(rb.broker.core.channels) == 1  # (premise: its data still waits at busd)
+        await target.send_message({"credit": 1 << 16}, tch)  # now it reads: the data, then eof
+        kinds = []
+        with trio.fail_after(10):
+            while "eof" not in kinds:
+                frame = await target.receive_frame()
+                assert frame is not None
+                if frame.channel == tch:
+                    kinds.append("data" if isinstance(frame, DataFrame) else next(iter(frame.message)))
+        assert kinds == ["credit", "closed", "data", "eof"]
+        for framed in (opener, target):
+            await framed.aclose()
+
+
+async def test_a_channel_control_frame_of_many_items_is_refused_after_a_few(tmp_path: Path) -> None:
+    """Channel messages hold 3 data items each; busd checks a CONTROL body on a channel with a
+    budget of CHANNEL_CONTROL_ITEMS (16), not the 4,096 a request may hold.  A peer that sends
+    one with thousands of items (on a channel nobody has, before any hello: no quota spent)
+    is refused at once, told why, and cut; a client beside it is served throughout."""
+    from bus.wire.frames import CHANNEL_CONTROL_ITEMS
+
+    from .test_channels import _raw_relay
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER) as bystander:
+            attacker = await raw_connect(rb.unix_address, FRIEND)
+            body = {"credit": 1, "pad": [{}] * 4090}  # 4,093 items: within max_control_items
+            await attacker.stream.send_all(encode_control(77, body) * 8)
+            error = None
+            with trio.fail_after(10):
+                while True:
+                    frame = await attacker.receive_frame()
+                    if frame is None:
+                        break
+                    if isinstance(frame, ControlFrame) and frame.message.get("event") == "error":
+                        error = frame.message
+            assert error is not None and f"more than {CHANNEL_CONTROL_ITEMS} data items" in error["message"], error
+            await still_served(bystander)
+            # The messages channels carry stay within it, a long reset reason included.
+            opener, och, target, tch = await _raw_relay(rb)
+            await opener.send_message({"reset": "r" * 60_000}, och)
+            with trio.fail_after(10):
+                while True:
+                    frame = await target.receive_frame()
+                    assert frame is not None
+                    if isinstance(frame, ControlFrame) and frame.channel == tch and "reset" in frame.message:
+                        break
+            assert "r" * 200 in frame.message["reset"]  # (cut to reason_chars, as ever)
+            for framed in (attacker, opener, target):
+                await framed.aclose()
+
+
 async def test_name_churn_never_disconnects_a_watcher_that_reads_slowly(tmp_path: Path) -> None:
     """A churner with 16 KiB of info; a watcher that reads nothing for a while: its watch
     resyncs (the changes it missed become a fresh snapshot), its connection stays."""

@@ -121,6 +121,7 @@ class FramedStream:
         max_items: int | None = None,
         trusted: bool = False,
         wait_first: bool = False,
+        channel_items: int | None = None,
     ) -> None:
         """``wait_first``: the first read of a socket waits for it to be readable (its owner
         knows nothing can have come yet: a read would find nothing)."""
@@ -132,7 +133,7 @@ class FramedStream:
         self.max_control = max_control
         # ``trusted``: CONTROL frames come from a party that checked their content already
         # (a client's broker, see FrameDecoder.trusted).
-        self._decoder = FrameDecoder(max_frame, max_control, max_items, trusted=trusted)
+        self._decoder = FrameDecoder(max_frame, max_control, max_items, trusted=trusted, channel_items=channel_items)
         #: The next frame if the bytes already read hold one, else ``None`` (no I/O); raises
         #: :class:`~bus.errors.FrameError` as :meth:`receive_frame` does.  (The decoder's own
         #: method: a reader taking a burst of frames calls it once per frame, so no wrapper.)

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_CONTROL",
     "MAX_CBOR_DEPTH",
+    "CHANNEL_CONTROL_ITEMS",
     "FrameKind",
     "ControlFrame",
     "DataFrame",
@@ -67,6 +68,10 @@ DEFAULT_MAX_FRAME = 1 << 20
 #: peer can make the CBOR check and decode spend on one message.
 DEFAULT_MAX_CONTROL = 64 * 1024
 MAX_CBOR_DEPTH = 32
+#: Data items a CONTROL body on a channel other than 0 holds at most, at the broker: the
+#: channel messages (credit, eof, close, reset) hold 3 each, so a check of a body sent on a
+#: channel stops after a few items, whatever it holds (see FrameDecoder's ``channel_items``).
+CHANNEL_CONTROL_ITEMS = 16
 MAX_CHANNEL = 0xFFFFFFFF
 
 
@@ -1179,12 +1184,17 @@ class FrameDecoder:
         max_items: int | None = None,
         *,
         trusted: bool = False,
+        channel_items: int | None = None,
     ) -> None:
         if max_body < 1 or max_control < 1:
             raise ValueError("frame size limits must be positive")
         self.max_body = max_body
         self.max_control = min(max_control, max_body)
         self.max_items = max_items
+        #: The item budget of a CONTROL body on a channel other than 0 (``max_items`` unless
+        #: given): the broker's is CHANNEL_CONTROL_ITEMS, so that a body of thousands of items
+        #: sent on a channel, which only ever carries tiny messages, is refused after a few.
+        self.channel_items = max_items if channel_items is None else channel_items
         #: CONTROL bodies come from a party that checked them already (a client's broker):
         #: decoded without the profile check (cbor2 still refuses malformed CBOR).
         self.trusted = trusted
@@ -1471,7 +1481,7 @@ class FrameDecoder:
                             raise self._fail(FrameError("control body is not a CBOR map"))
                         return ControlFrame(channel, message)
                     try:
-                        return ControlFrame(channel, decode_control_body(body, self.max_items))
+                        return ControlFrame(channel, decode_control_body(body, self.channel_items if channel else self.max_items))
                     except FrameError as exc:
                         raise self._fail(exc) from exc.__cause__
             elif pos == len(chunk):
@@ -1674,7 +1684,7 @@ class FrameDecoder:
         try:
             if self.trusted:
                 return ControlFrame(channel, decode_trusted_body(body))
-            return ControlFrame(channel, decode_control_body(body, self.max_items))
+            return ControlFrame(channel, decode_control_body(body, self.channel_items if channel else self.max_items))
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
 
