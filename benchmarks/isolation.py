@@ -138,6 +138,7 @@ COUNTS = {
     "array_conns": (4, 4),
     "array_max": (20_000, 8_000),
     "array_items": (65_500, 65_500),
+    "channel_items_conns": (4, 4),  # connections sending channel CONTROL frames of many items
     "reset_max": (200, 100),
     "mass_close": (10_000, 900),
 }
@@ -1391,6 +1392,59 @@ async def attack_big_arrays(ctx: AttackContext) -> None:
     r["summary"] = f"{stats['answered']} frames of {r['frame_bytes']} B, {low} items each, answered{refused}; {stats['attacker cut']} flooders cut"
 
 
+async def attack_channel_items(ctx: AttackContext) -> None:
+    """CONTROL frames on a channel nobody has (77), each a channel message padded to 4,093
+    items (within what a request may hold, ``max_control_items``), 63 of them a write (256 KiB),
+    straight after the handshake (no hello: no quota spent), from a few connections that
+    reconnect when cut.  Before the twenty-first pass of issue 13 busd checked each body against
+    the requests' 4,096-item budget and dropped it (an unknown channel): 155 ms of busd a
+    write, in one step (63 frames never reach the reader's 128-frame slice); now a channel's
+    bodies have 16 items at most and the first one cuts its sender."""
+    r = ctx.result
+    stats = collections.Counter[str]()
+    frame = encode_control(77, {"credit": 1, "pad": [{}] * 4090})
+    burst = frame * (256 * 1024 // len(frame))
+
+    async def worker() -> None:
+        while ctx.remaining() > 0:
+            conn: RawConn | None = None
+            try:
+                conn = await ctx.raw()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.run)
+                    broken = False
+                    while ctx.remaining() > 0 and not conn.closed.is_set():
+                        stats["writes"] += 1
+                        try:
+                            await conn.send_raw(burst)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            broken = True  # (cut while writing: busd closed the connection)
+                            break
+                        stats["frames sent"] += len(burst) // len(frame)
+                        with trio.move_on_after(1):
+                            await conn.closed.wait()
+                    if broken or conn.closed.is_set():
+                        stats["attacker cut"] += 1
+                        if conn.reason:
+                            r.setdefault("refusal", conn.reason)
+                    nursery.cancel_scope.cancel()
+            except Exception as exc:
+                stats[error_label(exc)] += 1
+                await trio.sleep(0.05)
+            finally:
+                if conn is not None:
+                    await conn.aclose()
+
+    ctx.ready()
+    async with trio.open_nursery() as workers:
+        for _ in range(ctx.n("channel_items_conns")):
+            workers.start_soon(worker)
+    r["outcomes"] = dict(stats)
+    r["summary"] = f"{stats['writes']} writes of {len(frame)}-B frames, {stats['frames sent']} taken whole, {stats['attacker cut']} flooders cut" + (
+        f" ({r['refusal'][:60]})" if r.get("refusal") else ""
+    )
+
+
 async def attack_mass_close(ctx: AttackContext) -> None:
     r = ctx.result
     n = ctx.n("mass_close")
@@ -1462,6 +1516,7 @@ ATTACKS = [
     AttackSpec("watch-patterns", 5, lambda q: "CPU: worst-case watch patterns", attack_watch_patterns),
     AttackSpec("watch-complex", 5, lambda q: "CPU: complex watches, long names churned", attack_complex_watches),
     AttackSpec("big-arrays", 5, lambda q: "CPU: 64 KiB frames, most items allowed", attack_big_arrays),
+    AttackSpec("channel-items", 5, lambda q: "CPU: channel frames of 4,093 items", attack_channel_items),
     AttackSpec(
         "mass-close", 5, lambda q: f"CPU: {count('mass_close', q)} conns closing at once", attack_mass_close,
         target_ms=TARGET_MASS_CLOSE_P99_MS, min_duration=3.0,
