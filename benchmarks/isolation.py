@@ -1309,6 +1309,45 @@ def array_frame(rid: int, items: int) -> bytes:
     return encode_control(0, {"op": "ping", "id": rid, "pad": pad})
 
 
+async def reconnecting_flooders(
+    ctx: AttackContext,
+    count: int,
+    stats: collections.Counter[str],
+    flood: Callable[[RawConn], Awaitable[None]],
+    more: Callable[[], bool] = lambda: True,
+) -> None:
+    """``count`` connections, each running ``flood`` on a fresh raw connection (its reader
+    running) while the attack's window lasts and ``more()`` says so, and connecting again
+    when cut: what ends them is counted in ``stats`` ("attacker cut" for a connection busd
+    closed)."""
+
+    async def worker() -> None:
+        while ctx.remaining() > 0 and more():
+            conn: RawConn | None = None
+            try:
+                conn = await ctx.raw()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.run)
+                    try:
+                        await flood(conn)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        conn.closed.set()  # (cut while writing: busd closed the connection)
+                    if conn.closed.is_set():
+                        stats["attacker cut"] += 1
+                    nursery.cancel_scope.cancel()
+            except Exception as exc:
+                stats[error_label(exc)] += 1
+                await trio.sleep(0.05)
+            finally:
+                if conn is not None:
+                    await conn.aclose()
+
+    ctx.ready()
+    async with trio.open_nursery() as workers:
+        for _ in range(count):
+            workers.start_soon(worker)
+
+
 async def attack_big_arrays(ctx: AttackContext) -> None:
     """64 KiB control frames holding as many items as busd accepts (found first by a binary
     search on throwaway connections), sent back to back from a few connections."""
@@ -1355,38 +1394,20 @@ async def attack_big_arrays(ctx: AttackContext) -> None:
     r["accepted_items"] = low
     r["frame_bytes"] = len(array_frame(1, items))
 
-    async def worker() -> None:
-        while ctx.remaining() > 0 and stats["sent"] < limit:
-            conn: RawConn | None = None
-            try:
-                conn = await ctx.raw()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(conn.run)
-                    await conn.request("hello")
-                    rid = conn.new_id()
-                    frame = array_frame(rid, items)
-                    while ctx.remaining() > 0 and stats["sent"] < limit and not conn.closed.is_set():
-                        slot = conn.expect(rid)
-                        stats["sent"] += 1
-                        await conn.send_raw(frame)
-                        with trio.fail_after(10):
-                            await slot.event.wait()
-                        if slot.reply is not None:
-                            stats["answered"] += 1
-                    if conn.closed.is_set():
-                        stats["attacker cut"] += 1
-                    nursery.cancel_scope.cancel()
-            except Exception as exc:
-                stats[error_label(exc)] += 1
-                await trio.sleep(0.05)
-            finally:
-                if conn is not None:
-                    await conn.aclose()
+    async def flood(conn: RawConn) -> None:
+        await conn.request("hello")
+        rid = conn.new_id()
+        frame = array_frame(rid, items)
+        while ctx.remaining() > 0 and stats["sent"] < limit and not conn.closed.is_set():
+            slot = conn.expect(rid)
+            stats["sent"] += 1
+            await conn.send_raw(frame)
+            with trio.fail_after(10):
+                await slot.event.wait()
+            if slot.reply is not None:
+                stats["answered"] += 1
 
-    ctx.ready()
-    async with trio.open_nursery() as workers:
-        for _ in range(ctx.n("array_conns")):
-            workers.start_soon(worker)
+    await reconnecting_flooders(ctx, ctx.n("array_conns"), stats, flood, lambda: stats["sent"] < limit)
     r["outcomes"] = dict(stats)
     refused = "" if low == first else f" ({low + 1}+ items cut the sender)"
     r["summary"] = f"{stats['answered']} frames of {r['frame_bytes']} B, {low} items each, answered{refused}; {stats['attacker cut']} flooders cut"
@@ -1405,40 +1426,17 @@ async def attack_channel_items(ctx: AttackContext) -> None:
     frame = encode_control(77, {"credit": 1, "pad": [{}] * 4090})
     burst = frame * (256 * 1024 // len(frame))
 
-    async def worker() -> None:
-        while ctx.remaining() > 0:
-            conn: RawConn | None = None
-            try:
-                conn = await ctx.raw()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(conn.run)
-                    broken = False
-                    while ctx.remaining() > 0 and not conn.closed.is_set():
-                        stats["writes"] += 1
-                        try:
-                            await conn.send_raw(burst)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            broken = True  # (cut while writing: busd closed the connection)
-                            break
-                        stats["frames sent"] += len(burst) // len(frame)
-                        with trio.move_on_after(1):
-                            await conn.closed.wait()
-                    if broken or conn.closed.is_set():
-                        stats["attacker cut"] += 1
-                        if conn.reason:
-                            r.setdefault("refusal", conn.reason)
-                    nursery.cancel_scope.cancel()
-            except Exception as exc:
-                stats[error_label(exc)] += 1
-                await trio.sleep(0.05)
-            finally:
-                if conn is not None:
-                    await conn.aclose()
+    async def flood(conn: RawConn) -> None:
+        while ctx.remaining() > 0 and not conn.closed.is_set():
+            stats["writes"] += 1
+            await conn.send_raw(burst)
+            stats["frames sent"] += len(burst) // len(frame)
+            with trio.move_on_after(1):
+                await conn.closed.wait()
+        if conn.reason:
+            r.setdefault("refusal", conn.reason)
 
-    ctx.ready()
-    async with trio.open_nursery() as workers:
-        for _ in range(ctx.n("channel_items_conns")):
-            workers.start_soon(worker)
+    await reconnecting_flooders(ctx, ctx.n("channel_items_conns"), stats, flood)
     r["outcomes"] = dict(stats)
     r["summary"] = f"{stats['writes']} writes of {len(frame)}-B frames, {stats['frames sent']} taken whole, {stats['attacker cut']} flooders cut" + (
         f" ({r['refusal'][:60]})" if r.get("refusal") else ""

@@ -44,6 +44,18 @@ async def reply_to(framed: FramedStream, request_id: int, channel: int = 0) -> d
                 return frame.message
 
 
+async def error_event_then_end(framed: FramedStream) -> dict[str, Any] | None:
+    """Read until the broker closes this connection: the error event it sent first, if any."""
+    error = None
+    with trio.fail_after(10):
+        while True:
+            frame = await framed.receive_frame()
+            if frame is None:
+                return error
+            if isinstance(frame, ControlFrame) and frame.message.get("event") == "error":
+                error = frame.message
+
+
 async def still_served(bus: Bus) -> None:
     """The innocent party: connected, answered."""
     with trio.fail_after(10):
@@ -561,14 +573,7 @@ async def test_a_channel_control_frame_of_many_items_is_refused_after_a_few(tmp_
             attacker = await raw_connect(rb.unix_address, FRIEND)
             body = {"credit": 1, "pad": [{}] * 4090}  # 4,093 items: within max_control_items
             await attacker.stream.send_all(encode_control(77, body) * 8)
-            error = None
-            with trio.fail_after(10):
-                while True:
-                    frame = await attacker.receive_frame()
-                    if frame is None:
-                        break
-                    if isinstance(frame, ControlFrame) and frame.message.get("event") == "error":
-                        error = frame.message
+            error = await error_event_then_end(attacker)
             assert error is not None and f"more than {CHANNEL_CONTROL_ITEMS} data items" in error["message"], error
             await still_served(bystander)
             # The messages channels carry stay within it, a long reset reason included.
@@ -745,13 +750,8 @@ async def test_control_frames_with_too_many_items_end_only_that_connection(tmp_p
         from bus.wire.frames import HEADER
 
         await attacker.stream.send_all(HEADER.pack(1, 0, 0, len(body)) + body)
-        with trio.fail_after(10):
-            while True:
-                frame = await attacker.receive_frame()
-                if frame is None:
-                    break
-                if isinstance(frame, ControlFrame) and frame.message.get("event") == "error":
-                    assert "data items" in frame.message["message"]
+        error = await error_event_then_end(attacker)
+        assert error is not None and "data items" in error["message"], error
         await still_served(innocent)
         await attacker.aclose()
 
