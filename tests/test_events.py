@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 
 from bus.core.broker import BrokerCore, flatten
@@ -602,3 +604,54 @@ async def test_subscriptions_that_come_and_go_between_events_get_exactly_theirs(
                     assert [e.payload for e in got_second if isinstance(e, Event)] == [2, 3]
                 got_first = [item async for item in first]
                 assert [e.payload for e in got_first if isinstance(e, Event)] == [1, 2]
+
+
+_SOURCE_PATTERNS = ["*", "org.example.*", "org.example.Public*", "org.example.Secret", ":*"]
+_MEMBER_PATTERNS = ["*", "Tick", "T*", "Tock"]
+_OPS = st.one_of(
+    st.tuples(st.just("subscribe"), st.integers(0, 3), st.sampled_from(_SOURCE_PATTERNS), st.sampled_from(_MEMBER_PATTERNS)),
+    st.tuples(st.just("unsubscribe"), st.integers(0, 3), st.integers(0, 5), st.just("")),
+    st.tuples(st.just("emit"), st.sampled_from(["org.example.Public", "org.example.Secret", ""]), st.sampled_from(["Tick", "Tock", "Tack"]), st.just("")),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_OPS, max_size=40))
+def test_kept_routes_follow_subscriptions_as_they_come_and_go(ops: list[tuple[Any, Any, Any, Any]]) -> None:
+    """A subscription that comes or goes changes the kept routes of the kinds it matches (it
+    no longer makes busd forget them all): after any sequence of subscribes, unsubscribes and
+    emits, each kept route is exactly what a fresh pass over the subscriptions gives (who, with
+    which subscriptions, as policy lets them see), and every event reaches exactly those."""
+    c = Core()
+    emitter = c.connect(EMITTER, "org.example.Secret")
+    c.ok(emitter, "request_name", name="org.example.Public")
+    subscribers = [c.connect(key) for key in (ADMIN, LISTENER, MUTE, LISTENER)]
+    held: dict[int, list[int]] = {conn: [] for conn in subscribers}
+    core = c.core
+
+    def fresh(key: tuple[str, str], named: bool) -> dict[int, list[int]]:
+        route = core._work_out_route(key[0], key[1], named)
+        return {conn: [s.id for s in subs] for conn, subs in zip(route.conns, route.matching)}
+
+    for op, a, b, d in ops:
+        if op == "subscribe":
+            conn = subscribers[a]
+            reply = c.send(conn, "subscribe", source=b, member=d)
+            if "result" in reply:
+                held[conn].append(reply["result"]["subscription"])
+        elif op == "unsubscribe":
+            conn = subscribers[a]
+            if held[conn]:
+                c.ok(conn, "unsubscribe", subscription=held[conn].pop(b % len(held[conn])))
+        else:
+            for conn in subscribers:
+                c.got[conn].clear()
+            source = a or f":{emitter}"
+            delivered = c.ok(emitter, "emit", source=source, member=b)["delivered"]
+            expected = fresh((source, b), source != f":{emitter}")
+            assert delivered == len(expected)
+            assert {conn for conn in subscribers if c.events(conn)} == set(expected)
+        assert core._route_entries == sum(len(route.conns) for route in core._routes.values())
+        for key, route in core._routes.items():
+            kept = {conn: [s.id for s in subs] for conn, subs in zip(route.conns, route.matching)}
+            assert kept == fresh(key, route.named), (key, op)

@@ -218,10 +218,13 @@ class FanOut(NamedTuple):
 
 class _Route(NamedTuple):
     """Who gets one kind of event: the subscribing connections, and for each (at the same
-    index) its subscriptions that match."""
+    index) its subscriptions that match; ``named``: its source is a well-known name (a
+    subscriber must be allowed to see it), not the emitter's unique id.  Never changed once
+    made (a FanOut may hold its ``conns``): a subscription coming or going makes a new one."""
 
     conns: list[int]
     matching: list[list[Subscription]]
+    named: bool
 
 
 Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut | ServiceAction
@@ -490,8 +493,10 @@ class BrokerCore:
         self._see_memo: dict[tuple[str, str, str], bool] = {}
         # Who gets an event, by (source, member): each subscribing connection whose
         # subscriptions match and that may see the source, with those subscriptions.  Made on
-        # the first event of a kind, forgotten whenever any subscription comes or goes (and
-        # when full: at most _ROUTE_MEMO kinds), so no peer can grow it.
+        # the first event of a kind; a subscription that comes or goes changes the kinds it
+        # matches (see _route_subscribed); all are forgotten when a subscriber leaves and
+        # when full (at most _ROUTE_MEMO kinds, _ROUTE_ENTRIES receivers), so no peer can
+        # grow it.
         self._routes: dict[tuple[str, str], _Route] = {}
         self._route_entries = 0  # receivers listed in _routes, all kinds together
         # Every owned name, sorted (for snapshot pages); rebuilt after a change of owners.
@@ -1227,15 +1232,15 @@ class BrokerCore:
         conn.next_subscription += 1
         conn.subscriptions[sub_id] = Subscription(sub_id, source, member, charge)
         self._subscribers.add(conn.id)
-        self._routes.clear()
+        self._route_subscribed(conn, conn.subscriptions[sub_id])
         return {"subscription": sub_id}
 
     def _unsubscribe(self, conn: Connection, req: Request, out: list[Outgoing]) -> Any:
         sub_id = req.arg("subscription", int)
         sub = conn.subscriptions.pop(sub_id, None)
-        self._routes.clear()
         if sub is None:
             raise BadRequest(f"unsubscribe: no subscription {sub_id}")
+        self._route_unsubscribed(conn.id, sub)
         sub.charge.release()
         if not conn.subscriptions:
             self._subscribers.discard(conn.id)
@@ -1344,7 +1349,64 @@ class BrokerCore:
 
     def _route(self, source: str, member: str, named: bool) -> _Route:
         """Who gets an event of ``source`` and ``member`` (see ``_routes``), worked out and kept."""
-        route = _Route([], [])
+        route = self._work_out_route(source, member, named)
+        if len(self._routes) >= _ROUTE_MEMO or self._route_entries + len(route.conns) > _ROUTE_ENTRIES:
+            self._routes.clear()
+        if len(route.conns) <= _ROUTE_ENTRIES:
+            if not self._routes:
+                self._route_entries = 0
+            self._routes[(source, member)] = route
+            self._route_entries += len(route.conns)
+        return route
+
+    def _route_subscribed(self, conn: Connection, sub: Subscription) -> None:
+        """The kept routes after ``conn`` subscribed with ``sub``: each kind it matches (and
+        may see) gets it in a new route, the others stay as they are.  (Forgetting them all,
+        as busd did, let a peer that subscribes and unsubscribes in a loop make every emit of
+        everyone else work its route out again, a pass over every subscription on the bus:
+        now that peer's own request pays, one pass over the kept kinds.)"""
+        routes = self._routes
+        for key, route in list(routes.items()):
+            source, member = key
+            if not sub.matches(source, member) or (route.named and not (conn.admin or self._sees(conn.key, source))):
+                continue
+            conns = route.conns
+            if conn.id in conns:
+                i = conns.index(conn.id)
+                matching = route.matching.copy()
+                matching[i] = [*matching[i], sub]
+                routes[key] = _Route(conns, matching, route.named)
+            elif self._route_entries >= _ROUTE_ENTRIES:
+                routes.clear()  # (full: they are worked out again as events come)
+                self._route_entries = 0
+                return
+            else:
+                routes[key] = _Route([*conns, conn.id], [*route.matching, [sub]], route.named)
+                self._route_entries += 1
+
+    def _route_unsubscribed(self, conn_id: int, sub: Subscription) -> None:
+        """The kept routes after ``sub`` of ``conn_id`` went: each kind it was in gets a new
+        route without it (and without the connection, if no other subscription of it matches)."""
+        routes = self._routes
+        for key, route in list(routes.items()):
+            if not sub.matches(*key):
+                continue
+            conns = route.conns
+            if conn_id not in conns:
+                continue  # (it may not see this source)
+            i = conns.index(conn_id)
+            subs = [s for s in route.matching[i] if s is not sub]
+            if subs:
+                matching = route.matching.copy()
+                matching[i] = subs
+                routes[key] = _Route(conns, matching, route.named)
+            else:
+                routes[key] = _Route(conns[:i] + conns[i + 1 :], route.matching[:i] + route.matching[i + 1 :], route.named)
+                self._route_entries -= 1
+
+    def _work_out_route(self, source: str, member: str, named: bool) -> _Route:
+        """Who gets an event of ``source`` and ``member``: a pass over every subscription."""
+        route = _Route([], [], named)
         for sub_conn_id in self._subscribers:
             subscriber = self.connections[sub_conn_id]
             matching = [s for s in subscriber.subscriptions.values() if s.matches(source, member)]
@@ -1354,13 +1416,6 @@ class BrokerCore:
                 continue
             route.conns.append(sub_conn_id)
             route.matching.append(matching)
-        if len(self._routes) >= _ROUTE_MEMO or self._route_entries + len(route.conns) > _ROUTE_ENTRIES:
-            self._routes.clear()
-        if len(route.conns) <= _ROUTE_ENTRIES:
-            if not self._routes:
-                self._route_entries = 0
-            self._routes[(source, member)] = route
-            self._route_entries += len(route.conns)
         return route
 
     def _gaps(self, conn: Connection) -> list[Outgoing]:
