@@ -230,7 +230,7 @@ class _Session:
         # Channel notices (a channel's starting credit, closed, eof, reset: what others' doings
         # make busd tell this connection about its channels) waiting, in order, for the room
         # relayed data needs (see enqueue_notice; a list made when one first has to wait).
-        self.notices: list[bytes] | None = None
+        self.notices: collections.deque[bytes] | None = None
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it
         # Events queued for this connection, by the identity that emitted them (each has a
@@ -328,28 +328,29 @@ class _Session:
         and one ``reset``, and a new channel needs this connection to read (its acceptance
         for a target, an ``open_channel`` for an opener) -- past NOTICES_WAITING (a bound
         no sequence of channels reaches without that) it is cut as a slow consumer anyway."""
+        if self.out.stopped:
+            return  # (being cut already: nothing more is queued for it)
         notices = self.notices
         if notices is None:
             if self.has_relay_room():
                 self.enqueue_encoded(data)
                 return
-            self.notices = notices = []
+            self.notices = notices = collections.deque()
         if len(notices) >= NOTICES_WAITING:
             self.overflow()
             return
         notices.append(data)
 
     def flush_notices(self) -> None:
-        """Queue the notices that waited, in order, while the queue has room for them."""
+        """Queue the notices that waited, in order, while the queue has room for them.  Each
+        leaves the list before it is queued: queuing may write, and a write that empties the
+        queue calls this again (``_on_sent``), which goes on with the next."""
         notices = self.notices
         if notices is None:
             return
-        taken = 0
-        while taken < len(notices) and self.has_relay_room() and not self.out.stopped:
-            self.enqueue_encoded(notices[taken])
-            taken += 1
-        del notices[:taken]
-        if not notices:
+        while notices and self.has_relay_room() and not self.out.stopped:
+            self.enqueue_encoded(notices.popleft())
+        if not notices and self.notices is notices:
             self.notices = None
 
     def enqueue_event(self, data: bytes, payer: str) -> None:

@@ -612,6 +612,7 @@ _OPS = st.one_of(
     st.tuples(st.just("subscribe"), st.integers(0, 3), st.sampled_from(_SOURCE_PATTERNS), st.sampled_from(_MEMBER_PATTERNS)),
     st.tuples(st.just("unsubscribe"), st.integers(0, 3), st.integers(0, 5), st.just("")),
     st.tuples(st.just("emit"), st.sampled_from(["org.example.Public", "org.example.Secret", ""]), st.sampled_from(["Tick", "Tock", "Tack"]), st.just("")),
+    st.tuples(st.just("leave"), st.integers(0, 3), st.just(""), st.just("")),
 )
 
 
@@ -619,13 +620,14 @@ _OPS = st.one_of(
 @given(st.lists(_OPS, max_size=40))
 def test_kept_routes_follow_subscriptions_as_they_come_and_go(ops: list[tuple[Any, Any, Any, Any]]) -> None:
     """A subscription that comes or goes changes the kept routes of the kinds it matches (it
-    no longer makes busd forget them all): after any sequence of subscribes, unsubscribes and
-    emits, each kept route is exactly what a fresh pass over the subscriptions gives (who, with
+    no longer makes busd forget them all): after any sequence of subscribes, unsubscribes,
+    subscribers leaving and emits, each kept route is exactly what a fresh pass over the subscriptions gives (who, with
     which subscriptions, as policy lets them see), and every event reaches exactly those."""
     c = Core()
     emitter = c.connect(EMITTER, "org.example.Secret")
     c.ok(emitter, "request_name", name="org.example.Public")
-    subscribers = [c.connect(key) for key in (ADMIN, LISTENER, MUTE, LISTENER)]
+    keys = (ADMIN, LISTENER, MUTE, LISTENER)
+    subscribers = [c.connect(key) for key in keys]
     held: dict[int, list[int]] = {conn: [] for conn in subscribers}
     core = c.core
 
@@ -639,6 +641,10 @@ def test_kept_routes_follow_subscriptions_as_they_come_and_go(ops: list[tuple[An
             reply = c.send(conn, "subscribe", source=b, member=d)
             if "result" in reply:
                 held[conn].append(reply["result"]["subscription"])
+        elif op == "leave":  # (and comes back, a new connection with no subscription)
+            flatten(core.disconnect(subscribers[a]))
+            subscribers[a] = c.connect(keys[a])
+            held[subscribers[a]] = []
         elif op == "unsubscribe":
             conn = subscribers[a]
             if held[conn]:

@@ -530,6 +530,60 @@ async def test_channel_notices_others_cause_cannot_get_a_receiver_cut_as_a_slow_
             await framed.aclose()
 
 
+async def test_waiting_notices_go_out_once_each_in_order_even_when_their_flush_writes(tmp_path: Path) -> None:
+    """Notices that waited are flushed while the connection is corked: the 128th makes the
+    writer write at once (CORK_FRAMES), the write empties its queue and calls the flush again
+    (_on_sent, unblock), which must go on with the next notice, not start again: each of 200
+    arrives once, in order."""
+    async with running_broker(tmp_path) as rb:
+        framed = await raw_connect(rb.unix_address, OWNER)
+        await framed.send_message({"op": "hello", "id": 1})
+        await reply_to(framed, 1)
+        session = rb.broker.sessions[max(rb.broker.sessions)]
+        channels = list(range(1000, 1200))
+        session.notices = collections.deque(session.framed.encode_message({"eof": True}, ch) for ch in channels)
+        rb.broker.corking = True
+        session.flush_notices()
+        rb.broker.uncork()
+        assert session.notices is None
+        seen = []
+        with trio.fail_after(10):
+            while len(seen) < len(channels):
+                frame = await framed.receive_frame()
+                assert frame is not None
+                if frame.channel:
+                    seen.append(frame.channel)
+        await framed.send_message({"op": "ping", "id": 2})
+        with trio.fail_after(10):
+            while True:  # (nothing more on a channel came before the ping's reply)
+                frame = await framed.receive_frame()
+                assert frame is not None and not frame.channel, frame
+                if isinstance(frame, ControlFrame) and frame.message.get("re") == 2:
+                    break
+        assert seen == channels
+        await framed.aclose()
+
+
+async def test_a_connection_being_cut_is_cut_once_whatever_notices_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past NOTICES_WAITING a connection is cut as a slow consumer, once: notices that come
+    after that are dropped with it, not counted as more cuts."""
+    import bus.broker as busd
+
+    async with running_broker(tmp_path) as rb:
+        framed = await raw_connect(rb.unix_address, OWNER)
+        await framed.send_message({"op": "hello", "id": 1})
+        await reply_to(framed, 1)
+        session = rb.broker.sessions[max(rb.broker.sessions)]
+        monkeypatch.setattr(busd, "NOTICES_WAITING", 3)
+        monkeypatch.setattr(session, "has_relay_room", lambda: False)
+        stats = rb.broker.core.stats
+        before = stats.slow_consumer_disconnects
+        for ch in range(1, 10):
+            session.enqueue_notice(session.framed.encode_message({"eof": True}, ch))
+        assert stats.slow_consumer_disconnects - before == 1 and session.out.stopped
+        await framed.aclose()
+
+
 async def test_a_repeated_close_tells_the_other_end_once(tmp_path: Path) -> None:
     """A closer whose data still waits at busd (the receiver granted nothing) sends
     ``{"close": true}`` again and again: the other end hears ``closed`` once."""

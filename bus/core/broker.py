@@ -562,7 +562,8 @@ class BrokerCore:
             conn.subscriptions.clear()
         if conn_id in self._subscribers:
             self._subscribers.discard(conn_id)
-            self._routes.clear()
+            self._routes.clear()  # (worked out again as events come: a subscriber leaving
+            self._route_entries = 0  # costs its next emits, and it a handshake to come back)
         self.pumping.discard(conn_id)
         self.pumping_fresh.discard(conn_id)
         self._owing_gaps.discard(conn_id)
