@@ -229,7 +229,7 @@ class _Session:
         self.blocked: set[int] | None = None
         # Channel notices (a channel's starting credit, closed, eof, reset: what others' doings
         # make busd tell this connection about its channels) waiting, in order, for the room
-        # relayed data needs (see enqueue_notice; a list made when one first has to wait).
+        # relayed data needs (see enqueue_notice; a deque made when one first has to wait).
         self.notices: collections.deque[bytes] | None = None
         self.holds_teardown = False  # one of the broker's teardown turns (see run)
         self.last_ping = -1e9  # when the keepalive sweep last pinged it

@@ -226,6 +226,16 @@ class _Route(NamedTuple):
     matching: list[list[Subscription]]
     named: bool
 
+    def with_subscriptions(self, i: int, subs: list[Subscription]) -> _Route:
+        """This route with ``subs`` as its ``i``-th connection's subscriptions (without that
+        connection if there are none): a new route, its ``conns`` this one's while it keeps
+        them all."""
+        if subs:
+            matching = self.matching.copy()
+            matching[i] = subs
+            return _Route(self.conns, matching, self.named)
+        return _Route(self.conns[:i] + self.conns[i + 1 :], self.matching[:i] + self.matching[i + 1 :], self.named)
+
 
 Outgoing = tuple[int, dict[str, Any]] | ChannelMessage | WithFd | DropFd | FanOut | ServiceAction
 
@@ -1374,9 +1384,7 @@ class BrokerCore:
             conns = route.conns
             if conn.id in conns:
                 i = conns.index(conn.id)
-                matching = route.matching.copy()
-                matching[i] = [*matching[i], sub]
-                routes[key] = _Route(conns, matching, route.named)
+                routes[key] = route.with_subscriptions(i, [*route.matching[i], sub])
             elif self._route_entries >= _ROUTE_ENTRIES:
                 routes.clear()  # (full: they are worked out again as events come)
                 self._route_entries = 0
@@ -1397,12 +1405,8 @@ class BrokerCore:
                 continue  # (it may not see this source)
             i = conns.index(conn_id)
             subs = [s for s in route.matching[i] if s is not sub]
-            if subs:
-                matching = route.matching.copy()
-                matching[i] = subs
-                routes[key] = _Route(conns, matching, route.named)
-            else:
-                routes[key] = _Route(conns[:i] + conns[i + 1 :], route.matching[:i] + route.matching[i + 1 :], route.named)
+            routes[key] = route.with_subscriptions(i, subs)
+            if not subs:
                 self._route_entries -= 1
 
     def _work_out_route(self, source: str, member: str, named: bool) -> _Route:
