@@ -118,12 +118,17 @@ log = logging.getLogger("minibus.rpc")
 
 RPC_PROTOCOL = "rpc"
 MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
+#: Calls one caller (an identity: all its connections and channels together) may have running
+#: at one service, in tasks or with their bodies coming; more are refused (QuotaExceeded).
+#: (A call answered inline, by a method declared synchronous, runs nowhere and holds nothing.)
+CALLER_IN_FLIGHT = 4 * MAX_IN_FLIGHT
 #: The largest message body (bytes of CBOR) sent or taken, unless a side chooses another.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 #: The most body bytes one DATA frame of a large message carries: the frame maximum, so that
 #: a receiver reading big frames on their own (FramedStream) gets a 1 MiB argument in few reads.
 MESSAGE_PART = DEFAULT_MAX_FRAME
-#: Bodies of the calls running on one channel may hold this many times ``max_message``.
+#: Bodies of the calls one caller (an identity, across all its channels) has running at one
+#: service may hold this many times ``max_message``.
 HELD_MESSAGES = 4
 #: A kept body up to this size gets its buffer's pages at once (MAP_POPULATE: one system call,
 #: about a third of what the page faults of filling it cost on this machine); a bigger one
@@ -583,6 +588,17 @@ class ChannelHost(Protocol):
     async def publish(self, member: str, payload: Any = None, *, source: str | None = None, destination: str | None = None) -> None: ...
 
 
+class _CallerLoad:
+    """What one caller (an identity) has running at a :class:`Service`, across its channels."""
+
+    __slots__ = ("channels", "running", "held")
+
+    def __init__(self) -> None:
+        self.channels = 0  # its channels being served
+        self.running = 0  # its calls in tasks (or whose body is coming), at most CALLER_IN_FLIGHT
+        self.held = 0  # the bytes of their bodies, at most HELD_MESSAGES x max_message
+
+
 @dataclass
 class Service:
     """A named service: RPC methods plus handlers for other channel protocols.
@@ -590,8 +606,10 @@ class Service:
     ``max_message`` bounds one call's arguments and one result, in bytes of CBOR (16 MiB by
     default, at least 64 KiB): a bigger call is answered with
     :class:`~bus.errors.MessageTooLarge` without being kept, and so is a call whose result
-    is bigger.  The calls running on one channel hold at most :data:`HELD_MESSAGES` times
-    that in arguments; a call beyond it is refused with :class:`~bus.errors.QuotaExceeded`.
+    is bigger.  The calls one caller (an identity: all its channels together) has running
+    here hold at most :data:`HELD_MESSAGES` times that in arguments, and are at most
+    :data:`CALLER_IN_FLIGHT` (:data:`MAX_IN_FLIGHT` on one channel); a call beyond either is
+    refused with :class:`~bus.errors.QuotaExceeded`, and nobody else's calls wait for it.
     """
 
     name: str
@@ -607,6 +625,8 @@ class Service:
     max_message: int = DEFAULT_MAX_MESSAGE
     _arities: dict[Callable[..., Any], tuple[int, int] | inspect.Signature] = field(default_factory=dict, init=False, repr=False)
     _bus: ChannelHost | None = field(default=None, init=False, repr=False)
+    #: What each caller (by identity) has running here, across its channels (see serve_channel).
+    _callers: dict[str, _CallerLoad] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_max_message(self.max_message)
@@ -717,7 +737,13 @@ class Service:
         max_held = HELD_MESSAGES * max_message
         max_items = max_message // BYTES_PER_ITEM
         running = 0  # calls being answered (or whose body is coming), at most MAX_IN_FLIGHT
-        held = 0  # bytes of the bodies of those calls, at most max_held
+        # The caller's own account, shared by all its channels here: what its calls in tasks
+        # hold (their count, at most CALLER_IN_FLIGHT, and their bodies' bytes, at most
+        # max_held), so that opening more channels buys a caller no more of this service.
+        who = channel.peer.identity
+        caller = self._callers.get(who)
+        if caller is None:
+            caller = self._callers[who] = _CallerLoad()
 
         def encode_reply(message: dict[str, Any], request: Request) -> bytes:
             try:
@@ -745,10 +771,11 @@ class Service:
                 await reply(await self._answer(request), request)
             finally:
                 running -= 1
+                caller.running -= 1
 
         async def run_announced(body: _Body) -> None:
             """A call whose body came in DATA frames: decoded here, in the call's own task."""
-            nonlocal running, held
+            nonlocal running
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 try:
@@ -762,7 +789,8 @@ class Service:
                 await reply(message, request)
             finally:
                 running -= 1
-                held -= body.size
+                caller.running -= 1
+                caller.held -= body.size
 
         def refuse(request_id: int, error: RequestError) -> None:
             """Answer at once, with no task: a caller flooding us costs no memory."""
@@ -773,12 +801,23 @@ class Service:
             except trio.ClosedResourceError:
                 pass
 
-        def refuse_busy(request_id: int) -> None:
-            refuse(request_id, QuotaExceeded(f"{MAX_IN_FLIGHT} calls are already running on this channel"))
+        def refuse_busy(request_id: int) -> bool:
+            """Refuse a call that would run past this channel's or this caller's count, and
+            say True; else False (it may run)."""
+            if running >= MAX_IN_FLIGHT:
+                refuse(request_id, QuotaExceeded(f"{MAX_IN_FLIGHT} calls are already running on this channel"))
+                return True
+            if caller.running >= CALLER_IN_FLIGHT:
+                refuse(
+                    request_id,
+                    QuotaExceeded(f"{CALLER_IN_FLIGHT} calls of this caller are already running at this service (on all its channels)"),
+                )
+                return True
+            return False
 
         def announce(header: dict[str, Any], size: int) -> bool:
             """A call announced its body: keep it, or answer now and skip it as it comes."""
-            nonlocal running, held
+            nonlocal running
             if "op" not in header:
                 return False  # (not a call: ignored, as a one-frame reply or event would be)
             try:
@@ -794,20 +833,20 @@ class Service:
                 limit = f"the service's {max_message}-byte limit for one RPC message (max_message)"
                 refuse(message.id, MessageTooLarge(f"a call of {size} bytes is over {limit}"))
                 return False
-            if running >= MAX_IN_FLIGHT:
-                refuse_busy(message.id)
+            if refuse_busy(message.id):
                 return False
-            if held + size > max_held:
+            if caller.held + size > max_held:
                 refuse(
                     message.id,
                     QuotaExceeded(
-                        f"the calls running on this channel hold {held} bytes of arguments; {size} more would pass"
-                        f" the {max_held}-byte limit ({HELD_MESSAGES} x max_message)"
+                        f"the calls this caller has running at this service (on all its channels) hold {caller.held}"
+                        f" bytes of arguments; {size} more would pass the {max_held}-byte limit ({HELD_MESSAGES} x max_message)"
                     ),
                 )
                 return False
             running += 1
-            held += size
+            caller.running += 1
+            caller.held += size
             return True
 
         frames = _MessageFrames(announce)
@@ -821,118 +860,127 @@ class Service:
                 writer.close()
                 outer.cancel_scope.cancel()  # nobody reads what we answer
 
-        async with trio.open_nursery() as outer:
-            outer.start_soon(write)
-            async with trio.open_nursery() as calls:
+        caller.channels += 1
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(write)
+                async with trio.open_nursery() as calls:
 
-                def handle(frame: Frame | dict[str, Any]) -> None:
-                    nonlocal running
-                    item: dict[str, Any] | _Body | None
-                    if type(frame) is dict:
-                        item = frame  # (a message in one frame, from _PushedFrames' quick way)
-                    elif frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
-                        item = frame.message  # (a message in one frame)
-                    else:
-                        item = frames.feed(cast(Frame, frame))  # (not a dict: the first test)
-                        if item is None:
-                            return
-                        if type(item) is _Body:
-                            calls.start_soon(run_announced, item)  # (admitted and counted when announced)
-                            return
-                    assert type(item) is dict
-                    if (
-                        len(item) == 4
-                        and "op" in item
-                        and "id" in item
-                        and "method" in item
-                        and "args" in item
-                        and item["op"] == "call"
-                        and running < MAX_IN_FLIGHT
-                        and writer.has_room
-                    ):
-                        # The common call, {"op", "id", "method", "args"}: what parse_message
-                        # would make of it, without its copy and checks of every key.
-                        request_id, method, args = item["id"], item["method"], item["args"]
-                        func = sync_methods.get(method) if type(method) is str else None
+                    def handle(frame: Frame | dict[str, Any]) -> None:
+                        nonlocal running
+                        item: dict[str, Any] | _Body | None
+                        if type(frame) is dict:
+                            item = frame  # (a message in one frame, from _PushedFrames' quick way)
+                        elif frames.body is None and type(frame) is ControlFrame and "follows" not in frame.message:
+                            item = frame.message  # (a message in one frame)
+                        else:
+                            item = frames.feed(cast(Frame, frame))  # (not a dict: the first test)
+                            if item is None:
+                                return
+                            if type(item) is _Body:
+                                calls.start_soon(run_announced, item)  # (admitted and counted when announced)
+                                return
+                        assert type(item) is dict
                         if (
-                            func is not None
-                            and type(request_id) is int
-                            and 0 < request_id <= MAX_REQUEST_ID
-                            and type(args) is list
+                            len(item) == 4
+                            and "op" in item
+                            and "id" in item
+                            and "method" in item
+                            and "args" in item
+                            and item["op"] == "call"
+                            and running < MAX_IN_FLIGHT
+                            and writer.has_room
                         ):
-                            answer = self._call_now(request_id, method, args, func)
-                            result = answer.get("result", answer)  # (an error reply: not small)
-                            kind = type(result)
-                            try:
-                                encoded = None
-                                if (
-                                    kind in _FIXED_SCALARS
-                                    or (kind is int and _INT_MIN <= result <= _INT_MAX)
-                                    or ((kind is bytes or kind is str) and len(result) <= _SMALL_RESULT)
-                                ):
-                                    # A small scalar: one frame, in the profile by construction
-                                    # (a str cbor2 cannot encode, such as a lone surrogate,
-                                    # goes the usual way, which answers with the error).
-                                    try:
-                                        body = cbor2.dumps(answer)  # (encode_control, checked)
-                                    except Exception:
-                                        pass
-                                    else:
-                                        encoded = _CONTROL_HEADER(_CONTROL, 0, 0, len(body)) + body
-                                if encoded is None:
-                                    call = Request("call", request_id, {"method": method, "args": args})
-                                    encoded = encode_reply(answer, call)
-                                writer.send_nowait(encoded)
-                            except trio.ClosedResourceError:
-                                pass  # the caller is gone; nobody is waiting for this reply
-                            return
-                    try:
-                        message = parse_message(item)
-                    except FrameError as exc:
-                        request_id = getattr(exc, "request_id", None)
-                        if request_id is None:
-                            raise
-                        refuse(request_id, BadRequest(str(exc)))
-                        return
-                    if isinstance(message, Request):
-                        if running >= MAX_IN_FLIGHT:
-                            refuse_busy(message.id)
-                            return
-                        if writer.has_room:
-                            # A method declared synchronous (or an answer that needs no
-                            # method) is answered here, in order, with no task; while the
-                            # writer is full, calls wait for room in tasks of their own.
-                            now = self._answer_now(message)
-                            if now is not None:
+                            # The common call, {"op", "id", "method", "args"}: what parse_message
+                            # would make of it, without its copy and checks of every key.
+                            request_id, method, args = item["id"], item["method"], item["args"]
+                            func = sync_methods.get(method) if type(method) is str else None
+                            if (
+                                func is not None
+                                and type(request_id) is int
+                                and 0 < request_id <= MAX_REQUEST_ID
+                                and type(args) is list
+                            ):
+                                answer = self._call_now(request_id, method, args, func)
+                                result = answer.get("result", answer)  # (an error reply: not small)
+                                kind = type(result)
                                 try:
-                                    writer.send_nowait(encode_reply(now, message))
+                                    encoded = None
+                                    if (
+                                        kind in _FIXED_SCALARS
+                                        or (kind is int and _INT_MIN <= result <= _INT_MAX)
+                                        or ((kind is bytes or kind is str) and len(result) <= _SMALL_RESULT)
+                                    ):
+                                        # A small scalar: one frame, in the profile by construction
+                                        # (a str cbor2 cannot encode, such as a lone surrogate,
+                                        # goes the usual way, which answers with the error).
+                                        try:
+                                            body = cbor2.dumps(answer)  # (encode_control, checked)
+                                        except Exception:
+                                            pass
+                                        else:
+                                            encoded = _CONTROL_HEADER(_CONTROL, 0, 0, len(body)) + body
+                                    if encoded is None:
+                                        call = Request("call", request_id, {"method": method, "args": args})
+                                        encoded = encode_reply(answer, call)
+                                    writer.send_nowait(encoded)
                                 except trio.ClosedResourceError:
                                     pass  # the caller is gone; nobody is waiting for this reply
                                 return
-                        running += 1
-                        calls.start_soon(run, message)
-
-                pushed = _PushedFrames(handle, frames, writer)
-                # (Set before deliver_to, which hands over what came already: a body
-                # announced in it is filled by the decoder that cuts its frames.)
-                frames.fill = pushed.fill_data_into
-                if channel.deliver_to(pushed.feed, pushed.end, views=True, window=PUSH_WINDOW):
-                    await pushed.ended.wait()
-                    if pushed.error is not None:
-                        log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
-                else:
-                    frames.fill = framed.fill_data_into
-                    while True:
                         try:
-                            frame = await framed.receive_frame()
-                            if frame is None:
-                                frames.end_of_input()
+                            message = parse_message(item)
+                        except FrameError as exc:
+                            request_id = getattr(exc, "request_id", None)
+                            if request_id is None:
+                                raise
+                            refuse(request_id, BadRequest(str(exc)))
+                            return
+                        if isinstance(message, Request):
+                            if running >= MAX_IN_FLIGHT:
+                                refuse_busy(message.id)
+                                return
+                            if writer.has_room:
+                                # A method declared synchronous (or an answer that needs no
+                                # method) is answered here, in order, with no task; while the
+                                # writer is full, calls wait for room in tasks of their own.
+                                now = self._answer_now(message)
+                                if now is not None:
+                                    try:
+                                        writer.send_nowait(encode_reply(now, message))
+                                    except trio.ClosedResourceError:
+                                        pass  # the caller is gone; nobody is waiting for this reply
+                                    return
+                            if refuse_busy(message.id):  # (this caller's other channels)
+                                return
+                            running += 1
+                            caller.running += 1
+                            calls.start_soon(run, message)
+
+                    pushed = _PushedFrames(handle, frames, writer)
+                    # (Set before deliver_to, which hands over what came already: a body
+                    # announced in it is filled by the decoder that cuts its frames.)
+                    frames.fill = pushed.fill_data_into
+                    if channel.deliver_to(pushed.feed, pushed.end, views=True, window=PUSH_WINDOW):
+                        await pushed.ended.wait()
+                        if pushed.error is not None:
+                            log.info("rpc channel from %s: %s", channel.peer.unique_id, pushed.error)
+                    else:
+                        frames.fill = framed.fill_data_into
+                        while True:
+                            try:
+                                frame = await framed.receive_frame()
+                                if frame is None:
+                                    frames.end_of_input()
+                                    break
+                                handle(frame)
+                            except (FrameError, LimitError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                                log.info("rpc channel from %s: %s", channel.peer.unique_id, exc)
                                 break
-                            handle(frame)
-                        except (FrameError, LimitError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                            log.info("rpc channel from %s: %s", channel.peer.unique_id, exc)
-                            break
-            writer.finish()  # every call is answered: deliver the replies, then end
+                writer.finish()  # every call is answered: deliver the replies, then end
+        finally:
+            caller.channels -= 1  # (its calls here have all ended: the nurseries waited for them)
+            if not caller.channels:
+                del self._callers[who]
 
     def _check_arity(self, name: str, func: Callable[..., Any], args: list[Any]) -> None:
         """Raise :class:`BadRequest` unless ``func`` takes ``args`` (positionally).

@@ -325,6 +325,73 @@ async def test_calls_beyond_the_per_channel_limit_are_refused_at_once(tmp_path: 
                 await connection.aclose()
 
 
+async def test_a_caller_cannot_buy_more_running_calls_with_more_channels(tmp_path: Path) -> None:
+    """The calls one caller (an identity) has running at a service are counted across all its
+    channels and connections: with CALLER_IN_FLIGHT of them held (four channels full, two on a
+    second connection of the same key), a call on a fifth channel is refused at once with
+    QuotaExceeded, while another caller's calls are answered; once they end, the caller's
+    next call runs, and when its channels are gone the service keeps nothing of it."""
+    from bus.errors import QuotaExceeded
+    from clients.rpc import CALLER_IN_FLIGHT, MAX_IN_FLIGHT
+
+    from .brokers import OWNER
+
+    service = Service("org.example.Hold")
+    release = trio.Event()
+
+    @service.method
+    async def hold(i: int) -> int:
+        await release.wait()
+        return i
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
+            service.attach(sbus)
+            async with (
+                open_bus(rb.unix_address, identity=FRIEND) as bus,
+                open_bus(rb.unix_address, identity=FRIEND) as bus2,
+                open_bus(rb.unix_address, identity=OWNER) as other,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                connections = []
+                for i in range(CALLER_IN_FLIGHT // MAX_IN_FLIGHT + 1):
+                    on = bus if i % 2 else bus2
+                    connection = RpcConnection(await on.open_channel(service.name, "rpc", "relay" if i < 3 else "direct"))
+                    await nursery.start(connection.run)
+                    connections.append(connection)
+                innocent = RpcConnection(await other.open_channel(service.name, "rpc", "relay"))
+                await nursery.start(innocent.run)
+                answered: list[int] = []
+
+                async def one(connection: RpcConnection, i: int) -> None:
+                    answered.append(await connection.call("hold", i))
+
+                async with trio.open_nursery() as calls:
+                    for c, connection in enumerate(connections[:-1]):
+                        for i in range(MAX_IN_FLIGHT):
+                            calls.start_soon(one, connection, c * MAX_IN_FLIGHT + i)
+                    load = service._callers
+                    while FRIEND.id not in load or load[FRIEND.id].running < CALLER_IN_FLIGHT:
+                        await trio.sleep(0.01)
+                    with trio.fail_after(2), pytest.raises(QuotaExceeded) as refused:
+                        await connections[-1].call("hold", -1)
+                    assert f"{CALLER_IN_FLIGHT} calls of this caller are already running at this service" in refused.value.message
+                    # The other caller is not held back by it: its calls run (and wait like any).
+                    calls.start_soon(one, innocent, -2)
+                    while OWNER.id not in load or load[OWNER.id].running < 1:
+                        await trio.sleep(0.01)
+                    release.set()
+                assert sorted(answered) == [-2, *range(CALLER_IN_FLIGHT)]
+                assert load[FRIEND.id].running == 0 and load[FRIEND.id].held == 0
+                assert await connections[-1].call("hold", 7) == 7  # its account has room again
+                for connection in [*connections, innocent]:
+                    await connection.aclose()
+                with trio.fail_after(5):
+                    while load:
+                        await trio.sleep(0.01)
+
+
 async def test_a_caller_that_never_reads_its_answers_gets_its_channel_reset(tmp_path: Path) -> None:
     """Refusals are answered at once; when even they cannot be sent (the caller reads
     nothing, so the relay's credit and then the service's queue run out), the service resets

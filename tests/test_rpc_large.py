@@ -386,6 +386,56 @@ async def test_the_bodies_of_running_calls_are_bounded_per_channel(tmp_path: Pat
         assert await rpc.call("length", bytes(MiB - 100)) == MiB - 100
 
 
+async def test_the_bodies_a_caller_has_running_are_bounded_across_its_channels(tmp_path: Path) -> None:
+    """HELD_MESSAGES calls of 1 MiB held by one caller (an identity) on two channels of two
+    connections fill its account at the service: a fifth, on a third channel, is refused with
+    QuotaExceeded naming the limit, while another caller's 1 MiB call is answered meanwhile;
+    once the held calls end the caller's next one runs, and the service keeps nothing of a
+    caller whose channels are gone."""
+    from .brokers import OWNER
+
+    service = make_service(max_message=MiB)
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with (
+                open_bus(rb.unix_address, identity=FRIEND) as bus,
+                open_bus(rb.unix_address, identity=FRIEND) as bus2,
+                open_bus(rb.unix_address, identity=OWNER) as other,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                first = await connect(bus, nursery, "relay")
+                second = await connect(bus2, nursery, "unix-fd")
+                third = await connect(bus, nursery, "unix-fd")
+                innocent = await connect(other, nursery, "relay")
+                answered: list[int] = []
+
+                async def one(rpc: RpcConnection, delay: float) -> None:
+                    answered.append(await rpc.call("length", bytes(MiB - 100), delay))
+
+                load = service._callers
+                async with trio.open_nursery() as calls:
+                    for i in range(HELD_MESSAGES):
+                        calls.start_soon(one, first if i % 2 else second, 3.0)
+                    while FRIEND.id not in load or load[FRIEND.id].held < HELD_MESSAGES * (MiB - 100):
+                        await trio.sleep(0.01)
+                    with trio.fail_after(2), pytest.raises(QuotaExceeded) as refused:
+                        await third.call("length", bytes(MiB - 100))
+                    assert "the calls this caller has running at this service (on all its channels)" in refused.value.message
+                    assert f"the {HELD_MESSAGES * MiB}-byte limit ({HELD_MESSAGES} x max_message)" in refused.value.message
+                    with trio.fail_after(2):
+                        assert await innocent.call("length", bytes(MiB - 100)) == MiB - 100
+                assert answered == [MiB - 100] * HELD_MESSAGES
+                assert load[FRIEND.id].held == 0 and load[FRIEND.id].running == 0
+                assert await third.call("length", bytes(MiB - 100)) == MiB - 100
+                for rpc in (first, second, third, innocent):
+                    await rpc.aclose()
+                with trio.fail_after(5):
+                    while load:
+                        await trio.sleep(0.01)
+
+
 async def test_a_caller_giving_up_on_a_big_reply_leaves_the_channel_in_step(tmp_path: Path) -> None:
     async with serving(tmp_path, "unix") as (bus, nursery):
         for route in ("relay", "unix-fd"):
