@@ -42,6 +42,9 @@ channels = st.integers(0, 2**32 - 1)
 frames = st.builds(ControlFrame, channels, messages) | st.builds(DataFrame, channels, st.binary(max_size=3000))
 
 
+#: A budget of items no test value reaches (_canonical_size's, where a test measures it alone).
+_NO_BUDGET = 1 << 40
+
 def decode_all(data: bytes, max_body: int = 1 << 20, step: int | None = None) -> list[Any]:
     dec = FrameDecoder(max_body)
     out: list[Any] = []
@@ -1380,7 +1383,7 @@ def test_bodies_of_canonical_length_with_tag_bytes_are_refused_by_the_comparison
     message = cbor2.loads(body)
     from bus.wire.frames import _canonical_size
 
-    assert _canonical_size(message, 1)[0] == len(body)  # (so the measure alone would take it)
+    assert _canonical_size(message, 1, _NO_BUDGET)[0] == len(body)  # (so the measure alone would take it)
     with pytest.raises(FrameError):
         decode_control_body(body)
     with pytest.raises(FrameError):
@@ -1445,7 +1448,7 @@ def test_an_indefinite_length_string_takes_at_least_one_byte_more_than_its_canon
     for major in (2, 3):
         item = bytes((major << 5 | 31,)) + b"".join(cbor2.dumps(c if major == 2 else c.decode()) for c in chunks) + b"\xff"
         body = b"\xa1\x61a" + item
-        size, _ = _canonical_size(cbor2.loads(body), 1)
+        size, _ = _canonical_size(cbor2.loads(body), 1, _NO_BUDGET)
         assert len(body) - size == more
         assert not set(body) & set(_SHORT_WAYS)
         with pytest.raises(FrameError):
@@ -1486,7 +1489,7 @@ def test_a_one_byte_tag_other_than_a_bignum_never_decodes_to_a_plain_value(tag: 
         except Exception:
             message = None
         if message is not None:
-            assert _canonical_size(message, 1) == (-1, 0), (tag, inner, message)
+            assert _canonical_size(message, 1, _NO_BUDGET) == (-1, 0), (tag, inner, message)
         with pytest.raises(FrameError):
             decode_control_body(body)
 
@@ -2423,13 +2426,16 @@ def test_canonical_size_is_the_length_and_item_count_of_the_canonical_encoding(v
     gives up (-1) only on a container at the profile's depth limit or past it."""
     from bus.wire.frames import MAX_CBOR_DEPTH, _canonical_size
 
-    size, items = _canonical_size(value, 1)
+    size, items = _canonical_size(value, 1, _NO_BUDGET)
     body = cbor2.dumps(value)
     if _deepest_container(value) >= MAX_CBOR_DEPTH:
         assert (size, items) == (-1, 0)
         return
     assert size == len(body)
     assert items == _items_of(body)
+    # With a budget of exactly its items it measures the same; one fewer, it gives up.
+    assert _canonical_size(value, 1, items) == (size, items)
+    assert _canonical_size(value, 1, items - 1) == (-1, 0)
 
 
 @pytest.mark.parametrize(
@@ -2456,7 +2462,7 @@ def test_canonical_size_measures_an_argument_list_as_its_encoding(items: list[An
     from bus.wire.frames import MAX_CBOR_DEPTH, _canonical_size
 
     message = {"method": "echo", "args": items, "op": "call", "id": 7}
-    size, count = _canonical_size(message, 1)
+    size, count = _canonical_size(message, 1, _NO_BUDGET)
     if any(type(item) is float for item in items):
         assert (size, count) == (-1, 0)
         return
@@ -2467,10 +2473,10 @@ def test_canonical_size_measures_an_argument_list_as_its_encoding(items: list[An
     deep: Any = message
     for _ in range(MAX_CBOR_DEPTH - 2):
         deep = {"d": deep}
-    assert _canonical_size(deep, 1) == (-1, 0)
+    assert _canonical_size(deep, 1, _NO_BUDGET) == (-1, 0)
     if not any(type(item) in (list, dict) for item in items):
         shallower = deep["d"]  # the array one level up, at MAX_CBOR_DEPTH - 1: measured
-        assert _canonical_size(shallower, 1)[0] == len(cbor2.dumps(shallower))
+        assert _canonical_size(shallower, 1, _NO_BUDGET)[0] == len(cbor2.dumps(shallower))
 
 
 # -- the one-pass decoding of a big body's flat map (_decode_flat) -------------------------
@@ -2569,3 +2575,82 @@ def test_flat_decoding_gives_a_half_float_nan_as_cbor2_does(half: int) -> None:
     buffer = mmap.mmap(-1, len(body))
     buffer[:] = body
     assert _same(decode_control_body(buffer)["args"][1], expected)
+
+
+# -- shared values: a few hundred bytes that cbor2 builds into a value of many paths ----------
+
+
+def _shared_dag(levels: int, fan: int = 23) -> bytes:
+    """A map whose array holds shared values (tag 28), each an array of ``fan`` references
+    (tag 29) to the one before: cbor2 builds it in linear time, but a walk over every path of
+    what it built visits ``fan ** levels`` values.  Refused by the profile (tags)."""
+    parts = [b"\xd8\x1c\x80"]  # shared value 0: []
+    for k in range(1, levels + 1):
+        reference = b"\xd8\x1d" + cbor2.dumps(k - 1)
+        parts.append(b"\xd8\x1c" + bytes([0x80 | fan]) + reference * fan)
+    return b"\xa1\x61a" + bytes([0x80 | (levels + 1)]) + b"".join(parts)
+
+
+@pytest.mark.parametrize("as_type", ["bytes", "bytearray", "mmap"])
+@pytest.mark.parametrize("max_items", [None, 4096])
+def test_a_body_of_shared_references_is_refused_after_a_walk_its_budget_bounds(
+    monkeypatch: pytest.MonkeyPatch, as_type: str, max_items: int | None
+) -> None:
+    """583 bytes whose decoded value has 23**8 paths (cbor2 resolves shared references into
+    one object reached from many places): refused for its tags, having looked at no more of
+    what cbor2 built than the item budget allows.  (A walk over every path would not end in
+    this test's lifetime: the count stops it at twice the budget, and fails.)"""
+    import bus.wire.frames as frames_module
+
+    body = _shared_dag(8)
+    budget = max_items if max_items is not None else len(body) + 1
+    real = frames_module._canonical_size
+    real_within = frames_module._items_within
+    visits = [0]
+
+    def counted(value: Any, depth: int, left: int) -> tuple[int, int]:
+        visits[0] += 1
+        assert visits[0] <= 2 * budget, "the walk went past its budget"
+        return real(value, depth, left)
+
+    def counted_within(value: Any, depth: int, left: int) -> int:
+        visits[0] += 1
+        assert visits[0] <= 2 * budget, "the walk went past its budget"
+        return real_within(value, depth, left)
+
+    monkeypatch.setattr(frames_module, "_canonical_size", counted)
+    monkeypatch.setattr(frames_module, "_items_within", counted_within)
+    with pytest.raises(FrameError, match="tags are not allowed"):
+        decode_control_body(_body_as(body, as_type), max_items)
+    assert visits[0] >= 1  # (the walk was taken, and stopped)
+
+
+@pytest.mark.parametrize("as_type", ["bytes", "bytearray", "mmap"])
+def test_a_float_beside_shared_references_does_not_make_them_written_out(monkeypatch: pytest.MonkeyPatch, as_type: str) -> None:
+    """A 20,000-byte string shared and referenced 10,000 times, and a float (so the value is
+    not measured, and takes the way that would encode it again to compare): 50 KB that cbor2
+    writes out as 200 MB.  Refused for its tags without being encoded again."""
+    import bus.wire.frames as frames_module
+
+    shared = b"x" * 20_000
+    refs = 10_000
+    items = b"\xd8\x1c" + cbor2.dumps(shared) + b"\xd8\x1d\x00" * refs + b"\xf9\x3e\x00"  # 1.5, a half float
+    body = b"\xa1\x61a" + b"\x99" + (refs + 2).to_bytes(2, "big") + items
+    real_dumps = cbor2.dumps
+    written: list[int] = []
+
+    def measured_dumps(value: Any, *args: Any, **kwargs: Any) -> bytes:
+        out = real_dumps(value, *args, **kwargs)
+        written.append(len(out))
+        return out
+
+    monkeypatch.setattr(frames_module.cbor2, "dumps", measured_dumps)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match="tags are not allowed"):
+            decode_control_body(_body_as(body, as_type), None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(size <= 3 * len(body) for size in written), written
+    assert peak < 20 * len(body), peak  # (what cbor2 builds: the shared string and the references)

@@ -644,6 +644,26 @@ async def test_a_channel_control_frame_of_many_items_is_refused_after_a_few(tmp_
                 await framed.aclose()
 
 
+async def test_a_request_of_shared_references_is_refused_without_walking_its_paths(tmp_path: Path) -> None:
+    """A 583-byte request whose CBOR holds shared values (tag 28), each an array of 23
+    references (tag 29) to the one before: cbor2 decodes it into a value of 23**8 paths,
+    and a walk over them would hold busd's event loop for days.  busd refuses it for its
+    tags, tells the sender why and cuts it, and a client beside it is served at once."""
+    from bus.wire.frames import HEADER
+
+    from .test_frames import _shared_dag
+
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=OWNER) as bystander:
+            attacker = await raw_connect(rb.unix_address, FRIEND)
+            body = _shared_dag(8)
+            await attacker.stream.send_all(HEADER.pack(1, 0, 0, len(body)) + body)
+            error = await error_event_then_end(attacker)
+            assert error is not None and "tags are not allowed" in error["message"], error
+            await still_served(bystander)
+            await attacker.aclose()
+
+
 async def test_name_churn_never_disconnects_a_watcher_that_reads_slowly(tmp_path: Path) -> None:
     """A churner with 16 KiB of info; a watcher that reads nothing for a while: its watch
     resyncs (the changes it missed become a fresh snapshot), its connection stays."""

@@ -348,12 +348,16 @@ def _scalar_size(value: Any) -> int:
     return n + (1 if n < 24 else 2 if n < 0x100 else _head_size(n))
 
 
-def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
+def _canonical_size(value: Any, depth: int, budget: int) -> tuple[int, int]:
     """``(bytes, items)`` of ``value``'s encoding in the profile's canonical form (every head
     in its shortest form, definite lengths): what a body holding exactly ``value``, and
     nothing written the long way, measures.  Items count as in :func:`check_cbor`.
     ``(-1, 0)`` when that cannot tell: a value that is not plain (:func:`_plain`), a float
-    (its width in the body is free), a container at MAX_CBOR_DEPTH or deeper.  (Scalars
+    (its width in the body is free), a container at MAX_CBOR_DEPTH or deeper, or more than
+    ``budget`` items -- where it stops, having looked at no more than that many: a value
+    cbor2 built from shared references (tags 28 and 29, refused by the profile but decoded
+    before it is checked) can be a few hundred bytes that reach each of its values by more
+    paths than there are atoms in the world, and a walk over every path would never end.  (Scalars
     inside a container are measured in its loop, the common ones without a call.)"""
     kind = type(value)
     if (kind is not dict and kind is not list) or depth >= MAX_CBOR_DEPTH:
@@ -363,6 +367,8 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
     size = 1 if n < 24 else _head_size(n)
     if kind is dict:
         items = 1 + 2 * n  # (the head, and each key and value: a container's own items are added below)
+        if items > budget:
+            return -1, 0
         known = _KEY_SIZES
         for key, item in value.items():
             part = known.get(key)  # (only text keys are in it: any other key is measured below)
@@ -391,15 +397,18 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
                     elif element_kind is int and 0 <= element < 24:
                         part += 1
                     else:
-                        part, count = _canonical_size(item, depth + 1)
+                        part, count = _canonical_size(item, depth + 1, budget - items + 1)
                         break
                     count += 1
                 if part < 0:
                     return -1, 0
                 size += part
                 items += count - 1
+                if items > budget:
+                    return -1, 0
             elif item_kind is dict or item_kind is list:
-                part, count = _canonical_size(item, depth + 1)
+                # (its slot is counted already: it may take that one and what is left)
+                part, count = _canonical_size(item, depth + 1, budget - items + 1)
                 if part < 0:
                     return -1, 0
                 size += part
@@ -410,15 +419,16 @@ def _canonical_size(value: Any, depth: int) -> tuple[int, int]:
                     return -1, 0
                 size += part
         return size, items
-    items = 1
+    items = 1 + n  # (the head and each element: a container's own items are added below)
+    if items > budget:
+        return -1, 0
     for item in value:
         item_kind = type(item)
         if item_kind is dict or item_kind is list:
-            part, count = _canonical_size(item, depth + 1)
-            items += count
+            part, count = _canonical_size(item, depth + 1, budget - items + 1)
+            items += count - 1
         else:
             part = _scalar_size(item)
-            items += 1
         if part < 0:
             return -1, 0
         size += part
@@ -475,6 +485,21 @@ def _holds_short_way(body: bytes | bytearray | mmap.mmap) -> bool:
 
 
 _SHORT_WAY_BYTES = tuple(bytes((way,)) for way in _SHORT_WAYS)
+
+#: The heads of every tag of 24 or more (one to eight bytes of argument): among them, a shared
+#: value and its references (tags 28 and 29) and string references (tags 25 and 256).
+_TAG_HEADS = bytes((0xD8, 0xD9, 0xDA, 0xDB))
+_TAG_HEAD_BYTES = tuple(bytes((head,)) for head in _TAG_HEADS)
+
+
+def _may_share(body: bytes | bytearray | mmap.mmap) -> bool:
+    """Whether a byte of ``body`` could begin a tag of 24 or more (see :data:`_TAG_HEADS`):
+    without one, what cbor2 makes of it is a tree, no bigger written out than the body (but
+    for floats it writes wider, three times at most)."""
+    if type(body) is mmap.mmap:
+        find = body.find  # (from the start, as in _holds_short_way)
+        return any(find(head, 0) >= 0 for head in _TAG_HEAD_BYTES)
+    return 0xD8 in body or 0xD9 in body or 0xDA in body or 0xDB in body
 
 
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
@@ -623,7 +648,7 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
         # (_SHORT_WAYS, which says why the others cannot), whose decoded value is plain and
         # float-free and measures exactly the body's length, is in the profile.  Anything
         # else takes the ways below, which decide.
-        size, items = _canonical_size(message, 1)
+        size, items = _canonical_size(message, 1, budget)
         if size >= 0:
             # Plain, float-free and no deeper than the profile allows (what _items_within
             # would find out again): the bytes decide.  A byte that could begin one of the
@@ -641,6 +666,12 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
             if (budget - left) * _BYTES_PER_CHECKED_ITEM < len(body):
                 # Few items for many bytes (big strings): check_cbor steps over each string
                 # in O(1), where encoding it again would copy and compare every byte.
+                check_cbor(body, max_items)
+                return message
+            if _may_share(body):
+                # A tag of 24 or more may be a shared value's reference (tags 28 and 29, or a
+                # string reference): what cbor2 built may then reach one big value from many
+                # places, few items but gigabytes written out again.  The bytes decide.
                 check_cbor(body, max_items)
                 return message
             if _same_bytes(cbor2.dumps(message), body):
