@@ -94,6 +94,7 @@ from bus.wire.frames import (
     Frame,
     FrameDecoder,
     FrameKind,
+    _items_within,
     cbor_head,
     decode_control_body,
     encode_control,
@@ -120,7 +121,8 @@ RPC_PROTOCOL = "rpc"
 MAX_IN_FLIGHT = 256  # concurrent calls served per channel; more are refused (QuotaExceeded)
 #: Calls one caller (an identity: all its connections and channels together) may have running
 #: at one service, in tasks or with their bodies coming; more are refused (QuotaExceeded).
-#: (A call answered inline, by a method declared synchronous, runs nowhere and holds nothing.)
+#: (A call answered inline, by a method declared synchronous while its channel's writer has
+#: room, runs in no task and holds nothing after: it is not counted.)
 CALLER_IN_FLIGHT = 4 * MAX_IN_FLIGHT
 #: The largest message body (bytes of CBOR) sent or taken, unless a side chooses another.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -221,6 +223,12 @@ def _drop_kept_buffers() -> None:
 #: ratio for control frames: 4096 items in 64 KiB), which bounds the time and memory that
 #: decoding one message can cost.
 BYTES_PER_ITEM = 16
+#: ... and a message in one CONTROL frame one per 16 bytes of the frame's most: 4,096, the
+#: broker's own bound for a request.  A message with more is sent as a large one (a header
+#: and its body in DATA frames), whatever its size; a frame with more is a framing violation.
+#: (Decoded, a frame of 64 KiB of empty arrays would otherwise take some 4 MiB: 1,024 such
+#: calls running, 4 GiB.)
+ONE_FRAME_ITEMS = DEFAULT_MAX_CONTROL // BYTES_PER_ITEM
 _HEAD_KEYS = ("op", "id", "re")  # what a large message's header keeps; the rest is its body
 
 
@@ -283,6 +291,12 @@ def _flat_size(values: Any) -> int:
     return size
 
 
+def _flat_items(message: dict[str, Any]) -> int:
+    """The data items of a flat message (see :func:`_flat_size`): its map's head, each key and
+    value, and each element of its arrays."""
+    return 1 + 2 * len(message) + sum(len(value) for value in message.values() if type(value) is list)
+
+
 def _flat(values: Any) -> bool:
     """Whether ``values`` are flat (see :func:`_flat_size`)."""
     return _flat_size(values) >= 0
@@ -337,13 +351,19 @@ def _encode_message(
             except Exception:
                 pass
             else:
-                if len(body) <= DEFAULT_MAX_CONTROL:
+                if len(body) <= DEFAULT_MAX_CONTROL and (len(body) <= ONE_FRAME_ITEMS or _flat_items(message) <= ONE_FRAME_ITEMS):
                     return _CONTROL_HEADER(_CONTROL, 0, 0, len(body)) + body
     if not (flat and strings > DEFAULT_MAX_CONTROL):  # (surely too big for one frame: no try)
         try:
-            return encode_control(0, message, checked=flat)
+            frame = encode_control(0, message, checked=flat)
         except LimitError:
             pass  # (encode_control checked the profile before the size)
+        else:
+            # (a body of no more bytes than ONE_FRAME_ITEMS holds no more items than that)
+            if len(frame) - HEADER.size <= ONE_FRAME_ITEMS or (
+                _flat_items(message) <= ONE_FRAME_ITEMS if flat else _items_within(message, 1, ONE_FRAME_ITEMS) >= 0
+            ):
+                return frame
     head = {key: message[key] for key in _HEAD_KEYS if key in message}
     fields = {key: value for key, value in message.items() if key not in _HEAD_KEYS}
     flat_pieces: list[bytes] | None = None
@@ -727,7 +747,7 @@ class Service:
 
     async def serve_channel(self, channel: Channel) -> None:
         """Answer calls on one RPC channel until the caller closes it."""
-        framed = FramedStream(channel, receive_stream=channel.socket_reads())
+        framed = FramedStream(channel, receive_stream=channel.socket_reads(), max_items=ONE_FRAME_ITEMS)
         framed.whole_messages = True  # (calls by their shape: see FramedStream)
         # Replies go out whole and in order, straight to the channel when nothing waits.
         # (Room for every running call's reply, and as many refusals besides.)
@@ -744,6 +764,10 @@ class Service:
         caller = self._callers.get(who)
         if caller is None:
             caller = self._callers[who] = _CallerLoad()
+        # What this channel's calls admitted at their header and not yet running took from
+        # the caller's account (a body on its way: at most one at a time): given back by the
+        # call's task once it runs, else when the channel ends inside the body.
+        admitted = [0, 0]  # (calls, bytes)
 
         def encode_reply(message: dict[str, Any], request: Request) -> bytes:
             try:
@@ -847,6 +871,8 @@ class Service:
             running += 1
             caller.running += 1
             caller.held += size
+            admitted[0] += 1
+            admitted[1] += size
             return True
 
         frames = _MessageFrames(announce)
@@ -878,7 +904,10 @@ class Service:
                             if item is None:
                                 return
                             if type(item) is _Body:
-                                calls.start_soon(run_announced, item)  # (admitted and counted when announced)
+                                # (admitted and counted when announced: its task gives it back)
+                                admitted[0] -= 1
+                                admitted[1] -= item.size
+                                calls.start_soon(run_announced, item)
                                 return
                         assert type(item) is dict
                         if (
@@ -978,7 +1007,11 @@ class Service:
                                 break
                 writer.finish()  # every call is answered: deliver the replies, then end
         finally:
-            caller.channels -= 1  # (its calls here have all ended: the nurseries waited for them)
+            # Its calls here have all ended (the nurseries waited for them); a body admitted
+            # and never completed (the channel ended inside it) gives back what it took.
+            caller.running -= admitted[0]
+            caller.held -= admitted[1]
+            caller.channels -= 1
             if not caller.channels:
                 del self._callers[who]
 
@@ -1090,7 +1123,7 @@ class _PushedFrames:
         frames: _MessageFrames,
         writer: FrameWriter | None = None,
     ) -> None:
-        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL)
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, DEFAULT_MAX_CONTROL, ONE_FRAME_ITEMS)
         #: Takes each frame, or (the quick way) the map of a message that came in one CONTROL
         #: frame on channel 0 while no message body is due (``frames.body`` is None).
         self._handle = handle
@@ -1264,7 +1297,7 @@ class RpcConnection:
         self.channel = channel
         self.max_message = _check_max_message(max_message)
         reads = channel.socket_reads()
-        self.framed = FramedStream(channel, receive_stream=reads)
+        self.framed = FramedStream(channel, receive_stream=reads, max_items=ONE_FRAME_ITEMS)
         self.framed.whole_messages = True  # (replies by their layout: see FramedStream)
         # (poll's look at the socket: whether a read would find anything, without one)
         self._readable_now = reads.readable_now if reads is not None else None

@@ -31,7 +31,7 @@ from bus.errors import (
 )
 from bus.io.framed import FramedStream
 from bus.io.writer import Gathered
-from bus.wire.frames import ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
+from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, DataFrame, Frame, FrameDecoder, encode_control, encode_data
 from clients import Channel, Service, open_bus
 from clients.bus import Bus
 from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, POPULATED_BUDGET, RpcConnection, _Body, _encode_message, _flat_size, _MessageFrames
@@ -436,6 +436,39 @@ async def test_the_bodies_a_caller_has_running_are_bounded_across_its_channels(t
                         await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_a_channel_ending_inside_an_admitted_body_gives_back_what_the_call_took(tmp_path: Path, route: str) -> None:
+    """A call admitted at its header takes its body's size from the caller's account at the
+    service; a channel that ends inside the body (HELD_MESSAGES times, each on a channel of
+    its own) gives it back, so that the caller's next large call, on the channel it kept, is
+    answered rather than refused for calls that never ran."""
+    service = make_service(max_message=MiB)
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
+            service.attach(sbus)
+            async with open_bus(rb.unix_address, identity=FRIEND) as bus, trio.open_nursery() as nursery:
+                nursery.cancel_scope.deadline = trio.current_time() + 60
+                keeper = await connect(bus, nursery, "relay")  # (a channel kept open, as bus.call keeps one)
+                assert await keeper.call("length", bytes(10)) == 10
+                load = service._callers
+                body = cbor2.dumps({"method": "length", "args": [bytes(MiB - 100)]})
+                for i in range(HELD_MESSAGES):
+                    channel = await bus.open_channel(NAME, "rpc", "relay" if route == "relay" else "direct")
+                    header = encode_control(0, {"op": "call", "id": 1, "follows": len(body)})
+                    await channel.send_all(header + encode_data(0, body[:1000]))
+                    with trio.fail_after(5):
+                        while load[FRIEND.id].held < len(body):
+                            await trio.sleep(0.01)  # (admitted: its size taken)
+                    await channel.aclose()  # the channel ends inside the admitted body
+                    with trio.fail_after(5):
+                        while load[FRIEND.id].channels != 1 or load[FRIEND.id].held:
+                            await trio.sleep(0.01)
+                assert load[FRIEND.id].running == 0
+                assert await keeper.call("length", bytes(MiB - 100)) == MiB - 100
+                await keeper.aclose()
+                nursery.cancel_scope.cancel()
+
+
 async def test_a_caller_giving_up_on_a_big_reply_leaves_the_channel_in_step(tmp_path: Path) -> None:
     async with serving(tmp_path, "unix") as (bus, nursery):
         for route in ("relay", "unix-fd"):
@@ -685,6 +718,53 @@ async def test_bad_cbor_inside_a_big_call_body_is_answered_with_bad_request(tmp_
         assert replies[1]["error"]["code"] == BadRequest.wire_code
         assert "the call's body" in replies[1]["error"]["message"] and bad in replies[1]["error"]["message"]
         assert replies[2]["result"] == 2
+        await channel.aclose()
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+@pytest.mark.parametrize(
+    "value",
+    [[[]] * 5000, list(range(5000)), {"k": [{"a": i} for i in range(2000)]}],
+    ids=["empty arrays", "integers (flat)", "nested maps"],
+)
+async def test_a_call_of_more_items_than_one_frame_holds_goes_as_a_large_message(tmp_path: Path, route: str, value: Any) -> None:
+    """A call of a few KiB but more than ONE_FRAME_ITEMS data items is written as a large
+    message (a header and its body in DATA frames), and so is its result: both are answered
+    whole, where one frame of them would be refused by the receiver."""
+    from clients.rpc import ONE_FRAME_ITEMS
+
+    call = {"op": "call", "id": 1, "method": "echo", "args": [value]}
+    wire = _encode_message(call, MiB, flat=_flat_size(call.values()) >= 0)
+    assert len(cbor2.dumps(call)) < DEFAULT_MAX_CONTROL  # (it would fit one frame in bytes)
+    header = frames_of(wire)[0]
+    assert isinstance(header, ControlFrame) and "follows" in header.message, ONE_FRAME_ITEMS
+    small = {"op": "call", "id": 2, "method": "echo", "args": [[[]] * 100]}
+    assert "follows" not in frames_of(_encode_message(small, MiB, flat=False))[0].message  # (few items: one frame)
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        rpc = await connect(bus, nursery, route)
+        assert await rpc.call("echo", value) == value
+
+
+@pytest.mark.parametrize("route", ["relay", "unix-fd"])
+async def test_one_frame_of_more_items_than_it_may_hold_ends_only_its_channel(tmp_path: Path, route: str) -> None:
+    """A peer that writes a call of 5,000 items in one CONTROL frame (our library never
+    does) breaks the framing: its channel ends, and a call on another channel of the same
+    caller is answered."""
+    async with serving(tmp_path, "unix") as (bus, nursery):
+        other = await connect(bus, nursery, "relay")
+        channel = await bus.open_channel(NAME, "rpc", ROUTES[route][1])
+        framed = FramedStream(channel)
+        await framed.send_message({"op": "call", "id": 1, "method": "echo", "args": [[[]] * 5000]})
+        with trio.fail_after(10):
+            while True:
+                try:
+                    frame = await framed.receive_frame()
+                except (FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if frame is None:
+                    break
+                assert not (isinstance(frame, ControlFrame) and "result" in frame.message), frame
+        assert await other.call("echo", [[]] * 10) == [[]] * 10
         await channel.aclose()
 
 
