@@ -1316,12 +1316,12 @@ def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest
 
 def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain, float-free body of its canonical length whose byte strings hold bytes that
-    could begin a tag or an indefinite length (a binary payload) is taken by comparing it
-    with its canonical encoding: no walk of the profile over its bytes, no second walk over
-    the value."""
+    could begin a tag of 0 to 23, a bignum or an indefinite length (a binary payload) is
+    taken by comparing it with its canonical encoding: no walk of the profile over its bytes,
+    no second walk over the value."""
     import bus.wire.frames as frames_module
 
-    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
+    payload = bytes(range(0xC0, 0xD8)) + b"\x9f\xbf\x5f\x7f" * 8
     body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
 
     def refuse(*args: Any) -> Any:
@@ -1330,6 +1330,37 @@ def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding
     monkeypatch.setattr(frames_module, "check_cbor", refuse)
     monkeypatch.setattr(frames_module, "_items_within", refuse)
     assert decode_control_body(body, 4096) == cbor2.loads(body)
+
+
+def test_a_body_with_a_byte_that_could_begin_a_tag_of_24_or_more_is_checked_before_it_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with 0xD8 to 0xDB in its payload (the heads of tags of 24 or more, among them
+    shared values and references): check_cbor decides before cbor2 decodes it (a body that
+    holds such a tag could make cbor2 build a value of more paths than it has bytes), then
+    cbor2 decodes it once, and nothing walks what it built."""
+    import bus.wire.frames as frames_module
+
+    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
+    body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
+    order: list[str] = []
+    real_check, real_loads = frames_module.check_cbor, cbor2.loads
+
+    def check(*args: Any) -> Any:
+        order.append("check")
+        return real_check(*args)
+
+    def loads(data: Any) -> Any:
+        order.append("loads")
+        return real_loads(data)
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("a walk over the value")
+
+    monkeypatch.setattr(frames_module, "check_cbor", check)
+    monkeypatch.setattr(frames_module.cbor2, "loads", loads)
+    monkeypatch.setattr(frames_module, "_items_within", refuse)
+    monkeypatch.setattr(frames_module, "_canonical_size", refuse)
+    assert decode_control_body(body, 4096) == real_loads(body)
+    assert order == ["check", "loads"]
 
 
 def _stringref_padded(head: int) -> bytes:
@@ -2591,21 +2622,18 @@ def _shared_dag(levels: int, fan: int = 23) -> bytes:
     return b"\xa1\x61a" + bytes([0x80 | (levels + 1)]) + b"".join(parts)
 
 
-@pytest.mark.parametrize("as_type", ["bytes", "bytearray", "mmap"])
-@pytest.mark.parametrize("max_items", [None, 4096])
-def test_a_body_of_shared_references_is_refused_after_a_walk_its_budget_bounds(
-    monkeypatch: pytest.MonkeyPatch, as_type: str, max_items: int | None
-) -> None:
-    """583 bytes whose decoded value has 23**8 paths (cbor2 resolves shared references into
-    one object reached from many places): refused for its tags, having looked at no more of
-    what cbor2 built than the item budget allows.  (A walk over every path would not end in
-    this test's lifetime: the count stops it at twice the budget, and fails.)"""
+@pytest.mark.parametrize("budget", [16, 4096, 1 << 16])
+def test_the_walks_over_a_decoded_value_stop_at_their_budget_on_shared_references(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """What cbor2 builds from 583 bytes of shared references (tags 28 and 29) has 23**8
+    paths: the walks that measure a decoded value (_canonical_size, _items_within) give up
+    having looked at no more of it than their budget.  (decode_control_body gives cbor2 no
+    such body before check_cbor refused it: this holds the walks to their bound anyway.  A
+    walk over every path would not end in this test's lifetime: the count stops it at twice
+    the budget, and fails.)"""
     import bus.wire.frames as frames_module
 
-    body = _shared_dag(8)
-    budget = max_items if max_items is not None else len(body) + 1
-    real = frames_module._canonical_size
-    real_within = frames_module._items_within
+    value = cbor2.loads(_shared_dag(8))
+    real, real_within = frames_module._canonical_size, frames_module._items_within
     visits = [0]
 
     def counted(value: Any, depth: int, left: int) -> tuple[int, int]:
@@ -2620,9 +2648,11 @@ def test_a_body_of_shared_references_is_refused_after_a_walk_its_budget_bounds(
 
     monkeypatch.setattr(frames_module, "_canonical_size", counted)
     monkeypatch.setattr(frames_module, "_items_within", counted_within)
+    assert frames_module._canonical_size(value, 1, budget) == (-1, 0)
+    visits[0] = 0
+    assert frames_module._items_within(value, 1, budget) == -1
     with pytest.raises(FrameError, match="tags are not allowed"):
-        decode_control_body(_body_as(body, as_type), max_items)
-    assert visits[0] >= 1  # (the walk was taken, and stopped)
+        decode_control_body(_shared_dag(8), budget)
 
 
 @pytest.mark.parametrize("as_type", ["bytes", "bytearray", "mmap"])
@@ -2654,3 +2684,47 @@ def test_a_float_beside_shared_references_does_not_make_them_written_out(monkeyp
         tracemalloc.stop()
     assert all(size <= 3 * len(body) for size in written), written
     assert peak < 20 * len(body), peak  # (what cbor2 builds: the shared string and the references)
+
+
+def _dag_key_request(levels: int, fan: int = 23) -> bytes:
+    """{"op": "ping", <key>: 1} where the key is a shared array of ``fan`` references to the
+    one before, ``levels`` deep: cbor2 makes the key a tuple and hashes it, walking each of
+    its ``fan ** levels`` paths, before anything it built can be looked at."""
+    key = b"\xd8\x1c\x80"  # shared value 0: []
+    parts = [key]
+    for k in range(1, levels + 1):
+        parts.append(b"\xd8\x1c" + bytes([0x80 | fan]) + (b"\xd8\x1d" + cbor2.dumps(k - 1)) * fan)
+    # the key: an array of the shared values, the last one referenced again
+    array_key = bytes([0x80 | (levels + 1)]) + b"".join(parts)
+    return b"\xa2" + cbor2.dumps("op") + cbor2.dumps("ping") + array_key + b"\x01"
+
+
+def _shared_text_refs(text_len: int, refs: int) -> bytes:
+    """{"a": [shared non-ASCII text, then ``refs`` references to it]}: measuring each
+    reference's UTF-8 length would encode the whole text again."""
+    text = cbor2.dumps("\u00e9" * (text_len // 2))
+    return b"\xa1\x61a" + b"\x99" + (refs + 1).to_bytes(2, "big") + b"\xd8\x1c" + text + b"\xd8\x1d\x00" * refs
+
+
+@pytest.mark.parametrize("as_type", ["bytes", "bytearray", "mmap"])
+@pytest.mark.parametrize("max_items", [None, 4096, 1 << 20])
+@pytest.mark.parametrize(
+    "body",
+    [_dag_key_request(9), _shared_dag(8), _shared_text_refs(3000, 20_000), b"\xa1" + b"\x82\x01\x02" + b"\x59\x13\x88" + b"x" * 5000],
+    ids=["a key of 23**9 paths", "an array of 23**8 paths", "a shared text referenced 20,000 times", "an array key, 5 KB"],
+)
+def test_cbor2_is_given_no_body_that_could_make_it_build_a_monster(
+    monkeypatch: pytest.MonkeyPatch, body: bytes, max_items: int | None, as_type: str
+) -> None:
+    """A body that may hold a tag of 24 or more (shared values and their references, string
+    references), or of more than _DECODE_FIRST bytes, is checked before cbor2 decodes a byte
+    of it: refused for its tags or its keys, and cbor2 never called.  (Given first to cbor2,
+    the first would take it hours: it hashes the key's every path.)"""
+    import bus.wire.frames as frames_module
+
+    def never(data: Any) -> Any:
+        raise AssertionError("cbor2 was given a body before its check")
+
+    monkeypatch.setattr(frames_module.cbor2, "loads", never)
+    with pytest.raises(FrameError, match="tags are not allowed|map keys must be text or integers|more than"):
+        decode_control_body(_body_as(body, as_type), max_items)

@@ -502,6 +502,11 @@ def _may_share(body: bytes | bytearray | mmap.mmap) -> bool:
     return 0xD8 in body or 0xD9 in body or 0xDA in body or 0xDB in body
 
 
+#: A body of at most this many bytes, with no byte that could begin a tag of 24 or more, is
+#: given to cbor2 before it is checked (see decode_control_body): map keys made to collide in
+#: it cost cbor2 at most a few milliseconds to build into a dict.
+_DECODE_FIRST = 4096
+
 #: Where a body holds fewer items than one per this many bytes, checking its heads in Python
 #: (about 1 us an item) costs less than encoding it again and comparing (about 0.5 ns a byte).
 _BYTES_PER_CHECKED_ITEM = 2048
@@ -612,15 +617,21 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
     says why.  So does a body of few items for its size (a big string or two): check_cbor
     steps over a string in O(1), where the comparison would encode and compare every byte.
 
-    A body longer than ``max_items`` bytes could hold more items than that: it is checked
-    first (check_cbor stops at the budget) and decoded after, so that a body of too many
-    items costs no more than before.  A big body in a buffer (a large message's) is first
-    tried with :func:`_decode_flat`, which decodes a flat map of few items in one pass."""
+    cbor2 is given first only a body that cannot make it spend much: one of at most
+    ``_DECODE_FIRST`` bytes with no byte that could begin a tag of 24 or more
+    (:func:`_may_share`).  Anything else is checked first (check_cbor: one pass
+    over the bytes, refusing every tag and stopping at the item budget) and decoded after.
+    Before the check, cbor2 builds whatever the bytes say: from shared references (tags 28
+    and 29) a value of more paths than there are atoms in the world, whose every path it
+    walks itself to hash it as a map's key (an array key becomes a tuple) -- hours of CPU
+    from 500 bytes; from map keys made to collide, a dict that takes time in the square of
+    their number to build.  A big body in a buffer (a large message's) is first tried with
+    :func:`_decode_flat`, which decodes a flat map of few items in one pass."""
     if type(body) is not bytes and len(body) >= _FLAT_FROM:
         flat = _decode_flat(body, max_items)
         if flat is not None:
             return flat
-    if max_items is not None and len(body) > max_items:
+    if len(body) > _DECODE_FIRST or (max_items is not None and len(body) > max_items) or _may_share(body):
         check_cbor(body, max_items)
         try:
             message = cbor2.loads(body)
@@ -668,12 +679,8 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
                 # in O(1), where encoding it again would copy and compare every byte.
                 check_cbor(body, max_items)
                 return message
-            if _may_share(body):
-                # A tag of 24 or more may be a shared value's reference (tags 28 and 29, or a
-                # string reference): what cbor2 built may then reach one big value from many
-                # places, few items but gigabytes written out again.  The bytes decide.
-                check_cbor(body, max_items)
-                return message
+            # (No tag of 24 or more, so no shared value: what cbor2 built is a tree, no bigger
+            # written out again than the body, but for floats, which it may write wider.)
             if _same_bytes(cbor2.dumps(message), body):
                 return message
     check_cbor(body, max_items)
