@@ -99,7 +99,7 @@ from bus.wire.frames import (
     decode_control_body,
     encode_control,
 )
-from bus.wire.messages import MAX_REQUEST_ID, ErrorReply, Reply, Request, parse_message
+from bus.wire.messages import MAX_REQUEST_ID, ErrorReply, Message, Reply, Request, parse_message
 
 from .channels import Channel
 from .link import BusConnection, RequestTimeout
@@ -825,6 +825,18 @@ class Service:
             except trio.ClosedResourceError:
                 pass
 
+        def parse_or_refuse(item: dict[str, Any]) -> Message | None:
+            """The message ``item`` is, or None having answered a request whose fields are
+            wrong (a map that is no message at all raises FrameError: the channel ends)."""
+            try:
+                return parse_message(item)
+            except FrameError as exc:
+                request_id = getattr(exc, "request_id", None)
+                if request_id is None:
+                    raise
+                refuse(request_id, BadRequest(str(exc)))
+                return None
+
         def refuse_busy(request_id: int) -> bool:
             """Refuse a call that would run past this channel's or this caller's count, and
             say True; else False (it may run)."""
@@ -844,13 +856,8 @@ class Service:
             nonlocal running
             if "op" not in header:
                 return False  # (not a call: ignored, as a one-frame reply or event would be)
-            try:
-                message = parse_message(header)
-            except FrameError as exc:
-                request_id = getattr(exc, "request_id", None)
-                if request_id is None:
-                    raise
-                refuse(request_id, BadRequest(str(exc)))
+            message = parse_or_refuse(header)
+            if message is None:
                 return False
             assert isinstance(message, Request)  # (it has an "op")
             if size > max_message:
@@ -956,14 +963,7 @@ class Service:
                                 except trio.ClosedResourceError:
                                     pass  # the caller is gone; nobody is waiting for this reply
                                 return
-                        try:
-                            message = parse_message(item)
-                        except FrameError as exc:
-                            request_id = getattr(exc, "request_id", None)
-                            if request_id is None:
-                                raise
-                            refuse(request_id, BadRequest(str(exc)))
-                            return
+                        message = parse_or_refuse(item)
                         if isinstance(message, Request):
                             if running >= MAX_IN_FLIGHT:
                                 refuse_busy(message.id)

@@ -96,3 +96,16 @@ async def running_broker(tmp: Path, **overrides: Any) -> AsyncIterator[RunningBr
             yield running
         finally:
             running.scope.cancel()
+
+
+@asynccontextmanager
+async def one_caller_twice_and_another(address: str) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """Two bus connections of one caller (FRIEND) and one of another caller (OWNER)."""
+    from clients import open_bus
+
+    async with (
+        open_bus(address, identity=FRIEND) as first,
+        open_bus(address, identity=FRIEND) as second,
+        open_bus(address, identity=OWNER) as other,
+    ):
+        yield first, second, other

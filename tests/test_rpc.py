@@ -16,7 +16,7 @@ from clients.bus import Bus
 from clients.channels import DEFAULT_WINDOW, RelayStream
 from clients.rpc import RpcConnection
 
-from .brokers import FRIEND, PLUGIN, running_broker
+from .brokers import FRIEND, PLUGIN, one_caller_twice_and_another, running_broker
 
 
 def make_service() -> Service:
@@ -347,12 +347,7 @@ async def test_a_caller_cannot_buy_more_running_calls_with_more_channels(tmp_pat
     async with running_broker(tmp_path) as rb:
         async with open_bus(rb.unix_address, identity=PLUGIN, name=service.name) as sbus:
             service.attach(sbus)
-            async with (
-                open_bus(rb.unix_address, identity=FRIEND) as bus,
-                open_bus(rb.unix_address, identity=FRIEND) as bus2,
-                open_bus(rb.unix_address, identity=OWNER) as other,
-                trio.open_nursery() as nursery,
-            ):
+            async with one_caller_twice_and_another(rb.unix_address) as (bus, bus2, other), trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = trio.current_time() + 60
                 connections = []
                 for i in range(CALLER_IN_FLIGHT // MAX_IN_FLIGHT + 1):

@@ -36,7 +36,7 @@ from clients import Channel, Service, open_bus
 from clients.bus import Bus
 from clients.rpc import DEFAULT_MAX_MESSAGE, HELD_MESSAGES, MESSAGE_PART, POPULATE_AT_ONCE, POPULATED_BUDGET, RpcConnection, _Body, _encode_message, _flat_size, _MessageFrames
 
-from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, running_broker
+from .brokers import FRIEND, OWNER, PLUGIN, RunningBroker, one_caller_twice_and_another, running_broker
 
 MiB = 1 << 20
 NAME = "org.example.Big"
@@ -392,18 +392,12 @@ async def test_the_bodies_a_caller_has_running_are_bounded_across_its_channels(t
     QuotaExceeded naming the limit, while another caller's 1 MiB call is answered meanwhile;
     once the held calls end the caller's next one runs, and the service keeps nothing of a
     caller whose channels are gone."""
-    from .brokers import OWNER
 
     service = make_service(max_message=MiB)
     async with running_broker(tmp_path) as rb:
         async with open_bus(rb.unix_address, identity=PLUGIN, name=NAME) as sbus:
             service.attach(sbus)
-            async with (
-                open_bus(rb.unix_address, identity=FRIEND) as bus,
-                open_bus(rb.unix_address, identity=FRIEND) as bus2,
-                open_bus(rb.unix_address, identity=OWNER) as other,
-                trio.open_nursery() as nursery,
-            ):
+            async with one_caller_twice_and_another(rb.unix_address) as (bus, bus2, other), trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = trio.current_time() + 60
                 first = await connect(bus, nursery, "relay")
                 second = await connect(bus2, nursery, "unix-fd")
