@@ -1316,12 +1316,12 @@ def test_a_canonical_body_is_taken_without_encoding_it_again(monkeypatch: pytest
 
 def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain, float-free body of its canonical length whose byte strings hold bytes that
-    could begin a tag of 0 to 23, a bignum or an indefinite length (a binary payload) is
-    taken by comparing it with its canonical encoding: no walk of the profile over its bytes,
-    no second walk over the value."""
+    could begin a tag, a bignum or an indefinite length (a binary payload) is taken by
+    comparing it with its canonical encoding: no walk of the profile over its bytes, no second
+    walk over the value."""
     import bus.wire.frames as frames_module
 
-    payload = bytes(range(0xC0, 0xD8)) + b"\x9f\xbf\x5f\x7f" * 8
+    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
     body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
 
     def refuse(*args: Any) -> Any:
@@ -1332,14 +1332,21 @@ def test_a_canonical_body_with_tag_bytes_in_its_strings_is_taken_by_one_encoding
     assert decode_control_body(body, 4096) == cbor2.loads(body)
 
 
-def test_a_body_with_a_byte_that_could_begin_a_tag_of_24_or_more_is_checked_before_it_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same with 0xD8 to 0xDB in its payload (the heads of tags of 24 or more, among them
-    shared values and references): check_cbor decides before cbor2 decodes it (a body that
-    holds such a tag could make cbor2 build a value of more paths than it has bytes), then
-    cbor2 decodes it once, and nothing walks what it built."""
+@pytest.mark.parametrize(
+    "head",
+    [b"\xd8\x1c", b"\xd8\x1d", b"\xd8\x19", b"\xd9\x01\x00", b"\xd9\x00\x1c", b"\xda\x00\x00\x00\x1d", b"\xdb" + bytes(7) + b"\x19"],
+)
+def test_a_body_that_could_hold_a_sharing_tag_is_checked_before_it_is_decoded(monkeypatch: pytest.MonkeyPatch, head: bytes) -> None:
+    """The same with the head of a tag with which cbor2 makes one value reachable from many
+    places in its payload (a shared value or reference, a string reference, in any width):
+    check_cbor decides before cbor2 decodes it (a body that holds such a tag could make cbor2
+    build a value of more paths than it has bytes), then cbor2 decodes it once, and nothing
+    walks what it built."""
     import bus.wire.frames as frames_module
+    from bus.wire.frames import _may_share
 
-    payload = bytes(range(0xC0, 0xE0)) + b"\x9f\xbf\x5f\x7f" * 8
+    payload = bytes(range(0xC0, 0xE0)) + head + b"\x9f\xbf\x5f\x7f" * 8
+    assert _may_share(payload) and not _may_share(bytes(range(0xC0, 0xE0)))
     body = cbor2.dumps({"op": "emit", "id": 100, "member": "Tick", "payload": payload, "quiet": True, "source": "org.x.A"})
     order: list[str] = []
     real_check, real_loads = frames_module.check_cbor, cbor2.loads

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import enum
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -492,17 +493,30 @@ _TAG_HEADS = bytes((0xD8, 0xD9, 0xDA, 0xDB))
 _TAG_HEAD_BYTES = tuple(bytes((head,)) for head in _TAG_HEADS)
 
 
+#: The heads of the tags with which cbor2 makes one value reachable from many places: a
+#: string reference (25) and its namespace (256), a shared value (28) and its reference (29),
+#: each in every width of its argument (cbor2 takes a head longer than it need be).
+_SHARING = re.compile(
+    rb"\xd8[\x19\x1c\x1d]|\xd9(?:\x00[\x19\x1c\x1d]|\x01\x00)|\xda\x00\x00(?:\x00[\x19\x1c\x1d]|\x01\x00)"
+    rb"|\xdb\x00\x00\x00\x00\x00\x00(?:\x00[\x19\x1c\x1d]|\x01\x00)"
+)
+
+
 def _may_share(body: bytes | bytearray | mmap.mmap) -> bool:
-    """Whether a byte of ``body`` could begin a tag of 24 or more (see :data:`_TAG_HEADS`):
-    without one, what cbor2 makes of it is a tree, no bigger written out than the body (but
-    for floats it writes wider, three times at most)."""
+    """Whether ``body`` could hold a tag with which cbor2 makes one value reachable from many
+    places (:data:`_SHARING`; first whether any byte could begin a tag of 24 or more, one
+    ``memchr`` each, the search only then): without one, what cbor2 makes of it is a tree, no
+    bigger written out than the body (but for floats it writes wider, three times at most)."""
     if type(body) is mmap.mmap:
         find = body.find  # (from the start, as in _holds_short_way)
-        return any(find(head, 0) >= 0 for head in _TAG_HEAD_BYTES)
-    return 0xD8 in body or 0xD9 in body or 0xDA in body or 0xDB in body
+        if not any(find(head, 0) >= 0 for head in _TAG_HEAD_BYTES):
+            return False
+    elif not (0xD8 in body or 0xD9 in body or 0xDA in body or 0xDB in body):
+        return False
+    return _SHARING.search(body) is not None
 
 
-#: A body of at most this many bytes, with no byte that could begin a tag of 24 or more, is
+#: A body of at most this many bytes, with no head of a sharing tag (:func:`_may_share`), is
 #: given to cbor2 before it is checked (see decode_control_body): map keys made to collide in
 #: it cost cbor2 at most a few milliseconds to build into a dict.
 _DECODE_FIRST = 4096
@@ -618,8 +632,8 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
     steps over a string in O(1), where the comparison would encode and compare every byte.
 
     cbor2 is given first only a body that cannot make it spend much: one of at most
-    ``_DECODE_FIRST`` bytes with no byte that could begin a tag of 24 or more
-    (:func:`_may_share`).  Anything else is checked first (check_cbor: one pass
+    ``_DECODE_FIRST`` bytes with no head of a tag that makes a value reachable from many places
+    (:func:`_may_share`: a shared value or reference, a string reference).  Anything else is checked first (check_cbor: one pass
     over the bytes, refusing every tag and stopping at the item budget) and decoded after.
     Before the check, cbor2 builds whatever the bytes say: from shared references (tags 28
     and 29) a value of more paths than there are atoms in the world, whose every path it
@@ -679,7 +693,7 @@ def decode_control_body(body: bytes | bytearray | mmap.mmap, max_items: int | No
                 # in O(1), where encoding it again would copy and compare every byte.
                 check_cbor(body, max_items)
                 return message
-            # (No tag of 24 or more, so no shared value: what cbor2 built is a tree, no bigger
+            # (No shared value or string reference: what cbor2 built is a tree, no bigger
             # written out again than the body, but for floats, which it may write wider.)
             if _same_bytes(cbor2.dumps(message), body):
                 return message
