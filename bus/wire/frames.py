@@ -477,20 +477,23 @@ def _holds_short_way(body: bytes | bytearray | mmap.mmap) -> bool:
     translation copies the body and looks up every byte).  (A buffer's ``in`` looks at an
     mmap byte by byte in Python's own loop, some 4,000 times slower than its ``find``.)"""
     if type(body) is mmap.mmap:
-        find = body.find  # (from the start: an mmap's find begins at its position)
-        return any(find(way, 0) >= 0 for way in _SHORT_WAY_BYTES)
+        return _mmap_holds(body, _SHORT_WAYS)
     return (
         0xC2 in body or 0xC3 in body or 0xD8 in body or 0xD9 in body
         or 0xDA in body or 0xDB in body or 0x9F in body or 0xBF in body
     )
 
 
-_SHORT_WAY_BYTES = tuple(bytes((way,)) for way in _SHORT_WAYS)
+def _mmap_holds(body: mmap.mmap, values: bytes) -> bool:
+    """Whether a byte of ``values`` is in the mmap ``body``: its ``find`` for each, from the
+    start (an mmap's ``find`` begins at its position; its ``in`` looks at one byte at a time)."""
+    find = body.find
+    return any(find(values[i : i + 1], 0) >= 0 for i in range(len(values)))
+
 
 #: The heads of every tag of 24 or more (one to eight bytes of argument): among them, a shared
 #: value and its references (tags 28 and 29) and string references (tags 25 and 256).
 _TAG_HEADS = bytes((0xD8, 0xD9, 0xDA, 0xDB))
-_TAG_HEAD_BYTES = tuple(bytes((head,)) for head in _TAG_HEADS)
 
 
 #: The heads of the tags with which cbor2 makes one value reachable from many places: a
@@ -508,8 +511,7 @@ def _may_share(body: bytes | bytearray | mmap.mmap) -> bool:
     ``memchr`` each, the search only then): without one, what cbor2 makes of it is a tree, no
     bigger written out than the body (but for floats it writes wider, three times at most)."""
     if type(body) is mmap.mmap:
-        find = body.find  # (from the start, as in _holds_short_way)
-        if not any(find(head, 0) >= 0 for head in _TAG_HEAD_BYTES):
+        if not _mmap_holds(body, _TAG_HEADS):
             return False
     elif not (0xD8 in body or 0xD9 in body or 0xDA in body or 0xDB in body):
         return False
