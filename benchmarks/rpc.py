@@ -409,114 +409,75 @@ def role_limit_server(path: str) -> None:
     """The far end of every limit: echo (raw or project codec) or a byte sink (raw or framed)."""
     import trio
 
-    async def handle(sock: socket.socket) -> None:
-        mode = await recv_some(sock, 1)
-        if mode in (b"E", b"C", b"P"):
-            codec = Codec(project=mode != b"E", nested=mode == b"P")
-            sender = Sender(sock)
-            encode, decode = codec.encode, codec.decode
-            while data := await recv_some(sock):
-                out = [encode({"re": m["id"], "result": m["args"][0]}) for m in decode(data)]
-                if out:
-                    await sender.send(out[0] if len(out) == 1 else b"".join(out))
-        elif mode == b"D":
-            # The 1 MiB row's floor at the receiving end: each call body read into one
-            # buffer (the same for every body, as minibus keeps a decoded body's buffer for
-            # the next body of its size), decoded by cbor2 from it, the value let go at once
-            # (the row's method returns the argument's length); then the byte count, as "R"
-            # acks.
-            import cbor2
+    async def main() -> None:
+        listener = unix_listen(path)
+        say("ready")
+        await accept_loop(listener, limit_serve)
 
-            size = len(bulk_body())
-            total = 0
-            view = memoryview(bytearray(size))
-            while True:
-                filled = 0
-                while filled < size:
-                    await trio.lowlevel.wait_readable(sock)
-                    try:
-                        n = sock.recv_into(view[filled:])
-                    except BlockingIOError:
-                        continue
-                    if not n:
-                        break
-                    filled += n
-                total += filled
-                if filled < size:
-                    break
-                cbor2.loads(view)  # (as minibus decodes a filled body that is not flat)
-            await Sender(sock).send(struct.pack(">Q", total))
-        elif mode in (b"R", b"F"):
-            buffer = bytearray(PART + 4096)
-            total = 0
-            while True:
+    trio.run(main)
+
+
+async def limit_serve(sock: socket.socket) -> None:
+    """The far end of every limit, one connection: its first byte says which (an echo of
+    raw CBOR, the project's codec or the protocol's shape; a byte sink, raw or framed; 1 MiB
+    call bodies)."""
+    import trio
+
+    mode = await recv_some(sock, 1)
+    if mode in (b"E", b"C", b"P"):
+        codec = Codec(project=mode != b"E", nested=mode == b"P")
+        sender = Sender(sock)
+        encode, decode = codec.encode, codec.decode
+        while data := await recv_some(sock):
+            out = [encode({"re": m["id"], "result": m["args"][0]}) for m in decode(data)]
+            if out:
+                await sender.send(out[0] if len(out) == 1 else b"".join(out))
+    elif mode == b"D":
+        # The 1 MiB row's floor at the receiving end: each call body read into one
+        # buffer (the same for every body, as minibus keeps a decoded body's buffer for
+        # the next body of its size), decoded by cbor2 from it, the value let go at once
+        # (the row's method returns the argument's length); then the byte count, as "R"
+        # acks.
+        import cbor2
+
+        size = len(bulk_body())
+        total = 0
+        view = memoryview(bytearray(size))
+        while True:
+            filled = 0
+            while filled < size:
                 await trio.lowlevel.wait_readable(sock)
                 try:
-                    n = sock.recv_into(buffer)
+                    n = sock.recv_into(view[filled:])
                 except BlockingIOError:
                     continue
                 if not n:
                     break
-                total += n
-            ack = struct.pack(">Q", total)
-            await Sender(sock).send(ack if mode == b"R" else HEADER.pack(DATA, 0, 1, 8) + ack)
-
-    async def main() -> None:
-        listener = unix_listen(path)
-        say("ready")
-        await accept_loop(listener, handle)
-
-    trio.run(main)
+                filled += n
+            total += filled
+            if filled < size:
+                break
+            cbor2.loads(view)  # (as minibus decodes a filled body that is not flat)
+        await Sender(sock).send(struct.pack(">Q", total))
+    elif mode in (b"R", b"F"):
+        buffer = bytearray(PART + 4096)
+        total = 0
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                n = sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            if not n:
+                break
+            total += n
+        ack = struct.pack(">Q", total)
+        await Sender(sock).send(ack if mode == b"R" else HEADER.pack(DATA, 0, 1, 8) + ack)
 
 
 def role_limit_forward(listen: str, upstream: str) -> None:
     """The middle of the 3-process limit: frames in, channel id rewritten, frames out."""
     import trio
-
-    async def pump(src: socket.socket, dst: socket.socket, channel: int) -> None:
-        buffer = bytearray(PART + 4096)
-        view = memoryview(buffer)
-        sender = Sender(dst)
-        header = bytearray()  # a header cut between two reads
-        remaining = 0  # body bytes of the current frame still to pass on
-        pack, unpack = HEADER.pack, HEADER.unpack_from
-        while True:
-            await trio.lowlevel.wait_readable(src)
-            try:
-                n = src.recv_into(buffer)
-            except BlockingIOError:
-                continue
-            if not n:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            parts: list[bytes | memoryview] = []
-            pos = 0
-            while pos < n:
-                if remaining:
-                    take = min(remaining, n - pos)
-                    parts.append(view[pos : pos + take])
-                    pos += take
-                    remaining -= take
-                    continue
-                if not header and n - pos >= 10:
-                    kind, flags, _channel, length = unpack(buffer, pos)
-                    pos += 10
-                else:
-                    take = min(10 - len(header), n - pos)
-                    header += view[pos : pos + take]
-                    pos += take
-                    if len(header) < 10:
-                        break
-                    kind, flags, _channel, length = unpack(header, 0)
-                    header = bytearray()
-                if kind not in (CONTROL, DATA) or flags or length > MAX_BODY:
-                    raise OSError("a bad frame")
-                parts.append(pack(kind, 0, channel, length))
-                remaining = length
-            if parts:
-                # one write; the bodies are views of our buffer, which is not reused before
-                # the write returns (the Sender copies only what the kernel did not take)
-                await sender.send(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def handle(down: socket.socket) -> None:
         mode = await recv_some(down, 1)
@@ -524,8 +485,8 @@ def role_limit_forward(listen: str, upstream: str) -> None:
         try:
             up.send(mode)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, down, up, 7)
-                await pump(up, down, 1)
+                nursery.start_soon(forward_frames, down, up, 7)
+                await forward_frames(up, down, 1)
                 nursery.cancel_scope.cancel()
         finally:
             up.close()
@@ -536,6 +497,56 @@ def role_limit_forward(listen: str, upstream: str) -> None:
         await accept_loop(listener, handle)
 
     trio.run(main)
+
+
+async def forward_frames(src: socket.socket, dst: socket.socket, channel: int) -> None:
+    """The middle of the 3-process limit, one direction: frames in, channel id rewritten,
+    frames out (the bodies views of one read, no decoding), as busd forwards DATA frames."""
+    import trio
+
+    buffer = bytearray(PART + 4096)
+    view = memoryview(buffer)
+    sender = Sender(dst)
+    header = bytearray()  # a header cut between two reads
+    remaining = 0  # body bytes of the current frame still to pass on
+    pack, unpack = HEADER.pack, HEADER.unpack_from
+    while True:
+        await trio.lowlevel.wait_readable(src)
+        try:
+            n = src.recv_into(buffer)
+        except BlockingIOError:
+            continue
+        if not n:
+            dst.shutdown(socket.SHUT_WR)
+            return
+        parts: list[bytes | memoryview] = []
+        pos = 0
+        while pos < n:
+            if remaining:
+                take = min(remaining, n - pos)
+                parts.append(view[pos : pos + take])
+                pos += take
+                remaining -= take
+                continue
+            if not header and n - pos >= 10:
+                kind, flags, _channel, length = unpack(buffer, pos)
+                pos += 10
+            else:
+                take = min(10 - len(header), n - pos)
+                header += view[pos : pos + take]
+                pos += take
+                if len(header) < 10:
+                    break
+                kind, flags, _channel, length = unpack(header, 0)
+                header = bytearray()
+            if kind not in (CONTROL, DATA) or flags or length > MAX_BODY:
+                raise OSError("a bad frame")
+            parts.append(pack(kind, 0, channel, length))
+            remaining = length
+        if parts:
+            # one write; the bodies are views of our buffer, which is not reused before
+            # the write returns (the Sender copies only what the kernel did not take)
+            await sender.send(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
 def role_bare_shs(path: str, seed_hex: str) -> None:
@@ -574,9 +585,16 @@ class LimitClient:
     """The caller's end of the limits: ping-pong (1 in flight) or tasks with a reader."""
 
     def __init__(
-        self, path: str, project_codec: bool, deadline: bool = False, nested: bool = False, bus_buffer: bool = False
+        self,
+        path: str,
+        project_codec: bool,
+        deadline: bool = False,
+        nested: bool = False,
+        bus_buffer: bool = False,
+        sock: socket.socket | None = None,
     ) -> None:
-        self.sock = unix_connect(path)
+        # (``sock``: a connected non-blocking socket to use instead of ``path``'s)
+        self.sock = unix_connect(path) if sock is None else sock
         if bus_buffer:
             bus_send_buffer(self.sock)
         # ``deadline``: every call waits under a deadline of its own, as a bus call does
