@@ -115,6 +115,7 @@ class OpcodeCounter:
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Bytecodes by the party whose task ran them (see party_of).
         self.by_party: collections.Counter[str] = collections.Counter()
+        self.by_party_function: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._locals: dict[str, Callable[[FrameType, str, Any], Any]] = {}
         self._parties: dict[Any, str] = {}
 
@@ -139,11 +140,14 @@ class OpcodeCounter:
     def _local_for(self, party: str) -> Callable[[FrameType, str, Any], Any]:
         opcodes, by_party = self.opcodes, self.by_party
 
+        functions = self.by_party_function
+
         def local(frame: FrameType, event: str, arg: Any) -> Any:
             if event == "opcode":
                 code = frame.f_code
                 opcodes[(code.co_filename, code.co_name)] += 1
                 by_party[party] += 1
+                functions[(party, code.co_filename, code.co_name)] += 1
             return local
 
         return local
@@ -244,6 +248,9 @@ def count_row(row: str, calls: int) -> dict[str, Any]:
         result["opcodes"] = sum(counter.opcodes.values()) / calls
         result["by_part"] = {part: n / calls for part, n in by_part.most_common()}
         result["by_task"] = {party: n / calls for party, n in counter.by_party.most_common()}
+        result["party_functions"] = {}
+        for (party, filename, name), n in counter.by_party_function.most_common():
+            result["party_functions"].setdefault(party, []).append({"function": f"{short(filename)}:{name}", "opcodes": n / calls})
         result["functions"] = [
             {"function": f"{short(filename)}:{name}", "opcodes": n / calls, "calls": counter.calls[(filename, name)] / calls}
             for (filename, name), n in counter.opcodes.most_common()
@@ -290,6 +297,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls counted per row (after a warm-up of 300)")
     parser.add_argument("--top", type=int, default=12, help="functions shown per minibus row (the most bytecodes first)")
     parser.add_argument("--only", help="comma-separated rows to count (default: all)")
+    parser.add_argument("--party", help="show the functions of this party (caller, busd, service) instead of the whole row's")
     parser.add_argument("--instructions", action="store_true", help="also instructions a call, under valgrind (about 3 minutes)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--run-calls", nargs=2, metavar=("ROW", "CALLS"), help=argparse.SUPPRESS)
@@ -332,11 +340,16 @@ def main() -> None:
     for row in rows:
         if not row.startswith("mb-"):
             continue
+        if args.party:
+            print(f"\n{row}, {args.party}: the functions that run the most bytecodes (per call)")
+            for f in results[row]["party_functions"].get(args.party, [])[: args.top]:
+                print(f"  {f['opcodes']:8.1f}  {f['function']}")
+            continue
         print(f"\n{row}: the functions that run the most bytecodes (per call; calls per call, resumptions counted)")
         for f in results[row]["functions"][: args.top]:
             print(f"  {f['opcodes']:8.1f}  {f['calls']:5.1f}  {f['function']}")
     print()
-    print(json.dumps({"calls": args.calls, "rows": {row: {k: v for k, v in r.items() if k != "functions"} for row, r in results.items()}}))
+    print(json.dumps({"calls": args.calls, "rows": {row: {k: v for k, v in r.items() if "functions" not in k} for row, r in results.items()}}))
     if args.json:
         args.json.write_text(json.dumps({"calls": args.calls, "rows": results}, indent=1))
 

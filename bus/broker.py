@@ -55,7 +55,7 @@ from .io.writer import FrameWriter
 from .supervisor import Supervisor, SupervisorSettings
 from .wire.address import Endpoint, default_runtime_dir, format_address
 from .wire.files import ensure_private_dir, replace_file
-from .wire.frames import CHANNEL_CONTROL_ITEMS, DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, ControlFrame, DataFrame, EventFrames, FrameKind, encode_data
+from .wire.frames import CHANNEL_CONTROL_ITEMS, DEFAULT_MAX_CONTROL, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, ControlFrame, DataFrame, EventFrames, FrameKind, encode_data
 from .wire.identity import Identity, PublicKey
 from .wire.shs import DEFAULT_NETWORK_KEY
 
@@ -449,6 +449,9 @@ class _Session:
         # reads goes on as two: the channel's bytes are the same), never joined here: busd
         # holds no part of a frame waiting for the rest, and copies none to join it.
         framed.partial_data = True
+        # A frame that came alone in its read is relayed from the read itself, if it can go
+        # straight on (see _relay_alone); anything else comes out of read_frame as ever.
+        framed.lone_data = self._relay_alone
         conn_id = self.conn_id
         take = framed.take_control_messages
         clock = time.perf_counter
@@ -526,8 +529,35 @@ class _Session:
                     broker.uncork()
                     await trio.lowlevel.checkpoint()
         finally:
+            framed.lone_data = None  # (a bound method of this session: no cycle left behind)
             if broker.corking:
                 broker.uncork()
+
+    def _relay_alone(self, channel: int, frame: bytes) -> bool:
+        """A DATA frame on ``channel`` that came alone in its read (``frame``, its header and
+        body; see FramedStream.lone_data): passed on now, and True, when it can go straight
+        on -- what Broker.channel_data does for it, in one step: its relay is open, nothing
+        waits ahead of it in its direction or in the receiver's queue, the sender's credit
+        and the receiver's window cover it.  Else False, with nothing done: the reader takes
+        it the usual way (channel_data), which buffers, refuses or drops it as ever."""
+        broker = self.broker
+        half = (self.conn_id, channel)
+        relay = broker.core.channels.by_half.get(half)
+        if relay is None:
+            return False
+        if half == relay.a:
+            direction, dst = relay.a_to_b, relay.b
+        else:
+            direction, dst = relay.b_to_a, relay.a
+        dst_session = broker.sessions.get(dst[0])
+        size = len(frame) - HEADER_SIZE
+        if dst_session is None or dst_session.out.queued_bytes or size > RELAY_FRAME or not direction.forward(size):
+            return False
+        self.messages_in += 1
+        dst_session.enqueue_encoded(_DATA_HEADER(_DATA, 0, dst[1], size) + memoryview(frame)[HEADER_SIZE:])
+        if direction.credit_due >= direction.cap >> 1:  # (else _return_credit has nothing to send)
+            broker._return_credit(relay, direction, self, channel)
+        return True
 
     # -- the whole session ---------------------------------------------------------------------
 
@@ -1497,7 +1527,7 @@ class Broker:
                 not (queued := dst_session.out.queued_bytes)
                 or (queued <= self.relay_threshold and len(dst_session.out) < dst_session.out.max_frames // 2)
             )
-            and direction.forward(data)
+            and direction.forward(size)
         ):
             # Nothing waits ahead and the receiver has room: straight on, no buffering.  (The
             # frame encode_data makes, without its checks: the channel id is the broker's

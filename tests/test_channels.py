@@ -17,7 +17,7 @@ import trio.testing
 from bus.errors import AccessDenied, BadRequest, ChannelRejected, NameNotFound
 from bus.io.framed import FramedStream
 from bus.io.writer import FrameWriter
-from bus.wire.frames import ControlFrame, encode_control, encode_data
+from bus.wire.frames import ControlFrame, DataFrame, encode_control, encode_data
 from clients.bus import Bus, open_bus
 from clients.rpc import Service
 from clients.channels import Channel, ChannelRequest, RelayStream
@@ -210,6 +210,66 @@ async def test_sender_beyond_its_credit_gets_the_channel_reset(tmp_path: Path) -
         assert "flow control" in resets["opener"] and "flow control" in resets["target"]
         assert len(rb.broker.core.channels) == 0
         for framed in (cheat, target):
+            await framed.aclose()
+
+
+async def test_a_frame_that_comes_alone_is_relayed_from_its_read_as_the_usual_way_would(tmp_path: Path) -> None:
+    """busd passes a DATA frame that came alone in its read straight on (FramedStream.lone_data,
+    _Session._relay_alone); one it cannot pass on so goes the usual way (channel_data)."""
+    async with running_broker(tmp_path) as rb:
+        opener, channel, target, target_channel = await _raw_relay(rb)
+        await target.send_message({"credit": 1 << 20}, target_channel)  # (the target's window)
+        broker = rb.broker
+        usual: list[bytes] = []
+        channel_data = broker.channel_data
+
+        def the_usual_way(session: Any, ch: int, data: bytes | memoryview) -> None:
+            usual.append(bytes(data))
+            channel_data(session, ch, data)
+
+        broker.channel_data = the_usual_way  # type: ignore[method-assign]
+        session = next(s for s in broker.sessions.values() if s.key == FRIEND.public_key)
+
+        async def next_data() -> DataFrame:
+            while True:  # (past the credit busd gives the target for its own direction)
+                frame = await target.receive_frame()
+                if isinstance(frame, DataFrame):
+                    return frame
+
+        with trio.fail_after(10):
+            (relay,) = broker.core.channels.of_connection(session.conn_id)
+            forward = relay.a_to_b if relay.a[0] == session.conn_id else relay.b_to_a
+            while not forward.dst_window:
+                await trio.sleep(0.01)
+            for i in range(3):
+                body = bytes([i]) * (100 + i)
+                before = session.messages_in
+                await opener.stream.send_all(encode_data(channel, body))
+                frame = await next_data()
+                # As the usual way sends it: the receiver's channel id, the same bytes.
+                assert (frame.channel, frame.data) == (target_channel, body)
+                assert session.messages_in == before + 1
+            assert usual == []  # (all three came alone: the quick way)
+            # A frame on a channel the sender does not hold: the usual way, which drops it; the
+            # connection goes on.
+            await opener.stream.send_all(encode_data(channel + 1000, b"nobody's"))
+            while usual != [b"nobody's"]:
+                await trio.sleep(0.01)
+            await opener.stream.send_all(encode_data(channel, b"still here"))
+            frame = await next_data()
+            assert (frame.channel, frame.data) == (target_channel, b"still here")
+            # A frame over the sender's credit, alone: the usual way, which refuses it -- the
+            # channel is reset at both ends.
+            over = b"z" * (forward.src_credit + 1)
+            await opener.stream.send_all(encode_data(channel, over))
+            for framed, ch in ((opener, channel), (target, target_channel)):
+                while True:
+                    frame = await framed.receive_frame()
+                    if isinstance(frame, ControlFrame) and frame.channel == ch and "reset" in frame.message:
+                        assert "flow control" in frame.message["reset"]
+                        break
+            assert usual[-1] == over and len(broker.core.channels) == 0
+        for framed in (opener, target):
             await framed.aclose()
 
 

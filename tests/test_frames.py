@@ -16,6 +16,7 @@ from bus.wire.frames import (
     _FLAT_ITEMS,
     _decode_flat,
     HEADER,
+    HEADER_SIZE,
     ControlFrame,
     DataFrame,
     CallFrames,
@@ -591,6 +592,25 @@ def test_whole_message_from_takes_only_one_whole_control_frame_on_channel_0_with
         bad.whole_message_from(HEADER.pack(FrameKind.CONTROL, 0, 0, len(body)) + body)
     with pytest.raises(LocalProtocolError, match="already failed"):
         bad.next_frame_from(one)
+
+
+def test_lone_data_takes_only_one_whole_data_frame_with_nothing_buffered() -> None:
+    one = encode_data(7, b"payload")
+    dec = FrameDecoder(max_body=4096, max_control=512)
+    assert dec.lone_data(one) == 7
+    assert dec.lone_data(encode_data(0xFFFFFFFF, b"x")) == 0xFFFFFFFF
+    too_big = FrameDecoder(max_body=8, max_control=512)
+    assert too_big.lone_data(encode_data(1, b"x" * 9)) == -1  # (next_frame refuses it, and says why)
+    flagged = HEADER.pack(FrameKind.DATA, 1, 7, 1) + b"x"
+    for other in (encode_control(7, {"k": 1}), one + one, one[:-1], one + b"\0", one[:10], HEADER.pack(FrameKind.DATA, 0, 7, 0), flagged):
+        assert dec.lone_data(other) == -1  # (nothing changed: fed the usual way)
+        assert dec.buffered == 0
+    dec.receive_data(one[:4])  # something buffered: the usual way, for the order
+    assert dec.lone_data(one) == -1
+    assert dec.buffered == 4
+    # The frames it takes are the ones next_frame_from would cut, with the same body.
+    usual = FrameDecoder(max_body=4096, max_control=512).next_frame_from(one)
+    assert usual == DataFrame(7, one[HEADER_SIZE:])
 
 
 BIG_VALUE = bytes(range(256)) * 800  # 204,800 bytes: a body of few items for its size

@@ -88,14 +88,13 @@ class Direction:
         self.buffered += n
         self.bytes_total += n
 
-    def forward(self, data: bytes | memoryview) -> bool:
-        """The fast path: account for ``data`` going straight on to the receiver.
+    def forward(self, n: int) -> bool:
+        """The fast path: account for ``n`` bytes of data going straight on to the receiver.
 
-        Only when nothing is buffered ahead of it and both the sender's credit and the
-        receiver's window cover it; otherwise returns False and changes nothing (use
+        Only when nothing is buffered ahead of them and both the sender's credit and the
+        receiver's window cover them; otherwise returns False and changes nothing (use
         :meth:`push`, which also reports the errors).
         """
-        n = len(data)
         if self.buffer or self.discard or self.eof_received or n > self.src_credit or n > self.dst_window:
             return False
         self.src_credit -= n

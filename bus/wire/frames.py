@@ -1426,6 +1426,22 @@ class FrameDecoder:
         self.receive_data(data)
         return self.next_frame()
 
+    def lone_data(self, data: bytes) -> int:
+        """The channel of the DATA frame ``data`` is, when it is exactly one whole DATA frame
+        (no flags, a body of 1 to ``max_body`` bytes) and nothing is buffered; else -1, having
+        changed nothing (feed ``data`` to :meth:`next_frame_from` then).  Its body is
+        ``data[HEADER_SIZE:]``, as :meth:`next_frame` would have cut it.  For a reader that
+        passes such a frame on at once (busd's relay of a frame that came alone in its read)
+        without the frame object and the decoder's state a frame goes through."""
+        size = len(data)
+        if size <= HEADER_SIZE or self._header is not None or self._chunk or self._parts or self._error is not None or self._sink is not None:
+            return -1
+        channel: int  # (as the header says: an unsigned 32-bit number)
+        kind, flags, channel, length = _unpack_header(data, 0)
+        if kind != _DATA or flags or length + HEADER_SIZE != size or length > self.max_body:
+            return -1
+        return channel
+
     def whole_message_from(self, data: bytes | bytearray | memoryview) -> dict[Any, Any] | None:
         """The message of ``data`` when it is exactly one whole CONTROL frame on channel 0 and
         nothing is buffered (a relayed RPC message: one DATA frame of the bus connection
