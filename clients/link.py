@@ -45,7 +45,7 @@ from bus.io.secure import DEFAULT_HANDSHAKE_TIMEOUT, SecureStream
 from bus.io.writer import FrameWriter
 from bus.wire.address import Endpoint, default_runtime_dir, parse_address
 from bus.wire.files import LocalFileError, check_owned_dir, read_trusted_file
-from bus.wire.frames import DEFAULT_MAX_CONTROL, ControlFrame, DataFrame, Frame, encode_control
+from bus.wire.frames import DEFAULT_MAX_CONTROL, HEADER_SIZE, ControlFrame, DataFrame, Frame, encode_control
 from bus.wire.identity import Identity, load_identity, load_or_create_identity
 from bus.wire.messages import ErrorReply, Event, Reply, Request, parse_message
 from bus.wire.shs import DEFAULT_NETWORK_KEY, parse_network_key
@@ -185,6 +185,24 @@ class _Refused(Exception):
         super().__init__(message if message.endswith(suffix) else message + suffix)
 
 
+def _lone_data_to(channels: dict[int, ChannelEnd]) -> Callable[[int, bytes], bool]:
+    """For a link's reader (FramedStream.lone_data): a DATA frame that came alone in its read
+    (``frame``, its header and body) is handed to its channel in ``channels`` as a view of the
+    read, as the reader's dispatch would hand it, and True; False for any other (the control
+    channel's, an unknown channel's), which the reader takes the usual way.  No cork: a frame
+    alone has nothing to share a write with.  (A function of the channels, not a method of
+    the link: no reference cycle through the stream.)"""
+
+    def lone_data(channel: int, frame: bytes) -> bool:
+        relay = channels.get(channel) if channel else None
+        if relay is None:
+            return False
+        relay.on_data(memoryview(frame)[HEADER_SIZE:])
+        return True
+
+    return lone_data
+
+
 class Link:
     """One live connection: the stream, its writer queue, pending requests and relayed channels."""
 
@@ -202,6 +220,8 @@ class Link:
         self.send = FrameWriter(framed.stream, max_frames=OUTBOUND_BUFFER)
         self.pending: dict[int, _Pending] = {}
         self.channels: dict[int, ChannelEnd] = {}
+        # A channel's frame that came alone in its read goes to its channel from the read.
+        framed.lone_data = _lone_data_to(self.channels)
         self.closed = False
         self._closed_event: trio.Event | None = None  # (made when first asked for)
         self.reason = "the broker closed the connection"

@@ -273,6 +273,51 @@ async def test_a_frame_that_comes_alone_is_relayed_from_its_read_as_the_usual_wa
             await framed.aclose()
 
 
+async def test_a_client_hands_a_frame_that_comes_alone_to_its_channel_from_the_read(tmp_path: Path) -> None:
+    """A client's reader gives a channel's DATA frame that came alone in its read to the
+    channel straight from the read (Link._lone_data), the same bytes in the same order as the
+    usual way (the reader's dispatch) would."""
+    async with running_broker(tmp_path) as rb:
+        async with open_bus(rb.unix_address, identity=FRIEND) as opener, open_bus(rb.unix_address, identity=PLUGIN, name="org.example.Sink") as target:
+            ends: list[Channel] = []
+            accepted = trio.Event()
+
+            async def keep(ch: Channel) -> None:
+                ends.append(ch)
+                accepted.set()
+                await trio.sleep_forever()
+
+            assert target._link is not None
+            framed = target._link.framed
+            took: list[bytes] = []
+            lone = framed.lone_data
+            assert lone is not None
+
+            def counting(channel: int, frame: bytes) -> bool:
+                taken = lone(channel, frame)
+                if taken:
+                    took.append(frame[10:])
+                return taken
+
+            # (Before the channel is opened: the reader takes it up with its next read of
+            # control messages, the channel's request.)
+            framed.lone_data = counting
+            target.handle_channels("raw", keep)
+            ch = await opener.open_channel("org.example.Sink", route="relay")
+            await accepted.wait()
+            received = bytearray()
+            with trio.fail_after(10):
+                for i in range(3):
+                    piece = bytes([65 + i]) * (10 + i)
+                    await ch.send_all(piece)  # (one frame, alone in its write and in busd's)
+                    while len(received) < sum(10 + j for j in range(i + 1)):
+                        received += await ends[0].receive_some()
+                # (after the channel's own handshake, whose messages came alone too)
+                assert took[-3:] == [b"A" * 10, b"B" * 11, b"C" * 12]
+                assert bytes(received) == b"A" * 10 + b"B" * 11 + b"C" * 12
+            await ch.aclose()
+
+
 async def test_slow_reader_keeps_broker_memory_bounded(tmp_path: Path) -> None:
     """1 GiB through a relay to a reader that reads slowly: the broker never holds more than its cap."""
     total = 1024 * 1024 * 1024

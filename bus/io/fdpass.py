@@ -373,7 +373,8 @@ class UnixChannelStream(FdSocketStream):
     # -- receiving -------------------------------------------------------------------------
 
     def _try_receive(self, max_bytes: int) -> bytes | None:
-        self._check_readable()
+        if self._closed or self._broken is not None:
+            self._check_readable()  # (raises)
         if self._ended:
             return b""
         try:
@@ -382,6 +383,8 @@ class UnixChannelStream(FdSocketStream):
             return None
         except OSError as exc:
             raise self._read_failed(exc) from exc
+        if data and not ancdata and not flags:
+            return data  # (the common read: data alone, nothing for _data_size to decide)
         size = self._data_size(len(data), data[-1] if data else -1, ancdata, flags)
         return data if size == len(data) else data[:size]
 

@@ -146,11 +146,12 @@ class FramedStream:
         self._drained = wait_first  # the last read took less than it asked for
         self._read_size = _SMALL_RECEIVE  # bulk reads once a read comes back full
         self._may_fill = False  # DATA bodies were ever given a buffer (see fill_data_into)
-        #: Takes a read that is exactly one DATA frame, in :meth:`read_frame` when the last
-        #: read emptied the socket: called with the frame's channel and the read (the frame,
-        #: its body from HEADER_SIZE on), it says whether it took the frame; one it did not
-        #: take is returned as ever.  (busd's reader: a relayed frame that came alone goes
-        #: on without a frame object, the decoder or the reader's loop.)
+        #: Takes a read that is exactly one DATA frame, in :meth:`read_frame` and
+        #: :meth:`read_messages` when the last read emptied the socket: called with the
+        #: frame's channel and the read (the frame, its body from HEADER_SIZE on), it says
+        #: whether it took the frame; one it did not take is returned as ever.  (busd's
+        #: reader: a relayed frame that came alone goes on without a frame object, the
+        #: decoder or the reader's loop; a client's: to its channel, the same way.)
         self.lone_data: Callable[[int, bytes], bool] | None = None
         #: Bytes of frames read so far (one addition per read, not per frame).
         self.bytes_received = 0
@@ -236,23 +237,18 @@ class FramedStream:
             size = self._read_size
             got = reads.try_receive(size)
             lone = self.lone_data
-            while got and lone is not None:
-                # A read of exactly one DATA frame, nothing else buffered: the owner's to take
-                # as it is (busd relays it on), then the next read, still here (a checkpoint
-                # each); one it does not take goes on below, as any read.
+            while got:
                 self._drained = drained = len(got) < size
                 self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
                 self.bytes_received += len(got)
-                if not drained or (channel := decoder.lone_data(got)) < 0 or not lone(channel, got):
+                if lone is None or not drained or (channel := decoder.lone_data(got)) < 0 or not lone(channel, got):
                     break
+                # A read of exactly one DATA frame, nothing else buffered, taken by the owner as
+                # it is (busd relays it on): the next read, still here (a checkpoint each).
+                got = None  # (not kept alive while this task waits)
                 await reads.wait_readable()
                 size = self._read_size
                 got = reads.try_receive(size)
-            else:
-                if got:
-                    self._drained = drained = len(got) < size
-                    self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
-                    self.bytes_received += len(got)
             if got:
                 if self.whole_messages:
                     message = decoder.whole_message_from(got)
@@ -324,11 +320,21 @@ class FramedStream:
                 self._owe_checkpoint = False
                 size = self._read_size
                 data = reads.try_receive(size)
-                if data is None:  # (woken with nothing there: wait again)
-                    data = await self._receive_socket(reads)
-                else:
+                lone = self.lone_data
+                while data:
                     self._drained = drained = len(data) < size
                     self._read_size = _SMALL_RECEIVE if drained else _RECEIVE_SIZE
+                    if lone is None or not drained or (channel := decoder.lone_data(data)) < 0 or not lone(channel, data):
+                        break
+                    # A read of exactly one DATA frame, taken by the owner (see read_frame):
+                    # the next read, still here.
+                    self.bytes_received += len(data)
+                    data = None  # (not kept alive while this task waits)
+                    await reads.wait_readable()
+                    size = self._read_size
+                    data = reads.try_receive(size)
+                if data is None:  # (woken with nothing there: wait again)
+                    data = await self._receive_socket(reads)
             else:
                 data = await self._receive_socket(reads)
         if not data:
