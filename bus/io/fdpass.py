@@ -383,7 +383,7 @@ class UnixChannelStream(FdSocketStream):
             return None
         except OSError as exc:
             raise self._read_failed(exc) from exc
-        if data and not ancdata and not flags:
+        if data and not ancdata and not flags & _MSG_CTRUNC:
             return data  # (the common read: data alone, nothing for _data_size to decide)
         size = self._data_size(len(data), data[-1] if data else -1, ancdata, flags)
         return data if size == len(data) else data[:size]
