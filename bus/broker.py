@@ -1505,6 +1505,8 @@ class Broker:
         half = (session.conn_id, channel)
         relay = self.core.channels.by_half.get(half)
         if relay is None or not data:
+            if not channel:
+                raise FrameError("a DATA frame on the control channel (0)")
             return  # late bytes for a channel just reset or closed, or nothing: dropped by design
         # (relay.outgoing(half) and relay.other(half), without their calls: once per frame)
         if half == relay.a:

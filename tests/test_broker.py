@@ -242,6 +242,26 @@ async def test_garbage_frame_gets_an_error_frame_then_close(tmp_path: Path, tran
             await bystander.ping()  # others are untouched
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("body", [b"bytes", b""])
+async def test_a_data_frame_on_the_control_channel_is_a_framing_violation(tmp_path: Path, transport: str, body: bytes) -> None:
+    """Channel 0 carries control messages only: a DATA frame there, alone in its read or not,
+    empty or not, ends that connection with a typed error (as a client treats one from busd)."""
+    from bus.wire.frames import HEADER, FrameKind
+
+    async with running_broker(tmp_path) as rb:
+        address = rb.unix_address if transport == "unix" else rb.tcp_address
+        async with open_bus(address, identity=OWNER) as bystander:
+            raw = await raw_connect(address)
+            await raw.send_message({"op": "hello", "id": 1})
+            await raw.stream.send_all(HEADER.pack(FrameKind.DATA, 0, 0, len(body)) + body)
+            messages = await read_until_closed(raw)
+            assert messages[-1]["event"] == "error"
+            assert messages[-1]["code"] == "minibus.Error.Frame"
+            assert "control channel" in messages[-1]["message"]
+            await bystander.ping()  # others are untouched
+
+
 async def test_oversized_frame_is_refused_before_its_body(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as rb:
         raw = await raw_connect(rb.tcp_address)
