@@ -273,6 +273,60 @@ async def test_a_frame_that_comes_alone_is_relayed_from_its_read_as_the_usual_wa
             await framed.aclose()
 
 
+async def test_a_frame_that_comes_alone_behind_buffered_bytes_keeps_its_place(tmp_path: Path) -> None:
+    """Over the receiver's window busd buffers; a frame that then comes alone, even one the
+    window would cover, goes behind what waits (the usual way), and a frame after a close is
+    dropped without using credit."""
+
+    async def next_data(framed: FramedStream) -> DataFrame:
+        while True:
+            frame = await framed.receive_frame()
+            if isinstance(frame, DataFrame):
+                return frame
+
+    async def data_within(framed: FramedStream, seconds: float) -> list[bytes]:
+        got = []
+        with trio.move_on_after(seconds):
+            while True:
+                got.append(bytes((await next_data(framed)).data))
+        return got
+
+    async with running_broker(tmp_path) as rb:
+        opener, channel, target, target_channel = await _raw_relay(rb)
+        session = next(s for s in rb.broker.sessions.values() if s.key == FRIEND.public_key)
+        (relay,) = rb.broker.core.channels.of_connection(session.conn_id)
+        forward = relay.a_to_b if relay.a[0] == session.conn_id else relay.b_to_a
+        await target.send_message({"credit": 100}, target_channel)
+        with trio.fail_after(10):
+            while forward.dst_window != 100:
+                await trio.sleep(0.01)
+            await opener.stream.send_all(encode_data(channel, b"a" * 60))  # within the window
+            assert bytes((await next_data(target)).data) == b"a" * 60
+            await opener.stream.send_all(encode_data(channel, b"b" * 60))  # 40 go, 20 wait
+            assert await data_within(target, 0.3) == [b"b" * 40]
+            assert forward.buffered == 20 and forward.dst_window == 0
+            await opener.stream.send_all(encode_data(channel, b"c" * 5))  # alone, behind them
+            while forward.buffered != 25:
+                await trio.sleep(0.01)
+            await target.send_message({"credit": 1000}, target_channel)
+            rest = b""
+            while len(rest) < 25:
+                rest += bytes((await next_data(target)).data)
+            assert rest == b"b" * 20 + b"c" * 5
+            # The target closes: what the opener sends after it hears so is dropped.
+            await target.send_message({"close": True}, target_channel)
+            while True:
+                frame = await opener.receive_frame()
+                if isinstance(frame, ControlFrame) and frame.channel == channel and frame.message.get("closed"):
+                    break
+            credit = forward.src_credit
+            await opener.stream.send_all(encode_data(channel, b"d" * 7))
+            await trio.sleep(0.1)
+            assert forward.src_credit == credit
+        for framed in (opener, target):
+            await framed.aclose()
+
+
 async def test_a_client_hands_a_frame_that_comes_alone_to_its_channel_from_the_read(tmp_path: Path) -> None:
     """A client's reader gives a channel's DATA frame that came alone in its read to the
     channel straight from the read (Link._lone_data), the same bytes in the same order as the
