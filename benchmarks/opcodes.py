@@ -20,13 +20,19 @@ Rows (as ``rpc.py`` names them):
   handed to a parked call by a reader task) through the forwarder;
 * ``mb-relay-x1``: ``RpcConnection.call`` on a relayed channel through ``busd``.
 
+Each row's bytecodes are also split by the party whose task ran them: the caller (the counted
+loop, and its bus connection's reader, which hands a relayed reply to its call), busd (its
+sessions' tasks; in the 3-process limits, the forwarder in its place), the service, and trio's
+own loop between tasks.
+
 ``--instructions`` also counts the machine instructions a call takes in user space, under
 valgrind's callgrind (each row run twice in a process of its own, with two numbers of calls;
 the difference over the difference of calls), when ``valgrind`` is installed.
 
-    python benchmarks/opcodes.py                 # about 10 s
+    python benchmarks/opcodes.py                 # about 25 s
     python benchmarks/opcodes.py --top 25        # the 25 functions that run the most bytecodes, per row
-    python benchmarks/opcodes.py --instructions  # and instructions a call, about 3 minutes
+    python benchmarks/opcodes.py --only mb-relay-x1 --party busd --top 30   # one party's functions
+    python benchmarks/opcodes.py --instructions  # and instructions a call, about 4 minutes
 """
 
 from __future__ import annotations
@@ -298,7 +304,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="functions shown per minibus row (the most bytecodes first)")
     parser.add_argument("--only", help="comma-separated rows to count (default: all)")
     parser.add_argument("--party", help="show the functions of this party (caller, busd, service) instead of the whole row's")
-    parser.add_argument("--instructions", action="store_true", help="also instructions a call, under valgrind (about 3 minutes)")
+    parser.add_argument("--instructions", action="store_true", help="also instructions a call, under valgrind (about 4 minutes)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--run-calls", nargs=2, metavar=("ROW", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
