@@ -117,13 +117,24 @@ class OpcodeCounter:
     """Bytecodes executed per function while on (``sys.settrace`` with opcode events)."""
 
     def __init__(self) -> None:
-        self.opcodes: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Bytecodes by the party whose task ran them (see party_of) and function.
+        self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
-        #: Bytecodes by the party whose task ran them (see party_of).
-        self.by_party: collections.Counter[str] = collections.Counter()
-        self.by_party_function: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._locals: dict[str, Callable[[FrameType, str, Any], Any]] = {}
         self._parties: dict[Any, str] = {}
+
+    def by_function(self) -> collections.Counter[tuple[str, str]]:
+        """Bytecodes by function (filename, name), whoever ran them."""
+        out: collections.Counter[tuple[str, str]] = collections.Counter()
+        for (_party, filename, name), n in self.counts.items():
+            out[(filename, name)] += n
+        return out
+
+    def by_party(self) -> collections.Counter[str]:
+        out: collections.Counter[str] = collections.Counter()
+        for (party, _filename, _name), n in self.counts.items():
+            out[party] += n
+        return out
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event != "call":
@@ -144,16 +155,12 @@ class OpcodeCounter:
         return local
 
     def _local_for(self, party: str) -> Callable[[FrameType, str, Any], Any]:
-        opcodes, by_party = self.opcodes, self.by_party
-
-        functions = self.by_party_function
+        counts = self.counts
 
         def local(frame: FrameType, event: str, arg: Any) -> Any:
             if event == "opcode":
                 code = frame.f_code
-                opcodes[(code.co_filename, code.co_name)] += 1
-                by_party[party] += 1
-                functions[(party, code.co_filename, code.co_name)] += 1
+                counts[(party, code.co_filename, code.co_name)] += 1
             return local
 
         return local
@@ -248,18 +255,19 @@ def count_row(row: str, calls: int) -> dict[str, Any]:
         with OpcodeCounter() as counter:
             for _ in range(calls):
                 await call()
+        by_function = counter.by_function()
         by_part: collections.Counter[str] = collections.Counter()
-        for (filename, _name), n in counter.opcodes.items():
+        for (filename, _name), n in by_function.items():
             by_part[part_of(filename)] += n
-        result["opcodes"] = sum(counter.opcodes.values()) / calls
+        result["opcodes"] = sum(counter.counts.values()) / calls
         result["by_part"] = {part: n / calls for part, n in by_part.most_common()}
-        result["by_task"] = {party: n / calls for party, n in counter.by_party.most_common()}
+        result["by_task"] = {party: n / calls for party, n in counter.by_party().most_common()}
         result["party_functions"] = {}
-        for (party, filename, name), n in counter.by_party_function.most_common():
+        for (party, filename, name), n in counter.counts.most_common():
             result["party_functions"].setdefault(party, []).append({"function": f"{short(filename)}:{name}", "opcodes": n / calls})
         result["functions"] = [
             {"function": f"{short(filename)}:{name}", "opcodes": n / calls, "calls": counter.calls[(filename, name)] / calls}
-            for (filename, name), n in counter.opcodes.most_common()
+            for (filename, name), n in by_function.most_common()
         ]
 
     trio.run(with_row, row, use)

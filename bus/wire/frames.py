@@ -1434,11 +1434,13 @@ class FrameDecoder:
         passes such a frame on at once (busd's relay of a frame that came alone in its read)
         without the frame object and the decoder's state a frame goes through."""
         size = len(data)
-        if size <= HEADER_SIZE or self._header is not None or self._chunk or self._parts or self._error is not None or self._sink is not None:
+        # (The kind first: most reads that are not such a frame, a burst of events or a
+        # reply, are told by their first byte.)
+        if size <= HEADER_SIZE or data[0] != _DATA or self._header is not None or self._chunk or self._parts or self._error is not None or self._sink is not None:
             return -1
         channel: int  # (as the header says: an unsigned 32-bit number)
-        kind, flags, channel, length = _unpack_header(data, 0)
-        if kind != _DATA or flags or length + HEADER_SIZE != size or length > self.max_body:
+        _kind, flags, channel, length = _unpack_header(data, 0)
+        if flags or length + HEADER_SIZE != size or length > self.max_body:
             return -1
         return channel
 
